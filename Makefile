@@ -1,0 +1,30 @@
+# One place for the commands the README documents.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test soak bench clean
+
+$(BIN)/tasksprint: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test,bench]'
+	touch $@
+
+install: $(BIN)/tasksprint
+
+demo: install
+	$(BIN)/tasksprint run examples/montecarlo/scheduler.py:MonteCarloCoordinator \
+		--node "python examples/montecarlo/node.py" --replicas 3 --clients 2
+
+test: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+soak: install
+	TASKSPRINT_SIM_SEEDS=100000 $(BIN)/python -m pytest -q -p no:cacheprovider -m soak tests/test_simulation.py
+
+bench: install
+	$(BIN)/python bench/log.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

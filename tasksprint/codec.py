@@ -1,0 +1,118 @@
+"""CBOR encoding of TaskSprint's message classes.
+
+Every value that crosses a process boundary or reaches the disk is either
+plain CBOR data (None, bool, int, float, str, bytes, list, dict) or an
+instance of a frozen attrs class registered here.  A registered instance is
+encoded as CBOR tag ``OBJECT_TAG`` around ``[name, field1, field2, ...]`` in
+field order, so encodings are compact and the same on every replica.
+
+This module does no I/O; the Paxos core and the state machines may import it.
+Network data is decoded with :func:`decode_untrusted`, which can only raise
+:class:`BadMessage`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, TypeVar
+
+import attrs
+import cbor2
+
+__all__ = ["BadMessage", "register", "encode", "decode", "decode_untrusted", "OBJECT_TAG"]
+
+#: CBOR tag number for a registered object (in the first-come-first-served range).
+OBJECT_TAG = 55799 + 4242
+
+T = TypeVar("T", bound=type)
+
+_by_name: dict[str, type] = {}
+_fields: dict[type, tuple[str, ...]] = {}
+
+
+class BadMessage(Exception):
+    """Data from the network (or a file) that is not a valid TaskSprint value."""
+
+
+def register(cls: T) -> T:
+    """Class decorator: make a frozen attrs class encodable.
+
+    The class name is its wire name, so renaming a class changes the wire
+    format; two classes with one name are refused.
+    """
+    if not attrs.has(cls):
+        raise TypeError(f"{cls.__qualname__} must be an attrs class to be registered")
+    name = cls.__name__
+    if name in _by_name and _by_name[name] is not cls:
+        raise TypeError(f"two message classes are both called {name!r}")
+    _by_name[name] = cls
+    _fields[cls] = tuple(a.name for a in attrs.fields(cls))
+    return cls
+
+
+def _default(encoder: cbor2.CBOREncoder, value: Any) -> None:
+    names = _fields.get(type(value))
+    if names is None:
+        raise TypeError(f"cannot encode {type(value).__qualname__}: not a registered message class")
+    encoder.encode(cbor2.CBORTag(OBJECT_TAG, [type(value).__name__, *(getattr(value, n) for n in names)]))
+
+
+def _tag_hook(tag: cbor2.CBORTag, _immutable: bool = False) -> Any:
+    raise BadMessage(f"unknown CBOR tag {tag.tag}")
+
+
+def _decode_object(body: Any, _immutable: bool = False) -> Any:
+    # A semantic decoder (not a tag hook) so the fields inside decode as
+    # ordinary lists and dicts, as they were before encoding.
+    if not isinstance(body, (list, tuple)) or not body or not isinstance(body[0], str):
+        raise BadMessage("malformed object: expected [name, fields...]")
+    cls = _by_name.get(body[0])
+    if cls is None:
+        raise BadMessage(f"unknown message type {body[0]!r}")
+    names = _fields[cls]
+    if len(body) - 1 != len(names):
+        raise BadMessage(f"{body[0]} takes {len(names)} fields, got {len(body) - 1}")
+    try:
+        return cls(**dict(zip(names, body[1:])))
+    except (TypeError, ValueError) as exc:
+        raise BadMessage(f"invalid {body[0]}: {exc}") from None
+
+
+_SEMANTIC = {OBJECT_TAG: _decode_object}
+
+
+def encode(value: Any) -> bytes:
+    """Encode plain data and registered objects to canonical CBOR bytes."""
+    return cbor2.dumps(value, default=_default, canonical=True)
+
+
+def decode(data: bytes) -> Any:
+    """Decode bytes this process (or a trusted file) produced."""
+    return cbor2.loads(data, tag_hook=_tag_hook, semantic_decoders=_SEMANTIC)
+
+
+def decode_untrusted(data: bytes) -> Any:
+    """Decode bytes from the network; any problem raises :class:`BadMessage`."""
+    try:
+        return cbor2.loads(data, tag_hook=_tag_hook, semantic_decoders=_SEMANTIC)
+    except BadMessage:
+        raise
+    except Exception as exc:  # cbor2 raises several types on garbage
+        if isinstance(exc.__cause__, BadMessage):  # raised by our tag hook, wrapped by cbor2
+            raise BadMessage(str(exc.__cause__)) from None
+        raise BadMessage(f"undecodable CBOR: {exc}") from None
+
+
+def tuple_of(item_check: Callable[[Any], bool] | None = None) -> Callable[[Any], tuple]:
+    """attrs converter: accept any list/tuple (CBOR gives lists) and store a tuple."""
+
+    def convert(value: Any) -> tuple:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"expected a sequence, got {type(value).__name__}")
+        out = tuple(value)
+        if item_check is not None:
+            for item in out:
+                if not item_check(item):
+                    raise TypeError(f"bad element {item!r}")
+        return out
+
+    return convert

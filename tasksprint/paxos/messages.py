@@ -1,0 +1,287 @@
+"""Values and messages of the Multi-Paxos protocol.
+
+All are frozen attrs classes registered with :mod:`tasksprint.codec`, so the
+same objects are sent over the wire, written to disk and fed to the
+simulator.  Validators are cheap type checks: a message that passes them may
+still be nonsense, and the core treats it with suspicion (stale ballots,
+slots out of range) rather than trusting it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from tasksprint.codec import register, tuple_of
+
+_int = attrs.validators.instance_of(int)
+_bool = attrs.validators.instance_of(bool)
+_str = attrs.validators.instance_of(str)
+
+
+def _nonneg(_inst: Any, attr: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{attr.name} must be a non-negative int, got {value!r}")
+
+
+def _slot(_inst: Any, attr: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{attr.name} must be a slot number >= 1, got {value!r}")
+
+
+@register
+@attrs.frozen(order=True)
+class Ballot:
+    """A ballot number: (round, replica id), ordered lexicographically."""
+
+    round: int = attrs.field(validator=_nonneg)
+    rid: int = attrs.field(validator=_int)
+
+    def __str__(self) -> str:
+        return f"{self.round}.{self.rid}"
+
+
+#: The ballot nobody has promised or used; smaller than every real ballot.
+ZERO_BALLOT = Ballot(0, -1)
+
+
+def _ballot(_inst: Any, attr: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, Ballot):
+        raise TypeError(f"{attr.name} must be a Ballot, got {type(value).__name__}")
+
+
+# --------------------------------------------------------------------------
+# Log values
+
+
+@register
+@attrs.frozen(kw_only=True)
+class Command:
+    """A client command.
+
+    ``(client_id, seq)`` identifies it for exactly-once application;
+    ``first_unacked`` is the client's lowest sequence number still waiting for
+    an answer, so replicas may forget the results of older ones.
+    """
+
+    client_id: str = attrs.field(validator=_str)
+    seq: int = attrs.field(validator=_nonneg)
+    first_unacked: int = attrs.field(default=0, validator=_nonneg)
+    op: Any = None
+
+
+@register
+@attrs.frozen(kw_only=True)
+class Tick:
+    """The leader's clock reading, the only time the state machine sees.
+
+    ``data`` carries what the driver attached (the coordinator puts the
+    clients it considers expired there); the core treats it as opaque.
+    """
+
+    now: float = attrs.field(validator=attrs.validators.instance_of((int, float)))
+    data: Any = None
+
+
+def _command_or_tick(value: Any) -> bool:
+    return isinstance(value, (Command, Tick))
+
+
+@register
+@attrs.frozen(kw_only=True)
+class Batch:
+    """The value of one log slot: commands applied in order. Empty is a no-op."""
+
+    items: tuple = attrs.field(default=(), converter=tuple_of(_command_or_tick))
+
+
+NOOP = Batch(items=())
+
+
+def _batch(_inst: Any, attr: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, Batch):
+        raise TypeError(f"{attr.name} must be a Batch, got {type(value).__name__}")
+
+
+@register
+@attrs.frozen(kw_only=True)
+class Proposal:
+    """A value proposed for a slot (in Accept) or known chosen (in Promise, Catchup)."""
+
+    slot: int = attrs.field(validator=_slot)
+    value: Batch = attrs.field(validator=_batch)
+
+
+@register
+@attrs.frozen(kw_only=True)
+class AcceptedValue:
+    """What an acceptor accepted for a slot, reported in a Promise."""
+
+    slot: int = attrs.field(validator=_slot)
+    ballot: Ballot = attrs.field(validator=_ballot)
+    value: Batch = attrs.field(validator=_batch)
+
+
+def _is(cls: type):
+    return lambda v: isinstance(v, cls)
+
+
+# --------------------------------------------------------------------------
+# Messages between replicas
+
+
+@register
+@attrs.frozen(kw_only=True)
+class PreVote:
+    """Would you support an election? Sent before bumping any ballot, so a
+    replica that was cut off cannot depose a healthy leader."""
+
+    round: int = attrs.field(validator=_nonneg)
+    commit: int = attrs.field(validator=_nonneg)
+
+
+@register
+@attrs.frozen(kw_only=True)
+class PreVoteReply:
+    round: int = attrs.field(validator=_nonneg)
+    granted: bool = attrs.field(validator=_bool)
+
+
+@register
+@attrs.frozen(kw_only=True)
+class Prepare:
+    """Phase 1a for every slot from ``from_slot`` on."""
+
+    ballot: Ballot = attrs.field(validator=_ballot)
+    from_slot: int = attrs.field(validator=_slot)
+
+
+@register
+@attrs.frozen(kw_only=True)
+class Promise:
+    """Phase 1b. ``log_start`` is the first slot the acceptor still holds; if it
+    is past the candidate's ``from_slot`` the candidate is too far behind to
+    lead and must catch up first."""
+
+    ballot: Ballot = attrs.field(validator=_ballot)
+    log_start: int = attrs.field(validator=_slot)
+    accepted: tuple = attrs.field(default=(), converter=tuple_of(_is(AcceptedValue)))
+    chosen: tuple = attrs.field(default=(), converter=tuple_of(_is(Proposal)))
+
+
+@register
+@attrs.frozen(kw_only=True)
+class Accept:
+    """Phase 2a for several slots at once; ``commit`` piggybacks the leader's commit index."""
+
+    ballot: Ballot = attrs.field(validator=_ballot)
+    proposals: tuple = attrs.field(converter=tuple_of(_is(Proposal)))
+    commit: int = attrs.field(validator=_nonneg)
+
+
+@register
+@attrs.frozen(kw_only=True)
+class Accepted:
+    """Phase 2b: the acceptor accepted (and persisted) these slots at ``ballot``."""
+
+    ballot: Ballot = attrs.field(validator=_ballot)
+    slots: tuple = attrs.field(converter=tuple_of(lambda s: isinstance(s, int) and s >= 1))
+
+
+@register
+@attrs.frozen(kw_only=True)
+class Nack:
+    """Refusal of ``ballot`` because the sender promised ``promised``."""
+
+    ballot: Ballot = attrs.field(validator=_ballot)
+    promised: Ballot = attrs.field(validator=_ballot)
+
+
+@register
+@attrs.frozen(kw_only=True)
+class Heartbeat:
+    """Leader liveness and commit index. ``phase1_top`` is the highest slot the
+    leader's phase 1 found in use (recovering replicas wait for it)."""
+
+    ballot: Ballot = attrs.field(validator=_ballot)
+    commit: int = attrs.field(validator=_nonneg)
+    phase1_top: int = attrs.field(validator=_nonneg)
+
+
+@register
+@attrs.frozen(kw_only=True)
+class HeartbeatAck:
+    ballot: Ballot = attrs.field(validator=_ballot)
+    commit: int = attrs.field(validator=_nonneg)
+
+
+@register
+@attrs.frozen(kw_only=True)
+class CatchupRequest:
+    """Send me chosen entries from ``from_slot`` on."""
+
+    from_slot: int = attrs.field(validator=_slot)
+
+
+@register
+@attrs.frozen(kw_only=True)
+class CatchupReply:
+    """Chosen entries, contiguous from the requested slot."""
+
+    entries: tuple = attrs.field(converter=tuple_of(_is(Proposal)))
+    commit: int = attrs.field(validator=_nonneg)
+
+
+@register
+@attrs.frozen(kw_only=True)
+class SnapshotInstall:
+    """The applied state at ``index`` for a replica too far behind for entries."""
+
+    index: int = attrs.field(validator=_nonneg)
+    data: bytes = attrs.field(validator=attrs.validators.instance_of(bytes))
+
+
+@register
+@attrs.frozen(kw_only=True)
+class Forward:
+    """Commands a non-leader passes to the leader it knows."""
+
+    items: tuple = attrs.field(converter=tuple_of(_command_or_tick))
+
+
+@register
+@attrs.frozen(kw_only=True)
+class RecoverQuery:
+    """From a replica whose data directory is empty: what have you promised?"""
+
+    nonce: int = attrs.field(validator=_nonneg)
+
+
+@register
+@attrs.frozen(kw_only=True)
+class RecoverReply:
+    nonce: int = attrs.field(validator=_nonneg)
+    promised: Ballot = attrs.field(validator=_ballot)
+    #: True if the sender has never promised, accepted or learned anything.
+    empty: bool = attrs.field(validator=_bool)
+
+
+#: Every message a replica may receive from another replica.
+PEER_MESSAGES = (
+    PreVote,
+    PreVoteReply,
+    Prepare,
+    Promise,
+    Accept,
+    Accepted,
+    Nack,
+    Heartbeat,
+    HeartbeatAck,
+    CatchupRequest,
+    CatchupReply,
+    SnapshotInstall,
+    Forward,
+    RecoverQuery,
+    RecoverReply,
+)
