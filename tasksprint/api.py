@@ -1,0 +1,95 @@
+"""Messages between replicas and their users (worker clients, the CLI, load generators).
+
+A user connects to any replica (role ``client`` in the wire handshake) and
+sends :class:`Submit`; the replica proposes the command (forwarding it to the
+leader if it is not the leader) and answers :class:`Result` once it has
+applied it, or :class:`Retry` if it cannot make progress now (no leader
+known, recovering, shutting down).  Retrying the same (client id, seq) is
+always safe: the state machine applies a command once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from tasksprint.codec import register, tuple_of
+from tasksprint.paxos.messages import Command
+
+_int = attrs.validators.instance_of(int)
+_str = attrs.validators.instance_of(str)
+_opt_int = attrs.validators.optional(_int)
+
+
+@register
+@attrs.frozen(kw_only=True)
+class Submit:
+    command: Command = attrs.field(validator=attrs.validators.instance_of(Command))
+
+
+@register
+@attrs.frozen(kw_only=True)
+class Result:
+    client_id: str = attrs.field(validator=_str)
+    seq: int = attrs.field(validator=_int)
+    result: Any = None
+    slot: int = attrs.field(default=0, validator=_int)
+    #: The leader as the answering replica knows it, so clients can go there directly.
+    leader: int | None = attrs.field(default=None, validator=_opt_int)
+
+
+@register
+@attrs.frozen(kw_only=True)
+class Retry:
+    """Not applied now; try again (at ``leader`` if given)."""
+
+    client_id: str = attrs.field(validator=_str)
+    seq: int = attrs.field(validator=_int)
+    reason: str = attrs.field(validator=_str)
+    leader: int | None = attrs.field(default=None, validator=_opt_int)
+
+
+@register
+@attrs.frozen(kw_only=True)
+class StatusQuery:
+    pass
+
+
+@register
+@attrs.frozen(kw_only=True)
+class ReplicaStatus:
+    rid: int = attrs.field(validator=_int)
+    role: str = attrs.field(validator=_str)
+    leader: int | None = attrs.field(validator=_opt_int)
+    ballot: str = attrs.field(validator=_str)
+    commit: int = attrs.field(validator=_int)
+    applied: int = attrs.field(validator=_int)
+    peers: tuple = attrs.field(converter=tuple_of(lambda p: isinstance(p, str)))
+    digest: str = attrs.field(default="", validator=_str)
+
+
+@register
+@attrs.frozen(kw_only=True)
+class Query:
+    """A read-only question for the replica's state machine (not logged)."""
+
+    name: str = attrs.field(validator=_str)
+    args: dict = attrs.field(factory=dict, validator=attrs.validators.instance_of(dict))
+
+
+@register
+@attrs.frozen(kw_only=True)
+class QueryReply:
+    name: str = attrs.field(validator=_str)
+    result: Any = None
+    error: str = attrs.field(default="", validator=_str)
+
+
+@register
+@attrs.frozen(kw_only=True)
+class PeerDigest:
+    """Between replicas: the running digest after applying ``slot``."""
+
+    slot: int = attrs.field(validator=_int)
+    digest: bytes = attrs.field(validator=attrs.validators.instance_of(bytes))

@@ -1,0 +1,171 @@
+"""Replica processes on this machine: for ``tasksprint run``, the tests and the benchmarks.
+
+:class:`LocalCluster` starts ``tasksprint replica`` processes on loopback
+with free ports, a data directory and a log file each under one base
+directory, and can kill (any signal), restart and wipe them.  Always use it as
+a context manager: leaving the block kills every process it started.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import attrs
+
+HOST = "127.0.0.1"
+
+
+def free_ports(n: int, host: str = HOST) -> list[int]:
+    """``n`` distinct TCP ports that were free a moment ago on ``host``."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@attrs.define(eq=False)
+class LocalCluster:
+    """``replicas`` replica processes under ``base``; see the module docstring."""
+
+    base: Path
+    replicas: int = 3
+    scheduler: str | None = None
+    extra_args: Sequence[str] = ()
+    secret: bytes = attrs.Factory(lambda: os.urandom(24).hex().encode())
+    env: dict | None = None
+    ports: list[int] = attrs.Factory(list)
+    procs: list[subprocess.Popen | None] = attrs.Factory(list)
+
+    def __attrs_post_init__(self) -> None:
+        self.base.mkdir(parents=True, exist_ok=True)
+        self.ports = free_ports(self.replicas)
+        self.procs = [None] * self.replicas
+        self.secret_file.write_bytes(self.secret + b"\n")
+        self.secret_file.chmod(0o600)
+        for i in range(self.replicas):
+            self.data_dir(i).mkdir(exist_ok=True)
+
+    @property
+    def secret_file(self) -> Path:
+        return self.base / "secret"
+
+    @property
+    def addrs(self) -> list[tuple[str, int]]:
+        return [(HOST, p) for p in self.ports]
+
+    @property
+    def peers_arg(self) -> str:
+        return ",".join(f"{h}:{p}" for h, p in self.addrs)
+
+    def data_dir(self, i: int) -> Path:
+        return self.base / f"replica{i}"
+
+    def log_file(self, i: int) -> Path:
+        return self.base / f"replica{i}.log"
+
+    def command(self, i: int) -> list[str]:
+        cmd = [
+            sys.executable,
+            "-m",
+            "tasksprint.cli",
+            "replica",
+            "--id",
+            str(i),
+            "--peers",
+            self.peers_arg,
+            "--data",
+            str(self.data_dir(i)),
+            "--secret-file",
+            str(self.secret_file),
+            "--log-format",
+            "json",
+        ]
+        if self.scheduler:
+            cmd += ["--scheduler", self.scheduler]
+        return cmd + list(self.extra_args)
+
+    def start(self) -> LocalCluster:
+        for i in range(self.replicas):
+            self.start_replica(i)
+        return self
+
+    def start_replica(self, i: int) -> None:
+        assert self.procs[i] is None or self.procs[i].poll() is not None, f"replica {i} is running"
+        with open(self.log_file(i), "ab") as logf:
+            self.procs[i] = subprocess.Popen(
+                self.command(i),
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+            )
+
+    def signal(self, i: int, sig: int = signal.SIGKILL) -> None:
+        p = self.procs[i]
+        if p is not None and p.poll() is None:
+            p.send_signal(sig)
+
+    def kill(self, i: int) -> None:
+        """kill -9 replica ``i`` and reap it."""
+        p = self.procs[i]
+        if p is None:
+            return
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+    def restart(self, i: int) -> None:
+        self.kill(i)
+        self.start_replica(i)
+
+    def wipe(self, i: int) -> None:
+        """Kill replica ``i`` and empty its data directory (a dead disk replaced)."""
+        self.kill(i)
+        shutil.rmtree(self.data_dir(i))
+        self.data_dir(i).mkdir()
+
+    def alive(self, i: int) -> bool:
+        p = self.procs[i]
+        return p is not None and p.poll() is None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Terminate every replica (SIGTERM, then SIGKILL) and reap them."""
+        for p in self.procs:
+            if p is not None and p.poll() is None:
+                p.terminate()
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            if p is None:
+                continue
+            try:
+                p.wait(max(0.01, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def logs(self, i: int) -> str:
+        try:
+            return self.log_file(i).read_text(errors="replace")
+        except FileNotFoundError:
+            return ""

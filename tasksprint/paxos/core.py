@@ -1,0 +1,861 @@
+"""A Multi-Paxos replica as a pure state machine: messages and ticks in, Ready out.
+
+Theory of operation
+-------------------
+Every replica is an acceptor, a learner and a potential leader.  The core
+never does I/O: the driver feeds it ``step(src, msg)``, ``tick(now)`` and
+``propose(item)``, then drains ``ready()``:
+
+1. ``ready.persist``: records to make durable in one transaction (fsync);
+2. ``ready.messages``: (destination, message) pairs; these never depend on
+   ``ready.persist`` so they may be sent while the fsync runs;
+3. ``ready.snapshot`` (restore the state machine to it) and then
+   ``ready.committed``: chosen slots to apply, in order;
+4. ``advance(ready)``: tells the core the records are durable.  Only then are
+   the acceptor's replies that depend on them (Promise, Accepted,
+   RecoverReply) released into the next Ready.  A reply can therefore never
+   overtake the fsync that makes it true.
+
+Leader election: a follower that hears nothing from a leader for a
+randomized election timeout first asks its peers (PreVote) whether they also
+lost the leader; only with a majority's support does it bump its ballot and
+run phase 1.  A replica that was cut off and comes back is refused by peers
+that still hear the leader, so it cannot depose it.  A leader that has not
+heard from a majority within the election timeout steps down (check-quorum).
+
+Learning: the leader piggybacks its commit index on Accept and Heartbeat.  A
+follower marks a slot chosen when the leader's ballot equals the ballot at
+which it accepted that slot; for anything else it asks for the chosen
+entries (CatchupRequest), or receives a snapshot if those were truncated.
+
+Wiped disk: a replica whose data directory holds no initialized state may
+have forgotten promises it made.  It neither votes nor accepts until it has
+(1) learned from a majority of the other replicas the highest ballot B they
+promised (if all of them are empty, the cluster is new and it starts
+normally), (2) seen a leader with a ballot above B finish phase 1, and
+(3) caught up its chosen log to that leader's phase-1 top slot.  Every value
+its forgotten votes could have helped choose is then in its chosen log (see
+docs/architecture.md for the argument).
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from typing import Any
+
+import attrs
+
+from tasksprint.paxos.acceptor import Acceptor
+from tasksprint.paxos.durable import (
+    DurableState,
+    MarkInitialized,
+    Record,
+    SaveChosen,
+    SaveSnapshot,
+)
+from tasksprint.paxos.leader import Leadership, Phase1
+from tasksprint.paxos.messages import (
+    ZERO_BALLOT,
+    Accept,
+    Accepted,
+    Ballot,
+    Batch,
+    CatchupReply,
+    CatchupRequest,
+    Command,
+    Forward,
+    Heartbeat,
+    HeartbeatAck,
+    Nack,
+    Prepare,
+    PreVote,
+    PreVoteReply,
+    Promise,
+    Proposal,
+    RecoverQuery,
+    RecoverReply,
+    SnapshotInstall,
+    Tick,
+)
+
+
+class Role(enum.Enum):
+    FOLLOWER = "follower"
+    CANDIDATE = "candidate"  # running phase 1
+    LEADER = "leader"
+    RECOVERING = "recovering"  # empty data directory: learner only until safe to vote
+
+
+@attrs.frozen(kw_only=True)
+class PaxosConfig:
+    """Protocol parameters; times are seconds of the driver's clock."""
+
+    replicas: int
+    heartbeat_interval: float = 0.05
+    election_timeout: float = 0.3  # minimum; each wait is drawn from [t, 2t)
+    tick_interval: float = 0.1  # leader TICK entries
+    max_inflight: int = 32  # slots in phase 2 at once
+    max_batch: int = 2048  # commands per slot
+    catchup_batch: int = 256  # chosen entries per CatchupReply
+    keep_after_snapshot: int = 512  # log entries kept behind a snapshot for lagging peers
+
+    def __attrs_post_init__(self) -> None:
+        if self.replicas not in (1, 3, 5, 7):
+            raise ValueError(f"replicas must be 1, 3, 5 or 7, got {self.replicas}")
+        if not 0 < self.heartbeat_interval < self.election_timeout:
+            raise ValueError(
+                f"heartbeat_interval ({self.heartbeat_interval}s) must be positive and below "
+                f"election_timeout ({self.election_timeout}s)"
+            )
+        if self.tick_interval <= 0:
+            raise ValueError(f"tick_interval must be positive, got {self.tick_interval}")
+        for name in ("max_inflight", "max_batch", "catchup_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+
+    @property
+    def quorum(self) -> int:
+        return self.replicas // 2 + 1
+
+
+@attrs.frozen
+class Ready:
+    """What the driver must do, in this order: persist, send, restore+apply, advance."""
+
+    persist: tuple[Record, ...]
+    messages: tuple[tuple[int, Any], ...]
+    snapshot: tuple[int, bytes] | None
+    committed: tuple[tuple[int, Batch], ...]
+
+
+@attrs.define(eq=False)
+class PaxosCore:
+    """One replica's protocol state. See the module docstring for the contract."""
+
+    _config: PaxosConfig
+    _rid: int
+    _rng: random.Random
+    _now: float = 0.0
+    _role: Role = Role.FOLLOWER
+    _acceptor: Acceptor = attrs.Factory(Acceptor)
+    # Learner: chosen values of slots >= _log_start; commit = last slot of the chosen prefix.
+    _chosen: dict[int, Batch] = attrs.Factory(dict)
+    _commit: int = 0
+    _emitted: int = 0  # last slot handed to the driver for applying
+    _log_start: int = 1
+    _snapshot: tuple[int, bytes] | None = None
+    # Election and leadership.
+    _max_round: int = 0
+    _leader_ballot: Ballot | None = None  # the leader we follow, if any
+    _leader_commit: int = 0
+    _last_contact: float = 0.0
+    _election_deadline: float = 0.0
+    _prevote_round: int = 0
+    _prevotes: set[int] = attrs.Factory(set)
+    _phase1: Phase1 | None = None
+    _retry_at: float = 0.0  # candidate: when to resend Prepare to the silent
+    _lead: Leadership | None = None
+    # Commands a leader had not yet slotted when it re-ran phase 1.
+    _carry: list[Command | Tick] = attrs.Factory(list)
+    _forward: list[Command | Tick] = attrs.Factory(list)
+    _catchup_sent: float = -1e9
+    _tick_data: Any = None
+    _wall: float = 0.0
+    # Recovery after a wiped disk.
+    _recover_nonce: int = 0
+    _recover_replies: dict[int, RecoverReply] = attrs.Factory(dict)
+    _recover_floor: Ballot | None = None
+    _recover_target: int | None = None
+    _recover_query_at: float = -1e9
+    _bumped_for: set[tuple[int, int]] = attrs.Factory(set)
+    # Output buffers.
+    _persist: list[Record] = attrs.Factory(list)
+    _out: list[tuple[int, Any]] = attrs.Factory(list)
+    _after_persist: list[tuple[int, Any]] = attrs.Factory(list)
+    _held: list[tuple[int, Any]] = attrs.Factory(list)  # released by advance()
+    _snapshot_out: tuple[int, bytes] | None = None
+
+    # ------------------------------------------------------------------
+    # Construction
+
+    @classmethod
+    def restore(
+        cls, config: PaxosConfig, rid: int, state: DurableState, *, rng: random.Random, now: float
+    ) -> PaxosCore:
+        """Build a replica from what its storage loaded (empty for a new or wiped disk)."""
+        if not 0 <= rid < config.replicas:
+            raise ValueError(f"replica id {rid} out of range for {config.replicas} replicas")
+        core = cls(config, rid, rng, now)
+        core._acceptor = Acceptor(state.promised)
+        core._max_round = state.promised.round
+        if state.snapshot_data is not None:
+            core._snapshot = (state.snapshot_index, state.snapshot_data)
+            core._snapshot_out = core._snapshot
+        core._commit = core._emitted = state.snapshot_index
+        start = min(state.log, default=state.snapshot_index + 1)
+        core._log_start = max(1, min(start, state.snapshot_index + 1))
+        for slot, row in sorted(state.log.items()):
+            if row.chosen:
+                core._chosen[slot] = row.value
+            elif row.ballot is not None:
+                core._acceptor.load(slot, row.ballot, row.value)
+            if row.ballot is not None:
+                core._max_round = max(core._max_round, row.ballot.round)
+        core._advance_commit()
+        core._reset_election_timer()
+        if not state.initialized:
+            core._role = Role.RECOVERING
+            core._send_recover_query()
+        return core
+
+    # ------------------------------------------------------------------
+    # Introspection
+
+    @property
+    def rid(self) -> int:
+        return self._rid
+
+    @property
+    def role(self) -> Role:
+        return self._role
+
+    @property
+    def commit_index(self) -> int:
+        return self._commit
+
+    @property
+    def log_start(self) -> int:
+        return self._log_start
+
+    @property
+    def promised(self) -> Ballot:
+        return self._acceptor.promised
+
+    @property
+    def ballot(self) -> Ballot | None:
+        """The ballot this replica leads or follows, if any."""
+        if self._lead is not None:
+            return self._lead.ballot
+        return self._leader_ballot
+
+    @property
+    def leader_hint(self) -> int | None:
+        """Replica id of the leader as far as this replica knows."""
+        if self._role is Role.LEADER:
+            return self._rid
+        if self._leader_ballot is not None and self._now - self._last_contact < 2 * self._config.election_timeout:
+            return self._leader_ballot.rid
+        return None
+
+    def chosen_value(self, slot: int) -> Batch | None:
+        return self._chosen.get(slot)
+
+    # ------------------------------------------------------------------
+    # Inputs
+
+    def tick(self, now: float, tick_data: Any = None, wall: float | None = None) -> None:
+        """Advance the clock.
+
+        ``now`` drives timeouts (a monotonic clock); the next TICK the leader
+        proposes carries ``wall`` (or ``now`` if not given) and ``tick_data``.
+        """
+        if now > self._now:
+            self._now = now
+        self._tick_data = tick_data
+        self._wall = now if wall is None else wall
+        match self._role:
+            case Role.LEADER:
+                self._leader_tick()
+            case Role.CANDIDATE:
+                self._candidate_tick()
+            case Role.FOLLOWER:
+                if self._now >= self._election_deadline:
+                    self._start_prevote()
+                self._maybe_catch_up()
+            case Role.RECOVERING:
+                if self._recover_floor is None and self._now - self._recover_query_at >= self._config.heartbeat_interval * 4:
+                    self._send_recover_query()
+                self._maybe_catch_up()
+
+    def propose(self, item: Command | Tick) -> bool:
+        """Submit a command. False means no leader is known: the caller should retry later.
+
+        Acceptance is no promise: the command may still be lost with a failed
+        leader, so clients retry with the same sequence number until they see
+        it applied.
+        """
+        if self._role is Role.LEADER:
+            assert self._lead is not None
+            self._lead.pending.append(item)
+            return True
+        if self._role in (Role.FOLLOWER, Role.RECOVERING) and self.leader_hint is not None:
+            self._forward.append(item)
+            return True
+        return False
+
+    def compact(self, index: int, data: bytes) -> None:
+        """The driver took a snapshot of the state after applying slot ``index``."""
+        assert index <= self._emitted, "a snapshot can only cover applied slots"
+        if self._snapshot is not None and index <= self._snapshot[0]:
+            return
+        self._snapshot = (index, data)
+        truncate = max(self._log_start - 1, index - self._config.keep_after_snapshot)
+        self._persist.append(SaveSnapshot(index, data, truncate))
+        self._truncate(truncate)
+
+    def step(self, src: int, msg: Any) -> None:
+        """Handle one message from replica ``src``."""
+        if not 0 <= src < self._config.replicas or src == self._rid:
+            return
+        match msg:
+            case PreVote():
+                self._on_prevote(src, msg)
+            case PreVoteReply():
+                self._on_prevote_reply(src, msg)
+            case Prepare():
+                self._on_prepare(src, msg)
+            case Promise():
+                self._on_promise(src, msg)
+            case Accept():
+                self._on_accept(src, msg)
+            case Accepted():
+                self._on_accepted(src, msg)
+            case Nack():
+                self._on_nack(src, msg)
+            case Heartbeat():
+                self._on_heartbeat(src, msg)
+            case HeartbeatAck():
+                self._on_heartbeat_ack(src, msg)
+            case CatchupRequest():
+                self._on_catchup_request(src, msg)
+            case CatchupReply():
+                self._on_catchup_reply(src, msg)
+            case SnapshotInstall():
+                self._on_snapshot(src, msg)
+            case Forward():
+                if self._role is Role.LEADER:
+                    assert self._lead is not None
+                    self._lead.pending.extend(msg.items)
+            case RecoverQuery():
+                self._on_recover_query(src, msg)
+            case RecoverReply():
+                self._on_recover_reply(src, msg)
+            case _:
+                pass  # not a peer message; the driver logs such things
+
+    # ------------------------------------------------------------------
+    # Output
+
+    def has_ready(self) -> bool:
+        self._flush_proposals()
+        return bool(
+            self._persist
+            or self._out
+            or self._after_persist
+            or self._snapshot_out is not None
+            or self._emitted < self._commit
+        )
+
+    def ready(self) -> Ready:
+        """Collect everything the driver must do now. Call ``advance`` after doing it."""
+        self._flush_proposals()
+        committed: list[tuple[int, Batch]] = []
+        snap = self._snapshot_out
+        self._snapshot_out = None
+        if snap is not None:
+            self._emitted = max(self._emitted, snap[0])
+        while self._emitted < self._commit:
+            self._emitted += 1
+            committed.append((self._emitted, self._chosen[self._emitted]))
+        rd = Ready(tuple(self._persist), tuple(self._out), snap, tuple(committed))
+        self._persist = []
+        self._out = []
+        # Replies waiting for this Ready's records wait for advance().
+        self._held.extend(self._after_persist)
+        self._after_persist = []
+        return rd
+
+    def advance(self, ready: Ready) -> None:
+        """The driver made ``ready.persist`` durable: release the replies that waited for it."""
+        held, self._held = self._held, []
+        for dst, msg in held:
+            if dst == self._rid:
+                self._deliver_local(msg)
+            else:
+                self._out.append((dst, msg))
+
+    # ------------------------------------------------------------------
+    # Helpers
+
+    def _send(self, dst: int, msg: Any) -> None:
+        self._out.append((dst, msg))
+
+    def _broadcast(self, msg: Any) -> None:
+        for dst in range(self._config.replicas):
+            if dst != self._rid:
+                self._out.append((dst, msg))
+
+    def _reply_durable(self, dst: int, msg: Any) -> None:
+        """Queue a reply that must not leave before the records queued so far are durable."""
+        self._after_persist.append((dst, msg))
+
+    def _reset_election_timer(self) -> None:
+        t = self._config.election_timeout
+        self._election_deadline = self._now + t + self._rng.random() * t
+
+    def _heard_leader(self, ballot: Ballot) -> None:
+        if self._leader_ballot is None or ballot >= self._leader_ballot:
+            self._leader_ballot = ballot
+        self._max_round = max(self._max_round, ballot.round)
+        self._last_contact = self._now
+        self._reset_election_timer()
+
+    def _become_follower(self) -> None:
+        if self._role is Role.RECOVERING:
+            return
+        if self._lead is not None:
+            self._carry.extend(self._lead.pending)
+        self._role = Role.FOLLOWER
+        self._phase1 = None
+        self._lead = None
+        self._reset_election_timer()
+
+    def _learn(self, slot: int, value: Batch) -> None:
+        """Record that ``value`` is chosen for ``slot``."""
+        if slot < self._log_start or slot <= self._commit and slot in self._chosen:
+            return
+        old = self._chosen.get(slot)
+        if old is not None:
+            assert old == value, f"slot {slot}: two different values chosen"
+            return
+        self._chosen[slot] = value
+        self._acceptor.forget(slot)
+        self._persist.append(SaveChosen(slot, value))
+
+    def _advance_commit(self) -> None:
+        while self._commit + 1 in self._chosen:
+            self._commit += 1
+
+    def _truncate(self, upto: int) -> None:
+        if upto < self._log_start:
+            return
+        for slot in [s for s in self._chosen if s <= upto]:
+            del self._chosen[slot]
+        for slot in range(self._log_start, upto + 1):
+            self._acceptor.forget(slot)
+        self._log_start = upto + 1
+
+    def _maybe_catch_up(self) -> None:
+        """Ask the leader for chosen entries we lack, at most once per heartbeat interval."""
+        if self._leader_commit <= self._commit or self._leader_ballot is None:
+            return
+        if self._now - self._catchup_sent < self._config.heartbeat_interval:
+            return
+        self._catchup_sent = self._now
+        self._send(self._leader_ballot.rid, CatchupRequest(from_slot=self._commit + 1))
+
+    def _learn_commit(self, ballot: Ballot, commit: int) -> None:
+        """The leader of ``ballot`` says slots up to ``commit`` are chosen."""
+        if commit > self._leader_commit:
+            self._leader_commit = commit
+        slot = self._commit + 1
+        while slot <= commit:
+            if slot not in self._chosen:
+                acc = self._acceptor.accepted_at(slot)
+                if acc is None or acc[0] != ballot:
+                    break  # a gap we cannot fill from our own acceptances
+                self._learn(slot, acc[1])
+            slot += 1
+        self._advance_commit()
+        if self._commit < self._leader_commit:
+            self._maybe_catch_up()
+        if self._role is Role.RECOVERING:
+            self._check_recovered()
+
+    # ------------------------------------------------------------------
+    # Election
+
+    def _start_prevote(self) -> None:
+        self._reset_election_timer()
+        self._prevote_round = max(self._max_round, self._acceptor.promised.round) + 1
+        self._prevotes = {self._rid}
+        if self._config.replicas == 1:
+            self._start_phase1()
+            return
+        self._broadcast(PreVote(round=self._prevote_round, commit=self._commit))
+
+    def _on_prevote(self, src: int, msg: PreVote) -> None:
+        # Support an election only if we too have lost the leader: a healthy
+        # leader is not deposed by a replica that was merely cut off.
+        lost = self._role is not Role.LEADER and self._now - self._last_contact >= self._config.election_timeout
+        granted = lost and msg.round > self._acceptor.promised.round
+        self._send(src, PreVoteReply(round=msg.round, granted=granted))
+
+    def _on_prevote_reply(self, src: int, msg: PreVoteReply) -> None:
+        if self._role is not Role.FOLLOWER or msg.round != self._prevote_round or not msg.granted:
+            return
+        self._prevotes.add(src)
+        if len(self._prevotes) >= self._config.quorum:
+            self._start_phase1()
+
+    def _start_phase1(self) -> None:
+        round_ = max(self._max_round, self._acceptor.promised.round) + 1
+        ballot = Ballot(round_, self._rid)
+        self._max_round = round_
+        if self._lead is not None:
+            self._carry.extend(self._lead.pending)
+        self._role = Role.CANDIDATE
+        self._lead = None
+        self._phase1 = Phase1(ballot, self._commit + 1)
+        self._retry_at = self._now + self._config.heartbeat_interval
+        self._reset_election_timer()
+        prepare = Prepare(ballot=ballot, from_slot=self._commit + 1)
+        self._broadcast(prepare)
+        # Our own promise goes through the same durable path as anyone's.
+        granted, records = self._acceptor.on_prepare(prepare)
+        assert granted, "a fresh ballot above everything seen must be grantable"
+        self._persist.extend(records)
+        self._reply_durable(self._rid, self._promise_for(prepare))
+
+    def _promise_for(self, prepare: Prepare) -> Promise:
+        chosen = tuple(
+            Proposal(slot=s, value=v) for s, v in sorted(self._chosen.items()) if s >= prepare.from_slot
+        )
+        return Promise(
+            ballot=prepare.ballot,
+            log_start=self._log_start,
+            accepted=self._acceptor.accepted_from(prepare.from_slot),
+            chosen=chosen,
+        )
+
+    def _on_prepare(self, src: int, msg: Prepare) -> None:
+        if self._role is Role.RECOVERING:
+            return  # we may have forgotten promises: no vote until recovered
+        self._max_round = max(self._max_round, msg.ballot.round)
+        granted, records = self._acceptor.on_prepare(msg)
+        if not granted:
+            self._send(src, Nack(ballot=msg.ballot, promised=self._acceptor.promised))
+            return
+        if self._lead is not None and msg.ballot > self._lead.ballot or (
+            self._phase1 is not None and msg.ballot > self._phase1.ballot
+        ):
+            self._become_follower()
+        # Give the candidate time to finish before we compete with it.
+        self._last_contact = self._now
+        self._reset_election_timer()
+        self._persist.extend(records)
+        self._reply_durable(src, self._promise_for(msg))
+
+    def _candidate_tick(self) -> None:
+        assert self._phase1 is not None
+        if self._now >= self._election_deadline:
+            self._become_follower()  # try again, after a new pre-vote
+            self._start_prevote()
+            return
+        # Prepare or Promise may have been lost: ask again those who have not answered.
+        if self._now >= self._retry_at:
+            self._retry_at = self._now + self._config.heartbeat_interval
+            prepare = Prepare(ballot=self._phase1.ballot, from_slot=self._phase1.from_slot)
+            for dst in range(self._config.replicas):
+                if dst != self._rid and not self._phase1.has(dst):
+                    self._send(dst, prepare)
+
+    def _on_promise(self, src: int, msg: Promise) -> None:
+        self._deliver_promise(src, msg)
+
+    def _deliver_promise(self, src: int, msg: Promise) -> None:
+        p1 = self._phase1
+        if self._role is not Role.CANDIDATE or p1 is None or msg.ballot != p1.ballot:
+            return
+        if msg.log_start > p1.from_slot:
+            # The promiser truncated slots we never learned: we are too far
+            # behind to lead. Catch up from it and let someone else lead.
+            self._become_follower()
+            self._send(src, CatchupRequest(from_slot=self._commit + 1))
+            return
+        p1.add(src, msg)
+        if p1.count >= self._config.quorum:
+            self._become_leader(p1)
+
+    def _become_leader(self, p1: Phase1) -> None:
+        chosen, repropose, top = p1.outcome()
+        for slot, value in sorted(chosen.items()):
+            self._learn(slot, value)
+        self._advance_commit()
+        self._role = Role.LEADER
+        self._phase1 = None
+        self._leader_ballot = p1.ballot
+        self._leader_commit = self._commit
+        lead = Leadership(ballot=p1.ballot, next_slot=max(top, self._commit) + 1, phase1_top=top)
+        lead.heard = {r: self._now for r in range(self._config.replicas) if r != self._rid}
+        lead.next_tick = self._now
+        lead.pending.extend(self._carry)
+        self._carry = []
+        self._lead = lead
+        proposals = []
+        for slot, value in sorted(repropose.items()):
+            if slot in self._chosen:
+                continue
+            lead.add_slot(slot, value, self._now)
+            proposals.append(Proposal(slot=slot, value=value))
+        if proposals:
+            self._send_accepts(proposals)
+        self._send_heartbeat()
+
+    # ------------------------------------------------------------------
+    # Leader
+
+    def _leader_tick(self) -> None:
+        lead = self._lead
+        assert lead is not None
+        cfg = self._config
+        # Check-quorum: step down if a majority has gone quiet.
+        if cfg.replicas > 1:
+            recent = sorted((t for t in lead.heard.values()), reverse=True)
+            if recent[cfg.quorum - 2] < self._now - cfg.election_timeout:
+                self._become_follower()
+                self._leader_ballot = None
+                return
+        if self._now >= lead.next_tick:
+            lead.next_tick = self._now + cfg.tick_interval
+            lead.pending.append(Tick(now=self._wall, data=self._tick_data))
+        if self._now >= lead.next_heartbeat:
+            self._send_heartbeat()
+            # Accepts or their answers may have been lost: resend to the silent.
+            stale = lead.stale(self._now, cfg.heartbeat_interval)
+            for dst in range(cfg.replicas):
+                need = tuple(p for p in stale if dst not in lead.inflight[p.slot].acks)
+                if dst != self._rid and need:
+                    self._send(dst, Accept(ballot=lead.ballot, proposals=need, commit=self._commit))
+
+    def _send_heartbeat(self) -> None:
+        lead = self._lead
+        assert lead is not None
+        lead.next_heartbeat = self._now + self._config.heartbeat_interval
+        self._broadcast(Heartbeat(ballot=lead.ballot, commit=self._commit, phase1_top=lead.phase1_top))
+
+    def _flush_proposals(self) -> None:
+        """Turn pending commands into new slots while the pipeline has room."""
+        if self._carry and self._role is Role.FOLLOWER and self.leader_hint is not None:
+            self._forward.extend(self._carry)
+            self._carry = []
+        if self._forward:
+            if self._leader_ballot is not None and self._role is not Role.LEADER:
+                self._send(self._leader_ballot.rid, Forward(items=tuple(self._forward)))
+            self._forward = []
+        lead = self._lead
+        if self._role is not Role.LEADER or lead is None or not lead.pending:
+            return
+        proposals = []
+        while lead.pending and len(lead.inflight) < self._config.max_inflight:
+            batch = lead.take_batch(self._config.max_batch)
+            assert batch is not None
+            slot = lead.open_slot(batch, self._now)
+            proposals.append(Proposal(slot=slot, value=batch))
+        if proposals:
+            self._send_accepts(proposals)
+
+    def _send_accepts(self, proposals: list[Proposal]) -> None:
+        lead = self._lead
+        assert lead is not None
+        msg = Accept(ballot=lead.ballot, proposals=tuple(proposals), commit=self._commit)
+        self._broadcast(msg)
+        reply, records = self._acceptor.on_accept(msg, self._chosen, self._log_start)
+        self._persist.extend(records)
+        self._reply_durable(self._rid, reply)
+
+    def _deliver_local(self, msg: Any) -> None:
+        """A reply from our own acceptor, released after its fsync."""
+        match msg:
+            case Promise():
+                self._deliver_promise(self._rid, msg)
+            case Accepted():
+                self._count_accepted(self._rid, msg)
+            case _:
+                pass
+
+    def _on_accepted(self, src: int, msg: Accepted) -> None:
+        if self._lead is not None and msg.ballot == self._lead.ballot:
+            self._lead.heard[src] = self._now
+        self._count_accepted(src, msg)
+
+    def _count_accepted(self, src: int, msg: Accepted) -> None:
+        lead = self._lead
+        if self._role is not Role.LEADER or lead is None or msg.ballot != lead.ballot:
+            return
+        progressed = False
+        for slot in msg.slots:
+            f = lead.inflight.get(slot)
+            if f is None:
+                continue
+            f.acks.add(src)
+            if len(f.acks) >= self._config.quorum:
+                del lead.inflight[slot]
+                self._learn(slot, f.value)
+                progressed = True
+        if progressed:
+            before = self._commit
+            self._advance_commit()
+            self._leader_commit = self._commit
+            if self._commit > before and not lead.pending:
+                # Tell followers now so they can apply (and answer their clients);
+                # under load the next Accept carries the commit index instead.
+                self._send_heartbeat()
+
+    def _on_nack(self, src: int, msg: Nack) -> None:
+        self._max_round = max(self._max_round, msg.promised.round)
+        mine = self._lead.ballot if self._lead else self._phase1.ballot if self._phase1 else None
+        if mine is not None and msg.ballot == mine and msg.promised > mine:
+            self._become_follower()
+
+    def _on_heartbeat_ack(self, src: int, msg: HeartbeatAck) -> None:
+        if self._lead is not None and msg.ballot == self._lead.ballot:
+            self._lead.heard[src] = self._now
+
+    # ------------------------------------------------------------------
+    # Follower
+
+    def _accept_leader(self, src: int, ballot: Ballot) -> bool:
+        """A message from a would-be leader: follow it if its ballot is current."""
+        if ballot < self._acceptor.promised:
+            self._send(src, Nack(ballot=ballot, promised=self._acceptor.promised))
+            return False
+        if self._role in (Role.LEADER, Role.CANDIDATE):
+            mine = self._lead.ballot if self._lead else self._phase1.ballot if self._phase1 else ZERO_BALLOT
+            if ballot <= mine:
+                return False
+            self._become_follower()
+        self._heard_leader(ballot)
+        return True
+
+    def _on_accept(self, src: int, msg: Accept) -> None:
+        if self._role is Role.RECOVERING:
+            if msg.ballot >= (self._leader_ballot or ZERO_BALLOT):
+                self._heard_leader(msg.ballot)
+            return
+        if not self._accept_leader(src, msg.ballot):
+            return
+        reply, records = self._acceptor.on_accept(msg, self._chosen, self._log_start)
+        self._persist.extend(records)
+        self._reply_durable(src, reply)
+        self._learn_commit(msg.ballot, msg.commit)
+
+    def _on_heartbeat(self, src: int, msg: Heartbeat) -> None:
+        if self._role is Role.RECOVERING:
+            if self._leader_ballot is None or msg.ballot >= self._leader_ballot:
+                self._heard_leader(msg.ballot)
+                self._recover_target = msg.phase1_top if (
+                    self._recover_floor is not None and msg.ballot > self._recover_floor
+                ) else None
+                self._learn_commit(msg.ballot, msg.commit)
+            return
+        if not self._accept_leader(src, msg.ballot):
+            return
+        self._learn_commit(msg.ballot, msg.commit)
+        self._send(src, HeartbeatAck(ballot=msg.ballot, commit=self._commit))
+
+    def _on_catchup_request(self, src: int, msg: CatchupRequest) -> None:
+        if msg.from_slot < self._log_start:
+            if self._snapshot is not None:
+                self._send(src, SnapshotInstall(index=self._snapshot[0], data=self._snapshot[1]))
+            return
+        entries = []
+        slot = msg.from_slot
+        while slot <= self._commit and len(entries) < self._config.catchup_batch:
+            value = self._chosen.get(slot)
+            if value is None:
+                break
+            entries.append(Proposal(slot=slot, value=value))
+            slot += 1
+        if entries:
+            self._send(src, CatchupReply(entries=tuple(entries), commit=self._commit))
+
+    def _on_catchup_reply(self, src: int, msg: CatchupReply) -> None:
+        for p in msg.entries:
+            if p.slot > self._commit:
+                self._learn(p.slot, p.value)
+        self._advance_commit()
+        self._leader_commit = max(self._leader_commit, msg.commit)
+        if self._commit < self._leader_commit and self._leader_ballot is not None:
+            self._catchup_sent = self._now
+            self._send(src, CatchupRequest(from_slot=self._commit + 1))
+        if self._role is Role.RECOVERING:
+            self._check_recovered()
+
+    def _on_snapshot(self, src: int, msg: SnapshotInstall) -> None:
+        if msg.index <= self._commit:
+            return
+        self._snapshot = (msg.index, msg.data)
+        self._snapshot_out = self._snapshot
+        self._persist.append(SaveSnapshot(msg.index, msg.data, msg.index))
+        self._truncate(msg.index)
+        self._commit = self._emitted = msg.index
+        self._advance_commit()
+        if self._commit < self._leader_commit:
+            self._catchup_sent = self._now
+            self._send(src, CatchupRequest(from_slot=self._commit + 1))
+        if self._role is Role.RECOVERING:
+            self._check_recovered()
+
+    # ------------------------------------------------------------------
+    # Recovery of a replica with an empty data directory
+
+    def _send_recover_query(self) -> None:
+        self._recover_query_at = self._now
+        self._recover_nonce += 1
+        self._recover_replies = {}
+        if self._config.replicas == 1:
+            self._finish_recovery()
+            return
+        self._broadcast(RecoverQuery(nonce=self._recover_nonce))
+
+    def _on_recover_query(self, src: int, msg: RecoverQuery) -> None:
+        empty = (
+            self._acceptor.promised == ZERO_BALLOT
+            and not self._chosen
+            and self._commit == 0
+            and self._acceptor.accepted_from(1) == ()
+        )
+        self._reply_durable(src, RecoverReply(nonce=msg.nonce, promised=self._acceptor.promised, empty=empty))
+        # A recovering replica needs a leader whose phase 1 started after its
+        # query; re-running phase 1 with a higher ballot gives it one.
+        if self._role is Role.LEADER and not empty and (src, msg.nonce) not in self._bumped_for:
+            self._bumped_for.add((src, msg.nonce))
+            self._start_phase1()
+
+    def _on_recover_reply(self, src: int, msg: RecoverReply) -> None:
+        if self._role is not Role.RECOVERING or self._recover_floor is not None:
+            return
+        if msg.nonce != self._recover_nonce:
+            return
+        self._recover_replies[src] = msg
+        if len(self._recover_replies) < self._config.quorum:
+            return
+        replies = list(self._recover_replies.values())
+        if all(r.empty for r in replies):
+            # A majority of the others never promised anything: the cluster is new.
+            self._finish_recovery()
+            return
+        floor = max(r.promised for r in replies)
+        self._recover_floor = floor
+        self._max_round = max(self._max_round, floor.round)
+        self._persist.extend(self._acceptor.raise_floor(floor))
+
+    def _check_recovered(self) -> None:
+        if (
+            self._recover_floor is not None
+            and self._recover_target is not None
+            and self._leader_ballot is not None
+            and self._leader_ballot > self._recover_floor
+            and self._commit >= self._recover_target
+        ):
+            self._persist.extend(self._acceptor.raise_floor(self._leader_ballot))
+            self._finish_recovery()
+
+    def _finish_recovery(self) -> None:
+        self._persist.append(MarkInitialized())
+        self._role = Role.FOLLOWER
+        self._recover_floor = None
+        self._recover_target = None
+        self._reset_election_timer()

@@ -1,0 +1,125 @@
+"""The leader (proposer) role: phase 1 once for all open slots, then pipelined phase 2.
+
+Theory of operation.  A candidate picks a ballot higher than any it has seen
+and sends one Prepare covering every slot from its first unknown one on.  A
+majority of Promises tells it, for each open slot, the value accepted at the
+highest ballot (which it must re-propose, since it may have been chosen) and
+which slots are already chosen.  Open slots nobody reported below the highest
+reported one are holes, filled with no-ops so the log can be applied in order.
+After that the leader assigns new slots to batches of client commands and
+keeps up to ``max_inflight`` slots in phase 2 at once; a slot is chosen when a
+majority (the leader's own acceptor included) has accepted it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import attrs
+
+from tasksprint.paxos.messages import (
+    NOOP,
+    AcceptedValue,
+    Ballot,
+    Batch,
+    Promise,
+    Proposal,
+)
+
+
+@attrs.define(eq=False)
+class Phase1:
+    """Promises gathered by a candidate for ``ballot``."""
+
+    ballot: Ballot
+    from_slot: int
+    _promises: dict[int, Promise] = attrs.Factory(dict)
+
+    def add(self, rid: int, promise: Promise) -> None:
+        self._promises[rid] = promise
+
+    def has(self, rid: int) -> bool:
+        return rid in self._promises
+
+    @property
+    def count(self) -> int:
+        return len(self._promises)
+
+    def outcome(self) -> tuple[dict[int, Batch], dict[int, Batch], int]:
+        """(chosen slots, values to re-propose, top slot in use) from the promises.
+
+        For a slot reported accepted by several acceptors the value with the
+        highest ballot wins: that is the rule that makes Paxos safe.
+        """
+        chosen: dict[int, Batch] = {}
+        best: dict[int, AcceptedValue] = {}
+        top = self.from_slot - 1
+        for promise in self._promises.values():
+            for p in promise.chosen:
+                if p.slot >= self.from_slot:
+                    chosen[p.slot] = p.value
+                    top = max(top, p.slot)
+            for a in promise.accepted:
+                if a.slot < self.from_slot:
+                    continue
+                top = max(top, a.slot)
+                cur = best.get(a.slot)
+                if cur is None or a.ballot > cur.ballot:
+                    best[a.slot] = a
+        repropose: dict[int, Batch] = {}
+        for slot in range(self.from_slot, top + 1):
+            if slot in chosen:
+                continue
+            a = best.get(slot)
+            repropose[slot] = a.value if a is not None else NOOP
+        return chosen, repropose, top
+
+
+@attrs.define(eq=False)
+class InFlight:
+    """A slot in phase 2: its value, who accepted it, when it was last sent."""
+
+    value: Batch
+    sent_at: float
+    acks: set[int] = attrs.Factory(set)
+
+
+@attrs.define(eq=False)
+class Leadership:
+    """State that exists only while this replica leads with ``ballot``."""
+
+    ballot: Ballot
+    next_slot: int
+    phase1_top: int
+    inflight: dict[int, InFlight] = attrs.Factory(dict)
+    pending: deque = attrs.Factory(deque)
+    # Last time each peer answered anything at this ballot (check-quorum).
+    heard: dict[int, float] = attrs.Factory(dict)
+    next_heartbeat: float = 0.0
+    next_tick: float = 0.0
+
+    def open_slot(self, value: Batch, now: float) -> int:
+        slot = self.next_slot
+        self.next_slot += 1
+        self.inflight[slot] = InFlight(value, now)
+        return slot
+
+    def add_slot(self, slot: int, value: Batch, now: float) -> None:
+        """Re-propose ``value`` in an existing slot (after phase 1)."""
+        assert slot < self.next_slot, "re-proposals are for slots phase 1 found in use"
+        self.inflight[slot] = InFlight(value, now)
+
+    def take_batch(self, max_items: int) -> Batch | None:
+        if not self.pending:
+            return None
+        n = min(max_items, len(self.pending))
+        return Batch(items=tuple(self.pending.popleft() for _ in range(n)))
+
+    def stale(self, now: float, age: float) -> list[Proposal]:
+        """Slots in flight for longer than ``age``: to send again (messages may be lost)."""
+        out = []
+        for slot, f in sorted(self.inflight.items()):
+            if now - f.sent_at >= age:
+                f.sent_at = now
+                out.append(Proposal(slot=slot, value=f.value))
+        return out

@@ -1,0 +1,482 @@
+"""The replica process: drives the Paxos core with trio, storage and the network.
+
+One replica = one :class:`~tasksprint.paxos.core.PaxosCore` + one
+:class:`~tasksprint.storage.Storage` + one state machine behind an
+:class:`~tasksprint.machine.Applier`.  Tasks:
+
+* a listener accepting authenticated connections from peers (role
+  ``replica``) and from users (role ``client``);
+* one sender per peer, keeping an outgoing connection open and writing
+  everything queued for that peer in one batch;
+* a ticker feeding the core the clock;
+* the driver loop, the only place the core's output is handled, in the order
+  the core documents: send (messages never depend on the pending records),
+  apply committed slots, persist the records in a worker thread (one
+  transaction, one fsync), then ``advance``.  While the fsync runs, new
+  messages and proposals accumulate in the core and go out as the next batch.
+
+Replicas compare a running digest of what they applied every
+``digest_every`` slots; a mismatch means a nondeterministic state machine (a
+scheduler hook that is not deterministic) and stops the replica with an error
+naming the slot.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import attrs
+import structlog
+import trio
+
+from tasksprint import wire
+from tasksprint.api import (
+    PeerDigest,
+    Query,
+    QueryReply,
+    ReplicaStatus,
+    Result,
+    Retry,
+    StatusQuery,
+    Submit,
+)
+from tasksprint.machine import Applier, KVMachine, StateMachine
+from tasksprint.paxos.core import PaxosConfig, PaxosCore, Role
+from tasksprint.paxos.messages import PEER_MESSAGES, Command
+from tasksprint.storage import Storage
+
+log = structlog.get_logger("tasksprint.replica")
+
+OUTBOX_LIMIT = 20_000  # messages queued for one peer before the oldest are dropped
+
+
+class DivergenceError(Exception):
+    """Two replicas applied the same slots and reached different states."""
+
+
+class App(Protocol):
+    """What a replica needs from the application it replicates."""
+
+    machine: StateMachine
+
+    def tick_data(self, now: float) -> Any:
+        """Data for the next TICK the leader proposes (leader only)."""
+
+    def query(self, name: str, args: dict) -> Any:
+        """Answer a read-only question about the applied state."""
+
+    def describe_slot(self, slot: int) -> str:
+        """Say what applying ``slot`` did, for a divergence report."""
+
+    def on_applied(self, slot: int) -> None:
+        """Called after each applied slot (wake long-polls and the like)."""
+
+    def leader_duties(self, propose) -> None:
+        """Called while this replica leads; may propose commands with ``propose``."""
+
+
+@attrs.define(eq=False)
+class KVApp:
+    """The built-in key-value application used to run and test the log alone."""
+
+    machine: KVMachine = attrs.Factory(KVMachine)
+
+    def tick_data(self, now: float) -> Any:
+        return None
+
+    def query(self, name: str, args: dict) -> Any:
+        raise KeyError(f"unknown query {name!r}")
+
+    def describe_slot(self, slot: int) -> str:
+        return f"key-value commands of slot {slot}"
+
+    def on_applied(self, slot: int) -> None:
+        pass
+
+    def leader_duties(self, propose) -> None:
+        pass
+
+
+def parse_peers(text: str) -> tuple[tuple[str, int], ...]:
+    """``"h1:p1,h2:p2,h3:p3"`` -> ((h1, p1), ...); raises ValueError with the bad part named."""
+    peers = []
+    for part in text.split(","):
+        part = part.strip()
+        host, sep, port = part.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"bad peer address {part!r}: expected HOST:PORT")
+        peers.append((host, int(port)))
+    if len(peers) not in (1, 3, 5, 7):
+        raise ValueError(f"{len(peers)} peers given: a cluster has 3 or 5 replicas (1 for a toy)")
+    if len(set(peers)) != len(peers):
+        raise ValueError("the same address appears twice in --peers")
+    return tuple(peers)
+
+
+@attrs.frozen(kw_only=True)
+class ReplicaConfig:
+    """Everything one replica process needs; validated at construction."""
+
+    rid: int
+    peers: tuple[tuple[str, int], ...]
+    data_dir: Path
+    secret: bytes
+    cluster: str = "default"
+    fsync: bool = True
+    paxos: PaxosConfig | None = None
+    snapshot_every: int = 20_000  # applied slots between snapshots
+    digest_every: int = 16  # slots between digest comparisons
+    tick_every: float = 0.005  # seconds between clock readings fed to the core
+    max_frame: int = wire.MAX_FRAME_DEFAULT
+
+    def __attrs_post_init__(self) -> None:
+        if not 0 <= self.rid < len(self.peers):
+            raise ValueError(f"--id {self.rid} does not index into the {len(self.peers)} peers given")
+        if self.paxos is not None and self.paxos.replicas != len(self.peers):
+            raise ValueError("paxos.replicas must equal the number of peers")
+
+    @property
+    def paxos_config(self) -> PaxosConfig:
+        return self.paxos or PaxosConfig(replicas=len(self.peers))
+
+
+@attrs.define(eq=False)
+class Outbox:
+    """Messages waiting for one connection; a pump task writes them in batches."""
+
+    _queue: collections.deque = attrs.Factory(collections.deque)
+    _event: trio.Event = attrs.Factory(trio.Event)
+    limit: int = OUTBOX_LIMIT
+
+    def push(self, msg: Any) -> None:
+        if len(self._queue) >= self.limit:
+            self._queue.popleft()  # the protocol tolerates loss; memory must stay bounded
+        self._queue.append(msg)
+        self._event.set()
+
+    def clear(self) -> None:
+        self._queue.clear()
+
+    async def pump(self, conn: wire.Connection) -> None:
+        """Write queued messages to ``conn`` until it fails or the task is cancelled."""
+        while True:
+            if not self._queue:
+                self._event = trio.Event()
+                await self._event.wait()
+            batch = list(self._queue)
+            self._queue.clear()
+            await conn.send_many(batch)
+
+
+@attrs.define(eq=False)
+class Replica:
+    """A replica process. ``await replica.run()`` serves until cancelled."""
+
+    config: ReplicaConfig
+    app: Any = attrs.Factory(KVApp)
+    _core: PaxosCore | None = None
+    _applier: Applier | None = None
+    _storage: Storage | None = None
+    _wake: trio.Event = attrs.Factory(trio.Event)
+    _peer_out: dict[int, Outbox] = attrs.Factory(dict)
+    _waiting: dict[tuple[str, int], list[Outbox]] = attrs.Factory(dict)
+    _digests: collections.OrderedDict = attrs.Factory(collections.OrderedDict)
+    _peer_digests: collections.OrderedDict = attrs.Factory(collections.OrderedDict)
+    _since_snapshot: int = 0
+    _log: Any = None
+    _last_role: tuple | None = None
+    port: int | None = None
+
+    # ------------------------------------------------------------------
+
+    @property
+    def core(self) -> PaxosCore:
+        assert self._core is not None, "replica not started"
+        return self._core
+
+    @property
+    def applier(self) -> Applier:
+        assert self._applier is not None, "replica not started"
+        return self._applier
+
+    def status(self) -> ReplicaStatus:
+        core = self.core
+        ballot = core.ballot
+        return ReplicaStatus(
+            rid=self.config.rid,
+            role=core.role.value,
+            leader=core.leader_hint,
+            ballot=str(ballot) if ballot else "",
+            commit=core.commit_index,
+            applied=self.applier.applied,
+            peers=tuple(f"{h}:{p}" for h, p in self.config.peers),
+            digest=self.applier.digest.hex(),
+        )
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Open storage, recover, serve. Raises StorageError (bad data dir) before serving."""
+        cfg = self.config
+        self._log = log.bind(replica=cfg.rid)
+        self._storage = Storage.open(cfg.data_dir, replica_id=cfg.rid, cluster=cfg.cluster, fsync=cfg.fsync)
+        try:
+            state = self._storage.load()
+            self._applier = Applier(self.app.machine)
+            self._core = PaxosCore.restore(
+                cfg.paxos_config,
+                cfg.rid,
+                state,
+                rng=random.Random(int.from_bytes(os.urandom(8), "big")),
+                now=time.monotonic(),
+            )
+            self._log.info(
+                "replica_starting",
+                data_dir=str(cfg.data_dir),
+                snapshot=state.snapshot_index,
+                log_rows=len(state.log),
+                initialized=state.initialized,
+                recovering=self._core.role is Role.RECOVERING,
+            )
+            host, port = cfg.peers[cfg.rid]
+            async with trio.open_nursery() as nursery:
+                listeners = await nursery.start(
+                    lambda task_status: wire.serve(
+                        self._handle_connection,
+                        host,
+                        port,
+                        secret=cfg.secret,
+                        role="replica",
+                        ident=str(cfg.rid),
+                        max_frame=cfg.max_frame,
+                        task_status=task_status,
+                    )
+                )
+                self.port = _port_of(listeners, port)
+                for peer in range(len(cfg.peers)):
+                    if peer != cfg.rid:
+                        self._peer_out[peer] = Outbox()
+                        nursery.start_soon(self._peer_sender, peer)
+                nursery.start_soon(self._ticker)
+                self._wake.set()
+                task_status.started(self)
+                await self._drive()
+        finally:
+            self._storage.close()
+
+    # ------------------------------------------------------------------
+    # Driver
+
+    def _poke(self) -> None:
+        self._wake.set()
+
+    async def _drive(self) -> None:
+        core = self.core
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while core.has_ready():
+                rd = core.ready()
+                for dst, msg in rd.messages:
+                    self._peer_out[dst].push(msg)
+                if rd.snapshot is not None:
+                    self.applier.restore(rd.snapshot[1])
+                    self._log.info("snapshot_installed", index=rd.snapshot[0])
+                for slot, batch in rd.committed:
+                    self._apply(slot, batch)
+                if rd.persist:
+                    if rd.messages or rd.committed:
+                        # Let the senders put this Ready's messages (which do not
+                        # depend on its records) on the wire before the fsync.
+                        await trio.lowlevel.checkpoint()
+                    # Synchronous on purpose: a write is a fraction of a
+                    # millisecond, less than a hop to a worker thread costs.
+                    self._storage.write(rd.persist)
+                core.advance(rd)
+                self._maybe_snapshot()
+            self._note_role()
+            if core.role is Role.LEADER:
+                self.app.leader_duties(self._propose_local)
+
+    def _apply(self, slot: int, batch) -> None:
+        for cmd, result in self.applier.apply_slot(slot, batch):
+            boxes = self._waiting.pop((cmd.client_id, cmd.seq), None)
+            if boxes:
+                reply = Result(
+                    client_id=cmd.client_id, seq=cmd.seq, result=result, slot=slot, leader=self.core.leader_hint
+                )
+                for box in boxes:
+                    box.push(reply)
+        self._since_snapshot += 1
+        self.app.on_applied(slot)
+        if slot % self.config.digest_every == 0:
+            digest = self.applier.digest
+            self._digests[slot] = digest
+            while len(self._digests) > 1024:
+                self._digests.popitem(last=False)
+            for box in self._peer_out.values():
+                box.push(PeerDigest(slot=slot, digest=digest))
+            theirs = self._peer_digests.pop(slot, None)
+            if theirs is not None:
+                self._compare_digest(theirs[0], slot, theirs[1])
+
+    def _compare_digest(self, src: int, slot: int, theirs: bytes) -> None:
+        mine = self._digests.get(slot)
+        if mine is None or mine == theirs:
+            return
+        what = self.app.describe_slot(slot)
+        self._log.error("state_divergence", slot=slot, peer=src, detail=what)
+        raise DivergenceError(
+            f"replica {self.config.rid} and replica {src} applied the same log up to slot {slot} "
+            f"but reached different states ({what}). The state machine is not deterministic; "
+            "see docs/tutorial.md for the rules scheduler hooks must follow."
+        )
+
+    def _maybe_snapshot(self) -> None:
+        if self._since_snapshot < self.config.snapshot_every:
+            return
+        self._since_snapshot = 0
+        applied = self.applier.applied
+        self.core.compact(applied, self.applier.snapshot())
+        self._log.info("snapshot_taken", index=applied)
+
+    def _note_role(self) -> None:
+        core = self.core
+        now = (core.role, core.ballot)
+        if now != self._last_role:
+            self._last_role = now
+            self._log.info("role_changed", role=core.role.value, ballot=str(core.ballot), commit=core.commit_index)
+
+    def _propose_local(self, cmd: Command) -> bool:
+        ok = self.core.propose(cmd)
+        self._poke()
+        return ok
+
+    async def _ticker(self) -> None:
+        while True:
+            now = time.monotonic()
+            self.core.tick(now, self.app.tick_data(now), wall=time.time())
+            self._poke()
+            await trio.sleep(self.config.tick_every)
+
+    # ------------------------------------------------------------------
+    # Network
+
+    async def _peer_sender(self, peer: int) -> None:
+        host, port = self.config.peers[peer]
+        box = self._peer_out[peer]
+        delay = 0.02
+        log_ = self._log.bind(peer=peer)
+        while True:
+            try:
+                conn = await wire.connect(
+                    host,
+                    port,
+                    secret=self.config.secret,
+                    role="replica",
+                    ident=str(self.config.rid),
+                    max_frame=self.config.max_frame,
+                )
+            except (OSError, trio.TooSlowError, wire.BadMessage) as exc:
+                box.clear()  # stale protocol messages are worthless once the peer is back
+                await trio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+                if delay >= 0.5:
+                    log_.debug("peer_unreachable", error=str(exc))
+                continue
+            delay = 0.02
+            log_.info("peer_connected")
+            try:
+                await box.pump(conn)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                log_.info("peer_disconnected", error=str(exc))
+            finally:
+                with trio.CancelScope(shield=True):
+                    await conn.aclose()
+
+    async def _handle_connection(self, conn: wire.Connection) -> None:
+        hello = conn.peer
+        if hello.role == "replica":
+            try:
+                src = int(hello.ident)
+            except ValueError:
+                raise wire.BadMessage(f"replica ident {hello.ident!r} is not a number") from None
+            if not 0 <= src < len(self.config.peers) or src == self.config.rid:
+                raise wire.BadMessage(f"replica ident {src} is not a peer of replica {self.config.rid}")
+            await self._serve_peer(src, conn)
+        else:
+            await self._serve_client(conn)
+
+    async def _serve_peer(self, src: int, conn: wire.Connection) -> None:
+        core = self.core
+        while True:
+            try:
+                msg = await conn.receive()
+            except wire.ConnectionClosed:
+                return
+            if isinstance(msg, PEER_MESSAGES):
+                core.step(src, msg)
+                self._poke()
+            elif isinstance(msg, PeerDigest):
+                if msg.slot in self._digests:
+                    self._compare_digest(src, msg.slot, msg.digest)
+                elif msg.slot > self.applier.applied:
+                    self._peer_digests[msg.slot] = (src, msg.digest)
+                    while len(self._peer_digests) > 1024:
+                        self._peer_digests.popitem(last=False)
+            else:
+                raise wire.BadMessage(f"unexpected {type(msg).__name__} from replica {src}")
+
+    async def _serve_client(self, conn: wire.Connection) -> None:
+        box = Outbox()
+        mine: list[tuple[str, int]] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(box.pump, conn)
+            try:
+                while True:
+                    try:
+                        msg = await conn.receive()
+                    except wire.ConnectionClosed:
+                        return
+                    self._handle_client_message(msg, box, mine)
+            finally:
+                for key in mine:
+                    boxes = self._waiting.get(key)
+                    if boxes and box in boxes:
+                        boxes.remove(box)
+                        if not boxes:
+                            del self._waiting[key]
+                nursery.cancel_scope.cancel()
+
+    def _handle_client_message(self, msg: Any, box: Outbox, mine: list) -> None:
+        match msg:
+            case Submit(command=cmd):
+                core = self.core
+                if core.propose(cmd):
+                    key = (cmd.client_id, cmd.seq)
+                    self._waiting.setdefault(key, []).append(box)
+                    mine.append(key)
+                    if len(mine) > 4096:
+                        del mine[:2048]  # the oldest are answered or abandoned by now
+                    self._poke()
+                else:
+                    box.push(Retry(client_id=cmd.client_id, seq=cmd.seq, reason="no leader", leader=core.leader_hint))
+            case StatusQuery():
+                box.push(self.status())
+            case Query(name=name, args=args):
+                try:
+                    box.push(QueryReply(name=name, result=self.app.query(name, args)))
+                except Exception as exc:  # a bad query must not take the replica down
+                    box.push(QueryReply(name=name, error=f"{type(exc).__name__}: {exc}"))
+            case _:
+                raise wire.BadMessage(f"unexpected {type(msg).__name__} from a client")
+
+
+def _port_of(listeners: Any, default: int) -> int:
+    try:
+        return listeners[0].socket.getsockname()[1]
+    except (TypeError, IndexError, AttributeError):
+        return default
