@@ -93,3 +93,33 @@ class PeerDigest:
 
     slot: int = attrs.field(validator=_int)
     digest: bytes = attrs.field(validator=attrs.validators.instance_of(bytes))
+
+
+@register
+@attrs.frozen(kw_only=True)
+class ClientsSeen:
+    """Between replicas: worker clients (by cid) that talked to the sender lately.
+
+    Followers pass these to the leader, which alone decides (in its TICKs)
+    which clients have been silent too long.
+    """
+
+    cids: tuple = attrs.field(converter=tuple_of(lambda c: isinstance(c, int)))
+
+
+@register
+@attrs.frozen(kw_only=True)
+class Fetch:
+    """Between worker clients: send me task ``tid``'s output ``key`` (all outputs if None)."""
+
+    tid: int = attrs.field(validator=_int)
+    key: str | None = attrs.field(default=None, validator=attrs.validators.optional(_str))
+
+
+@register
+@attrs.frozen(kw_only=True)
+class FetchReply:
+    tid: int = attrs.field(validator=_int)
+    found: bool = attrs.field(validator=attrs.validators.instance_of(bool))
+    value: Any = None
+    error: str = attrs.field(default="", validator=_str)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snapshot-every", type=int, default=20_000, help="applied slots between snapshots")
     _add_common(p)
 
-    p = sub.add_parser("status", help="show every replica's view of the cluster")
+    p.add_argument("--client-timeout", type=float, default=10.0, help="seconds a worker client may be silent before it is declared dead")
+
+    p = sub.add_parser("client", help="run a worker client: node processes, task runner, data server")
+    p.add_argument("--coordinators", required=True, help="HOST:PORT of the replicas, comma-separated")
+    p.add_argument("--node", required=True, help='command that starts a node, e.g. "python node.py"')
+    p.add_argument("--slots", type=int, default=os.cpu_count() or 1, help="node processes, i.e. tasks at once (default: CPU count)")
+    p.add_argument("--have", action="append", default=[], metavar="TAG", help="a resource tag this machine offers (repeatable)")
+    p.add_argument("--name", help="unique client name (default: host-pid-random)")
+    p.add_argument("--data-host", default="127.0.0.1", help="address peers use to fetch outputs from this client")
+    p.add_argument("--data-port", type=int, default=0, help="port of the data server (default: any free port)")
+    p.add_argument("--memory-limit", type=int, default=512, help="MiB of outputs kept in memory before spilling to disk")
+    p.add_argument("--spill-dir", type=Path, help="where spilled outputs go (default: the system temp dir)")
+    _add_common(p)
+
+    p = sub.add_parser("run", help="run a computation on a local cluster started for it")
+    p.add_argument("scheduler", help="path/to/file.py:Class or module:Class")
+    p.add_argument("--node", required=True, help='command that starts a node, e.g. "python node.py"')
+    p.add_argument("--replicas", type=int, default=3, choices=[1, 3, 5])
+    p.add_argument("--clients", type=int, default=2)
+    p.add_argument("--slots", type=int, help="node processes per client (default: CPU count)")
+    p.add_argument("--data", type=Path, help="keep data directories and logs here (default: a temporary dir)")
+    p.add_argument("--timeout", type=float, help="give up after this many seconds")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="console", choices=["console", "json"])
+
+    p = sub.add_parser("status", help="show the replicas and the computation's progress")
+    p.add_argument("--coordinators", required=True, help="HOST:PORT of the replicas, comma-separated")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_common(p)
+
+    p = sub.add_parser("info", help="show everything about one task")
+    p.add_argument("task", type=int, help="task id")
+    p.add_argument("--coordinators", required=True, help="HOST:PORT of the replicas, comma-separated")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_common(p)
+
+    p = sub.add_parser("cancel", help="kill a task and every task that depends on it")
+    p.add_argument("task", type=int, help="task id")
     p.add_argument("--coordinators", required=True, help="HOST:PORT of the replicas, comma-separated")
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_common(p)
@@ -83,6 +121,14 @@ def main(argv: list[str] | None = None, *, scheduler: Any = None) -> int:
                 return _cmd_replica(args, scheduler)
             case "status":
                 return _cmd_status(args)
+            case "client":
+                return _cmd_client(args)
+            case "run":
+                return _cmd_run(args)
+            case "info":
+                return _cmd_info(args)
+            case "cancel":
+                return _cmd_cancel(args)
     except wire.SecretError as exc:
         print(f"tasksprint: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -118,7 +164,15 @@ def _cmd_replica(args: argparse.Namespace, scheduler: Any) -> int:
     if args.scheduler is not None or scheduler is not None:
         from tasksprint.coordinator_app import CoordinatorApp
 
-        app = CoordinatorApp.create(args.scheduler if scheduler is None else type(scheduler))
+        from tasksprint_sdk.coordinator import SchedulerLoadError
+
+        try:
+            app = CoordinatorApp.create(
+                args.scheduler if scheduler is None else type(scheduler), client_timeout=args.client_timeout
+            )
+        except SchedulerLoadError as exc:
+            print(f"tasksprint replica: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     replica = Replica(config, app)
     try:
         trio.run(replica.run)
@@ -152,8 +206,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return out
 
     rows = trio.run(collect)
+    computation = _query_any(addrs, secret, "status", {})
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps({"replicas": rows, "computation": computation}, indent=2))
     else:
         for r in rows:
             if r["reachable"]:
@@ -163,7 +218,127 @@ def _cmd_status(args: argparse.Namespace) -> int:
                 )
             else:
                 print(f"{r['address']:<22} unreachable: {r['error']}")
+        if computation is not None:
+            from tasksprint.run import _progress_line
+
+            leader = next((r["leader"] for r in rows if r.get("leader") is not None), None)
+            print(_progress_line(computation, leader))
+            if computation.get("result") is not None:
+                print("result: " + json.dumps(computation["result"]))
+            if computation.get("failure"):
+                from tasksprint.run import failure_report
+
+                print(failure_report(computation))
     return 0 if any(r["reachable"] for r in rows) else 1
+
+
+def _query_any(addrs: list, secret: bytes, name: str, query_args: dict) -> Any:
+    """Ask the replicas one after the other; None if no replica answers (or no coordinator runs)."""
+    from tasksprint.log_client import LogClient
+
+    async def ask() -> Any:
+        client = LogClient(addrs, secret)
+        for addr in addrs:
+            try:
+                return await client.query(name, query_args, addr=addr)
+            except (OSError, trio.TooSlowError, wire.BadMessage, RuntimeError):
+                continue
+        return None
+
+    return trio.run(ask)
+
+
+def _cmd_client(args: argparse.Namespace) -> int:
+    from tasksprint.client import Client, ClientConfig
+    from tasksprint.nodehost import NodeStartError
+    from tasksprint.replica import parse_peers
+
+    try:
+        config = ClientConfig(
+            coordinators=parse_peers(args.coordinators),
+            node_command=args.node,
+            secret=_secret(args),
+            slots=args.slots,
+            have=tuple(args.have),
+            data_host=args.data_host,
+            data_port=args.data_port,
+            memory_limit=args.memory_limit * 1024 * 1024,
+            spill_dir=args.spill_dir,
+            **({"name": args.name} if args.name else {}),
+        )
+    except ValueError as exc:
+        print(f"tasksprint client: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        state = trio.run(Client(config).run)
+    except KeyboardInterrupt:
+        return 130
+    except BaseExceptionGroup as group:
+        starts, rest = group.split(NodeStartError)
+        if starts is None or rest is not None:
+            raise
+        for exc in starts.exceptions:
+            print(f"tasksprint client: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except NodeStartError as exc:
+        print(f"tasksprint client: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0 if state == "finished" else 1
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from tasksprint.run import run_local
+
+    return run_local(
+        args.scheduler,
+        args.node,
+        replicas=args.replicas,
+        clients=args.clients,
+        slots=args.slots,
+        data=args.data,
+        timeout=args.timeout,
+    )
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from tasksprint.replica import parse_peers
+
+    info = _query_any(list(parse_peers(args.coordinators)), _secret(args), "info", {"tid": args.task})
+    if info is None:
+        print(f"tasksprint info: no task {args.task} (or no replica answered)", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key:>12}: {value}")
+    return 0
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    from tasksprint.log_client import LogClient, Unavailable
+    from tasksprint.replica import parse_peers
+
+    addrs = list(parse_peers(args.coordinators))
+    secret = _secret(args)
+
+    async def cancel() -> Any:
+        async with LogClient(addrs, secret) as client:
+            return await client.submit({"op": "cancel", "tid": args.task}, deadline=15.0)
+
+    try:
+        result = trio.run(cancel)
+    except Unavailable as exc:
+        print(f"tasksprint cancel: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result))
+    elif result.get("ok"):
+        print(f"killed: {', '.join(map(str, result.get('killed', []))) or 'nothing (already finished)'}")
+    else:
+        print(f"tasksprint cancel: {result.get('error')}", file=sys.stderr)
+        return 1
+    return 0 if result.get("ok") else 1
 
 
 def _status_dict(st: Any) -> dict:

@@ -36,6 +36,7 @@ import trio
 
 from tasksprint import wire
 from tasksprint.api import (
+    ClientsSeen,
     PeerDigest,
     Query,
     QueryReply,
@@ -59,6 +60,15 @@ class DivergenceError(Exception):
     """Two replicas applied the same slots and reached different states."""
 
 
+class NotYet(Exception):
+    """Raised by ``App.query`` to park a long-poll until the state changes or it times out.
+
+    The replica asks again after every applied slot, and once more with
+    ``wait`` set to 0 when the deadline (``args["wait"]`` seconds) passes;
+    the app must answer then.
+    """
+
+
 class App(Protocol):
     """What a replica needs from the application it replicates."""
 
@@ -78,6 +88,15 @@ class App(Protocol):
 
     def leader_duties(self, propose) -> None:
         """Called while this replica leads; may propose commands with ``propose``."""
+
+    def role_changed(self, leader: bool, now: float) -> None:
+        """This replica became (or stopped being) the leader."""
+
+    def drain_contacts(self) -> list[int]:
+        """Clients heard from since the last call (a follower reports them to the leader)."""
+
+    def merge_contacts(self, cids: list[int], now: float) -> None:
+        """Clients another replica heard from."""
 
 
 @attrs.define(eq=False)
@@ -99,6 +118,15 @@ class KVApp:
         pass
 
     def leader_duties(self, propose) -> None:
+        pass
+
+    def role_changed(self, leader: bool, now: float) -> None:
+        pass
+
+    def drain_contacts(self) -> list[int]:
+        return []
+
+    def merge_contacts(self, cids: list[int], now: float) -> None:
         pass
 
 
@@ -190,6 +218,7 @@ class Replica:
     _since_snapshot: int = 0
     _log: Any = None
     _last_role: tuple | None = None
+    _parked: list[tuple[Outbox, str, dict, float]] = attrs.Factory(list)
     port: int | None = None
 
     # ------------------------------------------------------------------
@@ -261,6 +290,7 @@ class Replica:
                         self._peer_out[peer] = Outbox()
                         nursery.start_soon(self._peer_sender, peer)
                 nursery.start_soon(self._ticker)
+                nursery.start_soon(self._contact_reporter)
                 self._wake.set()
                 task_status.started(self)
                 await self._drive()
@@ -298,6 +328,8 @@ class Replica:
                 core.advance(rd)
                 self._maybe_snapshot()
             self._note_role()
+            if self._parked:
+                self._retry_parked(time.monotonic())
             if core.role is Role.LEADER:
                 self.app.leader_duties(self._propose_local)
 
@@ -347,6 +379,9 @@ class Replica:
         core = self.core
         now = (core.role, core.ballot)
         if now != self._last_role:
+            was_leader = self._last_role is not None and self._last_role[0] is Role.LEADER
+            if was_leader != (core.role is Role.LEADER):
+                self.app.role_changed(core.role is Role.LEADER, time.monotonic())
             self._last_role = now
             self._log.info("role_changed", role=core.role.value, ballot=str(core.ballot), commit=core.commit_index)
 
@@ -360,7 +395,25 @@ class Replica:
             now = time.monotonic()
             self.core.tick(now, self.app.tick_data(now), wall=time.time())
             self._poke()
+            if self._parked and any(p[3] <= now for p in self._parked):
+                self._retry_parked(now)
             await trio.sleep(self.config.tick_every)
+
+    async def _contact_reporter(self) -> None:
+        """Pass the clients we heard from to the leader, which judges liveness."""
+        while True:
+            await trio.sleep(0.5)
+            cids = self.app.drain_contacts()
+            leader = self.core.leader_hint
+            if cids and leader is not None and leader != self.config.rid:
+                self._peer_out[leader].push(ClientsSeen(cids=tuple(cids)))
+
+    def _retry_parked(self, now: float) -> None:
+        parked, self._parked = self._parked, []
+        for box, name, args, deadline in parked:
+            if deadline <= now:
+                args = {**args, "wait": 0}
+            self._answer_query(box, name, args, deadline)
 
     # ------------------------------------------------------------------
     # Network
@@ -420,6 +473,8 @@ class Replica:
             if isinstance(msg, PEER_MESSAGES):
                 core.step(src, msg)
                 self._poke()
+            elif isinstance(msg, ClientsSeen):
+                self.app.merge_contacts(list(msg.cids), time.monotonic())
             elif isinstance(msg, PeerDigest):
                 if msg.slot in self._digests:
                     self._compare_digest(src, msg.slot, msg.digest)
@@ -443,6 +498,7 @@ class Replica:
                         return
                     self._handle_client_message(msg, box, mine)
             finally:
+                self._parked = [p for p in self._parked if p[0] is not box]
                 for key in mine:
                     boxes = self._waiting.get(key)
                     if boxes and box in boxes:
@@ -467,12 +523,20 @@ class Replica:
             case StatusQuery():
                 box.push(self.status())
             case Query(name=name, args=args):
-                try:
-                    box.push(QueryReply(name=name, result=self.app.query(name, args)))
-                except Exception as exc:  # a bad query must not take the replica down
-                    box.push(QueryReply(name=name, error=f"{type(exc).__name__}: {exc}"))
+                wait = args.get("wait", 0)
+                wait = min(float(wait), 60.0) if isinstance(wait, (int, float)) else 0.0
+                self._answer_query(box, name, args, time.monotonic() + wait)
             case _:
                 raise wire.BadMessage(f"unexpected {type(msg).__name__} from a client")
+
+
+    def _answer_query(self, box: Outbox, name: str, args: dict, deadline: float) -> None:
+        try:
+            box.push(QueryReply(name=name, result=self.app.query(name, args)))
+        except NotYet:
+            self._parked.append((box, name, args, deadline))
+        except Exception as exc:  # a bad query must not take the replica down
+            box.push(QueryReply(name=name, error=f"{type(exc).__name__}: {exc}"))
 
 
 def _port_of(listeners: Any, default: int) -> int:

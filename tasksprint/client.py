@@ -1,0 +1,442 @@
+"""The worker client: one per machine, runs the tasks the coordinator assigns to it.
+
+Theory of operation
+-------------------
+The client joins the computation through the replicated log (a ``join``
+command; the answer is its client id), then long-polls a replica for its
+*view*: the tasks assigned to it and the tasks it must kill, changed since
+the version it last saw.  A poll returns within milliseconds of a change and
+otherwise after ``poll_wait`` seconds; the polls themselves are what keeps
+the client alive in the leader's eyes.
+
+For each assigned task a runner fetches every input as soon as the view says
+where it is (rolling prefetch: inputs move while other pretasks still run),
+from the local object store or from the data server of the peer client that
+holds it, then runs the task on a free node process of the node pool, keeps
+all outputs in the object store, and reports completion (only the outputs
+named in the task's ``keys`` travel to the coordinator) through the log.
+Reports are commands with the client's id and a sequence number, so a retry
+after a lost answer is applied once.  A peer that cannot serve an input is
+reported as ``lost``; the coordinator then recomputes it from its lineage and
+the view points the runner to the new holder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import attrs
+import structlog
+import trio
+
+from tasksprint import wire
+from tasksprint.api import Fetch, FetchReply, Query, QueryReply
+from tasksprint.log_client import LogClient
+from tasksprint.nodehost import NodePool, TaskRequest
+
+log = structlog.get_logger("tasksprint.client")
+
+
+@attrs.frozen(kw_only=True)
+class ClientConfig:
+    """Settings of one worker client; sizes in bytes, times in seconds."""
+
+    coordinators: tuple[tuple[str, int], ...]
+    node_command: str
+    secret: bytes
+    slots: int = attrs.Factory(lambda: os.cpu_count() or 1)
+    have: tuple[str, ...] = ()
+    name: str = attrs.Factory(lambda: f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}")
+    data_host: str = "127.0.0.1"
+    data_port: int = 0
+    memory_limit: int = 512 * 1024 * 1024  # object store bytes in memory before spilling
+    spill_dir: Path | None = None
+    poll_wait: float = 2.0
+    node_cwd: Path | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.slots < 1:
+            raise ValueError(f"--slots must be at least 1, got {self.slots}")
+        if not self.coordinators:
+            raise ValueError("no coordinators given")
+
+
+@attrs.define(eq=False)
+class ObjectStore:
+    """Task outputs kept by this client: in memory, spilled to disk above a size."""
+
+    memory_limit: int
+    spill_dir: Path
+    _memory: dict[int, dict[str, Any]] = attrs.Factory(dict)
+    _sizes: dict[int, int] = attrs.Factory(dict)
+    _on_disk: set[int] = attrs.Factory(set)
+    _in_memory_bytes: int = 0
+
+    def put(self, tid: int, outputs: dict[str, Any]) -> dict[str, int]:
+        """Keep ``outputs`` of task ``tid``; returns the size in bytes of each output."""
+        sizes = {k: len(json.dumps(v, separators=(",", ":"))) for k, v in outputs.items()}
+        total = sum(sizes.values())
+        self.drop(tid)
+        if self._in_memory_bytes + total > self.memory_limit:
+            path = self.spill_dir / f"{tid}.json"
+            path.write_text(json.dumps(outputs))
+            self._on_disk.add(tid)
+        else:
+            self._memory[tid] = outputs
+            self._in_memory_bytes += total
+        self._sizes[tid] = total
+        return sizes
+
+    def has(self, tid: int) -> bool:
+        return tid in self._memory or tid in self._on_disk
+
+    def get(self, tid: int) -> dict[str, Any]:
+        """All outputs of ``tid``; KeyError if this client does not hold them."""
+        if tid in self._memory:
+            return self._memory[tid]
+        if tid in self._on_disk:
+            return json.loads((self.spill_dir / f"{tid}.json").read_text())
+        raise KeyError(tid)
+
+    def drop(self, tid: int) -> None:
+        if tid in self._memory:
+            del self._memory[tid]
+            self._in_memory_bytes -= self._sizes.get(tid, 0)
+        if tid in self._on_disk:
+            self._on_disk.discard(tid)
+            (self.spill_dir / f"{tid}.json").unlink(missing_ok=True)
+        self._sizes.pop(tid, None)
+
+
+def select(outputs: dict[str, Any], key: str | None, tid: int) -> Any:
+    """The input a dependent receives: output ``key`` of ``tid``, or all outputs if key is None."""
+    if key is None:
+        return outputs
+    if key not in outputs:
+        raise KeyError(f"task {tid} has no output {key!r} (it returned {sorted(outputs)})")
+    return outputs[key]
+
+
+@attrs.define(eq=False)
+class InputError(Exception):
+    """A pretask finished without the output a dependent asked for (a user bug, not a fault)."""
+
+
+@attrs.define(eq=False)
+class _Run:
+    """One assigned task attempt and the latest view of it."""
+
+    view: dict[str, Any]
+    changed: trio.Event = attrs.Factory(trio.Event)
+    scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+
+    def update(self, view: dict[str, Any]) -> None:
+        self.view = view
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+@attrs.define(eq=False)
+class _QueryChannel:
+    """A persistent connection for queries, moving to another replica on failure."""
+
+    addrs: tuple[tuple[str, int], ...]
+    secret: bytes
+    ident: str
+    _i: int = 0
+    _conn: wire.Connection | None = None
+    _failures: int = 0
+
+    async def ask(self, name: str, args: dict, *, timeout: float) -> Any:
+        """Send a query and wait for its answer; raises on any failure (caller retries)."""
+        if self._conn is None:
+            host, port = self.addrs[self._i]
+            with trio.fail_after(2.0):
+                self._conn = await wire.connect(host, port, secret=self.secret, role="client", ident=self.ident)
+        conn = self._conn
+        try:
+            with trio.fail_after(timeout):
+                await conn.send(Query(name=name, args=args))
+                reply = await conn.receive()
+        except BaseException:
+            await self.reset()
+            raise
+        if not isinstance(reply, QueryReply):
+            await self.reset()
+            raise wire.BadMessage(f"expected QueryReply, got {type(reply).__name__}")
+        if reply.error:
+            raise RuntimeError(f"query {name} failed: {reply.error}")
+        self._failures = 0
+        return reply.result
+
+    async def reset(self) -> None:
+        conn, self._conn = self._conn, None
+        self._i = (self._i + 1) % len(self.addrs)
+        self._failures += 1
+        if conn is not None:
+            with trio.CancelScope(shield=True):
+                await conn.aclose()
+
+    @property
+    def failures(self) -> int:
+        return self._failures
+
+
+@attrs.define(eq=False)
+class Client:
+    """A worker client. ``await client.run()`` works until the computation ends."""
+
+    config: ClientConfig
+    _store: ObjectStore | None = None
+    _pool: NodePool | None = None
+    _lc: LogClient | None = None
+    _cid: int | None = None
+    _runs: dict[int, _Run] = attrs.Factory(dict)
+    _nursery: trio.Nursery | None = None
+    _log: Any = None
+    data_port: int | None = None
+    final_state: str | None = None
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> str:
+        """Serve until the computation finishes or fails; returns its final state."""
+        cfg = self.config
+        self._log = log.bind(client=cfg.name)
+        with tempfile.TemporaryDirectory(prefix="tasksprint-store-", dir=cfg.spill_dir) as spill:
+            self._store = ObjectStore(cfg.memory_limit, Path(spill))
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                listeners = await nursery.start(
+                    lambda task_status: wire.serve(
+                        self._serve_data,
+                        cfg.data_host,
+                        cfg.data_port,
+                        secret=cfg.secret,
+                        role="data",
+                        ident=cfg.name,
+                        task_status=task_status,
+                    )
+                )
+                self.data_port = listeners[0].socket.getsockname()[1]
+                self._pool = NodePool(cfg.node_command, cfg.slots, cwd=cfg.node_cwd)
+                await self._pool.start(nursery)
+                async with LogClient(list(cfg.coordinators), cfg.secret, client_id=cfg.name) as lc:
+                    self._lc = lc
+                    task_status.started(self)
+                    state = await self._work()
+                nursery.cancel_scope.cancel()
+        self.final_state = state
+        self._log.info("client_finished", state=state)
+        return state
+
+    # ------------------------------------------------------------------
+
+    async def _join(self) -> int:
+        cfg = self.config
+        assert self._lc is not None
+        op = {
+            "op": "join",
+            "client": cfg.name,
+            "addr": f"{cfg.data_host}:{self.data_port}",
+            "slots": cfg.slots,
+            "have": list(cfg.have),
+        }
+        while True:
+            try:
+                result = await self._lc.submit(op, deadline=10.0)
+            except Exception as exc:  # Unavailable: no replica answered
+                self._log.warning("coordinators_unreachable", error=str(exc), retry_in="1s")
+                await trio.sleep(1.0)
+                continue
+            if not result.get("ok"):
+                raise RuntimeError(f"the coordinator refused to let this client join: {result.get('error')}")
+            self._log.info("joined", cid=result["cid"], slots=cfg.slots, have=list(cfg.have))
+            return result["cid"]
+
+    async def _work(self) -> str:
+        cfg = self.config
+        channel = _QueryChannel(cfg.coordinators, cfg.secret, cfg.name)
+        self._cid = await self._join()
+        version = 0
+        backoff = 0.05
+        while True:
+            try:
+                view = await channel.ask(
+                    "view", {"cid": self._cid, "after": version, "wait": cfg.poll_wait}, timeout=cfg.poll_wait + 5
+                )
+            except (OSError, trio.TooSlowError, wire.BadMessage, wire.ConnectionClosed, RuntimeError) as exc:
+                if channel.failures >= len(cfg.coordinators):
+                    self._log.warning("coordinators_unreachable", error=str(exc), retry_in=f"{backoff:.2f}s")
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            backoff = 0.05
+            if view["state"] in ("finished", "failed"):
+                return view["state"]
+            if not view["alive"]:
+                # Declared dead (we were silent too long): our tasks went elsewhere.
+                self._log.warning("declared_dead_rejoining", cid=self._cid)
+                for run in self._runs.values():
+                    run.scope.cancel()
+                self._runs.clear()
+                self._cid = await self._join()
+                version = 0
+                continue
+            version = view["version"]
+            for tid in view["kill"]:
+                self._kill(tid)
+            for task in view["tasks"]:
+                self._assign(task)
+
+    def _kill(self, tid: int) -> None:
+        run = self._runs.pop(tid, None)
+        if run is not None:
+            run.scope.cancel()
+            assert self._pool is not None
+            self._pool.cancel(tid)
+
+    def _assign(self, task: dict[str, Any]) -> None:
+        run = self._runs.get(task["tid"])
+        if run is not None and run.view["attempt"] == task["attempt"]:
+            run.update(task)  # e.g. an input became available
+            return
+        if run is not None:
+            self._kill(task["tid"])
+        run = _Run(task)
+        self._runs[task["tid"]] = run
+        assert self._nursery is not None
+        self._nursery.start_soon(self._run_task, run)
+
+    async def _run_task(self, run: _Run) -> None:
+        tid, attempt = run.view["tid"], run.view["attempt"]
+        op: dict[str, Any] | None = None
+        with run.scope:
+            try:
+                inputs = await self._gather_inputs(run)
+            except* InputError as group:
+                error = "; ".join(str(e) for e in group.exceptions)
+                op = {"op": "failed", "cid": self._cid, "tid": tid, "attempt": attempt, "error": error}
+            else:
+                op = await self._execute(run, inputs)
+            finally:
+                if self._runs.get(tid) is run:
+                    del self._runs[tid]
+        if op is not None and not run.scope.cancelled_caught:
+            await self._report(op)
+
+    async def _execute(self, run: _Run, inputs: list[Any]) -> dict[str, Any]:
+        """Run the task on a node; return the log command reporting how it went."""
+        task = run.view
+        tid, attempt = task["tid"], task["attempt"]
+        assert self._pool is not None and self._store is not None
+        outcome = await self._pool.run(
+            TaskRequest(
+                tid=tid,
+                attempt=attempt,
+                name=task["name"],
+                inputs=inputs,
+                args=task["args"],
+                kwargs=task["kwargs"],
+                seed=task["seed"],
+                timeout=task["timeout"],
+            )
+        )
+        if not outcome.ok:
+            self._log.info("task_failed", tid=tid, attempt=attempt, error=outcome.error)
+            return {"op": "failed", "cid": self._cid, "tid": tid, "attempt": attempt, "error": outcome.error}
+        assert outcome.outputs is not None
+        sizes = self._store.put(tid, outcome.outputs)
+        values = {k: outcome.outputs[k] for k in task["keys"] if k in outcome.outputs}
+        return {"op": "done", "cid": self._cid, "tid": tid, "attempt": attempt, "values": values, "sizes": sizes}
+
+    async def _report(self, op: dict[str, Any]) -> None:
+        assert self._lc is not None
+        while True:
+            try:
+                await self._lc.submit(op, deadline=30.0)
+                return
+            except Exception as exc:  # Unavailable; keep the result and try again
+                self._log.warning("report_delayed", tid=op["tid"], error=str(exc))
+                await trio.sleep(1.0)
+
+    async def _gather_inputs(self, run: _Run) -> list[Any]:
+        n = len(run.view["inputs"])
+        values: list[Any] = [None] * n
+
+        async def one(i: int) -> None:
+            values[i] = await self._fetch_input(run, i)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(n):
+                nursery.start_soon(one, i)
+        return values
+
+    async def _fetch_input(self, run: _Run, i: int) -> Any:
+        """Input ``i`` of the task, fetched as soon as the view says where it is."""
+        failures = 0
+        while True:
+            inp = run.view["inputs"][i]
+            ptid, key, holder, addr = inp["tid"], inp["key"], inp["cid"], inp["addr"]
+            if holder is None:
+                await run.changed.wait()
+                continue
+            assert self._store is not None
+            if holder == self._cid and self._store.has(ptid):
+                try:
+                    return select(self._store.get(ptid), key, ptid)
+                except KeyError as exc:
+                    raise InputError(str(exc.args[0])) from None
+            try:
+                return await self._fetch_remote(addr, ptid, key)
+            except (OSError, trio.TooSlowError, wire.BadMessage, wire.ConnectionClosed, LookupError) as exc:
+                failures += 1
+                self._log.info("fetch_failed", tid=ptid, holder=holder, addr=addr, error=str(exc), attempt=failures)
+                if failures >= 3:
+                    # Tell the coordinator; it recomputes the output and the view moves on.
+                    await self._report({"op": "lost", "cid": self._cid, "tid": ptid, "key": key})
+                    failures = 0
+                    with trio.move_on_after(5.0):
+                        await run.changed.wait()
+                else:
+                    await trio.sleep(0.1 * failures)
+
+    async def _fetch_remote(self, addr: str, tid: int, key: str | None) -> Any:
+        host, _, port = addr.rpartition(":")
+        with trio.fail_after(60.0):
+            conn = await wire.connect(host, int(port), secret=self.config.secret, role="client", ident=self.config.name)
+            try:
+                await conn.send(Fetch(tid=tid, key=key))
+                reply = await conn.receive()
+            finally:
+                await conn.aclose()
+        if not isinstance(reply, FetchReply):
+            raise wire.BadMessage(f"expected FetchReply, got {type(reply).__name__}")
+        if not reply.found:
+            raise LookupError(f"{addr} does not hold task {tid}'s outputs: {reply.error}")
+        if reply.error:
+            raise InputError(reply.error)
+        return reply.value
+
+    async def _serve_data(self, conn: wire.Connection) -> None:
+        """Answer peers' Fetch requests from the object store."""
+        assert self._store is not None
+        while True:
+            try:
+                msg = await conn.receive()
+            except wire.ConnectionClosed:
+                return
+            if not isinstance(msg, Fetch):
+                raise wire.BadMessage(f"unexpected {type(msg).__name__} on the data port")
+            if not self._store.has(msg.tid):
+                await conn.send(FetchReply(tid=msg.tid, found=False, error="not in this client's object store"))
+                continue
+            try:
+                value = select(self._store.get(msg.tid), msg.key, msg.tid)
+            except KeyError as exc:
+                await conn.send(FetchReply(tid=msg.tid, found=True, error=str(exc.args[0])))
+                continue
+            await conn.send(FetchReply(tid=msg.tid, found=True, value=value))

@@ -1,0 +1,130 @@
+"""The coordinator as a replicated application: what a replica adds around the state machine.
+
+:class:`~tasksprint.coordinator_machine.CoordinatorMachine` is deterministic
+and knows nothing of time or the network.  This module is the replica-local,
+non-deterministic part:
+
+* the leader proposes the ``init`` entry (the seed is drawn once, by whichever
+  leader gets there first: every leader proposes it under one fixed client id
+  and sequence number, so the log applies it once);
+* every replica notes which worker clients talk to it; followers pass these
+  contacts to the leader, and the leader puts the clients silent for longer
+  than ``client_timeout`` in the ``expired`` list of its next TICK.  A new
+  leader has heard from nobody yet, so it counts every client as heard at the
+  moment it took over: a grace period of one full timeout;
+* read-only queries: ``view`` (long-poll for one client's assignments),
+  ``status``, ``info``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import attrs
+
+from tasksprint.coordinator_machine import CoordinatorMachine, RunState
+from tasksprint.paxos.messages import Command
+from tasksprint.replica import NotYet
+from tasksprint_sdk.coordinator import Coordinator, load_scheduler
+
+#: Client id under which every leader proposes the init entry; the session
+#: table applies (INIT_CLIENT, 1) once, so the first leader's seed wins.
+INIT_CLIENT = "__init__"
+
+
+@attrs.define(eq=False)
+class CoordinatorApp:
+    """Implements the replica's ``App`` protocol for a user's scheduler."""
+
+    machine: CoordinatorMachine
+    _leader_since: float | None = None
+    _seen: dict[int, float] = attrs.Factory(dict)  # cid -> last contact (monotonic), leader's view
+    _contacts: set[int] = attrs.Factory(set)  # heard since the last drain (to report to the leader)
+    _init_proposed_at: float = -1e9
+
+    @classmethod
+    def create(cls, scheduler: str | type[Coordinator], *, client_timeout: float = 10.0) -> CoordinatorApp:
+        """Load ``scheduler`` (``file.py:Class``, ``module:Class`` or the class itself)."""
+        scheduler_cls = load_scheduler(scheduler) if isinstance(scheduler, str) else scheduler
+        return cls(CoordinatorMachine(scheduler_cls, client_timeout=client_timeout))
+
+    # -- App protocol ------------------------------------------------------
+
+    def tick_data(self, now: float) -> Any:
+        if self._leader_since is None:
+            return None
+        since = self._leader_since
+        seen = {cid: max(self._seen.get(cid, since), since) for cid, _name, _addr in self.machine.live_clients()}
+        expired = self.machine.expired_clients(seen, now)
+        return {"expired": expired} if expired else None
+
+    def leader_duties(self, propose) -> None:
+        if self.machine.run_state is not RunState.WAITING:
+            return
+        now = time.monotonic()
+        if now - self._init_proposed_at < 1.0:
+            return
+        self._init_proposed_at = now
+        seed = int.from_bytes(os.urandom(7), "big")
+        propose(
+            Command(
+                client_id=INIT_CLIENT,
+                seq=1,
+                op={"op": "init", "seed": seed, "code_digest": self.machine.code_digest},
+            )
+        )
+
+    def role_changed(self, leader: bool, now: float) -> None:
+        self._leader_since = now if leader else None
+        self._seen.clear()
+
+    def drain_contacts(self) -> list[int]:
+        out = sorted(self._contacts)
+        self._contacts.clear()
+        return out
+
+    def merge_contacts(self, cids: list[int], now: float) -> None:
+        for cid in cids:
+            self._seen[cid] = now
+
+    def on_applied(self, slot: int) -> None:
+        pass
+
+    def describe_slot(self, slot: int) -> str:
+        hook = self.machine.last_hook
+        if hook is None:
+            return f"slot {slot}, before any scheduler hook ran"
+        where = f"hook {hook['hook']}"
+        if hook.get("tid") is not None:
+            where += f" for task {hook['tid']}"
+        if hook.get("cid") is not None:
+            where += f" for client {hook['cid']}"
+        return f"last scheduler call: {where} in slot {hook['slot']} (compared at slot {slot})"
+
+    def query(self, name: str, args: dict) -> Any:
+        match name:
+            case "view":
+                cid = args["cid"]
+                after = int(args.get("after", 0))
+                self._note_contact(cid)
+                if (
+                    args.get("wait", 0)
+                    and self.machine.client_version(cid) <= after
+                    and self.machine.run_state in (RunState.WAITING, RunState.RUNNING)
+                    and any(c == cid for c, _n, _a in self.machine.live_clients())
+                ):
+                    raise NotYet()
+                return self.machine.view(cid, after)
+            case "status":
+                return self.machine.status()
+            case "info":
+                return self.machine.task_info(int(args["tid"]))
+            case _:
+                raise KeyError(f"unknown query {name!r}; known: view, status, info")
+
+    def _note_contact(self, cid: Any) -> None:
+        if isinstance(cid, int):
+            self._contacts.add(cid)
+            self._seen[cid] = time.monotonic()

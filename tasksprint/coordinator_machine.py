@@ -1,0 +1,1209 @@
+"""The coordinator's replicated state machine: tasks, clients, placement, the user's hooks.
+
+Theory of operation
+-------------------
+Every coordinator replica applies the same chosen log entries, in the same
+order, to its own :class:`CoordinatorMachine`.  The machine holds the user's
+scheduler (a ``Coordinator`` subclass) and calls its hooks as the log
+dictates, so the scheduler runs in lockstep on every replica.  The machine
+does no I/O and reads no clock: time arrives only in TICK entries, and
+randomness only from the seed in the log's first entry.
+
+Log ops are plain dicts (see :meth:`CoordinatorMachine.apply`): ``init``
+(first; seed and scheduler code digest), ``join`` (a client with its data
+address, slots and tags), ``done`` / ``failed`` (a task attempt's outcome),
+``cancel`` (kill from the command line) and ``lost`` (a client could not
+fetch an input).  A TICK carries the leader's clock and the clients it
+considers expired; the machine marks them dead, places their running tasks
+again and recomputes, from lineage, outputs that lived only on them and are
+still needed.
+
+After each entry the machine *settles*: it recomputes lost outputs that some
+unfinished task needs, then places ready tasks on live clients with free
+slots.  A task is ready when the outputs of all its pretasks are held by
+live clients.  Placement honours ``require`` tags, prefers ``want`` tags,
+then the client already holding most bytes of the task's inputs, then the
+least loaded client, then the lowest client id.  Everything is iterated in
+sorted or log order, never in set order, so every replica places alike.
+
+Every result carries ``effects``: a digest of the actions this entry caused
+(hooks called, tasks started, placed, killed, ...).  The log's applier folds
+results into its running digest, so a scheduler that behaves differently on
+two replicas shows up as a digest mismatch, and :attr:`last_hook` names the
+hook that ran last.
+
+Clients learn their work through :meth:`CoordinatorMachine.view`: each
+client keeps a per-task change version, ordered by version, so a view after
+version V touches only what changed for that client since V.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import enum
+import hashlib
+import io
+import os
+import pickle
+import random
+import sys
+import traceback
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import attrs
+import structlog
+
+from tasksprint import codec
+from tasksprint.machine import ApplyContext
+from tasksprint_sdk.coordinator import _RUNTIME_ATTR, Coordinator, SchedulerUsageError, scheduler_code_digest
+
+__all__ = ["CoordinatorMachine", "SchedulerMismatch", "TaskState", "RunState"]
+
+_SNAPSHOT_FORMAT = 1
+_SCHEDULER_CLASS_PID = "scheduler-class"
+
+
+class SchedulerMismatch(Exception):
+    """This replica's scheduler code differs from the code the computation started with."""
+
+
+class TaskState(enum.Enum):
+    PENDING = "pending"  # waiting for inputs or for a free slot
+    RUNNING = "running"  # at least one copy placed on a client
+    DONE = "done"
+    FAILED = "failed"  # failed on its last allowed attempt
+    KILLED = "killed"
+
+
+_ACTIVE = (TaskState.PENDING, TaskState.RUNNING)
+
+
+class RunState(enum.Enum):
+    WAITING = "waiting"  # no init entry applied yet
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+class Hook(enum.Enum):
+    CREATE = "__init__"
+    INIT = "init"
+    CLIENT_JOINED = "client_joined"
+    CLIENT_DEAD = "client_dead"
+    TASK_DONE = "task_done"
+    TASK_FAILED = "task_failed"
+
+
+class _BadOp(Exception):
+    """A malformed op: answered with an error result, nothing changed."""
+
+
+@attrs.define(eq=False)
+class _Task:
+    tid: int
+    name: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    pretasks: tuple[int, ...]
+    prekeys: tuple[str | None, ...]
+    keys: tuple[str, ...]
+    require: frozenset[str]
+    want: tuple[str, ...]
+    replicas: int
+    retries: int
+    timeout: float | None
+    seed: int
+    state: TaskState = TaskState.PENDING
+    attempt: int = 1
+    failures: int = 0  # failed attempts since the task was (re)started
+    copies: list[int] = attrs.Factory(list)  # cids running the current attempt, in placement order
+    holder: int | None = None  # live cid holding the outputs; None unless DONE and not lost
+    values: dict[str, Any] | None = None  # the first completion's values of ``keys``
+    sizes: dict[str, int] = attrs.Factory(dict)  # output key -> bytes, from the holder's report
+    error: str | None = None
+    dependents: list[int] = attrs.Factory(list)  # one entry per pretasks entry naming this task
+    # Invariant: the number of pretasks entries whose outputs are not held by a live client.
+    missing: int = 0
+    reported: bool = False  # task_done was called (a lineage recompute does not call it again)
+
+
+@attrs.define(eq=False)
+class _Client:
+    cid: int
+    name: str
+    addr: str
+    slots: int
+    tags: frozenset[str]
+    alive: bool = True
+    running: dict[int, None] = attrs.Factory(dict)  # tids placed here (ordered set)
+    holds: dict[int, None] = attrs.Factory(dict)  # tids whose outputs live here
+    # tid -> version of its last change for this client, ordered by version
+    # (an entry is moved to the end when bumped), so views can stop early.
+    # A tid in ``running`` is an assignment; otherwise the client must kill it.
+    entries: dict[int, int] = attrs.Factory(dict)
+    last_change: int = 0
+
+
+@attrs.define(eq=False)
+class _State:
+    """Everything a snapshot carries."""
+
+    run_state: RunState = RunState.WAITING
+    seed: int | None = None
+    random: random.Random | None = None
+    now: float = 0.0
+    scheduler: Coordinator | None = None
+    tasks: dict[int, _Task] = attrs.Factory(dict)
+    clients: dict[int, _Client] = attrs.Factory(dict)
+    names: dict[str, int] = attrs.Factory(dict)  # client name -> its latest cid
+    live: dict[int, None] = attrs.Factory(dict)  # live cids, ascending (cids are handed out in order)
+    next_tid: int = 1
+    next_cid: int = 1
+    version: int = 0
+    queue: set[int] = attrs.Factory(set)  # tids that may need a copy placed; only iterated sorted
+    recheck: set[int] = attrs.Factory(set)  # lost outputs to reconsider; empty between entries
+    counts: dict[TaskState, int] = attrs.Factory(lambda: {s: 0 for s in TaskState})
+    result: dict[str, Any] | None = None
+    failure: dict[str, Any] | None = None
+    last_hook: dict[str, Any] | None = None
+
+
+@attrs.define(eq=False)
+class _Runtime:
+    """What a scheduler's actions call; bound to the scheduler as ``_tasksprint_runtime``."""
+
+    _machine: CoordinatorMachine
+    _active: bool = False
+
+    def check_usable(self, what: str) -> None:
+        """Raise :class:`SchedulerUsageError` if action ``what`` cannot run now."""
+        if what in ("random", "now"):
+            return
+        if not self._active:
+            raise SchedulerUsageError(
+                f"{what}() can only be called while a hook (init, client_joined, client_dead, task_done, "
+                f"task_failed) runs: the coordinator must see the same actions on every replica"
+            )
+        if self._machine._state.run_state is not RunState.RUNNING:
+            raise SchedulerUsageError(f"{what}() called after finish(): the computation is already finished")
+
+    @contextlib.contextmanager
+    def active(self) -> Any:
+        self._active = True
+        try:
+            yield
+        finally:
+            self._active = False
+
+    @property
+    def random(self) -> random.Random:
+        rng = self._machine._state.random
+        assert rng is not None, "the scheduler is bound only after init"
+        return rng
+
+    @property
+    def now(self) -> float:
+        return self._machine._state.now
+
+    def start_task(self, **kwargs: Any) -> int:
+        return self._machine._start_task(**kwargs)
+
+    def kill_task(self, tid: int) -> list[int]:
+        return self._machine._kill_task_action(tid)
+
+    def finish(self, taskids: Any, values: Any) -> None:
+        self._machine._finish(taskids, values)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _get_int(op: Mapping[str, Any], key: str, *, minimum: int | None = None) -> int:
+    v = op.get(key)
+    if not _is_int(v) or (minimum is not None and v < minimum):
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise _BadOp(f"{op.get('op')}: field {key!r} must be an int{bound}, got {v!r}")
+    return v
+
+
+def _get_str(op: Mapping[str, Any], key: str) -> str:
+    v = op.get(key)
+    if not isinstance(v, str):
+        raise _BadOp(f"{op.get('op')}: field {key!r} must be a string, got {v!r}")
+    return v
+
+
+def _task_seed(seed: int, tid: int) -> int:
+    # Independent of the attempt and of the client, so every copy and every
+    # retry of a task draws the same numbers.  48 bits: nodes in languages
+    # whose JSON numbers are doubles read it exactly.
+    return int.from_bytes(hashlib.sha256(f"tasksprint-task-seed:{seed}:{tid}".encode()).digest()[:6], "big")
+
+
+def _check_plain(value: Any, what: str) -> None:
+    try:
+        codec.encode(value)
+    except Exception as exc:
+        raise TypeError(
+            f"{what} must be plain data (None, bool, int, float, str, bytes, and lists/dicts of them) "
+            f"so every replica and node sees the same value: {exc}"
+        ) from None
+
+
+def _tags(value: Any, what: str) -> list[str]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(f"start_task({what}=...) must be a list of tag strings, e.g. {what}=['gpu'], got {value!r}")
+    tags = list(value)
+    for t in tags:
+        if not isinstance(t, str):
+            raise TypeError(f"start_task({what}=...) tags must be strings, got {t!r}")
+    # Sorted so a set passed by the user (whose order differs between
+    # processes) still gives the same task on every replica.
+    return sorted(set(tags))
+
+
+class _SnapshotPickler(pickle.Pickler):
+    # The scheduler class is saved by reference to "the scheduler class", not
+    # by module name: the module it was imported under differs between a
+    # replica run as ``python scheduler.py`` and one that loaded the file.
+    def __init__(self, file: io.BytesIO, scheduler_cls: type) -> None:
+        super().__init__(file, protocol=5)
+        self._scheduler_cls = scheduler_cls
+
+    def persistent_id(self, obj: Any) -> Any:
+        if obj is self._scheduler_cls:
+            return _SCHEDULER_CLASS_PID
+        return None
+
+
+class _SnapshotUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, scheduler_cls: type, saved_module: str) -> None:
+        super().__init__(file)
+        self._scheduler_cls = scheduler_cls
+        self._saved_module = saved_module
+
+    def persistent_load(self, pid: Any) -> Any:
+        if pid == _SCHEDULER_CLASS_PID:
+            return self._scheduler_cls
+        raise pickle.UnpicklingError(f"unknown persistent id {pid!r} in a coordinator snapshot")
+
+    def find_class(self, module: str, name: str) -> Any:
+        # Other classes from the user's scheduler file: look them up in the
+        # module this replica loaded the file as.
+        if module == self._saved_module and module != "builtins":
+            obj: Any = sys.modules[self._scheduler_cls.__module__]
+            for part in name.split("."):
+                obj = getattr(obj, part)
+            return obj
+        return super().find_class(module, name)
+
+
+@attrs.define(eq=False)
+class CoordinatorMachine:
+    """The coordinator state machine (implements :class:`tasksprint.machine.StateMachine`).
+
+    ``scheduler_cls`` is the user's ``Coordinator`` subclass; ``client_timeout``
+    (seconds) is how long a client may stay silent before the leader should
+    report it expired (see :meth:`expired_clients`).
+    """
+
+    _scheduler_cls: type[Coordinator]
+    _client_timeout: float = attrs.field(default=10.0, kw_only=True)
+    _log: Any = attrs.field(factory=lambda: structlog.get_logger("tasksprint.coordinator"), kw_only=True)
+    _code_digest: str = attrs.field(init=False)
+    _state: _State = attrs.field(init=False, factory=_State)
+    _runtime: _Runtime = attrs.field(init=False)
+    # Per-entry scratch, reset before each apply/tick.
+    _effects: list[list[Any]] = attrs.field(init=False, factory=list)
+    _slot: int = attrs.field(init=False, default=0)
+
+    def __attrs_post_init__(self) -> None:
+        if not (isinstance(self._scheduler_cls, type) and issubclass(self._scheduler_cls, Coordinator)):
+            raise TypeError(f"CoordinatorMachine needs a Coordinator subclass, got {self._scheduler_cls!r}")
+        if not (isinstance(self._client_timeout, (int, float)) and self._client_timeout > 0):
+            raise ValueError(f"client_timeout must be a positive number of seconds, got {self._client_timeout!r}")
+        self._code_digest = scheduler_code_digest(self._scheduler_cls)
+        self._runtime = _Runtime(self)
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def code_digest(self) -> str:
+        """SHA-256 (hex) of this replica's scheduler source file."""
+        return self._code_digest
+
+    @property
+    def client_timeout(self) -> float:
+        """Seconds of silence after which a client counts as expired."""
+        return self._client_timeout
+
+    @property
+    def run_state(self) -> RunState:
+        return self._state.run_state
+
+    @property
+    def now(self) -> float:
+        """The time of the last applied TICK (seconds, leader's clock)."""
+        return self._state.now
+
+    @property
+    def scheduler(self) -> Coordinator | None:
+        """The user's scheduler object (None before the init entry)."""
+        return self._state.scheduler
+
+    @property
+    def last_hook(self) -> dict[str, Any] | None:
+        """The last hook called: ``{"hook", "tid", "cid", "slot"}``, or None."""
+        return None if self._state.last_hook is None else dict(self._state.last_hook)
+
+    # ------------------------------------------------------------- log input
+
+    def apply(self, op: Any, ctx: ApplyContext) -> dict[str, Any]:
+        """Apply one client op (a dict with an ``"op"`` field); return its result.
+
+        Ops and their results (every result also has ``"effects"``, a digest
+        of the actions taken):
+
+        - ``{"op": "init", "seed": int, "code_digest": str}`` -> ``{"ok": True}``;
+          raises :class:`SchedulerMismatch` if ``code_digest`` is not this
+          replica's.  A second init is ignored.
+        - ``{"op": "join", "client": name, "addr": "host:port", "slots": int,
+          "have": [tag, ...]}`` -> ``{"ok": True, "cid": int}``.
+        - ``{"op": "done", "cid", "tid", "attempt", "values": {key: value},
+          "sizes": {key: nbytes}}`` -> ``{"ok": True, "accepted": bool, "reason": str | None}``.
+        - ``{"op": "failed", "cid", "tid", "attempt", "error": str}`` -> same shape.
+        - ``{"op": "cancel", "tid"}`` -> ``{"ok": True, "killed": [tid, ...]}``.
+        - ``{"op": "lost", "cid", "tid", "key"}`` -> ``{"ok": True, "accepted": bool, "reason": ...}``.
+
+        A malformed op changes nothing and gets ``{"ok": False, "error": str}``.
+        """
+        self._begin(ctx)
+        try:
+            match op:
+                case {"op": "init"}:
+                    result = self._op_init(op)
+                case {"op": "join"}:
+                    result = self._op_join(op)
+                case {"op": "done"}:
+                    result = self._op_done(op)
+                case {"op": "failed"}:
+                    result = self._op_failed(op)
+                case {"op": "cancel"}:
+                    result = self._op_cancel(op)
+                case {"op": "lost"}:
+                    result = self._op_lost(op)
+                case _:
+                    raise _BadOp(f"unknown coordinator op {op!r:.200}")
+        except _BadOp as exc:
+            result = {"ok": False, "error": str(exc)}
+        self._settle()
+        result["effects"] = self._effects_digest()
+        return result
+
+    def tick(self, now: float, data: Any, ctx: ApplyContext) -> dict[str, Any]:
+        """Apply a TICK: advance time, declare ``data["expired"]`` clients dead, settle.
+
+        Returns ``{"now": float, "dead": [cid, ...], "effects": str}``.
+        """
+        self._begin(ctx)
+        s = self._state
+        s.now = max(s.now, float(now))
+        expired = data.get("expired", []) if isinstance(data, dict) else []
+        wanted = sorted({cid for cid in expired if _is_int(cid)}) if isinstance(expired, list) else []
+        dead: list[int] = []
+        for cid in wanted:
+            client = s.clients.get(cid)
+            if client is not None and client.alive:
+                self._client_died(client)
+                dead.append(cid)
+        for cid in dead:
+            self._call_hook(Hook.CLIENT_DEAD, lambda cid=cid: self._sched().client_dead(cid), cid=cid)
+        self._settle()
+        return {"now": s.now, "dead": dead, "effects": self._effects_digest()}
+
+    # ------------------------------------------------------------------- ops
+
+    def _op_init(self, op: Mapping[str, Any]) -> dict[str, Any]:
+        s = self._state
+        if s.run_state is not RunState.WAITING:
+            return {"ok": True, "ignored": "the computation is already initialized"}
+        seed = _get_int(op, "seed")
+        digest = _get_str(op, "code_digest")
+        if digest != self._code_digest:
+            raise SchedulerMismatch(
+                f"this replica runs different scheduler code than the one the computation started with "
+                f"({self._scheduler_cls.__qualname__}: code digest {self._code_digest[:16]}..., "
+                f"computation: {digest[:16]}...); start every replica with the same scheduler file"
+            )
+        s.seed = seed
+        s.random = random.Random(seed)
+        s.run_state = RunState.RUNNING
+        self._effects.append(["init", seed])
+        self._log.info("computation_started", seed=seed, scheduler=self._scheduler_cls.__qualname__)
+        ok, sched = self._call_hook(Hook.CREATE, self._scheduler_cls)
+        if not ok:
+            return {"ok": True}
+        s.scheduler = sched
+        self._bind(sched)
+        self._call_hook(Hook.INIT, lambda: sched.init(seed))
+        return {"ok": True}
+
+    def _op_join(self, op: Mapping[str, Any]) -> dict[str, Any]:
+        s = self._state
+        name = _get_str(op, "client")
+        addr = _get_str(op, "addr")
+        slots = _get_int(op, "slots", minimum=0)
+        have = op.get("have", [])
+        if not isinstance(have, list) or not all(isinstance(t, str) for t in have):
+            raise _BadOp(f"join: field 'have' must be a list of tag strings, got {have!r:.200}")
+        if s.run_state is RunState.WAITING:
+            raise _BadOp("join: the computation is not initialized yet; try again")
+        cid = s.names.get(name)
+        if cid is not None and s.clients[cid].alive:
+            client = s.clients[cid]
+            moved = client.addr != addr
+            client.addr, client.slots, client.tags = addr, slots, frozenset(have)
+            self._effects.append(["rejoin", cid])
+            if moved:
+                # Tasks reading outputs held here must learn the new address.
+                for tid in list(client.holds):
+                    self._bump_dependents(s.tasks[tid])
+            return {"ok": True, "cid": cid}
+        cid = s.next_cid
+        s.next_cid += 1
+        s.clients[cid] = _Client(cid=cid, name=name, addr=addr, slots=slots, tags=frozenset(have))
+        s.names[name] = cid
+        s.live[cid] = None
+        self._effects.append(["join", cid])
+        self._log.info("client_joined", cid=cid, client=name, addr=addr, slots=slots)
+        self._call_hook(Hook.CLIENT_JOINED, lambda: self._sched().client_joined(cid), cid=cid)
+        return {"ok": True, "cid": cid}
+
+    def _report_target(self, op: Mapping[str, Any]) -> tuple[_Client, _Task, int]:
+        s = self._state
+        cid = _get_int(op, "cid")
+        tid = _get_int(op, "tid")
+        attempt = _get_int(op, "attempt")
+        client = s.clients.get(cid)
+        if client is None:
+            raise _BadOp(f"{op['op']}: unknown client {cid}")
+        task = s.tasks.get(tid)
+        if task is None:
+            raise _BadOp(f"{op['op']}: unknown task {tid}")
+        return client, task, attempt
+
+    def _stale_reason(self, client: _Client, task: _Task, attempt: int) -> str | None:
+        if self._state.run_state is not RunState.RUNNING:
+            return f"the computation is {self._state.run_state.value}"
+        if not client.alive:
+            return f"client {client.cid} was declared dead; join again"
+        if task.state is not TaskState.RUNNING:
+            return f"task {task.tid} is {task.state.value}"
+        if attempt != task.attempt or client.cid not in task.copies:
+            return f"stale attempt {attempt} of task {task.tid} (current attempt {task.attempt})"
+        return None
+
+    def _op_done(self, op: Mapping[str, Any]) -> dict[str, Any]:
+        s = self._state
+        client, task, attempt = self._report_target(op)
+        values = op.get("values", {})
+        sizes = op.get("sizes", {})
+        if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
+            raise _BadOp(f"done: field 'values' must be a dict with string keys, got {values!r:.200}")
+        if not isinstance(sizes, dict) or not all(
+            isinstance(k, str) and _is_int(v) and v >= 0 for k, v in sizes.items()
+        ):
+            raise _BadOp(f"done: field 'sizes' must map output keys to byte counts, got {sizes!r:.200}")
+        reason = self._stale_reason(client, task, attempt)
+        if reason is not None:
+            # The client has reported on it, so it needs no kill order for it.
+            if task.tid not in client.running:
+                client.entries.pop(task.tid, None)
+            return {"ok": True, "accepted": False, "reason": reason}
+        for other in task.copies:
+            if other != client.cid:
+                self._unassign(s.clients[other], task.tid, tell=True)
+        self._unassign(client, task.tid, tell=False)
+        task.copies = []
+        s.queue.discard(task.tid)
+        task.holder = client.cid
+        client.holds[task.tid] = None
+        task.sizes = dict(sizes)
+        self._set_state(task, TaskState.DONE)
+        self._effects.append(["done", task.tid, client.cid])
+        self._outputs_changed(task, available=True)
+        if not task.reported:
+            task.reported = True
+            task.values = {k: values[k] for k in task.keys if k in values}
+            tid, given = task.tid, dict(task.values)
+            self._call_hook(Hook.TASK_DONE, lambda: self._sched().task_done(tid, given), tid=tid)
+        return {"ok": True, "accepted": True, "reason": None}
+
+    def _op_failed(self, op: Mapping[str, Any]) -> dict[str, Any]:
+        client, task, attempt = self._report_target(op)
+        error = _get_str(op, "error")
+        reason = self._stale_reason(client, task, attempt)
+        if reason is not None:
+            if task.tid not in client.running:
+                client.entries.pop(task.tid, None)
+            return {"ok": True, "accepted": False, "reason": reason}
+        self._unassign(client, task.tid, tell=False)
+        task.copies.remove(client.cid)
+        task.error = error
+        self._effects.append(["copy_failed", task.tid, client.cid])
+        if task.copies:
+            # Other copies of this attempt still run; one of them may succeed.
+            self._state.queue.add(task.tid)
+            return {"ok": True, "accepted": True, "reason": None}
+        self._attempt_failed(task, error)
+        return {"ok": True, "accepted": True, "reason": None}
+
+    def _op_cancel(self, op: Mapping[str, Any]) -> dict[str, Any]:
+        tid = _get_int(op, "tid")
+        if tid not in self._state.tasks:
+            raise _BadOp(f"cancel: unknown task {tid}")
+        if self._state.run_state is not RunState.RUNNING:
+            return {"ok": True, "killed": [], "reason": f"the computation is {self._state.run_state.value}"}
+        return {"ok": True, "killed": self._kill(tid)}
+
+    def _op_lost(self, op: Mapping[str, Any]) -> dict[str, Any]:
+        s = self._state
+        cid = _get_int(op, "cid")
+        tid = _get_int(op, "tid")
+        client = s.clients.get(cid)
+        task = s.tasks.get(tid)
+        if client is None or task is None:
+            raise _BadOp(f"lost: unknown client {cid} or task {tid}")
+        if s.run_state is not RunState.RUNNING or not client.alive:
+            return {"ok": True, "accepted": False, "reason": "reporter is dead or the computation is over"}
+        if task.state is not TaskState.DONE or task.holder is None:
+            return {"ok": True, "accepted": False, "reason": f"task {tid} has no outputs on record"}
+        self._lose_outputs(task)
+        return {"ok": True, "accepted": True, "reason": None}
+
+    # --------------------------------------------------------------- actions
+
+    def _start_task(
+        self,
+        *,
+        name: Any,
+        args: Any,
+        kwargs: Any,
+        pretasks: Any,
+        prekeys: Any,
+        keys: Any,
+        require: Any,
+        want: Any,
+        replicas: Any,
+        retries: Any,
+        timeout: Any,
+    ) -> int:
+        s = self._state
+        assert s.seed is not None
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"start_task(name=...) must be the node method's name, a non-empty string, got {name!r}")
+        if not isinstance(args, (list, tuple)):
+            raise TypeError(f"start_task(args=...) must be a list or tuple, got {type(args).__name__}")
+        kwargs = {} if kwargs is None else kwargs
+        if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+            raise TypeError(f"start_task(kwargs=...) must be a dict with string keys, got {kwargs!r}")
+        _check_plain(list(args), "start_task(args=...)")
+        _check_plain(kwargs, "start_task(kwargs=...)")
+        if not isinstance(pretasks, (list, tuple)):
+            raise TypeError(
+                f"start_task(pretasks=...) must be a list or tuple of task ids (a set's order differs "
+                f"between replicas), got {type(pretasks).__name__}"
+            )
+        for p in pretasks:
+            if not _is_int(p) or p not in s.tasks:
+                raise ValueError(f"start_task(pretasks=...): {p!r} is not the id of a started task")
+            if s.tasks[p].state in (TaskState.FAILED, TaskState.KILLED):
+                raise ValueError(
+                    f"start_task(pretasks=...): task {p} is {s.tasks[p].state.value} and will never produce outputs"
+                )
+        if prekeys is None:
+            prekeys = [None] * len(pretasks)
+        if not isinstance(prekeys, (list, tuple)) or len(prekeys) != len(pretasks):
+            raise ValueError(
+                f"start_task(prekeys=...) must be a list with one output key per pretask "
+                f"({len(pretasks)} pretasks), got {prekeys!r}"
+            )
+        if not all(k is None or isinstance(k, str) for k in prekeys):
+            raise TypeError(f"start_task(prekeys=...) entries must be output key strings or None, got {prekeys!r}")
+        keys = [] if keys is None else keys
+        if isinstance(keys, str) or not isinstance(keys, (list, tuple)) or not all(isinstance(k, str) for k in keys):
+            raise TypeError(f"start_task(keys=...) must be a list of output key strings, got {keys!r}")
+        require_tags = _tags(require, "require")
+        want_tags = _tags(want, "want")
+        if not _is_int(replicas) or replicas < 1:
+            raise ValueError(f"start_task(replicas=...) must be an int >= 1, got {replicas!r}")
+        if not _is_int(retries) or retries < 0:
+            raise ValueError(f"start_task(retries=...) must be an int >= 0, got {retries!r}")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise ValueError(f"start_task(timeout=...) must be None or a positive number of seconds, got {timeout!r}")
+
+        tid = s.next_tid
+        s.next_tid += 1
+        task = _Task(
+            tid=tid,
+            name=name,
+            args=list(args),
+            kwargs=dict(kwargs),
+            pretasks=tuple(pretasks),
+            prekeys=tuple(prekeys),
+            keys=tuple(dict.fromkeys(keys)),
+            require=frozenset(require_tags),
+            want=tuple(want_tags),
+            replicas=replicas,
+            retries=retries,
+            timeout=None if timeout is None else float(timeout),
+            seed=_task_seed(s.seed, tid),
+        )
+        s.tasks[tid] = task
+        s.counts[TaskState.PENDING] += 1
+        for p in task.pretasks:
+            pre = s.tasks[p]
+            pre.dependents.append(tid)
+            if pre.holder is None:
+                task.missing += 1
+                if pre.state is TaskState.DONE:
+                    s.recheck.add(p)  # a lost output is needed again
+        if task.missing == 0:
+            s.queue.add(tid)
+        # The whole spec, so replicas whose schedulers started different
+        # tasks (not just a different number of them) disagree on the digest.
+        self._effects.append(
+            ["start", tid, name, task.args, task.kwargs, list(task.pretasks), list(task.prekeys), list(task.keys),
+             sorted(task.require), list(task.want), replicas, retries, task.timeout]
+        )
+        return tid
+
+    def _kill_task_action(self, tid: Any) -> list[int]:
+        if not _is_int(tid) or tid not in self._state.tasks:
+            raise ValueError(f"kill_task({tid!r}): there is no task with that id")
+        return self._kill(tid)
+
+    def _finish(self, taskids: Any, values: Any) -> None:
+        s = self._state
+        taskids = [] if taskids is None else taskids
+        if not isinstance(taskids, (list, tuple)):
+            raise TypeError(f"finish(taskids=...) must be a list of task ids, got {taskids!r}")
+        for tid in taskids:
+            if not _is_int(tid) or tid not in s.tasks:
+                raise ValueError(f"finish(taskids=...): {tid!r} is not a task id")
+            if not s.tasks[tid].reported:
+                raise ValueError(f"finish(taskids=...): task {tid} is not done, so it has no values yet")
+        _check_plain(values, "finish(values=...)")
+        s.result = {"values": values, "tasks": [{"tid": tid, "values": s.tasks[tid].values} for tid in taskids]}
+        s.run_state = RunState.FINISHED
+        self._effects.append(["finish", list(taskids), values])
+        self._log.info("computation_finished", tasks=list(taskids))
+
+    # ------------------------------------------------------------ mechanics
+
+    def _begin(self, ctx: ApplyContext) -> None:
+        self._effects = []
+        self._slot = ctx.slot
+
+    def _effects_digest(self) -> str:
+        return hashlib.sha256(codec.encode(self._effects)).hexdigest()[:32]
+
+    def _sched(self) -> Coordinator:
+        assert self._state.scheduler is not None
+        return self._state.scheduler
+
+    def _bind(self, sched: Coordinator) -> None:
+        vars(sched)[_RUNTIME_ATTR] = self._runtime
+
+    def _set_state(self, task: _Task, state: TaskState) -> None:
+        counts = self._state.counts
+        counts[task.state] -= 1
+        counts[state] += 1
+        task.state = state
+
+    def _bump(self, client: _Client, tid: int) -> None:
+        s = self._state
+        s.version += 1
+        # Re-inserted so ``entries`` stays ordered by version.
+        client.entries.pop(tid, None)
+        client.entries[tid] = s.version
+        client.last_change = s.version
+
+    def _assign(self, task: _Task, client: _Client) -> None:
+        task.copies.append(client.cid)
+        client.running[task.tid] = None
+        self._bump(client, task.tid)
+        if task.state is TaskState.PENDING:
+            self._set_state(task, TaskState.RUNNING)
+        self._effects.append(["place", task.tid, task.attempt, client.cid])
+
+    def _unassign(self, client: _Client, tid: int, *, tell: bool) -> None:
+        """Take ``tid`` off ``client``; ``tell`` leaves a kill order in its view."""
+        client.running.pop(tid, None)
+        if tell:
+            self._bump(client, tid)
+        else:
+            client.entries.pop(tid, None)
+
+    def _bump_dependents(self, task: _Task) -> None:
+        # Running dependents read this task's outputs: their clients' views
+        # must show the new holder (or that there is none for now).
+        s = self._state
+        for d in dict.fromkeys(task.dependents):
+            dep = s.tasks[d]
+            if dep.state is TaskState.RUNNING:
+                for cid in dep.copies:
+                    self._bump(s.clients[cid], d)
+
+    def _outputs_changed(self, task: _Task, *, available: bool) -> None:
+        s = self._state
+        for d in task.dependents:
+            dep = s.tasks[d]
+            dep.missing += -1 if available else 1
+            assert dep.missing >= 0, f"task {d} has a negative count of missing inputs"
+            if available and dep.missing == 0 and dep.state in _ACTIVE:
+                s.queue.add(d)
+        self._bump_dependents(task)
+
+    def _lose_outputs(self, task: _Task) -> None:
+        s = self._state
+        assert task.holder is not None
+        s.clients[task.holder].holds.pop(task.tid, None)
+        task.holder = None
+        self._effects.append(["lost", task.tid])
+        self._outputs_changed(task, available=False)
+        s.recheck.add(task.tid)
+
+    def _client_died(self, client: _Client) -> None:
+        s = self._state
+        client.alive = False
+        del s.live[client.cid]
+        self._effects.append(["dead", client.cid])
+        self._log.warning("client_dead", cid=client.cid, client=client.name, running=len(client.running))
+        for tid in sorted(client.running):
+            task = s.tasks[tid]
+            task.copies.remove(client.cid)
+            if not task.copies and task.state is TaskState.RUNNING:
+                # A new attempt number, so a late report from the dead
+                # client cannot be mistaken for the new placement's.
+                task.attempt += 1
+                self._set_state(task, TaskState.PENDING)
+                self._effects.append(["replace", tid, task.attempt])
+            s.queue.add(tid)
+        client.running.clear()
+        client.entries.clear()
+        for tid in sorted(client.holds):
+            self._lose_outputs(s.tasks[tid])
+
+    def _attempt_failed(self, task: _Task, error: str) -> None:
+        s = self._state
+        task.failures += 1
+        if task.failures <= task.retries:
+            task.attempt += 1
+            self._set_state(task, TaskState.PENDING)
+            s.queue.add(task.tid)
+            self._effects.append(["retry", task.tid, task.attempt])
+            return
+        self._set_state(task, TaskState.FAILED)
+        s.queue.discard(task.tid)
+        self._effects.append(["task_failed", task.tid])
+        self._log.warning("task_failed", tid=task.tid, name=task.name, attempts=task.failures, error=error)
+        # Its dependents can never get their inputs.
+        self._kill(task.tid)
+        if type(self._sched()).task_failed is not Coordinator.task_failed:
+            tid = task.tid
+            self._call_hook(Hook.TASK_FAILED, lambda: self._sched().task_failed(tid, error), tid=tid)
+            return
+        message = (
+            f"task {task.tid} ({task.name!r}) failed {task.failures} time(s), exhausting its "
+            f"{task.retries} retries; last error: {error}. Override task_failed(tid, error) in "
+            f"{self._scheduler_cls.__qualname__} to handle task failures in the scheduler."
+        )
+        self._fail_computation(
+            {"kind": "task", "hook": None, "tid": task.tid, "cid": None, "slot": self._slot, "error": error},
+            message,
+        )
+
+    def _kill(self, tid: int) -> list[int]:
+        """Kill ``tid`` and its transitive dependents that are still pending or running."""
+        s = self._state
+        killed: list[int] = []
+        seen = {tid}
+        frontier = collections.deque([tid])
+        while frontier:
+            task = s.tasks[frontier.popleft()]
+            if task.state in _ACTIVE:
+                for cid in task.copies:
+                    self._unassign(s.clients[cid], task.tid, tell=True)
+                task.copies = []
+                self._set_state(task, TaskState.KILLED)
+                s.queue.discard(task.tid)
+                killed.append(task.tid)
+                self._effects.append(["kill", task.tid])
+            for d in task.dependents:
+                if d not in seen:
+                    seen.add(d)
+                    frontier.append(d)
+        return killed
+
+    def _call_hook(
+        self, hook: Hook, fn: Callable[[], Any], *, tid: int | None = None, cid: int | None = None
+    ) -> tuple[bool, Any]:
+        """Run one scheduler hook; return (succeeded, its return value).
+
+        Hooks run only while the computation runs.  A hook that raises fails
+        the computation with a report; the machine itself stays consistent
+        because hooks are only called between complete state transitions.
+        """
+        s = self._state
+        if s.run_state is not RunState.RUNNING:
+            return False, None
+        s.last_hook = {"hook": hook.value, "tid": tid, "cid": cid, "slot": self._slot}
+        self._effects.append(["hook", hook.value, tid, cid])
+        try:
+            # The replica's stdout may carry machine-readable output; a
+            # scheduler's print() goes to the log instead.
+            with self._runtime.active(), contextlib.redirect_stdout(sys.stderr):
+                return True, fn()
+        except (Exception, SystemExit) as exc:
+            self._hook_failed(hook, exc, tid=tid, cid=cid)
+            return False, None
+
+    def _hook_failed(self, hook: Hook, exc: BaseException, *, tid: int | None, cid: int | None) -> None:
+        cls = self._scheduler_cls.__qualname__
+        match hook:
+            case Hook.CREATE:
+                call = f"{cls}()"
+            case Hook.INIT:
+                call = f"{cls}.init(seed={self._state.seed})"
+            case Hook.CLIENT_JOINED | Hook.CLIENT_DEAD:
+                call = f"{cls}.{hook.value}(cid={cid})"
+            case Hook.TASK_DONE | Hook.TASK_FAILED:
+                call = f"{cls}.{hook.value}(tid={tid})"
+        error = f"{type(exc).__name__}: {exc}"
+        where = self._user_frame(exc)
+        message = f"scheduler hook {call} raised at log slot {self._slot}: {error}{where}"
+        self._log.error("scheduler_hook_failed", hook=hook.value, tid=tid, cid=cid, slot=self._slot, exc_info=exc)
+        self._fail_computation(
+            {"kind": "hook", "hook": hook.value, "tid": tid, "cid": cid, "slot": self._slot, "error": error}, message
+        )
+
+    def _user_frame(self, exc: BaseException) -> str:
+        # The innermost frame in the scheduler's own file is where the user
+        # should look, even when the exception came from an action's checks.
+        module = sys.modules.get(self._scheduler_cls.__module__)
+        path = getattr(module, "__file__", None)
+        if path is None:
+            return ""
+        path = os.path.abspath(path)
+        for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+            if os.path.abspath(frame.filename) == path:
+                return f" ({os.path.basename(path)} line {frame.lineno}, in {frame.name})"
+        return ""
+
+    def _fail_computation(self, info: dict[str, Any], message: str) -> None:
+        s = self._state
+        s.failure = {**info, "message": message}
+        s.run_state = RunState.FAILED
+        self._effects.append(["computation_failed", info["kind"], info["hook"], info["tid"], info["slot"]])
+        self._log.error("computation_failed", message=message)
+
+    # -------------------------------------------------------------- settling
+
+    def _settle(self) -> None:
+        s = self._state
+        if s.run_state is not RunState.RUNNING:
+            s.recheck.clear()
+            return
+        self._recompute_lost()
+        self._place()
+
+    def _recompute_lost(self) -> None:
+        """Run again every task whose lost outputs an unfinished task needs (lineage)."""
+        s = self._state
+        while s.recheck:
+            batch = sorted(s.recheck)
+            s.recheck.clear()
+            for tid in batch:
+                task = s.tasks[tid]
+                if task.state is not TaskState.DONE or task.holder is not None:
+                    continue
+                if not any(s.tasks[d].state in _ACTIVE for d in task.dependents):
+                    continue
+                task.attempt += 1
+                task.failures = 0
+                self._set_state(task, TaskState.PENDING)
+                self._effects.append(["recompute", tid, task.attempt])
+                if task.missing == 0:
+                    s.queue.add(tid)
+                # Its own inputs may be gone too: then they are needed now.
+                for p in task.pretasks:
+                    pre = s.tasks[p]
+                    if pre.state is TaskState.DONE and pre.holder is None:
+                        s.recheck.add(p)
+
+    def _place(self) -> None:
+        s = self._state
+        if not s.queue:
+            return
+        free = [c for c in (s.clients[cid] for cid in s.live) if c.slots > len(c.running)]
+        # First one copy of every ready task, in task order; then the extra
+        # copies of replicated tasks, so replicas never starve other tasks.
+        for extra in (False, True):
+            if not free:
+                return
+            for tid in sorted(s.queue):
+                task = s.tasks[tid]
+                if task.state not in _ACTIVE or task.missing or len(task.copies) >= task.replicas:
+                    s.queue.discard(tid)
+                    continue
+                if task.copies and not extra:
+                    continue
+                local = self._local_bytes(task) if task.pretasks else {}
+                for _ in range(task.replicas - len(task.copies) if extra else 1):
+                    client = self._choose(task, free, local)
+                    if client is None:
+                        break
+                    self._assign(task, client)
+                    if client.slots <= len(client.running):
+                        free.remove(client)
+                if len(task.copies) >= task.replicas:
+                    s.queue.discard(tid)
+                if not free:
+                    return
+
+    def _local_bytes(self, task: _Task) -> dict[int, int]:
+        """Bytes of ``task``'s inputs held by each client."""
+        out: dict[int, int] = {}
+        for p, key in zip(task.pretasks, task.prekeys):
+            pre = self._state.tasks[p]
+            if pre.holder is not None:
+                n = sum(pre.sizes.values()) if key is None else pre.sizes.get(key, 0)
+                out[pre.holder] = out.get(pre.holder, 0) + n
+        return out
+
+    def _choose(self, task: _Task, free: list[_Client], local: dict[int, int]) -> _Client | None:
+        best: _Client | None = None
+        best_key: tuple[int, int, int, int] | None = None
+        for client in free:
+            if client.cid in task.copies or not task.require <= client.tags:
+                continue
+            wanted = sum(1 for t in task.want if t in client.tags)
+            key = (-wanted, -local.get(client.cid, 0), len(client.running) - client.slots, client.cid)
+            if best_key is None or key < best_key:
+                best, best_key = client, key
+        return best
+
+    # --------------------------------------------------------------- queries
+
+    def view(self, cid: int, after_version: int = 0) -> dict[str, Any]:
+        """What client ``cid`` must do, changed since ``after_version`` (0: everything).
+
+        Returns ``{"version": int, "state": "waiting"|"running"|"finished"|"failed",
+        "alive": bool, "tasks": [task, ...], "kill": [tid, ...]}``; pass
+        ``version`` as ``after_version`` next time.  Each task is
+        ``{"tid", "attempt", "name", "args", "kwargs", "seed", "timeout",
+        "keys", "inputs": [{"tid", "key", "cid", "addr"}, ...]}`` where an
+        input's ``cid``/``addr`` is the live client holding that pretask's
+        outputs, or None while they are not available.  A task listed again
+        supersedes the earlier listing (a higher ``attempt`` replaces the
+        running one).  ``alive`` False means the client must join again.
+        """
+        s = self._state
+        client = s.clients.get(cid)
+        alive = client is not None and client.alive
+        out: dict[str, Any] = {
+            "version": s.version,
+            "state": s.run_state.value,
+            "alive": alive,
+            "tasks": [],
+            "kill": [],
+        }
+        if not alive:
+            return out
+        assert client is not None
+        tasks: list[dict[str, Any]] = []
+        kill: list[int] = []
+        entries = client.entries
+        for tid in reversed(entries):
+            if entries[tid] <= after_version:
+                break
+            if tid in client.running:
+                tasks.append(self._task_view(s.tasks[tid]))
+            elif after_version > 0:  # a client starting afresh runs nothing to kill
+                kill.append(tid)
+        out["tasks"] = sorted(tasks, key=lambda t: t["tid"])
+        out["kill"] = sorted(kill)
+        return out
+
+    def client_version(self, cid: int) -> int:
+        """The version of the last change to client ``cid``'s view (0 if none or unknown)."""
+        client = self._state.clients.get(cid)
+        return 0 if client is None else client.last_change
+
+    def _task_view(self, task: _Task) -> dict[str, Any]:
+        s = self._state
+        inputs = []
+        for p, key in zip(task.pretasks, task.prekeys):
+            holder = s.tasks[p].holder
+            addr = s.clients[holder].addr if holder is not None else None
+            inputs.append({"tid": p, "key": key, "cid": holder, "addr": addr})
+        return {
+            "tid": task.tid,
+            "attempt": task.attempt,
+            "name": task.name,
+            "args": list(task.args),
+            "kwargs": dict(task.kwargs),
+            "seed": task.seed,
+            "timeout": task.timeout,
+            "keys": list(task.keys),
+            "inputs": inputs,
+        }
+
+    def status(self) -> dict[str, Any]:
+        """The computation at a glance.
+
+        Returns ``{"state", "finished": bool, "result": {"values", "tasks":
+        [{"tid", "values"}]} | None, "failure": {"kind", "hook", "tid", "cid",
+        "slot", "error", "message"} | None, "tasks": {state: count, "total"},
+        "clients": {"live", "dead"}, "live_clients": [{"cid", "name",
+        "addr", "slots", "running"}], "now", "seed", "version", "last_hook"}``.
+        """
+        s = self._state
+        counts = {state.value: n for state, n in s.counts.items()}
+        counts["total"] = len(s.tasks)
+        return {
+            "state": s.run_state.value,
+            "finished": s.run_state is RunState.FINISHED,
+            "result": s.result,
+            "failure": None if s.failure is None else dict(s.failure),
+            "tasks": counts,
+            "clients": {"live": len(s.live), "dead": len(s.clients) - len(s.live)},
+            "live_clients": [
+                {"cid": c.cid, "name": c.name, "addr": c.addr, "slots": c.slots, "running": len(c.running)}
+                for c in (s.clients[cid] for cid in s.live)
+            ],
+            "now": s.now,
+            "seed": s.seed,
+            "version": s.version,
+            "last_hook": self.last_hook,
+        }
+
+    def task_info(self, tid: int) -> dict[str, Any] | None:
+        """Everything known about task ``tid``, or None if there is no such task."""
+        task = self._state.tasks.get(tid)
+        if task is None:
+            return None
+        return {
+            "tid": task.tid,
+            "name": task.name,
+            "state": task.state.value,
+            "attempt": task.attempt,
+            "failures": task.failures,
+            "args": list(task.args),
+            "kwargs": dict(task.kwargs),
+            "pretasks": list(task.pretasks),
+            "prekeys": list(task.prekeys),
+            "keys": list(task.keys),
+            "require": sorted(task.require),
+            "want": list(task.want),
+            "replicas": task.replicas,
+            "retries": task.retries,
+            "timeout": task.timeout,
+            "clients": list(task.copies),
+            "holder": task.holder,
+            "values": None if task.values is None else dict(task.values),
+            "sizes": dict(task.sizes),
+            "error": task.error,
+            "dependents": list(dict.fromkeys(task.dependents)),
+        }
+
+    def live_clients(self) -> list[tuple[int, str, str]]:
+        """``(cid, name, addr)`` of every live client, by cid."""
+        s = self._state
+        return [(cid, s.clients[cid].name, s.clients[cid].addr) for cid in s.live]
+
+    def expired_clients(self, last_seen: Mapping[int, float], now: float) -> list[int]:
+        """Live clients silent for longer than ``client_timeout``, for the leader's next TICK.
+
+        ``last_seen`` maps cid to when the leader last heard from it (the
+        leader should start every live client at its own start time); cids
+        missing from it are not expired.  Returns cids in ascending order.
+        """
+        return [
+            cid for cid in self._state.live if cid in last_seen and now - last_seen[cid] > self._client_timeout
+        ]
+
+    def check_invariants(self) -> None:
+        """Assert the internal bookkeeping is consistent (for tests; O(size of state))."""
+        s = self._state
+        counts = {state: 0 for state in TaskState}
+        for tid, task in s.tasks.items():
+            counts[task.state] += 1
+            assert task.tid == tid
+            assert (task.state is TaskState.RUNNING) == bool(task.copies), f"task {tid}: {task.state}, {task.copies}"
+            assert len(set(task.copies)) == len(task.copies) <= task.replicas, f"task {tid} copies {task.copies}"
+            for cid in task.copies:
+                assert s.clients[cid].alive and tid in s.clients[cid].running, f"task {tid} not running on {cid}"
+            if task.holder is not None:
+                assert task.state is TaskState.DONE and s.clients[task.holder].alive
+                assert tid in s.clients[task.holder].holds
+            missing = sum(1 for p in task.pretasks if s.tasks[p].holder is None)
+            assert task.missing == missing, f"task {tid}: missing {task.missing}, really {missing}"
+        assert counts == s.counts, f"state counts {s.counts} != {counts}"
+        for cid, client in s.clients.items():
+            assert client.alive == (cid in s.live)
+            for tid in client.running:
+                assert cid in s.tasks[tid].copies, f"client {cid} runs {tid} unknowingly"
+            for tid in client.holds:
+                assert s.tasks[tid].holder == cid
+            versions = list(client.entries.values())
+            assert versions == sorted(versions) and all(v <= s.version for v in versions)
+        assert not s.recheck
+
+    # ------------------------------------------------------------- snapshots
+
+    def snapshot(self) -> bytes:
+        """The whole state, including the user's scheduler object, as bytes."""
+        s = self._state
+        sched = s.scheduler
+        # The runtime points back at this machine; the restoring machine binds its own.
+        runtime = vars(sched).pop(_RUNTIME_ATTR, None) if sched is not None else None
+        try:
+            buf = io.BytesIO()
+            _SnapshotPickler(buf, self._scheduler_cls).dump(s)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            raise TypeError(
+                f"cannot snapshot the coordinator: every attribute of {self._scheduler_cls.__qualname__} "
+                f"must be picklable (no open files, sockets, lambdas or generators): {exc}"
+            ) from exc
+        finally:
+            if runtime is not None:
+                vars(sched)[_RUNTIME_ATTR] = runtime
+        return codec.encode([_SNAPSHOT_FORMAT, self._code_digest, self._scheduler_cls.__module__, buf.getvalue()])
+
+    def restore(self, data: bytes) -> None:
+        """Replace the state with a :meth:`snapshot`.
+
+        Raises :class:`SchedulerMismatch` if the snapshot was taken with
+        different scheduler code, ``ValueError`` if it is not a snapshot.
+        """
+        decoded = codec.decode(data)
+        if not (isinstance(decoded, list) and len(decoded) == 4 and decoded[0] == _SNAPSHOT_FORMAT):
+            raise ValueError("not a coordinator snapshot (or one from an incompatible version)")
+        _, digest, module, blob = decoded
+        if digest != self._code_digest:
+            raise SchedulerMismatch(
+                f"this replica runs different scheduler code than the one the computation started with "
+                f"(snapshot code digest {digest[:16]}..., this replica {self._code_digest[:16]}...); "
+                f"start every replica with the same scheduler file"
+            )
+        state = _SnapshotUnpickler(io.BytesIO(blob), self._scheduler_cls, module).load()
+        assert isinstance(state, _State)
+        self._state = state
+        self._runtime = _Runtime(self)
+        if state.scheduler is not None:
+            self._bind(state.scheduler)

@@ -1,0 +1,192 @@
+"""``tasksprint run``: a whole computation on this machine in one command.
+
+Starts ``replicas`` replica processes (fsync on) with the user's scheduler and
+``clients`` worker client processes running the user's node, shows progress
+on stderr, prints the values given to ``finish`` as JSON on stdout, stops
+everything and returns the exit code: 0 when the computation finished, 1
+when it failed (with the report on stderr), 2 on bad arguments, 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import attrs
+import trio
+
+from tasksprint import wire
+from tasksprint.localcluster import LocalCluster
+from tasksprint.log_client import LogClient
+
+
+@attrs.define(eq=False)
+class LocalRun:
+    scheduler: str
+    node: str
+    replicas: int = 3
+    clients: int = 2
+    slots: int | None = None
+    data: Path | None = None
+    progress: TextIO | None = sys.stderr
+    timeout: float | None = None
+    _tmp: str | None = None
+    cluster: LocalCluster | None = None
+    client_procs: list[subprocess.Popen] = attrs.Factory(list)
+
+    def base(self) -> Path:
+        if self.data is not None:
+            return self.data
+        if self._tmp is None:
+            self._tmp = tempfile.mkdtemp(prefix="tasksprint-run-")
+        return Path(self._tmp)
+
+    def start(self) -> None:
+        base = self.base()
+        base.mkdir(parents=True, exist_ok=True)
+        self.cluster = LocalCluster(base, self.replicas, scheduler=self.scheduler)
+        self.cluster.start()
+        for i in range(self.clients):
+            self.start_client(i)
+
+    def client_command(self, i: int) -> list[str]:
+        assert self.cluster is not None
+        cmd = [
+            sys.executable,
+            "-m",
+            "tasksprint.cli",
+            "client",
+            "--coordinators",
+            self.cluster.peers_arg,
+            "--node",
+            self.node,
+            "--secret-file",
+            str(self.cluster.secret_file),
+            "--name",
+            f"client{i}",
+            "--log-format",
+            "json",
+        ]
+        if self.slots is not None:
+            cmd += ["--slots", str(self.slots)]
+        return cmd
+
+    def start_client(self, i: int) -> subprocess.Popen:
+        log_path = self.base() / f"client{i}.log"
+        with open(log_path, "ab") as logf:
+            proc = subprocess.Popen(
+                self.client_command(i),
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        if i < len(self.client_procs):
+            self.client_procs[i] = proc
+        else:
+            self.client_procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for p in self.client_procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.client_procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if self.cluster is not None:
+            self.cluster.stop()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    async def wait_status(self) -> dict[str, Any]:
+        """Poll the replicas until the computation ends; return its final status."""
+        assert self.cluster is not None
+        client = LogClient(self.cluster.addrs, self.cluster.secret)
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        last_line = ""
+        i = 0
+        while True:
+            addr = self.cluster.addrs[i % len(self.cluster.addrs)]
+            try:
+                st = await client.status(addr)
+                status = await client.query("status", addr=addr)
+            except (OSError, trio.TooSlowError, wire.BadMessage, RuntimeError):
+                i += 1
+                await trio.sleep(0.2)
+                continue
+            if st.leader is not None and st.leader != st.rid:
+                i = st.leader  # read from the leader: it is the most up to date
+            line = _progress_line(status, st.leader)
+            if self.progress is not None and line != last_line:
+                print(line, file=self.progress, flush=True)
+                last_line = line
+            if status["state"] in ("finished", "failed"):
+                return status
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"the computation did not end within {self.timeout}s")
+            await trio.sleep(0.2)
+
+
+def _progress_line(status: dict[str, Any], leader: int | None) -> str:
+    t = status["tasks"]
+    return (
+        f"[{status['state']}] tasks: {t.get('done', 0)} done, {t.get('running', 0)} running, "
+        f"{t.get('pending', 0)} pending, {t.get('failed', 0)} failed, {t.get('killed', 0)} killed / {t['total']}"
+        f" | clients: {status['clients']['live']} live, {status['clients']['dead']} dead | leader: replica {leader}"
+    )
+
+
+def failure_report(status: dict[str, Any]) -> str:
+    f = status.get("failure") or {}
+    lines = ["the computation failed:"]
+    if f.get("message"):
+        lines.append(f"  {f['message']}")
+    for key in ("kind", "hook", "tid", "cid", "slot", "error"):
+        if f.get(key) is not None:
+            lines.append(f"  {key}: {f[key]}")
+    return "\n".join(lines)
+
+
+def run_local(
+    scheduler: str,
+    node: str,
+    *,
+    replicas: int = 3,
+    clients: int = 2,
+    slots: int | None = None,
+    data: Path | None = None,
+    timeout: float | None = None,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+) -> int:
+    """Run a computation on a local cluster; see the module docstring."""
+    run = LocalRun(scheduler, node, replicas, clients, slots, data, err, timeout)
+    try:
+        run.start()
+        status = trio.run(run.wait_status)
+    except KeyboardInterrupt:
+        print("interrupted; stopping the cluster", file=err)
+        return 130
+    except TimeoutError as exc:
+        print(f"tasksprint run: {exc}; logs are in {run.base()}", file=err)
+        return 1
+    finally:
+        keep = run.data is not None
+        run.stop()
+        if keep:
+            print(f"logs and data directories: {run.base()}", file=err)
+    if status["state"] == "finished":
+        print(json.dumps(status["result"]), file=out, flush=True)
+        return 0
+    print(failure_report(status), file=err)
+    return 1
