@@ -13,6 +13,7 @@ Network data is decoded with :func:`decode_untrusted`, which can only raise
 
 from __future__ import annotations
 
+import io
 from typing import Any, Callable, TypeVar
 
 import attrs
@@ -91,9 +92,17 @@ def decode(data: bytes) -> Any:
 
 
 def decode_untrusted(data: bytes) -> Any:
-    """Decode bytes from the network; any problem raises :class:`BadMessage`."""
+    """Decode bytes from the network; any problem raises :class:`BadMessage`.
+
+    The bytes must hold exactly one CBOR item: trailing bytes are refused, so
+    a frame cannot smuggle data past the decoder.
+    """
     try:
-        return cbor2.loads(data, tag_hook=_tag_hook, semantic_decoders=_SEMANTIC)
+        fp = io.BytesIO(data)
+        value = cbor2.CBORDecoder(fp, tag_hook=_tag_hook, semantic_decoders=_SEMANTIC).decode()
+        if fp.tell() != len(data):
+            raise BadMessage(f"{len(data) - fp.tell()} trailing bytes after the CBOR item")
+        return value
     except BadMessage:
         raise
     except Exception as exc:  # cbor2 raises several types on garbage
