@@ -556,17 +556,19 @@ class NodeProcess:
         Idempotent; never raises; not cancellable (it waits only for the
         kernel to finish a SIGKILL).
         """
+        first = self._state is not NodeState.DEAD
         self._state = NodeState.DEAD
         with trio.CancelScope(shield=True):
-            # returncode is None means not reaped yet, so the pid (and the group it
-            # leads) still belongs to our child and cannot have been reused.
-            if self._process.returncode is None:
+            if first:
+                # The node leads its own session, so its process group id is its pid.
+                # The group outlives a node that crashed and leaves children behind,
+                # and the kernel does not reuse a pid while a group still uses it.
                 try:
-                    pass
+                    os.killpg(self._process.pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
-                # The node may have moved itself to another group.
-                self._process.kill()
+            # Also the node itself, in case it moved to another group; a no-op once reaped.
+            self._process.kill()
             await self._process.wait()
             for stream in (self._process.stdin, self._process.stdout):
                 if stream is not None:
@@ -605,8 +607,25 @@ class _PoolState(enum.Enum):
 class _Run:
     """A pool.run() in progress, so that cancel() and aclose() can stop it."""
 
-    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
-    reason: FailureKind | None = None
+    _scope: trio.CancelScope = attrs.field(init=False, factory=trio.CancelScope)
+    # Why it was stopped; the first reason given wins.
+    _reason: FailureKind | None = attrs.field(init=False, default=None)
+
+    @property
+    def scope(self) -> trio.CancelScope:
+        """The scope the run executes in."""
+        return self._scope
+
+    @property
+    def reason(self) -> FailureKind | None:
+        """CANCELLED or CLOSED once stopped, else None."""
+        return self._reason
+
+    def stop(self, reason: FailureKind) -> None:
+        """Cancel the run, recording ``reason`` unless it was already stopped."""
+        if self._reason is None:
+            self._reason = reason
+        self._scope.cancel()
 
 
 @attrs.define(eq=False)
@@ -653,6 +672,8 @@ class NodePool:
     _tokens: trio.Semaphore = attrs.field(init=False)
     _running: dict[int, list[_Run]] = attrs.field(init=False, factory=dict)
     _helpers: trio.Nursery | None = attrs.field(init=False, default=None)
+    # Cancelled by aclose(): ends _serve, the pool's one long-lived task.
+    _serve_scope: trio.CancelScope = attrs.field(init=False, factory=trio.CancelScope)
     _closed: trio.Event = attrs.field(init=False, factory=trio.Event)
 
     def __attrs_post_init__(self) -> None:
@@ -676,26 +697,26 @@ class NodePool:
         """
         if self._state is not _PoolState.NEW:
             raise RuntimeError(f"this node pool is {self._state.value}; a pool can be started once")
+        # Open before _serve runs, so that an aclose() from now on goes through _serve's shutdown.
+        self._state = _PoolState.OPEN
         await nursery.start(self._serve)
 
     async def _serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        self._state = _PoolState.OPEN
         try:
-            self._idle.extend(await self._start_nodes(self._slots))
-        except BaseException:
-            self._state = _PoolState.CLOSED
-            self._closed.set()
-            raise
-        try:
-            async with trio.open_nursery() as helpers:
-                self._helpers = helpers
+            with self._serve_scope:
+                self._idle.extend(await self._start_nodes(self._slots))
+                async with trio.open_nursery() as helpers:
+                    self._helpers = helpers
+                    task_status.started()
+                    try:
+                        await trio.sleep_forever()
+                    finally:
+                        # Before the helpers nursery waits for its tasks, so that
+                        # nothing new is started from now on.
+                        self._state = _PoolState.CLOSING
+            if self._helpers is None:
+                # aclose() came while the first nodes were starting: start() returns, the pool is closed.
                 task_status.started()
-                try:
-                    await trio.sleep_forever()
-                finally:
-                    # Before the helpers nursery waits for its tasks, so that
-                    # nothing new is started from now on.
-                    self._state = _PoolState.CLOSING
         finally:
             with trio.CancelScope(shield=True):
                 await self._shutdown()
@@ -826,9 +847,7 @@ class NodePool:
         """
         entries = self._running.get(tid, [])
         for entry in entries:
-            if entry.reason is None:
-                entry.reason = FailureKind.CANCELLED
-            entry.scope.cancel()
+            entry.stop(FailureKind.CANCELLED)
         if entries:
             self._log.info("task_cancelled", tid=tid, attempts=len(entries))
         return bool(entries)
@@ -843,17 +862,14 @@ class NodePool:
             self._state = _PoolState.CLOSED
             self._closed.set()
             return
-        if self._helpers is not None:
-            self._helpers.cancel_scope.cancel()
+        self._serve_scope.cancel()
         await self._closed.wait()
 
     async def _shutdown(self) -> None:
         self._state = _PoolState.CLOSING
         for entries in self._running.values():
             for entry in entries:
-                if entry.reason is None:
-                    entry.reason = FailureKind.CLOSED
-                entry.scope.cancel()
+                entry.stop(FailureKind.CLOSED)
         # Every token back means no task is running and no replacement is starting.
         for _ in range(self._slots):
             await self._tokens.acquire()
