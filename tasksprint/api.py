@@ -37,6 +37,9 @@ class Result:
     slot: int = attrs.field(default=0, validator=_int)
     #: The leader as the answering replica knows it, so clients can go there directly.
     leader: int | None = attrs.field(default=None, validator=_opt_int)
+    #: The command had been applied before and its result was since forgotten
+    #: (the client said it had it); ``result`` is then None.
+    duplicate: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
 
 
 @register

@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None, *, scheduler: Any = None) -> int:
 
 def _cmd_replica(args: argparse.Namespace, scheduler: Any) -> int:
     from tasksprint.paxos.core import PaxosConfig
-    from tasksprint.replica import DivergenceError, KVApp, Replica, ReplicaConfig, parse_peers
+    from tasksprint.coordinator_machine import SchedulerMismatch
+    from tasksprint.replica import DivergenceError, KVApp, ListenError, Replica, ReplicaConfig, parse_peers
     from tasksprint.storage import StorageError
 
     try:
@@ -176,15 +177,31 @@ def _cmd_replica(args: argparse.Namespace, scheduler: Any) -> int:
     replica = Replica(config, app)
     try:
         trio.run(replica.run)
-    except StorageError as exc:
-        print(f"tasksprint replica: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except DivergenceError as exc:
-        print(f"tasksprint replica: stopped: {exc}", file=sys.stderr)
-        return EXIT_DIVERGED
     except KeyboardInterrupt:
         return 130
+    except BaseException as exc:
+        # Errors from inside the replica's nursery arrive wrapped in groups.
+        known = _first_of(exc, (StorageError, ListenError, DivergenceError, SchedulerMismatch))
+        if known is None:
+            raise
+        if isinstance(known, (DivergenceError, SchedulerMismatch)):
+            print(f"tasksprint replica: stopped: {known}", file=sys.stderr)
+            return EXIT_DIVERGED
+        print(f"tasksprint replica: {known}", file=sys.stderr)
+        return EXIT_USAGE
     return 0
+
+
+def _first_of(exc: BaseException, types: tuple[type, ...]) -> BaseException | None:
+    """The first exception of one of ``types`` in ``exc`` or, recursively, in its groups."""
+    if isinstance(exc, types):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _first_of(inner, types)
+            if found is not None:
+                return found
+    return None
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

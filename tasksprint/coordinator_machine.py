@@ -56,7 +56,7 @@ import attrs
 import structlog
 
 from tasksprint import codec
-from tasksprint.machine import ApplyContext
+from tasksprint.machine import ApplyContext, StopReplica
 from tasksprint_sdk.coordinator import _RUNTIME_ATTR, Coordinator, SchedulerUsageError, scheduler_code_digest
 
 __all__ = ["CoordinatorMachine", "SchedulerMismatch", "TaskState", "RunState"]
@@ -65,7 +65,7 @@ _SNAPSHOT_FORMAT = 1
 _SCHEDULER_CLASS_PID = "scheduler-class"
 
 
-class SchedulerMismatch(Exception):
+class SchedulerMismatch(StopReplica):
     """This replica's scheduler code differs from the code the computation started with."""
 
 

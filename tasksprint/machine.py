@@ -20,6 +20,12 @@ from tasksprint import codec
 from tasksprint.paxos.messages import Batch, Command, Tick
 
 
+class StopReplica(Exception):
+    """Raised by a state machine for a condition that must stop this replica
+    (e.g. it runs different scheduler code than the computation started with)
+    rather than be answered as an error result."""
+
+
 @attrs.frozen
 class ApplyContext:
     """Where an item sits in the log. ``client_id``/``seq`` are empty/0 for a TICK."""
@@ -108,7 +114,15 @@ class Applier:
             if item.seq <= sess.low or item.seq in sess.results:
                 out.append((item, sess.results.get(item.seq, DUPLICATE)))
                 continue
-            result = self.machine.apply(item.op, ApplyContext(slot, i, item.client_id, item.seq))
+            try:
+                result = self.machine.apply(item.op, ApplyContext(slot, i, item.client_id, item.seq))
+            except StopReplica:
+                raise
+            except Exception as exc:
+                # Every replica applies the same command to the same state and
+                # fails the same way: answer the error instead of stopping the
+                # whole cluster on one bad command.
+                result = {"error": f"{type(exc).__name__}: {exc}"}
             sess.results[item.seq] = result
             h.update(codec.encode([item, result]))
             out.append((item, result))

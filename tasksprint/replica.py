@@ -46,7 +46,7 @@ from tasksprint.api import (
     StatusQuery,
     Submit,
 )
-from tasksprint.machine import Applier, KVMachine, StateMachine
+from tasksprint.machine import DUPLICATE, Applier, KVMachine, StateMachine
 from tasksprint.paxos.core import PaxosConfig, PaxosCore, Role
 from tasksprint.paxos.messages import PEER_MESSAGES, Command
 from tasksprint.storage import Storage
@@ -58,6 +58,10 @@ OUTBOX_LIMIT = 20_000  # messages queued for one peer before the oldest are drop
 
 class DivergenceError(Exception):
     """Two replicas applied the same slots and reached different states."""
+
+
+class ListenError(Exception):
+    """The replica cannot listen on its own address (taken, or not on this machine)."""
 
 
 class NotYet(Exception):
@@ -272,18 +276,7 @@ class Replica:
             )
             host, port = cfg.peers[cfg.rid]
             async with trio.open_nursery() as nursery:
-                listeners = await nursery.start(
-                    lambda task_status: wire.serve(
-                        self._handle_connection,
-                        host,
-                        port,
-                        secret=cfg.secret,
-                        role="replica",
-                        ident=str(cfg.rid),
-                        max_frame=cfg.max_frame,
-                        task_status=task_status,
-                    )
-                )
+                listeners = await self._listen(nursery, host, port)
                 self.port = _port_of(listeners, port)
                 for peer in range(len(cfg.peers)):
                     if peer != cfg.rid:
@@ -296,6 +289,26 @@ class Replica:
                 await self._drive()
         finally:
             self._storage.close()
+
+    async def _listen(self, nursery: trio.Nursery, host: str, port: int) -> Any:
+        cfg = self.config
+        try:
+            return await nursery.start(
+                lambda task_status: wire.serve(
+                    self._handle_connection,
+                    host,
+                    port,
+                    secret=cfg.secret,
+                    role="replica",
+                    ident=str(cfg.rid),
+                    max_frame=cfg.max_frame,
+                    task_status=task_status,
+                )
+            )
+        except OSError as exc:
+            raise ListenError(
+                f"replica {cfg.rid} cannot listen on {host}:{port} (its entry in --peers): {exc.strerror or exc}"
+            ) from None
 
     # ------------------------------------------------------------------
     # Driver
@@ -337,8 +350,14 @@ class Replica:
         for cmd, result in self.applier.apply_slot(slot, batch):
             boxes = self._waiting.pop((cmd.client_id, cmd.seq), None)
             if boxes:
+                dup = result is DUPLICATE
                 reply = Result(
-                    client_id=cmd.client_id, seq=cmd.seq, result=result, slot=slot, leader=self.core.leader_hint
+                    client_id=cmd.client_id,
+                    seq=cmd.seq,
+                    result=None if dup else result,
+                    slot=slot,
+                    leader=self.core.leader_hint,
+                    duplicate=dup,
                 )
                 for box in boxes:
                     box.push(reply)

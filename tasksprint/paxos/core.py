@@ -164,6 +164,9 @@ class PaxosCore:
     _wall: float = 0.0
     # Recovery after a wiped disk.
     _recover_nonce: int = 0
+    # Nonces above this one were drawn in this life: their replies describe
+    # the others after our disk was lost, whichever query they answer.
+    _recover_nonce_base: int = 0
     _recover_replies: dict[int, RecoverReply] = attrs.Factory(dict)
     _recover_floor: Ballot | None = None
     _recover_target: int | None = None
@@ -189,6 +192,9 @@ class PaxosCore:
         core = cls(config, rid, rng, now)
         core._acceptor = Acceptor(state.promised)
         core._max_round = state.promised.round
+        # Nonces must not repeat across lives: a reply to a query sent before a
+        # crash (and a wipe) must never count as describing the cluster after it.
+        core._recover_nonce = core._recover_nonce_base = rng.getrandbits(48) << 16
         if state.snapshot_data is not None:
             core._snapshot = (state.snapshot_index, state.snapshot_data)
             core._snapshot_out = core._snapshot
@@ -274,7 +280,12 @@ class PaxosCore:
                     self._start_prevote()
                 self._maybe_catch_up()
             case Role.RECOVERING:
-                if self._recover_floor is None and self._now - self._recover_query_at >= self._config.heartbeat_interval * 4:
+                waiting = (
+                    self._recover_floor is None
+                    or self._leader_ballot is None
+                    or self._leader_ballot <= self._recover_floor
+                )
+                if waiting and self._now - self._recover_query_at >= self._config.heartbeat_interval * 4:
                     self._send_recover_query()
                 self._maybe_catch_up()
 
@@ -511,12 +522,18 @@ class PaxosCore:
         self._retry_at = self._now + self._config.heartbeat_interval
         self._reset_election_timer()
         prepare = Prepare(ballot=ballot, from_slot=self._commit + 1)
-        self._broadcast(prepare)
         # Our own promise goes through the same durable path as anyone's.
         granted, records = self._acceptor.on_prepare(prepare)
         assert granted, "a fresh ballot above everything seen must be grantable"
         self._persist.extend(records)
         self._reply_durable(self._rid, self._promise_for(prepare))
+        # The Prepare waits for that promise to be durable too.  Otherwise a
+        # crash before the fsync forgets the ballot while others promised it,
+        # and a wiped replica's recovery (which learns the ballots in use from
+        # the others' promises) could miss it: see _on_recover_reply.
+        for dst in range(self._config.replicas):
+            if dst != self._rid:
+                self._reply_durable(dst, prepare)
 
     def _promise_for(self, prepare: Prepare) -> Promise:
         chosen = tuple(
@@ -553,8 +570,9 @@ class PaxosCore:
             self._become_follower()  # try again, after a new pre-vote
             self._start_prevote()
             return
-        # Prepare or Promise may have been lost: ask again those who have not answered.
-        if self._now >= self._retry_at:
+        # Prepare or Promise may have been lost: ask again those who have not
+        # answered (once our own promise, and so the first Prepare, is out).
+        if self._now >= self._retry_at and self._phase1.has(self._rid):
             self._retry_at = self._now + self._config.heartbeat_interval
             prepare = Prepare(ballot=self._phase1.ballot, from_slot=self._phase1.from_slot)
             for dst in range(self._config.replicas):
@@ -802,40 +820,65 @@ class PaxosCore:
     # Recovery of a replica with an empty data directory
 
     def _send_recover_query(self) -> None:
+        # Also sent again once the floor is known, while no leader above it
+        # shows up: the query is what asks the leader for a fresh phase 1
+        # (see _on_recover_query), and that request, or the leader's new
+        # ballot, can be lost or overtaken.  Replies already collected stay
+        # valid: every query of this life was sent after the disk was lost.
         self._recover_query_at = self._now
         self._recover_nonce += 1
-        self._recover_replies = {}
         if self._config.replicas == 1:
             self._finish_recovery()
             return
         self._broadcast(RecoverQuery(nonce=self._recover_nonce))
 
-    def _on_recover_query(self, src: int, msg: RecoverQuery) -> None:
-        empty = (
-            self._acceptor.promised == ZERO_BALLOT
-            and not self._chosen
+    def _is_clean(self) -> bool:
+        """Whether this replica never accepted anything nor learned anything chosen.
+
+        Promises do not count: a new cluster in which some replicas finished
+        recovery and campaigned (promising ballots) before the others asked
+        must still let the others in, or the others wait forever for a leader
+        that needs their votes.  The promised ballot travels in the reply and
+        becomes the asker's floor, which is all a forgotten promise needs.
+        """
+        return (
+            not self._chosen
             and self._commit == 0
+            and self._log_start == 1
             and self._acceptor.accepted_from(1) == ()
         )
-        self._reply_durable(src, RecoverReply(nonce=msg.nonce, promised=self._acceptor.promised, empty=empty))
+
+    def _on_recover_query(self, src: int, msg: RecoverQuery) -> None:
+        clean = self._is_clean()
+        self._reply_durable(src, RecoverReply(nonce=msg.nonce, promised=self._acceptor.promised, empty=clean))
         # A recovering replica needs a leader whose phase 1 started after its
         # query; re-running phase 1 with a higher ballot gives it one.
-        if self._role is Role.LEADER and not empty and (src, msg.nonce) not in self._bumped_for:
+        if self._role is Role.LEADER and not clean and (src, msg.nonce) not in self._bumped_for:
             self._bumped_for.add((src, msg.nonce))
             self._start_phase1()
 
     def _on_recover_reply(self, src: int, msg: RecoverReply) -> None:
         if self._role is not Role.RECOVERING or self._recover_floor is not None:
             return
-        if msg.nonce != self._recover_nonce:
-            return
+        if not self._recover_nonce_base < msg.nonce <= self._recover_nonce:
+            return  # answers a query of an earlier life
         self._recover_replies[src] = msg
-        if len(self._recover_replies) < self._config.quorum:
-            return
         replies = list(self._recover_replies.values())
         if all(r.empty for r in replies):
-            # A majority of the others never promised anything: the cluster is new.
-            self._finish_recovery()
+            # The cluster is new only if *every* other replica says it never
+            # accepted or learned anything: then no value our forgotten votes
+            # helped choose can exist (its leader accepted it too).  A
+            # majority is not enough: a candidate outside it may hold our
+            # forgotten promise, and complete phase 1 with it while we vote
+            # for a lower ballot; with everyone's answer the floor covers it.
+            if len(replies) == self._config.replicas - 1:
+                floor = max(r.promised for r in replies)
+                self._max_round = max(self._max_round, floor.round)
+                # Never promise below a ballot some candidate already campaigns with.
+                self._persist.extend(self._acceptor.raise_floor(floor))
+                self._finish_recovery()
+            return
+        if len(replies) < self._config.quorum:
             return
         floor = max(r.promised for r in replies)
         self._recover_floor = floor
