@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -287,7 +288,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
         print(f"tasksprint client: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        state = trio.run(Client(config).run)
+        state = trio.run(_client_until_signalled, Client(config))
     except KeyboardInterrupt:
         return 130
     except BaseExceptionGroup as group:
@@ -301,6 +302,24 @@ def _cmd_client(args: argparse.Namespace) -> int:
         print(f"tasksprint client: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return 0 if state == "finished" else 1
+
+
+async def _client_until_signalled(client: Any) -> str:
+    """Run a worker client; SIGTERM stops it cleanly (node processes and spilled outputs go too)."""
+    state = "terminated"
+    async with trio.open_nursery() as nursery:
+
+        async def on_sigterm() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM) as signals:
+                async for _ in signals:
+                    structlog.get_logger("tasksprint.client").info("terminating", signal="SIGTERM")
+                    nursery.cancel_scope.cancel()
+                    return
+
+        nursery.start_soon(on_sigterm)
+        state = await client.run()
+        nursery.cancel_scope.cancel()
+    return state
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

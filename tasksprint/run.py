@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -93,7 +94,15 @@ class LocalRun:
             self.client_procs.append(proc)
         return proc
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop clients and replicas. Clients of an ended computation exit by
+        themselves; give them ``grace`` seconds before SIGTERM."""
+        deadline = time.monotonic() + grace
+        for p in self.client_procs:
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
         for p in self.client_procs:
             if p.poll() is None:
                 p.terminate()
@@ -171,11 +180,15 @@ def run_local(
 ) -> int:
     """Run a computation on a local cluster; see the module docstring."""
     run = LocalRun(scheduler, node, replicas, clients, slots, data, err, timeout)
+    # Ctrl-C must reach us even when started from a shell that ignores SIGINT
+    # in background jobs: we are the one who cleans up the processes.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         run.start()
         status = trio.run(run.wait_status)
     except KeyboardInterrupt:
         print("interrupted; stopping the cluster", file=err)
+        run.stop(grace=0)
         return 130
     except TimeoutError as exc:
         print(f"tasksprint run: {exc}; logs are in {run.base()}", file=err)
