@@ -177,7 +177,12 @@ class LogClient:
                 msg = await conn.receive()
                 match msg:
                     case Result(seq=seq, leader=leader):
-                        if leader is not None and leader != self._target and self._conn is conn:
+                        if (
+                            leader is not None
+                            and 0 <= leader < len(self.addrs)
+                            and leader != self._target
+                            and self._conn is conn
+                        ):
                             # Talk to the leader directly from now on: one hop less.
                             self._target = leader
                             self._conn = None

@@ -541,6 +541,13 @@ class CloseReason(enum.Enum):
         return self not in (CloseReason.HANDLER_DONE, CloseReason.PEER_CLOSED, CloseReason.CLOSED_LOCALLY)
 
 
+def _describe(exc: BaseException) -> str:
+    """The messages of the errors in ``exc``, looking inside exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(e) for e in exc.exceptions)
+    return str(exc) or type(exc).__name__
+
+
 def _reason_for(exc: BaseException) -> CloseReason | None:
     """The reason a per-connection exception closes only its connection, or None
     if it is not a connection problem (a bug that must propagate)."""
@@ -636,7 +643,7 @@ async def serve(
             found = _reason_for(exc)
             if found is None:
                 raise
-            reason, error = found, str(exc)
+            reason, error = found, _describe(exc)
         finally:
             await trio.aclose_forcefully(conn)
         # Logged after the finally so that each connection logs exactly once,
