@@ -253,7 +253,12 @@ class Client:
                 await trio.sleep(1.0)
                 continue
             if not result.get("ok"):
-                raise RuntimeError(f"the coordinator refused to let this client join: {result.get('error')}")
+                error = str(result.get("error"))
+                if "not initialized" in error:
+                    # The replicas are still starting the computation: wait for its first entry.
+                    await trio.sleep(0.2)
+                    continue
+                raise RuntimeError(f"the coordinator refused to let this client join: {error}")
             self._log.info("joined", cid=result["cid"], slots=cfg.slots, have=list(cfg.have))
             return result["cid"]
 

@@ -56,7 +56,12 @@ class CoordinatorApp:
         if self._leader_since is None:
             return None
         since = self._leader_since
-        seen = {cid: max(self._seen.get(cid, since), since) for cid, _name, _addr in self.machine.live_clients()}
+        seen = {}
+        for cid, _name, _addr in self.machine.live_clients():
+            # A client this leader has not noticed before (it just joined, or
+            # we just took over) gets a full timeout from now.
+            first = self._seen.setdefault(cid, now)
+            seen[cid] = max(first, since)
         expired = self.machine.expired_clients(seen, now)
         return {"expired": expired} if expired else None
 

@@ -38,6 +38,7 @@ class LocalRun:
     progress: TextIO | None = sys.stderr
     timeout: float | None = None
     _tmp: str | None = None
+    keep: bool = False  # keep a temporary base directory (its logs explain a failure)
     cluster: LocalCluster | None = None
     client_procs: list[subprocess.Popen] = attrs.Factory(list)
 
@@ -114,7 +115,7 @@ class LocalRun:
                 p.wait()
         if self.cluster is not None:
             self.cluster.stop()
-        if self._tmp is not None:
+        if self._tmp is not None and not self.keep:
             shutil.rmtree(self._tmp, ignore_errors=True)
 
     async def wait_status(self) -> dict[str, Any]:
@@ -141,6 +142,11 @@ class LocalRun:
                 last_line = line
             if status["state"] in ("finished", "failed"):
                 return status
+            if self.client_procs and all(p.poll() is not None for p in self.client_procs):
+                codes = ", ".join(str(p.returncode) for p in self.client_procs)
+                raise TimeoutError(
+                    f"every worker client exited (exit codes {codes}) before the computation ended"
+                )
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"the computation did not end within {self.timeout}s")
             await trio.sleep(0.2)
@@ -183,6 +189,7 @@ def run_local(
     # Ctrl-C must reach us even when started from a shell that ignores SIGINT
     # in background jobs: we are the one who cleans up the processes.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    status: dict[str, Any] | None = None
     try:
         run.start()
         status = trio.run(run.wait_status)
@@ -191,13 +198,15 @@ def run_local(
         run.stop(grace=0)
         return 130
     except TimeoutError as exc:
-        print(f"tasksprint run: {exc}; logs are in {run.base()}", file=err)
-        return 1
+        print(f"tasksprint run: {exc}", file=err)
     finally:
-        keep = run.data is not None
+        # A failed run keeps its temporary directory: the logs explain it.
+        run.keep = status is None or status["state"] != "finished"
         run.stop()
-        if keep:
+        if run.data is not None or run.keep:
             print(f"logs and data directories: {run.base()}", file=err)
+    if status is None:
+        return 1
     if status["state"] == "finished":
         print(json.dumps(status["result"]), file=out, flush=True)
         return 0
