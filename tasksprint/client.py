@@ -10,11 +10,13 @@ otherwise after ``poll_wait`` seconds; the polls themselves are what keeps
 the client alive in the leader's eyes.
 
 For each assigned task a runner fetches every input as soon as the view says
-where it is (rolling prefetch: inputs move while other pretasks still run),
-from the local object store or from the data server of the peer client that
-holds it, then runs the task on a free node process of the node pool, keeps
-all outputs in the object store, and reports completion (only the outputs
-named in the task's ``keys`` travel to the coordinator) through the log.
+where it is (rolling prefetch: the coordinator assigns a task once some of
+its inputs exist, so inputs move while other pretasks still run), from the
+local object store or from the data server of the peer client that holds
+it, then runs the task on a free node process of the node pool (a task
+waiting for inputs holds no node), keeps all outputs in the object store,
+and reports completion (only the outputs named in the task's ``keys``
+travel to the coordinator) through the log.
 Reports are commands with the client's id and a sequence number, so a retry
 after a lost answer is applied once.  A peer that cannot serve an input is
 reported as ``lost``; the coordinator then recomputes it from its lineage and
@@ -319,6 +321,12 @@ class Client:
     async def _run_task(self, run: _Run) -> None:
         tid, attempt = run.view["tid"], run.view["attempt"]
         op: dict[str, Any] | None = None
+        known = sum(1 for i in run.view["inputs"] if i["cid"] is not None)
+        self._log.info(
+            "task_assigned", tid=tid, attempt=attempt, name=run.view["name"],
+            inputs=len(run.view["inputs"]), available=known,
+        )
+        assigned_at = trio.current_time()
         with run.scope:
             try:
                 inputs = await self._gather_inputs(run)
@@ -326,7 +334,11 @@ class Client:
                 error = "; ".join(str(e) for e in group.exceptions)
                 op = {"op": "failed", "cid": self._cid, "tid": tid, "attempt": attempt, "error": error}
             else:
+                if inputs:
+                    waited = round(trio.current_time() - assigned_at, 3)
+                    self._log.info("task_inputs_ready", tid=tid, attempt=attempt, waited=waited)
                 op = await self._execute(run, inputs)
+                self._log.info("task_finished", tid=tid, attempt=attempt, ok=op["op"] == "done")
             finally:
                 if self._runs.get(tid) is run:
                     del self._runs[tid]

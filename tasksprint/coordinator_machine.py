@@ -19,12 +19,43 @@ again and recomputes, from lineage, outputs that lived only on them and are
 still needed.
 
 After each entry the machine *settles*: it recomputes lost outputs that some
-unfinished task needs, then places ready tasks on live clients with free
-slots.  A task is ready when the outputs of all its pretasks are held by
-live clients.  Placement honours ``require`` tags, prefers ``want`` tags,
-then the client already holding most bytes of the task's inputs, then the
-least loaded client, then the lowest client id.  Everything is iterated in
-sorted or log order, never in set order, so every replica places alike.
+unfinished task needs, then places tasks on live clients.
+
+Placement
+~~~~~~~~~
+A task is *ready* when the outputs of all its pretasks are held by live
+clients; it is placed on a client with a free slot.  A task is
+*prefetchable* when at least one of its inputs is available and none of its
+pretasks is waiting to be placed (each is running somewhere or done with
+its outputs held): it may be placed early, into the client's *prefetch
+allowance* of ``slots`` tasks on top of its ``slots`` running ones (early
+placement stops while ``slots`` tasks wait for inputs there or
+``2 * slots`` are placed there in all), so the client fetches each input as its pretask completes (rolling prefetch)
+while the other pretasks still run, and starts the task on a node once the
+last input is in.  Prefetch is never needed for progress: an early
+placement takes no slot and its pretasks already hold or need only normal
+slots, so a computation with few slots cannot deadlock on it.  Either way
+placement honours ``require`` tags, prefers ``want`` tags, then the client
+already holding most bytes of the task's inputs available so far, then the
+least loaded client (by tasks placed on it, prefetching ones included),
+then the lowest client id.  First one copy of every placeable task is
+placed, in task order, then the extra copies of replicated tasks.
+
+How a placed task counts: it takes one of its client's ``slots`` exactly
+while all its inputs are available, and otherwise sits in the client's
+``prefetch`` set.  So an early-placed task moves to the slots when its last
+input becomes available, even if that puts the client over its ``slots``
+(the client then runs it on the next free node, and no new task is placed
+there until it is under its slots again); the count never lies about what
+the client's nodes have to run.  A placed task whose input is lost again
+(its holder died) moves back to the prefetch set, so a recompute of that
+input can take the slot it held.  A prefetch-placed task stays placed when
+a pretask fails and is retried or its client dies (its input entry stays
+None until some attempt completes); if a pretask is killed or fails for
+good, it is killed with it, as every dependent is.
+
+Everything is iterated in sorted or log order, never in set order, so every
+replica places alike.
 
 Every result carries ``effects``: a digest of the actions this entry caused
 (hooks called, tasks started, placed, killed, ...).  The log's applier folds
@@ -61,7 +92,7 @@ from tasksprint_sdk.coordinator import _RUNTIME_ATTR, Coordinator, SchedulerUsag
 
 __all__ = ["CoordinatorMachine", "SchedulerMismatch", "TaskState", "RunState"]
 
-_SNAPSHOT_FORMAT = 1
+_SNAPSHOT_FORMAT = 2  # 2: clients carry their prefetch sets
 _SCHEDULER_CLASS_PID = "scheduler-class"
 
 
@@ -71,7 +102,7 @@ class SchedulerMismatch(StopReplica):
 
 class TaskState(enum.Enum):
     PENDING = "pending"  # waiting for inputs or for a free slot
-    RUNNING = "running"  # at least one copy placed on a client
+    RUNNING = "running"  # at least one copy placed on a client (maybe still fetching its inputs)
     DONE = "done"
     FAILED = "failed"  # failed on its last allowed attempt
     KILLED = "killed"
@@ -126,6 +157,9 @@ class _Task:
     dependents: list[int] = attrs.Factory(list)  # one entry per pretasks entry naming this task
     # Invariant: the number of pretasks entries whose outputs are not held by a live client.
     missing: int = 0
+    # Index into ``pretasks`` where _prefetchable last found one waiting to be
+    # placed; the next check starts there (a cache: it changes no decision).
+    blocker: int = 0
     reported: bool = False  # task_done was called (a lineage recompute does not call it again)
 
 
@@ -138,6 +172,10 @@ class _Client:
     tags: frozenset[str]
     alive: bool = True
     running: dict[int, None] = attrs.Factory(dict)  # tids placed here (ordered set)
+    # The tids in ``running`` that are missing an input (placed early, or an
+    # input was lost): they do not count against ``slots``.  Early placement
+    # adds tasks here while it holds fewer than ``slots`` (see _early_room).
+    prefetch: dict[int, None] = attrs.Factory(dict)
     holds: dict[int, None] = attrs.Factory(dict)  # tids whose outputs live here
     # tid -> version of its last change for this client, ordered by version
     # (an entry is moved to the end when bumped), so views can stop early.
@@ -162,7 +200,8 @@ class _State:
     next_tid: int = 1
     next_cid: int = 1
     version: int = 0
-    queue: set[int] = attrs.Factory(set)  # tids that may need a copy placed; only iterated sorted
+    # tids that may need a copy placed (ready or prefetchable); only iterated sorted
+    queue: set[int] = attrs.Factory(set)
     recheck: set[int] = attrs.Factory(set)  # lost outputs to reconsider; empty between entries
     counts: dict[TaskState, int] = attrs.Factory(lambda: {s: 0 for s in TaskState})
     result: dict[str, Any] | None = None
@@ -319,6 +358,7 @@ class CoordinatorMachine:
     # Per-entry scratch, reset before each apply/tick.
     _effects: list[list[Any]] = attrs.field(init=False, factory=list)
     _slot: int = attrs.field(init=False, default=0)
+    _woken: bool = attrs.field(init=False, default=False)  # _place: a placement queued dependents
 
     def __attrs_post_init__(self) -> None:
         if not (isinstance(self._scheduler_cls, type) and issubclass(self._scheduler_cls, Coordinator)):
@@ -671,8 +711,7 @@ class CoordinatorMachine:
                 task.missing += 1
                 if pre.state is TaskState.DONE:
                     s.recheck.add(p)  # a lost output is needed again
-        if task.missing == 0:
-            s.queue.add(tid)
+        self._maybe_queue(task)
         # The whole spec, so replicas whose schedulers started different
         # tasks (not just a different number of them) disagree on the digest.
         self._effects.append(
@@ -733,16 +772,26 @@ class CoordinatorMachine:
         client.last_change = s.version
 
     def _assign(self, task: _Task, client: _Client) -> None:
+        s = self._state
         task.copies.append(client.cid)
         client.running[task.tid] = None
+        if task.missing:
+            client.prefetch[task.tid] = None
         self._bump(client, task.tid)
+        self._effects.append(["prefetch" if task.missing else "place", task.tid, task.attempt, client.cid])
         if task.state is TaskState.PENDING:
             self._set_state(task, TaskState.RUNNING)
-        self._effects.append(["place", task.tid, task.attempt, client.cid])
+            # No longer waiting for placement: its dependents may prefetch.
+            for d in dict.fromkeys(task.dependents):
+                dep = s.tasks[d]
+                if dep.tid not in s.queue and dep.missing:
+                    self._maybe_queue(dep)
+                    self._woken = self._woken or dep.tid in s.queue
 
     def _unassign(self, client: _Client, tid: int, *, tell: bool) -> None:
         """Take ``tid`` off ``client``; ``tell`` leaves a kill order in its view."""
         client.running.pop(tid, None)
+        client.prefetch.pop(tid, None)
         if tell:
             self._bump(client, tid)
         else:
@@ -764,8 +813,16 @@ class CoordinatorMachine:
             dep = s.tasks[d]
             dep.missing += -1 if available else 1
             assert dep.missing >= 0, f"task {d} has a negative count of missing inputs"
-            if available and dep.missing == 0 and dep.state in _ACTIVE:
-                s.queue.add(d)
+            if available:
+                if dep.missing == 0:
+                    # All inputs are in: from now on it takes one of the slots.
+                    for cid in dep.copies:
+                        s.clients[cid].prefetch.pop(d, None)
+                self._maybe_queue(dep)
+            elif dep.missing == 1:
+                # An input it had is gone: it waits again, without a slot.
+                for cid in dep.copies:
+                    s.clients[cid].prefetch[d] = None
         self._bump_dependents(task)
 
     def _lose_outputs(self, task: _Task) -> None:
@@ -794,6 +851,7 @@ class CoordinatorMachine:
                 self._effects.append(["replace", tid, task.attempt])
             s.queue.add(tid)
         client.running.clear()
+        client.prefetch.clear()
         client.entries.clear()
         for tid in sorted(client.holds):
             self._lose_outputs(s.tasks[tid])
@@ -937,8 +995,7 @@ class CoordinatorMachine:
                 task.failures = 0
                 self._set_state(task, TaskState.PENDING)
                 self._effects.append(["recompute", tid, task.attempt])
-                if task.missing == 0:
-                    s.queue.add(tid)
+                self._maybe_queue(task)
                 # Its own inputs may be gone too: then they are needed now.
                 for p in task.pretasks:
                     pre = s.tasks[p]
@@ -947,33 +1004,96 @@ class CoordinatorMachine:
 
     def _place(self) -> None:
         s = self._state
-        if not s.queue:
-            return
-        free = [c for c in (s.clients[cid] for cid in s.live) if c.slots > len(c.running)]
-        # First one copy of every ready task, in task order; then the extra
-        # copies of replicated tasks, so replicas never starve other tasks.
-        for extra in (False, True):
-            if not free:
+        # Placing a task can make its dependents prefetchable (none of their
+        # pretasks waits for placement any more); they have higher tids, so
+        # another round places them in the same entry.
+        while s.queue:
+            self._woken = False
+            self._place_round(sorted(s.queue))
+            if not self._woken:
                 return
-            for tid in sorted(s.queue):
+
+    def _place_round(self, batch: list[int]) -> None:
+        s = self._state
+        live = [s.clients[cid] for cid in s.live]
+        # Clients with a free slot, and clients with room in their prefetch allowance.
+        free = [c for c in live if c.slots > self._load(c)]
+        early = [c for c in live if self._early_room(c)]
+        # First one copy of every placeable task, in task order; then the
+        # extra copies of replicated tasks, so replicas never starve other tasks.
+        for extra in (False, True):
+            for tid in batch:
+                if not free and not early:
+                    return
+                if tid not in s.queue:
+                    continue
                 task = s.tasks[tid]
-                if task.state not in _ACTIVE or task.missing or len(task.copies) >= task.replicas:
+                if task.state not in _ACTIVE or len(task.copies) >= task.replicas:
                     s.queue.discard(tid)
                     continue
                 if task.copies and not extra:
                     continue
-                local = self._local_bytes(task) if task.pretasks else {}
+                if task.missing == 0:
+                    pool, prefetch = free, False
+                elif not early:
+                    continue  # checked again once some client has prefetch room
+                elif self._prefetchable(task):
+                    pool, prefetch = early, True
+                else:
+                    # Queued again when an input arrives or a pretask is placed.
+                    s.queue.discard(tid)
+                    continue
+                if not pool:
+                    continue
+                local = self._local_bytes(task)
                 for _ in range(task.replicas - len(task.copies) if extra else 1):
-                    client = self._choose(task, free, local)
+                    client = self._choose(task, pool, local)
                     if client is None:
                         break
                     self._assign(task, client)
-                    if client.slots <= len(client.running):
-                        free.remove(client)
+                    if prefetch and not self._early_room(client):
+                        pool.remove(client)
+                    elif not prefetch and client.slots <= self._load(client):
+                        pool.remove(client)
                 if len(task.copies) >= task.replicas:
                     s.queue.discard(tid)
-                if not free:
-                    return
+
+    @staticmethod
+    def _load(client: _Client) -> int:
+        """Tasks counting against ``client``'s slots: placed there with all inputs available."""
+        return len(client.running) - len(client.prefetch)
+
+    @staticmethod
+    def _early_room(client: _Client) -> bool:
+        """Whether ``client``'s prefetch allowance takes another early placement.
+
+        Fewer than ``slots`` tasks wait for inputs there, and fewer than
+        ``2 * slots`` are placed there in all: an early-placed task moves to
+        the slots when its inputs are in, and must not free room for
+        another one beyond that bound.
+        """
+        return len(client.prefetch) < client.slots and len(client.running) < 2 * client.slots
+
+    def _prefetchable(self, task: _Task) -> bool:
+        """Some input is available and no pretask waits to be placed (each runs or is held)."""
+        n = len(task.pretasks)
+        if task.missing >= n:
+            return False
+        tasks = self._state.tasks
+        # Start at the pretask that blocked last time: a wide fan-in whose
+        # pretasks are placed one by one is then checked in linear time overall.
+        for k in range(n):
+            i = (task.blocker + k) % n
+            pre = tasks[task.pretasks[i]]
+            if pre.holder is None and pre.state is not TaskState.RUNNING:
+                task.blocker = i
+                return False
+        return True
+
+    def _maybe_queue(self, task: _Task) -> None:
+        """Queue ``task`` for placement if it may be ready or prefetchable."""
+        if task.state in _ACTIVE and (task.missing == 0 or task.missing < len(task.pretasks)):
+            self._state.queue.add(task.tid)
 
     def _local_bytes(self, task: _Task) -> dict[int, int]:
         """Bytes of ``task``'s inputs held by each client."""
@@ -1070,7 +1190,10 @@ class CoordinatorMachine:
         [{"tid", "values"}]} | None, "failure": {"kind", "hook", "tid", "cid",
         "slot", "error", "message"} | None, "tasks": {state: count, "total"},
         "clients": {"live", "dead"}, "live_clients": [{"cid", "name",
-        "addr", "slots", "running"}], "now", "seed", "version", "last_hook"}``.
+        "addr", "slots", "running", "prefetching"}], "now", "seed", "version",
+        "last_hook"}``.  A client's ``running`` counts the tasks taking its
+        slots (all inputs available), ``prefetching`` those placed there that
+        still wait for an input; both are ``running`` in the task counts.
         """
         s = self._state
         counts = {state.value: n for state, n in s.counts.items()}
@@ -1083,7 +1206,14 @@ class CoordinatorMachine:
             "tasks": counts,
             "clients": {"live": len(s.live), "dead": len(s.clients) - len(s.live)},
             "live_clients": [
-                {"cid": c.cid, "name": c.name, "addr": c.addr, "slots": c.slots, "running": len(c.running)}
+                {
+                    "cid": c.cid,
+                    "name": c.name,
+                    "addr": c.addr,
+                    "slots": c.slots,
+                    "running": self._load(c),
+                    "prefetching": len(c.prefetch),
+                }
                 for c in (s.clients[cid] for cid in s.live)
             ],
             "now": s.now,
@@ -1094,7 +1224,8 @@ class CoordinatorMachine:
 
     def task_info(self, tid: int) -> dict[str, Any] | None:
         """Everything known about task ``tid``, or None if there is no such task."""
-        task = self._state.tasks.get(tid)
+        s = self._state
+        task = s.tasks.get(tid)
         if task is None:
             return None
         return {
@@ -1114,6 +1245,8 @@ class CoordinatorMachine:
             "retries": task.retries,
             "timeout": task.timeout,
             "clients": list(task.copies),
+            # Of those, the clients where it waits for inputs (placed early).
+            "prefetching": [cid for cid in task.copies if task.tid in s.clients[cid].prefetch],
             "holder": task.holder,
             "values": None if task.values is None else dict(task.values),
             "sizes": dict(task.sizes),
@@ -1158,6 +1291,12 @@ class CoordinatorMachine:
             assert client.alive == (cid in s.live)
             for tid in client.running:
                 assert cid in s.tasks[tid].copies, f"client {cid} runs {tid} unknowingly"
+                # Exactly the placed tasks missing an input are outside the slots.
+                waiting = s.tasks[tid].missing > 0
+                assert (tid in client.prefetch) == waiting, f"client {cid}: task {tid} prefetch {not waiting}"
+            assert all(tid in client.running for tid in client.prefetch), f"client {cid} prefetch {client.prefetch}"
+            if not client.alive:
+                assert not client.running and not client.prefetch and not client.entries, f"dead client {cid}"
             for tid in client.holds:
                 assert s.tasks[tid].holder == cid
             versions = list(client.entries.values())

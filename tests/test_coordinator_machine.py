@@ -215,10 +215,17 @@ class TagScheduler(Coordinator):
 
 
 class LocalityScheduler(Coordinator):
+    """``joined`` is started once both its inputs exist (so it is never placed early)."""
+
     def init(self, seed: int) -> None:
         self.small = self.start_task("a", require=["s"])
         self.big = self.start_task("b", require=["b"])
-        self.joined = self.start_task("c", pretasks=[self.small, self.big], prekeys=["out", "out"])
+        self.done: list[int] = []
+
+    def task_done(self, tid: int, values: dict[str, Any]) -> None:
+        self.done.append(tid)
+        if len(self.done) == 2:
+            self.joined = self.start_task("c", pretasks=[self.small, self.big], prekeys=["out", "out"])
 
 
 class KillScheduler(Coordinator):
@@ -355,6 +362,87 @@ class RandomScheduler(Coordinator):
         self.spawn()
 
 
+class FanInScheduler(Coordinator):
+    """Map/reduce: ``MAPS`` maps, each reduce takes one output of every map, a merge takes the reduces."""
+
+    MAPS = 2
+    REDUCES = 1
+    RETRIES = 0
+
+    def init(self, seed: int) -> None:
+        self.failures: list[tuple[int, str]] = []
+        self.maps = [self.start_task("a", args=[i], keys=["out"], retries=self.RETRIES) for i in range(self.MAPS)]
+        self.reduces = [
+            self.start_task("r", args=[r], pretasks=self.maps, prekeys=["out"] * self.MAPS, keys=["out"])
+            for r in range(self.REDUCES)
+        ]
+        self.merge = self.start_task("g", pretasks=self.reduces, prekeys=["out"] * self.REDUCES, keys=["out"])
+
+    def task_done(self, tid: int, values: dict[str, Any]) -> None:
+        if tid == self.merge:
+            self.finish(taskids=[tid], values="merged")
+
+    def task_failed(self, tid: int, error: str) -> None:
+        self.failures.append((tid, error))
+
+
+class RetryingFanIn(FanInScheduler):
+    RETRIES = 1
+
+
+class WideFanIn(FanInScheduler):
+    MAPS = 12
+    REDUCES = 3
+
+
+class Shuffle(FanInScheduler):
+    MAPS = 3
+    REDUCES = 3
+
+
+class DiamondScheduler(Coordinator):
+    """a -> (b, c) -> d."""
+
+    def init(self, seed: int) -> None:
+        self.a = self.start_task("a", keys=["out"])
+        self.b = self.start_task("b", pretasks=[self.a], prekeys=["out"], keys=["out"])
+        self.c = self.start_task("c", pretasks=[self.a], prekeys=["out"], keys=["out"])
+        self.d = self.start_task("d", pretasks=[self.b, self.c], prekeys=["out", "out"], keys=["out"])
+
+    def task_done(self, tid: int, values: dict[str, Any]) -> None:
+        if tid == self.d:
+            self.finish(taskids=[tid], values="diamond")
+
+
+class PrefetchLocalityScheduler(Coordinator):
+    """``joined`` reads ``small`` and ``big``, and ``late``, which only a client tagged "l" runs."""
+
+    def init(self, seed: int) -> None:
+        self.small = self.start_task("a", require=["s"])
+        self.big = self.start_task("b", require=["b"])
+        self.late = self.start_task("c", require=["l"])
+        self.joined = self.start_task("d", pretasks=[self.small, self.big, self.late], prekeys=["out", "out", None])
+
+
+class RandomDag(Coordinator):
+    """A random DAG (up to three pretasks each, some failing once); finishes when every task is done."""
+
+    def init(self, seed: int) -> None:
+        r = self.random
+        self.tids: list[int] = []
+        for _ in range(r.randint(3, 14)):
+            pre = r.sample(self.tids, r.randint(0, min(3, len(self.tids))))
+            name = r.choice("abcdefg")
+            tid = self.start_task(name, pretasks=pre, prekeys=["out"] * len(pre), keys=["out"], retries=1)
+            self.tids.append(tid)
+        self.left = set(self.tids)
+
+    def task_done(self, tid: int, values: dict[str, Any]) -> None:
+        self.left.discard(tid)
+        if not self.left:
+            self.finish(taskids=[self.tids[-1]], values=len(self.tids))
+
+
 # ------------------------------------------------------------------ tests
 
 
@@ -429,6 +517,307 @@ def test_placement_prefers_the_client_holding_most_input_bytes(small_size: int, 
         result = h.op({"op": "done", "cid": cid, "tid": tid, "attempt": 1, "values": {}, "sizes": sizes})
         assert result["accepted"]
     assert h.machine.task_info(sched.joined)["clients"] == [cids[winner]]
+
+
+# ----------------------------------------------------------- rolling prefetch
+
+
+def names(tasks: list[dict[str, Any]]) -> list[int]:
+    return [t["tid"] for t in tasks]
+
+
+def test_a_dependent_is_placed_early_once_its_first_pretask_is_done() -> None:
+    sim = Sim(FanInScheduler, ECHO)
+    sched = sim.machine.scheduler
+    m1, m2 = sched.maps
+    [red] = sched.reduces
+    x = sim.join("x", slots=1)
+    y = sim.join("y", slots=1)
+    assert names(sim.poll(x)["tasks"]) == [m1] and names(sim.poll(y)["tasks"]) == [m2]
+    assert sim.machine.task_info(red)["state"] == "pending"  # no input is available yet
+
+    sim.complete(x, m1)
+    # m2 still runs on y; the reduce goes to x, which holds the input that exists.
+    assert sim.machine.task_info(m2)["state"] == "running"
+    view = sim.poll(x)
+    assert names(view["tasks"]) == [red]
+    assert view["tasks"][0]["inputs"] == [
+        {"tid": m1, "key": "out", "cid": x, "addr": "x:7000"},
+        {"tid": m2, "key": "out", "cid": None, "addr": None},
+    ]
+    info = sim.machine.task_info(red)
+    assert (info["state"], info["clients"], info["prefetching"]) == ("running", [x], [x])
+    # Early placement takes no slot: x's one slot is still free.
+    assert [(c["running"], c["prefetching"]) for c in sim.h.status["live_clients"]] == [(0, 1), (1, 0)]
+    assert sim.runnable(x) == []
+
+    # The second input appearing changes x's view, so a waiting long-poll wakes.
+    before = sim.seen[x]
+    assert sim.machine.client_version(x) == before
+    sim.complete(y, m2)
+    assert sim.machine.client_version(x) > before
+    delta = sim.machine.view(x, before)
+    assert names(delta["tasks"]) == [red] and delta["version"] > before
+    assert delta["tasks"][0]["inputs"][1] == {"tid": m2, "key": "out", "cid": y, "addr": "y:7000"}
+    # With every input in, it counts against x's slots.
+    assert sim.machine.task_info(red)["prefetching"] == []
+    assert [(c["running"], c["prefetching"]) for c in sim.h.status["live_clients"]] == [(1, 0), (0, 0)]
+    sim.run()
+    assert sim.h.status["result"]["values"] == "merged"
+    assert sim.machine.task_info(red)["holder"] == x
+
+
+def test_no_early_placement_while_a_pretask_waits_to_be_placed() -> None:
+    sim = Sim(PrefetchLocalityScheduler, ECHO)
+    sched = sim.machine.scheduler
+    s_, b = sim.join("s", slots=2, have=("s",)), sim.join("b", slots=2, have=("b",))
+    sim.poll(s_), sim.poll(b)
+    sim.complete(s_, sched.small)
+    sim.complete(b, sched.big)
+    # Two of three inputs exist, but ``late`` has no client to run on.
+    assert sim.machine.task_info(sched.late)["state"] == "pending"
+    assert sim.machine.task_info(sched.joined)["state"] == "pending"
+    assert sim.poll(s_)["tasks"] == [] and sim.poll(b)["tasks"] == []
+    # The entry that places ``late`` also places ``joined``, early.
+    late = sim.join("late", slots=1, have=("l",))
+    assert names(sim.poll(late)["tasks"]) == [sched.late]
+    assert sim.machine.task_info(sched.joined)["prefetching"] != []
+
+
+@pytest.mark.parametrize(("small_size", "big_size", "winner"), [(10, 5000, "b"), (5000, 10, "s")])
+def test_early_placement_prefers_the_client_holding_most_bytes_available_so_far(
+    small_size: int, big_size: int, winner: str
+) -> None:
+    h = Harness(PrefetchLocalityScheduler)
+    h.init()
+    cids = {}
+    for name, tags in (("s", ["s"]), ("b", ["b"]), ("free", [])):
+        cids[name] = h.op({"op": "join", "client": name, "addr": f"{name}:1", "slots": 4, "have": tags})["cid"]
+    sched = h.machine.scheduler
+    for tid, cid, size in ((sched.small, cids["s"], small_size), (sched.big, cids["b"], big_size)):
+        sizes = {"out": size, "log": 10**6}
+        assert h.op({"op": "done", "cid": cid, "tid": tid, "attempt": 1, "values": {}, "sizes": sizes})["accepted"]
+    assert h.machine.task_info(sched.joined)["state"] == "pending"
+    h.op({"op": "join", "client": "l", "addr": "l:1", "slots": 1, "have": ["l"]})
+    info = h.machine.task_info(sched.joined)
+    assert info["clients"] == info["prefetching"] == [cids[winner]]
+    h.machine.check_invariants()
+
+
+def finish_in_random_order(sim: Sim, rng: random.Random, fail_rate: float = 0.0, max_steps: int = 2000) -> list[int]:
+    """Complete (or fail) one runnable task at a time, chosen by ``rng``, until the computation ends.
+
+    Checks the invariants and that no client ever has more than twice its
+    slots placed (its slots plus its prefetch allowance).  Returns the tids
+    in the order they were first assigned.
+    """
+    first_seen: dict[int, None] = {}
+    for _ in range(max_steps):
+        if sim.machine.run_state is not RunState.RUNNING:
+            return list(first_seen)
+        work = []
+        for cid, _name, _addr in sim.machine.live_clients():
+            sim.poll(cid)
+            first_seen.update(dict.fromkeys(sorted(sim.assigned[cid])))
+            slots = next(c["slots"] for c in sim.h.status["live_clients"] if c["cid"] == cid)
+            assert len(sim.assigned[cid]) <= 2 * slots, (cid, sorted(sim.assigned[cid]))
+            work += [(cid, tid) for tid in sim.runnable(cid)]
+        assert work, f"deadlock: nothing runnable, status {sim.h.status['tasks']}"
+        cid, tid = rng.choice(work)
+        if rng.random() < fail_rate and sim.machine.task_info(tid)["failures"] == 0:
+            sim.fail(cid, tid)
+        else:
+            sim.complete(cid, tid)
+        sim.machine.check_invariants()
+    raise AssertionError("the computation did not finish")
+
+
+@pytest.mark.parametrize("cls", [DiamondScheduler, FanInScheduler, WideFanIn])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_one_client_with_one_slot_runs_any_dag_to_the_end(cls: type[Coordinator], seed: int) -> None:
+    sim = Sim(cls, ECHO, seed=seed)
+    sim.join("only", slots=1)
+    finish_in_random_order(sim, random.Random(seed))
+    assert sim.h.status["state"] == "finished"
+    assert sim.h.status["tasks"]["done"] == sim.h.status["tasks"]["total"]
+
+
+def test_with_one_slot_reduces_are_placed_early_once_the_last_map_is_placed() -> None:
+    sim = Sim(WideFanIn, ECHO)
+    sched = sim.machine.scheduler
+    cid = sim.join("only", slots=1)
+    *first, last = sched.maps
+    for m in first:
+        assert names(sim.poll(cid)["tasks"]) == [m]
+        # Later maps still wait for the slot: the reduces must not be placed yet.
+        assert all(sim.machine.task_info(r)["state"] == "pending" for r in sched.reduces)
+        sim.complete(cid, m)
+    # The last map took the slot; the first reduce fills the prefetch allowance.
+    assert names(sim.poll(cid)["tasks"]) == [last, sched.reduces[0]]
+    assert sim.machine.task_info(sched.reduces[0])["prefetching"] == [cid]
+    assert sim.machine.task_info(sched.reduces[1])["state"] == "pending"
+    sim.complete(cid, last)
+    assert sim.machine.task_info(sched.reduces[0])["prefetching"] == []
+    sim.run()
+    assert sim.h.status["result"]["values"] == "merged"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**32),
+    slots=st.lists(st.integers(1, 2), min_size=1, max_size=3),
+    fail_rate=st.sampled_from([0.0, 0.2]),
+)
+def test_random_dags_finish_with_few_slots(seed: int, slots: list[int], fail_rate: float) -> None:
+    sim = Sim(RandomDag, ECHO, seed=seed)
+    for i, n in enumerate(slots):
+        sim.join(f"c{i}", slots=n)
+    finish_in_random_order(sim, random.Random(seed), fail_rate=fail_rate)
+    assert sim.h.status["state"] == "finished"
+
+
+def test_a_pretask_retried_or_replaced_keeps_the_early_placed_dependent_waiting() -> None:
+    sim = Sim(RetryingFanIn, ECHO)
+    sched = sim.machine.scheduler
+    m1, m2 = sched.maps
+    [red] = sched.reduces
+    x = sim.join("x", slots=1)
+    y = sim.join("y", slots=1)
+    sim.poll(x), sim.poll(y)
+    sim.complete(x, m1)
+    assert names(sim.poll(x)["tasks"]) == [red]
+    attempt = sim.machine.task_info(red)["attempt"]
+
+    # m2 fails once: retried; the reduce stays where it is, still waiting.
+    sim.fail(y, m2)
+    assert sim.machine.task_info(m2)["attempt"] == 2
+    info = sim.machine.task_info(red)
+    assert (info["clients"], info["prefetching"], info["attempt"]) == ([x], [x], attempt)
+    assert sim.poll(x)["kill"] == []
+    # m2's client dies: m2 is placed again (on x, whose slot is free), the reduce still waits.
+    sim.h.tick(expired=(y,))
+    assert sim.machine.task_info(m2)["clients"] == [x]
+    assert sim.machine.task_info(red)["prefetching"] == [x]
+    view = sim.poll(x)
+    assert names(view["tasks"]) == [m2] and view["kill"] == []
+    assert sim.assigned[x][red]["inputs"][1]["cid"] is None
+    sim.run()
+    assert sim.h.status["result"]["values"] == "merged"
+    assert sim.machine.task_info(red)["attempt"] == attempt
+
+
+def test_a_pretask_failing_for_good_kills_the_early_placed_dependent() -> None:
+    sim = Sim(FanInScheduler, ECHO)
+    sched = sim.machine.scheduler
+    m1, m2 = sched.maps
+    [red] = sched.reduces
+    x = sim.join("x", slots=1)
+    y = sim.join("y", slots=1)
+    sim.poll(x), sim.poll(y)
+    sim.complete(x, m1)
+    assert names(sim.poll(x)["tasks"]) == [red]
+    sim.fail(y, m2, "no luck")
+    assert sched.failures == [(m2, "no luck")]
+    assert sim.machine.task_info(red)["state"] == "killed" and sim.machine.task_info(sched.merge)["state"] == "killed"
+    assert sim.poll(x)["kill"] == [red]
+    assert [(c["running"], c["prefetching"]) for c in sim.h.status["live_clients"]] == [(0, 0), (0, 0)]
+    sim.machine.check_invariants()
+
+
+def test_client_death_places_its_early_placed_tasks_again() -> None:
+    sim = Sim(FanInScheduler, ECHO)
+    sched = sim.machine.scheduler
+    m1, m2 = sched.maps
+    [red] = sched.reduces
+    x = sim.join("x", slots=1)
+    y = sim.join("y", slots=1)
+    sim.poll(x), sim.poll(y)
+    sim.complete(x, m1)
+    assert sim.machine.task_info(red)["prefetching"] == [x]
+    # x dies with the reduce waiting there and m1's output: m1 is recomputed,
+    # the reduce waits for a new placement (no input exists now).
+    sim.h.tick(expired=(x,))
+    info = sim.machine.task_info(red)
+    assert (info["state"], info["attempt"], info["clients"]) == ("pending", 2, [])
+    assert sim.machine.task_info(m1)["state"] == "pending"
+    # m2 finishes on y: the reduce goes there early, before m1 is recomputed.
+    sim.complete(y, m2)
+    info = sim.machine.task_info(red)
+    assert (info["clients"], info["prefetching"]) == ([y], [y])
+    assert sim.machine.task_info(m1)["clients"] == [y]  # y's slot was free for the recompute
+    task = sim.poll(y)["tasks"]
+    assert names(task) == [m1, red] and task[1]["attempt"] == 2
+    late = sim.h.op({"op": "done", "cid": x, "tid": red, "attempt": 1, "values": {}, "sizes": {}})
+    assert late["accepted"] is False
+    sim.run()
+    assert sim.h.status["result"]["values"] == "merged"
+
+
+def test_a_placed_task_whose_input_is_lost_gives_its_slot_to_the_recompute() -> None:
+    sim = Sim(FanInScheduler, ECHO)
+    sched = sim.machine.scheduler
+    m1, m2 = sched.maps
+    [red] = sched.reduces
+    x = sim.join("x", slots=1)
+    y = sim.join("y", slots=1)
+    sim.poll(x), sim.poll(y)
+    sim.complete(x, m1)
+    sim.complete(y, m2)
+    assert sim.machine.task_info(red)["clients"] == [x] and sim.machine.task_info(red)["prefetching"] == []
+    # y dies with m2's output; the reduce on x now misses an input again,
+    # so it gives up x's only slot, and m2's recompute runs there.
+    sim.h.tick(expired=(y,))
+    assert sim.machine.task_info(red)["prefetching"] == [x]
+    assert sim.machine.task_info(m2)["clients"] == [x]
+    sim.run()
+    assert sim.h.status["result"]["values"] == "merged"
+
+
+def test_check_invariants_catches_broken_prefetch_bookkeeping() -> None:
+    sim = Sim(FanInScheduler, ECHO)
+    sched = sim.machine.scheduler
+    x = sim.join("x", slots=1)
+    sim.poll(x)
+    sim.complete(x, sched.maps[0])
+    sim.machine.check_invariants()
+    client = sim.machine._state.clients[x]
+    red = sched.reduces[0]
+    del client.prefetch[red]
+    with pytest.raises(AssertionError, match=f"task {red} prefetch"):
+        sim.machine.check_invariants()
+    client.prefetch[red] = None
+    client.prefetch[sched.merge] = None
+    with pytest.raises(AssertionError):
+        sim.machine.check_invariants()
+
+
+def test_snapshot_carries_early_placements() -> None:
+    sim = Sim(Shuffle, ECHO)
+    sched = sim.machine.scheduler
+    x = sim.join("x", slots=2)
+    y = sim.join("y", slots=1)
+    for cid in (x, y):
+        sim.poll(cid)
+    sim.complete(x, sched.maps[0])
+    cut = len(sim.h.batches)
+    snap = sim.h.applier.snapshot()
+    prefetching = {t: sim.machine.task_info(t)["prefetching"] for t in sched.reduces}
+    # x holds the one input there is: its allowance takes two reduces, y's the third.
+    assert list(prefetching.values()) == [[x], [x], [y]]
+    sim.run()
+    assert sim.h.status["state"] == "finished"
+
+    fresh = Applier(CoordinatorMachine(Shuffle))
+    fresh.restore(snap)
+    restored = fresh.machine
+    assert isinstance(restored, CoordinatorMachine)
+    restored.check_invariants()
+    assert {t: restored.task_info(t)["prefetching"] for t in sched.reduces} == prefetching
+    for batch in sim.h.batches[cut:]:
+        fresh.apply_slot(fresh.applied + 1, batch)
+        restored.check_invariants()
+    assert fresh.digest == sim.h.applier.digest
+    assert restored.status() == sim.machine.status()
 
 
 def test_kill_task_kills_everything_that_depends_on_it() -> None:
