@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test soak bench clean
+.PHONY: install demo test soak jepsen-soak bench clean
 
 $(BIN)/tasksprint: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,10 +18,16 @@ demo: install
 		--node "python examples/montecarlo/node.py" --replicas 3 --clients 2
 
 test: install
+	@# The fault-injection tests need iptables and iproute2 (installed as root).
+	@if [ "$$(id -u)" = 0 ]; then sh jepsen/setup.sh; fi
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 soak: install
 	TASKSPRINT_SIM_SEEDS=100000 $(BIN)/python -m pytest -q -p no:cacheprovider -m soak tests/test_simulation.py
+
+jepsen-soak: install
+	sh jepsen/setup.sh
+	$(BIN)/python jepsen/run --scenario all --time 600
 
 bench: install
 	$(BIN)/python bench/log.py

@@ -219,7 +219,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
             try:
                 st = await client.status(addr)
                 out.append({"address": f"{addr[0]}:{addr[1]}", "reachable": True, **_status_dict(st)})
-            except (OSError, trio.TooSlowError, wire.BadMessage) as exc:
+            except wire.NETWORK_ERRORS as exc:
                 out.append({"address": f"{addr[0]}:{addr[1]}", "reachable": False, "error": str(exc)})
         return out
 
@@ -259,7 +259,7 @@ def _query_any(addrs: list, secret: bytes, name: str, query_args: dict) -> Any:
         for addr in addrs:
             try:
                 return await client.query(name, query_args, addr=addr)
-            except (OSError, trio.TooSlowError, wire.BadMessage, RuntimeError):
+            except (*wire.NETWORK_ERRORS, RuntimeError):
                 continue
         return None
 

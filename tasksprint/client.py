@@ -226,7 +226,11 @@ class Client:
                 self.data_port = listeners[0].socket.getsockname()[1]
                 self._pool = NodePool(cfg.node_command, cfg.slots, cwd=cfg.node_cwd)
                 await self._pool.start(nursery)
-                async with LogClient(list(cfg.coordinators), cfg.secret, client_id=cfg.name) as lc:
+                # The log session id must be new in every process: a restarted
+                # client that reused one would have its first commands taken
+                # for duplicates of the previous life's.
+                session = f"{cfg.name}-{os.urandom(4).hex()}"
+                async with LogClient(list(cfg.coordinators), cfg.secret, client_id=session) as lc:
                     self._lc = lc
                     task_status.started(self)
                     state = await self._work()
@@ -275,7 +279,7 @@ class Client:
                 view = await channel.ask(
                     "view", {"cid": self._cid, "after": version, "wait": cfg.poll_wait}, timeout=cfg.poll_wait + 5
                 )
-            except (OSError, trio.TooSlowError, wire.BadMessage, wire.ConnectionClosed, RuntimeError) as exc:
+            except (*wire.NETWORK_ERRORS, RuntimeError) as exc:
                 if channel.failures >= len(cfg.coordinators):
                     self._log.warning("coordinators_unreachable", error=str(exc), retry_in=f"{backoff:.2f}s")
                 await trio.sleep(backoff)
@@ -409,7 +413,7 @@ class Client:
                     raise InputError(str(exc.args[0])) from None
             try:
                 return await self._fetch_remote(addr, ptid, key)
-            except (OSError, trio.TooSlowError, wire.BadMessage, wire.ConnectionClosed, LookupError) as exc:
+            except (*wire.NETWORK_ERRORS, LookupError) as exc:
                 failures += 1
                 self._log.info("fetch_failed", tid=ptid, holder=holder, addr=addr, error=str(exc), attempt=failures)
                 if failures >= 3:

@@ -152,7 +152,7 @@ class LogClient:
             try:
                 with trio.fail_after(self.connect_timeout):
                     conn = await wire.connect(host, port, secret=self.secret, role="client", ident=self.client_id)
-            except (OSError, trio.TooSlowError, wire.BadMessage) as exc:
+            except wire.NETWORK_ERRORS as exc:
                 log.debug("replica_unreachable", replica=f"{host}:{port}", error=str(exc))
                 return None
             self._conn = conn
@@ -201,7 +201,7 @@ class LogClient:
                             self._nursery.start_soon(self._send, p)
                     case _:
                         log.warning("unexpected_reply", type=type(msg).__name__)
-        except (wire.ConnectionClosed, wire.BadMessage, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        except wire.NETWORK_ERRORS:
             if self._conn is conn:
                 self._drop_conn()
                 # Resend everything outstanding to the next replica right away.

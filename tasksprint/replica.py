@@ -452,7 +452,7 @@ class Replica:
                     ident=str(self.config.rid),
                     max_frame=self.config.max_frame,
                 )
-            except (OSError, trio.TooSlowError, wire.BadMessage) as exc:
+            except wire.NETWORK_ERRORS as exc:
                 box.clear()  # stale protocol messages are worthless once the peer is back
                 await trio.sleep(delay)
                 delay = min(delay * 2, 0.5)

@@ -130,7 +130,7 @@ class LocalRun:
             try:
                 st = await client.status(addr)
                 status = await client.query("status", addr=addr)
-            except (OSError, trio.TooSlowError, wire.BadMessage, RuntimeError):
+            except (*wire.NETWORK_ERRORS, RuntimeError):
                 i += 1
                 await trio.sleep(0.2)
                 continue

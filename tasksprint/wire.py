@@ -137,6 +137,18 @@ class SecretError(Exception):
     """The cluster secret file is missing, unreadable or empty."""
 
 
+#: Everything a failed or refused connection to a peer can raise: callers
+#: that retry elsewhere catch exactly these.
+NETWORK_ERRORS = (
+    OSError,
+    trio.TooSlowError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    BadMessage,
+    ConnectionClosed,
+)
+
+
 # --------------------------------------------------------------------------
 # Handshake messages
 

@@ -31,11 +31,17 @@ entries (CatchupRequest), or receives a snapshot if those were truncated.
 Wiped disk: a replica whose data directory holds no initialized state may
 have forgotten promises it made.  It neither votes nor accepts until it has
 (1) learned from a majority of the other replicas the highest ballot B they
-promised (if all of them are empty, the cluster is new and it starts
-normally), (2) seen a leader with a ballot above B finish phase 1, and
+promised, (2) seen a leader with a ballot above B finish phase 1, and
 (3) caught up its chosen log to that leader's phase-1 top slot.  Every value
 its forgotten votes could have helped choose is then in its chosen log (see
-docs/architecture.md for the argument).
+docs/architecture.md for the argument).  It keeps asking until such a leader
+shows up, since its question is what makes the leader run phase 1 again.
+If instead *every* other replica answers that it never accepted nor learned
+anything, the cluster is new: the replica promises the highest ballot they
+report and starts at once.  A new cluster therefore starts only once all its
+replicas have run (a majority would not do: a candidate outside it could hold
+a promise the asking replica forgot).  Candidates send Prepare only once their
+own promise is durable, so a ballot in use is always known to its candidate.
 """
 
 from __future__ import annotations
@@ -790,6 +796,13 @@ class PaxosCore:
             self._send(src, CatchupReply(entries=tuple(entries), commit=self._commit))
 
     def _on_catchup_reply(self, src: int, msg: CatchupReply) -> None:
+        if self._role in (Role.LEADER, Role.CANDIDATE):
+            # Only followers ask; this answers a request from before we ran
+            # phase 1.  A leader must not take it: a slot it learns this way
+            # may hold another value than its own proposal there (chosen by a
+            # higher ballot it has not heard of yet), and followers that
+            # accepted that proposal would read our commit index as "chosen".
+            return
         for p in msg.entries:
             if p.slot > self._commit:
                 self._learn(p.slot, p.value)
@@ -802,8 +815,8 @@ class PaxosCore:
             self._check_recovered()
 
     def _on_snapshot(self, src: int, msg: SnapshotInstall) -> None:
-        if msg.index <= self._commit:
-            return
+        if msg.index <= self._commit or self._role in (Role.LEADER, Role.CANDIDATE):
+            return  # see _on_catchup_reply
         self._snapshot = (msg.index, msg.data)
         self._snapshot_out = self._snapshot
         self._persist.append(SaveSnapshot(msg.index, msg.data, msg.index))

@@ -1,0 +1,108 @@
+"""Checkers: each returns {"ok": bool, ...evidence}."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+from jepsen.harness.monitor import probe_replicas
+from jepsen.workload.scheduler import expected_totals
+
+RECOVERY_BOUND = 30.0
+
+
+def exactly_once(comp: dict | None) -> dict[str, Any]:
+    """Every started task completed exactly once (task_done tids: none missing, none duplicated)."""
+    values = _values(comp)
+    if values is None:
+        return {"ok": False, "error": "no result (computation did not finish)"}
+    started, done, records = values["started"], values["done"], values["records"]
+    dup = sorted(t for t, n in Counter(done).items() if n > 1)
+    missing = sorted(set(started) - set(done))
+    unknown = sorted(set(done) - set(started))
+    bad_records = [r for t, r in zip(done, records) if not (isinstance(r, list) and len(r) == 3 and r[0] == t)]
+    counts = comp.get("tasks", {})
+    count_ok = counts.get("done") == len(started) == counts.get("total")
+    attempts = Counter(r[1] for r in records if isinstance(r, list))
+    return {
+        "ok": not dup and not missing and not unknown and not bad_records and count_ok,
+        "started": len(started), "done": len(done), "duplicated": dup, "missing": missing,
+        "unknown": unknown, "bad_records": bad_records[:10], "task_counts": counts,
+        "completions_by_client": dict(Counter(r[2] for r in records if isinstance(r, list))),
+        "completions_by_attempt": {str(k): v for k, v in sorted(attempts.items())},
+    }
+
+
+def result_correct(comp: dict | None, seed: int, width: int) -> dict[str, Any]:
+    """The final totals equal what the seed alone gives."""
+    if comp is None:
+        return {"ok": False, "error": "no computation status"}
+    if comp.get("state") != "finished":
+        return {"ok": False, "state": comp.get("state"), "failure": comp.get("failure")}
+    values = _values(comp)
+    waves = values["waves"]
+    expected = expected_totals(seed, waves, width)
+    return {"ok": waves >= 1 and values["totals"] == expected, "waves": waves,
+            "final": values["totals"][-1] if values["totals"] else None, "expected_final": expected[-1] if expected else None}
+
+
+def converge(addrs, secret, timeout: float = 30.0) -> dict[str, Any]:
+    """Poll every replica until all report the same applied index and digest.
+
+    Also: any two replicas ever seen at the same applied index with different
+    digests is a violation, however they end up.
+    """
+    seen: dict[int, dict[str, set]] = {}
+    deadline = time.monotonic() + timeout
+    rounds = 0
+    last: list = []
+    while time.monotonic() < deadline:
+        rounds += 1
+        statuses = probe_replicas(addrs, secret)
+        last = statuses
+        for s in statuses:
+            if s is not None and s["digest"]:
+                seen.setdefault(s["applied"], {}).setdefault(s["digest"], set()).add(s["rid"])
+        if all(s is not None for s in statuses) and len({(s["applied"], s["digest"]) for s in statuses}) == 1:
+            break
+        time.sleep(0.02)
+    conflicts = {a: {d: sorted(r) for d, r in ds.items()} for a, ds in seen.items() if len(ds) > 1}
+    agreed = all(s is not None for s in last) and len({(s["applied"], s["digest"]) for s in last}) == 1
+    return {"ok": agreed and not conflicts, "converged": agreed, "rounds": rounds, "conflicts": conflicts,
+            "final": [None if s is None else {k: s[k] for k in ("rid", "role", "applied", "digest")} for s in last]}
+
+
+def recovery(progress: list[tuple[float, int, str]], heal_times: list[float], bound: float = RECOVERY_BOUND) -> dict:
+    """Seconds from each heal until the done count next increases (or the computation ends)."""
+    per_fault = []
+    for h in heal_times:
+        before = [p for p in progress if p[0] <= h]
+        if before and before[-1][2] in ("finished", "failed"):
+            per_fault.append({"heal": h, "recovery": 0.0, "note": "finished before the heal"})
+            continue
+        base = before[-1][1] if before else 0
+        after = next((p for p in progress if p[0] > h and (p[1] > base or p[2] in ("finished", "failed"))), None)
+        per_fault.append({"heal": h, "recovery": None if after is None else round(after[0] - h, 3)})
+    last = per_fault[-1] if per_fault else None
+    ok = last is not None and last["recovery"] is not None and last["recovery"] <= bound
+    return {"ok": ok, "bound": bound, "after_last_heal": None if last is None else last["recovery"],
+            "max": max((f["recovery"] for f in per_fault if f["recovery"] is not None), default=None),
+            "per_fault": per_fault}
+
+
+def clients_stay_up(exits: list[dict]) -> dict[str, Any]:
+    """No worker client process died on its own (rc != 0) while the computation ran.
+
+    The harness restarts such a client so the other checkers still mean
+    something, but a fault elsewhere (a replica killed, a partition) must not
+    take a worker down.
+    """
+    bad = [e for e in exits if e["proc"].startswith("c") and e["rc"] != 0]
+    return {"ok": not bad, "unexpected_client_exits": bad}
+
+
+def _values(comp: dict | None) -> dict | None:
+    if not comp or not comp.get("result"):
+        return None
+    return comp["result"].get("values")
