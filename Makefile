@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 $(BIN)/tasksprint: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
 install: $(BIN)/tasksprint
@@ -30,7 +30,9 @@ jepsen-soak: install
 	$(BIN)/python jepsen/run --scenario all --time 600
 
 bench: install
+	$(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/python bench/log.py
+	$(BIN)/python bench/tasks.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
