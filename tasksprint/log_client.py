@@ -44,7 +44,7 @@ class LogClient:
     addrs: list[tuple[str, int]]
     secret: bytes
     client_id: str = attrs.Factory(lambda: os.urandom(8).hex())
-    attempt_timeout: float = 1.0
+    attempt_timeout: float = 0.5
     connect_timeout: float = 1.0
     _seq: itertools.count = attrs.Factory(lambda: itertools.count(1))
     _pending: dict[int, _Pending] = attrs.Factory(dict)

@@ -217,6 +217,9 @@ class Replica:
     _wake: trio.Event = attrs.Factory(trio.Event)
     _peer_out: dict[int, Outbox] = attrs.Factory(dict)
     _waiting: dict[tuple[str, int], list[Outbox]] = attrs.Factory(dict)
+    # The commands behind _waiting, to propose again when the leader changes:
+    # one forwarded to a leader that died (or was not leader yet) is lost.
+    _commands: dict[tuple[str, int], Command] = attrs.Factory(dict)
     _digests: collections.OrderedDict = attrs.Factory(collections.OrderedDict)
     _peer_digests: collections.OrderedDict = attrs.Factory(collections.OrderedDict)
     _since_snapshot: int = 0
@@ -348,6 +351,7 @@ class Replica:
 
     def _apply(self, slot: int, batch) -> None:
         for cmd, result in self.applier.apply_slot(slot, batch):
+            self._commands.pop((cmd.client_id, cmd.seq), None)
             boxes = self._waiting.pop((cmd.client_id, cmd.seq), None)
             if boxes:
                 dup = result is DUPLICATE
@@ -398,6 +402,13 @@ class Replica:
         core = self.core
         now = (core.role, core.ballot)
         if now != self._last_role:
+            if self._last_role is not None and now[1] != self._last_role[1] and self._commands:
+                # A new leader (or ballot): propose again what our clients still
+                # wait for. The session table applies each command once.
+                for cmd in list(self._commands.values()):
+                    if not core.propose(cmd):
+                        break
+                self._poke()
             was_leader = self._last_role is not None and self._last_role[0] is Role.LEADER
             if was_leader != (core.role is Role.LEADER):
                 self.app.role_changed(core.role is Role.LEADER, time.monotonic())
@@ -524,6 +535,7 @@ class Replica:
                         boxes.remove(box)
                         if not boxes:
                             del self._waiting[key]
+                            self._commands.pop(key, None)
                 nursery.cancel_scope.cancel()
 
     def _handle_client_message(self, msg: Any, box: Outbox, mine: list) -> None:
@@ -533,6 +545,7 @@ class Replica:
                 if core.propose(cmd):
                     key = (cmd.client_id, cmd.seq)
                     self._waiting.setdefault(key, []).append(box)
+                    self._commands[key] = cmd
                     mine.append(key)
                     if len(mine) > 4096:
                         del mine[:2048]  # the oldest are answered or abandoned by now
