@@ -1,0 +1,671 @@
+"""One test per protocol claim of the Multi-Paxos core, scripted delivery by delivery.
+
+Each test builds a small cluster from ``tests/sim.py`` whose network is a
+:class:`~tests.sim.ManualNet`: nothing arrives unless the test delivers it,
+time moves only when the test moves it, and the simulator's checker still
+watches agreement, validity and exactly-once on every step.  The tests at the
+end replay, by hand, the bugs the randomized simulation found.
+"""
+
+from __future__ import annotations
+
+import random
+
+import attrs
+
+from tasksprint.machine import Applier, KVMachine
+from tasksprint.paxos.core import PaxosCore, Role
+from tasksprint.paxos.durable import (
+    DurableState,
+    LogRow,
+    MarkInitialized,
+    SaveAccepted,
+    SavePromise,
+)
+from tasksprint.paxos.messages import (
+    NOOP,
+    Accept,
+    Accepted,
+    Ballot,
+    Batch,
+    CatchupReply,
+    CatchupRequest,
+    Command,
+    Heartbeat,
+    Prepare,
+    PreVote,
+    PreVoteReply,
+    Promise,
+    Proposal,
+    RecoverQuery,
+    RecoverReply,
+    SnapshotInstall,
+    Tick,
+)
+from tests.sim import Cluster, ManualNet, sim_config
+
+ET = 0.3  # election timeout of sim_config
+HB = 0.05  # heartbeat interval of sim_config
+
+
+def make(
+    n: int = 3, *, fresh: bool = False, disks: list[DurableState] | None = None, **cfg
+) -> tuple[Cluster, ManualNet]:
+    """A cluster on a hand-driven network; replicas started, nothing delivered yet."""
+    config = attrs.evolve(sim_config(n), **cfg)
+    c = Cluster(n, seed=7, fresh=fresh, clients=2, quota=10_000, window=10_000, config=config)
+    if disks is not None:
+        c.disks = disks
+    net = ManualNet(c)
+    c.boot()
+    return c, net
+
+
+def run(
+    c: Cluster,
+    net: ManualNet,
+    seconds: float,
+    *,
+    among: set[int] | None = None,
+    ticking: set[int] | None = None,
+    dt: float = 0.01,
+) -> None:
+    """Let time pass: tick the live replicas (or those in ``ticking``) and deliver
+    what they say between the replicas in ``among`` (default: all) and the clients.
+
+    Messages to or from replicas outside ``among`` stay in flight.
+    """
+    live = set(range(c.n)) if among is None else among
+    end = c.now + seconds
+    while c.now < end - 1e-9:
+        c.now = round(c.now + dt, 9)
+        for r in sorted(range(c.n) if ticking is None else ticking):
+            c.tick(r)
+        net.flush(among=live | {cl.cid for cl in c.clients})
+        c.check_step()
+
+
+def elect(c: Cluster, net: ManualNet, r: int, *, among: set[int] | None = None) -> None:
+    """Make replica ``r`` leader: everyone's clock moves past an election timeout,
+    only ``r``'s pre-votes travel, then everything within ``among`` is delivered."""
+    live = set(range(c.n)) if among is None else among
+    c.now += 2 * ET + 0.01
+    for o in sorted(live - {r}):
+        c.tick(o)
+        net.drop(PreVote, src=o)  # the others would campaign too; they lose the race
+    c.tick(r)
+    net.flush(among=live)
+    c.check_step()
+    assert c.nodes[r].core.role is Role.LEADER, c.nodes[r].core.role
+
+
+def node(c: Cluster, r: int):
+    n = c.nodes[r]
+    assert n is not None
+    return n
+
+
+def core(c: Cluster, r: int) -> PaxosCore:
+    return node(c, r).core
+
+
+def leaders(c: Cluster) -> list[int]:
+    return [r for r in range(c.n) if c.nodes[r] is not None and core(c, r).role is Role.LEADER]
+
+
+def submit(c: Cluster, r: int, client: int = 0) -> Command:
+    return c.submit(c.clients[client], r)
+
+
+def applied_items(c: Cluster, r: int) -> list:
+    """Every item of every slot replica ``r`` knows chosen, in order."""
+    cr = core(c, r)
+    out = []
+    for slot in range(cr.log_start, cr.commit_index + 1):
+        out.extend(cr.chosen_value(slot).items)
+    return out
+
+
+# ----------------------------------------------------------------------
+# Election
+
+
+def test_single_leader_in_quiet_cluster():
+    c, net = make(3)
+    run(c, net, 3.0)
+    assert len(leaders(c)) == 1
+    (lead,) = leaders(c)
+    ballot = core(c, lead).ballot
+    for r in range(3):
+        assert core(c, r).leader_hint == lead
+        assert core(c, r).ballot == ballot
+    # And it stays: nobody campaigns while the leader is heard.
+    run(c, net, 3.0)
+    assert leaders(c) == [lead] and core(c, lead).ballot == ballot
+
+
+def test_fresh_cluster_bootstraps():
+    c, net = make(3, fresh=True)
+    assert all(core(c, r).role is Role.RECOVERING for r in range(3))
+    run(c, net, 3.0)
+    assert all(c.disks[r].initialized for r in range(3))
+    assert len(leaders(c)) == 1
+    cmd = submit(c, 1)
+    run(c, net, 1.0)
+    assert c.checker.acked[(cmd.client_id, cmd.seq)] == 1
+
+
+def test_fresh_cluster_where_one_replica_campaigned_alone_still_starts():
+    """Regression (seed 25): replica 0 found everyone empty and campaigned before
+    the others' queries reached it; its promise made them wait for a leader
+    above it, and that leader needed their votes: the cluster never started."""
+    c, net = make(3, fresh=True)
+    # Replica 0 asks and hears "empty" from both; the others' queries to it are slow.
+    net.deliver(RecoverQuery, src=0, dst=1)
+    net.deliver(RecoverQuery, src=0, dst=2)
+    for src in (1, 2):
+        net.deliver(RecoverReply, src=src, dst=0)
+    assert core(c, 0).role is Role.FOLLOWER
+    c.now += 2 * ET
+    c.tick(1)
+    c.tick(2)
+    c.tick(0)
+    while net.find(PreVote) or net.find(PreVoteReply):
+        net.deliver_at((net.find(PreVote) + net.find(PreVoteReply))[0])
+    assert core(c, 0).promised == Ballot(1, 0), "replica 0 campaigns alone"
+    run(c, net, 3.0)
+    assert all(core(c, r).role is not Role.RECOVERING for r in range(3))
+    assert len(leaders(c)) == 1
+
+
+def test_cut_off_replica_does_not_depose_leader():
+    c, net = make(3)
+    elect(c, net, 0)
+    ballot = core(c, 0).ballot
+    # Replica 2 hears nothing for many election timeouts and keeps asking.
+    run(c, net, 3.0, among={0, 1})
+    assert core(c, 2).role is Role.FOLLOWER
+    prevotes = net.peek(PreVote, src=2)
+    assert prevotes, "the cut-off replica should have asked for pre-votes"
+    net.drop(dst=2)  # what was sent to it while it was away
+    assert net.find(src=2) and all(isinstance(m, PreVote) for m in net.peek(src=2))
+    # It comes back: the others refuse its pre-votes, and no ballot moves.
+    net.flush()
+    c.check_step()
+    assert leaders(c) == [0]
+    assert core(c, 0).ballot == ballot
+    assert core(c, 1).promised == ballot and core(c, 0).promised == ballot
+    run(c, net, 1.0)
+    assert leaders(c) == [0] and core(c, 0).ballot == ballot
+    assert core(c, 2).leader_hint == 0
+
+
+def test_prevote_refused_while_leader_heard():
+    c, net = make(3)
+    elect(c, net, 0)
+    c.tick(1)
+    c.deliver(2, 1, PreVote(round=50, commit=0))
+    reply = net.peek(PreVoteReply, src=1, dst=2)[-1]
+    assert reply.granted is False
+    assert core(c, 1).promised == core(c, 0).ballot
+
+
+def test_leader_without_majority_steps_down():
+    c, net = make(3)
+    elect(c, net, 0)
+    # The leader keeps ticking but hears nobody.
+    run(c, net, ET * 2, among={0})
+    assert core(c, 0).role is Role.FOLLOWER
+    assert core(c, 0).propose(Tick(now=1.0)) is False
+
+
+def test_leader_with_majority_stays():
+    c, net = make(5)
+    elect(c, net, 0)
+    run(c, net, ET * 5, among={0, 1, 2})
+    assert core(c, 0).role is Role.LEADER
+
+
+# ----------------------------------------------------------------------
+# Durability
+
+
+def _core_with_disk(n: int = 3, rid: int = 1) -> tuple[PaxosCore, DurableState]:
+    disk = DurableState()
+    disk.apply([MarkInitialized()])
+    return PaxosCore.restore(sim_config(n), rid, disk, rng=random.Random(1), now=0.0), disk
+
+
+def test_promise_waits_for_its_fsync():
+    cr, disk = _core_with_disk()
+    cr.step(0, Prepare(ballot=Ballot(3, 0), from_slot=1))
+    rd = cr.ready()
+    assert SavePromise(Ballot(3, 0)) in rd.persist
+    assert not any(isinstance(m, Promise) for _, m in rd.messages)
+    # Asking again before advance() still gives no Promise: the fsync has not been confirmed.
+    assert not any(isinstance(m, Promise) for _, m in cr.ready().messages)
+    disk.apply(list(rd.persist))
+    cr.advance(rd)
+    promises = [(dst, m) for dst, m in cr.ready().messages if isinstance(m, Promise)]
+    assert promises == [(0, Promise(ballot=Ballot(3, 0), log_start=1))]
+
+
+def test_accepted_waits_for_its_fsync():
+    cr, disk = _core_with_disk()
+    value = Batch(items=(Tick(now=1.0),))
+    cr.step(0, Accept(ballot=Ballot(3, 0), proposals=(Proposal(slot=1, value=value),), commit=0))
+    rd = cr.ready()
+    assert SaveAccepted(1, Ballot(3, 0), value) in rd.persist
+    assert not any(isinstance(m, Accepted) for _, m in rd.messages)
+    cr.advance(rd)
+    sent = [m for _, m in cr.ready().messages if isinstance(m, Accepted)]
+    assert Accepted(ballot=Ballot(3, 0), slots=(1,)) in sent
+
+
+def test_candidate_sends_prepare_only_after_its_own_promise_is_durable():
+    c, net = make(3)
+    c.now = 2 * ET + 0.01
+    for r in (1, 2):
+        c.tick(r)
+        net.drop(PreVote, src=r)
+    c.tick(0)
+    net.deliver(PreVote, src=0, dst=1)
+    # The granting reply starts phase 1; replica 0 dies after sending that
+    # Ready's messages and before its records reach the disk.
+    c.crash_in_ready[0] = "sent_not_persisted"
+    net.deliver(PreVoteReply, src=1, dst=0)
+    assert c.nodes[0] is None
+    assert not net.peek(Prepare), "a Prepare left before the promise it implies was durable"
+    assert c.disks[0].promised.round == 0
+
+
+def test_restart_keeps_promises_and_acceptances():
+    c, net = make(3)
+    elect(c, net, 0)
+    run(c, net, 0.5)
+    promised = core(c, 1).promised
+    commit = core(c, 1).commit_index
+    c.crash(1)
+    c.start(1)
+    assert core(c, 1).promised == promised
+    assert core(c, 1).commit_index >= commit
+    assert node(c, 1).applier.applied == commit
+
+
+# ----------------------------------------------------------------------
+# Phase 1 and phase 2
+
+
+def _disk(promised: Ballot, rows: dict[int, LogRow]) -> DurableState:
+    d = DurableState(promised=promised, log=dict(rows))
+    d.apply([MarkInitialized()])
+    return d
+
+
+def test_new_leader_reproposes_highest_accepted_and_fills_holes():
+    a, b, cc = (Batch(items=(Tick(now=t, data=("td", 1, t)),)) for t in (1.0, 2.0, 3.0))
+    disks = [
+        _disk(Ballot(2, 1), {1: LogRow(Ballot(1, 2), a, False)}),
+        _disk(Ballot(2, 1), {1: LogRow(Ballot(2, 1), b, False), 3: LogRow(Ballot(2, 1), cc, False)}),
+        _disk(Ballot(2, 1), {}),
+    ]
+    # Replica 0's quorum is itself and replica 1 (whose Promise arrives first).
+    c, net = make(3, disks=disks)
+    elect(c, net, 0)
+    # Slot 1: b (ballot 2.1 beats 1.2); slot 2: a hole, filled with a no-op; slot 3: cc.
+    assert [core(c, 0).chosen_value(s) for s in (1, 2, 3)] == [b, NOOP, cc]
+    assert all(core(c, r).commit_index >= 3 for r in range(3))
+
+
+def test_batching_and_pipelining():
+    c, net = make(3, max_batch=3, max_inflight=4)
+    elect(c, net, 0)
+    start = core(c, 0).commit_index
+    first = [submit(c, 0) for _ in range(4)]
+    for _ in first:
+        net.deliver(dst=0)
+    # Pipelining: four slots in phase 2 at once, none chosen yet.
+    slots = [p.slot for a in net.peek(Accept, src=0, dst=1) for p in a.proposals]
+    assert slots == list(range(start + 1, start + 5))
+    assert core(c, 0).commit_index == start
+    # The pipeline is full: further commands wait, then travel together.
+    more = [submit(c, 0, client=1) for _ in range(9)]
+    for _ in more:
+        net.deliver(dst=0)
+    assert len(net.peek(Accept, src=0, dst=1)) == 4
+    net.flush()
+    sizes = [len(core(c, 0).chosen_value(s).items) for s in range(start + 5, start + 8)]
+    assert sizes == [3, 3, 3], "batching: the waiting commands became full slots"
+    for cmd in first + more:
+        assert (cmd.client_id, cmd.seq) in c.checker.acked
+
+
+def test_commit_index_reaches_followers_by_heartbeat():
+    c, net = make(3)
+    elect(c, net, 0)
+    submit(c, 0)
+    net.deliver(dst=0)
+    net.deliver(Accept, src=0, dst=1)
+    net.deliver(Accepted, src=1, dst=0)
+    target = core(c, 0).commit_index
+    assert core(c, 1).commit_index < target
+    net.drop(Accept)  # no later Accept will carry the commit index
+    c.now += HB
+    c.tick(0)
+    net.deliver(Heartbeat, src=0, dst=1)
+    assert core(c, 1).commit_index == target
+    assert node(c, 1).applier.applied == target
+
+
+def test_lagging_replica_catches_up():
+    c, net = make(3, catchup_batch=4)
+    elect(c, net, 0)
+    run(c, net, 1.0, among={0, 1})
+    net.drop(dst=2)
+    net.drop(src=2)
+    behind = core(c, 2).commit_index
+    assert behind + 5 < core(c, 0).commit_index
+    net.delivered.clear()
+    run(c, net, 0.5)
+    requests = [(s, d, m) for s, d, m in net.delivered if isinstance(m, CatchupRequest)]
+    assert requests and requests[0][:2] == (2, 0) and requests[0][2].from_slot == behind + 1
+    assert any(isinstance(m, CatchupReply) and d == 2 for s, d, m in net.delivered)
+    assert core(c, 2).commit_index >= core(c, 0).commit_index - 2
+    assert node(c, 2).applier.digest == c.checker.digests[node(c, 2).applier.applied]
+
+
+def test_catchup_request_is_answered_with_chosen_entries():
+    c, net = make(3, catchup_batch=4)
+    elect(c, net, 0)
+    run(c, net, 0.5)
+    c.deliver(2, 1, CatchupRequest(from_slot=1))
+    (reply,) = net.peek(CatchupReply, src=1, dst=2)
+    assert [p.slot for p in reply.entries] == [1, 2, 3, 4]
+    assert all(p.value == core(c, 1).chosen_value(p.slot) for p in reply.entries)
+
+
+def test_replica_behind_log_start_gets_snapshot():
+    c, net = make(3, keep_after_snapshot=2)
+    elect(c, net, 0)
+    c.crash(2)
+    run(c, net, 1.0, among={0, 1})
+    c.compact(0)
+    c.compact(1)
+    net.drop(dst=2)
+    net.drop(src=2)
+    assert core(c, 0).log_start > 1
+    net.queue.clear()
+    c.start(2)
+    run(c, net, 0.5)
+    assert node(c, 2).applier.applied >= core(c, 0).log_start - 1
+    assert c.disks[2].snapshot_index > 0
+    assert core(c, 2).log_start == c.disks[2].snapshot_index + 1
+    # It got there by a snapshot, and its state is the others' state.
+    assert node(c, 2).applier.digest == c.checker.digests[node(c, 2).applier.applied]
+
+
+def test_snapshot_install_is_sent_for_truncated_slots():
+    c, net = make(3, keep_after_snapshot=1)
+    elect(c, net, 0)
+    run(c, net, 0.5)
+    c.compact(1)
+    net.flush()
+    c.deliver(2, 1, CatchupRequest(from_slot=1))
+    (snap,) = net.peek(SnapshotInstall, src=1, dst=2)
+    assert snap.index == c.disks[1].snapshot_index
+
+
+def test_retried_command_is_applied_once():
+    c, net = make(3)
+    elect(c, net, 0)
+    cmd = submit(c, 1)
+    # The request is delivered, then delivered again (the client retried at replica 2).
+    req = net.queue[net.find(dst=1)[0]]
+    net.queue.append((req[0], 2, req[2]))
+    net.queue.append((req[0], 0, req[2]))
+    run(c, net, 1.0)
+    for r in range(3):
+        lst = node(c, r).applier.machine.apply(["get", cmd.op[1]], None)
+        assert lst.count(cmd.op[2]) == 1
+    # It was proposed three times: the log holds it three times, the state once.
+    items = [i for i in applied_items(c, 0) if isinstance(i, Command)]
+    assert items.count(cmd) == 3
+
+
+def test_applier_dedups_and_answers_retries():
+    ap = Applier(KVMachine())
+    cmd = Command(client_id="a", seq=1, first_unacked=1, op=["append", "k", "x"])
+    assert ap.apply_slot(1, Batch(items=(cmd,))) == [(cmd, 1)]
+    # The retry gets the first answer and changes nothing.
+    assert ap.apply_slot(2, Batch(items=(cmd, cmd))) == [(cmd, 1), (cmd, 1)]
+    assert ap.machine.apply(["get", "k"], None) == ["x"]
+    # After a snapshot the sessions survive.
+    other = Applier(KVMachine())
+    other.restore(ap.snapshot())
+    assert other.apply_slot(3, Batch(items=(cmd,))) == [(cmd, 1)]
+    ap.apply_slot(3, Batch(items=(cmd,)))
+    assert other.digest == ap.digest
+    assert other.machine.apply(["get", "k"], None) == ["x"]
+
+
+# ----------------------------------------------------------------------
+# TICK
+
+
+def test_ticks_at_the_configured_interval_carry_the_leaders_clock():
+    c, net = make(3, tick_interval=0.1)
+    c.clock_offset[0] = 1000.0  # the leader's clock reads 1000 s ahead of the others
+    elect(c, net, 0)
+    run(c, net, 1.0, dt=0.01)
+    ticks = [i for i in applied_items(c, 1) if isinstance(i, Tick)]
+    assert 9 <= len(ticks) <= 12
+    gaps = [b.now - a.now for a, b in zip(ticks, ticks[1:])]
+    assert all(0.1 - 1e-9 <= g <= 0.1 + 0.01 + 1e-9 for g in gaps), gaps
+    assert all(t.now > 1000.0 and t.data[1] == 0 for t in ticks)
+
+
+# ----------------------------------------------------------------------
+# Leader change, wiped disks
+
+
+def test_leader_change_preserves_everything_chosen():
+    c, net = make(3)
+    elect(c, net, 0)
+    cmds = [submit(c, 0) for _ in range(3)]
+    run(c, net, 0.5)
+    chosen = {s: core(c, 0).chosen_value(s) for s in range(1, core(c, 0).commit_index + 1)}
+    # One more slot accepted by replica 1 only, then the leader dies.
+    late = submit(c, 0)
+    net.deliver(dst=0)
+    net.deliver(Accept, src=0, dst=1)
+    net.drop(src=0)
+    c.crash(0)
+    elect(c, net, 2, among={1, 2})
+    run(c, net, 0.5, among={1, 2})
+    for s, v in chosen.items():
+        assert core(c, 2).chosen_value(s) == v
+    items = applied_items(c, 2)
+    assert all(cmd in items for cmd in cmds)
+    assert late in items, "a value a follower accepted must survive the leader change"
+
+
+def test_wiped_replica_neither_votes_nor_accepts_until_recovered():
+    c, net = make(3)
+    elect(c, net, 0)
+    run(c, net, 0.5)
+    c.crash(2, wipe=True)
+    c.start(2)
+    assert core(c, 2).role is Role.RECOVERING
+    # While recovering it ignores Prepare and Accept.
+    c.deliver(1, 2, Prepare(ballot=Ballot(9, 1), from_slot=1))
+    c.deliver(0, 2, Accept(ballot=core(c, 0).ballot, proposals=(), commit=0))
+    assert not net.peek(Promise, src=2) and not net.peek(Accepted, src=2)
+    assert c.disks[2].promised < Ballot(9, 1)
+    run(c, net, 1.0)
+    assert core(c, 2).role is Role.FOLLOWER
+    assert c.disks[2].initialized
+    # The leader re-ran phase 1 above everything the others had promised.
+    assert core(c, 2).promised == core(c, 0).ballot
+    assert core(c, 2).commit_index >= core(c, 0).commit_index - 2
+    # Now it votes and accepts again.
+    net.queue.clear()
+    c.crash(0)
+    elect(c, net, 2, among={1, 2})
+    assert core(c, 2).role is Role.LEADER
+
+
+def test_wiped_replica_waits_for_a_leader_above_its_floor():
+    """Regression (seed 21): a follower answered the recovery query after
+    promising the leader's new ballot, so the floor equalled the leader's
+    ballot; the replica never asked again and stayed recovering forever."""
+    c, net = make(3)
+    elect(c, net, 0)
+    run(c, net, 0.5)
+    c.crash(2, wipe=True)
+    c.start(2)
+    # The leader bumps its ballot on the query; replica 1 promises it before it answers.
+    net.deliver(RecoverQuery, src=2, dst=0)
+    net.flush(among={0, 1})
+    net.flush()
+    assert core(c, 2).promised == core(c, 0).ballot  # floor == the leader's ballot
+    run(c, net, 1.0)
+    assert core(c, 2).role is Role.FOLLOWER
+
+
+def test_recovery_ignores_answers_to_an_earlier_life():
+    c, net = make(3)
+    elect(c, net, 0)
+    run(c, net, 0.3)
+    c.crash(2, wipe=True)
+    c.start(2)
+    (query,) = net.peek(RecoverQuery, src=2, dst=1)
+    net.queue.clear()
+    c.crash(2, wipe=True)
+    c.start(2)
+    # An answer to the first life's query says "empty": it must not count now.
+    c.deliver(1, 2, RecoverReply(nonce=query.nonce, promised=Ballot(0, -1), empty=True))
+    c.deliver(0, 2, RecoverReply(nonce=query.nonce, promised=Ballot(0, -1), empty=True))
+    assert core(c, 2).role is Role.RECOVERING
+
+
+def test_stale_leader_ignores_catchup_reply():
+    """Regression: a leader that learned a slot from a (late) CatchupReply put it
+    under its commit index, and a follower that had accepted that leader's own,
+    different, proposal for the slot then learned the wrong value from it."""
+    c, net = make(5, catchup_batch=1000)
+    elect(c, net, 1)
+    run(c, net, 0.3)
+    # Replica 2 falls behind, and asks leader 1 for the missing entries; the request is slow.
+    run(c, net, 0.5, among={0, 1, 3, 4})
+    net.drop(src=2)
+    net.drop(dst=2)
+    c.now += HB
+    c.tick(1)
+    net.deliver(Heartbeat, src=1, dst=2)
+    held = net.queue.pop(net.find(CatchupRequest, src=2, dst=1)[0])
+    net.drop(dst=2)
+    net.drop(src=2)
+    net.flush()
+    # Leader 1 is cut off and stops ticking; replica 2 wins an election with 0 and 3.
+    c.now += 2 * ET
+    for r in (0, 3, 4):
+        c.tick(r)
+        net.drop(PreVote, src=r)
+    c.tick(2)
+    net.flush_until(lambda: core(c, 2).role is Role.LEADER, among={0, 2, 3})
+    stale = core(c, 2).ballot
+    # Its proposals (including one for a new slot) reach replica 3 only.
+    top = core(c, 0).commit_index
+    c.tick(2)  # its first TICK entry
+    mine = [p for a in net.peek(Accept, src=2, dst=3) for p in a.proposals]
+    for msg in net.peek(Accept, src=2, dst=3):
+        c.deliver(2, 3, msg)
+    slot = max(p.slot for p in mine)
+    assert slot > top
+    net.queue = [m for m in net.queue if isinstance(m[2], Prepare) and m[1] == 4]
+    net.deliver(Prepare, dst=4)  # replica 4 learns the round; its Promise is lost
+    net.queue.clear()
+    # Replica 4 leads a higher ballot with 0 and 1, and chooses its own value for that slot.
+    c.now += 2 * ET
+    for r in (0, 3):
+        c.tick(r)
+        net.drop(PreVote, src=r)
+    c.tick(4)
+    # Replica 3 supports the pre-vote, but its phase-1 vote is lost.
+    net.flush_until(lambda: core(c, 4).role is Role.CANDIDATE, among={0, 3, 4})
+    net.drop(dst=3)
+    net.drop(dst=2)
+    net.flush(among={0, 1, 4})
+    assert core(c, 4).role is Role.LEADER and core(c, 4).ballot > stale
+    c.now += HB
+    c.tick(4)
+    net.flush(among={0, 1, 4})
+    theirs = core(c, 1).chosen_value(slot)
+    assert theirs is not None and theirs != c.disks[3].log[slot].value
+    # The slow request finally reaches replica 1; its answer reaches stale leader 2.
+    net.queue.clear()
+    c.deliver(*held)
+    net.deliver(CatchupReply, src=1, dst=2)
+    # Leader 2 takes a client command and sends it (with its commit index) to replica 3.
+    submit(c, 2)
+    net.deliver(dst=2)
+    for msg in net.peek(Accept, src=2, dst=3):
+        c.deliver(2, 3, msg)  # the checker raises here if 3 learns its own stale value
+    assert core(c, 3).chosen_value(slot) in (None, theirs)
+
+
+def test_new_cluster_needs_every_replica_to_answer():
+    """A wiped replica must not conclude "new cluster" from a majority: the
+    candidate outside that majority may hold the promise it forgot.  Here
+    replica 0 promised ballot 1.4, lost its disk, and heard "empty" from 1, 2
+    and 3; had it started, 1.3 and 1.4 would both have chosen a value for slot 1."""
+    c, net = make(5, fresh=True)
+    net.flush()
+    assert all(core(c, r).role is Role.FOLLOWER for r in range(5))
+    c.now += 2 * ET
+    for r in range(4):
+        c.tick(r)
+        net.drop(PreVote, src=r)
+    c.tick(4)
+    net.flush_until(lambda: core(c, 4).role is Role.CANDIDATE)
+    net.deliver(Prepare, dst=0)
+    ghost = net.queue.pop(net.find(Promise, src=0, dst=4)[0])  # replica 0's promise, still on its way
+    late_prepare = net.queue.pop(net.find(Prepare, dst=2)[0])
+    net.queue.clear()
+    c.crash(0, wipe=True)
+    c.start(0)
+    for r in (1, 2, 3):
+        net.deliver(RecoverQuery, src=0, dst=r)
+        net.deliver(RecoverReply, src=r, dst=0)
+    net.queue.clear()  # replica 4's answer is slow
+    # Replica 3 campaigns below 1.4 and chooses its value for slot 1.
+    c.now += 2 * ET
+    for r in (0, 1, 2):
+        c.tick(r)
+        net.drop(PreVote, src=r)
+    c.tick(3)
+    net.flush_until(lambda: core(c, 3).role is Role.CANDIDATE, among={0, 1, 3})
+    net.deliver(Prepare, src=3, dst=0)
+    net.deliver(Prepare, src=3, dst=1)
+    net.flush(among={0, 1, 3})
+    quorum = {0, 1, 3}
+    if core(c, 3).role is not Role.LEADER:  # replica 0 does not vote yet: 3 needs 2
+        quorum = {1, 2, 3}
+        net.deliver(Prepare, src=3, dst=2)
+        net.flush(among=quorum)
+    assert core(c, 3).role is Role.LEADER
+    c.tick(3)
+    net.flush(among=quorum)
+    assert core(c, 3).commit_index >= 1
+    # The slow Prepare of 1.4 and the forgotten promise arrive: 1.4 completes phase 1.
+    net.queue.clear()
+    c.deliver(*late_prepare)
+    c.deliver(*ghost)
+    net.flush(among={2, 4})
+    if core(c, 4).role is Role.LEADER:
+        submit(c, 4)
+        net.deliver(dst=4)
+        net.flush(among={0, 1, 2, 4})  # the checker raises if 1.4 chooses another value
+    assert core(c, 4).chosen_value(1) in (None, core(c, 3).chosen_value(1))
+    run(c, net, 1.0)
+    assert core(c, 0).role is Role.FOLLOWER  # once 4 answered too
