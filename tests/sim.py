@@ -761,27 +761,38 @@ class Simulation:
             return
         what = self.rng.choice(choices)
         r = self.rng.randrange(self.n)
+        did = None
         if what == "jump":
-            c.jump_clock(r, self.rng.uniform(0.0, 1.0))
-            return
-        if what == "pause":
+            dt = self.rng.uniform(0.0, 1.0)
+            c.jump_clock(r, dt)
+            did = f"clock of r{r} jumps {dt:.3f}s"
+        elif what == "pause":
             self.paused_until[r] = max(self.paused_until[r], c.now + self.rng.uniform(0.1, 1.5))
-        if what == "partition":
+            did = f"r{r} paused until {self.paused_until[r]:.3f}"
+        elif what == "partition":
             groups = self.rng.randint(2, 3)
             self.group = [self.rng.randrange(groups) for _ in range(self.n)]
+            did = f"partition {self.group}"
         elif what == "heal":
             self.group = [0] * self.n
+            did = "heal"
         elif what == "crash" and c.alive(r):
             c.crash(r)
+            did = f"crash r{r}"
         elif what == "crash_in_ready" and c.alive(r):
             c.crash_in_ready[r] = self.rng.choice(("sent_not_persisted", "persisted", "applied"))
+            did = f"r{r} will crash inside its next Ready ({c.crash_in_ready[r]})"
         elif what == "wipe" and c.can_wipe(r):
             c.crash(r, wipe=True)
+            did = f"crash r{r} and wipe its disk"
         elif what == "restart":
             dead = [x for x in range(self.n) if not c.alive(x)]
             if dead:
-                c.start(self.rng.choice(dead))
-        self._log(f"fault {what} r{r} groups={self.group}")
+                x = self.rng.choice(dead)
+                c.start(x)
+                did = f"restart r{x}"
+        if did is not None:
+            self._log(f"fault: {did}")
 
     def _final_heal(self) -> None:
         c = self.cluster
@@ -857,6 +868,8 @@ class Simulation:
                     self._at(c.now + self.rng.uniform(0.01, 0.03), ("tick", r))
                 case ("msg", src, dst, payload):
                     if self._connected(src, dst):
+                        if self.trace is not None:
+                            self._log(f"{src}->{dst} {payload!r}"[:300])
                         c.deliver(src, dst, payload)
                 case ("fsync", r, life):
                     c.fsync_done(r, life)
@@ -923,7 +936,7 @@ def run_seed(seed: int, n: int = 3, **knobs: Any) -> Simulation:
     return sim
 
 
-if __name__ == "__main__":  # python -m tests.sim SEED [N]: replay one seed with a trace
+if __name__ == "__main__":  # python tests/sim.py SEED [N]: replay one seed, print its last events
     import sys
 
     seed_arg = int(sys.argv[1])
@@ -934,4 +947,4 @@ if __name__ == "__main__":  # python -m tests.sim SEED [N]: replay one seed with
         s.run()
         print("ok", s.knobs, s.describe())
     finally:
-        print("\n".join(s.trace[-60:]))
+        print("\n".join(s.trace[-200:]))

@@ -1,7 +1,7 @@
 """One test per protocol claim of the Multi-Paxos core, scripted delivery by delivery.
 
 Each test builds a small cluster from ``tests/sim.py`` whose network is a
-:class:`~tests.sim.ManualNet`: nothing arrives unless the test delivers it,
+:class:`~sim.ManualNet`: nothing arrives unless the test delivers it,
 time moves only when the test moves it, and the simulator's checker still
 watches agreement, validity and exactly-once on every step.  The tests at the
 end replay, by hand, the bugs the randomized simulation found.
@@ -42,7 +42,7 @@ from tasksprint.paxos.messages import (
     SnapshotInstall,
     Tick,
 )
-from tests.sim import Cluster, ManualNet, sim_config
+from sim import Cluster, ManualNet, sim_config
 
 ET = 0.3  # election timeout of sim_config
 HB = 0.05  # heartbeat interval of sim_config

@@ -3,7 +3,7 @@
 * ``test_seed_3`` / ``test_seed_5``: one seeded scenario per test (faults drawn
   from the seed: drops, duplicates, delays, partitions, crashes, wiped disks,
   clock skew), ``TASKSPRINT_SIM_SEEDS`` seeds per cluster size (default 1000).
-  A failure names its seed; replay it with ``python -m tests.sim SEED N``.
+  A failure names its seed; replay it with ``python tests/sim.py SEED N``.
 * ``test_soak``: ``TASKSPRINT_SIM_SEEDS`` other seeds, spread over all cores
   (``make soak`` runs 100,000).
 * ``TestPaxosMachine``: hypothesis drives a cluster rule by rule (deliver one
@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from tests.sim import Checker, Cluster, ManualNet, SimFailure, Simulation, run_seed
+from sim import Checker, Cluster, ManualNet, SimFailure, Simulation, run_seed
 
 SEEDS = int(os.environ.get("TASKSPRINT_SIM_SEEDS", "1000"))
 #: Soak seeds start here, so they are not the ones every CI run already covers.

@@ -10,7 +10,10 @@ never does I/O: the driver feeds it ``step(src, msg)``, ``tick(now)`` and
 2. ``ready.messages``: (destination, message) pairs; these never depend on
    ``ready.persist`` so they may be sent while the fsync runs;
 3. ``ready.snapshot`` (restore the state machine to it) and then
-   ``ready.committed``: chosen slots to apply, in order;
+   ``ready.committed``: chosen slots to apply, in order.  These are chosen,
+   i.e. durable on a majority, so a driver may apply them (and answer its
+   clients) before its own fsync of ``ready.persist`` completes; after a
+   crash it simply learns them again;
 4. ``advance(ready)``: tells the core the records are durable.  Only then are
    the acceptor's replies that depend on them (Promise, Accepted,
    RecoverReply) released into the next Ready.  A reply can therefore never

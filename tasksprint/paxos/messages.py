@@ -263,7 +263,7 @@ class RecoverQuery:
 class RecoverReply:
     nonce: int = attrs.field(validator=_nonneg)
     promised: Ballot = attrs.field(validator=_ballot)
-    #: True if the sender has never promised, accepted or learned anything.
+    #: True if the sender has never accepted nor learned anything (promises do not count).
     empty: bool = attrs.field(validator=_bool)
 
 
