@@ -74,6 +74,7 @@ import collections
 import contextlib
 import enum
 import hashlib
+import heapq
 import io
 import os
 import pickle
@@ -92,7 +93,7 @@ from tasksprint_sdk.coordinator import _RUNTIME_ATTR, Coordinator, SchedulerUsag
 
 __all__ = ["CoordinatorMachine", "SchedulerMismatch", "TaskState", "RunState"]
 
-_SNAPSHOT_FORMAT = 2  # 2: clients carry their prefetch sets
+_SNAPSHOT_FORMAT = 3  # 2: clients carry their prefetch sets; 3: placement heaps, client queues
 _SCHEDULER_CLASS_PID = "scheduler-class"
 
 
@@ -182,6 +183,17 @@ class _Client:
     # A tid in ``running`` is an assignment; otherwise the client must kill it.
     entries: dict[int, int] = attrs.Factory(dict)
     last_change: int = 0
+    # Tasks the client accepts beyond ``slots`` (its queue): ready tasks wait
+    # in its node pool for a free node, so a node that finishes one starts
+    # the next at once instead of waiting for the commit of its report and
+    # the view that brings new work.  0: only what it can run now.
+    queue: int = 0
+    # Heap of tids none of whose inputs is available yet but whose missing
+    # pretasks all run here: placed here early ("followers") while there is
+    # room, so the client can start each as soon as its own nodes made the
+    # inputs (only clients with a queue take followers).  Checked when popped.
+    follow: list[int] = attrs.Factory(list)
+    in_follow: set[int] = attrs.Factory(set)
 
 
 @attrs.define(eq=False)
@@ -200,8 +212,19 @@ class _State:
     next_tid: int = 1
     next_cid: int = 1
     version: int = 0
-    # tids that may need a copy placed (ready or prefetchable); only iterated sorted
+    # tids that may need a copy placed (ready or prefetchable).  Each is also
+    # in one of two heaps, so placement takes them in tid order and stops as
+    # soon as no client can take what a heap holds: ``ready_heap`` for tasks
+    # whose inputs were all available when queued, ``early_heap`` for the
+    # others.  A task's class can change while it waits; it is moved to the
+    # other heap when popped.  The heaps may hold tids no longer queued
+    # (skipped when popped); ``in_ready`` / ``in_early`` keep each tid in a
+    # heap at most once.
     queue: set[int] = attrs.Factory(set)
+    ready_heap: list[int] = attrs.Factory(list)
+    early_heap: list[int] = attrs.Factory(list)
+    in_ready: set[int] = attrs.Factory(set)
+    in_early: set[int] = attrs.Factory(set)
     recheck: set[int] = attrs.Factory(set)  # lost outputs to reconsider; empty between entries
     counts: dict[TaskState, int] = attrs.Factory(lambda: {s: 0 for s in TaskState})
     result: dict[str, Any] | None = None
@@ -417,6 +440,21 @@ class CoordinatorMachine:
         - ``{"op": "failed", "cid", "tid", "attempt", "error": str}`` -> same shape.
         - ``{"op": "cancel", "tid"}`` -> ``{"ok": True, "killed": [tid, ...]}``.
         - ``{"op": "lost", "cid", "tid", "key"}`` -> ``{"ok": True, "accepted": bool, "reason": ...}``.
+        - ``{"op": "batch", "ops": [op, ...]}`` where each op is a ``done``,
+          ``failed`` or ``lost`` -> ``{"ok": True, "results": [result, ...]}``:
+          the ops applied in order, as if each had its own log entry, except
+          that placement runs once, after the last (one log item, one
+          answer and one digest update for all the completions a client has
+          ready).  A malformed op in the batch gets its ``{"ok": False,
+          "error"}`` result; the others still apply.
+
+        A ``done`` may carry ``"early": [[pretask tid, attempt], ...]``: the
+        inputs the client took from its own object store as soon as its own
+        node made them, before the log said so.  It is accepted only if each
+        of those pretasks' committed completion is that attempt on this
+        client; otherwise the result has ``"rerun": True`` and the task gets
+        a new attempt, placed again, because it may have run on outputs the
+        log never committed.
 
         A malformed op changes nothing and gets ``{"ok": False, "error": str}``.
         """
@@ -427,14 +465,12 @@ class CoordinatorMachine:
                     result = self._op_init(op)
                 case {"op": "join"}:
                     result = self._op_join(op)
-                case {"op": "done"}:
-                    result = self._op_done(op)
-                case {"op": "failed"}:
-                    result = self._op_failed(op)
+                case {"op": "done" | "failed" | "lost"}:
+                    result = self._op_report(op)
                 case {"op": "cancel"}:
                     result = self._op_cancel(op)
-                case {"op": "lost"}:
-                    result = self._op_lost(op)
+                case {"op": "batch"}:
+                    result = self._op_batch(op)
                 case _:
                     raise _BadOp(f"unknown coordinator op {op!r:.200}")
         except _BadOp as exc:
@@ -442,6 +478,29 @@ class CoordinatorMachine:
         self._settle()
         result["effects"] = self._effects_digest()
         return result
+
+    def _op_report(self, op: Mapping[str, Any]) -> dict[str, Any]:
+        match op["op"]:
+            case "done":
+                return self._op_done(op)
+            case "failed":
+                return self._op_failed(op)
+            case _:
+                return self._op_lost(op)
+
+    def _op_batch(self, op: Mapping[str, Any]) -> dict[str, Any]:
+        ops = op.get("ops")
+        if not isinstance(ops, list):
+            raise _BadOp(f"batch: field 'ops' must be a list of done/failed/lost ops, got {ops!r:.200}")
+        results = []
+        for sub in ops:
+            try:
+                if not isinstance(sub, dict) or sub.get("op") not in ("done", "failed", "lost"):
+                    raise _BadOp(f"batch: only done, failed and lost ops can be batched, got {sub!r:.200}")
+                results.append(self._op_report(sub))
+            except _BadOp as exc:
+                results.append({"ok": False, "error": str(exc)})
+        return {"ok": True, "results": results}
 
     def tick(self, now: float, data: Any, ctx: ApplyContext) -> dict[str, Any]:
         """Apply a TICK: advance time, declare ``data["expired"]`` clients dead, settle.
@@ -496,6 +555,7 @@ class CoordinatorMachine:
         name = _get_str(op, "client")
         addr = _get_str(op, "addr")
         slots = _get_int(op, "slots", minimum=0)
+        queue = _get_int(op, "queue", minimum=0) if "queue" in op else 0
         have = op.get("have", [])
         if not isinstance(have, list) or not all(isinstance(t, str) for t in have):
             raise _BadOp(f"join: field 'have' must be a list of tag strings, got {have!r:.200}")
@@ -505,7 +565,7 @@ class CoordinatorMachine:
         if cid is not None and s.clients[cid].alive:
             client = s.clients[cid]
             moved = client.addr != addr
-            client.addr, client.slots, client.tags = addr, slots, frozenset(have)
+            client.addr, client.slots, client.tags, client.queue = addr, slots, frozenset(have), queue
             self._effects.append(["rejoin", cid])
             if moved:
                 # Tasks reading outputs held here must learn the new address.
@@ -514,11 +574,11 @@ class CoordinatorMachine:
             return {"ok": True, "cid": cid}
         cid = s.next_cid
         s.next_cid += 1
-        s.clients[cid] = _Client(cid=cid, name=name, addr=addr, slots=slots, tags=frozenset(have))
+        s.clients[cid] = _Client(cid=cid, name=name, addr=addr, slots=slots, tags=frozenset(have), queue=queue)
         s.names[name] = cid
         s.live[cid] = None
         self._effects.append(["join", cid])
-        self._log.info("client_joined", cid=cid, client=name, addr=addr, slots=slots)
+        self._log.info("client_joined", cid=cid, client=name, addr=addr, slots=slots, queue=queue)
         self._call_hook(Hook.CLIENT_JOINED, lambda: self._sched().client_joined(cid), cid=cid)
         return {"ok": True, "cid": cid}
 
@@ -557,12 +617,31 @@ class CoordinatorMachine:
             isinstance(k, str) and _is_int(v) and v >= 0 for k, v in sizes.items()
         ):
             raise _BadOp(f"done: field 'sizes' must map output keys to byte counts, got {sizes!r:.200}")
+        early = op.get("early", [])
+        if not isinstance(early, list) or not all(
+            isinstance(e, list) and len(e) == 2 and _is_int(e[0]) and _is_int(e[1]) and e[0] in task.pretasks
+            for e in early
+        ):
+            raise _BadOp(f"done: field 'early' must list [pretask tid, attempt] pairs of this task, got {early!r:.200}")
         reason = self._stale_reason(client, task, attempt)
         if reason is not None:
             # The client has reported on it, so it needs no kill order for it.
             if task.tid not in client.running:
                 client.entries.pop(task.tid, None)
             return {"ok": True, "accepted": False, "reason": reason}
+        for ptid, pattempt in early:
+            pre = s.tasks[ptid]
+            if pre.holder != client.cid or pre.attempt != pattempt:
+                # The client ran it on an output of its own that the log did
+                # not commit (another copy's or attempt's won, or none did):
+                # this completion cannot count; run the task again.
+                self._void_copy(client, task)
+                return {
+                    "ok": True,
+                    "accepted": False,
+                    "rerun": True,
+                    "reason": f"input from task {ptid} attempt {pattempt} on client {client.cid} was not committed",
+                }
         for other in task.copies:
             if other != client.cid:
                 self._unassign(s.clients[other], task.tid, tell=True)
@@ -596,10 +675,22 @@ class CoordinatorMachine:
         self._effects.append(["copy_failed", task.tid, client.cid])
         if task.copies:
             # Other copies of this attempt still run; one of them may succeed.
-            self._state.queue.add(task.tid)
+            self._enqueue(task.tid)
             return {"ok": True, "accepted": True, "reason": None}
         self._attempt_failed(task, error)
         return {"ok": True, "accepted": True, "reason": None}
+
+    def _void_copy(self, client: _Client, task: _Task) -> None:
+        """Forget ``client``'s copy of ``task``'s attempt; a new attempt if it was the last copy."""
+        self._unassign(client, task.tid, tell=False)
+        task.copies.remove(client.cid)
+        self._effects.append(["void", task.tid, task.attempt, client.cid])
+        if task.copies:
+            self._enqueue(task.tid)
+        else:
+            task.attempt += 1
+            self._set_state(task, TaskState.PENDING)
+            self._maybe_queue(task)
 
     def _op_cancel(self, op: Mapping[str, Any]) -> dict[str, Any]:
         tid = _get_int(op, "tid")
@@ -784,9 +875,8 @@ class CoordinatorMachine:
             # No longer waiting for placement: its dependents may prefetch.
             for d in dict.fromkeys(task.dependents):
                 dep = s.tasks[d]
-                if dep.tid not in s.queue and dep.missing:
-                    self._maybe_queue(dep)
-                    self._woken = self._woken or dep.tid in s.queue
+                if dep.tid not in s.queue and dep.missing and self._maybe_queue(dep):
+                    self._woken = True
 
     def _unassign(self, client: _Client, tid: int, *, tell: bool) -> None:
         """Take ``tid`` off ``client``; ``tell`` leaves a kill order in its view."""
@@ -849,10 +939,12 @@ class CoordinatorMachine:
                 task.attempt += 1
                 self._set_state(task, TaskState.PENDING)
                 self._effects.append(["replace", tid, task.attempt])
-            s.queue.add(tid)
+            self._enqueue(tid)
         client.running.clear()
         client.prefetch.clear()
         client.entries.clear()
+        client.follow.clear()
+        client.in_follow.clear()
         for tid in sorted(client.holds):
             self._lose_outputs(s.tasks[tid])
 
@@ -862,7 +954,7 @@ class CoordinatorMachine:
         if task.failures <= task.retries:
             task.attempt += 1
             self._set_state(task, TaskState.PENDING)
-            s.queue.add(task.tid)
+            self._enqueue(task.tid)
             self._effects.append(["retry", task.tid, task.attempt])
             return
         self._set_state(task, TaskState.FAILED)
@@ -1003,82 +1095,156 @@ class CoordinatorMachine:
                         s.recheck.add(p)
 
     def _place(self) -> None:
-        s = self._state
-        # Placing a task can make its dependents prefetchable (none of their
-        # pretasks waits for placement any more); they have higher tids, so
-        # another round places them in the same entry.
-        while s.queue:
+        # Placing a task can make its dependents prefetchable or followers
+        # (none of their pretasks waits for placement any more); they are
+        # pushed onto the heaps as it happens, and another round places the
+        # followers and the extra copies they bring in the same entry.
+        while True:
             self._woken = False
-            self._place_round(sorted(s.queue))
+            self._place_round()
+            self._place_followers()
             if not self._woken:
                 return
 
-    def _place_round(self, batch: list[int]) -> None:
+    def _enqueue(self, tid: int) -> None:
+        """Queue ``tid`` for placement, on the heap of its class (ready or early)."""
+        s = self._state
+        s.queue.add(tid)
+        self._push(tid, ready=s.tasks[tid].missing == 0)
+
+    def _push(self, tid: int, *, ready: bool) -> None:
+        s = self._state
+        if ready:
+            if tid not in s.in_ready:
+                s.in_ready.add(tid)
+                heapq.heappush(s.ready_heap, tid)
+        elif tid not in s.in_early:
+            s.in_early.add(tid)
+            heapq.heappush(s.early_heap, tid)
+
+    def _place_round(self) -> None:
         s = self._state
         live = [s.clients[cid] for cid in s.live]
-        # Clients with a free slot, and clients with room in their prefetch allowance.
-        free = [c for c in live if c.slots > self._load(c)]
+        # Clients with room for a ready task, and clients with room in their prefetch allowance.
+        free = [c for c in live if self._ready_room(c)]
         early = [c for c in live if self._early_room(c)]
-        # First one copy of every placeable task, in task order; then the
-        # extra copies of replicated tasks, so replicas never starve other tasks.
-        for extra in (False, True):
-            for tid in batch:
-                if not free and not early:
-                    return
-                if tid not in s.queue:
+        ready_heap, early_heap = s.ready_heap, s.early_heap
+        # Tasks no client in the pool could take now (tags, copies), back on their heap afterwards.
+        skipped: list[tuple[int, bool]] = []
+        extras: list[int] = []  # tasks with copies placed that need more (replicas > 1)
+        # One copy of every placeable task, in tid order across both heaps,
+        # taking from a heap only while some client has room for its class:
+        # a completion costs O(log n) however many tasks wait.
+        while True:
+            r = ready_heap[0] if free and ready_heap else None
+            e = early_heap[0] if early and early_heap else None
+            if r is None and e is None:
+                break
+            from_ready = e is None or (r is not None and r < e)
+            if from_ready:
+                tid = heapq.heappop(ready_heap)
+                s.in_ready.discard(tid)
+            else:
+                tid = heapq.heappop(early_heap)
+                s.in_early.discard(tid)
+            if tid not in s.queue:
+                continue
+            task = s.tasks[tid]
+            if task.state not in _ACTIVE or len(task.copies) >= task.replicas:
+                s.queue.discard(tid)
+                continue
+            if task.copies:
+                extras.append(tid)
+                continue
+            if task.missing == 0:
+                if not from_ready:
+                    self._push(tid, ready=True)  # its inputs came in while it waited
                     continue
-                task = s.tasks[tid]
-                if task.state not in _ACTIVE or len(task.copies) >= task.replicas:
-                    s.queue.discard(tid)
-                    continue
-                if task.copies and not extra:
-                    continue
-                if task.missing == 0:
-                    pool, prefetch = free, False
-                elif not early:
-                    continue  # checked again once some client has prefetch room
-                elif self._prefetchable(task):
-                    pool, prefetch = early, True
-                else:
-                    # Queued again when an input arrives or a pretask is placed.
-                    s.queue.discard(tid)
-                    continue
-                if not pool:
-                    continue
+                pool, prefetch = free, False
+            elif not self._prefetchable(task):
+                # Queued again when an input arrives or a pretask is placed.
+                s.queue.discard(tid)
+                continue
+            elif from_ready:
+                self._push(tid, ready=False)  # an input was lost while it waited
+                continue
+            else:
+                pool, prefetch = early, True
+            client = self._choose(task, pool, self._local_bytes(task))
+            if client is None:
+                skipped.append((tid, not prefetch))
+                continue
+            self._assign(task, client)
+            self._take_room(client, pool, prefetch)
+            if len(task.copies) < task.replicas:
+                extras.append(tid)
+            else:
+                s.queue.discard(tid)
+        # Then the extra copies of replicated tasks, so replicas never starve other tasks.
+        for tid in sorted(set(extras)):
+            task = s.tasks[tid]
+            prefetch = task.missing > 0
+            pool = early if prefetch else free
+            if pool:
                 local = self._local_bytes(task)
-                for _ in range(task.replicas - len(task.copies) if extra else 1):
+                while len(task.copies) < task.replicas:
                     client = self._choose(task, pool, local)
                     if client is None:
                         break
                     self._assign(task, client)
-                    if prefetch and not self._early_room(client):
-                        pool.remove(client)
-                    elif not prefetch and client.slots <= self._load(client):
-                        pool.remove(client)
-                if len(task.copies) >= task.replicas:
-                    s.queue.discard(tid)
+                    self._take_room(client, pool, prefetch)
+            if len(task.copies) < task.replicas:
+                skipped.append((tid, not prefetch))
+            else:
+                s.queue.discard(tid)
+        for tid, ready in skipped:
+            self._push(tid, ready=ready)
+
+    def _take_room(self, client: _Client, pool: list[_Client], prefetch: bool) -> None:
+        if client in pool and not (self._early_room(client) if prefetch else self._ready_room(client)):
+            pool.remove(client)
+
+    def _place_followers(self) -> None:
+        """Place each client's followers on it while its prefetch allowance has room."""
+        s = self._state
+        for cid in s.live:
+            client = s.clients[cid]
+            while client.follow and self._early_room(client):
+                tid = heapq.heappop(client.follow)
+                client.in_follow.discard(tid)
+                task = s.tasks[tid]
+                if task.copies or tid in s.queue or self._follow_target(task) != cid:
+                    continue  # placed meanwhile, or no longer a follower of this client
+                self._assign(task, client)
+                if len(task.copies) < task.replicas:
+                    self._enqueue(tid)
+                self._woken = True
 
     @staticmethod
     def _load(client: _Client) -> int:
         """Tasks counting against ``client``'s slots: placed there with all inputs available."""
         return len(client.running) - len(client.prefetch)
 
+    @classmethod
+    def _ready_room(cls, client: _Client) -> bool:
+        """Whether ``client`` takes another ready task: fewer than ``slots + queue`` placed there."""
+        return cls._load(client) < client.slots + client.queue
+
     @staticmethod
     def _early_room(client: _Client) -> bool:
         """Whether ``client``'s prefetch allowance takes another early placement.
 
-        Fewer than ``slots`` tasks wait for inputs there, and fewer than
-        ``2 * slots`` are placed there in all: an early-placed task moves to
-        the slots when its inputs are in, and must not free room for
-        another one beyond that bound.
+        Fewer than ``slots + queue`` tasks wait for inputs there, and fewer
+        than ``2 * (slots + queue)`` are placed there in all: an early-placed
+        task moves to the slots when its inputs are in, and must not free
+        room for another one beyond that bound.
         """
-        return len(client.prefetch) < client.slots and len(client.running) < 2 * client.slots
+        room = client.slots + client.queue
+        return len(client.prefetch) < room and len(client.running) < 2 * room
 
-    def _prefetchable(self, task: _Task) -> bool:
-        """Some input is available and no pretask waits to be placed (each runs or is held)."""
+    def _placed_or_held(self, task: _Task) -> bool:
+        """No pretask of ``task`` waits to be placed: each runs somewhere or its outputs are held."""
         n = len(task.pretasks)
-        if task.missing >= n:
-            return False
         tasks = self._state.tasks
         # Start at the pretask that blocked last time: a wide fan-in whose
         # pretasks are placed one by one is then checked in linear time overall.
@@ -1090,10 +1256,53 @@ class CoordinatorMachine:
                 return False
         return True
 
-    def _maybe_queue(self, task: _Task) -> None:
-        """Queue ``task`` for placement if it may be ready or prefetchable."""
-        if task.state in _ACTIVE and (task.missing == 0 or task.missing < len(task.pretasks)):
-            self._state.queue.add(task.tid)
+    def _prefetchable(self, task: _Task) -> bool:
+        """Some input is available and no pretask waits to be placed (each runs or is held)."""
+        return task.missing < len(task.pretasks) and self._placed_or_held(task)
+
+    def _follow_target(self, task: _Task) -> int | None:
+        """The client ``task`` may follow its pretasks to, or None.
+
+        A pending task none of whose inputs is available yet, whose
+        pretasks all run (none waits for placement), can be placed early on
+        a client with a queue that runs every one of them: that client will
+        hold every input, and can start the task as soon as its own nodes
+        made them.  The lowest such cid.
+        """
+        s = self._state
+        if task.state is not TaskState.PENDING or task.copies or not task.pretasks:
+            return None
+        if task.missing != len(task.pretasks) or not self._placed_or_held(task):
+            return None
+        common: set[int] | None = None
+        for p in dict.fromkeys(task.pretasks):
+            cids = {cid for cid in s.tasks[p].copies if s.clients[cid].queue > 0}
+            common = cids if common is None else common & cids
+            if not common:
+                return None
+        if not common:
+            return None
+        target = min(common)
+        return target if task.require <= s.clients[target].tags else None
+
+    def _maybe_queue(self, task: _Task) -> bool:
+        """Queue ``task`` for placement if it may be ready or prefetchable, or as a follower.
+
+        Returns whether it was queued either way.
+        """
+        if task.state not in _ACTIVE:
+            return False
+        if task.missing == 0 or task.missing < len(task.pretasks):
+            self._enqueue(task.tid)
+            return True
+        target = self._follow_target(task)
+        if target is None:
+            return False
+        client = self._state.clients[target]
+        if task.tid not in client.in_follow:
+            client.in_follow.add(task.tid)
+            heapq.heappush(client.follow, task.tid)
+        return True
 
     def _local_bytes(self, task: _Task) -> dict[int, int]:
         """Bytes of ``task``'s inputs held by each client."""
@@ -1116,6 +1325,7 @@ class CoordinatorMachine:
             if best_key is None or key < best_key:
                 best, best_key = client, key
         return best
+
 
     # --------------------------------------------------------------- queries
 
@@ -1302,6 +1512,11 @@ class CoordinatorMachine:
             versions = list(client.entries.values())
             assert versions == sorted(versions) and all(v <= s.version for v in versions)
         assert not s.recheck
+        assert s.in_ready == set(s.ready_heap) and len(s.in_ready) == len(s.ready_heap), "ready heap bookkeeping"
+        assert s.in_early == set(s.early_heap) and len(s.in_early) == len(s.early_heap), "early heap bookkeeping"
+        assert s.queue <= s.in_ready | s.in_early, f"queued tasks on no heap: {sorted(s.queue - s.in_ready - s.in_early)}"
+        for client in s.clients.values():
+            assert client.in_follow == set(client.follow) and len(client.in_follow) == len(client.follow)
 
     # ------------------------------------------------------------- snapshots
 

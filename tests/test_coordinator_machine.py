@@ -1225,7 +1225,8 @@ def drive(seed: int, steps: list[tuple[int, int]], snap_at: int | None = None) -
         item: Command | Tick
         if kind == 0 or not live:
             tags = [t for i, t in enumerate(RandomScheduler.TAGS) if r >> i & 1]
-            item = cmd({"op": "join", "client": f"n{r % 7}", "addr": f"n{r % 7}:{r}", "slots": 1 + r % 3, "have": tags})
+            join = {"op": "join", "client": f"n{r % 7}", "addr": f"n{r % 7}:{r}", "slots": 1 + r % 3, "have": tags}
+            item = cmd({**join, "queue": r % 4} if r % 5 else join)
         elif kind == 1:
             now += r % 5
             expired = [live[r % len(live)]] if r % 3 == 0 else []
@@ -1244,6 +1245,23 @@ def drive(seed: int, steps: list[tuple[int, int]], snap_at: int | None = None) -
         elif kind == 6:
             tid = 1 + r % (lead.status()["tasks"]["total"] + 1)
             item = cmd({"op": "lost", "cid": live[r % len(live)], "tid": tid, "key": "out"})
+        elif kind == 8 and work:
+            # Batched reports, some claiming inputs used before their commit
+            # (accepted or sent back for a rerun, depending on what committed).
+            ops: list[Any] = []
+            for k in range(1 + r % 4):
+                cid, t = work[(r + 7 * k) % len(work)]
+                if (r >> k) % 5 == 0:
+                    ops.append({"op": "failed", "cid": cid, "tid": t["tid"], "attempt": t["attempt"], "error": "e"})
+                    continue
+                done = {"op": "done", "cid": cid, "tid": t["tid"], "attempt": t["attempt"], "values": {"out": r}}
+                if (r >> k) % 2:
+                    pretasks = [i["tid"] for i in t["inputs"]]
+                    done["early"] = [[p, lead.task_info(p)["attempt"]] for p in pretasks]
+                ops.append({**done, "sizes": {"out": k}})
+            if r % 9 == 0:
+                ops.append({"op": "join", "client": "x"})  # not batchable: an error result, the rest applies
+            item = cmd({"op": "batch", "ops": ops})
         elif sent:
             item = sent[r % len(sent)]  # a client retrying an old command
         else:
@@ -1255,7 +1273,7 @@ def drive(seed: int, steps: list[tuple[int, int]], snap_at: int | None = None) -
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seed=st.integers(0, 2**32),
-    steps=st.lists(st.tuples(st.integers(0, 7), st.integers(0, 2**16)), min_size=1, max_size=120),
+    steps=st.lists(st.tuples(st.integers(0, 8), st.integers(0, 2**16)), min_size=1, max_size=120),
     snap_at=st.none() | st.integers(0, 120),
 )
 def test_same_log_gives_same_digest(seed: int, steps: list[tuple[int, int]], snap_at: int | None) -> None:
@@ -1282,7 +1300,7 @@ def test_a_nondeterministic_scheduler_shows_up_as_a_digest_mismatch() -> None:
 def scenario_digest() -> str:
     """The digest of a fixed randomized run (compared across hash seeds)."""
     rng = random.Random(2024)
-    steps = [(rng.randint(0, 7), rng.randint(0, 2**16)) for _ in range(300)]
+    steps = [(rng.randint(0, 8), rng.randint(0, 2**16)) for _ in range(300)]
     return drive(99, steps)[0].digest.hex()
 
 
@@ -1303,3 +1321,211 @@ def test_digest_does_not_depend_on_the_process_hash_seed() -> None:
         )
         digests.add(out.stdout.strip().splitlines()[-1])
     assert digests == {scenario_digest()}
+
+
+# ------------------------------------------------- queues, batches, followers
+
+
+class ManyScheduler(Coordinator):
+    """``N`` independent tasks, started at init."""
+
+    N = 40
+
+    def init(self, seed: int) -> None:
+        self.done: list[int] = []
+        self.tids = [self.start_task("a", args=[i], keys=["out"]) for i in range(self.N)]
+
+    def task_done(self, tid: int, values: dict[str, Any]) -> None:
+        self.done.append(tid)
+        if len(self.done) == self.N:
+            self.finish(values=len(self.done))
+
+
+class LongChain(Coordinator):
+    """A chain of ``N`` tasks, all started at init; ``first`` fans out to ``side`` too."""
+
+    N = 12
+
+    def init(self, seed: int) -> None:
+        self.done: list[int] = []
+        self.chain = [self.start_task("a", keys=["out"])]
+        for i in range(1, self.N):
+            self.chain.append(self.start_task("b", args=[i], pretasks=[self.chain[-1]], prekeys=["out"], keys=["out"]))
+
+    def task_done(self, tid: int, values: dict[str, Any]) -> None:
+        self.done.append(tid)
+        if tid == self.chain[-1]:
+            self.finish(taskids=[tid], values="end")
+
+
+def join(h: Harness, name: str, slots: int, queue: int | None = None, have: tuple[str, ...] = ()) -> int:
+    op = {"op": "join", "client": name, "addr": f"{name}:1", "slots": slots, "have": list(have)}
+    if queue is not None:
+        op["queue"] = queue
+    return h.op(op)["cid"]
+
+
+def done_op(cid: int, tid: int, attempt: int = 1, **extra: Any) -> dict[str, Any]:
+    return {"op": "done", "cid": cid, "tid": tid, "attempt": attempt, "values": {"out": tid}, "sizes": {"out": 8}, **extra}
+
+
+def test_a_client_with_a_queue_gets_that_many_ready_tasks_beyond_its_slots() -> None:
+    h = Harness(ManyScheduler)
+    h.init()
+    plain = join(h, "plain", slots=2)
+    queued = join(h, "queued", slots=2, queue=5)
+    assert [len(h.machine.view(cid)["tasks"]) for cid in (plain, queued)] == [2, 7]
+    # The tasks are placed in tid order, and status counts the queued ones as placed there.
+    placed = sorted(t["tid"] for cid in (plain, queued) for t in h.machine.view(cid)["tasks"])
+    assert placed == h.machine.scheduler.tids[:9]
+    assert [c["running"] for c in h.status["live_clients"]] == [2, 7]
+    # Each completion frees room for exactly one more.
+    first = h.machine.view(queued)["tasks"][0]["tid"]
+    assert h.op(done_op(queued, first))["accepted"]
+    assert len(h.machine.view(queued)["tasks"]) == 7
+    assert h.machine.task_info(h.machine.scheduler.tids[9])["clients"] == [queued]
+    # A larger queue, announced by joining again under the same name, takes effect at once.
+    assert join(h, "queued", slots=2, queue=10) == queued
+    assert len(h.machine.view(queued)["tasks"]) == 12
+    h.machine.check_invariants()
+
+
+def test_a_dead_clients_queued_tasks_are_placed_again() -> None:
+    sim = Sim(ManyScheduler, ECHO)
+    x = sim.join("x", slots=1)
+    h = sim.h
+    y = h.op({"op": "join", "client": "y", "addr": "y:7000", "slots": 1, "queue": 6, "have": []})["cid"]
+    sim.store[y], sim.assigned[y], sim.seen[y], sim.killed[y] = {}, {}, 0, []
+    on_y = names(sim.poll(y)["tasks"])
+    assert len(on_y) == 7  # one running, six waiting in its node pool
+    # y dies with all seven placed there (the machine cannot tell which had started).
+    h.tick(expired=(y,))
+    for tid in on_y:
+        info = sim.machine.task_info(tid)
+        assert (info["attempt"], info["state"], info["clients"]) == (2, "pending", []), info
+    # They come first again, in tid order, as x frees its slot.
+    [first] = names(sim.poll(x)["tasks"])
+    sim.complete(x, first)
+    assert names(sim.poll(x)["tasks"]) == [on_y[0]]
+    assert sim.machine.task_info(on_y[0])["clients"] == [x]
+    sim.run(max_rounds=500)
+    assert h.status["state"] == "finished" and h.status["result"]["values"] == ManyScheduler.N
+
+
+def test_a_batch_applies_each_report_in_order_as_one_log_item() -> None:
+    h = Harness(ManyScheduler)
+    h.init()
+    cid = join(h, "c", slots=3)
+    a, b, c = names(h.machine.view(cid)["tasks"])
+    result = h.op(
+        {
+            "op": "batch",
+            "ops": [
+                done_op(cid, b),
+                {"op": "failed", "cid": cid, "tid": c, "attempt": 1, "error": "boom"},
+                {"op": "join", "client": "z", "addr": "z:1", "slots": 1},
+                done_op(cid, 999),
+                done_op(cid, b),
+                done_op(cid, a),
+            ],
+        }
+    )
+    results = result["results"]
+    assert result["ok"] and len(results) == 6
+    assert results[0] == {"ok": True, "accepted": True, "reason": None}
+    assert results[1]["accepted"] and not results[2]["ok"] and "only done, failed and lost" in results[2]["error"]
+    assert not results[3]["ok"] and "unknown task 999" in results[3]["error"]
+    assert not results[4]["accepted"] and "is done" in results[4]["reason"]
+    assert results[5]["accepted"]
+    # task_done ran in the batch's order; the failed one is retried (attempt 2), and placed again.
+    assert h.machine.scheduler.done == [b, a]
+    assert h.machine.task_info(c)["attempt"] == 2 and h.machine.task_info(c)["clients"] == [cid]
+    assert h.status["clients"]["live"] == 1  # the join inside the batch did nothing
+    h.machine.check_invariants()
+    assert not h.op({"op": "batch", "ops": "nope"})["ok"]
+
+
+def test_batched_reports_give_every_replica_the_same_state() -> None:
+    replicas = [Harness(LongChain) for _ in range(3)]
+    for h in replicas:
+        h.init()
+    lead = replicas[0]
+    ops: list[dict[str, Any]] = [{"op": "join", "client": "c", "addr": "c:1", "slots": 1, "queue": 3, "have": []}]
+    for op in ops:
+        for h in replicas:
+            h.op(op)
+    while lead.machine.run_state is RunState.RUNNING:
+        view = lead.machine.view(1)["tasks"]
+        batch = {"op": "batch", "ops": [done_op(1, t["tid"], t["attempt"], early=[[i["tid"], 1] for i in t["inputs"]]) for t in view]}
+        for h in replicas:
+            h.op(batch)
+        assert len({h.applier.digest for h in replicas}) == 1
+        assert len({repr(h.machine.status()) for h in replicas}) == 1
+    assert lead.status["result"]["values"] == "end"
+
+
+def test_a_chain_follows_its_pretask_onto_a_client_with_a_queue() -> None:
+    h = Harness(LongChain)
+    h.init()
+    chain = h.machine.scheduler.chain
+    other = join(h, "other", slots=4, queue=4)
+    assert names(h.machine.view(other)["tasks"]) == chain[:9]  # first + 8 followers (2 x (slots + queue) in all)
+    assert h.machine.task_info(chain[1])["prefetching"] == [other]
+    assert h.machine.task_info(chain[9])["state"] == "pending"
+    # Without a queue nothing follows: the second link waits for the first's output.
+    h2 = Harness(LongChain)
+    h2.init()
+    plain = join(h2, "plain", slots=4)
+    assert names(h2.machine.view(plain)["tasks"]) == [chain[0]]
+    # Completing links frees room for the next followers, in chain order.
+    assert h.op({"op": "batch", "ops": [done_op(other, chain[0]), done_op(other, chain[1], early=[[chain[0], 1]])]})["ok"]
+    # (chain[2] has its input now and takes a slot: eight wait for inputs again, the allowance.)
+    assert names(h.machine.view(other)["tasks"]) == chain[2:11]
+    assert h.machine.task_info(chain[2])["prefetching"] == []
+    h.machine.check_invariants()
+
+
+def test_an_early_completion_counts_only_if_its_input_was_committed_from_that_client() -> None:
+    h = Harness(LongChain)
+    h.init()
+    a, b, c = h.machine.scheduler.chain[:3]
+    x = join(h, "x", slots=1, queue=2)
+    assert names(h.machine.view(x)["tasks"]) == [a, b, c] or names(h.machine.view(x)["tasks"])[:2] == [a, b]
+    # b reported before a, claiming a's output: a is not committed, so b runs again.
+    result = h.op(done_op(x, b, early=[[a, 1]]))
+    assert (result["accepted"], result["rerun"]) == (False, True)
+    info = h.machine.task_info(b)
+    assert info["attempt"] == 2 and info["state"] == "running" and info["clients"] == [x]
+    assert h.machine.scheduler.done == []
+    # The new attempt is in x's view; a stale report of attempt 1 is refused.
+    assert [(t["tid"], t["attempt"]) for t in h.machine.view(x)["tasks"] if t["tid"] == b] == [(b, 2)]
+    # a commits (from x), then b's attempt 2 with a's output used early is accepted.
+    assert h.op(done_op(x, a))["accepted"]
+    assert h.op(done_op(x, b, attempt=2, early=[[a, 1]]))["accepted"]
+    # An early claim naming the wrong attempt or another client's output is refused too.
+    assert h.op(done_op(x, c, early=[[b, 1]]))["rerun"]
+    assert not h.op(done_op(x, c, early=[[99, 1]]))["ok"]  # not a pretask of c: malformed
+    assert h.machine.scheduler.done == [a, b]
+    h.machine.check_invariants()
+
+
+def test_a_replicated_pretask_committed_elsewhere_sends_the_early_dependent_back() -> None:
+    class Replicated(Coordinator):
+        def init(self, seed: int) -> None:
+            self.a = self.start_task("a", keys=["out"], replicas=2)
+            self.b = self.start_task("b", pretasks=[self.a], prekeys=["out"], keys=["out"])
+
+    h = Harness(Replicated)
+    h.init()
+    x = join(h, "x", slots=1, queue=1)
+    y = join(h, "y", slots=1, queue=1)
+    sched = h.machine.scheduler
+    assert h.machine.task_info(sched.a)["clients"] == [x, y]
+    assert h.machine.task_info(sched.b)["clients"] == [x]  # follows the copy on the lowest cid
+    # y's copy of a commits first; x then reports b as computed from its own copy of a.
+    assert h.op(done_op(y, sched.a))["accepted"]
+    result = h.op({"op": "batch", "ops": [done_op(x, sched.a), done_op(x, sched.b, early=[[sched.a, 1]])]})
+    assert not result["results"][0]["accepted"] and result["results"][1]["rerun"]
+    info = h.machine.task_info(sched.b)
+    assert info["attempt"] == 2 and info["state"] == "running"
+    h.machine.check_invariants()
