@@ -25,6 +25,7 @@ the view points the runner to the new holder.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import socket
@@ -60,10 +61,19 @@ class ClientConfig:
     spill_dir: Path | None = None
     poll_wait: float = 2.0
     node_cwd: Path | None = None
+    #: Tasks the coordinator may assign beyond ``slots``, waiting here for a
+    #: free node.  None: adapt it to the tasks (see :class:`QueueSizer`).
+    queue: int | None = None
+    #: Completions reported in one log command at most.
+    report_batch: int = 256
 
     def __attrs_post_init__(self) -> None:
         if self.slots < 1:
             raise ValueError(f"--slots must be at least 1, got {self.slots}")
+        if self.queue is not None and self.queue < 0:
+            raise ValueError(f"queue must be at least 0, got {self.queue}")
+        if self.report_batch < 1:
+            raise ValueError(f"report_batch must be at least 1, got {self.report_batch}")
         if not self.coordinators:
             raise ValueError("no coordinators given")
 
@@ -130,15 +140,64 @@ class InputError(Exception):
 
 
 @attrs.define(eq=False)
+class QueueSizer:
+    """How many tasks beyond its slots a client asks for: enough to cover one round trip.
+
+    A node that finishes a task waits, if nothing else is queued for it,
+    for its completion to be committed and for the view that brings the
+    next task: a report round trip.  With ``q`` tasks queued per slot, it
+    does not wait while ``q x task time`` covers that.  So the queue is
+    ``slots x 2 x round trip / task time`` (twice, for the view's extra
+    hop and for noise), at most ``max_per_slot x slots``: short tasks get a
+    deep queue, tasks much longer than a round trip get none, and keep
+    work balanced between clients (a queued task cannot move to an idle
+    client).  Averages are exponentially weighted; a change is proposed
+    only when the figure at least doubles or halves.
+    """
+
+    slots: int
+    max_per_slot: int = 32
+    current: int = 0
+    _task_s: float | None = None
+    _report_s: float | None = None
+    _samples: int = 0
+
+    def task_ran(self, seconds: float) -> None:
+        self._task_s = seconds if self._task_s is None else 0.9 * self._task_s + 0.1 * seconds
+        self._samples += 1
+
+    def reported(self, seconds: float) -> None:
+        self._report_s = seconds if self._report_s is None else 0.8 * self._report_s + 0.2 * seconds
+
+    def proposal(self) -> int | None:
+        """A new queue size worth telling the coordinator about, or None."""
+        if self._task_s is None or self._report_s is None or self._samples < self.slots:
+            return None
+        want = int(self.slots * 2 * self._report_s / max(self._task_s, 1e-4))
+        want = max(0, min(want, self.max_per_slot * self.slots))
+        if want == self.current:
+            return None
+        if self.current and self.current / 2 < want < self.current * 2:
+            return None
+        return want
+
+
+@attrs.define(eq=False)
 class _Run:
     """One assigned task attempt and the latest view of it."""
 
     view: dict[str, Any]
     changed: trio.Event = attrs.Factory(trio.Event)
     scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    # Inputs taken from this client's store before the log said so: [[tid, attempt], ...].
+    early: list[list[int]] = attrs.Factory(list)
 
     def update(self, view: dict[str, Any]) -> None:
         self.view = view
+        self.poke()
+
+    def poke(self) -> None:
+        """Wake the input fetchers to look again."""
         self.changed.set()
         self.changed = trio.Event()
 
@@ -200,6 +259,18 @@ class Client:
     _cid: int | None = None
     _runs: dict[int, _Run] = attrs.Factory(dict)
     _nursery: trio.Nursery | None = None
+    # Completions waiting to be reported; one reporter sends them in order,
+    # one log command at a time (see _reporter).
+    _outbox: list[dict[str, Any]] = attrs.Factory(list)
+    _outbox_ready: trio.Event = attrs.Factory(trio.Event)
+    # tid -> attempt whose outputs this client's own nodes made (in the store).
+    _made: dict[int, int] = attrs.Factory(dict)
+    # tid -> runs waiting for that output to be made here.
+    _local_waiters: dict[int, list[_Run]] = attrs.Factory(dict)
+    # (tid, attempt) this client finished, so a view that lists one again
+    # (sent before the completion was committed) does not run it twice.
+    _finished: collections.OrderedDict = attrs.Factory(collections.OrderedDict)
+    _sizer: QueueSizer | None = None
     _log: Any = None
     data_port: int | None = None
     final_state: str | None = None
@@ -249,6 +320,7 @@ class Client:
             "client": cfg.name,
             "addr": f"{cfg.data_host}:{self.data_port}",
             "slots": cfg.slots,
+            "queue": self._queue_size(),
             "have": list(cfg.have),
         }
         while True:
@@ -268,10 +340,41 @@ class Client:
             self._log.info("joined", cid=result["cid"], slots=cfg.slots, have=list(cfg.have))
             return result["cid"]
 
+    def _queue_size(self) -> int:
+        cfg = self.config
+        if cfg.queue is not None:
+            return cfg.queue
+        if self._sizer is None:
+            self._sizer = QueueSizer(cfg.slots)
+        return self._sizer.current
+
+    async def _resize_queue(self, queue: int) -> None:
+        """Tell the coordinator this client's new queue size (a join under the same name)."""
+        assert self._sizer is not None
+        self._sizer.current = queue
+        cfg = self.config
+        op = {
+            "op": "join",
+            "client": cfg.name,
+            "addr": f"{cfg.data_host}:{self.data_port}",
+            "slots": cfg.slots,
+            "queue": queue,
+            "have": list(cfg.have),
+        }
+        self._log.info("queue_resized", queue=queue)
+        assert self._lc is not None
+        try:
+            await self._lc.submit(op, deadline=10.0)
+        except Exception as exc:  # Unavailable: the next proposal tries again
+            self._log.warning("queue_resize_failed", error=str(exc))
+
     async def _work(self) -> str:
         cfg = self.config
         channel = _QueryChannel(cfg.coordinators, cfg.secret, cfg.name)
+        self._queue_size()
         self._cid = await self._join()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._reporter)
         version = 0
         backoff = 0.05
         while True:
@@ -294,6 +397,7 @@ class Client:
                 for run in self._runs.values():
                     run.scope.cancel()
                 self._runs.clear()
+                self._made.clear()
                 self._cid = await self._join()
                 version = 0
                 continue
@@ -311,6 +415,8 @@ class Client:
             self._pool.cancel(tid)
 
     def _assign(self, task: dict[str, Any]) -> None:
+        if (task["tid"], task["attempt"]) in self._finished:
+            return  # listed again before our completion was committed
         run = self._runs.get(task["tid"])
         if run is not None and run.view["attempt"] == task["attempt"]:
             run.update(task)  # e.g. an input became available
@@ -346,8 +452,45 @@ class Client:
             finally:
                 if self._runs.get(tid) is run:
                     del self._runs[tid]
-        if op is not None and not run.scope.cancelled_caught:
-            await self._report(op)
+        if op is not None and not run.scope.cancelled_caught and op["op"] == "failed":
+            self._finish(tid, attempt, op)
+
+    def _finish(self, tid: int, attempt: int, op: dict[str, Any]) -> None:
+        """Queue ``op`` (this attempt's completion) for the reporter."""
+        self._finished[(tid, attempt)] = None
+        while len(self._finished) > 100_000:
+            self._finished.popitem(last=False)
+        self._outbox.append(op)
+        self._outbox_ready.set()
+
+    async def _reporter(self) -> None:
+        """Report completions in order, all those ready in one log command, one command at a time.
+
+        One command in flight keeps them in the order they finished, so a
+        completion that used an output of this client's before the log had
+        it (``early``) always comes after the completion that made it.
+        """
+        assert self._lc is not None
+        while True:
+            if not self._outbox:
+                self._outbox_ready = trio.Event()
+                await self._outbox_ready.wait()
+            n = self.config.report_batch
+            ops, self._outbox = self._outbox[:n], self._outbox[n:]
+            op = ops[0] if len(ops) == 1 else {"op": "batch", "ops": ops}
+            started = trio.current_time()
+            result = await self._report(op)
+            if self._sizer is not None:
+                self._sizer.reported(trio.current_time() - started)
+                proposal = self._sizer.proposal()
+                if proposal is not None:
+                    self._sizer.current = proposal
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._resize_queue, proposal)
+            results = [result] if len(ops) == 1 else (result or {}).get("results", [])
+            for sub, res in zip(ops, results):
+                if isinstance(res, dict) and res.get("rerun"):
+                    self._log.info("task_rerun", tid=sub["tid"], attempt=sub["attempt"], reason=res.get("reason"))
 
     async def _execute(self, run: _Run, inputs: list[Any]) -> dict[str, Any]:
         """Run the task on a node; return the log command reporting how it went."""
@@ -370,18 +513,29 @@ class Client:
             self._log.info("task_failed", tid=tid, attempt=attempt, error=outcome.error)
             return {"op": "failed", "cid": self._cid, "tid": tid, "attempt": attempt, "error": outcome.error}
         assert outcome.outputs is not None
+        if self._sizer is not None:
+            self._sizer.task_ran(outcome.seconds)
         sizes = self._store.put(tid, outcome.outputs)
         values = {k: outcome.outputs[k] for k in task["keys"] if k in outcome.outputs}
-        return {"op": "done", "cid": self._cid, "tid": tid, "attempt": attempt, "values": values, "sizes": sizes}
+        op = {"op": "done", "cid": self._cid, "tid": tid, "attempt": attempt, "values": values, "sizes": sizes}
+        if run.early:
+            op["early"] = run.early
+        # Queued for the log before any dependent here can use the outputs
+        # (below), so its completion is reported after this one.
+        self._finish(tid, attempt, op)
+        self._made[tid] = attempt
+        for waiter in self._local_waiters.pop(tid, ()):
+            waiter.poke()
+        return op
 
-    async def _report(self, op: dict[str, Any]) -> None:
+    async def _report(self, op: dict[str, Any]) -> Any:
+        """Apply ``op`` through the log, retrying until it is; returns its result."""
         assert self._lc is not None
         while True:
             try:
-                await self._lc.submit(op, deadline=30.0)
-                return
+                return await self._lc.submit(op, deadline=30.0)
             except Exception as exc:  # Unavailable; keep the result and try again
-                self._log.warning("report_delayed", tid=op["tid"], error=str(exc))
+                self._log.warning("report_delayed", op=op["op"], tid=op.get("tid"), error=str(exc))
                 await trio.sleep(1.0)
 
     async def _gather_inputs(self, run: _Run) -> list[Any]:
@@ -398,14 +552,39 @@ class Client:
 
     async def _fetch_input(self, run: _Run, i: int) -> Any:
         """Input ``i`` of the task, fetched as soon as the view says where it is."""
+        ptid = run.view["inputs"][i]["tid"]
+        try:
+            return await self._fetch_input_loop(run, i)
+        finally:
+            waiters = self._local_waiters.get(ptid)
+            if waiters and run in waiters:
+                waiters.remove(run)
+                if not waiters:
+                    del self._local_waiters[ptid]
+
+    async def _fetch_input_loop(self, run: _Run, i: int) -> Any:
         failures = 0
         while True:
             inp = run.view["inputs"][i]
             ptid, key, holder, addr = inp["tid"], inp["key"], inp["cid"], inp["addr"]
+            assert self._store is not None
             if holder is None:
+                made = self._made.get(ptid)
+                if made is not None and self._store.has(ptid):
+                    # Made by our own nodes and queued for the log ahead of
+                    # this task's report: use it now (the coordinator checks
+                    # that this very output is the one committed).
+                    try:
+                        value = select(self._store.get(ptid), key, ptid)
+                    except KeyError as exc:
+                        raise InputError(str(exc.args[0])) from None
+                    run.early.append([ptid, made])
+                    return value
+                waiters = self._local_waiters.setdefault(ptid, [])
+                if run not in waiters:
+                    waiters.append(run)
                 await run.changed.wait()
                 continue
-            assert self._store is not None
             if holder == self._cid and self._store.has(ptid):
                 try:
                     return select(self._store.get(ptid), key, ptid)

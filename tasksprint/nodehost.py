@@ -152,6 +152,8 @@ class TaskOutcome:
     error: str = ""
     #: The node's traceback for a TASK_ERROR, when it sent one.
     traceback: str = ""
+    #: Seconds from writing the task to the node to its answer (0 if no node ran it).
+    seconds: float = attrs.field(default=0.0, eq=False)
 
     def __attrs_post_init__(self) -> None:
         # Invariant: exactly one of (outputs) and (failure, error) describes the outcome.
@@ -458,8 +460,10 @@ class NodeProcess:
             raise RuntimeError(f"node process {self.pid} is {self._state.value}; run tasks only on an idle node")
         line = _task_line(task)
         self._state = NodeState.BUSY
+        started = trio.current_time()
         try:
-            return await self._exchange(task, line)
+            outcome = await self._exchange(task, line)
+            return attrs.evolve(outcome, seconds=trio.current_time() - started)
         finally:
             if self._state is NodeState.BUSY:
                 # Left without an answer (cancelled, or an unexpected error): the
