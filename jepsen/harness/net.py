@@ -160,6 +160,13 @@ class Network:
             self.iptables(short, "-A", chain, flag, "eth0", "-m", "statistic", "--mode", "random",
                           "--probability", str(probability), "-j", "DROP")
 
+    def queue_egress(self, short: str, mark: int, queue: int = 0) -> None:
+        """Hand every packet leaving ``short``'s eth0 to NFQUEUE ``queue``, except those carrying
+        ``mark`` (the handler's own duplicates).  ``--queue-bypass``: with no handler bound,
+        packets pass untouched instead of being dropped."""
+        self.iptables(short, "-A", "OUTPUT", "-o", "eth0", "-m", "mark", "!", "--mark", str(mark),
+                      "-j", "NFQUEUE", "--queue-num", str(queue), "--queue-bypass")
+
     def heal(self, short: str) -> None:
         self.iptables(short, "-F", "INPUT", check=False)
         self.iptables(short, "-F", "OUTPUT", check=False)
