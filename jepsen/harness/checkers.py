@@ -13,24 +13,69 @@ RECOVERY_BOUND = 30.0
 
 
 def exactly_once(comp: dict | None) -> dict[str, Any]:
-    """Every started task completed exactly once (task_done tids: none missing, none duplicated)."""
+    """Every started task completed exactly once, except decoys that were killed.
+
+    ``task_done`` tids: none twice, none unknown, each completion's ``rec``
+    names its own tid; every leaf and total done; every decoy either done or
+    killed (by a command-line cancel, or by the scheduler at finish); the
+    replica's task counts agree (done + killed = started).
+    """
     values = _values(comp)
     if values is None:
         return {"ok": False, "error": "no result (computation did not finish)"}
     started, done, records = values["started"], values["done"], values["records"]
+    decoys = values.get("decoys", [])
+    killed = set(values.get("decoys_open_at_finish", [])) | set(values.get("decoys_cancelled", []))
     dup = sorted(t for t, n in Counter(done).items() if n > 1)
-    missing = sorted(set(started) - set(done))
+    missing = sorted(set(started) - set(decoys) - set(done))
+    decoys_unaccounted = sorted(set(decoys) - set(done) - killed)
+    decoys_done_and_killed = sorted(killed & set(done))
     unknown = sorted(set(done) - set(started))
     bad_records = [r for t, r in zip(done, records) if not (isinstance(r, list) and len(r) == 3 and r[0] == t)]
     counts = comp.get("tasks", {})
-    count_ok = counts.get("done") == len(started) == counts.get("total")
+    count_ok = (counts.get("done") == len(set(done)) and counts.get("total") == len(started)
+                and counts.get("done", 0) + counts.get("killed", 0) == len(started))
     attempts = Counter(r[1] for r in records if isinstance(r, list))
     return {
-        "ok": not dup and not missing and not unknown and not bad_records and count_ok,
+        "ok": not (dup or missing or unknown or bad_records or decoys_unaccounted or decoys_done_and_killed)
+        and count_ok,
         "started": len(started), "done": len(done), "duplicated": dup, "missing": missing,
         "unknown": unknown, "bad_records": bad_records[:10], "task_counts": counts,
+        "decoys": len(decoys), "decoys_killed": len(killed), "decoys_unaccounted": decoys_unaccounted,
+        "decoys_done_and_killed": decoys_done_and_killed,
         "completions_by_client": dict(Counter(r[2] for r in records if isinstance(r, list))),
         "completions_by_attempt": {str(k): v for k, v in sorted(attempts.items())},
+    }
+
+
+def cancels(comp: dict | None, ops: list[dict], attempted: set[int]) -> dict[str, Any]:
+    """Command-line cancels took effect exactly where they said they did.
+
+    * an acknowledged cancel that reported killing decoy d: d never completed
+      and was not still active when the scheduler finished (no acknowledged
+      command lost, whatever leader changes happened in between);
+    * an acknowledged cancel killed only the decoy it named (nothing depends on a decoy);
+    * every decoy found already killed at finish was the target of some
+      cancel (acknowledged or not): nothing else kills a decoy.
+    """
+    values = _values(comp)
+    if values is None:
+        return {"ok": False, "error": "no result (computation did not finish)"}
+    done = set(values["done"])
+    open_at_finish = set(values.get("decoys_open_at_finish", []))
+    cancelled = set(values.get("decoys_cancelled", []))
+    acked = [o for o in ops if o["op"].startswith("cancel") and o.get("ok")]
+    acked_killed = {t for o in acked for t in (o.get("killed") or [])}
+    lost = sorted((acked_killed & done) | (acked_killed & open_at_finish))
+    overkill = sorted({t for o in acked for t in (o.get("killed") or []) if t != o["tid"]})
+    spurious = sorted(cancelled - attempted)
+    return {
+        "ok": not lost and not overkill and not spurious,
+        "attempted": len(attempted), "acknowledged": len(acked), "acknowledged_kills": len(acked_killed),
+        "acknowledged_too_late": len([o for o in acked if not o.get("killed")]),
+        "unacknowledged": len([o for o in ops if o["op"].startswith("cancel") and not o.get("ok")]),
+        "decoys_cancelled": len(cancelled), "decoys_open_at_finish": len(open_at_finish),
+        "acknowledged_kill_lost": lost, "killed_other_tasks": overkill, "killed_without_cancel": spurious,
     }
 
 
@@ -73,15 +118,21 @@ def converge(addrs, secret, timeout: float = 30.0) -> dict[str, Any]:
             "final": [None if s is None else {k: s[k] for k in ("rid", "role", "applied", "digest")} for s in last]}
 
 
-def recovery(progress: list[tuple[float, int, str]], heal_times: list[float], bound: float = RECOVERY_BOUND) -> dict:
-    """Seconds from each heal until the done count next increases (or the computation ends)."""
+def recovery(progress: list[tuple], heal_times: list[float], bound: float = RECOVERY_BOUND) -> dict:
+    """Seconds from each heal until the done count passes the highest seen before the heal
+    (or the computation ends).
+
+    The highest, not the last: a sample may come from a replica that lags
+    behind (the leader did not answer in time), and its lower count must not
+    pass for progress once the leader answers again.
+    """
     per_fault = []
     for h in heal_times:
         before = [p for p in progress if p[0] <= h]
         if before and before[-1][2] in ("finished", "failed"):
             per_fault.append({"heal": h, "recovery": 0.0, "note": "finished before the heal"})
             continue
-        base = before[-1][1] if before else 0
+        base = max((p[1] for p in before), default=0)
         after = next((p for p in progress if p[0] > h and (p[1] > base or p[2] in ("finished", "failed"))), None)
         per_fault.append({"heal": h, "recovery": None if after is None else round(after[0] - h, 3)})
     last = per_fault[-1] if per_fault else None

@@ -54,14 +54,18 @@ class Proc:
         self.popen: subprocess.Popen | None = None
         self.starts = 0
         self.stopped = False  # SIGSTOPped by a nemesis
+        self.wrap: list[str] = []  # prefix of the running command (e.g. `env LD_PRELOAD=... FAKETIME=...`)
 
-    def start(self) -> None:
+    def start(self, wrap: list[str] | None = None) -> None:
+        """Start the process; ``wrap`` prefixes its command line for this start only."""
         assert not self.alive()
+        self.wrap = list(wrap or [])
+        cmd = self.wrap + self.cmd
         with open(self.log, "ab") as logf:
-            logf.write(f"\n=== jepsen: start #{self.starts} at {time.time():.3f}: {shlex.join(self.cmd)}\n".encode())
+            logf.write(f"\n=== jepsen: start #{self.starts} at {time.time():.3f}: {shlex.join(cmd)}\n".encode())
             logf.flush()
             self.popen = subprocess.Popen(
-                self.net.exec_prefix(self.short) + self.cmd,
+                self.net.exec_prefix(self.short) + cmd,
                 stdin=subprocess.DEVNULL,
                 stdout=logf,
                 stderr=subprocess.STDOUT,
@@ -165,6 +169,8 @@ class Cluster:
         self.peers = ",".join(f"{h}:{p}" for h, p in self.addrs)
         self.replicas: list[Proc] = []
         self.clients: list[Proc] = []
+        # Helper processes a nemesis started (packet-queue handlers): stopped with the cluster.
+        self.aux: list[subprocess.Popen] = []
         for i, r in enumerate(self.replica_names):
             data = rundir / f"{r}-data"
             data.mkdir()
@@ -192,6 +198,14 @@ class Cluster:
                 "--secret-file", str(self.secret_file)]
 
     def stop(self) -> None:
+        for a in self.aux:
+            if a.poll() is None:
+                try:
+                    os.killpg(a.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            a.wait()
+        self.aux = []
         for p in self.clients + self.replicas:
             try:
                 p.stop()

@@ -7,6 +7,7 @@ namespace, so their connections go over the run's own bridge.
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import threading
 import time
@@ -71,7 +72,7 @@ class Monitor(threading.Thread):
         self.stop_event = threading.Event()
         self.lock = threading.Lock()
         self.latest: list[dict | None] = [None] * len(addrs)
-        self.progress: list[tuple[float, int, str]] = []  # (t, done count, state)
+        self.progress: list[tuple[float, int, str, int]] = []  # (t, done count, state, replica that answered)
         self.computation: dict | None = None
         self.errors = 0
 
@@ -83,16 +84,18 @@ class Monitor(threading.Thread):
                 order = ([leader] if leader is not None else []) + [
                     i for i, s in enumerate(statuses) if s is not None and i != leader]
                 comp = None
+                answered = -1
                 for i in order:
                     comp = query_status(self.addrs[i], self.secret)
                     if comp is not None:
+                        answered = i
                         break
                 with self.lock:
                     self.latest = statuses
                     if comp is not None:
                         self.computation = comp
                         self.progress.append((time.monotonic() - self.t0, int(comp["tasks"].get("done", 0)),
-                                              comp["state"]))
+                                              comp["state"], answered))
             except Exception:
                 self.errors += 1
             self.stop_event.wait(self.interval)
@@ -153,8 +156,94 @@ class CliOps(threading.Thread):
                 op["ok"] = False
                 op["error"] = f"timed out after {self.timeout}s"
             op["latency"] = round(time.monotonic() - start, 3)
+            if self.stop_event.is_set() and not op["ok"]:
+                op["interrupted"] = True  # killed by stop(): the scenario ended, not a failure
             self.ops.append(op)
             self.stop_event.wait(max(0.0, self.every - (time.monotonic() - start)))
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        p = self.current
+        if p is not None and p.poll() is None:
+            p.kill()
+        self.join(self.timeout + 5)
+
+
+class CancelOps(threading.Thread):
+    """Cancels running decoy tasks from the command line, as an operator would.
+
+    Every 0.5-1.5 s (seeded) it looks at the task count the monitor last saw;
+    when a new decoy has been started (``newest_decoy(count)``), it cancels it
+    with probability ``chance``: ``tasksprint cancel TID --json``, then
+    ``tasksprint info TID --json`` to record the state it reads back.  Each
+    decoy is cancelled at most once.  A cancel is *acknowledged* when it exits
+    0 with ``{"ok": true, "killed": [...]}``; one that failed or timed out may
+    still take effect (it is in :attr:`attempted` either way).
+    """
+
+    def __init__(self, cli, env: dict, t0: float, monitor: Monitor, newest_decoy, seed: int,
+                 chance: float = 0.7, timeout: float = 20.0) -> None:
+        super().__init__(daemon=True, name="cancel-ops")
+        self.cli, self.env, self.t0, self.monitor = cli, env, t0, monitor
+        self.newest_decoy = newest_decoy
+        self.rng = random.Random(seed)
+        self.chance, self.timeout = chance, timeout
+        self.stop_event = threading.Event()
+        self.ops: list[dict] = []
+        self.attempted: set[int] = set()
+        self.considered: set[int] = set()
+        self.current: subprocess.Popen | None = None
+
+    def _run(self, op: str, args: list[str]) -> tuple[dict[str, Any], Any]:
+        start = time.monotonic()
+        rec: dict[str, Any] = {"op": op, "t": round(start - self.t0, 3)}
+        doc = None
+        try:
+            self.current = subprocess.Popen(self.cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                            env=self.env, text=True)
+            out, err = self.current.communicate(timeout=self.timeout)
+            rec["rc"] = self.current.returncode
+            try:
+                doc = json.loads(out)
+            except ValueError:
+                rec["error"] = (err or out)[-300:]
+            rec["ok"] = self.current.returncode == 0 and isinstance(doc, dict)
+        except subprocess.TimeoutExpired:
+            self.current.kill()
+            self.current.communicate()
+            rec["ok"] = False
+            rec["error"] = f"timed out after {self.timeout}s"
+        rec["latency"] = round(time.monotonic() - start, 3)
+        if self.stop_event.is_set() and not rec["ok"]:
+            rec["interrupted"] = True
+        return rec, doc
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.rng.uniform(0.5, 1.5)):
+            comp = self.monitor.computation
+            if comp is None or comp.get("state") != "running":
+                continue
+            tid = self.newest_decoy(int(comp["tasks"].get("total", 0)))
+            if tid is None or tid in self.considered:
+                continue
+            self.considered.add(tid)
+            if self.rng.random() >= self.chance:
+                continue
+            self.attempted.add(tid)
+            rec, result = self._run(f"cancel {tid} --json", ["cancel", str(tid), "--json"])
+            rec["tid"] = tid
+            if isinstance(result, dict):
+                rec["ok"] = rec["ok"] and bool(result.get("ok"))
+                rec["killed"] = result.get("killed")
+                if result.get("reason") or result.get("error"):
+                    rec["reason"] = result.get("reason") or result.get("error")
+            self.ops.append(rec)
+            if self.stop_event.is_set():
+                return
+            rec, info = self._run(f"info {tid} --json", ["info", str(tid), "--json"])
+            if isinstance(info, dict):
+                rec["name"], rec["state"] = info.get("name"), info.get("state")
+            self.ops.append(rec)
 
     def stop(self) -> None:
         self.stop_event.set()

@@ -20,8 +20,9 @@ from typing import Any
 
 from jepsen.harness import checkers, net as netmod
 from jepsen.harness.cluster import Cluster, leftovers
-from jepsen.harness.monitor import CliOps, Monitor
-from jepsen.harness.nemesis import NEMESES, heal_everything, run_schedule, schedule
+from jepsen.harness.monitor import CancelOps, CliOps, Monitor
+from jepsen.harness.nemesis import NEMESES, faketime_library, heal_everything, run_schedule, schedule
+from jepsen.workload.scheduler import newest_decoy
 
 JEPSEN_DIR = Path(__file__).resolve().parents[1]
 WORKLOAD = JEPSEN_DIR / "workload"
@@ -41,11 +42,16 @@ def say(msg: str) -> None:
 
 
 def ensure_tools() -> None:
-    """Install iptables / iproute2 when missing (jepsen/setup.sh), saying so on stderr."""
-    if all(shutil.which(t) for t in ("ip", "tc", "iptables")):
+    """Install iptables / iproute2 / libfaketime when missing (jepsen/setup.sh), saying so on stderr."""
+    if all(shutil.which(t) for t in ("ip", "tc", "iptables")) and faketime_library() is not None:
         return
-    say("iptables or iproute2 missing: installing with apt-get (jepsen/setup.sh)")
+    say("iptables, iproute2 or libfaketime missing: installing with apt-get (jepsen/setup.sh)")
     subprocess.run(["sh", str(SETUP_SH)], check=True)
+
+
+def scenario_replicas(name: str, default: int) -> int:
+    """The replica count a scenario runs with: its own if it declares one, else --replicas."""
+    return NEMESES[name].replicas or default
 
 
 def scenario_seed(seed: int, scenario: str) -> int:
@@ -75,8 +81,8 @@ class Run:
 
     # ------------------------------------------------------------------
 
-    def setup_network(self) -> None:
-        members = [(f"r{i}", 10 + i) for i in range(self.args.replicas)]
+    def setup_network(self, replicas: int) -> None:
+        members = [(f"r{i}", 10 + i) for i in range(replicas)]
         members += [(f"c{i}", 100 + i) for i in range(self.args.clients)]
         members += [("ctl", 250)]
         self.net.create(members)
@@ -105,15 +111,18 @@ class Run:
         rundir.mkdir()
         run_for = WARMUP + args.time + TAIL
         spec = write_scheduler(rundir / "scheduler.py", sseed, run_for)
+        replicas = scenario_replicas(name, args.replicas)
         cluster = self.cluster = Cluster(self.net, rundir, sys.executable, spec, WORKLOAD / "node.py",
-                                         args.replicas, args.clients, SLOTS, CLIENT_TIMEOUT, self.mark)
-        say(f"[{name}] seed {sseed}: {args.replicas} replicas, {args.clients} clients, logs in {rundir}")
+                                         replicas, args.clients, SLOTS, CLIENT_TIMEOUT, self.mark)
+        say(f"[{name}] seed {sseed}: {replicas} replicas, {args.clients} clients, logs in {rundir}")
         t0 = time.monotonic()
         cluster.start()
         monitor = Monitor(cluster.addrs, cluster.secret, t0)
         monitor.start()
         ops = CliOps(cluster.cli("status", "--json"), cluster.env, t0)
         ops.start()
+        cancel_ops = CancelOps(cluster.cli, cluster.env, t0, monitor, lambda n: newest_decoy(n, WIDTH),
+                               seed=scenario_seed(sseed, "cancel"))
         faults: list[dict] = []
         exits: list[dict] = []
         stop_supervisor = threading.Event()
@@ -139,6 +148,7 @@ class Run:
         sup.start()
         nemesis = NEMESES[name](self.net, cluster, monitor)
         plan = schedule(nemesis, rng, WARMUP, WARMUP + args.time)
+        cancel_ops.start()
         try:
             started = self._wait(lambda: monitor.state() == "running" and monitor.leader() is not None,
                                  t0, START_BOUND)
@@ -160,6 +170,7 @@ class Run:
         finally:
             monitor.stop()
             ops.stop()
+            cancel_ops.stop()
             stop_supervisor.set()
             sup.join(5)
         comp = monitor.computation
@@ -171,6 +182,7 @@ class Run:
             "result_correct": checkers.result_correct(comp, sseed, WIDTH),
             "progress_after_heal": recov,
             "clients_stay_up": checkers.clients_stay_up(exits),
+            "cancels": checkers.cancels(comp, cancel_ops.ops, cancel_ops.attempted),
         }
         cluster.stop()
         left = leftovers(self.mark)
@@ -178,17 +190,26 @@ class Run:
             os.kill(pid, signal.SIGKILL)
         checks["clean_stop"] = {"ok": not left, "leftover_pids": left}
         self.cluster = None
-        ok_ops = sum(1 for o in ops.ops if o.get("ok"))
-        lat = sorted(o["latency"] for o in ops.ops if o.get("ok"))
+        all_ops = sorted(ops.ops + cancel_ops.ops, key=lambda o: o["t"])
+        interrupted_ops = sum(1 for o in all_ops if o.get("interrupted"))
+        ok_ops = sum(1 for o in all_ops if o.get("ok"))
+        lat = sorted(o["latency"] for o in all_ops if o.get("ok"))
+        by_op: dict[str, dict[str, int]] = {}
+        for o in all_ops:
+            kind = o["op"].split()[0]
+            by_op.setdefault(kind, {"total": 0, "ok": 0})
+            by_op[kind]["total"] += 1
+            by_op[kind]["ok"] += bool(o.get("ok"))
         report = {
             "scenario": name, "seed": sseed, "run_seed": args.seed, "time": args.time,
-            "replicas": args.replicas, "clients": args.clients, "ok": all(c["ok"] for c in checks.values()),
+            "replicas": replicas, "clients": args.clients, "ok": all(c["ok"] for c in checks.values()),
             "finished": finished, "state": comp and comp.get("state"),
             "failure": comp and comp.get("failure"),
             "plan": plan, "faults": faults,
-            "operations": {"total": len(ops.ops), "ok": ok_ops, "failed": len(ops.ops) - ok_ops,
+            "operations": {"total": len(all_ops), "ok": ok_ops, "failed": len(all_ops) - ok_ops - interrupted_ops,
+                           "interrupted": interrupted_ops, "by_op": by_op,
                            "latency_p50": lat[len(lat) // 2] if lat else None,
-                           "latency_max": lat[-1] if lat else None, "log": ops.ops},
+                           "latency_max": lat[-1] if lat else None, "log": all_ops},
             "checkers": checks,
             "recovery": {"after_last_heal": recov["after_last_heal"], "max": recov["max"],
                          "per_fault": recov["per_fault"]},
@@ -212,9 +233,11 @@ class Run:
         verdict = "PASS" if r["ok"] else "FAIL"
         n_faults = sum(1 for f in r["faults"] if f["event"] == "start")
         ops = r["operations"]
-        say(f"[{r['scenario']}] {verdict}: {n_faults} faults, {ops['ok']}/{ops['total']} status ops ok "
-            f"(p50 {ops['latency_p50']}s), recovery after last heal {r['recovery']['after_last_heal']}s "
-            f"(max {r['recovery']['max']}s), state {r['state']}")
+        cancels = r["checkers"].get("cancels", {})
+        say(f"[{r['scenario']}] {verdict}: {r['replicas']} replicas, {n_faults} faults, {ops['ok']}/{ops['total']} "
+            f"CLI ops ok (p50 {ops['latency_p50']}s; {cancels.get('acknowledged_kills', 0)} tasks cancelled), "
+            f"{r['checkers']['exactly_once'].get('done', 0)} completions checked, recovery after last heal "
+            f"{r['recovery']['after_last_heal']}s (max {r['recovery']['max']}s), state {r['state']}")
         for cname, c in r["checkers"].items():
             if not c["ok"]:
                 detail = {k: v for k, v in c.items() if k != "ok"}
@@ -249,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         say(f"removed namespaces left by an earlier run: {', '.join(stale)}")
     names = list(NEMESES) if args.scenario == "all" else [args.scenario]
     run = Run(args)
+    five = [n for n in names if scenario_replicas(n, args.replicas) != args.replicas]
+    if five:
+        say(f"{', '.join(five)} run with {NEMESES[five[0]].replicas} replicas whatever --replicas says")
     say(f"seed {args.seed}; scenarios {', '.join(names)}; {args.time:g}s of faults each; run dir {run.base}")
 
     def on_signal(signum, frame):
@@ -259,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     interrupted = None
     cleanup: dict[str, Any] = {}
     try:
-        run.setup_network()
+        run.setup_network(max(scenario_replicas(n, args.replicas) for n in names))
         for name in names:
             try:
                 reports.append(run.scenario(name))

@@ -9,7 +9,9 @@ client]`` next to its value ``v``.
 Tasks:
   ``leaf(prev..., x, sleep)`` -- ``v = (31 * sum(prev) + x) % MOD`` after
       sleeping ``sleep`` seconds (``prev`` are the inputs of its pretasks);
-  ``total(*values)``          -- ``v = sum(values) % MOD``.
+  ``total(*values)``          -- ``v = sum(values) % MOD``;
+  ``decoy(wave, sleep)``      -- ``v = wave`` after sleeping ``sleep`` seconds
+      (the harness cancels some of them while they sleep).
 """
 
 import json
@@ -45,6 +47,9 @@ def main():
         if name == "leaf":
             time.sleep(float(kwargs.get("sleep", 0.0)))
             v = (31 * sum(inputs) + args[0]) % MOD
+        elif name == "decoy":
+            time.sleep(float(kwargs.get("sleep", 0.0)))
+            v = args[0]
         elif name == "total":
             v = sum(inputs) % MOD
         else:
