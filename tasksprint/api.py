@@ -6,6 +6,11 @@ leader if it is not the leader) and answers :class:`Result` once it has
 applied it, or :class:`Retry` if it cannot make progress now (no leader
 known, recovering, shutting down).  Retrying the same (client id, seq) is
 always safe: the state machine applies a command once.
+
+:class:`SubmitBlock` / :class:`BlockResult` do the same for many commands
+of one client at once; :class:`~tasksprint.log_client.LogClient` sends
+everything as blocks, so concurrent submissions share frames, log items
+and fsyncs.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Any
 import attrs
 
 from tasksprint.codec import register, tuple_of
-from tasksprint.paxos.messages import Command
+from tasksprint.paxos.messages import Command, CommandBlock
 
 _int = attrs.validators.instance_of(int)
 _str = attrs.validators.instance_of(str)
@@ -40,6 +45,32 @@ class Result:
     #: The command had been applied before and its result was since forgotten
     #: (the client said it had it); ``result`` is then None.
     duplicate: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+
+
+@register
+@attrs.frozen(kw_only=True)
+class SubmitBlock:
+    """Several commands of one client in one message (see :class:`CommandBlock`)."""
+
+    block: CommandBlock = attrs.field(validator=attrs.validators.instance_of(CommandBlock))
+
+
+@register
+@attrs.frozen(kw_only=True)
+class BlockResult:
+    """The answer to a :class:`SubmitBlock`: one result per command, in order.
+
+    ``forgotten`` lists the positions of commands that had been applied
+    before and whose results were since forgotten (their ``results`` entry
+    is None), like :attr:`Result.duplicate`.
+    """
+
+    client_id: str = attrs.field(validator=_str)
+    first_seq: int = attrs.field(validator=_int)
+    results: tuple = attrs.field(converter=tuple_of())
+    slot: int = attrs.field(default=0, validator=_int)
+    leader: int | None = attrs.field(default=None, validator=_opt_int)
+    forgotten: tuple = attrs.field(default=(), converter=tuple_of(lambda i: isinstance(i, int)))
 
 
 @register

@@ -14,6 +14,7 @@ Network data is decoded with :func:`decode_untrusted`, which can only raise
 from __future__ import annotations
 
 import io
+import operator
 from typing import Any, Callable, TypeVar
 
 import attrs
@@ -28,6 +29,8 @@ T = TypeVar("T", bound=type)
 
 _by_name: dict[str, type] = {}
 _fields: dict[type, tuple[str, ...]] = {}
+# Per class: (wire name, getter of the field values as a tuple, keeps its encoding).
+_encoders: dict[type, tuple[str, Callable[[Any], tuple], bool]] = {}
 
 
 class BadMessage(Exception):
@@ -46,15 +49,29 @@ def register(cls: T) -> T:
     if name in _by_name and _by_name[name] is not cls:
         raise TypeError(f"two message classes are both called {name!r}")
     _by_name[name] = cls
-    _fields[cls] = tuple(a.name for a in attrs.fields(cls))
+    # Fields with init=False are caches (see ``_cbor``), not part of the value.
+    names = tuple(a.name for a in attrs.fields(cls) if a.init)
+    _fields[cls] = names
+    getter = operator.attrgetter(*names) if len(names) > 1 else (lambda v, n=names: tuple(getattr(v, x) for x in n))
+    _encoders[cls] = (name, getter, "_cbor" in attrs.fields_dict(cls))
     return cls
 
 
 def _default(encoder: cbor2.CBOREncoder, value: Any) -> None:
-    names = _fields.get(type(value))
-    if names is None:
+    spec = _encoders.get(type(value))
+    if spec is None:
         raise TypeError(f"cannot encode {type(value).__qualname__}: not a registered message class")
-    encoder.encode(cbor2.CBORTag(OBJECT_TAG, [type(value).__name__, *(getattr(value, n) for n in names)]))
+    name, getter, cached = spec
+    if cached:
+        # A class with a ``_cbor`` field keeps its encoding: values that go to
+        # several peers and to the disk are encoded once.
+        data = value._cbor
+        if data is None:
+            data = cbor2.dumps(cbor2.CBORTag(OBJECT_TAG, [name, *getter(value)]), default=_default, canonical=True)
+            object.__setattr__(value, "_cbor", data)
+        encoder.write(data)
+        return
+    encoder.encode(cbor2.CBORTag(OBJECT_TAG, [name, *getter(value)]))
 
 
 def _tag_hook(tag: cbor2.CBORTag, _immutable: bool = False) -> Any:

@@ -1,11 +1,14 @@
 """A user of the replicated log: submits commands exactly once, whatever fails.
 
 :class:`LogClient` keeps one connection to a replica (the leader when it
-knows it), pipelines any number of concurrent :meth:`LogClient.submit` calls
-over it, and resends a command with the same sequence number to another
-replica when the answer does not come: after a ``Retry``, a broken
-connection, or ``attempt_timeout`` seconds.  The replicas apply each
-(client id, seq) once, so a resend can never apply a command twice.
+knows it).  Every :meth:`LogClient.submit` (or :meth:`LogClient.submit_many`)
+gets consecutive sequence numbers; a sender task puts everything submitted
+since its last write into :class:`~tasksprint.api.SubmitBlock` messages and
+writes them at once, so concurrent submitters share frames, log entries and
+fsyncs without waiting for a timer.  A command whose answer does not come is
+sent again with the same sequence number, to another replica, after a
+``Retry``, a broken connection, or ``attempt_timeout`` seconds.  The replicas
+apply each (client id, seq) once, so a resend can never apply a command twice.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ import structlog
 import trio
 
 from tasksprint import wire
-from tasksprint.api import Query, QueryReply, ReplicaStatus, Result, Retry, StatusQuery, Submit
-from tasksprint.paxos.messages import Command
+from tasksprint.api import BlockResult, Query, QueryReply, ReplicaStatus, Retry, StatusQuery, SubmitBlock
+from tasksprint.paxos.messages import CommandBlock
 
 log = structlog.get_logger("tasksprint.log_client")
+
+MAX_BLOCK = 1000  # commands per SubmitBlock
 
 
 class Unavailable(Exception):
@@ -30,11 +35,21 @@ class Unavailable(Exception):
 
 
 @attrs.define(eq=False)
-class _Pending:
-    cmd: Command
+class _Waiter:
+    """One submit call waiting for ``remaining`` commands."""
+
+    remaining: int
     done: trio.Event = attrs.Factory(trio.Event)
+
+
+@attrs.define(eq=False)
+class _Pending:
+    op: Any
+    waiter: _Waiter
+    sent_at: float
     result: Any = None
     slot: int = 0
+    done: bool = False
 
 
 @attrs.define(eq=False)
@@ -47,7 +62,11 @@ class LogClient:
     attempt_timeout: float = 0.5
     connect_timeout: float = 1.0
     _seq: itertools.count = attrs.Factory(lambda: itertools.count(1))
+    # Commands not answered yet, in seq order (seqs are inserted increasing).
     _pending: dict[int, _Pending] = attrs.Factory(dict)
+    _unsent: set[int] = attrs.Factory(set)
+    _kick: trio.Event = attrs.Factory(trio.Event)
+    _resend_scheduled: bool = False
     _target: int = 0
     _conn: wire.Connection | None = None
     _conn_lock: trio.Lock = attrs.Factory(trio.Lock)
@@ -57,6 +76,8 @@ class LogClient:
     async def __aenter__(self) -> LogClient:
         self._cm = trio.open_nursery()
         self._nursery = await self._cm.__aenter__()
+        self._nursery.start_soon(self._sender)
+        self._nursery.start_soon(self._watchdog)
         return self
 
     async def __aexit__(self, *exc: Any) -> bool | None:
@@ -73,30 +94,45 @@ class LogClient:
 
     async def submit(self, op: Any, *, deadline: float = 30.0) -> Any:
         """Apply ``op`` exactly once and return its result. Raises Unavailable after ``deadline`` s."""
-        result, _slot = await self.submit_with_slot(op, deadline=deadline)
-        return result
+        (p,) = await self._submit([op], deadline)
+        return p.result
 
     async def submit_with_slot(self, op: Any, *, deadline: float = 30.0) -> tuple[Any, int]:
-        seq = next(self._seq)
-        first = min(self._pending, default=seq)
-        p = _Pending(Command(client_id=self.client_id, seq=seq, first_unacked=min(first, seq), op=op))
-        self._pending[seq] = p
+        """Like :meth:`submit`, also returning the log slot the command was applied in."""
+        (p,) = await self._submit([op], deadline)
+        return p.result, p.slot
+
+    async def submit_many(self, ops: list, *, deadline: float = 30.0) -> list:
+        """Apply every op of ``ops`` exactly once, in order; return their results."""
+        if not ops:
+            return []
+        return [p.result for p in await self._submit(list(ops), deadline)]
+
+    async def _submit(self, ops: list, deadline: float) -> list[_Pending]:
+        if self._nursery is None:
+            raise RuntimeError("use LogClient as an async context manager: async with LogClient(...) as c")
+        waiter = _Waiter(len(ops))
+        now = trio.current_time()
+        seqs = []
+        for op in ops:
+            seq = next(self._seq)
+            self._pending[seq] = _Pending(op, waiter, now)
+            self._unsent.add(seq)
+            seqs.append(seq)
+        self._kick.set()
         try:
-            with trio.move_on_after(deadline) as scope:
-                while not p.done.is_set():
-                    await self._send(p)
-                    with trio.move_on_after(self.attempt_timeout):
-                        await p.done.wait()
-                    if not p.done.is_set():
-                        self._rotate()
-            if scope.cancelled_caught:
+            with trio.move_on_after(deadline):
+                await waiter.done.wait()
+            if waiter.remaining:
                 raise Unavailable(
-                    f"command {seq} of client {self.client_id} not applied within {deadline}s; "
+                    f"commands {seqs[0]}..{seqs[-1]} of client {self.client_id} not applied within {deadline}s; "
                     f"replicas tried: {', '.join(f'{h}:{pt}' for h, pt in self.addrs)}"
                 )
-            return p.result, p.slot
+            return [self._pending[s] for s in seqs]
         finally:
-            del self._pending[seq]
+            for s in seqs:
+                self._pending.pop(s, None)
+                self._unsent.discard(s)
 
     async def status(self, addr: tuple[str, int] | None = None, *, timeout: float = 2.0) -> ReplicaStatus:
         """Ask one replica (default: the current target) for its status on a fresh connection."""
@@ -144,6 +180,11 @@ class LogClient:
         if conn is not None and self._nursery is not None:
             self._nursery.start_soon(conn.aclose)
 
+    def _resend_all(self) -> None:
+        """Queue every command still waiting to be sent again."""
+        self._unsent.update(s for s, p in self._pending.items() if not p.done)
+        self._kick.set()
+
     async def _connection(self) -> wire.Connection | None:
         async with self._conn_lock:
             if self._conn is not None:
@@ -160,23 +201,66 @@ class LogClient:
             self._nursery.start_soon(self._reader, conn)
             return conn
 
-    async def _send(self, p: _Pending) -> None:
-        conn = await self._connection()
-        if conn is None:
-            await trio.sleep(0.05)
-            return
-        try:
-            await conn.send(Submit(command=p.cmd))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            if self._conn is conn:
-                self._drop_conn()
+    async def _sender(self) -> None:
+        """Write whatever was submitted (or queued again) since the last write, as blocks."""
+        while True:
+            await self._kick.wait()
+            self._kick = trio.Event()
+            if not self._unsent:
+                continue
+            conn = await self._connection()
+            if conn is None:
+                await trio.sleep(0.05)  # the watchdog moves on to another replica
+                self._kick.set()
+                continue
+            seqs = sorted(s for s in self._unsent if s in self._pending and not self._pending[s].done)
+            self._unsent.clear()
+            if not seqs:
+                continue
+            first_unacked = next(iter(self._pending))
+            now = trio.current_time()
+            blocks = []
+            for run in _runs(seqs, MAX_BLOCK):
+                ops = []
+                for s in run:
+                    p = self._pending[s]
+                    p.sent_at = now
+                    ops.append(p.op)
+                blocks.append(SubmitBlock(block=CommandBlock.of(self.client_id, run[0], first_unacked, ops)))
+            try:
+                await conn.send_many(blocks)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                if self._conn is conn:
+                    self._drop_conn()
+                    self._rotate()
+                self._unsent.update(s for s in seqs if s in self._pending)
+                self._kick.set()
+
+    async def _watchdog(self) -> None:
+        """Send again, to the next replica, what was not answered within ``attempt_timeout``."""
+        while True:
+            await trio.sleep(self.attempt_timeout / 4)
+            limit = trio.current_time() - self.attempt_timeout
+            stale = [s for s, p in self._pending.items() if not p.done and p.sent_at <= limit]
+            if stale:
+                self._rotate()
+                now = trio.current_time()
+                for s in stale:
+                    self._pending[s].sent_at = now
+                self._unsent.update(stale)
+                self._kick.set()
+
+    async def _resend_soon(self, delay: float) -> None:
+        await trio.sleep(delay)
+        self._resend_scheduled = False
+        self._resend_all()
 
     async def _reader(self, conn: wire.Connection) -> None:
         try:
             while True:
                 msg = await conn.receive()
                 match msg:
-                    case Result(seq=seq, leader=leader):
+                    case BlockResult(first_seq=first, leader=leader):
                         if (
                             leader is not None
                             and 0 <= leader < len(self.addrs)
@@ -187,18 +271,14 @@ class LogClient:
                             self._target = leader
                             self._conn = None
                             self._nursery.start_soon(_close_later, conn)
-                        p = self._pending.get(seq)
-                        if p is not None and not p.done.is_set():
-                            p.result, p.slot = msg.result, msg.slot
-                            p.done.set()
-                    case Retry(seq=seq, leader=leader):
-                        # Move towards the leader; the submitter resends on its next attempt.
+                        self._deliver(first, msg.results, msg.slot)
+                    case Retry(leader=leader):
+                        # Move towards the leader and send everything again shortly.
                         if self._conn is conn:
                             self._rotate(leader)
-                        await trio.sleep(0.02)
-                        p = self._pending.get(seq)
-                        if p is not None and not p.done.is_set():
-                            self._nursery.start_soon(self._send, p)
+                        if not self._resend_scheduled:
+                            self._resend_scheduled = True
+                            self._nursery.start_soon(self._resend_soon, 0.02)
                     case _:
                         log.warning("unexpected_reply", type=type(msg).__name__)
         except wire.NETWORK_ERRORS:
@@ -206,9 +286,30 @@ class LogClient:
                 self._drop_conn()
                 # Resend everything outstanding to the next replica right away.
                 self._rotate()
-                for p in list(self._pending.values()):
-                    if not p.done.is_set():
-                        self._nursery.start_soon(self._send, p)
+                self._resend_all()
+
+    def _deliver(self, first_seq: int, results: tuple, slot: int) -> None:
+        pending = self._pending
+        for i, result in enumerate(results):
+            p = pending.get(first_seq + i)
+            if p is None or p.done:
+                continue
+            p.result, p.slot, p.done = result, slot, True
+            w = p.waiter
+            w.remaining -= 1
+            if not w.remaining:
+                w.done.set()
+
+
+def _runs(seqs: list[int], most: int) -> list[list[int]]:
+    """Split sorted ``seqs`` into runs of consecutive numbers, each at most ``most`` long."""
+    runs: list[list[int]] = []
+    for s in seqs:
+        if runs and s == runs[-1][-1] + 1 and len(runs[-1]) < most:
+            runs[-1].append(s)
+        else:
+            runs.append([s])
+    return runs
 
 
 async def _close_later(conn: wire.Connection, delay: float = 5.0) -> None:

@@ -12,12 +12,12 @@ Everything here is deterministic: no clock, no randomness, no I/O.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import attrs
 
 from tasksprint import codec
-from tasksprint.paxos.messages import Batch, Command, Tick
+from tasksprint.paxos.messages import Batch, Command, CommandBlock, Tick
 
 
 class StopReplica(Exception):
@@ -26,9 +26,11 @@ class StopReplica(Exception):
     rather than be answered as an error result."""
 
 
-@attrs.frozen
-class ApplyContext:
-    """Where an item sits in the log. ``client_id``/``seq`` are empty/0 for a TICK."""
+class ApplyContext(NamedTuple):
+    """Where an item sits in the log. ``client_id``/``seq`` are empty/0 for a TICK.
+
+    A named tuple rather than an attrs class: one is made per applied command.
+    """
 
     slot: int
     index: int  # position inside the slot's batch
@@ -89,14 +91,16 @@ class Applier:
         """Running SHA-256 over every applied item and its result."""
         return self._digest
 
-    def apply_slot(self, slot: int, value: Batch) -> list[tuple[Command, Any]]:
+    def apply_slot(self, slot: int, value: Batch) -> list[tuple[Command | CommandBlock, Any]]:
         """Apply one chosen slot; return (command, result) for every command in it.
 
-        A retried command that was already applied gets its earlier result
-        (or :data:`DUPLICATE` if that was forgotten) and changes nothing.
+        For a :class:`CommandBlock` the result is the list of its commands'
+        results, in order.  A retried command that was already applied gets
+        its earlier result (or :data:`DUPLICATE` if that was forgotten) and
+        changes nothing.
         """
         assert slot == self._applied + 1, f"applying slot {slot} after {self._applied}: slots must be applied in order"
-        out: list[tuple[Command, Any]] = []
+        out: list[tuple[Any, Any]] = []
         h = hashlib.sha256(self._digest)
         h.update(slot.to_bytes(8, "big"))
         for i, item in enumerate(value.items):
@@ -104,31 +108,66 @@ class Applier:
                 result = self.machine.tick(item.now, item.data, ApplyContext(slot, i))
                 h.update(codec.encode([item, result]))
                 continue
-            sess = self._sessions.setdefault(item.client_id, _Session())
-            # The client has its answers for everything below first_unacked,
-            # so those were applied and will never be asked about again.
-            if item.first_unacked - 1 > sess.low:
-                sess.low = item.first_unacked - 1
-                for seq in [s for s in sess.results if s <= sess.low]:
-                    del sess.results[seq]
-            if item.seq <= sess.low or item.seq in sess.results:
-                out.append((item, sess.results.get(item.seq, DUPLICATE)))
+            sess = self._session(item.client_id, item.first_unacked)
+            if isinstance(item, CommandBlock):
+                results, fresh = self._apply_block(sess, item, slot, i)
+                if fresh:
+                    h.update(codec.encode([item, fresh]))
+                out.append((item, results))
                 continue
-            try:
-                result = self.machine.apply(item.op, ApplyContext(slot, i, item.client_id, item.seq))
-            except StopReplica:
-                raise
-            except Exception as exc:
-                # Every replica applies the same command to the same state and
-                # fails the same way: answer the error instead of stopping the
-                # whole cluster on one bad command.
-                result = {"error": f"{type(exc).__name__}: {exc}"}
-            sess.results[item.seq] = result
-            h.update(codec.encode([item, result]))
+            result, new = self._apply_one(sess, item.op, slot, i, item.client_id, item.seq)
+            if new:
+                h.update(codec.encode([item, result]))
             out.append((item, result))
         self._applied = slot
         self._digest = h.digest()
         return out
+
+    def _session(self, client_id: str, first_unacked: int) -> _Session:
+        sess = self._sessions.get(client_id)
+        if sess is None:
+            sess = self._sessions[client_id] = _Session()
+        # The client has its answers for everything below first_unacked,
+        # so those were applied and will never be asked about again.
+        if first_unacked - 1 > sess.low:
+            sess.low = first_unacked - 1
+            for seq in [s for s in sess.results if s <= sess.low]:
+                del sess.results[seq]
+        return sess
+
+    def _apply_one(self, sess: _Session, op: Any, slot: int, i: int, client_id: str, seq: int) -> tuple[Any, bool]:
+        """(result, applied now); an earlier result (or DUPLICATE) for a command seen before."""
+        if seq <= sess.low or seq in sess.results:
+            return sess.results.get(seq, DUPLICATE), False
+        try:
+            result = self.machine.apply(op, ApplyContext(slot, i, client_id, seq))
+        except StopReplica:
+            raise
+        except Exception as exc:
+            # Every replica applies the same command to the same state and
+            # fails the same way: answer the error instead of stopping the
+            # whole cluster on one bad command.
+            result = {"error": f"{type(exc).__name__}: {exc}"}
+        sess.results[seq] = result
+        return result, True
+
+    def _apply_block(self, sess: _Session, block: CommandBlock, slot: int, i: int) -> tuple[list, list]:
+        """(every command's result, the results of those applied now)."""
+        try:
+            ops = block.op_list()
+        except codec.BadMessage:
+            # Replicas check blocks before proposing them, so only a broken
+            # peer gets here; every replica skips it alike.
+            return [], []
+        results, fresh = [], []
+        seq = block.first_seq
+        for op in ops:
+            result, new = self._apply_one(sess, op, slot, i, block.client_id, seq)
+            results.append(result)
+            if new:
+                fresh.append(result)
+            seq += 1
+        return results, fresh
 
     def snapshot(self) -> bytes:
         sessions = {cid: [s.low, sorted(s.results.items())] for cid, s in self._sessions.items()}
@@ -156,23 +195,24 @@ class KVMachine:
     _now: float = 0.0
 
     def apply(self, op: Any, ctx: ApplyContext) -> Any:
-        match op:
-            case ["put", str(key), value]:
-                self._data[key] = value
+        # Plain tests rather than ``match``: this runs once per command on every replica.
+        if type(op) is list and op and type(op[1] if len(op) > 1 else None) is str:
+            kind, n = op[0], len(op)
+            if kind == "put" and n == 3:
+                self._data[op[1]] = op[2]
                 return None
-            case ["get", str(key)]:
-                return self._data.get(key)
-            case ["cas", str(key), expected, new]:
-                if self._data.get(key) == expected:
-                    self._data[key] = new
+            if kind == "get" and n == 2:
+                return self._data.get(op[1])
+            if kind == "cas" and n == 4:
+                if self._data.get(op[1]) == op[2]:
+                    self._data[op[1]] = op[3]
                     return True
                 return False
-            case ["append", str(key), item]:
-                lst = self._data.setdefault(key, [])
-                lst.append(item)
+            if kind == "append" and n == 3:
+                lst = self._data.setdefault(op[1], [])
+                lst.append(op[2])
                 return len(lst)
-            case _:
-                return {"error": f"unknown kv op {op!r}"}
+        return {"error": f"unknown kv op {op!r}"}
 
     def tick(self, now: float, data: Any, ctx: ApplyContext) -> Any:
         self._now = max(self._now, now)

@@ -147,6 +147,7 @@ class Storage:
     # The promised ballot as committed on disk, so write() can refuse a
     # decreasing promise without reading it back inside every transaction.
     _promised: Ballot
+    _fsync: bool = True
 
     @classmethod
     def open(
@@ -199,7 +200,7 @@ class Storage:
         if created and fsync:
             _fsync_dir(data_dir)
         log.info("storage_opened", created=created, fsync=fsync, promised=str(promised))
-        return cls(db_path, conn, log, promised)
+        return cls(db_path, conn, log, promised, fsync)
 
     # ------------------------------------------------------------------
     # Reading
@@ -246,8 +247,13 @@ class Storage:
     # ------------------------------------------------------------------
     # Writing
 
-    def write(self, records: Sequence[Record]) -> None:
+    def write(self, records: Sequence[Record], *, sync: bool = True) -> None:
         """Make ``records`` durable, all or nothing, in order, with one fsync.
+
+        With ``sync=False`` (for a Ready the core marked so: chosen markers
+        only) the transaction is committed without an fsync: the records
+        reach the OS at once and the disk with the next synced write, and a
+        power cut may lose them (only them, never a later synced write).
 
         The effect equals ``DurableState.apply(records)``.  Takes a sequence of
         durable records (empty: nothing happens).  Returns once they are on
@@ -261,7 +267,10 @@ class Storage:
         if not records:
             return
         conn = self._require_open()
+        lazy = not sync and self._fsync
         try:
+            if lazy:
+                conn.execute("PRAGMA synchronous = OFF")
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             self._fail(exc)
@@ -277,6 +286,9 @@ class Storage:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+        finally:
+            if lazy and self._conn is not None:
+                conn.execute("PRAGMA synchronous = FULL")
         self._promised = promised
 
     def _apply(self, conn: sqlite3.Connection, records: Sequence[Record]) -> Ballot:

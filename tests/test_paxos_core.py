@@ -13,13 +13,17 @@ import random
 
 import attrs
 
-from tasksprint.machine import Applier, KVMachine
+import pytest
+
+from tasksprint import codec
+from tasksprint.machine import DUPLICATE, Applier, KVMachine
 from tasksprint.paxos.core import PaxosCore, Role
 from tasksprint.paxos.durable import (
     DurableState,
     LogRow,
     MarkInitialized,
     SaveAccepted,
+    SaveChosen,
     SavePromise,
 )
 from tasksprint.paxos.messages import (
@@ -31,6 +35,7 @@ from tasksprint.paxos.messages import (
     CatchupReply,
     CatchupRequest,
     Command,
+    CommandBlock,
     Heartbeat,
     Prepare,
     PreVote,
@@ -262,6 +267,39 @@ def test_accepted_waits_for_its_fsync():
     assert Accepted(ballot=Ballot(3, 0), slots=(1,)) in sent
 
 
+def test_ready_with_only_chosen_markers_needs_no_fsync():
+    cr, disk = _core_with_disk()
+    value = Batch(items=(Tick(now=1.0),))
+    cr.step(0, Accept(ballot=Ballot(3, 0), proposals=(Proposal(slot=1, value=value),), commit=0))
+    rd = cr.ready()
+    assert rd.sync  # an acceptance: Accepted waits for its fsync
+    disk.apply(list(rd.persist))
+    cr.advance(rd)
+    cr.ready()  # releases the Accepted
+    # The commit index arrives: the slot is chosen, nothing waits for that record.
+    cr.step(0, Heartbeat(ballot=Ballot(3, 0), commit=1, phase1_top=0))
+    rd = cr.ready()
+    assert [type(r) for r in rd.persist] == [SaveChosen]
+    assert not rd.sync
+    assert rd.committed == ((1, value),)
+
+
+def test_ready_holding_a_reply_is_synced_even_with_only_chosen_markers():
+    cr, disk = _core_with_disk()
+    value = Batch(items=(Tick(now=1.0),))
+    cr.step(0, Accept(ballot=Ballot(3, 0), proposals=(Proposal(slot=1, value=value),), commit=0))
+    rd = cr.ready()
+    disk.apply(list(rd.persist))
+    cr.advance(rd)
+    cr.ready()
+    # The same value again (a resend) plus the commit: the Accepted reply is
+    # queued to wait for a record, so the Ready must be synced.
+    cr.step(0, Accept(ballot=Ballot(3, 0), proposals=(Proposal(slot=2, value=value),), commit=1))
+    rd = cr.ready()
+    assert any(type(r) is SaveChosen for r in rd.persist)
+    assert rd.sync
+
+
 def test_candidate_sends_prepare_only_after_its_own_promise_is_durable():
     c, net = make(3)
     c.now = 2 * ET + 0.01
@@ -285,11 +323,20 @@ def test_restart_keeps_promises_and_acceptances():
     run(c, net, 0.5)
     promised = core(c, 1).promised
     commit = core(c, 1).commit_index
-    c.crash(1)
+    c.crash(1, power_cut=False)
     c.start(1)
     assert core(c, 1).promised == promised
     assert core(c, 1).commit_index >= commit
     assert node(c, 1).applier.applied == commit
+    accepted = {slot: row.ballot for slot, row in c.disks[1].log.items() if row.ballot is not None}
+    # A power cut may take the last chosen markers (written without fsync), never a promise
+    # or an acceptance; the replica learns the chosen slots again from the leader.
+    c.crash(1, power_cut=True)
+    c.start(1)
+    assert core(c, 1).promised == promised
+    assert {s: row.ballot for s, row in c.disks[1].log.items() if row.ballot is not None} == accepted
+    run(c, net, 0.5)
+    assert core(c, 1).commit_index >= commit
 
 
 # ----------------------------------------------------------------------
@@ -446,6 +493,41 @@ def test_applier_dedups_and_answers_retries():
     ap.apply_slot(3, Batch(items=(cmd,)))
     assert other.digest == ap.digest
     assert other.machine.apply(["get", "k"], None) == ["x"]
+
+
+def test_command_block_is_applied_once_per_command_however_it_is_resent():
+    ap = Applier(KVMachine())
+    first = CommandBlock.of("a", 1, 1, [["append", "k", 1], ["append", "k", 2], ["append", "k", 3]])
+    out = ap.apply_slot(1, Batch(items=(first,)))
+    assert out == [(first, [1, 2, 3])]
+    # The client resends seqs 2..4 in one block (3 was answered elsewhere, 4 is new).
+    again = CommandBlock.of("a", 2, 2, [["append", "k", 2], ["append", "k", 3], ["append", "k", 4]])
+    out = ap.apply_slot(2, Batch(items=(again, first)))
+    assert out[0] == (again, [2, 3, 4])
+    # seq 1 is below first_unacked now: its result is forgotten.
+    assert out[1] == (first, [DUPLICATE, 2, 3])
+    assert ap.machine.apply(["get", "k"], None) == [1, 2, 3, 4]
+    # A block and single commands share one session.
+    single = Command(client_id="a", seq=4, first_unacked=2, op=["append", "k", 4])
+    assert ap.apply_slot(3, Batch(items=(single,))) == [(single, 4)]
+    # Replicas that decoded the block from bytes reach the same digest.
+    other = Applier(KVMachine())
+    for slot, items in enumerate([(first,), (again, first), (single,)], 1):
+        copies = tuple(codec.decode_untrusted(codec.encode(i)) for i in items)
+        other.apply_slot(slot, Batch(items=copies))
+    assert other.digest == ap.digest
+
+
+def test_command_block_with_undecodable_ops_is_refused():
+    bad = CommandBlock(client_id="a", first_seq=1, ops=b"\xff\x00")
+    with pytest.raises(codec.BadMessage):
+        bad.op_list()
+    empty = CommandBlock(client_id="a", first_seq=1, ops=codec.encode([]))
+    with pytest.raises(codec.BadMessage, match="non-empty list"):
+        empty.op_list()
+    # Applying one anyway (only a broken peer could propose it) skips it on every replica alike.
+    ap = Applier(KVMachine())
+    assert ap.apply_slot(1, Batch(items=(bad,))) == [(bad, [])]
 
 
 # ----------------------------------------------------------------------

@@ -43,11 +43,11 @@ import pytest
 import trio
 
 from tasksprint import codec, wire
-from tasksprint.api import ReplicaStatus, Result, Submit
+from tasksprint.api import ReplicaStatus, Result, Submit, SubmitBlock
 from tasksprint.localcluster import HOST, LocalCluster, free_ports
 from tasksprint.log_client import LogClient
 from tasksprint.paxos.core import PaxosConfig
-from tasksprint.paxos.messages import Command
+from tasksprint.paxos.messages import Command, CommandBlock
 from tasksprint.storage import Storage
 
 pytestmark = pytest.mark.slow
@@ -242,12 +242,28 @@ class AppendLoad:
 
     async def _writer(self, w: int) -> None:
         async with LogClient(self.cluster.addrs, self.cluster.secret) as client:
-            n = 0
-            while not self._stop.is_set():
-                item = f"w{w}-{n}"
-                n += 1
-                self.attempted.add(item)
-                self.acked[item] = await client.submit(["append", self.key, item], deadline=SUBMIT_DEADLINE)
+            if w % 2 == 0:
+                n = 0
+                while not self._stop.is_set():
+                    item = f"w{w}-{n}"
+                    n += 1
+                    self.attempted.add(item)
+                    self.acked[item] = await client.submit(["append", self.key, item], deadline=SUBMIT_DEADLINE)
+                return
+            # Several tasks sharing one client, each submitting several appends
+            # at once: their commands travel together in blocks.
+            async with trio.open_nursery() as nursery:
+                for t in range(4):
+                    nursery.start_soon(self._many, client, f"w{w}.{t}")
+
+    async def _many(self, client: LogClient, name: str) -> None:
+        n = 0
+        while not self._stop.is_set():
+            items = [f"{name}-{n + i}" for i in range(5)]
+            n += 5
+            self.attempted.update(items)
+            lengths = await client.submit_many([["append", self.key, item] for item in items], deadline=SUBMIT_DEADLINE)
+            self.acked.update(zip(items, lengths))
 
 
 def check_exactly_once(final: Any, load: AppendLoad) -> None:
@@ -537,6 +553,12 @@ async def test_bad_peers_and_bad_frames_do_not_take_a_replica_down(local_cluster
                         codec.encode(wire.Hello(nonce=bytes(wire.NONCE_SIZE), role="client", ident="x"))
                     ),
                     "plain data": _frame(codec.encode({"submit": ["put", "k", 1]})),
+                    "block whose ops are not CBOR": _frame(
+                        codec.encode(SubmitBlock(block=CommandBlock(client_id="x", first_seq=1, ops=b"\xff\xfe")))
+                    ),
+                    "block whose ops are not a list": _frame(
+                        codec.encode(SubmitBlock(block=CommandBlock(client_id="x", first_seq=1, ops=codec.encode(7))))
+                    ),
                 }
                 for tag, data in after_handshake.items():
                     stream = await _authenticated(cluster, target)

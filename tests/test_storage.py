@@ -116,6 +116,22 @@ def test_empty_write_changes_nothing(tmp_path: pathlib.Path) -> None:
         assert storage.load() == DurableState()
 
 
+def test_unsynced_write_is_kept_and_later_writes_sync_again(tmp_path: pathlib.Path) -> None:
+    value = _batch("x")
+    storage = Storage.open(tmp_path, replica_id=0, cluster=CLUSTER, fsync=True)
+    with storage:
+        storage.write([SaveAccepted(1, Ballot(1, 0), value)])
+        storage.write([SaveChosen(1, value)], sync=False)
+        conn = storage._conn
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL again after the write
+        storage.write([SavePromise(Ballot(2, 0))])
+    # Written without an fsync is still written: a process that dies loses nothing.
+    with _open(tmp_path) as storage:
+        loaded = storage.load()
+    assert loaded.log[1] == LogRow(Ballot(1, 0), value, True)
+    assert loaded.promised == Ballot(2, 0)
+
+
 # One scripted case per rule of DurableState.apply; each is checked against it.
 _V_OLD, _V_NEW, _V_CHOSEN = _batch("old"), _batch("new"), _batch("chosen")
 

@@ -136,6 +136,13 @@ class Ready:
     messages: tuple[tuple[int, Any], ...]
     snapshot: tuple[int, bytes] | None
     committed: tuple[tuple[int, Batch], ...]
+    #: False when ``persist`` holds only SaveChosen records and no reply waits
+    #: for it: the driver may then write without waiting for the disk (no
+    #: fsync).  Such records may be lost in a power cut, never reordered: the
+    #: next synced write makes them durable with it.  Losing them is safe: a
+    #: chosen value is durable on a majority of acceptors, so the replica
+    #: learns it again from its peers.
+    sync: bool = True
 
 
 @attrs.define(eq=False)
@@ -388,7 +395,9 @@ class PaxosCore:
         while self._emitted < self._commit:
             self._emitted += 1
             committed.append((self._emitted, self._chosen[self._emitted]))
-        rd = Ready(tuple(self._persist), tuple(self._out), snap, tuple(committed))
+        persist = tuple(self._persist)
+        sync = bool(self._after_persist) or any(type(r) is not SaveChosen for r in persist)
+        rd = Ready(persist, tuple(self._out), snap, tuple(committed), sync)
         self._persist = []
         self._out = []
         # Replies waiting for this Ready's records wait for advance().

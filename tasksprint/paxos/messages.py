@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from tasksprint.codec import register, tuple_of
+from tasksprint.codec import BadMessage, decode_untrusted, encode, register, tuple_of
 
 _int = attrs.validators.instance_of(int)
 _bool = attrs.validators.instance_of(bool)
@@ -84,16 +84,56 @@ class Tick:
     data: Any = None
 
 
+@register
+@attrs.frozen(kw_only=True)
+class CommandBlock:
+    """Consecutive commands of one client: seqs ``first_seq``, ``first_seq + 1``, ...
+
+    ``ops`` is the CBOR encoding of the list of operations, encoded once by
+    the client and carried as bytes through the network, the log and the
+    disk; each replica decodes it once, when it checks or applies the block.
+    Each command in it is applied exactly once, like a :class:`Command` with
+    the same (client id, seq), however the client split or merged its
+    blocks when it resent them.
+    """
+
+    client_id: str = attrs.field(validator=_str)
+    first_seq: int = attrs.field(validator=_slot)
+    first_unacked: int = attrs.field(default=0, validator=_nonneg)
+    ops: bytes = attrs.field(validator=attrs.validators.instance_of(bytes))
+    _decoded: Any = attrs.field(init=False, default=None, eq=False, repr=False)
+
+    @classmethod
+    def of(cls, client_id: str, first_seq: int, first_unacked: int, ops: list) -> CommandBlock:
+        block = cls(client_id=client_id, first_seq=first_seq, first_unacked=first_unacked, ops=encode(ops))
+        object.__setattr__(block, "_decoded", list(ops))
+        return block
+
+    def op_list(self) -> list:
+        """The operations, decoded once; raises BadMessage if ``ops`` is not a non-empty CBOR list."""
+        if self._decoded is None:
+            ops = decode_untrusted(self.ops)
+            if not isinstance(ops, list) or not ops:
+                raise BadMessage(f"block {self.client_id}/{self.first_seq}: ops must be a non-empty list")
+            object.__setattr__(self, "_decoded", ops)
+        return self._decoded
+
+
 def _command_or_tick(value: Any) -> bool:
-    return isinstance(value, (Command, Tick))
+    return isinstance(value, (Command, CommandBlock, Tick))
 
 
 @register
 @attrs.frozen(kw_only=True)
 class Batch:
-    """The value of one log slot: commands applied in order. Empty is a no-op."""
+    """The value of one log slot: commands applied in order. Empty is a no-op.
+
+    Its CBOR encoding is computed once and kept (``_cbor``): the same value
+    goes to every peer, to the disk, and into Accepts sent again.
+    """
 
     items: tuple = attrs.field(default=(), converter=tuple_of(_command_or_tick))
+    _cbor: bytes | None = attrs.field(init=False, default=None, eq=False, repr=False)
 
 
 NOOP = Batch(items=())
