@@ -280,17 +280,22 @@ async def _worker(cfg: dict) -> None:
                 start, end = float(go["start"]), float(go["end"])
                 stats = {"ok": 0, "ok_total": 0, "errors": {}}
 
+                batch = int(cfg.get("batch", 1))
+
                 async def submitter() -> None:
                     while True:
                         try:
-                            await client.submit(op(), deadline=deadline)
+                            if batch == 1:
+                                await client.submit(op(), deadline=deadline)
+                            else:
+                                await client.submit_many([op() for _ in range(batch)], deadline=deadline)
                         except Unavailable:
                             stats["errors"]["unavailable"] = stats["errors"].get("unavailable", 0) + 1
                             continue
                         now = time.monotonic()
-                        stats["ok_total"] += 1
+                        stats["ok_total"] += batch
                         if start <= now <= end:
-                            stats["ok"] += 1
+                            stats["ok"] += batch
 
                 with trio.move_on_after(max(0.0, end - time.monotonic())):
                     async with trio.open_nursery() as nursery:

@@ -36,6 +36,7 @@ import trio
 
 from tasksprint import wire
 from tasksprint.api import (
+    BlockResult,
     ClientsSeen,
     PeerDigest,
     Query,
@@ -45,15 +46,24 @@ from tasksprint.api import (
     Retry,
     StatusQuery,
     Submit,
+    SubmitBlock,
 )
 from tasksprint.machine import DUPLICATE, Applier, KVMachine, StateMachine
 from tasksprint.paxos.core import PaxosConfig, PaxosCore, Role
-from tasksprint.paxos.messages import PEER_MESSAGES, Command
+from tasksprint.paxos.messages import PEER_MESSAGES, Command, CommandBlock
 from tasksprint.storage import Storage
 
 log = structlog.get_logger("tasksprint.replica")
 
 OUTBOX_LIMIT = 20_000  # messages queued for one peer before the oldest are dropped
+
+Key = tuple[str, str, int]  # (kind, client id, seq): what a client waits for
+
+
+def _key(item: Command | CommandBlock) -> Key:
+    if isinstance(item, CommandBlock):
+        return ("block", item.client_id, item.first_seq)
+    return ("command", item.client_id, item.seq)
 
 
 class DivergenceError(Exception):
@@ -216,10 +226,10 @@ class Replica:
     _storage: Storage | None = None
     _wake: trio.Event = attrs.Factory(trio.Event)
     _peer_out: dict[int, Outbox] = attrs.Factory(dict)
-    _waiting: dict[tuple[str, int], list[Outbox]] = attrs.Factory(dict)
+    _waiting: dict[Key, list[Outbox]] = attrs.Factory(dict)
     # The commands behind _waiting, to propose again when the leader changes:
     # one forwarded to a leader that died (or was not leader yet) is lost.
-    _commands: dict[tuple[str, int], Command] = attrs.Factory(dict)
+    _commands: dict[Key, Command | CommandBlock] = attrs.Factory(dict)
     _digests: collections.OrderedDict = attrs.Factory(collections.OrderedDict)
     _peer_digests: collections.OrderedDict = attrs.Factory(collections.OrderedDict)
     _since_snapshot: int = 0
@@ -334,13 +344,15 @@ class Replica:
                 for slot, batch in rd.committed:
                     self._apply(slot, batch)
                 if rd.persist:
-                    if rd.messages or rd.committed:
-                        # Let the senders put this Ready's messages (which do not
-                        # depend on its records) on the wire before the fsync.
-                        await trio.lowlevel.checkpoint()
-                    # Synchronous on purpose: a write is a fraction of a
-                    # millisecond, less than a hop to a worker thread costs.
-                    self._storage.write(rd.persist)
+                    if rd.sync and self.config.fsync:
+                        # In a worker thread: while the fsync runs, this loop
+                        # keeps sending this Ready's messages (which do not
+                        # depend on its records), receiving, and feeding the
+                        # core, whose output waits for the next Ready.
+                        await trio.to_thread.run_sync(self._storage.write, rd.persist)
+                    else:
+                        # Chosen markers only: no fsync, so no disk wait (see Ready.sync).
+                        self._storage.write(rd.persist, sync=False)
                 core.advance(rd)
                 self._maybe_snapshot()
             self._note_role()
@@ -351,18 +363,11 @@ class Replica:
 
     def _apply(self, slot: int, batch) -> None:
         for cmd, result in self.applier.apply_slot(slot, batch):
-            self._commands.pop((cmd.client_id, cmd.seq), None)
-            boxes = self._waiting.pop((cmd.client_id, cmd.seq), None)
+            key = _key(cmd)
+            self._commands.pop(key, None)
+            boxes = self._waiting.pop(key, None)
             if boxes:
-                dup = result is DUPLICATE
-                reply = Result(
-                    client_id=cmd.client_id,
-                    seq=cmd.seq,
-                    result=None if dup else result,
-                    slot=slot,
-                    leader=self.core.leader_hint,
-                    duplicate=dup,
-                )
+                reply = self._reply(cmd, result, slot)
                 for box in boxes:
                     box.push(reply)
         self._since_snapshot += 1
@@ -377,6 +382,26 @@ class Replica:
             theirs = self._peer_digests.pop(slot, None)
             if theirs is not None:
                 self._compare_digest(theirs[0], slot, theirs[1])
+
+    def _reply(self, cmd: Command | CommandBlock, result: Any, slot: int) -> Result | BlockResult:
+        leader = self.core.leader_hint
+        if isinstance(cmd, CommandBlock):
+            forgotten = [i for i, r in enumerate(result) if r is DUPLICATE]
+            if forgotten:
+                result = [None if r is DUPLICATE else r for r in result]
+            return BlockResult(
+                client_id=cmd.client_id, first_seq=cmd.first_seq, results=result, slot=slot, leader=leader,
+                forgotten=forgotten,
+            )
+        dup = result is DUPLICATE
+        return Result(
+            client_id=cmd.client_id,
+            seq=cmd.seq,
+            result=None if dup else result,
+            slot=slot,
+            leader=leader,
+            duplicate=dup,
+        )
 
     def _compare_digest(self, src: int, slot: int, theirs: bytes) -> None:
         mine = self._digests.get(slot)
@@ -517,7 +542,7 @@ class Replica:
 
     async def _serve_client(self, conn: wire.Connection) -> None:
         box = Outbox()
-        mine: list[tuple[str, int]] = []
+        mine: list[Key] = []
         async with trio.open_nursery() as nursery:
             nursery.start_soon(box.pump, conn)
             try:
@@ -540,10 +565,12 @@ class Replica:
 
     def _handle_client_message(self, msg: Any, box: Outbox, mine: list) -> None:
         match msg:
-            case Submit(command=cmd):
+            case Submit(command=cmd) | SubmitBlock(block=cmd):
+                if isinstance(cmd, CommandBlock):
+                    cmd.op_list()  # a block that does not decode closes the connection (BadMessage)
                 core = self.core
                 if core.propose(cmd):
-                    key = (cmd.client_id, cmd.seq)
+                    key = _key(cmd)
                     self._waiting.setdefault(key, []).append(box)
                     self._commands[key] = cmd
                     mine.append(key)
@@ -551,7 +578,8 @@ class Replica:
                         del mine[:2048]  # the oldest are answered or abandoned by now
                     self._poke()
                 else:
-                    box.push(Retry(client_id=cmd.client_id, seq=cmd.seq, reason="no leader", leader=core.leader_hint))
+                    seq = cmd.first_seq if isinstance(cmd, CommandBlock) else cmd.seq
+                    box.push(Retry(client_id=cmd.client_id, seq=seq, reason="no leader", leader=core.leader_hint))
             case StatusQuery():
                 box.push(self.status())
             case Query(name=name, args=args):

@@ -280,6 +280,9 @@ class Cluster:
         self.bootstrapped = not fresh
         self.lives = [0] * n
         self.applied_before_crash = [0] * n
+        # Records of Readies marked not to sync: in the OS, not yet on the
+        # disk.  A process crash keeps them, a power cut loses them.
+        self.unsynced: list[list] = [[] for _ in range(n)]
         # Crash a replica inside its next Ready at this point (driver's choice).
         self.crash_in_ready: dict[int, str] = {}
         self.async_fsync = False
@@ -322,8 +325,12 @@ class Cluster:
             )
         self.drain(r)
 
-    def crash(self, r: int, *, wipe: bool = False) -> None:
-        """Stop replica ``r``, losing all volatile state (and its disk if ``wipe``)."""
+    def crash(self, r: int, *, wipe: bool = False, power_cut: bool | None = None) -> None:
+        """Stop replica ``r``, losing all volatile state (and its disk if ``wipe``).
+
+        A power cut also loses what was written without an fsync; a process
+        crash does not (the OS has it).  ``None``: either, at random.
+        """
         node = self.nodes[r]
         if node is not None:
             if node.pending is not None:
@@ -332,6 +339,15 @@ class Cluster:
                     self._persist(r, node.pending)
             self.applied_before_crash[r] = max(node.applier.applied, self.applied_before_crash[r]) if not wipe else 0
             self.nodes[r] = None
+        if self.unsynced[r]:
+            if power_cut if power_cut is not None else self.rng.random() < 0.5:
+                # A power cut: unsynced chosen markers are lost, so the replica
+                # may know fewer slots as chosen than it applied, and learns
+                # them again from its peers.
+                self.applied_before_crash[r] = 0
+            else:
+                self.disks[r].apply(self.unsynced[r])  # only the process died: the OS wrote them
+            self.unsynced[r] = []
         self.crash_in_ready.pop(r, None)
         if wipe:
             self.disks[r] = DurableState()
@@ -347,7 +363,12 @@ class Cluster:
     def _persist(self, r: int, rd: Ready) -> None:
         if rd.persist:
             self.checker.on_persist(r, rd.persist)
-            self.disks[r].apply(list(rd.persist))
+            if not rd.sync:
+                self.unsynced[r].extend(rd.persist)
+                return
+            # A synced write makes everything written before it durable too (the WAL is in order).
+            self.disks[r].apply(self.unsynced[r] + list(rd.persist))
+            self.unsynced[r] = []
             if not self.bootstrapped and all(d.initialized for d in self.disks):
                 self.bootstrapped = True
 
