@@ -374,6 +374,9 @@ class Cluster:
 
     def _send(self, r: int, rd: Ready) -> None:
         for dst, msg in rd.messages:
+            if dst == r:
+                # A real driver has no connection to itself: the message would be lost.
+                self.checker.fail(f"replica {r} addressed a {type(msg).__name__} to itself")
             self.net(r, dst, msg)
 
     def _apply(self, node: Node, rd: Ready) -> None:

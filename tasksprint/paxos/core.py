@@ -445,6 +445,10 @@ class PaxosCore:
             return
         if self._lead is not None:
             self._carry.extend(self._lead.pending)
+        if self._leader_ballot is not None and self._leader_ballot.rid == self._rid:
+            # We no longer lead with our own ballot: there is no leader we know of
+            # (proposals would otherwise be forwarded to ourselves, and lost).
+            self._leader_ballot = None
         self._role = Role.FOLLOWER
         self._phase1 = None
         self._lead = None
