@@ -1,10 +1,13 @@
 """Fault injection end to end: ``jepsen/run --scenario all`` with a short fault window.
 
-Runs every nemesis (partitions, kill -9, SIGSTOP, netem, an isolated
-client) against a real three-replica cluster in network namespaces and
-checks, through the run's JSON report, that every scenario ran and every
-checker passed; then that the run left nothing behind: no ``tsj-``
-namespace and no process carrying the run's marker.
+Runs every nemesis (partitions, the 5-replica majorities ring and bridge,
+kill -9 of the leader / a minority / everyone, SIGSTOP, a skewed clock,
+packet delay/loss/duplication/reordering, an isolated client, and a mix of
+them) against a real cluster in network namespaces, with ``tasksprint
+status`` and ``tasksprint cancel`` running alongside, and checks, through
+the run's JSON report, that every scenario ran, every checker passed and
+each fault really took effect; then that the run left nothing behind: no
+``tsj-`` namespace and no process carrying the run's marker.
 
 Needs root and ``ip netns``; skipped otherwise.  The whole run takes a few
 minutes (JEPSEN_TEST_TIME seconds of faults per scenario, default 8).
@@ -28,9 +31,11 @@ REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "jepsen" / "run"
 FAULT_SECONDS = float(os.environ.get("JEPSEN_TEST_TIME", "8"))
 GUARD_SECONDS = 900
-SCENARIOS = ["partition-leader", "partition-halves", "kill-leader", "kill-all", "pause-leader", "netem",
-             "isolate-client"]
-CHECKERS = ["exactly_once", "replicas_agree", "result_correct", "progress_after_heal", "clients_stay_up", "clean_stop"]
+SCENARIOS = ["partition-leader", "partition-halves", "majorities-ring", "bridge", "kill-leader", "kill-minority",
+             "kill-all", "pause-leader", "clock-skew", "netem", "isolate-client", "mixed"]
+FIVE_REPLICAS = {"majorities-ring", "bridge"}
+CHECKERS = ["exactly_once", "replicas_agree", "result_correct", "progress_after_heal", "clients_stay_up", "cancels",
+            "clean_stop"]
 
 
 def _netns_usable() -> str | None:
@@ -104,5 +109,46 @@ def test_all_scenarios_pass_and_clean_up(tmp_path: Path) -> None:
         assert sorted(s["checkers"]) == sorted(CHECKERS)
         assert any(f["event"] == "start" for f in s["faults"]), f"{s['scenario']}: no fault injected"
         assert s["operations"]["total"] > 0
+        assert s["replicas"] == (5 if s["scenario"] in FIVE_REPLICAS else 3)
+    by_name = {s["scenario"]: s for s in doc["scenarios"]}
+    _check_faults_took_effect(by_name)
+    # The cancel stream ran and some cancel was acknowledged as killing a running task.
+    assert sum(s["checkers"]["cancels"]["acknowledged_kills"] for s in doc["scenarios"]) > 0
     assert doc["ok"] is True
     assert proc.returncode == 0, out[-6000:]
+
+
+def _starts(scenario: dict) -> list[dict]:
+    """Start events, with a mixed scenario's parts flattened."""
+    out = []
+    for f in scenario["faults"]:
+        if f["event"] == "start":
+            out.extend(f.get("parts", [f]))
+    return out
+
+
+def _check_faults_took_effect(by_name: dict[str, dict]) -> None:
+    for start in _starts(by_name["majorities-ring"]):
+        # Each replica sees itself and its two ring neighbours, and no two see the same majority.
+        views = [tuple(v) for v in start["sees"].values()]
+        assert all(len(v) == 3 for v in views) and len(set(views)) == 5, start
+    for start in _starts(by_name["bridge"]):
+        assert len(start["a"]) == len(start["b"]) == 2 and start["bridge"] not in start["a"] + start["b"], start
+    for start in _starts(by_name["kill-minority"]):
+        assert len(start["killed"]) == 1, start
+    for start in _starts(by_name["clock-skew"]):
+        # libfaketime took effect: a process started the same way reads a wall clock off by the offset.
+        # The bounds come from the real instants before and after it ran (span d); its clock also ran at
+        # `rate` for at most d before the reading; 0.1 s for the rounding of the spec.
+        offset_text, rate_text = start["faketime"].split()
+        offset, rate = float(offset_text.rstrip("s")), float(rate_text.lstrip("x"))
+        assert start["measured"] is not None, start
+        low, high = start["measured"]["wall_offset_bounds"]
+        d = high - low
+        assert low - max(0.0, rate - 1) * d - 0.1 <= offset <= high + max(0.0, 1 - rate) * d + 0.1, start
+    for start in _starts(by_name["netem"]):
+        assert start["mode"] in ("netem", "nfqueue", "iptables-loss"), start
+    for stop in (f for f in by_name["netem"]["faults"] if f["event"] == "stop"):
+        if stop["mode"] == "nfqueue":
+            # The userspace queue saw the replicas' traffic and delayed it.
+            assert all(c is not None and c["packets"] > 0 and c["delayed"] > 0 for c in stop["packets"].values()), stop
