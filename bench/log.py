@@ -51,7 +51,9 @@ DEFAULTS = dict(
     duration=10.0,
     warmup=2.0,
     procs=2,
-    concurrency=200,
+    concurrency=40,
+    batch=50,
+    single_concurrency=200,
     latency_samples=2000,
     latency_warmup=200,
     failovers=5,
@@ -434,22 +436,19 @@ def bench_tasksprint(args: argparse.Namespace, base: Path, stack: contextlib.Exi
         raise BenchError(f"{exc}\n{tails}") from None
 
 
-def _bench_tasksprint(args: argparse.Namespace, base: Path, cl: Any, children: Children) -> dict:
-    res: dict = {}
-    leader = wait_stable(cl, [0, 1, 2])
-    res["fsync_flags"] = storage_fsync_flags(cl)
-    base_cfg = {"addrs": [list(a) for a in cl.addrs], "secret": cl.secret.hex()}
-    worker_argv = [sys.executable, str(Path(__file__).resolve()), "--worker"]
-    logs = base / "worker-logs"
-    logs.mkdir(exist_ok=True)
-
-    # 1. Throughput --------------------------------------------------------
-    note(f"TaskSprint throughput: {args.procs} load processes x {args.concurrency} submitters, "
+def _throughput(
+    args: argparse.Namespace, cl: Any, children: Children, base_cfg: dict, worker_argv: list, logs: Path,
+    concurrency: int, batch: int, tag: str,
+) -> dict:
+    """One throughput phase: ``--procs`` load processes x ``concurrency`` submitters, ``batch`` commands per call."""
+    how = "one command per submit()" if batch == 1 else f"{batch} commands per submit_many()"
+    note(f"TaskSprint throughput: {args.procs} load processes x {concurrency} submitters, {how}, "
          f"{args.warmup:g}s warm-up + {args.duration:g}s")
     workers = []
     for w in range(args.procs):
-        cfg = dict(base_cfg, mode="load", concurrency=args.concurrency, first=(w + 1) * 10**9)
-        workers.append(children.start(f"load process {w}", worker_argv + [json.dumps(cfg)], logs / f"load{w}.err"))
+        cfg = dict(base_cfg, mode="load", concurrency=concurrency, batch=batch,
+                   first=(w + 1) * 10**9 + (10**8 if tag == "single" else 0))
+        workers.append(children.start(f"{tag} process {w}", worker_argv + [json.dumps(cfg)], logs / f"{tag}{w}.err"))
     for w in workers:
         if not w.recv(60).get("ready"):
             raise BenchError(f"{w.name} did not get ready")
@@ -467,20 +466,45 @@ def _bench_tasksprint(args: argparse.Namespace, base: Path, cl: Any, children: C
     for w in workers:
         children.stop(w)
     ok = sum(r["ok"] for r in per_worker)
-    res["commands_per_s"] = ok / args.duration
-    res["throughput_per_process"] = per_worker
-    res["cpu_percent_during_throughput"] = {
-        k: round(100.0 * (cpu1[k] - cpu0[k]) / args.duration, 1)
-        for k in pids
-        if cpu0.get(k) is not None and cpu1.get(k) is not None
+    out = {
+        "commands_per_s": ok / args.duration,
+        "per_worker": per_worker,
+        "cpu_percent": {
+            k: round(100.0 * (cpu1[k] - cpu0[k]) / args.duration, 1)
+            for k in pids
+            if cpu0.get(k) is not None and cpu1.get(k) is not None
+        },
+        "cpu_us_per_command": {
+            k: round(1e6 * (cpu1[k] - cpu0[k]) / ok, 1)
+            for k in pids
+            if ok and cpu0.get(k) is not None and cpu1.get(k) is not None
+        },
     }
-    res["cpu_us_per_command"] = {
-        k: round(1e6 * (cpu1[k] - cpu0[k]) / ok, 1)
-        for k in pids
-        if ok and cpu0.get(k) is not None and cpu1.get(k) is not None
-    }
+    note(f"TaskSprint throughput ({how}): {out['commands_per_s']:.0f} commands/s")
+    return out
+
+
+def _bench_tasksprint(args: argparse.Namespace, base: Path, cl: Any, children: Children) -> dict:
+    res: dict = {}
+    leader = wait_stable(cl, [0, 1, 2])
+    res["fsync_flags"] = storage_fsync_flags(cl)
+    base_cfg = {"addrs": [list(a) for a in cl.addrs], "secret": cl.secret.hex()}
+    worker_argv = [sys.executable, str(Path(__file__).resolve()), "--worker"]
+    logs = base / "worker-logs"
+    logs.mkdir(exist_ok=True)
+
+    # 1. Throughput --------------------------------------------------------
+    main = _throughput(args, cl, children, base_cfg, worker_argv, logs, args.concurrency, args.batch, "load")
+    res["commands_per_s"] = main["commands_per_s"]
+    res["throughput_per_process"] = main["per_worker"]
+    res["cpu_percent_during_throughput"] = main["cpu_percent"]
+    res["cpu_us_per_command"] = main["cpu_us_per_command"]
     res["leader_during_throughput"] = leader
-    note(f"TaskSprint throughput: {res['commands_per_s']:.0f} commands/s")
+    if args.single_concurrency > 0:
+        wait_stable(cl, [0, 1, 2])
+        single = _throughput(args, cl, children, base_cfg, worker_argv, logs, args.single_concurrency, 1, "single")
+        res["commands_per_s_single"] = single["commands_per_s"]
+        res["cpu_us_per_command_single"] = single["cpu_us_per_command"]
 
     # 2. Light-load latency -------------------------------------------------
     res["leader_after_throughput"] = wait_stable(cl, [0, 1, 2])
@@ -801,6 +825,8 @@ def build_result(args: argparse.Namespace, ts: dict, pso: dict | None, load: tup
         "failover_s": _r(ts["failover_s"]),
         "pysyncobj_commands_per_s": None if pso_cps is None else round(pso_cps, 1),
         "ratio_commands_per_s": _r(_ratio(ts["commands_per_s"], pso_cps)),
+        "commands_per_s_single": _r(ts.get("commands_per_s_single"), 1),
+        "ratio_commands_per_s_single": _r(_ratio(ts.get("commands_per_s_single"), pso_cps)),
         "pysyncobj_commit_p50_ms": _r(pso.get("commit_p50_ms")) if pso else None,
         "pysyncobj_commit_p99_ms": _r(pso.get("commit_p99_ms")) if pso else None,
         "ratio_commit_p50_ms": _r(_ratio(ts["commit_p50_ms"], pso.get("commit_p50_ms"))) if pso else None,
@@ -830,7 +856,10 @@ def build_result(args: argparse.Namespace, ts: dict, pso: dict | None, load: tup
                 "fsync_flag_logged_by_each_replica": ts["fsync_flags"],
                 "load_processes": args.procs,
                 "submitters_per_process": args.concurrency,
-                "client": "one LogClient per load process, concurrent submits pipelined over one connection",
+                "commands_per_call": args.batch,
+                "single_phase_submitters_per_process": args.single_concurrency,
+                "client": "one LogClient per load process; what its submitters submit between two writes "
+                "goes out together as SubmitBlock messages over one connection",
                 "command": '["put", "k<n>", n]',
                 "latency": f"one client process, one command at a time, {args.latency_warmup} warm-up commands, "
                 f"{args.latency_samples} samples, timed around LogClient.submit",
@@ -903,6 +932,8 @@ def render(res: dict) -> str:
         f"{'':32}{'TaskSprint':>12}{'PySyncObj':>12}{'ours/theirs':>13}   goal",
         f"{'commands/s (many in flight)':32}{num(res['commands_per_s'], ',.0f'):>12}"
         f"{num(res['pysyncobj_commands_per_s'], ',.0f'):>12}{ratio(res['ratio_commands_per_s']):>13}   >= 3x PySyncObj",
+        f"{'  ... one command per submit()':32}{num(res['commands_per_s_single'], ',.0f'):>12}"
+        f"{num(res['pysyncobj_commands_per_s'], ',.0f'):>12}{ratio(res['ratio_commands_per_s_single']):>13}",
         f"{'commit latency p50 (ms)':32}{num(res['commit_p50_ms'], '.2f'):>12}"
         f"{num(res['pysyncobj_commit_p50_ms'], '.2f'):>12}{ratio(res['ratio_commit_p50_ms']):>13}   < 2 ms",
         f"{'commit latency p99 (ms)':32}{num(res['commit_p99_ms'], '.2f'):>12}"
@@ -929,7 +960,9 @@ def render(res: dict) -> str:
         f"  durability: {ts['durability']}; "
         f"fsync flag logged by each replica: {ts['fsync_flag_logged_by_each_replica']}",
         f"  throughput: {ts['load_processes']} load processes x {ts['submitters_per_process']} concurrent submitters, "
-        f"{s['warmup_s']:g}s warm-up + {s['duration_s']:g}s measured",
+        f"{ts['commands_per_call']} commands per submit_many() call (second phase: "
+        f"{ts['single_phase_submitters_per_process']} submitters per process, one command per submit()), "
+        f"{s['warmup_s']:g}s warm-up + {s['duration_s']:g}s measured each",
         f"  CPU during throughput (% of one core): {res['raw']['tasksprint_cpu_percent_during_throughput']} "
         f"(leader: replica{res['raw']['tasksprint_leader_during_throughput']})",
         f"  CPU microseconds per committed command: {res['raw']['tasksprint_cpu_us_per_command']}",
@@ -984,6 +1017,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="latency samples per side (default %(default)s)")
     p.add_argument("--latency-warmup", type=int, default=d["latency_warmup"],
                    help="commands before latency samples (default %(default)s)")
+    p.add_argument("--batch", type=int, default=d["batch"],
+                   help="commands per LogClient.submit_many() call in the main throughput phase (default %(default)s)")
+    p.add_argument("--single-concurrency", type=int, default=d["single_concurrency"],
+                   help="submitters per load process in the second phase, one command per submit() "
+                        "(default %(default)s; 0 skips it)")
     p.add_argument("--pso-window", type=int, default=d["pso_window"],
                    help="PySyncObj commands in flight (default %(default)s)")
     p.add_argument("--pso-issuers", choices=["auto", "leader", "all"], default="auto",
@@ -995,8 +1033,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker is None:
-        if args.duration <= 0 or args.warmup < 0 or args.procs < 1 or args.concurrency < 1:
-            p.error("--duration must be positive, --warmup non-negative, --procs and --concurrency at least 1")
+        if args.duration <= 0 or args.warmup < 0 or args.procs < 1 or args.concurrency < 1 or args.batch < 1:
+            p.error("--duration must be positive, --warmup non-negative, --procs, --concurrency and --batch "
+                    "at least 1")
+        if args.single_concurrency < 0:
+            p.error("--single-concurrency must be non-negative")
         if args.failovers < 0 or args.latency_samples < 1 or args.latency_warmup < 0 or args.pso_window < 1:
             p.error("--failovers and --latency-warmup must be non-negative, "
                     "--latency-samples and --pso-window positive")
