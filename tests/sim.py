@@ -61,7 +61,7 @@ import attrs
 from tasksprint.machine import DUPLICATE, Applier, ApplyContext, KVMachine
 from tasksprint.paxos.core import PaxosConfig, PaxosCore, Ready, Role
 from tasksprint.paxos.durable import DurableState, MarkInitialized, SaveAccepted, SaveChosen
-from tasksprint.paxos.messages import Ballot, Batch, Command, Tick
+from tasksprint.paxos.messages import Ballot, Batch, Command, CommandBlock, Tick
 
 KEYS = ("k0", "k1", "k2")
 
@@ -129,6 +129,19 @@ class Client:
         self.next_seq += 1
         first = min([*self.outstanding, seq])
         return Command(client_id=self.cid, seq=seq, first_unacked=first, op=["append", key, f"{self.cid}:{seq}"])
+
+    def blocks(self, seqs: list[int]) -> list[CommandBlock]:
+        """Outstanding ``seqs`` as CommandBlocks of consecutive seqs, as LogClient sends them."""
+        first_unacked = min(self.outstanding)
+        runs: list[list[int]] = []
+        for seq in sorted(seqs):
+            if runs and seq == runs[-1][-1] + 1:
+                runs[-1].append(seq)
+            else:
+                runs.append([seq])
+        return [
+            CommandBlock.of(self.cid, run[0], first_unacked, [self.outstanding[q].cmd.op for q in run]) for run in runs
+        ]
 
 
 # ----------------------------------------------------------------------
@@ -207,6 +220,14 @@ class Checker:
                 sub = self.submitted.get((item.client_id, item.seq))
                 if sub is None or sub != item:
                     self.fail(f"validity: replica {rid} applied {item} at slot {slot}, which no client submitted")
+            elif isinstance(item, CommandBlock):
+                for j, op in enumerate(item.op_list()):
+                    sub = self.submitted.get((item.client_id, item.first_seq + j))
+                    if sub is None or sub.op != op:
+                        self.fail(
+                            f"validity: replica {rid} applied {op} as {item.client_id}:{item.first_seq + j} "
+                            f"at slot {slot}, which no client submitted"
+                        )
             elif isinstance(item, Tick):
                 if not (isinstance(item.data, tuple) and item.data[0] == "td" and item.data[2] == item.now):
                     self.fail(f"validity: replica {rid} applied {item} at slot {slot}, not a TICK a leader made")
@@ -231,10 +252,16 @@ class Node:
     life: int
     core: PaxosCore
     applier: Applier
-    waiting: dict[tuple[str, int], bool] = attrs.Factory(dict)  # requests to answer
+    waiting: dict[tuple[str, str, int], bool] = attrs.Factory(dict)  # requests to answer (see _key)
     pending: Ready | None = None  # a Ready whose fsync is running
     commit_seen: int = 0  # learned slots up to here were checked
     applied_seen: int = 0
+
+
+def _key(item: Command | CommandBlock) -> tuple[str, str, int]:
+    if isinstance(item, CommandBlock):
+        return ("block", item.client_id, item.first_seq)
+    return ("command", item.client_id, item.seq)
 
 
 def _kv(applier: Applier, key: str) -> list:
@@ -398,13 +425,22 @@ class Cluster:
             self.checker.on_applied(r, slot, batch, node.applier.digest)
             self._check_exactly_once(node, slot, results)
             for cmd, result in results:
-                if node.waiting.pop((cmd.client_id, cmd.seq), False):
-                    self.net(r, cmd.client_id, ("reply", cmd.seq, result))
+                if node.waiting.pop(_key(cmd), False):
+                    if isinstance(cmd, CommandBlock):
+                        self.net(r, cmd.client_id, ("replies", cmd.first_seq, result))
+                    else:
+                        self.net(r, cmd.client_id, ("reply", cmd.seq, result))
 
     def _check_exactly_once(self, node: Node, slot: int, results: list) -> None:
         touched: dict[str, list] = {}
+        flat = []
         for cmd, result in results:
-            key, value = cmd.op[1], cmd.op[2]
+            if isinstance(cmd, CommandBlock):
+                flat.extend(zip(cmd.op_list(), result))
+            else:
+                flat.append((cmd.op, result))
+        for op, result in flat:
+            key, value = op[1], op[2]
             lst = touched.get(key)
             if lst is None:
                 lst = touched[key] = _kv(node.applier, key)
@@ -487,14 +523,18 @@ class Cluster:
             return
         if isinstance(src, str):
             _, cmd = payload
-            node.waiting[(cmd.client_id, cmd.seq)] = True
+            node.waiting[_key(cmd)] = True
             node.core.propose(cmd)
         else:
             node.core.step(src, payload)
         self.drain(dst)
 
     def _client_receives(self, cid: str, payload: Any) -> None:
-        _, seq, result = payload
+        kind, seq, result = payload
+        if kind == "replies":
+            for j, one in enumerate(result):
+                self._client_receives(cid, ("reply", seq + j, one))
+            return
         client = self.clients[int(cid[1:])]
         if seq not in client.outstanding:
             return
@@ -512,10 +552,27 @@ class Cluster:
         self.net(client.cid, r, ("request", cmd))
         return cmd
 
+    def submit_block(self, client: Client, r: int, count: int) -> CommandBlock:
+        """The client issues its next ``count`` commands in one block, to replica ``r``."""
+        for _ in range(count):
+            cmd = client.new_command(self.rng.choice(KEYS))
+            self.checker.submitted[(cmd.client_id, cmd.seq)] = cmd
+            client.outstanding[cmd.seq] = Outstanding(cmd, 0.0, r)
+        (block,) = client.blocks(list(range(client.next_seq - count, client.next_seq)))
+        self.net(client.cid, r, ("request", block))
+        return block
+
     def resend(self, client: Client, seq: int, r: int) -> None:
         out = client.outstanding[seq]
         out.replica = r
         self.net(client.cid, r, ("request", out.cmd))
+
+    def resend_blocks(self, client: Client, seqs: list[int], r: int) -> None:
+        """Send ``seqs`` again, to replica ``r``, merged into blocks however they now line up."""
+        for seq in seqs:
+            client.outstanding[seq].replica = r
+        for block in client.blocks(seqs):
+            self.net(client.cid, r, ("request", block))
 
     # -- invariants -------------------------------------------------------
 
@@ -840,14 +897,29 @@ class Simulation:
         client = c.clients[i]
         now = c.now
         if self.rng.random() < 0.5 and client.can_submit():
-            c.submit(client, self.rng.randrange(self.n))
-            client.outstanding[client.next_seq - 1].deadline = now + self.RETRY_AFTER
-        for seq in sorted(client.outstanding):
+            room = min(client.window - len(client.outstanding), client.quota - client.next_seq + 1)
+            if room > 1 and self.rng.random() < 0.5:
+                count = self.rng.randint(2, min(room, 6))
+                c.submit_block(client, self.rng.randrange(self.n), count)
+            else:
+                count = 1
+                c.submit(client, self.rng.randrange(self.n))
+            for seq in range(client.next_seq - count, client.next_seq):
+                client.outstanding[seq].deadline = now + self.RETRY_AFTER
+        due = [seq for seq in sorted(client.outstanding) if client.outstanding[seq].deadline <= now]
+        if len(due) > 1 and self.rng.random() < 0.5:
+            # Like LogClient: everything due goes again at once, regrouped into blocks.
+            last = client.outstanding[due[0]].replica
+            others = [r for r in range(self.n) if r != last] or [last]
+            c.resend_blocks(client, due, self.rng.choice(others))
+            for seq in due:
+                client.outstanding[seq].deadline = now + self.RETRY_AFTER
+            due = []
+        for seq in due:
             out = client.outstanding[seq]
-            if out.deadline <= now:
-                others = [r for r in range(self.n) if r != out.replica] or [out.replica]
-                c.resend(client, seq, self.rng.choice(others))
-                out.deadline = now + self.RETRY_AFTER
+            others = [r for r in range(self.n) if r != out.replica] or [out.replica]
+            c.resend(client, seq, self.rng.choice(others))
+            out.deadline = now + self.RETRY_AFTER
 
     def _log(self, line: str) -> None:
         if self.trace is not None:

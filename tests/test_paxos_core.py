@@ -431,6 +431,27 @@ def test_catchup_request_is_answered_with_chosen_entries():
     assert all(p.value == core(c, 1).chosen_value(p.slot) for p in reply.entries)
 
 
+def test_slot_values_and_catchup_replies_are_bounded_in_bytes():
+    bound = 600
+    c, net = make(3, max_batch_bytes=bound)
+    elect(c, net, 0)
+    start = core(c, 0).commit_index
+    blocks = [c.submit_block(c.clients[0], 0, 6) for _ in range(8)]
+    for _ in blocks:
+        net.deliver(dst=0)
+    net.flush()
+    values = [core(c, 0).chosen_value(s) for s in range(start + 1, core(c, 0).commit_index + 1)]
+    held = [v for v in values if any(isinstance(i, CommandBlock) for i in v.items)]
+    assert sum(len(v.items) for v in held) == 8
+    assert len(held) > 1, "the blocks did not fit one slot value"
+    assert all(len(codec.encode(v)) <= bound for v in held), [len(codec.encode(v)) for v in held]
+    # A lagging replica asking from the first of them gets about max_batch_bytes per reply.
+    c.deliver(2, 1, CatchupRequest(from_slot=start + 1))
+    (reply,) = net.peek(CatchupReply, src=1, dst=2)
+    assert 1 <= len(reply.entries) < len(values)
+    assert sum(len(codec.encode(p.value)) for p in reply.entries) <= bound
+
+
 def test_replica_behind_log_start_gets_snapshot():
     c, net = make(3, keep_after_snapshot=2)
     elect(c, net, 0)

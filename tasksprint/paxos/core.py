@@ -55,6 +55,7 @@ from typing import Any
 
 import attrs
 
+from tasksprint.codec import encode
 from tasksprint.paxos.acceptor import Acceptor
 from tasksprint.paxos.durable import (
     DurableState,
@@ -105,7 +106,8 @@ class PaxosConfig:
     election_timeout: float = 0.3  # minimum; each wait is drawn from [t, 2t)
     tick_interval: float = 0.1  # leader TICK entries
     max_inflight: int = 32  # slots in phase 2 at once
-    max_batch: int = 2048  # commands per slot
+    max_batch: int = 2048  # items (commands, blocks, ticks) per slot
+    max_batch_bytes: int = 4 * 1024 * 1024  # about this many bytes per slot value, so Accepts stay small frames
     catchup_batch: int = 256  # chosen entries per CatchupReply
     keep_after_snapshot: int = 512  # log entries kept behind a snapshot for lagging peers
 
@@ -119,7 +121,7 @@ class PaxosConfig:
             )
         if self.tick_interval <= 0:
             raise ValueError(f"tick_interval must be positive, got {self.tick_interval}")
-        for name in ("max_inflight", "max_batch", "catchup_batch"):
+        for name in ("max_inflight", "max_batch", "max_batch_bytes", "catchup_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
 
@@ -689,7 +691,7 @@ class PaxosCore:
             return
         proposals = []
         while lead.pending and len(lead.inflight) < self._config.max_inflight:
-            batch = lead.take_batch(self._config.max_batch)
+            batch = lead.take_batch(self._config.max_batch, self._config.max_batch_bytes)
             assert batch is not None
             slot = lead.open_slot(batch, self._now)
             proposals.append(Proposal(slot=slot, value=batch))
@@ -802,9 +804,13 @@ class PaxosCore:
             return
         entries = []
         slot = msg.from_slot
+        size = 0  # bytes so far: a reply stays far below the frame cap (a Batch keeps its encoding)
         while slot <= self._commit and len(entries) < self._config.catchup_batch:
             value = self._chosen.get(slot)
             if value is None:
+                break
+            size += len(encode(value))
+            if entries and size > self._config.max_batch_bytes:
                 break
             entries.append(Proposal(slot=slot, value=value))
             slot += 1

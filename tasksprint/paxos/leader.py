@@ -17,13 +17,17 @@ from collections import deque
 
 import attrs
 
+from tasksprint.codec import encode
 from tasksprint.paxos.messages import (
     NOOP,
     AcceptedValue,
     Ballot,
     Batch,
+    Command,
+    CommandBlock,
     Promise,
     Proposal,
+    Tick,
 )
 
 
@@ -109,11 +113,22 @@ class Leadership:
         assert slot < self.next_slot, "re-proposals are for slots phase 1 found in use"
         self.inflight[slot] = InFlight(value, now)
 
-    def take_batch(self, max_items: int) -> Batch | None:
+    def take_batch(self, max_items: int, max_bytes: int) -> Batch | None:
+        """The next slot value: pending items, at most ``max_items`` and about ``max_bytes``.
+
+        The byte bound keeps an Accept far below the frame cap; an item bigger
+        than it goes alone.
+        """
         if not self.pending:
             return None
-        n = min(max_items, len(self.pending))
-        return Batch(items=tuple(self.pending.popleft() for _ in range(n)))
+        items = []
+        size = 0
+        while self.pending and len(items) < max_items:
+            size += _size(self.pending[0])
+            if items and size > max_bytes:
+                break
+            items.append(self.pending.popleft())
+        return Batch(items=tuple(items))
 
     def stale(self, now: float, age: float) -> list[Proposal]:
         """Slots in flight for longer than ``age``: to send again (messages may be lost)."""
@@ -123,3 +138,12 @@ class Leadership:
                 f.sent_at = now
                 out.append(Proposal(slot=slot, value=f.value))
         return out
+
+
+def _size(item: Command | CommandBlock | Tick) -> int:
+    """About how many bytes ``item`` takes in a slot value."""
+    if isinstance(item, CommandBlock):
+        return len(item.ops) + 64
+    if isinstance(item, Tick):
+        return 64 if item.data is None else 64 + len(encode(item.data))
+    return len(encode(item))
