@@ -361,6 +361,7 @@ def test_new_leader_reproposes_highest_accepted_and_fills_holes():
     elect(c, net, 0)
     # Slot 1: b (ballot 2.1 beats 1.2); slot 2: a hole, filled with a no-op; slot 3: cc.
     assert [core(c, 0).chosen_value(s) for s in (1, 2, 3)] == [b, NOOP, cc]
+    run(c, net, 0.01)  # followers learn the commit index from the next heartbeat
     assert all(core(c, r).commit_index >= 3 for r in range(3))
 
 
@@ -700,9 +701,10 @@ def test_stale_leader_ignores_catchup_reply():
     net.drop(dst=2)
     net.flush(among={0, 1, 4})
     assert core(c, 4).role is Role.LEADER and core(c, 4).ballot > stale
-    c.now += HB
-    c.tick(4)
-    net.flush(among={0, 1, 4})
+    for _ in range(2):  # its proposals are chosen; the next heartbeat tells replica 1
+        c.now += HB
+        c.tick(4)
+        net.flush(among={0, 1, 4})
     theirs = core(c, 1).chosen_value(slot)
     assert theirs is not None and theirs != c.disks[3].log[slot].value
     # The slow request finally reaches replica 1; its answer reaches stale leader 2.

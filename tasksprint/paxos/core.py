@@ -662,7 +662,7 @@ class PaxosCore:
         if self._now >= lead.next_tick:
             lead.next_tick = self._now + cfg.tick_interval
             lead.pending.append(Tick(now=self._wall, data=self._tick_data))
-        if self._now >= lead.next_heartbeat:
+        if self._now >= lead.next_heartbeat or lead.notify_commit:
             self._send_heartbeat()
             # Accepts or their answers may have been lost: resend to the silent.
             stale = lead.stale(self._now, cfg.heartbeat_interval)
@@ -675,6 +675,7 @@ class PaxosCore:
         lead = self._lead
         assert lead is not None
         lead.next_heartbeat = self._now + self._config.heartbeat_interval
+        lead.notify_commit = False
         self._broadcast(Heartbeat(ballot=lead.ballot, commit=self._commit, phase1_top=lead.phase1_top))
 
     def _flush_proposals(self) -> None:
@@ -701,6 +702,7 @@ class PaxosCore:
     def _send_accepts(self, proposals: list[Proposal]) -> None:
         lead = self._lead
         assert lead is not None
+        lead.notify_commit = False  # the Accept carries the commit index
         msg = Accept(ballot=lead.ballot, proposals=tuple(proposals), commit=self._commit)
         self._broadcast(msg)
         reply, records = self._acceptor.on_accept(msg, self._chosen, self._log_start)
@@ -741,9 +743,12 @@ class PaxosCore:
             self._advance_commit()
             self._leader_commit = self._commit
             if self._commit > before and not lead.pending:
-                # Tell followers now so they can apply (and answer their clients);
-                # under load the next Accept carries the commit index instead.
-                self._send_heartbeat()
+                # Tell followers at the next tick so they can apply (and answer
+                # their clients), unless an Accept carries the commit index
+                # first: at one command at a time the client's next command
+                # usually does, and a heartbeat per commit (with its acks and
+                # the followers' writes) would cost every process CPU.
+                lead.notify_commit = True
 
     def _on_nack(self, src: int, msg: Nack) -> None:
         self._max_round = max(self._max_round, msg.promised.round)

@@ -101,6 +101,8 @@ class Leadership:
     heard: dict[int, float] = attrs.Factory(dict)
     next_heartbeat: float = 0.0
     next_tick: float = 0.0
+    # The commit index moved and no Accept has carried it yet: heartbeat at the next tick.
+    notify_commit: bool = False
 
     def open_slot(self, value: Batch, now: float) -> int:
         slot = self.next_slot
