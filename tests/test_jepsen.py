@@ -80,6 +80,8 @@ def test_all_scenarios_pass_and_clean_up(tmp_path: Path) -> None:
         [sys.executable, str(RUN), "--scenario", "all", "--time", str(FAULT_SECONDS), "--seed", "20240601",
          "--report", str(tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # The run directory (logs, data directories) goes under tmp_path too, not the system's temp dir.
+        env={**os.environ, "TMPDIR": str(tmp_path)},
     )
     try:
         out, _ = proc.communicate(timeout=GUARD_SECONDS)
