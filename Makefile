@@ -18,7 +18,7 @@ demo: install
 		--node "python examples/montecarlo/node.py" --replicas 3 --clients 2
 
 test: install
-	@# The fault-injection tests need iptables and iproute2 (installed as root).
+	@# The fault-injection tests need iptables, iproute2 and libfaketime (installed as root).
 	@if [ "$$(id -u)" = 0 ]; then sh jepsen/setup.sh; fi
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
