@@ -182,6 +182,9 @@ class _Client:
     # (an entry is moved to the end when bumped), so views can stop early.
     # A tid in ``running`` is an assignment; otherwise the client must kill it.
     entries: dict[int, int] = attrs.Factory(dict)
+    # tid -> version of the last change of where that task's outputs are,
+    # for tasks whose outputs a task placed here reads; ordered by version.
+    holders: dict[int, int] = attrs.Factory(dict)
     last_change: int = 0
     # Tasks the client accepts beyond ``slots`` (its queue): ready tasks wait
     # in its node pool for a free node, so a node that finishes one starts
@@ -889,13 +892,26 @@ class CoordinatorMachine:
 
     def _bump_dependents(self, task: _Task) -> None:
         # Running dependents read this task's outputs: their clients' views
-        # must show the new holder (or that there is none for now).
+        # must show the new holder (or that there is none for now).  The
+        # view carries it as a holder change, not by listing every dependent
+        # again with all its inputs (a reduce over n maps would cost O(n) per
+        # map completion, O(n^2) in all).
         s = self._state
+        told: set[int] = set()
         for d in dict.fromkeys(task.dependents):
             dep = s.tasks[d]
             if dep.state is TaskState.RUNNING:
                 for cid in dep.copies:
-                    self._bump(s.clients[cid], d)
+                    if cid not in told:
+                        told.add(cid)
+                        self._bump_holder(s.clients[cid], task.tid)
+
+    def _bump_holder(self, client: _Client, tid: int) -> None:
+        s = self._state
+        s.version += 1
+        client.holders.pop(tid, None)
+        client.holders[tid] = s.version
+        client.last_change = s.version
 
     def _outputs_changed(self, task: _Task, *, available: bool) -> None:
         s = self._state
@@ -943,6 +959,7 @@ class CoordinatorMachine:
         client.running.clear()
         client.prefetch.clear()
         client.entries.clear()
+        client.holders.clear()
         client.follow.clear()
         client.in_follow.clear()
         for tid in sorted(client.holds):
@@ -1333,14 +1350,20 @@ class CoordinatorMachine:
         """What client ``cid`` must do, changed since ``after_version`` (0: everything).
 
         Returns ``{"version": int, "state": "waiting"|"running"|"finished"|"failed",
-        "alive": bool, "tasks": [task, ...], "kill": [tid, ...]}``; pass
+        "alive": bool, "tasks": [task, ...], "kill": [tid, ...], "holders":
+        [{"tid", "cid", "addr"}, ...]}``; pass
         ``version`` as ``after_version`` next time.  Each task is
         ``{"tid", "attempt", "name", "args", "kwargs", "seed", "timeout",
         "keys", "inputs": [{"tid", "key", "cid", "addr"}, ...]}`` where an
         input's ``cid``/``addr`` is the live client holding that pretask's
         outputs, or None while they are not available.  A task listed again
         supersedes the earlier listing (a higher ``attempt`` replaces the
-        running one).  ``alive`` False means the client must join again.
+        running one).  ``holders`` says where the outputs of a task moved
+        (appeared, were lost, or their client moved) that some task placed
+        here reads: the inputs of a listed task are as of this view; after
+        that, only ``holders`` reports changes, so a client keeps the latest
+        holder of each input it needs.  ``alive`` False means the client
+        must join again.
         """
         s = self._state
         client = s.clients.get(cid)
@@ -1367,6 +1390,14 @@ class CoordinatorMachine:
                 kill.append(tid)
         out["tasks"] = sorted(tasks, key=lambda t: t["tid"])
         out["kill"] = sorted(kill)
+        holders: list[dict[str, Any]] = []
+        for tid in reversed(client.holders):
+            if client.holders[tid] <= after_version:
+                break
+            holder = s.tasks[tid].holder
+            addr = s.clients[holder].addr if holder is not None else None
+            holders.append({"tid": tid, "cid": holder, "addr": addr})
+        out["holders"] = sorted(holders, key=lambda h: h["tid"])
         return out
 
     def client_version(self, cid: int) -> int:
@@ -1509,8 +1540,8 @@ class CoordinatorMachine:
                 assert not client.running and not client.prefetch and not client.entries, f"dead client {cid}"
             for tid in client.holds:
                 assert s.tasks[tid].holder == cid
-            versions = list(client.entries.values())
-            assert versions == sorted(versions) and all(v <= s.version for v in versions)
+            for versions in (list(client.entries.values()), list(client.holders.values())):
+                assert versions == sorted(versions) and all(v <= s.version for v in versions)
         assert not s.recheck
         assert s.in_ready == set(s.ready_heap) and len(s.in_ready) == len(s.ready_heap), "ready heap bookkeeping"
         assert s.in_early == set(s.early_heap) and len(s.in_early) == len(s.early_heap), "early heap bookkeeping"

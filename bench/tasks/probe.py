@@ -206,6 +206,11 @@ def _whatif_client(w: dict[str, str]) -> None:
 def _install_replica() -> None:
     from tasksprint import codec, coordinator_app, coordinator_machine, machine, replica, storage
     from tasksprint.api import Submit
+
+    try:
+        from tasksprint.api import SubmitBlock
+    except ImportError:  # a log layer without blocks
+        SubmitBlock = Submit
     from tasksprint.paxos import core
 
     _timed(storage.Storage, "write", "storage.write")
@@ -265,6 +270,9 @@ def _install_replica() -> None:
         if isinstance(msg, Submit):
             key = (msg.command.client_id, msg.command.seq)
             submitted.setdefault(key, _clock())
+        elif isinstance(msg, SubmitBlock):
+            key = (msg.block.client_id, msg.block.first_seq)
+            submitted.setdefault(key, _clock())
         return handle(self, msg, box, mine)
 
     replica.Replica._handle_client_message = handle_client_message
@@ -278,7 +286,8 @@ def _install_replica() -> None:
         _note("applier.apply_slot", end - t)
         _value("items per slot", len(value.items))
         for cmd, _result in out:
-            t0 = submitted.pop((cmd.client_id, cmd.seq), None)
+            seq = cmd.seq if hasattr(cmd, "seq") else cmd.first_seq  # a Command or a CommandBlock
+            t0 = submitted.pop((cmd.client_id, seq), None)
             if t0 is not None:
                 _note("submit->applied", end - t0)
         if state["last_apply"] is None:
