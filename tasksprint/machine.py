@@ -11,6 +11,7 @@ Everything here is deterministic: no clock, no randomness, no I/O.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 from typing import Any, NamedTuple, Protocol
 
@@ -60,6 +61,9 @@ class _Session:
     low: int = 0
     # Results of applied seqs above ``low`` the client may still ask about.
     results: dict[int, Any] = attrs.Factory(dict)
+    # The seqs of ``results`` in the order applied, to forget the oldest first
+    # (popping the front of a dict itself costs more the more was popped).
+    order: collections.deque = attrs.Factory(collections.deque)
 
 
 class Duplicate:
@@ -130,9 +134,13 @@ class Applier:
         # The client has its answers for everything below first_unacked,
         # so those were applied and will never be asked about again.
         if first_unacked - 1 > sess.low:
-            sess.low = first_unacked - 1
-            for seq in [s for s in sess.results if s <= sess.low]:
-                del sess.results[seq]
+            low = sess.low = first_unacked - 1
+            # Seqs are applied in order except for resends: drop from the front.
+            # One held back behind a newer seq goes once ``low`` passes that
+            # one; lookups test ``low`` first.
+            order, results = sess.order, sess.results
+            while order and order[0] <= low:
+                del results[order.popleft()]
         return sess
 
     def _apply_one(self, sess: _Session, op: Any, slot: int, i: int, client_id: str, seq: int) -> tuple[Any, bool]:
@@ -149,6 +157,7 @@ class Applier:
             # whole cluster on one bad command.
             result = {"error": f"{type(exc).__name__}: {exc}"}
         sess.results[seq] = result
+        sess.order.append(seq)
         return result, True
 
     def _apply_block(self, sess: _Session, block: CommandBlock, slot: int, i: int) -> tuple[list, list]:
@@ -170,7 +179,10 @@ class Applier:
         return results, fresh
 
     def snapshot(self) -> bytes:
-        sessions = {cid: [s.low, sorted(s.results.items())] for cid, s in self._sessions.items()}
+        sessions = {
+            cid: [s.low, sorted((seq, r) for seq, r in s.results.items() if seq > s.low)]
+            for cid, s in self._sessions.items()
+        }
         return codec.encode([self._applied, self._digest, sessions, self.machine.snapshot()])
 
     def restore(self, data: bytes) -> None:
@@ -179,7 +191,8 @@ class Applier:
         self._applied = applied
         self._digest = digest
         self._sessions = {
-            cid: _Session(low, {seq: res for seq, res in results}) for cid, (low, results) in sessions.items()
+            cid: _Session(low, {seq: res for seq, res in results}, collections.deque(seq for seq, _ in results))
+            for cid, (low, results) in sessions.items()
         }
 
 
