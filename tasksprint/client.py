@@ -16,7 +16,31 @@ local object store or from the data server of the peer client that holds
 it, then runs the task on a free node process of the node pool (a task
 waiting for inputs holds no node), keeps all outputs in the object store,
 and reports completion (only the outputs named in the task's ``keys``
-travel to the coordinator) through the log.
+travel to the coordinator) through the log.  A view lists a task once per
+assignment; where its inputs are comes after that as holder changes, kept
+per input, so a task reading n outputs costs O(n) in views, not O(n) per
+change.
+
+Queue
+~~~~~
+The client accepts ``queue`` tasks beyond its ``slots``; they wait in the
+node pool, so a node that finishes starts the next task at once instead of
+idling for a report round trip.  By default the queue is sized from the
+task and report times it measures (:class:`QueueSizer`) and announced to
+the coordinator with a join under the same name.
+
+Reports
+~~~~~~~
+Completions go to one reporter, which sends all it has in one ``batch``
+command, waits for that command's result, and sends the next: the log
+commits them in the order they finished here.  That order makes *early
+inputs* safe: when a dependent placed here needs an output this client's
+own node just made, the runner takes it from the store at once, without
+waiting for the commit, and its completion names it (``early``).  The
+completion that made the input is queued first, so the log applies it
+first; the coordinator accepts the dependent's completion only if that
+very attempt here is the committed one, and otherwise starts the task
+again (another copy's output won, or the input's report was refused).
 Reports are commands with the client's id and a sequence number, so a retry
 after a lost answer is applied once.  A peer that cannot serve an input is
 reported as ``lost``; the coordinator then recomputes it from its lineage and
@@ -163,17 +187,17 @@ class QueueSizer:
     _samples: int = 0
 
     def task_ran(self, seconds: float) -> None:
-        self._task_s = seconds if self._task_s is None else 0.9 * self._task_s + 0.1 * seconds
+        self._task_s = seconds if self._task_s is None else 0.95 * self._task_s + 0.05 * seconds
         self._samples += 1
 
     def reported(self, seconds: float) -> None:
-        self._report_s = seconds if self._report_s is None else 0.8 * self._report_s + 0.2 * seconds
+        self._report_s = seconds if self._report_s is None else 0.9 * self._report_s + 0.1 * seconds
 
     def proposal(self) -> int | None:
         """A new queue size worth telling the coordinator about, or None."""
         if self._task_s is None or self._report_s is None or self._samples < self.slots:
             return None
-        want = int(self.slots * 2 * self._report_s / max(self._task_s, 1e-4))
+        want = round(self.slots * 2 * self._report_s / max(self._task_s, 1e-4))
         want = max(0, min(want, self.max_per_slot * self.slots))
         if want == self.current:
             return None
@@ -187,19 +211,78 @@ class _Run:
     """One assigned task attempt and the latest view of it."""
 
     view: dict[str, Any]
-    changed: trio.Event = attrs.Factory(trio.Event)
     scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
     # Inputs taken from this client's store before the log said so: [[tid, attempt], ...].
     early: list[list[int]] = attrs.Factory(list)
 
-    def update(self, view: dict[str, Any]) -> None:
-        self.view = view
-        self.poke()
 
-    def poke(self) -> None:
-        """Wake the input fetchers to look again."""
-        self.changed.set()
-        self.changed = trio.Event()
+@attrs.define(eq=False)
+class _Pending:
+    """A Fetch sent on a peer link, waiting for its reply."""
+
+    done: trio.Event = attrs.Factory(trio.Event)
+    reply: Any = None
+    error: BaseException | None = None
+
+
+@attrs.define(eq=False)
+class _PeerLink:
+    """One authenticated data connection to a peer client, with fetches pipelined over it.
+
+    The peer answers the requests of one connection in order, so replies
+    are matched to requests by position: ``waiting`` holds the requests
+    sent and not yet answered, in sending order (appended under the send
+    lock, so the order is the order on the wire).  When the connection
+    fails, every waiting request fails with it and the link is dropped;
+    the next fetch opens a new one.
+    """
+
+    conn: wire.Connection
+    waiting: collections.deque = attrs.Factory(collections.deque)
+    send_lock: trio.Lock = attrs.Factory(trio.Lock)
+    error: BaseException | None = None
+
+    async def fetch(self, msg: Fetch) -> Any:
+        pending = _Pending()
+        async with self.send_lock:
+            if self.error is not None:
+                raise self.error
+            self.waiting.append(pending)
+            try:
+                await self.conn.send(msg)
+            except BaseException as exc:
+                # Maybe not sent, maybe half sent: requests and replies are out of step for good.
+                self.fail(exc if isinstance(exc, Exception) else trio.ClosedResourceError("send interrupted"))
+                raise
+        # A fetcher cancelled here leaves its entry: the reader drops the reply.
+        await pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        return pending.reply
+
+    async def read(self) -> None:
+        """Hand each reply to the request it answers, until the connection fails."""
+        try:
+            while True:
+                reply = await self.conn.receive()
+                if not self.waiting:
+                    raise wire.BadMessage(f"unrequested {type(reply).__name__} on a data connection")
+                pending = self.waiting.popleft()
+                pending.reply = reply
+                pending.done.set()
+        except wire.NETWORK_ERRORS as exc:
+            self.fail(exc)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.conn.aclose()
+
+    def fail(self, exc: Exception) -> None:
+        if self.error is None:
+            self.error = exc
+        while self.waiting:
+            pending = self.waiting.popleft()
+            pending.error = self.error
+            pending.done.set()
 
 
 @attrs.define(eq=False)
@@ -265,12 +348,18 @@ class Client:
     _outbox_ready: trio.Event = attrs.Factory(trio.Event)
     # tid -> attempt whose outputs this client's own nodes made (in the store).
     _made: dict[int, int] = attrs.Factory(dict)
-    # tid -> runs waiting for that output to be made here.
-    _local_waiters: dict[int, list[_Run]] = attrs.Factory(dict)
+    # tid -> (cid, data address) of the client holding its outputs, as the
+    # latest view said (None: nowhere yet); each fetcher of an input waits on
+    # that input's event in _input_events, set when it moves or is made here.
+    _holders: dict[int, tuple[int | None, str | None]] = attrs.Factory(dict)
+    _input_events: dict[int, trio.Event] = attrs.Factory(dict)
     # (tid, attempt) this client finished, so a view that lists one again
     # (sent before the completion was committed) does not run it twice.
     _finished: collections.OrderedDict = attrs.Factory(collections.OrderedDict)
     _sizer: QueueSizer | None = None
+    # One data connection per peer address, fetches pipelined over it.
+    _links: dict[str, _PeerLink] = attrs.Factory(dict)
+    _link_locks: dict[str, trio.Lock] = attrs.Factory(dict)
     _log: Any = None
     data_port: int | None = None
     final_state: str | None = None
@@ -405,6 +494,11 @@ class Client:
             for tid in view["kill"]:
                 self._kill(tid)
             for task in view["tasks"]:
+                for inp in task["inputs"]:
+                    self._note_holder(inp["tid"], inp["cid"], inp["addr"])
+            for moved in view.get("holders", ()):
+                self._note_holder(moved["tid"], moved["cid"], moved["addr"])
+            for task in view["tasks"]:
                 self._assign(task)
 
     def _kill(self, tid: int) -> None:
@@ -419,8 +513,7 @@ class Client:
             return  # listed again before our completion was committed
         run = self._runs.get(task["tid"])
         if run is not None and run.view["attempt"] == task["attempt"]:
-            run.update(task)  # e.g. an input became available
-            return
+            return  # listed again (inputs move as holder changes)
         if run is not None:
             self._kill(task["tid"])
         run = _Run(task)
@@ -471,6 +564,7 @@ class Client:
         it (``early``) always comes after the completion that made it.
         """
         assert self._lc is not None
+        resized = -1e9
         while True:
             if not self._outbox:
                 self._outbox_ready = trio.Event()
@@ -481,9 +575,12 @@ class Client:
             started = trio.current_time()
             result = await self._report(op)
             if self._sizer is not None:
-                self._sizer.reported(trio.current_time() - started)
-                proposal = self._sizer.proposal()
+                now = trio.current_time()
+                self._sizer.reported(now - started)
+                # At most one resize a second: each is a log entry on every replica.
+                proposal = self._sizer.proposal() if now - resized >= 1.0 else None
                 if proposal is not None:
+                    resized = now
                     self._sizer.current = proposal
                     assert self._nursery is not None
                     self._nursery.start_soon(self._resize_queue, proposal)
@@ -524,8 +621,9 @@ class Client:
         # (below), so its completion is reported after this one.
         self._finish(tid, attempt, op)
         self._made[tid] = attempt
-        for waiter in self._local_waiters.pop(tid, ()):
-            waiter.poke()
+        event = self._input_events.pop(tid, None)
+        if event is not None:
+            event.set()
         return op
 
     async def _report(self, op: dict[str, Any]) -> Any:
@@ -541,6 +639,8 @@ class Client:
     async def _gather_inputs(self, run: _Run) -> list[Any]:
         n = len(run.view["inputs"])
         values: list[Any] = [None] * n
+        if n == 0:
+            return values
 
         async def one(i: int) -> None:
             values[i] = await self._fetch_input(run, i)
@@ -552,22 +652,11 @@ class Client:
 
     async def _fetch_input(self, run: _Run, i: int) -> Any:
         """Input ``i`` of the task, fetched as soon as the view says where it is."""
-        ptid = run.view["inputs"][i]["tid"]
-        try:
-            return await self._fetch_input_loop(run, i)
-        finally:
-            waiters = self._local_waiters.get(ptid)
-            if waiters and run in waiters:
-                waiters.remove(run)
-                if not waiters:
-                    del self._local_waiters[ptid]
-
-    async def _fetch_input_loop(self, run: _Run, i: int) -> Any:
+        ptid, key = run.view["inputs"][i]["tid"], run.view["inputs"][i]["key"]
         failures = 0
+        assert self._store is not None
         while True:
-            inp = run.view["inputs"][i]
-            ptid, key, holder, addr = inp["tid"], inp["key"], inp["cid"], inp["addr"]
-            assert self._store is not None
+            holder, addr = self._holders.get(ptid, (None, None))
             if holder is None:
                 made = self._made.get(ptid)
                 if made is not None and self._store.has(ptid):
@@ -580,10 +669,7 @@ class Client:
                         raise InputError(str(exc.args[0])) from None
                     run.early.append([ptid, made])
                     return value
-                waiters = self._local_waiters.setdefault(ptid, [])
-                if run not in waiters:
-                    waiters.append(run)
-                await run.changed.wait()
+                await self._input_changed(ptid).wait()
                 continue
             if holder == self._cid and self._store.has(ptid):
                 try:
@@ -597,24 +683,59 @@ class Client:
                 self._log.info("fetch_failed", tid=ptid, holder=holder, addr=addr, error=str(exc), attempt=failures)
                 if failures >= 3:
                     # Tell the coordinator; it recomputes the output and the view moves on.
+                    changed = self._input_changed(ptid)
                     await self._report({"op": "lost", "cid": self._cid, "tid": ptid, "key": key})
                     failures = 0
                     with trio.move_on_after(5.0):
-                        await run.changed.wait()
+                        await changed.wait()
                 else:
                     await trio.sleep(0.1 * failures)
 
+    def _input_changed(self, tid: int) -> trio.Event:
+        """An event set when task ``tid``'s outputs move (a view) or are made here."""
+        event = self._input_events.get(tid)
+        if event is None:
+            event = self._input_events[tid] = trio.Event()
+        return event
+
+    def _note_holder(self, tid: int, cid: int | None, addr: str | None) -> None:
+        if self._holders.get(tid) != (cid, addr):
+            self._holders[tid] = (cid, addr)
+            event = self._input_events.pop(tid, None)
+            if event is not None:
+                event.set()
+
+    async def _link(self, addr: str) -> _PeerLink:
+        """The open data connection to the peer at ``addr`` (opened now if there is none)."""
+        lock = self._link_locks.setdefault(addr, trio.Lock())
+        async with lock:
+            link = self._links.get(addr)
+            if link is not None and link.error is None:
+                return link
+            if link is not None:
+                assert self._nursery is not None
+                self._nursery.start_soon(link.conn.aclose)  # ends its reader
+            host, _, port = addr.rpartition(":")
+            with trio.fail_after(10.0):
+                conn = await wire.connect(
+                    host, int(port), secret=self.config.secret, role="client", ident=self.config.name
+                )
+            link = self._links[addr] = _PeerLink(conn)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._read_link, addr, link)
+            return link
+
+    async def _read_link(self, addr: str, link: _PeerLink) -> None:
+        await link.read()
+        if self._links.get(addr) is link:
+            del self._links[addr]
+
     async def _fetch_remote(self, addr: str, tid: int, key: str | None) -> Any:
-        host, _, port = addr.rpartition(":")
         with trio.fail_after(60.0):
-            conn = await wire.connect(host, int(port), secret=self.config.secret, role="client", ident=self.config.name)
-            try:
-                await conn.send(Fetch(tid=tid, key=key))
-                reply = await conn.receive()
-            finally:
-                await conn.aclose()
-        if not isinstance(reply, FetchReply):
-            raise wire.BadMessage(f"expected FetchReply, got {type(reply).__name__}")
+            link = await self._link(addr)
+            reply = await link.fetch(Fetch(tid=tid, key=key))
+        if not isinstance(reply, FetchReply) or reply.tid != tid:
+            raise wire.BadMessage(f"expected the FetchReply for task {tid}, got {reply!r:.200}")
         if not reply.found:
             raise LookupError(f"{addr} does not hold task {tid}'s outputs: {reply.error}")
         if reply.error:

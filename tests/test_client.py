@@ -1,0 +1,154 @@
+"""Pieces of the worker client that can be tested without a cluster.
+
+The whole client runs in tests/test_cluster_e2e.py and tests/test_examples.py;
+here: the queue sizing rule and the pipelined data connection to a peer.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from tasksprint import wire
+from tasksprint.api import Fetch, FetchReply
+from tasksprint.client import QueueSizer, _PeerLink
+
+SECRET = b"test-secret-for-peer-links"
+
+
+# ------------------------------------------------------------ queue sizing
+
+
+def sized(task_s: float, report_s: float, slots: int = 2, samples: int = 10) -> QueueSizer:
+    sizer = QueueSizer(slots)
+    for _ in range(samples):
+        sizer.task_ran(task_s)
+        sizer.reported(report_s)
+    return sizer
+
+
+def test_queue_covers_a_report_round_trip_for_short_tasks() -> None:
+    # 5 ms tasks, 20 ms round trip: 2 slots x 2 x 20 / 5 = 16 tasks queued.
+    assert sized(0.005, 0.020).proposal() == 16
+    # Bounded: at most max_per_slot per slot.
+    assert sized(0.00001, 0.020).proposal() == 2 * QueueSizer(2).max_per_slot
+
+
+def test_tasks_much_longer_than_a_round_trip_get_no_queue() -> None:
+    # Nothing queued: work stays balanced between clients.
+    assert sized(2.0, 0.020).proposal() is None  # already 0
+    sizer = sized(0.001, 0.020)
+    sizer.current = sizer.proposal()
+    for _ in range(200):
+        sizer.task_ran(2.0)
+    assert sizer.proposal() == 0
+
+
+def test_queue_proposals_wait_for_samples_and_ignore_small_changes() -> None:
+    assert sized(0.005, 0.020, samples=1).proposal() is None  # fewer samples than slots
+    sizer = sized(0.005, 0.020)
+    sizer.current = 16
+    sizer.reported(0.030)  # 16 -> 17: within a factor of two, not worth a log entry
+    assert sizer.proposal() is None
+    for _ in range(40):
+        sizer.reported(0.050)
+    assert sizer.proposal() == 40  # 2 x 2 x ~50 ms / 5 ms
+
+
+# ------------------------------------------------------- pipelined fetches
+
+
+async def data_server(nursery: trio.Nursery, answer) -> int:
+    """A data port answering each Fetch in order with ``answer(fetch)``; returns its port."""
+
+    async def handler(conn: wire.Connection) -> None:
+        while True:
+            try:
+                msg = await conn.receive()
+            except wire.ConnectionClosed:
+                return
+            reply = await answer(msg)
+            if reply is None:
+                await conn.aclose()
+                return
+            await conn.send(reply)
+
+    listeners = await nursery.start(
+        lambda task_status: wire.serve(
+            handler, "127.0.0.1", 0, secret=SECRET, role="data", ident="peer", task_status=task_status
+        )
+    )
+    return listeners[0].socket.getsockname()[1]
+
+
+async def test_many_fetches_share_one_connection_and_each_gets_its_own_reply() -> None:
+    connections = 0
+
+    async def answer(msg: Fetch) -> FetchReply:
+        await trio.sleep(0.001 * (msg.tid % 3))  # replies take different times, order must still hold
+        return FetchReply(tid=msg.tid, found=True, value={"tid": msg.tid, "key": msg.key})
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            port = await data_server(nursery, answer)
+            conn = await wire.connect("127.0.0.1", port, secret=SECRET, role="client", ident="me")
+            connections += 1
+            link = _PeerLink(conn)
+            nursery.start_soon(link.read)
+            got: dict[int, object] = {}
+
+            async def one(tid: int) -> None:
+                reply = await link.fetch(Fetch(tid=tid, key=f"k{tid}"))
+                got[tid] = reply.value
+
+            async with trio.open_nursery() as fetchers:
+                for tid in range(200):
+                    fetchers.start_soon(one, tid)
+            assert got == {tid: {"tid": tid, "key": f"k{tid}"} for tid in range(200)}
+            assert connections == 1 and not link.waiting and link.error is None
+
+            # A fetcher that gives up does not disturb the others.
+            with trio.move_on_after(0):
+                await link.fetch(Fetch(tid=5, key=None))
+            assert (await link.fetch(Fetch(tid=7, key=None))).value == {"tid": 7, "key": None}
+            await conn.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_broken_connection_fails_every_waiting_fetch_and_refuses_new_ones() -> None:
+    release = trio.Event()
+
+    async def answer(msg: Fetch) -> FetchReply | None:
+        if msg.tid == 3:
+            await release.wait()
+            return None  # the peer goes away with requests outstanding
+        return FetchReply(tid=msg.tid, found=True, value=msg.tid)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            port = await data_server(nursery, answer)
+            conn = await wire.connect("127.0.0.1", port, secret=SECRET, role="client", ident="me")
+            link = _PeerLink(conn)
+            nursery.start_soon(link.read)
+            errors: list[BaseException] = []
+            results: list[int] = []
+
+            async def one(tid: int) -> None:
+                try:
+                    results.append((await link.fetch(Fetch(tid=tid))).value)
+                except wire.NETWORK_ERRORS as exc:
+                    errors.append(exc)
+
+            async with trio.open_nursery() as fetchers:
+                for tid in range(6):
+                    fetchers.start_soon(one, tid)
+                    await trio.sleep(0.01)  # sent in this order
+                release.set()
+            assert sorted(results) == [0, 1, 2]
+            assert len(errors) == 3 and link.error is not None and not link.waiting
+            try:
+                await link.fetch(Fetch(tid=9))
+            except wire.NETWORK_ERRORS:
+                pass
+            else:
+                raise AssertionError("a broken link accepted a fetch")
+            nursery.cancel_scope.cancel()
