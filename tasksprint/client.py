@@ -525,7 +525,7 @@ class Client:
         tid, attempt = run.view["tid"], run.view["attempt"]
         op: dict[str, Any] | None = None
         known = sum(1 for i in run.view["inputs"] if i["cid"] is not None)
-        self._log.info(
+        self._log.debug(
             "task_assigned", tid=tid, attempt=attempt, name=run.view["name"],
             inputs=len(run.view["inputs"]), available=known,
         )
@@ -539,9 +539,9 @@ class Client:
             else:
                 if inputs:
                     waited = round(trio.current_time() - assigned_at, 3)
-                    self._log.info("task_inputs_ready", tid=tid, attempt=attempt, waited=waited)
+                    self._log.debug("task_inputs_ready", tid=tid, attempt=attempt, waited=waited)
                 op = await self._execute(run, inputs)
-                self._log.info("task_finished", tid=tid, attempt=attempt, ok=op["op"] == "done")
+                self._log.debug("task_finished", tid=tid, attempt=attempt, ok=op["op"] == "done")
             finally:
                 if self._runs.get(tid) is run:
                     del self._runs[tid]
