@@ -180,7 +180,7 @@ class QueueSizer:
     """
 
     slots: int
-    max_per_slot: int = 32
+    max_per_slot: int = 64
     current: int = 0
     _task_s: float | None = None
     _report_s: float | None = None
@@ -584,9 +584,13 @@ class Client:
                     self._sizer.current = proposal
                     assert self._nursery is not None
                     self._nursery.start_soon(self._resize_queue, proposal)
-            results = [result] if len(ops) == 1 else (result or {}).get("results", [])
-            for sub, res in zip(ops, results):
-                if isinstance(res, dict) and res.get("rerun"):
+            if len(ops) == 1:
+                others = [[0, result]]
+            else:
+                others = result.get("others", []) if isinstance(result, dict) else []
+            for i, res in others:
+                if isinstance(res, dict) and res.get("rerun") and 0 <= i < len(ops):
+                    sub = ops[i]
                     self._log.info("task_rerun", tid=sub["tid"], attempt=sub["attempt"], reason=res.get("reason"))
 
     async def _execute(self, run: _Run, inputs: list[Any]) -> dict[str, Any]:

@@ -110,6 +110,7 @@ class TaskState(enum.Enum):
 
 
 _ACTIVE = (TaskState.PENDING, TaskState.RUNNING)
+_ACCEPTED = {"ok": True, "accepted": True, "reason": None}
 
 
 class RunState(enum.Enum):
@@ -444,12 +445,14 @@ class CoordinatorMachine:
         - ``{"op": "cancel", "tid"}`` -> ``{"ok": True, "killed": [tid, ...]}``.
         - ``{"op": "lost", "cid", "tid", "key"}`` -> ``{"ok": True, "accepted": bool, "reason": ...}``.
         - ``{"op": "batch", "ops": [op, ...]}`` where each op is a ``done``,
-          ``failed`` or ``lost`` -> ``{"ok": True, "results": [result, ...]}``:
-          the ops applied in order, as if each had its own log entry, except
-          that placement runs once, after the last (one log item, one
-          answer and one digest update for all the completions a client has
-          ready).  A malformed op in the batch gets its ``{"ok": False,
-          "error"}`` result; the others still apply.
+          ``failed`` or ``lost`` -> ``{"ok": True, "count": int, "others":
+          [[index, result], ...]}``: the ops applied in order, as if each had
+          its own log entry, except that placement runs once, after the last
+          (one log item, one answer and one digest update for all the
+          completions a client has ready).  ``others`` has the results that
+          are not ``{"ok": True, "accepted": True, "reason": None}``, with
+          their position in ``ops``.  A malformed op in the batch gets its
+          ``{"ok": False, "error"}`` result; the others still apply.
 
         A ``done`` may carry ``"early": [[pretask tid, attempt], ...]``: the
         inputs the client took from its own object store as soon as its own
@@ -495,15 +498,19 @@ class CoordinatorMachine:
         ops = op.get("ops")
         if not isinstance(ops, list):
             raise _BadOp(f"batch: field 'ops' must be a list of done/failed/lost ops, got {ops!r:.200}")
-        results = []
-        for sub in ops:
+        # Only the results that say something beyond "accepted": every
+        # replica hashes and keeps them, the client mostly needs none.
+        others = []
+        for i, sub in enumerate(ops):
             try:
                 if not isinstance(sub, dict) or sub.get("op") not in ("done", "failed", "lost"):
                     raise _BadOp(f"batch: only done, failed and lost ops can be batched, got {sub!r:.200}")
-                results.append(self._op_report(sub))
+                result = self._op_report(sub)
             except _BadOp as exc:
-                results.append({"ok": False, "error": str(exc)})
-        return {"ok": True, "results": results}
+                result = {"ok": False, "error": str(exc)}
+            if result != _ACCEPTED:
+                others.append([i, result])
+        return {"ok": True, "count": len(ops), "others": others}
 
     def tick(self, now: float, data: Any, ctx: ApplyContext) -> dict[str, Any]:
         """Apply a TICK: advance time, declare ``data["expired"]`` clients dead, settle.
@@ -1033,8 +1040,16 @@ class CoordinatorMachine:
         try:
             # The replica's stdout may carry machine-readable output; a
             # scheduler's print() goes to the log instead.
-            with self._runtime.active(), contextlib.redirect_stdout(sys.stderr):
+            # (By hand rather than two context managers: this runs once per
+            # completion on every replica.)
+            runtime, stdout = self._runtime, sys.stdout
+            runtime._active = True
+            sys.stdout = sys.stderr
+            try:
                 return True, fn()
+            finally:
+                runtime._active = False
+                sys.stdout = stdout
         except (Exception, SystemExit) as exc:
             self._hook_failed(hook, exc, tid=tid, cid=cid)
             return False, None
@@ -1337,7 +1352,7 @@ class CoordinatorMachine:
         for client in free:
             if client.cid in task.copies or not task.require <= client.tags:
                 continue
-            wanted = sum(1 for t in task.want if t in client.tags)
+            wanted = sum(1 for t in task.want if t in client.tags) if task.want else 0
             key = (-wanted, -local.get(client.cid, 0), len(client.running) - client.slots, client.cid)
             if best_key is None or key < best_key:
                 best, best_key = client, key

@@ -605,6 +605,85 @@ async def test_client_killed_mid_run_its_work_is_redone_and_client_dead_is_calle
         assert st["clients"] == {"live": 1, "dead": 1}
 
 
+# Many short tasks, so each client asks for a queue beyond its one slot; a
+# reduce over all of them, then a chain, whose links run on the client that
+# made the previous one without waiting for the log (early inputs).
+QUEUED_SUM = """
+class QueuedSum(Coordinator):
+    def init(self, seed):
+        self.done = []
+        self.dead = []
+        self.leaves = [
+            self.start_task("value", args=[i], kwargs={"sleep": SLEEP}, keys=["v"]) for i in range(LEAVES)
+        ]
+        link = self.start_task("total", pretasks=self.leaves, prekeys=["v"] * LEAVES, keys=["v"])
+        self.chain = [link]
+        for _ in range(CHAIN):
+            link = self.start_task("total", pretasks=[link], prekeys=["v"], keys=["v"])
+            self.chain.append(link)
+
+    def client_dead(self, cid):
+        self.dead.append(cid)
+
+    def task_done(self, tid, values):
+        self.done.append(tid)
+        if tid == self.chain[-1]:
+            self.finish(
+                taskids=[tid],
+                values={"total": values["v"], "done": self.done, "dead": self.dead, "tasks": self.leaves + self.chain},
+            )
+"""
+
+
+async def test_client_killed_with_tasks_queued_beyond_its_slots_they_are_placed_again(
+    computation, tmp_path: Path
+) -> None:
+    leaves = 600
+    spec = write_scheduler(tmp_path, "QueuedSum", QUEUED_SUM, SLEEP=0.005, LEAVES=leaves, CHAIN=40)
+    with trio.fail_after(GUARD_SECONDS):
+        run = await computation(
+            spec, node_command(PY_NODE), replica_args=("--client-timeout", str(CLIENT_TIMEOUT))
+        )
+
+        async def queued_client() -> dict | None:
+            # A client holding more tasks than its one slot: the rest wait in its node pool.
+            st = await query(run, "status", replica=await leader_of(run))
+            if st is None or st["state"] != "running":
+                return None
+            queued = [c for c in st["live_clients"] if c["running"] > c["slots"] + 1]
+            return queued[0] if queued and st["tasks"]["done"] < leaves // 2 else None
+
+        victim = await wait_until(queued_client, "a client with tasks queued beyond its slots")
+        index = int(victim["name"].removeprefix("client"))
+        proc = run.client_procs[index]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+        st = await outcome(run)
+        values = finished_values(st, run)
+        assert values["total"] == sum(range(leaves))
+        assert sorted(values["done"]) == sorted(values["tasks"]), "task_done not called once per task"
+        assert values["dead"] == [victim["cid"]]
+        assert st["tasks"]["done"] == st["tasks"]["total"] == leaves + 41
+
+
+async def test_a_chain_of_short_tasks_runs_ahead_of_the_log_and_every_link_counts_once(
+    computation, tmp_path: Path
+) -> None:
+    spec = write_scheduler(tmp_path, "QueuedSum", QUEUED_SUM, SLEEP=0.0, LEAVES=50, CHAIN=300)
+    with trio.fail_after(GUARD_SECONDS):
+        run = await computation(spec, node_command(PY_NODE), clients=1, slots=2)
+        st = await outcome(run)
+        values = finished_values(st, run)
+        assert values["total"] == sum(range(50))
+        chain = values["tasks"][50:]
+        assert [t for t in values["done"] if t in chain] == chain, "task_done not called in chain order"
+        assert sorted(values["done"]) == sorted(values["tasks"])
+        # The links followed each other onto the one client (placed before their input existed).
+        info = await settled_info(run, values["tasks"][-1])
+        assert info["holder"] is not None and info["attempt"] == 1
+
+
 # --------------------------------------------------------------------------
 # 3. The leader replica killed mid-run
 
