@@ -309,7 +309,18 @@ def _task_seed(seed: int, tid: int) -> int:
     return int.from_bytes(hashlib.sha256(f"tasksprint-task-seed:{seed}:{tid}".encode()).digest()[:6], "big")
 
 
+_SCALARS = (str, int, float, bool, type(None))
+
+
 def _check_plain(value: Any, what: str) -> None:
+    # Fast path (start_task runs on every replica for every task): a flat
+    # list or str-keyed dict of scalars is plain data.
+    if type(value) is list:
+        if all(type(v) in _SCALARS for v in value):
+            return
+    elif type(value) is dict:
+        if all(type(k) is str and type(v) in _SCALARS for k, v in value.items()):
+            return
     try:
         codec.encode(value)
     except Exception as exc:
@@ -320,6 +331,8 @@ def _check_plain(value: Any, what: str) -> None:
 
 
 def _tags(value: Any, what: str) -> list[str]:
+    if type(value) is tuple and not value:  # the default: no tags
+        return []
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
         raise TypeError(f"start_task({what}=...) must be a list of tag strings, e.g. {what}=['gpu'], got {value!r}")
     tags = list(value)

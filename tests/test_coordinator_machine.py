@@ -1539,3 +1539,31 @@ def test_a_replicated_pretask_committed_elsewhere_sends_the_early_dependent_back
     info = h.machine.task_info(sched.b)
     assert info["attempt"] == 2 and info["state"] == "running"
     h.machine.check_invariants()
+
+
+class PlainArgs(Coordinator):
+    """Starts one task per case in ``CASES``; records which start_task refused."""
+
+    CASES: list[tuple[Any, Any]] = [
+        ([1, "a", 2.5, None, True, 2**70], {"k": "v"}),  # flat scalars: the fast path
+        ([[1, 2], {"x": [3]}], {"nested": {"deep": [1]}}),  # nested plain data
+        ([object()], {}),
+        ([1], {"k": object()}),
+        ([], {"k": lambda: 0}),
+    ]
+
+    def init(self, seed: int) -> None:
+        self.refused: list[int] = []
+        for i, (args, kwargs) in enumerate(self.CASES):
+            try:
+                self.start_task("a", args=args, kwargs=kwargs)
+            except TypeError as exc:
+                assert "plain data" in str(exc)
+                self.refused.append(i)
+
+
+def test_start_task_takes_plain_data_only() -> None:
+    h = Harness(PlainArgs)
+    h.init()
+    assert h.machine.scheduler.refused == [2, 3, 4]
+    assert h.status["tasks"]["total"] == 2
