@@ -49,6 +49,7 @@ Usage::
 
     python bench/tasks.py                      # everything, a few minutes
     python bench/tasks.py --scale 0.1          # a quick run with 10% of the tasks
+    python bench/tasks.py --repeat 3           # three rounds; each figure is the median
     python bench/tasks.py --only chain --skip-ray --json
     python bench/tasks.py --only independent --skip-dask --skip-ray --probe
                                                # where TaskSprint's time goes
@@ -545,6 +546,48 @@ def _fsync_ms(directory: Path, samples: int = 20) -> float:
     return 1000 * sorted(times)[len(times) // 2]
 
 
+def _one_round(runner: _Runner, args: argparse.Namespace, workload: str, n: int, layouts: list[str]) -> dict[str, Any]:
+    """Every system once on ``workload``: ``{"<system>_s": seconds or None, ...}``."""
+    out: dict[str, Any] = {}
+    # TaskSprint: every layout, the best one counts.
+    per_layout: dict[str, dict] = {}
+    for layout in layouts:
+        # A layout that takes twice as long as the best so far cannot win:
+        # it is stopped there (and reported as such) to keep the run short.
+        done = [r.get("startup_included_s") or r["seconds"] for r in per_layout.values() if r["ok"]]
+        limit = min([args.timeout, *(2 * t + 30 for t in done)])
+        res = runner.run("tasksprint", workload, n, layout, probe=args.probe, timeout=limit)
+        if not res["ok"] and res.get("timed_out") and limit < args.timeout:
+            res["error"] = f"stopped after {limit:.0f}s, twice as long as the faster layout"
+        per_layout[layout] = res
+    good = {k: v for k, v in per_layout.items() if v["ok"]}
+    out["tasksprint_layouts"] = per_layout
+    out["tasksprint_s"] = None
+    if good:
+        best = min(good, key=lambda k: good[k]["seconds"])
+        out["tasksprint_s"] = good[best]["seconds"]
+        out["tasksprint_layout"] = best
+        out["tasksprint_startup_included_s"] = good[best].get("startup_included_s")
+    else:
+        out["tasksprint_error"] = "; ".join(f"{k}: {v['error']}" for k, v in per_layout.items())
+    for system in ("dask", "ray"):
+        out[f"{system}_s"] = None
+        if getattr(args, f"skip_{system}"):
+            continue
+        res = runner.run(system, workload, n)
+        if res["ok"]:
+            out[f"{system}_s"] = res["seconds"]
+        else:
+            out[f"{system}_error"] = res["error"]
+    return out
+
+
+def _median_round(rounds: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The round whose ``key`` is the median (the lower middle one for an even count)."""
+    ordered = sorted(rounds, key=lambda r: r[key])
+    return ordered[(len(ordered) - 1) // 2]
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     workloads = args.only or list(WORKLOADS)
     w = args.workers
@@ -561,6 +604,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "dask": {"n_workers": w, "threads_per_worker": 1, "processes": True},
             "ray": {"num_cpus": w},
             "timeout_s": args.timeout,
+            "repeat": args.repeat,
             "what_if": list(args.what_if or []),
             "python": sys.version.split()[0],
         }
@@ -584,35 +628,35 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             if workload not in workloads:
                 entry["skipped"] = True
                 continue
-            # TaskSprint: every layout, the best one counts.
-            per_layout: dict[str, dict] = {}
-            for layout in layouts:
-                # A layout that takes twice as long as the best so far cannot win:
-                # it is stopped there (and reported as such) to keep the run short.
-                done = [r.get("startup_included_s") or r["seconds"] for r in per_layout.values() if r["ok"]]
-                limit = min([args.timeout, *(2 * t + 30 for t in done)])
-                res = runner.run("tasksprint", workload, n, layout, probe=args.probe, timeout=limit)
-                if not res["ok"] and res.get("timed_out") and limit < args.timeout:
-                    res["error"] = f"stopped after {limit:.0f}s, twice as long as the faster layout"
-                per_layout[layout] = res
-            good = {k: v for k, v in per_layout.items() if v["ok"]}
-            entry["tasksprint_layouts"] = per_layout
-            if good:
-                best = min(good, key=lambda k: good[k]["seconds"])
-                entry["tasksprint_s"] = good[best]["seconds"]
-                entry["tasksprint_layout"] = best
-                entry["tasksprint_startup_included_s"] = good[best].get("startup_included_s")
+            # --repeat rounds, each running every system once (interleaved, so a
+            # change in the machine's load hits all of them alike); each
+            # system's figure is its median over the rounds.
+            rounds: list[dict[str, Any]] = []
+            for _ in range(args.repeat):
+                rounds.append(_one_round(runner, args, workload, n, layouts))
+            entry["tasksprint_layouts"] = rounds[-1]["tasksprint_layouts"]
+            best = [r for r in rounds if r.get("tasksprint_s") is not None]
+            if best:
+                pick = _median_round(best, "tasksprint_s")
+                entry["tasksprint_s"] = pick["tasksprint_s"]
+                entry["tasksprint_layout"] = pick["tasksprint_layout"]
+                entry["tasksprint_layouts"] = pick["tasksprint_layouts"]
+                entry["tasksprint_startup_included_s"] = pick.get("tasksprint_startup_included_s")
             else:
-                entry["tasksprint_error"] = "; ".join(f"{k}: {v['error']}" for k, v in per_layout.items())
+                entry["tasksprint_error"] = rounds[-1].get("tasksprint_error")
             for system in ("dask", "ray"):
                 if getattr(args, f"skip_{system}"):
                     entry[f"{system}_skipped"] = True
                     continue
-                res = runner.run(system, workload, n)
-                if res["ok"]:
-                    entry[f"{system}_s"] = res["seconds"]
+                ok = [r for r in rounds if r.get(f"{system}_s") is not None]
+                if ok:
+                    entry[f"{system}_s"] = _median_round(ok, f"{system}_s")[f"{system}_s"]
                 else:
-                    entry[f"{system}_error"] = res["error"]
+                    entry[f"{system}_error"] = rounds[-1].get(f"{system}_error")
+            if args.repeat > 1:
+                entry["rounds_s"] = {
+                    system: [r.get(f"{system}_s") for r in rounds] for system in SYSTEMS
+                }
             tasks = entry["tasks"]
             for system in SYSTEMS:
                 entry[f"{system}_tasks_per_s"] = _rate(tasks, entry[f"{system}_s"])
@@ -680,6 +724,12 @@ def print_table(report: dict[str, Any]) -> None:
         else:
             rd, rr = e["throughput_ratio_tasksprint_dask"], e["throughput_ratio_tasksprint_ray"]
         print(f"{'':<12} {'':>6}  {what} ratio TaskSprint/Dask {_fmt(rd, '.3f')}, TaskSprint/Ray {_fmt(rr, '.3f')}")
+        if e.get("rounds_s"):
+            parts = [
+                f"{label} " + " ".join(_fmt(x, ".3f") for x in e["rounds_s"][system])
+                for system, label in (("tasksprint", "TaskSprint"), ("dask", "Dask"), ("ray", "Ray"))
+            ]
+            print(f"{'':<12} {'':>6}  wall s of each round (the median counts): {'; '.join(parts)}")
         for layout, res in (e.get("tasksprint_layouts") or {}).items():
             if res.get("ok") and res.get("probe"):
                 print(f"  TaskSprint {layout} probe:")
@@ -698,6 +748,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-ray", action="store_true")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every task count (e.g. 0.1 for a quick run)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds allowed to one system on one workload")
+    p.add_argument(
+        "--repeat", type=int, default=1, help="rounds of every system per workload; each figure is the median"
+    )
     p.add_argument("--layout", action="append", help="TaskSprint CLIENTSxSLOTS to run (repeatable; default 1xW and Wx1)")
     p.add_argument("--probe", action="store_true", help="time the phases inside TaskSprint's processes")
     p.add_argument(
@@ -717,6 +770,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--workers must be at least 1")
     if args.scale <= 0:
         p.error("--scale must be positive")
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
     if args.layout:
         for layout in args.layout:
             c, _, s = layout.partition("x")

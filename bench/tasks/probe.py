@@ -232,7 +232,7 @@ def _install_replica() -> None:
         finally:
             kind = op.get("op") if isinstance(op, dict) else "?"
             _note(f"machine.apply[{kind}]", _clock() - t)
-            if kind in ("done", "join"):
+            if kind in ("done", "batch", "join"):
                 _working()
 
     CM.apply = machine_apply
