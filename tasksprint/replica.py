@@ -34,7 +34,7 @@ import attrs
 import structlog
 import trio
 
-from tasksprint import wire
+from tasksprint import codec, wire
 from tasksprint.api import (
     BlockResult,
     ClientsSeen,
@@ -142,6 +142,24 @@ class KVApp:
 
     def merge_contacts(self, cids: list[int], now: float) -> None:
         pass
+
+
+SMALL_WRITE = 16 * 1024  # bytes of values below which a synced write stays in the loop
+
+
+def _small(records) -> bool:
+    """Whether ``records`` carry little data (a Batch keeps its encoding, so this costs nothing extra)."""
+    size = 0
+    for r in records:
+        value = getattr(r, "value", None)
+        if value is not None:
+            size += len(codec.encode(value))
+        data = getattr(r, "data", None)  # a snapshot
+        if data is not None:
+            size += len(data)
+        if size > SMALL_WRITE:
+            return False
+    return True
 
 
 def parse_peers(text: str) -> tuple[tuple[str, int], ...]:
@@ -344,15 +362,20 @@ class Replica:
                 for slot, batch in rd.committed:
                     self._apply(slot, batch)
                 if rd.persist:
-                    if rd.sync and self.config.fsync:
+                    if rd.sync and self.config.fsync and not _small(rd.persist):
                         # In a worker thread: while the fsync runs, this loop
                         # keeps sending this Ready's messages (which do not
                         # depend on its records), receiving, and feeding the
                         # core, whose output waits for the next Ready.
                         await trio.to_thread.run_sync(self._storage.write, rd.persist)
                     else:
-                        # Chosen markers only: no fsync, so no disk wait (see Ready.sync).
-                        self._storage.write(rd.persist, sync=False)
+                        # Chosen markers only (no fsync, see Ready.sync), or a
+                        # small write at light load, where the two thread hops
+                        # would cost more than the overlap gains: in the loop,
+                        # after the senders had their turn.
+                        if rd.messages or rd.committed:
+                            await trio.lowlevel.checkpoint()
+                        self._storage.write(rd.persist, sync=rd.sync)
                 core.advance(rd)
                 self._maybe_snapshot()
             self._note_role()
