@@ -303,6 +303,7 @@ async def _worker(cfg: dict) -> None:
                     async with trio.open_nursery() as nursery:
                         for _ in range(int(cfg["concurrency"])):
                             nursery.start_soon(submitter)
+                stats["resent"] = client.resent
                 _out(stats)
 
             case "latency":

@@ -67,6 +67,8 @@ class LogClient:
     _unsent: set[int] = attrs.Factory(set)
     _kick: trio.Event = attrs.Factory(trio.Event)
     _resend_scheduled: bool = False
+    #: Commands sent again so far (timeouts, Retry, broken connections): for diagnosis.
+    resent: int = 0
     _target: int = 0
     _conn: wire.Connection | None = None
     _conn_lock: trio.Lock = attrs.Factory(trio.Lock)
@@ -182,7 +184,9 @@ class LogClient:
 
     def _resend_all(self) -> None:
         """Queue every command still waiting to be sent again."""
-        self._unsent.update(s for s, p in self._pending.items() if not p.done)
+        again = [s for s, p in self._pending.items() if not p.done]
+        self.resent += len(again)
+        self._unsent.update(again)
         self._kick.set()
 
     async def _connection(self) -> wire.Connection | None:
@@ -243,6 +247,7 @@ class LogClient:
             limit = trio.current_time() - self.attempt_timeout
             stale = [s for s, p in self._pending.items() if not p.done and p.sent_at <= limit]
             if stale:
+                self.resent += len(stale)
                 self._rotate()
                 now = trio.current_time()
                 for s in stale:
