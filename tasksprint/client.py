@@ -185,13 +185,19 @@ class QueueSizer:
     _task_s: float | None = None
     _report_s: float | None = None
     _samples: int = 0
+    _reports: int = 0
 
     def task_ran(self, seconds: float) -> None:
-        self._task_s = seconds if self._task_s is None else 0.95 * self._task_s + 0.05 * seconds
+        # A plain mean at first (a node's first task is slow: imports,
+        # cold caches), an exponentially weighted one from the 20th sample on.
         self._samples += 1
+        w = max(0.05, 1 / self._samples)
+        self._task_s = seconds if self._task_s is None else (1 - w) * self._task_s + w * seconds
 
     def reported(self, seconds: float) -> None:
-        self._report_s = seconds if self._report_s is None else 0.9 * self._report_s + 0.1 * seconds
+        self._reports += 1
+        w = max(0.1, 1 / self._reports)
+        self._report_s = seconds if self._report_s is None else (1 - w) * self._report_s + w * seconds
 
     def proposal(self) -> int | None:
         """A new queue size worth telling the coordinator about, or None."""
@@ -577,8 +583,8 @@ class Client:
             if self._sizer is not None:
                 now = trio.current_time()
                 self._sizer.reported(now - started)
-                # At most one resize a second: each is a log entry on every replica.
-                proposal = self._sizer.proposal() if now - resized >= 1.0 else None
+                # At most four resizes a second: each is a log entry on every replica.
+                proposal = self._sizer.proposal() if now - resized >= 0.25 else None
                 if proposal is not None:
                     resized = now
                     self._sizer.current = proposal

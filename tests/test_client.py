@@ -152,3 +152,14 @@ async def test_a_broken_connection_fails_every_waiting_fetch_and_refuses_new_one
             else:
                 raise AssertionError("a broken link accepted a fetch")
             nursery.cancel_scope.cancel()
+
+
+def test_a_slow_first_task_does_not_hold_the_queue_down() -> None:
+    # A node's first task is slow (imports); the next ones are not.
+    sizer = QueueSizer(2)
+    sizer.task_ran(0.100)
+    for _ in range(19):
+        sizer.task_ran(0.001)
+    sizer.reported(0.010)
+    # The mean of 20 samples is ~6 ms: the queue is 2 x 2 x 10 / 6 ~ 7, not 2 x 2 x 10 / 100 = 0.
+    assert sizer.proposal() == 7
