@@ -24,22 +24,33 @@ unfinished task needs, then places tasks on live clients.
 Placement
 ~~~~~~~~~
 A task is *ready* when the outputs of all its pretasks are held by live
-clients; it is placed on a client with a free slot.  A task is
+clients; it is placed on a client with room: fewer than ``slots + queue``
+ready tasks placed there, where ``queue`` is what the client asked for
+beyond its slots (0 unless it said so at join; the extra tasks wait in its
+node pool, so its nodes never idle for a report round trip).  A task is
 *prefetchable* when at least one of its inputs is available and none of its
 pretasks is waiting to be placed (each is running somewhere or done with
 its outputs held): it may be placed early, into the client's *prefetch
-allowance* of ``slots`` tasks on top of its ``slots`` running ones (early
-placement stops while ``slots`` tasks wait for inputs there or
-``2 * slots`` are placed there in all), so the client fetches each input as its pretask completes (rolling prefetch)
-while the other pretasks still run, and starts the task on a node once the
-last input is in.  Prefetch is never needed for progress: an early
+allowance* of ``slots + queue`` tasks on top of its running ones (early
+placement stops while ``slots + queue`` tasks wait for inputs there or
+``2 * (slots + queue)`` are placed there in all), so the client fetches
+each input as its pretask completes (rolling prefetch) while the other
+pretasks still run, and starts the task on a node once the last input is
+in.  A task none of whose inputs is available yet, whose pretasks all run
+on one client with a queue, *follows* them there, in the same allowance:
+that client will hold every input and may start it as soon as its own
+nodes made them (see ``early`` in :meth:`CoordinatorMachine.apply`).
+Prefetch is never needed for progress: an early
 placement takes no slot and its pretasks already hold or need only normal
 slots, so a computation with few slots cannot deadlock on it.  Either way
 placement honours ``require`` tags, prefers ``want`` tags, then the client
 already holding most bytes of the task's inputs available so far, then the
 least loaded client (by tasks placed on it, prefetching ones included),
 then the lowest client id.  First one copy of every placeable task is
-placed, in task order, then the extra copies of replicated tasks.
+placed, in task order, then the extra copies of replicated tasks.  Waiting
+tasks sit in heaps (ready, early, and each client's followers), taken from
+only while a client has room for them, so a completion costs O(log n)
+however many tasks wait.
 
 How a placed task counts: it takes one of its client's ``slots`` exactly
 while all its inputs are available, and otherwise sits in the client's
@@ -64,8 +75,10 @@ two replicas shows up as a digest mismatch, and :attr:`last_hook` names the
 hook that ran last.
 
 Clients learn their work through :meth:`CoordinatorMachine.view`: each
-client keeps a per-task change version, ordered by version, so a view after
-version V touches only what changed for that client since V.
+client keeps a per-task change version, and one per input whose holder
+changed, each ordered by version, so a view after version V touches only
+what changed for that client since V: a task is listed once per
+assignment, later moves of its inputs as holder changes.
 """
 
 from __future__ import annotations
