@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node", required=True, help='command that starts a node, e.g. "python node.py"')
     p.add_argument("--slots", type=int, default=os.cpu_count() or 1, help="node processes, i.e. tasks at once (default: CPU count)")
     p.add_argument("--have", action="append", default=[], metavar="TAG", help="a resource tag this machine offers (repeatable)")
+    p.add_argument("--queue", type=int, help="tasks the coordinator may assign beyond --slots, waiting here for a "
+                   "free node (default: sized from measured task and report times; 0: none)")
+    p.add_argument("--report-batch", type=int, default=256, help="most completions reported in one log command (default %(default)s)")
     p.add_argument("--name", help="unique client name (default: host-pid-random)")
     p.add_argument("--data-host", default="127.0.0.1", help="address peers use to fetch outputs from this client")
     p.add_argument("--data-port", type=int, default=0, help="port of the data server (default: any free port)")
@@ -277,6 +280,8 @@ def _cmd_client(args: argparse.Namespace) -> int:
             node_command=args.node,
             secret=_secret(args),
             slots=args.slots,
+            queue=args.queue,
+            report_batch=args.report_batch,
             have=tuple(args.have),
             data_host=args.data_host,
             data_port=args.data_port,

@@ -95,9 +95,9 @@ class ClientConfig:
         if self.slots < 1:
             raise ValueError(f"--slots must be at least 1, got {self.slots}")
         if self.queue is not None and self.queue < 0:
-            raise ValueError(f"queue must be at least 0, got {self.queue}")
+            raise ValueError(f"--queue must be at least 0, got {self.queue}")
         if self.report_batch < 1:
-            raise ValueError(f"report_batch must be at least 1, got {self.report_batch}")
+            raise ValueError(f"--report-batch must be at least 1, got {self.report_batch}")
         if not self.coordinators:
             raise ValueError("no coordinators given")
 
@@ -472,10 +472,14 @@ class Client:
         self._nursery.start_soon(self._reporter)
         version = 0
         backoff = 0.05
+        # A poll that a cut-off replica never answers must give up (and try
+        # another replica) well before the coordinator's client timeout: the
+        # contact only counts once a replica that reaches the leader has it.
+        wait, margin = cfg.poll_wait, 5.0
         while True:
             try:
                 view = await channel.ask(
-                    "view", {"cid": self._cid, "after": version, "wait": cfg.poll_wait}, timeout=cfg.poll_wait + 5
+                    "view", {"cid": self._cid, "after": version, "wait": wait}, timeout=wait + margin
                 )
             except (*wire.NETWORK_ERRORS, RuntimeError) as exc:
                 if channel.failures >= len(cfg.coordinators):
@@ -484,6 +488,9 @@ class Client:
                 backoff = min(backoff * 2, 2.0)
                 continue
             backoff = 0.05
+            limit = view.get("client_timeout")
+            if isinstance(limit, (int, float)) and limit > 0:
+                wait, margin = min(cfg.poll_wait, limit / 4), min(5.0, limit / 4)
             if view["state"] in ("finished", "failed"):
                 return view["state"]
             if not view["alive"]:

@@ -1391,8 +1391,8 @@ class CoordinatorMachine:
         """What client ``cid`` must do, changed since ``after_version`` (0: everything).
 
         Returns ``{"version": int, "state": "waiting"|"running"|"finished"|"failed",
-        "alive": bool, "tasks": [task, ...], "kill": [tid, ...], "holders":
-        [{"tid", "cid", "addr"}, ...]}``; pass
+        "alive": bool, "client_timeout": float, "tasks": [task, ...], "kill":
+        [tid, ...], "holders": [{"tid", "cid", "addr"}, ...]}``; pass
         ``version`` as ``after_version`` next time.  Each task is
         ``{"tid", "attempt", "name", "args", "kwargs", "seed", "timeout",
         "keys", "inputs": [{"tid", "key", "cid", "addr"}, ...]}`` where an
@@ -1413,6 +1413,8 @@ class CoordinatorMachine:
             "version": s.version,
             "state": s.run_state.value,
             "alive": alive,
+            # How long this client may be silent: it keeps its polls well inside it.
+            "client_timeout": self._client_timeout,
             "tasks": [],
             "kill": [],
         }

@@ -1067,6 +1067,8 @@ def test_expired_clients_uses_client_timeout() -> None:
     assert h.machine.expired_clients({a: 10.0}, now=100.0) == [a]
     with pytest.raises(ValueError, match="client_timeout"):
         CoordinatorMachine(ChainScheduler, client_timeout=0)
+    # Clients learn it from their views, to keep their polls well inside it.
+    assert h.machine.view(a)["client_timeout"] == 5.0
 
 
 def replay(cls: type[Coordinator], batches: list[Batch], start: Applier | None = None) -> Applier:
