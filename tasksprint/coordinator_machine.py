@@ -335,12 +335,26 @@ def _check_plain(value: Any, what: str) -> None:
         if all(type(k) is str and type(v) in _SCALARS for k, v in value.items()):
             return
     try:
+        _no_sets(value)
         codec.encode(value)
     except Exception as exc:
         raise TypeError(
             f"{what} must be plain data (None, bool, int, float, str, bytes, and lists/dicts of them) "
             f"so every replica and node sees the same value: {exc}"
         ) from None
+
+
+def _no_sets(value: Any) -> None:
+    """Refuse sets anywhere inside ``value``: nodes get JSON, which has none."""
+    if isinstance(value, (set, frozenset)):
+        raise TypeError("a set is not plain data; pass a sorted list")
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            _no_sets(v)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _no_sets(k)
+            _no_sets(v)
 
 
 def _tags(value: Any, what: str) -> list[str]:

@@ -1552,6 +1552,8 @@ class PlainArgs(Coordinator):
         ([object()], {}),
         ([1], {"k": object()}),
         ([], {"k": lambda: 0}),
+        ([{1, 2}], {}),  # a set: its order may differ between replicas, and JSON has none
+        ([], {"k": [frozenset()]}),
     ]
 
     def init(self, seed: int) -> None:
@@ -1567,5 +1569,5 @@ class PlainArgs(Coordinator):
 def test_start_task_takes_plain_data_only() -> None:
     h = Harness(PlainArgs)
     h.init()
-    assert h.machine.scheduler.refused == [2, 3, 4]
+    assert h.machine.scheduler.refused == [2, 3, 4, 5, 6]
     assert h.status["tasks"]["total"] == 2
