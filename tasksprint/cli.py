@@ -292,6 +292,12 @@ def _cmd_client(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"tasksprint client: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if args.spill_dir is not None:
+        try:
+            args.spill_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            print(f"tasksprint client: cannot use --spill-dir {args.spill_dir}: {exc.strerror or exc}", file=sys.stderr)
+            return EXIT_USAGE
     try:
         state = trio.run(_client_until_signalled, Client(config))
     except KeyboardInterrupt:

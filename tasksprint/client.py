@@ -374,6 +374,8 @@ class Client:
         """Serve until the computation finishes or fails; returns its final state."""
         cfg = self.config
         self._log = log.bind(client=cfg.name)
+        if cfg.spill_dir is not None:
+            Path(cfg.spill_dir).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="tasksprint-store-", dir=cfg.spill_dir) as spill:
             self._store = ObjectStore(cfg.memory_limit, Path(spill))
             async with trio.open_nursery() as nursery:

@@ -74,6 +74,10 @@ class LocalRun:
             f"client{i}",
             "--log-format",
             "json",
+            # Inside the run's directory: a client killed with SIGKILL cannot
+            # remove its spill directory, the run's clean-up does.
+            "--spill-dir",
+            str(self.base() / "spill"),
         ]
         if self.slots is not None:
             cmd += ["--slots", str(self.slots)]

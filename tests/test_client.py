@@ -163,3 +163,20 @@ def test_a_slow_first_task_does_not_hold_the_queue_down() -> None:
     sizer.reported(0.010)
     # The mean of 20 samples is ~6 ms: the queue is 2 x 2 x 10 / 6 ~ 7, not 2 x 2 x 10 / 100 = 0.
     assert sizer.proposal() == 7
+
+
+def test_unusable_spill_dir_is_refused_before_starting(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    secret = tmp_path / "secret"
+    secret.write_text("a-secret-of-thirty-two-characters!\n")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    done = subprocess.run(
+        [sys.executable, "-m", "tasksprint.cli", "client", "--coordinators", "127.0.0.1:9", "--node", "true",
+         "--secret-file", str(secret), "--spill-dir", str(blocker / "spill")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 2
+    assert f"cannot use --spill-dir {blocker / 'spill'}" in done.stderr

@@ -178,11 +178,15 @@ class Cluster:
                    "--data", str(data), "--secret-file", str(self.secret_file), "--scheduler", scheduler,
                    "--client-timeout", str(client_timeout), "--log-format", "json"]
             self.replicas.append(Proc(r, cmd, rundir / f"{r}.log", env, net))
+        # Spilled outputs stay in the run directory: a client killed with
+        # SIGKILL cannot remove its own.
+        spill = rundir / "spill"
+        spill.mkdir(exist_ok=True)
         for c in self.client_names:
             node = shlex.join([python, str(node_script), c])
             cmd = [python, "-m", "tasksprint.cli", "client", "--coordinators", self.peers, "--node", node,
                    "--slots", str(slots), "--secret-file", str(self.secret_file), "--data-host", net.addrs[c],
-                   "--log-format", "json"]
+                   "--log-format", "json", "--spill-dir", str(spill)]
             # No --name: a restarted client must join as a new client (see README, known bugs).
             self.clients.append(Proc(c, cmd, rundir / f"{c}.log", env, net))
 
