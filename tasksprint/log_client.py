@@ -224,7 +224,7 @@ class LogClient:
             first_unacked = next(iter(self._pending))
             now = trio.current_time()
             blocks = []
-            for run in _runs(seqs, MAX_BLOCK):
+            for run in consecutive_runs(seqs, MAX_BLOCK):
                 ops = []
                 for s in run:
                     p = self._pending[s]
@@ -306,7 +306,7 @@ class LogClient:
                 w.done.set()
 
 
-def _runs(seqs: list[int], most: int) -> list[list[int]]:
+def consecutive_runs(seqs: list[int], most: int) -> list[list[int]]:
     """Split sorted ``seqs`` into runs of consecutive numbers, each at most ``most`` long."""
     runs: list[list[int]] = []
     for s in seqs:

@@ -57,13 +57,7 @@ log = structlog.get_logger("tasksprint.replica")
 
 OUTBOX_LIMIT = 20_000  # messages queued for one peer before the oldest are dropped
 
-Key = tuple[str, str, int]  # (kind, client id, seq): what a client waits for
-
-
-def _key(item: Command | CommandBlock) -> Key:
-    if isinstance(item, CommandBlock):
-        return ("block", item.client_id, item.first_seq)
-    return ("command", item.client_id, item.seq)
+Key = tuple[str, str, int]  # (kind, client id, seq): what a client waits for (``request_key``)
 
 
 class DivergenceError(Exception):
@@ -386,7 +380,7 @@ class Replica:
 
     def _apply(self, slot: int, batch) -> None:
         for cmd, result in self.applier.apply_slot(slot, batch):
-            key = _key(cmd)
+            key = cmd.request_key
             self._commands.pop(key, None)
             boxes = self._waiting.pop(key, None)
             if boxes:
@@ -593,7 +587,7 @@ class Replica:
                     cmd.op_list()  # a block that does not decode closes the connection (BadMessage)
                 core = self.core
                 if core.propose(cmd):
-                    key = _key(cmd)
+                    key = cmd.request_key
                     self._waiting.setdefault(key, []).append(box)
                     self._commands[key] = cmd
                     mine.append(key)

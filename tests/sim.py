@@ -58,6 +58,7 @@ from typing import Any, Callable
 
 import attrs
 
+from tasksprint.log_client import MAX_BLOCK, consecutive_runs
 from tasksprint.machine import DUPLICATE, Applier, ApplyContext, KVMachine
 from tasksprint.paxos.core import PaxosConfig, PaxosCore, Ready, Role
 from tasksprint.paxos.durable import DurableState, MarkInitialized, SaveAccepted, SaveChosen
@@ -133,12 +134,7 @@ class Client:
     def blocks(self, seqs: list[int]) -> list[CommandBlock]:
         """Outstanding ``seqs`` as CommandBlocks of consecutive seqs, as LogClient sends them."""
         first_unacked = min(self.outstanding)
-        runs: list[list[int]] = []
-        for seq in sorted(seqs):
-            if runs and seq == runs[-1][-1] + 1:
-                runs[-1].append(seq)
-            else:
-                runs.append([seq])
+        runs = consecutive_runs(sorted(seqs), MAX_BLOCK)
         return [
             CommandBlock.of(self.cid, run[0], first_unacked, [self.outstanding[q].cmd.op for q in run]) for run in runs
         ]
@@ -252,16 +248,10 @@ class Node:
     life: int
     core: PaxosCore
     applier: Applier
-    waiting: dict[tuple[str, str, int], bool] = attrs.Factory(dict)  # requests to answer (see _key)
+    waiting: dict[tuple[str, str, int], bool] = attrs.Factory(dict)  # requests to answer, by request_key
     pending: Ready | None = None  # a Ready whose fsync is running
     commit_seen: int = 0  # learned slots up to here were checked
     applied_seen: int = 0
-
-
-def _key(item: Command | CommandBlock) -> tuple[str, str, int]:
-    if isinstance(item, CommandBlock):
-        return ("block", item.client_id, item.first_seq)
-    return ("command", item.client_id, item.seq)
 
 
 def _kv(applier: Applier, key: str) -> list:
@@ -425,7 +415,7 @@ class Cluster:
             self.checker.on_applied(r, slot, batch, node.applier.digest)
             self._check_exactly_once(node, slot, results)
             for cmd, result in results:
-                if node.waiting.pop(_key(cmd), False):
+                if node.waiting.pop(cmd.request_key, False):
                     if isinstance(cmd, CommandBlock):
                         self.net(r, cmd.client_id, ("replies", cmd.first_seq, result))
                     else:
@@ -523,7 +513,7 @@ class Cluster:
             return
         if isinstance(src, str):
             _, cmd = payload
-            node.waiting[_key(cmd)] = True
+            node.waiting[cmd.request_key] = True
             node.core.propose(cmd)
         else:
             node.core.step(src, payload)

@@ -70,6 +70,11 @@ class Command:
     first_unacked: int = attrs.field(default=0, validator=_nonneg)
     op: Any = None
 
+    @property
+    def request_key(self) -> tuple[str, str, int]:
+        """What the submitter waits for: the key of its answer (a block has its own)."""
+        return ("command", self.client_id, self.seq)
+
 
 @register
 @attrs.frozen(kw_only=True)
@@ -108,6 +113,11 @@ class CommandBlock:
         block = cls(client_id=client_id, first_seq=first_seq, first_unacked=first_unacked, ops=encode(ops))
         object.__setattr__(block, "_decoded", list(ops))
         return block
+
+    @property
+    def request_key(self) -> tuple[str, str, int]:
+        """What the submitter waits for: the key of its answer (see :attr:`Command.request_key`)."""
+        return ("block", self.client_id, self.first_seq)
 
     def op_list(self) -> list:
         """The operations, decoded once; raises BadMessage if ``ops`` is not a non-empty CBOR list."""
