@@ -700,6 +700,15 @@ def start_pysyncobj(
     return nodes
 
 
+def stop_pysyncobj(nodes: list[Child], children: Children) -> None:
+    """Ask every PySyncObj node to quit, then make sure each has stopped."""
+    for n in nodes:
+        with contextlib.suppress(BenchError):
+            n.send({"cmd": "quit"})
+    for n in nodes:
+        children.stop(n)
+
+
 def pysyncobj_leader(nodes: list[Child], timeout: float = 30.0) -> int:
     deadline = time.monotonic() + timeout
     st: list = []
@@ -772,11 +781,7 @@ def bench_pysyncobj(args: argparse.Namespace, base: Path, children: Children) ->
         res["throughput"] = r
         note(f"PySyncObj throughput: {r['commands_per_s']:.0f} commands/s")
     finally:
-        for n in nodes:
-            with contextlib.suppress(BenchError):
-                n.send({"cmd": "quit"})
-        for n in nodes:
-            children.stop(n)
+        stop_pysyncobj(nodes, children)
 
     # Latency: AppendEntries sent per command (PySyncObj's latency setting;
     # with batching a lone command waits for the next 0.1 s append period).
@@ -798,11 +803,7 @@ def bench_pysyncobj(args: argparse.Namespace, base: Path, children: Children) ->
             if lat:
                 note(f"PySyncObj latency: p50 {res['commit_p50_ms']:.2f} ms, p99 {res['commit_p99_ms']:.2f} ms")
         finally:
-            for n in nodes:
-                with contextlib.suppress(BenchError):
-                    n.send({"cmd": "quit"})
-            for n in nodes:
-                children.stop(n)
+            stop_pysyncobj(nodes, children)
     return res
 
 
