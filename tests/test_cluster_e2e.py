@@ -355,6 +355,13 @@ def finished_values(st: dict[str, Any], run: LocalRun) -> Any:
     return st["result"]["values"]
 
 
+def kill_client(run: LocalRun, client: dict) -> None:
+    """kill -9 the worker client of ``run`` that ``status`` lists as ``client``, and reap it."""
+    proc = run.client_procs[int(client["name"].removeprefix("client"))]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 async def cli(run: LocalRun, *args: str) -> subprocess.CompletedProcess:
     """Run ``tasksprint ARGS --coordinators ... --secret-file ...`` against ``run``'s cluster."""
     assert run.cluster is not None
@@ -591,10 +598,7 @@ async def test_client_killed_mid_run_its_work_is_redone_and_client_dead_is_calle
             return busy[0] if busy else None
 
         victim = await wait_until(busy_client, "a client running a task after a first completion")
-        index = int(victim["name"].removeprefix("client"))
-        proc = run.client_procs[index]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        kill_client(run, victim)
 
         st = await outcome(run)
         values = finished_values(st, run)
@@ -654,10 +658,7 @@ async def test_client_killed_with_tasks_queued_beyond_its_slots_they_are_placed_
             return queued[0] if queued and st["tasks"]["done"] < leaves // 2 else None
 
         victim = await wait_until(queued_client, "a client with tasks queued beyond its slots")
-        index = int(victim["name"].removeprefix("client"))
-        proc = run.client_procs[index]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        kill_client(run, victim)
 
         st = await outcome(run)
         values = finished_values(st, run)
