@@ -122,6 +122,33 @@ class Monitor(threading.Thread):
         self.join(10)
 
 
+def _run_cli(ops: Any, op: str, argv: list[str]) -> tuple[dict[str, Any], str, str]:
+    """Run one CLI command for ``ops`` (CliOps or CancelOps: ``t0``, ``env``, ``timeout``, ``current``).
+
+    Returns its record (``op``, ``t``, ``latency``, and ``rc`` -- or ``ok``
+    False and the error if it timed out and was killed), stdout and stderr.
+    """
+    start = time.monotonic()
+    rec: dict[str, Any] = {"op": op, "t": round(start - ops.t0, 3)}
+    out = err = ""
+    try:
+        ops.current = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ops.env, text=True)
+        out, err = ops.current.communicate(timeout=ops.timeout)
+        rec["rc"] = ops.current.returncode
+    except subprocess.TimeoutExpired:
+        ops.current.kill()
+        ops.current.communicate()
+        rec["ok"] = False
+        rec["error"] = f"timed out after {ops.timeout}s"
+    rec["latency"] = round(time.monotonic() - start, 3)
+    return rec, out, err
+
+
+def _note_interrupted(ops: Any, rec: dict[str, Any]) -> None:
+    if ops.stop_event.is_set() and not rec["ok"]:
+        rec["interrupted"] = True  # killed by stop(): the scenario ended, not a failure
+
+
 class CliOps(threading.Thread):
     """Runs ``tasksprint status --json`` once a second; records each outcome and latency."""
 
@@ -135,13 +162,9 @@ class CliOps(threading.Thread):
     def run(self) -> None:
         while not self.stop_event.is_set():
             start = time.monotonic()
-            op: dict[str, Any] = {"op": "status --json", "t": round(start - self.t0, 3)}
-            try:
-                self.current = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                                env=self.env, text=True)
-                out, err = self.current.communicate(timeout=self.timeout)
-                op["rc"] = self.current.returncode
-                op["ok"] = self.current.returncode == 0
+            op, out, err = _run_cli(self, "status --json", self.command)
+            if "rc" in op:
+                op["ok"] = op["rc"] == 0
                 try:
                     doc = json.loads(out)
                     op["reachable"] = sum(1 for r in doc["replicas"] if r.get("reachable"))
@@ -150,14 +173,7 @@ class CliOps(threading.Thread):
                 except (ValueError, KeyError, TypeError):
                     op["ok"] = False
                     op["error"] = (err or out)[-300:]
-            except subprocess.TimeoutExpired:
-                self.current.kill()
-                self.current.communicate()
-                op["ok"] = False
-                op["error"] = f"timed out after {self.timeout}s"
-            op["latency"] = round(time.monotonic() - start, 3)
-            if self.stop_event.is_set() and not op["ok"]:
-                op["interrupted"] = True  # killed by stop(): the scenario ended, not a failure
+            _note_interrupted(self, op)
             self.ops.append(op)
             self.stop_event.wait(max(0.0, self.every - (time.monotonic() - start)))
 
@@ -195,27 +211,15 @@ class CancelOps(threading.Thread):
         self.current: subprocess.Popen | None = None
 
     def _run(self, op: str, args: list[str]) -> tuple[dict[str, Any], Any]:
-        start = time.monotonic()
-        rec: dict[str, Any] = {"op": op, "t": round(start - self.t0, 3)}
+        rec, out, err = _run_cli(self, op, self.cli(*args))
         doc = None
-        try:
-            self.current = subprocess.Popen(self.cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                            env=self.env, text=True)
-            out, err = self.current.communicate(timeout=self.timeout)
-            rec["rc"] = self.current.returncode
+        if "rc" in rec:
             try:
                 doc = json.loads(out)
             except ValueError:
                 rec["error"] = (err or out)[-300:]
-            rec["ok"] = self.current.returncode == 0 and isinstance(doc, dict)
-        except subprocess.TimeoutExpired:
-            self.current.kill()
-            self.current.communicate()
-            rec["ok"] = False
-            rec["error"] = f"timed out after {self.timeout}s"
-        rec["latency"] = round(time.monotonic() - start, 3)
-        if self.stop_event.is_set() and not rec["ok"]:
-            rec["interrupted"] = True
+            rec["ok"] = rec["rc"] == 0 and isinstance(doc, dict)
+        _note_interrupted(self, rec)
         return rec, doc
 
     def run(self) -> None:

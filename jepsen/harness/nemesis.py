@@ -110,7 +110,7 @@ class PartitionHalves(Nemesis):
         for y in b:
             self.net.drop_between(y, a)
         self.active = params
-        return {"a": a, "b": b}
+        return dict(params)
 
     def stop(self):
         for x in self.active["a"] + self.active["b"]:
@@ -151,7 +151,7 @@ class MajoritiesRing(Nemesis):
         return {"healed": sorted(self.active["ring"])}
 
 
-class Bridge(Nemesis):
+class Bridge(PartitionHalves):
     """Two halves of two replicas each that cannot reach each other, and one replica that reaches both."""
 
     name = "bridge"
@@ -162,20 +162,6 @@ class Bridge(Nemesis):
         rng.shuffle(reps)
         half = (len(reps) - 1) // 2
         return {"a": sorted(reps[:half]), "bridge": reps[half], "b": sorted(reps[half + 1:])}
-
-    def start(self, params):
-        a, b = params["a"], params["b"]
-        for x in a:
-            self.net.drop_between(x, b)
-        for y in b:
-            self.net.drop_between(y, a)
-        self.active = params
-        return dict(params)
-
-    def stop(self):
-        for x in self.active["a"] + self.active["b"]:
-            self.net.heal(x)
-        return {"healed": sorted(self.active["a"] + self.active["b"])}
 
 
 class KillLeader(Nemesis):
