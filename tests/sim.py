@@ -16,7 +16,8 @@ decide:
   before its records were durable, or after they were durable but before
   ``advance``), wiped disks, pauses (a replica stops, then resumes with its
   state and a backlog, like a stopped VM), clock skew and jumps, fsyncs that
-  take time while messages keep arriving, and stragglers (a message held back
+  take time while messages keep arriving (with several Readies' writes in
+  flight at once, as the replica's writer has them), and stragglers (a message held back
   for seconds, so stale answers arrive).  It then heals everything and requires every client
   to finish within a bounded simulated time.  Re-running a seed replays it
   exactly; a failure names its seed.
@@ -24,12 +25,15 @@ decide:
   ``RuleBasedStateMachine`` whose rules are single deliveries and faults, and
   hands the cluster to :class:`Simulation` for the final liveness phase.
 
-The driver contract is followed literally: for each Ready the replica makes
-``persist`` durable (``DurableState.apply`` on its disk), sends ``messages``
-(possibly before the fsync finished, which the contract allows), restores the
-applier from ``snapshot``, applies ``committed`` in order, then calls
-``advance``.  The next Ready is not taken before that, so its messages can
-never overtake this Ready's records.
+The driver contract is followed literally.  In the plain mode, for each
+Ready the replica makes ``persist`` durable (``DurableState.apply`` on its
+disk), sends ``messages``, restores the applier from ``snapshot``, applies
+``committed`` in order, then calls ``advance`` before taking the next Ready.
+In the asynchronous mode it does what ``tasksprint.replica`` does: sends,
+restores and applies at once, queues the records, and takes up to
+``pipeline`` Readies before the oldest write completes; writes complete in
+order, each followed by its ``advance``.  A crash keeps an in-order prefix of
+the queued writes.
 
 What the checker verifies after every step (see :class:`Checker`):
 
@@ -52,6 +56,7 @@ What the checker verifies after every step (see :class:`Checker`):
 
 from __future__ import annotations
 
+import collections
 import heapq
 import random
 from typing import Any, Callable
@@ -62,7 +67,7 @@ from tasksprint.log_client import MAX_BLOCK, consecutive_runs
 from tasksprint.machine import DUPLICATE, Applier, ApplyContext, KVMachine
 from tasksprint.paxos.core import PaxosConfig, PaxosCore, Ready, Role
 from tasksprint.paxos.durable import DurableState, MarkInitialized, SaveAccepted, SaveChosen
-from tasksprint.paxos.messages import Ballot, Batch, Command, CommandBlock, Tick
+from tasksprint.paxos.messages import Accepted, Ballot, Batch, Command, CommandBlock, Promise, Tick
 
 KEYS = ("k0", "k1", "k2")
 
@@ -249,7 +254,9 @@ class Node:
     core: PaxosCore
     applier: Applier
     waiting: dict[tuple[str, str, int], bool] = attrs.Factory(dict)  # requests to answer, by request_key
-    pending: Ready | None = None  # a Ready whose fsync is running
+    # Readies whose writes are in flight, oldest first, each with the applied
+    # index before its committed slots were applied.
+    pending: collections.deque = attrs.Factory(collections.deque)
     commit_seen: int = 0  # learned slots up to here were checked
     applied_seen: int = 0
 
@@ -303,6 +310,7 @@ class Cluster:
         # Crash a replica inside its next Ready at this point (driver's choice).
         self.crash_in_ready: dict[int, str] = {}
         self.async_fsync = False
+        self.pipeline = 1  # Readies with writes in flight at once (asynchronous mode)
         self.on_fsync_started: Callable[[int, int], None] = lambda rid, life: None
         self.clients = [Client(f"c{i}", quota, window) for i in range(clients)]
         self.steps = 0
@@ -350,11 +358,17 @@ class Cluster:
         """
         node = self.nodes[r]
         if node is not None:
-            if node.pending is not None:
-                # The crash hits during the fsync: the transaction either made it or not.
-                if self.rng.random() < 0.5:
-                    self._persist(r, node.pending)
-            self.applied_before_crash[r] = max(node.applier.applied, self.applied_before_crash[r]) if not wipe else 0
+            applied = node.applier.applied
+            if node.pending:
+                # The crash hits during the writes: an in-order prefix of them made it.
+                made = self.rng.randint(0, len(node.pending))
+                for i, (rd, applied_before) in enumerate(node.pending):
+                    if i < made:
+                        self._persist(r, rd)
+                    else:
+                        applied = applied_before  # what it applied later is not known chosen on its disk
+                        break
+            self.applied_before_crash[r] = max(applied, self.applied_before_crash[r]) if not wipe else 0
             self.nodes[r] = None
         if self.unsynced[r]:
             if power_cut if power_cut is not None else self.rng.random() < 0.5:
@@ -394,7 +408,26 @@ class Cluster:
             if dst == r:
                 # A real driver has no connection to itself: the message would be lost.
                 self.checker.fail(f"replica {r} addressed a {type(msg).__name__} to itself")
+            if isinstance(msg, (Promise, Accepted)):
+                self._check_durable(r, msg)
             self.net(r, dst, msg)
+
+    def _check_durable(self, r: int, msg: Promise | Accepted) -> None:
+        """An acceptor's answer leaves only once what it vouches for is on its disk."""
+        disk = self.disks[r]
+        if disk.promised < msg.ballot:
+            self.checker.fail(f"replica {r} sent {type(msg).__name__} at {msg.ballot} with {disk.promised} on disk")
+        if isinstance(msg, Accepted):
+            core = self.nodes[r].core
+            for slot in msg.slots:
+                row = disk.log.get(slot)
+                if slot <= disk.snapshot_index or core.chosen_value(slot) is not None:
+                    continue  # chosen: acknowledging it again cannot choose anything else
+                # A vote at a higher ballot may since have replaced this one.
+                if row is None or not (row.chosen or row.ballot is not None and row.ballot >= msg.ballot):
+                    self.checker.fail(
+                        f"replica {r} sent Accepted for slot {slot} at {msg.ballot} before its disk held that vote"
+                    )
 
     def _apply(self, node: Node, rd: Ready) -> None:
         r = node.rid
@@ -447,18 +480,23 @@ class Cluster:
                 self.checker.fail(f"exactly-once: replica {node.rid} after slot {slot}: {key} = {lst}")
 
     def drain(self, r: int) -> None:
-        """Handle Readies until the core has nothing more (or a fsync is running)."""
+        """Handle Readies until the core has nothing more (or the writes in flight are at the limit)."""
         node = self.nodes[r]
-        while node is not None and node.pending is None and node.core.has_ready():
+        while node is not None and len(node.pending) < self.pipeline and node.core.has_ready():
             rd = node.core.ready()
             point = self.crash_in_ready.pop(r, None)
-            if self.async_fsync and rd.persist and point is None:
-                # Messages leave now; records become durable when the fsync completes,
-                # and meanwhile the core keeps taking messages and ticks.
-                node.pending = rd
+            if node.pending or (self.async_fsync and rd.persist and point is None):
+                # Messages leave and committed slots are applied now; records
+                # become durable when the writes before them and their own
+                # complete, and meanwhile the core keeps taking messages and ticks.
+                if point is not None:
+                    self.crash_in_ready[r] = point  # for a Ready taken with nothing in flight
+                node.pending.append((rd, node.applier.applied))
                 self._send(r, rd)
+                self._apply(node, rd)
                 self.on_fsync_started(r, node.life)
-                return
+                node = self.nodes[r]
+                continue
             if point == "sent_not_persisted":
                 self._send(r, rd)
                 self.crash(r)
@@ -476,12 +514,12 @@ class Cluster:
             node = self.nodes[r]
 
     def fsync_done(self, r: int, life: int) -> None:
+        """The oldest write in flight completed (writes complete in the order they were queued)."""
         node = self.nodes[r]
-        if node is None or node.life != life or node.pending is None:
+        if node is None or node.life != life or not node.pending:
             return
-        rd, node.pending = node.pending, None
+        rd, _ = node.pending.popleft()
         self._persist(r, rd)
-        self._apply(node, rd)
         node.core.advance(rd)
         self.drain(r)
 
@@ -709,6 +747,7 @@ class Knobs:
     skew: bool = False
     pauses: bool = False  # a replica stops (a long GC pause, a stopped VM) and resumes where it was
     async_fsync: bool = False
+    pipeline: int = 1  # with async_fsync: Readies whose writes may be in flight at once
     compact_every: int = 0  # applied slots between snapshots; 0 = never
     chaos: float = 1.5  # seconds of faults before the final heal
     fault_every: float = 0.3  # mean seconds between fault events
@@ -738,6 +777,7 @@ class Knobs:
         k.clients = rng.randint(1, 3)
         k.quota = rng.randint(2, 6)
         k.leave_one_down = n == 5 and rng.random() < 0.3
+        k.pipeline = rng.choice((1, 2, 4)) if k.async_fsync else 1
         for name, value in given.items():
             setattr(k, name, value)
         return k
@@ -774,6 +814,7 @@ class Simulation:
         self.down_at_end: int | None = None
         cluster.net = self._net
         cluster.async_fsync = k.async_fsync
+        cluster.pipeline = k.pipeline
         cluster.on_fsync_started = self._fsync_started
         if k.skew:
             for r in range(self.n):

@@ -267,6 +267,40 @@ def test_accepted_waits_for_its_fsync():
     assert Accepted(ballot=Ballot(3, 0), slots=(1,)) in sent
 
 
+def test_pipelined_readies_release_their_replies_in_order():
+    # A driver with several writes in flight: advancing the first Ready must
+    # not release the reply that waits for the second Ready's record.
+    cr, disk = _core_with_disk()
+    value = Batch(items=(Tick(now=1.0),))
+    cr.step(0, Accept(ballot=Ballot(3, 0), proposals=(Proposal(slot=1, value=value),), commit=0))
+    first = cr.ready()
+    cr.step(0, Accept(ballot=Ballot(3, 0), proposals=(Proposal(slot=2, value=value),), commit=0))
+    second = cr.ready()
+    assert second.number > first.number
+    assert SaveAccepted(2, Ballot(3, 0), value) in second.persist
+
+    def accepted_slots() -> list:
+        return [m.slots for _, m in cr.ready().messages if isinstance(m, Accepted)]
+
+    cr.advance(first)
+    assert accepted_slots() == [(1,)]
+    cr.advance(second)
+    assert accepted_slots() == [(2,)]
+
+
+def test_advancing_a_later_ready_releases_the_earlier_ones_too():
+    # One transaction may carry several Readies' records (group commit).
+    cr, disk = _core_with_disk()
+    value = Batch(items=(Tick(now=1.0),))
+    cr.step(0, Accept(ballot=Ballot(3, 0), proposals=(Proposal(slot=1, value=value),), commit=0))
+    cr.ready()
+    cr.step(0, Accept(ballot=Ballot(3, 0), proposals=(Proposal(slot=2, value=value),), commit=0))
+    second = cr.ready()
+    cr.advance(second)
+    sent = sorted(m.slots for _, m in cr.ready().messages if isinstance(m, Accepted))
+    assert sent == [(1,), (2,)]
+
+
 def test_ready_with_only_chosen_markers_needs_no_fsync():
     cr, disk = _core_with_disk()
     value = Batch(items=(Tick(now=1.0),))

@@ -19,6 +19,12 @@ never does I/O: the driver feeds it ``step(src, msg)``, ``tick(now)`` and
    RecoverReply) released into the next Ready.  A reply can therefore never
    overtake the fsync that makes it true.
 
+A driver may take further Readies before advancing earlier ones (several
+writes in flight, merged into one fsync by a writer that finds them
+queued), as long as it makes them durable in the order it took them and
+advances them in that order: ``advance(ready)`` releases the replies held
+by that Ready and by every earlier one.
+
 Leader election: a follower that hears nothing from a leader for a
 randomized election timeout first asks its peers (PreVote) whether they also
 lost the leader; only with a majority's support does it bump its ballot and
@@ -49,6 +55,7 @@ own promise is durable, so a ballot in use is always known to its candidate.
 
 from __future__ import annotations
 
+import collections
 import enum
 import random
 from typing import Any
@@ -145,6 +152,8 @@ class Ready:
     #: chosen value is durable on a majority of acceptors, so the replica
     #: learns it again from its peers.
     sync: bool = True
+    #: Readies are numbered in the order ``ready()`` hands them out.
+    number: int = 0
 
 
 @attrs.define(eq=False)
@@ -194,7 +203,9 @@ class PaxosCore:
     _persist: list[Record] = attrs.Factory(list)
     _out: list[tuple[int, Any]] = attrs.Factory(list)
     _after_persist: list[tuple[int, Any]] = attrs.Factory(list)
-    _held: list[tuple[int, Any]] = attrs.Factory(list)  # released by advance()
+    # Replies waiting for a Ready's records, by Ready number; released by advance().
+    _held: collections.deque = attrs.Factory(collections.deque)
+    _readies: int = 0  # Readies handed out so far
     _snapshot_out: tuple[int, bytes] | None = None
 
     # ------------------------------------------------------------------
@@ -399,22 +410,25 @@ class PaxosCore:
             committed.append((self._emitted, self._chosen[self._emitted]))
         persist = tuple(self._persist)
         sync = bool(self._after_persist) or any(type(r) is not SaveChosen for r in persist)
-        rd = Ready(persist, tuple(self._out), snap, tuple(committed), sync)
+        self._readies += 1
+        rd = Ready(persist, tuple(self._out), snap, tuple(committed), sync, self._readies)
         self._persist = []
         self._out = []
-        # Replies waiting for this Ready's records wait for advance().
-        self._held.extend(self._after_persist)
-        self._after_persist = []
+        # Replies waiting for this Ready's records (and the earlier ones') wait for advance().
+        if self._after_persist:
+            self._held.append((rd.number, self._after_persist))
+            self._after_persist = []
         return rd
 
     def advance(self, ready: Ready) -> None:
-        """The driver made ``ready.persist`` durable: release the replies that waited for it."""
-        held, self._held = self._held, []
-        for dst, msg in held:
-            if dst == self._rid:
-                self._deliver_local(msg)
-            else:
-                self._out.append((dst, msg))
+        """``ready.persist`` and every earlier Ready's records are durable: release their replies."""
+        held = self._held
+        while held and held[0][0] <= ready.number:
+            for dst, msg in held.popleft()[1]:
+                if dst == self._rid:
+                    self._deliver_local(msg)
+                else:
+                    self._out.append((dst, msg))
 
     # ------------------------------------------------------------------
     # Helpers
