@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None, *, scheduler: Any = None) -> int:
 def _cmd_replica(args: argparse.Namespace, scheduler: Any) -> int:
     from tasksprint.paxos.core import PaxosConfig
     from tasksprint.coordinator_machine import SchedulerMismatch
-    from tasksprint.replica import DivergenceError, KVApp, ListenError, Replica, ReplicaConfig, parse_peers
+    from tasksprint.replica import DivergenceError, KVApp, ListenError, Replica, ReplicaConfig, parse_peers, tune_gc
     from tasksprint.storage import StorageError
 
     try:
@@ -179,6 +179,7 @@ def _cmd_replica(args: argparse.Namespace, scheduler: Any) -> int:
             print(f"tasksprint replica: {exc}", file=sys.stderr)
             return EXIT_USAGE
     replica = Replica(config, app)
+    tune_gc()
     try:
         trio.run(replica.run)
     except KeyboardInterrupt:

@@ -128,6 +128,15 @@ class CommandBlock:
             object.__setattr__(self, "_decoded", ops)
         return self._decoded
 
+    def drop_decoded(self) -> None:
+        """Forget the decoded operations (applied blocks stay in the log as bytes only).
+
+        A chosen block lives on in the log until the next snapshot; keeping
+        its thousands of small lists alive would make every full garbage
+        collection walk them.  :meth:`op_list` decodes again if asked.
+        """
+        object.__setattr__(self, "_decoded", None)
+
 
 def _command_or_tick(value: Any) -> bool:
     return isinstance(value, (Command, CommandBlock, Tick))
