@@ -16,8 +16,10 @@ One replica = one :class:`~tasksprint.paxos.core.PaxosCore` + one
   were taken (in a worker thread; whatever queued up during one fsync goes
   into the next transaction, so under load one fsync covers many Readies)
   and then calls ``advance`` for each, releasing the replies that waited.
-  The driver never waits for the disk: the leader's own fsync runs while its
-  Accepts travel and the followers write theirs.
+  The driver does not wait for the disk (the leader's own fsync runs while
+  its Accepts travel and the followers write theirs), except for a small
+  write with nothing to send meanwhile and nothing else in flight, which it
+  does itself: a follower's vote at light load.
 
 Replicas compare a running digest of what they applied every
 ``digest_every`` slots; a mismatch means a nondeterministic state machine (a
@@ -39,7 +41,7 @@ import attrs
 import structlog
 import trio
 
-from tasksprint import wire
+from tasksprint import codec, wire
 from tasksprint.api import (
     BlockResult,
     ClientsSeen,
@@ -142,6 +144,24 @@ class KVApp:
 
     def merge_contacts(self, cids: list[int], now: float) -> None:
         pass
+
+
+SMALL_WRITE = 16 * 1024  # bytes of values up to which a synced write may stay in the loop
+
+
+def _small(records) -> bool:
+    """Whether ``records`` carry little data (a Batch keeps its encoding, so this costs nothing extra)."""
+    size = 0
+    for r in records:
+        value = getattr(r, "value", None)
+        if value is not None:
+            size += len(codec.encode(value))
+        data = getattr(r, "data", None)  # a snapshot
+        if data is not None:
+            size += len(data)
+        if size > SMALL_WRITE:
+            return False
+    return True
 
 
 def tune_gc() -> None:
@@ -360,15 +380,19 @@ class Replica:
                     self._log.info("snapshot_installed", index=rd.snapshot[0])
                 for slot, batch in rd.committed:
                     self._apply(slot, batch)
-                if self._unwritten or (rd.persist and rd.sync and self.config.fsync):
+                synced = rd.sync and self.config.fsync
+                if self._unwritten or (rd.persist and synced and (rd.messages or not _small(rd.persist))):
                     # To the writer: the fsync runs in a thread while this loop
                     # goes on sending, applying and taking Readies.
                     self._unwritten.append(rd)
                     self._write_wake.set()
                 else:
-                    # Nothing to wait for, or chosen markers only (no fsync,
-                    # see Ready.sync) with no write in flight: at once.
-                    self._storage.write(rd.persist, sync=False)
+                    # No write in flight, and nothing to write, or chosen
+                    # markers only (no fsync, see Ready.sync), or a small
+                    # write with nothing to send meanwhile (a follower's vote
+                    # at light load, where the hops to a thread and back
+                    # would cost more than they overlap): at once.
+                    self._storage.write(rd.persist, sync=synced)
                     core.advance(rd)
                 self._maybe_snapshot()
             self._note_role()
