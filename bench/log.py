@@ -519,7 +519,14 @@ def _bench_tasksprint(args: argparse.Namespace, base: Path, cl: Any, children: C
     res["commit_p50_ms"] = percentile(lat, 50)
     res["commit_p99_ms"] = percentile(lat, 99)
     res["commit_mean_ms"] = statistics.fmean(lat) if lat else None
-    note(f"TaskSprint latency: p50 {res['commit_p50_ms']:.2f} ms, p99 {res['commit_p99_ms']:.2f} ms")
+    # The same commands as the leader saw them (arrival to answer, no client
+    # hop): how PySyncObj's latency is measured, on its leader.
+    lead = next((st for st in _statuses(cl.addrs, cl.secret) if st is not None and st.role == "leader"), None)
+    res["leader_commit_p50_ms"] = lead.commit_p50_ms if lead else None
+    res["leader_commit_p99_ms"] = lead.commit_p99_ms if lead else None
+    note(f"TaskSprint latency: p50 {res['commit_p50_ms']:.2f} ms, p99 {res['commit_p99_ms']:.2f} ms "
+         f"(at the leader: p50 {num(res['leader_commit_p50_ms'], '.2f')} ms, "
+         f"p99 {num(res['leader_commit_p99_ms'], '.2f')} ms)")
 
     # 3. Failover -----------------------------------------------------------
     res["failover_rounds"] = rounds = []
@@ -833,6 +840,9 @@ def build_result(args: argparse.Namespace, ts: dict, pso: dict | None, load: tup
         "pysyncobj_commit_p99_ms": _r(pso.get("commit_p99_ms")) if pso else None,
         "ratio_commit_p50_ms": _r(_ratio(ts["commit_p50_ms"], pso.get("commit_p50_ms"))) if pso else None,
         "commit_mean_ms": _r(ts["commit_mean_ms"]),
+        "leader_commit_p50_ms": _r(ts.get("leader_commit_p50_ms")),
+        "leader_commit_p99_ms": _r(ts.get("leader_commit_p99_ms")),
+        "ratio_leader_commit_p50_ms": _r(_ratio(ts.get("leader_commit_p50_ms"), pso.get("commit_p50_ms"))) if pso else None,
         "failover_samples_s": [_r(s) for s in ts["failover_samples_s"]],
         "failover_election_s": [_r(r.get("new_leader_elected_after_s")) for r in ts["failover_rounds"]],
         "failover_max_s": _r(ts["failover_max_s"]),
@@ -941,6 +951,11 @@ def render(res: dict) -> str:
         f"{'commit latency p99 (ms)':32}{num(res['commit_p99_ms'], '.2f'):>12}"
         f"{num(res['pysyncobj_commit_p99_ms'], '.2f'):>12}"
         f"{ratio(_ratio(res['commit_p99_ms'], res['pysyncobj_commit_p99_ms'])):>13}",
+        f"{'  ... at the leader, p50 (ms)':32}{num(res['leader_commit_p50_ms'], '.2f'):>12}"
+        f"{num(res['pysyncobj_commit_p50_ms'], '.2f'):>12}{ratio(res['ratio_leader_commit_p50_ms']):>13}",
+        f"{'  ... at the leader, p99 (ms)':32}{num(res['leader_commit_p99_ms'], '.2f'):>12}"
+        f"{num(res['pysyncobj_commit_p99_ms'], '.2f'):>12}"
+        f"{ratio(_ratio(res['leader_commit_p99_ms'], res['pysyncobj_commit_p99_ms'])):>13}",
         f"{'leader failover, median (s)':32}{num(res['failover_s'], '.3f'):>12}{'n/a':>12}{'':>13}   < 1 s",
         "",
         "failover samples (s): "

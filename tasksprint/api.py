@@ -25,6 +25,7 @@ from tasksprint.paxos.messages import Command, CommandBlock
 _int = attrs.validators.instance_of(int)
 _str = attrs.validators.instance_of(str)
 _opt_int = attrs.validators.optional(_int)
+_opt_num = attrs.validators.optional(attrs.validators.instance_of((int, float)))
 
 
 @register
@@ -101,6 +102,11 @@ class ReplicaStatus:
     applied: int = attrs.field(validator=_int)
     peers: tuple = attrs.field(converter=tuple_of(lambda p: isinstance(p, str)))
     digest: str = attrs.field(default="", validator=_str)
+    #: While leading: how long the last commands submitted to it took from
+    #: arrival to answer (proposed, chosen, applied), in ms; empty otherwise.
+    commit_p50_ms: float | None = attrs.field(default=None, validator=_opt_num)
+    commit_p99_ms: float | None = attrs.field(default=None, validator=_opt_num)
+    commit_samples: int = attrs.field(default=0, validator=_int)
 
 
 @register

@@ -234,9 +234,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
     else:
         for r in rows:
             if r["reachable"]:
+                latency = ""
+                if r["commit_samples"]:
+                    latency = (
+                        f" commit latency p50={r['commit_p50_ms']:.2f}ms p99={r['commit_p99_ms']:.2f}ms"
+                        f" (last {r['commit_samples']})"
+                    )
                 print(
                     f"{r['address']:<22} replica {r['rid']}  {r['role']:<10} leader={r['leader']} "
-                    f"ballot={r['ballot'] or '-'} commit={r['commit']} applied={r['applied']}"
+                    f"ballot={r['ballot'] or '-'} commit={r['commit']} applied={r['applied']}{latency}"
                 )
             else:
                 print(f"{r['address']:<22} unreachable: {r['error']}")
@@ -398,6 +404,9 @@ def _status_dict(st: Any) -> dict:
         "commit": st.commit,
         "applied": st.applied,
         "digest": st.digest,
+        "commit_p50_ms": st.commit_p50_ms,
+        "commit_p99_ms": st.commit_p99_ms,
+        "commit_samples": st.commit_samples,
     }
 
 

@@ -63,6 +63,7 @@ from tasksprint.storage import Storage
 log = structlog.get_logger("tasksprint.replica")
 
 GC_YOUNG_THRESHOLD = 50_000  # allocations between young collections (CPython's default: 700)
+COMMIT_SAMPLES = 2000  # latest leader-side commit latencies kept for ReplicaStatus
 OUTBOX_LIMIT = 20_000  # messages queued for one peer before the oldest are dropped
 
 Key = tuple[str, str, int]  # (kind, client id, seq): what a client waits for (``request_key``)
@@ -272,6 +273,10 @@ class Replica:
     _log: Any = None
     _last_role: tuple | None = None
     _parked: list[tuple[Outbox, str, dict, float]] = attrs.Factory(list)
+    # Leader only: when each command submitted here arrived, and how long the
+    # last ones took to be answered (for ReplicaStatus).
+    _arrived: dict[Key, float] = attrs.Factory(dict)
+    _commit_times: collections.deque = attrs.Factory(lambda: collections.deque(maxlen=COMMIT_SAMPLES))
     port: int | None = None
 
     # ------------------------------------------------------------------
@@ -289,6 +294,7 @@ class Replica:
     def status(self) -> ReplicaStatus:
         core = self.core
         ballot = core.ballot
+        times = sorted(self._commit_times) if core.role is Role.LEADER else []
         return ReplicaStatus(
             rid=self.config.rid,
             role=core.role.value,
@@ -298,6 +304,9 @@ class Replica:
             applied=self.applier.applied,
             peers=tuple(f"{h}:{p}" for h, p in self.config.peers),
             digest=self.applier.digest.hex(),
+            commit_p50_ms=round(times[len(times) // 2] * 1000, 3) if times else None,
+            commit_p99_ms=round(times[min(len(times) - 1, len(times) * 99 // 100)] * 1000, 3) if times else None,
+            commit_samples=len(times),
         )
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -429,6 +438,9 @@ class Replica:
         for cmd, result in self.applier.apply_slot(slot, batch):
             key = cmd.request_key
             self._commands.pop(key, None)
+            arrived = self._arrived.pop(key, None)
+            if arrived is not None:
+                self._commit_times.append(time.perf_counter() - arrived)
             boxes = self._waiting.pop(key, None)
             if boxes:
                 reply = self._reply(cmd, result, slot)
@@ -635,6 +647,10 @@ class Replica:
                 core = self.core
                 if core.propose(cmd):
                     key = cmd.request_key
+                    if core.role is Role.LEADER:
+                        if len(self._arrived) >= 4 * OUTBOX_LIMIT:
+                            self._arrived.clear()  # lost with a leader change and never answered
+                        self._arrived.setdefault(key, time.perf_counter())
                     self._waiting.setdefault(key, []).append(box)
                     self._commands[key] = cmd
                     mine.append(key)

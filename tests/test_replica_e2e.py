@@ -324,6 +324,15 @@ async def test_three_replicas_elect_one_leader_apply_commands_and_converge(local
 
         final = await wait_converged(cluster, range(3), at_least=slot)
         assert final.digest.strip("0"), "the digest of a log with commands should not be all zero"
+
+        # The leader reports how long the commands submitted to it took; followers report nothing.
+        sts = await statuses(cluster, range(3))
+        leaders = [s for s in sts.values() if s is not None and s.role == "leader"]
+        assert len(leaders) == 1, _show(sts)
+        lead = leaders[0]
+        assert lead.commit_samples > 0
+        assert 0 < lead.commit_p50_ms <= lead.commit_p99_ms
+        assert all(s.commit_samples == 0 and s.commit_p50_ms is None for s in sts.values() if s is not lead)
         assert_all_alive(cluster)
 
 
