@@ -12,10 +12,11 @@ One replica = one :class:`~tasksprint.paxos.core.PaxosCore` + one
 * the driver loop, the only place the core's output is handled, in the order
   the core documents: send (messages never depend on the pending records),
   apply committed slots, hand the records to the writer, take the next Ready;
-* the writer, which makes the Readies' records durable in the order they
-  were taken (in a worker thread; whatever queued up during one fsync goes
-  into the next transaction, so under load one fsync covers many Readies)
-  and then calls ``advance`` for each, releasing the replies that waited.
+* the disk writer (:mod:`tasksprint.disk_writer`, a thread), which makes
+  the Readies' records durable in the order they were taken (whatever queued
+  up during one fsync goes into the next transaction, so under load one fsync
+  covers many Readies); the driver then calls ``advance`` for each, in order,
+  releasing the replies that waited.
   The driver does not wait for the disk (the leader's own fsync runs while
   its Accepts travel and the followers write theirs), except for a small
   write with nothing to send meanwhile and nothing else in flight, which it
@@ -58,6 +59,7 @@ from tasksprint.api import (
 from tasksprint.machine import DUPLICATE, Applier, KVMachine, StateMachine
 from tasksprint.paxos.core import PaxosConfig, PaxosCore, Role
 from tasksprint.paxos.messages import PEER_MESSAGES, Command, CommandBlock
+from tasksprint.disk_writer import DiskWriter
 from tasksprint.storage import Storage
 
 log = structlog.get_logger("tasksprint.replica")
@@ -259,9 +261,10 @@ class Replica:
     _applier: Applier | None = None
     _storage: Storage | None = None
     _wake: trio.Event = attrs.Factory(trio.Event)
-    # Readies taken but not yet durable, oldest first (see _writer).
+    # Readies handed to the disk writer and not yet durable, oldest first.
     _unwritten: collections.deque = attrs.Factory(collections.deque)
-    _write_wake: trio.Event = attrs.Factory(trio.Event)
+    _disk: DiskWriter | None = None
+    _write_error: BaseException | None = None
     _peer_out: dict[int, Outbox] = attrs.Factory(dict)
     _waiting: dict[Key, list[Outbox]] = attrs.Factory(dict)
     # The commands behind _waiting, to propose again when the leader changes:
@@ -332,6 +335,9 @@ class Replica:
                 initialized=state.initialized,
                 recovering=self._core.role is Role.RECOVERING,
             )
+            self._disk = DiskWriter(
+                self._storage, written=self._written, failed=self._write_failed, name=f"disk-writer-{cfg.rid}"
+            )
             host, port = cfg.peers[cfg.rid]
             async with trio.open_nursery() as nursery:
                 listeners = await self._listen(nursery, host, port)
@@ -341,12 +347,13 @@ class Replica:
                         self._peer_out[peer] = Outbox()
                         nursery.start_soon(self._peer_sender, peer)
                 nursery.start_soon(self._ticker)
-                nursery.start_soon(self._writer)
                 nursery.start_soon(self._contact_reporter)
                 self._wake.set()
                 task_status.started(self)
                 await self._drive()
         finally:
+            if self._disk is not None:
+                self._disk.stop()  # what was submitted still reaches the disk
             self._storage.close()
 
     async def _listen(self, nursery: trio.Nursery, host: str, port: int) -> Any:
@@ -380,6 +387,8 @@ class Replica:
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
+            if self._write_error is not None:
+                raise self._write_error
             while core.has_ready():
                 rd = core.ready()
                 for dst, msg in rd.messages:
@@ -391,10 +400,10 @@ class Replica:
                     self._apply(slot, batch)
                 synced = rd.sync and self.config.fsync
                 if self._unwritten or (rd.persist and synced and (rd.messages or not _small(rd.persist))):
-                    # To the writer: the fsync runs in a thread while this loop
-                    # goes on sending, applying and taking Readies.
+                    # To the disk writer: the fsync runs in its thread while
+                    # this loop goes on sending, applying and taking Readies.
                     self._unwritten.append(rd)
-                    self._write_wake.set()
+                    self._disk.submit(rd.persist, synced)
                 else:
                     # No write in flight, and nothing to write, or chosen
                     # markers only (no fsync, see Ready.sync), or a small
@@ -410,29 +419,15 @@ class Replica:
             if core.role is Role.LEADER:
                 self.app.leader_duties(self._propose_local)
 
-    async def _writer(self) -> None:
-        """Make Readies durable in the order taken, each group of them with one fsync.
+    def _written(self, groups: int) -> None:
+        """The disk writer made the oldest ``groups`` submitted Readies durable: advance them, in order."""
+        for _ in range(groups):
+            self.core.advance(self._unwritten.popleft())
+        self._poke()
 
-        Whatever the driver queued while the previous fsync ran goes into one
-        transaction (group commit); then those Readies are advanced, in order,
-        which releases the replies that waited for them.
-        """
-        core, storage, queue = self.core, self._storage, self._unwritten
-        while True:
-            if not queue:
-                self._write_wake = trio.Event()
-                await self._write_wake.wait()
-            group = list(queue)  # the driver only appends; these leave the queue once durable
-            records = [r for rd in group for r in rd.persist]
-            if records:
-                if any(rd.sync for rd in group if rd.persist):
-                    await trio.to_thread.run_sync(storage.write, records)
-                else:
-                    storage.write(records, sync=False)
-            for rd in group:
-                queue.popleft()
-                core.advance(rd)
-            self._poke()
+    def _write_failed(self, exc: BaseException) -> None:
+        self._write_error = exc  # raised by the driver: the replica stops
+        self._poke()
 
     def _apply(self, slot: int, batch) -> None:
         for cmd, result in self.applier.apply_slot(slot, batch):
