@@ -494,21 +494,7 @@ def _bench_tasksprint(args: argparse.Namespace, base: Path, cl: Any, children: C
     logs = base / "worker-logs"
     logs.mkdir(exist_ok=True)
 
-    # 1. Throughput --------------------------------------------------------
-    main = _throughput(args, cl, children, base_cfg, worker_argv, logs, args.concurrency, args.batch, "load")
-    res["commands_per_s"] = main["commands_per_s"]
-    res["throughput_per_process"] = main["per_worker"]
-    res["cpu_percent_during_throughput"] = main["cpu_percent"]
-    res["cpu_us_per_command"] = main["cpu_us_per_command"]
-    res["leader_during_throughput"] = leader
-    if args.single_concurrency > 0:
-        wait_stable(cl, [0, 1, 2])
-        single = _throughput(args, cl, children, base_cfg, worker_argv, logs, args.single_concurrency, 1, "single")
-        res["commands_per_s_single"] = single["commands_per_s"]
-        res["cpu_us_per_command_single"] = single["cpu_us_per_command"]
-
-    # 2. Light-load latency -------------------------------------------------
-    res["leader_after_throughput"] = wait_stable(cl, [0, 1, 2])
+    # 1. Light-load latency, on the fresh cluster (as PySyncObj's is measured) ---
     note(f"TaskSprint latency: one client, one command at a time, "
          f"{args.latency_warmup} warm-up + {args.latency_samples} samples")
     cfg = dict(base_cfg, mode="latency", warmup=args.latency_warmup, samples=args.latency_samples, first=10**12)
@@ -527,6 +513,22 @@ def _bench_tasksprint(args: argparse.Namespace, base: Path, cl: Any, children: C
     note(f"TaskSprint latency: p50 {res['commit_p50_ms']:.2f} ms, p99 {res['commit_p99_ms']:.2f} ms "
          f"(at the leader: p50 {num(res['leader_commit_p50_ms'], '.2f')} ms, "
          f"p99 {num(res['leader_commit_p99_ms'], '.2f')} ms)")
+
+    # 2. Throughput --------------------------------------------------------
+    leader = wait_stable(cl, [0, 1, 2])
+    main = _throughput(args, cl, children, base_cfg, worker_argv, logs, args.concurrency, args.batch, "load")
+    res["commands_per_s"] = main["commands_per_s"]
+    res["throughput_per_process"] = main["per_worker"]
+    res["cpu_percent_during_throughput"] = main["cpu_percent"]
+    res["cpu_us_per_command"] = main["cpu_us_per_command"]
+    res["leader_during_throughput"] = leader
+    if args.single_concurrency > 0:
+        wait_stable(cl, [0, 1, 2])
+        single = _throughput(args, cl, children, base_cfg, worker_argv, logs, args.single_concurrency, 1, "single")
+        res["commands_per_s_single"] = single["commands_per_s"]
+        res["cpu_us_per_command_single"] = single["cpu_us_per_command"]
+
+    res["leader_after_throughput"] = wait_stable(cl, [0, 1, 2])
 
     # 3. Failover -----------------------------------------------------------
     res["failover_rounds"] = rounds = []
@@ -873,8 +875,9 @@ def build_result(args: argparse.Namespace, ts: dict, pso: dict | None, load: tup
                 "client": "one LogClient per load process; what its submitters submit between two writes "
                 "goes out together as SubmitBlock messages over one connection",
                 "command": '["put", "k<n>", n]',
-                "latency": f"one client process, one command at a time, {args.latency_warmup} warm-up commands, "
-                f"{args.latency_samples} samples, timed around LogClient.submit",
+                "latency": f"on the fresh cluster, before the throughput phases; one client process, one command "
+                f"at a time, {args.latency_warmup} warm-up commands, {args.latency_samples} samples, timed around "
+                "LogClient.submit (and by the leader, from arrival to answer)",
                 "failover": "one client submitting one command at a time; sample = time from SIGKILL of the leader "
                 "until the first command submitted after the kill commits; the killed replica is restarted and "
                 "caught up before the next round",
