@@ -383,41 +383,52 @@ class Replica:
         self._wake.set()
 
     async def _drive(self) -> None:
-        core = self.core
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
-            if self._write_error is not None:
-                raise self._write_error
-            while core.has_ready():
-                rd = core.ready()
-                for dst, msg in rd.messages:
-                    self._peer_out[dst].push(msg)
-                if rd.snapshot is not None:
-                    self.applier.restore(rd.snapshot[1])
-                    self._log.info("snapshot_installed", index=rd.snapshot[0])
-                for slot, batch in rd.committed:
-                    self._apply(slot, batch)
-                synced = rd.sync and self.config.fsync
-                if self._unwritten or (rd.persist and synced and (rd.messages or not _small(rd.persist))):
-                    # To the disk writer: the fsync runs in its thread while
-                    # this loop goes on sending, applying and taking Readies.
-                    self._unwritten.append(rd)
-                    self._disk.submit(rd.persist, synced)
-                else:
-                    # No write in flight, and nothing to write, or chosen
-                    # markers only (no fsync, see Ready.sync), or a small
-                    # write with nothing to send meanwhile (a follower's vote
-                    # at light load, where the hops to a thread and back
-                    # would cost more than they overlap): at once.
-                    self._storage.write(rd.persist, sync=synced)
-                    core.advance(rd)
-                self._maybe_snapshot()
-            self._note_role()
-            if self._parked:
-                self._retry_parked(time.monotonic())
-            if core.role is Role.LEADER:
-                self.app.leader_duties(self._propose_local)
+            self._run_core()
+
+    def _run_core(self) -> None:
+        """Handle what the core has for the driver: the driver loop's body.
+
+        Also called by a receiving task right after it fed the core its last
+        buffered message, so that a message's consequences (a vote, an
+        Accept, an answer) are queued for sending one scheduling pass sooner
+        than by waking the driver; with more frames buffered it only pokes
+        the driver, so that a burst still makes one Ready.
+        """
+        core = self.core
+        if self._write_error is not None:
+            raise self._write_error
+        while core.has_ready():
+            rd = core.ready()
+            for dst, msg in rd.messages:
+                self._peer_out[dst].push(msg)
+            if rd.snapshot is not None:
+                self.applier.restore(rd.snapshot[1])
+                self._log.info("snapshot_installed", index=rd.snapshot[0])
+            for slot, batch in rd.committed:
+                self._apply(slot, batch)
+            synced = rd.sync and self.config.fsync
+            if self._unwritten or (rd.persist and synced and (rd.messages or not _small(rd.persist))):
+                # To the disk writer: the fsync runs in its thread while
+                # this loop goes on sending, applying and taking Readies.
+                self._unwritten.append(rd)
+                self._disk.submit(rd.persist, synced)
+            else:
+                # No write in flight, and nothing to write, or chosen
+                # markers only (no fsync, see Ready.sync), or a small
+                # write with nothing to send meanwhile (a follower's vote
+                # at light load, where the hops to a thread and back
+                # would cost more than they overlap): at once.
+                self._storage.write(rd.persist, sync=synced)
+                core.advance(rd)
+            self._maybe_snapshot()
+        self._note_role()
+        if self._parked:
+            self._retry_parked(time.monotonic())
+        if core.role is Role.LEADER:
+            self.app.leader_duties(self._propose_local)
 
     def _written(self, groups: int) -> None:
         """The disk writer made the oldest ``groups`` submitted Readies durable: advance them, in order."""
@@ -598,7 +609,10 @@ class Replica:
                 return
             if isinstance(msg, PEER_MESSAGES):
                 core.step(src, msg)
-                self._poke()
+                if conn.frame_ready():
+                    self._poke()
+                else:
+                    self._run_core()
             elif isinstance(msg, ClientsSeen):
                 self.app.merge_contacts(list(msg.cids), time.monotonic())
             elif isinstance(msg, PeerDigest):
@@ -622,7 +636,8 @@ class Replica:
                         msg = await conn.receive()
                     except wire.ConnectionClosed:
                         return
-                    self._handle_client_message(msg, box, mine)
+                    if self._handle_client_message(msg, box, mine) and not conn.frame_ready():
+                        self._run_core()
             finally:
                 self._parked = [p for p in self._parked if p[0] is not box]
                 for key in mine:
@@ -634,7 +649,8 @@ class Replica:
                             self._commands.pop(key, None)
                 nursery.cancel_scope.cancel()
 
-    def _handle_client_message(self, msg: Any, box: Outbox, mine: list) -> None:
+    def _handle_client_message(self, msg: Any, box: Outbox, mine: list) -> bool:
+        """Handle one message from a client; True if it gave the core a command."""
         match msg:
             case Submit(command=cmd) | SubmitBlock(block=cmd):
                 if isinstance(cmd, CommandBlock):
@@ -652,9 +668,9 @@ class Replica:
                     if len(mine) > 4096:
                         del mine[:2048]  # the oldest are answered or abandoned by now
                     self._poke()
-                else:
-                    seq = cmd.first_seq if isinstance(cmd, CommandBlock) else cmd.seq
-                    box.push(Retry(client_id=cmd.client_id, seq=seq, reason="no leader", leader=core.leader_hint))
+                    return True
+                seq = cmd.first_seq if isinstance(cmd, CommandBlock) else cmd.seq
+                box.push(Retry(client_id=cmd.client_id, seq=seq, reason="no leader", leader=core.leader_hint))
             case StatusQuery():
                 box.push(self.status())
             case Query(name=name, args=args):
@@ -663,7 +679,7 @@ class Replica:
                 self._answer_query(box, name, args, time.monotonic() + wait)
             case _:
                 raise wire.BadMessage(f"unexpected {type(msg).__name__} from a client")
-
+        return False
 
     def _answer_query(self, box: Outbox, name: str, args: dict, deadline: float) -> None:
         try:

@@ -393,6 +393,14 @@ class Connection(trio.abc.AsyncResource):
         finally:
             self._receiving = False
 
+    def frame_ready(self) -> bool:
+        """Whether a whole frame is already buffered (the next ``receive`` returns without waiting)."""
+        available = len(self._buf) - self._pos
+        if available < _HEADER.size:
+            return False
+        (length,) = _HEADER.unpack_from(self._buf, self._pos)
+        return available >= _HEADER.size + length
+
     def _next_frame(self, limit: int) -> bytes | None:
         """Take the next complete frame body out of the buffer, or return None.
 

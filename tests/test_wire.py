@@ -152,6 +152,27 @@ async def test_send_many_is_one_write_and_many_frames_decode_from_one_read():
 
 
 @bounded
+async def test_frame_ready_says_whether_receive_would_return_at_once():
+    left, right = memory_pair()
+    assert not right.frame_ready()
+    await left.send_many(["one", "two", "x" * 5000])
+    assert await right.receive() == "one"  # the read took all three frames
+    assert right.frame_ready()
+    assert await right.receive() == "two"
+    assert right.frame_ready()
+    assert await right.receive() == "x" * 5000
+    assert not right.frame_ready()
+    # Half a frame buffered is not a frame.
+    data = frame(b"\x63abc")
+    await left._stream.send_all(data[:-1])
+    with trio.move_on_after(0.05):
+        await right.receive()
+    assert not right.frame_ready()
+    await left._stream.send_all(data[-1:])
+    assert await right.receive() == "abc"
+
+
+@bounded
 async def test_send_many_of_nothing_sends_nothing():
     a, _b = trio.testing.memory_stream_pair()
     sender = CountingStream(a)
