@@ -118,3 +118,45 @@ async def test_stop_finishes_what_was_submitted(tmp_path):
     finally:
         storage.close()
     assert sorted(state.log) == list(range(1, 51))
+
+
+# --------------------------------------------------------------------------
+# A replica whose disk fails
+
+
+@pytest.mark.parametrize("size", [10, 40_000], ids=["small-write-in-the-loop", "large-write-in-the-writer-thread"])
+async def test_a_replica_whose_disk_fails_stops_with_the_storage_error(tmp_path, monkeypatch, size):
+    import sqlite3
+
+    from tasksprint.log_client import LogClient, Unavailable
+    from tasksprint.replica import Replica, ReplicaConfig
+
+    writes = 0
+    real_write = Storage.write
+
+    def failing_write(self, records, *, sync=True):
+        nonlocal writes
+        writes += 1
+        if writes > 6 and any(getattr(r, "value", None) is not None for r in records):
+            self._fail(sqlite3.OperationalError("database or disk is full"))
+        return real_write(self, records, sync=sync)
+
+    monkeypatch.setattr(Storage, "write", failing_write)
+    config = ReplicaConfig(rid=0, peers=(("127.0.0.1", 0),), data_dir=tmp_path, secret=b"s" * 24)
+    replica = Replica(config)
+    with trio.fail_after(20):
+        with pytest.raises(BaseException) as info:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(replica.run)
+                async with LogClient([("127.0.0.1", replica.port)], config.secret) as client:
+                    for i in range(50):
+                        try:
+                            await client.submit(["put", f"k{i}", "x" * size], deadline=5)
+                        except Unavailable:
+                            break
+                await trio.sleep_forever()  # the replica must stop on its own
+
+    errors = [info.value]
+    while errors and isinstance(errors[0], BaseExceptionGroup):
+        errors = [e for g in errors for e in (g.exceptions if isinstance(g, BaseExceptionGroup) else [g])]
+    assert any(isinstance(e, StorageError) and "disk is full" in str(e) for e in errors), info.value
