@@ -169,27 +169,13 @@ class Applier:
             # peer gets here; every replica skips it alike.
             return [], []
         block.drop_decoded()
-        # _apply_one, unrolled: this loop runs once per command on every replica.
         results, fresh = [], []
         seq = block.first_seq
-        client_id = block.client_id
-        low, seen, order = sess.low, sess.results, sess.order
-        apply = self.machine.apply
         for op in ops:
-            if seq <= low or seq in seen:
-                results.append(seen.get(seq, DUPLICATE))
-                seq += 1
-                continue
-            try:
-                result = apply(op, ApplyContext(slot, i, client_id, seq))
-            except StopReplica:
-                raise
-            except Exception as exc:  # as in _apply_one
-                result = {"error": f"{type(exc).__name__}: {exc}"}
-            seen[seq] = result
-            order.append(seq)
+            result, new = self._apply_one(sess, op, slot, i, block.client_id, seq)
             results.append(result)
-            fresh.append(result)
+            if new:
+                fresh.append(result)
             seq += 1
         return results, fresh
 
