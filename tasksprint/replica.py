@@ -57,7 +57,7 @@ from tasksprint.api import (
     SubmitBlock,
 )
 from tasksprint.machine import DUPLICATE, Applier, KVMachine, StateMachine
-from tasksprint.paxos.core import PaxosConfig, PaxosCore, Role
+from tasksprint.paxos.core import PaxosConfig, PaxosCore, Ready, Role
 from tasksprint.paxos.messages import PEER_MESSAGES, Command, CommandBlock
 from tasksprint.disk_writer import DiskWriter
 from tasksprint.storage import Storage
@@ -225,10 +225,17 @@ class ReplicaConfig:
 
 @attrs.define(eq=False)
 class Outbox:
-    """Messages waiting for one connection; a pump task writes them in batches."""
+    """Messages waiting for one connection.
+
+    The driver calls :meth:`flush` once it has queued what a pass over the
+    core produced: on an idle connection the bytes leave at once.  Otherwise
+    (a send in progress, a full socket buffer) the pump task writes them, in
+    batches, as soon as it can.
+    """
 
     _queue: collections.deque = attrs.Factory(collections.deque)
     _event: trio.Event = attrs.Factory(trio.Event)
+    _conn: wire.Connection | None = None  # while a pump runs
     limit: int = OUTBOX_LIMIT
 
     def push(self, msg: Any) -> None:
@@ -240,15 +247,33 @@ class Outbox:
     def clear(self) -> None:
         self._queue.clear()
 
+    def flush(self) -> None:
+        """Write what is queued from the calling task, if the connection is idle; else leave it to the pump."""
+        conn = self._conn
+        if not self._queue or conn is None:
+            return
+        try:
+            sent = conn.send_nowait(self._queue)
+        except (wire.FrameTooLarge, TypeError):
+            return  # the pump meets the same error and reports it where sends fail
+        if sent:
+            # What the socket did not take (conn.backlog) goes out with the
+            # pump's next send: push has woken it already.
+            self._queue.clear()
+
     async def pump(self, conn: wire.Connection) -> None:
         """Write queued messages to ``conn`` until it fails or the task is cancelled."""
-        while True:
-            if not self._queue:
-                self._event = trio.Event()
-                await self._event.wait()
-            batch = list(self._queue)
-            self._queue.clear()
-            await conn.send_many(batch)
+        self._conn = conn
+        try:
+            while True:
+                if not self._queue and not conn.backlog:
+                    self._event = trio.Event()
+                    await self._event.wait()
+                batch = list(self._queue)
+                self._queue.clear()
+                await conn.send_many(batch)
+        finally:
+            self._conn = None
 
 
 @attrs.define(eq=False)
@@ -276,6 +301,7 @@ class Replica:
     _log: Any = None
     _last_role: tuple | None = None
     _parked: list[tuple[Outbox, str, dict, float]] = attrs.Factory(list)
+    _answered: list[Outbox] = attrs.Factory(list)  # client boxes given answers in this pass
     # Leader only: when each command submitted here arrived, and how long the
     # last ones took to be answered (for ReplicaStatus).
     _arrived: dict[Key, float] = attrs.Factory(dict)
@@ -400,30 +426,58 @@ class Replica:
         core = self.core
         if self._write_error is not None:
             raise self._write_error
-        while core.has_ready():
-            rd = core.ready()
-            for dst, msg in rd.messages:
-                self._peer_out[dst].push(msg)
-            if rd.snapshot is not None:
-                self.applier.restore(rd.snapshot[1])
-                self._log.info("snapshot_installed", index=rd.snapshot[0])
-            for slot, batch in rd.committed:
-                self._apply(slot, batch)
-            synced = rd.sync and self.config.fsync
-            if self._unwritten or (rd.persist and synced and (rd.messages or not _small(rd.persist))):
-                # To the disk writer: the fsync runs in its thread while
-                # this loop goes on sending, applying and taking Readies.
-                self._unwritten.append(rd)
-                self._disk.submit(rd.persist, synced)
-            else:
-                # No write in flight, and nothing to write, or chosen
-                # markers only (no fsync, see Ready.sync), or a small
-                # write with nothing to send meanwhile (a follower's vote
-                # at light load, where the hops to a thread and back
-                # would cost more than they overlap): at once.
-                self._storage.write(rd.persist, sync=synced)
-                core.advance(rd)
-            self._maybe_snapshot()
+        # The order of one pass matters for latency, not for safety:
+        # 1. take every Ready, queueing its messages and starting a small
+        #    synced write at once (a follower's vote at light load);
+        # 2. send the peers' messages (the replica's own bytes leave first);
+        # 3. hand bigger writes to the disk writer: its thread competes for
+        #    the interpreter lock at the next system call, so only now;
+        # 4. apply what was chosen and send the clients their answers;
+        # 5. write chosen markers alone (no fsync, see Ready.sync) last.
+        chosen: list = []
+        lazy: list[Ready] = []
+        to_disk: list[Ready] = []
+        while True:
+            while core.has_ready():
+                rd = core.ready()
+                for dst, msg in rd.messages:
+                    self._peer_out[dst].push(msg)
+                if rd.snapshot is not None:
+                    self._apply_chosen(chosen)
+                    self.applier.restore(rd.snapshot[1])
+                    self._log.info("snapshot_installed", index=rd.snapshot[0])
+                chosen.extend(rd.committed)
+                synced = rd.sync and self.config.fsync
+                if self._unwritten or (rd.persist and synced and (rd.messages or not _small(rd.persist))):
+                    # To the disk writer: the fsync runs in its thread while
+                    # this loop goes on sending, applying and taking Readies.
+                    self._write_lazy(lazy)  # records reach the disk in order
+                    self._unwritten.append(rd)
+                    to_disk.append(rd)
+                elif rd.sync:
+                    # No write in flight and a small write with nothing to
+                    # send meanwhile (where the hops to a thread and back
+                    # would cost more than they overlap), or fsync is off.
+                    self._write_lazy(lazy)
+                    self._storage.write(rd.persist, sync=synced)
+                    core.advance(rd)
+                else:
+                    lazy.append(rd)
+            for box in self._peer_out.values():
+                box.flush()
+            for rd in to_disk:
+                self._disk.submit(rd.persist, rd.sync and self.config.fsync)
+            to_disk.clear()
+            if not chosen:
+                break
+            self._apply_chosen(chosen)  # may take a snapshot: loop for its record
+        for box in self._answered:
+            box.flush()
+        self._answered.clear()
+        if lazy:
+            self._write_lazy(lazy)
+            if core.has_ready():
+                self._poke()
         self._note_role()
         if self._parked:
             self._retry_parked(time.monotonic())
@@ -440,6 +494,20 @@ class Replica:
         self._write_error = exc  # raised by the driver: the replica stops
         self._poke()
 
+    def _write_lazy(self, lazy: list[Ready]) -> None:
+        """Write and advance the Readies that hold chosen markers only (no fsync), in order."""
+        for rd in lazy:
+            self._storage.write(rd.persist, sync=False)
+            self.core.advance(rd)
+        lazy.clear()
+
+    def _apply_chosen(self, chosen: list) -> None:
+        """Apply the chosen entries gathered so far, in order, and empty the list."""
+        for slot, batch in chosen:
+            self._apply(slot, batch)
+            self._maybe_snapshot()
+        chosen.clear()
+
     def _apply(self, slot: int, batch) -> None:
         for cmd, result in self.applier.apply_slot(slot, batch):
             key = cmd.request_key
@@ -452,6 +520,7 @@ class Replica:
                 reply = self._reply(cmd, result, slot)
                 for box in boxes:
                     box.push(reply)
+                    self._answered.append(box)
         self._since_snapshot += 1
         self.app.on_applied(slot)
         if slot % self.config.digest_every == 0:

@@ -292,9 +292,17 @@ class Connection(trio.abc.AsyncResource):
     _send_lock: trio.Lock = attrs.field(factory=trio.Lock, init=False)
     _receiving: bool = attrs.field(default=False, init=False)
     _state: _State = attrs.field(default=_State.OPEN, init=False)
+    # The rest of a write send_nowait could only hand over in part; the next
+    # send writes it before anything else.
+    _backlog: bytes = attrs.field(default=b"", init=False)
 
     def __attrs_post_init__(self) -> None:
         _check_max_frame(self._max_frame)
+
+    @property
+    def backlog(self) -> bool:
+        """Whether bytes of an earlier :meth:`send_nowait` wait to be written by the next send."""
+        return bool(self._backlog)
 
     # -- sending ------------------------------------------------------------
 
@@ -327,8 +335,38 @@ class Connection(trio.abc.AsyncResource):
         for :meth:`send`.
         """
         data = b"".join([self._frame(m) for m in msgs])
-        if data:
+        if data or self._backlog:
             await self._send_bytes(data)
+
+    def send_nowait(self, msgs: Iterable[Any]) -> bool:
+        """Hand several messages to the kernel now, from this task, without yielding.
+
+        For a driver that has just queued replies: the bytes leave before
+        the scheduler runs the task that would otherwise send them.  Returns
+        False, having sent and kept nothing, when that is not possible at
+        once: another send is in progress or has bytes waiting, the stream
+        is not a socket, the connection is not open, the socket buffer is
+        full, or the write failed (the next :meth:`send_many` reports the
+        failure).  Send them with :meth:`send_many` then.  Returns True when
+        every frame was handed over, or part of them and :attr:`backlog` is
+        set: the rest goes out first with the next send (``send_many([])``
+        writes just that).  FrameTooLarge and TypeError as for
+        :meth:`send_many`, with nothing sent.
+        """
+        if self._backlog or self._state is not _State.OPEN or self._send_lock.locked():
+            return False
+        sock = getattr(self._stream, "socket", None)
+        fd = sock.fileno() if isinstance(self._stream, trio.SocketStream) and sock is not None else -1
+        if fd < 0:  # not a socket, or closed
+            return False
+        data = b"".join([self._frame(m) for m in msgs])
+        try:
+            sent = os.write(fd, data)  # the socket is non-blocking (trio made it so)
+        except OSError:
+            return False
+        if sent < len(data):
+            self._backlog = data[sent:]
+        return True
 
     async def _send_bytes(self, data: bytes) -> None:
         # trio streams refuse concurrent send_all calls; the lock queues the
@@ -346,6 +384,8 @@ class Connection(trio.abc.AsyncResource):
                 raise trio.ClosedResourceError("connection was closed")
             if self._state is _State.BROKEN:
                 raise trio.BrokenResourceError("an earlier send was interrupted part-way; the connection is unusable")
+            if self._backlog:
+                data, self._backlog = self._backlog + data, b""
             try:
                 await self._stream.send_all(data)
             except BaseException:

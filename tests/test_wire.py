@@ -180,6 +180,72 @@ async def test_send_many_of_nothing_sends_nothing():
     assert sender.sends == 0
 
 
+def socket_pair(**kwargs) -> tuple[Connection, Connection]:
+    """Connections over a connected pair of real stream sockets."""
+    a, b = trio.socket.socketpair()
+    return Connection(trio.SocketStream(a), **kwargs), Connection(trio.SocketStream(b), **kwargs)
+
+
+@bounded
+async def test_send_nowait_hands_frames_to_the_kernel_without_yielding():
+    left, right = socket_pair()
+    async with left, right:
+        with trio.testing.assert_no_checkpoints():
+            assert left.send_nowait(["one", Prepare(ballot=Ballot(3, 1), from_slot=7)])
+        assert not left.backlog
+        assert await right.receive() == "one"
+        assert await right.receive() == Prepare(ballot=Ballot(3, 1), from_slot=7)
+
+
+@bounded
+async def test_send_nowait_declines_when_it_cannot_send_at_once():
+    # Not a socket: nothing is sent, nothing kept.
+    mem_left, mem_right = memory_pair()
+    assert not mem_left.send_nowait(["x"])
+    assert not mem_right.frame_ready()
+    left, right = socket_pair()
+    async with left, right:
+        # Another task holds the send lock: its frames must not be interleaved.
+        await left._send_lock.acquire()
+        assert not left.send_nowait(["x"])
+        left._send_lock.release()
+        # An unencodable or oversized message: an error, and nothing sent.
+        with pytest.raises(TypeError):
+            left.send_nowait([object()])
+        with pytest.raises(FrameTooLarge):
+            Connection(left._stream, max_frame=10).send_nowait(["y" * 100])
+        await left.send("after")
+        assert await right.receive() == "after"
+    # Closed here: declined, the next send reports it.
+    assert not left.send_nowait(["x"])
+    with pytest.raises(trio.ClosedResourceError):
+        await left.send_many(["x"])
+
+
+@bounded
+async def test_send_nowait_keeps_what_the_socket_did_not_take_and_sends_it_first():
+    a, b = trio.socket.socketpair()
+    a.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_SNDBUF, 4096)
+    left, right = Connection(trio.SocketStream(a)), Connection(trio.SocketStream(b))
+    big = "z" * 2_000_000  # far more than the socket buffers hold
+    async with left, right:
+        assert left.send_nowait([big, "after big"])
+        assert left.backlog
+        # The buffer is full: nothing more can be handed over at once.
+        assert not left.send_nowait(["never"])
+        got = []
+
+        async def read() -> None:
+            for _ in range(3):
+                got.append(await right.receive())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await left.send_many(["next"])  # writes the backlog first
+            assert not left.backlog
+        assert got == [big, "after big", "next"]
+
+
 @bounded
 async def test_frames_split_byte_by_byte_decode():
     # In a lockstep pair each receive_some gets exactly what one send_all
