@@ -101,6 +101,38 @@ def test_every_record_type_survives_close_and_reopen(tmp_path: pathlib.Path) -> 
     _assert_same(loaded, _replay([records]))
 
 
+def test_the_write_ahead_log_is_extended_with_zeros_once_and_keeps_its_frames(tmp_path: pathlib.Path) -> None:
+    wal = tmp_path / (DB_NAME + "-wal")
+    first = [SavePromise(Ballot(1, 0)), SaveAccepted(1, Ballot(1, 0), _batch("a"))]
+    # A store written without syncing (no extension), copied while open: the
+    # copy's log ends right after its last frame, as after a crash.
+    src = tmp_path / "src"
+    src.mkdir()
+    storage = _open(src)
+    storage.write(first)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in (DB_NAME, DB_NAME + "-wal"):
+        (copy / name).write_bytes((src / name).read_bytes())
+    storage.close()
+    frames_end = (copy / (DB_NAME + "-wal")).stat().st_size
+    with Storage.open(copy, replica_id=0, cluster=CLUSTER) as storage:
+        size = (copy / (DB_NAME + "-wal")).stat().st_size
+        with sqlite3.connect(":memory:") as probe:
+            page = probe.execute("PRAGMA page_size").fetchone()[0]
+        assert size >= 32 + 1000 * (24 + page) > frames_end
+        assert (copy / (DB_NAME + "-wal")).read_bytes()[frames_end:] == bytes(size - frames_end)
+        assert storage.load().log[1].value == _batch("a")  # recovered from the frames before the zeros
+        storage.write([SaveAccepted(2, Ballot(1, 0), _batch("b"))])
+    with Storage.open(copy, replica_id=0, cluster=CLUSTER) as storage:
+        loaded = storage.load()
+    assert loaded.promised == Ballot(1, 0)
+    assert sorted(loaded.log) == [1, 2]
+    # A fresh store gets the extension too.
+    with Storage.open(tmp_path, replica_id=0, cluster=CLUSTER):
+        assert wal.stat().st_size == size
+
+
 def test_empty_snapshot_data_is_kept_as_empty_bytes(tmp_path: pathlib.Path) -> None:
     with _open(tmp_path) as storage:
         storage.write([SaveSnapshot(index=0, data=b"", truncate_upto=0)])
