@@ -232,11 +232,15 @@ class Promise:
 @register
 @attrs.frozen(kw_only=True)
 class Accept:
-    """Phase 2a for several slots at once; ``commit`` piggybacks the leader's commit index."""
+    """Phase 2a for several slots at once; ``commit`` piggybacks the leader's commit index.
+
+    Keeps its encoding (``_cbor``): one Accept goes to every follower.
+    """
 
     ballot: Ballot = attrs.field(validator=_ballot)
     proposals: tuple = attrs.field(converter=tuple_of(_is(Proposal)))
     commit: int = attrs.field(validator=_nonneg)
+    _cbor: bytes | None = attrs.field(init=False, default=None, eq=False, repr=False)
 
 
 @register
