@@ -8,10 +8,10 @@ submitted while one write ran goes into the next transaction, so under load
 one fsync covers many Readies (group commit).
 
 A thread of its own rather than a trio task calling a worker thread: a
-submitted write starts as soon as the thread wakes, without waiting for the
-event loop to schedule anything.  On the leader its fsync is then on its way
-to the disk before its Accepts leave, instead of queueing behind the
-followers' fsyncs on a shared disk.
+submitted write starts as soon as the thread holds the interpreter lock,
+without waiting for the event loop to schedule anything.  The driver still
+writes a lone small Ready itself at light load (see docs/architecture.md):
+the thread gets the lock only when the loop makes a system call or waits.
 
 Order is the contract: submissions are written in the order they were made,
 and ``written(n)`` always reports the oldest ``n`` not yet reported.  A

@@ -427,17 +427,21 @@ class Replica:
         if self._write_error is not None:
             raise self._write_error
         # The order of one pass matters for latency, not for safety:
-        # 1. take every Ready, queueing its messages and starting a small
-        #    synced write at once (a follower's vote at light load);
+        # 1. take every Ready, queueing its messages;
         # 2. send the peers' messages (the replica's own bytes leave first);
-        # 3. hand bigger writes to the disk writer: its thread competes for
-        #    the interpreter lock at the next system call, so only now;
+        # 3. with no write in flight, write a small synced Ready here (a
+        #    vote, or a leader's Accept at light load: the hops to a thread
+        #    and back would cost more than they overlap; the thread would
+        #    even start late, as it only takes the interpreter lock when
+        #    this loop waits); anything else goes to the disk writer, after
+        #    the sends for the same reason;
         # 4. apply what was chosen and send the clients their answers;
         # 5. write chosen markers alone (no fsync, see Ready.sync) last.
         chosen: list = []
         lazy: list[Ready] = []
         to_disk: list[Ready] = []
         while True:
+            inline: Ready | None = None
             while core.has_ready():
                 rd = core.ready()
                 for dst, msg in rd.messages:
@@ -447,27 +451,33 @@ class Replica:
                     self.applier.restore(rd.snapshot[1])
                     self._log.info("snapshot_installed", index=rd.snapshot[0])
                 chosen.extend(rd.committed)
-                synced = rd.sync and self.config.fsync
-                if self._unwritten or (rd.persist and synced and (rd.messages or not _small(rd.persist))):
-                    # To the disk writer: the fsync runs in its thread while
-                    # this loop goes on sending, applying and taking Readies.
-                    self._write_lazy(lazy)  # records reach the disk in order
+                if self._unwritten:
+                    # Behind the writes in flight, in order.
                     self._unwritten.append(rd)
                     to_disk.append(rd)
-                elif rd.sync:
-                    # No write in flight and a small write with nothing to
-                    # send meanwhile (where the hops to a thread and back
-                    # would cost more than they overlap), or fsync is off.
-                    self._write_lazy(lazy)
-                    self._storage.write(rd.persist, sync=synced)
-                    core.advance(rd)
-                else:
+                elif not rd.sync:
                     lazy.append(rd)
+                elif not self.config.fsync:
+                    self._write_lazy(lazy)
+                    self._storage.write(rd.persist, sync=False)
+                    core.advance(rd)
+                elif inline is None and _small(rd.persist):
+                    self._write_lazy(lazy)  # records reach the disk in order
+                    inline = rd
+                else:
+                    self._write_lazy(lazy)
+                    self._unwritten.append(rd)
+                    to_disk.append(rd)
             for box in self._peer_out.values():
                 box.flush()
+            if inline is not None:
+                self._storage.write(inline.persist, sync=True)
+                core.advance(inline)
             for rd in to_disk:
                 self._disk.submit(rd.persist, rd.sync and self.config.fsync)
             to_disk.clear()
+            if inline is not None and core.has_ready():
+                continue  # what the write released (a vote) leaves before anything is applied
             if not chosen:
                 break
             self._apply_chosen(chosen)  # may take a snapshot: loop for its record
