@@ -451,8 +451,10 @@ class Replica:
                     self.applier.restore(rd.snapshot[1])
                     self._log.info("snapshot_installed", index=rd.snapshot[0])
                 chosen.extend(rd.committed)
-                if self._unwritten:
-                    # Behind the writes in flight, in order.
+                if self._unwritten or inline is not None:
+                    # Behind the writes in flight (or the one this pass
+                    # makes), in order: nothing may reach the disk or be
+                    # advanced before an earlier Ready's records.
                     self._unwritten.append(rd)
                     to_disk.append(rd)
                 elif not rd.sync:
@@ -461,7 +463,7 @@ class Replica:
                     self._write_lazy(lazy)
                     self._storage.write(rd.persist, sync=False)
                     core.advance(rd)
-                elif inline is None and _small(rd.persist):
+                elif _small(rd.persist):
                     self._write_lazy(lazy)  # records reach the disk in order
                     inline = rd
                 else:
