@@ -422,6 +422,52 @@ def test_batching_and_pipelining():
         assert (cmd.client_id, cmd.seq) in c.checker.acked
 
 
+def test_at_light_load_an_accept_goes_to_a_majority_only_and_the_rest_learn_by_catchup():
+    c, net = make(5)
+    elect(c, net, 0)
+    run(c, net, 0.2)  # everyone answers heartbeats
+    net.delivered.clear()
+    cmd = submit(c, 0)
+    net.deliver(dst=0)
+    asked = sorted(d for d in range(1, 5) if net.peek(Accept, src=0, dst=d))
+    assert len(asked) == 2, "the leader and two followers are a majority of five"
+    net.flush_until(lambda: (cmd.client_id, cmd.seq) in c.checker.acked)
+    slot = core(c, 0).commit_index
+    others = [d for d in range(1, 5) if d not in asked]
+    assert all(core(c, d).commit_index < slot for d in others)
+    run(c, net, 3 * HB)  # heartbeats carry the commit index; the others catch up
+    assert all(core(c, d).commit_index >= slot for d in others)
+    assert any(isinstance(m, CatchupReply) and d in others for s, d, m in net.delivered)
+    assert not any(isinstance(m, Accept) and d in others and any(p.slot == slot for p in m.proposals)
+                   for s, d, m in net.delivered)
+
+
+def test_with_slots_in_flight_an_accept_goes_to_every_follower():
+    c, net = make(3, max_batch=1)
+    elect(c, net, 0)
+    submit(c, 0)
+    net.deliver(dst=0)
+    assert len([d for d in (1, 2) if net.peek(Accept, src=0, dst=d)]) == 1  # light load
+    submit(c, 0, client=1)
+    net.deliver(dst=0)  # the first slot is still in flight
+    second = core(c, 0).commit_index + 2
+    for d in (1, 2):
+        assert any(p.slot == second for a in net.peek(Accept, src=0, dst=d) for p in a.proposals)
+
+
+def test_a_slot_its_followers_leave_unanswered_goes_to_every_peer_a_heartbeat_later():
+    c, net = make(3)
+    elect(c, net, 0)
+    run(c, net, 0.2)
+    cmd = submit(c, 0)
+    net.deliver(dst=0)
+    (asked,) = [d for d in (1, 2) if net.peek(Accept, src=0, dst=d)]
+    other = 3 - asked
+    net.drop(dst=asked)  # the follower asked is cut off
+    run(c, net, 2 * HB, among={0, other} | {cl.cid for cl in c.clients})
+    assert c.checker.acked[(cmd.client_id, cmd.seq)] == 1
+
+
 def test_commit_index_reaches_followers_by_heartbeat():
     c, net = make(3)
     elect(c, net, 0)
@@ -793,6 +839,11 @@ def test_new_cluster_needs_every_replica_to_answer():
         net.deliver(Prepare, src=3, dst=2)
         net.flush(among=quorum)
     assert core(c, 3).role is Role.LEADER
+    c.tick(3)
+    net.flush(among=quorum)
+    # At light load the leader asks only as many followers as a majority
+    # needs; a slot they leave unanswered goes to every peer one heartbeat on.
+    c.now += HB
     c.tick(3)
     net.flush(among=quorum)
     assert core(c, 3).commit_index >= 1

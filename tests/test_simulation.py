@@ -70,9 +70,15 @@ def test_failure_names_its_seed_and_replays() -> None:
     """A broken invariant surfaces as SimFailure naming the seed, identically on replay."""
 
     class LyingChecker(Checker):
+        seen_slot_5 = 0
+
         def on_applied(self, rid, slot, value, digest):
-            # Pretend replica 1 reached another state after slot 5.
-            super().on_applied(rid, slot, value, digest if (rid, slot) != (1, 5) else b"x" * 32)
+            # Pretend the second replica to apply slot 5 reached another state.
+            if slot == 5:
+                self.seen_slot_5 += 1
+                if self.seen_slot_5 == 2:
+                    digest = b"x" * 32
+            super().on_applied(rid, slot, value, digest)
 
     def broken(seed: int) -> str:
         sim = Simulation(seed, 3, chaos=0.5)

@@ -711,14 +711,29 @@ class PaxosCore:
             slot = lead.open_slot(batch, self._now)
             proposals.append(Proposal(slot=slot, value=batch))
         if proposals:
-            self._send_accepts(proposals)
+            self._send_accepts(proposals, thrifty=True)
 
-    def _send_accepts(self, proposals: list[Proposal]) -> None:
+    def _send_accepts(self, proposals: list[Proposal], *, thrifty: bool = False) -> None:
         lead = self._lead
         assert lead is not None
         lead.notify_commit = False  # the Accept carries the commit index
         msg = Accept(ballot=lead.ballot, proposals=tuple(proposals), commit=self._commit)
-        self._broadcast(msg)
+        if thrifty and len(lead.inflight) == len(proposals):
+            # Light load (nothing else in flight): ask only as many followers
+            # as a majority needs, those heard from last.  The others would
+            # compete for the CPUs and disk of a small deployment without
+            # shortening the commit; they learn the slots from the next
+            # heartbeat's commit index (catch-up, no fsync: a chosen value is
+            # durable on a majority already).  A follower that stops
+            # answering is heard from less recently than the others after one
+            # heartbeat, and the slots it did not accept are sent to every
+            # peer again then (see _leader_tick).
+            peers = [r for r in range(self._config.replicas) if r != self._rid]
+            peers.sort(key=lambda r: -lead.heard.get(r, 0.0))  # stable: ties by replica id
+            for dst in peers[: self._config.quorum - 1]:
+                self._send(dst, msg)
+        else:
+            self._broadcast(msg)
         reply, records = self._acceptor.on_accept(msg, self._chosen, self._log_start)
         self._persist.extend(records)
         self._reply_durable(self._rid, reply)

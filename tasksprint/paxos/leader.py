@@ -8,7 +8,9 @@ which slots are already chosen.  Open slots nobody reported below the highest
 reported one are holes, filled with no-ops so the log can be applied in order.
 After that the leader assigns new slots to batches of client commands and
 keeps up to ``max_inflight`` slots in phase 2 at once; a slot is chosen when a
-majority (the leader's own acceptor included) has accepted it.
+majority (the leader's own acceptor included) has accepted it.  A slot that is
+the only one in flight is sent to just enough followers for a majority
+(``PaxosCore._send_accepts``); the others learn it from the commit index.
 """
 
 from __future__ import annotations
