@@ -720,18 +720,23 @@ class PaxosCore:
         msg = Accept(ballot=lead.ballot, proposals=tuple(proposals), commit=self._commit)
         if thrifty and len(lead.inflight) == len(proposals):
             # Light load (nothing else in flight): ask only as many followers
-            # as a majority needs, those heard from last.  The others would
-            # compete for the CPUs and disk of a small deployment without
-            # shortening the commit; they learn the slots from the next
-            # heartbeat's commit index (catch-up, no fsync: a chosen value is
-            # durable on a majority already).  A follower that stops
-            # answering is heard from less recently than the others after one
-            # heartbeat, and the slots it did not accept are sent to every
-            # peer again then (see _leader_tick).
-            peers = [r for r in range(self._config.replicas) if r != self._rid]
-            peers.sort(key=lambda r: -lead.heard.get(r, 0.0))  # stable: ties by replica id
+            # as a majority needs, the lowest-numbered of those heard from
+            # within two heartbeat intervals (the same ones every time, so
+            # the others' logs lag evenly and replica 0, where clients send
+            # their queries first, is current).  The others would compete for
+            # the CPUs and disk of a small deployment without shortening the
+            # commit; the next tick's heartbeat tells them the commit index
+            # and they catch up (no fsync: a chosen value is durable on a
+            # majority already).  Slots the followers asked leave unanswered
+            # for a heartbeat interval go to every peer (see _leader_tick).
+            recent = self._now - 2 * self._config.heartbeat_interval
+            peers = sorted(
+                (r for r in range(self._config.replicas) if r != self._rid),
+                key=lambda r: (lead.heard.get(r, 0.0) < recent, r),
+            )
             for dst in peers[: self._config.quorum - 1]:
                 self._send(dst, msg)
+            lead.notify_commit = True  # the others learn the commit index at the next tick
         else:
             self._broadcast(msg)
         reply, records = self._acceptor.on_accept(msg, self._chosen, self._log_start)
