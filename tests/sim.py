@@ -1023,7 +1023,12 @@ class Simulation:
                 continue
             if target is None:
                 if all(cl.done for cl in c.clients):
-                    target = max(n.applier.applied for n in c.nodes if n is not None)
+                    # Every slot any replica ever applied (an acknowledged command's
+                    # included, even if that replica lost it since in a power cut).
+                    target = max(
+                        max(n.applier.applied for n in c.nodes if n is not None),
+                        max(c.checker.digests, default=0),
+                    )
                     settle_deadline = c.now + self.SETTLE_BOUND
                 elif c.now > deadline:
                     missing = {cl.cid: sorted(cl.outstanding) for cl in c.clients if not cl.done}

@@ -442,6 +442,30 @@ def test_at_light_load_an_accept_goes_to_a_majority_only_and_the_rest_learn_by_c
                    for s, d, m in net.delivered)
 
 
+def test_thrifty_asks_the_lowest_numbered_healthy_follower_and_tells_the_other_at_the_next_tick():
+    c, net = make(3)
+    elect(c, net, 2)
+    run(c, net, 0.2)
+    cmd = submit(c, 2)
+    net.deliver(dst=2)
+    assert net.peek(Accept, src=2, dst=0) and not net.peek(Accept, src=2, dst=1)
+    net.flush_until(lambda: (cmd.client_id, cmd.seq) in c.checker.acked)
+    slot = core(c, 2).commit_index
+    submit(c, 2)  # the next command's Accept goes to replica 0 only
+    net.deliver(dst=2)
+    net.drop(Heartbeat)
+    c.tick(2)  # the next tick, well before the regular heartbeat
+    assert [m.commit for m in net.peek(Heartbeat, src=2, dst=1)] == [slot]
+    net.flush()
+    assert core(c, 1).commit_index >= slot
+    # Replica 0 goes quiet: after two heartbeat intervals replica 1 is asked instead.
+    run(c, net, 3 * HB, among={1, 2} | {cl.cid for cl in c.clients})
+    submit(c, 2)
+    net.deliver(dst=2)
+    (new,) = [p.slot for a in net.peek(Accept, src=2, dst=1) for p in a.proposals if p.slot > slot + 1]
+    assert not [p for a in net.peek(Accept, src=2, dst=0) for p in a.proposals if p.slot == new]
+
+
 def test_with_slots_in_flight_an_accept_goes_to_every_follower():
     c, net = make(3, max_batch=1)
     elect(c, net, 0)

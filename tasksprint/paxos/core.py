@@ -716,7 +716,6 @@ class PaxosCore:
     def _send_accepts(self, proposals: list[Proposal], *, thrifty: bool = False) -> None:
         lead = self._lead
         assert lead is not None
-        lead.notify_commit = False  # the Accept carries the commit index
         msg = Accept(ballot=lead.ballot, proposals=tuple(proposals), commit=self._commit)
         if thrifty and len(lead.inflight) == len(proposals):
             # Light load (nothing else in flight): ask only as many followers
@@ -725,10 +724,11 @@ class PaxosCore:
             # the others' logs lag evenly and replica 0, where clients send
             # their queries first, is current).  The others would compete for
             # the CPUs and disk of a small deployment without shortening the
-            # commit; the next tick's heartbeat tells them the commit index
-            # and they catch up (no fsync: a chosen value is durable on a
-            # majority already).  Slots the followers asked leave unanswered
-            # for a heartbeat interval go to every peer (see _leader_tick).
+            # commit.  The commit notice stays pending, so the next tick's
+            # heartbeat tells them the commit index and they catch up (no
+            # fsync: a chosen value is durable on a majority already).  Slots
+            # the followers asked leave unanswered for a heartbeat interval
+            # go to every peer (see _leader_tick).
             recent = self._now - 2 * self._config.heartbeat_interval
             peers = sorted(
                 (r for r in range(self._config.replicas) if r != self._rid),
@@ -736,8 +736,8 @@ class PaxosCore:
             )
             for dst in peers[: self._config.quorum - 1]:
                 self._send(dst, msg)
-            lead.notify_commit = True  # the others learn the commit index at the next tick
         else:
+            lead.notify_commit = False  # the Accept carries the commit index to everyone
             self._broadcast(msg)
         reply, records = self._acceptor.on_accept(msg, self._chosen, self._log_start)
         self._persist.extend(records)
