@@ -456,6 +456,7 @@ def test_thrifty_asks_the_lowest_numbered_healthy_follower_and_tells_the_other_a
     net.drop(Heartbeat)
     c.tick(2)  # the next tick, well before the regular heartbeat
     assert [m.commit for m in net.peek(Heartbeat, src=2, dst=1)] == [slot]
+    assert not net.peek(Heartbeat, src=2, dst=0)  # the Accept told replica 0
     net.flush()
     assert core(c, 1).commit_index >= slot
     # Replica 0 goes quiet: after two heartbeat intervals replica 1 is asked instead.

@@ -676,8 +676,14 @@ class PaxosCore:
         if self._now >= lead.next_tick:
             lead.next_tick = self._now + cfg.tick_interval
             lead.pending.append(Tick(now=self._wall, data=self._tick_data))
-        if self._now >= lead.next_heartbeat or lead.notify_commit:
-            self._send_heartbeat()
+        if self._now >= lead.next_heartbeat or lead.notify:
+            if self._now >= lead.next_heartbeat:
+                self._send_heartbeat()
+            else:
+                beat = Heartbeat(ballot=lead.ballot, commit=self._commit, phase1_top=lead.phase1_top)
+                for dst in sorted(lead.notify):
+                    self._send(dst, beat)
+                lead.notify.clear()
             # Accepts or their answers may have been lost: resend to the silent.
             stale = lead.stale(self._now, cfg.heartbeat_interval)
             for dst in range(cfg.replicas):
@@ -689,7 +695,7 @@ class PaxosCore:
         lead = self._lead
         assert lead is not None
         lead.next_heartbeat = self._now + self._config.heartbeat_interval
-        lead.notify_commit = False
+        lead.notify.clear()
         self._broadcast(Heartbeat(ballot=lead.ballot, commit=self._commit, phase1_top=lead.phase1_top))
 
     def _flush_proposals(self) -> None:
@@ -724,9 +730,9 @@ class PaxosCore:
             # the others' logs lag evenly and replica 0, where clients send
             # their queries first, is current).  The others would compete for
             # the CPUs and disk of a small deployment without shortening the
-            # commit.  The commit notice stays pending, so the next tick's
-            # heartbeat tells them the commit index and they catch up (no
-            # fsync: a chosen value is durable on a majority already).  Slots
+            # commit.  Their commit notice stays pending, so a heartbeat at
+            # the next tick tells them (only them) the commit index and they
+            # catch up (no fsync: a chosen value is durable on a majority).  Slots
             # the followers asked leave unanswered for a heartbeat interval
             # go to every peer (see _leader_tick).
             recent = self._now - 2 * self._config.heartbeat_interval
@@ -736,8 +742,9 @@ class PaxosCore:
             )
             for dst in peers[: self._config.quorum - 1]:
                 self._send(dst, msg)
+                lead.notify.discard(dst)  # the Accept carries the commit index
         else:
-            lead.notify_commit = False  # the Accept carries the commit index to everyone
+            lead.notify.clear()  # the Accept carries the commit index to everyone
             self._broadcast(msg)
         reply, records = self._acceptor.on_accept(msg, self._chosen, self._log_start)
         self._persist.extend(records)
@@ -782,7 +789,7 @@ class PaxosCore:
                 # first: at one command at a time the client's next command
                 # usually does, and a heartbeat per commit (with its acks and
                 # the followers' writes) would cost every process CPU.
-                lead.notify_commit = True
+                lead.notify.update(r for r in range(self._config.replicas) if r != self._rid)
 
     def _on_nack(self, src: int, msg: Nack) -> None:
         self._max_round = max(self._max_round, msg.promised.round)

@@ -103,8 +103,9 @@ class Leadership:
     heard: dict[int, float] = attrs.Factory(dict)
     next_heartbeat: float = 0.0
     next_tick: float = 0.0
-    # The commit index moved and no Accept has carried it yet: heartbeat at the next tick.
-    notify_commit: bool = False
+    # Peers the commit index moved for and no Accept has told yet: heartbeat
+    # them at the next tick.
+    notify: set[int] = attrs.Factory(set)
 
     def open_slot(self, value: Batch, now: float) -> int:
         slot = self.next_slot
