@@ -315,6 +315,10 @@ class Connection(trio.abc.AsyncResource):
             )
         return _HEADER.pack(len(payload)) + payload
 
+    def _frames(self, msgs: Iterable[Any]) -> bytes:
+        """Every message framed, back to back (nothing if one fails to encode)."""
+        return b"".join([self._frame(m) for m in msgs])
+
     async def send(self, msg: Any) -> None:
         """Send one message as one frame.
 
@@ -334,7 +338,7 @@ class Connection(trio.abc.AsyncResource):
         (FrameTooLarge) or unencodable (TypeError), none is.  Other errors as
         for :meth:`send`.
         """
-        data = b"".join([self._frame(m) for m in msgs])
+        data = self._frames(msgs)
         if data or self._backlog:
             await self._send_bytes(data)
 
@@ -355,11 +359,10 @@ class Connection(trio.abc.AsyncResource):
         """
         if self._backlog or self._state is not _State.OPEN or self._send_lock.locked():
             return False
-        sock = getattr(self._stream, "socket", None)
-        fd = sock.fileno() if isinstance(self._stream, trio.SocketStream) and sock is not None else -1
+        fd = self._stream.socket.fileno() if isinstance(self._stream, trio.SocketStream) else -1
         if fd < 0:  # not a socket, or closed
             return False
-        data = b"".join([self._frame(m) for m in msgs])
+        data = self._frames(msgs)
         try:
             sent = os.write(fd, data)  # the socket is non-blocking (trio made it so)
         except OSError:
