@@ -139,7 +139,8 @@ class PaxosConfig:
 
 @attrs.frozen
 class Ready:
-    """What the driver must do, in this order: persist, send, restore+apply, advance."""
+    """What the driver must do: persist and send (in either order: no message
+    depends on the records), restore+apply, then advance once persisted."""
 
     persist: tuple[Record, ...]
     messages: tuple[tuple[int, Any], ...]
@@ -436,10 +437,13 @@ class PaxosCore:
     def _send(self, dst: int, msg: Any) -> None:
         self._out.append((dst, msg))
 
+    def _peers(self) -> list[int]:
+        """Every other replica, in id order."""
+        return [r for r in range(self._config.replicas) if r != self._rid]
+
     def _broadcast(self, msg: Any) -> None:
-        for dst in range(self._config.replicas):
-            if dst != self._rid:
-                self._out.append((dst, msg))
+        for dst in self._peers():
+            self._out.append((dst, msg))
 
     def _reply_durable(self, dst: int, msg: Any) -> None:
         """Queue a reply that must not leave before the records queued so far are durable."""
@@ -569,9 +573,8 @@ class PaxosCore:
         # crash before the fsync forgets the ballot while others promised it,
         # and a wiped replica's recovery (which learns the ballots in use from
         # the others' promises) could miss it: see _on_recover_reply.
-        for dst in range(self._config.replicas):
-            if dst != self._rid:
-                self._reply_durable(dst, prepare)
+        for dst in self._peers():
+            self._reply_durable(dst, prepare)
 
     def _promise_for(self, prepare: Prepare) -> Promise:
         chosen = tuple(
@@ -644,7 +647,7 @@ class PaxosCore:
         self._leader_ballot = p1.ballot
         self._leader_commit = self._commit
         lead = Leadership(ballot=p1.ballot, next_slot=max(top, self._commit) + 1, phase1_top=top)
-        lead.heard = {r: self._now for r in range(self._config.replicas) if r != self._rid}
+        lead.heard = {r: self._now for r in self._peers()}
         lead.next_tick = self._now
         lead.pending.extend(self._carry)
         self._carry = []
@@ -677,13 +680,9 @@ class PaxosCore:
             lead.next_tick = self._now + cfg.tick_interval
             lead.pending.append(Tick(now=self._wall, data=self._tick_data))
         if self._now >= lead.next_heartbeat or lead.notify:
-            if self._now >= lead.next_heartbeat:
-                self._send_heartbeat()
-            else:
-                beat = Heartbeat(ballot=lead.ballot, commit=self._commit, phase1_top=lead.phase1_top)
-                for dst in sorted(lead.notify):
-                    self._send(dst, beat)
-                lead.notify.clear()
+            # The regular heartbeat goes to everyone; a commit notice only to
+            # the followers no Accept has told.
+            self._send_heartbeat(None if self._now >= lead.next_heartbeat else sorted(lead.notify))
             # Accepts or their answers may have been lost: resend to the silent.
             stale = lead.stale(self._now, cfg.heartbeat_interval)
             for dst in range(cfg.replicas):
@@ -691,12 +690,18 @@ class PaxosCore:
                 if dst != self._rid and need:
                     self._send(dst, Accept(ballot=lead.ballot, proposals=need, commit=self._commit))
 
-    def _send_heartbeat(self) -> None:
+    def _send_heartbeat(self, to: list[int] | None = None) -> None:
+        """Heartbeat every peer (the next one is due an interval later), or only those in ``to``."""
         lead = self._lead
         assert lead is not None
-        lead.next_heartbeat = self._now + self._config.heartbeat_interval
         lead.notify.clear()
-        self._broadcast(Heartbeat(ballot=lead.ballot, commit=self._commit, phase1_top=lead.phase1_top))
+        beat = Heartbeat(ballot=lead.ballot, commit=self._commit, phase1_top=lead.phase1_top)
+        if to is None:
+            lead.next_heartbeat = self._now + self._config.heartbeat_interval
+            self._broadcast(beat)
+        else:
+            for dst in to:
+                self._send(dst, beat)
 
     def _flush_proposals(self) -> None:
         """Turn pending commands into new slots while the pipeline has room."""
@@ -728,18 +733,15 @@ class PaxosCore:
             # as a majority needs, the lowest-numbered of those heard from
             # within two heartbeat intervals (the same ones every time, so
             # the others' logs lag evenly and replica 0, where clients send
-            # their queries first, is current).  The others would compete for
-            # the CPUs and disk of a small deployment without shortening the
-            # commit.  Their commit notice stays pending, so a heartbeat at
-            # the next tick tells them (only them) the commit index and they
-            # catch up (no fsync: a chosen value is durable on a majority).  Slots
-            # the followers asked leave unanswered for a heartbeat interval
-            # go to every peer (see _leader_tick).
+            # their queries first, is current).  The others would compete
+            # for the CPUs and disk of a small deployment without shortening
+            # the commit.  Their commit notice stays pending, so a heartbeat
+            # at the next tick tells them (only them) the commit index and
+            # they catch up (no fsync: a chosen value is durable on a
+            # majority).  Slots the followers asked leave unanswered for a
+            # heartbeat interval go to every peer (see _leader_tick).
             recent = self._now - 2 * self._config.heartbeat_interval
-            peers = sorted(
-                (r for r in range(self._config.replicas) if r != self._rid),
-                key=lambda r: (lead.heard.get(r, 0.0) < recent, r),
-            )
+            peers = sorted(self._peers(), key=lambda r: (lead.heard.get(r, 0.0) < recent, r))
             for dst in peers[: self._config.quorum - 1]:
                 self._send(dst, msg)
                 lead.notify.discard(dst)  # the Accept carries the commit index
@@ -789,7 +791,7 @@ class PaxosCore:
                 # first: at one command at a time the client's next command
                 # usually does, and a heartbeat per commit (with its acks and
                 # the followers' writes) would cost every process CPU.
-                lead.notify.update(r for r in range(self._config.replicas) if r != self._rid)
+                lead.notify.update(self._peers())
 
     def _on_nack(self, src: int, msg: Nack) -> None:
         self._max_round = max(self._max_round, msg.promised.round)
