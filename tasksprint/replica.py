@@ -9,18 +9,21 @@ One replica = one :class:`~tasksprint.paxos.core.PaxosCore` + one
 * one sender per peer, keeping an outgoing connection open and writing
   everything queued for that peer in one batch;
 * a ticker feeding the core the clock;
-* the driver loop, the only place the core's output is handled, in the order
-  the core documents: send (messages never depend on the pending records),
-  apply committed slots, hand the records to the writer, take the next Ready;
+* the driver code (:meth:`Replica._run_core`), the only place the core's
+  output is handled, run by the driver task after ticks and completed writes
+  and by a receiving task once its connection has no further frame buffered.
+  One pass takes every Ready, sends the peers' messages from the calling task
+  (:meth:`Outbox.flush`), writes the records, applies the committed slots and
+  sends the clients their answers (docs/architecture.md gives the order and
+  why);
 * the disk writer (:mod:`tasksprint.disk_writer`, a thread), which makes
   the Readies' records durable in the order they were taken (whatever queued
   up during one fsync goes into the next transaction, so under load one fsync
   covers many Readies); the driver then calls ``advance`` for each, in order,
   releasing the replies that waited.
-  The driver does not wait for the disk (the leader's own fsync runs while
-  its Accepts travel and the followers write theirs), except for a small
-  write with nothing to send meanwhile and nothing else in flight, which it
-  does itself: a follower's vote at light load.
+  The driver does not wait for the disk, except for a small write with
+  nothing else in flight, which it does itself right after the pass's sends:
+  a follower's vote, or a leader's Accept, at light load.
 
 Replicas compare a running digest of what they applied every
 ``digest_every`` slots; a mismatch means a nondeterministic state machine (a
@@ -414,15 +417,22 @@ class Replica:
             self._wake = trio.Event()
             self._run_core()
 
-    def _run_core(self) -> None:
-        """Handle what the core has for the driver: the driver loop's body.
+    def _react(self, conn: wire.Connection) -> None:
+        """A receiving task gave the core a message from ``conn``: handle its consequences.
 
-        Also called by a receiving task right after it fed the core its last
-        buffered message, so that a message's consequences (a vote, an
-        Accept, an answer) are queued for sending one scheduling pass sooner
-        than by waking the driver; with more frames buffered it only pokes
-        the driver, so that a burst still makes one Ready.
+        Once no further frame is buffered, the receiving task runs the driver
+        code itself, so that a vote, an Accept or an answer is sent one
+        scheduling pass sooner than by waking the driver task; with more
+        frames buffered it only wakes the driver, so that a burst still makes
+        one Ready.
         """
+        if conn.frame_ready():
+            self._poke()
+        else:
+            self._run_core()
+
+    def _run_core(self) -> None:
+        """Handle what the core has for the driver: the driver loop's body (see also _react)."""
         core = self.core
         if self._write_error is not None:
             raise self._write_error
@@ -690,10 +700,7 @@ class Replica:
                 return
             if isinstance(msg, PEER_MESSAGES):
                 core.step(src, msg)
-                if conn.frame_ready():
-                    self._poke()
-                else:
-                    self._run_core()
+                self._react(conn)
             elif isinstance(msg, ClientsSeen):
                 self.app.merge_contacts(list(msg.cids), time.monotonic())
             elif isinstance(msg, PeerDigest):
@@ -717,8 +724,8 @@ class Replica:
                         msg = await conn.receive()
                     except wire.ConnectionClosed:
                         return
-                    if self._handle_client_message(msg, box, mine) and not conn.frame_ready():
-                        self._run_core()
+                    if self._handle_client_message(msg, box, mine):
+                        self._react(conn)
             finally:
                 self._parked = [p for p in self._parked if p[0] is not box]
                 for key in mine:
@@ -748,7 +755,6 @@ class Replica:
                     mine.append(key)
                     if len(mine) > 4096:
                         del mine[:2048]  # the oldest are answered or abandoned by now
-                    self._poke()
                     return True
                 seq = cmd.first_seq if isinstance(cmd, CommandBlock) else cmd.seq
                 box.push(Retry(client_id=cmd.client_id, seq=seq, reason="no leader", leader=core.leader_hint))
