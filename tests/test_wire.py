@@ -54,6 +54,8 @@ from tasksprint.wire import (
     serve,
 )
 
+from streams import socket_pair
+
 SECRET = b"test-cluster-secret"
 HOST = "127.0.0.1"
 # Upper bound on any one test, only so that a hang fails; never a measurement.
@@ -180,12 +182,6 @@ async def test_send_many_of_nothing_sends_nothing():
     assert sender.sends == 0
 
 
-def socket_pair(**kwargs) -> tuple[Connection, Connection]:
-    """Connections over a connected pair of real stream sockets."""
-    a, b = trio.socket.socketpair()
-    return Connection(trio.SocketStream(a), **kwargs), Connection(trio.SocketStream(b), **kwargs)
-
-
 @bounded
 async def test_send_nowait_hands_frames_to_the_kernel_without_yielding():
     left, right = socket_pair()
@@ -224,9 +220,7 @@ async def test_send_nowait_declines_when_it_cannot_send_at_once():
 
 @bounded
 async def test_send_nowait_keeps_what_the_socket_did_not_take_and_sends_it_first():
-    a, b = trio.socket.socketpair()
-    a.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_SNDBUF, 4096)
-    left, right = Connection(trio.SocketStream(a)), Connection(trio.SocketStream(b))
+    left, right = socket_pair(sndbuf=4096)
     big = "z" * 2_000_000  # far more than the socket buffers hold
     async with left, right:
         assert left.send_nowait([big, "after big"])
