@@ -133,6 +133,22 @@ def test_the_write_ahead_log_is_extended_with_zeros_once_and_keeps_its_frames(tm
         assert wal.stat().st_size == size
 
 
+def test_a_full_disk_while_extending_the_log_is_a_storage_error_naming_the_file(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_space(*args: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr("tasksprint.storage.os.pwrite", no_space)
+        with pytest.raises(StorageError, match=r"cannot extend the write-ahead log of .*replica\.db.*No space left"):
+            Storage.open(tmp_path, replica_id=0, cluster=CLUSTER)
+    # Nothing was left open or half-made: the store opens once the disk has room.
+    with Storage.open(tmp_path, replica_id=0, cluster=CLUSTER) as storage:
+        storage.write([SavePromise(Ballot(1, 0))])
+        assert storage.load().promised == Ballot(1, 0)
+
+
 def test_empty_snapshot_data_is_kept_as_empty_bytes(tmp_path: pathlib.Path) -> None:
     with _open(tmp_path) as storage:
         storage.write([SaveSnapshot(index=0, data=b"", truncate_upto=0)])
