@@ -142,7 +142,9 @@ def main(argv: list[str] | None = None, *, scheduler: Any = None) -> int:
 def _cmd_replica(args: argparse.Namespace, scheduler: Any) -> int:
     from tasksprint.paxos.core import PaxosConfig
     from tasksprint.coordinator_machine import SchedulerMismatch
-    from tasksprint.replica import DivergenceError, KVApp, ListenError, Replica, ReplicaConfig, parse_peers, tune_gc
+    from tasksprint.app import KVApp
+    from tasksprint.config import ReplicaConfig, parse_peers
+    from tasksprint.replica import DivergenceError, ListenError, Replica, tune_gc
     from tasksprint.storage import StorageError
 
     try:
@@ -211,7 +213,7 @@ def _first_of(exc: BaseException, types: tuple[type, ...]) -> BaseException | No
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from tasksprint.log_client import LogClient
-    from tasksprint.replica import parse_peers
+    from tasksprint.config import parse_peers
 
     addrs = list(parse_peers(args.coordinators))
     secret = _secret(args)
@@ -279,7 +281,7 @@ def _query_any(addrs: list, secret: bytes, name: str, query_args: dict) -> Any:
 def _cmd_client(args: argparse.Namespace) -> int:
     from tasksprint.client import Client, ClientConfig
     from tasksprint.nodehost import NodeStartError
-    from tasksprint.replica import parse_peers
+    from tasksprint.config import parse_peers
 
     try:
         config = ClientConfig(
@@ -355,7 +357,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from tasksprint.replica import parse_peers
+    from tasksprint.config import parse_peers
 
     info = _query_any(list(parse_peers(args.coordinators)), _secret(args), "info", {"tid": args.task})
     if info is None:
@@ -371,7 +373,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_cancel(args: argparse.Namespace) -> int:
     from tasksprint.log_client import LogClient, Unavailable
-    from tasksprint.replica import parse_peers
+    from tasksprint.config import parse_peers
 
     addrs = list(parse_peers(args.coordinators))
     secret = _secret(args)

@@ -26,7 +26,7 @@ import attrs
 
 from tasksprint.coordinator_machine import CoordinatorMachine, RunState
 from tasksprint.paxos.messages import Command
-from tasksprint.replica import NotYet
+from tasksprint.app import NotYet
 from tasksprint_sdk.coordinator import Coordinator, load_scheduler
 
 #: Client id under which every leader proposes the init entry; the session

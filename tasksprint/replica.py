@@ -38,8 +38,7 @@ import gc
 import os
 import random
 import time
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import attrs
 import structlog
@@ -59,8 +58,10 @@ from tasksprint.api import (
     Submit,
     SubmitBlock,
 )
-from tasksprint.machine import DUPLICATE, Applier, KVMachine, StateMachine
-from tasksprint.paxos.core import PaxosConfig, PaxosCore, Ready, Role
+from tasksprint.app import KVApp, NotYet
+from tasksprint.config import ReplicaConfig
+from tasksprint.machine import DUPLICATE, Applier
+from tasksprint.paxos.core import PaxosCore, Ready, Role
 from tasksprint.paxos.messages import PEER_MESSAGES, Command, CommandBlock
 from tasksprint.disk_writer import DiskWriter
 from tasksprint.storage import Storage
@@ -80,76 +81,6 @@ class DivergenceError(Exception):
 
 class ListenError(Exception):
     """The replica cannot listen on its own address (taken, or not on this machine)."""
-
-
-class NotYet(Exception):
-    """Raised by ``App.query`` to park a long-poll until the state changes or it times out.
-
-    The replica asks again after every applied slot, and once more with
-    ``wait`` set to 0 when the deadline (``args["wait"]`` seconds) passes;
-    the app must answer then.
-    """
-
-
-class App(Protocol):
-    """What a replica needs from the application it replicates."""
-
-    machine: StateMachine
-
-    def tick_data(self, now: float) -> Any:
-        """Data for the next TICK the leader proposes (leader only)."""
-
-    def query(self, name: str, args: dict) -> Any:
-        """Answer a read-only question about the applied state."""
-
-    def describe_slot(self, slot: int) -> str:
-        """Say what applying ``slot`` did, for a divergence report."""
-
-    def on_applied(self, slot: int) -> None:
-        """Called after each applied slot (wake long-polls and the like)."""
-
-    def leader_duties(self, propose) -> None:
-        """Called while this replica leads; may propose commands with ``propose``."""
-
-    def role_changed(self, leader: bool, now: float) -> None:
-        """This replica became (or stopped being) the leader."""
-
-    def drain_contacts(self) -> list[int]:
-        """Clients heard from since the last call (a follower reports them to the leader)."""
-
-    def merge_contacts(self, cids: list[int], now: float) -> None:
-        """Clients another replica heard from."""
-
-
-@attrs.define(eq=False)
-class KVApp:
-    """The built-in key-value application used to run and test the log alone."""
-
-    machine: KVMachine = attrs.Factory(KVMachine)
-
-    def tick_data(self, now: float) -> Any:
-        return None
-
-    def query(self, name: str, args: dict) -> Any:
-        raise KeyError(f"unknown query {name!r}")
-
-    def describe_slot(self, slot: int) -> str:
-        return f"key-value commands of slot {slot}"
-
-    def on_applied(self, slot: int) -> None:
-        pass
-
-    def leader_duties(self, propose) -> None:
-        pass
-
-    def role_changed(self, leader: bool, now: float) -> None:
-        pass
-
-    def drain_contacts(self) -> list[int]:
-        return []
-
-    def merge_contacts(self, cids: list[int], now: float) -> None:
-        pass
 
 
 SMALL_WRITE = 16 * 1024  # bytes of values up to which a synced write may stay in the loop
@@ -181,49 +112,6 @@ def tune_gc() -> None:
     """
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
-
-
-def parse_peers(text: str) -> tuple[tuple[str, int], ...]:
-    """``"h1:p1,h2:p2,h3:p3"`` -> ((h1, p1), ...); raises ValueError with the bad part named."""
-    peers = []
-    for part in text.split(","):
-        part = part.strip()
-        host, sep, port = part.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"bad peer address {part!r}: expected HOST:PORT")
-        peers.append((host, int(port)))
-    if len(peers) not in (1, 3, 5, 7):
-        raise ValueError(f"{len(peers)} peers given: a cluster has 3 or 5 replicas (1 for a toy)")
-    if len(set(peers)) != len(peers):
-        raise ValueError("the same address appears twice in --peers")
-    return tuple(peers)
-
-
-@attrs.frozen(kw_only=True)
-class ReplicaConfig:
-    """Everything one replica process needs; validated at construction."""
-
-    rid: int
-    peers: tuple[tuple[str, int], ...]
-    data_dir: Path
-    secret: bytes
-    cluster: str = "default"
-    fsync: bool = True
-    paxos: PaxosConfig | None = None
-    snapshot_every: int = 20_000  # applied slots between snapshots
-    digest_every: int = 16  # slots between digest comparisons
-    tick_every: float = 0.005  # seconds between clock readings fed to the core
-    max_frame: int = wire.MAX_FRAME_DEFAULT
-
-    def __attrs_post_init__(self) -> None:
-        if not 0 <= self.rid < len(self.peers):
-            raise ValueError(f"--id {self.rid} does not index into the {len(self.peers)} peers given")
-        if self.paxos is not None and self.paxos.replicas != len(self.peers):
-            raise ValueError("paxos.replicas must equal the number of peers")
-
-    @property
-    def paxos_config(self) -> PaxosConfig:
-        return self.paxos or PaxosConfig(replicas=len(self.peers))
 
 
 @attrs.define(eq=False)

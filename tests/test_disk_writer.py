@@ -129,7 +129,8 @@ async def test_a_replica_whose_disk_fails_stops_with_the_storage_error(tmp_path,
     import sqlite3
 
     from tasksprint.log_client import LogClient, Unavailable
-    from tasksprint.replica import Replica, ReplicaConfig
+    from tasksprint.config import ReplicaConfig
+    from tasksprint.replica import Replica
 
     writes = 0
     real_write = Storage.write

@@ -18,7 +18,8 @@ from tasksprint.machine import Applier, KVMachine
 from tasksprint.paxos.core import Ready, Role
 from tasksprint.paxos.durable import SaveAccepted, SaveChosen
 from tasksprint.paxos.messages import Ballot, Batch, Command, Heartbeat
-from tasksprint.replica import Outbox, Replica, ReplicaConfig
+from tasksprint.config import ReplicaConfig
+from tasksprint.replica import Outbox, Replica
 
 B = Ballot(1, 0)
 

@@ -204,7 +204,7 @@ def _whatif_client(w: dict[str, str]) -> None:
 
 
 def _install_replica() -> None:
-    from tasksprint import codec, coordinator_app, coordinator_machine, machine, replica, storage
+    from tasksprint import app, codec, coordinator_app, coordinator_machine, machine, replica, storage
     from tasksprint.api import Submit
 
     try:
@@ -254,7 +254,7 @@ def _install_replica() -> None:
         t = _clock()
         try:
             out = query(self, name, args)
-        except replica.NotYet:
+        except app.NotYet:
             _note(f"query.{name} parked", _clock() - t)
             raise
         _note(f"query.{name}", _clock() - t)

@@ -1,0 +1,58 @@
+"""Configuration values and their parsing: peer lists, one replica's settings.
+
+Shared by the replica and by every command that talks to a cluster (client,
+``status``, ``info``, ``cancel``), so none of them imports the replica's
+driver to read an address list.  No I/O here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+
+from tasksprint import wire
+from tasksprint.paxos.core import PaxosConfig
+
+
+def parse_peers(text: str) -> tuple[tuple[str, int], ...]:
+    """``"h1:p1,h2:p2,h3:p3"`` -> ((h1, p1), ...); raises ValueError with the bad part named."""
+    peers = []
+    for part in text.split(","):
+        part = part.strip()
+        host, sep, port = part.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"bad peer address {part!r}: expected HOST:PORT")
+        peers.append((host, int(port)))
+    if len(peers) not in (1, 3, 5, 7):
+        raise ValueError(f"{len(peers)} peers given: a cluster has 3 or 5 replicas (1 for a toy)")
+    if len(set(peers)) != len(peers):
+        raise ValueError("the same address appears twice in --peers")
+    return tuple(peers)
+
+
+@attrs.frozen(kw_only=True)
+class ReplicaConfig:
+    """Everything one replica process needs; validated at construction."""
+
+    rid: int
+    peers: tuple[tuple[str, int], ...]
+    data_dir: Path
+    secret: bytes
+    cluster: str = "default"
+    fsync: bool = True
+    paxos: PaxosConfig | None = None
+    snapshot_every: int = 20_000  # applied slots between snapshots
+    digest_every: int = 16  # slots between digest comparisons
+    tick_every: float = 0.005  # seconds between clock readings fed to the core
+    max_frame: int = wire.MAX_FRAME_DEFAULT
+
+    def __attrs_post_init__(self) -> None:
+        if not 0 <= self.rid < len(self.peers):
+            raise ValueError(f"--id {self.rid} does not index into the {len(self.peers)} peers given")
+        if self.paxos is not None and self.paxos.replicas != len(self.peers):
+            raise ValueError("paxos.replicas must equal the number of peers")
+
+    @property
+    def paxos_config(self) -> PaxosConfig:
+        return self.paxos or PaxosConfig(replicas=len(self.peers))
