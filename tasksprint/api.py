@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 
-from tasksprint.codec import register, tuple_of
+from tasksprint.codec import message, tuple_of
 from tasksprint.paxos.messages import Command, CommandBlock
 
 _int = attrs.validators.instance_of(int)
@@ -28,14 +28,12 @@ _opt_int = attrs.validators.optional(_int)
 _opt_num = attrs.validators.optional(attrs.validators.instance_of((int, float)))
 
 
-@register
-@attrs.frozen(kw_only=True)
+@message
 class Submit:
     command: Command = attrs.field(validator=attrs.validators.instance_of(Command))
 
 
-@register
-@attrs.frozen(kw_only=True)
+@message
 class Result:
     client_id: str = attrs.field(validator=_str)
     seq: int = attrs.field(validator=_int)
@@ -48,16 +46,14 @@ class Result:
     duplicate: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
 
 
-@register
-@attrs.frozen(kw_only=True)
+@message
 class SubmitBlock:
     """Several commands of one client in one message (see :class:`CommandBlock`)."""
 
     block: CommandBlock = attrs.field(validator=attrs.validators.instance_of(CommandBlock))
 
 
-@register
-@attrs.frozen(kw_only=True)
+@message
 class BlockResult:
     """The answer to a :class:`SubmitBlock`: one result per command, in order.
 
@@ -74,8 +70,7 @@ class BlockResult:
     forgotten: tuple = attrs.field(default=(), converter=tuple_of(lambda i: isinstance(i, int)))
 
 
-@register
-@attrs.frozen(kw_only=True)
+@message
 class Retry:
     """Not applied now; try again (at ``leader`` if given)."""
 
@@ -85,14 +80,12 @@ class Retry:
     leader: int | None = attrs.field(default=None, validator=_opt_int)
 
 
-@register
-@attrs.frozen(kw_only=True)
+@message
 class StatusQuery:
     pass
 
 
-@register
-@attrs.frozen(kw_only=True)
+@message
 class ReplicaStatus:
     rid: int = attrs.field(validator=_int)
     role: str = attrs.field(validator=_str)
@@ -109,8 +102,7 @@ class ReplicaStatus:
     commit_samples: int = attrs.field(default=0, validator=_int)
 
 
-@register
-@attrs.frozen(kw_only=True)
+@message
 class Query:
     """A read-only question for the replica's state machine (not logged)."""
 
@@ -118,16 +110,14 @@ class Query:
     args: dict = attrs.field(factory=dict, validator=attrs.validators.instance_of(dict))
 
 
-@register
-@attrs.frozen(kw_only=True)
+@message
 class QueryReply:
     name: str = attrs.field(validator=_str)
     result: Any = None
     error: str = attrs.field(default="", validator=_str)
 
 
-@register
-@attrs.frozen(kw_only=True)
+@message
 class PeerDigest:
     """Between replicas: the running digest after applying ``slot``."""
 
@@ -135,8 +125,7 @@ class PeerDigest:
     digest: bytes = attrs.field(validator=attrs.validators.instance_of(bytes))
 
 
-@register
-@attrs.frozen(kw_only=True)
+@message
 class ClientsSeen:
     """Between replicas: worker clients (by cid) that talked to the sender lately.
 
@@ -147,8 +136,7 @@ class ClientsSeen:
     cids: tuple = attrs.field(converter=tuple_of(lambda c: isinstance(c, int)))
 
 
-@register
-@attrs.frozen(kw_only=True)
+@message
 class Fetch:
     """Between worker clients: send me task ``tid``'s output ``key`` (all outputs if None)."""
 
@@ -156,8 +144,7 @@ class Fetch:
     key: str | None = attrs.field(default=None, validator=attrs.validators.optional(_str))
 
 
-@register
-@attrs.frozen(kw_only=True)
+@message
 class FetchReply:
     tid: int = attrs.field(validator=_int)
     found: bool = attrs.field(validator=attrs.validators.instance_of(bool))

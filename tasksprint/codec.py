@@ -20,7 +20,7 @@ from typing import Any, Callable, TypeVar
 import attrs
 import cbor2
 
-__all__ = ["BadMessage", "register", "encode", "decode", "decode_untrusted", "OBJECT_TAG"]
+__all__ = ["BadMessage", "message", "register", "encode", "decode", "decode_untrusted", "OBJECT_TAG"]
 
 #: CBOR tag number for a registered object (in the first-come-first-served range).
 OBJECT_TAG = 55799 + 4242
@@ -55,6 +55,19 @@ def register(cls: T) -> T:
     getter = operator.attrgetter(*names) if len(names) > 1 else (lambda v, n=names: tuple(getattr(v, x) for x in n))
     _encoders[cls] = (name, getter, "_cbor" in attrs.fields_dict(cls))
     return cls
+
+
+def message(cls: T) -> T:
+    """Class decorator declaring a message: a frozen, keyword-only attrs class, registered.
+
+    The one way to declare a value that crosses a process boundary::
+
+        @message
+        class Heartbeat:
+            ballot: Ballot
+            commit: int = attrs.field(validator=non_negative)
+    """
+    return register(attrs.frozen(kw_only=True)(cls))
 
 
 def _default(encoder: cbor2.CBOREncoder, value: Any) -> None:

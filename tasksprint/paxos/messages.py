@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from tasksprint.codec import BadMessage, decode_untrusted, encode, register, tuple_of
+from tasksprint.codec import BadMessage, decode_untrusted, encode, message, register, tuple_of
 
 _int = attrs.validators.instance_of(int)
 _bool = attrs.validators.instance_of(bool)
@@ -55,8 +55,7 @@ def _ballot(_inst: Any, attr: attrs.Attribute, value: Any) -> None:
 # Log values
 
 
-@register
-@attrs.frozen(kw_only=True)
+@message
 class Command:
     """A client command.
 
@@ -76,8 +75,7 @@ class Command:
         return ("command", self.client_id, self.seq)
 
 
-@register
-@attrs.frozen(kw_only=True)
+@message
 class Tick:
     """The leader's clock reading, the only time the state machine sees.
 
@@ -89,8 +87,7 @@ class Tick:
     data: Any = None
 
 
-@register
-@attrs.frozen(kw_only=True)
+@message
 class CommandBlock:
     """Consecutive commands of one client: seqs ``first_seq``, ``first_seq + 1``, ...
 
@@ -142,8 +139,7 @@ def _command_or_tick(value: Any) -> bool:
     return isinstance(value, (Command, CommandBlock, Tick))
 
 
-@register
-@attrs.frozen(kw_only=True)
+@message
 class Batch:
     """The value of one log slot: commands applied in order. Empty is a no-op.
 
@@ -163,8 +159,7 @@ def _batch(_inst: Any, attr: attrs.Attribute, value: Any) -> None:
         raise TypeError(f"{attr.name} must be a Batch, got {type(value).__name__}")
 
 
-@register
-@attrs.frozen(kw_only=True)
+@message
 class Proposal:
     """A value proposed for a slot (in Accept) or known chosen (in Promise, Catchup)."""
 
@@ -172,8 +167,7 @@ class Proposal:
     value: Batch = attrs.field(validator=_batch)
 
 
-@register
-@attrs.frozen(kw_only=True)
+@message
 class AcceptedValue:
     """What an acceptor accepted for a slot, reported in a Promise."""
 
@@ -190,8 +184,7 @@ def _is(cls: type):
 # Messages between replicas
 
 
-@register
-@attrs.frozen(kw_only=True)
+@message
 class PreVote:
     """Would you support an election? Sent before bumping any ballot, so a
     replica that was cut off cannot depose a healthy leader."""
@@ -200,15 +193,13 @@ class PreVote:
     commit: int = attrs.field(validator=_nonneg)
 
 
-@register
-@attrs.frozen(kw_only=True)
+@message
 class PreVoteReply:
     round: int = attrs.field(validator=_nonneg)
     granted: bool = attrs.field(validator=_bool)
 
 
-@register
-@attrs.frozen(kw_only=True)
+@message
 class Prepare:
     """Phase 1a for every slot from ``from_slot`` on."""
 
@@ -216,8 +207,7 @@ class Prepare:
     from_slot: int = attrs.field(validator=_slot)
 
 
-@register
-@attrs.frozen(kw_only=True)
+@message
 class Promise:
     """Phase 1b. ``log_start`` is the first slot the acceptor still holds; if it
     is past the candidate's ``from_slot`` the candidate is too far behind to
@@ -229,8 +219,7 @@ class Promise:
     chosen: tuple = attrs.field(default=(), converter=tuple_of(_is(Proposal)))
 
 
-@register
-@attrs.frozen(kw_only=True)
+@message
 class Accept:
     """Phase 2a for several slots at once; ``commit`` piggybacks the leader's commit index.
 
@@ -243,8 +232,7 @@ class Accept:
     _cbor: bytes | None = attrs.field(init=False, default=None, eq=False, repr=False)
 
 
-@register
-@attrs.frozen(kw_only=True)
+@message
 class Accepted:
     """Phase 2b: the acceptor accepted (and persisted) these slots at ``ballot``."""
 
@@ -252,8 +240,7 @@ class Accepted:
     slots: tuple = attrs.field(converter=tuple_of(lambda s: isinstance(s, int) and s >= 1))
 
 
-@register
-@attrs.frozen(kw_only=True)
+@message
 class Nack:
     """Refusal of ``ballot`` because the sender promised ``promised``."""
 
@@ -261,8 +248,7 @@ class Nack:
     promised: Ballot = attrs.field(validator=_ballot)
 
 
-@register
-@attrs.frozen(kw_only=True)
+@message
 class Heartbeat:
     """Leader liveness and commit index. ``phase1_top`` is the highest slot the
     leader's phase 1 found in use (recovering replicas wait for it)."""
@@ -272,23 +258,20 @@ class Heartbeat:
     phase1_top: int = attrs.field(validator=_nonneg)
 
 
-@register
-@attrs.frozen(kw_only=True)
+@message
 class HeartbeatAck:
     ballot: Ballot = attrs.field(validator=_ballot)
     commit: int = attrs.field(validator=_nonneg)
 
 
-@register
-@attrs.frozen(kw_only=True)
+@message
 class CatchupRequest:
     """Send me chosen entries from ``from_slot`` on."""
 
     from_slot: int = attrs.field(validator=_slot)
 
 
-@register
-@attrs.frozen(kw_only=True)
+@message
 class CatchupReply:
     """Chosen entries, contiguous from the requested slot."""
 
@@ -296,8 +279,7 @@ class CatchupReply:
     commit: int = attrs.field(validator=_nonneg)
 
 
-@register
-@attrs.frozen(kw_only=True)
+@message
 class SnapshotInstall:
     """The applied state at ``index`` for a replica too far behind for entries."""
 
@@ -305,24 +287,21 @@ class SnapshotInstall:
     data: bytes = attrs.field(validator=attrs.validators.instance_of(bytes))
 
 
-@register
-@attrs.frozen(kw_only=True)
+@message
 class Forward:
     """Commands a non-leader passes to the leader it knows."""
 
     items: tuple = attrs.field(converter=tuple_of(_command_or_tick))
 
 
-@register
-@attrs.frozen(kw_only=True)
+@message
 class RecoverQuery:
     """From a replica whose data directory is empty: what have you promised?"""
 
     nonce: int = attrs.field(validator=_nonneg)
 
 
-@register
-@attrs.frozen(kw_only=True)
+@message
 class RecoverReply:
     nonce: int = attrs.field(validator=_nonneg)
     promised: Ballot = attrs.field(validator=_ballot)
