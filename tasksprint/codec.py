@@ -108,7 +108,33 @@ def _decode_object(body: Any, _immutable: bool = False) -> Any:
         raise BadMessage(f"invalid {body[0]}: {exc}") from None
 
 
-_SEMANTIC = {OBJECT_TAG: _decode_object}
+_REFUSED = "CBOR tag not allowed"
+
+
+def _refuse_tag(*_args: Any) -> Any:
+    raise BadMessage(_REFUSED)
+
+
+#: Nesting of arrays and maps a decoder follows before refusing the data.
+MAX_DEPTH = 64
+
+# cbor2 decodes many tags itself (shared references 28/29, sets, bignums,
+# decimals, datetimes, regexes, MIME, UUIDs, IP addresses...).  Some of them
+# cost without bound: a shared-reference DAG hashed as a map key is
+# exponential, a decimal with a huge exponent takes minutes to convert.  Our
+# encoder writes none of them, so every tag below 2**16 but ours is refused
+# here; larger ones reach ``_tag_hook``, which refuses them too.
+_SEMANTIC: dict[int, Callable[..., Any]] = {tag: _refuse_tag for tag in range(1 << 16)}
+_SEMANTIC[OBJECT_TAG] = _decode_object
+# Canonical encodings never hold indefinite lengths or a key twice, and a
+# nesting deeper than MAX_DEPTH is no message of ours.
+_STRICT = dict(
+    tag_hook=_tag_hook,
+    semantic_decoders=_SEMANTIC,
+    max_depth=MAX_DEPTH,
+    allow_indefinite=False,
+    allow_duplicate_keys=False,
+)
 
 
 def encode(value: Any) -> bytes:
@@ -117,26 +143,30 @@ def encode(value: Any) -> bytes:
 
 
 def decode(data: bytes) -> Any:
-    """Decode bytes this process (or a trusted file) produced."""
-    return cbor2.loads(data, tag_hook=_tag_hook, semantic_decoders=_SEMANTIC)
+    """Decode bytes this process (or a trusted file) produced, with the same strict rules."""
+    return cbor2.loads(data, **_STRICT)
 
 
 def decode_untrusted(data: bytes) -> Any:
     """Decode bytes from the network; any problem raises :class:`BadMessage`.
 
+    Only plain CBOR data and our own tag (``OBJECT_TAG``) are accepted, nested
+    at most ``MAX_DEPTH`` deep, with definite lengths and no repeated map key.
     The bytes must hold exactly one CBOR item: trailing bytes are refused, so
     a frame cannot smuggle data past the decoder.
     """
     try:
         fp = io.BytesIO(data)
-        value = cbor2.CBORDecoder(fp, tag_hook=_tag_hook, semantic_decoders=_SEMANTIC).decode()
+        value = cbor2.CBORDecoder(fp, **_STRICT).decode()
         if fp.tell() != len(data):
             raise BadMessage(f"{len(data) - fp.tell()} trailing bytes after the CBOR item")
         return value
     except BadMessage:
         raise
     except Exception as exc:  # cbor2 raises several types on garbage
-        if isinstance(exc.__cause__, BadMessage):  # raised by our tag hook, wrapped by cbor2
+        if isinstance(exc.__cause__, BadMessage):  # raised by our hooks, wrapped by cbor2
+            if exc.__cause__.args == (_REFUSED,):
+                raise BadMessage(f"{_REFUSED}: {exc}") from None
             raise BadMessage(str(exc.__cause__)) from None
         raise BadMessage(f"undecodable CBOR: {exc}") from None
 
