@@ -293,13 +293,16 @@ def parse_status_line(line: str) -> StatusRecord | None:
     if len(fields) != _FIELDS:
         raise StatusLineError(f"{len(fields)} tab-separated fields, not {_FIELDS}")
     flags, task_id, line_no, repeat, node, pid, code, _elapsed, start, finish, ob, od, eb, ed, command = fields
-    if command.startswith("b'"):
+    if command.startswith("b'") or (command.startswith('b"') and _STR_LITERAL.fullmatch(command)):
+        # A command that is not UTF-8 was written as its bytes literal.  disBatch
+        # reads back only the b'...' form, so a command holding ' (written b"...")
+        # never matched on resume; both forms are read here.
         literal = _literal(command, "command")
         if not isinstance(literal, bytes):
             raise StatusLineError("command starting b' is not a bytes literal")
         command_bytes = literal
     else:
-        command_bytes = command.encode("utf-8", "surrogateescape")
+        command_bytes = command.encode("utf-8")
     return StatusRecord(
         kind=_kind(flags),
         task_id=_int(task_id, "task id"),
