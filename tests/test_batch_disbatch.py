@@ -13,9 +13,9 @@ import logging
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -40,7 +40,14 @@ from tasksprint.batch.statusfile import (
     resume_index,
     snippet,
 )
-from tasksprint.batch.taskfile import Barrier, PerEngine, Task, TaskFile, TaskFileError, parse_taskfile
+from tasksprint.batch.taskfile import (
+    Barrier,
+    PerEngine,
+    Task,
+    TaskFile,
+    TaskFileError,
+    parse_taskfile,
+)
 
 disbatch = pytest.importorskip("disbatch.disBatch")
 
@@ -69,7 +76,8 @@ def quiet_disbatch() -> Iterator[None]:
 
 def disbatch_read(data: bytes) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
     """disBatch's reading of ``data``: (tasks and barriers in order, PERENGINE commands)."""
-    ordered, per_engine = [], []
+    ordered: list[tuple[object, ...]] = []
+    per_engine: list[tuple[object, ...]] = []
     for t in disbatch.TaskGenerator(iter(io.BytesIO(data))):
         if t.kind == "N":
             ordered.append(("task", t.taskId, t.taskStreamIndex, t.taskRepIndex, t.taskCmd))
@@ -114,9 +122,9 @@ def task_file_lines(draw: st.DrawFn) -> bytes:
 @given(st.lists(task_file_lines(), max_size=20), st.booleans())
 def test_task_files_read_as_disbatch_reads_them(lines: list[bytes], final_newline: bool) -> None:
     data = b"\n".join(lines) + (b"\n" if final_newline and lines else b"")
+    error: TaskFileError | None = None
     try:
         ours = our_read(parse_taskfile(data, name="Tasks", max_tasks=5000))
-        error = None
     except TaskFileError as e:
         # A misplaced PERENGINE is checked below; too many tasks would only make disBatch slow.
         assume("PERENGINE" in e.reason)
@@ -128,8 +136,7 @@ def test_task_files_read_as_disbatch_reads_them(lines: list[bytes], final_newlin
         assume(False)
     if error is not None:
         # disBatch logs a misplaced PERENGINE and stops reading there.
-        e = error
-        before = b"".join(line + b"\n" for line in data.split(b"\n")[: e.line - 1])
+        before = b"".join(line + b"\n" for line in data.split(b"\n")[: error.line - 1])
         assert our_read(parse_taskfile(before, name="Tasks")) == expected
     else:
         assert ours == expected
@@ -183,12 +190,13 @@ def test_status_lines_are_read_as_disbatch_reads_them(record: StatusRecord) -> N
 
 def disbatch_snippet(data: bytes) -> str:
     read_end, write_end = os.pipe()
-    writer = threading.Thread(target=lambda: (os.write(write_end, data), os.close(write_end)))
-    writer.start()
+    # The data fits in the pipe's buffer, so it is all written before disBatch reads.
+    assert len(data) < 16384
+    os.write(write_end, data)
+    os.close(write_end)
     with os.fdopen(read_end, "rb") as pipe:
         collector = disbatch.OutputCollector(pipe, 40, 40)
         collector.stop()
-    writer.join()
     assert collector.bytes == len(data)
     return collector.data().decode("utf-8", "replace")
 
@@ -305,7 +313,7 @@ TASK_FILE = b"".join(
 def run_disbatch(directory: Path, prefix: str, *args: str) -> Path:
     result = subprocess.run(
         [sys.executable, "-m", "disbatch", "-s", "localhost:2", "-p", prefix, *args, "Tasks"],
-        cwd=directory, capture_output=True, timeout=300, stdin=subprocess.DEVNULL,
+        check=False, cwd=directory, capture_output=True, timeout=300, stdin=subprocess.DEVNULL,
     )
     status = directory / f"{prefix}_status.txt"
     if not status.exists():
@@ -332,16 +340,16 @@ def check_fields(ours: str, theirs: str) -> None:
 
 def run_locally(command: bytes, env: dict[str, str], directory: Path) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(["/bin/bash", "-c", command], env={**os.environ, **env}, cwd=directory,
-                          capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+                          check=False, capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
 
 
 @pytest.mark.slow
 def test_every_status_field_matches_a_real_disbatch_run(real_run: tuple[Path, Path, Path], tmp_path: Path) -> None:
-    directory, first, _ = real_run
+    _, first, _ = real_run
     lines = first.read_text(encoding="utf-8").splitlines()
     assert lines[0] == STATUS_HEADER
     tf = parse_taskfile(TASK_FILE, name="Tasks")
-    env_of = {"job_id": "run1", "taskfile_name": "Tasks", "engine_rank": 0, "cores_per_task": 1}
+    env_of: dict[str, Any] = {"job_id": "run1", "taskfile_name": "Tasks", "engine_rank": 0, "cores_per_task": 1}
     seen = set()
     for line in lines[1:]:
         theirs = parse_status_line(line)

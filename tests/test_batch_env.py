@@ -6,7 +6,14 @@ import datetime
 
 import pytest
 
-from tasksprint.batch.env import cores_per_task, job_id, run_name, slots_per_engine, task_environment, taskfile_name
+from tasksprint.batch.env import (
+    cores_per_task,
+    job_id,
+    run_name,
+    slots_per_engine,
+    task_environment,
+    taskfile_name,
+)
 from tasksprint.batch.taskfile import EngineEvent, PerEngine, Task
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 import pytest
 from hypothesis import given, settings
@@ -29,7 +31,7 @@ from tasksprint.batch.taskfile import Barrier, EngineEvent, PerEngine, Task
 TASK = Task(task_id=314, line=315, repeat_index=-1, command=b"cd /w ; myprog -a 3 > task_3.log 2>&1")
 
 
-def outcome(**changes: object) -> Outcome:
+def outcome(**changes: Any) -> Outcome:
     base = Outcome(node="worker032", pid=8016, exit_code=0, start=1458660919.78, finish=1458660929.83)
     return attrs.evolve(base, **changes)
 
@@ -54,7 +56,7 @@ def test_a_task_line_has_the_fifteen_fields_of_the_manual() -> None:
         ({"exit_code": 1, "out_bytes": 5, "err_bytes": 2}, "ROE "),
     ],
 )
-def test_task_flags_say_exit_code_and_leaked_output(changes: dict[str, object], flags: str) -> None:
+def test_task_flags_say_exit_code_and_leaked_output(changes: dict[str, Any], flags: str) -> None:
     assert outcome(**changes).record(TASK).flags == flags
 
 
@@ -103,7 +105,7 @@ def test_the_header_line() -> None:
     assert parse_status_line(STATUS_HEADER) is None
 
 
-_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=60)
+_TEXT = st.text(st.characters(exclude_categories=["Cs"]), max_size=60)
 _MILLIS = st.integers(0, 4_000_000_000_000).map(lambda ms: ms / 1000)
 
 
@@ -190,7 +192,7 @@ def test_arbitrary_bytes_never_crash_the_status_reader(data: bytes) -> None:
 # Resume: -r, -R and --force-resume.
 
 
-def line_record(task: Task, exit_code: int, **changes: object) -> StatusRecord:
+def line_record(task: Task, exit_code: int, **changes: Any) -> StatusRecord:
     return attrs.evolve(outcome(exit_code=exit_code).record(task), **changes)
 
 
@@ -245,7 +247,7 @@ def test_ties_keep_the_first_line() -> None:
     "changed",
     [{"command": b"touch B"}, {"line": 9}, {"repeat_index": 4}],
 )
-def test_a_skipped_task_must_match_unless_forced(changed: dict[str, object]) -> None:
+def test_a_skipped_task_must_match_unless_forced(changed: dict[str, Any]) -> None:
     old = Task(task_id=0, line=1, repeat_index=-1, command=b"touch A")
     earlier = resume_index([parse_status_file(file_of(line_record(old, 0)))])
     new = attrs.evolve(old, **changed)

@@ -64,11 +64,9 @@ __all__ = [
     "snippet",
 ]
 
-STATUS_HEADER = "\t".join(
-    [
-        "ROE[ PSZ]", "TaskID", "LineNum", "RepeatIndex", "Node", "PID", "ReturnCode", "Elapsed", "Start",
-        "Finish", "BytesOfLeakedOutput", "OutputSnippet", "BytesOfLeakedError", "ErrorSnippet", "Command",
-    ]
+STATUS_HEADER = (
+    "ROE[ PSZ]\tTaskID\tLineNum\tRepeatIndex\tNode\tPID\tReturnCode\tElapsed\tStart\tFinish\t"
+    "BytesOfLeakedOutput\tOutputSnippet\tBytesOfLeakedError\tErrorSnippet\tCommand"
 )
 _FIELDS = 15
 
@@ -237,7 +235,7 @@ class StatusLineError(ValueError):
 _INT = re.compile(r"[+-]?[0-9]{1,30}")
 _FLOAT = re.compile(r"[+-]?(?:[0-9]{1,30}(?:\.[0-9]{0,30})?|\.[0-9]{1,30})(?:[eE][+-]?[0-9]{1,4})?")
 # A Python string or bytes literal as repr writes it: one quote kind, escapes.
-_STR_LITERAL = re.compile(r"""[bB]?(?:'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*")""", re.S)
+_STR_LITERAL = re.compile(r"""[bB]?(?:'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*")""", re.DOTALL)
 
 
 def _int(text: str, field: str) -> int:

@@ -52,8 +52,8 @@ from collections.abc import Iterator
 import attrs
 
 __all__ = [
-    "Barrier",
     "DEFAULT_MAX_TASKS",
+    "Barrier",
     "EngineEvent",
     "Notice",
     "PerEngine",
@@ -216,9 +216,9 @@ def _first_id(entry: Entry) -> int:
 # upper-case word '#DISBATCH' are never comments; the callers check that first.
 _COMMENT = re.compile(rb"\s*(?:#|\Z)")
 _DIRECTIVE = b"#DISBATCH"
-_PERENGINE = re.compile(rb"\#DISBATCH[ ]PERENGINE[ ](START|STOP)[ ](.*)", re.I | re.X | re.S)
-_PREFIX = re.compile(rb"\#DISBATCH[ ]PREFIX[ ](.*)", re.I | re.X | re.S)
-_SUFFIX = re.compile(rb"\#DISBATCH[ ]SUFFIX[ ](.*)", re.I | re.X | re.S)
+_PERENGINE = re.compile(rb"\#DISBATCH[ ]PERENGINE[ ](START|STOP)[ ](.*)", re.IGNORECASE | re.VERBOSE | re.DOTALL)
+_PREFIX = re.compile(rb"\#DISBATCH[ ]PREFIX[ ](.*)", re.IGNORECASE | re.VERBOSE | re.DOTALL)
+_SUFFIX = re.compile(rb"\#DISBATCH[ ]SUFFIX[ ](.*)", re.IGNORECASE | re.VERBOSE | re.DOTALL)
 _REPEAT = re.compile(
     rb"""
     \#DISBATCH[ ]REPEAT \s+ (?P<count>[0-9]+)
@@ -227,7 +227,7 @@ _REPEAT = re.compile(
     (?: [ ] (?P<command>.+) )?
     \s* \Z
     """,
-    re.I | re.X | re.S,
+    re.IGNORECASE | re.VERBOSE | re.DOTALL,
 )
 _BARRIER = b"#DISBATCH BARRIER"
 
@@ -244,16 +244,16 @@ class TaskFileReader:
 
     _name: str
     _max_tasks: int = DEFAULT_MAX_TASKS
-    _line: int = 0
-    _next_id: int = 0
-    _prefix: bytes = b""
-    _suffix: bytes = b""
-    _engine_counts: dict[EngineEvent, int] = attrs.field(factory=lambda: dict.fromkeys(EngineEvent, 0))
-    _engine_lists_closed: bool = False
-    _broken: TaskFileError | None = None
-    _entries: list[Entry] = attrs.field(factory=list)
-    _per_engine: list[PerEngine] = attrs.field(factory=list)
-    _notices: list[Notice] = attrs.field(factory=list)
+    _line: int = attrs.field(default=0, init=False)
+    _next_id: int = attrs.field(default=0, init=False)
+    _prefix: bytes = attrs.field(default=b"", init=False)
+    _suffix: bytes = attrs.field(default=b"", init=False)
+    _engine_counts: dict[EngineEvent, int] = attrs.field(factory=lambda: dict.fromkeys(EngineEvent, 0), init=False)
+    _engine_lists_closed: bool = attrs.field(default=False, init=False)
+    _broken: TaskFileError | None = attrs.field(default=None, init=False)
+    _entries: list[Entry] = attrs.field(factory=list, init=False)
+    _per_engine: list[PerEngine] = attrs.field(factory=list, init=False)
+    _notices: list[Notice] = attrs.field(factory=list, init=False)
 
     @property
     def engine_lists_closed(self) -> bool:
@@ -330,8 +330,9 @@ class TaskFileReader:
                 )
                 return
         # A task (a line such as '#DISBATCHX' is one too: bash reads it as a comment).
-        added.append(self._add(Task(task_id=self._next_id, line=self._line, repeat_index=-1,
-                                    command=self._command(piece))))
+        task = Task(task_id=self._next_id, line=self._line, repeat_index=-1, command=self._command(piece))
+        self._add(task)
+        added.append(task)
 
     def _per_engine_command(self, m: re.Match[bytes]) -> PerEngine:
         if self._engine_lists_closed:
@@ -370,13 +371,14 @@ class TaskFileReader:
         if check:
             rest = rest[len(b" CHECK"):]
         key = rest[1:] if rest.startswith(b" ") else None
-        return self._add(Barrier(task_id=self._next_id, line=self._line, check=check, key=key, text=piece))
+        barrier = Barrier(task_id=self._next_id, line=self._line, check=check, key=key, text=piece)
+        self._add(barrier)
+        return barrier
 
-    def _add(self, entry: Task | Barrier) -> Task | Barrier:
+    def _add(self, entry: Task | Barrier) -> None:
         self._reserve(1)
         self._entries.append(entry)
         self._next_id += 1
-        return entry
 
     def _reserve(self, count: int) -> None:
         if self._next_id + count > self._max_tasks:
