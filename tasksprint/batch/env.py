@@ -13,7 +13,8 @@ disBatch sets, for every task and PERENGINE command:
   ``DISBATCH_CYLINDER_RANK`` (the engine's slot running it, -1 for
   PERENGINE commands);
 * ``DISBATCH_CORES_PER_TASK``: the engine's cores divided (integer
-  division) by its slots.
+  division) by its slots (under Slurm with ``-c``, disBatch gives the
+  integer part of ``-c`` instead; the caller passes that).
 
 A PERENGINE command gets its START/STOP index as ``DISBATCH_TASKID``.
 """
