@@ -64,7 +64,8 @@ import trio
 from tasksprint import wire
 from tasksprint.api import Fetch, FetchReply, Query, QueryReply
 from tasksprint.log_client import LogClient
-from tasksprint.nodehost import NodePool, TaskRequest
+from tasksprint.node_pool import NodePool
+from tasksprint.node_protocol import TaskRequest
 
 log = structlog.get_logger("tasksprint.client")
 
