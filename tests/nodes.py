@@ -144,6 +144,23 @@ def request(tid: int, name: str, *args: Any, attempt: int = 0, timeout: float | 
                        kwargs=kwargs or {}, seed=seed, timeout=timeout)
 
 
+def children() -> set[int]:
+    """Process ids whose parent is this process, zombies included."""
+    found = set()
+    me = os.getpid()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        # Fields after the command (which may hold spaces): state, ppid, ...
+        if int(stat.rsplit(")", 1)[1].split()[1]) == me:
+            found.add(int(entry.name))
+    return found
+
+
 def assert_reaped(pids: set[int]) -> None:
     """Each pid is no longer a child of this process: it exited and was reaped."""
     assert pids
