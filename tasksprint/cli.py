@@ -280,7 +280,7 @@ def _query_any(addrs: list, secret: bytes, name: str, query_args: dict) -> Any:
 
 def _cmd_client(args: argparse.Namespace) -> int:
     from tasksprint.client import Client, ClientConfig
-    from tasksprint.nodehost import NodeStartError
+    from tasksprint.node_process import NodeStartError
     from tasksprint.config import parse_peers
 
     try:

@@ -64,7 +64,8 @@ import trio
 from tasksprint import wire
 from tasksprint.api import Fetch, FetchReply, Query, QueryReply
 from tasksprint.log_client import LogClient
-from tasksprint.nodehost import NodePool, TaskRequest
+from tasksprint.node_pool import NodePool
+from tasksprint.node_protocol import TaskRequest
 
 log = structlog.get_logger("tasksprint.client")
 
@@ -307,7 +308,7 @@ class _QueryChannel:
         if self._conn is None:
             host, port = self.addrs[self._i]
             with trio.fail_after(2.0):
-                self._conn = await wire.connect(host, port, secret=self.secret, role="client", ident=self.ident)
+                self._conn = await wire.connect(host, port, wire.Endpoint(secret=self.secret, role="client", ident=self.ident))
         conn = self._conn
         try:
             with trio.fail_after(timeout):
@@ -385,9 +386,7 @@ class Client:
                         self._serve_data,
                         cfg.data_host,
                         cfg.data_port,
-                        secret=cfg.secret,
-                        role="data",
-                        ident=cfg.name,
+                        wire.Endpoint(secret=cfg.secret, role="data", ident=cfg.name),
                         task_status=task_status,
                     )
                 )
@@ -737,7 +736,7 @@ class Client:
             host, _, port = addr.rpartition(":")
             with trio.fail_after(10.0):
                 conn = await wire.connect(
-                    host, int(port), secret=self.config.secret, role="client", ident=self.config.name
+                    host, int(port), wire.Endpoint(secret=self.config.secret, role="client", ident=self.config.name)
                 )
             link = self._links[addr] = _PeerLink(conn)
             assert self._nursery is not None

@@ -147,7 +147,7 @@ class LogClient:
         """Ask one replica (default: the current target) for its status on a fresh connection."""
         host, port = addr or self.target
         with trio.fail_after(timeout):
-            conn = await wire.connect(host, port, secret=self.secret, role="client", ident=self.client_id)
+            conn = await wire.connect(host, port, wire.Endpoint(secret=self.secret, role="client", ident=self.client_id))
             try:
                 await conn.send(StatusQuery())
                 reply = await conn.receive()
@@ -161,7 +161,7 @@ class LogClient:
         """Ask a replica's state machine a read-only question (not linearizable)."""
         host, port = addr or self.target
         with trio.fail_after(timeout):
-            conn = await wire.connect(host, port, secret=self.secret, role="client", ident=self.client_id)
+            conn = await wire.connect(host, port, wire.Endpoint(secret=self.secret, role="client", ident=self.client_id))
             try:
                 await conn.send(Query(name=name, args=args or {}))
                 reply = await conn.receive()
@@ -203,7 +203,7 @@ class LogClient:
             host, port = self.target
             try:
                 with trio.fail_after(self.connect_timeout):
-                    conn = await wire.connect(host, port, secret=self.secret, role="client", ident=self.client_id)
+                    conn = await wire.connect(host, port, wire.Endpoint(secret=self.secret, role="client", ident=self.client_id))
             except wire.NETWORK_ERRORS as exc:
                 log.debug("replica_unreachable", replica=f"{host}:{port}", error=str(exc))
                 return None

@@ -281,10 +281,7 @@ class Replica:
                     self._handle_connection,
                     host,
                     port,
-                    secret=cfg.secret,
-                    role="replica",
-                    ident=str(cfg.rid),
-                    max_frame=cfg.max_frame,
+                    wire.Endpoint(secret=cfg.secret, role="replica", ident=str(cfg.rid), max_frame=cfg.max_frame),
                     task_status=task_status,
                 )
             )
@@ -544,10 +541,12 @@ class Replica:
                 conn = await wire.connect(
                     host,
                     port,
-                    secret=self.config.secret,
-                    role="replica",
-                    ident=str(self.config.rid),
-                    max_frame=self.config.max_frame,
+                    wire.Endpoint(
+                        secret=self.config.secret,
+                        role="replica",
+                        ident=str(self.config.rid),
+                        max_frame=self.config.max_frame,
+                    ),
                 )
             except wire.NETWORK_ERRORS as exc:
                 box.clear()  # stale protocol messages are worthless once the peer is back

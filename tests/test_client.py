@@ -74,7 +74,7 @@ async def data_server(nursery: trio.Nursery, answer) -> int:
 
     listeners = await nursery.start(
         lambda task_status: wire.serve(
-            handler, "127.0.0.1", 0, secret=SECRET, role="data", ident="peer", task_status=task_status
+            handler, "127.0.0.1", 0, wire.Endpoint(secret=SECRET, role="data", ident="peer"), task_status=task_status
         )
     )
     return listeners[0].socket.getsockname()[1]
@@ -90,7 +90,7 @@ async def test_many_fetches_share_one_connection_and_each_gets_its_own_reply() -
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             port = await data_server(nursery, answer)
-            conn = await wire.connect("127.0.0.1", port, secret=SECRET, role="client", ident="me")
+            conn = await wire.connect("127.0.0.1", port, wire.Endpoint(secret=SECRET, role="client", ident="me"))
             connections += 1
             link = _PeerLink(conn)
             nursery.start_soon(link.read)
@@ -126,7 +126,7 @@ async def test_a_broken_connection_fails_every_waiting_fetch_and_refuses_new_one
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             port = await data_server(nursery, answer)
-            conn = await wire.connect("127.0.0.1", port, secret=SECRET, role="client", ident="me")
+            conn = await wire.connect("127.0.0.1", port, wire.Endpoint(secret=SECRET, role="client", ident="me"))
             link = _PeerLink(conn)
             nursery.start_soon(link.read)
             errors: list[BaseException] = []

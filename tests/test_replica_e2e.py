@@ -533,7 +533,7 @@ async def test_bad_peers_and_bad_frames_do_not_take_a_replica_down(local_cluster
 
                 for role in ("client", "replica"):
                     with pytest.raises(wire.AuthError):
-                        await wire.connect(host, port, secret=b"not-the-cluster-secret", role=role, ident="1")
+                        await wire.connect(host, port, wire.Endpoint(secret=b"not-the-cluster-secret", role=role, ident="1"))
                     await _still_serves(cluster, target, f"wrong secret as {role}")
 
                 attacks: dict[str, Any] = {
@@ -607,7 +607,7 @@ async def test_resubmitting_an_acknowledged_command_is_not_reapplied_and_does_no
     with trio.fail_after(GUARD_SECONDS):
         leader = await wait_leader(cluster, range(3))
         host, port = cluster.addrs[leader]
-        conn = await wire.connect(host, port, secret=cluster.secret, role="client", ident="replayer")
+        conn = await wire.connect(host, port, wire.Endpoint(secret=cluster.secret, role="client", ident="replayer"))
         async with conn:
             for seq, first_unacked in [(1, 1), (2, 2), (1, 1)]:
                 op = ["append", "replayed", seq]

@@ -1,7 +1,9 @@
-"""Tests of tasksprint.wire: framing, the handshake, and a server that survives bad peers.
+"""Tests of tasksprint.wire: connections, connect, serve, and a server that survives bad peers.
 
-One test per claim of docs/wire.md.  Framing tests run over in-memory trio
-streams; handshake and server tests over real TCP on 127.0.0.1.  Every test
+One test per claim of docs/wire.md about the I/O layer (the frame buffer,
+the handshake's state machine and the secret file have their own test
+files).  Connection tests run over in-memory trio streams; handshake and
+server tests over real TCP on 127.0.0.1.  Every test
 is bounded by a generous guard so a hang fails instead of blocking the suite;
 no test asserts how long anything took.
 """
@@ -9,8 +11,6 @@ no test asserts how long anything took.
 from __future__ import annotations
 
 import functools
-import hashlib
-import hmac
 import logging
 import os
 import struct
@@ -35,21 +35,20 @@ from tasksprint.paxos.messages import (
     Tick,
 )
 from tasksprint.wire import (
-    DEFAULT_SECRET,
     HANDSHAKE_MAX_FRAME,
+    HANDSHAKE_TIMEOUT_DEFAULT,
     MAX_FRAME_DEFAULT,
     NONCE_SIZE,
     AuthError,
     Connection,
     ConnectionClosed,
+    Endpoint,
     FrameTooLarge,
     Hello,
     Proof,
-    SecretError,
     Side,
     connect,
     handshake,
-    load_secret,
     proof_mac,
     serve,
 )
@@ -58,6 +57,7 @@ from streams import socket_pair
 
 SECRET = b"test-cluster-secret"
 HOST = "127.0.0.1"
+CLIENT = Endpoint(secret=SECRET, role="client", ident="c1")
 # Upper bound on any one test, only so that a hang fails; never a measurement.
 GUARD_SECONDS = 30
 
@@ -409,56 +409,7 @@ def test_max_frame_must_be_positive_and_fit_the_header():
 
 
 # --------------------------------------------------------------------------
-# Handshake inputs
-
-
-def test_proof_binds_side_role_ident_and_both_nonces():
-    n1, n2 = b"\x01" * NONCE_SIZE, b"\x02" * NONCE_SIZE
-    base = proof_mac(SECRET, Side.INITIATOR, "replica", "r1", n1, n2)
-    assert len(base) == 32
-    variants = [
-        proof_mac(SECRET, Side.RESPONDER, "replica", "r1", n1, n2),
-        proof_mac(SECRET, Side.INITIATOR, "client", "r1", n1, n2),
-        proof_mac(SECRET, Side.INITIATOR, "replica", "r2", n1, n2),
-        proof_mac(SECRET, Side.INITIATOR, "replica", "r1", n2, n1),
-        proof_mac(SECRET, Side.INITIATOR, "replica", "r1", n1, n1),
-        proof_mac(SECRET + b"x", Side.INITIATOR, "replica", "r1", n1, n2),
-        # length prefixes keep the role/ident boundary unambiguous
-        proof_mac(SECRET, Side.INITIATOR, "replicar", "1", n1, n2),
-    ]
-    assert base not in variants
-    assert len(set(variants)) == len(variants)
-
-
-def test_proof_mac_matches_the_documented_layout_and_vectors():
-    # Built by hand from docs/wire.md, independently of proof_mac.
-    secret, ni, nr = b"example-secret", bytes(range(32)), bytes(range(32, 64))
-    data = b"tasksprint-handshake-v1" + b"\x01" + b"\x00\x06client" + b"\x00\x02c1" + nr + ni
-    mac_i = proof_mac(secret, Side.INITIATOR, "client", "c1", nr, ni)
-    assert mac_i == hmac.new(secret, data, hashlib.sha256).digest()
-    assert mac_i.hex() == "58f1e50738f43d4c96fc7b9e14142e6c9dc35b5cd05b214e67fa29481fd14f4f"
-    mac_r = proof_mac(secret, Side.RESPONDER, "replica", "0", ni, nr)
-    assert mac_r.hex() == "4ce09702d3f2ece4f3ac7045838e865e678ad56b4948393da0d645765e9b2a58"
-
-
-def test_registered_message_layout_matches_the_documented_example():
-    encoded = codec.encode(Prepare(ballot=Ballot(3, 1), from_slot=7))
-    assert encoded.hex() == "d9ea89836750726570617265d9ea89836642616c6c6f74030107"
-
-
-def test_hello_and_proof_validate_their_fields():
-    with pytest.raises(ValueError):
-        Hello(nonce=b"short", role="r", ident="i")
-    with pytest.raises(ValueError):
-        Hello(nonce=bytes(NONCE_SIZE), role="", ident="i")
-    with pytest.raises(TypeError):
-        Hello(nonce=bytes(NONCE_SIZE), role=1, ident="i")
-    with pytest.raises(ValueError):
-        Hello(nonce=bytes(NONCE_SIZE), role="r", ident="\ud800")
-    with pytest.raises(ValueError):
-        Proof(mac=bytes(31))
-    hello = Hello(nonce=bytes(NONCE_SIZE), role="r", ident="i")
-    assert codec.decode_untrusted(codec.encode(hello)) == hello
+# Handshake over a connection
 
 
 @bounded
@@ -516,7 +467,7 @@ class Server:
         ]
 
     async def connect(self, secret=SECRET, **kwargs):
-        return await connect(HOST, self.port, secret=secret, role="client", ident="c1", **kwargs)
+        return await connect(HOST, self.port, Endpoint(secret=secret, role="client", ident="c1", **kwargs))
 
     async def check_serving(self):
         conn = await self.connect()
@@ -529,7 +480,9 @@ class Server:
 async def start_server(nursery, handler=echo, secret=SECRET, **kwargs) -> Server:
     logger, capture = capturing_logger()
     listeners = await nursery.start(
-        functools.partial(serve, handler, HOST, 0, secret=secret, role="replica", ident="r1", log=logger, **kwargs)
+        functools.partial(
+            serve, handler, HOST, 0, Endpoint(secret=secret, role="replica", ident="r1", **kwargs), log=logger
+        )
     )
     return Server(listeners[0].socket.getsockname()[1], capture)
 
@@ -571,7 +524,7 @@ async def test_many_clients_at_once(nursery):
     server = await start_server(nursery)
 
     async def client(i):
-        conn = await connect(HOST, server.port, secret=SECRET, role="client", ident=f"c{i}")
+        conn = await connect(HOST, server.port, Endpoint(secret=SECRET, role="client", ident=f"c{i}"))
         async with conn:
             await conn.send_many(["whoami"] + [Command(client_id=f"c{i}", seq=s) for s in range(20)])
             assert await conn.receive() == ["client", f"c{i}"]
@@ -759,7 +712,7 @@ async def fake_responder(nursery, answer):
 async def test_client_rejects_a_bad_proof_from_the_server(nursery, answer):
     port = await fake_responder(nursery, answer)
     with pytest.raises(AuthError):
-        await connect(HOST, port, secret=SECRET, role="client", ident="c1")
+        await connect(HOST, port, CLIENT)
 
 
 @bounded
@@ -772,7 +725,7 @@ async def test_client_accepts_the_right_proof_from_a_separate_implementation(nur
             mac=proof_mac(SECRET, Side.RESPONDER, own.role, own.ident, hello.nonce, own.nonce)
         ),
     )
-    conn = await connect(HOST, port, secret=SECRET, role="client", ident="c1")
+    conn = await connect(HOST, port, CLIENT)
     assert conn.peer.ident == "fake"
     await conn.aclose()
 
@@ -787,12 +740,12 @@ async def test_client_refuses_a_server_that_echoes_its_nonce(nursery):
 
     listeners = await nursery.start(trio.serve_listeners, handle, await trio.open_tcp_listeners(0, host=HOST))
     with pytest.raises(AuthError):
-        await connect(HOST, listeners[0].socket.getsockname()[1], secret=SECRET, role="client", ident="c1")
+        await connect(HOST, listeners[0].socket.getsockname()[1], CLIENT)
 
 
 @bounded
 async def test_silent_peer_is_dropped_after_the_handshake_timeout(nursery):
-    server = await start_server(nursery, handshake_timeout=0.2)
+    server = await start_server(nursery, timeout=0.2)
     stream = await trio.open_tcp_stream(HOST, server.port)
     # Say nothing; the server must close on its own.
     received = await read_until_closed(stream)
@@ -809,7 +762,9 @@ async def test_connect_times_out_on_a_silent_server(nursery):
 
     listeners = await nursery.start(trio.serve_listeners, silent, await trio.open_tcp_listeners(0, host=HOST))
     with pytest.raises(trio.TooSlowError):
-        await connect(HOST, listeners[0].socket.getsockname()[1], secret=SECRET, role="c", ident="c", timeout=0.2)
+        await connect(
+            HOST, listeners[0].socket.getsockname()[1], Endpoint(secret=SECRET, role="c", ident="c", timeout=0.2)
+        )
 
 
 @bounded
@@ -819,7 +774,7 @@ async def test_connect_to_a_closed_port_is_oserror():
     for listener in listeners:
         await listener.aclose()
     with pytest.raises(OSError):
-        await connect(HOST, port, secret=SECRET, role="client", ident="c1")
+        await connect(HOST, port, CLIENT)
 
 
 @bounded
@@ -879,60 +834,27 @@ async def test_a_handler_bug_is_not_swallowed():
 
 
 # --------------------------------------------------------------------------
-# Secret file
+# Endpoint
 
 
-def test_load_secret_strips_trailing_whitespace(tmp_path):
-    path = tmp_path / "secret"
-    path.write_bytes(b"  c2VjcmV0IGJ5dGVz  \n\n")
-    assert load_secret(path) == b"  c2VjcmV0IGJ5dGVz"
-    assert load_secret(str(path)) == b"  c2VjcmV0IGJ5dGVz"
-
-
-def test_load_secret_missing_file_says_how_to_create_one(tmp_path):
-    path = tmp_path / "absent"
-    with pytest.raises(SecretError) as info:
-        load_secret(path)
-    assert str(path) in str(info.value)
-    assert "head -c 32 /dev/urandom | base64 >" in str(info.value)
-
-
-@pytest.mark.parametrize("content", [b"", b" \n\t\r\n"])
-def test_load_secret_empty_file(tmp_path, content):
-    path = tmp_path / "secret"
-    path.write_bytes(content)
-    with pytest.raises(SecretError) as info:
-        load_secret(path)
-    assert str(path) in str(info.value)
-    assert "/dev/urandom" in str(info.value)
-
-
-def test_load_secret_unreadable_path(tmp_path):
-    with pytest.raises(SecretError) as info:
-        load_secret(tmp_path)  # a directory cannot be read as a file
-    assert str(tmp_path) in str(info.value)
-
-
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
-def test_load_secret_without_permission(tmp_path):
-    path = tmp_path / "secret"
-    path.write_bytes(b"s3cret")
-    path.chmod(0)
-    try:
-        with pytest.raises(SecretError) as info:
-            load_secret(path)
-    finally:
-        path.chmod(0o600)
-    assert str(path) in str(info.value)
-
-
-def test_default_secret_is_usable():
-    assert isinstance(DEFAULT_SECRET, bytes) and len(DEFAULT_SECRET) >= 32
-
-
-@bounded
-async def test_secret_must_be_nonempty_bytes():
+def test_endpoint_checks_its_fields_at_construction():
     with pytest.raises(TypeError):
-        await connect(HOST, 1, secret="text", role="c", ident="c")
+        Endpoint(secret="text", role="c", ident="c")
     with pytest.raises(ValueError):
-        await connect(HOST, 1, secret=b"", role="c", ident="c")
+        Endpoint(secret=b"", role="c", ident="c")
+    with pytest.raises(ValueError):
+        Endpoint(secret=SECRET, role="", ident="c")
+    with pytest.raises(ValueError):
+        Endpoint(secret=SECRET, role="c", ident="x" * 257)
+    for bad in (0, 2**32, True):
+        with pytest.raises(ValueError):
+            Endpoint(secret=SECRET, role="c", ident="c", max_frame=bad)
+    for bad in (0, -1.0, float("inf"), float("nan"), True):
+        with pytest.raises(ValueError):
+            Endpoint(secret=SECRET, role="c", ident="c", timeout=bad)
+    endpoint = Endpoint(secret=SECRET, role="c", ident="c")
+    assert (endpoint.max_frame, endpoint.timeout) == (MAX_FRAME_DEFAULT, HANDSHAKE_TIMEOUT_DEFAULT)
+
+
+def test_endpoint_repr_leaves_out_the_secret():
+    assert SECRET.decode() not in repr(Endpoint(secret=SECRET, role="client", ident="c1"))

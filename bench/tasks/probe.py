@@ -314,10 +314,10 @@ def _install_replica() -> None:
 
 
 def _install_client() -> None:
-    from tasksprint import client, nodehost
+    from tasksprint import client, node_pool, node_process
 
-    _timed_async(nodehost.NodePool, "run", "node.run (pool, incl. waiting for a node)")
-    node_run = nodehost.NodeProcess.run
+    _timed_async(node_pool.NodePool, "run", "node.run (pool, incl. waiting for a node)")
+    node_run = node_process.NodeProcess.run
     last_end: dict[int, float] = {}
     node_done = {"last": None}
 
@@ -336,7 +336,7 @@ def _install_client() -> None:
             node_done["last"] = end
             _working()
 
-    nodehost.NodeProcess.run = node_process_run
+    node_process.NodeProcess.run = node_process_run
     _timed_async(client.Client, "_gather_inputs", "client.gather_inputs")
     _timed(client.ObjectStore, "put", "store.put")
 
