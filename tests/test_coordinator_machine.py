@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 import tasksprint
 from tasksprint import codec
-from tasksprint.coordinator_machine import CoordinatorMachine, RunState, SchedulerMismatch
+from tasksprint.coordinator.machine import CoordinatorMachine, RunState, SchedulerMismatch
 from tasksprint.machine import Applier
 from tasksprint.paxos.messages import Batch, Command, Tick
 from tasksprint_sdk.coordinator import (
@@ -1177,14 +1177,14 @@ def test_loading_schedulers_reports_what_is_wrong(tmp_path: pathlib.Path) -> Non
 def test_start_runs_a_replica_unless_the_file_is_being_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
-    def main(argv: list[str], scheduler: Coordinator) -> int:
+    def main(argv: list[str], scheduler: type[Coordinator]) -> int:
         calls.append((argv, scheduler))
         return 3
 
-    fake = types.ModuleType("tasksprint.cli")
+    fake = types.ModuleType("tasksprint.launch")
     fake.main = main  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "tasksprint.cli", fake)
-    monkeypatch.setattr(tasksprint, "cli", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "tasksprint.launch", fake)
+    monkeypatch.setattr(tasksprint, "launch", fake, raising=False)
     monkeypatch.setattr(sys, "argv", ["scheduler.py", "--id", "0"])
     sched = ChainScheduler()
     with loading_scheduler():
@@ -1193,7 +1193,7 @@ def test_start_runs_a_replica_unless_the_file_is_being_loaded(monkeypatch: pytes
     with pytest.raises(SystemExit) as exit_info:
         sched.start()
     assert exit_info.value.code == 3
-    assert calls == [(["replica", "--id", "0"], sched)]
+    assert calls == [(["--id", "0"], ChainScheduler)]
 
 
 # ----------------------------------------------------------- determinism

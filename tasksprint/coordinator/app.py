@@ -1,6 +1,6 @@
 """The coordinator as a replicated application: what a replica adds around the state machine.
 
-:class:`~tasksprint.coordinator_machine.CoordinatorMachine` is deterministic
+:class:`~tasksprint.coordinator.machine.CoordinatorMachine` is deterministic
 and knows nothing of time or the network.  This module is the replica-local,
 non-deterministic part:
 
@@ -24,9 +24,10 @@ from typing import Any
 
 import attrs
 
-from tasksprint.coordinator_machine import CoordinatorMachine, RunState
-from tasksprint.paxos.messages import Command
 from tasksprint.app import NotYet
+from tasksprint.coordinator.machine import CoordinatorMachine, RunState
+from tasksprint.coordinator.ops import InitOp
+from tasksprint.paxos.messages import Command
 from tasksprint_sdk.coordinator import Coordinator, load_scheduler
 
 #: Client id under which every leader proposes the init entry; the session
@@ -77,7 +78,7 @@ class CoordinatorApp:
             Command(
                 client_id=INIT_CLIENT,
                 seq=1,
-                op={"op": "init", "seed": seed, "code_digest": self.machine.code_digest},
+                op=InitOp(seed=seed, code_digest=self.machine.code_digest).to_wire(),
             )
         )
 
@@ -118,7 +119,7 @@ class CoordinatorApp:
                     args.get("wait", 0)
                     and self.machine.client_version(cid) <= after
                     and self.machine.run_state in (RunState.WAITING, RunState.RUNNING)
-                    and any(c == cid for c, _n, _a in self.machine.live_clients())
+                    and self.machine.is_live(cid)
                 ):
                     raise NotYet()
                 return self.machine.view(cid, after)
