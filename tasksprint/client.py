@@ -62,7 +62,9 @@ import structlog
 import trio
 
 from tasksprint import wire
-from tasksprint.api import Fetch, FetchReply, Query, QueryReply
+from tasksprint.api import Fetch, FetchReply
+from tasksprint.channel import ASK_ERRORS, ReplicaChannel
+from tasksprint.coordinator.ops import BatchOp, DoneOp, ErrorCode, FailedOp, JoinOp, LostOp
 from tasksprint.log_client import LogClient
 from tasksprint.nodehost import NodePool, TaskRequest
 
@@ -213,17 +215,17 @@ class QueueSizer:
 
 
 @attrs.define(eq=False)
-class _Run:
+class _Assignment:
     """One assigned task attempt and the latest view of it."""
 
     view: dict[str, Any]
     scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
-    # Inputs taken from this client's store before the log said so: [[tid, attempt], ...].
-    early: list[list[int]] = attrs.Factory(list)
+    # Inputs taken from this client's store before the log said so: (tid, attempt) pairs.
+    early: list[tuple[int, int]] = attrs.Factory(list)
 
 
 @attrs.define(eq=False)
-class _Pending:
+class _FetchWaiter:
     """A Fetch sent on a peer link, waiting for its reply."""
 
     done: trio.Event = attrs.Factory(trio.Event)
@@ -249,7 +251,7 @@ class _PeerLink:
     error: BaseException | None = None
 
     async def fetch(self, msg: Fetch) -> Any:
-        pending = _Pending()
+        pending = _FetchWaiter()
         async with self.send_lock:
             if self.error is not None:
                 raise self.error
@@ -292,52 +294,6 @@ class _PeerLink:
 
 
 @attrs.define(eq=False)
-class _QueryChannel:
-    """A persistent connection for queries, moving to another replica on failure."""
-
-    addrs: tuple[tuple[str, int], ...]
-    secret: bytes
-    ident: str
-    _i: int = 0
-    _conn: wire.Connection | None = None
-    _failures: int = 0
-
-    async def ask(self, name: str, args: dict, *, timeout: float) -> Any:
-        """Send a query and wait for its answer; raises on any failure (caller retries)."""
-        if self._conn is None:
-            host, port = self.addrs[self._i]
-            with trio.fail_after(2.0):
-                self._conn = await wire.connect(host, port, secret=self.secret, role="client", ident=self.ident)
-        conn = self._conn
-        try:
-            with trio.fail_after(timeout):
-                await conn.send(Query(name=name, args=args))
-                reply = await conn.receive()
-        except BaseException:
-            await self.reset()
-            raise
-        if not isinstance(reply, QueryReply):
-            await self.reset()
-            raise wire.BadMessage(f"expected QueryReply, got {type(reply).__name__}")
-        if reply.error:
-            raise RuntimeError(f"query {name} failed: {reply.error}")
-        self._failures = 0
-        return reply.result
-
-    async def reset(self) -> None:
-        conn, self._conn = self._conn, None
-        self._i = (self._i + 1) % len(self.addrs)
-        self._failures += 1
-        if conn is not None:
-            with trio.CancelScope(shield=True):
-                await conn.aclose()
-
-    @property
-    def failures(self) -> int:
-        return self._failures
-
-
-@attrs.define(eq=False)
 class Client:
     """A worker client. ``await client.run()`` works until the computation ends."""
 
@@ -346,11 +302,11 @@ class Client:
     _pool: NodePool | None = None
     _lc: LogClient | None = None
     _cid: int | None = None
-    _runs: dict[int, _Run] = attrs.Factory(dict)
+    _runs: dict[int, _Assignment] = attrs.Factory(dict)
     _nursery: trio.Nursery | None = None
     # Completions waiting to be reported; one reporter sends them in order,
     # one log command at a time (see _reporter).
-    _outbox: list[dict[str, Any]] = attrs.Factory(list)
+    _outbox: list[DoneOp | FailedOp] = attrs.Factory(list)
     _outbox_ready: trio.Event = attrs.Factory(trio.Event)
     # tid -> attempt whose outputs this client's own nodes made (in the store).
     _made: dict[int, int] = attrs.Factory(dict)
@@ -409,17 +365,16 @@ class Client:
 
     # ------------------------------------------------------------------
 
+    def _join_op(self, queue: int) -> JoinOp:
+        cfg = self.config
+        return JoinOp(
+            client=cfg.name, addr=f"{cfg.data_host}:{self.data_port}", slots=cfg.slots, queue=queue, have=cfg.have
+        )
+
     async def _join(self) -> int:
         cfg = self.config
         assert self._lc is not None
-        op = {
-            "op": "join",
-            "client": cfg.name,
-            "addr": f"{cfg.data_host}:{self.data_port}",
-            "slots": cfg.slots,
-            "queue": self._queue_size(),
-            "have": list(cfg.have),
-        }
+        op = self._join_op(self._queue_size()).to_wire()
         while True:
             try:
                 result = await self._lc.submit(op, deadline=10.0)
@@ -429,7 +384,7 @@ class Client:
                 continue
             if not result.get("ok"):
                 error = str(result.get("error"))
-                if "not initialized" in error:
+                if result.get("code") == ErrorCode.NOT_INITIALIZED.value:
                     # The replicas are still starting the computation: wait for its first entry.
                     await trio.sleep(0.2)
                     continue
@@ -449,25 +404,16 @@ class Client:
         """Tell the coordinator this client's new queue size (a join under the same name)."""
         assert self._sizer is not None
         self._sizer.current = queue
-        cfg = self.config
-        op = {
-            "op": "join",
-            "client": cfg.name,
-            "addr": f"{cfg.data_host}:{self.data_port}",
-            "slots": cfg.slots,
-            "queue": queue,
-            "have": list(cfg.have),
-        }
         self._log.info("queue_resized", queue=queue)
         assert self._lc is not None
         try:
-            await self._lc.submit(op, deadline=10.0)
+            await self._lc.submit(self._join_op(queue).to_wire(), deadline=10.0)
         except Exception as exc:  # Unavailable: the next proposal tries again
             self._log.warning("queue_resize_failed", error=str(exc))
 
     async def _work(self) -> str:
         cfg = self.config
-        channel = _QueryChannel(cfg.coordinators, cfg.secret, cfg.name)
+        channel = ReplicaChannel(cfg.coordinators, cfg.secret, cfg.name)
         self._queue_size()
         self._cid = await self._join()
         assert self._nursery is not None
@@ -483,7 +429,7 @@ class Client:
                 view = await channel.ask(
                     "view", {"cid": self._cid, "after": version, "wait": wait}, timeout=wait + margin
                 )
-            except (*wire.NETWORK_ERRORS, RuntimeError) as exc:
+            except ASK_ERRORS as exc:
                 if channel.failures >= len(cfg.coordinators):
                     self._log.warning("coordinators_unreachable", error=str(exc), retry_in=f"{backoff:.2f}s")
                 await trio.sleep(backoff)
@@ -531,14 +477,14 @@ class Client:
             return  # listed again (inputs move as holder changes)
         if run is not None:
             self._kill(task["tid"])
-        run = _Run(task)
+        run = _Assignment(task)
         self._runs[task["tid"]] = run
         assert self._nursery is not None
         self._nursery.start_soon(self._run_task, run)
 
-    async def _run_task(self, run: _Run) -> None:
+    async def _run_task(self, run: _Assignment) -> None:
         tid, attempt = run.view["tid"], run.view["attempt"]
-        op: dict[str, Any] | None = None
+        op: DoneOp | FailedOp | None = None
         known = sum(1 for i in run.view["inputs"] if i["cid"] is not None)
         self._log.debug(
             "task_assigned", tid=tid, attempt=attempt, name=run.view["name"],
@@ -550,20 +496,24 @@ class Client:
                 inputs = await self._gather_inputs(run)
             except* InputError as group:
                 error = "; ".join(str(e) for e in group.exceptions)
-                op = {"op": "failed", "cid": self._cid, "tid": tid, "attempt": attempt, "error": error}
+                op = self._failed_op(tid, attempt, error)
             else:
                 if inputs:
                     waited = round(trio.current_time() - assigned_at, 3)
                     self._log.debug("task_inputs_ready", tid=tid, attempt=attempt, waited=waited)
                 op = await self._execute(run, inputs)
-                self._log.debug("task_finished", tid=tid, attempt=attempt, ok=op["op"] == "done")
+                self._log.debug("task_finished", tid=tid, attempt=attempt, ok=isinstance(op, DoneOp))
             finally:
                 if self._runs.get(tid) is run:
                     del self._runs[tid]
-        if op is not None and not run.scope.cancelled_caught and op["op"] == "failed":
-            self._finish(tid, attempt, op)
+        if isinstance(op, FailedOp) and not run.scope.cancelled_caught:
+            self._queue_report(tid, attempt, op)
 
-    def _finish(self, tid: int, attempt: int, op: dict[str, Any]) -> None:
+    def _failed_op(self, tid: int, attempt: int, error: str) -> FailedOp:
+        assert self._cid is not None
+        return FailedOp(cid=self._cid, tid=tid, attempt=attempt, error=error)
+
+    def _queue_report(self, tid: int, attempt: int, op: DoneOp | FailedOp) -> None:
         """Queue ``op`` (this attempt's completion) for the reporter."""
         self._finished[(tid, attempt)] = None
         while len(self._finished) > 100_000:
@@ -586,9 +536,8 @@ class Client:
                 await self._outbox_ready.wait()
             n = self.config.report_batch
             ops, self._outbox = self._outbox[:n], self._outbox[n:]
-            op = ops[0] if len(ops) == 1 else {"op": "batch", "ops": ops}
             started = trio.current_time()
-            result = await self._report(op)
+            result = await self._report(ops[0] if len(ops) == 1 else BatchOp(ops=tuple(ops)))
             if self._sizer is not None:
                 now = trio.current_time()
                 self._sizer.reported(now - started)
@@ -606,9 +555,9 @@ class Client:
             for i, res in others:
                 if isinstance(res, dict) and res.get("rerun") and 0 <= i < len(ops):
                     sub = ops[i]
-                    self._log.info("task_rerun", tid=sub["tid"], attempt=sub["attempt"], reason=res.get("reason"))
+                    self._log.info("task_rerun", tid=sub.tid, attempt=sub.attempt, reason=res.get("reason"))
 
-    async def _execute(self, run: _Run, inputs: list[Any]) -> dict[str, Any]:
+    async def _execute(self, run: _Assignment, inputs: list[Any]) -> DoneOp | FailedOp:
         """Run the task on a node; return the log command reporting how it went."""
         task = run.view
         tid, attempt = task["tid"], task["attempt"]
@@ -627,35 +576,35 @@ class Client:
         )
         if not outcome.ok:
             self._log.info("task_failed", tid=tid, attempt=attempt, error=outcome.error)
-            return {"op": "failed", "cid": self._cid, "tid": tid, "attempt": attempt, "error": outcome.error}
+            return self._failed_op(tid, attempt, outcome.error)
         assert outcome.outputs is not None
         if self._sizer is not None:
             self._sizer.task_ran(outcome.seconds)
         sizes = self._store.put(tid, outcome.outputs)
         values = {k: outcome.outputs[k] for k in task["keys"] if k in outcome.outputs}
-        op = {"op": "done", "cid": self._cid, "tid": tid, "attempt": attempt, "values": values, "sizes": sizes}
-        if run.early:
-            op["early"] = run.early
+        assert self._cid is not None
+        op = DoneOp(cid=self._cid, tid=tid, attempt=attempt, values=values, sizes=sizes, early=tuple(run.early))
         # Queued for the log before any dependent here can use the outputs
         # (below), so its completion is reported after this one.
-        self._finish(tid, attempt, op)
+        self._queue_report(tid, attempt, op)
         self._made[tid] = attempt
         event = self._input_events.pop(tid, None)
         if event is not None:
             event.set()
         return op
 
-    async def _report(self, op: dict[str, Any]) -> Any:
+    async def _report(self, op: DoneOp | FailedOp | LostOp | BatchOp) -> Any:
         """Apply ``op`` through the log, retrying until it is; returns its result."""
         assert self._lc is not None
+        wire_op = op.to_wire()
         while True:
             try:
-                return await self._lc.submit(op, deadline=30.0)
+                return await self._lc.submit(wire_op, deadline=30.0)
             except Exception as exc:  # Unavailable; keep the result and try again
-                self._log.warning("report_delayed", op=op["op"], tid=op.get("tid"), error=str(exc))
+                self._log.warning("report_delayed", op=wire_op["op"], tid=wire_op.get("tid"), error=str(exc))
                 await trio.sleep(1.0)
 
-    async def _gather_inputs(self, run: _Run) -> list[Any]:
+    async def _gather_inputs(self, run: _Assignment) -> list[Any]:
         n = len(run.view["inputs"])
         values: list[Any] = [None] * n
         if n == 0:
@@ -669,7 +618,7 @@ class Client:
                 nursery.start_soon(one, i)
         return values
 
-    async def _fetch_input(self, run: _Run, i: int) -> Any:
+    async def _fetch_input(self, run: _Assignment, i: int) -> Any:
         """Input ``i`` of the task, fetched as soon as the view says where it is."""
         ptid, key = run.view["inputs"][i]["tid"], run.view["inputs"][i]["key"]
         failures = 0
@@ -686,7 +635,7 @@ class Client:
                         value = select(self._store.get(ptid), key, ptid)
                     except KeyError as exc:
                         raise InputError(str(exc.args[0])) from None
-                    run.early.append([ptid, made])
+                    run.early.append((ptid, made))
                     return value
                 await self._input_changed(ptid).wait()
                 continue
@@ -703,7 +652,8 @@ class Client:
                 if failures >= 3:
                     # Tell the coordinator; it recomputes the output and the view moves on.
                     changed = self._input_changed(ptid)
-                    await self._report({"op": "lost", "cid": self._cid, "tid": ptid, "key": key})
+                    assert self._cid is not None
+                    await self._report(LostOp(cid=self._cid, tid=ptid, key=key))
                     failures = 0
                     with trio.move_on_after(5.0):
                         await changed.wait()
