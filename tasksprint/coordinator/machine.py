@@ -38,7 +38,6 @@ names the hook that ran last.  Read models are in
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import random
 from collections.abc import Callable, Mapping
@@ -63,12 +62,12 @@ from tasksprint.coordinator.ops import (
     ReportOp,
     parse_op,
 )
+from tasksprint.coordinator.lineage import Lineage
 from tasksprint.coordinator.placement import Placement
 from tasksprint.coordinator.runtime import Hook, HookRuntime, failure_message
 from tasksprint.coordinator.snapshots import SchedulerMismatch
-from tasksprint.coordinator.specs import check_plain, is_int, task_seed, task_spec
+from tasksprint.coordinator.specs import check_plain, is_int, task_spec
 from tasksprint.coordinator.state import (
-    ACTIVE,
     ClientRecord,
     CoordinatorState,
     Entry,
@@ -103,6 +102,7 @@ class CoordinatorMachine:
     _runtime: HookRuntime = attrs.field(init=False)
     _fx: Entry = attrs.field(init=False, factory=Entry)  # scratch of the entry being applied
     _placement: Placement = attrs.field(init=False)
+    _lineage: Lineage = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         if not (isinstance(self._scheduler_cls, type) and issubclass(self._scheduler_cls, Coordinator)):
@@ -112,6 +112,7 @@ class CoordinatorMachine:
         self._code_digest = scheduler_code_digest(self._scheduler_cls)
         self._runtime = HookRuntime(self)
         self._placement = Placement(self._state, self._fx)
+        self._lineage = Lineage(self._state, self._fx, self._placement)
 
     # ------------------------------------------------------------ properties
 
@@ -232,7 +233,8 @@ class CoordinatorMachine:
         for cid in wanted:
             client = s.clients.get(cid)
             if client is not None and client.alive:
-                self._client_died(client)
+                self._log.warning("client_dead", cid=client.cid, client=client.name, running=len(client.running))
+                self._lineage.client_died(client)
                 dead.append(cid)
         for cid in dead:
             self._call_hook(Hook.CLIENT_DEAD, lambda cid=cid: self._sched().client_dead(cid), cid=cid)
@@ -280,7 +282,7 @@ class CoordinatorMachine:
             if moved:
                 # Tasks reading outputs held here must learn the new address.
                 for tid in list(client.holds):
-                    self._bump_dependents(s.tasks[tid])
+                    self._lineage.bump_dependents(s.tasks[tid])
             return {"ok": True, "cid": cid}
         cid = s.next_cid
         s.next_cid += 1
@@ -330,7 +332,7 @@ class CoordinatorMachine:
                 # The client ran it on an output of its own that the log did
                 # not commit (another copy's or attempt's won, or none did):
                 # this completion cannot count; run the task again.
-                self._void_copy(client, task)
+                self._lineage.void_copy(client, task)
                 return {
                     "ok": True,
                     "accepted": False,
@@ -348,7 +350,7 @@ class CoordinatorMachine:
         task.sizes = dict(op.sizes)
         s.set_state(task, TaskState.DONE)
         self._fx.effects.append(["done", task.tid, client.cid])
-        self._outputs_changed(task, available=True)
+        self._lineage.outputs_changed(task, available=True)
         if not task.reported:
             task.reported = True
             task.values = {k: op.values[k] for k in task.keys if k in op.values}
@@ -374,24 +376,12 @@ class CoordinatorMachine:
         self._attempt_failed(task, op.error)
         return {"ok": True, "accepted": True, "reason": None}
 
-    def _void_copy(self, client: ClientRecord, task: TaskRecord) -> None:
-        """Forget ``client``'s copy of ``task``'s attempt; a new attempt if it was the last copy."""
-        self._placement.unassign(client, task.tid, tell=False)
-        task.copies.remove(client.cid)
-        self._fx.effects.append(["void", task.tid, task.attempt, client.cid])
-        if task.copies:
-            self._placement.enqueue(task.tid)
-        else:
-            task.attempt += 1
-            self._state.set_state(task, TaskState.PENDING)
-            self._placement.maybe_queue(task)
-
     def _op_cancel(self, tid: int) -> dict[str, Any]:
         if tid not in self._state.tasks:
             raise BadOp(f"cancel: unknown task {tid}", ErrorCode.UNKNOWN)
         if self._state.run_state is not RunState.RUNNING:
             return {"ok": True, "killed": [], "reason": f"the computation is {self._state.run_state.value}"}
-        return {"ok": True, "killed": self._kill(tid)}
+        return {"ok": True, "killed": self._lineage.kill(tid)}
 
     def _op_lost(self, op: LostOp) -> dict[str, Any]:
         s = self._state
@@ -403,7 +393,7 @@ class CoordinatorMachine:
             return {"ok": True, "accepted": False, "reason": "reporter is dead or the computation is over"}
         if task.state is not TaskState.DONE or task.holder is None:
             return {"ok": True, "accepted": False, "reason": f"task {op.tid} has no outputs on record"}
-        self._lose_outputs(task)
+        self._lineage.lose_outputs(task)
         return {"ok": True, "accepted": True, "reason": None}
 
     # ------------------------------------------------- actions (hook runtime)
@@ -413,32 +403,8 @@ class CoordinatorMachine:
         s = self._state
         assert s.seed is not None
         spec = task_spec(s.tasks, **call)
-        tid = s.next_tid
-        s.next_tid += 1
-        task = TaskRecord(
-            tid=tid,
-            name=spec.name,
-            args=spec.args,
-            kwargs=spec.kwargs,
-            pretasks=spec.pretasks,
-            prekeys=spec.prekeys,
-            keys=spec.keys,
-            require=spec.require,
-            want=spec.want,
-            replicas=spec.replicas,
-            retries=spec.retries,
-            timeout=spec.timeout,
-            seed=task_seed(s.seed, tid),
-        )
-        s.tasks[tid] = task
-        s.counts[TaskState.PENDING] += 1
-        for p in task.pretasks:
-            pre = s.tasks[p]
-            pre.dependents.append(tid)
-            if pre.holder is None:
-                task.missing += 1
-                if pre.state is TaskState.DONE:
-                    s.recheck.add(p)  # a lost output is needed again
+        task = self._lineage.add(spec)
+        tid = task.tid
         self._placement.maybe_queue(task)
         # The whole spec, so replicas whose schedulers started different
         # tasks (not just a different number of them) disagree on the digest.
@@ -452,7 +418,7 @@ class CoordinatorMachine:
         """The scheduler's ``kill_task``."""
         if not is_int(tid) or tid not in self._state.tasks:
             raise ValueError(f"kill_task({tid!r}): there is no task with that id")
-        return self._kill(tid)
+        return self._lineage.kill(tid)
 
     def end_computation(self, taskids: Any, values: Any) -> None:
         """The scheduler's ``finish``: the computation ends with ``values`` and those tasks' values."""
@@ -484,75 +450,6 @@ class CoordinatorMachine:
         assert self._state.scheduler is not None
         return self._state.scheduler
 
-    def _bump_dependents(self, task: TaskRecord) -> None:
-        # Running dependents read this task's outputs: their clients' views
-        # must show the new holder (or that there is none for now).  The
-        # view carries it as a holder change, not by listing every dependent
-        # again with all its inputs (a reduce over n maps would cost O(n) per
-        # map completion, O(n^2) in all).
-        s = self._state
-        told: set[int] = set()
-        for d in dict.fromkeys(task.dependents):
-            dep = s.tasks[d]
-            if dep.state is TaskState.RUNNING:
-                for cid in dep.copies:
-                    if cid not in told:
-                        told.add(cid)
-                        client = s.clients[cid]
-                        s.bump(client.holders, client, task.tid)
-
-    def _outputs_changed(self, task: TaskRecord, *, available: bool) -> None:
-        s = self._state
-        for d in task.dependents:
-            dep = s.tasks[d]
-            dep.missing += -1 if available else 1
-            assert dep.missing >= 0, f"task {d} has a negative count of missing inputs"
-            if available:
-                if dep.missing == 0:
-                    # All inputs are in: from now on it takes one of the slots.
-                    for cid in dep.copies:
-                        s.clients[cid].prefetch.pop(d, None)
-                self._placement.maybe_queue(dep)
-            elif dep.missing == 1:
-                # An input it had is gone: it waits again, without a slot.
-                for cid in dep.copies:
-                    s.clients[cid].prefetch[d] = None
-        self._bump_dependents(task)
-
-    def _lose_outputs(self, task: TaskRecord) -> None:
-        s = self._state
-        assert task.holder is not None
-        s.clients[task.holder].holds.pop(task.tid, None)
-        task.holder = None
-        self._fx.effects.append(["lost", task.tid])
-        self._outputs_changed(task, available=False)
-        s.recheck.add(task.tid)
-
-    def _client_died(self, client: ClientRecord) -> None:
-        s = self._state
-        client.alive = False
-        del s.live[client.cid]
-        self._fx.effects.append(["dead", client.cid])
-        self._log.warning("client_dead", cid=client.cid, client=client.name, running=len(client.running))
-        for tid in sorted(client.running):
-            task = s.tasks[tid]
-            task.copies.remove(client.cid)
-            if not task.copies and task.state is TaskState.RUNNING:
-                # A new attempt number, so a late report from the dead
-                # client cannot be mistaken for the new placement's.
-                task.attempt += 1
-                s.set_state(task, TaskState.PENDING)
-                self._fx.effects.append(["replace", tid, task.attempt])
-            self._placement.enqueue(tid)
-        client.running.clear()
-        client.prefetch.clear()
-        client.entries.clear()
-        client.holders.clear()
-        client.follow.clear()
-        client.in_follow.clear()
-        for tid in sorted(client.holds):
-            self._lose_outputs(s.tasks[tid])
-
     def _attempt_failed(self, task: TaskRecord, error: str) -> None:
         s = self._state
         task.failures += 1
@@ -567,7 +464,7 @@ class CoordinatorMachine:
         self._fx.effects.append(["task_failed", task.tid])
         self._log.warning("task_failed", tid=task.tid, name=task.name, attempts=task.failures, error=error)
         # Its dependents can never get their inputs.
-        self._kill(task.tid)
+        self._lineage.kill(task.tid)
         if type(self._sched()).task_failed is not Coordinator.task_failed:
             tid = task.tid
             self._call_hook(Hook.TASK_FAILED, lambda: self._sched().task_failed(tid, error), tid=tid)
@@ -581,28 +478,6 @@ class CoordinatorMachine:
             {"kind": "task", "hook": None, "tid": task.tid, "cid": None, "slot": self._fx.slot, "error": error},
             message,
         )
-
-    def _kill(self, tid: int) -> list[int]:
-        """Kill ``tid`` and its transitive dependents that are still pending or running."""
-        s = self._state
-        killed: list[int] = []
-        seen = {tid}
-        frontier = collections.deque([tid])
-        while frontier:
-            task = s.tasks[frontier.popleft()]
-            if task.state in ACTIVE:
-                for cid in task.copies:
-                    self._placement.unassign(s.clients[cid], task.tid, tell=True)
-                task.copies = []
-                s.set_state(task, TaskState.KILLED)
-                s.queue.discard(task.tid)
-                killed.append(task.tid)
-                self._fx.effects.append(["kill", task.tid])
-            for d in task.dependents:
-                if d not in seen:
-                    seen.add(d)
-                    frontier.append(d)
-        return killed
 
     def _call_hook(
         self, hook: Hook, fn: Callable[[], Any], *, tid: int | None = None, cid: int | None = None
@@ -644,31 +519,8 @@ class CoordinatorMachine:
         if s.run_state is not RunState.RUNNING:
             s.recheck.clear()
             return
-        self._recompute_lost()
+        self._lineage.recompute_lost()
         self._placement.place()
-
-    def _recompute_lost(self) -> None:
-        """Run again every task whose lost outputs an unfinished task needs (lineage)."""
-        s = self._state
-        while s.recheck:
-            batch = sorted(s.recheck)
-            s.recheck.clear()
-            for tid in batch:
-                task = s.tasks[tid]
-                if task.state is not TaskState.DONE or task.holder is not None:
-                    continue
-                if not any(s.tasks[d].state in ACTIVE for d in task.dependents):
-                    continue
-                task.attempt += 1
-                task.failures = 0
-                s.set_state(task, TaskState.PENDING)
-                self._fx.effects.append(["recompute", tid, task.attempt])
-                self._placement.maybe_queue(task)
-                # Its own inputs may be gone too: then they are needed now.
-                for p in task.pretasks:
-                    pre = s.tasks[p]
-                    if pre.state is TaskState.DONE and pre.holder is None:
-                        s.recheck.add(p)
 
     # --------------------------------------------------------------- queries
 
@@ -734,5 +586,6 @@ class CoordinatorMachine:
         self._state = snapshots.load(data, self._scheduler_cls, self._code_digest)
         self._runtime = HookRuntime(self)
         self._placement = Placement(self._state, self._fx)
+        self._lineage = Lineage(self._state, self._fx, self._placement)
         if self._state.scheduler is not None:
             sdk_runtime.bind(self._state.scheduler, self._runtime)
