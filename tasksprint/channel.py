@@ -8,9 +8,10 @@ are not logged: any replica answers from its applied state.  A
 :class:`ReplicaChannel` knows every replica's address, keeps one
 authenticated connection to the replica it currently asks, and moves to the
 next replica (round robin) when that one fails or stays silent; callers that
-learn who leads can :meth:`ReplicaChannel.prefer` it.  Every answer is
-checked to be the message expected, and a replica's refusal of the
-question arrives as :class:`QueryRefused`, never as text to match.
+learn who leads can :meth:`ReplicaChannel.prefer` it.  Questions are the
+typed requests of :mod:`tasksprint.coordinator.ops`; every answer is checked
+to be the message expected, and a refusal of the question arrives as
+:class:`QueryRefused` with its error code, never as text to match.
 
 Commands that change the state go through the log instead
 (:class:`~tasksprint.log_client.LogClient`).
@@ -26,12 +27,21 @@ import trio
 
 from tasksprint import wire
 from tasksprint.api import Query, QueryReply, ReplicaStatus, StatusQuery
+from tasksprint.coordinator.ops import Refused, Request
 
 __all__ = ["ASK_ERRORS", "QueryRefused", "ReplicaChannel", "Unreachable"]
 
 
 class QueryRefused(RuntimeError):
-    """A replica answered the question with an error (an unknown or malformed query)."""
+    """A replica refused the question (unknown or malformed, or no coordinator runs there).
+
+    ``code`` is the :class:`~tasksprint.coordinator.ops.ErrorCode` value when
+    the coordinator refused it, None when the replica itself did.
+    """
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class Unreachable(Exception):
@@ -102,23 +112,29 @@ class ReplicaChannel:
         except BaseException:
             await self._next()
             raise
+        host, port = self.current
         if reply.error:
-            host, port = self.current
             raise QueryRefused(f"query {name} failed on {host}:{port}: {reply.error}")
+        if isinstance(reply.result, Refused):
+            raise QueryRefused(f"query {name} refused by {host}:{port}: {reply.result.error}", reply.result.code)
         self._failures = 0
         return reply.result
 
-    async def ask_any(self, name: str, args: dict[str, Any] | None = None, *, timeout: float = 5.0) -> Any:
+    async def request(self, request: Request, *, timeout: float = 5.0) -> Any:
+        """Ask a typed question (see :meth:`ask`)."""
+        return await self.ask(request.NAME, request.args(), timeout=timeout)
+
+    async def ask_any(self, request: Request, *, timeout: float = 5.0) -> Any:
         """Ask each replica in turn until one answers; raises :class:`Unreachable` if none does."""
         errors = []
         for _ in self.addrs:
             try:
-                return await self.ask(name, args, timeout=timeout)
+                return await self.request(request, timeout=timeout)
             except ASK_ERRORS as exc:
                 errors.append(f"{type(exc).__name__}: {exc}")
                 if isinstance(exc, QueryRefused):
                     await self._next()
-        raise Unreachable(f"no replica answered {name}: {'; '.join(errors)}")
+        raise Unreachable(f"no replica answered {request.NAME}: {'; '.join(errors)}")
 
     async def status(self, addr: tuple[str, int] | None = None, *, timeout: float = 2.0) -> ReplicaStatus:
         """Replica ``addr``'s (default: the current one's) own status, on a connection of its own."""

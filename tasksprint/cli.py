@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from tasksprint.channel import ASK_ERRORS, ReplicaChannel, Unreachable
     from tasksprint.config import parse_peers
+    from tasksprint.coordinator.ops import StatusRequest
     from tasksprint.run import failure_report, progress_line
 
     channel = ReplicaChannel(parse_peers(args.coordinators), cluster_secret(args))
@@ -116,7 +117,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
             except ASK_ERRORS as exc:
                 rows.append({"address": f"{host}:{port}", "reachable": False, "error": str(exc)})
         try:
-            computation = await channel.ask_any("status")
+            computation = await channel.ask_any(StatusRequest())
         except Unreachable:
             computation = None  # no replica answered, or no coordinator runs
         finally:
@@ -151,8 +152,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0 if any(r["reachable"] for r in rows) else 1
 
 
-def _ask_any(args: argparse.Namespace, name: str, query_args: dict) -> Any:
-    """The first replica's answer to query ``name``; None if no replica answers (or no coordinator runs)."""
+def _ask_any(args: argparse.Namespace, request: Any) -> Any:
+    """The first replica's answer to ``request``; None if no replica answers (or no coordinator runs)."""
     from tasksprint.channel import ReplicaChannel, Unreachable
     from tasksprint.config import parse_peers
 
@@ -160,7 +161,7 @@ def _ask_any(args: argparse.Namespace, name: str, query_args: dict) -> Any:
 
     async def ask() -> Any:
         try:
-            return await channel.ask_any(name, query_args)
+            return await channel.ask_any(request)
         except Unreachable:
             return None
         finally:
@@ -248,7 +249,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    info = _ask_any(args, "info", {"tid": args.task})
+    from tasksprint.coordinator.ops import InfoRequest
+
+    info = _ask_any(args, InfoRequest(tid=args.task))
     if info is None:
         print(f"tasksprint info: no task {args.task} (or no replica answered)", file=sys.stderr)
         return 1

@@ -64,7 +64,7 @@ import trio
 from tasksprint import wire
 from tasksprint.api import Fetch, FetchReply
 from tasksprint.channel import ASK_ERRORS, ReplicaChannel
-from tasksprint.coordinator.ops import BatchOp, DoneOp, ErrorCode, FailedOp, JoinOp, LostOp
+from tasksprint.coordinator.ops import BatchOp, DoneOp, ErrorCode, FailedOp, JoinOp, LostOp, ViewRequest
 from tasksprint.log_client import LogClient
 from tasksprint.nodehost import NodePool, TaskRequest
 
@@ -426,9 +426,7 @@ class Client:
         wait, margin = cfg.poll_wait, 5.0
         while True:
             try:
-                view = await channel.ask(
-                    "view", {"cid": self._cid, "after": version, "wait": wait}, timeout=wait + margin
-                )
+                view = await channel.request(ViewRequest(cid=self._cid, after=version, wait=wait), timeout=wait + margin)
             except ASK_ERRORS as exc:
                 if channel.failures >= len(cfg.coordinators):
                     self._log.warning("coordinators_unreachable", error=str(exc), retry_in=f"{backoff:.2f}s")

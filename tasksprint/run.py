@@ -23,6 +23,7 @@ import attrs
 import trio
 
 from tasksprint.channel import ASK_ERRORS, ReplicaChannel
+from tasksprint.coordinator.ops import StatusRequest
 from tasksprint.localcluster import LocalCluster
 
 
@@ -136,7 +137,7 @@ class LocalRun:
         while True:
             try:
                 st = await channel.status()
-                status = await channel.ask("status")
+                status = await channel.request(StatusRequest())
             except ASK_ERRORS:
                 await channel.move_on()
                 await trio.sleep(0.2)

@@ -12,8 +12,8 @@ non-deterministic part:
   than ``client_timeout`` in the ``expired`` list of its next TICK.  A new
   leader has heard from nobody yet, so it counts every client as heard at the
   moment it took over: a grace period of one full timeout;
-* read-only queries: ``view`` (long-poll for one client's assignments),
-  ``status``, ``info``.
+* read-only queries, parsed by :func:`~tasksprint.coordinator.ops.parse_query`:
+  ``view`` (long-poll for one client's assignments), ``status``, ``info``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import attrs
 
 from tasksprint.app import NotYet
 from tasksprint.coordinator.machine import CoordinatorMachine, RunState
-from tasksprint.coordinator.ops import InitOp
+from tasksprint.coordinator.ops import BadOp, InfoRequest, InitOp, StatusRequest, ViewRequest, parse_query
 from tasksprint.paxos.messages import Command
 from tasksprint_sdk.coordinator import Coordinator, load_scheduler
 
@@ -110,27 +110,27 @@ class CoordinatorApp:
         return f"last scheduler call: {where} in slot {hook['slot']} (compared at slot {slot})"
 
     def query(self, name: str, args: dict) -> Any:
-        match name:
-            case "view":
-                cid = args["cid"]
-                after = int(args.get("after", 0))
+        """Answer a :class:`~tasksprint.api.Query`; a malformed one is answered with its ``Refused``."""
+        try:
+            request = parse_query(name, args)
+        except BadOp as exc:
+            return exc.refused
+        match request:
+            case ViewRequest(cid=cid, after=after, wait=wait):
                 self._note_contact(cid)
                 if (
-                    args.get("wait", 0)
+                    wait
                     and self.machine.client_version(cid) <= after
                     and self.machine.run_state in (RunState.WAITING, RunState.RUNNING)
                     and self.machine.is_live(cid)
                 ):
                     raise NotYet()
                 return self.machine.view(cid, after)
-            case "status":
+            case StatusRequest():
                 return self.machine.status()
-            case "info":
-                return self.machine.task_info(int(args["tid"]))
-            case _:
-                raise KeyError(f"unknown query {name!r}; known: view, status, info")
+            case InfoRequest(tid=tid):
+                return self.machine.task_info(tid)
 
-    def _note_contact(self, cid: Any) -> None:
-        if isinstance(cid, int):
-            self._contacts.add(cid)
-            self._seen[cid] = time.monotonic()
+    def _note_contact(self, cid: int) -> None:
+        self._contacts.add(cid)
+        self._seen[cid] = time.monotonic()

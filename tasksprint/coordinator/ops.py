@@ -22,12 +22,19 @@ Operations (what each does: :class:`~tasksprint.coordinator.machine.CoordinatorM
 
 :class:`ErrorCode` says why an operation was refused, so no reader has to
 match error text.
+
+Read-only questions to a replica (not logged) are typed the same way:
+:class:`ViewRequest`, :class:`StatusRequest`, :class:`InfoRequest`, each
+sent as a :class:`~tasksprint.api.Query` named :attr:`NAME` with
+:meth:`args`, and parsed by :func:`parse_query` on the replica; a question
+that does not parse is answered with its :class:`Refused`.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import Any, Union
+import math
+from typing import Any, ClassVar, Union
 
 import attrs
 
@@ -46,7 +53,12 @@ __all__ = [
     "Op",
     "Refused",
     "ReportOp",
+    "InfoRequest",
+    "Request",
+    "StatusRequest",
+    "ViewRequest",
     "parse_op",
+    "parse_query",
 ]
 
 
@@ -273,3 +285,63 @@ def _parse_batched(sub: Any) -> ReportOp | Refused:
         return _parse_report(sub)
     except BadOp as exc:
         return exc.refused
+
+
+# ------------------------------------------------------------- queries
+
+
+@message
+class ViewRequest:
+    """Client ``cid``'s view changed since version ``after``; wait up to ``wait`` seconds for a change."""
+
+    NAME: ClassVar[str] = "view"
+    cid: int
+    after: int = 0
+    wait: float = 0.0
+
+    def args(self) -> dict[str, Any]:
+        return {"cid": self.cid, "after": self.after, "wait": self.wait}
+
+
+@message
+class StatusRequest:
+    """The computation at a glance."""
+
+    NAME: ClassVar[str] = "status"
+
+    def args(self) -> dict[str, Any]:
+        return {}
+
+
+@message
+class InfoRequest:
+    """Everything about task ``tid``."""
+
+    NAME: ClassVar[str] = "info"
+    tid: int
+
+    def args(self) -> dict[str, Any]:
+        return {"tid": self.tid}
+
+
+Request = Union[ViewRequest, StatusRequest, InfoRequest]
+
+
+def parse_query(name: Any, args: Any) -> Request:
+    """The typed question of a :class:`~tasksprint.api.Query`, or raise :class:`BadOp`."""
+    if not isinstance(args, dict):
+        raise BadOp(f"query {name!r:.100}: arguments must be a map, got {type(args).__name__}")
+    match name:
+        case "view":
+            wait = args.get("wait", 0)
+            if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not (wait >= 0 and math.isfinite(wait)):
+                raise BadOp(f"view: field 'wait' must be a number of seconds >= 0, got {wait!r:.200}")
+            return ViewRequest(
+                cid=_int(args, "view", "cid"), after=_int(args, "view", "after", minimum=0, default=0), wait=float(wait)
+            )
+        case "status":
+            return StatusRequest()
+        case "info":
+            return InfoRequest(tid=_int(args, "info", "tid"))
+        case _:
+            raise BadOp(f"unknown query {name!r:.100}; known: view, status, info", ErrorCode.UNKNOWN)
