@@ -96,7 +96,7 @@ class CoordinatorApp:
             self._seen[cid] = now
 
     def on_applied(self, slot: int) -> None:
-        pass
+        pass  # parked view polls are asked again by the replica after every slot
 
     def describe_slot(self, slot: int) -> str:
         hook = self.machine.last_hook
