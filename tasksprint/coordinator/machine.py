@@ -60,13 +60,14 @@ from tasksprint.coordinator.ops import (
     LostOp,
     Refused,
     ReportOp,
+    is_int,
     parse_op,
 )
 from tasksprint.coordinator.lineage import Lineage
 from tasksprint.coordinator.placement import Placement
 from tasksprint.coordinator.runtime import Hook, HookRuntime, failure_message
 from tasksprint.coordinator.snapshots import SchedulerMismatch
-from tasksprint.coordinator.specs import check_plain, is_int, task_spec
+from tasksprint.coordinator.specs import check_plain, task_spec
 from tasksprint.coordinator.state import (
     ClientRecord,
     CoordinatorState,

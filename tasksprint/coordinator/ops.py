@@ -57,6 +57,7 @@ __all__ = [
     "Request",
     "StatusRequest",
     "ViewRequest",
+    "is_int",
     "parse_op",
     "parse_query",
 ]
@@ -90,7 +91,8 @@ class BadOp(Exception):
         self.refused = Refused(code=code.value, error=message)
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
+    """An int that is not a bool (CBOR and Python both let a bool pass for an int)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -98,7 +100,7 @@ def _int(raw: dict, op: str, key: str, *, minimum: int | None = None, default: i
     if default is not None and key not in raw:
         return default
     v = raw.get(key)
-    if not _is_int(v) or (minimum is not None and v < minimum):
+    if not is_int(v) or (minimum is not None and v < minimum):
         bound = f" >= {minimum}" if minimum is not None else ""
         raise BadOp(f"{op}: field {key!r} must be an int{bound}, got {v!r:.200}")
     return v
@@ -266,11 +268,11 @@ def _parse_report(raw: dict) -> ReportOp:
     sizes = raw.get("sizes", {})
     if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
         raise BadOp(f"done: field 'values' must be a dict with string keys, got {values!r:.200}")
-    if not isinstance(sizes, dict) or not all(isinstance(k, str) and _is_int(v) and v >= 0 for k, v in sizes.items()):
+    if not isinstance(sizes, dict) or not all(isinstance(k, str) and is_int(v) and v >= 0 for k, v in sizes.items()):
         raise BadOp(f"done: field 'sizes' must map output keys to byte counts, got {sizes!r:.200}")
     early = raw.get("early", [])
     if not isinstance(early, list) or not all(
-        isinstance(e, list) and len(e) == 2 and _is_int(e[0]) and _is_int(e[1]) for e in early
+        isinstance(e, list) and len(e) == 2 and is_int(e[0]) and is_int(e[1]) for e in early
     ):
         raise BadOp(f"done: field 'early' must list [pretask tid, attempt] pairs of this task, got {early!r:.200}")
     return DoneOp(

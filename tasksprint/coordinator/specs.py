@@ -21,14 +21,10 @@ from typing import Any
 import attrs
 
 from tasksprint import codec
+from tasksprint.coordinator.ops import is_int
 from tasksprint.coordinator.state import TaskRecord, TaskState
 
-__all__ = ["TaskSpec", "check_plain", "is_int", "task_seed", "task_spec"]
-
-
-def is_int(v: Any) -> bool:
-    """An int that is not a bool."""
-    return isinstance(v, int) and not isinstance(v, bool)
+__all__ = ["TaskSpec", "check_plain", "task_seed", "task_spec"]
 
 
 @attrs.frozen(kw_only=True)

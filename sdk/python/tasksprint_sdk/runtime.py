@@ -14,7 +14,7 @@ Standard library only: the SDK imports no part of the ``tasksprint`` runtime.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 __all__ = ["SchedulerRuntime", "bind", "bound", "unbind"]
@@ -37,22 +37,11 @@ class SchedulerRuntime(Protocol):
     def now(self) -> float:
         """The time of the last applied tick, in seconds."""
 
-    def start_task(
-        self,
-        *,
-        name: str,
-        args: Sequence[Any],
-        kwargs: dict[str, Any] | None,
-        pretasks: Sequence[int],
-        prekeys: Sequence[str | None] | None,
-        keys: Sequence[str] | None,
-        require: Iterable[str],
-        want: Iterable[str],
-        replicas: int,
-        retries: int,
-        timeout: float | None,
-    ) -> int:
-        """Create a task (arguments as :meth:`Coordinator.start_task`); return its id."""
+    def start_task(self, **call: Any) -> int:
+        """Create a task; ``call`` holds every keyword argument of :meth:`Coordinator.start_task`.
+
+        Returns the new task's id.
+        """
 
     def kill_task(self, tid: int) -> list[int]:
         """Kill ``tid`` and its transitive dependents; return the ids killed."""
