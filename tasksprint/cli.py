@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import attrs
 import structlog
 import trio
 
@@ -265,7 +266,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_cancel(args: argparse.Namespace) -> int:
     from tasksprint.config import parse_peers
-    from tasksprint.coordinator.ops import CancelOp
+    from tasksprint.coordinator.ops import CancelOp, Cancelled, Refused
     from tasksprint.log_client import LogClient, Unavailable
 
     addrs = list(parse_peers(args.coordinators))
@@ -280,14 +281,17 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
     except Unavailable as exc:
         print(f"tasksprint cancel: {exc}", file=sys.stderr)
         return 1
+    ok = isinstance(result, Cancelled)
     if args.json:
-        print(json.dumps(result))
-    elif result.get("ok"):
-        print(f"killed: {', '.join(map(str, result.get('killed', []))) or 'nothing (already finished)'}")
+        # The answer's fields, and whether the cancel was accepted.
+        print(json.dumps({"ok": ok, **(attrs.asdict(result) if attrs.has(type(result)) else {})}))
+    elif ok:
+        print(f"killed: {', '.join(map(str, result.killed)) or 'nothing (already finished)'}")
     else:
-        print(f"tasksprint cancel: {result.get('error')}", file=sys.stderr)
+        error = result.error if isinstance(result, Refused) else repr(result)
+        print(f"tasksprint cancel: {error}", file=sys.stderr)
         return 1
-    return 0 if result.get("ok") else 1
+    return 0 if ok else 1
 
 
 def _status_dict(st: Any) -> dict:

@@ -64,7 +64,19 @@ import trio
 from tasksprint import wire
 from tasksprint.api import Fetch, FetchReply
 from tasksprint.channel import ASK_ERRORS, ReplicaChannel
-from tasksprint.coordinator.ops import BatchOp, DoneOp, ErrorCode, FailedOp, JoinOp, LostOp, ViewRequest
+from tasksprint.coordinator.ops import (
+    BatchApplied,
+    BatchOp,
+    DoneOp,
+    ErrorCode,
+    FailedOp,
+    Joined,
+    JoinOp,
+    LostOp,
+    Refused,
+    Reported,
+    ViewRequest,
+)
 from tasksprint.log_client import LogClient
 from tasksprint.nodehost import NodePool, TaskRequest
 
@@ -382,15 +394,15 @@ class Client:
                 self._log.warning("coordinators_unreachable", error=str(exc), retry_in="1s")
                 await trio.sleep(1.0)
                 continue
-            if not result.get("ok"):
-                error = str(result.get("error"))
-                if result.get("code") == ErrorCode.NOT_INITIALIZED.value:
-                    # The replicas are still starting the computation: wait for its first entry.
-                    await trio.sleep(0.2)
-                    continue
+            if isinstance(result, Refused) and result.code == ErrorCode.NOT_INITIALIZED.value:
+                # The replicas are still starting the computation: wait for its first entry.
+                await trio.sleep(0.2)
+                continue
+            if not isinstance(result, Joined):
+                error = result.error if isinstance(result, Refused) else f"unexpected answer {result!r:.200}"
                 raise RuntimeError(f"the coordinator refused to let this client join: {error}")
-            self._log.info("joined", cid=result["cid"], slots=cfg.slots, have=list(cfg.have))
-            return result["cid"]
+            self._log.info("joined", cid=result.cid, slots=cfg.slots, have=list(cfg.have))
+            return result.cid
 
     def _queue_size(self) -> int:
         cfg = self.config
@@ -547,13 +559,13 @@ class Client:
                     assert self._nursery is not None
                     self._nursery.start_soon(self._resize_queue, proposal)
             if len(ops) == 1:
-                others = [[0, result]]
+                others: tuple[tuple[int, Any], ...] = ((0, result),)
             else:
-                others = result.get("others", []) if isinstance(result, dict) else []
-            for i, res in others:
-                if isinstance(res, dict) and res.get("rerun") and 0 <= i < len(ops):
+                others = result.others if isinstance(result, BatchApplied) else ()
+            for i, answer in others:
+                if isinstance(answer, Reported) and answer.rerun and 0 <= i < len(ops):
                     sub = ops[i]
-                    self._log.info("task_rerun", tid=sub.tid, attempt=sub.attempt, reason=res.get("reason"))
+                    self._log.info("task_rerun", tid=sub.tid, attempt=sub.attempt, reason=answer.reason)
 
     async def _execute(self, run: _Assignment, inputs: list[Any]) -> DoneOp | FailedOp:
         """Run the task on a node; return the log command reporting how it went."""

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from tasksprint import codec
 from tasksprint.coordinator.machine import CoordinatorMachine, RunState
+from tasksprint.coordinator.ops import Initialized
 from tasksprint.machine import Applier
 from tasksprint.paxos.messages import Batch, Command, Tick
 from tasksprint_sdk.coordinator import (
@@ -70,7 +71,7 @@ class Sim:
 
     def __init__(self, cls: type[Coordinator], nodes: dict[str, NodeFn], seed: int = 11) -> None:
         self.h = Harness(cls)
-        assert self.h.init(seed)["ok"]
+        assert isinstance(self.h.init(seed), Initialized)
         self.machine = self.h.machine
         self.nodes = nodes
         self.store: dict[int, dict[int, dict[str, Any]]] = {}
@@ -80,7 +81,7 @@ class Sim:
 
     def join(self, name: str, slots: int = 2, have: tuple[str, ...] = ()) -> int:
         result = self.h.op({"op": "join", "client": name, "addr": f"{name}:7000", "slots": slots, "have": list(have)})
-        cid = result["cid"]
+        cid = result.cid
         for d in (self.store, self.assigned):
             d.setdefault(cid, {})
         self.seen.setdefault(cid, 0)
@@ -515,7 +516,7 @@ def join(h: Harness, name: str, slots: int, queue: int | None = None, have: tupl
     op = {"op": "join", "client": name, "addr": f"{name}:1", "slots": slots, "have": list(have)}
     if queue is not None:
         op["queue"] = queue
-    return h.op(op)["cid"]
+    return h.op(op).cid
 
 
 def done_op(cid: int, tid: int, attempt: int = 1, **extra: Any) -> dict[str, Any]:

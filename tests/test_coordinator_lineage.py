@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from tasksprint.coordinator.ops import ErrorCode, Joined, Refused
 from tasksprint_sdk.coordinator import (
     load_scheduler,
 )
@@ -125,7 +126,7 @@ def test_client_death_places_its_early_placed_tasks_again() -> None:
     task = sim.poll(y)["tasks"]
     assert names(task) == [m1, red] and task[1]["attempt"] == 2
     late = sim.h.op({"op": "done", "cid": x, "tid": red, "attempt": 1, "values": {}, "sizes": {}})
-    assert late["accepted"] is False
+    assert late.accepted is False
     sim.run()
     assert sim.h.status["result"]["values"] == "merged"
 
@@ -163,17 +164,18 @@ def test_kill_task_kills_everything_that_depends_on_it() -> None:
     assert view["kill"] == [sched.a] and view["tasks"] == []
     assert sim.h.status["tasks"]["killed"] == 4
     late = sim.h.op({"op": "done", "cid": cid, "tid": sched.a, "attempt": 1, "values": {}, "sizes": {}})
-    assert late["accepted"] is False and "killed" in late["reason"]
+    assert late.accepted is False and "killed" in late.reason
 
 
 def test_cancel_from_the_command_line_cascades() -> None:
     sim = Sim(ChainScheduler, ECHO)
     sched = sim.machine.scheduler
     x = sim.join("x", slots=1, have=("x",))
-    assert sim.h.op({"op": "cancel", "tid": sched.a})["killed"] == [sched.a, sched.b, sched.c]
+    assert sim.h.op({"op": "cancel", "tid": sched.a}).killed == (sched.a, sched.b, sched.c)
     assert sim.poll(x)["tasks"] == []
     unknown = sim.h.op({"op": "cancel", "tid": 99})
-    assert unknown["ok"] is False and unknown["error"] == "cancel: unknown task 99"
+    assert isinstance(unknown, Refused) and unknown.error == "cancel: unknown task 99"
+    assert unknown.code == ErrorCode.UNKNOWN.value
 
 
 def test_dead_client_tasks_are_placed_again_and_its_late_report_ignored() -> None:
@@ -190,8 +192,8 @@ def test_dead_client_tasks_are_placed_again_and_its_late_report_ignored() -> Non
     task = sim.poll(second)["tasks"][0]
     assert (task["tid"], task["attempt"]) == (sched.a, 2)
     late = sim.h.op({"op": "done", "cid": first, "tid": sched.a, "attempt": 1, "values": {}, "sizes": {}})
-    assert late["accepted"] is False and "dead" in late["reason"]
-    assert sim.complete(second, sched.a)["accepted"]
+    assert late.accepted is False and "dead" in late.reason
+    assert sim.complete(second, sched.a).accepted
     # A client that comes back under its old name is a new client.
     assert sim.join("first", slots=1) == 3
 
@@ -230,7 +232,7 @@ def test_a_lost_report_recomputes_the_output() -> None:
     run_on(sim, x)
     assert [t["tid"] for t in sim.poll(y)["tasks"]] == [sched.c]
     result = sim.h.op({"op": "lost", "cid": y, "tid": sched.b, "key": "out"})
-    assert result["accepted"]
+    assert result.accepted
     assert sim.machine.task_info(sched.b)["clients"] == [x]
     assert sim.machine.task_info(sched.a)["state"] == "done"  # its output is still on x
     sim.run()
@@ -246,12 +248,12 @@ def test_replicated_task_commits_once_and_the_other_copy_is_killed() -> None:
         assert [t["tid"] for t in sim.poll(cid)["tasks"]] == [sched.t]
     assert sim.machine.task_info(sched.t)["clients"] == [one, two]
     task_two = sim.assigned[two][sched.t]
-    assert sim.complete(one, sched.t)["accepted"]
+    assert sim.complete(one, sched.t).accepted
     assert sim.poll(two)["kill"] == [sched.t]
     dup = sim.h.op(
         {"op": "done", "cid": two, "tid": sched.t, "attempt": task_two["attempt"], "values": {"out": 1}, "sizes": {}}
     )
-    assert dup["accepted"] is False and "done" in dup["reason"]
+    assert dup.accepted is False and "done" in dup.reason
     assert [tid for tid, _ in sched.done] == [sched.t]
     assert sim.machine.task_info(sched.t)["holder"] == one
     sim.machine.check_invariants()
@@ -262,7 +264,7 @@ def test_failures_are_retried_then_fail_the_computation_with_a_report() -> None:
     sched = sim.machine.scheduler
     cid = sim.join("w", slots=1)
     sim.poll(cid)
-    assert sim.fail(cid, sched.t, "ValueError: bad input")["accepted"]
+    assert sim.fail(cid, sched.t, "ValueError: bad input").accepted
     task = sim.poll(cid)["tasks"][0]
     assert (task["tid"], task["attempt"]) == (sched.t, 2)
     sim.fail(cid, sched.t, "ValueError: bad input again")
@@ -293,7 +295,7 @@ def test_a_raising_hook_fails_the_computation_with_hook_task_and_slot() -> None:
     sched = sim.machine.scheduler
     cid = sim.join("w", slots=2)
     sim.poll(cid)
-    assert sim.complete(cid, sched.a)["accepted"]
+    assert sim.complete(cid, sched.a).accepted
     sim.complete(cid, sched.b)
     slot = sim.h.applier.applied
     failure = sim.h.status["failure"]
@@ -303,7 +305,7 @@ def test_a_raising_hook_fails_the_computation_with_hook_task_and_slot() -> None:
     assert "coordinator_harness.py line" in failure["message"]
     assert sim.machine.last_hook == {"hook": "task_done", "tid": sched.b, "cid": None, "slot": slot}
     # The cluster stays up: ops are answered, status and views keep working.
-    assert sim.h.op({"op": "join", "client": "late", "addr": "late:1", "slots": 1, "have": []})["ok"]
+    assert isinstance(sim.h.op({"op": "join", "client": "late", "addr": "late:1", "slots": 1, "have": []}), Joined)
     sim.h.tick()
     assert sim.h.status["state"] == "failed" and sim.machine.view(cid, 0)["state"] == "failed"
     sim.machine.check_invariants()
@@ -313,7 +315,7 @@ def test_a_dead_clients_queued_tasks_are_placed_again() -> None:
     sim = Sim(ManyScheduler, ECHO)
     x = sim.join("x", slots=1)
     h = sim.h
-    y = h.op({"op": "join", "client": "y", "addr": "y:7000", "slots": 1, "queue": 6, "have": []})["cid"]
+    y = h.op({"op": "join", "client": "y", "addr": "y:7000", "slots": 1, "queue": 6, "have": []}).cid
     sim.store[y], sim.assigned[y], sim.seen[y], sim.killed[y] = {}, {}, 0, []
     on_y = names(sim.poll(y)["tasks"])
     assert len(on_y) == 7  # one running, six waiting in its node pool

@@ -13,7 +13,13 @@ from tasksprint import codec
 from tasksprint.coordinator.app import CoordinatorApp
 from tasksprint.coordinator.machine import CoordinatorMachine
 from tasksprint.coordinator.ops import (
+    ACCEPTED,
     BadOp,
+    BatchApplied,
+    Cancelled,
+    Initialized,
+    Joined,
+    Reported,
     BatchOp,
     CancelOp,
     DoneOp,
@@ -77,7 +83,7 @@ def test_view_reports_only_changes_since_a_version() -> None:
 def test_malformed_ops_change_nothing() -> None:
     h = Harness(ChainScheduler)
     early = h.op({"op": "join", "client": "c", "addr": "c:1", "slots": 1, "have": []})
-    assert early["ok"] is False and early["code"] == ErrorCode.NOT_INITIALIZED.value
+    assert isinstance(early, Refused) and early.code == ErrorCode.NOT_INITIALIZED.value
     h.init()
     before = h.machine.snapshot()
     for op in (
@@ -90,9 +96,9 @@ def test_malformed_ops_change_nothing() -> None:
         {"op": "failed", "cid": 1, "tid": 1, "attempt": 1, "error": 3},
     ):
         result = h.op(op)
-        assert result["ok"] is False and result["error"]
+        assert isinstance(result, Refused) and result.error
     assert h.machine.snapshot() == before
-    assert h.op({"op": "init", "seed": 5, "code_digest": "other"})["ignored"]
+    assert h.op({"op": "init", "seed": 5, "code_digest": "other"}).ignored
     assert h.machine.status()["seed"] == 11
 
 
@@ -106,8 +112,8 @@ def test_rejoin_under_a_live_name_keeps_the_cid() -> None:
 def test_expired_clients_uses_client_timeout() -> None:
     h = Harness(ChainScheduler, client_timeout=5.0)
     h.init()
-    a = h.op({"op": "join", "client": "a", "addr": "a:1", "slots": 1, "have": []})["cid"]
-    b = h.op({"op": "join", "client": "b", "addr": "b:1", "slots": 1, "have": []})["cid"]
+    a = h.op({"op": "join", "client": "a", "addr": "a:1", "slots": 1, "have": []}).cid
+    b = h.op({"op": "join", "client": "b", "addr": "b:1", "slots": 1, "have": []}).cid
     assert h.machine.expired_clients({a: 10.0, b: 3.0}, now=9.0) == [b]
     assert h.machine.expired_clients({a: 10.0}, now=100.0) == [a]
     with pytest.raises(ValueError, match="client_timeout"):
@@ -134,21 +140,21 @@ def test_a_batch_applies_each_report_in_order_as_one_log_item() -> None:
             ],
         }
     )
-    assert result["ok"] and result["count"] == 6
+    assert isinstance(result, BatchApplied) and result.count == 6
     # Only the results other than a plain acceptance come back, with their positions.
-    others = dict((i, r) for i, r in result["others"])
+    others = dict(result.others)
     assert sorted(others) == [2, 3, 4]
-    results = [others.get(i, {"ok": True, "accepted": True, "reason": None}) for i in range(6)]
-    assert results[1]["accepted"] and not results[2]["ok"] and "only done, failed and lost" in results[2]["error"]
-    assert not results[3]["ok"] and "unknown task 999" in results[3]["error"]
-    assert not results[4]["accepted"] and "is done" in results[4]["reason"]
-    assert results[5]["accepted"]
+    results = [others.get(i, ACCEPTED) for i in range(6)]
+    assert results[1].accepted and isinstance(results[2], Refused) and "only done, failed and lost" in results[2].error
+    assert isinstance(results[3], Refused) and "unknown task 999" in results[3].error
+    assert not results[4].accepted and "is done" in results[4].reason
+    assert results[5].accepted
     # task_done ran in the batch's order; the failed one is retried (attempt 2), and placed again.
     assert h.machine.scheduler.done == [b, a]
     assert h.machine.task_info(c)["attempt"] == 2 and h.machine.task_info(c)["clients"] == [cid]
     assert h.status["clients"]["live"] == 1  # the join inside the batch did nothing
     h.machine.check_invariants()
-    assert not h.op({"op": "batch", "ops": "nope"})["ok"]
+    assert isinstance(h.op({"op": "batch", "ops": "nope"}), Refused)
 
 
 def test_start_task_takes_plain_data_only() -> None:
@@ -256,3 +262,30 @@ def test_the_app_answers_a_malformed_query_with_its_refusal() -> None:
     assert codec.decode_untrusted(codec.encode(answer)) == answer  # it travels as the reply
     assert app.query("status", {})["state"] == "waiting"
     assert app.query("info", {"tid": 1}) is None
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        Initialized(ignored=True, effects="e"),
+        Joined(cid=3),
+        Reported(accepted=False, reason="stale", rerun=True),
+        Cancelled(killed=(1, 2)),
+        BatchApplied(count=3, others=((1, Reported(accepted=False, reason="r")), (2, Refused(code="unknown", error="x")))),
+        Refused(code="not_initialized", error="try again"),
+    ],
+    ids=lambda a: type(a).__name__,
+)
+def test_every_answer_travels_back_to_the_submitter_as_it_is(answer: object) -> None:
+    assert codec.decode_untrusted(codec.encode(answer)) == answer
+
+
+def test_a_malformed_answer_from_the_network_is_a_bad_message() -> None:
+    good = codec.encode(BatchApplied(count=1, others=((0, Refused(code="unknown", error="x")),)))
+    bad = good.replace(b"unknown", b"unknow!")  # not an error code
+    with pytest.raises(codec.BadMessage):
+        codec.decode_untrusted(bad)
+    joined = codec.encode(Joined(cid=1))
+    assert joined.count(b"\x01") == 1
+    with pytest.raises(codec.BadMessage):
+        codec.decode_untrusted(joined.replace(b"\x01", b"\xf5"))  # cid: true, not an int

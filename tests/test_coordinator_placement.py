@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tasksprint.coordinator.ops import BatchApplied, Refused
 from tasksprint_sdk.coordinator import (
     Coordinator,
 )
@@ -74,12 +75,12 @@ def test_placement_prefers_the_client_holding_most_input_bytes(small_size: int, 
     h.init()
     cids = {}
     for name, tags in (("s", ["s"]), ("b", ["b"]), ("free", [])):
-        cids[name] = h.op({"op": "join", "client": name, "addr": f"{name}:1", "slots": 4, "have": tags})["cid"]
+        cids[name] = h.op({"op": "join", "client": name, "addr": f"{name}:1", "slots": 4, "have": tags}).cid
     sched = h.machine.scheduler
     for tid, cid, size in ((sched.small, cids["s"], small_size), (sched.big, cids["b"], big_size)):
         sizes = {"out": size, "log": 10**6}
         result = h.op({"op": "done", "cid": cid, "tid": tid, "attempt": 1, "values": {}, "sizes": sizes})
-        assert result["accepted"]
+        assert result.accepted
     assert h.machine.task_info(sched.joined)["clients"] == [cids[winner]]
 
 
@@ -150,11 +151,11 @@ def test_early_placement_prefers_the_client_holding_most_bytes_available_so_far(
     h.init()
     cids = {}
     for name, tags in (("s", ["s"]), ("b", ["b"]), ("free", [])):
-        cids[name] = h.op({"op": "join", "client": name, "addr": f"{name}:1", "slots": 4, "have": tags})["cid"]
+        cids[name] = h.op({"op": "join", "client": name, "addr": f"{name}:1", "slots": 4, "have": tags}).cid
     sched = h.machine.scheduler
     for tid, cid, size in ((sched.small, cids["s"], small_size), (sched.big, cids["b"], big_size)):
         sizes = {"out": size, "log": 10**6}
-        assert h.op({"op": "done", "cid": cid, "tid": tid, "attempt": 1, "values": {}, "sizes": sizes})["accepted"]
+        assert h.op({"op": "done", "cid": cid, "tid": tid, "attempt": 1, "values": {}, "sizes": sizes}).accepted
     assert h.machine.task_info(sched.joined)["state"] == "pending"
     h.op({"op": "join", "client": "l", "addr": "l:1", "slots": 1, "have": ["l"]})
     info = h.machine.task_info(sched.joined)
@@ -236,7 +237,7 @@ def test_a_client_with_a_queue_gets_that_many_ready_tasks_beyond_its_slots() -> 
     assert [c["running"] for c in h.status["live_clients"]] == [2, 7]
     # Each completion frees room for exactly one more.
     first = h.machine.view(queued)["tasks"][0]["tid"]
-    assert h.op(done_op(queued, first))["accepted"]
+    assert h.op(done_op(queued, first)).accepted
     assert len(h.machine.view(queued)["tasks"]) == 7
     assert h.machine.task_info(h.machine.scheduler.tids[9])["clients"] == [queued]
     # A larger queue, announced by joining again under the same name, takes effect at once.
@@ -259,7 +260,8 @@ def test_a_chain_follows_its_pretask_onto_a_client_with_a_queue() -> None:
     plain = join(h2, "plain", slots=4)
     assert names(h2.machine.view(plain)["tasks"]) == [chain[0]]
     # Completing links frees room for the next followers, in chain order.
-    assert h.op({"op": "batch", "ops": [done_op(other, chain[0]), done_op(other, chain[1], early=[[chain[0], 1]])]})["ok"]
+    batch = {"op": "batch", "ops": [done_op(other, chain[0]), done_op(other, chain[1], early=[[chain[0], 1]])]}
+    assert isinstance(h.op(batch), BatchApplied)
     # (chain[2] has its input now and takes a slot: eight wait for inputs again, the allowance.)
     assert names(h.machine.view(other)["tasks"]) == chain[2:11]
     assert h.machine.task_info(chain[2])["prefetching"] == []
@@ -275,18 +277,18 @@ def test_an_early_completion_counts_only_if_its_input_was_committed_from_that_cl
     assert names(h.machine.view(x)["tasks"]) == h.machine.scheduler.chain[:4]
     # b reported before a, claiming a's output: a is not committed, so b runs again.
     result = h.op(done_op(x, b, early=[[a, 1]]))
-    assert (result["accepted"], result["rerun"]) == (False, True)
+    assert (result.accepted, result.rerun) == (False, True)
     info = h.machine.task_info(b)
     assert info["attempt"] == 2 and info["state"] == "running" and info["clients"] == [x]
     assert h.machine.scheduler.done == []
     # The new attempt is in x's view; a stale report of attempt 1 is refused.
     assert [(t["tid"], t["attempt"]) for t in h.machine.view(x)["tasks"] if t["tid"] == b] == [(b, 2)]
     # a commits (from x), then b's attempt 2 with a's output used early is accepted.
-    assert h.op(done_op(x, a))["accepted"]
-    assert h.op(done_op(x, b, attempt=2, early=[[a, 1]]))["accepted"]
+    assert h.op(done_op(x, a)).accepted
+    assert h.op(done_op(x, b, attempt=2, early=[[a, 1]])).accepted
     # An early claim naming the wrong attempt or another client's output is refused too.
-    assert h.op(done_op(x, c, early=[[b, 1]]))["rerun"]
-    assert not h.op(done_op(x, c, early=[[99, 1]]))["ok"]  # not a pretask of c: malformed
+    assert h.op(done_op(x, c, early=[[b, 1]])).rerun
+    assert isinstance(h.op(done_op(x, c, early=[[99, 1]])), Refused)  # not a pretask of c: malformed
     assert h.machine.scheduler.done == [a, b]
     h.machine.check_invariants()
 
@@ -305,10 +307,10 @@ def test_a_replicated_pretask_committed_elsewhere_sends_the_early_dependent_back
     assert h.machine.task_info(sched.a)["clients"] == [x, y]
     assert h.machine.task_info(sched.b)["clients"] == [x]  # follows the copy on the lowest cid
     # y's copy of a commits first; x then reports b as computed from its own copy of a.
-    assert h.op(done_op(y, sched.a))["accepted"]
+    assert h.op(done_op(y, sched.a)).accepted
     result = h.op({"op": "batch", "ops": [done_op(x, sched.a), done_op(x, sched.b, early=[[sched.a, 1]])]})
-    others = dict((i, r) for i, r in result["others"])
-    assert not others[0]["accepted"] and others[1]["rerun"]
+    others = dict(result.others)
+    assert not others[0].accepted and others[1].rerun
     info = h.machine.task_info(sched.b)
     assert info["attempt"] == 2 and info["state"] == "running"
     h.machine.check_invariants()

@@ -49,16 +49,23 @@ import structlog
 from tasksprint import codec
 from tasksprint.coordinator import snapshots, views
 from tasksprint.coordinator.ops import (
+    ACCEPTED,
+    Answer,
     BadOp,
+    BatchApplied,
     BatchOp,
+    Cancelled,
     CancelOp,
     DoneOp,
     ErrorCode,
     FailedOp,
+    Initialized,
     InitOp,
+    Joined,
     JoinOp,
     LostOp,
     Refused,
+    Reported,
     ReportOp,
     is_int,
     parse_op,
@@ -82,9 +89,6 @@ from tasksprint_sdk import runtime as sdk_runtime
 from tasksprint_sdk.coordinator import Coordinator, scheduler_code_digest
 
 __all__ = ["CoordinatorMachine", "RunState", "SchedulerMismatch", "TaskState"]
-
-_ACCEPTED = {"ok": True, "accepted": True, "reason": None}
-
 
 @attrs.define(eq=False)
 class CoordinatorMachine:
@@ -153,28 +157,26 @@ class CoordinatorMachine:
 
     # ------------------------------------------------------------- log input
 
-    def apply(self, op: Any, ctx: ApplyContext) -> dict[str, Any]:
-        """Apply one client op (see :mod:`tasksprint.coordinator.ops`); return its result.
+    def apply(self, op: Any, ctx: ApplyContext) -> Answer:
+        """Apply one client op (see :mod:`tasksprint.coordinator.ops`); return its answer.
 
-        Results (every one also has ``"effects"``, a digest of the actions taken):
+        Every answer carries ``effects``, a digest of the actions taken:
 
-        - init -> ``{"ok": True}``; raises :class:`SchedulerMismatch` if its
-          ``code_digest`` is not this replica's.  A second init is ignored.
-        - join -> ``{"ok": True, "cid": int}``.
-        - done, failed, lost -> ``{"ok": True, "accepted": bool, "reason": str | None}``;
-          a done whose ``early`` inputs were not committed from this client
-          also has ``"rerun": True``: the task gets a new attempt, placed
-          again, because it may have run on outputs the log never committed.
-        - cancel -> ``{"ok": True, "killed": [tid, ...]}``.
-        - batch -> ``{"ok": True, "count": int, "others": [[index, result], ...]}``:
-          the reports applied in order, as if each had its own log entry,
-          except that placement runs once, after the last (one log item, one
-          answer and one digest update for all the completions a client has
-          ready).  ``others`` has the results that are not ``{"ok": True,
-          "accepted": True, "reason": None}``, with their position in ``ops``.
+        - init -> :class:`Initialized`; raises :class:`SchedulerMismatch` if
+          its ``code_digest`` is not this replica's.  A second init is ignored.
+        - join -> :class:`Joined`.
+        - done, failed, lost -> :class:`Reported`; a done whose ``early``
+          inputs were not committed from this client has ``rerun``: the task
+          gets a new attempt, placed again, because it may have run on
+          outputs the log never committed.
+        - cancel -> :class:`Cancelled`.
+        - batch -> :class:`BatchApplied`: the reports applied in order, as if
+          each had its own log entry, except that placement runs once, after
+          the last (one log item, one answer and one digest update for all
+          the completions a client has ready).  Only the answers that are not
+          :data:`ACCEPTED` are listed, with their position.
 
-        A refused op changes nothing and gets ``{"ok": False, "error": str,
-        "code": str}`` (an :class:`~tasksprint.coordinator.ops.ErrorCode` value).
+        A refused op changes nothing and gets :class:`Refused` (its code says why).
         """
         self._begin(ctx)
         try:
@@ -190,12 +192,11 @@ class CoordinatorMachine:
                 case BatchOp(ops=ops):
                     result = self._op_batch(ops)
         except BadOp as exc:
-            result = exc.refused.result()
+            result = exc.refused
         self._settle()
-        result["effects"] = self._effects_digest()
-        return result
+        return attrs.evolve(result, effects=self._effects_digest())
 
-    def _op_report(self, op: ReportOp) -> dict[str, Any]:
+    def _op_report(self, op: ReportOp) -> Reported:
         match op:
             case DoneOp():
                 return self._op_done(op)
@@ -204,21 +205,21 @@ class CoordinatorMachine:
             case LostOp():
                 return self._op_lost(op)
 
-    def _op_batch(self, ops: tuple[ReportOp | Refused, ...]) -> dict[str, Any]:
+    def _op_batch(self, ops: tuple[ReportOp | Refused, ...]) -> BatchApplied:
         # Only the results that say something beyond "accepted": every
         # replica hashes and keeps them, the client mostly needs none.
         others = []
         for i, sub in enumerate(ops):
             if isinstance(sub, Refused):
-                result = sub.result()
+                result: Reported | Refused = sub
             else:
                 try:
                     result = self._op_report(sub)
                 except BadOp as exc:
-                    result = exc.refused.result()
-            if result != _ACCEPTED:
-                others.append([i, result])
-        return {"ok": True, "count": len(ops), "others": others}
+                    result = exc.refused
+            if result != ACCEPTED:
+                others.append((i, result))
+        return BatchApplied(count=len(ops), others=others)
 
     def tick(self, now: float, data: Any, ctx: ApplyContext) -> dict[str, Any]:
         """Apply a TICK: advance time, declare ``data["expired"]`` clients dead, settle.
@@ -244,10 +245,10 @@ class CoordinatorMachine:
 
     # ------------------------------------------------------------------- ops
 
-    def _op_init(self, op: InitOp) -> dict[str, Any]:
+    def _op_init(self, op: InitOp) -> Initialized:
         s = self._state
         if s.run_state is not RunState.WAITING:
-            return {"ok": True, "ignored": "the computation is already initialized"}
+            return Initialized(ignored=True)
         if op.code_digest != self._code_digest:
             raise SchedulerMismatch(
                 snapshots.mismatch_message(
@@ -263,13 +264,13 @@ class CoordinatorMachine:
         self._log.info("computation_started", seed=seed, scheduler=self._scheduler_cls.__qualname__)
         ok, sched = self._call_hook(Hook.CREATE, self._scheduler_cls)
         if not ok:
-            return {"ok": True}
+            return Initialized()
         s.scheduler = sched
         sdk_runtime.bind(sched, self._runtime)
         self._call_hook(Hook.INIT, lambda: sched.init(seed))
-        return {"ok": True}
+        return Initialized()
 
-    def _op_join(self, op: JoinOp) -> dict[str, Any]:
+    def _op_join(self, op: JoinOp) -> Joined:
         s = self._state
         if s.run_state is RunState.WAITING:
             raise BadOp("join: the computation is not initialized yet; try again", ErrorCode.NOT_INITIALIZED)
@@ -284,7 +285,7 @@ class CoordinatorMachine:
                 # Tasks reading outputs held here must learn the new address.
                 for tid in list(client.holds):
                     self._lineage.bump_dependents(s.tasks[tid])
-            return {"ok": True, "cid": cid}
+            return Joined(cid=cid)
         cid = s.next_cid
         s.next_cid += 1
         s.clients[cid] = ClientRecord(cid=cid, name=op.client, addr=op.addr, slots=op.slots, tags=tags, queue=op.queue)
@@ -293,7 +294,7 @@ class CoordinatorMachine:
         self._fx.effects.append(["join", cid])
         self._log.info("client_joined", cid=cid, client=op.client, addr=op.addr, slots=op.slots, queue=op.queue)
         self._call_hook(Hook.CLIENT_JOINED, lambda: self._sched().client_joined(cid), cid=cid)
-        return {"ok": True, "cid": cid}
+        return Joined(cid=cid)
 
     def _report_target(self, op: DoneOp | FailedOp) -> tuple[ClientRecord, TaskRecord]:
         what = "done" if isinstance(op, DoneOp) else "failed"
@@ -316,7 +317,7 @@ class CoordinatorMachine:
             return f"stale attempt {attempt} of task {task.tid} (current attempt {task.attempt})"
         return None
 
-    def _op_done(self, op: DoneOp) -> dict[str, Any]:
+    def _op_done(self, op: DoneOp) -> Reported:
         s = self._state
         client, task = self._report_target(op)
         if not all(ptid in task.pretasks for ptid, _ in op.early):
@@ -326,7 +327,7 @@ class CoordinatorMachine:
             # The client has reported on it, so it needs no kill order for it.
             if task.tid not in client.running:
                 client.entries.pop(task.tid, None)
-            return {"ok": True, "accepted": False, "reason": reason}
+            return Reported(accepted=False, reason=reason)
         for ptid, pattempt in op.early:
             pre = s.tasks[ptid]
             if pre.holder != client.cid or pre.attempt != pattempt:
@@ -334,12 +335,11 @@ class CoordinatorMachine:
                 # not commit (another copy's or attempt's won, or none did):
                 # this completion cannot count; run the task again.
                 self._lineage.void_copy(client, task)
-                return {
-                    "ok": True,
-                    "accepted": False,
-                    "rerun": True,
-                    "reason": f"input from task {ptid} attempt {pattempt} on client {client.cid} was not committed",
-                }
+                return Reported(
+                    accepted=False,
+                    rerun=True,
+                    reason=f"input from task {ptid} attempt {pattempt} on client {client.cid} was not committed",
+                )
         for other in task.copies:
             if other != client.cid:
                 self._placement.unassign(s.clients[other], task.tid, tell=True)
@@ -357,15 +357,15 @@ class CoordinatorMachine:
             task.values = {k: op.values[k] for k in task.keys if k in op.values}
             tid, given = task.tid, dict(task.values)
             self._call_hook(Hook.TASK_DONE, lambda: self._sched().task_done(tid, given), tid=tid)
-        return {"ok": True, "accepted": True, "reason": None}
+        return ACCEPTED
 
-    def _op_failed(self, op: FailedOp) -> dict[str, Any]:
+    def _op_failed(self, op: FailedOp) -> Reported:
         client, task = self._report_target(op)
         reason = self._stale_reason(client, task, op.attempt)
         if reason is not None:
             if task.tid not in client.running:
                 client.entries.pop(task.tid, None)
-            return {"ok": True, "accepted": False, "reason": reason}
+            return Reported(accepted=False, reason=reason)
         self._placement.unassign(client, task.tid, tell=False)
         task.copies.remove(client.cid)
         task.error = op.error
@@ -373,29 +373,29 @@ class CoordinatorMachine:
         if task.copies:
             # Other copies of this attempt still run; one of them may succeed.
             self._placement.enqueue(task.tid)
-            return {"ok": True, "accepted": True, "reason": None}
+            return ACCEPTED
         self._attempt_failed(task, op.error)
-        return {"ok": True, "accepted": True, "reason": None}
+        return ACCEPTED
 
-    def _op_cancel(self, tid: int) -> dict[str, Any]:
+    def _op_cancel(self, tid: int) -> Cancelled:
         if tid not in self._state.tasks:
             raise BadOp(f"cancel: unknown task {tid}", ErrorCode.UNKNOWN)
         if self._state.run_state is not RunState.RUNNING:
-            return {"ok": True, "killed": [], "reason": f"the computation is {self._state.run_state.value}"}
-        return {"ok": True, "killed": self._lineage.kill(tid)}
+            return Cancelled(killed=(), reason=f"the computation is {self._state.run_state.value}")
+        return Cancelled(killed=self._lineage.kill(tid))
 
-    def _op_lost(self, op: LostOp) -> dict[str, Any]:
+    def _op_lost(self, op: LostOp) -> Reported:
         s = self._state
         client = s.clients.get(op.cid)
         task = s.tasks.get(op.tid)
         if client is None or task is None:
             raise BadOp(f"lost: unknown client {op.cid} or task {op.tid}", ErrorCode.UNKNOWN)
         if s.run_state is not RunState.RUNNING or not client.alive:
-            return {"ok": True, "accepted": False, "reason": "reporter is dead or the computation is over"}
+            return Reported(accepted=False, reason="reporter is dead or the computation is over")
         if task.state is not TaskState.DONE or task.holder is None:
-            return {"ok": True, "accepted": False, "reason": f"task {op.tid} has no outputs on record"}
+            return Reported(accepted=False, reason=f"task {op.tid} has no outputs on record")
         self._lineage.lose_outputs(task)
-        return {"ok": True, "accepted": True, "reason": None}
+        return ACCEPTED
 
     # ------------------------------------------------- actions (hook runtime)
 

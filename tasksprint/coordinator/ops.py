@@ -20,6 +20,9 @@ Operations (what each does: :class:`~tasksprint.coordinator.machine.CoordinatorM
 - :class:`CancelOp` — kill a task (and its dependents) from the command line.
 - :class:`BatchOp` — several done/failed/lost reports in one log command.
 
+Each operation is answered with a frozen value too (:class:`Initialized`,
+:class:`Joined`, :class:`Reported`, :class:`Cancelled`, :class:`BatchApplied`
+or :class:`Refused`), which travels back to the submitter as it is.
 :class:`ErrorCode` says why an operation was refused, so no reader has to
 match error text.
 
@@ -41,7 +44,14 @@ import attrs
 from tasksprint.codec import message
 
 __all__ = [
+    "ACCEPTED",
+    "Answer",
     "BadOp",
+    "BatchApplied",
+    "Cancelled",
+    "Initialized",
+    "Joined",
+    "Reported",
     "BatchOp",
     "CancelOp",
     "DoneOp",
@@ -71,16 +81,22 @@ class ErrorCode(enum.Enum):
     UNKNOWN = "unknown"  # names a client or task the coordinator does not know
 
 
+_str_v = attrs.validators.instance_of(str)
+_bool_v = attrs.validators.instance_of(bool)
+_opt_str_v = attrs.validators.optional(_str_v)
+
+
 @message
 class Refused:
-    """Why one operation was refused: an :class:`ErrorCode` value and a message for people."""
+    """The answer to a refused operation or question: an :class:`ErrorCode` value and a message for people.
+
+    ``effects`` is the digest of the actions the log entry caused (see
+    :class:`~tasksprint.coordinator.machine.CoordinatorMachine`; empty inside a batch and for questions).
+    """
 
     code: str = attrs.field(validator=attrs.validators.in_([c.value for c in ErrorCode]))
-    error: str
-
-    def result(self) -> dict[str, Any]:
-        """The error result recorded for the command."""
-        return {"ok": False, "error": self.error, "code": self.code}
+    error: str = attrs.field(validator=_str_v)
+    effects: str = attrs.field(default="", validator=_str_v)
 
 
 class BadOp(Exception):
@@ -216,6 +232,91 @@ class BatchOp:
 
 
 Op = Union[InitOp, JoinOp, DoneOp, FailedOp, LostOp, CancelOp, BatchOp]
+
+
+# ------------------------------------------------------------- answers
+
+
+def _int_v(_inst: Any, attribute: Any, value: Any) -> None:
+    if not is_int(value):
+        raise TypeError(f"{attribute.name} must be an int, got {value!r:.100}")
+
+
+def _ints(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or not all(is_int(v) for v in value):
+        raise TypeError(f"expected a list of ints, got {value!r:.100}")
+    return tuple(value)
+
+
+def _others(value: Any) -> tuple[tuple[int, Any], ...]:
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"expected a list of [index, answer] pairs, got {value!r:.100}")
+    out = []
+    for pair in value:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and is_int(pair[0])
+                and isinstance(pair[1], (Reported, Refused))):
+            raise TypeError(f"expected an [index, answer] pair, got {pair!r:.100}")
+        out.append((pair[0], pair[1]))
+    return tuple(out)
+
+
+@message
+class Initialized:
+    """The answer to :class:`InitOp`; ``ignored`` when the computation had started already."""
+
+    ignored: bool = attrs.field(default=False, validator=_bool_v)
+    effects: str = attrs.field(default="", validator=_str_v)
+
+
+@message
+class Joined:
+    """The answer to :class:`JoinOp`: the client's id (the same as before for a live name)."""
+
+    cid: int = attrs.field(validator=_int_v)
+    effects: str = attrs.field(default="", validator=_str_v)
+
+
+@message
+class Reported:
+    """The answer to a done, failed or lost report.
+
+    ``accepted`` False says why in ``reason`` (stale attempt, dead client,
+    ...); ``rerun`` means the task got a new attempt because the completion
+    used early inputs the log did not commit.
+    """
+
+    accepted: bool = attrs.field(validator=_bool_v)
+    reason: str | None = attrs.field(default=None, validator=_opt_str_v)
+    rerun: bool = attrs.field(default=False, validator=_bool_v)
+    effects: str = attrs.field(default="", validator=_str_v)
+
+
+#: The answer of a report that counted (inside a batch, only others are listed).
+ACCEPTED = Reported(accepted=True)
+
+
+@message
+class Cancelled:
+    """The answer to :class:`CancelOp`: the tasks killed (``reason`` says why none were)."""
+
+    killed: tuple[int, ...] = attrs.field(converter=_ints)
+    reason: str | None = attrs.field(default=None, validator=_opt_str_v)
+    effects: str = attrs.field(default="", validator=_str_v)
+
+
+@message
+class BatchApplied:
+    """The answer to :class:`BatchOp`: how many entries, and the answers that are not :data:`ACCEPTED`.
+
+    ``others`` pairs each such answer with its entry's position in the batch.
+    """
+
+    count: int = attrs.field(validator=_int_v)
+    others: tuple[tuple[int, Reported | Refused], ...] = attrs.field(converter=_others)
+    effects: str = attrs.field(default="", validator=_str_v)
+
+
+Answer = Union[Initialized, Joined, Reported, Cancelled, BatchApplied, Refused]
 
 
 def parse_op(raw: Any) -> Op:
