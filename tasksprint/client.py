@@ -77,6 +77,7 @@ from tasksprint.coordinator.ops import (
     Reported,
     ViewRequest,
 )
+from tasksprint.coordinator.replies import Assignment, ClientView
 from tasksprint.log_client import LogClient
 from tasksprint.nodehost import NodePool, TaskRequest
 
@@ -227,10 +228,10 @@ class QueueSizer:
 
 
 @attrs.define(eq=False)
-class _Assignment:
-    """One assigned task attempt and the latest view of it."""
+class _Attempt:
+    """One assigned task attempt, running here."""
 
-    view: dict[str, Any]
+    task: Assignment
     scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
     # Inputs taken from this client's store before the log said so: (tid, attempt) pairs.
     early: list[tuple[int, int]] = attrs.Factory(list)
@@ -314,7 +315,7 @@ class Client:
     _pool: NodePool | None = None
     _lc: LogClient | None = None
     _cid: int | None = None
-    _runs: dict[int, _Assignment] = attrs.Factory(dict)
+    _runs: dict[int, _Attempt] = attrs.Factory(dict)
     _nursery: trio.Nursery | None = None
     # Completions waiting to be reported; one reporter sends them in order,
     # one log command at a time (see _reporter).
@@ -446,12 +447,14 @@ class Client:
                 backoff = min(backoff * 2, 2.0)
                 continue
             backoff = 0.05
-            limit = view.get("client_timeout")
-            if isinstance(limit, (int, float)) and limit > 0:
+            if not isinstance(view, ClientView):
+                raise wire.BadMessage(f"expected a ClientView, got {type(view).__name__}")
+            limit = view.client_timeout
+            if limit > 0:
                 wait, margin = min(cfg.poll_wait, limit / 4), min(5.0, limit / 4)
-            if view["state"] in ("finished", "failed"):
-                return view["state"]
-            if not view["alive"]:
+            if view.state in ("finished", "failed"):
+                return view.state
+            if not view.alive:
                 # Declared dead (we were silent too long): our tasks went elsewhere.
                 self._log.warning("declared_dead_rejoining", cid=self._cid)
                 for run in self._runs.values():
@@ -461,15 +464,15 @@ class Client:
                 self._cid = await self._join()
                 version = 0
                 continue
-            version = view["version"]
-            for tid in view["kill"]:
+            version = view.version
+            for tid in view.kill:
                 self._kill(tid)
-            for task in view["tasks"]:
-                for inp in task["inputs"]:
-                    self._note_holder(inp["tid"], inp["cid"], inp["addr"])
-            for moved in view.get("holders", ()):
-                self._note_holder(moved["tid"], moved["cid"], moved["addr"])
-            for task in view["tasks"]:
+            for task in view.tasks:
+                for inp in task.inputs:
+                    self._note_holder(inp.tid, inp.cid, inp.addr)
+            for moved in view.holders:
+                self._note_holder(moved.tid, moved.cid, moved.addr)
+            for task in view.tasks:
                 self._assign(task)
 
     def _kill(self, tid: int) -> None:
@@ -479,26 +482,26 @@ class Client:
             assert self._pool is not None
             self._pool.cancel(tid)
 
-    def _assign(self, task: dict[str, Any]) -> None:
-        if (task["tid"], task["attempt"]) in self._finished:
+    def _assign(self, task: Assignment) -> None:
+        if (task.tid, task.attempt) in self._finished:
             return  # listed again before our completion was committed
-        run = self._runs.get(task["tid"])
-        if run is not None and run.view["attempt"] == task["attempt"]:
+        run = self._runs.get(task.tid)
+        if run is not None and run.task.attempt == task.attempt:
             return  # listed again (inputs move as holder changes)
         if run is not None:
-            self._kill(task["tid"])
-        run = _Assignment(task)
-        self._runs[task["tid"]] = run
+            self._kill(task.tid)
+        run = _Attempt(task)
+        self._runs[task.tid] = run
         assert self._nursery is not None
         self._nursery.start_soon(self._run_task, run)
 
-    async def _run_task(self, run: _Assignment) -> None:
-        tid, attempt = run.view["tid"], run.view["attempt"]
+    async def _run_task(self, run: _Attempt) -> None:
+        tid, attempt = run.task.tid, run.task.attempt
         op: DoneOp | FailedOp | None = None
-        known = sum(1 for i in run.view["inputs"] if i["cid"] is not None)
+        known = sum(1 for i in run.task.inputs if i.cid is not None)
         self._log.debug(
-            "task_assigned", tid=tid, attempt=attempt, name=run.view["name"],
-            inputs=len(run.view["inputs"]), available=known,
+            "task_assigned", tid=tid, attempt=attempt, name=run.task.name,
+            inputs=len(run.task.inputs), available=known,
         )
         assigned_at = trio.current_time()
         with run.scope:
@@ -567,21 +570,21 @@ class Client:
                     sub = ops[i]
                     self._log.info("task_rerun", tid=sub.tid, attempt=sub.attempt, reason=answer.reason)
 
-    async def _execute(self, run: _Assignment, inputs: list[Any]) -> DoneOp | FailedOp:
+    async def _execute(self, run: _Attempt, inputs: list[Any]) -> DoneOp | FailedOp:
         """Run the task on a node; return the log command reporting how it went."""
-        task = run.view
-        tid, attempt = task["tid"], task["attempt"]
+        task = run.task
+        tid, attempt = task.tid, task.attempt
         assert self._pool is not None and self._store is not None
         outcome = await self._pool.run(
             TaskRequest(
                 tid=tid,
                 attempt=attempt,
-                name=task["name"],
+                name=task.name,
                 inputs=inputs,
-                args=task["args"],
-                kwargs=task["kwargs"],
-                seed=task["seed"],
-                timeout=task["timeout"],
+                args=task.args,
+                kwargs=task.kwargs,
+                seed=task.seed,
+                timeout=task.timeout,
             )
         )
         if not outcome.ok:
@@ -591,7 +594,7 @@ class Client:
         if self._sizer is not None:
             self._sizer.task_ran(outcome.seconds)
         sizes = self._store.put(tid, outcome.outputs)
-        values = {k: outcome.outputs[k] for k in task["keys"] if k in outcome.outputs}
+        values = {k: outcome.outputs[k] for k in task.keys if k in outcome.outputs}
         assert self._cid is not None
         op = DoneOp(cid=self._cid, tid=tid, attempt=attempt, values=values, sizes=sizes, early=tuple(run.early))
         # Queued for the log before any dependent here can use the outputs
@@ -614,8 +617,8 @@ class Client:
                 self._log.warning("report_delayed", op=wire_op["op"], tid=wire_op.get("tid"), error=str(exc))
                 await trio.sleep(1.0)
 
-    async def _gather_inputs(self, run: _Assignment) -> list[Any]:
-        n = len(run.view["inputs"])
+    async def _gather_inputs(self, run: _Attempt) -> list[Any]:
+        n = len(run.task.inputs)
         values: list[Any] = [None] * n
         if n == 0:
             return values
@@ -628,9 +631,9 @@ class Client:
                 nursery.start_soon(one, i)
         return values
 
-    async def _fetch_input(self, run: _Assignment, i: int) -> Any:
+    async def _fetch_input(self, run: _Attempt, i: int) -> Any:
         """Input ``i`` of the task, fetched as soon as the view says where it is."""
-        ptid, key = run.view["inputs"][i]["tid"], run.view["inputs"][i]["key"]
+        ptid, key = run.task.inputs[i].tid, run.task.inputs[i].key
         failures = 0
         assert self._store is not None
         while True:

@@ -13,15 +13,17 @@ import pathlib
 import random
 from typing import Any, Callable
 
+import attr
+
+from tasksprint_sdk.coordinator import (
+    Coordinator,
+)
 
 from tasksprint import codec
 from tasksprint.coordinator.machine import CoordinatorMachine, RunState
 from tasksprint.coordinator.ops import Initialized
 from tasksprint.machine import Applier
 from tasksprint.paxos.messages import Batch, Command, Tick
-from tasksprint_sdk.coordinator import (
-    Coordinator,
-)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -66,6 +68,11 @@ class Harness:
 NodeFn = Callable[..., dict[str, Any]]
 
 
+def _plain(value: Any) -> dict[str, Any]:
+    """A typed reply as the plain lists and dicts a simulated client keeps and updates."""
+    return attr.asdict(value, retain_collection_types=False)
+
+
 class Sim:
     """Simulated clients: each polls its view, fetches inputs from holders and runs tasks."""
 
@@ -89,20 +96,22 @@ class Sim:
         return cid
 
     def poll(self, cid: int) -> dict[str, Any]:
+        """Client ``cid`` reads its view; returns it as the plain data the simulated client keeps."""
         view = self.machine.view(cid, self.seen[cid])
-        self.seen[cid] = view["version"]
-        for task in view["tasks"]:
-            self.assigned[cid][task["tid"]] = task
-        for tid in view["kill"]:
+        self.seen[cid] = view.version
+        for task in view.tasks:
+            # The simulated client's own record of the task, as plain data it updates.
+            self.assigned[cid][task.tid] = _plain(task)
+        for tid in view.kill:
             self.assigned[cid].pop(tid, None)
             self.killed[cid].append(tid)
         # Later moves of an input come as holder changes, as the real client keeps them.
-        moved = {h["tid"]: h for h in view["holders"]}
+        moved = {h.tid: _plain(h) for h in view.holders}
         for task in self.assigned[cid].values():
             for i in task["inputs"]:
                 if i["tid"] in moved:
                     i["cid"], i["addr"] = moved[i["tid"]]["cid"], moved[i["tid"]]["addr"]
-        return view
+        return _plain(view)
 
     def runnable(self, cid: int) -> list[int]:
         return sorted(
@@ -431,8 +440,9 @@ class RandomDag(Coordinator):
             self.finish(taskids=[self.tids[-1]], values=len(self.tids))
 
 
-def names(tasks: list[dict[str, Any]]) -> list[int]:
-    return [t["tid"] for t in tasks]
+def names(tasks: Any) -> list[int]:
+    """The tids of a view's tasks (typed, or as a simulated client's plain data)."""
+    return [t["tid"] if isinstance(t, dict) else t.tid for t in tasks]
 
 
 def finish_in_random_order(sim: Sim, rng: random.Random, fail_rate: float = 0.0, max_steps: int = 2000) -> list[int]:

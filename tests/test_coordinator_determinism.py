@@ -67,7 +67,7 @@ def drive(seed: int, steps: list[tuple[int, int]], snap_at: int | None = None) -
             clone.restore(appliers[0].snapshot())
             appliers.append(clone)
         live = [cid for cid, _, _ in lead.live_clients()]
-        work = [(cid, t) for cid in live for t in lead.view(cid, 0)["tasks"]]
+        work = [(cid, t) for cid in live for t in lead.view(cid, 0).tasks]
         item: Command | Tick
         if kind == 0 or not live:
             tags = [t for i, t in enumerate(RandomScheduler.TAGS) if r >> i & 1]
@@ -79,12 +79,12 @@ def drive(seed: int, steps: list[tuple[int, int]], snap_at: int | None = None) -
             item = Tick(now=now, data={"expired": expired})
         elif kind in (2, 3, 4) and work:
             cid, t = work[r % len(work)]
-            attempt = t["attempt"] - (1 if r % 11 == 0 else 0)
+            attempt = t.attempt - (1 if r % 11 == 0 else 0)
             if kind == 4:
-                item = cmd({"op": "failed", "cid": cid, "tid": t["tid"], "attempt": attempt, "error": f"e{r}"})
+                item = cmd({"op": "failed", "cid": cid, "tid": t.tid, "attempt": attempt, "error": f"e{r}"})
             else:
-                sizes = {k: r % 1000 for k in [*t["keys"], "extra"]}
-                done = {"op": "done", "cid": cid, "tid": t["tid"], "attempt": attempt, "values": {"out": r}}
+                sizes = {k: r % 1000 for k in [*t.keys, "extra"]}
+                done = {"op": "done", "cid": cid, "tid": t.tid, "attempt": attempt, "values": {"out": r}}
                 item = cmd({**done, "sizes": sizes})
         elif kind == 5:
             item = cmd({"op": "cancel", "tid": 1 + r % (lead.status()["tasks"]["total"] + 1)})
@@ -98,11 +98,11 @@ def drive(seed: int, steps: list[tuple[int, int]], snap_at: int | None = None) -
             for k in range(1 + r % 4):
                 cid, t = work[(r + 7 * k) % len(work)]
                 if (r >> k) % 5 == 0:
-                    ops.append({"op": "failed", "cid": cid, "tid": t["tid"], "attempt": t["attempt"], "error": "e"})
+                    ops.append({"op": "failed", "cid": cid, "tid": t.tid, "attempt": t.attempt, "error": "e"})
                     continue
-                done = {"op": "done", "cid": cid, "tid": t["tid"], "attempt": t["attempt"], "values": {"out": r}}
+                done = {"op": "done", "cid": cid, "tid": t.tid, "attempt": t.attempt, "values": {"out": r}}
                 if (r >> k) % 2:
-                    pretasks = [i["tid"] for i in t["inputs"]]
+                    pretasks = [i.tid for i in t.inputs]
                     done["early"] = [[p, lead.task_info(p)["attempt"]] for p in pretasks]
                 ops.append({**done, "sizes": {"out": k}})
             if r % 9 == 0:
@@ -179,8 +179,8 @@ def test_batched_reports_give_every_replica_the_same_state() -> None:
         for h in replicas:
             h.op(op)
     while lead.machine.run_state is RunState.RUNNING:
-        view = lead.machine.view(1)["tasks"]
-        batch = {"op": "batch", "ops": [done_op(1, t["tid"], t["attempt"], early=[[i["tid"], 1] for i in t["inputs"]]) for t in view]}
+        view = lead.machine.view(1).tasks
+        batch = {"op": "batch", "ops": [done_op(1, t.tid, t.attempt, early=[[i.tid, 1] for i in t.inputs]) for t in view]}
         for h in replicas:
             h.op(batch)
         assert len({h.applier.digest for h in replicas}) == 1

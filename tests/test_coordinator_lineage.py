@@ -187,7 +187,7 @@ def test_dead_client_tasks_are_placed_again_and_its_late_report_ignored() -> Non
     assert sched.dead == [first]
     assert sim.machine.task_info(sched.a)["state"] == "pending"
     gone = sim.machine.view(first, 0)
-    assert gone["alive"] is False and gone["tasks"] == []
+    assert gone.alive is False and gone.tasks == ()
     second = sim.join("second", slots=1, have=("x",))
     task = sim.poll(second)["tasks"][0]
     assert (task["tid"], task["attempt"]) == (sched.a, 2)
@@ -307,7 +307,7 @@ def test_a_raising_hook_fails_the_computation_with_hook_task_and_slot() -> None:
     # The cluster stays up: ops are answered, status and views keep working.
     assert isinstance(sim.h.op({"op": "join", "client": "late", "addr": "late:1", "slots": 1, "have": []}), Joined)
     sim.h.tick()
-    assert sim.h.status["state"] == "failed" and sim.machine.view(cid, 0)["state"] == "failed"
+    assert sim.h.status["state"] == "failed" and sim.machine.view(cid, 0).state == "failed"
     sim.machine.check_invariants()
 
 

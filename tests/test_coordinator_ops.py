@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import cbor2
 import pytest
 
 from hypothesis import HealthCheck, given, settings
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from tasksprint import codec
 from tasksprint.coordinator.app import CoordinatorApp
 from tasksprint.coordinator.machine import CoordinatorMachine
+from tasksprint.coordinator.replies import Assignment, ClientView, HolderChange, InputLocation
 from tasksprint.coordinator.ops import (
     ACCEPTED,
     BadOp,
@@ -70,14 +72,14 @@ def test_view_reports_only_changes_since_a_version() -> None:
     sched = sim.machine.scheduler
     cid = sim.join("w", slots=4)
     first = sim.machine.view(cid, 0)
-    assert [t["tid"] for t in first["tasks"]] == [sched.a, sched.d]
-    again = sim.machine.view(cid, first["version"])
-    assert again["tasks"] == [] and again["kill"] == [] and again["version"] == first["version"]
-    assert sim.machine.client_version(cid) == first["version"]
+    assert names(first.tasks) == [sched.a, sched.d]
+    again = sim.machine.view(cid, first.version)
+    assert again.tasks == () and again.kill == () and again.version == first.version
+    assert sim.machine.client_version(cid) == first.version
     sim.h.op({"op": "cancel", "tid": sched.d})
-    delta = sim.machine.view(cid, first["version"])
-    assert delta["tasks"] == [] and delta["kill"] == [sched.d]
-    assert [t["tid"] for t in sim.machine.view(cid, 0)["tasks"]] == [sched.a]
+    delta = sim.machine.view(cid, first.version)
+    assert delta.tasks == () and delta.kill == (sched.d,)
+    assert names(sim.machine.view(cid, 0).tasks) == [sched.a]
 
 
 def test_malformed_ops_change_nothing() -> None:
@@ -119,14 +121,14 @@ def test_expired_clients_uses_client_timeout() -> None:
     with pytest.raises(ValueError, match="client_timeout"):
         CoordinatorMachine(ChainScheduler, client_timeout=0)
     # Clients learn it from their views, to keep their polls well inside it.
-    assert h.machine.view(a)["client_timeout"] == 5.0
+    assert h.machine.view(a).client_timeout == 5.0
 
 
 def test_a_batch_applies_each_report_in_order_as_one_log_item() -> None:
     h = Harness(ManyScheduler)
     h.init()
     cid = join(h, "c", slots=3)
-    a, b, c = names(h.machine.view(cid)["tasks"])
+    a, b, c = names(h.machine.view(cid).tasks)
     result = h.op(
         {
             "op": "batch",
@@ -289,3 +291,20 @@ def test_a_malformed_answer_from_the_network_is_a_bad_message() -> None:
     assert joined.count(b"\x01") == 1
     with pytest.raises(codec.BadMessage):
         codec.decode_untrusted(joined.replace(b"\x01", b"\xf5"))  # cid: true, not an int
+
+
+def test_a_view_travels_typed_and_a_malformed_one_is_a_bad_message() -> None:
+    view = ClientView(
+        version=4, state="running", alive=True, client_timeout=10.0,
+        tasks=(Assignment(tid=2, attempt=1, name="f", args=[1], kwargs={}, seed=9, timeout=None, keys=("out",),
+                          inputs=(InputLocation(tid=1, key=None, cid=3, addr="h:1"),)),),
+        kill=(5,), holders=(HolderChange(tid=1, cid=None, addr=None),),
+    )
+    assert codec.decode_untrusted(codec.encode(view)) == view
+    for fields in (
+        [4, "dreaming", True, 10.0, [], [], []],  # not a run state
+        [1.5, "running", True, 10.0, [], [], []],  # version not an int
+        [4, "running", True, 10.0, [7], [], []],  # a task that is not an Assignment
+    ):
+        with pytest.raises(codec.BadMessage):
+            codec.decode_untrusted(cbor2.dumps(cbor2.CBORTag(codec.OBJECT_TAG, ["ClientView", *fields])))

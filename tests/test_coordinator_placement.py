@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tasksprint.coordinator.replies import HolderChange
 from tasksprint.coordinator.ops import BatchApplied, Refused
 from tasksprint_sdk.coordinator import (
     Coordinator,
@@ -116,8 +117,8 @@ def test_a_dependent_is_placed_early_once_its_first_pretask_is_done() -> None:
     assert sim.machine.client_version(x) > before
     delta = sim.machine.view(x, before)
     # The reduce is not listed again with all its inputs: only where m2's outputs are now.
-    assert names(delta["tasks"]) == [] and delta["version"] > before
-    assert delta["holders"] == [{"tid": m2, "cid": y, "addr": "y:7000"}]
+    assert names(delta.tasks) == [] and delta.version > before
+    assert delta.holders == (HolderChange(tid=m2, cid=y, addr="y:7000"),)
     # With every input in, it counts against x's slots.
     assert sim.machine.task_info(red)["prefetching"] == []
     assert [(c["running"], c["prefetching"]) for c in sim.h.status["live_clients"]] == [(1, 0), (0, 0)]
@@ -230,19 +231,19 @@ def test_a_client_with_a_queue_gets_that_many_ready_tasks_beyond_its_slots() -> 
     h.init()
     plain = join(h, "plain", slots=2)
     queued = join(h, "queued", slots=2, queue=5)
-    assert [len(h.machine.view(cid)["tasks"]) for cid in (plain, queued)] == [2, 7]
+    assert [len(h.machine.view(cid).tasks) for cid in (plain, queued)] == [2, 7]
     # The tasks are placed in tid order, and status counts the queued ones as placed there.
-    placed = sorted(t["tid"] for cid in (plain, queued) for t in h.machine.view(cid)["tasks"])
+    placed = sorted(t.tid for cid in (plain, queued) for t in h.machine.view(cid).tasks)
     assert placed == h.machine.scheduler.tids[:9]
     assert [c["running"] for c in h.status["live_clients"]] == [2, 7]
     # Each completion frees room for exactly one more.
-    first = h.machine.view(queued)["tasks"][0]["tid"]
+    first = h.machine.view(queued).tasks[0].tid
     assert h.op(done_op(queued, first)).accepted
-    assert len(h.machine.view(queued)["tasks"]) == 7
+    assert len(h.machine.view(queued).tasks) == 7
     assert h.machine.task_info(h.machine.scheduler.tids[9])["clients"] == [queued]
     # A larger queue, announced by joining again under the same name, takes effect at once.
     assert join(h, "queued", slots=2, queue=10) == queued
-    assert len(h.machine.view(queued)["tasks"]) == 12
+    assert len(h.machine.view(queued).tasks) == 12
     h.machine.check_invariants()
 
 
@@ -251,19 +252,19 @@ def test_a_chain_follows_its_pretask_onto_a_client_with_a_queue() -> None:
     h.init()
     chain = h.machine.scheduler.chain
     other = join(h, "other", slots=4, queue=4)
-    assert names(h.machine.view(other)["tasks"]) == chain[:9]  # first + 8 followers (2 x (slots + queue) in all)
+    assert names(h.machine.view(other).tasks) == chain[:9]  # first + 8 followers (2 x (slots + queue) in all)
     assert h.machine.task_info(chain[1])["prefetching"] == [other]
     assert h.machine.task_info(chain[9])["state"] == "pending"
     # Without a queue nothing follows: the second link waits for the first's output.
     h2 = Harness(LongChain)
     h2.init()
     plain = join(h2, "plain", slots=4)
-    assert names(h2.machine.view(plain)["tasks"]) == [chain[0]]
+    assert names(h2.machine.view(plain).tasks) == [chain[0]]
     # Completing links frees room for the next followers, in chain order.
     batch = {"op": "batch", "ops": [done_op(other, chain[0]), done_op(other, chain[1], early=[[chain[0], 1]])]}
     assert isinstance(h.op(batch), BatchApplied)
     # (chain[2] has its input now and takes a slot: eight wait for inputs again, the allowance.)
-    assert names(h.machine.view(other)["tasks"]) == chain[2:11]
+    assert names(h.machine.view(other).tasks) == chain[2:11]
     assert h.machine.task_info(chain[2])["prefetching"] == []
     h.machine.check_invariants()
 
@@ -274,7 +275,7 @@ def test_an_early_completion_counts_only_if_its_input_was_committed_from_that_cl
     a, b, c = h.machine.scheduler.chain[:3]
     x = join(h, "x", slots=1, queue=2)
     # a takes the slot; b, c and the next link follow it (the allowance is slots + queue = 3).
-    assert names(h.machine.view(x)["tasks"]) == h.machine.scheduler.chain[:4]
+    assert names(h.machine.view(x).tasks) == h.machine.scheduler.chain[:4]
     # b reported before a, claiming a's output: a is not committed, so b runs again.
     result = h.op(done_op(x, b, early=[[a, 1]]))
     assert (result.accepted, result.rerun) == (False, True)
@@ -282,7 +283,7 @@ def test_an_early_completion_counts_only_if_its_input_was_committed_from_that_cl
     assert info["attempt"] == 2 and info["state"] == "running" and info["clients"] == [x]
     assert h.machine.scheduler.done == []
     # The new attempt is in x's view; a stale report of attempt 1 is refused.
-    assert [(t["tid"], t["attempt"]) for t in h.machine.view(x)["tasks"] if t["tid"] == b] == [(b, 2)]
+    assert [(t.tid, t.attempt) for t in h.machine.view(x).tasks if t.tid == b] == [(b, 2)]
     # a commits (from x), then b's attempt 2 with a's output used early is accepted.
     assert h.op(done_op(x, a)).accepted
     assert h.op(done_op(x, b, attempt=2, early=[[a, 1]])).accepted

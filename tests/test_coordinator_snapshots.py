@@ -21,6 +21,7 @@ from tasksprint_sdk.coordinator import (
 )
 
 from coordinator_harness import (
+    names,
     ChainScheduler,
     CountingScheduler,
     ECHO,
@@ -102,8 +103,8 @@ def test_snapshot_moves_between_replicas_that_loaded_the_file_under_other_names(
     other.restore(sim.h.applier.snapshot())
     assert type(other.machine.scheduler) is second
     view = other.machine.view(cid, 0)
-    assert [t["tid"] for t in view["tasks"]] == [12]
-    inputs = [sim.store[cid][i["tid"]][i["key"]] for i in view["tasks"][0]["inputs"]]
+    assert names(view.tasks) == [12]
+    inputs = [sim.store[cid][i.tid][i.key] for i in view.tasks[0].inputs]
     done = {"op": "done", "cid": cid, "tid": 12, "attempt": 1, "values": merge({}, *inputs), "sizes": {}}
     other.apply_slot(other.applied + 1, Batch(items=(Command(client_id="w", seq=1, op=done),)))
     assert other.machine.status()["result"]["values"] == merge({}, *inputs)

@@ -72,6 +72,7 @@ from tasksprint.coordinator.ops import (
 )
 from tasksprint.coordinator.lineage import Lineage
 from tasksprint.coordinator.placement import Placement
+from tasksprint.coordinator.replies import ClientView
 from tasksprint.coordinator.runtime import Hook, HookRuntime, failure_message
 from tasksprint.coordinator.snapshots import SchedulerMismatch
 from tasksprint.coordinator.specs import check_plain, task_spec
@@ -525,7 +526,7 @@ class CoordinatorMachine:
 
     # --------------------------------------------------------------- queries
 
-    def view(self, cid: int, after_version: int = 0) -> dict[str, Any]:
+    def view(self, cid: int, after_version: int = 0) -> ClientView:
         """What client ``cid`` must do, changed since ``after_version`` (see :func:`views.view`)."""
         return views.view(self._state, cid, after_version, self._client_timeout)
 

@@ -18,88 +18,75 @@ from __future__ import annotations
 from typing import Any
 
 from tasksprint.coordinator.placement import load
+from tasksprint.coordinator.replies import Assignment, ClientView, HolderChange, InputLocation
 from tasksprint.coordinator.state import CoordinatorState, RunState, TaskRecord
 
 __all__ = ["client_version", "last_hook", "status", "task_info", "view"]
 
 
-def view(s: CoordinatorState, cid: int, after_version: int, client_timeout: float) -> dict[str, Any]:
+def view(s: CoordinatorState, cid: int, after_version: int, client_timeout: float) -> ClientView:
     """What client ``cid`` must do, changed since ``after_version`` (0: everything).
 
-    Returns ``{"version": int, "state": "waiting"|"running"|"finished"|"failed",
-    "alive": bool, "client_timeout": float, "tasks": [task, ...], "kill":
-    [tid, ...], "holders": [{"tid", "cid", "addr"}, ...]}``; pass
-    ``version`` as ``after_version`` next time.  Each task is
-    ``{"tid", "attempt", "name", "args", "kwargs", "seed", "timeout",
-    "keys", "inputs": [{"tid", "key", "cid", "addr"}, ...]}`` where an
+    Pass the answer's ``version`` as ``after_version`` next time.  An
     input's ``cid``/``addr`` is the live client holding that pretask's
-    outputs, or None while they are not available.  A task listed again
-    supersedes the earlier listing (a higher ``attempt`` replaces the
-    running one).  ``holders`` says where the outputs of a task moved
-    (appeared, were lost, or their client moved) that some task placed
-    here reads: the inputs of a listed task are as of this view; after
-    that, only ``holders`` reports changes, so a client keeps the latest
-    holder of each input it needs.  ``alive`` False means the client
-    must join again.
+    outputs, or None while they are not available.
     """
     client = s.clients.get(cid)
-    alive = client is not None and client.alive
-    out: dict[str, Any] = {
-        "version": s.version,
-        "state": s.run_state.value,
-        "alive": alive,
-        # How long this client may be silent: it keeps its polls well inside it.
-        "client_timeout": client_timeout,
-        "tasks": [],
-        "kill": [],
-    }
-    if not alive:
-        return out
-    assert client is not None
-    tasks: list[dict[str, Any]] = []
+    # client_timeout: how long this client may be silent; it keeps its polls well inside it.
+    if client is None or not client.alive:
+        return ClientView(version=s.version, state=s.run_state.value, alive=False, client_timeout=client_timeout)
+    tasks: list[Assignment] = []
     kill: list[int] = []
     entries = client.entries
     for tid in reversed(entries):
         if entries[tid] <= after_version:
             break
         if tid in client.running:
-            tasks.append(_task_view(s, s.tasks[tid]))
+            tasks.append(_assignment(s, s.tasks[tid]))
         elif after_version > 0:  # a client starting afresh runs nothing to kill
             kill.append(tid)
-    out["tasks"] = sorted(tasks, key=lambda t: t["tid"])
-    out["kill"] = sorted(kill)
-    holders: list[dict[str, Any]] = []
+    holders: list[HolderChange] = []
     for tid in reversed(client.holders):
         if client.holders[tid] <= after_version:
             break
         holder = s.tasks[tid].holder
         addr = s.clients[holder].addr if holder is not None else None
-        holders.append({"tid": tid, "cid": holder, "addr": addr})
-    out["holders"] = sorted(holders, key=lambda h: h["tid"])
-    return out
+        holders.append(HolderChange(tid=tid, cid=holder, addr=addr))
+    return ClientView(
+        version=s.version,
+        state=s.run_state.value,
+        alive=True,
+        client_timeout=client_timeout,
+        tasks=sorted(tasks, key=lambda t: t.tid),
+        kill=sorted(kill),
+        holders=sorted(holders, key=lambda h: h.tid),
+    )
+
 
 def client_version(s: CoordinatorState, cid: int) -> int:
     """The version of the last change to client ``cid``'s view (0 if none or unknown)."""
     client = s.clients.get(cid)
     return 0 if client is None else client.last_change
 
-def _task_view(s: CoordinatorState, task: TaskRecord) -> dict[str, Any]:
+
+def _assignment(s: CoordinatorState, task: TaskRecord) -> Assignment:
     inputs = []
     for p, key in zip(task.pretasks, task.prekeys):
         holder = s.tasks[p].holder
         addr = s.clients[holder].addr if holder is not None else None
-        inputs.append({"tid": p, "key": key, "cid": holder, "addr": addr})
-    return {
-        "tid": task.tid,
-        "attempt": task.attempt,
-        "name": task.name,
-        "args": list(task.args),
-        "kwargs": dict(task.kwargs),
-        "seed": task.seed,
-        "timeout": task.timeout,
-        "keys": list(task.keys),
-        "inputs": inputs,
-    }
+        inputs.append(InputLocation(tid=p, key=key, cid=holder, addr=addr))
+    return Assignment(
+        tid=task.tid,
+        attempt=task.attempt,
+        name=task.name,
+        args=list(task.args),
+        kwargs=dict(task.kwargs),
+        seed=task.seed,
+        timeout=task.timeout,
+        keys=task.keys,
+        inputs=inputs,
+    )
+
 
 def status(s: CoordinatorState) -> dict[str, Any]:
     """The computation at a glance.
@@ -138,6 +125,7 @@ def status(s: CoordinatorState) -> dict[str, Any]:
         "version": s.version,
         "last_hook": last_hook(s),
     }
+
 
 def task_info(s: CoordinatorState, tid: int) -> dict[str, Any] | None:
     """Everything known about task ``tid``, or None if there is no such task."""
