@@ -86,7 +86,7 @@ from tasksprint.coordinator.state import (
     check_invariants,
 )
 from tasksprint.machine import ApplyContext
-from tasksprint_sdk import runtime as sdk_runtime
+from tasksprint_sdk.runtime import bind, unbind
 from tasksprint_sdk.coordinator import Coordinator, scheduler_code_digest
 
 __all__ = ["CoordinatorMachine", "RunState", "SchedulerMismatch", "TaskState"]
@@ -267,7 +267,7 @@ class CoordinatorMachine:
         if not ok:
             return Initialized()
         s.scheduler = sched
-        sdk_runtime.bind(sched, self._runtime)
+        bind(sched, self._runtime)
         self._call_hook(Hook.INIT, lambda: sched.init(seed))
         return Initialized()
 
@@ -572,12 +572,12 @@ class CoordinatorMachine:
         """The whole state, including the user's scheduler object, as bytes."""
         sched = self._state.scheduler
         # The runtime points back at this machine; the restoring machine binds its own.
-        runtime = sdk_runtime.unbind(sched) if sched is not None else None
+        runtime = unbind(sched) if sched is not None else None
         try:
             return snapshots.dump(self._state, self._scheduler_cls, self._code_digest)
         finally:
             if runtime is not None:
-                sdk_runtime.bind(sched, runtime)
+                bind(sched, runtime)
 
     def restore(self, data: bytes) -> None:
         """Replace the state with a :meth:`snapshot`.
@@ -590,4 +590,4 @@ class CoordinatorMachine:
         self._placement = Placement(self._state, self._fx)
         self._lineage = Lineage(self._state, self._fx, self._placement)
         if self._state.scheduler is not None:
-            sdk_runtime.bind(self._state.scheduler, self._runtime)
+            bind(self._state.scheduler, self._runtime)

@@ -35,7 +35,7 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from tasksprint_sdk import runtime as _runtime
+from tasksprint_sdk.runtime import SchedulerRuntime, bound
 
 __all__ = [
     "Coordinator",
@@ -190,8 +190,8 @@ class Coordinator:
 
     # -------------------------------------------------------------- internals
 
-    def _tasksprint_runtime_for(self, what: str) -> _runtime.SchedulerRuntime:
-        runtime = _runtime.bound(self)
+    def _tasksprint_runtime_for(self, what: str) -> SchedulerRuntime:
+        runtime = bound(self)
         if runtime is None:
             raise SchedulerUsageError(
                 f"{type(self).__name__}.{what} is only available while TaskSprint runs the scheduler: "
