@@ -240,7 +240,7 @@ class Children:
 def worker_main(cfg: dict) -> int:
     import trio
 
-    from tasksprint.cli import configure_logging
+    from tasksprint.launch import configure_logging
 
     configure_logging("warning", "json")  # stderr; stdout carries the JSON lines
     try:

@@ -41,7 +41,11 @@ class App(Protocol):
         """Say what applying ``slot`` did, for a divergence report."""
 
     def on_applied(self, slot: int) -> None:
-        """Called after each applied slot (wake long-polls and the like)."""
+        """Called after each applied slot, for bookkeeping of the application's own.
+
+        Parked long-polls need nothing from it: the replica asks
+        :meth:`query` again after every applied slot (see :class:`NotYet`).
+        """
 
     def leader_duties(self, propose) -> None:
         """Called while this replica leads; may propose commands with ``propose``."""

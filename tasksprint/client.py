@@ -62,7 +62,22 @@ import structlog
 import trio
 
 from tasksprint import wire
-from tasksprint.api import Fetch, FetchReply, Query, QueryReply
+from tasksprint.api import Fetch, FetchReply
+from tasksprint.channel import ASK_ERRORS, ReplicaChannel
+from tasksprint.coordinator.ops import (
+    BatchApplied,
+    BatchOp,
+    DoneOp,
+    ErrorCode,
+    FailedOp,
+    Joined,
+    JoinOp,
+    LostOp,
+    Refused,
+    Reported,
+    ViewRequest,
+)
+from tasksprint.coordinator.replies import Assignment, ClientView
 from tasksprint.log_client import LogClient
 from tasksprint.node_pool import NodePool
 from tasksprint.node_protocol import TaskRequest
@@ -214,17 +229,17 @@ class QueueSizer:
 
 
 @attrs.define(eq=False)
-class _Run:
-    """One assigned task attempt and the latest view of it."""
+class _Attempt:
+    """One assigned task attempt, running here."""
 
-    view: dict[str, Any]
+    task: Assignment
     scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
-    # Inputs taken from this client's store before the log said so: [[tid, attempt], ...].
-    early: list[list[int]] = attrs.Factory(list)
+    # Inputs taken from this client's store before the log said so: (tid, attempt) pairs.
+    early: list[tuple[int, int]] = attrs.Factory(list)
 
 
 @attrs.define(eq=False)
-class _Pending:
+class _FetchWaiter:
     """A Fetch sent on a peer link, waiting for its reply."""
 
     done: trio.Event = attrs.Factory(trio.Event)
@@ -250,7 +265,7 @@ class _PeerLink:
     error: BaseException | None = None
 
     async def fetch(self, msg: Fetch) -> Any:
-        pending = _Pending()
+        pending = _FetchWaiter()
         async with self.send_lock:
             if self.error is not None:
                 raise self.error
@@ -293,52 +308,6 @@ class _PeerLink:
 
 
 @attrs.define(eq=False)
-class _QueryChannel:
-    """A persistent connection for queries, moving to another replica on failure."""
-
-    addrs: tuple[tuple[str, int], ...]
-    secret: bytes
-    ident: str
-    _i: int = 0
-    _conn: wire.Connection | None = None
-    _failures: int = 0
-
-    async def ask(self, name: str, args: dict, *, timeout: float) -> Any:
-        """Send a query and wait for its answer; raises on any failure (caller retries)."""
-        if self._conn is None:
-            host, port = self.addrs[self._i]
-            with trio.fail_after(2.0):
-                self._conn = await wire.connect(host, port, wire.Endpoint(secret=self.secret, role="client", ident=self.ident))
-        conn = self._conn
-        try:
-            with trio.fail_after(timeout):
-                await conn.send(Query(name=name, args=args))
-                reply = await conn.receive()
-        except BaseException:
-            await self.reset()
-            raise
-        if not isinstance(reply, QueryReply):
-            await self.reset()
-            raise wire.BadMessage(f"expected QueryReply, got {type(reply).__name__}")
-        if reply.error:
-            raise RuntimeError(f"query {name} failed: {reply.error}")
-        self._failures = 0
-        return reply.result
-
-    async def reset(self) -> None:
-        conn, self._conn = self._conn, None
-        self._i = (self._i + 1) % len(self.addrs)
-        self._failures += 1
-        if conn is not None:
-            with trio.CancelScope(shield=True):
-                await conn.aclose()
-
-    @property
-    def failures(self) -> int:
-        return self._failures
-
-
-@attrs.define(eq=False)
 class Client:
     """A worker client. ``await client.run()`` works until the computation ends."""
 
@@ -347,11 +316,11 @@ class Client:
     _pool: NodePool | None = None
     _lc: LogClient | None = None
     _cid: int | None = None
-    _runs: dict[int, _Run] = attrs.Factory(dict)
+    _runs: dict[int, _Attempt] = attrs.Factory(dict)
     _nursery: trio.Nursery | None = None
     # Completions waiting to be reported; one reporter sends them in order,
     # one log command at a time (see _reporter).
-    _outbox: list[dict[str, Any]] = attrs.Factory(list)
+    _outbox: list[DoneOp | FailedOp] = attrs.Factory(list)
     _outbox_ready: trio.Event = attrs.Factory(trio.Event)
     # tid -> attempt whose outputs this client's own nodes made (in the store).
     _made: dict[int, int] = attrs.Factory(dict)
@@ -408,17 +377,16 @@ class Client:
 
     # ------------------------------------------------------------------
 
+    def _join_op(self, queue: int) -> JoinOp:
+        cfg = self.config
+        return JoinOp(
+            client=cfg.name, addr=f"{cfg.data_host}:{self.data_port}", slots=cfg.slots, queue=queue, have=cfg.have
+        )
+
     async def _join(self) -> int:
         cfg = self.config
         assert self._lc is not None
-        op = {
-            "op": "join",
-            "client": cfg.name,
-            "addr": f"{cfg.data_host}:{self.data_port}",
-            "slots": cfg.slots,
-            "queue": self._queue_size(),
-            "have": list(cfg.have),
-        }
+        op = self._join_op(self._queue_size()).to_wire()
         while True:
             try:
                 result = await self._lc.submit(op, deadline=10.0)
@@ -426,15 +394,15 @@ class Client:
                 self._log.warning("coordinators_unreachable", error=str(exc), retry_in="1s")
                 await trio.sleep(1.0)
                 continue
-            if not result.get("ok"):
-                error = str(result.get("error"))
-                if "not initialized" in error:
-                    # The replicas are still starting the computation: wait for its first entry.
-                    await trio.sleep(0.2)
-                    continue
+            if isinstance(result, Refused) and result.code == ErrorCode.NOT_INITIALIZED.value:
+                # The replicas are still starting the computation: wait for its first entry.
+                await trio.sleep(0.2)
+                continue
+            if not isinstance(result, Joined):
+                error = result.error if isinstance(result, Refused) else f"unexpected answer {result!r:.200}"
                 raise RuntimeError(f"the coordinator refused to let this client join: {error}")
-            self._log.info("joined", cid=result["cid"], slots=cfg.slots, have=list(cfg.have))
-            return result["cid"]
+            self._log.info("joined", cid=result.cid, slots=cfg.slots, have=list(cfg.have))
+            return result.cid
 
     def _queue_size(self) -> int:
         cfg = self.config
@@ -448,25 +416,16 @@ class Client:
         """Tell the coordinator this client's new queue size (a join under the same name)."""
         assert self._sizer is not None
         self._sizer.current = queue
-        cfg = self.config
-        op = {
-            "op": "join",
-            "client": cfg.name,
-            "addr": f"{cfg.data_host}:{self.data_port}",
-            "slots": cfg.slots,
-            "queue": queue,
-            "have": list(cfg.have),
-        }
         self._log.info("queue_resized", queue=queue)
         assert self._lc is not None
         try:
-            await self._lc.submit(op, deadline=10.0)
+            await self._lc.submit(self._join_op(queue).to_wire(), deadline=10.0)
         except Exception as exc:  # Unavailable: the next proposal tries again
             self._log.warning("queue_resize_failed", error=str(exc))
 
     async def _work(self) -> str:
         cfg = self.config
-        channel = _QueryChannel(cfg.coordinators, cfg.secret, cfg.name)
+        channel = ReplicaChannel(cfg.coordinators, cfg.secret, cfg.name)
         self._queue_size()
         self._cid = await self._join()
         assert self._nursery is not None
@@ -479,22 +438,22 @@ class Client:
         wait, margin = cfg.poll_wait, 5.0
         while True:
             try:
-                view = await channel.ask(
-                    "view", {"cid": self._cid, "after": version, "wait": wait}, timeout=wait + margin
-                )
-            except (*wire.NETWORK_ERRORS, RuntimeError) as exc:
+                view = await channel.request(ViewRequest(cid=self._cid, after=version, wait=wait), timeout=wait + margin)
+            except ASK_ERRORS as exc:
                 if channel.failures >= len(cfg.coordinators):
                     self._log.warning("coordinators_unreachable", error=str(exc), retry_in=f"{backoff:.2f}s")
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
             backoff = 0.05
-            limit = view.get("client_timeout")
-            if isinstance(limit, (int, float)) and limit > 0:
+            if not isinstance(view, ClientView):
+                raise wire.BadMessage(f"expected a ClientView, got {type(view).__name__}")
+            limit = view.client_timeout
+            if limit > 0:
                 wait, margin = min(cfg.poll_wait, limit / 4), min(5.0, limit / 4)
-            if view["state"] in ("finished", "failed"):
-                return view["state"]
-            if not view["alive"]:
+            if view.state in ("finished", "failed"):
+                return view.state
+            if not view.alive:
                 # Declared dead (we were silent too long): our tasks went elsewhere.
                 self._log.warning("declared_dead_rejoining", cid=self._cid)
                 for run in self._runs.values():
@@ -504,15 +463,15 @@ class Client:
                 self._cid = await self._join()
                 version = 0
                 continue
-            version = view["version"]
-            for tid in view["kill"]:
+            version = view.version
+            for tid in view.kill:
                 self._kill(tid)
-            for task in view["tasks"]:
-                for inp in task["inputs"]:
-                    self._note_holder(inp["tid"], inp["cid"], inp["addr"])
-            for moved in view.get("holders", ()):
-                self._note_holder(moved["tid"], moved["cid"], moved["addr"])
-            for task in view["tasks"]:
+            for task in view.tasks:
+                for inp in task.inputs:
+                    self._note_holder(inp.tid, inp.cid, inp.addr)
+            for moved in view.holders:
+                self._note_holder(moved.tid, moved.cid, moved.addr)
+            for task in view.tasks:
                 self._assign(task)
 
     def _kill(self, tid: int) -> None:
@@ -522,26 +481,26 @@ class Client:
             assert self._pool is not None
             self._pool.cancel(tid)
 
-    def _assign(self, task: dict[str, Any]) -> None:
-        if (task["tid"], task["attempt"]) in self._finished:
+    def _assign(self, task: Assignment) -> None:
+        if (task.tid, task.attempt) in self._finished:
             return  # listed again before our completion was committed
-        run = self._runs.get(task["tid"])
-        if run is not None and run.view["attempt"] == task["attempt"]:
+        run = self._runs.get(task.tid)
+        if run is not None and run.task.attempt == task.attempt:
             return  # listed again (inputs move as holder changes)
         if run is not None:
-            self._kill(task["tid"])
-        run = _Run(task)
-        self._runs[task["tid"]] = run
+            self._kill(task.tid)
+        run = _Attempt(task)
+        self._runs[task.tid] = run
         assert self._nursery is not None
         self._nursery.start_soon(self._run_task, run)
 
-    async def _run_task(self, run: _Run) -> None:
-        tid, attempt = run.view["tid"], run.view["attempt"]
-        op: dict[str, Any] | None = None
-        known = sum(1 for i in run.view["inputs"] if i["cid"] is not None)
+    async def _run_task(self, run: _Attempt) -> None:
+        tid, attempt = run.task.tid, run.task.attempt
+        op: DoneOp | FailedOp | None = None
+        known = sum(1 for i in run.task.inputs if i.cid is not None)
         self._log.debug(
-            "task_assigned", tid=tid, attempt=attempt, name=run.view["name"],
-            inputs=len(run.view["inputs"]), available=known,
+            "task_assigned", tid=tid, attempt=attempt, name=run.task.name,
+            inputs=len(run.task.inputs), available=known,
         )
         assigned_at = trio.current_time()
         with run.scope:
@@ -549,20 +508,24 @@ class Client:
                 inputs = await self._gather_inputs(run)
             except* InputError as group:
                 error = "; ".join(str(e) for e in group.exceptions)
-                op = {"op": "failed", "cid": self._cid, "tid": tid, "attempt": attempt, "error": error}
+                op = self._failed_op(tid, attempt, error)
             else:
                 if inputs:
                     waited = round(trio.current_time() - assigned_at, 3)
                     self._log.debug("task_inputs_ready", tid=tid, attempt=attempt, waited=waited)
                 op = await self._execute(run, inputs)
-                self._log.debug("task_finished", tid=tid, attempt=attempt, ok=op["op"] == "done")
+                self._log.debug("task_finished", tid=tid, attempt=attempt, ok=isinstance(op, DoneOp))
             finally:
                 if self._runs.get(tid) is run:
                     del self._runs[tid]
-        if op is not None and not run.scope.cancelled_caught and op["op"] == "failed":
-            self._finish(tid, attempt, op)
+        if isinstance(op, FailedOp) and not run.scope.cancelled_caught:
+            self._queue_report(tid, attempt, op)
 
-    def _finish(self, tid: int, attempt: int, op: dict[str, Any]) -> None:
+    def _failed_op(self, tid: int, attempt: int, error: str) -> FailedOp:
+        assert self._cid is not None
+        return FailedOp(cid=self._cid, tid=tid, attempt=attempt, error=error)
+
+    def _queue_report(self, tid: int, attempt: int, op: DoneOp | FailedOp) -> None:
         """Queue ``op`` (this attempt's completion) for the reporter."""
         self._finished[(tid, attempt)] = None
         while len(self._finished) > 100_000:
@@ -585,9 +548,8 @@ class Client:
                 await self._outbox_ready.wait()
             n = self.config.report_batch
             ops, self._outbox = self._outbox[:n], self._outbox[n:]
-            op = ops[0] if len(ops) == 1 else {"op": "batch", "ops": ops}
             started = trio.current_time()
-            result = await self._report(op)
+            result = await self._report(ops[0] if len(ops) == 1 else BatchOp(ops=tuple(ops)))
             if self._sizer is not None:
                 now = trio.current_time()
                 self._sizer.reported(now - started)
@@ -599,63 +561,63 @@ class Client:
                     assert self._nursery is not None
                     self._nursery.start_soon(self._resize_queue, proposal)
             if len(ops) == 1:
-                others = [[0, result]]
+                others: tuple[tuple[int, Any], ...] = ((0, result),)
             else:
-                others = result.get("others", []) if isinstance(result, dict) else []
-            for i, res in others:
-                if isinstance(res, dict) and res.get("rerun") and 0 <= i < len(ops):
+                others = result.others if isinstance(result, BatchApplied) else ()
+            for i, answer in others:
+                if isinstance(answer, Reported) and answer.rerun and 0 <= i < len(ops):
                     sub = ops[i]
-                    self._log.info("task_rerun", tid=sub["tid"], attempt=sub["attempt"], reason=res.get("reason"))
+                    self._log.info("task_rerun", tid=sub.tid, attempt=sub.attempt, reason=answer.reason)
 
-    async def _execute(self, run: _Run, inputs: list[Any]) -> dict[str, Any]:
+    async def _execute(self, run: _Attempt, inputs: list[Any]) -> DoneOp | FailedOp:
         """Run the task on a node; return the log command reporting how it went."""
-        task = run.view
-        tid, attempt = task["tid"], task["attempt"]
+        task = run.task
+        tid, attempt = task.tid, task.attempt
         assert self._pool is not None and self._store is not None
         outcome = await self._pool.run(
             TaskRequest(
                 tid=tid,
                 attempt=attempt,
-                name=task["name"],
+                name=task.name,
                 inputs=inputs,
-                args=task["args"],
-                kwargs=task["kwargs"],
-                seed=task["seed"],
-                timeout=task["timeout"],
+                args=task.args,
+                kwargs=task.kwargs,
+                seed=task.seed,
+                timeout=task.timeout,
             )
         )
         if not outcome.ok:
             self._log.info("task_failed", tid=tid, attempt=attempt, error=outcome.error)
-            return {"op": "failed", "cid": self._cid, "tid": tid, "attempt": attempt, "error": outcome.error}
+            return self._failed_op(tid, attempt, outcome.error)
         assert outcome.outputs is not None
         if self._sizer is not None:
             self._sizer.task_ran(outcome.seconds)
         sizes = self._store.put(tid, outcome.outputs)
-        values = {k: outcome.outputs[k] for k in task["keys"] if k in outcome.outputs}
-        op = {"op": "done", "cid": self._cid, "tid": tid, "attempt": attempt, "values": values, "sizes": sizes}
-        if run.early:
-            op["early"] = run.early
+        values = {k: outcome.outputs[k] for k in task.keys if k in outcome.outputs}
+        assert self._cid is not None
+        op = DoneOp(cid=self._cid, tid=tid, attempt=attempt, values=values, sizes=sizes, early=tuple(run.early))
         # Queued for the log before any dependent here can use the outputs
         # (below), so its completion is reported after this one.
-        self._finish(tid, attempt, op)
+        self._queue_report(tid, attempt, op)
         self._made[tid] = attempt
         event = self._input_events.pop(tid, None)
         if event is not None:
             event.set()
         return op
 
-    async def _report(self, op: dict[str, Any]) -> Any:
+    async def _report(self, op: DoneOp | FailedOp | LostOp | BatchOp) -> Any:
         """Apply ``op`` through the log, retrying until it is; returns its result."""
         assert self._lc is not None
+        wire_op = op.to_wire()
         while True:
             try:
-                return await self._lc.submit(op, deadline=30.0)
+                return await self._lc.submit(wire_op, deadline=30.0)
             except Exception as exc:  # Unavailable; keep the result and try again
-                self._log.warning("report_delayed", op=op["op"], tid=op.get("tid"), error=str(exc))
+                self._log.warning("report_delayed", op=wire_op["op"], tid=wire_op.get("tid"), error=str(exc))
                 await trio.sleep(1.0)
 
-    async def _gather_inputs(self, run: _Run) -> list[Any]:
-        n = len(run.view["inputs"])
+    async def _gather_inputs(self, run: _Attempt) -> list[Any]:
+        n = len(run.task.inputs)
         values: list[Any] = [None] * n
         if n == 0:
             return values
@@ -668,9 +630,9 @@ class Client:
                 nursery.start_soon(one, i)
         return values
 
-    async def _fetch_input(self, run: _Run, i: int) -> Any:
+    async def _fetch_input(self, run: _Attempt, i: int) -> Any:
         """Input ``i`` of the task, fetched as soon as the view says where it is."""
-        ptid, key = run.view["inputs"][i]["tid"], run.view["inputs"][i]["key"]
+        ptid, key = run.task.inputs[i].tid, run.task.inputs[i].key
         failures = 0
         assert self._store is not None
         while True:
@@ -685,7 +647,7 @@ class Client:
                         value = select(self._store.get(ptid), key, ptid)
                     except KeyError as exc:
                         raise InputError(str(exc.args[0])) from None
-                    run.early.append([ptid, made])
+                    run.early.append((ptid, made))
                     return value
                 await self._input_changed(ptid).wait()
                 continue
@@ -702,7 +664,8 @@ class Client:
                 if failures >= 3:
                     # Tell the coordinator; it recomputes the output and the view moves on.
                     changed = self._input_changed(ptid)
-                    await self._report({"op": "lost", "cid": self._cid, "tid": ptid, "key": key})
+                    assert self._cid is not None
+                    await self._report(LostOp(cid=self._cid, tid=ptid, key=key))
                     failures = 0
                     with trio.move_on_after(5.0):
                         await changed.wait()

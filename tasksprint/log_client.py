@@ -9,6 +9,7 @@ fsyncs without waiting for a timer.  A command whose answer does not come is
 sent again with the same sequence number, to another replica, after a
 ``Retry``, a broken connection, or ``attempt_timeout`` seconds.  The replicas
 apply each (client id, seq) once, so a resend can never apply a command twice.
+Read-only questions go through :class:`~tasksprint.channel.ReplicaChannel`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import structlog
 import trio
 
 from tasksprint import wire
-from tasksprint.api import BlockResult, Query, QueryReply, ReplicaStatus, Retry, StatusQuery, SubmitBlock
+from tasksprint.api import BlockResult, ReplicaStatus, Retry, SubmitBlock
+from tasksprint.channel import ReplicaChannel
 from tasksprint.paxos.messages import CommandBlock
 
 log = structlog.get_logger("tasksprint.log_client")
@@ -43,7 +45,9 @@ class _Waiter:
 
 
 @attrs.define(eq=False)
-class _Pending:
+class _Submitted:
+    """One submitted command, until its result arrives."""
+
     op: Any
     waiter: _Waiter
     sent_at: float
@@ -63,7 +67,7 @@ class LogClient:
     connect_timeout: float = 1.0
     _seq: itertools.count = attrs.Factory(lambda: itertools.count(1))
     # Commands not answered yet, in seq order (seqs are inserted increasing).
-    _pending: dict[int, _Pending] = attrs.Factory(dict)
+    _pending: dict[int, _Submitted] = attrs.Factory(dict)
     _unsent: set[int] = attrs.Factory(set)
     _kick: trio.Event = attrs.Factory(trio.Event)
     _resend_scheduled: bool = False
@@ -110,7 +114,7 @@ class LogClient:
             return []
         return [p.result for p in await self._submit(list(ops), deadline)]
 
-    async def _submit(self, ops: list, deadline: float) -> list[_Pending]:
+    async def _submit(self, ops: list, deadline: float) -> list[_Submitted]:
         if self._nursery is None:
             raise RuntimeError("use LogClient as an async context manager: async with LogClient(...) as c")
         waiter = _Waiter(len(ops))
@@ -118,7 +122,7 @@ class LogClient:
         seqs = []
         for op in ops:
             seq = next(self._seq)
-            self._pending[seq] = _Pending(op, waiter, now)
+            self._pending[seq] = _Submitted(op, waiter, now)
             self._unsent.add(seq)
             seqs.append(seq)
         alone = len(self._pending) == len(seqs)
@@ -144,34 +148,20 @@ class LogClient:
                 self._unsent.discard(s)
 
     async def status(self, addr: tuple[str, int] | None = None, *, timeout: float = 2.0) -> ReplicaStatus:
-        """Ask one replica (default: the current target) for its status on a fresh connection."""
-        host, port = addr or self.target
-        with trio.fail_after(timeout):
-            conn = await wire.connect(host, port, wire.Endpoint(secret=self.secret, role="client", ident=self.client_id))
-            try:
-                await conn.send(StatusQuery())
-                reply = await conn.receive()
-            finally:
-                await conn.aclose()
-        if not isinstance(reply, ReplicaStatus):
-            raise wire.BadMessage(f"expected ReplicaStatus, got {type(reply).__name__}")
-        return reply
+        """Ask one replica (default: the current target) for its status (see :meth:`ReplicaChannel.status`)."""
+        return await ReplicaChannel(self.addrs, self.secret, self.client_id).status(addr or self.target, timeout=timeout)
 
     async def query(self, name: str, args: dict | None = None, *, addr=None, timeout: float = 5.0) -> Any:
-        """Ask a replica's state machine a read-only question (not linearizable)."""
-        host, port = addr or self.target
-        with trio.fail_after(timeout):
-            conn = await wire.connect(host, port, wire.Endpoint(secret=self.secret, role="client", ident=self.client_id))
-            try:
-                await conn.send(Query(name=name, args=args or {}))
-                reply = await conn.receive()
-            finally:
-                await conn.aclose()
-        if not isinstance(reply, QueryReply):
-            raise wire.BadMessage(f"expected QueryReply, got {type(reply).__name__}")
-        if reply.error:
-            raise RuntimeError(f"query {name} failed on {host}:{port}: {reply.error}")
-        return reply.result
+        """Ask one replica's state machine a read-only question (not linearizable).
+
+        A one-question :class:`ReplicaChannel` to ``addr`` (default: the
+        current target); raises as :meth:`ReplicaChannel.ask`.
+        """
+        channel = ReplicaChannel((addr or self.target,), self.secret, self.client_id, connect_timeout=timeout)
+        try:
+            return await channel.ask(name, args, timeout=timeout)
+        finally:
+            await channel.aclose()
 
     # ------------------------------------------------------------------
 

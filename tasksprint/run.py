@@ -22,9 +22,9 @@ from typing import Any, TextIO
 import attrs
 import trio
 
-from tasksprint import wire
+from tasksprint.channel import ASK_ERRORS, ReplicaChannel
+from tasksprint.coordinator.ops import StatusRequest
 from tasksprint.localcluster import LocalCluster
-from tasksprint.log_client import LogClient
 
 
 @attrs.define(eq=False)
@@ -125,22 +125,26 @@ class LocalRun:
     async def wait_status(self) -> dict[str, Any]:
         """Poll the replicas until the computation ends; return its final status."""
         assert self.cluster is not None
-        client = LogClient(self.cluster.addrs, self.cluster.secret)
+        channel = ReplicaChannel(self.cluster.addrs, self.cluster.secret)
+        try:
+            return await self._poll_status(channel)
+        finally:
+            await channel.aclose()
+
+    async def _poll_status(self, channel: ReplicaChannel) -> dict[str, Any]:
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         last_line = ""
-        i = 0
         while True:
-            addr = self.cluster.addrs[i % len(self.cluster.addrs)]
             try:
-                st = await client.status(addr)
-                status = await client.query("status", addr=addr)
-            except (*wire.NETWORK_ERRORS, RuntimeError):
-                i += 1
+                st = await channel.status()
+                status = await channel.request(StatusRequest())
+            except ASK_ERRORS:
+                await channel.move_on()
                 await trio.sleep(0.2)
                 continue
             if st.leader is not None and st.leader != st.rid:
-                i = st.leader  # read from the leader: it is the most up to date
-            line = _progress_line(status, st.leader)
+                await channel.prefer(st.leader)  # read from the leader: it is the most up to date
+            line = progress_line(status, st.leader)
             if self.progress is not None and line != last_line:
                 print(line, file=self.progress, flush=True)
                 last_line = line
@@ -156,7 +160,8 @@ class LocalRun:
             await trio.sleep(0.2)
 
 
-def _progress_line(status: dict[str, Any], leader: int | None) -> str:
+def progress_line(status: dict[str, Any], leader: int | None) -> str:
+    """One line saying how far the computation (a ``status`` answer) is."""
     t = status["tasks"]
     return (
         f"[{status['state']}] tasks: {t.get('done', 0)} done, {t.get('running', 0)} running, "
@@ -166,6 +171,7 @@ def _progress_line(status: dict[str, Any], leader: int | None) -> str:
 
 
 def failure_report(status: dict[str, Any]) -> str:
+    """What a failed computation's ``status`` answer says went wrong, for people."""
     f = status.get("failure") or {}
     lines = ["the computation failed:"]
     if f.get("message"):

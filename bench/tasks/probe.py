@@ -204,7 +204,9 @@ def _whatif_client(w: dict[str, str]) -> None:
 
 
 def _install_replica() -> None:
-    from tasksprint import app, codec, coordinator_app, coordinator_machine, machine, replica, storage
+    from tasksprint import app, codec, machine, replica, storage
+    from tasksprint.coordinator import app as coordinator_app
+    from tasksprint.coordinator import machine as coordinator_machine
     from tasksprint.api import Submit
 
     try:

@@ -10,7 +10,8 @@ sets whose order can differ between processes.
 
 Inside a hook the scheduler acts through ``start_task``, ``kill_task`` and
 ``finish``.  These delegate to a runtime object that the replicated state
-machine binds to the instance; outside a hook there is nothing to act on,
+machine binds to the instance (the protocol is in
+:mod:`tasksprint_sdk.runtime`); outside a hook there is nothing to act on,
 so they raise :class:`SchedulerUsageError`.
 
 This module needs only the standard library (the package is also imported
@@ -34,6 +35,8 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+from tasksprint_sdk.runtime import SchedulerRuntime, bound
+
 __all__ = [
     "Coordinator",
     "SchedulerLoadError",
@@ -50,8 +53,6 @@ _loading: contextvars.ContextVar[bool] = contextvars.ContextVar("tasksprint_load
 # Scheduler files are imported under fresh module names so two files that are
 # both called ``scheduler.py`` do not replace each other in ``sys.modules``.
 _module_numbers = itertools.count(1)
-
-_RUNTIME_ATTR = "_tasksprint_runtime"
 
 
 class SchedulerUsageError(RuntimeError):
@@ -183,14 +184,14 @@ class Coordinator:
             return
         # Imported here: the runtime (trio, networking) is only needed when a
         # replica actually runs, and the SDK must import without it.
-        from tasksprint import cli
+        from tasksprint import launch
 
-        raise SystemExit(cli.main(["replica", *sys.argv[1:]], scheduler=self))
+        raise SystemExit(launch.main(sys.argv[1:], scheduler=type(self)))
 
     # -------------------------------------------------------------- internals
 
-    def _tasksprint_runtime_for(self, what: str) -> Any:
-        runtime = self.__dict__.get(_RUNTIME_ATTR)
+    def _tasksprint_runtime_for(self, what: str) -> SchedulerRuntime:
+        runtime = bound(self)
         if runtime is None:
             raise SchedulerUsageError(
                 f"{type(self).__name__}.{what} is only available while TaskSprint runs the scheduler: "

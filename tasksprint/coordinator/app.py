@@ -1,6 +1,6 @@
 """The coordinator as a replicated application: what a replica adds around the state machine.
 
-:class:`~tasksprint.coordinator_machine.CoordinatorMachine` is deterministic
+:class:`~tasksprint.coordinator.machine.CoordinatorMachine` is deterministic
 and knows nothing of time or the network.  This module is the replica-local,
 non-deterministic part:
 
@@ -12,8 +12,8 @@ non-deterministic part:
   than ``client_timeout`` in the ``expired`` list of its next TICK.  A new
   leader has heard from nobody yet, so it counts every client as heard at the
   moment it took over: a grace period of one full timeout;
-* read-only queries: ``view`` (long-poll for one client's assignments),
-  ``status``, ``info``.
+* read-only queries, parsed by :func:`~tasksprint.coordinator.ops.parse_query`:
+  ``view`` (long-poll for one client's assignments), ``status``, ``info``.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from typing import Any
 
 import attrs
 
-from tasksprint.coordinator_machine import CoordinatorMachine, RunState
-from tasksprint.paxos.messages import Command
 from tasksprint.app import NotYet
+from tasksprint.coordinator.machine import CoordinatorMachine, RunState
+from tasksprint.coordinator.ops import BadOp, InfoRequest, InitOp, StatusRequest, ViewRequest, parse_query
+from tasksprint.paxos.messages import Command
 from tasksprint_sdk.coordinator import Coordinator, load_scheduler
 
 #: Client id under which every leader proposes the init entry; the session
@@ -77,7 +78,7 @@ class CoordinatorApp:
             Command(
                 client_id=INIT_CLIENT,
                 seq=1,
-                op={"op": "init", "seed": seed, "code_digest": self.machine.code_digest},
+                op=InitOp(seed=seed, code_digest=self.machine.code_digest).to_wire(),
             )
         )
 
@@ -95,7 +96,7 @@ class CoordinatorApp:
             self._seen[cid] = now
 
     def on_applied(self, slot: int) -> None:
-        pass
+        pass  # parked view polls are asked again by the replica after every slot
 
     def describe_slot(self, slot: int) -> str:
         hook = self.machine.last_hook
@@ -109,27 +110,27 @@ class CoordinatorApp:
         return f"last scheduler call: {where} in slot {hook['slot']} (compared at slot {slot})"
 
     def query(self, name: str, args: dict) -> Any:
-        match name:
-            case "view":
-                cid = args["cid"]
-                after = int(args.get("after", 0))
+        """Answer a :class:`~tasksprint.api.Query`; a malformed one is answered with its ``Refused``."""
+        try:
+            request = parse_query(name, args)
+        except BadOp as exc:
+            return exc.refused
+        match request:
+            case ViewRequest(cid=cid, after=after, wait=wait):
                 self._note_contact(cid)
                 if (
-                    args.get("wait", 0)
+                    wait
                     and self.machine.client_version(cid) <= after
                     and self.machine.run_state in (RunState.WAITING, RunState.RUNNING)
-                    and any(c == cid for c, _n, _a in self.machine.live_clients())
+                    and self.machine.is_live(cid)
                 ):
                     raise NotYet()
                 return self.machine.view(cid, after)
-            case "status":
+            case StatusRequest():
                 return self.machine.status()
-            case "info":
-                return self.machine.task_info(int(args["tid"]))
-            case _:
-                raise KeyError(f"unknown query {name!r}; known: view, status, info")
+            case InfoRequest(tid=tid):
+                return self.machine.task_info(tid)
 
-    def _note_contact(self, cid: Any) -> None:
-        if isinstance(cid, int):
-            self._contacts.add(cid)
-            self._seen[cid] = time.monotonic()
+    def _note_contact(self, cid: int) -> None:
+        self._contacts.add(cid)
+        self._seen[cid] = time.monotonic()

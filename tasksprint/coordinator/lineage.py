@@ -1,0 +1,194 @@
+"""Lineage: what happens to tasks whose inputs or outputs come and go.
+
+Theory of operation
+-------------------
+Every task counts its ``missing`` inputs: pretask outputs not held by a live
+client.  When a task's outputs appear (its completion) or disappear (their
+holder died, or a client could not fetch them), :meth:`Lineage.outputs_changed`
+adjusts each dependent's count, moves placed dependents between their
+client's slots and prefetch set, queues them for placement, and bumps the
+holder-change rows of the clients running them, so their views say where the
+input is now.  Lost outputs go on ``recheck``; after the entry,
+:meth:`Lineage.recompute_lost` runs again every task whose lost outputs an
+unfinished task needs, and, transitively, the lost inputs of those.
+:meth:`Lineage.kill` ends a task and its transitive dependents.  No I/O here.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import attrs
+
+from tasksprint.coordinator.placement import Placement
+from tasksprint.coordinator.specs import TaskSpec, task_seed
+from tasksprint.coordinator.state import ACTIVE, ClientRecord, CoordinatorState, Entry, TaskRecord, TaskState
+
+__all__ = ["Lineage"]
+
+
+@attrs.define(eq=False)
+class Lineage:
+    """Keeps the tasks of state ``s`` consistent with where outputs are, noting actions in ``fx``."""
+
+    s: CoordinatorState
+    fx: Entry
+    placement: Placement
+
+    def add(self, spec: TaskSpec) -> TaskRecord:
+        """Record a new task; count its missing inputs and ask for lost ones again."""
+        s = self.s
+        assert s.seed is not None
+        tid = s.next_tid
+        s.next_tid += 1
+        task = TaskRecord(
+            tid=tid,
+            name=spec.name,
+            args=spec.args,
+            kwargs=spec.kwargs,
+            pretasks=spec.pretasks,
+            prekeys=spec.prekeys,
+            keys=spec.keys,
+            require=spec.require,
+            want=spec.want,
+            replicas=spec.replicas,
+            retries=spec.retries,
+            timeout=spec.timeout,
+            seed=task_seed(s.seed, tid),
+        )
+        s.tasks[tid] = task
+        s.counts[TaskState.PENDING] += 1
+        for p in task.pretasks:
+            pre = s.tasks[p]
+            pre.dependents.append(tid)
+            if pre.holder is None:
+                task.missing += 1
+                if pre.state is TaskState.DONE:
+                    s.recheck.add(p)  # a lost output is needed again
+        return task
+
+    def client_died(self, client: ClientRecord) -> None:
+        """Mark ``client`` dead: its copies are placed again, its outputs lost."""
+        s = self.s
+        client.alive = False
+        del s.live[client.cid]
+        self.fx.effects.append(["dead", client.cid])
+        for tid in sorted(client.running):
+            task = s.tasks[tid]
+            task.copies.remove(client.cid)
+            if not task.copies and task.state is TaskState.RUNNING:
+                # A new attempt number, so a late report from the dead
+                # client cannot be mistaken for the new placement's.
+                task.attempt += 1
+                s.set_state(task, TaskState.PENDING)
+                self.fx.effects.append(["replace", tid, task.attempt])
+            self.placement.enqueue(tid)
+        client.running.clear()
+        client.prefetch.clear()
+        client.entries.clear()
+        client.holders.clear()
+        client.follow.clear()
+        client.in_follow.clear()
+        for tid in sorted(client.holds):
+            self.lose_outputs(s.tasks[tid])
+
+    def void_copy(self, client: ClientRecord, task: TaskRecord) -> None:
+        """Forget ``client``'s copy of ``task``'s attempt; a new attempt if it was the last copy."""
+        self.placement.unassign(client, task.tid, tell=False)
+        task.copies.remove(client.cid)
+        self.fx.effects.append(["void", task.tid, task.attempt, client.cid])
+        if task.copies:
+            self.placement.enqueue(task.tid)
+        else:
+            task.attempt += 1
+            self.s.set_state(task, TaskState.PENDING)
+            self.placement.maybe_queue(task)
+
+    def bump_dependents(self, task: TaskRecord) -> None:
+        # Running dependents read this task's outputs: their clients' views
+        # must show the new holder (or that there is none for now).  The
+        # view carries it as a holder change, not by listing every dependent
+        # again with all its inputs (a reduce over n maps would cost O(n) per
+        # map completion, O(n^2) in all).
+        s = self.s
+        told: set[int] = set()
+        for d in dict.fromkeys(task.dependents):
+            dep = s.tasks[d]
+            if dep.state is TaskState.RUNNING:
+                for cid in dep.copies:
+                    if cid not in told:
+                        told.add(cid)
+                        client = s.clients[cid]
+                        s.bump(client.holders, client, task.tid)
+
+    def outputs_changed(self, task: TaskRecord, *, available: bool) -> None:
+        s = self.s
+        for d in task.dependents:
+            dep = s.tasks[d]
+            dep.missing += -1 if available else 1
+            assert dep.missing >= 0, f"task {d} has a negative count of missing inputs"
+            if available:
+                if dep.missing == 0:
+                    # All inputs are in: from now on it takes one of the slots.
+                    for cid in dep.copies:
+                        s.clients[cid].prefetch.pop(d, None)
+                self.placement.maybe_queue(dep)
+            elif dep.missing == 1:
+                # An input it had is gone: it waits again, without a slot.
+                for cid in dep.copies:
+                    s.clients[cid].prefetch[d] = None
+        self.bump_dependents(task)
+
+    def lose_outputs(self, task: TaskRecord) -> None:
+        s = self.s
+        assert task.holder is not None
+        s.clients[task.holder].holds.pop(task.tid, None)
+        task.holder = None
+        self.fx.effects.append(["lost", task.tid])
+        self.outputs_changed(task, available=False)
+        s.recheck.add(task.tid)
+
+    def kill(self, tid: int) -> list[int]:
+        """Kill ``tid`` and its transitive dependents that are still pending or running."""
+        s = self.s
+        killed: list[int] = []
+        seen = {tid}
+        frontier = collections.deque([tid])
+        while frontier:
+            task = s.tasks[frontier.popleft()]
+            if task.state in ACTIVE:
+                for cid in task.copies:
+                    self.placement.unassign(s.clients[cid], task.tid, tell=True)
+                task.copies = []
+                s.set_state(task, TaskState.KILLED)
+                s.queue.discard(task.tid)
+                killed.append(task.tid)
+                self.fx.effects.append(["kill", task.tid])
+            for d in task.dependents:
+                if d not in seen:
+                    seen.add(d)
+                    frontier.append(d)
+        return killed
+
+    def recompute_lost(self) -> None:
+        """Run again every task whose lost outputs an unfinished task needs (lineage)."""
+        s = self.s
+        while s.recheck:
+            batch = sorted(s.recheck)
+            s.recheck.clear()
+            for tid in batch:
+                task = s.tasks[tid]
+                if task.state is not TaskState.DONE or task.holder is not None:
+                    continue
+                if not any(s.tasks[d].state in ACTIVE for d in task.dependents):
+                    continue
+                task.attempt += 1
+                task.failures = 0
+                s.set_state(task, TaskState.PENDING)
+                self.fx.effects.append(["recompute", tid, task.attempt])
+                self.placement.maybe_queue(task)
+                # Its own inputs may be gone too: then they are needed now.
+                for p in task.pretasks:
+                    pre = s.tasks[p]
+                    if pre.state is TaskState.DONE and pre.holder is None:
+                        s.recheck.add(p)

@@ -1,0 +1,593 @@
+"""The coordinator's replicated state machine: task lifecycle and lineage, driven by the log.
+
+Theory of operation
+-------------------
+Every coordinator replica applies the same chosen log entries, in the same
+order, to its own :class:`CoordinatorMachine`.  The machine holds the user's
+scheduler (a ``Coordinator`` subclass) and calls its hooks as the log
+dictates (:mod:`~tasksprint.coordinator.runtime`), so the scheduler runs in
+lockstep on every replica.  The machine does no I/O and reads no clock:
+time arrives only in TICK entries, and randomness only from the seed in the
+log's first entry.
+
+Operations (:mod:`~tasksprint.coordinator.ops`) are parsed once, as they
+enter :meth:`CoordinatorMachine.apply`: ``init`` (first; seed and scheduler
+code digest), ``join``, ``done`` / ``failed`` (a task attempt's outcome),
+``cancel`` and ``lost``, or a ``batch`` of reports.  A TICK carries the
+leader's clock and the clients it considers expired; the machine marks them
+dead, places their running tasks again and recomputes, from lineage,
+outputs that lived only on them and are still needed.
+
+After each entry the machine *settles*: it recomputes lost outputs that some
+unfinished task needs, then places tasks on live clients
+(:mod:`~tasksprint.coordinator.placement`).  A placed task whose input is
+lost again (its holder died) moves back to its client's prefetch set, so a
+recompute of that input can take the slot it held.  A prefetch-placed task
+stays placed when a pretask fails and is retried or its client dies (its
+input entry stays None until some attempt completes); if a pretask is
+killed or fails for good, it is killed with it, as every dependent is.
+
+Every result carries ``effects``: a digest of the actions this entry caused
+(hooks called, tasks started, placed, killed, ...).  The log's applier folds
+results into its running digest, so a scheduler that behaves differently on
+two replicas shows up as a digest mismatch, and :attr:`CoordinatorMachine.last_hook`
+names the hook that ran last.  Read models are in
+:mod:`~tasksprint.coordinator.views`, snapshots in
+:mod:`~tasksprint.coordinator.snapshots`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+import structlog
+
+from tasksprint import codec
+from tasksprint.coordinator import snapshots, views
+from tasksprint.coordinator.ops import (
+    ACCEPTED,
+    Answer,
+    BadOp,
+    BatchApplied,
+    BatchOp,
+    Cancelled,
+    CancelOp,
+    DoneOp,
+    ErrorCode,
+    FailedOp,
+    Initialized,
+    InitOp,
+    Joined,
+    JoinOp,
+    LostOp,
+    Refused,
+    Reported,
+    ReportOp,
+    is_int,
+    parse_op,
+)
+from tasksprint.coordinator.lineage import Lineage
+from tasksprint.coordinator.placement import Placement
+from tasksprint.coordinator.replies import ClientView
+from tasksprint.coordinator.runtime import Hook, HookRuntime, failure_message
+from tasksprint.coordinator.snapshots import SchedulerMismatch
+from tasksprint.coordinator.specs import check_plain, task_spec
+from tasksprint.coordinator.state import (
+    ClientRecord,
+    CoordinatorState,
+    Entry,
+    RunState,
+    TaskRecord,
+    TaskState,
+    check_invariants,
+)
+from tasksprint.machine import ApplyContext
+from tasksprint_sdk.runtime import bind, unbind
+from tasksprint_sdk.coordinator import Coordinator, scheduler_code_digest
+
+__all__ = ["CoordinatorMachine", "RunState", "SchedulerMismatch", "TaskState"]
+
+@attrs.define(eq=False)
+class CoordinatorMachine:
+    """The coordinator state machine (implements :class:`tasksprint.machine.StateMachine`).
+
+    ``scheduler_cls`` is the user's ``Coordinator`` subclass; ``client_timeout``
+    (seconds) is how long a client may stay silent before the leader should
+    report it expired (see :meth:`expired_clients`).
+    """
+
+    _scheduler_cls: type[Coordinator]
+    _client_timeout: float = attrs.field(default=10.0, kw_only=True)
+    _log: Any = attrs.field(factory=lambda: structlog.get_logger("tasksprint.coordinator"), kw_only=True)
+    _code_digest: str = attrs.field(init=False)
+    _state: CoordinatorState = attrs.field(init=False, factory=CoordinatorState)
+    _runtime: HookRuntime = attrs.field(init=False)
+    _fx: Entry = attrs.field(init=False, factory=Entry)  # scratch of the entry being applied
+    _placement: Placement = attrs.field(init=False)
+    _lineage: Lineage = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        if not (isinstance(self._scheduler_cls, type) and issubclass(self._scheduler_cls, Coordinator)):
+            raise TypeError(f"CoordinatorMachine needs a Coordinator subclass, got {self._scheduler_cls!r}")
+        if not (isinstance(self._client_timeout, (int, float)) and self._client_timeout > 0):
+            raise ValueError(f"client_timeout must be a positive number of seconds, got {self._client_timeout!r}")
+        self._code_digest = scheduler_code_digest(self._scheduler_cls)
+        self._runtime = HookRuntime(self)
+        self._placement = Placement(self._state, self._fx)
+        self._lineage = Lineage(self._state, self._fx, self._placement)
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def code_digest(self) -> str:
+        """SHA-256 (hex) of this replica's scheduler source file."""
+        return self._code_digest
+
+    @property
+    def client_timeout(self) -> float:
+        """Seconds of silence after which a client counts as expired."""
+        return self._client_timeout
+
+    @property
+    def run_state(self) -> RunState:
+        return self._state.run_state
+
+    @property
+    def now(self) -> float:
+        """The time of the last applied TICK (seconds, leader's clock)."""
+        return self._state.now
+
+    @property
+    def state(self) -> CoordinatorState:
+        """The replicated state (read it; only the machine changes it)."""
+        return self._state
+
+    @property
+    def scheduler(self) -> Coordinator | None:
+        """The user's scheduler object (None before the init entry)."""
+        return self._state.scheduler
+
+    @property
+    def last_hook(self) -> dict[str, Any] | None:
+        """The last hook called: ``{"hook", "tid", "cid", "slot"}``, or None."""
+        return views.last_hook(self._state)
+
+    # ------------------------------------------------------------- log input
+
+    def apply(self, op: Any, ctx: ApplyContext) -> Answer:
+        """Apply one client op (see :mod:`tasksprint.coordinator.ops`); return its answer.
+
+        Every answer carries ``effects``, a digest of the actions taken:
+
+        - init -> :class:`Initialized`; raises :class:`SchedulerMismatch` if
+          its ``code_digest`` is not this replica's.  A second init is ignored.
+        - join -> :class:`Joined`.
+        - done, failed, lost -> :class:`Reported`; a done whose ``early``
+          inputs were not committed from this client has ``rerun``: the task
+          gets a new attempt, placed again, because it may have run on
+          outputs the log never committed.
+        - cancel -> :class:`Cancelled`.
+        - batch -> :class:`BatchApplied`: the reports applied in order, as if
+          each had its own log entry, except that placement runs once, after
+          the last (one log item, one answer and one digest update for all
+          the completions a client has ready).  Only the answers that are not
+          :data:`ACCEPTED` are listed, with their position.
+
+        A refused op changes nothing and gets :class:`Refused` (its code says why).
+        """
+        self._begin(ctx)
+        try:
+            match parse_op(op):
+                case InitOp() as init:
+                    result = self._op_init(init)
+                case JoinOp() as join:
+                    result = self._op_join(join)
+                case DoneOp() | FailedOp() | LostOp() as report:
+                    result = self._op_report(report)
+                case CancelOp(tid=tid):
+                    result = self._op_cancel(tid)
+                case BatchOp(ops=ops):
+                    result = self._op_batch(ops)
+        except BadOp as exc:
+            result = exc.refused
+        self._settle()
+        return attrs.evolve(result, effects=self._effects_digest())
+
+    def _op_report(self, op: ReportOp) -> Reported:
+        match op:
+            case DoneOp():
+                return self._op_done(op)
+            case FailedOp():
+                return self._op_failed(op)
+            case LostOp():
+                return self._op_lost(op)
+
+    def _op_batch(self, ops: tuple[ReportOp | Refused, ...]) -> BatchApplied:
+        # Only the results that say something beyond "accepted": every
+        # replica hashes and keeps them, the client mostly needs none.
+        others = []
+        for i, sub in enumerate(ops):
+            if isinstance(sub, Refused):
+                result: Reported | Refused = sub
+            else:
+                try:
+                    result = self._op_report(sub)
+                except BadOp as exc:
+                    result = exc.refused
+            if result != ACCEPTED:
+                others.append((i, result))
+        return BatchApplied(count=len(ops), others=others)
+
+    def tick(self, now: float, data: Any, ctx: ApplyContext) -> dict[str, Any]:
+        """Apply a TICK: advance time, declare ``data["expired"]`` clients dead, settle.
+
+        Returns ``{"now": float, "dead": [cid, ...], "effects": str}``.
+        """
+        self._begin(ctx)
+        s = self._state
+        s.now = max(s.now, float(now))
+        expired = data.get("expired", []) if isinstance(data, dict) else []
+        wanted = sorted({cid for cid in expired if is_int(cid)}) if isinstance(expired, list) else []
+        dead: list[int] = []
+        for cid in wanted:
+            client = s.clients.get(cid)
+            if client is not None and client.alive:
+                self._log.warning("client_dead", cid=client.cid, client=client.name, running=len(client.running))
+                self._lineage.client_died(client)
+                dead.append(cid)
+        for cid in dead:
+            self._call_hook(Hook.CLIENT_DEAD, lambda cid=cid: self._sched().client_dead(cid), cid=cid)
+        self._settle()
+        return {"now": s.now, "dead": dead, "effects": self._effects_digest()}
+
+    # ------------------------------------------------------------------- ops
+
+    def _op_init(self, op: InitOp) -> Initialized:
+        s = self._state
+        if s.run_state is not RunState.WAITING:
+            return Initialized(ignored=True)
+        if op.code_digest != self._code_digest:
+            raise SchedulerMismatch(
+                snapshots.mismatch_message(
+                    f"{self._scheduler_cls.__qualname__}: code digest {self._code_digest[:16]}..., "
+                    f"computation: {op.code_digest[:16]}..."
+                )
+            )
+        seed = op.seed
+        s.seed = seed
+        s.random = random.Random(seed)
+        s.run_state = RunState.RUNNING
+        self._fx.effects.append(["init", seed])
+        self._log.info("computation_started", seed=seed, scheduler=self._scheduler_cls.__qualname__)
+        ok, sched = self._call_hook(Hook.CREATE, self._scheduler_cls)
+        if not ok:
+            return Initialized()
+        s.scheduler = sched
+        bind(sched, self._runtime)
+        self._call_hook(Hook.INIT, lambda: sched.init(seed))
+        return Initialized()
+
+    def _op_join(self, op: JoinOp) -> Joined:
+        s = self._state
+        if s.run_state is RunState.WAITING:
+            raise BadOp("join: the computation is not initialized yet; try again", ErrorCode.NOT_INITIALIZED)
+        tags = frozenset(op.have)
+        cid = s.names.get(op.client)
+        if cid is not None and s.clients[cid].alive:
+            client = s.clients[cid]
+            moved = client.addr != op.addr
+            client.addr, client.slots, client.tags, client.queue = op.addr, op.slots, tags, op.queue
+            self._fx.effects.append(["rejoin", cid])
+            if moved:
+                # Tasks reading outputs held here must learn the new address.
+                for tid in list(client.holds):
+                    self._lineage.bump_dependents(s.tasks[tid])
+            return Joined(cid=cid)
+        cid = s.next_cid
+        s.next_cid += 1
+        s.clients[cid] = ClientRecord(cid=cid, name=op.client, addr=op.addr, slots=op.slots, tags=tags, queue=op.queue)
+        s.names[op.client] = cid
+        s.live[cid] = None
+        self._fx.effects.append(["join", cid])
+        self._log.info("client_joined", cid=cid, client=op.client, addr=op.addr, slots=op.slots, queue=op.queue)
+        self._call_hook(Hook.CLIENT_JOINED, lambda: self._sched().client_joined(cid), cid=cid)
+        return Joined(cid=cid)
+
+    def _report_target(self, op: DoneOp | FailedOp) -> tuple[ClientRecord, TaskRecord]:
+        what = "done" if isinstance(op, DoneOp) else "failed"
+        client = self._state.clients.get(op.cid)
+        if client is None:
+            raise BadOp(f"{what}: unknown client {op.cid}", ErrorCode.UNKNOWN)
+        task = self._state.tasks.get(op.tid)
+        if task is None:
+            raise BadOp(f"{what}: unknown task {op.tid}", ErrorCode.UNKNOWN)
+        return client, task
+
+    def _stale_reason(self, client: ClientRecord, task: TaskRecord, attempt: int) -> str | None:
+        if self._state.run_state is not RunState.RUNNING:
+            return f"the computation is {self._state.run_state.value}"
+        if not client.alive:
+            return f"client {client.cid} was declared dead; join again"
+        if task.state is not TaskState.RUNNING:
+            return f"task {task.tid} is {task.state.value}"
+        if attempt != task.attempt or client.cid not in task.copies:
+            return f"stale attempt {attempt} of task {task.tid} (current attempt {task.attempt})"
+        return None
+
+    def _op_done(self, op: DoneOp) -> Reported:
+        s = self._state
+        client, task = self._report_target(op)
+        if not all(ptid in task.pretasks for ptid, _ in op.early):
+            raise BadOp(f"done: field 'early' must list [pretask tid, attempt] pairs of this task, got {op.early!r:.200}")
+        reason = self._stale_reason(client, task, op.attempt)
+        if reason is not None:
+            # The client has reported on it, so it needs no kill order for it.
+            if task.tid not in client.running:
+                client.entries.pop(task.tid, None)
+            return Reported(accepted=False, reason=reason)
+        for ptid, pattempt in op.early:
+            pre = s.tasks[ptid]
+            if pre.holder != client.cid or pre.attempt != pattempt:
+                # The client ran it on an output of its own that the log did
+                # not commit (another copy's or attempt's won, or none did):
+                # this completion cannot count; run the task again.
+                self._lineage.void_copy(client, task)
+                return Reported(
+                    accepted=False,
+                    rerun=True,
+                    reason=f"input from task {ptid} attempt {pattempt} on client {client.cid} was not committed",
+                )
+        for other in task.copies:
+            if other != client.cid:
+                self._placement.unassign(s.clients[other], task.tid, tell=True)
+        self._placement.unassign(client, task.tid, tell=False)
+        task.copies = []
+        s.queue.discard(task.tid)
+        task.holder = client.cid
+        client.holds[task.tid] = None
+        task.sizes = dict(op.sizes)
+        s.set_state(task, TaskState.DONE)
+        self._fx.effects.append(["done", task.tid, client.cid])
+        self._lineage.outputs_changed(task, available=True)
+        if not task.reported:
+            task.reported = True
+            task.values = {k: op.values[k] for k in task.keys if k in op.values}
+            tid, given = task.tid, dict(task.values)
+            self._call_hook(Hook.TASK_DONE, lambda: self._sched().task_done(tid, given), tid=tid)
+        return ACCEPTED
+
+    def _op_failed(self, op: FailedOp) -> Reported:
+        client, task = self._report_target(op)
+        reason = self._stale_reason(client, task, op.attempt)
+        if reason is not None:
+            if task.tid not in client.running:
+                client.entries.pop(task.tid, None)
+            return Reported(accepted=False, reason=reason)
+        self._placement.unassign(client, task.tid, tell=False)
+        task.copies.remove(client.cid)
+        task.error = op.error
+        self._fx.effects.append(["copy_failed", task.tid, client.cid])
+        if task.copies:
+            # Other copies of this attempt still run; one of them may succeed.
+            self._placement.enqueue(task.tid)
+            return ACCEPTED
+        self._attempt_failed(task, op.error)
+        return ACCEPTED
+
+    def _op_cancel(self, tid: int) -> Cancelled:
+        if tid not in self._state.tasks:
+            raise BadOp(f"cancel: unknown task {tid}", ErrorCode.UNKNOWN)
+        if self._state.run_state is not RunState.RUNNING:
+            return Cancelled(killed=(), reason=f"the computation is {self._state.run_state.value}")
+        return Cancelled(killed=self._lineage.kill(tid))
+
+    def _op_lost(self, op: LostOp) -> Reported:
+        s = self._state
+        client = s.clients.get(op.cid)
+        task = s.tasks.get(op.tid)
+        if client is None or task is None:
+            raise BadOp(f"lost: unknown client {op.cid} or task {op.tid}", ErrorCode.UNKNOWN)
+        if s.run_state is not RunState.RUNNING or not client.alive:
+            return Reported(accepted=False, reason="reporter is dead or the computation is over")
+        if task.state is not TaskState.DONE or task.holder is None:
+            return Reported(accepted=False, reason=f"task {op.tid} has no outputs on record")
+        self._lineage.lose_outputs(task)
+        return ACCEPTED
+
+    # ------------------------------------------------- actions (hook runtime)
+
+    def start_task(self, **call: Any) -> int:
+        """The scheduler's ``start_task`` (arguments as there); returns the new task's id."""
+        s = self._state
+        assert s.seed is not None
+        spec = task_spec(s.tasks, **call)
+        task = self._lineage.add(spec)
+        tid = task.tid
+        self._placement.maybe_queue(task)
+        # The whole spec, so replicas whose schedulers started different
+        # tasks (not just a different number of them) disagree on the digest.
+        self._fx.effects.append(
+            ["start", tid, task.name, task.args, task.kwargs, list(task.pretasks), list(task.prekeys),
+             list(task.keys), sorted(task.require), list(task.want), task.replicas, task.retries, task.timeout]
+        )
+        return tid
+
+    def kill_task(self, tid: Any) -> list[int]:
+        """The scheduler's ``kill_task``."""
+        if not is_int(tid) or tid not in self._state.tasks:
+            raise ValueError(f"kill_task({tid!r}): there is no task with that id")
+        return self._lineage.kill(tid)
+
+    def end_computation(self, taskids: Any, values: Any) -> None:
+        """The scheduler's ``finish``: the computation ends with ``values`` and those tasks' values."""
+        s = self._state
+        taskids = [] if taskids is None else taskids
+        if not isinstance(taskids, (list, tuple)):
+            raise TypeError(f"finish(taskids=...) must be a list of task ids, got {taskids!r}")
+        for tid in taskids:
+            if not is_int(tid) or tid not in s.tasks:
+                raise ValueError(f"finish(taskids=...): {tid!r} is not a task id")
+            if not s.tasks[tid].reported:
+                raise ValueError(f"finish(taskids=...): task {tid} is not done, so it has no values yet")
+        check_plain(values, "finish(values=...)")
+        s.result = {"values": values, "tasks": [{"tid": tid, "values": s.tasks[tid].values} for tid in taskids]}
+        s.run_state = RunState.FINISHED
+        self._fx.effects.append(["finish", list(taskids), values])
+        self._log.info("computation_finished", tasks=list(taskids))
+
+    # ------------------------------------------------------------ mechanics
+
+    def _begin(self, ctx: ApplyContext) -> None:
+        self._fx.effects = []
+        self._fx.slot = ctx.slot
+
+    def _effects_digest(self) -> str:
+        return hashlib.sha256(codec.encode(self._fx.effects)).hexdigest()[:32]
+
+    def _sched(self) -> Coordinator:
+        assert self._state.scheduler is not None
+        return self._state.scheduler
+
+    def _attempt_failed(self, task: TaskRecord, error: str) -> None:
+        s = self._state
+        task.failures += 1
+        if task.failures <= task.retries:
+            task.attempt += 1
+            s.set_state(task, TaskState.PENDING)
+            self._placement.enqueue(task.tid)
+            self._fx.effects.append(["retry", task.tid, task.attempt])
+            return
+        s.set_state(task, TaskState.FAILED)
+        s.queue.discard(task.tid)
+        self._fx.effects.append(["task_failed", task.tid])
+        self._log.warning("task_failed", tid=task.tid, name=task.name, attempts=task.failures, error=error)
+        # Its dependents can never get their inputs.
+        self._lineage.kill(task.tid)
+        if type(self._sched()).task_failed is not Coordinator.task_failed:
+            tid = task.tid
+            self._call_hook(Hook.TASK_FAILED, lambda: self._sched().task_failed(tid, error), tid=tid)
+            return
+        message = (
+            f"task {task.tid} ({task.name!r}) failed {task.failures} time(s), exhausting its "
+            f"{task.retries} retries; last error: {error}. Override task_failed(tid, error) in "
+            f"{self._scheduler_cls.__qualname__} to handle task failures in the scheduler."
+        )
+        self._fail_computation(
+            {"kind": "task", "hook": None, "tid": task.tid, "cid": None, "slot": self._fx.slot, "error": error},
+            message,
+        )
+
+    def _call_hook(
+        self, hook: Hook, fn: Callable[[], Any], *, tid: int | None = None, cid: int | None = None
+    ) -> tuple[bool, Any]:
+        """Run one scheduler hook; return (succeeded, its return value).
+
+        Hooks run only while the computation runs.  A hook that raises fails
+        the computation with a report; the machine itself stays consistent
+        because hooks are only called between complete state transitions.
+        """
+        s = self._state
+        if s.run_state is not RunState.RUNNING:
+            return False, None
+        slot = self._fx.slot
+        s.last_hook = {"hook": hook.value, "tid": tid, "cid": cid, "slot": slot}
+        self._fx.effects.append(["hook", hook.value, tid, cid])
+        try:
+            return True, self._runtime.call(fn)
+        except (Exception, SystemExit) as exc:
+            message = failure_message(self._scheduler_cls, hook, exc, seed=s.seed, tid=tid, cid=cid, slot=slot)
+            self._log.error("scheduler_hook_failed", hook=hook.value, tid=tid, cid=cid, slot=slot, exc_info=exc)
+            error = f"{type(exc).__name__}: {exc}"
+            self._fail_computation(
+                {"kind": "hook", "hook": hook.value, "tid": tid, "cid": cid, "slot": slot, "error": error}, message
+            )
+            return False, None
+
+    def _fail_computation(self, info: dict[str, Any], message: str) -> None:
+        s = self._state
+        s.failure = {**info, "message": message}
+        s.run_state = RunState.FAILED
+        self._fx.effects.append(["computation_failed", info["kind"], info["hook"], info["tid"], info["slot"]])
+        self._log.error("computation_failed", message=message)
+
+    # -------------------------------------------------------------- settling
+
+    def _settle(self) -> None:
+        s = self._state
+        if s.run_state is not RunState.RUNNING:
+            s.recheck.clear()
+            return
+        self._lineage.recompute_lost()
+        self._placement.place()
+
+    # --------------------------------------------------------------- queries
+
+    def view(self, cid: int, after_version: int = 0) -> ClientView:
+        """What client ``cid`` must do, changed since ``after_version`` (see :func:`views.view`)."""
+        return views.view(self._state, cid, after_version, self._client_timeout)
+
+    def client_version(self, cid: int) -> int:
+        """The version of the last change to client ``cid``'s view (0 if none or unknown)."""
+        return views.client_version(self._state, cid)
+
+    def status(self) -> dict[str, Any]:
+        """The computation at a glance (see :func:`views.status`)."""
+        return views.status(self._state)
+
+    def task_info(self, tid: int) -> dict[str, Any] | None:
+        """Everything known about task ``tid``, or None if there is no such task."""
+        return views.task_info(self._state, tid)
+
+    def live_clients(self) -> list[tuple[int, str, str]]:
+        """``(cid, name, addr)`` of every live client, by cid."""
+        s = self._state
+        return [(cid, s.clients[cid].name, s.clients[cid].addr) for cid in s.live]
+
+    def is_live(self, cid: int) -> bool:
+        """Whether ``cid`` is a live client."""
+        return cid in self._state.live
+
+    def expired_clients(self, last_seen: Mapping[int, float], now: float) -> list[int]:
+        """Live clients silent for longer than ``client_timeout``, for the leader's next TICK.
+
+        ``last_seen`` maps cid to when the leader last heard from it (the
+        leader should start every live client at its own start time); cids
+        missing from it are not expired.  Returns cids in ascending order.
+        """
+        return [
+            cid for cid in self._state.live if cid in last_seen and now - last_seen[cid] > self._client_timeout
+        ]
+
+    def check_invariants(self) -> None:
+        """Assert the internal bookkeeping is consistent (for tests; O(size of state))."""
+        check_invariants(self._state)
+
+    # ------------------------------------------------------------- snapshots
+
+    def snapshot(self) -> bytes:
+        """The whole state, including the user's scheduler object, as bytes."""
+        sched = self._state.scheduler
+        # The runtime points back at this machine; the restoring machine binds its own.
+        runtime = unbind(sched) if sched is not None else None
+        try:
+            return snapshots.dump(self._state, self._scheduler_cls, self._code_digest)
+        finally:
+            if runtime is not None:
+                bind(sched, runtime)
+
+    def restore(self, data: bytes) -> None:
+        """Replace the state with a :meth:`snapshot`.
+
+        Raises :class:`SchedulerMismatch` if the snapshot was taken with
+        different scheduler code, ``ValueError`` if it is not a snapshot.
+        """
+        self._state = snapshots.load(data, self._scheduler_cls, self._code_digest)
+        self._runtime = HookRuntime(self)
+        self._placement = Placement(self._state, self._fx)
+        self._lineage = Lineage(self._state, self._fx, self._placement)
+        if self._state.scheduler is not None:
+            bind(self._state.scheduler, self._runtime)

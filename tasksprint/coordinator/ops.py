@@ -1,0 +1,450 @@
+"""The coordinator's log operations: typed, and parsed once where they enter the machine.
+
+Theory of operation
+-------------------
+Clients, the command line and the leader submit operations through the log
+as plain CBOR maps with an ``"op"`` field (the log's stable format; see
+:meth:`Op.to_wire`).  Every replica applies each one, so parsing happens in
+the state machine, once per operation, with :func:`parse_op`: a strict
+parser that turns the map into one of the frozen classes below or raises
+:class:`BadOp`, never another exception.  A bad operation gets an error
+result for that one command and changes nothing; past the parser, the
+machine handles only typed values.
+
+Operations (what each does: :class:`~tasksprint.coordinator.machine.CoordinatorMachine`):
+
+- :class:`InitOp` — first entry: the seed and the scheduler code digest.
+- :class:`JoinOp` — a client's name, data address, slots, queue and tags.
+- :class:`DoneOp`, :class:`FailedOp` — a task attempt's outcome on a client.
+- :class:`LostOp` — a client could not fetch a task's outputs from their holder.
+- :class:`CancelOp` — kill a task (and its dependents) from the command line.
+- :class:`BatchOp` — several done/failed/lost reports in one log command.
+
+Each operation is answered with a frozen value too (:class:`Initialized`,
+:class:`Joined`, :class:`Reported`, :class:`Cancelled`, :class:`BatchApplied`
+or :class:`Refused`), which travels back to the submitter as it is.
+:class:`ErrorCode` says why an operation was refused, so no reader has to
+match error text.
+
+Read-only questions to a replica (not logged) are typed the same way:
+:class:`ViewRequest`, :class:`StatusRequest`, :class:`InfoRequest`, each
+sent as a :class:`~tasksprint.api.Query` named :attr:`NAME` with
+:meth:`args`, and parsed by :func:`parse_query` on the replica; a question
+that does not parse is answered with its :class:`Refused`.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import Any, ClassVar, Union
+
+import attrs
+
+from tasksprint.codec import message
+
+__all__ = [
+    "ACCEPTED",
+    "Answer",
+    "BadOp",
+    "BatchApplied",
+    "Cancelled",
+    "Initialized",
+    "Joined",
+    "Reported",
+    "BatchOp",
+    "CancelOp",
+    "DoneOp",
+    "ErrorCode",
+    "FailedOp",
+    "InitOp",
+    "JoinOp",
+    "LostOp",
+    "Op",
+    "Refused",
+    "ReportOp",
+    "InfoRequest",
+    "Request",
+    "StatusRequest",
+    "ViewRequest",
+    "is_int",
+    "parse_op",
+    "parse_query",
+]
+
+
+class ErrorCode(enum.Enum):
+    """Why the machine refused an operation (the ``code`` of an error result)."""
+
+    MALFORMED = "malformed"  # a field is missing or has the wrong type or range
+    NOT_INITIALIZED = "not_initialized"  # the computation's first entry is not applied yet: try again
+    UNKNOWN = "unknown"  # names a client or task the coordinator does not know
+
+
+_str_v = attrs.validators.instance_of(str)
+_bool_v = attrs.validators.instance_of(bool)
+_opt_str_v = attrs.validators.optional(_str_v)
+
+
+@message
+class Refused:
+    """The answer to a refused operation or question: an :class:`ErrorCode` value and a message for people.
+
+    ``effects`` is the digest of the actions the log entry caused (see
+    :class:`~tasksprint.coordinator.machine.CoordinatorMachine`; empty inside a batch and for questions).
+    """
+
+    code: str = attrs.field(validator=attrs.validators.in_([c.value for c in ErrorCode]))
+    error: str = attrs.field(validator=_str_v)
+    effects: str = attrs.field(default="", validator=_str_v)
+
+
+class BadOp(Exception):
+    """Raised for an operation the machine refuses; it changed nothing."""
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.MALFORMED) -> None:
+        super().__init__(message)
+        self.refused = Refused(code=code.value, error=message)
+
+
+def is_int(v: Any) -> bool:
+    """An int that is not a bool (CBOR and Python both let a bool pass for an int)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int(raw: dict, op: str, key: str, *, minimum: int | None = None, default: int | None = None) -> int:
+    if default is not None and key not in raw:
+        return default
+    v = raw.get(key)
+    if not is_int(v) or (minimum is not None and v < minimum):
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise BadOp(f"{op}: field {key!r} must be an int{bound}, got {v!r:.200}")
+    return v
+
+
+def _str(raw: dict, op: str, key: str) -> str:
+    v = raw.get(key)
+    if not isinstance(v, str):
+        raise BadOp(f"{op}: field {key!r} must be a string, got {v!r:.200}")
+    return v
+
+
+@message
+class InitOp:
+    seed: int
+    code_digest: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": "init", "seed": self.seed, "code_digest": self.code_digest}
+
+
+@message
+class JoinOp:
+    """Join (or, under a name already live, update): ``addr`` is the client's data server."""
+
+    client: str
+    addr: str
+    slots: int
+    queue: int = 0
+    have: tuple[str, ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "op": "join", "client": self.client, "addr": self.addr, "slots": self.slots,
+            "queue": self.queue, "have": list(self.have),
+        }
+
+
+@message
+class DoneOp:
+    """Attempt ``attempt`` of task ``tid`` succeeded on client ``cid``.
+
+    ``values`` are the outputs named in the task's ``keys``; ``sizes`` the
+    byte count of every output.  ``early`` lists ``(pretask tid, attempt)``
+    inputs the client took from its own store before the log said so: the
+    completion counts only if each is that pretask's committed completion
+    on this client.
+    """
+
+    cid: int
+    tid: int
+    attempt: int
+    values: dict[str, Any] = attrs.Factory(dict)
+    sizes: dict[str, int] = attrs.Factory(dict)
+    early: tuple[tuple[int, int], ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        out = {
+            "op": "done", "cid": self.cid, "tid": self.tid, "attempt": self.attempt,
+            "values": dict(self.values), "sizes": dict(self.sizes),
+        }
+        if self.early:
+            out["early"] = [list(e) for e in self.early]
+        return out
+
+
+@message
+class FailedOp:
+    cid: int
+    tid: int
+    attempt: int
+    error: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": "failed", "cid": self.cid, "tid": self.tid, "attempt": self.attempt, "error": self.error}
+
+
+@message
+class LostOp:
+    """Client ``cid`` could not fetch output ``key`` (all outputs: None) of task ``tid``."""
+
+    cid: int
+    tid: int
+    key: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": "lost", "cid": self.cid, "tid": self.tid, "key": self.key}
+
+
+@message
+class CancelOp:
+    tid: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": "cancel", "tid": self.tid}
+
+
+ReportOp = Union[DoneOp, FailedOp, LostOp]
+
+
+@message
+class BatchOp:
+    """Reports applied in order as if each had its own entry.
+
+    An entry of ``ops`` that did not parse is the :class:`Refused` saying why
+    (the others still apply).
+    """
+
+    ops: tuple[DoneOp | FailedOp | LostOp | Refused, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": "batch", "ops": [op.to_wire() for op in self.ops if not isinstance(op, Refused)]}
+
+
+Op = Union[InitOp, JoinOp, DoneOp, FailedOp, LostOp, CancelOp, BatchOp]
+
+
+# ------------------------------------------------------------- answers
+
+
+def _int_v(_inst: Any, attribute: Any, value: Any) -> None:
+    if not is_int(value):
+        raise TypeError(f"{attribute.name} must be an int, got {value!r:.100}")
+
+
+def _ints(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or not all(is_int(v) for v in value):
+        raise TypeError(f"expected a list of ints, got {value!r:.100}")
+    return tuple(value)
+
+
+def _others(value: Any) -> tuple[tuple[int, Any], ...]:
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"expected a list of [index, answer] pairs, got {value!r:.100}")
+    out = []
+    for pair in value:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and is_int(pair[0])
+                and isinstance(pair[1], (Reported, Refused))):
+            raise TypeError(f"expected an [index, answer] pair, got {pair!r:.100}")
+        out.append((pair[0], pair[1]))
+    return tuple(out)
+
+
+@message
+class Initialized:
+    """The answer to :class:`InitOp`; ``ignored`` when the computation had started already."""
+
+    ignored: bool = attrs.field(default=False, validator=_bool_v)
+    effects: str = attrs.field(default="", validator=_str_v)
+
+
+@message
+class Joined:
+    """The answer to :class:`JoinOp`: the client's id (the same as before for a live name)."""
+
+    cid: int = attrs.field(validator=_int_v)
+    effects: str = attrs.field(default="", validator=_str_v)
+
+
+@message
+class Reported:
+    """The answer to a done, failed or lost report.
+
+    ``accepted`` False says why in ``reason`` (stale attempt, dead client,
+    ...); ``rerun`` means the task got a new attempt because the completion
+    used early inputs the log did not commit.
+    """
+
+    accepted: bool = attrs.field(validator=_bool_v)
+    reason: str | None = attrs.field(default=None, validator=_opt_str_v)
+    rerun: bool = attrs.field(default=False, validator=_bool_v)
+    effects: str = attrs.field(default="", validator=_str_v)
+
+
+#: The answer of a report that counted (inside a batch, only others are listed).
+ACCEPTED = Reported(accepted=True)
+
+
+@message
+class Cancelled:
+    """The answer to :class:`CancelOp`: the tasks killed (``reason`` says why none were)."""
+
+    killed: tuple[int, ...] = attrs.field(converter=_ints)
+    reason: str | None = attrs.field(default=None, validator=_opt_str_v)
+    effects: str = attrs.field(default="", validator=_str_v)
+
+
+@message
+class BatchApplied:
+    """The answer to :class:`BatchOp`: how many entries, and the answers that are not :data:`ACCEPTED`.
+
+    ``others`` pairs each such answer with its entry's position in the batch.
+    """
+
+    count: int = attrs.field(validator=_int_v)
+    others: tuple[tuple[int, Reported | Refused], ...] = attrs.field(converter=_others)
+    effects: str = attrs.field(default="", validator=_str_v)
+
+
+Answer = Union[Initialized, Joined, Reported, Cancelled, BatchApplied, Refused]
+
+
+def parse_op(raw: Any) -> Op:
+    """The typed operation of ``raw`` (a log command's op), or raise :class:`BadOp`."""
+    if isinstance(raw, (InitOp, JoinOp, DoneOp, FailedOp, LostOp, CancelOp, BatchOp)):
+        return raw
+    name = raw.get("op") if isinstance(raw, dict) else None
+    match name:
+        case "init":
+            return InitOp(seed=_int(raw, "init", "seed"), code_digest=_str(raw, "init", "code_digest"))
+        case "join":
+            return _parse_join(raw)
+        case "done" | "failed" | "lost":
+            return _parse_report(raw)
+        case "cancel":
+            return CancelOp(tid=_int(raw, "cancel", "tid"))
+        case "batch":
+            ops = raw.get("ops")
+            if not isinstance(ops, list):
+                raise BadOp(f"batch: field 'ops' must be a list of done/failed/lost ops, got {ops!r:.200}")
+            return BatchOp(ops=tuple(_parse_batched(sub) for sub in ops))
+        case _:
+            raise BadOp(f"unknown coordinator op {raw!r:.200}")
+
+
+def _parse_join(raw: dict) -> JoinOp:
+    client = _str(raw, "join", "client")
+    addr = _str(raw, "join", "addr")
+    slots = _int(raw, "join", "slots", minimum=0)
+    queue = _int(raw, "join", "queue", minimum=0, default=0)
+    have = raw.get("have", [])
+    if not isinstance(have, list) or not all(isinstance(t, str) for t in have):
+        raise BadOp(f"join: field 'have' must be a list of tag strings, got {have!r:.200}")
+    return JoinOp(client=client, addr=addr, slots=slots, queue=queue, have=tuple(have))
+
+
+def _parse_report(raw: dict) -> ReportOp:
+    name = raw["op"]
+    cid = _int(raw, name, "cid")
+    tid = _int(raw, name, "tid")
+    if name == "lost":
+        key = raw.get("key")
+        if key is not None and not isinstance(key, str):
+            raise BadOp(f"lost: field 'key' must be an output key string or None, got {key!r:.200}")
+        return LostOp(cid=cid, tid=tid, key=key)
+    attempt = _int(raw, name, "attempt")
+    if name == "failed":
+        return FailedOp(cid=cid, tid=tid, attempt=attempt, error=_str(raw, "failed", "error"))
+    values = raw.get("values", {})
+    sizes = raw.get("sizes", {})
+    if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
+        raise BadOp(f"done: field 'values' must be a dict with string keys, got {values!r:.200}")
+    if not isinstance(sizes, dict) or not all(isinstance(k, str) and is_int(v) and v >= 0 for k, v in sizes.items()):
+        raise BadOp(f"done: field 'sizes' must map output keys to byte counts, got {sizes!r:.200}")
+    early = raw.get("early", [])
+    if not isinstance(early, list) or not all(
+        isinstance(e, list) and len(e) == 2 and is_int(e[0]) and is_int(e[1]) for e in early
+    ):
+        raise BadOp(f"done: field 'early' must list [pretask tid, attempt] pairs of this task, got {early!r:.200}")
+    return DoneOp(
+        cid=cid, tid=tid, attempt=attempt, values=values, sizes=sizes, early=tuple((e[0], e[1]) for e in early)
+    )
+
+
+def _parse_batched(sub: Any) -> ReportOp | Refused:
+    if not isinstance(sub, dict) or sub.get("op") not in ("done", "failed", "lost"):
+        return BadOp(f"batch: only done, failed and lost ops can be batched, got {sub!r:.200}").refused
+    try:
+        return _parse_report(sub)
+    except BadOp as exc:
+        return exc.refused
+
+
+# ------------------------------------------------------------- queries
+
+
+@message
+class ViewRequest:
+    """Client ``cid``'s view changed since version ``after``; wait up to ``wait`` seconds for a change."""
+
+    NAME: ClassVar[str] = "view"
+    cid: int
+    after: int = 0
+    wait: float = 0.0
+
+    def args(self) -> dict[str, Any]:
+        return {"cid": self.cid, "after": self.after, "wait": self.wait}
+
+
+@message
+class StatusRequest:
+    """The computation at a glance."""
+
+    NAME: ClassVar[str] = "status"
+
+    def args(self) -> dict[str, Any]:
+        return {}
+
+
+@message
+class InfoRequest:
+    """Everything about task ``tid``."""
+
+    NAME: ClassVar[str] = "info"
+    tid: int
+
+    def args(self) -> dict[str, Any]:
+        return {"tid": self.tid}
+
+
+Request = Union[ViewRequest, StatusRequest, InfoRequest]
+
+
+def parse_query(name: Any, args: Any) -> Request:
+    """The typed question of a :class:`~tasksprint.api.Query`, or raise :class:`BadOp`."""
+    if not isinstance(args, dict):
+        raise BadOp(f"query {name!r:.100}: arguments must be a map, got {type(args).__name__}")
+    match name:
+        case "view":
+            wait = args.get("wait", 0)
+            if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not (wait >= 0 and math.isfinite(wait)):
+                raise BadOp(f"view: field 'wait' must be a number of seconds >= 0, got {wait!r:.200}")
+            return ViewRequest(
+                cid=_int(args, "view", "cid"), after=_int(args, "view", "after", minimum=0, default=0), wait=float(wait)
+            )
+        case "status":
+            return StatusRequest()
+        case "info":
+            return InfoRequest(tid=_int(args, "info", "tid"))
+        case _:
+            raise BadOp(f"unknown query {name!r:.100}; known: view, status, info", ErrorCode.UNKNOWN)

@@ -1,0 +1,175 @@
+"""Starting a replica: the entry point behind ``tasksprint replica`` and ``Coordinator.start()``.
+
+:func:`main` parses the ``tasksprint replica`` arguments, builds the
+replica's configuration and application (a user's scheduler, or the
+built-in key-value store), runs it until it stops and returns the exit
+code.  The command line (:mod:`tasksprint.cli`) and a scheduler script's
+``MyCoordinator().start()`` both come here.  Also home of what every
+command shares: logging set-up and the cluster secret.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import structlog
+import trio
+
+from tasksprint import wire
+
+__all__ = [
+    "EXIT_DIVERGED",
+    "EXIT_USAGE",
+    "add_common_arguments",
+    "add_replica_arguments",
+    "cluster_secret",
+    "configure_logging",
+    "main",
+    "run_replica",
+]
+
+EXIT_USAGE = 2
+EXIT_DIVERGED = 3
+
+
+def configure_logging(level: str = "info", fmt: str = "console") -> None:
+    """Structured logs on stderr (stdout is kept for machine-readable output)."""
+    renderer = (
+        structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every networked command takes: secret file and logging."""
+    p.add_argument("--secret-file", type=Path, help="file holding the cluster secret (default: an insecure development secret)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="console", choices=["console", "json"])
+
+
+def cluster_secret(args: argparse.Namespace) -> bytes:
+    """The secret named by ``--secret-file`` (a warning and the development secret without one).
+
+    Raises :class:`tasksprint.wire.SecretError` if the file cannot be used.
+    """
+    if args.secret_file is None:
+        structlog.get_logger("tasksprint").warning(
+            "insecure_default_secret", hint="pass --secret-file FILE on any machine others can reach"
+        )
+        return wire.DEFAULT_SECRET
+    return wire.load_secret(args.secret_file)
+
+
+def add_replica_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``tasksprint replica``."""
+    p.add_argument("--id", type=int, required=True, help="this replica's index into --peers (0-based)")
+    p.add_argument("--peers", required=True, help="HOST:PORT of every replica, comma-separated, same order everywhere")
+    p.add_argument("--data", type=Path, required=True, help="data directory (must exist; empty for a new replica)")
+    p.add_argument("--cluster", default="default", help="cluster name recorded in the data directory")
+    p.add_argument("--scheduler", help="path/to/file.py:Class or module:Class (default: a key-value store)")
+    p.add_argument("--election-timeout", type=float, default=0.3, help="seconds (minimum; randomized up to twice)")
+    p.add_argument("--heartbeat", type=float, default=0.05, help="seconds between leader heartbeats")
+    p.add_argument("--tick-interval", type=float, default=0.1, help="seconds between TICK log entries")
+    p.add_argument("--snapshot-every", type=int, default=20_000, help="applied slots between snapshots")
+    add_common_arguments(p)
+    p.add_argument("--client-timeout", type=float, default=10.0, help="seconds a worker client may be silent before it is declared dead")
+
+
+def main(argv: list[str], *, scheduler: type | None = None) -> int:
+    """Run a replica with the ``tasksprint replica`` arguments ``argv``; returns the exit code.
+
+    ``scheduler`` (a ``Coordinator`` subclass) overrides ``--scheduler``.
+    """
+    parser = argparse.ArgumentParser(prog="tasksprint replica", description="Run one replica of the coordinator.")
+    add_replica_arguments(parser)
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level, args.log_format)
+    try:
+        return run_replica(args, scheduler)
+    except wire.SecretError as exc:
+        print(f"tasksprint: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def run_replica(args: argparse.Namespace, scheduler: type | None = None) -> int:
+    """Run the replica described by parsed ``tasksprint replica`` arguments until it stops."""
+    from tasksprint.app import KVApp
+    from tasksprint.config import ReplicaConfig, parse_peers
+    from tasksprint.coordinator.snapshots import SchedulerMismatch
+    from tasksprint.paxos.core import PaxosConfig
+    from tasksprint.replica import DivergenceError, ListenError, Replica, tune_gc
+    from tasksprint.storage import StorageError
+
+    try:
+        peers = parse_peers(args.peers)
+        paxos = PaxosConfig(
+            replicas=len(peers),
+            heartbeat_interval=args.heartbeat,
+            election_timeout=args.election_timeout,
+            tick_interval=args.tick_interval,
+        )
+        config = ReplicaConfig(
+            rid=args.id,
+            peers=peers,
+            data_dir=args.data,
+            secret=cluster_secret(args),
+            cluster=args.cluster,
+            paxos=paxos,
+            snapshot_every=args.snapshot_every,
+        )
+    except ValueError as exc:
+        print(f"tasksprint replica: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    app = KVApp()
+    if args.scheduler is not None or scheduler is not None:
+        from tasksprint.coordinator.app import CoordinatorApp
+        from tasksprint_sdk.coordinator import SchedulerLoadError
+
+        try:
+            app = CoordinatorApp.create(
+                args.scheduler if scheduler is None else scheduler, client_timeout=args.client_timeout
+            )
+        except SchedulerLoadError as exc:
+            print(f"tasksprint replica: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    replica = Replica(config, app)
+    tune_gc()
+    try:
+        trio.run(replica.run)
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as exc:
+        # Errors from inside the replica's nursery arrive wrapped in groups.
+        known = _first_of(exc, (StorageError, ListenError, DivergenceError, SchedulerMismatch))
+        if known is None:
+            raise
+        if isinstance(known, (DivergenceError, SchedulerMismatch)):
+            print(f"tasksprint replica: stopped: {known}", file=sys.stderr)
+            return EXIT_DIVERGED
+        print(f"tasksprint replica: {known}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+def _first_of(exc: BaseException, types: tuple[type, ...]) -> BaseException | None:
+    """The first exception of one of ``types`` in ``exc`` or, recursively, in its groups."""
+    if isinstance(exc, types):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _first_of(inner, types)
+            if found is not None:
+                return found
+    return None
