@@ -815,13 +815,17 @@ def test_stale_leader_ignores_catchup_reply():
     # The slow request finally reaches replica 1; its answer reaches stale leader 2.
     net.queue.clear()
     c.deliver(*held)
-    net.deliver(CatchupReply, src=1, dst=2)
+    late = net.deliver(CatchupReply, src=1, dst=2)
+    assert slot in [p.slot for p in late.entries], "the late reply carries the slot the leaders disagree on"
+    assert core(c, 2).role is Role.LEADER and core(c, 2).commit_index < slot  # it ignored the reply
     # Leader 2 takes a client command and sends it (with its commit index) to replica 3.
     submit(c, 2)
     net.deliver(dst=2)
-    for msg in net.peek(Accept, src=2, dst=3):
+    accepts = net.peek(Accept, src=2, dst=3)
+    assert accepts and all(a.commit < slot for a in accepts)
+    for msg in accepts:
         c.deliver(2, 3, msg)  # the checker raises here if 3 learns its own stale value
-    assert core(c, 3).chosen_value(slot) in (None, theirs)
+    assert core(c, 3).chosen_value(slot) is None  # cut off from leader 4, it cannot know the chosen value
 
 
 def test_new_cluster_needs_every_replica_to_answer():
@@ -858,11 +862,10 @@ def test_new_cluster_needs_every_replica_to_answer():
     net.deliver(Prepare, src=3, dst=0)
     net.deliver(Prepare, src=3, dst=1)
     net.flush(among={0, 1, 3})
-    quorum = {0, 1, 3}
-    if core(c, 3).role is not Role.LEADER:  # replica 0 does not vote yet: 3 needs 2
-        quorum = {1, 2, 3}
-        net.deliver(Prepare, src=3, dst=2)
-        net.flush(among=quorum)
+    assert core(c, 3).role is Role.CANDIDATE  # replica 0 does not vote yet: 3 needs 2
+    quorum = {1, 2, 3}
+    net.deliver(Prepare, src=3, dst=2)
+    net.flush(among=quorum)
     assert core(c, 3).role is Role.LEADER
     c.tick(3)
     net.flush(among=quorum)
@@ -877,10 +880,11 @@ def test_new_cluster_needs_every_replica_to_answer():
     c.deliver(*late_prepare)
     c.deliver(*ghost)
     net.flush(among={2, 4})
-    if core(c, 4).role is Role.LEADER:
-        submit(c, 4)
-        net.deliver(dst=4)
-        net.flush(among={0, 1, 2, 4})  # the checker raises if 1.4 chooses another value
-    assert core(c, 4).chosen_value(1) in (None, core(c, 3).chosen_value(1))
+    assert core(c, 4).role is Role.LEADER and core(c, 4).ballot == Ballot(1, 4)
+    submit(c, 4)
+    net.deliver(dst=4)
+    net.flush(among={0, 1, 2, 4})  # the checker raises if 1.4 chooses another value
+    assert core(c, 4).commit_index >= 1
+    assert core(c, 4).chosen_value(1) == core(c, 3).chosen_value(1) is not None
     run(c, net, 1.0)
     assert core(c, 0).role is Role.FOLLOWER  # once 4 answered too
