@@ -50,9 +50,10 @@ from tasksprint import codec
 from tasksprint.api import BlockResult, PeerDigest, Result
 from tasksprint.app import App
 from tasksprint.machine import DUPLICATE, Applier
-from tasksprint.paxos.core import PaxosCore, Ready, Role
+from tasksprint.paxos.core import PaxosCore, Role
 from tasksprint.paxos.durable import Record
 from tasksprint.paxos.messages import Ballot, Batch, Command, CommandBlock
+from tasksprint.paxos.output import Ready
 
 RequestKey = tuple[str, str, int]  # (kind, client id, seq): what a client waits for (``request_key``)
 

@@ -70,8 +70,21 @@ from tasksprint.driver import DivergenceError, DriverConfig, ReplicaDriver
 from tasksprint.log_client import MAX_BLOCK, consecutive_runs
 from tasksprint.machine import DUPLICATE, Applier, ApplyContext, KVMachine
 from tasksprint.paxos.core import PaxosConfig, PaxosCore, Role
-from tasksprint.paxos.durable import DurableState, MarkInitialized, SaveAccepted, SaveChosen
-from tasksprint.paxos.messages import Accepted, Ballot, Batch, Command, CommandBlock, Promise, Tick
+from tasksprint.paxos.durable import (
+    DurableState,
+    MarkInitialized,
+    SaveAccepted,
+    SaveChosen,
+)
+from tasksprint.paxos.messages import (
+    Accepted,
+    Ballot,
+    Batch,
+    Command,
+    CommandBlock,
+    Promise,
+    Tick,
+)
 
 KEYS = ("k0", "k1", "k2")
 

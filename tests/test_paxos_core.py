@@ -241,6 +241,28 @@ def _core_with_disk(n: int = 3, rid: int = 1) -> tuple[PaxosCore, DurableState]:
     return PaxosCore.restore(sim_config(n), rid, disk, rng=random.Random(1), now=0.0), disk
 
 
+def test_has_ready_only_looks():
+    """Asking whether there is output changes nothing: commands proposed before and after
+    the question still travel in one slot, made when the driver takes the Ready."""
+    disk = DurableState()
+    disk.apply([MarkInitialized()])
+    cr = PaxosCore.restore(sim_config(1), 0, disk, rng=random.Random(1), now=0.0)
+    cr.tick(1.0)  # a lone replica's election timeout passed: it leads at once
+    while cr.has_ready():
+        rd = cr.ready()
+        disk.apply(list(rd.persist))
+        cr.advance(rd)
+    assert cr.role is Role.LEADER and not cr.has_ready()
+    first = Command(client_id="c", seq=1, op=["put", "k", "1"])
+    second = Command(client_id="c", seq=2, op=["put", "k", "2"])
+    assert cr.propose(first)
+    assert cr.has_ready() and cr.has_ready()
+    assert cr.propose(second)
+    rd = cr.ready()
+    accepted = [r for r in rd.persist if isinstance(r, SaveAccepted)]
+    assert [r.value.items for r in accepted] == [(first, second)]
+
+
 def test_promise_waits_for_its_fsync():
     cr, disk = _core_with_disk()
     cr.step(0, Prepare(ballot=Ballot(3, 0), from_slot=1))

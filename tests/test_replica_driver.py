@@ -14,9 +14,10 @@ import attrs
 from tasksprint.app import KVApp
 from tasksprint.driver import ReplicaDriver
 from tasksprint.machine import Applier
-from tasksprint.paxos.core import Ready, Role
+from tasksprint.paxos.core import Role
 from tasksprint.paxos.durable import SaveAccepted, SaveChosen
 from tasksprint.paxos.messages import Ballot, Batch, Command, Heartbeat
+from tasksprint.paxos.output import Ready
 
 B = Ballot(1, 0)
 
