@@ -12,9 +12,9 @@ decide:
 
 * :class:`Simulation` draws everything from ``random.Random(seed)``: message
   delays (hence reordering), drops, duplicates, partitions into arbitrary
-  groups, crashes (also in the middle of a Ready: after its messages left but
-  before its records were durable, or after they were durable but before
-  ``advance``), wiped disks, pauses (a replica stops, then resumes with its
+  groups, crashes (also in the middle of a driver pass: after a Ready's
+  messages left but before its records were durable, after they were durable
+  but before ``advance``, or right after applying a slot), wiped disks, pauses (a replica stops, then resumes with its
   state and a backlog, like a stopped VM), clock skew and jumps, fsyncs that
   take time while messages keep arriving (with several Readies' writes in
   flight at once, as the replica's writer has them), and stragglers (a message held back
@@ -413,7 +413,8 @@ class Cluster:
         # Records of Readies marked not to sync: in the OS, not yet on the
         # disk.  A process crash keeps them, a power cut loses them.
         self.unsynced: list[list] = [[] for _ in range(n)]
-        # Crash a replica inside its next Ready at this point (driver's choice).
+        # Crash a replica inside its next driver pass at this point: "sent_not_persisted" and
+        # "persisted" at its next write of records, "applied" after its next applied slot.
         self.crash_in_ready: dict[int, str] = {}
         self.async_fsync = False  # every synced write goes to the background writer
         self.digest_every = 1 << 30  # replicas exchange digests this often (never, unless a Simulation says)
@@ -1005,7 +1006,7 @@ class Simulation:
             did = f"crash r{r}"
         elif what == "crash_in_ready" and c.alive(r):
             c.crash_in_ready[r] = self.rng.choice(("sent_not_persisted", "persisted", "applied"))
-            did = f"r{r} will crash inside its next Ready ({c.crash_in_ready[r]})"
+            did = f"r{r} will crash inside its next driver pass ({c.crash_in_ready[r]})"
         elif what == "wipe" and c.can_wipe(r):
             c.crash(r, wipe=True)
             did = f"crash r{r} and wipe its disk"
