@@ -47,6 +47,9 @@ from tasksprint.paxos.messages import (
     SnapshotInstall,
     Tick,
 )
+from tasksprint.paxos.election import Election
+from tasksprint.paxos.output import OutputBuffer, Ready
+from tasksprint.paxos.recovery import Recovery, Verdict
 from sim import Cluster, ManualNet, sim_config
 
 ET = 0.3  # election timeout of sim_config
@@ -910,3 +913,55 @@ def test_new_cluster_needs_every_replica_to_answer():
     assert core(c, 4).chosen_value(1) == core(c, 3).chosen_value(1) is not None
     run(c, net, 1.0)
     assert core(c, 0).role is Role.FOLLOWER  # once 4 answered too
+
+
+# ----------------------------------------------------------------------
+# The core's parts on their own
+
+
+def test_output_buffer_holds_a_reply_until_its_ready_and_every_earlier_one_is_durable():
+    out = OutputBuffer()
+    out.reply_durable(1, "vote-1")
+    first = out.take(())
+    out.send(2, "heartbeat")
+    out.reply_durable(1, "vote-2")
+    second = out.take(())
+    assert first.sync and second.sync and second.messages == ((2, "heartbeat"),)
+    assert "vote-1" not in [m for _, m in first.messages + second.messages]
+    assert out.release(Ready((), (), None, (), True, 0)) == []  # nothing durable yet
+    # Advancing the later Ready releases both, oldest first.
+    assert out.release(second) == [(1, "vote-1"), (1, "vote-2")]
+    assert out.release(second) == [] and not out.has_output()
+
+
+def test_recovery_counts_only_replies_of_this_life_and_needs_everyone_for_a_new_cluster():
+    rec = Recovery.for_life(5, 3, random.Random(3))
+    query = rec.next_query(0.0)
+    old = RecoverReply(nonce=query.nonce - 1, promised=Ballot(9, 1), empty=False)  # a query of an earlier life
+    assert rec.on_reply(1, old) is Verdict.NOTHING_YET and rec.floor is None
+    empty = RecoverReply(nonce=query.nonce, promised=Ballot(2, 3), empty=True)
+    for src in (1, 2, 3):  # a majority of empty replicas is not enough
+        assert rec.on_reply(src, empty) is Verdict.NOTHING_YET
+    assert rec.on_reply(4, empty) is Verdict.NEW_CLUSTER
+    assert rec.highest_promise() == Ballot(2, 3)
+
+    rec = Recovery.for_life(3, 2, random.Random(4))
+    query = rec.next_query(0.0)
+    assert rec.on_reply(1, RecoverReply(nonce=query.nonce, promised=Ballot(5, 2), empty=False)) is Verdict.NOTHING_YET
+    assert rec.on_reply(2, RecoverReply(nonce=query.nonce, promised=Ballot(4, 0), empty=True)) is Verdict.FLOOR_KNOWN
+    assert rec.floor == Ballot(5, 2)
+    rec.heard_leader(Ballot(5, 2), phase1_top=7)  # not above the floor: no target
+    assert not rec.is_complete(Ballot(5, 2), 100)
+    rec.heard_leader(Ballot(6, 1), phase1_top=7)
+    assert not rec.is_complete(Ballot(6, 1), 6) and rec.is_complete(Ballot(6, 1), 7)
+
+
+def test_election_counts_a_prevote_only_for_the_current_round_and_only_if_granted():
+    el = Election(0.3, 2, random.Random(5))
+    el.saw_round(4)
+    round_ = el.start_prevote(0, promised_round=2, now=1.0)
+    assert round_ == 5
+    assert not el.count_prevote(1, PreVoteReply(round=4, granted=True))  # a stale round
+    assert not el.count_prevote(1, PreVoteReply(round=5, granted=False))
+    assert el.count_prevote(1, PreVoteReply(round=5, granted=True))
+    assert not el.is_expired(1.0 + 0.3 - 1e-9) and el.is_expired(1.0 + 0.6)
