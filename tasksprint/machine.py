@@ -34,7 +34,7 @@ class ApplyContext(NamedTuple):
     """
 
     slot: int
-    index: int  # position inside the slot's batch
+    index: int  # type: ignore[assignment]  # position inside the slot's batch (shadows tuple.index)
     client_id: str = ""
     seq: int = 0
 
@@ -63,7 +63,7 @@ class _Session:
     results: dict[int, Any] = attrs.Factory(dict)
     # The seqs of ``results`` in the order applied, to forget the oldest first
     # (popping the front of a dict itself costs more the more was popped).
-    order: collections.deque = attrs.Factory(collections.deque)
+    order: collections.deque[int] = attrs.Factory(collections.deque)
 
 
 class Duplicate:
@@ -160,7 +160,7 @@ class Applier:
         sess.order.append(seq)
         return result, True
 
-    def _apply_block(self, sess: _Session, block: CommandBlock, slot: int, i: int) -> tuple[list, list]:
+    def _apply_block(self, sess: _Session, block: CommandBlock, slot: int, i: int) -> tuple[list[Any], list[Any]]:
         """(every command's result, the results of those applied now)."""
         try:
             ops = block.op_list()

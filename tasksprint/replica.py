@@ -1,21 +1,23 @@
-"""The replica process: drives the Paxos core with trio, storage and the network.
+"""The replica process: runs a :class:`~tasksprint.driver.ReplicaDriver` with trio, storage and the network.
 
-One replica = one :class:`~tasksprint.paxos.core.PaxosCore` + one
-:class:`~tasksprint.storage.Storage` + one state machine behind an
-:class:`~tasksprint.machine.Applier`.  Tasks:
+The driver (:mod:`tasksprint.driver`, no I/O) owns the Paxos core, the
+state machine behind an :class:`~tasksprint.machine.Applier`, the request
+table and the order of writes, sends and applies; this module gives it a
+:class:`~tasksprint.storage.Storage`, a disk writer thread, connections and
+the clock.  Tasks:
 
 * a listener accepting authenticated connections from peers (role
   ``replica``) and from users (role ``client``);
 * one sender per peer, keeping an outgoing connection open and writing
-  everything queued for that peer in one batch;
+  everything queued for that peer (its :class:`Outbox`) in one batch;
 * a ticker feeding the core the clock;
-* the driver code (:meth:`Replica._run_core`), the only place the core's
-  output is handled, run by the driver task after ticks and completed writes
-  and by a receiving task once its connection has no further frame buffered.
-  One pass takes every Ready, sends the peers' messages from the calling task
-  (:meth:`Outbox.flush`), writes the records, applies the committed slots and
-  sends the clients their answers (docs/architecture.md gives the order and
-  why);
+* the driver task, which runs a driver pass (:meth:`ReplicaDriver.run
+  <tasksprint.driver.ReplicaDriver.run>`) after ticks and completed writes;
+  a receiving task runs the pass itself once its connection has no further
+  frame buffered.  One pass takes every Ready, sends the peers' messages
+  from the calling task (:meth:`Outbox.flush`), writes the records, applies
+  the committed slots and sends the clients their answers (the driver's
+  module docstring and docs/architecture.md give the order and why);
 * the disk writer (:mod:`tasksprint.disk_writer`, a thread), which makes
   the Readies' records durable in the order they were taken (whatever queued
   up during one fsync goes into the next transaction, so under load one fsync
@@ -27,8 +29,8 @@ One replica = one :class:`~tasksprint.paxos.core.PaxosCore` + one
 
 Replicas compare a running digest of what they applied every
 ``digest_every`` slots; a mismatch means a nondeterministic state machine (a
-scheduler hook that is not deterministic) and stops the replica with an error
-naming the slot.
+scheduler hook that is not deterministic) and stops the replica with a
+:class:`~tasksprint.driver.DivergenceError` naming the slot.
 """
 
 from __future__ import annotations
@@ -44,15 +46,13 @@ import attrs
 import structlog
 import trio
 
-from tasksprint import codec, wire
+from tasksprint import wire
 from tasksprint.api import (
-    BlockResult,
     ClientsSeen,
     PeerDigest,
     Query,
     QueryReply,
     ReplicaStatus,
-    Result,
     Retry,
     StatusQuery,
     Submit,
@@ -60,45 +60,23 @@ from tasksprint.api import (
 )
 from tasksprint.app import KVApp, NotYet
 from tasksprint.config import ReplicaConfig
-from tasksprint.machine import DUPLICATE, Applier
-from tasksprint.paxos.core import PaxosCore, Ready, Role
-from tasksprint.paxos.messages import PEER_MESSAGES, Command, CommandBlock
 from tasksprint.disk_writer import DiskWriter
+from tasksprint.driver import DivergenceError, DriverConfig, ReplicaDriver, RequestKey
+from tasksprint.machine import Applier
+from tasksprint.paxos.core import PaxosCore, Role
+from tasksprint.paxos.messages import PEER_MESSAGES, CommandBlock
 from tasksprint.storage import Storage
+
+__all__ = ["DivergenceError", "ListenError", "Outbox", "Replica", "tune_gc"]  # DivergenceError: for the CLI
 
 log = structlog.get_logger("tasksprint.replica")
 
 GC_YOUNG_THRESHOLD = 50_000  # allocations between young collections (CPython's default: 700)
-COMMIT_SAMPLES = 2000  # latest leader-side commit latencies kept for ReplicaStatus
 OUTBOX_LIMIT = 20_000  # messages queued for one peer before the oldest are dropped
-
-Key = tuple[str, str, int]  # (kind, client id, seq): what a client waits for (``request_key``)
-
-
-class DivergenceError(Exception):
-    """Two replicas applied the same slots and reached different states."""
 
 
 class ListenError(Exception):
     """The replica cannot listen on its own address (taken, or not on this machine)."""
-
-
-SMALL_WRITE = 16 * 1024  # bytes of values up to which a synced write may stay in the loop
-
-
-def _small(records) -> bool:
-    """Whether ``records`` carry little data (a Batch keeps its encoding, so this costs nothing extra)."""
-    size = 0
-    for r in records:
-        value = getattr(r, "value", None)
-        if value is not None:
-            size += len(codec.encode(value))
-        data = getattr(r, "data", None)  # a snapshot
-        if data is not None:
-            size += len(data)
-        if size > SMALL_WRITE:
-            return False
-    return True
 
 
 def tune_gc() -> None:
@@ -173,48 +151,36 @@ class Replica:
 
     config: ReplicaConfig
     app: Any = attrs.Factory(KVApp)
-    _core: PaxosCore | None = None
-    _applier: Applier | None = None
+    _driver: ReplicaDriver | None = None
     _storage: Storage | None = None
     _wake: trio.Event = attrs.Factory(trio.Event)
-    # Readies handed to the disk writer and not yet durable, oldest first.
-    _unwritten: collections.deque = attrs.Factory(collections.deque)
     _disk: DiskWriter | None = None
-    _write_error: BaseException | None = None
     _peer_out: dict[int, Outbox] = attrs.Factory(dict)
-    _waiting: dict[Key, list[Outbox]] = attrs.Factory(dict)
-    # The commands behind _waiting, to propose again when the leader changes:
-    # one forwarded to a leader that died (or was not leader yet) is lost.
-    _commands: dict[Key, Command | CommandBlock] = attrs.Factory(dict)
-    _digests: collections.OrderedDict = attrs.Factory(collections.OrderedDict)
-    _peer_digests: collections.OrderedDict = attrs.Factory(collections.OrderedDict)
-    _since_snapshot: int = 0
     _log: Any = None
-    _last_role: tuple | None = None
     _parked: list[tuple[Outbox, str, dict, float]] = attrs.Factory(list)
-    _answered: list[Outbox] = attrs.Factory(list)  # client boxes given answers in this pass
-    # Leader only: when each command submitted here arrived, and how long the
-    # last ones took to be answered (for ReplicaStatus).
-    _arrived: dict[Key, float] = attrs.Factory(dict)
-    _commit_times: collections.deque = attrs.Factory(lambda: collections.deque(maxlen=COMMIT_SAMPLES))
     port: int | None = None
 
     # ------------------------------------------------------------------
 
     @property
     def core(self) -> PaxosCore:
-        assert self._core is not None, "replica not started"
-        return self._core
+        assert self._driver is not None, "replica not started"
+        return self._driver.core
 
     @property
     def applier(self) -> Applier:
-        assert self._applier is not None, "replica not started"
-        return self._applier
+        assert self._driver is not None, "replica not started"
+        return self._driver.applier
+
+    @property
+    def driver(self) -> ReplicaDriver:
+        assert self._driver is not None, "replica not started"
+        return self._driver
 
     def status(self) -> ReplicaStatus:
         core = self.core
         ballot = core.ballot
-        times = sorted(self._commit_times) if core.role is Role.LEADER else []
+        times = self.driver.commit_times if core.role is Role.LEADER else []
         return ReplicaStatus(
             rid=self.config.rid,
             role=core.role.value,
@@ -236,8 +202,7 @@ class Replica:
         self._storage = Storage.open(cfg.data_dir, replica_id=cfg.rid, cluster=cfg.cluster, fsync=cfg.fsync)
         try:
             state = self._storage.load()
-            self._applier = Applier(self.app.machine)
-            self._core = PaxosCore.restore(
+            core = PaxosCore.restore(
                 cfg.paxos_config,
                 cfg.rid,
                 state,
@@ -250,19 +215,34 @@ class Replica:
                 snapshot=state.snapshot_index,
                 log_rows=len(state.log),
                 initialized=state.initialized,
-                recovering=self._core.role is Role.RECOVERING,
+                recovering=core.role is Role.RECOVERING,
             )
+            for peer in range(len(cfg.peers)):
+                if peer != cfg.rid:
+                    self._peer_out[peer] = Outbox()
             self._disk = DiskWriter(
                 self._storage, written=self._written, failed=self._write_failed, name=f"disk-writer-{cfg.rid}"
+            )
+            self._driver = ReplicaDriver(
+                core=core,
+                applier=Applier(self.app.machine),
+                app=self.app,
+                storage=self._storage,
+                writer=self._disk,
+                peers=self._peer_out,
+                wake=self._poke,
+                clock=time.monotonic,
+                config=DriverConfig(
+                    fsync=cfg.fsync, snapshot_every=cfg.snapshot_every, digest_every=cfg.digest_every
+                ),
+                log=self._log,
             )
             host, port = cfg.peers[cfg.rid]
             async with trio.open_nursery() as nursery:
                 listeners = await self._listen(nursery, host, port)
                 self.port = _port_of(listeners, port)
-                for peer in range(len(cfg.peers)):
-                    if peer != cfg.rid:
-                        self._peer_out[peer] = Outbox()
-                        nursery.start_soon(self._peer_sender, peer)
+                for peer in self._peer_out:
+                    nursery.start_soon(self._peer_sender, peer)
                 nursery.start_soon(self._ticker)
                 nursery.start_soon(self._contact_reporter)
                 self._wake.set()
@@ -291,7 +271,7 @@ class Replica:
             ) from None
 
     # ------------------------------------------------------------------
-    # Driver
+    # Driving the driver
 
     def _poke(self) -> None:
         self._wake.set()
@@ -300,13 +280,13 @@ class Replica:
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
-            self._run_core()
+            self._run_pass()
 
     def _react(self, conn: wire.Connection) -> None:
         """A receiving task gave the core a message from ``conn``: handle its consequences.
 
         Once no further frame is buffered, the receiving task runs the driver
-        code itself, so that a vote, an Accept or an answer is sent one
+        pass itself, so that a vote, an Accept or an answer is sent one
         scheduling pass sooner than by waking the driver task; with more
         frames buffered it only wakes the driver, so that a burst still makes
         one Ready.
@@ -314,200 +294,24 @@ class Replica:
         if conn.frame_ready():
             self._poke()
         else:
-            self._run_core()
+            self._run_pass()
 
-    def _run_core(self) -> None:
-        """Handle what the core has for the driver: the driver loop's body (see also _react)."""
-        core = self.core
-        if self._write_error is not None:
-            raise self._write_error
-        # The order of one pass matters for latency, not for safety:
-        # 1. take every Ready, queueing its messages;
-        # 2. send the peers' messages (the replica's own bytes leave first);
-        # 3. with no write in flight, write a small synced Ready here (a
-        #    vote, or a leader's Accept at light load: the hops to a thread
-        #    and back would cost more than they overlap; the thread would
-        #    even start late, as it only takes the interpreter lock when
-        #    this loop waits); anything else goes to the disk writer, after
-        #    the sends for the same reason;
-        # 4. apply what was chosen and send the clients their answers;
-        # 5. write chosen markers alone (no fsync, see Ready.sync) last.
-        chosen: list = []
-        lazy: list[Ready] = []
-        to_disk: list[Ready] = []
-        while True:
-            inline: Ready | None = None
-            while core.has_ready():
-                rd = core.ready()
-                for dst, msg in rd.messages:
-                    self._peer_out[dst].push(msg)
-                if rd.snapshot is not None:
-                    self._apply_chosen(chosen)
-                    self.applier.restore(rd.snapshot[1])
-                    self._log.info("snapshot_installed", index=rd.snapshot[0])
-                chosen.extend(rd.committed)
-                if self._unwritten or inline is not None:
-                    # Behind the writes in flight (or the one this pass
-                    # makes), in order: nothing may reach the disk or be
-                    # advanced before an earlier Ready's records.
-                    self._unwritten.append(rd)
-                    to_disk.append(rd)
-                elif not rd.sync:
-                    lazy.append(rd)
-                elif not self.config.fsync:
-                    self._write_lazy(lazy)
-                    self._storage.write(rd.persist, sync=False)
-                    core.advance(rd)
-                elif _small(rd.persist):
-                    self._write_lazy(lazy)  # records reach the disk in order
-                    inline = rd
-                else:
-                    self._write_lazy(lazy)
-                    self._unwritten.append(rd)
-                    to_disk.append(rd)
-            for box in self._peer_out.values():
-                box.flush()
-            if inline is not None:
-                self._storage.write(inline.persist, sync=True)
-                core.advance(inline)
-            for rd in to_disk:
-                self._disk.submit(rd.persist, rd.sync and self.config.fsync)
-            to_disk.clear()
-            if inline is not None and core.has_ready():
-                continue  # what the write released (a vote) leaves before anything is applied
-            if not chosen:
-                break
-            self._apply_chosen(chosen)  # may take a snapshot: loop for its record
-        for box in self._answered:
-            box.flush()
-        self._answered.clear()
-        if lazy:
-            self._write_lazy(lazy)
-            if core.has_ready():
-                self._poke()
-        self._note_role()
+    def _run_pass(self) -> None:
+        """One driver pass (see :meth:`ReplicaDriver.run`), then the long-polls it may have answered."""
+        self.driver.run()
         if self._parked:
             self._retry_parked(time.monotonic())
-        if core.role is Role.LEADER:
-            self.app.leader_duties(self._propose_local)
 
     def _written(self, groups: int) -> None:
-        """The disk writer made the oldest ``groups`` submitted Readies durable: advance them, in order."""
-        for _ in range(groups):
-            self.core.advance(self._unwritten.popleft())
-        self._poke()
+        self.driver.written(groups)
 
     def _write_failed(self, exc: BaseException) -> None:
-        self._write_error = exc  # raised by the driver: the replica stops
-        self._poke()
-
-    def _write_lazy(self, lazy: list[Ready]) -> None:
-        """Write and advance the Readies that hold chosen markers only (no fsync), in order."""
-        for rd in lazy:
-            self._storage.write(rd.persist, sync=False)
-            self.core.advance(rd)
-        lazy.clear()
-
-    def _apply_chosen(self, chosen: list) -> None:
-        """Apply the chosen entries gathered so far, in order, and empty the list."""
-        for slot, batch in chosen:
-            self._apply(slot, batch)
-            self._maybe_snapshot()
-        chosen.clear()
-
-    def _apply(self, slot: int, batch) -> None:
-        for cmd, result in self.applier.apply_slot(slot, batch):
-            key = cmd.request_key
-            self._commands.pop(key, None)
-            arrived = self._arrived.pop(key, None)
-            if arrived is not None:
-                self._commit_times.append(time.perf_counter() - arrived)
-            boxes = self._waiting.pop(key, None)
-            if boxes:
-                reply = self._reply(cmd, result, slot)
-                for box in boxes:
-                    box.push(reply)
-                    self._answered.append(box)
-        self._since_snapshot += 1
-        self.app.on_applied(slot)
-        if slot % self.config.digest_every == 0:
-            digest = self.applier.digest
-            self._digests[slot] = digest
-            while len(self._digests) > 1024:
-                self._digests.popitem(last=False)
-            for box in self._peer_out.values():
-                box.push(PeerDigest(slot=slot, digest=digest))
-            theirs = self._peer_digests.pop(slot, None)
-            if theirs is not None:
-                self._compare_digest(theirs[0], slot, theirs[1])
-
-    def _reply(self, cmd: Command | CommandBlock, result: Any, slot: int) -> Result | BlockResult:
-        leader = self.core.leader_hint
-        if isinstance(cmd, CommandBlock):
-            forgotten = [i for i, r in enumerate(result) if r is DUPLICATE]
-            if forgotten:
-                result = [None if r is DUPLICATE else r for r in result]
-            return BlockResult(
-                client_id=cmd.client_id, first_seq=cmd.first_seq, results=result, slot=slot, leader=leader,
-                forgotten=forgotten,
-            )
-        dup = result is DUPLICATE
-        return Result(
-            client_id=cmd.client_id,
-            seq=cmd.seq,
-            result=None if dup else result,
-            slot=slot,
-            leader=leader,
-            duplicate=dup,
-        )
-
-    def _compare_digest(self, src: int, slot: int, theirs: bytes) -> None:
-        mine = self._digests.get(slot)
-        if mine is None or mine == theirs:
-            return
-        what = self.app.describe_slot(slot)
-        self._log.error("state_divergence", slot=slot, peer=src, detail=what)
-        raise DivergenceError(
-            f"replica {self.config.rid} and replica {src} applied the same log up to slot {slot} "
-            f"but reached different states ({what}). The state machine is not deterministic; "
-            "see docs/tutorial.md for the rules scheduler hooks must follow."
-        )
-
-    def _maybe_snapshot(self) -> None:
-        if self._since_snapshot < self.config.snapshot_every:
-            return
-        self._since_snapshot = 0
-        applied = self.applier.applied
-        self.core.compact(applied, self.applier.snapshot())
-        self._log.info("snapshot_taken", index=applied)
-
-    def _note_role(self) -> None:
-        core = self.core
-        now = (core.role, core.ballot)
-        if now != self._last_role:
-            if self._last_role is not None and now[1] != self._last_role[1] and self._commands:
-                # A new leader (or ballot): propose again what our clients still
-                # wait for. The session table applies each command once.
-                for cmd in list(self._commands.values()):
-                    if not core.propose(cmd):
-                        break
-                self._poke()
-            was_leader = self._last_role is not None and self._last_role[0] is Role.LEADER
-            if was_leader != (core.role is Role.LEADER):
-                self.app.role_changed(core.role is Role.LEADER, time.monotonic())
-            self._last_role = now
-            self._log.info("role_changed", role=core.role.value, ballot=str(core.ballot), commit=core.commit_index)
-
-    def _propose_local(self, cmd: Command) -> bool:
-        ok = self.core.propose(cmd)
-        self._poke()
-        return ok
+        self.driver.write_failed(exc)
 
     async def _ticker(self) -> None:
         while True:
             now = time.monotonic()
-            self.core.tick(now, self.app.tick_data(now), wall=time.time())
-            self._poke()
+            self.driver.tick(now, self.app.tick_data(now), wall=time.time())
             if self._parked and any(p[3] <= now for p in self._parked):
                 self._retry_parked(now)
             await trio.sleep(self.config.tick_every)
@@ -579,30 +383,25 @@ class Replica:
             await self._serve_client(conn)
 
     async def _serve_peer(self, src: int, conn: wire.Connection) -> None:
-        core = self.core
+        driver = self.driver
         while True:
             try:
                 msg = await conn.receive()
             except wire.ConnectionClosed:
                 return
             if isinstance(msg, PEER_MESSAGES):
-                core.step(src, msg)
+                driver.step(src, msg)
                 self._react(conn)
             elif isinstance(msg, ClientsSeen):
                 self.app.merge_contacts(list(msg.cids), time.monotonic())
             elif isinstance(msg, PeerDigest):
-                if msg.slot in self._digests:
-                    self._compare_digest(src, msg.slot, msg.digest)
-                elif msg.slot > self.applier.applied:
-                    self._peer_digests[msg.slot] = (src, msg.digest)
-                    while len(self._peer_digests) > 1024:
-                        self._peer_digests.popitem(last=False)
+                driver.digest_from(src, msg)
             else:
                 raise wire.BadMessage(f"unexpected {type(msg).__name__} from replica {src}")
 
     async def _serve_client(self, conn: wire.Connection) -> None:
         box = Outbox()
-        mine: list[Key] = []
+        mine: list[RequestKey] = []
         async with trio.open_nursery() as nursery:
             nursery.start_soon(box.pump, conn)
             try:
@@ -615,13 +414,7 @@ class Replica:
                         self._react(conn)
             finally:
                 self._parked = [p for p in self._parked if p[0] is not box]
-                for key in mine:
-                    boxes = self._waiting.get(key)
-                    if boxes and box in boxes:
-                        boxes.remove(box)
-                        if not boxes:
-                            del self._waiting[key]
-                            self._commands.pop(key, None)
+                self.driver.abandon(mine, box)
                 nursery.cancel_scope.cancel()
 
     def _handle_client_message(self, msg: Any, box: Outbox, mine: list) -> bool:
@@ -630,21 +423,13 @@ class Replica:
             case Submit(command=cmd) | SubmitBlock(block=cmd):
                 if isinstance(cmd, CommandBlock):
                     cmd.op_list()  # a block that does not decode closes the connection (BadMessage)
-                core = self.core
-                if core.propose(cmd):
-                    key = cmd.request_key
-                    if core.role is Role.LEADER:
-                        if len(self._arrived) >= 4 * OUTBOX_LIMIT:
-                            self._arrived.clear()  # lost with a leader change and never answered
-                        self._arrived.setdefault(key, time.perf_counter())
-                    self._waiting.setdefault(key, []).append(box)
-                    self._commands[key] = cmd
-                    mine.append(key)
+                if self.driver.submit(cmd, box):
+                    mine.append(cmd.request_key)
                     if len(mine) > 4096:
                         del mine[:2048]  # the oldest are answered or abandoned by now
                     return True
                 seq = cmd.first_seq if isinstance(cmd, CommandBlock) else cmd.seq
-                box.push(Retry(client_id=cmd.client_id, seq=seq, reason="no leader", leader=core.leader_hint))
+                box.push(Retry(client_id=cmd.client_id, seq=seq, reason="no leader", leader=self.core.leader_hint))
             case StatusQuery():
                 box.push(self.status())
             case Query(name=name, args=args):

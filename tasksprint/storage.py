@@ -173,7 +173,10 @@ class Storage:
     """One replica's durable acceptor state in ``<data_dir>/replica.db``.
 
     Create it with :meth:`open`; use it as a context manager or call
-    :meth:`close`.  Not thread-safe: one driver owns it.
+    :meth:`close`.  Two threads write to it, never at once: the disk writer's
+    thread, and the replica's own thread, which writes only while nothing is
+    in flight in the disk writer (see :mod:`tasksprint.driver`).  Nothing
+    here locks: that order is the driver's to keep.
     """
 
     _db_path: pathlib.Path
@@ -215,7 +218,8 @@ class Storage:
         )
         created = not db_path.exists()
         try:
-            # The replica writes from worker threads, one write at a time.
+            # Written from the disk writer's thread and from the replica's own,
+            # one write at a time (see the class docstring).
             conn = sqlite3.connect(db_path, isolation_level=None, timeout=0, check_same_thread=False)
         except sqlite3.Error as exc:
             raise _corrupt(db_path, exc) from None

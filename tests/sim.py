@@ -12,9 +12,9 @@ decide:
 
 * :class:`Simulation` draws everything from ``random.Random(seed)``: message
   delays (hence reordering), drops, duplicates, partitions into arbitrary
-  groups, crashes (also in the middle of a Ready: after its messages left but
-  before its records were durable, or after they were durable but before
-  ``advance``), wiped disks, pauses (a replica stops, then resumes with its
+  groups, crashes (also in the middle of a driver pass: after a Ready's
+  messages left but before its records were durable, after they were durable
+  but before ``advance``, or right after applying a slot), wiped disks, pauses (a replica stops, then resumes with its
   state and a backlog, like a stopped VM), clock skew and jumps, fsyncs that
   take time while messages keep arriving (with several Readies' writes in
   flight at once, as the replica's writer has them), and stragglers (a message held back
@@ -25,15 +25,16 @@ decide:
   ``RuleBasedStateMachine`` whose rules are single deliveries and faults, and
   hands the cluster to :class:`Simulation` for the final liveness phase.
 
-The driver contract is followed literally.  In the plain mode, for each
-Ready the replica makes ``persist`` durable (``DurableState.apply`` on its
-disk), sends ``messages``, restores the applier from ``snapshot``, applies
-``committed`` in order, then calls ``advance`` before taking the next Ready.
-In the asynchronous mode it does what ``tasksprint.replica`` does: sends,
-restores and applies at once, queues the records, and takes up to
-``pipeline`` Readies before the oldest write completes; writes complete in
-order, each followed by its ``advance``.  A crash keeps an in-order prefix of
-the queued writes.
+Each replica is driven by the replica process's own driver,
+:class:`~tasksprint.driver.ReplicaDriver`, so the order of writes, sends and
+applies under test is the one that runs in production.  The simulator gives it
+a disk (writes in the calling thread go to the replica's ``DurableState`` at
+once), a background writer whose writes complete at scheduled simulated times,
+in order (in the asynchronous mode every synced write goes there, so several
+Readies' writes are in flight at once), mailboxes that hand messages to the
+network, and the replica's simulated clock.  A crash keeps an in-order prefix
+of the queued writes; a crash inside a pass (before or after a write, after
+applying a slot) is an exception raised from the disk or the applier.
 
 What the checker verifies after every step (see :class:`Checker`):
 
@@ -63,17 +64,37 @@ from typing import Any, Callable
 
 import attrs
 
+from tasksprint.api import BlockResult, PeerDigest, Result
+from tasksprint.app import KVApp
+from tasksprint.driver import DivergenceError, DriverConfig, ReplicaDriver
 from tasksprint.log_client import MAX_BLOCK, consecutive_runs
 from tasksprint.machine import DUPLICATE, Applier, ApplyContext, KVMachine
-from tasksprint.paxos.core import PaxosConfig, PaxosCore, Ready, Role
-from tasksprint.paxos.durable import DurableState, MarkInitialized, SaveAccepted, SaveChosen
-from tasksprint.paxos.messages import Accepted, Ballot, Batch, Command, CommandBlock, Promise, Tick
+from tasksprint.paxos.core import PaxosConfig, PaxosCore, Role
+from tasksprint.paxos.durable import (
+    DurableState,
+    MarkInitialized,
+    SaveAccepted,
+    SaveChosen,
+)
+from tasksprint.paxos.messages import (
+    Accepted,
+    Ballot,
+    Batch,
+    Command,
+    CommandBlock,
+    Promise,
+    Tick,
+)
 
 KEYS = ("k0", "k1", "k2")
 
 
 class SimFailure(AssertionError):
     """An invariant broke. The message names the seed that replays it."""
+
+
+class Crashed(Exception):
+    """A replica crashed inside a driver pass, where the simulator told it to (``crash_in_ready``)."""
 
 
 def sim_config(n: int) -> PaxosConfig:
@@ -246,19 +267,104 @@ class Checker:
 
 
 @attrs.define(eq=False)
+class CheckedApplier(Applier):
+    """An Applier that shows the cluster every slot it applies and every snapshot it restores."""
+
+    cluster: Any = None
+    rid: int = 0
+
+    def apply_slot(self, slot: int, value: Batch) -> list:
+        if slot != self.applied + 1:
+            self.cluster.checker.fail(f"replica {self.rid} applies slot {slot} after slot {self.applied}")
+        results = super().apply_slot(slot, value)
+        self.cluster.on_applied(self, slot, value, results)
+        return results
+
+    def restore(self, data: bytes) -> None:
+        before = self.applied
+        super().restore(data)
+        if self.applied < before:
+            self.cluster.checker.fail(
+                f"replica {self.rid} was told to go back from slot {before} to snapshot {self.applied}"
+            )
+        self.cluster.checker.on_restored(self.rid, self.applied, self.digest)
+
+
+@attrs.define(eq=False)
+class Link:
+    """Replica ``src``'s mailbox for ``dst`` (a replica id or a client id): what is pushed enters the network."""
+
+    cluster: Any
+    src: int
+    dst: int | str
+
+    def push(self, msg: Any) -> None:
+        self.cluster.send(self.src, self.dst, msg)
+
+    def flush(self) -> None:
+        pass  # pushed messages are on their way already
+
+
+@attrs.define(eq=False)
+class SimDisk:
+    """What replica ``rid``'s driver writes in its own thread: durable at once (or crashes, if told to)."""
+
+    cluster: Any
+    rid: int
+
+    def write(self, records: Any, *, sync: bool = True) -> None:
+        c = self.cluster
+        point = c.crash_in_ready.get(self.rid)
+        if records and point == "sent_not_persisted":
+            del c.crash_in_ready[self.rid]
+            raise Crashed(point)
+        c.persist(self.rid, tuple(records), sync)
+        if records and point == "persisted":
+            del c.crash_in_ready[self.rid]
+            raise Crashed(point)
+
+
+@attrs.define(eq=False)
+class SimWriter:
+    """Replica ``rid``'s background writer: writes complete, in order, when the simulation says (``fsync_done``)."""
+
+    cluster: Any
+    rid: int
+    life: int
+
+    def submit(self, records: Any, sync: bool) -> None:
+        node = self.cluster.nodes[self.rid]
+        node.pending.append((tuple(records), sync, node.applier.applied))
+        self.cluster.on_fsync_started(self.rid, self.life)
+
+
+@attrs.define(eq=False)
 class Node:
     """A running replica: everything here is lost in a crash (the disk is not here)."""
 
     rid: int
     life: int
-    core: PaxosCore
-    applier: Applier
-    waiting: dict[tuple[str, str, int], bool] = attrs.Factory(dict)  # requests to answer, by request_key
-    # Readies whose writes are in flight, oldest first, each with the applied
-    # index before its committed slots were applied.
+    driver: ReplicaDriver = attrs.field(init=False)
+    # Writes handed to the background writer and not yet complete, oldest
+    # first: (records, sync, applied index when submitted).
     pending: collections.deque = attrs.Factory(collections.deque)
+    clients: dict[str, Link] = attrs.Factory(dict)  # mailboxes for answers, by client id
+    woken: bool = False  # the driver asked for another pass
+    in_pass: bool = False
+    pass_start_applied: int = 0  # applied index when the current pass began
     commit_seen: int = 0  # learned slots up to here were checked
     applied_seen: int = 0
+
+    @property
+    def core(self) -> PaxosCore:
+        return self.driver.core
+
+    @property
+    def applier(self) -> Applier:
+        return self.driver.applier
+
+    def wake(self) -> None:
+        self.woken = True
 
 
 def _kv(applier: Applier, key: str) -> list:
@@ -307,10 +413,11 @@ class Cluster:
         # Records of Readies marked not to sync: in the OS, not yet on the
         # disk.  A process crash keeps them, a power cut loses them.
         self.unsynced: list[list] = [[] for _ in range(n)]
-        # Crash a replica inside its next Ready at this point (driver's choice).
+        # Crash a replica inside its next driver pass at this point: "sent_not_persisted" and
+        # "persisted" at its next write of records, "applied" after its next applied slot.
         self.crash_in_ready: dict[int, str] = {}
-        self.async_fsync = False
-        self.pipeline = 1  # Readies with writes in flight at once (asynchronous mode)
+        self.async_fsync = False  # every synced write goes to the background writer
+        self.digest_every = 1 << 30  # replicas exchange digests this often (never, unless a Simulation says)
         self.on_fsync_started: Callable[[int, int], None] = lambda rid, life: None
         self.clients = [Client(f"c{i}", quota, window) for i in range(clients)]
         self.steps = 0
@@ -341,7 +448,23 @@ class Cluster:
         life = self.lives[r]
         rng = random.Random((self.seed * 1_000_003 + r * 7919 + life) & 0xFFFFFFFFFFFF)
         core = PaxosCore.restore(self.config, r, load(self.disks[r]), rng=rng, now=self.clock(r))
-        node = Node(r, life, core, Applier(KVMachine()))
+        node = Node(r, life)
+        app = KVApp(KVMachine())
+        node.driver = ReplicaDriver(
+            core=core,
+            applier=CheckedApplier(app.machine, cluster=self, rid=r),
+            app=app,
+            storage=SimDisk(self, r),
+            writer=SimWriter(self, r, life),
+            peers={o: Link(self, r, o) for o in range(self.n) if o != r},
+            wake=node.wake,
+            clock=lambda: self.clock(r),
+            config=DriverConfig(
+                small_write=-1 if self.async_fsync else DriverConfig().small_write,
+                snapshot_every=0,  # the simulation decides when (``compact``)
+                digest_every=self.digest_every,
+            ),
+        )
         self.nodes[r] = node
         if core.commit_index < self.applied_before_crash[r]:
             self.checker.fail(
@@ -358,15 +481,18 @@ class Cluster:
         """
         node = self.nodes[r]
         if node is not None:
-            applied = node.applier.applied
+            # Inside a pass, what it applied in this pass may not be known
+            # chosen on its disk yet (markers are written at the end of the pass).
+            applied = node.pass_start_applied if node.in_pass else node.applier.applied
             if node.pending:
                 # The crash hits during the writes: an in-order prefix of them made it.
                 made = self.rng.randint(0, len(node.pending))
-                for i, (rd, applied_before) in enumerate(node.pending):
+                for i, (records, sync, applied_before) in enumerate(node.pending):
                     if i < made:
-                        self._persist(r, rd)
+                        self.persist(r, records, sync)
                     else:
-                        applied = applied_before  # what it applied later is not known chosen on its disk
+                        # What it applied later is not known chosen on its disk.
+                        applied = min(applied, applied_before)
                         break
             self.applied_before_crash[r] = max(applied, self.applied_before_crash[r]) if not wipe else 0
             self.nodes[r] = None
@@ -389,28 +515,39 @@ class Cluster:
         """At most one disk lost at a time: every other disk must be intact and initialized."""
         return all(self.disks[o].initialized for o in range(self.n) if o != r)
 
-    # -- the driver contract -------------------------------------------
+    # -- what the driver's disk, writer, mailboxes and applier report ---
 
-    def _persist(self, r: int, rd: Ready) -> None:
-        if rd.persist:
-            self.checker.on_persist(r, rd.persist)
-            if not rd.sync:
-                self.unsynced[r].extend(rd.persist)
+    def persist(self, r: int, records: tuple, sync: bool) -> None:
+        """``records`` reach replica ``r``'s disk (``sync``), or only the OS (not ``sync``)."""
+        if records:
+            self.checker.on_persist(r, records)
+            if not sync:
+                self.unsynced[r].extend(records)
                 return
             # A synced write makes everything written before it durable too (the WAL is in order).
-            self.disks[r].apply(self.unsynced[r] + list(rd.persist))
+            self.disks[r].apply(self.unsynced[r] + list(records))
             self.unsynced[r] = []
             if not self.bootstrapped and all(d.initialized for d in self.disks):
                 self.bootstrapped = True
 
-    def _send(self, r: int, rd: Ready) -> None:
-        for dst, msg in rd.messages:
-            if dst == r:
-                # A real driver has no connection to itself: the message would be lost.
-                self.checker.fail(f"replica {r} addressed a {type(msg).__name__} to itself")
-            if isinstance(msg, (Promise, Accepted)):
-                self._check_durable(r, msg)
-            self.net(r, dst, msg)
+    def send(self, r: int, dst: int | str, msg: Any) -> None:
+        """Replica ``r``'s driver pushed ``msg`` for ``dst``: it enters the network."""
+        if isinstance(dst, str):
+            match msg:
+                case Result(seq=seq, result=result, duplicate=dup):
+                    self.net(r, dst, ("reply", seq, DUPLICATE if dup else result))
+                case BlockResult(first_seq=seq, results=results, forgotten=forgotten):
+                    results = [DUPLICATE if j in forgotten else one for j, one in enumerate(results)]
+                    self.net(r, dst, ("replies", seq, results))
+                case _:
+                    self.checker.fail(f"replica {r} sent client {dst} a {type(msg).__name__}")
+            return
+        if dst == r:
+            # A real driver has no connection to itself: the message would be lost.
+            self.checker.fail(f"replica {r} addressed a {type(msg).__name__} to itself")
+        if isinstance(msg, (Promise, Accepted)):
+            self._check_durable(r, msg)
+        self.net(r, dst, msg)
 
     def _check_durable(self, r: int, msg: Promise | Accepted) -> None:
         """An acceptor's answer leaves only once what it vouches for is on its disk."""
@@ -429,32 +566,16 @@ class Cluster:
                         f"replica {r} sent Accepted for slot {slot} at {msg.ballot} before its disk held that vote"
                     )
 
-    def _apply(self, node: Node, rd: Ready) -> None:
-        r = node.rid
-        if rd.snapshot is not None:
-            index, data = rd.snapshot
-            if index < node.applier.applied:
-                self.checker.fail(
-                    f"replica {r} was told to go back from slot {node.applier.applied} to snapshot {index}"
-                )
-            node.applier.restore(data)
-            if node.applier.applied != index:
-                self.checker.fail(f"replica {r}: snapshot said slot {index}, its data says {node.applier.applied}")
-            self.checker.on_restored(r, index, node.applier.digest)
-        for slot, batch in rd.committed:
-            if slot != node.applier.applied + 1:
-                self.checker.fail(f"replica {r} applies slot {slot} after slot {node.applier.applied}")
-            results = node.applier.apply_slot(slot, batch)
-            self.checker.on_applied(r, slot, batch, node.applier.digest)
-            self._check_exactly_once(node, slot, results)
-            for cmd, result in results:
-                if node.waiting.pop(cmd.request_key, False):
-                    if isinstance(cmd, CommandBlock):
-                        self.net(r, cmd.client_id, ("replies", cmd.first_seq, result))
-                    else:
-                        self.net(r, cmd.client_id, ("reply", cmd.seq, result))
+    def on_applied(self, applier: CheckedApplier, slot: int, batch: Batch, results: list) -> None:
+        """Replica ``applier.rid`` applied ``slot``: check it, and crash there if told to."""
+        r = applier.rid
+        self.checker.on_applied(r, slot, batch, applier.digest)
+        self._check_exactly_once(r, applier, slot, results)
+        if self.crash_in_ready.get(r) == "applied":
+            del self.crash_in_ready[r]
+            raise Crashed("applied")
 
-    def _check_exactly_once(self, node: Node, slot: int, results: list) -> None:
+    def _check_exactly_once(self, r: int, applier: Applier, slot: int, results: list) -> None:
         touched: dict[str, list] = {}
         flat = []
         for cmd, result in results:
@@ -466,67 +587,56 @@ class Cluster:
             key, value = op[1], op[2]
             lst = touched.get(key)
             if lst is None:
-                lst = touched[key] = _kv(node.applier, key)
+                lst = touched[key] = _kv(applier, key)
             if result is DUPLICATE:
                 ok = value in lst
             else:
                 ok = isinstance(result, int) and 1 <= result <= len(lst) and lst[result - 1] == value
             if not ok:
                 self.checker.fail(
-                    f"exactly-once: replica {node.rid} slot {slot} answered {result!r} for {value} but {key} is {lst}"
+                    f"exactly-once: replica {r} slot {slot} answered {result!r} for {value} but {key} is {lst}"
                 )
         for key, lst in touched.items():
             if len(set(lst)) != len(lst):
-                self.checker.fail(f"exactly-once: replica {node.rid} after slot {slot}: {key} = {lst}")
+                self.checker.fail(f"exactly-once: replica {r} after slot {slot}: {key} = {lst}")
+
+    # -- driving --------------------------------------------------------
 
     def drain(self, r: int) -> None:
-        """Handle Readies until the core has nothing more (or the writes in flight are at the limit)."""
+        """Run driver passes on replica ``r`` until it asks for no more (its input was just given)."""
         node = self.nodes[r]
-        while node is not None and len(node.pending) < self.pipeline and node.core.has_ready():
-            rd = node.core.ready()
-            point = self.crash_in_ready.pop(r, None)
-            if node.pending or (self.async_fsync and rd.persist and point is None):
-                # Messages leave and committed slots are applied now; records
-                # become durable when the writes before them and their own
-                # complete, and meanwhile the core keeps taking messages and ticks.
-                if point is not None:
-                    self.crash_in_ready[r] = point  # for a Ready taken with nothing in flight
-                node.pending.append((rd, node.applier.applied))
-                self._send(r, rd)
-                self._apply(node, rd)
-                self.on_fsync_started(r, node.life)
-                node = self.nodes[r]
-                continue
-            if point == "sent_not_persisted":
-                self._send(r, rd)
+        if node is None:
+            return
+        node.woken = True
+        passes = 0
+        while node.woken:
+            node.woken = False
+            node.in_pass = True
+            node.pass_start_applied = node.applier.applied
+            try:
+                node.driver.run()
+            except Crashed:
                 self.crash(r)
                 return
-            self._persist(r, rd)
-            self._send(r, rd)
-            if point == "persisted":
-                self.crash(r)
-                return
-            self._apply(node, rd)
-            if point == "applied":
-                self.crash(r)
-                return
-            node.core.advance(rd)
-            node = self.nodes[r]
+            node.in_pass = False
+            passes += 1
+            if passes > 1000:
+                self.checker.fail(f"replica {r}'s driver keeps asking for another pass")
 
     def fsync_done(self, r: int, life: int) -> None:
         """The oldest write in flight completed (writes complete in the order they were queued)."""
         node = self.nodes[r]
         if node is None or node.life != life or not node.pending:
             return
-        rd, _ = node.pending.popleft()
-        self._persist(r, rd)
-        node.core.advance(rd)
+        records, sync, _ = node.pending.popleft()
+        self.persist(r, records, sync)
+        node.driver.written(1)
         self.drain(r)
 
     def compact(self, r: int) -> None:
         node = self.nodes[r]
         if node is not None and node.applier.applied > 0:
-            node.core.compact(node.applier.applied, node.applier.snapshot())
+            node.driver.take_snapshot()
             self.drain(r)
 
     # -- inputs -----------------------------------------------------------
@@ -537,7 +647,7 @@ class Cluster:
             return
         now = self.clock(r)
         # Tick data names the replica and its clock, so validity can recognise real TICKs.
-        node.core.tick(now, ("td", r, now), wall=now)
+        node.driver.tick(now, ("td", r, now), wall=now)
         self.drain(r)
 
     def deliver(self, src: Any, dst: Any, payload: Any) -> None:
@@ -551,10 +661,15 @@ class Cluster:
             return
         if isinstance(src, str):
             _, cmd = payload
-            node.waiting[cmd.request_key] = True
-            node.core.propose(cmd)
+            box = node.clients.get(src)
+            if box is None:
+                box = node.clients[src] = Link(self, dst, src)
+            node.driver.submit(cmd, box)  # no leader known: the client tries again later
+        elif isinstance(payload, PeerDigest):
+            node.driver.digest_from(src, payload)
+            return
         else:
-            node.core.step(src, payload)
+            node.driver.step(src, payload)
         self.drain(dst)
 
     def _client_receives(self, cid: str, payload: Any) -> None:
@@ -747,7 +862,6 @@ class Knobs:
     skew: bool = False
     pauses: bool = False  # a replica stops (a long GC pause, a stopped VM) and resumes where it was
     async_fsync: bool = False
-    pipeline: int = 1  # with async_fsync: Readies whose writes may be in flight at once
     compact_every: int = 0  # applied slots between snapshots; 0 = never
     chaos: float = 1.5  # seconds of faults before the final heal
     fault_every: float = 0.3  # mean seconds between fault events
@@ -777,7 +891,6 @@ class Knobs:
         k.clients = rng.randint(1, 3)
         k.quota = rng.randint(2, 6)
         k.leave_one_down = n == 5 and rng.random() < 0.3
-        k.pipeline = rng.choice((1, 2, 4)) if k.async_fsync else 1
         for name, value in given.items():
             setattr(k, name, value)
         return k
@@ -814,7 +927,7 @@ class Simulation:
         self.down_at_end: int | None = None
         cluster.net = self._net
         cluster.async_fsync = k.async_fsync
-        cluster.pipeline = k.pipeline
+        cluster.digest_every = 4
         cluster.on_fsync_started = self._fsync_started
         if k.skew:
             for r in range(self.n):
@@ -893,7 +1006,7 @@ class Simulation:
             did = f"crash r{r}"
         elif what == "crash_in_ready" and c.alive(r):
             c.crash_in_ready[r] = self.rng.choice(("sent_not_persisted", "persisted", "applied"))
-            did = f"r{r} will crash inside its next Ready ({c.crash_in_ready[r]})"
+            did = f"r{r} will crash inside its next driver pass ({c.crash_in_ready[r]})"
         elif what == "wipe" and c.can_wipe(r):
             c.crash(r, wipe=True)
             did = f"crash r{r} and wipe its disk"
@@ -962,6 +1075,8 @@ class Simulation:
         try:
             self._run()
         except SimFailure as exc:
+            raise SimFailure(f"seed {self.seed} (n={self.n}, {self.knobs}): {exc}") from None
+        except DivergenceError as exc:
             raise SimFailure(f"seed {self.seed} (n={self.n}, {self.knobs}): {exc}") from None
         except AssertionError as exc:  # an assertion inside the core or the applier
             raise SimFailure(f"seed {self.seed} (n={self.n}, {self.knobs}): internal assertion: {exc}") from exc

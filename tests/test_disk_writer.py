@@ -91,17 +91,26 @@ async def test_a_failed_write_is_reported_once_and_nothing_after_it_is_written()
         errors.append(exc)
         failed.set()
 
-    writer = DiskWriter(store, written=reported.append, failed=on_failed)
+    first_written = trio.Event()
+
+    def on_written(groups: int) -> None:
+        reported.append(groups)
+        first_written.set()
+
+    writer = DiskWriter(store, written=on_written, failed=on_failed)
     writer.submit([chosen(1)], True)
     with trio.fail_after(5):
-        while not reported:
-            await trio.sleep(0.001)
+        await first_written.wait()
     writer.submit([chosen(2)], True)
     with trio.fail_after(5):
         await failed.wait()
     writer.submit([chosen(3)], True)  # the thread is gone: this is never written
-    writer.stop()
-    await trio.sleep(0.01)
+    writer.stop()  # joins the thread: every report it made is scheduled by now
+    # Reports reach this thread through the trio token, in order: once a callback
+    # scheduled now has run, every report the writer made has been delivered.
+    delivered = trio.Event()
+    trio.lowlevel.current_trio_token().run_sync_soon(delivered.set)
+    await delivered.wait()
     assert reported == [1]
     assert len(errors) == 1 and isinstance(errors[0], StorageError)
     assert store.writes == [([chosen(1)], True)]

@@ -47,6 +47,9 @@ from tasksprint.paxos.messages import (
     SnapshotInstall,
     Tick,
 )
+from tasksprint.paxos.election import Election
+from tasksprint.paxos.output import OutputBuffer, Ready
+from tasksprint.paxos.recovery import Recovery, Verdict
 from sim import Cluster, ManualNet, sim_config
 
 ET = 0.3  # election timeout of sim_config
@@ -239,6 +242,28 @@ def _core_with_disk(n: int = 3, rid: int = 1) -> tuple[PaxosCore, DurableState]:
     disk = DurableState()
     disk.apply([MarkInitialized()])
     return PaxosCore.restore(sim_config(n), rid, disk, rng=random.Random(1), now=0.0), disk
+
+
+def test_has_ready_only_looks():
+    """Asking whether there is output changes nothing: commands proposed before and after
+    the question still travel in one slot, made when the driver takes the Ready."""
+    disk = DurableState()
+    disk.apply([MarkInitialized()])
+    cr = PaxosCore.restore(sim_config(1), 0, disk, rng=random.Random(1), now=0.0)
+    cr.tick(1.0)  # a lone replica's election timeout passed: it leads at once
+    while cr.has_ready():
+        rd = cr.ready()
+        disk.apply(list(rd.persist))
+        cr.advance(rd)
+    assert cr.role is Role.LEADER and not cr.has_ready()
+    first = Command(client_id="c", seq=1, op=["put", "k", "1"])
+    second = Command(client_id="c", seq=2, op=["put", "k", "2"])
+    assert cr.propose(first)
+    assert cr.has_ready() and cr.has_ready()
+    assert cr.propose(second)
+    rd = cr.ready()
+    accepted = [r for r in rd.persist if isinstance(r, SaveAccepted)]
+    assert [r.value.items for r in accepted] == [(first, second)]
 
 
 def test_promise_waits_for_its_fsync():
@@ -815,13 +840,17 @@ def test_stale_leader_ignores_catchup_reply():
     # The slow request finally reaches replica 1; its answer reaches stale leader 2.
     net.queue.clear()
     c.deliver(*held)
-    net.deliver(CatchupReply, src=1, dst=2)
+    late = net.deliver(CatchupReply, src=1, dst=2)
+    assert slot in [p.slot for p in late.entries], "the late reply carries the slot the leaders disagree on"
+    assert core(c, 2).role is Role.LEADER and core(c, 2).commit_index < slot  # it ignored the reply
     # Leader 2 takes a client command and sends it (with its commit index) to replica 3.
     submit(c, 2)
     net.deliver(dst=2)
-    for msg in net.peek(Accept, src=2, dst=3):
+    accepts = net.peek(Accept, src=2, dst=3)
+    assert accepts and all(a.commit < slot for a in accepts)
+    for msg in accepts:
         c.deliver(2, 3, msg)  # the checker raises here if 3 learns its own stale value
-    assert core(c, 3).chosen_value(slot) in (None, theirs)
+    assert core(c, 3).chosen_value(slot) is None  # cut off from leader 4, it cannot know the chosen value
 
 
 def test_new_cluster_needs_every_replica_to_answer():
@@ -858,11 +887,10 @@ def test_new_cluster_needs_every_replica_to_answer():
     net.deliver(Prepare, src=3, dst=0)
     net.deliver(Prepare, src=3, dst=1)
     net.flush(among={0, 1, 3})
-    quorum = {0, 1, 3}
-    if core(c, 3).role is not Role.LEADER:  # replica 0 does not vote yet: 3 needs 2
-        quorum = {1, 2, 3}
-        net.deliver(Prepare, src=3, dst=2)
-        net.flush(among=quorum)
+    assert core(c, 3).role is Role.CANDIDATE  # replica 0 does not vote yet: 3 needs 2
+    quorum = {1, 2, 3}
+    net.deliver(Prepare, src=3, dst=2)
+    net.flush(among=quorum)
     assert core(c, 3).role is Role.LEADER
     c.tick(3)
     net.flush(among=quorum)
@@ -877,10 +905,63 @@ def test_new_cluster_needs_every_replica_to_answer():
     c.deliver(*late_prepare)
     c.deliver(*ghost)
     net.flush(among={2, 4})
-    if core(c, 4).role is Role.LEADER:
-        submit(c, 4)
-        net.deliver(dst=4)
-        net.flush(among={0, 1, 2, 4})  # the checker raises if 1.4 chooses another value
-    assert core(c, 4).chosen_value(1) in (None, core(c, 3).chosen_value(1))
+    assert core(c, 4).role is Role.LEADER and core(c, 4).ballot == Ballot(1, 4)
+    submit(c, 4)
+    net.deliver(dst=4)
+    net.flush(among={0, 1, 2, 4})  # the checker raises if 1.4 chooses another value
+    assert core(c, 4).commit_index >= 1
+    assert core(c, 4).chosen_value(1) == core(c, 3).chosen_value(1) is not None
     run(c, net, 1.0)
     assert core(c, 0).role is Role.FOLLOWER  # once 4 answered too
+
+
+# ----------------------------------------------------------------------
+# The core's parts on their own
+
+
+def test_output_buffer_holds_a_reply_until_its_ready_and_every_earlier_one_is_durable():
+    out = OutputBuffer()
+    out.reply_durable(1, "vote-1")
+    first = out.take(())
+    out.send(2, "heartbeat")
+    out.reply_durable(1, "vote-2")
+    second = out.take(())
+    assert first.sync and second.sync and second.messages == ((2, "heartbeat"),)
+    assert "vote-1" not in [m for _, m in first.messages + second.messages]
+    assert out.release(Ready((), (), None, (), True, 0)) == []  # nothing durable yet
+    # Advancing the later Ready releases both, oldest first.
+    assert out.release(second) == [(1, "vote-1"), (1, "vote-2")]
+    assert out.release(second) == [] and not out.has_output()
+
+
+def test_recovery_counts_only_replies_of_this_life_and_needs_everyone_for_a_new_cluster():
+    rec = Recovery.for_life(5, 3, random.Random(3))
+    query = rec.next_query(0.0)
+    old = RecoverReply(nonce=query.nonce - 1, promised=Ballot(9, 1), empty=False)  # a query of an earlier life
+    assert rec.on_reply(1, old) is Verdict.NOTHING_YET and rec.floor is None
+    empty = RecoverReply(nonce=query.nonce, promised=Ballot(2, 3), empty=True)
+    for src in (1, 2, 3):  # a majority of empty replicas is not enough
+        assert rec.on_reply(src, empty) is Verdict.NOTHING_YET
+    assert rec.on_reply(4, empty) is Verdict.NEW_CLUSTER
+    assert rec.highest_promise() == Ballot(2, 3)
+
+    rec = Recovery.for_life(3, 2, random.Random(4))
+    query = rec.next_query(0.0)
+    assert rec.on_reply(1, RecoverReply(nonce=query.nonce, promised=Ballot(5, 2), empty=False)) is Verdict.NOTHING_YET
+    assert rec.on_reply(2, RecoverReply(nonce=query.nonce, promised=Ballot(4, 0), empty=True)) is Verdict.FLOOR_KNOWN
+    assert rec.floor == Ballot(5, 2)
+    rec.heard_leader(Ballot(5, 2), phase1_top=7)  # not above the floor: no target
+    assert not rec.is_complete(Ballot(5, 2), 100)
+    rec.heard_leader(Ballot(6, 1), phase1_top=7)
+    assert not rec.is_complete(Ballot(6, 1), 6) and rec.is_complete(Ballot(6, 1), 7)
+
+
+def test_election_counts_a_prevote_only_for_the_current_round_and_only_if_granted():
+    el = Election(0.3, 2, random.Random(5))
+    el.saw_round(4)
+    round_ = el.start_prevote(0, promised_round=2, now=1.0)
+    assert round_ == 5
+    assert not el.count_prevote(1, PreVoteReply(round=4, granted=True))  # a stale round
+    assert not el.count_prevote(1, PreVoteReply(round=5, granted=False))
+    assert el.count_prevote(1, PreVoteReply(round=5, granted=True))
+    assert not el.is_expired(1.0 + 0.3 - 1e-9) and el.is_expired(1.0 + 0.6)

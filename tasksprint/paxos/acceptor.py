@@ -8,6 +8,8 @@ made those records durable (see ``PaxosCore.advance``).
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import attrs
 
 from tasksprint.paxos.durable import Record, SaveAccepted, SavePromise
@@ -70,7 +72,7 @@ class Acceptor:
             return False, []
         return True, self.raise_floor(msg.ballot)
 
-    def on_accept(self, msg: Accept, chosen: set[int] | dict, log_start: int) -> tuple[Accepted | Nack, list[Record]]:
+    def on_accept(self, msg: Accept, chosen: Collection[int], log_start: int) -> tuple[Accepted | Nack, list[Record]]:
         """Phase 2b for every proposal in ``msg``.
 
         Slots already known chosen or truncated are acknowledged without

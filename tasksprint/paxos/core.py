@@ -25,53 +25,45 @@ queued), as long as it makes them durable in the order it took them and
 advances them in that order: ``advance(ready)`` releases the replies held
 by that Ready and by every earlier one.
 
-Leader election: a follower that hears nothing from a leader for a
-randomized election timeout first asks its peers (PreVote) whether they also
-lost the leader; only with a majority's support does it bump its ballot and
-run phase 1.  A replica that was cut off and comes back is refused by peers
-that still hear the leader, so it cannot depose it.  A leader that has not
-heard from a majority within the election timeout steps down (check-quorum).
+Parts, one module each: the acceptor (``acceptor.py``) promises and
+accepts; the leader's phase-1 tally and phase-2 pipeline live in
+``leader.py``; election timers, the highest round seen and the pre-vote
+count in ``election.py`` (a follower that loses its leader asks its peers
+before it campaigns, so a replica that was cut off cannot depose a healthy
+leader); a wiped replica's way back to voting in ``recovery.py``; the
+output buffer that holds replies back until their records are durable in
+``output.py``.  This class routes messages and ticks between them and owns
+the roles.  A leader that has not heard from a majority within the election
+timeout steps down (check-quorum).
 
 Learning: the leader piggybacks its commit index on Accept and Heartbeat.  A
 follower marks a slot chosen when the leader's ballot equals the ballot at
 which it accepted that slot; for anything else it asks for the chosen
 entries (CatchupRequest), or receives a snapshot if those were truncated.
 
-Wiped disk: a replica whose data directory holds no initialized state may
-have forgotten promises it made.  It neither votes nor accepts until it has
-(1) learned from a majority of the other replicas the highest ballot B they
-promised, (2) seen a leader with a ballot above B finish phase 1, and
-(3) caught up its chosen log to that leader's phase-1 top slot.  Every value
-its forgotten votes could have helped choose is then in its chosen log (see
-docs/architecture.md for the argument).  It keeps asking until such a leader
-shows up, since its question is what makes the leader run phase 1 again.
-If instead *every* other replica answers that it never accepted nor learned
-anything, the cluster is new: the replica promises the highest ballot they
-report and starts at once.  A new cluster therefore starts only once all its
-replicas have run (a majority would not do: a candidate outside it could hold
-a promise the asking replica forgot).  Candidates send Prepare only once their
-own promise is durable, so a ballot in use is always known to its candidate.
+Candidates send Prepare only once their own promise is durable, so a ballot
+in use is always known to its candidate (which a wiped replica's recovery
+relies on).
 """
 
 from __future__ import annotations
 
-import collections
 import enum
 import random
 from typing import Any
 
 import attrs
 
-from tasksprint.codec import encode
 from tasksprint.paxos.acceptor import Acceptor
 from tasksprint.paxos.durable import (
     DurableState,
     MarkInitialized,
-    Record,
     SaveChosen,
     SaveSnapshot,
 )
+from tasksprint.paxos.election import Election
 from tasksprint.paxos.leader import Leadership, Phase1
+from tasksprint.paxos.learner import Learner
 from tasksprint.paxos.messages import (
     ZERO_BALLOT,
     Accept,
@@ -81,6 +73,7 @@ from tasksprint.paxos.messages import (
     CatchupReply,
     CatchupRequest,
     Command,
+    CommandBlock,
     Forward,
     Heartbeat,
     HeartbeatAck,
@@ -95,6 +88,10 @@ from tasksprint.paxos.messages import (
     SnapshotInstall,
     Tick,
 )
+from tasksprint.paxos.output import OutputBuffer, Ready
+from tasksprint.paxos.recovery import Recovery, Verdict
+
+__all__ = ["PaxosConfig", "PaxosCore", "Ready", "Role"]  # Ready: see output.py
 
 
 class Role(enum.Enum):
@@ -137,26 +134,6 @@ class PaxosConfig:
         return self.replicas // 2 + 1
 
 
-@attrs.frozen
-class Ready:
-    """What the driver must do: persist and send (in either order: no message
-    depends on the records), restore+apply, then advance once persisted."""
-
-    persist: tuple[Record, ...]
-    messages: tuple[tuple[int, Any], ...]
-    snapshot: tuple[int, bytes] | None
-    committed: tuple[tuple[int, Batch], ...]
-    #: False when ``persist`` holds only SaveChosen records and no reply waits
-    #: for it: the driver may then write without waiting for the disk (no
-    #: fsync).  Such records may be lost in a power cut, never reordered: the
-    #: next synced write makes them durable with it.  Losing them is safe: a
-    #: chosen value is durable on a majority of acceptors, so the replica
-    #: learns it again from its peers.
-    sync: bool = True
-    #: Readies are numbered in the order ``ready()`` hands them out.
-    number: int = 0
-
-
 @attrs.define(eq=False)
 class PaxosCore:
     """One replica's protocol state. See the module docstring for the contract."""
@@ -167,47 +144,23 @@ class PaxosCore:
     _now: float = 0.0
     _role: Role = Role.FOLLOWER
     _acceptor: Acceptor = attrs.Factory(Acceptor)
-    # Learner: chosen values of slots >= _log_start; commit = last slot of the chosen prefix.
-    _chosen: dict[int, Batch] = attrs.Factory(dict)
-    _commit: int = 0
-    _emitted: int = 0  # last slot handed to the driver for applying
-    _log_start: int = 1
-    _snapshot: tuple[int, bytes] | None = None
+    _learner: Learner = attrs.Factory(Learner)
     # Election and leadership.
-    _max_round: int = 0
     _leader_ballot: Ballot | None = None  # the leader we follow, if any
     _leader_commit: int = 0
-    _last_contact: float = 0.0
-    _election_deadline: float = 0.0
-    _prevote_round: int = 0
-    _prevotes: set[int] = attrs.Factory(set)
+    _election: Election = attrs.Factory(
+        lambda self: Election(self._config.election_timeout, self._config.quorum, self._rng), takes_self=True
+    )
     _phase1: Phase1 | None = None
-    _retry_at: float = 0.0  # candidate: when to resend Prepare to the silent
     _lead: Leadership | None = None
     # Commands a leader had not yet slotted when it re-ran phase 1.
-    _carry: list[Command | Tick] = attrs.Factory(list)
-    _forward: list[Command | Tick] = attrs.Factory(list)
+    _carry: list[Command | CommandBlock | Tick] = attrs.Factory(list)
+    _forward: list[Command | CommandBlock | Tick] = attrs.Factory(list)
     _catchup_sent: float = -1e9
     _tick_data: Any = None
     _wall: float = 0.0
-    # Recovery after a wiped disk.
-    _recover_nonce: int = 0
-    # Nonces above this one were drawn in this life: their replies describe
-    # the others after our disk was lost, whichever query they answer.
-    _recover_nonce_base: int = 0
-    _recover_replies: dict[int, RecoverReply] = attrs.Factory(dict)
-    _recover_floor: Ballot | None = None
-    _recover_target: int | None = None
-    _recover_query_at: float = -1e9
-    _bumped_for: set[tuple[int, int]] = attrs.Factory(set)
-    # Output buffers.
-    _persist: list[Record] = attrs.Factory(list)
-    _out: list[tuple[int, Any]] = attrs.Factory(list)
-    _after_persist: list[tuple[int, Any]] = attrs.Factory(list)
-    # Replies waiting for a Ready's records, by Ready number; released by advance().
-    _held: collections.deque = attrs.Factory(collections.deque)
-    _readies: int = 0  # Readies handed out so far
-    _snapshot_out: tuple[int, bytes] | None = None
+    _recovery: Recovery | None = None  # set by restore()
+    _output: OutputBuffer = attrs.Factory(OutputBuffer)
 
     # ------------------------------------------------------------------
     # Construction
@@ -221,24 +174,15 @@ class PaxosCore:
             raise ValueError(f"replica id {rid} out of range for {config.replicas} replicas")
         core = cls(config, rid, rng, now)
         core._acceptor = Acceptor(state.promised)
-        core._max_round = state.promised.round
-        # Nonces must not repeat across lives: a reply to a query sent before a
-        # crash (and a wipe) must never count as describing the cluster after it.
-        core._recover_nonce = core._recover_nonce_base = rng.getrandbits(48) << 16
-        if state.snapshot_data is not None:
-            core._snapshot = (state.snapshot_index, state.snapshot_data)
-            core._snapshot_out = core._snapshot
-        core._commit = core._emitted = state.snapshot_index
-        start = min(state.log, default=state.snapshot_index + 1)
-        core._log_start = max(1, min(start, state.snapshot_index + 1))
+        core._election.max_round = state.promised.round
+        core._recovery = Recovery.for_life(config.replicas, config.quorum, rng)
+        core._learner = Learner.restore(state)
+        core._output.snapshot = core._learner.snapshot
         for slot, row in sorted(state.log.items()):
-            if row.chosen:
-                core._chosen[slot] = row.value
-            elif row.ballot is not None:
+            if not row.chosen and row.ballot is not None:
                 core._acceptor.load(slot, row.ballot, row.value)
             if row.ballot is not None:
-                core._max_round = max(core._max_round, row.ballot.round)
-        core._advance_commit()
+                core._election.saw_round(row.ballot.round)
         core._reset_election_timer()
         if not state.initialized:
             core._role = Role.RECOVERING
@@ -262,7 +206,7 @@ class PaxosCore:
 
     @property
     def log_start(self) -> int:
-        return self._log_start
+        return self._learner.log_start
 
     @property
     def promised(self) -> Ballot:
@@ -280,12 +224,12 @@ class PaxosCore:
         """Replica id of the leader as far as this replica knows."""
         if self._role is Role.LEADER:
             return self._rid
-        if self._leader_ballot is not None and self._now - self._last_contact < 2 * self._config.election_timeout:
+        if self._leader_ballot is not None and self._now - self._election.last_contact < 2 * self._config.election_timeout:
             return self._leader_ballot.rid
         return None
 
     def chosen_value(self, slot: int) -> Batch | None:
-        return self._chosen.get(slot)
+        return self._learner.value(slot)
 
     # ------------------------------------------------------------------
     # Inputs
@@ -306,20 +250,15 @@ class PaxosCore:
             case Role.CANDIDATE:
                 self._candidate_tick()
             case Role.FOLLOWER:
-                if self._now >= self._election_deadline:
+                if self._election.is_expired(self._now):
                     self._start_prevote()
                 self._maybe_catch_up()
             case Role.RECOVERING:
-                waiting = (
-                    self._recover_floor is None
-                    or self._leader_ballot is None
-                    or self._leader_ballot <= self._recover_floor
-                )
-                if waiting and self._now - self._recover_query_at >= self._config.heartbeat_interval * 4:
+                if self._rec.query_due(self._now, self._config.heartbeat_interval * 4, self._leader_ballot):
                     self._send_recover_query()
                 self._maybe_catch_up()
 
-    def propose(self, item: Command | Tick) -> bool:
+    def propose(self, item: Command | CommandBlock | Tick) -> bool:
         """Submit a command. False means no leader is known: the caller should retry later.
 
         Acceptance is no promise: the command may still be lost with a failed
@@ -337,12 +276,10 @@ class PaxosCore:
 
     def compact(self, index: int, data: bytes) -> None:
         """The driver took a snapshot of the state after applying slot ``index``."""
-        assert index <= self._emitted, "a snapshot can only cover applied slots"
-        if self._snapshot is not None and index <= self._snapshot[0]:
+        truncate = self._learner.compact(index, data, self._config.keep_after_snapshot)
+        if truncate is None:
             return
-        self._snapshot = (index, data)
-        truncate = max(self._log_start - 1, index - self._config.keep_after_snapshot)
-        self._persist.append(SaveSnapshot(index, data, truncate))
+        self._output.persist((SaveSnapshot(index, data, truncate),))
         self._truncate(truncate)
 
     def step(self, src: int, msg: Any) -> None:
@@ -389,53 +326,27 @@ class PaxosCore:
     # Output
 
     def has_ready(self) -> bool:
-        self._flush_proposals()
-        return bool(
-            self._persist
-            or self._out
-            or self._after_persist
-            or self._snapshot_out is not None
-            or self._emitted < self._commit
-        )
+        """Whether :meth:`ready` has anything for the driver.  Only looks: changes nothing."""
+        return self._output.has_output() or self._learner.has_committed() or self._proposals_due()
 
     def ready(self) -> Ready:
         """Collect everything the driver must do now. Call ``advance`` after doing it."""
         self._flush_proposals()
-        committed: list[tuple[int, Batch]] = []
-        snap = self._snapshot_out
-        self._snapshot_out = None
-        if snap is not None:
-            self._emitted = max(self._emitted, snap[0])
-        while self._emitted < self._commit:
-            self._emitted += 1
-            committed.append((self._emitted, self._chosen[self._emitted]))
-        persist = tuple(self._persist)
-        sync = bool(self._after_persist) or any(type(r) is not SaveChosen for r in persist)
-        self._readies += 1
-        rd = Ready(persist, tuple(self._out), snap, tuple(committed), sync, self._readies)
-        self._persist = []
-        self._out = []
-        # Replies waiting for this Ready's records (and the earlier ones') wait for advance().
-        if self._after_persist:
-            self._held.append((rd.number, self._after_persist))
-            self._after_persist = []
-        return rd
+        return self._output.take(self._learner.take_committed(self._output.snapshot))
 
     def advance(self, ready: Ready) -> None:
         """``ready.persist`` and every earlier Ready's records are durable: release their replies."""
-        held = self._held
-        while held and held[0][0] <= ready.number:
-            for dst, msg in held.popleft()[1]:
-                if dst == self._rid:
-                    self._deliver_local(msg)
-                else:
-                    self._out.append((dst, msg))
+        for dst, msg in self._output.release(ready):
+            if dst == self._rid:
+                self._deliver_local(msg)
+            else:
+                self._output.send(dst, msg)
 
     # ------------------------------------------------------------------
     # Helpers
 
     def _send(self, dst: int, msg: Any) -> None:
-        self._out.append((dst, msg))
+        self._output.send(dst, msg)
 
     def _peers(self) -> list[int]:
         """Every other replica, in id order."""
@@ -443,22 +354,19 @@ class PaxosCore:
 
     def _broadcast(self, msg: Any) -> None:
         for dst in self._peers():
-            self._out.append((dst, msg))
+            self._output.send(dst, msg)
 
     def _reply_durable(self, dst: int, msg: Any) -> None:
         """Queue a reply that must not leave before the records queued so far are durable."""
-        self._after_persist.append((dst, msg))
+        self._output.reply_durable(dst, msg)
 
     def _reset_election_timer(self) -> None:
-        t = self._config.election_timeout
-        self._election_deadline = self._now + t + self._rng.random() * t
+        self._election.reset_timer(self._now)
 
     def _heard_leader(self, ballot: Ballot) -> None:
         if self._leader_ballot is None or ballot >= self._leader_ballot:
             self._leader_ballot = ballot
-        self._max_round = max(self._max_round, ballot.round)
-        self._last_contact = self._now
-        self._reset_election_timer()
+        self._election.heard_leader(ballot.round, self._now)
 
     def _become_follower(self) -> None:
         if self._role is Role.RECOVERING:
@@ -476,28 +384,20 @@ class PaxosCore:
 
     def _learn(self, slot: int, value: Batch) -> None:
         """Record that ``value`` is chosen for ``slot``."""
-        if slot < self._log_start or slot <= self._commit and slot in self._chosen:
-            return
-        old = self._chosen.get(slot)
-        if old is not None:
-            assert old == value, f"slot {slot}: two different values chosen"
-            return
-        self._chosen[slot] = value
-        self._acceptor.forget(slot)
-        self._persist.append(SaveChosen(slot, value))
+        if self._learner.learn(slot, value):
+            self._acceptor.forget(slot)
+            self._output.persist((SaveChosen(slot, value),))
 
     def _advance_commit(self) -> None:
-        while self._commit + 1 in self._chosen:
-            self._commit += 1
+        self._learner.advance_commit()
+
+    @property
+    def _commit(self) -> int:
+        return self._learner.commit
 
     def _truncate(self, upto: int) -> None:
-        if upto < self._log_start:
-            return
-        for slot in [s for s in self._chosen if s <= upto]:
-            del self._chosen[slot]
-        for slot in range(self._log_start, upto + 1):
+        for slot in self._learner.truncate(upto):
             self._acceptor.forget(slot)
-        self._log_start = upto + 1
 
     def _maybe_catch_up(self) -> None:
         """Ask the leader for chosen entries we lack, at most once per heartbeat interval."""
@@ -514,7 +414,7 @@ class PaxosCore:
             self._leader_commit = commit
         slot = self._commit + 1
         while slot <= commit:
-            if slot not in self._chosen:
+            if self._learner.value(slot) is None:
                 acc = self._acceptor.accepted_at(slot)
                 if acc is None or acc[0] != ballot:
                     break  # a gap we cannot fill from our own acceptances
@@ -530,44 +430,39 @@ class PaxosCore:
     # Election
 
     def _start_prevote(self) -> None:
-        self._reset_election_timer()
-        self._prevote_round = max(self._max_round, self._acceptor.promised.round) + 1
-        self._prevotes = {self._rid}
+        round_ = self._election.start_prevote(self._rid, self._acceptor.promised.round, self._now)
         if self._config.replicas == 1:
             self._start_phase1()
             return
-        self._broadcast(PreVote(round=self._prevote_round, commit=self._commit))
+        self._broadcast(PreVote(round=round_, commit=self._commit))
 
     def _on_prevote(self, src: int, msg: PreVote) -> None:
         # Support an election only if we too have lost the leader: a healthy
         # leader is not deposed by a replica that was merely cut off.
-        lost = self._role is not Role.LEADER and self._now - self._last_contact >= self._config.election_timeout
+        lost = self._role is not Role.LEADER and self._election.is_leader_lost(self._now)
         granted = lost and msg.round > self._acceptor.promised.round
         self._send(src, PreVoteReply(round=msg.round, granted=granted))
 
     def _on_prevote_reply(self, src: int, msg: PreVoteReply) -> None:
-        if self._role is not Role.FOLLOWER or msg.round != self._prevote_round or not msg.granted:
-            return
-        self._prevotes.add(src)
-        if len(self._prevotes) >= self._config.quorum:
+        if self._role is Role.FOLLOWER and self._election.count_prevote(src, msg):
             self._start_phase1()
 
     def _start_phase1(self) -> None:
-        round_ = max(self._max_round, self._acceptor.promised.round) + 1
+        round_ = self._election.next_round(self._acceptor.promised.round)
         ballot = Ballot(round_, self._rid)
-        self._max_round = round_
+        self._election.max_round = round_
         if self._lead is not None:
             self._carry.extend(self._lead.pending)
         self._role = Role.CANDIDATE
         self._lead = None
         self._phase1 = Phase1(ballot, self._commit + 1)
-        self._retry_at = self._now + self._config.heartbeat_interval
+        self._election.retry_at = self._now + self._config.heartbeat_interval
         self._reset_election_timer()
         prepare = Prepare(ballot=ballot, from_slot=self._commit + 1)
         # Our own promise goes through the same durable path as anyone's.
         granted, records = self._acceptor.on_prepare(prepare)
         assert granted, "a fresh ballot above everything seen must be grantable"
-        self._persist.extend(records)
+        self._output.persist(records)
         self._reply_durable(self._rid, self._promise_for(prepare))
         # The Prepare waits for that promise to be durable too.  Otherwise a
         # crash before the fsync forgets the ballot while others promised it,
@@ -577,20 +472,17 @@ class PaxosCore:
             self._reply_durable(dst, prepare)
 
     def _promise_for(self, prepare: Prepare) -> Promise:
-        chosen = tuple(
-            Proposal(slot=s, value=v) for s, v in sorted(self._chosen.items()) if s >= prepare.from_slot
-        )
         return Promise(
             ballot=prepare.ballot,
-            log_start=self._log_start,
+            log_start=self._learner.log_start,
             accepted=self._acceptor.accepted_from(prepare.from_slot),
-            chosen=chosen,
+            chosen=self._learner.chosen_from(prepare.from_slot),
         )
 
     def _on_prepare(self, src: int, msg: Prepare) -> None:
         if self._role is Role.RECOVERING:
             return  # we may have forgotten promises: no vote until recovered
-        self._max_round = max(self._max_round, msg.ballot.round)
+        self._election.saw_round(msg.ballot.round)
         granted, records = self._acceptor.on_prepare(msg)
         if not granted:
             self._send(src, Nack(ballot=msg.ballot, promised=self._acceptor.promised))
@@ -600,21 +492,21 @@ class PaxosCore:
         ):
             self._become_follower()
         # Give the candidate time to finish before we compete with it.
-        self._last_contact = self._now
+        self._election.last_contact = self._now
         self._reset_election_timer()
-        self._persist.extend(records)
+        self._output.persist(records)
         self._reply_durable(src, self._promise_for(msg))
 
     def _candidate_tick(self) -> None:
         assert self._phase1 is not None
-        if self._now >= self._election_deadline:
+        if self._election.is_expired(self._now):
             self._become_follower()  # try again, after a new pre-vote
             self._start_prevote()
             return
         # Prepare or Promise may have been lost: ask again those who have not
         # answered (once our own promise, and so the first Prepare, is out).
-        if self._now >= self._retry_at and self._phase1.has(self._rid):
-            self._retry_at = self._now + self._config.heartbeat_interval
+        if self._now >= self._election.retry_at and self._phase1.has(self._rid):
+            self._election.retry_at = self._now + self._config.heartbeat_interval
             prepare = Prepare(ballot=self._phase1.ballot, from_slot=self._phase1.from_slot)
             for dst in range(self._config.replicas):
                 if dst != self._rid and not self._phase1.has(dst):
@@ -654,7 +546,7 @@ class PaxosCore:
         self._lead = lead
         proposals = []
         for slot, value in sorted(repropose.items()):
-            if slot in self._chosen:
+            if self._learner.value(slot) is not None:
                 continue
             lead.add_slot(slot, value, self._now)
             proposals.append(Proposal(slot=slot, value=value))
@@ -703,6 +595,14 @@ class PaxosCore:
             for dst in to:
                 self._send(dst, beat)
 
+    def _proposals_due(self) -> bool:
+        """Whether :meth:`_flush_proposals` would send anything (a question: it changes nothing)."""
+        if self._role is Role.LEADER:
+            lead = self._lead
+            return lead is not None and bool(lead.pending) and len(lead.inflight) < self._config.max_inflight
+        forwarding = self._forward or (self._carry and self._role is Role.FOLLOWER and self.leader_hint is not None)
+        return bool(forwarding) and self._leader_ballot is not None
+
     def _flush_proposals(self) -> None:
         """Turn pending commands into new slots while the pipeline has room."""
         if self._carry and self._role is Role.FOLLOWER and self.leader_hint is not None:
@@ -748,8 +648,8 @@ class PaxosCore:
         else:
             lead.notify.clear()  # the Accept carries the commit index to everyone
             self._broadcast(msg)
-        reply, records = self._acceptor.on_accept(msg, self._chosen, self._log_start)
-        self._persist.extend(records)
+        reply, records = self._acceptor.on_accept(msg, self._learner.slots, self._learner.log_start)
+        self._output.persist(records)
         self._reply_durable(self._rid, reply)
 
     def _deliver_local(self, msg: Any) -> None:
@@ -794,7 +694,7 @@ class PaxosCore:
                 lead.notify.update(self._peers())
 
     def _on_nack(self, src: int, msg: Nack) -> None:
-        self._max_round = max(self._max_round, msg.promised.round)
+        self._election.saw_round(msg.promised.round)
         mine = self._lead.ballot if self._lead else self._phase1.ballot if self._phase1 else None
         if mine is not None and msg.ballot == mine and msg.promised > mine:
             self._become_follower()
@@ -826,8 +726,8 @@ class PaxosCore:
             return
         if not self._accept_leader(src, msg.ballot):
             return
-        reply, records = self._acceptor.on_accept(msg, self._chosen, self._log_start)
-        self._persist.extend(records)
+        reply, records = self._acceptor.on_accept(msg, self._learner.slots, self._learner.log_start)
+        self._output.persist(records)
         self._reply_durable(src, reply)
         self._learn_commit(msg.ballot, msg.commit)
 
@@ -835,9 +735,7 @@ class PaxosCore:
         if self._role is Role.RECOVERING:
             if self._leader_ballot is None or msg.ballot >= self._leader_ballot:
                 self._heard_leader(msg.ballot)
-                self._recover_target = msg.phase1_top if (
-                    self._recover_floor is not None and msg.ballot > self._recover_floor
-                ) else None
+                self._rec.heard_leader(msg.ballot, msg.phase1_top)
                 self._learn_commit(msg.ballot, msg.commit)
             return
         if not self._accept_leader(src, msg.ballot):
@@ -846,22 +744,12 @@ class PaxosCore:
         self._send(src, HeartbeatAck(ballot=msg.ballot, commit=self._commit))
 
     def _on_catchup_request(self, src: int, msg: CatchupRequest) -> None:
-        if msg.from_slot < self._log_start:
-            if self._snapshot is not None:
-                self._send(src, SnapshotInstall(index=self._snapshot[0], data=self._snapshot[1]))
+        if msg.from_slot < self._learner.log_start:
+            snap = self._learner.snapshot
+            if snap is not None:
+                self._send(src, SnapshotInstall(index=snap[0], data=snap[1]))
             return
-        entries = []
-        slot = msg.from_slot
-        size = 0  # bytes so far: a reply stays far below the frame cap (a Batch keeps its encoding)
-        while slot <= self._commit and len(entries) < self._config.catchup_batch:
-            value = self._chosen.get(slot)
-            if value is None:
-                break
-            size += len(encode(value))
-            if entries and size > self._config.max_batch_bytes:
-                break
-            entries.append(Proposal(slot=slot, value=value))
-            slot += 1
+        entries = self._learner.entries_from(msg.from_slot, self._config.catchup_batch, self._config.max_batch_bytes)
         if entries:
             self._send(src, CatchupReply(entries=tuple(entries), commit=self._commit))
 
@@ -887,12 +775,11 @@ class PaxosCore:
     def _on_snapshot(self, src: int, msg: SnapshotInstall) -> None:
         if msg.index <= self._commit or self._role in (Role.LEADER, Role.CANDIDATE):
             return  # see _on_catchup_reply
-        self._snapshot = (msg.index, msg.data)
-        self._snapshot_out = self._snapshot
-        self._persist.append(SaveSnapshot(msg.index, msg.data, msg.index))
-        self._truncate(msg.index)
-        self._commit = self._emitted = msg.index
-        self._advance_commit()
+        self._output.snapshot = (msg.index, msg.data)
+        self._output.persist((SaveSnapshot(msg.index, msg.data, msg.index),))
+        for slot in range(self._learner.log_start, msg.index + 1):
+            self._acceptor.forget(slot)
+        self._learner.install(msg.index, msg.data)
         if self._commit < self._leader_commit:
             self._catchup_sent = self._now
             self._send(src, CatchupRequest(from_slot=self._commit + 1))
@@ -902,18 +789,17 @@ class PaxosCore:
     # ------------------------------------------------------------------
     # Recovery of a replica with an empty data directory
 
+    @property
+    def _rec(self) -> Recovery:
+        assert self._recovery is not None, "a core is built by restore()"
+        return self._recovery
+
     def _send_recover_query(self) -> None:
-        # Also sent again once the floor is known, while no leader above it
-        # shows up: the query is what asks the leader for a fresh phase 1
-        # (see _on_recover_query), and that request, or the leader's new
-        # ballot, can be lost or overtaken.  Replies already collected stay
-        # valid: every query of this life was sent after the disk was lost.
-        self._recover_query_at = self._now
-        self._recover_nonce += 1
+        query = self._rec.next_query(self._now)
         if self._config.replicas == 1:
             self._finish_recovery()
             return
-        self._broadcast(RecoverQuery(nonce=self._recover_nonce))
+        self._broadcast(query)
 
     def _is_clean(self) -> bool:
         """Whether this replica never accepted anything nor learned anything chosen.
@@ -925,9 +811,7 @@ class PaxosCore:
         becomes the asker's floor, which is all a forgotten promise needs.
         """
         return (
-            not self._chosen
-            and self._commit == 0
-            and self._log_start == 1
+            self._learner.is_empty()
             and self._acceptor.accepted_from(1) == ()
         )
 
@@ -936,52 +820,30 @@ class PaxosCore:
         self._reply_durable(src, RecoverReply(nonce=msg.nonce, promised=self._acceptor.promised, empty=clean))
         # A recovering replica needs a leader whose phase 1 started after its
         # query; re-running phase 1 with a higher ballot gives it one.
-        if self._role is Role.LEADER and not clean and (src, msg.nonce) not in self._bumped_for:
-            self._bumped_for.add((src, msg.nonce))
+        if self._role is Role.LEADER and not clean and self._rec.note_rerun_request(src, msg.nonce):
             self._start_phase1()
 
     def _on_recover_reply(self, src: int, msg: RecoverReply) -> None:
-        if self._role is not Role.RECOVERING or self._recover_floor is not None:
+        if self._role is not Role.RECOVERING:
             return
-        if not self._recover_nonce_base < msg.nonce <= self._recover_nonce:
-            return  # answers a query of an earlier life
-        self._recover_replies[src] = msg
-        replies = list(self._recover_replies.values())
-        if all(r.empty for r in replies):
-            # The cluster is new only if *every* other replica says it never
-            # accepted or learned anything: then no value our forgotten votes
-            # helped choose can exist (its leader accepted it too).  A
-            # majority is not enough: a candidate outside it may hold our
-            # forgotten promise, and complete phase 1 with it while we vote
-            # for a lower ballot; with everyone's answer the floor covers it.
-            if len(replies) == self._config.replicas - 1:
-                floor = max(r.promised for r in replies)
-                self._max_round = max(self._max_round, floor.round)
-                # Never promise below a ballot some candidate already campaigns with.
-                self._persist.extend(self._acceptor.raise_floor(floor))
-                self._finish_recovery()
+        verdict = self._rec.on_reply(src, msg)
+        if verdict is Verdict.NOTHING_YET:
             return
-        if len(replies) < self._config.quorum:
-            return
-        floor = max(r.promised for r in replies)
-        self._recover_floor = floor
-        self._max_round = max(self._max_round, floor.round)
-        self._persist.extend(self._acceptor.raise_floor(floor))
+        floor = self._rec.highest_promise()
+        self._election.saw_round(floor.round)
+        # Never promise below a ballot some candidate already campaigns with.
+        self._output.persist(self._acceptor.raise_floor(floor))
+        if verdict is Verdict.NEW_CLUSTER:
+            self._finish_recovery()
 
     def _check_recovered(self) -> None:
-        if (
-            self._recover_floor is not None
-            and self._recover_target is not None
-            and self._leader_ballot is not None
-            and self._leader_ballot > self._recover_floor
-            and self._commit >= self._recover_target
-        ):
-            self._persist.extend(self._acceptor.raise_floor(self._leader_ballot))
+        if self._rec.is_complete(self._leader_ballot, self._commit):
+            assert self._leader_ballot is not None
+            self._output.persist(self._acceptor.raise_floor(self._leader_ballot))
             self._finish_recovery()
 
     def _finish_recovery(self) -> None:
-        self._persist.append(MarkInitialized())
+        self._output.persist((MarkInitialized(),))
         self._role = Role.FOLLOWER
-        self._recover_floor = None
-        self._recover_target = None
+        self._rec.finish()
         self._reset_election_timer()

@@ -98,7 +98,7 @@ class Leadership:
     next_slot: int
     phase1_top: int
     inflight: dict[int, InFlight] = attrs.Factory(dict)
-    pending: deque = attrs.Factory(deque)
+    pending: deque[Command | CommandBlock | Tick] = attrs.Factory(deque)
     # Last time each peer answered anything at this ballot (check-quorum).
     heard: dict[int, float] = attrs.Factory(dict)
     next_heartbeat: float = 0.0
@@ -126,7 +126,7 @@ class Leadership:
         """
         if not self.pending:
             return None
-        items = []
+        items: list[Command | CommandBlock | Tick] = []
         size = 0
         while self.pending and len(items) < max_items:
             size += _size(self.pending[0])

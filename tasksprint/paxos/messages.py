@@ -9,23 +9,31 @@ slots out of range) rather than trusting it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 
-from tasksprint.codec import BadMessage, decode_untrusted, encode, message, register, tuple_of
+from tasksprint.codec import (
+    BadMessage,
+    decode_untrusted,
+    encode,
+    message,
+    register,
+    tuple_of,
+)
 
 _int = attrs.validators.instance_of(int)
 _bool = attrs.validators.instance_of(bool)
 _str = attrs.validators.instance_of(str)
 
 
-def _nonneg(_inst: Any, attr: attrs.Attribute, value: Any) -> None:
+def _nonneg(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"{attr.name} must be a non-negative int, got {value!r}")
 
 
-def _slot(_inst: Any, attr: attrs.Attribute, value: Any) -> None:
+def _slot(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{attr.name} must be a slot number >= 1, got {value!r}")
 
@@ -46,7 +54,7 @@ class Ballot:
 ZERO_BALLOT = Ballot(0, -1)
 
 
-def _ballot(_inst: Any, attr: attrs.Attribute, value: Any) -> None:
+def _ballot(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
     if not isinstance(value, Ballot):
         raise TypeError(f"{attr.name} must be a Ballot, got {type(value).__name__}")
 
@@ -106,7 +114,7 @@ class CommandBlock:
     _decoded: Any = attrs.field(init=False, default=None, eq=False, repr=False)
 
     @classmethod
-    def of(cls, client_id: str, first_seq: int, first_unacked: int, ops: list) -> CommandBlock:
+    def of(cls, client_id: str, first_seq: int, first_unacked: int, ops: list[Any]) -> CommandBlock:
         block = cls(client_id=client_id, first_seq=first_seq, first_unacked=first_unacked, ops=encode(ops))
         object.__setattr__(block, "_decoded", list(ops))
         return block
@@ -116,14 +124,15 @@ class CommandBlock:
         """What the submitter waits for: the key of its answer (see :attr:`Command.request_key`)."""
         return ("block", self.client_id, self.first_seq)
 
-    def op_list(self) -> list:
+    def op_list(self) -> list[Any]:
         """The operations, decoded once; raises BadMessage if ``ops`` is not a non-empty CBOR list."""
         if self._decoded is None:
             ops = decode_untrusted(self.ops)
             if not isinstance(ops, list) or not ops:
                 raise BadMessage(f"block {self.client_id}/{self.first_seq}: ops must be a non-empty list")
             object.__setattr__(self, "_decoded", ops)
-        return self._decoded
+        decoded: list[Any] = self._decoded
+        return decoded
 
     def drop_decoded(self) -> None:
         """Forget the decoded operations (applied blocks stay in the log as bytes only).
@@ -147,14 +156,14 @@ class Batch:
     goes to every peer, to the disk, and into Accepts sent again.
     """
 
-    items: tuple = attrs.field(default=(), converter=tuple_of(_command_or_tick))
+    items: tuple[Any, ...] = attrs.field(default=(), converter=tuple_of(_command_or_tick))
     _cbor: bytes | None = attrs.field(init=False, default=None, eq=False, repr=False)
 
 
 NOOP = Batch(items=())
 
 
-def _batch(_inst: Any, attr: attrs.Attribute, value: Any) -> None:
+def _batch(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
     if not isinstance(value, Batch):
         raise TypeError(f"{attr.name} must be a Batch, got {type(value).__name__}")
 
@@ -176,7 +185,7 @@ class AcceptedValue:
     value: Batch = attrs.field(validator=_batch)
 
 
-def _is(cls: type):
+def _is(cls: type) -> Callable[[Any], bool]:
     return lambda v: isinstance(v, cls)
 
 
@@ -215,8 +224,8 @@ class Promise:
 
     ballot: Ballot = attrs.field(validator=_ballot)
     log_start: int = attrs.field(validator=_slot)
-    accepted: tuple = attrs.field(default=(), converter=tuple_of(_is(AcceptedValue)))
-    chosen: tuple = attrs.field(default=(), converter=tuple_of(_is(Proposal)))
+    accepted: tuple[Any, ...] = attrs.field(default=(), converter=tuple_of(_is(AcceptedValue)))
+    chosen: tuple[Any, ...] = attrs.field(default=(), converter=tuple_of(_is(Proposal)))
 
 
 @message
@@ -227,7 +236,7 @@ class Accept:
     """
 
     ballot: Ballot = attrs.field(validator=_ballot)
-    proposals: tuple = attrs.field(converter=tuple_of(_is(Proposal)))
+    proposals: tuple[Any, ...] = attrs.field(converter=tuple_of(_is(Proposal)))
     commit: int = attrs.field(validator=_nonneg)
     _cbor: bytes | None = attrs.field(init=False, default=None, eq=False, repr=False)
 
@@ -237,7 +246,7 @@ class Accepted:
     """Phase 2b: the acceptor accepted (and persisted) these slots at ``ballot``."""
 
     ballot: Ballot = attrs.field(validator=_ballot)
-    slots: tuple = attrs.field(converter=tuple_of(lambda s: isinstance(s, int) and s >= 1))
+    slots: tuple[Any, ...] = attrs.field(converter=tuple_of(lambda s: isinstance(s, int) and s >= 1))
 
 
 @message
@@ -275,7 +284,7 @@ class CatchupRequest:
 class CatchupReply:
     """Chosen entries, contiguous from the requested slot."""
 
-    entries: tuple = attrs.field(converter=tuple_of(_is(Proposal)))
+    entries: tuple[Any, ...] = attrs.field(converter=tuple_of(_is(Proposal)))
     commit: int = attrs.field(validator=_nonneg)
 
 
@@ -291,7 +300,7 @@ class SnapshotInstall:
 class Forward:
     """Commands a non-leader passes to the leader it knows."""
 
-    items: tuple = attrs.field(converter=tuple_of(_command_or_tick))
+    items: tuple[Any, ...] = attrs.field(converter=tuple_of(_command_or_tick))
 
 
 @message

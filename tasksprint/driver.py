@@ -1,0 +1,407 @@
+"""The replica's driver without I/O: what to do with the Paxos core's output, and in which order.
+
+Theory of operation
+-------------------
+A :class:`ReplicaDriver` owns one :class:`~tasksprint.paxos.core.PaxosCore`,
+the :class:`~tasksprint.machine.Applier` of the replicated state machine, the
+request table (which client connection waits for which command) and the
+order in which the core's Readies are written, sent and applied.  Like
+etcd's ``RawNode`` it does no I/O itself: it is given
+
+* ``storage``, which writes records in the calling thread (``write``);
+* ``writer``, which writes records in the background and reports back, in
+  order, through :meth:`ReplicaDriver.written` (``submit``);
+* ``peers``, one :class:`Mailbox` per other replica, and for each client
+  command the :class:`Mailbox` its answer goes to;
+* ``wake``, which asks the caller for another :meth:`run` soon, and
+  ``clock``, seconds of a monotonic clock.
+
+The replica process (:mod:`tasksprint.replica`) gives it sqlite, a disk
+writer thread, trio connections and the system clock; the simulator
+(``tests/sim.py``) gives it in-memory disks, a simulated network and
+simulated time, so both run this same code.
+
+One pass (:meth:`run`) keeps this order, which matters for latency; safety
+rests on the core (a reply leaves only after ``advance``) and on records
+reaching the disk, and Readies being advanced, in the order they were taken:
+
+1. take every Ready, queueing its messages;
+2. send the peers' messages (the replica's own bytes leave first);
+3. with no write in flight, write a small synced Ready here (a vote, or a
+   leader's Accept at light load: the hops to a thread and back would cost
+   more than they overlap; the thread would even start late, as it only
+   takes the interpreter lock when the event loop waits); anything else goes
+   to the background writer, after the sends for the same reason.  What the
+   inline write released (a vote) is taken and sent before anything is
+   applied;
+4. apply what was chosen and send the clients their answers;
+5. write chosen markers alone (no fsync, see ``Ready.sync``) last.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+import attrs
+
+from tasksprint import codec
+from tasksprint.api import BlockResult, PeerDigest, Result
+from tasksprint.app import App
+from tasksprint.machine import DUPLICATE, Applier
+from tasksprint.paxos.core import PaxosCore, Role
+from tasksprint.paxos.durable import Record
+from tasksprint.paxos.messages import Ballot, Batch, Command, CommandBlock
+from tasksprint.paxos.output import Ready
+
+RequestKey = tuple[str, str, int]  # (kind, client id, seq): what a client waits for (``request_key``)
+
+SMALL_WRITE = 16 * 1024  # bytes of values up to which a synced write may stay in the calling thread
+COMMIT_SAMPLES = 2000  # latest leader-side commit latencies kept for ReplicaStatus
+ARRIVALS_LIMIT = 80_000  # arrival times kept before the table is cleared (lost with a leader change)
+DIGESTS_KEPT = 1024  # own and peers' digests kept for comparison
+
+
+class DivergenceError(Exception):
+    """Two replicas applied the same slots and reached different states."""
+
+
+class Mailbox(Protocol):
+    """Where messages for one peer or one client connection go."""
+
+    def push(self, msg: Any) -> None:
+        """Queue ``msg``; it leaves at the latest with the next :meth:`flush`, or sooner."""
+
+    def flush(self) -> None:
+        """Send what is queued, if that can be done without waiting."""
+
+
+class RecordWriter(Protocol):
+    """Writes records in the calling thread (a :class:`~tasksprint.storage.Storage`)."""
+
+    def write(self, records: Sequence[Record], *, sync: bool = True) -> None:
+        """Make ``records`` durable (``sync``: with an fsync) before returning."""
+
+
+class BackgroundWriter(Protocol):
+    """Writes records elsewhere, in submission order (a :class:`~tasksprint.disk_writer.DiskWriter`).
+
+    It reports completed submissions to :meth:`ReplicaDriver.written`, and a
+    failure to :meth:`ReplicaDriver.write_failed`.
+    """
+
+    def submit(self, records: Sequence[Record], sync: bool) -> None:
+        """Queue ``records`` to be written (``sync``: with an fsync)."""
+
+
+@attrs.frozen(kw_only=True)
+class DriverConfig:
+    """How a driver writes and checks; sizes in bytes, intervals in applied slots."""
+
+    fsync: bool = True  # False only for tests: nothing is synced
+    small_write: int = SMALL_WRITE  # a synced write up to this size may stay inline; -1: never
+    snapshot_every: int = 20_000  # applied slots between snapshots; 0: never
+    digest_every: int = 16  # slots between digest comparisons with the peers
+
+
+def is_small(records: Iterable[Record], limit: int) -> bool:
+    """Whether ``records`` carry at most ``limit`` bytes of values (a Batch keeps its encoding, so this costs nothing extra)."""
+    size = 0
+    for r in records:
+        value = getattr(r, "value", None)
+        if value is not None:
+            size += len(codec.encode(value))
+        data = getattr(r, "data", None)  # a snapshot
+        if data is not None:
+            size += len(data)
+        if size > limit:
+            return False
+    return True
+
+
+@attrs.define(eq=False)
+class ReplicaDriver:
+    """Drives one replica's core; see the module docstring for the contract."""
+
+    core: PaxosCore
+    applier: Applier
+    app: App
+    storage: RecordWriter
+    writer: BackgroundWriter
+    peers: Mapping[int, Mailbox]
+    wake: Callable[[], None]
+    clock: Callable[[], float]
+    config: DriverConfig = DriverConfig()
+    log: Any = None
+    # Readies handed to the background writer and not yet durable, oldest first.
+    _unwritten: collections.deque[Ready] = attrs.Factory(collections.deque)
+    _write_error: BaseException | None = None
+    # The request table: who waits for which command, and the commands
+    # themselves, to propose again when the leader changes (one forwarded to
+    # a leader that died, or was not leader yet, is lost).
+    _waiting: dict[RequestKey, list[Mailbox]] = attrs.Factory(dict)
+    _commands: dict[RequestKey, Command | CommandBlock] = attrs.Factory(dict)
+    _answered: list[Mailbox] = attrs.Factory(list)  # client mailboxes given answers in this pass
+    # Leader only: when each command submitted here arrived, and how long the
+    # last ones took to be answered (for ReplicaStatus).
+    _arrived: dict[RequestKey, float] = attrs.Factory(dict)
+    _commit_times: collections.deque[float] = attrs.Factory(lambda: collections.deque(maxlen=COMMIT_SAMPLES))
+    _digests: collections.OrderedDict[int, bytes] = attrs.Factory(collections.OrderedDict)
+    _peer_digests: collections.OrderedDict[int, tuple[int, bytes]] = attrs.Factory(collections.OrderedDict)
+    _since_snapshot: int = 0
+    _last_role: tuple[Role, Ballot | None] | None = None
+
+    # ------------------------------------------------------------------
+    # Questions
+
+    @property
+    def commit_times(self) -> list[float]:
+        """Leader-side seconds from arrival to answer of the latest commands submitted here, sorted."""
+        return sorted(self._commit_times)
+
+    @property
+    def writes_in_flight(self) -> int:
+        """Readies handed to the background writer and not yet reported written."""
+        return len(self._unwritten)
+
+    # ------------------------------------------------------------------
+    # Inputs
+
+    def submit(self, cmd: Command | CommandBlock, reply_to: Mailbox) -> bool:
+        """A client's command: propose it and answer ``reply_to`` once applied.
+
+        Returns False when no leader is known (nothing is recorded: the
+        client should retry).
+        """
+        core = self.core
+        if not core.propose(cmd):
+            return False
+        key = cmd.request_key
+        if core.role is Role.LEADER:
+            if len(self._arrived) >= ARRIVALS_LIMIT:
+                self._arrived.clear()  # lost with a leader change and never answered
+            self._arrived.setdefault(key, self.clock())
+        self._waiting.setdefault(key, []).append(reply_to)
+        self._commands[key] = cmd
+        return True
+
+    def abandon(self, keys: Iterable[RequestKey], reply_to: Mailbox) -> None:
+        """``reply_to`` is gone: nobody there waits for ``keys`` any more."""
+        for key in keys:
+            boxes = self._waiting.get(key)
+            if boxes and reply_to in boxes:
+                boxes.remove(reply_to)
+                if not boxes:
+                    del self._waiting[key]
+                    self._commands.pop(key, None)
+
+    def step(self, src: int, msg: Any) -> None:
+        """A Paxos message from replica ``src`` (see ``PaxosCore.step``); the caller runs a pass after."""
+        self.core.step(src, msg)
+
+    def propose(self, cmd: Command) -> bool:
+        """Propose a command of this replica's own (nobody waits for its answer)."""
+        ok = self.core.propose(cmd)
+        self.wake()
+        return ok
+
+    def tick(self, now: float, tick_data: Any = None, wall: float | None = None) -> None:
+        """Feed the core the clock (see ``PaxosCore.tick``)."""
+        self.core.tick(now, tick_data, wall)
+        self.wake()
+
+    def digest_from(self, src: int, msg: PeerDigest) -> None:
+        """Replica ``src``'s digest after a slot: compare it with ours now, or once we applied that slot."""
+        if msg.slot in self._digests:
+            self._compare_digest(src, msg.slot, msg.digest)
+        elif msg.slot > self.applier.applied:
+            self._peer_digests[msg.slot] = (src, msg.digest)
+            while len(self._peer_digests) > DIGESTS_KEPT:
+                self._peer_digests.popitem(last=False)
+
+    def written(self, groups: int) -> None:
+        """The background writer made the oldest ``groups`` submitted Readies durable: advance them, in order."""
+        for _ in range(groups):
+            self.core.advance(self._unwritten.popleft())
+        self.wake()
+
+    def write_failed(self, exc: BaseException) -> None:
+        """The background writer failed: the next :meth:`run` raises ``exc`` (the replica stops)."""
+        self._write_error = exc
+        self.wake()
+
+    def take_snapshot(self) -> None:
+        """Snapshot the applied state and let the core compact its log up to it."""
+        self._since_snapshot = 0
+        applied = self.applier.applied
+        self.core.compact(applied, self.applier.snapshot())
+        if self.log is not None:
+            self.log.info("snapshot_taken", index=applied)
+
+    # ------------------------------------------------------------------
+    # The pass
+
+    def run(self) -> None:
+        """Handle everything the core has for the driver, in the order of the module docstring.
+
+        Raises what the background writer reported failing, and
+        :class:`DivergenceError`.
+        """
+        core = self.core
+        if self._write_error is not None:
+            raise self._write_error
+        cfg = self.config
+        peers = self.peers.values()
+        chosen: list[tuple[int, Batch]] = []
+        lazy: list[Ready] = []
+        to_disk: list[Ready] = []
+        while True:
+            inline: Ready | None = None
+            while core.has_ready():
+                rd = core.ready()
+                for dst, msg in rd.messages:
+                    self.peers[dst].push(msg)
+                if rd.snapshot is not None:
+                    self._apply_chosen(chosen)
+                    self.applier.restore(rd.snapshot[1])
+                    if self.log is not None:
+                        self.log.info("snapshot_installed", index=rd.snapshot[0])
+                chosen.extend(rd.committed)
+                if self._unwritten or inline is not None:
+                    # Behind the writes in flight (or the one this pass
+                    # makes), in order: nothing may reach the disk or be
+                    # advanced before an earlier Ready's records.
+                    self._unwritten.append(rd)
+                    to_disk.append(rd)
+                elif not rd.sync:
+                    lazy.append(rd)
+                elif not cfg.fsync:
+                    self._write_lazy(lazy)
+                    self.storage.write(rd.persist, sync=False)
+                    core.advance(rd)
+                elif is_small(rd.persist, cfg.small_write):
+                    self._write_lazy(lazy)  # records reach the disk in order
+                    inline = rd
+                else:
+                    self._write_lazy(lazy)
+                    self._unwritten.append(rd)
+                    to_disk.append(rd)
+            for box in peers:
+                box.flush()
+            if inline is not None:
+                self.storage.write(inline.persist, sync=True)
+                core.advance(inline)
+            for rd in to_disk:
+                self.writer.submit(rd.persist, rd.sync and cfg.fsync)
+            to_disk.clear()
+            if inline is not None and core.has_ready():
+                continue  # what the write released (a vote) leaves before anything is applied
+            if not chosen:
+                break
+            self._apply_chosen(chosen)  # may take a snapshot: loop for its record
+        for box in self._answered:
+            box.flush()
+        self._answered.clear()
+        if lazy:
+            self._write_lazy(lazy)
+            if core.has_ready():
+                self.wake()
+        self._note_role()
+        if core.role is Role.LEADER:
+            self.app.leader_duties(self.propose)
+
+    def _write_lazy(self, lazy: list[Ready]) -> None:
+        """Write and advance the Readies that hold chosen markers only (no fsync), in order."""
+        for rd in lazy:
+            self.storage.write(rd.persist, sync=False)
+            self.core.advance(rd)
+        lazy.clear()
+
+    def _apply_chosen(self, chosen: list[tuple[int, Batch]]) -> None:
+        """Apply the chosen entries gathered so far, in order, and empty the list."""
+        every = self.config.snapshot_every
+        for slot, batch in chosen:
+            self._apply(slot, batch)
+            if every and self._since_snapshot >= every:
+                self.take_snapshot()
+        chosen.clear()
+
+    def _apply(self, slot: int, batch: Batch) -> None:
+        for cmd, result in self.applier.apply_slot(slot, batch):
+            key = cmd.request_key
+            self._commands.pop(key, None)
+            arrived = self._arrived.pop(key, None)
+            if arrived is not None:
+                self._commit_times.append(self.clock() - arrived)
+            boxes = self._waiting.pop(key, None)
+            if boxes:
+                reply = self._reply(cmd, result, slot)
+                for box in boxes:
+                    box.push(reply)
+                    self._answered.append(box)
+        self._since_snapshot += 1
+        self.app.on_applied(slot)
+        if slot % self.config.digest_every == 0:
+            digest = self.applier.digest
+            self._digests[slot] = digest
+            while len(self._digests) > DIGESTS_KEPT:
+                self._digests.popitem(last=False)
+            for box in self.peers.values():
+                box.push(PeerDigest(slot=slot, digest=digest))
+            theirs = self._peer_digests.pop(slot, None)
+            if theirs is not None:
+                self._compare_digest(theirs[0], slot, theirs[1])
+
+    def _reply(self, cmd: Command | CommandBlock, result: Any, slot: int) -> Result | BlockResult:
+        leader = self.core.leader_hint
+        if isinstance(cmd, CommandBlock):
+            forgotten = [i for i, r in enumerate(result) if r is DUPLICATE]
+            if forgotten:
+                result = [None if r is DUPLICATE else r for r in result]
+            return BlockResult(
+                client_id=cmd.client_id, first_seq=cmd.first_seq, results=result, slot=slot, leader=leader,
+                forgotten=forgotten,
+            )
+        dup = result is DUPLICATE
+        return Result(
+            client_id=cmd.client_id,
+            seq=cmd.seq,
+            result=None if dup else result,
+            slot=slot,
+            leader=leader,
+            duplicate=dup,
+        )
+
+    def _compare_digest(self, src: int, slot: int, theirs: bytes) -> None:
+        mine = self._digests.get(slot)
+        if mine is None or mine == theirs:
+            return
+        what = self.app.describe_slot(slot)
+        if self.log is not None:
+            self.log.error("state_divergence", slot=slot, peer=src, detail=what)
+        raise DivergenceError(
+            f"replica {self.core.rid} and replica {src} applied the same log up to slot {slot} "
+            f"but reached different states ({what}). The state machine is not deterministic; "
+            "see docs/tutorial.md for the rules scheduler hooks must follow."
+        )
+
+    def _note_role(self) -> None:
+        core = self.core
+        now = (core.role, core.ballot)
+        if now != self._last_role:
+            if self._last_role is not None and now[1] != self._last_role[1] and self._commands:
+                # A new leader (or ballot): propose again what our clients still
+                # wait for. The session table applies each command once.
+                for cmd in list(self._commands.values()):
+                    if not core.propose(cmd):
+                        break
+                self.wake()
+            was_leader = self._last_role is not None and self._last_role[0] is Role.LEADER
+            if was_leader != (core.role is Role.LEADER):
+                self.app.role_changed(core.role is Role.LEADER, self.clock())
+            self._last_role = now
+            if self.log is not None:
+                self.log.info(
+                    "role_changed", role=core.role.value, ballot=str(core.ballot), commit=core.commit_index
+                )
