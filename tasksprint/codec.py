@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 import operator
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar, dataclass_transform
 
 import attrs
 import cbor2
@@ -57,6 +57,7 @@ def register(cls: T) -> T:
     return cls
 
 
+@dataclass_transform(frozen_default=True, kw_only_default=True, field_specifiers=(attrs.field,))
 def message(cls: T) -> T:
     """Class decorator declaring a message: a frozen, keyword-only attrs class, registered.
 
