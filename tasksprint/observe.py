@@ -5,7 +5,8 @@ Theory of operation
 ``Replica``, ``Client`` and ``NodePool`` take an :class:`Observer` (default
 :data:`NULL`, which records nothing) and report through it what their steps
 cost: a *span* is a named duration (``storage.write``, ``paxos.step``,
-``node.exchange``, ...), a *count* a named event tally, a *value* a named
+``node.exchange``, ...; :meth:`Observer.timing` for one measured by the
+caller), a *count* a named event tally, a *value* a named
 quantity that is not a time (``applier.items_per_slot``).  Whoever wants the
 figures -- the benchmark probe, ``tasksprint top``, the dashboard -- injects a
 :class:`Recorder` and reads :meth:`Recorder.read` whenever it likes.
@@ -16,8 +17,9 @@ callable once, when the owner is built::
     self._write = observer.timed("storage.write", storage.write)
 
 :data:`NULL` hands back the callable itself, so an unobserved process pays
-nothing per call.  Inline blocks use ``with observer.span(name):`` and events
-``observer.count(name)`` / ``observer.value(name, x)``; with :data:`NULL`
+nothing per call.  Inline blocks use ``with observer.span(name):``, and events
+``observer.timing(name, seconds)``, ``observer.count(name)`` and
+``observer.value(name, x)``; with :data:`NULL`
 each is one attribute lookup and one call of an empty method (a span also
 enters and leaves a shared empty context).
 
@@ -69,6 +71,10 @@ class Observer(Protocol):
 
     def span(self, name: str) -> Any:
         """A context manager recording the duration of its block as span ``name``."""
+        ...
+
+    def timing(self, name: str, seconds: float) -> None:
+        """Record one duration of span ``name`` measured by the caller (seconds, >= 0)."""
         ...
 
     def count(self, name: str, n: int = 1) -> None:
@@ -143,6 +149,9 @@ class NullObserver:
 
     def span(self, name: str) -> _NullSpan:
         return _NULL_SPAN
+
+    def timing(self, name: str, seconds: float) -> None:
+        return None
 
     def count(self, name: str, n: int = 1) -> None:
         return None
@@ -226,15 +235,15 @@ class Recorder:
     _counts: dict[str, list[int]] = attrs.Factory(dict)
     _values: dict[str, Histogram] = attrs.Factory(dict)
 
-    def record_span(self, name: str, seconds: float) -> None:
-        """Record one duration of span ``name`` measured elsewhere (seconds, >= 0)."""
+    def timing(self, name: str, seconds: float) -> None:
+        """Record one duration of span ``name`` measured by the caller (seconds, >= 0)."""
         h = self._spans.get(name)
         if h is None:
             h = self._spans[name] = Histogram()
         h.add(seconds)
 
     def timed(self, name: str, fn: F) -> F:
-        clock, record = self._clock, self.record_span
+        clock, record = self._clock, self.timing
 
         def timed_call(*args: Any, **kwargs: Any) -> Any:
             t0 = clock()
@@ -247,7 +256,7 @@ class Recorder:
         return timed_call  # type: ignore[return-value]
 
     def timed_async(self, name: str, fn: A) -> A:
-        clock, record = self._clock, self.record_span
+        clock, record = self._clock, self.timing
 
         async def timed_call(*args: Any, **kwargs: Any) -> Any:
             t0 = clock()
@@ -265,7 +274,7 @@ class Recorder:
         try:
             yield
         finally:
-            self.record_span(name, max(0.0, self._clock() - t0))
+            self.timing(name, max(0.0, self._clock() - t0))
 
     def count(self, name: str, n: int = 1) -> None:
         c = self._counts.get(name)
@@ -319,6 +328,6 @@ def from_spec(spec: str | None, role: str) -> Observer:
     if not isinstance(observer, Observer):
         raise ObserverSpecError(
             f"{OBSERVER_ENV}={spec!r}: {attr}({role!r}) returned {type(observer).__name__}, "
-            "which lacks timed/timed_async/span/count/value"
+            "which lacks timed/timed_async/span/timing/count/value"
         )
     return observer

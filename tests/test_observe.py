@@ -42,6 +42,7 @@ def test_null_observer_hands_back_the_callable_itself() -> None:
     assert NULL.timed_async("a", g) is g
     with NULL.span("a"):
         pass
+    NULL.timing("a", 1.0)
     NULL.count("a")
     NULL.value("a", 3.0)
     assert NULL.read() == observe.Readings()
@@ -90,12 +91,13 @@ def test_span_counts_and_values_are_kept_apart() -> None:
         with rec.span("paxos.step"):
             clock.now += 0.003
             raise KeyError("x")
+    rec.timing("paxos.step", 0.002)
     rec.count("client.report", 5)
     rec.count("client.report")
     rec.value("applier.items_per_slot", 3)
     got = rec.read()
-    assert got.spans["paxos.step"].count == 2
-    assert got.spans["paxos.step"].total == pytest.approx(0.004)
+    assert got.spans["paxos.step"].count == 3
+    assert got.spans["paxos.step"].total == pytest.approx(0.006)
     assert got.counts == {"client.report": Figures(count=2, total=6.0)}
     assert got.values["applier.items_per_slot"].max == 3
     assert set(got.as_dict()) == {"spans", "counts", "values"}
