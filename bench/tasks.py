@@ -54,8 +54,10 @@ Usage::
     python bench/tasks.py --only independent --skip-dask --skip-ray --probe
                                                # where TaskSprint's time goes
 
-``--probe`` runs the TaskSprint processes with timers around each phase of a
-task's path (see ``bench/tasks/probe.py``) and prints the breakdown.
+``--probe`` runs the TaskSprint processes with an observer on their metrics
+hook (``tasksprint/observe.py``, installed through ``TASKSPRINT_OBSERVER``;
+see ``bench/tasks/probe.py``) timing each phase of a task's path, and prints
+the breakdown.
 """
 
 from __future__ import annotations
