@@ -216,7 +216,7 @@ class Child:
 class Cleanup(contextlib.ExitStack):
     """An ExitStack whose unwinding a second Ctrl-C cannot cut short."""
 
-    def __exit__(self, *exc: Any) -> bool:
+    def __exit__(self, *exc: Any) -> bool | None:
         old = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             return super().__exit__(*exc)
