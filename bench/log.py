@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import itertools
 import json
 import math
@@ -36,16 +35,32 @@ import os
 import queue
 import signal
 import statistics
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-NODE_SCRIPT = HERE / "_pysyncobj_node.py"
+from _procs import (
+    BenchError,
+    Child,
+    Children,
+    Cleanup,
+    cpu_seconds,
+    elected_after,
+    exit_on_signals,
+    fsync_samples_ms,
+    loadavg,
+    note,
+    percentile,
+    pysyncobj_info,
+    pysyncobj_leader,
+    start_pysyncobj,
+    statuses,
+    stop_pysyncobj,
+    storage_fsync_flags,
+    temp_dir,
+    wait_stable,
+)
 
 DEFAULTS = dict(
     duration=10.0,
@@ -62,179 +77,17 @@ DEFAULTS = dict(
 )
 
 
-class BenchError(Exception):
-    """The benchmark could not measure something; the message says what."""
-
-
-def note(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
 def num(x: float | None, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100) of ``values``; None if empty."""
-    if not values:
-        return None
-    s = sorted(values)
-    k = max(0, min(len(s) - 1, math.ceil(q / 100.0 * len(s)) - 1))
-    return s[k]
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds a process has used so far (Linux /proc), or None."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def fsync_probe(directory: Path, n: int = 200) -> dict:
     """p50/p99 of write + fsync of 100 bytes in ``directory``: the disk the replicas use, right now."""
-    path = directory / "fsync-probe"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    times = []
-    try:
-        for _ in range(n):
-            t0 = time.perf_counter()
-            os.write(fd, b"x" * 100)
-            os.fsync(fd)
-            times.append((time.perf_counter() - t0) * 1000.0)
-    finally:
-        os.close(fd)
-        path.unlink()
+    times = fsync_samples_ms(directory, n)
     return {"fsync_p50_ms": _r(percentile(times, 50), 3), "fsync_p99_ms": _r(percentile(times, 99), 3)}
 
 
-def loadavg() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
 # ----------------------------------------------------------------------
-# Child processes speaking JSON lines
-
-
-class Child:
-    """A child process taking JSON lines on stdin and answering JSON lines on stdout.
-
-    stderr goes to a file.  Children run in their own session so a Ctrl-C in
-    the terminal reaches only this script, which then stops them itself.
-    """
-
-    def __init__(self, name: str, argv: list[str], stderr_path: Path) -> None:
-        self.name = name
-        self.stderr_path = stderr_path
-        self._err = open(stderr_path, "ab")
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._err,
-            start_new_session=True,
-            text=True,
-            bufsize=1,
-        )
-        self.lines: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, name=f"read-{name}", daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                self.lines.put(json.loads(line))
-            except json.JSONDecodeError:
-                self.lines.put({"_raw": line})
-        self.lines.put(None)
-
-    def send(self, obj: Any) -> None:
-        assert self.proc.stdin is not None
-        try:
-            self.proc.stdin.write(json.dumps(obj) + "\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError) as exc:
-            raise BenchError(f"{self.name} is gone ({exc}); {self.stderr_tail()}") from None
-
-    def recv(self, timeout: float) -> dict:
-        try:
-            msg = self.lines.get(timeout=max(0.0, timeout))
-        except queue.Empty:
-            raise BenchError(f"{self.name} did not answer within {timeout:.0f}s; {self.stderr_tail()}") from None
-        if msg is None:
-            self.proc.wait(1)
-            raise BenchError(f"{self.name} exited with code {self.proc.returncode}; {self.stderr_tail()}")
-        return msg
-
-    def ask(self, obj: Any, timeout: float) -> dict:
-        self.send(obj)
-        return self.recv(timeout)
-
-    def stderr_tail(self, n: int = 15) -> str:
-        try:
-            lines = self.stderr_path.read_text(errors="replace").splitlines()[-n:]
-        except OSError:
-            lines = []
-        return "its stderr ends with:\n  " + "\n  ".join(lines) if lines else "its stderr is empty"
-
-    def stop(self, grace: float = 2.0) -> None:
-        with contextlib.suppress(OSError):
-            if self.proc.stdin:
-                self.proc.stdin.close()
-        try:
-            self.proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._err.close()
-
-
-class Cleanup(contextlib.ExitStack):
-    """An ExitStack whose unwinding a second Ctrl-C cannot cut short."""
-
-    def __exit__(self, *exc: Any) -> bool:
-        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            return super().__exit__(*exc)
-        finally:
-            signal.signal(signal.SIGINT, old)
-
-
-class Children:
-    """Every child started so far; :meth:`stop_all` ends them on any exit path."""
-
-    def __init__(self) -> None:
-        self.all: list[Child] = []
-
-    def start(self, name: str, argv: list[str], stderr_path: Path) -> Child:
-        c = Child(name, argv, stderr_path)
-        self.all.append(c)
-        return c
-
-    def stop(self, c: Child, grace: float = 2.0) -> None:
-        c.stop(grace)
-        if c in self.all:
-            self.all.remove(c)
-
-    def stop_all(self) -> None:
-        for c in self.all:
-            if c.proc.poll() is None:
-                c.proc.kill()
-        for c in self.all:
-            c.stop(0.5)
-        self.all.clear()
-
-
-# ----------------------------------------------------------------------
-# TaskSprint load generators (run as `python bench/log.py --worker JSON`)
 
 
 def worker_main(cfg: dict) -> int:
@@ -345,83 +198,6 @@ async def _worker(cfg: dict) -> None:
 # TaskSprint side
 
 
-def _statuses(addrs: list, secret: bytes, timeout: float = 1.0) -> list:
-    """Each replica's ReplicaStatus, or None where it did not answer."""
-    import trio
-
-    from tasksprint.log_client import LogClient
-
-    async def main() -> list:
-        out: list = [None] * len(addrs)
-
-        async def one(client: LogClient, i: int) -> None:
-            try:
-                out[i] = await client.status(tuple(addrs[i]), timeout=timeout)
-            except Exception:  # down, refusing, too slow: all mean "no answer"
-                out[i] = None
-
-        async with LogClient(list(addrs), secret) as client:
-            async with trio.open_nursery() as nursery:
-                for i in range(len(addrs)):
-                    nursery.start_soon(one, client, i)
-        return out
-
-    return trio.run(main)
-
-
-def wait_stable(cl: Any, live: list[int], timeout: float = 30.0) -> int:
-    """Wait until the live replicas agree on one leader and have applied what it had committed; return it."""
-    deadline = time.monotonic() + timeout
-    prev_commit: int | None = None
-    last: list = []
-    while time.monotonic() < deadline:
-        st = _statuses(cl.addrs, cl.secret)
-        last = st
-        leaders = [i for i in live if st[i] is not None and st[i].role == "leader"]
-        if len(leaders) == 1:
-            lead = leaders[0]
-            agreed = all(st[i] is not None and st[i].leader == lead for i in live)
-            if agreed and prev_commit is not None and all(st[i].applied >= prev_commit for i in live):
-                return lead
-            prev_commit = st[lead].commit
-        else:
-            prev_commit = None
-        time.sleep(0.05)
-    desc = ", ".join(
-        f"{i}: {s.role} leader={s.leader} commit={s.commit} applied={s.applied}" if s else f"{i}: no answer"
-        for i, s in enumerate(last)
-    )
-    raise BenchError(f"replicas {live} did not settle on one caught-up leader within {timeout:.0f}s ({desc})")
-
-
-def elected_after(cl: Any, rid: int, since_wall: float) -> float | None:
-    """Seconds from ``since_wall`` (time.time()) until replica ``rid`` logged that it became leader."""
-    for line in cl.logs(rid).splitlines():
-        if '"role_changed"' not in line or '"leader"' not in line:
-            continue
-        try:
-            ev = json.loads(line)
-            when = datetime.datetime.fromisoformat(ev["timestamp"].replace("Z", "+00:00")).timestamp()
-        except (json.JSONDecodeError, KeyError, ValueError):
-            continue
-        if ev.get("role") == "leader" and when >= since_wall:
-            return when - since_wall
-    return None
-
-
-def storage_fsync_flags(cl: Any) -> list:
-    """The ``fsync`` flag each replica logged when it opened its storage (proof of the durability setting)."""
-    flags = []
-    for i in range(cl.replicas):
-        flag = None
-        for line in cl.logs(i).splitlines():
-            if '"storage_opened"' in line:
-                with contextlib.suppress(json.JSONDecodeError):
-                    flag = json.loads(line).get("fsync")
-        flags.append(flag)
-    return flags
-
-
 def bench_tasksprint(args: argparse.Namespace, base: Path, stack: contextlib.ExitStack, children: Children) -> dict:
     from tasksprint.localcluster import LocalCluster
 
@@ -507,7 +283,7 @@ def _bench_tasksprint(args: argparse.Namespace, base: Path, cl: Any, children: C
     res["commit_mean_ms"] = statistics.fmean(lat) if lat else None
     # The same commands as the leader saw them (arrival to answer, no client
     # hop): how PySyncObj's latency is measured, on its leader.
-    lead = next((st for st in _statuses(cl.addrs, cl.secret) if st is not None and st.role == "leader"), None)
+    lead = next((st for st in statuses(cl.addrs, cl.secret) if st is not None and st.role == "leader"), None)
     res["leader_commit_p50_ms"] = lead.commit_p50_ms if lead else None
     res["leader_commit_p99_ms"] = lead.commit_p99_ms if lead else None
     note(f"TaskSprint latency: p50 {res['commit_p50_ms']:.2f} ms, p99 {res['commit_p99_ms']:.2f} ms "
@@ -673,65 +449,6 @@ def _failover_rounds(
 # PySyncObj side
 
 
-def pysyncobj_info() -> dict:
-    import pysyncobj
-    from pysyncobj import SyncObjConf
-
-    try:
-        from pysyncobj.version import VERSION
-    except ImportError:
-        VERSION = getattr(pysyncobj, "__version__", "unknown")
-    conf = SyncObjConf()
-    return {"version": VERSION, "flush_journal_option": hasattr(conf, "flushJournal")}
-
-
-def start_pysyncobj(
-    args: argparse.Namespace, base: Path, children: Children, *, batch: bool, tag: str
-) -> list[Child]:
-    from tasksprint.localcluster import free_ports
-
-    addrs = [f"127.0.0.1:{p}" for p in free_ports(3)]
-    nodes = []
-    for i, a in enumerate(addrs):
-        d = base / f"pysyncobj-{tag}" / f"node{i}"
-        d.mkdir(parents=True)
-        argv = [
-            sys.executable,
-            str(NODE_SCRIPT),
-            "--self", a,
-            "--partners", ",".join(x for x in addrs if x != a),
-            "--dir", str(d),
-            "--journal", "1",
-            "--batch", "1" if batch else "0",
-            "--compaction-entries", str(args.pso_compaction),
-        ]
-        nodes.append(children.start(f"PySyncObj node {i} ({tag})", argv, d.parent / f"node{i}.err"))
-    return nodes
-
-
-def stop_pysyncobj(nodes: list[Child], children: Children) -> None:
-    """Ask every PySyncObj node to quit, then make sure each has stopped."""
-    for n in nodes:
-        with contextlib.suppress(BenchError):
-            n.send({"cmd": "quit"})
-    for n in nodes:
-        children.stop(n)
-
-
-def pysyncobj_leader(nodes: list[Child], timeout: float = 30.0) -> int:
-    deadline = time.monotonic() + timeout
-    st: list = []
-    while time.monotonic() < deadline:
-        st = [n.ask({"cmd": "status"}, 10) for n in nodes]
-        leaders = [i for i, s in enumerate(st) if s["is_leader"]]
-        if len(leaders) == 1:
-            addr = st[leaders[0]]["leader"]
-            if all(s["leader"] == addr and s["ready"] for s in st):
-                return leaders[0]
-        time.sleep(0.1)
-    raise BenchError(f"PySyncObj nodes did not agree on a leader within {timeout:.0f}s: {st}")
-
-
 def pysyncobj_load(nodes: list[Child], issuers: list[int], window: int, warmup: float, duration: float) -> dict:
     t0 = time.monotonic()
     start, end = t0 + warmup, t0 + warmup + duration
@@ -766,7 +483,7 @@ def pysyncobj_load(nodes: list[Child], issuers: list[int], window: int, warmup: 
 def bench_pysyncobj(args: argparse.Namespace, base: Path, children: Children) -> dict:
     res: dict = {"info": pysyncobj_info()}
     # Throughput: batched AppendEntries (PySyncObj's throughput setting).
-    nodes = start_pysyncobj(args, base, children, batch=True, tag="throughput")
+    nodes = start_pysyncobj(base, children, batch=True, tag="throughput", compaction=args.pso_compaction)
     try:
         if args.pso_issuers == "auto":
             probe = max(2.0, min(4.0, args.duration / 3))
@@ -795,7 +512,7 @@ def bench_pysyncobj(args: argparse.Namespace, base: Path, children: Children) ->
     # Latency: AppendEntries sent per command (PySyncObj's latency setting;
     # with batching a lone command waits for the next 0.1 s append period).
     if args.latency_samples > 0:
-        nodes = start_pysyncobj(args, base, children, batch=False, tag="latency")
+        nodes = start_pysyncobj(base, children, batch=False, tag="latency", compaction=args.pso_compaction)
         try:
             leader = pysyncobj_leader(nodes)
             note(f"PySyncObj latency: one command at a time from the leader, "
@@ -1064,37 +781,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-@contextlib.contextmanager
-def _temp_dir(keep: bool):
-    if not keep:
-        with tempfile.TemporaryDirectory(prefix="tasksprint-bench-") as tmp:
-            yield tmp
-        return
-    tmp = tempfile.mkdtemp(prefix="tasksprint-bench-")
-    try:
-        yield tmp
-    finally:
-        note(f"kept {tmp}")
-
-
-def _raise_exit(signum: int, _frame: Any) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker is not None:
         return worker_main(json.loads(args.worker))
     # Ctrl-C must stop the run even if this process was started with SIGINT ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _raise_exit)
-    signal.signal(signal.SIGHUP, _raise_exit)
+    exit_on_signals(signal.SIGTERM, signal.SIGHUP)
     load_before = loadavg()
     children = Children()
     try:
         # Unwound in reverse: children stopped (LocalCluster's replicas first), then the directory removed.
         with Cleanup() as stack:
-            base = Path(stack.enter_context(_temp_dir(args.keep_temp)))
+            base = stack.enter_context(temp_dir("tasksprint-bench-", args.keep_temp))
             stack.callback(children.stop_all)
             disk = fsync_probe(base)
             note(f"disk: write+fsync p50 {disk['fsync_p50_ms']} ms, p99 {disk['fsync_p99_ms']} ms")

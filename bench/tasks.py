@@ -54,8 +54,10 @@ Usage::
     python bench/tasks.py --only independent --skip-dask --skip-ray --probe
                                                # where TaskSprint's time goes
 
-``--probe`` runs the TaskSprint processes with timers around each phase of a
-task's path (see ``bench/tasks/probe.py``) and prints the breakdown.
+``--probe`` runs the TaskSprint processes with an observer on their metrics
+hook (``tasksprint/observe.py``, installed through ``TASKSPRINT_OBSERVER``;
+see ``bench/tasks/probe.py``) timing each phase of a task's path, and prints
+the breakdown.
 """
 
 from __future__ import annotations
@@ -66,13 +68,14 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from _procs import MarkedRun, dask_cluster, fsync_samples_ms, interrupt, ray_session, watch_parent
 
 WORKLOADS = ("independent", "mapreduce", "chain")
 SYSTEMS = ("tasksprint", "dask", "ray")
@@ -84,7 +87,12 @@ SCHEDULERS = {
     "chain": "ChainCoordinator",
 }
 RESULT_MARK = "BENCH-RESULT "
-LOOPBACK = "127.0.0.1"
+# What-if experiments that needed private methods of the processes replaced; see bench/tasks/probe.py.
+DROPPED_WHAT_IFS = {
+    "no-fsync": "the replica command line has no option to turn fsync off",
+    "early-views": "answering parked view long-polls before the following fsync is a change to the replica",
+    "poll-leader": "polling views from the leader is a change to the client",
+}
 
 
 # ---------------------------------------------------------------------------
@@ -116,18 +124,9 @@ def step(prev, i):
 
 
 def _dask(workload: str, n: int, workers: int, tmp: Path) -> dict[str, Any]:
-    from distributed import Client, LocalCluster, wait
+    from distributed import wait
 
-    with LocalCluster(
-        n_workers=workers,
-        threads_per_worker=1,
-        processes=True,
-        host=LOOPBACK,
-        dashboard_address=None,
-        local_directory=str(tmp),
-        silence_logs=40,
-    ) as cluster, Client(cluster) as client:
-        client.wait_for_workers(workers)
+    with dask_cluster(workers, tmp) as client:
         client.gather(client.map(noop, range(workers * 4), pure=False))
         t0 = time.perf_counter()
         if workload == "independent":
@@ -148,17 +147,7 @@ def _dask(workload: str, n: int, workers: int, tmp: Path) -> dict[str, Any]:
 
 
 def _ray(workload: str, n: int, workers: int, tmp: Path) -> dict[str, Any]:
-    import ray
-
-    ray.init(
-        num_cpus=workers,
-        include_dashboard=False,
-        log_to_driver=False,
-        object_store_memory=256 * 1024 * 1024,
-        _node_ip_address=LOOPBACK,
-        _temp_dir=str(tmp / "ray"),
-    )
-    try:
+    with ray_session(workers, tmp) as ray:
         r_noop = ray.remote(noop)
         r_map = ray.remote(num_returns=2)(map_task_two)
         r_reduce = ray.remote(reduce_task)
@@ -178,8 +167,6 @@ def _ray(workload: str, n: int, workers: int, tmp: Path) -> dict[str, Any]:
                 ref = r_step.remote(ref, i)
             check = ray.get(ref)
         seconds = time.perf_counter() - t0
-    finally:
-        ray.shutdown()
     return {"seconds": seconds, "check": check}
 
 
@@ -245,10 +232,12 @@ def _tasksprint(
     base = tmp / f"tasksprint-{workload}-{clients}x{slots}"
     node = f"{sys.executable} {HELPERS / 'node.py'}"
     if probe:
-        os.environ["TASKSPRINT_PROBE_WHATIF"] = ",".join(what_if)
+        # Every replica and client this process starts loads bench/tasks/probe.py as its observer.
+        os.environ["TASKSPRINT_OBSERVER"] = "probe:observer"
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HELPERS), os.environ.get("PYTHONPATH")]))
         os.environ["TASKSPRINT_PROBE_DIR"] = str(base / "probe")
         (base / "probe").mkdir(parents=True, exist_ok=True)
-    run = _probed_run() if probe else LocalRun
+    run = _probed_run(dict(w.partition("=")[::2] for w in what_if)) if probe else LocalRun
     lr = run(
         scheduler=f"{HELPERS / 'scheduler.py'}:{SCHEDULERS[workload]}",
         node=node,
@@ -279,74 +268,26 @@ def _tasksprint(
     return out
 
 
-def _probed_run():
-    """LocalRun and LocalCluster whose processes run under bench/tasks/probe.py."""
-    from tasksprint.localcluster import LocalCluster
+def _probed_run(what_if: dict[str, str]):
+    """LocalRun whose processes write their probe figures on the way out, with the what-if experiments."""
     from tasksprint.run import LocalRun
 
-    probe = str(HELPERS / "probe.py")
-
-    class ProbedCluster(LocalCluster):
-        def command(self, i: int) -> list[str]:
-            cmd = super().command(i)
-            assert cmd[1:3] == ["-m", "tasksprint.cli"]
-            return [cmd[0], probe, *cmd[3:]]
-
-        def stop(self, timeout: float = 5.0) -> None:
-            # SIGINT first: the probe writes its figures on the way out.
-            for p in self.procs:
-                if p is not None and p.poll() is None:
-                    p.send_signal(signal.SIGINT)
-            deadline = time.monotonic() + timeout
-            for p in self.procs:
-                if p is not None:
-                    try:
-                        p.wait(max(0.01, deadline - time.monotonic()))
-                    except subprocess.TimeoutExpired:
-                        pass
-            super().stop(timeout)
-
     class ProbedRun(LocalRun):
-        def start(self) -> None:
-            base = self.base()
-            base.mkdir(parents=True, exist_ok=True)
-            self.cluster = ProbedCluster(base, self.replicas, scheduler=self.scheduler)
-            self.cluster.start()
-            for i in range(self.clients):
-                self.start_client(i)
-
         def client_command(self, i: int) -> list[str]:
             cmd = super().client_command(i)
-            return [cmd[0], probe, *cmd[3:]]
+            if "prefetch" in what_if:
+                # K x slots tasks assigned at most: slots running, the rest waiting in the pool.
+                cmd += ["--queue", str((int(what_if["prefetch"]) - 1) * (self.slots or 1))]
+            return cmd
 
         def stop(self) -> None:
-            for p in self.client_procs:
-                if p.poll() is None:
-                    p.send_signal(signal.SIGINT)
-            for p in self.client_procs:
-                try:
-                    p.wait(5)
-                except subprocess.TimeoutExpired:
-                    pass
+            # SIGINT first: the probe writes its figures on the way out.
+            interrupt(self.client_procs)
+            if self.cluster is not None:
+                interrupt(self.cluster.procs)
             super().stop()
 
     return ProbedRun
-
-
-def _watch_parent(tmp: Path) -> None:
-    """If the parent dies (even by SIGKILL), stop everything this child started and leave."""
-    parent = os.getppid()
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    token = os.environ.get(MARK_VAR)
-    if token:
-        _kill_marked(token)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.parent.rmdir()  # the parent's directory, once every child's is gone
-    except OSError:
-        pass
-    os._exit(1)
 
 
 def _check(system: str, workload: str, n: int, check: Any) -> None:
@@ -366,7 +307,7 @@ def _check(system: str, workload: str, n: int, check: Any) -> None:
 
 def child_main(args: argparse.Namespace) -> int:
     tmp = Path(args.tmp)
-    threading.Thread(target=_watch_parent, args=(tmp,), daemon=True).start()
+    threading.Thread(target=watch_parent, args=(tmp,), daemon=True).start()
     try:
         if args.system == "dask":
             out = _dask(args.workload, args.n, args.workers, tmp)
@@ -391,47 +332,15 @@ def child_main(args: argparse.Namespace) -> int:
 # The parent: runs every child, collects, prints.
 
 
-MARK_VAR = "TASKSPRINT_BENCH_RUN"
-
-
-def _marked(token: str) -> list[int]:
-    """Every process whose environment carries ``MARK_VAR=token``: a child and all it started."""
-    needle = f"{MARK_VAR}={token}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                env = f.read()
-        except OSError:
-            continue
-        if needle in env.split(b"\0"):
-            found.append(int(entry))
-    return found
-
-
-def _kill_marked(token: str) -> int:
-    """SIGKILL every process started for run ``token`` (processes outlive a killed parent)."""
-    victims = _marked(token)
-    for pid in victims:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    return len(victims)
-
-
 class _Runner:
-    """Starts children one at a time; kills the running one (and all below it) on the way out."""
+    """Runs one system on one workload at a time, each in a child process of its own (a MarkedRun)."""
 
     def __init__(self, tmp: Path, workers: int, timeout: float, verbose: bool) -> None:
         self.tmp = tmp
         self.workers = workers
         self.timeout = timeout
         self.verbose = verbose
-        self.current: subprocess.Popen | None = None
-        self.token: str | None = None
+        self.children = MarkedRun()
         self.what_if: list[str] = []
 
     def run(
@@ -466,35 +375,15 @@ class _Runner:
             cmd += ["--probe"]
         for w in self.what_if:
             cmd += ["--what-if", w]
-        token = os.urandom(6).hex()
         env = dict(os.environ, TMPDIR=str(tmp), RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
-        env[MARK_VAR] = token
         label = f"{system}{' ' + layout if layout else ''} {workload} ({n} tasks)"
         if self.verbose:
             print(f"running {label} ...", file=sys.stderr, flush=True)
         started = time.monotonic()
-        left = 0
-        self.token = token
-        self.current = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            start_new_session=True,
-        )
         try:
             # The child gives up on its own at ``timeout``; this is the backstop.
-            stdout, stderr = self.current.communicate(timeout=timeout + 30)
-        except subprocess.TimeoutExpired:
-            _kill_marked(token)
-            stdout, stderr = self.current.communicate()
+            stdout, stderr, left = self.children.run(cmd, env, timeout + 30)
         finally:
-            # Whatever the child left behind (nothing, when it cleaned up after itself).
-            left = _kill_marked(token)
-            self.current.wait()
-            self.current = self.token = None
             shutil.rmtree(tmp, ignore_errors=True)
         elapsed = time.monotonic() - started
         result = None
@@ -514,11 +403,7 @@ class _Runner:
         return result
 
     def close(self) -> None:
-        if self.token is not None:
-            _kill_marked(self.token)
-        if self.current is not None:
-            self.current.wait()
-            self.current = self.token = None
+        self.children.close()
 
 
 def _rate(n: int, seconds: float | None) -> float | None:
@@ -531,19 +416,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def _fsync_ms(directory: Path, samples: int = 20) -> float:
     """Median latency of writing 100 bytes and fsyncing, in the directory the replicas use."""
-    path = directory / "fsync-probe"
-    times = []
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        for _ in range(samples):
-            t = time.perf_counter()
-            os.write(fd, b"x" * 100)
-            os.fsync(fd)
-            times.append(time.perf_counter() - t)
-    finally:
-        os.close(fd)
-        path.unlink()
-    return 1000 * sorted(times)[len(times) // 2]
+    return sorted(fsync_samples_ms(directory, samples))[samples // 2]
 
 
 def _one_round(runner: _Runner, args: argparse.Namespace, workload: str, n: int, layouts: list[str]) -> dict[str, Any]:
@@ -757,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         "--what-if",
         action="append",
         metavar="EXPERIMENT",
-        help="with --probe: no-fsync, early-views, poll-leader or prefetch=K (repeatable; see bench/tasks/probe.py)",
+        help="with --probe: prefetch=K (repeatable; see bench/tasks/probe.py)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--verbose", action="store_true", help="progress on stderr also with --json")
@@ -780,8 +653,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.what_if:
         args.probe = True
         for w in args.what_if:
-            if w.partition("=")[0] not in ("no-fsync", "early-views", "poll-leader", "prefetch"):
+            name, _, value = w.partition("=")
+            if name in DROPPED_WHAT_IFS:
+                p.error(f"--what-if {w}: no longer available ({DROPPED_WHAT_IFS[name]}); see bench/tasks/probe.py")
+            if name != "prefetch":
                 p.error(f"--what-if {w}: unknown experiment")
+            if not (value.isdigit() and int(value) >= 1):
+                p.error(f"--what-if {w}: prefetch=K needs a whole number K >= 1")
     if args.child:
         args.system, args.workload = args.child
         if args.layout:

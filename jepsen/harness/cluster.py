@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from jepsen.harness import leaks
 from jepsen.harness.net import Network
 
 MARK_ENV = "TSJ_MARK"
@@ -26,20 +27,7 @@ ELECTION_TIMEOUT = 0.3  # tasksprint's default; randomized up to twice this
 
 def leftovers(mark: str) -> list[int]:
     """Live processes whose environment carries ``TSJ_MARK=mark``."""
-    needle = f"{MARK_ENV}={mark}".encode()
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if needle not in Path(f"/proc/{entry.name}/environ").read_bytes().split(b"\0"):
-                continue
-            stat = Path(f"/proc/{entry.name}/stat").read_text()
-        except OSError:
-            continue
-        if stat.rpartition(")")[2].split()[0] not in ("Z", "X"):
-            found.append(int(entry.name))
-    return found
+    return sorted(leaks.marked(MARK_ENV, mark))
 
 
 class Proc:

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from jepsen.harness import leaks
+
 SUBNET = "10.77.0"
 PREFIX_LEN = 24
 CLONE_NEWNET = 0x40000000
@@ -75,15 +77,7 @@ def delete_netns(name: str, kill: bool = True) -> None:
 def sweep_stale(prefix: str = "tsj-") -> list[str]:
     """Delete namespaces left by earlier runs whose harness process is gone."""
     removed = []
-    for name in list_netns():
-        if not name.startswith(prefix):
-            continue
-        parts = name.split("-")
-        if len(parts) < 3 or not parts[1].isdigit():
-            continue
-        pid = int(parts[1])
-        if pid == os.getpid() or Path(f"/proc/{pid}").exists():
-            continue
+    for name in sorted(leaks.stale_namespaces(prefix)):
         delete_netns(name)
         removed.append(name)
     return removed
