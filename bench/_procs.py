@@ -470,12 +470,18 @@ def start_pysyncobj(base: Path, children: Children, *, batch: bool, tag: str, co
         argv = [
             sys.executable,
             str(PYSYNCOBJ_NODE),
-            "--self", a,
-            "--partners", ",".join(x for x in addrs if x != a),
-            "--dir", str(d),
-            "--journal", "1",
-            "--batch", "1" if batch else "0",
-            "--compaction-entries", str(compaction),
+            "--self",
+            a,
+            "--partners",
+            ",".join(x for x in addrs if x != a),
+            "--dir",
+            str(d),
+            "--journal",
+            "1",
+            "--batch",
+            "1" if batch else "0",
+            "--compaction-entries",
+            str(compaction),
         ]
         nodes.append(children.start(f"PySyncObj node {i} ({tag})", argv, d.parent / f"node{i}.err"))
     return nodes
@@ -509,15 +515,18 @@ def dask_cluster(workers: int, tmp: Path) -> Iterator[Any]:
     """A Dask distributed client of ``workers`` single-thread worker processes, all up and warmed up."""
     from distributed import Client, LocalCluster
 
-    with LocalCluster(
-        n_workers=workers,
-        threads_per_worker=1,
-        processes=True,
-        host=LOOPBACK,
-        dashboard_address=None,
-        local_directory=str(tmp),
-        silence_logs=40,
-    ) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            host=LOOPBACK,
+            dashboard_address=None,
+            local_directory=str(tmp),
+            silence_logs=40,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         client.wait_for_workers(workers)
         yield client
 

@@ -214,17 +214,31 @@ def bench_tasksprint(args: argparse.Namespace, base: Path, stack: contextlib.Exi
 
 
 def _throughput(
-    args: argparse.Namespace, cl: Any, children: Children, base_cfg: dict, worker_argv: list, logs: Path,
-    concurrency: int, batch: int, tag: str,
+    args: argparse.Namespace,
+    cl: Any,
+    children: Children,
+    base_cfg: dict,
+    worker_argv: list,
+    logs: Path,
+    concurrency: int,
+    batch: int,
+    tag: str,
 ) -> dict:
     """One throughput phase: ``--procs`` load processes x ``concurrency`` submitters, ``batch`` commands per call."""
     how = "one command per submit()" if batch == 1 else f"{batch} commands per submit_many()"
-    note(f"TaskSprint throughput: {args.procs} load processes x {concurrency} submitters, {how}, "
-         f"{args.warmup:g}s warm-up + {args.duration:g}s")
+    note(
+        f"TaskSprint throughput: {args.procs} load processes x {concurrency} submitters, {how}, "
+        f"{args.warmup:g}s warm-up + {args.duration:g}s"
+    )
     workers = []
     for w in range(args.procs):
-        cfg = dict(base_cfg, mode="load", concurrency=concurrency, batch=batch,
-                   first=(w + 1) * 10**9 + (10**8 if tag == "single" else 0))
+        cfg = dict(
+            base_cfg,
+            mode="load",
+            concurrency=concurrency,
+            batch=batch,
+            first=(w + 1) * 10**9 + (10**8 if tag == "single" else 0),
+        )
         workers.append(children.start(f"{tag} process {w}", worker_argv + [json.dumps(cfg)], logs / f"{tag}{w}.err"))
     for w in workers:
         if not w.recv(60).get("ready"):
@@ -271,8 +285,10 @@ def _bench_tasksprint(args: argparse.Namespace, base: Path, cl: Any, children: C
     logs.mkdir(exist_ok=True)
 
     # 1. Light-load latency, on the fresh cluster (as PySyncObj's is measured) ---
-    note(f"TaskSprint latency: one client, one command at a time, "
-         f"{args.latency_warmup} warm-up + {args.latency_samples} samples")
+    note(
+        f"TaskSprint latency: one client, one command at a time, "
+        f"{args.latency_warmup} warm-up + {args.latency_samples} samples"
+    )
     cfg = dict(base_cfg, mode="latency", warmup=args.latency_warmup, samples=args.latency_samples, first=10**12)
     lw = children.start("latency client", worker_argv + [json.dumps(cfg)], logs / "latency.err")
     lat = lw.recv(120 + 0.1 * (args.latency_samples + args.latency_warmup))["latencies_ms"]
@@ -286,9 +302,11 @@ def _bench_tasksprint(args: argparse.Namespace, base: Path, cl: Any, children: C
     lead = next((st for st in statuses(cl.addrs, cl.secret) if st is not None and st.role == "leader"), None)
     res["leader_commit_p50_ms"] = lead.commit_p50_ms if lead else None
     res["leader_commit_p99_ms"] = lead.commit_p99_ms if lead else None
-    note(f"TaskSprint latency: p50 {res['commit_p50_ms']:.2f} ms, p99 {res['commit_p99_ms']:.2f} ms "
-         f"(at the leader: p50 {num(res['leader_commit_p50_ms'], '.2f')} ms, "
-         f"p99 {num(res['leader_commit_p99_ms'], '.2f')} ms)")
+    note(
+        f"TaskSprint latency: p50 {res['commit_p50_ms']:.2f} ms, p99 {res['commit_p99_ms']:.2f} ms "
+        f"(at the leader: p50 {num(res['leader_commit_p50_ms'], '.2f')} ms, "
+        f"p99 {num(res['leader_commit_p99_ms'], '.2f')} ms)"
+    )
 
     # 2. Throughput --------------------------------------------------------
     leader = wait_stable(cl, [0, 1, 2])
@@ -321,9 +339,7 @@ def _bench_tasksprint(args: argparse.Namespace, base: Path, cl: Any, children: C
     good = [s for s in samples if s is not None]
     res["failover_samples_s"] = samples
     # A round with no commit within 30 s counts as infinitely slow for the median.
-    res["failover_s"] = (
-        statistics.median([s if s is not None else math.inf for s in samples]) if samples else None
-    )
+    res["failover_s"] = statistics.median([s if s is not None else math.inf for s in samples]) if samples else None
     if res["failover_s"] == math.inf:
         res["failover_s"] = None
     res["failover_max_s"] = max(good) if good else None
@@ -429,11 +445,22 @@ def _failover_rounds(
                     rnd["new_leader_elected_after_s"] = elected_after(cl, rnd["new_leader"], t_kill_wall)
             rounds.append(rnd)
             fo = rnd["failover_s"]
-            note(f"  round {r}: killed replica {leader}, "
-                 + (f"next command committed after {fo:.3f}s" if fo is not None
-                    else "no majority left" if lost_majority else "no commit within 30s")
-                 + (f" (replica {rnd['new_leader']} became leader after "
-                    f"{num(rnd.get('new_leader_elected_after_s'), '.3f')}s)" if "new_leader" in rnd else ""))
+            note(
+                f"  round {r}: killed replica {leader}, "
+                + (
+                    f"next command committed after {fo:.3f}s"
+                    if fo is not None
+                    else "no majority left"
+                    if lost_majority
+                    else "no commit within 30s"
+                )
+                + (
+                    f" (replica {rnd['new_leader']} became leader after "
+                    f"{num(rnd.get('new_leader_elected_after_s'), '.3f')}s)"
+                    if "new_leader" in rnd
+                    else ""
+                )
+            )
             cl.restart(leader)
         note_crashes(None, args.failovers)
         wait_stable(cl, list(range(cl.replicas)))
@@ -499,8 +526,10 @@ def bench_pysyncobj(args: argparse.Namespace, base: Path, children: Children) ->
             chosen = args.pso_issuers
         leader = pysyncobj_leader(nodes)
         issuers = [leader] if chosen == "leader" else [0, 1, 2]
-        note(f"PySyncObj throughput: commands issued from {chosen} ({args.pso_window} in flight in all), "
-             f"{args.warmup:g}s warm-up + {args.duration:g}s")
+        note(
+            f"PySyncObj throughput: commands issued from {chosen} ({args.pso_window} in flight in all), "
+            f"{args.warmup:g}s warm-up + {args.duration:g}s"
+        )
         r = pysyncobj_load(nodes, issuers, args.pso_window, args.warmup, args.duration)
         res["issuers"] = chosen
         res["commands_per_s"] = r["commands_per_s"]
@@ -515,8 +544,10 @@ def bench_pysyncobj(args: argparse.Namespace, base: Path, children: Children) ->
         nodes = start_pysyncobj(base, children, batch=False, tag="latency", compaction=args.pso_compaction)
         try:
             leader = pysyncobj_leader(nodes)
-            note(f"PySyncObj latency: one command at a time from the leader, "
-                 f"{args.latency_warmup} warm-up + {args.latency_samples} samples")
+            note(
+                f"PySyncObj latency: one command at a time from the leader, "
+                f"{args.latency_warmup} warm-up + {args.latency_samples} samples"
+            )
             r = nodes[leader].ask(
                 {"cmd": "latency", "warmup": args.latency_warmup, "samples": args.latency_samples, "timeout": 5.0},
                 120 + 0.1 * (args.latency_samples + args.latency_warmup),
@@ -561,7 +592,9 @@ def build_result(args: argparse.Namespace, ts: dict, pso: dict | None, load: tup
         "commit_mean_ms": _r(ts["commit_mean_ms"]),
         "leader_commit_p50_ms": _r(ts.get("leader_commit_p50_ms")),
         "leader_commit_p99_ms": _r(ts.get("leader_commit_p99_ms")),
-        "ratio_leader_commit_p50_ms": _r(_ratio(ts.get("leader_commit_p50_ms"), pso.get("commit_p50_ms"))) if pso else None,
+        "ratio_leader_commit_p50_ms": _r(_ratio(ts.get("leader_commit_p50_ms"), pso.get("commit_p50_ms")))
+        if pso
+        else None,
         "failover_samples_s": [_r(s) for s in ts["failover_samples_s"]],
         "failover_election_s": [_r(r.get("new_leader_elected_after_s")) for r in ts["failover_rounds"]],
         "failover_max_s": _r(ts["failover_max_s"]),
@@ -575,8 +608,13 @@ def build_result(args: argparse.Namespace, ts: dict, pso: dict | None, load: tup
             ),
         },
         "settings": {
-            "machine": {"cpus": os.cpu_count(), "loadavg_1min_before": load[0], "loadavg_1min_after": load[1],
-                        "python": sys.version.split()[0], **disk},
+            "machine": {
+                "cpus": os.cpu_count(),
+                "loadavg_1min_before": load[0],
+                "loadavg_1min_after": load[1],
+                "python": sys.version.split()[0],
+                **disk,
+            },
             "duration_s": args.duration,
             "warmup_s": args.warmup,
             "tasksprint": {
@@ -725,9 +763,12 @@ def render(res: dict) -> str:
 
     lines += [
         "",
-        "goals: commands/s >= 3x PySyncObj: " + verdict(g["commands_per_s_at_least_3x_pysyncobj"])
-        + "; commit p50 < 2 ms: " + verdict(g["commit_p50_under_2ms"])
-        + "; median failover < 1 s: " + verdict(g["median_failover_under_1s"]),
+        "goals: commands/s >= 3x PySyncObj: "
+        + verdict(g["commands_per_s_at_least_3x_pysyncobj"])
+        + "; commit p50 < 2 ms: "
+        + verdict(g["commit_p50_under_2ms"])
+        + "; median failover < 1 s: "
+        + verdict(g["median_failover_under_1s"]),
     ]
     return "\n".join(lines)
 
@@ -741,43 +782,83 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Benchmark TaskSprint's replicated log side by side with PySyncObj (see bench/README.md)."
     )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of the table")
-    p.add_argument("--duration", type=float, default=d["duration"],
-                   help="seconds measured per throughput phase (default %(default)s)")
-    p.add_argument("--warmup", type=float, default=d["warmup"],
-                   help="seconds of load before each throughput measurement (default %(default)s)")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=d["duration"],
+        help="seconds measured per throughput phase (default %(default)s)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=d["warmup"],
+        help="seconds of load before each throughput measurement (default %(default)s)",
+    )
     p.add_argument("--failovers", type=int, default=d["failovers"], help="leader kills (default %(default)s)")
     p.add_argument("--skip-pysyncobj", action="store_true", help="measure TaskSprint only")
     p.add_argument("--procs", type=int, default=d["procs"], help="TaskSprint load processes (default %(default)s)")
-    p.add_argument("--concurrency", type=int, default=d["concurrency"],
-                   help="concurrent submitters per load process (default %(default)s)")
-    p.add_argument("--latency-samples", type=int, default=d["latency_samples"],
-                   help="latency samples per side (default %(default)s)")
-    p.add_argument("--latency-warmup", type=int, default=d["latency_warmup"],
-                   help="commands before latency samples (default %(default)s)")
-    p.add_argument("--batch", type=int, default=d["batch"],
-                   help="commands per LogClient.submit_many() call in the main throughput phase (default %(default)s)")
-    p.add_argument("--single-concurrency", type=int, default=d["single_concurrency"],
-                   help="submitters per load process in the second phase, one command per submit() "
-                        "(default %(default)s; 0 skips it)")
-    p.add_argument("--pso-window", type=int, default=d["pso_window"],
-                   help="PySyncObj commands in flight (default %(default)s)")
-    p.add_argument("--pso-issuers", choices=["auto", "leader", "all"], default="auto",
-                   help="PySyncObj nodes issuing commands; auto probes both and keeps the faster (default %(default)s)")
-    p.add_argument("--pso-compaction", type=int, default=d["pso_compaction"],
-                   help="PySyncObj logCompactionMinEntries (default %(default)s: no compaction during the run)")
-    p.add_argument("--keep-temp", action="store_true",
-                   help="keep the temporary directory (replica logs, data, stderr of every child) and print its path")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=d["concurrency"],
+        help="concurrent submitters per load process (default %(default)s)",
+    )
+    p.add_argument(
+        "--latency-samples",
+        type=int,
+        default=d["latency_samples"],
+        help="latency samples per side (default %(default)s)",
+    )
+    p.add_argument(
+        "--latency-warmup",
+        type=int,
+        default=d["latency_warmup"],
+        help="commands before latency samples (default %(default)s)",
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=d["batch"],
+        help="commands per LogClient.submit_many() call in the main throughput phase (default %(default)s)",
+    )
+    p.add_argument(
+        "--single-concurrency",
+        type=int,
+        default=d["single_concurrency"],
+        help="submitters per load process in the second phase, one command per submit() "
+        "(default %(default)s; 0 skips it)",
+    )
+    p.add_argument(
+        "--pso-window", type=int, default=d["pso_window"], help="PySyncObj commands in flight (default %(default)s)"
+    )
+    p.add_argument(
+        "--pso-issuers",
+        choices=["auto", "leader", "all"],
+        default="auto",
+        help="PySyncObj nodes issuing commands; auto probes both and keeps the faster (default %(default)s)",
+    )
+    p.add_argument(
+        "--pso-compaction",
+        type=int,
+        default=d["pso_compaction"],
+        help="PySyncObj logCompactionMinEntries (default %(default)s: no compaction during the run)",
+    )
+    p.add_argument(
+        "--keep-temp",
+        action="store_true",
+        help="keep the temporary directory (replica logs, data, stderr of every child) and print its path",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker is None:
         if args.duration <= 0 or args.warmup < 0 or args.procs < 1 or args.concurrency < 1 or args.batch < 1:
-            p.error("--duration must be positive, --warmup non-negative, --procs, --concurrency and --batch "
-                    "at least 1")
+            p.error("--duration must be positive, --warmup non-negative, --procs, --concurrency and --batch at least 1")
         if args.single_concurrency < 0:
             p.error("--single-concurrency must be non-negative")
         if args.failovers < 0 or args.latency_samples < 1 or args.latency_warmup < 0 or args.pso_window < 1:
-            p.error("--failovers and --latency-warmup must be non-negative, "
-                    "--latency-samples and --pso-window positive")
+            p.error(
+                "--failovers and --latency-warmup must be non-negative, --latency-samples and --pso-window positive"
+            )
     return args
 
 

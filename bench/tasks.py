@@ -527,16 +527,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 else:
                     entry[f"{system}_error"] = rounds[-1].get(f"{system}_error")
             if args.repeat > 1:
-                entry["rounds_s"] = {
-                    system: [r.get(f"{system}_s") for r in rounds] for system in SYSTEMS
-                }
+                entry["rounds_s"] = {system: [r.get(f"{system}_s") for r in rounds] for system in SYSTEMS}
             tasks = entry["tasks"]
             for system in SYSTEMS:
                 entry[f"{system}_tasks_per_s"] = _rate(tasks, entry[f"{system}_s"])
                 s = entry[f"{system}_s"]
                 entry[f"{system}_ms_per_task"] = None if s is None else 1000 * s / tasks
             # >1: TaskSprint is faster (throughput ratio; for chain, the inverse of the step-latency ratio).
-            entry["throughput_ratio_tasksprint_dask"] = _ratio(entry["tasksprint_tasks_per_s"], entry["dask_tasks_per_s"])
+            entry["throughput_ratio_tasksprint_dask"] = _ratio(
+                entry["tasksprint_tasks_per_s"], entry["dask_tasks_per_s"]
+            )
             entry["throughput_ratio_tasksprint_ray"] = _ratio(entry["tasksprint_tasks_per_s"], entry["ray_tasks_per_s"])
             entry["latency_ratio_tasksprint_dask"] = _ratio(entry["tasksprint_s"], entry["dask_s"])
             entry["latency_ratio_tasksprint_ray"] = _ratio(entry["tasksprint_s"], entry["ray_s"])
@@ -608,9 +608,7 @@ def print_table(report: dict[str, Any]) -> None:
                 print(f"  TaskSprint {layout} probe:")
                 for line in res["probe"]["lines"]:
                     print(f"    {line}")
-    print(
-        "throughput ratio > 1: TaskSprint is faster; step latency ratio < 1: TaskSprint's chain step is shorter"
-    )
+    print("throughput ratio > 1: TaskSprint is faster; step latency ratio < 1: TaskSprint's chain step is shorter")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -624,7 +622,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--repeat", type=int, default=1, help="rounds of every system per workload; each figure is the median"
     )
-    p.add_argument("--layout", action="append", help="TaskSprint CLIENTSxSLOTS to run (repeatable; default 1xW and Wx1)")
+    p.add_argument(
+        "--layout", action="append", help="TaskSprint CLIENTSxSLOTS to run (repeatable; default 1xW and Wx1)"
+    )
     p.add_argument("--probe", action="store_true", help="time the phases inside TaskSprint's processes")
     p.add_argument(
         "--what-if",

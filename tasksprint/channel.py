@@ -98,7 +98,9 @@ class ReplicaChannel:
             host, port = self.current
             try:
                 with trio.fail_after(self.connect_timeout):
-                    self._conn = await wire.connect(host, port, wire.Endpoint(secret=self.secret, role="client", ident=self.ident))
+                    self._conn = await wire.connect(
+                        host, port, wire.Endpoint(secret=self.secret, role="client", ident=self.ident)
+                    )
             except BaseException:
                 await self._next()
                 raise

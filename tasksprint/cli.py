@@ -25,6 +25,7 @@ from tasksprint.launch import EXIT_USAGE, add_common_arguments, cluster_secret, 
 
 __all__ = ["build_parser", "configure_logging", "main"]
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tasksprint", description="Fault-tolerant distributed computation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -35,15 +36,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("client", help="run a worker client: node processes, task runner, data server")
     p.add_argument("--coordinators", required=True, help="HOST:PORT of the replicas, comma-separated")
     p.add_argument("--node", required=True, help='command that starts a node, e.g. "python node.py"')
-    p.add_argument("--slots", type=int, default=os.cpu_count() or 1, help="node processes, i.e. tasks at once (default: CPU count)")
-    p.add_argument("--have", action="append", default=[], metavar="TAG", help="a resource tag this machine offers (repeatable)")
-    p.add_argument("--queue", type=int, help="tasks the coordinator may assign beyond --slots, waiting here for a "
-                   "free node (default: sized from measured task and report times; 0: none)")
-    p.add_argument("--report-batch", type=int, default=256, help="most completions reported in one log command (default %(default)s)")
+    p.add_argument(
+        "--slots", type=int, default=os.cpu_count() or 1, help="node processes, i.e. tasks at once (default: CPU count)"
+    )
+    p.add_argument(
+        "--have", action="append", default=[], metavar="TAG", help="a resource tag this machine offers (repeatable)"
+    )
+    p.add_argument(
+        "--queue",
+        type=int,
+        help="tasks the coordinator may assign beyond --slots, waiting here for a "
+        "free node (default: sized from measured task and report times; 0: none)",
+    )
+    p.add_argument(
+        "--report-batch",
+        type=int,
+        default=256,
+        help="most completions reported in one log command (default %(default)s)",
+    )
     p.add_argument("--name", help="unique client name (default: host-pid-random)")
     p.add_argument("--data-host", default="127.0.0.1", help="address peers use to fetch outputs from this client")
     p.add_argument("--data-port", type=int, default=0, help="port of the data server (default: any free port)")
-    p.add_argument("--memory-limit", type=int, default=512, help="MiB of outputs kept in memory before spilling to disk")
+    p.add_argument(
+        "--memory-limit", type=int, default=512, help="MiB of outputs kept in memory before spilling to disk"
+    )
     p.add_argument("--spill-dir", type=Path, help="where spilled outputs go (default: the system temp dir)")
     add_common_arguments(p)
 
@@ -173,8 +189,8 @@ def _ask_any(args: argparse.Namespace, request: Any) -> Any:
 
 def _cmd_client(args: argparse.Namespace) -> int:
     from tasksprint.client import Client, ClientConfig
-    from tasksprint.node_process import NodeStartError
     from tasksprint.config import parse_peers
+    from tasksprint.node_process import NodeStartError
 
     try:
         config = ClientConfig(
@@ -266,7 +282,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_cancel(args: argparse.Namespace) -> int:
     from tasksprint.config import parse_peers
-    from tasksprint.coordinator.ops import CancelOp, Cancelled, Refused
+    from tasksprint.coordinator.ops import Cancelled, CancelOp, Refused
     from tasksprint.log_client import LogClient, Unavailable
 
     addrs = list(parse_peers(args.coordinators))

@@ -438,7 +438,9 @@ class Client:
         wait, margin = cfg.poll_wait, 5.0
         while True:
             try:
-                view = await channel.request(ViewRequest(cid=self._cid, after=version, wait=wait), timeout=wait + margin)
+                view = await channel.request(
+                    ViewRequest(cid=self._cid, after=version, wait=wait), timeout=wait + margin
+                )
             except ASK_ERRORS as exc:
                 if channel.failures >= len(cfg.coordinators):
                     self._log.warning("coordinators_unreachable", error=str(exc), retry_in=f"{backoff:.2f}s")
@@ -499,8 +501,12 @@ class Client:
         op: DoneOp | FailedOp | None = None
         known = sum(1 for i in run.task.inputs if i.cid is not None)
         self._log.debug(
-            "task_assigned", tid=tid, attempt=attempt, name=run.task.name,
-            inputs=len(run.task.inputs), available=known,
+            "task_assigned",
+            tid=tid,
+            attempt=attempt,
+            name=run.task.name,
+            inputs=len(run.task.inputs),
+            available=known,
         )
         assigned_at = trio.current_time()
         with run.scope:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import io
 import operator
-from typing import Any, Callable, TypeVar, dataclass_transform
+from collections.abc import Callable
+from typing import Any, TypeVar, dataclass_transform
 
 import attrs
 import cbor2

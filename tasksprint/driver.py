@@ -106,7 +106,10 @@ class DriverConfig:
 
 
 def is_small(records: Iterable[Record], limit: int) -> bool:
-    """Whether ``records`` carry at most ``limit`` bytes of values (a Batch keeps its encoding, so this costs nothing extra)."""
+    """Whether ``records`` carry at most ``limit`` bytes of values.
+
+    A Batch keeps its encoding, so this costs nothing extra.
+    """
     size = 0
     for r in records:
         value = getattr(r, "value", None)
@@ -360,7 +363,11 @@ class ReplicaDriver:
             if forgotten:
                 result = [None if r is DUPLICATE else r for r in result]
             return BlockResult(
-                client_id=cmd.client_id, first_seq=cmd.first_seq, results=result, slot=slot, leader=leader,
+                client_id=cmd.client_id,
+                first_seq=cmd.first_seq,
+                results=result,
+                slot=slot,
+                leader=leader,
                 forgotten=forgotten,
             )
         dup = result is DUPLICATE
@@ -402,6 +409,4 @@ class ReplicaDriver:
                 self.app.role_changed(core.role is Role.LEADER, self.clock())
             self._last_role = now
             if self.log is not None:
-                self.log.info(
-                    "role_changed", role=core.role.value, ballot=str(core.ballot), commit=core.commit_index
-                )
+                self.log.info("role_changed", role=core.role.value, ballot=str(core.ballot), commit=core.commit_index)

@@ -83,7 +83,9 @@ class AuthError(BadMessage):
 def check_secret(secret: Any) -> None:
     """Raise TypeError unless ``secret`` is bytes, ValueError if it is empty."""
     if not isinstance(secret, bytes):
-        raise TypeError(f"secret must be bytes, got {type(secret).__name__}; read the secret file with load_secret(path)")
+        raise TypeError(
+            f"secret must be bytes, got {type(secret).__name__}; read the secret file with load_secret(path)"
+        )
     if not secret:
         raise ValueError("secret is empty; read the cluster secret file with load_secret(path)")
 

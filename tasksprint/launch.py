@@ -37,9 +37,7 @@ EXIT_DIVERGED = 3
 
 def configure_logging(level: str = "info", fmt: str = "console") -> None:
     """Structured logs on stderr (stdout is kept for machine-readable output)."""
-    renderer = (
-        structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
-    )
+    renderer = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
@@ -54,7 +52,9 @@ def configure_logging(level: str = "info", fmt: str = "console") -> None:
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
     """The options every networked command takes: secret file and logging."""
-    p.add_argument("--secret-file", type=Path, help="file holding the cluster secret (default: an insecure development secret)")
+    p.add_argument(
+        "--secret-file", type=Path, help="file holding the cluster secret (default: an insecure development secret)"
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="console", choices=["console", "json"])
 
@@ -84,7 +84,12 @@ def add_replica_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tick-interval", type=float, default=0.1, help="seconds between TICK log entries")
     p.add_argument("--snapshot-every", type=int, default=20_000, help="applied slots between snapshots")
     add_common_arguments(p)
-    p.add_argument("--client-timeout", type=float, default=10.0, help="seconds a worker client may be silent before it is declared dead")
+    p.add_argument(
+        "--client-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a worker client may be silent before it is declared dead",
+    )
 
 
 def main(argv: list[str], *, scheduler: type | None = None) -> int:
@@ -134,8 +139,9 @@ def run_replica(args: argparse.Namespace, scheduler: type | None = None) -> int:
         return EXIT_USAGE
     app = KVApp()
     if args.scheduler is not None or scheduler is not None:
-        from tasksprint.coordinator.app import CoordinatorApp
         from tasksprint_sdk.coordinator import SchedulerLoadError
+
+        from tasksprint.coordinator.app import CoordinatorApp
 
         try:
             app = CoordinatorApp.create(

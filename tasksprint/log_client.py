@@ -149,7 +149,9 @@ class LogClient:
 
     async def status(self, addr: tuple[str, int] | None = None, *, timeout: float = 2.0) -> ReplicaStatus:
         """Ask one replica (default: the current target) for its status (see :meth:`ReplicaChannel.status`)."""
-        return await ReplicaChannel(self.addrs, self.secret, self.client_id).status(addr or self.target, timeout=timeout)
+        return await ReplicaChannel(self.addrs, self.secret, self.client_id).status(
+            addr or self.target, timeout=timeout
+        )
 
     async def query(self, name: str, args: dict | None = None, *, addr=None, timeout: float = 5.0) -> Any:
         """Ask one replica's state machine a read-only question (not linearizable).
@@ -193,7 +195,9 @@ class LogClient:
             host, port = self.target
             try:
                 with trio.fail_after(self.connect_timeout):
-                    conn = await wire.connect(host, port, wire.Endpoint(secret=self.secret, role="client", ident=self.client_id))
+                    conn = await wire.connect(
+                        host, port, wire.Endpoint(secret=self.secret, role="client", ident=self.client_id)
+                    )
             except wire.NETWORK_ERRORS as exc:
                 log.debug("replica_unreachable", replica=f"{host}:{port}", error=str(exc))
                 return None

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import enum
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import attrs
 import structlog
@@ -213,7 +214,9 @@ class NodePool:
         if self._state is _PoolState.NEW:
             raise RuntimeError("start the node pool (await pool.start(nursery)) before running tasks")
         if self._state is not _PoolState.OPEN:
-            return TaskOutcome.failed(task, FailureKind.CLOSED, f"{task.describe()} was not run: the node pool is closed")
+            return TaskOutcome.failed(
+                task, FailureKind.CLOSED, f"{task.describe()} was not run: the node pool is closed"
+            )
         entry = _RunHandle()
         self._running.setdefault(task.tid, []).append(entry)
         try:

@@ -25,7 +25,8 @@ import shlex
 import signal
 import subprocess
 import sys
-from typing import Any, Mapping, Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import attrs
 import structlog
@@ -325,8 +326,7 @@ class NodeProcess:
             return self._failed(
                 task,
                 FailureKind.TIMEOUT,
-                f"{task.describe()} ran longer than its timeout of {task.timeout:g} s; "
-                "the node process was killed",
+                f"{task.describe()} ran longer than its timeout of {task.timeout:g} s; the node process was killed",
             )
         if too_long:
             return await self._violation(

@@ -23,7 +23,8 @@ from __future__ import annotations
 import enum
 import json
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import attrs
 
@@ -162,9 +163,7 @@ class TaskOutcome:
     @classmethod
     def failed(cls, task: TaskRequest, failure: FailureKind, error: str, traceback: str = "") -> TaskOutcome:
         """The outcome of ``task`` that failed for ``failure``, explained by ``error``."""
-        return cls(
-            tid=task.tid, attempt=task.attempt, ok=False, failure=failure, error=error, traceback=traceback
-        )
+        return cls(tid=task.tid, attempt=task.attempt, ok=False, failure=failure, error=error, traceback=traceback)
 
 
 def quote(raw: bytes | bytearray) -> str:

@@ -232,9 +232,7 @@ class Replica:
                 peers=self._peer_out,
                 wake=self._poke,
                 clock=time.monotonic,
-                config=DriverConfig(
-                    fsync=cfg.fsync, snapshot_every=cfg.snapshot_every, digest_every=cfg.digest_every
-                ),
+                config=DriverConfig(fsync=cfg.fsync, snapshot_every=cfg.snapshot_every, digest_every=cfg.digest_every),
                 log=self._log,
             )
             host, port = cfg.peers[cfg.rid]

@@ -152,9 +152,7 @@ class LocalRun:
                 return status
             if self.client_procs and all(p.poll() is not None for p in self.client_procs):
                 codes = ", ".join(str(p.returncode) for p in self.client_procs)
-                raise TimeoutError(
-                    f"every worker client exited (exit codes {codes}) before the computation ended"
-                )
+                raise TimeoutError(f"every worker client exited (exit codes {codes}) before the computation ended")
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"the computation did not end within {self.timeout}s")
             await trio.sleep(0.2)

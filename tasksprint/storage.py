@@ -74,15 +74,10 @@ _SCHEMA = (
     " ballot_rid INTEGER,"
     " value BLOB NOT NULL,"
     " chosen INTEGER NOT NULL)",
-    "CREATE TABLE snapshot ("
-    " id INTEGER PRIMARY KEY CHECK (id = 1),"
-    " idx INTEGER NOT NULL,"
-    " data BLOB NOT NULL)",
+    "CREATE TABLE snapshot ( id INTEGER PRIMARY KEY CHECK (id = 1), idx INTEGER NOT NULL, data BLOB NOT NULL)",
 )
 
-_META_KEYS = frozenset(
-    {"format_version", "replica_id", "cluster", "promised_round", "promised_rid", "initialized"}
-)
+_META_KEYS = frozenset({"format_version", "replica_id", "cluster", "promised_round", "promised_rid", "initialized"})
 
 # An acceptance never replaces a chosen value (the WHERE clause of the upsert).
 _SQL_ACCEPTED = (
@@ -355,9 +350,7 @@ class Storage:
             elif kind is SavePromise:
                 for r in run:
                     if r.ballot < promised:
-                        raise AssertionError(
-                            f"promised ballot must never decrease ({promised} -> {r.ballot})"
-                        )
+                        raise AssertionError(f"promised ballot must never decrease ({promised} -> {r.ballot})")
                     promised = r.ballot
                 conn.executemany(
                     _SQL_SET_META,
@@ -379,9 +372,7 @@ class Storage:
         seen: dict[int, bytes] = {}
         for slot, blob in params:
             if slot not in seen:
-                row = conn.execute(
-                    "SELECT value FROM log WHERE slot = ? AND chosen = 1", (slot,)
-                ).fetchone()
+                row = conn.execute("SELECT value FROM log WHERE slot = ? AND chosen = 1", (slot,)).fetchone()
                 if row is not None:
                     seen[slot] = bytes(row[0])
             if slot in seen and seen[slot] != blob:
@@ -393,8 +384,7 @@ class Storage:
         self._log.error("storage_write_failed", error=str(exc))
         self.close()
         raise StorageError(
-            f"writing to {self._db_path} failed: {exc}; check free space and the disk, "
-            "then restart the replica"
+            f"writing to {self._db_path} failed: {exc}; check free space and the disk, then restart the replica"
         ) from exc
 
     # ------------------------------------------------------------------
@@ -439,8 +429,7 @@ def _check_dir(data_dir: pathlib.Path, db_path: pathlib.Path) -> None:
     """Raise StorageError unless ``data_dir`` is an existing, writable directory."""
     if not data_dir.exists():
         raise StorageError(
-            f"data directory {data_dir} does not exist; create it with "
-            f"mkdir -p {data_dir} for a new replica"
+            f"data directory {data_dir} does not exist; create it with mkdir -p {data_dir} for a new replica"
         )
     if not data_dir.is_dir():
         raise StorageError(
@@ -449,13 +438,11 @@ def _check_dir(data_dir: pathlib.Path, db_path: pathlib.Path) -> None:
         )
     if not os.access(data_dir, os.W_OK | os.X_OK):
         raise StorageError(
-            f"data directory {data_dir} is not writable; give the user running the replica "
-            "write permission on it"
+            f"data directory {data_dir} is not writable; give the user running the replica write permission on it"
         )
     if db_path.exists() and not os.access(db_path, os.R_OK | os.W_OK):
         raise StorageError(
-            f"{db_path} is not readable and writable; give the user running the replica "
-            "read and write permission on it"
+            f"{db_path} is not readable and writable; give the user running the replica read and write permission on it"
         )
 
 
@@ -524,9 +511,7 @@ def _prepare(
     return _meta_ballot(meta, db_path)
 
 
-def _check_meta(
-    meta: dict[str, Any], db_path: pathlib.Path, *, replica_id: int, cluster: str
-) -> None:
+def _check_meta(meta: dict[str, Any], db_path: pathlib.Path, *, replica_id: int, cluster: str) -> None:
     version = meta.get("format_version")
     if version is None:
         raise _corrupt(db_path, "it has no format version")

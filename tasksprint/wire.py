@@ -32,7 +32,6 @@ from __future__ import annotations
 import enum
 import math
 import os
-import sys
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -64,9 +63,6 @@ from tasksprint.handshake import (
     check_secret,
     proof_mac,
 )
-
-if sys.version_info < (3, 11):  # pragma: no cover - the backport ships with trio
-    from exceptiongroup import BaseExceptionGroup
 
 __all__ = [
     "AuthError",
@@ -396,9 +392,7 @@ async def connect(host: str, port: int, endpoint: Endpoint) -> Connection:
         stream = await trio.open_tcp_stream(host, port)
         conn = Connection(stream, max_frame=endpoint.max_frame)
         try:
-            await handshake(
-                conn, secret=endpoint.secret, role=endpoint.role, ident=endpoint.ident, side=Side.INITIATOR
-            )
+            await handshake(conn, secret=endpoint.secret, role=endpoint.role, ident=endpoint.ident, side=Side.INITIATOR)
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise

@@ -11,10 +11,10 @@ from __future__ import annotations
 import itertools
 import pathlib
 import random
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import attr
-
 from tasksprint_sdk.coordinator import (
     Coordinator,
 )
@@ -530,7 +530,15 @@ def join(h: Harness, name: str, slots: int, queue: int | None = None, have: tupl
 
 
 def done_op(cid: int, tid: int, attempt: int = 1, **extra: Any) -> dict[str, Any]:
-    return {"op": "done", "cid": cid, "tid": tid, "attempt": attempt, "values": {"out": tid}, "sizes": {"out": 8}, **extra}
+    return {
+        "op": "done",
+        "cid": cid,
+        "tid": tid,
+        "attempt": attempt,
+        "values": {"out": tid},
+        "sizes": {"out": 8},
+        **extra,
+    }
 
 
 class PlainArgs(Coordinator):

@@ -13,8 +13,9 @@ import os
 import shlex
 import shutil
 import signal
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import trio
@@ -26,7 +27,9 @@ MONTECARLO = REPO / "examples" / "montecarlo" / "node.py"
 JS_EXAMPLE = REPO / "examples" / "js" / "node.js"
 PROTOCOL_DOC = REPO / "docs" / "protocol.md"
 NODE_JS = shutil.which("node")
-needs_node_js = pytest.mark.skipif(NODE_JS is None, reason="Node.js (`node`) is not on PATH; the JavaScript nodes cannot run")
+needs_node_js = pytest.mark.skipif(
+    NODE_JS is None, reason="Node.js (`node`) is not on PATH; the JavaScript nodes cannot run"
+)
 
 # Bound on every test; a passing test takes a small fraction of it.
 TEST_LIMIT = 60
@@ -138,10 +141,19 @@ def write_node(tmp_path: Path, source: str, name: str = "node.py") -> str:
     return f"python {shlex.quote(str(script))}"
 
 
-def request(tid: int, name: str, *args: Any, attempt: int = 0, timeout: float | None = None,
-            inputs: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None, seed: int = 0) -> TaskRequest:
-    return TaskRequest(tid=tid, attempt=attempt, name=name, inputs=inputs, args=args,
-                       kwargs=kwargs or {}, seed=seed, timeout=timeout)
+def request(
+    tid: int,
+    name: str,
+    *args: Any,
+    attempt: int = 0,
+    timeout: float | None = None,
+    inputs: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> TaskRequest:
+    return TaskRequest(
+        tid=tid, attempt=attempt, name=name, inputs=inputs, args=args, kwargs=kwargs or {}, seed=seed, timeout=timeout
+    )
 
 
 def children() -> set[int]:

@@ -60,7 +60,8 @@ from __future__ import annotations
 import collections
 import heapq
 import random
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 
@@ -792,9 +793,7 @@ class ManualNet:
         return [
             i
             for i, (s, d, m) in enumerate(self.queue)
-            if (kind is None or isinstance(m, kind))
-            and (src is None or s == src)
-            and (dst is None or d == dst)
+            if (kind is None or isinstance(m, kind)) and (src is None or s == src) and (dst is None or d == dst)
         ]
 
     def peek(self, kind: type | None = None, src: Any = None, dst: Any = None) -> list[Any]:

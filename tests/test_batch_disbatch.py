@@ -102,12 +102,53 @@ def our_read(tf: TaskFile) -> tuple[list[tuple[object, ...]], list[tuple[object,
 
 _LEADS = ["#DISBATCH ", "#DISBATCH ", "#DISBATCH ", "#DISBATCH", "#DISBATCH  ", "#disbatch ", "  #", "", ""]
 _WORDS = [
-    "PREFIX ", "Prefix ", "PREFIX", "SUFFIX ", "suffix ", "REPEAT ", "repeat\t", "REPEAT", "BARRIER", "barrier",
-    "BARRIER CHECK", "BARRIER CHECK ", "BARRIERS", "PERENGINE START ", "PERENGINE STOP ", "PERENGINE START",
-    "perengine STOP ", "FOO ", "",
+    "PREFIX ",
+    "Prefix ",
+    "PREFIX",
+    "SUFFIX ",
+    "suffix ",
+    "REPEAT ",
+    "repeat\t",
+    "REPEAT",
+    "BARRIER",
+    "barrier",
+    "BARRIER CHECK",
+    "BARRIER CHECK ",
+    "BARRIERS",
+    "PERENGINE START ",
+    "PERENGINE STOP ",
+    "PERENGINE START",
+    "perengine STOP ",
+    "FOO ",
+    "",
 ]
-_TOKENS = ["", " ", "  ", "\t", "0", "1", "2", "3", "12", "start ", "START ", "step ", "Step ", "echo", "x", "$", ";",
-           "'", "#", "CHECK", " CHECK", "\r", "\xff", "é", "key"]
+_TOKENS = [
+    "",
+    " ",
+    "  ",
+    "\t",
+    "0",
+    "1",
+    "2",
+    "3",
+    "12",
+    "start ",
+    "START ",
+    "step ",
+    "Step ",
+    "echo",
+    "x",
+    "$",
+    ";",
+    "'",
+    "#",
+    "CHECK",
+    " CHECK",
+    "\r",
+    "\xff",
+    "é",
+    "key",
+]
 
 
 @st.composite
@@ -155,10 +196,21 @@ def test_readme_example_reads_as_disbatch_reads_it() -> None:
 
 
 def disbatch_report(record: StatusRecord) -> object:
-    info = disbatch.TaskInfo(record.task_id, record.line, record.repeat_index, record.command, "",
-                             kind=_KIND_LETTER[record.kind])
-    return disbatch.TaskReport(info, record.node, record.pid, record.exit_code, record.start, record.finish,
-                               record.out_bytes, record.out_snippet, record.err_bytes, record.err_snippet)
+    info = disbatch.TaskInfo(
+        record.task_id, record.line, record.repeat_index, record.command, "", kind=_KIND_LETTER[record.kind]
+    )
+    return disbatch.TaskReport(
+        info,
+        record.node,
+        record.pid,
+        record.exit_code,
+        record.start,
+        record.finish,
+        record.out_bytes,
+        record.out_snippet,
+        record.err_bytes,
+        record.err_snippet,
+    )
 
 
 @settings(max_examples=300)
@@ -178,13 +230,24 @@ def test_status_lines_are_read_as_disbatch_reads_them(record: StatusRecord) -> N
     assert ours is not None
     ti = theirs.taskInfo
     assert (ti.kind, ti.taskId, ti.taskStreamIndex, ti.taskRepIndex, ti.taskCmd) == (
-        _KIND_LETTER[ours.kind], ours.task_id, ours.line, ours.repeat_index, ours.command
+        _KIND_LETTER[ours.kind],
+        ours.task_id,
+        ours.line,
+        ours.repeat_index,
+        ours.command,
     )
     assert (theirs.host, theirs.pid, theirs.returncode, theirs.start, theirs.end) == (
-        ours.node, ours.pid, ours.exit_code, ours.start, ours.finish
+        ours.node,
+        ours.pid,
+        ours.exit_code,
+        ours.start,
+        ours.finish,
     )
     assert (theirs.outbytes, theirs.outdata, theirs.errbytes, theirs.errdata) == (
-        ours.out_bytes, ours.out_snippet, ours.err_bytes, ours.err_snippet
+        ours.out_bytes,
+        ours.out_snippet,
+        ours.err_bytes,
+        ours.err_snippet,
     )
 
 
@@ -202,8 +265,9 @@ def disbatch_snippet(data: bytes) -> str:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.one_of(st.binary(max_size=200), st.text(max_size=100).map(str.encode), st.binary(min_size=4000,
-                                                                                              max_size=9000)))
+@given(
+    st.one_of(st.binary(max_size=200), st.text(max_size=100).map(str.encode), st.binary(min_size=4000, max_size=9000))
+)
 def test_snippets_are_cut_as_disbatch_cuts_them(data: bytes) -> None:
     assert snippet(data) == disbatch_snippet(data)
 
@@ -215,8 +279,7 @@ def disbatch_resume(task_file: bytes, status_files: list[Path], *, retry: bool, 
     status = disbatch.parseStatusFiles(*status_files)
     out: list[object] = []
     try:
-        for t in disbatch.statusTaskFilter(disbatch.TaskGenerator(iter(io.BytesIO(task_file))), status, retry,
-                                           force):
+        for t in disbatch.statusTaskFilter(disbatch.TaskGenerator(iter(io.BytesIO(task_file))), status, retry, force):
             if t.kind == "S":
                 out.append(str(t.skipInfo))
             elif t.kind == "N":
@@ -257,8 +320,13 @@ def resume_cases(draw: st.DrawFn) -> tuple[bytes, list[list[StatusRecord]]]:
             if draw(st.integers(0, 9)) == 0:
                 task = attrs.evolve(task, command=task.command + b" changed")
             start = draw(st.integers(0, 10**6)) / 1000
-            outcome = Outcome(node=draw(st.sampled_from(["n1", "n2"])), pid=7, exit_code=code, start=start,
-                              finish=start + draw(st.integers(0, 5000)) / 1000)
+            outcome = Outcome(
+                node=draw(st.sampled_from(["n1", "n2"])),
+                pid=7,
+                exit_code=code,
+                start=start,
+                finish=start + draw(st.integers(0, 5000)) / 1000,
+            )
             lines.append(attrs.evolve(outcome.record(task), kind=kind))
         runs.append(lines)
     return task_file, runs
@@ -267,7 +335,9 @@ def resume_cases(draw: st.DrawFn) -> tuple[bytes, list[list[StatusRecord]]]:
 @settings(max_examples=150, deadline=None)
 @given(resume_cases(), st.booleans(), st.booleans())
 def test_resume_decides_as_disbatch_decides(
-    tmp_path_factory: pytest.TempPathFactory, case: tuple[bytes, list[list[StatusRecord]]], retry: bool,
+    tmp_path_factory: pytest.TempPathFactory,
+    case: tuple[bytes, list[list[StatusRecord]]],
+    retry: bool,
     force: bool,
 ) -> None:
     task_file, runs = case
@@ -313,7 +383,11 @@ TASK_FILE = b"".join(
 def run_disbatch(directory: Path, prefix: str, *args: str) -> Path:
     result = subprocess.run(
         [sys.executable, "-m", "disbatch", "-s", "localhost:2", "-p", prefix, *args, "Tasks"],
-        check=False, cwd=directory, capture_output=True, timeout=300, stdin=subprocess.DEVNULL,
+        check=False,
+        cwd=directory,
+        capture_output=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
     )
     status = directory / f"{prefix}_status.txt"
     if not status.exists():
@@ -339,8 +413,15 @@ def check_fields(ours: str, theirs: str) -> None:
 
 
 def run_locally(command: bytes, env: dict[str, str], directory: Path) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(["/bin/bash", "-c", command], env={**os.environ, **env}, cwd=directory,
-                          check=False, capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        ["/bin/bash", "-c", command],
+        env={**os.environ, **env},
+        cwd=directory,
+        check=False,
+        capture_output=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 @pytest.mark.slow
@@ -358,8 +439,7 @@ def test_every_status_field_matches_a_real_disbatch_run(real_run: tuple[Path, Pa
         if theirs.kind in (RecordKind.BARRIER, RecordKind.CHECK_BARRIER):
             barrier = tf.record(theirs.task_id)
             assert isinstance(barrier, Barrier)
-            ours = barrier_record(barrier, node=theirs.node, pid=theirs.pid, start=theirs.start,
-                                  finish=theirs.finish)
+            ours = barrier_record(barrier, node=theirs.node, pid=theirs.pid, start=theirs.start, finish=theirs.finish)
             check_fields(format_status_line(ours), line)
             continue
         task: Task | PerEngine
@@ -370,16 +450,27 @@ def test_every_status_field_matches_a_real_disbatch_run(real_run: tuple[Path, Pa
         # Run the same command with our environment: same output, so same byte counts and snippets.
         env = task_environment(task, slot_rank=-1 if isinstance(task, PerEngine) else 0, **env_of)
         done = run_locally(task.command, env, tmp_path)
-        outcome = Outcome(node=theirs.node, pid=theirs.pid, exit_code=done.returncode, start=theirs.start,
-                          finish=theirs.finish, out_bytes=len(done.stdout), out_snippet=snippet(done.stdout),
-                          err_bytes=len(done.stderr), err_snippet=snippet(done.stderr))
+        outcome = Outcome(
+            node=theirs.node,
+            pid=theirs.pid,
+            exit_code=done.returncode,
+            start=theirs.start,
+            finish=theirs.finish,
+            out_bytes=len(done.stdout),
+            out_snippet=snippet(done.stdout),
+            err_bytes=len(done.stderr),
+            err_snippet=snippet(done.stderr),
+        )
         check_fields(format_status_line(outcome.record(task)), line)
     # Everything up to the CHECK barrier ran, and nothing after it.
     check = next(r for r in tf.records() if isinstance(r, Barrier) and r.check)
     assert seen == {(RecordKind.PER_ENGINE, 0)} | {
-        (RecordKind.TASK if isinstance(r, Task) else
-         RecordKind.CHECK_BARRIER if r.check else RecordKind.BARRIER, r.task_id)
-        for r in tf.records() if r.task_id <= check.task_id
+        (
+            RecordKind.TASK if isinstance(r, Task) else RecordKind.CHECK_BARRIER if r.check else RecordKind.BARRIER,
+            r.task_id,
+        )
+        for r in tf.records()
+        if r.task_id <= check.task_id
     }
 
 
@@ -388,11 +479,15 @@ def test_task_environment_matches_a_real_disbatch_run(real_run: tuple[Path, Path
     directory, _, _ = real_run
     tf = parse_taskfile((directory / "Tasks").read_bytes(), name="Tasks")
     task = next(r for r in tf.records() if isinstance(r, Task) and r.command.startswith(b"env "))
-    theirs = dict(
-        line.split("=", 1) for line in (directory / f"env_{task.task_id}.txt").read_text().splitlines()
+    theirs = dict(line.split("=", 1) for line in (directory / f"env_{task.task_id}.txt").read_text().splitlines())
+    ours = task_environment(
+        task,
+        job_id="run1",
+        taskfile_name="Tasks",
+        engine_rank=0,
+        slot_rank=int(theirs["DISBATCH_CYLINDER_RANK"]),
+        cores_per_task=1,
     )
-    ours = task_environment(task, job_id="run1", taskfile_name="Tasks", engine_rank=0,
-                            slot_rank=int(theirs["DISBATCH_CYLINDER_RANK"]), cores_per_task=1)
     assert ours == theirs
 
 

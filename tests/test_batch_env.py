@@ -20,7 +20,11 @@ from tasksprint.batch.taskfile import EngineEvent, PerEngine, Task
 def test_a_task_gets_disbatch_variables_with_six_digit_zero_padding() -> None:
     task = Task(task_id=12, line=315, repeat_index=-1, command=b"x")
     env = task_environment(
-        task, job_id="Tasks_disBatch_261207133410_994", taskfile_name="Tasks", engine_rank=3, slot_rank=1,
+        task,
+        job_id="Tasks_disBatch_261207133410_994",
+        taskfile_name="Tasks",
+        engine_rank=3,
+        slot_rank=1,
         cores_per_task=4,
     )
     assert env == {
@@ -55,8 +59,14 @@ def test_a_perengine_command_gets_its_index_and_runs_outside_the_slots() -> None
 
 @pytest.mark.parametrize(
     ("cores", "cpus", "per_node", "slots", "per_task"),
-    [(8, 1.0, None, 8, 1), (8, 4.0, None, 2, 4), (3, 2.0, None, 1, 3), (2, 0.5, None, 4, 0), (16, 1.0, 3, 3, 5),
-     (1, 2.0, None, 0, 1)],
+    [
+        (8, 1.0, None, 8, 1),
+        (8, 4.0, None, 2, 4),
+        (3, 2.0, None, 1, 3),
+        (2, 0.5, None, 4, 0),
+        (16, 1.0, 3, 3, 5),
+        (1, 2.0, None, 0, 1),
+    ],
 )
 def test_slots_and_cores_per_task_follow_cpus_per_task_and_tasks_per_node(
     cores: int, cpus: float, per_node: int | None, slots: int, per_task: int

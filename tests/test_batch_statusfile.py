@@ -99,8 +99,21 @@ def test_snippets_are_python_literals_and_non_utf8_commands_bytes_literals() -> 
 
 def test_the_header_line() -> None:
     assert STATUS_HEADER.split("\t") == [
-        "ROE[ PSZ]", "TaskID", "LineNum", "RepeatIndex", "Node", "PID", "ReturnCode", "Elapsed", "Start",
-        "Finish", "BytesOfLeakedOutput", "OutputSnippet", "BytesOfLeakedError", "ErrorSnippet", "Command",
+        "ROE[ PSZ]",
+        "TaskID",
+        "LineNum",
+        "RepeatIndex",
+        "Node",
+        "PID",
+        "ReturnCode",
+        "Elapsed",
+        "Start",
+        "Finish",
+        "BytesOfLeakedOutput",
+        "OutputSnippet",
+        "BytesOfLeakedError",
+        "ErrorSnippet",
+        "Command",
     ]
     assert parse_status_line(STATUS_HEADER) is None
 
@@ -206,8 +219,9 @@ def file_of(*records: StatusRecord) -> bytes:
 
 def test_resume_skips_what_completed_and_runs_the_rest() -> None:
     t = tasks("touch A", "exit 1", "touch C", "touch D")
-    earlier = resume_index([parse_status_file(file_of(line_record(t[0], 0), line_record(t[1], 1),
-                                                      line_record(t[2], 0)))])
+    earlier = resume_index(
+        [parse_status_file(file_of(line_record(t[0], 0), line_record(t[1], 1), line_record(t[2], 0)))]
+    )
     decisions = [resume_decision(task, earlier) for task in t]
     assert [type(d) for d in decisions] == [Skip, Skip, Skip, Run]
     skip = decisions[1]
@@ -218,8 +232,9 @@ def test_resume_skips_what_completed_and_runs_the_rest() -> None:
 
 def test_retry_runs_what_failed_again() -> None:
     t = tasks("ok", "fail", "killed")
-    earlier = resume_index([parse_status_file(file_of(line_record(t[0], 0), line_record(t[1], 2),
-                                                      line_record(t[2], -9)))])
+    earlier = resume_index(
+        [parse_status_file(file_of(line_record(t[0], 0), line_record(t[1], 2), line_record(t[2], -9)))]
+    )
     assert [type(resume_decision(task, earlier, retry=True)) for task in t] == [Skip, Run, Run]
 
 

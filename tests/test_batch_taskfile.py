@@ -98,15 +98,14 @@ def test_repeat_numbers_every_task_and_its_repeat_index() -> None:
         Task(task_id=3, line=2, repeat_index=9, command=b"echo $DISBATCH_REPEAT_INDEX"),
         Task(task_id=4, line=3, repeat_index=-1, command=b"last"),
     ]
-    assert tf.entries[1] == Repeat(first_id=1, line=2, count=3, start=5, step=2,
-                                   command=b"echo $DISBATCH_REPEAT_INDEX")
+    assert tf.entries[1] == Repeat(first_id=1, line=2, count=3, start=5, step=2, command=b"echo $DISBATCH_REPEAT_INDEX")
 
 
 def test_repeat_defaults_and_optional_parts() -> None:
     tf = parse(
         "#DISBATCH PREFIX p \n"
-        "#DISBATCH REPEAT 2\n"                 # no command: the prefix and suffix alone
-        "#DISBATCH repeat 2 STEP 10 x\n"       # keywords in any case; step without start
+        "#DISBATCH REPEAT 2\n"  # no command: the prefix and suffix alone
+        "#DISBATCH repeat 2 STEP 10 x\n"  # keywords in any case; step without start
         "#DISBATCH REPEAT 2 start 3\n"
         "#DISBATCH REPEAT 1 step 2 start 5\n"  # start after step is part of the command
         "#DISBATCH REPEAT 0 never\n"
@@ -230,9 +229,22 @@ def test_streaming_reader_returns_what_each_item_adds() -> None:
 
 _PIECES = st.sampled_from(
     [
-        "echo a", "", "# c", "  #x", "#DISBATCH PREFIX p ", "#DISBATCH SUFFIX  s", "#DISBATCH PREFIX ",
-        "#DISBATCH REPEAT 3 r", "#DISBATCH REPEAT 2 start 4 step 3", "#DISBATCH BARRIER", "#DISBATCH BARRIER CHECK k",
-        "#DISBATCH NOPE", "a\rb", "x\r", "#DISBATCH PERENGINE START s", "#DISBATCH PERENGINE STOP t",
+        "echo a",
+        "",
+        "# c",
+        "  #x",
+        "#DISBATCH PREFIX p ",
+        "#DISBATCH SUFFIX  s",
+        "#DISBATCH PREFIX ",
+        "#DISBATCH REPEAT 3 r",
+        "#DISBATCH REPEAT 2 start 4 step 3",
+        "#DISBATCH BARRIER",
+        "#DISBATCH BARRIER CHECK k",
+        "#DISBATCH NOPE",
+        "a\rb",
+        "x\r",
+        "#DISBATCH PERENGINE START s",
+        "#DISBATCH PERENGINE STOP t",
     ]
 )
 

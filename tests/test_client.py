@@ -174,9 +174,23 @@ def test_unusable_spill_dir_is_refused_before_starting(tmp_path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     done = subprocess.run(
-        [sys.executable, "-m", "tasksprint.cli", "client", "--coordinators", "127.0.0.1:9", "--node", "true",
-         "--secret-file", str(secret), "--spill-dir", str(blocker / "spill")],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "tasksprint.cli",
+            "client",
+            "--coordinators",
+            "127.0.0.1:9",
+            "--node",
+            "true",
+            "--secret-file",
+            str(secret),
+            "--spill-dir",
+            str(blocker / "spill"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 2
     assert f"cannot use --spill-dir {blocker / 'spill'}" in done.stderr

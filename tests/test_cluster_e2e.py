@@ -579,14 +579,10 @@ async def test_clients_joining_long_after_the_leader_took_office_are_not_declare
 # 2. A client killed mid-run
 
 
-async def test_client_killed_mid_run_its_work_is_redone_and_client_dead_is_called(
-    computation, tmp_path: Path
-) -> None:
+async def test_client_killed_mid_run_its_work_is_redone_and_client_dead_is_called(computation, tmp_path: Path) -> None:
     spec = write_scheduler(tmp_path, "SumDag", SUM_DAG, SLEEP=0.4)
     with trio.fail_after(GUARD_SECONDS):
-        run = await computation(
-            spec, node_command(PY_NODE), replica_args=("--client-timeout", str(CLIENT_TIMEOUT))
-        )
+        run = await computation(spec, node_command(PY_NODE), replica_args=("--client-timeout", str(CLIENT_TIMEOUT)))
 
         async def busy_client() -> dict | None:
             # Once some leaf is done (its outputs live on a client) and a client runs a task;
@@ -645,9 +641,7 @@ async def test_client_killed_with_tasks_queued_beyond_its_slots_they_are_placed_
     leaves = 600
     spec = write_scheduler(tmp_path, "QueuedSum", QUEUED_SUM, SLEEP=0.005, LEAVES=leaves, CHAIN=40)
     with trio.fail_after(GUARD_SECONDS):
-        run = await computation(
-            spec, node_command(PY_NODE), replica_args=("--client-timeout", str(CLIENT_TIMEOUT))
-        )
+        run = await computation(spec, node_command(PY_NODE), replica_args=("--client-timeout", str(CLIENT_TIMEOUT)))
 
         async def queued_client() -> dict | None:
             # A client holding more tasks than its one slot: the rest wait in its node pool.
@@ -726,9 +720,7 @@ async def test_leader_killed_mid_run_every_completion_counts_once(computation, t
 # 4. Node processes that crash
 
 
-async def test_node_crash_on_first_attempt_is_retried_and_the_computation_finishes(
-    computation, tmp_path: Path
-) -> None:
+async def test_node_crash_on_first_attempt_is_retried_and_the_computation_finishes(computation, tmp_path: Path) -> None:
     marks = tmp_path / "marks"
     marks.mkdir()
     spec = write_scheduler(

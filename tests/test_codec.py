@@ -22,7 +22,7 @@ def _shared_dag(levels: int) -> bytes:
     outermost level is shareable 0, the next 1, and so on inwards.
     """
     out = bytearray(b"\xa1")  # a map of one pair; the key follows
-    for k in range(levels, 0, -1):
+    for _ in range(levels):
         out += b"\xd8\x1c\x82"  # shareable [ ...
     out += b"\xd8\x1c\x81\x01"  # level 0: shareable [1]
     for k in range(1, levels + 1):
@@ -106,7 +106,10 @@ def test_non_canonical_shapes_are_refused(data, why):
 
 
 def test_our_objects_and_plain_data_still_round_trip():
-    value = {"a": [1, -2, 3.5, None, True, b"x", "y"], "sub": Submit(command=Command(client_id="c", seq=1, first_unacked=1, op={"k": [1]}))}
+    value = {
+        "a": [1, -2, 3.5, None, True, b"x", "y"],
+        "sub": Submit(command=Command(client_id="c", seq=1, first_unacked=1, op={"k": [1]})),
+    }
     assert codec.decode_untrusted(codec.encode(value)) == value
     assert codec.decode(codec.encode(value)) == value
 

@@ -10,13 +10,6 @@ import sys
 import textwrap
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from tasksprint.coordinator.machine import CoordinatorMachine, RunState
-from tasksprint.machine import Applier
-from tasksprint.paxos.messages import Batch, Command, Tick
-
 from coordinator_harness import (
     ECHO,
     Harness,
@@ -27,6 +20,12 @@ from coordinator_harness import (
     SloppyScheduler,
     done_op,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tasksprint.coordinator.machine import CoordinatorMachine, RunState
+from tasksprint.machine import Applier
+from tasksprint.paxos.messages import Batch, Command, Tick
 
 
 def test_replicas_draw_the_same_seed() -> None:
@@ -180,7 +179,10 @@ def test_batched_reports_give_every_replica_the_same_state() -> None:
             h.op(op)
     while lead.machine.run_state is RunState.RUNNING:
         view = lead.machine.view(1).tasks
-        batch = {"op": "batch", "ops": [done_op(1, t.tid, t.attempt, early=[[i.tid, 1] for i in t.inputs]) for t in view]}
+        batch = {
+            "op": "batch",
+            "ops": [done_op(1, t.tid, t.attempt, early=[[i.tid, 1] for i in t.inputs]) for t in view],
+        }
         for h in replicas:
             h.op(batch)
         assert len({h.applier.digest for h in replicas}) == 1

@@ -1,24 +1,18 @@
-"""Coordinator task lifecycle: completion, kills, retries, failing hooks, dead clients and recomputation from lineage."""
+"""Coordinator task lifecycle: completion, kills, retries, failing hooks, dead clients, recomputation."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
-
-from tasksprint.coordinator.ops import ErrorCode, Joined, Refused
-from tasksprint_sdk.coordinator import (
-    load_scheduler,
-)
-
 from coordinator_harness import (
+    ECHO,
+    MONTECARLO,
     BuggyScheduler,
     ChainScheduler,
-    ECHO,
     FanInScheduler,
     FragileScheduler,
     KillScheduler,
-    MONTECARLO,
     ManyScheduler,
     ReplicaScheduler,
     RetryingFanIn,
@@ -29,6 +23,11 @@ from coordinator_harness import (
     names,
     run_on,
 )
+from tasksprint_sdk.coordinator import (
+    load_scheduler,
+)
+
+from tasksprint.coordinator.ops import ErrorCode, Joined, Refused
 
 
 def test_montecarlo_example_runs_to_completion(capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,44 +6,9 @@ import random
 
 import cbor2
 import pytest
-
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from tasksprint import codec
-from tasksprint.coordinator.app import CoordinatorApp
-from tasksprint.coordinator.machine import CoordinatorMachine
-from tasksprint.coordinator.replies import Assignment, ClientView, HolderChange, InputLocation
-from tasksprint.coordinator.ops import (
-    ACCEPTED,
-    BadOp,
-    BatchApplied,
-    Cancelled,
-    Initialized,
-    Joined,
-    Reported,
-    BatchOp,
-    CancelOp,
-    DoneOp,
-    ErrorCode,
-    FailedOp,
-    InfoRequest,
-    InitOp,
-    JoinOp,
-    LostOp,
-    Refused,
-    StatusRequest,
-    ViewRequest,
-    parse_op,
-    parse_query,
-)
-from tasksprint_sdk.coordinator import (
-    SchedulerUsageError,
-)
-
 from coordinator_harness import (
-    ChainScheduler,
     ECHO,
+    ChainScheduler,
     Harness,
     KillScheduler,
     ManyScheduler,
@@ -53,6 +18,39 @@ from coordinator_harness import (
     join,
     names,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tasksprint_sdk.coordinator import (
+    SchedulerUsageError,
+)
+
+from tasksprint import codec
+from tasksprint.coordinator.app import CoordinatorApp
+from tasksprint.coordinator.machine import CoordinatorMachine
+from tasksprint.coordinator.ops import (
+    ACCEPTED,
+    BadOp,
+    BatchApplied,
+    BatchOp,
+    Cancelled,
+    CancelOp,
+    DoneOp,
+    ErrorCode,
+    FailedOp,
+    InfoRequest,
+    Initialized,
+    InitOp,
+    Joined,
+    JoinOp,
+    LostOp,
+    Refused,
+    Reported,
+    StatusRequest,
+    ViewRequest,
+    parse_op,
+    parse_query,
+)
+from tasksprint.coordinator.replies import Assignment, ClientView, HolderChange, InputLocation
 
 
 def test_actions_outside_hooks_are_refused() -> None:
@@ -223,8 +221,27 @@ plain = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
     max_leaves=12,
 )
-fields = st.sampled_from(["op", "seed", "code_digest", "client", "addr", "slots", "queue", "have", "cid", "tid",
-                          "attempt", "values", "sizes", "early", "error", "key", "ops"])
+fields = st.sampled_from(
+    [
+        "op",
+        "seed",
+        "code_digest",
+        "client",
+        "addr",
+        "slots",
+        "queue",
+        "have",
+        "cid",
+        "tid",
+        "attempt",
+        "values",
+        "sizes",
+        "early",
+        "error",
+        "key",
+        "ops",
+    ]
+)
 names_ = st.sampled_from(["init", "join", "done", "failed", "lost", "cancel", "batch", "nope"])
 
 
@@ -247,8 +264,14 @@ def test_queries_parse_into_requests_or_are_refused_by_code() -> None:
     assert parse_query(request.NAME, request.args()) == request
     assert parse_query("status", {}) == StatusRequest()
     assert parse_query("info", {"tid": 2}) == InfoRequest(tid=2)
-    for name, args in [("view", {}), ("view", {"cid": 1, "after": -1}), ("view", {"cid": 1, "wait": True}),
-                       ("view", {"cid": 1, "wait": float("nan")}), ("info", {"tid": "2"}), ("status", [])]:
+    for name, args in [
+        ("view", {}),
+        ("view", {"cid": 1, "after": -1}),
+        ("view", {"cid": 1, "wait": True}),
+        ("view", {"cid": 1, "wait": float("nan")}),
+        ("info", {"tid": "2"}),
+        ("status", []),
+    ]:
         with pytest.raises(BadOp) as info:
             parse_query(name, args)
         assert info.value.refused.code == ErrorCode.MALFORMED.value, (name, args)
@@ -273,7 +296,9 @@ def test_the_app_answers_a_malformed_query_with_its_refusal() -> None:
         Joined(cid=3),
         Reported(accepted=False, reason="stale", rerun=True),
         Cancelled(killed=(1, 2)),
-        BatchApplied(count=3, others=((1, Reported(accepted=False, reason="r")), (2, Refused(code="unknown", error="x")))),
+        BatchApplied(
+            count=3, others=((1, Reported(accepted=False, reason="r")), (2, Refused(code="unknown", error="x")))
+        ),
         Refused(code="not_initialized", error="try again"),
     ],
     ids=lambda a: type(a).__name__,
@@ -295,10 +320,25 @@ def test_a_malformed_answer_from_the_network_is_a_bad_message() -> None:
 
 def test_a_view_travels_typed_and_a_malformed_one_is_a_bad_message() -> None:
     view = ClientView(
-        version=4, state="running", alive=True, client_timeout=10.0,
-        tasks=(Assignment(tid=2, attempt=1, name="f", args=[1], kwargs={}, seed=9, timeout=None, keys=("out",),
-                          inputs=(InputLocation(tid=1, key=None, cid=3, addr="h:1"),)),),
-        kill=(5,), holders=(HolderChange(tid=1, cid=None, addr=None),),
+        version=4,
+        state="running",
+        alive=True,
+        client_timeout=10.0,
+        tasks=(
+            Assignment(
+                tid=2,
+                attempt=1,
+                name="f",
+                args=[1],
+                kwargs={},
+                seed=9,
+                timeout=None,
+                keys=("out",),
+                inputs=(InputLocation(tid=1, key=None, cid=3, addr="h:1"),),
+            ),
+        ),
+        kill=(5,),
+        holders=(HolderChange(tid=1, cid=None, addr=None),),
     )
     assert codec.decode_untrusted(codec.encode(view)) == view
     for fields in (

@@ -5,19 +5,10 @@ from __future__ import annotations
 import random
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from tasksprint.coordinator.replies import HolderChange
-from tasksprint.coordinator.ops import BatchApplied, Refused
-from tasksprint_sdk.coordinator import (
-    Coordinator,
-)
-
 from coordinator_harness import (
+    ECHO,
     ChainScheduler,
     DiamondScheduler,
-    ECHO,
     FanInScheduler,
     Harness,
     LocalityScheduler,
@@ -33,6 +24,14 @@ from coordinator_harness import (
     join,
     names,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tasksprint_sdk.coordinator import (
+    Coordinator,
+)
+
+from tasksprint.coordinator.ops import BatchApplied, Refused
+from tasksprint.coordinator.replies import HolderChange
 
 
 def test_dependents_are_placed_only_after_their_pretasks_are_done() -> None:

@@ -7,11 +7,19 @@ import sys
 import types
 
 import pytest
-
-import tasksprint
-from tasksprint.coordinator.machine import CoordinatorMachine, RunState, SchedulerMismatch
-from tasksprint.machine import Applier
-from tasksprint.paxos.messages import Batch, Command
+from coordinator_harness import (
+    ECHO,
+    MONTECARLO,
+    ChainScheduler,
+    CountingScheduler,
+    Harness,
+    Shuffle,
+    Sim,
+    merge,
+    montecarlo,
+    names,
+    replay,
+)
 from tasksprint_sdk.coordinator import (
     Coordinator,
     SchedulerLoadError,
@@ -20,19 +28,10 @@ from tasksprint_sdk.coordinator import (
     scheduler_code_digest,
 )
 
-from coordinator_harness import (
-    names,
-    ChainScheduler,
-    CountingScheduler,
-    ECHO,
-    Harness,
-    MONTECARLO,
-    Shuffle,
-    Sim,
-    merge,
-    montecarlo,
-    replay,
-)
+import tasksprint
+from tasksprint.coordinator.machine import CoordinatorMachine, RunState, SchedulerMismatch
+from tasksprint.machine import Applier
+from tasksprint.paxos.messages import Batch, Command
 
 
 def test_snapshot_carries_early_placements() -> None:

@@ -137,8 +137,8 @@ async def test_stop_finishes_what_was_submitted(tmp_path):
 async def test_a_replica_whose_disk_fails_stops_with_the_storage_error(tmp_path, monkeypatch, size):
     import sqlite3
 
-    from tasksprint.log_client import LogClient, Unavailable
     from tasksprint.config import ReplicaConfig
+    from tasksprint.log_client import LogClient, Unavailable
     from tasksprint.replica import Replica
 
     writes = 0

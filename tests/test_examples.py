@@ -112,20 +112,34 @@ def run_example(tmp_path: Path, example: str, scheduler_class: str, **env: str) 
     workdir.mkdir()
     directory = EXAMPLES / example
     cmd = [
-        sys.executable, "-m", "tasksprint.cli", "run",
+        sys.executable,
+        "-m",
+        "tasksprint.cli",
+        "run",
         f"{directory / 'scheduler.py'}:{scheduler_class}",
-        "--node", f"python {shlex.quote(str(directory / 'node.py'))}",
-        "--replicas", "3",
-        "--clients", "2",
-        "--slots", "2",
-        "--timeout", str(RUN_TIMEOUT),
-        "--data", str(data),
+        "--node",
+        f"python {shlex.quote(str(directory / 'node.py'))}",
+        "--replicas",
+        "3",
+        "--clients",
+        "2",
+        "--slots",
+        "2",
+        "--timeout",
+        str(RUN_TIMEOUT),
+        "--data",
+        str(data),
     ]
     # TMPDIR: the clients' object-store directories land in tmp_path too.
     full_env = {**os.environ, "TMPDIR": str(scratch), **env}
     proc = subprocess.Popen(
-        cmd, cwd=workdir, env=full_env, stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cmd,
+        cwd=workdir,
+        env=full_env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         # SIGINT (below) must reach Python's handler even if this test
         # runs with SIGINT ignored, as in a background job of a script.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
@@ -225,7 +239,11 @@ def test_wordcount_corpus_is_reproducible_and_partitions_every_word() -> None:
     )
     other = subprocess.run(
         [sys.executable, "-c", script, str(EXAMPLES / "wordcount"), json.dumps(words)],
-        env={**os.environ, "PYTHONHASHSEED": "12345"}, capture_output=True, text=True, timeout=60, check=True,
+        env={**os.environ, "PYTHONHASHSEED": "12345"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     assert json.loads(other.stdout) == [corpus.partition(w, 4) for w in words]
 
@@ -286,8 +304,7 @@ def test_genetic_beats_random_baseline(tmp_path: Path) -> None:
     # several random populations of the same size drawn here.
     rng = random.Random(12345)
     baseline = max(
-        landscape.fitness(landscape.random_genome(rng, bits), targets, weights)
-        for _ in range(5 * v["population"])
+        landscape.fitness(landscape.random_genome(rng, bits), targets, weights) for _ in range(5 * v["population"])
     )
     assert v["best_fitness"] > v["initial_best_fitness"], v
     assert v["best_fitness"] > baseline, (v["best_fitness"], baseline)

@@ -108,7 +108,10 @@ def test_transcript_is_hellos_then_the_initiators_proof_then_the_responders():
     a, b = initiator(), responder()
     sent = transcript(a, b)
     assert [(who, type(msg).__name__) for who, msg in sent] == [
-        ("a", "Hello"), ("b", "Hello"), ("a", "Proof"), ("b", "Proof"),
+        ("a", "Hello"),
+        ("b", "Hello"),
+        ("a", "Proof"),
+        ("b", "Proof"),
     ]
     assert sent[2][1] == Proof(mac=proof_mac(SECRET, Side.INITIATOR, "client", "c1", NONCE_R, NONCE_I))
     assert sent[3][1] == Proof(mac=proof_mac(SECRET, Side.RESPONDER, "replica", "r1", NONCE_I, NONCE_R))

@@ -31,11 +31,30 @@ REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "jepsen" / "run"
 FAULT_SECONDS = float(os.environ.get("JEPSEN_TEST_TIME", "8"))
 GUARD_SECONDS = 900
-SCENARIOS = ["partition-leader", "partition-halves", "majorities-ring", "bridge", "kill-leader", "kill-minority",
-             "kill-all", "pause-leader", "clock-skew", "netem", "isolate-client", "mixed"]
+SCENARIOS = [
+    "partition-leader",
+    "partition-halves",
+    "majorities-ring",
+    "bridge",
+    "kill-leader",
+    "kill-minority",
+    "kill-all",
+    "pause-leader",
+    "clock-skew",
+    "netem",
+    "isolate-client",
+    "mixed",
+]
 FIVE_REPLICAS = {"majorities-ring", "bridge"}
-CHECKERS = ["exactly_once", "replicas_agree", "result_correct", "progress_after_heal", "clients_stay_up", "cancels",
-            "clean_stop"]
+CHECKERS = [
+    "exactly_once",
+    "replicas_agree",
+    "result_correct",
+    "progress_after_heal",
+    "clients_stay_up",
+    "cancels",
+    "clean_stop",
+]
 
 
 def _netns_usable() -> str | None:
@@ -77,9 +96,21 @@ def _marked_processes(prefix: str) -> list[str]:
 def test_all_scenarios_pass_and_clean_up(tmp_path: Path) -> None:
     before = set(_tsj_namespaces())
     proc = subprocess.Popen(
-        [sys.executable, str(RUN), "--scenario", "all", "--time", str(FAULT_SECONDS), "--seed", "20240601",
-         "--report", str(tmp_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            str(RUN),
+            "--scenario",
+            "all",
+            "--time",
+            str(FAULT_SECONDS),
+            "--seed",
+            "20240601",
+            "--report",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         # The run directory (logs, data directories) goes under tmp_path too, not the system's temp dir.
         env={**os.environ, "TMPDIR": str(tmp_path)},
     )

@@ -12,17 +12,13 @@ import re
 import shlex
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
-
-from tasksprint.node_pool import NodePool
-from tasksprint.node_process import NodeStartError, node_environment
-from tasksprint.node_protocol import FailureKind, TaskOutcome, TaskRequest
-
 from nodes import (
     FOREVER,
     JS_EXAMPLE,
@@ -41,6 +37,10 @@ from nodes import (
     wait_for_file,
     write_node,
 )
+
+from tasksprint.node_pool import NodePool
+from tasksprint.node_process import NodeStartError, node_environment
+from tasksprint.node_protocol import FailureKind, TaskOutcome, TaskRequest
 
 
 @contextlib.asynccontextmanager
@@ -135,7 +135,9 @@ async def test_nodes_run_the_clients_python(tmp_path: Path) -> None:
     async with open_pool(write_node(tmp_path, SDK_NODE), env={"PATH": str(empty)}) as pool:
         outcome = await pool.run(request(1, "pid"))
     assert os.path.samefile(os.path.dirname(outcome.outputs["executable"]), os.path.dirname(sys.executable))
-    assert node_environment({"PATH": "/x"})["PATH"] == os.path.dirname(os.path.abspath(sys.executable)) + os.pathsep + "/x"
+    assert (
+        node_environment({"PATH": "/x"})["PATH"] == os.path.dirname(os.path.abspath(sys.executable)) + os.pathsep + "/x"
+    )
 
 
 async def test_slots_run_tasks_at_the_same_time(tmp_path: Path) -> None:
@@ -220,22 +222,44 @@ async def crash_with_child(tmp_path: Path, marker: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "kind", "expected"),
     [
-        ("garbage", FailureKind.PROTOCOL,
-         "node wrote invalid output while running task 5 (garbage): 'garbage garbage garbage"),
+        (
+            "garbage",
+            FailureKind.PROTOCOL,
+            "node wrote invalid output while running task 5 (garbage): 'garbage garbage garbage",
+        ),
         ("other_type", FailureKind.PROTOCOL, "node wrote invalid output while running task 5 (other_type): '{"),
-        ("wrong_id", FailureKind.PROTOCOL, "node answered task 6 attempt 0 while running task 5 (wrong_id) attempt 0: '{"),
-        ("wrong_attempt", FailureKind.PROTOCOL,
-         "node answered task 5 attempt 1 while running task 5 (wrong_attempt) attempt 0: '{"),
+        (
+            "wrong_id",
+            FailureKind.PROTOCOL,
+            "node answered task 6 attempt 0 while running task 5 (wrong_id) attempt 0: '{",
+        ),
+        (
+            "wrong_attempt",
+            FailureKind.PROTOCOL,
+            "node answered task 5 attempt 1 while running task 5 (wrong_attempt) attempt 0: '{",
+        ),
         ("bool_id", FailureKind.PROTOCOL, "node answered task True attempt 0 while running task 5 (bool_id)"),
-        ("list_outputs", FailureKind.PROTOCOL,
-         "node answered task 5 (list_outputs) with outputs that are not a JSON object"),
+        (
+            "list_outputs",
+            FailureKind.PROTOCOL,
+            "node answered task 5 (list_outputs) with outputs that are not a JSON object",
+        ),
         ("error_not_string", FailureKind.PROTOCOL, "node answered task 5 (error_not_string) with an error whose"),
-        ("long_line", FailureKind.PROTOCOL,
-         "node wrote a line longer than 1000 bytes while running task 5 (long_line): 'xxxx"),
-        ("close_stdout", FailureKind.CRASHED,
-         "node process closed its stdout (it was killed) while running task 5 (close_stdout)"),
-        ("half_then_exit", FailureKind.CRASHED,
-         "node process exited with code 5 while running task 5 (half_then_exit); it last wrote 'half'"),
+        (
+            "long_line",
+            FailureKind.PROTOCOL,
+            "node wrote a line longer than 1000 bytes while running task 5 (long_line): 'xxxx",
+        ),
+        (
+            "close_stdout",
+            FailureKind.CRASHED,
+            "node process closed its stdout (it was killed) while running task 5 (close_stdout)",
+        ),
+        (
+            "half_then_exit",
+            FailureKind.CRASHED,
+            "node process exited with code 5 while running task 5 (half_then_exit); it last wrote 'half'",
+        ),
     ],
 )
 async def test_protocol_violations_fail_the_task_and_replace_the_node(

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import trio
+from nodes import FOREVER, SDK_NODE, TEST_LIMIT, assert_reaped, children, request, write_node
 
 from tasksprint.node_process import NodeProcess, NodeStartError, NodeState
-
-from nodes import FOREVER, SDK_NODE, TEST_LIMIT, assert_reaped, children, request, write_node
 
 
 async def test_node_process_directly(tmp_path: Path) -> None:
@@ -33,12 +32,16 @@ async def test_node_process_directly(tmp_path: Path) -> None:
 
 
 START_FAILURES = {
-    "garbage": ("print('hello there', flush=True)\nimport time; time.sleep(%d)" % FOREVER,
-                "wrote 'hello there' instead of the ready line"),
+    "garbage": (
+        "print('hello there', flush=True)\nimport time; time.sleep(%d)" % FOREVER,
+        "wrote 'hello there' instead of the ready line",
+    ),
     "exits": ("import sys; sys.exit(4)", "exited with code 4 before it was ready"),
-    "protocol": ("import json; print(json.dumps({'type': 'ready', 'protocol': 2}), flush=True)\n"
-                 "import time; time.sleep(%d)" % FOREVER,
-                 "speaks node protocol 2, but this client speaks protocol 1"),
+    "protocol": (
+        "import json; print(json.dumps({'type': 'ready', 'protocol': 2}), flush=True)\n"
+        "import time; time.sleep(%d)" % FOREVER,
+        "speaks node protocol 2, but this client speaks protocol 1",
+    ),
     "silent": ("import time; time.sleep(%d)" % FOREVER, "did not write the ready line"),
 }
 

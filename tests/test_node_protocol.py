@@ -28,10 +28,19 @@ from tasksprint.node_protocol import (
 )
 
 
-def request(tid: int, name: str, *args: Any, attempt: int = 0, timeout: float | None = None,
-            inputs: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None, seed: int = 0) -> TaskRequest:
-    return TaskRequest(tid=tid, attempt=attempt, name=name, inputs=inputs, args=args,
-                       kwargs=kwargs or {}, seed=seed, timeout=timeout)
+def request(
+    tid: int,
+    name: str,
+    *args: Any,
+    attempt: int = 0,
+    timeout: float | None = None,
+    inputs: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> TaskRequest:
+    return TaskRequest(
+        tid=tid, attempt=attempt, name=name, inputs=inputs, args=args, kwargs=kwargs or {}, seed=seed, timeout=timeout
+    )
 
 
 def line(**message: Any) -> bytes:
@@ -49,8 +58,14 @@ def test_task_line_is_one_compact_json_object_and_a_newline():
     raw = task_line(task)
     assert raw.endswith(b"\n") and raw.count(b"\n") == 1 and b" " not in raw
     assert json.loads(raw) == {
-        "type": "task", "id": 3, "attempt": 1, "name": "echo", "inputs": [{"a": [1]}],
-        "args": [1, "two"], "kwargs": {"k": None}, "seed": 9,
+        "type": "task",
+        "id": 3,
+        "attempt": 1,
+        "name": "echo",
+        "inputs": [{"a": [1]}],
+        "args": [1, "two"],
+        "kwargs": {"k": None},
+        "seed": 9,
     }
 
 
@@ -117,17 +132,26 @@ def test_an_error_answer_is_a_task_error_with_its_traceback():
         (b"", "node wrote invalid output while running task 5 (work): ''"),
         (b"[1]", "node wrote invalid output"),
         (line(type="progress", id=5, attempt=2), "node wrote invalid output while running task 5 (work): '{"),
-        (line(type="result", id=6, attempt=2, outputs={}),
-         "node answered task 6 attempt 2 while running task 5 (work) attempt 2: '{"),
-        (line(type="result", id=5, attempt=1, outputs={}),
-         "node answered task 5 attempt 1 while running task 5 (work) attempt 2"),
+        (
+            line(type="result", id=6, attempt=2, outputs={}),
+            "node answered task 6 attempt 2 while running task 5 (work) attempt 2: '{",
+        ),
+        (
+            line(type="result", id=5, attempt=1, outputs={}),
+            "node answered task 5 attempt 1 while running task 5 (work) attempt 2",
+        ),
         (line(type="result", id=True, attempt=2, outputs={}), "node answered task True attempt 2"),
         (line(type="result", id=5, outputs={}), "node answered task 5 attempt None"),
-        (line(type="result", id=5, attempt=2, outputs=[1, 2]),
-         "node answered task 5 (work) with outputs that are not a JSON object"),
+        (
+            line(type="result", id=5, attempt=2, outputs=[1, 2]),
+            "node answered task 5 (work) with outputs that are not a JSON object",
+        ),
         (line(type="result", id=5, attempt=2), "node answered task 5 (work) with outputs that are not a JSON object"),
         (line(type="error", id=5, attempt=2, error=5), "node answered task 5 (work) with an error whose"),
-        (line(type="error", id=5, attempt=2, error="e", traceback=[]), "node answered task 5 (work) with an error whose"),
+        (
+            line(type="error", id=5, attempt=2, error="e", traceback=[]),
+            "node answered task 5 (work) with an error whose",
+        ),
     ],
 )
 def test_anything_but_a_valid_answer_to_this_task_is_a_protocol_failure(raw, expected):

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from tasksprint_sdk import node as node_sdk
 from tasksprint_sdk.node import timeout
 
@@ -28,7 +27,9 @@ MONTECARLO = REPO / "examples" / "montecarlo" / "node.py"
 JS_SDK = REPO / "sdk" / "js" / "tasksprint.js"
 JS_EXAMPLE = REPO / "examples" / "js" / "node.js"
 NODE_JS = shutil.which("node")
-needs_node_js = pytest.mark.skipif(NODE_JS is None, reason="Node.js (`node`) is not on PATH; the JavaScript SDK cannot run")
+needs_node_js = pytest.mark.skipif(
+    NODE_JS is None, reason="Node.js (`node`) is not on PATH; the JavaScript SDK cannot run"
+)
 
 # Generous: a node answers these in well under a second.
 PROCESS_LIMIT = 60
@@ -119,8 +120,9 @@ def test_montecarlo_example_counts_and_merges() -> None:
 
 def test_same_seed_draws_the_same_numbers(tmp_path: Path) -> None:
     node = python_node(tmp_path, DRAWS)
-    messages, _, _ = converse(node, [task(1, "draw", args=[4], seed=7), task(2, "draw", args=[4], seed=8),
-                                     task(3, "draw", args=[4], seed=7)])
+    messages, _, _ = converse(
+        node, [task(1, "draw", args=[4], seed=7), task(2, "draw", args=[4], seed=8), task(3, "draw", args=[4], seed=7)]
+    )
     first, second, third = (m["outputs"] for m in messages[1:])
     assert first == third
     assert first["global"] != second["global"] and first["own"] != second["own"]
@@ -132,13 +134,20 @@ def test_same_seed_draws_the_same_numbers(tmp_path: Path) -> None:
 
 
 def test_inputs_then_args_then_kwargs(tmp_path: Path) -> None:
-    node = python_node(tmp_path, """
+    node = python_node(
+        tmp_path,
+        """
 def combine(self, *values, scale=1):
     return {"values": list(values), "scale": scale}
-""")
+""",
+    )
     messages, _, _ = converse(node, [task(1, "combine", inputs=[{"a": 1}, 2], args=[3], kwargs={"scale": 10})])
-    assert messages[1] == {"type": "result", "id": 1, "attempt": 0,
-                           "outputs": {"values": [{"a": 1}, 2, 3], "scale": 10}}
+    assert messages[1] == {
+        "type": "result",
+        "id": 1,
+        "attempt": 0,
+        "outputs": {"values": [{"a": 1}, 2, 3], "scale": 10},
+    }
 
 
 def test_unknown_private_and_base_class_names_are_not_tasks(tmp_path: Path) -> None:
@@ -153,10 +162,14 @@ def test_unknown_private_and_base_class_names_are_not_tasks(tmp_path: Path) -> N
 
 
 def test_exception_becomes_error_answer_and_node_carries_on(tmp_path: Path) -> None:
-    node = python_node(tmp_path, DRAWS + """
+    node = python_node(
+        tmp_path,
+        DRAWS
+        + """
 def boom(self):
     return {"x": 1 / 0}
-""")
+""",
+    )
     messages, _, status = converse(node, [task(1, "boom", attempt=2), task(2, "draw", args=[1])])
     error = messages[1]
     assert (error["type"], error["id"], error["attempt"]) == ("error", 1, 2)
@@ -190,14 +203,17 @@ def test_outputs_must_be_a_json_dict(tmp_path: Path, returned: str, expected: st
 
 
 def test_output_inside_a_task_goes_to_stderr(tmp_path: Path) -> None:
-    node = python_node(tmp_path, """
+    node = python_node(
+        tmp_path,
+        """
 def noisy(self):
     print("print-noise")
     sys.stdout.write("write-noise\\n")
     os.write(1, b"fd-noise\\n")
     subprocess.run([sys.executable, "-c", "print('child-noise')"], check=True)
     return {"ok": True}
-""")
+""",
+    )
     messages, stderr, status = converse(node, [task(1, "noisy"), task(2, "noisy")])
     # converse() parsed every stdout line as JSON: nothing else reached stdout.
     assert messages[1:] == [{"type": "result", "id": i, "attempt": 0, "outputs": {"ok": True}} for i in (1, 2)]
@@ -211,12 +227,24 @@ def test_malformed_client_lines_are_logged_and_skipped(tmp_path: Path) -> None:
     bad_inputs = dict(task(2, "draw"), inputs={"not": "a list"})
     messages, stderr, status = converse(
         node,
-        ["garbage", "[1, 2]", '{"type": "bogus"}', json.dumps(dict(task(0, "draw"), id="x")), "",
-         bad_inputs, task(3, "draw", args=[1])],
+        [
+            "garbage",
+            "[1, 2]",
+            '{"type": "bogus"}',
+            json.dumps(dict(task(0, "draw"), id="x")),
+            "",
+            bad_inputs,
+            task(3, "draw", args=[1]),
+        ],
     )
     assert status == 0
-    assert messages[1] == {"type": "error", "id": 2, "attempt": 0,
-                           "error": "malformed task message: inputs must be a list, got dict", "traceback": ""}
+    assert messages[1] == {
+        "type": "error",
+        "id": 2,
+        "attempt": 0,
+        "error": "malformed task message: inputs must be a list, got dict",
+        "traceback": "",
+    }
     assert messages[2]["type"] == "result" and messages[2]["id"] == 3
     assert len(messages) == 3
     assert "not JSON: 'garbage'" in stderr
@@ -225,8 +253,9 @@ def test_malformed_client_lines_are_logged_and_skipped(tmp_path: Path) -> None:
 
 
 def test_exit_message_stops_the_node(tmp_path: Path) -> None:
-    messages, _, status = converse(python_node(tmp_path, DRAWS),
-                                   [task(1, "draw", args=[1]), {"type": "exit"}, task(2, "draw", args=[1])])
+    messages, _, status = converse(
+        python_node(tmp_path, DRAWS), [task(1, "draw", args=[1]), {"type": "exit"}, task(2, "draw", args=[1])]
+    )
     assert [m["type"] for m in messages] == ["ready", "result"]
     assert status == 0
 
@@ -366,8 +395,14 @@ def test_js_example_node_answers() -> None:
     assert NODE_JS is not None
     messages, stderr, status = converse(
         [NODE_JS, str(JS_EXAMPLE)],
-        [task(1, "square", inputs=[7]), task(2, "sum", inputs=[1, 2], args=[3, 4]), task(3, "sum"),
-         task(4, "rand", seed=11), task(5, "rand", seed=12), task(6, "rand", seed=11)],
+        [
+            task(1, "square", inputs=[7]),
+            task(2, "sum", inputs=[1, 2], args=[3, 4]),
+            task(3, "sum"),
+            task(4, "rand", seed=11),
+            task(5, "rand", seed=12),
+            task(6, "rand", seed=11),
+        ],
     )
     assert status == 0, stderr
     assert messages[0] == {"type": "ready", "protocol": 1, "sdk": "js"}
@@ -381,20 +416,24 @@ def test_js_example_node_answers() -> None:
 @needs_node_js
 def test_js_kwargs_are_one_final_argument_only_when_given(tmp_path: Path) -> None:
     node = js_node(tmp_path, "collect(...all) { return { all }; }")
-    messages, _, _ = converse(node, [task(1, "collect", inputs=[1], args=[2]),
-                                     task(2, "collect", inputs=[1], args=[2], kwargs={"k": 3})])
+    messages, _, _ = converse(
+        node, [task(1, "collect", inputs=[1], args=[2]), task(2, "collect", inputs=[1], args=[2], kwargs={"k": 3})]
+    )
     assert [m["outputs"]["all"] for m in messages[1:]] == [[1, 2], [1, 2, {"k": 3}]]
 
 
 @needs_node_js
 def test_js_errors_unknown_names_and_bad_outputs(tmp_path: Path) -> None:
-    node = js_node(tmp_path, """
+    node = js_node(
+        tmp_path,
+        """
   boom() { throw new RangeError('too far'); }
   async later() { await new Promise((r) => setTimeout(r, 1)); return { done: true }; }
   array() { return [1]; }
   nothing() { return null; }
   _hidden() { return { x: 1 }; }
-""")
+""",
+    )
     names = ["boom", "later", "array", "nothing", "_hidden", "start", "random", "constructor", "toString", "nosuch"]
     messages, _, status = converse(node, [task(i, name) for i, name in enumerate(names)])
     assert status == 0
@@ -410,7 +449,9 @@ def test_js_errors_unknown_names_and_bad_outputs(tmp_path: Path) -> None:
 
 @needs_node_js
 def test_js_console_log_goes_to_stderr_and_bad_lines_are_skipped(tmp_path: Path) -> None:
-    node = js_node(tmp_path, "noisy() { console.log('log-noise'); process.stdout.write('raw-noise\\n'); return { ok: 1 }; }")
+    node = js_node(
+        tmp_path, "noisy() { console.log('log-noise'); process.stdout.write('raw-noise\\n'); return { ok: 1 }; }"
+    )
     messages, stderr, status = converse(node, ["garbage", '{"type": "bogus"}', task(1, "noisy")])
     assert messages[1:] == [{"type": "result", "id": 1, "attempt": 0, "outputs": {"ok": 1}}]
     assert "log-noise" in stderr and "raw-noise" in stderr and "garbage" in stderr
@@ -427,7 +468,9 @@ def test_js_exit_ends_the_process_despite_pending_timers(tmp_path: Path) -> None
 
 @needs_node_js
 def test_js_timeout_helper(tmp_path: Path) -> None:
-    node = js_node(tmp_path, """
+    node = js_node(
+        tmp_path,
+        """
   async count() {
     let total = 0;
     try {
@@ -446,9 +489,11 @@ def test_js_timeout_helper(tmp_path: Path) -> None:
     }
   }
   async quick() { return { value: await timeout(60000, async () => 42) }; }
-""")
-    messages, stderr, status = converse(node, [task(1, "count"), task(2, "sleep"), task(3, "quick")],
-                                        TASKSPRINT_TIMEOUT_SCALE="0.001")
+""",
+    )
+    messages, stderr, status = converse(
+        node, [task(1, "count"), task(2, "sleep"), task(3, "quick")], TASKSPRINT_TIMEOUT_SCALE="0.001"
+    )
     assert status == 0, stderr
     count, sleep, quick = (m["outputs"] for m in messages[1:])
     assert count == {"timedOut": True, "counted": True}

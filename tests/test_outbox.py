@@ -7,11 +7,10 @@ from collections.abc import AsyncIterator
 
 import trio
 import trio.testing
+from streams import socket_pair
 
 from tasksprint.replica import Outbox
 from tasksprint.wire import Connection
-
-from streams import socket_pair
 
 GUARD_SECONDS = 30  # only so that a hang fails; never a measurement
 BIG = "z" * 2_000_000  # far more than the socket buffers hold

@@ -12,8 +12,8 @@ from __future__ import annotations
 import random
 
 import attrs
-
 import pytest
+from sim import Cluster, ManualNet, sim_config
 
 from tasksprint import codec
 from tasksprint.machine import DUPLICATE, Applier, KVMachine
@@ -26,6 +26,7 @@ from tasksprint.paxos.durable import (
     SaveChosen,
     SavePromise,
 )
+from tasksprint.paxos.election import Election
 from tasksprint.paxos.messages import (
     NOOP,
     Accept,
@@ -47,10 +48,8 @@ from tasksprint.paxos.messages import (
     SnapshotInstall,
     Tick,
 )
-from tasksprint.paxos.election import Election
 from tasksprint.paxos.output import OutputBuffer, Ready
 from tasksprint.paxos.recovery import Recovery, Verdict
-from sim import Cluster, ManualNet, sim_config
 
 ET = 0.3  # election timeout of sim_config
 HB = 0.05  # heartbeat interval of sim_config
@@ -463,8 +462,9 @@ def test_at_light_load_an_accept_goes_to_a_majority_only_and_the_rest_learn_by_c
     run(c, net, 3 * HB)  # heartbeats carry the commit index; the others catch up
     assert all(core(c, d).commit_index >= slot for d in others)
     assert any(isinstance(m, CatchupReply) and d in others for s, d, m in net.delivered)
-    assert not any(isinstance(m, Accept) and d in others and any(p.slot == slot for p in m.proposals)
-                   for s, d, m in net.delivered)
+    assert not any(
+        isinstance(m, Accept) and d in others and any(p.slot == slot for p in m.proposals) for s, d, m in net.delivered
+    )
 
 
 def test_thrifty_asks_the_lowest_numbered_healthy_follower_and_tells_the_other_at_the_next_tick():

@@ -115,7 +115,9 @@ def check_order(events: list, readies: list) -> None:
             n = e[1]
             for r in readies:
                 if r.number <= n and r.persist:
-                    assert r.number in written_inline, f"Ready {n} advanced before Ready {r.number} was written: {events}"
+                    assert r.number in written_inline, (
+                        f"Ready {n} advanced before Ready {r.number} was written: {events}"
+                    )
 
 
 def test_a_small_vote_is_written_in_the_pass_and_advanced_after_its_write() -> None:
@@ -151,7 +153,12 @@ def test_chosen_markers_alone_are_written_last_and_before_a_later_write() -> Non
     r, events = driver(list(readies))
     r.run()
     check_order(events, readies)
-    assert disk_events(events) == [("write", markers.persist, False), ("advance", 1), ("write", vote.persist, True), ("advance", 2)]
+    assert disk_events(events) == [
+        ("write", markers.persist, False),
+        ("advance", 1),
+        ("write", vote.persist, True),
+        ("advance", 2),
+    ]
     markers_only = rd(3, (SaveChosen(5, value()),), sync=False)
     r.core.readies.append(markers_only)
     r.run()

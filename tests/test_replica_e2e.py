@@ -530,7 +530,9 @@ async def test_bad_peers_and_bad_frames_do_not_take_a_replica_down(local_cluster
 
                 for role in ("client", "replica"):
                     with pytest.raises(wire.AuthError):
-                        await wire.connect(host, port, wire.Endpoint(secret=b"not-the-cluster-secret", role=role, ident="1"))
+                        await wire.connect(
+                            host, port, wire.Endpoint(secret=b"not-the-cluster-secret", role=role, ident="1")
+                        )
                     await _still_serves(cluster, target, f"wrong secret as {role}")
 
                 attacks: dict[str, Any] = {

@@ -22,7 +22,6 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-
 from sim import Checker, Cluster, ManualNet, SimFailure, Simulation, run_seed
 
 SEEDS = int(os.environ.get("TASKSPRINT_SIM_SEEDS", "1000"))

@@ -293,9 +293,9 @@ _OPS = (
     | st.lists(_SMALL, max_size=2)
     | st.dictionaries(st.sampled_from(["k", "j"]), _SMALL, max_size=2)
 )
-_ITEMS = st.builds(
-    Command, client_id=st.sampled_from(["a", "b"]), seq=_SMALL, op=_OPS
-) | st.builds(Tick, now=st.sampled_from([0, 1.5, 2.0, 7]), data=_OPS)
+_ITEMS = st.builds(Command, client_id=st.sampled_from(["a", "b"]), seq=_SMALL, op=_OPS) | st.builds(
+    Tick, now=st.sampled_from([0, 1.5, 2.0, 7]), data=_OPS
+)
 _VALUES = st.builds(Batch, items=st.lists(_ITEMS, max_size=3))
 
 
@@ -337,9 +337,7 @@ def _record_batches(draw: st.DrawFn) -> list[tuple[list[Record], bool]]:
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(batches=_record_batches())
-def test_storage_matches_durable_state_apply(
-    tmp_path: pathlib.Path, batches: list[tuple[list[Record], bool]]
-) -> None:
+def test_storage_matches_durable_state_apply(tmp_path: pathlib.Path, batches: list[tuple[list[Record], bool]]) -> None:
     expected = DurableState()
     with tempfile.TemporaryDirectory(dir=tmp_path) as d:
         data_dir = pathlib.Path(d)
@@ -367,8 +365,7 @@ def test_missing_directory(tmp_path: pathlib.Path) -> None:
     with pytest.raises(StorageError) as info:
         _open(missing)
     assert str(info.value) == (
-        f"data directory {missing} does not exist; "
-        f"create it with mkdir -p {missing} for a new replica"
+        f"data directory {missing} does not exist; create it with mkdir -p {missing} for a new replica"
     )
     assert not missing.exists()
 
@@ -399,8 +396,7 @@ def _populated(data_dir: pathlib.Path) -> None:
     """Fill a store with enough rows to span many database pages."""
     with _open(data_dir) as storage:
         storage.write(
-            [SavePromise(Ballot(2, 0))]
-            + [SaveAccepted(s, Ballot(2, 0), _batch("x" * 200, s)) for s in range(1, 300)]
+            [SavePromise(Ballot(2, 0))] + [SaveAccepted(s, Ballot(2, 0), _batch("x" * 200, s)) for s in range(1, 300)]
         )
 
 
@@ -462,8 +458,7 @@ def test_other_replica_id(tmp_path: pathlib.Path) -> None:
     with pytest.raises(StorageError) as info:
         _open(tmp_path, replica_id=0, cluster="abc")
     assert str(info.value).startswith(
-        f"data directory {tmp_path} belongs to replica 2 of cluster 'abc', "
-        "not replica 0 of cluster 'abc'"
+        f"data directory {tmp_path} belongs to replica 2 of cluster 'abc', not replica 0 of cluster 'abc'"
     )
     # A refused open leaves the store intact and unlocked for its owner.
     with _open(tmp_path, replica_id=2, cluster="abc") as storage:

@@ -20,6 +20,7 @@ import pytest
 import structlog
 import trio
 import trio.testing
+from streams import socket_pair
 from structlog.testing import LogCapture
 
 from tasksprint import codec
@@ -52,8 +53,6 @@ from tasksprint.wire import (
     proof_mac,
     serve,
 )
-
-from streams import socket_pair
 
 SECRET = b"test-cluster-secret"
 HOST = "127.0.0.1"

@@ -85,8 +85,14 @@ def _ms(f: Figures) -> dict[str, float]:
 
 
 def _plain(f: Figures) -> dict[str, float]:
-    return {"count": f.count, "mean": f.mean or 0.0, "p50": f.p50 or 0.0, "p90": f.p90 or 0.0,
-            "max": f.max or 0.0, "total_s": f.total}
+    return {
+        "count": f.count,
+        "mean": f.mean or 0.0,
+        "p50": f.p50 or 0.0,
+        "p90": f.p90 or 0.0,
+        "max": f.max or 0.0,
+        "total_s": f.total,
+    }
 
 
 def _ident(argv: list[str]) -> str:
@@ -129,8 +135,10 @@ def summarize(directory: Path) -> dict[str, Any]:
     if not procs:
         return {
             "processes": [],
-            "lines": [f"no probe figures: no TaskSprint process loaded TASKSPRINT_OBSERVER=probe:observer "
-                      f"(nothing written under {directory})"],
+            "lines": [
+                f"no probe figures: no TaskSprint process loaded TASKSPRINT_OBSERVER=probe:observer "
+                f"(nothing written under {directory})"
+            ],
         }
 
     # Only the leader proposes.

@@ -20,8 +20,30 @@ import re
 import zlib
 
 SYLLABLES = (
-    "ka", "lo", "mi", "ne", "ru", "ta", "so", "vi", "pe", "da", "gu", "ri",
-    "ban", "tor", "el", "an", "is", "om", "ul", "ex", "qua", "zen", "fy", "wo",
+    "ka",
+    "lo",
+    "mi",
+    "ne",
+    "ru",
+    "ta",
+    "so",
+    "vi",
+    "pe",
+    "da",
+    "gu",
+    "ri",
+    "ban",
+    "tor",
+    "el",
+    "an",
+    "is",
+    "om",
+    "ul",
+    "ex",
+    "qua",
+    "zen",
+    "fy",
+    "wo",
 )
 VOCABULARY_SIZE = 200_000
 ZIPF_EXPONENT = 1.0
@@ -36,19 +58,13 @@ def vocabulary() -> list[str]:
     """The fixed vocabulary, most frequent word first (built once per process)."""
     global _vocabulary, _cum_weights
     if _vocabulary is None:
-        words = [
-            "".join(parts)
-            for n in range(1, 5)
-            for parts in itertools.product(SYLLABLES, repeat=n)
-        ]
+        words = ["".join(parts) for n in range(1, 5) for parts in itertools.product(SYLLABLES, repeat=n)]
         # Two syllable sequences could spell the same word with another
         # syllable set; keep the first occurrence so every word is listed once.
         words = list(dict.fromkeys(words))
         random.Random(VOCABULARY_SEED).shuffle(words)
         _vocabulary = words[:VOCABULARY_SIZE]
-        _cum_weights = list(
-            itertools.accumulate(1.0 / (rank + 1) ** ZIPF_EXPONENT for rank in range(len(_vocabulary)))
-        )
+        _cum_weights = list(itertools.accumulate(1.0 / (rank + 1) ** ZIPF_EXPONENT for rank in range(len(_vocabulary))))
     return _vocabulary
 
 

@@ -11,6 +11,7 @@ the computation, together with the chunk seeds so anyone can check it.
 Run it with
 ``tasksprint run examples/wordcount/scheduler.py:WordCountCoordinator --node "python examples/wordcount/node.py"``.
 """
+
 from tasksprint import Coordinator
 
 MAPS = 8
@@ -20,43 +21,45 @@ TOP = 10
 
 
 class WordCountCoordinator(Coordinator):
-  def init(self, seed):
-    self.seeds = [self.random.getrandbits(32) for _ in range(MAPS)]
-    self.maps = [
-      self.start_task(name="map", args=[s, WORDS_PER_CHUNK, REDUCERS], keys=["stats"])
-      for s in self.seeds
-    ]
-    self.reducers = [
-      self.start_task(
-        name="reduce",
-        pretasks=self.maps,
-        prekeys=["p%d" % r] * MAPS,
-        kwargs={"partition": r, "top": TOP},
-        keys=["summary"],
-      )
-      for r in range(REDUCERS)
-    ]
-    self.final = self.start_task(
-      name="merge",
-      pretasks=self.reducers,
-      prekeys=["summary"] * REDUCERS,
-      kwargs={"top": TOP},
-      keys=["result"],
-    )
-    self.shuffle_bytes = 0
+    def init(self, seed):
+        self.seeds = [self.random.getrandbits(32) for _ in range(MAPS)]
+        self.maps = [
+            self.start_task(name="map", args=[s, WORDS_PER_CHUNK, REDUCERS], keys=["stats"]) for s in self.seeds
+        ]
+        self.reducers = [
+            self.start_task(
+                name="reduce",
+                pretasks=self.maps,
+                prekeys=["p%d" % r] * MAPS,
+                kwargs={"partition": r, "top": TOP},
+                keys=["summary"],
+            )
+            for r in range(REDUCERS)
+        ]
+        self.final = self.start_task(
+            name="merge",
+            pretasks=self.reducers,
+            prekeys=["summary"] * REDUCERS,
+            kwargs={"top": TOP},
+            keys=["result"],
+        )
+        self.shuffle_bytes = 0
 
-  def task_done(self, tid, values):
-    if tid in self.maps:
-      self.shuffle_bytes += values["stats"]["shuffle_bytes"]
-      print("map %d: %s" % (tid, values["stats"]))
-    elif tid == self.final:
-      self.finish(taskids=[tid], values={
-        "result": values["result"],
-        "corpus": {"seeds": self.seeds, "words_per_chunk": WORDS_PER_CHUNK},
-        "maps": MAPS,
-        "reducers": REDUCERS,
-        "shuffle_bytes": self.shuffle_bytes,
-      })
+    def task_done(self, tid, values):
+        if tid in self.maps:
+            self.shuffle_bytes += values["stats"]["shuffle_bytes"]
+            print("map %d: %s" % (tid, values["stats"]))
+        elif tid == self.final:
+            self.finish(
+                taskids=[tid],
+                values={
+                    "result": values["result"],
+                    "corpus": {"seeds": self.seeds, "words_per_chunk": WORDS_PER_CHUNK},
+                    "maps": MAPS,
+                    "reducers": REDUCERS,
+                    "shuffle_bytes": self.shuffle_bytes,
+                },
+            )
 
 
 WordCountCoordinator().start()

@@ -33,15 +33,25 @@ def exactly_once(comp: dict | None) -> dict[str, Any]:
     unknown = sorted(set(done) - set(started))
     bad_records = [r for t, r in zip(done, records) if not (isinstance(r, list) and len(r) == 3 and r[0] == t)]
     counts = comp.get("tasks", {})
-    count_ok = (counts.get("done") == len(set(done)) and counts.get("total") == len(started)
-                and counts.get("done", 0) + counts.get("killed", 0) == len(started))
+    count_ok = (
+        counts.get("done") == len(set(done))
+        and counts.get("total") == len(started)
+        and counts.get("done", 0) + counts.get("killed", 0) == len(started)
+    )
     attempts = Counter(r[1] for r in records if isinstance(r, list))
     return {
         "ok": not (dup or missing or unknown or bad_records or decoys_unaccounted or decoys_done_and_killed)
         and count_ok,
-        "started": len(started), "done": len(done), "duplicated": dup, "missing": missing,
-        "unknown": unknown, "bad_records": bad_records[:10], "task_counts": counts,
-        "decoys": len(decoys), "decoys_killed": len(killed), "decoys_unaccounted": decoys_unaccounted,
+        "started": len(started),
+        "done": len(done),
+        "duplicated": dup,
+        "missing": missing,
+        "unknown": unknown,
+        "bad_records": bad_records[:10],
+        "task_counts": counts,
+        "decoys": len(decoys),
+        "decoys_killed": len(killed),
+        "decoys_unaccounted": decoys_unaccounted,
         "decoys_done_and_killed": decoys_done_and_killed,
         "completions_by_client": dict(Counter(r[2] for r in records if isinstance(r, list))),
         "completions_by_attempt": {str(k): v for k, v in sorted(attempts.items())},
@@ -71,11 +81,16 @@ def cancels(comp: dict | None, ops: list[dict], attempted: set[int]) -> dict[str
     spurious = sorted(cancelled - attempted)
     return {
         "ok": not lost and not overkill and not spurious,
-        "attempted": len(attempted), "acknowledged": len(acked), "acknowledged_kills": len(acked_killed),
+        "attempted": len(attempted),
+        "acknowledged": len(acked),
+        "acknowledged_kills": len(acked_killed),
         "acknowledged_too_late": len([o for o in acked if not o.get("killed")]),
         "unacknowledged": len([o for o in ops if o["op"].startswith("cancel") and not o.get("ok")]),
-        "decoys_cancelled": len(cancelled), "decoys_open_at_finish": len(open_at_finish),
-        "acknowledged_kill_lost": lost, "killed_other_tasks": overkill, "killed_without_cancel": spurious,
+        "decoys_cancelled": len(cancelled),
+        "decoys_open_at_finish": len(open_at_finish),
+        "acknowledged_kill_lost": lost,
+        "killed_other_tasks": overkill,
+        "killed_without_cancel": spurious,
     }
 
 
@@ -88,8 +103,12 @@ def result_correct(comp: dict | None, seed: int, width: int) -> dict[str, Any]:
     values = _values(comp)
     waves = values["waves"]
     expected = expected_totals(seed, waves, width)
-    return {"ok": waves >= 1 and values["totals"] == expected, "waves": waves,
-            "final": values["totals"][-1] if values["totals"] else None, "expected_final": expected[-1] if expected else None}
+    return {
+        "ok": waves >= 1 and values["totals"] == expected,
+        "waves": waves,
+        "final": values["totals"][-1] if values["totals"] else None,
+        "expected_final": expected[-1] if expected else None,
+    }
 
 
 def converge(addrs, secret, timeout: float = 30.0) -> dict[str, Any]:
@@ -114,8 +133,13 @@ def converge(addrs, secret, timeout: float = 30.0) -> dict[str, Any]:
         time.sleep(0.02)
     conflicts = {a: {d: sorted(r) for d, r in ds.items()} for a, ds in seen.items() if len(ds) > 1}
     agreed = all(s is not None for s in last) and len({(s["applied"], s["digest"]) for s in last}) == 1
-    return {"ok": agreed and not conflicts, "converged": agreed, "rounds": rounds, "conflicts": conflicts,
-            "final": [None if s is None else {k: s[k] for k in ("rid", "role", "applied", "digest")} for s in last]}
+    return {
+        "ok": agreed and not conflicts,
+        "converged": agreed,
+        "rounds": rounds,
+        "conflicts": conflicts,
+        "final": [None if s is None else {k: s[k] for k in ("rid", "role", "applied", "digest")} for s in last],
+    }
 
 
 def recovery(progress: list[tuple], heal_times: list[float], bound: float = RECOVERY_BOUND) -> dict:
@@ -137,9 +161,13 @@ def recovery(progress: list[tuple], heal_times: list[float], bound: float = RECO
         per_fault.append({"heal": h, "recovery": None if after is None else round(after[0] - h, 3)})
     last = per_fault[-1] if per_fault else None
     ok = last is not None and last["recovery"] is not None and last["recovery"] <= bound
-    return {"ok": ok, "bound": bound, "after_last_heal": None if last is None else last["recovery"],
-            "max": max((f["recovery"] for f in per_fault if f["recovery"] is not None), default=None),
-            "per_fault": per_fault}
+    return {
+        "ok": ok,
+        "bound": bound,
+        "after_last_heal": None if last is None else last["recovery"],
+        "max": max((f["recovery"] for f in per_fault if f["recovery"] is not None), default=None),
+        "per_fault": per_fault,
+    }
 
 
 def clients_stay_up(exits: list[dict]) -> dict[str, Any]:

@@ -162,9 +162,26 @@ class Cluster:
         for i, r in enumerate(self.replica_names):
             data = rundir / f"{r}-data"
             data.mkdir()
-            cmd = [python, "-m", "tasksprint.cli", "replica", "--id", str(i), "--peers", self.peers,
-                   "--data", str(data), "--secret-file", str(self.secret_file), "--scheduler", scheduler,
-                   "--client-timeout", str(client_timeout), "--log-format", "json"]
+            cmd = [
+                python,
+                "-m",
+                "tasksprint.cli",
+                "replica",
+                "--id",
+                str(i),
+                "--peers",
+                self.peers,
+                "--data",
+                str(data),
+                "--secret-file",
+                str(self.secret_file),
+                "--scheduler",
+                scheduler,
+                "--client-timeout",
+                str(client_timeout),
+                "--log-format",
+                "json",
+            ]
             self.replicas.append(Proc(r, cmd, rundir / f"{r}.log", env, net))
         # Spilled outputs stay in the run directory: a client killed with
         # SIGKILL cannot remove its own.
@@ -172,9 +189,26 @@ class Cluster:
         spill.mkdir(exist_ok=True)
         for c in self.client_names:
             node = shlex.join([python, str(node_script), c])
-            cmd = [python, "-m", "tasksprint.cli", "client", "--coordinators", self.peers, "--node", node,
-                   "--slots", str(slots), "--secret-file", str(self.secret_file), "--data-host", net.addrs[c],
-                   "--log-format", "json", "--spill-dir", str(spill)]
+            cmd = [
+                python,
+                "-m",
+                "tasksprint.cli",
+                "client",
+                "--coordinators",
+                self.peers,
+                "--node",
+                node,
+                "--slots",
+                str(slots),
+                "--secret-file",
+                str(self.secret_file),
+                "--data-host",
+                net.addrs[c],
+                "--log-format",
+                "json",
+                "--spill-dir",
+                str(spill),
+            ]
             # No --name: a restarted client must join as a new client (see README, known bugs).
             self.clients.append(Proc(c, cmd, rundir / f"{c}.log", env, net))
 
@@ -186,8 +220,16 @@ class Cluster:
 
     def cli(self, *args: str) -> list[str]:
         """A ``tasksprint`` command line run from the harness's own namespace."""
-        return [self.python, "-m", "tasksprint.cli", *args, "--coordinators", self.peers,
-                "--secret-file", str(self.secret_file)]
+        return [
+            self.python,
+            "-m",
+            "tasksprint.cli",
+            *args,
+            "--coordinators",
+            self.peers,
+            "--secret-file",
+            str(self.secret_file),
+        ]
 
     def stop(self) -> None:
         for a in self.aux:

@@ -18,8 +18,15 @@ import trio
 from tasksprint import wire
 from tasksprint.log_client import LogClient
 
-PROBE_ERRORS = (OSError, RuntimeError, trio.TooSlowError, trio.BrokenResourceError,
-                trio.ClosedResourceError, wire.BadMessage, wire.ConnectionClosed)
+PROBE_ERRORS = (
+    OSError,
+    RuntimeError,
+    trio.TooSlowError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    wire.BadMessage,
+    wire.ConnectionClosed,
+)
 
 
 def probe_replicas(addrs: list[tuple[str, int]], secret: bytes, timeout: float = 1.0) -> list[dict | None]:
@@ -32,8 +39,15 @@ def probe_replicas(addrs: list[tuple[str, int]], secret: bytes, timeout: float =
         async def one(i: int) -> None:
             try:
                 st = await client.status(addrs[i], timeout=timeout)
-                out[i] = {"rid": st.rid, "role": st.role, "leader": st.leader, "ballot": st.ballot,
-                          "commit": st.commit, "applied": st.applied, "digest": st.digest}
+                out[i] = {
+                    "rid": st.rid,
+                    "role": st.role,
+                    "leader": st.leader,
+                    "ballot": st.ballot,
+                    "commit": st.commit,
+                    "applied": st.applied,
+                    "digest": st.digest,
+                }
             except PROBE_ERRORS:
                 pass
 
@@ -82,7 +96,8 @@ class Monitor(threading.Thread):
                 statuses = probe_replicas(self.addrs, self.secret)
                 leader = current_leader(statuses)
                 order = ([leader] if leader is not None else []) + [
-                    i for i, s in enumerate(statuses) if s is not None and i != leader]
+                    i for i, s in enumerate(statuses) if s is not None and i != leader
+                ]
                 comp = None
                 answered = -1
                 for i in order:
@@ -94,8 +109,9 @@ class Monitor(threading.Thread):
                     self.latest = statuses
                     if comp is not None:
                         self.computation = comp
-                        self.progress.append((time.monotonic() - self.t0, int(comp["tasks"].get("done", 0)),
-                                              comp["state"], answered))
+                        self.progress.append(
+                            (time.monotonic() - self.t0, int(comp["tasks"].get("done", 0)), comp["state"], answered)
+                        )
             except Exception:
                 self.errors += 1
             self.stop_event.wait(self.interval)
@@ -197,8 +213,17 @@ class CancelOps(threading.Thread):
     still take effect (it is in :attr:`attempted` either way).
     """
 
-    def __init__(self, cli, env: dict, t0: float, monitor: Monitor, newest_decoy, seed: int,
-                 chance: float = 0.7, timeout: float = 20.0) -> None:
+    def __init__(
+        self,
+        cli,
+        env: dict,
+        t0: float,
+        monitor: Monitor,
+        newest_decoy,
+        seed: int,
+        chance: float = 0.7,
+        timeout: float = 20.0,
+    ) -> None:
         super().__init__(daemon=True, name="cancel-ops")
         self.cli, self.env, self.t0, self.monitor = cli, env, t0, monitor
         self.newest_decoy = newest_decoy

@@ -13,7 +13,6 @@ import glob
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -36,8 +35,11 @@ NFQ_SPEC = {"delay": 0.04, "jitter": 0.02, "loss": 0.05, "duplicate": 0.05, "reo
 NFQ_READY_WAIT = 5.0
 FALLBACK_LOSS = 0.05
 # Where Debian's libfaketime package puts the multithreaded preload library.
-FAKETIME_GLOBS = ("/usr/lib/*/faketime/libfaketimeMT.so.1", "/usr/lib/faketime/libfaketimeMT.so.1",
-                  "/usr/local/lib/faketime/libfaketimeMT.so.1")
+FAKETIME_GLOBS = (
+    "/usr/lib/*/faketime/libfaketimeMT.so.1",
+    "/usr/lib/faketime/libfaketimeMT.so.1",
+    "/usr/local/lib/faketime/libfaketimeMT.so.1",
+)
 
 
 class Nemesis:
@@ -161,7 +163,7 @@ class Bridge(PartitionHalves):
         reps = list(self.cluster.replica_names)
         rng.shuffle(reps)
         half = (len(reps) - 1) // 2
-        return {"a": sorted(reps[:half]), "bridge": reps[half], "b": sorted(reps[half + 1:])}
+        return {"a": sorted(reps[:half]), "bridge": reps[half], "b": sorted(reps[half + 1 :])}
 
 
 class KillLeader(Nemesis):
@@ -284,8 +286,7 @@ def faketime_env(spec: str) -> list[str]:
     lib = faketime_library()
     if lib is None:
         raise NetError("libfaketime is not installed (jepsen/setup.sh installs the faketime package)")
-    return ["env", f"LD_PRELOAD={lib}", f"FAKETIME={spec}", "FAKETIME_DONT_FAKE_MONOTONIC=0",
-            "FAKETIME_DONT_RESET=1"]
+    return ["env", f"LD_PRELOAD={lib}", f"FAKETIME={spec}", "FAKETIME_DONT_FAKE_MONOTONIC=0", "FAKETIME_DONT_RESET=1"]
 
 
 def measure_skew(wrap: list[str]) -> dict[str, Any] | None:
@@ -305,8 +306,10 @@ def measure_skew(wrap: list[str]) -> dict[str, Any] | None:
     except (subprocess.TimeoutExpired, ValueError, TypeError):
         return None
     after_wall = time.time()
-    return {"wall_offset_bounds": [round(wall - after_wall, 3), round(wall - before_wall, 3)],
-            "monotonic_offset": round(mono - before_mono, 1)}
+    return {
+        "wall_offset_bounds": [round(wall - after_wall, 3), round(wall - before_wall, 3)],
+        "monotonic_offset": round(mono - before_mono, 1),
+    }
 
 
 class ClockSkew(Nemesis):
@@ -347,8 +350,13 @@ class ClockSkew(Nemesis):
         proc.kill9()
         proc.start(wrap=wrap)
         self.active = {"rid": rid}
-        out: dict[str, Any] = {"skewed": proc.short, "faketime": spec, "killed_pid": old_pid, "pid": proc.pid,
-                               "measured": measure_skew(wrap)}
+        out: dict[str, Any] = {
+            "skewed": proc.short,
+            "faketime": spec,
+            "killed_pid": old_pid,
+            "pid": proc.pid,
+            "measured": measure_skew(wrap),
+        }
         if params.get("lead"):
             out["handover"] = self._hand_over(rid)
         return out
@@ -367,8 +375,12 @@ class ClockSkew(Nemesis):
             steps.append({"paused": other.short})
             time.sleep(0.5)
         leader = self.monitor.wait_leader(2.0)
-        steps.append({"leader_now": None if leader is None else self.cluster.replica_names[leader],
-                      "skewed_leads": leader == rid})
+        steps.append(
+            {
+                "leader_now": None if leader is None else self.cluster.replica_names[leader],
+                "skewed_leads": leader == rid,
+            }
+        )
         return steps
 
     def stop(self):
@@ -411,14 +423,22 @@ class Netem(Nemesis):
         why = self._start_nfq(names, params.get("seed", 0))
         if why is None:
             self.active = {"mode": "nfqueue"}
-            return {"replicas": names, "mode": "nfqueue", "nfqueue": NFQ_SPEC,
-                    "note": "kernel lacks the netem qdisc; userspace NFQUEUE handler on each replica's egress"}
+            return {
+                "replicas": names,
+                "mode": "nfqueue",
+                "nfqueue": NFQ_SPEC,
+                "note": "kernel lacks the netem qdisc; userspace NFQUEUE handler on each replica's egress",
+            }
         # Neither netem nor NFQUEUE: random loss with iptables (no delay, duplication or reordering).
         for r in names:
             self.net.random_loss(r, FALLBACK_LOSS)
         self.active = {"mode": "iptables-loss"}
-        return {"replicas": names, "mode": "iptables-loss", "loss": FALLBACK_LOSS,
-                "note": f"kernel lacks the netem qdisc and NFQUEUE failed ({why}); random loss only"}
+        return {
+            "replicas": names,
+            "mode": "iptables-loss",
+            "loss": FALLBACK_LOSS,
+            "note": f"kernel lacks the netem qdisc and NFQUEUE failed ({why}); random loss only",
+        }
 
     def _start_nfq(self, names: list[str], seed: int) -> str | None:
         """Start one handler per replica namespace and queue its egress; None, or why it failed."""
@@ -429,10 +449,14 @@ class Netem(Nemesis):
             args = [f"--{k}={v}" for k, v in NFQ_SPEC.items()]
             with open(out, "wb") as f:
                 proc = subprocess.Popen(
-                    self.net.exec_prefix(r) + [sys.executable, str(NFQ_SCRIPT), "--mark", str(NFQ_MARK),
-                                               "--seed", str(seed + i), *args],
-                    stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, env=self.cluster.env,
-                    start_new_session=True)
+                    self.net.exec_prefix(r)
+                    + [sys.executable, str(NFQ_SCRIPT), "--mark", str(NFQ_MARK), "--seed", str(seed + i), *args],
+                    stdin=subprocess.DEVNULL,
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                    env=self.cluster.env,
+                    start_new_session=True,
+                )
             self.cluster.aux.append(proc)
             self.handlers[r] = (proc, out)
         deadline = time.monotonic() + NFQ_READY_WAIT
@@ -546,8 +570,10 @@ class Mixed(Nemesis):
             kinds = [rng.choice(self.network + self.PROCESS + self.ALONE)]
         else:
             kinds = [rng.choice(self.network), rng.choice(self.PROCESS)]
-        return {"faults": [{"kind": k, "params": self.subs[k].params(rng)} for k in kinds],
-                "hold": round(max(self.subs[k].hold(rng) for k in kinds), 3)}
+        return {
+            "faults": [{"kind": k, "params": self.subs[k].params(rng)} for k in kinds],
+            "hold": round(max(self.subs[k].hold(rng) for k in kinds), 3),
+        }
 
     def start(self, params):
         parts = []
@@ -565,8 +591,23 @@ class Mixed(Nemesis):
         return {"parts": parts}
 
 
-NEMESES = {cls.name: cls for cls in (PartitionLeader, PartitionHalves, MajoritiesRing, Bridge, KillLeader,
-                                     KillMinority, KillAll, PauseLeader, ClockSkew, Netem, IsolateClient, Mixed)}
+NEMESES = {
+    cls.name: cls
+    for cls in (
+        PartitionLeader,
+        PartitionHalves,
+        MajoritiesRing,
+        Bridge,
+        KillLeader,
+        KillMinority,
+        KillAll,
+        PauseLeader,
+        ClockSkew,
+        Netem,
+        IsolateClient,
+        Mixed,
+    )
+}
 
 
 def schedule(nemesis: Nemesis, rng: random.Random, start: float, end: float) -> list[dict[str, Any]]:
@@ -630,8 +671,16 @@ def run_schedule(nemesis: Nemesis, plan: list[dict], t0: float, log: list[dict],
     for i, step in enumerate(plan):
         if not wait_until(step["at"]):
             return
-        log.append({"t": now(), "event": "start", "fault": nemesis.name, "n": i, "planned": step["at"],
-                    **nemesis.start(step["params"])})
+        log.append(
+            {
+                "t": now(),
+                "event": "start",
+                "fault": nemesis.name,
+                "n": i,
+                "planned": step["at"],
+                **nemesis.start(step["params"]),
+            }
+        )
         try:
             wait_until(step["at"] + step["hold"])
         finally:

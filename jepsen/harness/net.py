@@ -36,7 +36,7 @@ class NetError(RuntimeError):
 
 
 def sh(*cmd: str, check: bool = True, timeout: float = 20.0) -> subprocess.CompletedProcess:
-    proc = subprocess.run(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout)
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise NetError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc
@@ -151,15 +151,43 @@ class Network:
     def random_loss(self, short: str, probability: float) -> None:
         """Drop each packet in and out of eth0 with ``probability`` (iptables statistic match)."""
         for chain, flag in (("INPUT", "-i"), ("OUTPUT", "-o")):
-            self.iptables(short, "-A", chain, flag, "eth0", "-m", "statistic", "--mode", "random",
-                          "--probability", str(probability), "-j", "DROP")
+            self.iptables(
+                short,
+                "-A",
+                chain,
+                flag,
+                "eth0",
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                str(probability),
+                "-j",
+                "DROP",
+            )
 
     def queue_egress(self, short: str, mark: int, queue: int = 0) -> None:
         """Hand every packet leaving ``short``'s eth0 to NFQUEUE ``queue``, except those carrying
         ``mark`` (the handler's own duplicates).  ``--queue-bypass``: with no handler bound,
         packets pass untouched instead of being dropped."""
-        self.iptables(short, "-A", "OUTPUT", "-o", "eth0", "-m", "mark", "!", "--mark", str(mark),
-                      "-j", "NFQUEUE", "--queue-num", str(queue), "--queue-bypass")
+        self.iptables(
+            short,
+            "-A",
+            "OUTPUT",
+            "-o",
+            "eth0",
+            "-m",
+            "mark",
+            "!",
+            "--mark",
+            str(mark),
+            "-j",
+            "NFQUEUE",
+            "--queue-num",
+            str(queue),
+            "--queue-bypass",
+        )
 
     def heal(self, short: str) -> None:
         self.iptables(short, "-F", "INPUT", check=False)

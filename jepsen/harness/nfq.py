@@ -96,7 +96,7 @@ def _attrs(data: bytes) -> dict[int, bytes]:
         n, kind = struct.unpack_from("=HH", data, i)
         if n < 4:
             break
-        out[kind & 0x7FFF] = data[i + 4:i + n]
+        out[kind & 0x7FFF] = data[i + 4 : i + n]
         i += (n + 3) & ~3
     return out
 
@@ -125,12 +125,12 @@ def fix_checksums(packet: bytes) -> bytes:
     seg = p[ihl:]
     off = {6: 16, 17: 6}.get(proto)
     if off is not None and len(seg) >= off + 2:
-        seg[off:off + 2] = b"\0\0"
+        seg[off : off + 2] = b"\0\0"
         pseudo = bytes(p[12:20]) + struct.pack("!BBH", 0, proto, len(seg))
         c = _checksum(pseudo + bytes(seg))
         if proto == 17 and c == 0:
             c = 0xFFFF
-        seg[off:off + 2] = struct.pack("!H", c)
+        seg[off : off + 2] = struct.pack("!H", c)
         p[ihl:] = seg
     return bytes(p)
 
@@ -145,8 +145,10 @@ class Queue:
         self._config(_attr(NFQA_CFG_CMD, struct.pack("!BBH", NFQNL_CFG_CMD_BIND, 0, 0)))
         self._config(_attr(NFQA_CFG_PARAMS, struct.pack("!IB", 0xFFFF, NFQNL_COPY_PACKET)))
         self._config(_attr(NFQA_CFG_QUEUE_MAXLEN, struct.pack("!I", maxlen)))
-        self._config(_attr(NFQA_CFG_FLAGS, struct.pack("!I", NFQA_CFG_F_FAIL_OPEN))
-                     + _attr(NFQA_CFG_MASK, struct.pack("!I", NFQA_CFG_F_FAIL_OPEN)))
+        self._config(
+            _attr(NFQA_CFG_FLAGS, struct.pack("!I", NFQA_CFG_F_FAIL_OPEN))
+            + _attr(NFQA_CFG_MASK, struct.pack("!I", NFQA_CFG_F_FAIL_OPEN))
+        )
 
     def _config(self, attrs: bytes) -> None:
         self.seq += 1
@@ -170,7 +172,7 @@ class Queue:
             if n < 16:
                 break
             if kind == (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET:
-                a = _attrs(data[i + 20:i + n])
+                a = _attrs(data[i + 20 : i + n])
                 if NFQA_PACKET_HDR in a:
                     pid = struct.unpack_from("!I", a[NFQA_PACKET_HDR], 0)[0]
                     out.append((pid, a.get(NFQA_PAYLOAD, b"")))
@@ -179,8 +181,9 @@ class Queue:
 
     def verdict(self, packet_id: int, verdict: int) -> None:
         self.seq += 1
-        self.sock.send(_msg(NFQNL_MSG_VERDICT, self.num, _attr(NFQA_VERDICT_HDR, struct.pack("!II", verdict, packet_id)),
-                            self.seq))
+        self.sock.send(
+            _msg(NFQNL_MSG_VERDICT, self.num, _attr(NFQA_VERDICT_HDR, struct.pack("!II", verdict, packet_id)), self.seq)
+        )
 
     def close(self) -> None:
         try:

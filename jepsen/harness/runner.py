@@ -18,7 +18,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from jepsen.harness import checkers, net as netmod
+from jepsen.harness import checkers
+from jepsen.harness import net as netmod
 from jepsen.harness.cluster import Cluster, leftovers
 from jepsen.harness.monitor import CancelOps, CliOps, Monitor
 from jepsen.harness.nemesis import NEMESES, faketime_library, heal_everything, run_schedule, schedule
@@ -112,8 +113,18 @@ class Run:
         run_for = WARMUP + args.time + TAIL
         spec = write_scheduler(rundir / "scheduler.py", sseed, run_for)
         replicas = scenario_replicas(name, args.replicas)
-        cluster = self.cluster = Cluster(self.net, rundir, sys.executable, spec, WORKLOAD / "node.py",
-                                         replicas, args.clients, SLOTS, CLIENT_TIMEOUT, self.mark)
+        cluster = self.cluster = Cluster(
+            self.net,
+            rundir,
+            sys.executable,
+            spec,
+            WORKLOAD / "node.py",
+            replicas,
+            args.clients,
+            SLOTS,
+            CLIENT_TIMEOUT,
+            self.mark,
+        )
         say(f"[{name}] seed {sseed}: {replicas} replicas, {args.clients} clients, logs in {rundir}")
         t0 = time.monotonic()
         cluster.start()
@@ -121,8 +132,9 @@ class Run:
         monitor.start()
         ops = CliOps(cluster.cli("status", "--json"), cluster.env, t0)
         ops.start()
-        cancel_ops = CancelOps(cluster.cli, cluster.env, t0, monitor, lambda n: newest_decoy(n, WIDTH),
-                               seed=scenario_seed(sseed, "cancel"))
+        cancel_ops = CancelOps(
+            cluster.cli, cluster.env, t0, monitor, lambda n: newest_decoy(n, WIDTH), seed=scenario_seed(sseed, "cancel")
+        )
         faults: list[dict] = []
         exits: list[dict] = []
         stop_supervisor = threading.Event()
@@ -150,8 +162,7 @@ class Run:
         plan = schedule(nemesis, rng, WARMUP, WARMUP + args.time)
         cancel_ops.start()
         try:
-            started = self._wait(lambda: monitor.state() == "running" and monitor.leader() is not None,
-                                 t0, START_BOUND)
+            started = self._wait(lambda: monitor.state() == "running" and monitor.leader() is not None, t0, START_BOUND)
             if not started:
                 say(f"[{name}] computation not running after {START_BOUND}s; faults start anyway")
             # Times are relative to t0; a slow start shifts the plan so that warm-up is real.
@@ -163,8 +174,9 @@ class Run:
             heal_times = [f["t"] for f in faults if f["event"] == "stop"]
             last_heal = heal_times[-1] if heal_times else time.monotonic() - t0
             say(f"[{name}] {len(plan)} faults done, last healed at {last_heal:.1f}s; waiting for the result")
-            finished = self._wait(lambda: monitor.state() in ("finished", "failed"), t0,
-                                  last_heal + TAIL + FINISH_BOUND)
+            finished = self._wait(
+                lambda: monitor.state() in ("finished", "failed"), t0, last_heal + TAIL + FINISH_BOUND
+            )
             time.sleep(0.5)  # one more progress sample
             conv = checkers.converge(cluster.addrs, cluster.secret)
         finally:
@@ -178,7 +190,11 @@ class Run:
         replica_exits = [e for e in exits if e["proc"].startswith("r")]
         checks = {
             "exactly_once": checkers.exactly_once(comp),
-            "replicas_agree": {**conv, "ok": conv["ok"] and not replica_exits, "unexpected_replica_exits": replica_exits},
+            "replicas_agree": {
+                **conv,
+                "ok": conv["ok"] and not replica_exits,
+                "unexpected_replica_exits": replica_exits,
+            },
             "result_correct": checkers.result_correct(comp, sseed, WIDTH),
             "progress_after_heal": recov,
             "clients_stay_up": checkers.clients_stay_up(exits),
@@ -201,18 +217,34 @@ class Run:
             by_op[kind]["total"] += 1
             by_op[kind]["ok"] += bool(o.get("ok"))
         report = {
-            "scenario": name, "seed": sseed, "run_seed": args.seed, "time": args.time,
-            "replicas": replicas, "clients": args.clients, "ok": all(c["ok"] for c in checks.values()),
-            "finished": finished, "state": comp and comp.get("state"),
+            "scenario": name,
+            "seed": sseed,
+            "run_seed": args.seed,
+            "time": args.time,
+            "replicas": replicas,
+            "clients": args.clients,
+            "ok": all(c["ok"] for c in checks.values()),
+            "finished": finished,
+            "state": comp and comp.get("state"),
             "failure": comp and comp.get("failure"),
-            "plan": plan, "faults": faults,
-            "operations": {"total": len(all_ops), "ok": ok_ops, "failed": len(all_ops) - ok_ops - interrupted_ops,
-                           "interrupted": interrupted_ops, "by_op": by_op,
-                           "latency_p50": lat[len(lat) // 2] if lat else None,
-                           "latency_max": lat[-1] if lat else None, "log": all_ops},
+            "plan": plan,
+            "faults": faults,
+            "operations": {
+                "total": len(all_ops),
+                "ok": ok_ops,
+                "failed": len(all_ops) - ok_ops - interrupted_ops,
+                "interrupted": interrupted_ops,
+                "by_op": by_op,
+                "latency_p50": lat[len(lat) // 2] if lat else None,
+                "latency_max": lat[-1] if lat else None,
+                "log": all_ops,
+            },
             "checkers": checks,
-            "recovery": {"after_last_heal": recov["after_last_heal"], "max": recov["max"],
-                         "per_fault": recov["per_fault"]},
+            "recovery": {
+                "after_last_heal": recov["after_last_heal"],
+                "max": recov["max"],
+                "per_fault": recov["per_fault"],
+            },
             "process_exits": exits,
             "progress": [list(p) for p in monitor.progress[:: max(1, len(monitor.progress) // 200)]],
             "logs": str(rundir),
@@ -234,10 +266,12 @@ class Run:
         n_faults = sum(1 for f in r["faults"] if f["event"] == "start")
         ops = r["operations"]
         cancels = r["checkers"].get("cancels", {})
-        say(f"[{r['scenario']}] {verdict}: {r['replicas']} replicas, {n_faults} faults, {ops['ok']}/{ops['total']} "
+        say(
+            f"[{r['scenario']}] {verdict}: {r['replicas']} replicas, {n_faults} faults, {ops['ok']}/{ops['total']} "
             f"CLI ops ok (p50 {ops['latency_p50']}s; {cancels.get('acknowledged_kills', 0)} tasks cancelled), "
             f"{r['checkers']['exactly_once'].get('done', 0)} completions checked, recovery after last heal "
-            f"{r['recovery']['after_last_heal']}s (max {r['recovery']['max']}s), state {r['state']}")
+            f"{r['recovery']['after_last_heal']}s (max {r['recovery']['max']}s), state {r['state']}"
+        )
         for cname, c in r["checkers"].items():
             if not c["ok"]:
                 detail = {k: v for k, v in c.items() if k != "ok"}
@@ -313,14 +347,25 @@ def main(argv: list[str] | None = None) -> int:
     report_dir = args.report or run.base
     report_dir.mkdir(parents=True, exist_ok=True)
     path = report_dir / f"jepsen-{args.scenario}-{args.seed}.json"
-    doc = {"ok": ok, "seed": args.seed, "scenario": args.scenario, "time": args.time, "replicas": args.replicas,
-           "interrupted": interrupted, "cleanup": cleanup, "run_dir": str(run.base), "scenarios": reports}
+    doc = {
+        "ok": ok,
+        "seed": args.seed,
+        "scenario": args.scenario,
+        "time": args.time,
+        "replicas": args.replicas,
+        "interrupted": interrupted,
+        "cleanup": cleanup,
+        "run_dir": str(run.base),
+        "scenarios": reports,
+    }
     path.write_text(json.dumps(doc, indent=2, default=str))
     if ok and not args.keep:
         for r in reports:
             for d in Path(r["logs"]).glob("*-data"):
                 shutil.rmtree(d, ignore_errors=True)
-    say(f"{'PASS' if ok else 'FAIL'}: {sum(r['ok'] for r in reports)}/{len(names)} scenarios passed; "
+    say(
+        f"{'PASS' if ok else 'FAIL'}: {sum(r['ok'] for r in reports)}/{len(names)} scenarios passed; "
         f"report {path}; replay with: jepsen/run --scenario {args.scenario} --seed {args.seed} "
-        f"--time {args.time:g} --replicas {args.replicas}")
+        f"--time {args.time:g} --replicas {args.replicas}"
+    )
     return 0 if ok else 1

@@ -325,9 +325,7 @@ class TaskFileReader:
                 added.append(self._barrier(piece))
                 return
             if piece.startswith(_DIRECTIVE + b" "):
-                self._notices.append(
-                    Notice(line=self._line, text=piece, reason="unknown #DISBATCH directive, skipped")
-                )
+                self._notices.append(Notice(line=self._line, text=piece, reason="unknown #DISBATCH directive, skipped"))
                 return
         # A task (a line such as '#DISBATCHX' is one too: bash reads it as a comment).
         task = Task(task_id=self._next_id, line=self._line, repeat_index=-1, command=self._command(piece))
@@ -357,8 +355,7 @@ class TaskFileReader:
         if count == 0:
             return None
         self._reserve(count)
-        repeat = Repeat(first_id=self._next_id, line=self._line, count=count, start=start, step=step,
-                        command=command)
+        repeat = Repeat(first_id=self._next_id, line=self._line, count=count, start=start, step=step, command=command)
         self._entries.append(repeat)
         self._next_id += count
         return repeat
@@ -366,10 +363,10 @@ class TaskFileReader:
     def _barrier(self, piece: bytes) -> Barrier:
         # 'BARRIER', then optionally ' CHECK', then optionally ' key'; whatever
         # else follows is ignored (disBatch reads '#DISBATCH BARRIERS' as a barrier).
-        rest = piece[len(_BARRIER):]
+        rest = piece[len(_BARRIER) :]
         check = rest.startswith(b" CHECK")
         if check:
-            rest = rest[len(b" CHECK"):]
+            rest = rest[len(b" CHECK") :]
         key = rest[1:] if rest.startswith(b" ") else None
         barrier = Barrier(task_id=self._next_id, line=self._line, check=check, key=key, text=piece)
         self._add(barrier)

@@ -23,12 +23,12 @@ import time
 from typing import Any
 
 import attrs
+from tasksprint_sdk.coordinator import Coordinator, load_scheduler
 
 from tasksprint.app import NotYet
 from tasksprint.coordinator.machine import CoordinatorMachine, RunState
 from tasksprint.coordinator.ops import BadOp, InfoRequest, InitOp, StatusRequest, ViewRequest, parse_query
 from tasksprint.paxos.messages import Command
-from tasksprint_sdk.coordinator import Coordinator, load_scheduler
 
 #: Client id under which every leader proposes the init entry; the session
 #: table applies (INIT_CLIENT, 1) once, so the first leader's seed wins.

@@ -45,9 +45,12 @@ from typing import Any
 
 import attrs
 import structlog
+from tasksprint_sdk.coordinator import Coordinator, scheduler_code_digest
+from tasksprint_sdk.runtime import bind, unbind
 
 from tasksprint import codec
 from tasksprint.coordinator import snapshots, views
+from tasksprint.coordinator.lineage import Lineage
 from tasksprint.coordinator.ops import (
     ACCEPTED,
     Answer,
@@ -70,7 +73,6 @@ from tasksprint.coordinator.ops import (
     is_int,
     parse_op,
 )
-from tasksprint.coordinator.lineage import Lineage
 from tasksprint.coordinator.placement import Placement
 from tasksprint.coordinator.replies import ClientView
 from tasksprint.coordinator.runtime import Hook, HookRuntime, failure_message
@@ -86,10 +88,9 @@ from tasksprint.coordinator.state import (
     check_invariants,
 )
 from tasksprint.machine import ApplyContext
-from tasksprint_sdk.runtime import bind, unbind
-from tasksprint_sdk.coordinator import Coordinator, scheduler_code_digest
 
 __all__ = ["CoordinatorMachine", "RunState", "SchedulerMismatch", "TaskState"]
+
 
 @attrs.define(eq=False)
 class CoordinatorMachine:
@@ -322,7 +323,9 @@ class CoordinatorMachine:
         s = self._state
         client, task = self._report_target(op)
         if not all(ptid in task.pretasks for ptid, _ in op.early):
-            raise BadOp(f"done: field 'early' must list [pretask tid, attempt] pairs of this task, got {op.early!r:.200}")
+            raise BadOp(
+                f"done: field 'early' must list [pretask tid, attempt] pairs of this task, got {op.early!r:.200}"
+            )
         reason = self._stale_reason(client, task, op.attempt)
         if reason is not None:
             # The client has reported on it, so it needs no kill order for it.
@@ -411,8 +414,21 @@ class CoordinatorMachine:
         # The whole spec, so replicas whose schedulers started different
         # tasks (not just a different number of them) disagree on the digest.
         self._fx.effects.append(
-            ["start", tid, task.name, task.args, task.kwargs, list(task.pretasks), list(task.prekeys),
-             list(task.keys), sorted(task.require), list(task.want), task.replicas, task.retries, task.timeout]
+            [
+                "start",
+                tid,
+                task.name,
+                task.args,
+                task.kwargs,
+                list(task.pretasks),
+                list(task.prekeys),
+                list(task.keys),
+                sorted(task.require),
+                list(task.want),
+                task.replicas,
+                task.retries,
+                task.timeout,
+            ]
         )
         return tid
 
@@ -558,9 +574,7 @@ class CoordinatorMachine:
         leader should start every live client at its own start time); cids
         missing from it are not expired.  Returns cids in ascending order.
         """
-        return [
-            cid for cid in self._state.live if cid in last_seen and now - last_seen[cid] > self._client_timeout
-        ]
+        return [cid for cid in self._state.live if cid in last_seen and now - last_seen[cid] > self._client_timeout]
 
     def check_invariants(self) -> None:
         """Assert the internal bookkeeping is consistent (for tests; O(size of state))."""

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 import attrs
 
@@ -150,8 +150,12 @@ class JoinOp:
 
     def to_wire(self) -> dict[str, Any]:
         return {
-            "op": "join", "client": self.client, "addr": self.addr, "slots": self.slots,
-            "queue": self.queue, "have": list(self.have),
+            "op": "join",
+            "client": self.client,
+            "addr": self.addr,
+            "slots": self.slots,
+            "queue": self.queue,
+            "have": list(self.have),
         }
 
 
@@ -175,8 +179,12 @@ class DoneOp:
 
     def to_wire(self) -> dict[str, Any]:
         out = {
-            "op": "done", "cid": self.cid, "tid": self.tid, "attempt": self.attempt,
-            "values": dict(self.values), "sizes": dict(self.sizes),
+            "op": "done",
+            "cid": self.cid,
+            "tid": self.tid,
+            "attempt": self.attempt,
+            "values": dict(self.values),
+            "sizes": dict(self.sizes),
         }
         if self.early:
             out["early"] = [list(e) for e in self.early]
@@ -214,7 +222,7 @@ class CancelOp:
         return {"op": "cancel", "tid": self.tid}
 
 
-ReportOp = Union[DoneOp, FailedOp, LostOp]
+ReportOp = DoneOp | FailedOp | LostOp
 
 
 @message
@@ -231,7 +239,7 @@ class BatchOp:
         return {"op": "batch", "ops": [op.to_wire() for op in self.ops if not isinstance(op, Refused)]}
 
 
-Op = Union[InitOp, JoinOp, DoneOp, FailedOp, LostOp, CancelOp, BatchOp]
+Op = InitOp | JoinOp | DoneOp | FailedOp | LostOp | CancelOp | BatchOp
 
 
 # ------------------------------------------------------------- answers
@@ -253,8 +261,12 @@ def _others(value: Any) -> tuple[tuple[int, Any], ...]:
         raise TypeError(f"expected a list of [index, answer] pairs, got {value!r:.100}")
     out = []
     for pair in value:
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and is_int(pair[0])
-                and isinstance(pair[1], (Reported, Refused))):
+        if not (
+            isinstance(pair, (list, tuple))
+            and len(pair) == 2
+            and is_int(pair[0])
+            and isinstance(pair[1], (Reported, Refused))
+        ):
             raise TypeError(f"expected an [index, answer] pair, got {pair!r:.100}")
         out.append((pair[0], pair[1]))
     return tuple(out)
@@ -316,7 +328,7 @@ class BatchApplied:
     effects: str = attrs.field(default="", validator=_str_v)
 
 
-Answer = Union[Initialized, Joined, Reported, Cancelled, BatchApplied, Refused]
+Answer = Initialized | Joined | Reported | Cancelled | BatchApplied | Refused
 
 
 def parse_op(raw: Any) -> Op:
@@ -427,7 +439,7 @@ class InfoRequest:
         return {"tid": self.tid}
 
 
-Request = Union[ViewRequest, StatusRequest, InfoRequest]
+Request = ViewRequest | StatusRequest | InfoRequest
 
 
 def parse_query(name: Any, args: Any) -> Request:

@@ -297,7 +297,6 @@ class Placement:
         return best
 
 
-
 def load(client: ClientRecord) -> int:
     """Tasks counting against ``client``'s slots: placed there with all inputs available."""
     return len(client.running) - len(client.prefetch)
@@ -318,4 +317,3 @@ def early_room(client: ClientRecord) -> bool:
     """
     room = client.slots + client.queue
     return len(client.prefetch) < room and len(client.running) < 2 * room
-

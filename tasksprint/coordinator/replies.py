@@ -77,9 +77,7 @@ class Assignment:
     args: list = attrs.field(validator=attrs.validators.instance_of(list))
     kwargs: dict = attrs.field(validator=attrs.validators.instance_of(dict))
     seed: int = attrs.field(validator=_int)
-    timeout: float | None = attrs.field(
-        validator=attrs.validators.optional(attrs.validators.instance_of((int, float)))
-    )
+    timeout: float | None = attrs.field(validator=attrs.validators.optional(attrs.validators.instance_of((int, float))))
     keys: tuple[str, ...] = attrs.field(converter=_tuple_of(lambda k: isinstance(k, str), "output keys"))
     inputs: tuple[InputLocation, ...] = attrs.field(
         converter=_tuple_of(lambda i: isinstance(i, InputLocation), "input locations")

@@ -31,9 +31,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
+from tasksprint_sdk.coordinator import SchedulerUsageError
 
 from tasksprint.coordinator.state import RunState
-from tasksprint_sdk.coordinator import SchedulerUsageError
 
 if TYPE_CHECKING:
     from tasksprint.coordinator.machine import CoordinatorMachine
@@ -106,7 +106,14 @@ class HookRuntime:
 
 
 def failure_message(
-    scheduler_cls: type, hook: Hook, exc: BaseException, *, seed: int | None, tid: int | None, cid: int | None, slot: int
+    scheduler_cls: type,
+    hook: Hook,
+    exc: BaseException,
+    *,
+    seed: int | None,
+    tid: int | None,
+    cid: int | None,
+    slot: int,
 ) -> str:
     """What to tell the user when ``hook`` raised ``exc``."""
     cls = scheduler_cls.__qualname__

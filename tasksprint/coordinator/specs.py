@@ -51,7 +51,11 @@ def task_spec(tasks: Mapping[int, TaskRecord], **call: Any) -> TaskSpec:
     """
     name, args, kwargs, pretasks = call["name"], call["args"], call["kwargs"], call["pretasks"]
     prekeys, keys, replicas, retries, timeout = (
-        call["prekeys"], call["keys"], call["replicas"], call["retries"], call["timeout"]
+        call["prekeys"],
+        call["keys"],
+        call["replicas"],
+        call["retries"],
+        call["timeout"],
     )
     if not isinstance(name, str) or not name:
         raise TypeError(f"start_task(name=...) must be the node method's name, a non-empty string, got {name!r}")

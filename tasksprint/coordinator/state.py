@@ -28,7 +28,16 @@ from typing import Any
 
 import attrs
 
-__all__ = ["ACTIVE", "ClientRecord", "CoordinatorState", "Entry", "RunState", "TaskRecord", "TaskState", "check_invariants"]
+__all__ = [
+    "ACTIVE",
+    "ClientRecord",
+    "CoordinatorState",
+    "Entry",
+    "RunState",
+    "TaskRecord",
+    "TaskState",
+    "check_invariants",
+]
 
 
 class TaskState(enum.Enum):

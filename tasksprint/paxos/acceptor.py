@@ -42,9 +42,7 @@ class Acceptor:
 
     def accepted_from(self, from_slot: int) -> tuple[AcceptedValue, ...]:
         return tuple(
-            AcceptedValue(slot=s, ballot=b, value=v)
-            for s, (b, v) in sorted(self._accepted.items())
-            if s >= from_slot
+            AcceptedValue(slot=s, ballot=b, value=v) for s, (b, v) in sorted(self._accepted.items()) if s >= from_slot
         )
 
     def load(self, slot: int, ballot: Ballot, value: Batch) -> None:

@@ -224,7 +224,10 @@ class PaxosCore:
         """Replica id of the leader as far as this replica knows."""
         if self._role is Role.LEADER:
             return self._rid
-        if self._leader_ballot is not None and self._now - self._election.last_contact < 2 * self._config.election_timeout:
+        if (
+            self._leader_ballot is not None
+            and self._now - self._election.last_contact < 2 * self._config.election_timeout
+        ):
             return self._leader_ballot.rid
         return None
 
@@ -487,8 +490,10 @@ class PaxosCore:
         if not granted:
             self._send(src, Nack(ballot=msg.ballot, promised=self._acceptor.promised))
             return
-        if self._lead is not None and msg.ballot > self._lead.ballot or (
-            self._phase1 is not None and msg.ballot > self._phase1.ballot
+        if (
+            self._lead is not None
+            and msg.ballot > self._lead.ballot
+            or (self._phase1 is not None and msg.ballot > self._phase1.ballot)
         ):
             self._become_follower()
         # Give the candidate time to finish before we compete with it.
@@ -810,10 +815,7 @@ class PaxosCore:
         that needs their votes.  The promised ballot travels in the reply and
         becomes the asker's floor, which is all a forgotten promise needs.
         """
-        return (
-            self._learner.is_empty()
-            and self._acceptor.accepted_from(1) == ()
-        )
+        return self._learner.is_empty() and self._acceptor.accepted_from(1) == ()
 
     def _on_recover_query(self, src: int, msg: RecoverQuery) -> None:
         clean = self._is_clean()

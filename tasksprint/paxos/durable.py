@@ -103,12 +103,7 @@ class DurableState:
 
     @property
     def empty(self) -> bool:
-        return (
-            not self.initialized
-            and self.promised == ZERO_BALLOT
-            and not self.log
-            and self.snapshot_index == 0
-        )
+        return not self.initialized and self.promised == ZERO_BALLOT and not self.log and self.snapshot_index == 0
 
 
 def describe(record: Any) -> str:

@@ -41,7 +41,8 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, BinaryIO, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, BinaryIO, TypeVar
 
 __all__ = ["Node", "timeout", "PROTOCOL_VERSION", "TIMEOUT_SCALE_ENV"]
 
@@ -72,8 +73,7 @@ def _timeout_scale() -> float:
         scale = float("nan")
     if not scale > 0 or scale == float("inf"):
         raise ValueError(
-            f"{TIMEOUT_SCALE_ENV}={raw!r} is not a positive number; "
-            "set it to a factor such as 0.1 or unset it"
+            f"{TIMEOUT_SCALE_ENV}={raw!r} is not a positive number; set it to a factor such as 0.1 or unset it"
         )
     return scale
 
@@ -312,13 +312,15 @@ def _encode_answer(answer: dict[str, Any], name: Any) -> bytes:
         return _encode(answer)
     except (TypeError, ValueError) as exc:
         problem = f"task {name} returned outputs that are not JSON: {exc}"
-        return _encode({
-            "type": "error",
-            "id": answer["id"],
-            "attempt": answer["attempt"],
-            "error": problem,
-            "traceback": "",
-        })
+        return _encode(
+            {
+                "type": "error",
+                "id": answer["id"],
+                "attempt": answer["attempt"],
+                "error": problem,
+                "traceback": "",
+            }
+        )
 
 
 def _claim_stdout() -> tuple[BinaryIO, Callable[[], None]]:
