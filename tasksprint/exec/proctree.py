@@ -1,0 +1,186 @@
+"""A task's process tree without cgroups: /proc scans and a child subreaper.
+
+When the runner cannot create a cgroup it still has to find every process a
+task started, including ones that called ``setsid`` or daemonized (forked
+twice so their parent exited).  Two facts make that possible:
+
+* the runner process is made a *child subreaper*
+  (``prctl(PR_SET_CHILD_SUBREAPER)``), so an orphaned descendant is
+  re-parented to the runner instead of to init;
+* every task runs with a unique marker in its environment
+  (``TASKSPRINT_TASK_ID`` and ``TASKSPRINT_ATTEMPT``), inherited by its
+  descendants.
+
+A task's processes are then the descendants of its main process (by parent
+pid) plus the runner's own children that carry the marker.  A descendant
+that both clears its environment and escapes before a scan sees it cannot be
+found this way; cgroups close that hole.  Processes are named by
+``(pid, start time)`` so a recycled pid is never killed by mistake.
+
+The runner reaps only the re-parented processes it identified as a task's,
+with :func:`os.waitpid` on each pid; it never waits for "any child", which
+would steal the exit status of processes other code started.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import signal
+
+PR_SET_CHILD_SUBREAPER = 36
+PR_SET_PDEATHSIG = 1
+
+# Bytes of /proc/PID/environ read when looking for a marker: bounded, as the
+# environment is the task's data.
+MAX_ENVIRON_BYTES = 1 << 20
+
+# Loaded at import: a forked child must not load a library (the loader's
+# locks may have been held by another thread at fork time).
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_subreaper_pid: int | None = None
+
+
+def _prctl(option: int, arg: int) -> None:
+    if _libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def become_subreaper() -> None:
+    """Make this process a child subreaper (once per process); orphans of its tasks come back to it."""
+    global _subreaper_pid
+    if _subreaper_pid != os.getpid():
+        _prctl(PR_SET_CHILD_SUBREAPER, 1)
+        _subreaper_pid = os.getpid()
+
+
+def die_with_parent() -> None:
+    """In a freshly forked child: be killed (SIGKILL) when the parent thread exits."""
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _stat(pid: int) -> tuple[int, int, str] | None:
+    """(ppid, start time in clock ticks, state) of a process, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # The command name is in parentheses and may itself hold ") ".
+    fields = data[data.rfind(b")") + 2:].split()
+    return int(fields[1]), int(fields[19]), fields[0].decode()
+
+
+def _environ_has(pid: int, marker: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            data = f.read(MAX_ENVIRON_BYTES)
+    except OSError:
+        return False
+    return marker in data.split(b"\0")
+
+
+def _all_pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def task_processes(root: tuple[int, int] | None, markers: tuple[bytes, ...]) -> dict[int, int]:
+    """The live processes of one task: ``{pid: start time}``.
+
+    ``root`` is the task's main process as ``(pid, start time)`` (None once it
+    was reaped); ``markers`` are ``NAME=value`` environment entries that all
+    must be present for a child of this process to count as the task's.
+    Zombies are left out: they cannot be killed, only reaped.
+    """
+    me = os.getpid()
+    table: dict[int, tuple[int, int, str]] = {}
+    for pid in _all_pids():
+        st = _stat(pid)
+        if st is not None:
+            table[pid] = st
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _start, _state) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    seeds = []
+    if root is not None and root[0] in table and table[root[0]][1] == root[1]:
+        seeds.append(root[0])
+    for pid in children.get(me, ()):
+        if root is not None and pid == root[0]:
+            continue
+        if all(_environ_has(pid, m) for m in markers):
+            seeds.append(pid)
+    found: dict[int, int] = {}
+    stack = list(seeds)
+    while stack:
+        pid = stack.pop()
+        if pid in found or pid == me:
+            continue
+        found[pid] = table[pid][1]
+        stack.extend(children.get(pid, ()))
+    return {pid: start for pid, start in found.items() if table[pid][2] != "Z"}
+
+
+def is_same_process(pid: int, start: int) -> bool:
+    """True when ``pid`` still names the process that started at ``start`` (zombies included)."""
+    st = _stat(pid)
+    return st is not None and st[1] == start
+
+
+def kill_processes(procs: dict[int, int], sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` to each ``{pid: start time}`` that is still the same process."""
+    for pid, start in procs.items():
+        if is_same_process(pid, start):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+def reap_adopted(known: dict[int, int]) -> list[tuple[int, os.struct_rusage]]:
+    """Reap the zombies among ``known`` (``{pid: start time}``) that are children of this process.
+
+    ``known`` holds processes a scan attributed to one task (its main process
+    excluded: its own waiter reaps it), so nothing other code started is
+    ever reaped here.  Returns ``(pid, rusage)`` of each one reaped.
+    """
+    me = os.getpid()
+    reaped = []
+    for pid, start in known.items():
+        st = _stat(pid)
+        if st is None or st[0] != me or st[1] != start or st[2] != "Z":
+            continue
+        try:
+            got, _status, usage = os.wait4(pid, os.WNOHANG)
+        except ChildProcessError:
+            continue
+        if got == pid:
+            reaped.append((pid, usage))
+    return reaped
+
+
+def tree_cpu_seconds(procs: dict[int, int]) -> float:
+    """User + system CPU of the listed processes and of the children they reaped, summed."""
+    ticks = 0
+    for pid in procs:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        fields = data[data.rfind(b")") + 2:].split()
+        ticks += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def tree_rss_bytes(procs: dict[int, int]) -> int:
+    """Resident memory of the listed processes, summed (shared pages counted once per process)."""
+    total = 0
+    for pid in procs:
+        try:
+            with open(f"/proc/{pid}/statm", "rb") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
