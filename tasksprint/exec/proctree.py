@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import resource
 import signal
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -138,7 +139,7 @@ def kill_processes(procs: dict[int, int], sig: int = signal.SIGKILL) -> None:
                 pass
 
 
-def reap_adopted(known: dict[int, int]) -> list[tuple[int, os.struct_rusage]]:
+def reap_adopted(known: dict[int, int]) -> list[tuple[int, resource.struct_rusage]]:
     """Reap the zombies among ``known`` (``{pid: start time}``) that are children of this process.
 
     ``known`` holds processes a scan attributed to one task (its main process

@@ -44,7 +44,7 @@ import trio
 
 from tasksprint.exec import proctree
 from tasksprint.exec.cgroup import CgroupLayout, RlimitGroup, TaskGroup, open_task_group
-from tasksprint.exec.spec import SNIPPET_BYTES, CommandRecord, CommandSpec, OutputSummary, Verdict
+from tasksprint.exec.spec import SNIPPET_BYTES, CommandRecord, CommandSpec, Enforcement, OutputSummary, Verdict
 
 #: Variables of the client's own environment a task sees (when set); nothing else passes.
 BASE_ENV_NAMES = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME", "TMPDIR")
@@ -109,17 +109,15 @@ class _Capture:
             while view:
                 view = view[os.write(self._fd, view):]
             return
-        room = SNIPPET_BYTES - len(self._head)
-        if room > 0:
-            self._head += data[:room]
-            data = data[room:]
-        if data:
-            self._tail = (self._tail + data)[-SNIPPET_BYTES:]
+        if len(self._head) < SNIPPET_BYTES:
+            self._head += data[: SNIPPET_BYTES - len(self._head)]
+        self._tail = (self._tail + data[-SNIPPET_BYTES:])[-SNIPPET_BYTES:]
 
     def summary(self) -> OutputSummary:
         captured = self._fd is None
-        return OutputSummary(size_bytes=self.size, cut=self.cut,
-                             head=bytes(self._head) if captured else b"", tail=bytes(self._tail) if captured else b"")
+        fits = self.size <= SNIPPET_BYTES  # then the head is the whole output
+        return OutputSummary(size_bytes=self.size, cut=self.cut, head=bytes(self._head) if captured else b"",
+                             tail=bytes(self._tail) if captured and not fits else b"")
 
 
 @attrs.define(eq=False)
@@ -147,8 +145,13 @@ class _Run:
 
     async def wait_main(self) -> None:
         if self.status is None:
-            await trio.lowlevel.wait_readable(self._pidfd)
-            _pid, self.status, self.rusage = os.wait4(self._pid, 0)
+            while True:
+                await trio.lowlevel.wait_readable(self._pidfd)
+                # The pidfd is readable once the process exited: this does not block.
+                pid, status, rusage = os.wait4(self._pid, os.WNOHANG)  # noqa: ASYNC222
+                if pid == self._pid:
+                    self.status, self.rusage = status, rusage
+                    return
 
     async def pump(self, stream: trio.lowlevel.FdStream, out: _Capture) -> None:
         async with stream:
@@ -275,9 +278,12 @@ async def run_command(
                 proctree.die_with_parent()
                 group.child_setup()
 
-            popen = subprocess.Popen(
+            # Forked from this thread, not a worker thread: PR_SET_PDEATHSIG
+            # fires when the forking *thread* exits, and worker threads come and go.
+            # The child setup makes only system calls (libc is loaded already).
+            popen = subprocess.Popen(  # noqa: ASYNC220
                 spec.program_argv, stdin=stdin, stdout=out_w, stderr=err_w, cwd=cwd, env=env,
-                start_new_session=True, preexec_fn=child_setup, close_fds=True,
+                start_new_session=True, preexec_fn=child_setup, close_fds=True,  # noqa: PLW1509
             )
         except (OSError, subprocess.SubprocessError) as exc:
             return record(Verdict.START_FAILED, detail=f"cannot start {spec.program_argv[0]!r}: {exc}")
@@ -369,7 +375,12 @@ def _accounting(run: _Run, group: TaskGroup, adopted: list[tuple[int, Any]]) -> 
         peak = max(peak, usage_of.ru_maxrss * 1024)
     fields["user_cpu_s"] = usage.user_cpu_s if usage.user_cpu_s is not None else user
     fields["system_cpu_s"] = usage.system_cpu_s if usage.system_cpu_s is not None else system
-    fields["peak_memory_bytes"] = max(peak, usage.peak_memory_bytes or 0) or None
+    # A cgroup's peak is the tree's charged memory; without one, the largest
+    # single process (rusage) or the largest polled sum over the tree.
+    if group.enforcement is Enforcement.RLIMIT or usage.peak_memory_bytes is None:
+        fields["peak_memory_bytes"] = max(peak, usage.peak_memory_bytes or 0) or None
+    else:
+        fields["peak_memory_bytes"] = usage.peak_memory_bytes
     return fields
 
 

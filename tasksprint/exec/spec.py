@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -59,7 +60,7 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
 
 
-def parse_time(text: str | int | float) -> float:
+def parse_time(text: str | float) -> float:
     """Seconds in a duration such as ``"1s"``, ``"500ms"``, ``"2m"``, ``"1h"`` or ``"1.5"``.
 
     A bare number is seconds.  Raises :class:`ValueError` for anything else.
@@ -81,7 +82,7 @@ def parse_count(text: str | int) -> int:
     raise ValueError(f"{text!r} is not a count: write a whole number, like '16'")
 
 
-def parse_cpus(text: str | int | float) -> float:
+def parse_cpus(text: str | float) -> float:
     """A CPU quota such as ``"1"`` or ``"0.5"`` (kolejka's ``cpus``).  Raises :class:`ValueError`."""
     if isinstance(text, (int, float)) and not isinstance(text, bool) and math.isfinite(text) and text > 0:
         return float(text)
@@ -148,6 +149,7 @@ def _to_env(value: Any) -> tuple[tuple[str, str], ...]:
     if not isinstance(items, (list, tuple, type({}.items()))):
         raise TypeError(f"env must be a mapping of names to values, got {type(value).__name__}")
     pairs = []
+    item: Any
     for item in items:
         if not isinstance(item, (list, tuple)) or len(item) != 2:
             raise TypeError(f"env entries are (name, value) pairs, got {item!r:.80}")
@@ -209,14 +211,17 @@ class Limits:
         unknown = sorted(set(limits) - known)
         if unknown:
             raise ValueError(f"unknown limits {unknown}: kolejka limits are {sorted(known)}")
-        get = limits.get
+
+        def read(key: str, parse: Callable[[Any], Any]) -> Any:
+            return None if limits.get(key) is None else parse(limits[key])
+
         return cls(
-            memory_bytes=parse_size(get("memory")) if get("memory") is not None else None,
-            cpus=parse_cpus(get("cpus")) if get("cpus") is not None else None,
-            pids=parse_count(get("pids")) if get("pids") is not None else None,
-            wall_time_s=parse_time(get("time")) if get("time") is not None else None,
-            cpu_time_s=parse_time(get("cpu_time")) if get("cpu_time") is not None else None,
-            output_bytes=parse_size(get("output")) if get("output") is not None else None,
+            memory_bytes=read("memory", parse_size),
+            cpus=read("cpus", parse_cpus),
+            pids=read("pids", parse_count),
+            wall_time_s=read("time", parse_time),
+            cpu_time_s=read("cpu_time", parse_time),
+            output_bytes=read("output", parse_size),
         )
 
 
@@ -300,7 +305,8 @@ class OutputSummary:
 
     ``size_bytes`` counts what the task wrote until the stream closed or the
     output limit cut it (``cut``); ``head`` / ``tail`` are the first and last
-    80 bytes (``tail`` is empty when everything fits in ``head``).
+    80 bytes, which overlap when the output is shorter than 160 bytes
+    (``tail`` is empty when everything fits in ``head``).
     """
 
     size_bytes: int = attrs.field(validator=attrs.validators.ge(0))
