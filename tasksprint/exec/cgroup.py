@@ -508,6 +508,8 @@ class RlimitGroup:
                 # RLIMIT_NPROC counts every process of the user, so the task
                 # gets its pids on top of what the user runs now.
                 nproc = _user_process_count() + limits.pids
+        # The task's orphans must come back to this process to be found and reaped.
+        proctree.become_subreaper()
         return cls(limits, markers, nproc, unenforced=tuple(unenforced))
 
     def child_setup(self) -> None:

@@ -254,8 +254,6 @@ async def run_command(
     markers = tuple(f"{n}={env[n]}".encode() for n in ("TASKSPRINT_TASK_ID", "TASKSPRINT_ATTEMPT", "TASKSPRINT_CLIENT"))
     started = time.time()
     t0 = time.monotonic()
-    # Orphans of every task come back to this process, which reaps those it killed.
-    proctree.become_subreaper()
     group = open_task_group(cgroups, spec.limits, markers)
 
     def record(verdict: Verdict, **fields: Any) -> CommandRecord:
@@ -314,7 +312,7 @@ async def run_command(
             with trio.CancelScope(shield=True):
                 await run.kill_tree()
                 await run.wait_main()
-                # Orphans of the task were re-parented to this process (a subreaper).
+                # Without cgroups this process is a subreaper: the task's orphans are its children.
                 adopted = proctree.reap_adopted({p: s for p, s in run.killed.items() if p != pid})
                 trio.lowlevel.notify_closing(pidfd)
                 popen.returncode = run.status if run.status is not None else -1
