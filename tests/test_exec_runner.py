@@ -23,6 +23,7 @@ import trio
 from tasksprint.exec import proctree
 from tasksprint.exec.cgroup import CgroupLayout, detect_cgroups, sweep_stale_groups
 from tasksprint.exec.runner import TaskEnv, run_command
+from tasksprint.exec.sandbox import find_bwrap
 from tasksprint.exec.spec import CommandRecord, CommandSpec, Enforcement, Limits, Verdict
 
 MARK = "TS_EXEC_TEST_MARK"
@@ -62,7 +63,7 @@ def _zombie_children() -> list[int]:
     found = []
     for name in os.listdir("/proc"):
         if name.isdigit():
-            st = proctree._stat(int(name))
+            st = proctree.proc_stat(int(name))
             if st is not None and st[0] == me and st[2] == "Z":
                 found.append(int(name))
     return found
@@ -315,3 +316,62 @@ def test_sweep_removes_groups_of_dead_clients() -> None:
     finally:
         if os.path.exists(path):
             os.rmdir(path)
+
+
+# --------------------------------------------------------------------------
+# The bubblewrap sandbox
+
+
+async def _bwrap_or_skip(mark: str, tmp_path: Path) -> None:
+    if find_bwrap(None) is None:
+        pytest.skip("bubblewrap (bwrap) is not installed")
+    # Through the runner, which reaps what bwrap leaves to this process.
+    probe = await run({"cmd": "true", "cwd": str(tmp_path), "sandbox": True}, mark, None)
+    if probe.verdict is not Verdict.OK:
+        pytest.skip(f"bwrap cannot create namespaces here: {probe.stderr}")
+
+
+async def test_a_sandboxed_task_sees_a_read_only_root_and_a_private_tmp(
+        enforce: CgroupLayout | None, mark: str, tmp_path: Path) -> None:
+    await _bwrap_or_skip(mark, tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    probe = f"sandbox-probe-{mark}"
+    cmd = (f"touch /usr/{probe} 2>/dev/null && echo root-writable; "
+           f"echo private > /tmp/{probe}; echo result > out.txt; "
+           "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '; echo pid=$$")
+    record = await run({"cmd": cmd, "cwd": str(work), "sandbox": True}, mark, enforce)
+    assert record.verdict is Verdict.OK, record
+    assert record.stdout is not None
+    lines = record.stdout.head.decode().split()
+    assert "root-writable" not in lines
+    assert (work / "out.txt").read_text() == "result\n"
+    assert not os.path.exists(f"/tmp/{probe}")
+    assert not os.path.exists(f"/usr/{probe}")
+    assert lines[:-1] == ["lo"]  # no network but loopback
+    assert lines[-1] != f"pid={record.pid}"  # its own pid namespace
+
+
+async def test_a_sandboxed_task_may_ask_for_the_network(mark: str, tmp_path: Path) -> None:
+    await _bwrap_or_skip(mark, tmp_path)
+    lines = Path("/proc/net/dev").read_text().splitlines()[2:]
+    host_devices = sorted(line.split(":")[0].strip() for line in lines)
+    record = await run({"cmd": "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | sort", "cwd": str(tmp_path),
+                        "sandbox": True, "network": True}, mark, None)
+    assert record.verdict is Verdict.OK
+    assert record.stdout is not None and record.stdout.head.decode().split() == host_devices
+
+
+async def test_the_sandbox_time_limit_kills_everything_inside(enforce: CgroupLayout | None, mark: str,
+                                                            tmp_path: Path) -> None:
+    await _bwrap_or_skip(mark, tmp_path)
+    record = await run({"cmd": "setsid sleep 1000 & (setsid sleep 1001 &); sleep 1002", "cwd": str(tmp_path),
+                        "sandbox": True, "limits": Limits(wall_time_s=0.5)}, mark, enforce)
+    assert record.verdict is Verdict.TIME
+
+
+async def test_a_sandbox_without_bwrap_is_a_start_failure_naming_the_package(mark: str, tmp_path: Path) -> None:
+    record = await run({"cmd": "true", "cwd": str(tmp_path), "sandbox": True, "env": {"PATH": str(tmp_path)}},
+                       mark, None)
+    assert record.verdict is Verdict.START_FAILED
+    assert "bubblewrap" in record.detail

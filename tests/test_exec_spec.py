@@ -169,3 +169,20 @@ def test_task_cpus_is_what_the_task_was_given() -> None:
     assert task_cpus(CommandSpec(cmd="true", limits=Limits(cpus=0.5)), env) == 0.5
     assert task_cpus(CommandSpec(cmd="true", limits=Limits(cpuset=[0, 1, 2])), env) == 3.0
     assert task_cpus(CommandSpec(cmd="true"), TaskEnv(task_id="1", attempt=0, client="c", cpus=4.0)) == 4.0
+
+
+def test_network_is_a_sandbox_option() -> None:
+    with pytest.raises(ValueError, match="set sandbox=True too"):
+        CommandSpec(cmd="true", network=True)
+    assert CommandSpec(cmd="true", sandbox=True, network=True).network
+
+
+def test_sandbox_argv_isolates_all_but_the_working_directory() -> None:
+    from tasksprint.exec.sandbox import sandbox_argv
+
+    argv = sandbox_argv(("bash", "-c", "make"), bwrap="/usr/bin/bwrap", cwd="/tmp/w", network=False)
+    assert argv[0] == "/usr/bin/bwrap" and argv[-4:] == ("--", "bash", "-c", "make")
+    joined = " ".join(argv)
+    assert "--ro-bind / /" in joined and "--bind /tmp/w /tmp/w" in joined and "--unshare-net" in joined
+    assert joined.index("--tmpfs /tmp") < joined.index("--bind /tmp/w")  # the working directory stays visible
+    assert "--unshare-net" not in sandbox_argv(("true",), bwrap="bwrap", cwd="/w", network=True)

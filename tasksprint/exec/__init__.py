@@ -4,8 +4,10 @@
 the parsers of kolejka's unit strings; ``cgroup`` creates the per-task group
 that holds, limits, measures and kills a task's process tree (cgroup v2, v1,
 or setrlimit with a /proc scan when cgroups cannot be written); ``proctree``
-finds a task's processes without cgroups; ``runner`` runs one command with
-trio and returns its :class:`~tasksprint.exec.spec.CommandRecord`.
+finds a task's processes without cgroups; ``sandbox`` wraps a command in
+bubblewrap; ``files`` checks the names of a task's files; ``runner`` runs
+one command with trio and returns its
+:class:`~tasksprint.exec.spec.CommandRecord`.
 """
 
 from tasksprint.exec.runner import TaskEnv, run_command

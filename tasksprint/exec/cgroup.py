@@ -144,7 +144,7 @@ def _kill_all(pids: list[int]) -> dict[int, int]:
     """SIGKILL each pid; returns ``{pid: start time}`` of those that were alive."""
     killed = {}
     for pid in pids:
-        st = proctree._stat(pid)
+        st = proctree.proc_stat(pid)
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -335,7 +335,7 @@ class CgroupV2Group:
         pids = _members(os.path.join(self._path, "cgroup.procs"))
         if not pids:
             return {}
-        members = {pid: st[1] for pid in pids if (st := proctree._stat(pid)) is not None}
+        members = {pid: st[1] for pid in pids if (st := proctree.proc_stat(pid)) is not None}
         try:
             _write(os.path.join(self._path, "cgroup.kill"), "1")
         except OSError:  # kernels before 5.14
@@ -523,7 +523,7 @@ class RlimitGroup:
         _child_rlimits(limits)
 
     def started(self, pid: int) -> None:
-        st = proctree._stat(pid)
+        st = proctree.proc_stat(pid)
         if st is not None:
             self._root = (pid, st[1])
 
@@ -553,7 +553,7 @@ class RlimitGroup:
     def reap(self) -> list[tuple[int, resource.struct_rusage]]:
         """Reap the task's orphans that were re-parented to this process."""
         root = self._root[0] if self._root else None
-        return proctree.reap_adopted({p: s for p, s in self._known.items() if p != root})
+        return proctree.reap_adopted({p: s for p, s in self._known.items() if p != root}, session=root)
 
     def remove(self) -> None:
         self.reap()

@@ -62,8 +62,8 @@ def die_with_parent() -> None:
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _stat(pid: int) -> tuple[int, int, str] | None:
-    """(ppid, start time in clock ticks, state) of a process, or None when it is gone."""
+def proc_stat(pid: int) -> tuple[int, int, str, int] | None:
+    """(ppid, start time in clock ticks, state, session id) of a process, or None when it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
@@ -71,7 +71,7 @@ def _stat(pid: int) -> tuple[int, int, str] | None:
         return None
     # The command name is in parentheses and may itself hold ") ".
     fields = data[data.rfind(b")") + 2:].split()
-    return int(fields[1]), int(fields[19]), fields[0].decode()
+    return int(fields[1]), int(fields[19]), fields[0].decode(), int(fields[3])
 
 
 def _environ_has(pid: int, marker: bytes) -> bool:
@@ -96,13 +96,13 @@ def task_processes(root: tuple[int, int] | None, markers: tuple[bytes, ...]) -> 
     Zombies are left out: they cannot be killed, only reaped.
     """
     me = os.getpid()
-    table: dict[int, tuple[int, int, str]] = {}
+    table: dict[int, tuple[int, int, str, int]] = {}
     for pid in _all_pids():
-        st = _stat(pid)
+        st = proc_stat(pid)
         if st is not None:
             table[pid] = st
     children: dict[int, list[int]] = {}
-    for pid, (ppid, _start, _state) in table.items():
+    for pid, (ppid, _start, _state, _sid) in table.items():
         children.setdefault(ppid, []).append(pid)
     seeds = []
     if root is not None and root[0] in table and table[root[0]][1] == root[1]:
@@ -110,7 +110,8 @@ def task_processes(root: tuple[int, int] | None, markers: tuple[bytes, ...]) -> 
     for pid in children.get(me, ()):
         if root is not None and pid == root[0]:
             continue
-        if all(_environ_has(pid, m) for m in markers):
+        # An orphan that kept the task's session, or that carries its markers.
+        if (root is not None and table[pid][3] == root[0]) or all(_environ_has(pid, m) for m in markers):
             seeds.append(pid)
     found: dict[int, int] = {}
     stack = list(seeds)
@@ -125,7 +126,7 @@ def task_processes(root: tuple[int, int] | None, markers: tuple[bytes, ...]) -> 
 
 def is_same_process(pid: int, start: int) -> bool:
     """True when ``pid`` still names the process that started at ``start`` (zombies included)."""
-    st = _stat(pid)
+    st = proc_stat(pid)
     return st is not None and st[1] == start
 
 
@@ -139,17 +140,42 @@ def kill_processes(procs: dict[int, int], sig: int = signal.SIGKILL) -> None:
                 pass
 
 
-def reap_adopted(known: dict[int, int]) -> list[tuple[int, resource.struct_rusage]]:
-    """Reap the zombies among ``known`` (``{pid: start time}``) that are children of this process.
+def session_orphans(session: int) -> dict[int, int]:
+    """Live (not yet zombie) children of this process in ``session``: ``{pid: start time}``.
 
-    ``known`` holds processes a scan attributed to one task (its main process
-    excluded: its own waiter reaps it), so nothing other code started is
-    ever reaped here.  Returns ``(pid, rusage)`` of each one reaped.
+    The task's main process led ``session``; a child of this process in it
+    is an orphan of the task (this process being its subreaper), perhaps
+    one that already left its cgroup on its way out.
     """
     me = os.getpid()
+    found = {}
+    for pid in _all_pids():
+        st = proc_stat(pid)
+        if st is not None and st[0] == me and st[3] == session and pid != session and st[2] != "Z":
+            found[pid] = st[1]
+    return found
+
+
+def reap_adopted(known: dict[int, int], session: int | None = None) -> list[tuple[int, resource.struct_rusage]]:
+    """Reap zombie children of this process that belong to one task.
+
+    They are those among ``known`` (``{pid: start time}``, processes a scan
+    or a kill attributed to the task) and, when ``session`` is given (the
+    task's main pid, which led a new session), those still in that session:
+    a zombie's environment cannot be read, but its session can.  The main
+    process itself is never reaped here (its own waiter does that), and
+    nothing other code started is.  Returns ``(pid, rusage)`` of each one.
+    """
+    me = os.getpid()
+    candidates = dict(known)
+    if session is not None:
+        for pid in _all_pids():
+            st = proc_stat(pid)
+            if st is not None and st[0] == me and st[3] == session and pid != session:
+                candidates.setdefault(pid, st[1])
     reaped = []
-    for pid, start in known.items():
-        st = _stat(pid)
+    for pid, start in candidates.items():
+        st = proc_stat(pid)
         if st is None or st[0] != me or st[1] != start or st[2] != "Z":
             continue
         try:

@@ -42,7 +42,7 @@ from typing import Any
 import attrs
 import trio
 
-from tasksprint.exec import proctree
+from tasksprint.exec import proctree, sandbox
 from tasksprint.exec.cgroup import CgroupLayout, RlimitGroup, TaskGroup, open_task_group
 from tasksprint.exec.spec import SNIPPET_BYTES, CommandRecord, CommandSpec, Enforcement, OutputSummary, Verdict
 
@@ -210,7 +210,12 @@ class _Run:
                     pass
             killed = self._group.kill_round()
             if not killed:
-                return
+                # An orphan that already left its group on its way out is
+                # still to be reaped: wait until it is a zombie.
+                killed = proctree.session_orphans(self._pid)
+                if not killed:
+                    return
+                proctree.kill_processes(killed)
             self.killed.update(killed)
             await trio.sleep(KILL_ROUND_PAUSE_S)
 
@@ -263,6 +268,12 @@ async def run_command(
 
     fds: list[int] = []
     try:
+        argv = spec.program_argv
+        if spec.sandbox:
+            bwrap = sandbox.find_bwrap(env["PATH"])
+            if bwrap is None:
+                return record(Verdict.START_FAILED, detail=sandbox.missing_message())
+            argv = sandbox.sandbox_argv(argv, bwrap=bwrap, cwd=os.path.abspath(cwd), network=spec.network)
         try:
             stdin = _open_stdin(spec, cwd)
             fds.append(stdin)
@@ -280,7 +291,7 @@ async def run_command(
             # fires when the forking *thread* exits, and worker threads come and go.
             # The child setup makes only system calls (libc is loaded already).
             popen = subprocess.Popen(  # noqa: ASYNC220
-                spec.program_argv, stdin=stdin, stdout=out_w, stderr=err_w, cwd=cwd, env=env,
+                argv, stdin=stdin, stdout=out_w, stderr=err_w, cwd=cwd, env=env,
                 start_new_session=True, preexec_fn=child_setup, close_fds=True,  # noqa: PLW1509
             )
         except (OSError, subprocess.SubprocessError) as exc:
@@ -313,7 +324,7 @@ async def run_command(
                 await run.kill_tree()
                 await run.wait_main()
                 # Without cgroups this process is a subreaper: the task's orphans are its children.
-                adopted = proctree.reap_adopted({p: s for p, s in run.killed.items() if p != pid})
+                adopted = proctree.reap_adopted({p: s for p, s in run.killed.items() if p != pid}, session=pid)
                 trio.lowlevel.notify_closing(pidfd)
                 popen.returncode = run.status if run.status is not None else -1
                 for stream in streams:

@@ -234,6 +234,9 @@ class CommandSpec:
     ``stdout`` / ``stderr`` name files the output goes to, relative to ``cwd``,
     or None to capture it (the record keeps its size and an 80-byte head and
     tail).  ``env`` adds variables over the runner's small base environment.
+    ``sandbox`` runs the task under bubblewrap (read-only root, private
+    ``/tmp``, writable ``cwd``), without network unless ``network`` is set;
+    a task without sandbox always has the client's network.
     """
 
     cmd: str | None = attrs.field(default=None)
@@ -244,6 +247,8 @@ class CommandSpec:
     stdout: str | None = attrs.field(default=None, validator=_optional_path)
     stderr: str | None = attrs.field(default=None, validator=_optional_path)
     limits: Limits = attrs.field(factory=Limits, validator=attrs.validators.instance_of(Limits))
+    sandbox: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    network: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
 
     def __attrs_post_init__(self) -> None:
         if (self.cmd is None) == (self.argv is None):
@@ -259,6 +264,8 @@ class CommandSpec:
                 _text(item, f"argv[{n}]", MAX_COMMAND_BYTES)
             if not self.argv[0]:
                 raise ValueError("argv[0] is empty: it names the program to run")
+        if self.network and not self.sandbox:
+            raise ValueError("network=True only matters in a sandbox: set sandbox=True too, or leave network unset")
         if self.stdout is not None and self.stdout == self.stderr:
             raise ValueError("stdout and stderr name the same file; give two names")
 
