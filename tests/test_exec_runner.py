@@ -38,6 +38,19 @@ def _cgroups_or_skip() -> CgroupLayout:
     return layout
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _no_parent_groups_left() -> Iterator[None]:
+    """Remove the (empty) ``tasksprint`` parent groups this module's runs created."""
+    layout = detect_cgroups() if os.geteuid() == 0 else None
+    yield
+    if layout is not None:
+        for parent in set(layout.parents.values()):
+            try:
+                os.rmdir(parent)  # fails, as it should, while another client's group is inside
+            except OSError:
+                pass
+
+
 @pytest.fixture(params=["cgroup", "rlimit"])
 def enforce(request: pytest.FixtureRequest) -> CgroupLayout | None:
     """Where task groups go: this machine's cgroups, or None to force the rlimit fallback."""

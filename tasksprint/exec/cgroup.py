@@ -1,73 +1,43 @@
-"""Per-task process groups: hold, limit, measure and kill a task's whole process tree.
+"""Task groups in cgroups: hold, limit, measure and kill a task's whole process tree.
 
-Theory of operation.  For every run the runner opens a *task group*; the
-forked child joins it before it executes the program (``child_setup`` runs
-between fork and exec), so every process the task ever starts is inside from
-its first instruction.  The group then answers what the runner needs:
-
-* limits: memory, pids, CPU quota and cpuset are set on the group before the
-  child joins; a CPU-time limit is set per process with ``RLIMIT_CPU`` and,
-  for the whole tree, checked by the runner's monitor against ``cpu_seconds``;
-* ``kill_round`` sends SIGKILL to every process in the group and returns
-  them as ``{pid: start time}``; the runner repeats it until the group is
-  empty (a process forking while it is killed leaves a child the next
-  round finds) and reaps those re-parented to it;
-* ``usage`` reads peak memory, user and system CPU and whether the OOM
-  killer or the pids limit fired, once the tree is dead;
-* ``remove`` deletes the group.
-
-Three kinds exist, chosen by :func:`detect_cgroups` and :func:`open_task_group`:
+The forked child writes itself into the group's ``cgroup.procs`` between fork
+and exec (see :mod:`tasksprint.exec.group`), so every process the task ever
+starts is inside from its first instruction, ``setsid`` and daemons included.
+Two kinds exist, chosen by :func:`detect_cgroups`:
 
 ``cgroup_v2``
     One directory in the unified hierarchy (``memory.max``, ``pids.max``,
-    ``cpu.max``, ``cpuset.cpus``; ``cgroup.kill`` kills atomically).
+    ``cpu.max``, ``cpuset.cpus``); ``cgroup.kill`` kills the tree at once;
+    ``memory.events``, ``pids.events``, ``memory.peak`` and ``cpu.stat``
+    give the accounting.
 ``cgroup_v1``
     One directory per controller hierarchy: ``memory`` and ``pids`` always,
     ``cpuacct`` for accounting when mounted, ``cpu`` when a quota is asked,
-    ``cpuset`` when pinning is asked.  The pids group lists the members.
-``rlimit``
-    No cgroup can be written (unprivileged, or forced).  Limits are
-    ``setrlimit`` in the child (``RLIMIT_DATA`` for memory, per process;
-    ``RLIMIT_CPU``; ``RLIMIT_NPROC``, which counts every process of the user
-    and is ignored for root) and ``sched_setaffinity`` for a cpuset; a CPU
-    quota cannot be applied.  Members are found by :mod:`proctree`, whose
-    scans also give the tree's memory and CPU time to the runner's monitor.
+    ``cpuset`` when pinning is asked.  The pids group lists the members, and
+    each kill round kills every listed member.
 
-Groups are created under the cgroup this process is in, inside a
-``tasksprint`` directory, named ``<client pid>-<random>`` so that
-:func:`sweep_stale_groups` can remove what a client that died left behind.
+Limits are written before the child joins.  Groups are created under the
+cgroup this process is in, inside a ``tasksprint`` directory, named
+``<client pid>-<random>`` so that :func:`sweep_stale_groups` can remove what
+a client that died left behind.
 """
 
 from __future__ import annotations
 
 import errno
-import math
 import os
-import resource
-import secrets
 import signal
-from typing import Protocol
 
 import attrs
 
 from tasksprint.exec import proctree
+from tasksprint.exec.group import GroupUsage, child_rlimits
 from tasksprint.exec.spec import Enforcement, Limits
 
 #: Directory, under this process's own cgroup, that holds the task groups.
 GROUP_PARENT = "tasksprint"
 CPU_PERIOD_US = 100_000
 V1_CONTROLLERS = ("memory", "pids", "cpuacct", "cpu", "cpuset")
-
-
-@attrs.frozen
-class GroupUsage:
-    """What a task group measured; None where the enforcement cannot see it."""
-
-    peak_memory_bytes: int | None = None
-    user_cpu_s: float | None = None
-    system_cpu_s: float | None = None
-    oom_killed: bool = False
-    pids_limit_hit: bool = False
 
 
 @attrs.frozen
@@ -81,21 +51,6 @@ class CgroupLayout:
 
     version: Enforcement
     parents: dict[str, str]
-
-
-class TaskGroup(Protocol):
-    """The interface the runner uses; see the module docstring."""
-
-    enforcement: Enforcement
-    unenforced: tuple[str, ...]
-
-    def child_setup(self) -> None: ...
-    def started(self, pid: int) -> None: ...
-    def kill_round(self) -> dict[int, int]: ...
-    def cpu_seconds(self) -> float | None: ...
-    def memory_bytes(self) -> int | None: ...
-    def usage(self) -> GroupUsage: ...
-    def remove(self) -> None: ...
 
 
 # --------------------------------------------------------------------------
@@ -165,14 +120,6 @@ def _join(procs_file: str) -> None:
 
 def _cpu_list(cores: tuple[int, ...]) -> str:
     return ",".join(str(c) for c in sorted(cores))
-
-
-def _child_rlimits(limits: Limits) -> None:
-    """The per-process limits every enforcement applies in the child."""
-    if limits.cpu_time_s is not None:
-        soft = max(1, math.ceil(limits.cpu_time_s))
-        # SIGXCPU at the soft limit, SIGKILL a second later for a process that ignores it.
-        resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 1))
 
 
 # --------------------------------------------------------------------------
@@ -326,7 +273,7 @@ class CgroupV2Group:
 
     def child_setup(self) -> None:
         _join(os.path.join(self._path, "cgroup.procs"))
-        _child_rlimits(self._limits)
+        child_rlimits(self._limits)
 
     def started(self, pid: int) -> None:
         pass
@@ -430,7 +377,7 @@ class CgroupV1Group:
     def child_setup(self) -> None:
         for path in dict.fromkeys(self._dirs.values()):
             _join(os.path.join(path, "cgroup.procs"))
-        _child_rlimits(self._limits)
+        child_rlimits(self._limits)
 
     def started(self, pid: int) -> None:
         pass
@@ -472,121 +419,6 @@ class CgroupV1Group:
             except FileNotFoundError:
                 pass
 
-
-# --------------------------------------------------------------------------
-# No cgroups: setrlimit, affinity, and a /proc scan
-
-
-@attrs.define(eq=False)
-class RlimitGroup:
-    """A task's processes found by :mod:`proctree`, limited by setrlimit in the child.
-
-    ``markers`` are the ``NAME=value`` environment entries that identify the
-    task's orphans; ``known`` accumulates every process a scan attributed to
-    the task, so adopted zombies among them can be reaped.
-    """
-
-    _limits: Limits
-    _markers: tuple[bytes, ...]
-    _nproc: int | None = None  # RLIMIT_NPROC to set in the child
-    _root: tuple[int, int] | None = None
-    _known: dict[int, int] = attrs.Factory(dict)
-    _peak_rss: int = 0
-    enforcement: Enforcement = Enforcement.RLIMIT
-    unenforced: tuple[str, ...] = ()
-
-    @classmethod
-    def create(cls, limits: Limits, markers: tuple[bytes, ...]) -> RlimitGroup:
-        unenforced = []
-        nproc = None
-        if limits.cpus is not None:
-            unenforced.append("cpus")
-        if limits.pids is not None:
-            if os.geteuid() == 0:
-                unenforced.append("pids")  # the kernel does not apply RLIMIT_NPROC to root
-            else:
-                # RLIMIT_NPROC counts every process of the user, so the task
-                # gets its pids on top of what the user runs now.
-                nproc = _user_process_count() + limits.pids
-        # The task's orphans must come back to this process to be found and reaped.
-        proctree.become_subreaper()
-        return cls(limits, markers, nproc, unenforced=tuple(unenforced))
-
-    def child_setup(self) -> None:
-        limits = self._limits
-        if limits.memory_bytes is not None:
-            resource.setrlimit(resource.RLIMIT_DATA, (limits.memory_bytes, limits.memory_bytes))
-        if self._nproc is not None:
-            resource.setrlimit(resource.RLIMIT_NPROC, (self._nproc, self._nproc))
-        if limits.cpuset is not None:
-            os.sched_setaffinity(0, limits.cpuset)
-        _child_rlimits(limits)
-
-    def started(self, pid: int) -> None:
-        st = proctree.proc_stat(pid)
-        if st is not None:
-            self._root = (pid, st[1])
-
-    def _scan(self) -> dict[int, int]:
-        procs = proctree.task_processes(self._root, self._markers)
-        self._known.update(procs)
-        return procs
-
-    def kill_round(self) -> dict[int, int]:
-        procs = self._scan()
-        proctree.kill_processes(procs)
-        return procs
-
-    def cpu_seconds(self) -> float | None:
-        # RLIMIT_CPU holds each process; this sums the live tree for the
-        # runner's monitor (a process reaped by a parent that died too is missed).
-        return proctree.tree_cpu_seconds(self._scan())
-
-    def memory_bytes(self) -> int | None:
-        rss = proctree.tree_rss_bytes(self._scan())
-        self._peak_rss = max(self._peak_rss, rss)
-        return rss
-
-    def usage(self) -> GroupUsage:
-        return GroupUsage(peak_memory_bytes=self._peak_rss or None)
-
-    def reap(self) -> list[tuple[int, resource.struct_rusage]]:
-        """Reap the task's orphans that were re-parented to this process."""
-        root = self._root[0] if self._root else None
-        return proctree.reap_adopted({p: s for p, s in self._known.items() if p != root}, session=root)
-
-    def remove(self) -> None:
-        self.reap()
-
-
-def _user_process_count() -> int:
-    uid = os.getuid()
-    count = 0
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                if os.stat(f"/proc/{name}").st_uid == uid:
-                    count += 1
-            except OSError:
-                pass
-    return count
-
-
-def open_task_group(layout: CgroupLayout | None, limits: Limits, markers: tuple[bytes, ...]) -> TaskGroup:
-    """A new task group: in ``layout`` when given and writable, else the rlimit fallback.
-
-    Raises nothing for an unwritable cgroup: the fallback is used and says so
-    in its ``enforcement``.
-    """
-    if layout is not None:
-        name = f"{os.getpid()}-{secrets.token_hex(6)}"
-        try:
-            if layout.version is Enforcement.CGROUP_V2:
-                return CgroupV2Group.create(layout, name, limits)
-            return CgroupV1Group.create(layout, name, limits)
-        except OSError:
-            pass
-    return RlimitGroup.create(limits, markers)
 
 
 def sweep_stale_groups(layout: CgroupLayout) -> list[str]:

@@ -7,7 +7,8 @@ Theory of operation.  :func:`run_command` takes a validated
    client (:data:`BASE_ENV_NAMES`, nothing else of the client's), then
    ``TASKSPRINT_TASK_ID``, ``TASKSPRINT_ATTEMPT``, ``TASKSPRINT_CLIENT`` and
    ``TASKSPRINT_CPUS``, then the spec's additions;
-2. opens a task group (:mod:`tasksprint.exec.cgroup`) and forks the program
+2. opens a task group (:func:`open_task_group`: :mod:`tasksprint.exec.cgroup`
+   or :mod:`tasksprint.exec.rlimit`) and forks the program
    in a new session; between fork and exec the child joins the group, sets
    its rlimits and asks to be killed if the client dies;
 3. supervises: waits for the main process (through a pidfd, so the exit
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -43,8 +45,10 @@ import attrs
 import trio
 
 from tasksprint.exec import proctree, sandbox
-from tasksprint.exec.cgroup import CgroupLayout, RlimitGroup, TaskGroup, open_task_group
-from tasksprint.exec.spec import SNIPPET_BYTES, CommandRecord, CommandSpec, Enforcement, OutputSummary, Verdict
+from tasksprint.exec.cgroup import CgroupLayout, CgroupV1Group, CgroupV2Group
+from tasksprint.exec.group import TaskGroup
+from tasksprint.exec.rlimit import RlimitGroup
+from tasksprint.exec.spec import SNIPPET_BYTES, CommandRecord, CommandSpec, Enforcement, Limits, OutputSummary, Verdict
 
 #: Variables of the client's own environment a task sees (when set); nothing else passes.
 BASE_ENV_NAMES = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME", "TMPDIR")
@@ -218,6 +222,23 @@ class _Run:
                 proctree.kill_processes(killed)
             self.killed.update(killed)
             await trio.sleep(KILL_ROUND_PAUSE_S)
+
+
+def open_task_group(layout: CgroupLayout | None, limits: Limits, markers: tuple[bytes, ...]) -> TaskGroup:
+    """A new task group: in ``layout`` when given and writable, else the rlimit fallback.
+
+    Raises nothing for an unwritable cgroup: the fallback is used and says so
+    in its ``enforcement``.
+    """
+    if layout is not None:
+        name = f"{os.getpid()}-{secrets.token_hex(6)}"
+        try:
+            if layout.version is Enforcement.CGROUP_V2:
+                return CgroupV2Group.create(layout, name, limits)
+            return CgroupV1Group.create(layout, name, limits)
+        except OSError:
+            pass
+    return RlimitGroup.create(limits, markers)
 
 
 def _open_stdin(spec: CommandSpec, cwd: str) -> int:
