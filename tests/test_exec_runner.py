@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -312,6 +314,50 @@ async def test_trio_cancellation_kills_the_tree(enforce: CgroupLayout | None, ma
 
 # --------------------------------------------------------------------------
 # Groups a dead client left
+
+CLIENT_SCRIPT = """
+import functools, sys, trio
+from tasksprint.exec.cgroup import detect_cgroups
+from tasksprint.exec.runner import TaskEnv, run_command
+from tasksprint.exec.spec import CommandSpec
+
+spec = CommandSpec(cmd="setsid sleep 1000 & sleep 1001", env={sys.argv[1]: sys.argv[2]})
+env = TaskEnv(task_id="1", attempt=0, client="doomed")
+trio.run(functools.partial(run_command, spec, task_env=env, cgroups=detect_cgroups()))
+"""
+
+
+def test_a_killed_clients_task_dies_and_its_group_is_swept(mark: str, tmp_path: Path) -> None:
+    layout = _cgroups_or_skip()
+    script = tmp_path / "client.py"
+    script.write_text(CLIENT_SCRIPT)
+    client = subprocess.Popen([PY, str(script), MARK, mark])
+    try:
+        while len(_marked_processes(mark)) < 2:
+            assert client.poll() is None, "the client ended before its task started"
+            time.sleep(0.01)
+        task = {pid: st[1] for pid in _marked_processes(mark) if (st := proctree.proc_stat(pid)) is not None}
+        main = next(pid for pid in task if (st := proctree.proc_stat(pid)) and st[0] == client.pid)
+    finally:
+        client.kill()
+        client.wait()
+    # The kernel kills the main process with its client (PR_SET_PDEATHSIG) ...
+    while main in _marked_processes(mark):
+        time.sleep(0.01)
+    # ... and the next start sweeps what the group still holds.
+    removed: list[str] = []
+    while not any(name.startswith(f"{client.pid}-") for name in removed):
+        removed += sweep_stale_groups(layout)
+    while _marked_processes(mark):
+        time.sleep(0.01)
+    # This process may be a subreaper (after rlimit runs): the orphans then came here.
+    pending = task
+    while pending:
+        for pid, _usage in proctree.reap_adopted(pending):
+            del pending[pid]
+        pending = {pid: start for pid, start in pending.items()
+                   if (st := proctree.proc_stat(pid)) is not None and st[0] == os.getpid() and st[1] == start}
+        time.sleep(0.01)
 
 
 def test_sweep_removes_groups_of_dead_clients() -> None:
