@@ -140,6 +140,24 @@ def kill_processes(procs: dict[int, int], sig: int = signal.SIGKILL) -> None:
                 pass
 
 
+def still_dying(known: dict[int, int]) -> dict[int, int]:
+    """Those of ``known`` (``{pid: start time}``, all sent SIGKILL) not yet settled.
+
+    A process is settled once it is a zombie whose parent will not change:
+    its parent is this process, or is outside ``known``, or is itself a
+    zombie (a parent hands its children over before it becomes one).  Until
+    then an orphan may still be on its way to this process, to be reaped.
+    """
+    stats = {pid: st for pid, start in known.items() if (st := proc_stat(pid)) is not None and st[1] == start}
+    me = os.getpid()
+    dying = {}
+    for pid, st in stats.items():
+        parent = stats.get(st[0])
+        if st[2] != "Z" or (st[0] != me and parent is not None and parent[2] != "Z"):
+            dying[pid] = st[1]
+    return dying
+
+
 def session_orphans(session: int) -> dict[int, int]:
     """Live (not yet zombie) children of this process in ``session``: ``{pid: start time}``.
 

@@ -217,6 +217,7 @@ class _Run:
                 # An orphan that already left its group on its way out is
                 # still to be reaped: wait until it is a zombie.
                 killed = proctree.session_orphans(self._pid)
+                killed.update(proctree.still_dying({p: s for p, s in self.killed.items() if p != self._pid}))
                 if not killed:
                     return
                 proctree.kill_processes(killed)
