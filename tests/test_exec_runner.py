@@ -239,7 +239,9 @@ async def test_cpu_time_limit_counts_the_whole_tree(enforce: CgroupLayout | None
     record = await run({"cmd": f"bash -c '{spin}' & bash -c '{spin}' & wait",
                         "limits": Limits(cpu_time_s=1.0, wall_time_s=60)}, mark, enforce)
     assert record.verdict is Verdict.CPU_TIME
-    assert record.user_cpu_s + record.system_cpu_s >= 1.0
+    # The limit is checked against the total; the user/system split is sampled, so
+    # their sum may fall a hair short of the total that fired.
+    assert record.user_cpu_s + record.system_cpu_s >= 0.95
 
 
 async def test_cpu_time_limit_of_one_process(enforce: CgroupLayout | None, mark: str) -> None:
