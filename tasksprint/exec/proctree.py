@@ -12,14 +12,17 @@ twice so their parent exited).  Two facts make that possible:
   descendants.
 
 A task's processes are then the descendants of its main process (by parent
-pid) plus the runner's own children that carry the marker.  A descendant
+pid) plus the runner's own children that carry the marker or are still in
+the session the main process led.  A descendant
 that both clears its environment and escapes before a scan sees it cannot be
 found this way; cgroups close that hole.  Processes are named by
 ``(pid, start time)`` so a recycled pid is never killed by mistake.
 
-The runner reaps only the re-parented processes it identified as a task's,
-with :func:`os.waitpid` on each pid; it never waits for "any child", which
-would steal the exit status of processes other code started.
+The runner reaps only the re-parented processes it identified as a task's
+(killed by it, or zombies in the task's session), with :func:`os.wait4` on
+each pid, after :func:`still_dying` says none of them can still be handed
+over; it never waits for "any child", which would steal the exit status of
+processes other code started.
 """
 
 from __future__ import annotations
