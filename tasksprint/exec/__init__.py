@@ -1,0 +1,40 @@
+"""The built-in command runner: tasks that are commands rather than node methods.
+
+``spec`` holds the values (what to run, its limits, the record of a run) and
+the parsers of kolejka's unit strings; ``cgroup`` creates the per-task group
+that holds, limits, measures and kills a task's process tree (cgroup v2, v1,
+or setrlimit with a /proc scan when cgroups cannot be written); ``proctree``
+finds a task's processes without cgroups; ``sandbox`` wraps a command in
+bubblewrap; ``files`` checks the names of a task's files; ``runner`` runs
+one command with trio and returns its
+:class:`~tasksprint.exec.spec.CommandRecord`.
+"""
+
+from tasksprint.exec.runner import TaskEnv, run_command
+from tasksprint.exec.spec import (
+    CommandRecord,
+    CommandSpec,
+    Enforcement,
+    Limits,
+    OutputSummary,
+    Verdict,
+    parse_count,
+    parse_cpus,
+    parse_size,
+    parse_time,
+)
+
+__all__ = [
+    "CommandRecord",
+    "CommandSpec",
+    "Enforcement",
+    "Limits",
+    "OutputSummary",
+    "TaskEnv",
+    "Verdict",
+    "parse_count",
+    "parse_cpus",
+    "parse_size",
+    "parse_time",
+    "run_command",
+]

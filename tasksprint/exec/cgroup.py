@@ -1,0 +1,450 @@
+"""Task groups in cgroups: hold, limit, measure and kill a task's whole process tree.
+
+The forked child writes itself into the group's ``cgroup.procs`` between fork
+and exec (see :mod:`tasksprint.exec.group`), so every process the task ever
+starts is inside from its first instruction, ``setsid`` and daemons included.
+Two kinds exist, chosen by :func:`detect_cgroups`:
+
+``cgroup_v2``
+    One directory in the unified hierarchy (``memory.max``, ``pids.max``,
+    ``cpu.max``, ``cpuset.cpus``); ``cgroup.kill`` kills the tree at once;
+    ``memory.events``, ``pids.events``, ``memory.peak`` and ``cpu.stat``
+    give the accounting.
+``cgroup_v1``
+    One directory per controller hierarchy: ``memory`` and ``pids`` always,
+    ``cpuacct`` for accounting when mounted, ``cpu`` when a quota is asked,
+    ``cpuset`` when pinning is asked.  The pids group lists the members, and
+    each kill round kills every listed member.
+
+Limits are written before the child joins.  Groups are created under the
+cgroup this process is in, inside a ``tasksprint`` directory, named
+``<client pid>-<random>`` so that :func:`sweep_stale_groups` can remove what
+a client that died left behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+
+import attrs
+
+from tasksprint.exec import proctree
+from tasksprint.exec.group import GroupUsage, child_rlimits
+from tasksprint.exec.spec import Enforcement, Limits
+
+#: Directory, under this process's own cgroup, that holds the task groups.
+GROUP_PARENT = "tasksprint"
+CPU_PERIOD_US = 100_000
+V1_CONTROLLERS = ("memory", "pids", "cpuacct", "cpu", "cpuset")
+
+
+@attrs.frozen
+class CgroupLayout:
+    """Where task groups are created: ``version`` and the parent directory per controller.
+
+    For v2 ``parents`` has the one key ``""``; for v1 one key per mounted
+    controller of :data:`V1_CONTROLLERS` (co-mounted controllers share a
+    directory).
+    """
+
+    version: Enforcement
+    parents: dict[str, str]
+
+
+# --------------------------------------------------------------------------
+# Small file helpers: cgroup files are tiny and local.
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _write(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def _flat_keyed(path: str) -> dict[str, int]:
+    """A ``key value`` per line file (``memory.events``, ``cpu.stat``); missing file -> {}."""
+    try:
+        text = _read(path)
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+            out[parts[0]] = int(parts[1])
+    return out
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        return int(_read(path).split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _members(procs_file: str) -> list[int]:
+    try:
+        return [int(x) for x in _read(procs_file).split()]
+    except (OSError, ValueError):
+        return []
+
+
+def _kill_all(pids: list[int]) -> dict[int, int]:
+    """SIGKILL each pid; returns ``{pid: start time}`` of those that were alive."""
+    killed = {}
+    for pid in pids:
+        st = proctree.proc_stat(pid)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+        if st is not None:
+            killed[pid] = st[1]
+    return killed
+
+
+def _join(procs_file: str) -> None:
+    # Runs in the forked child: "0" means the writing process.
+    fd = os.open(procs_file, os.O_WRONLY)
+    try:
+        os.write(fd, b"0")
+    finally:
+        os.close(fd)
+
+
+def _cpu_list(cores: tuple[int, ...]) -> str:
+    return ",".join(str(c) for c in sorted(cores))
+
+
+# --------------------------------------------------------------------------
+# Detection
+
+
+def _mounts() -> list[tuple[str, str, str, set[str]]]:
+    """(fstype, mount point, root inside the hierarchy, super options) of cgroup mounts."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, rfields = left.split(), right.split()
+            if len(rfields) >= 3 and rfields[0] in ("cgroup", "cgroup2"):
+                out.append((rfields[0], fields[4], fields[3], set(rfields[2].split(","))))
+    return out
+
+
+def _own_paths() -> dict[str, str]:
+    """This process's cgroup path per v1 controller, and under key ``""`` in the unified hierarchy."""
+    out = {}
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _hier, controllers, path = line.rstrip("\n").split(":", 2)
+            for name in controllers.split(",") if controllers else [""]:
+                out[name] = path
+    return out
+
+
+def _under(mount: str, mount_root: str, path: str) -> str:
+    rel = os.path.relpath(path, mount_root) if mount_root != "/" else path.lstrip("/")
+    return os.path.normpath(os.path.join(mount, rel))
+
+
+def _ensure_parent(base: str, copy_cpuset: bool = False) -> str:
+    parent = os.path.join(base, GROUP_PARENT)
+    try:
+        os.mkdir(parent)
+    except FileExistsError:
+        pass
+    if copy_cpuset:
+        # A new v1 cpuset group starts with no cores and no memory nodes.
+        for name in ("cpuset.cpus", "cpuset.mems"):
+            if not _read(os.path.join(parent, name)).strip():
+                _write(os.path.join(parent, name), _read(os.path.join(base, name)).strip())
+    return parent
+
+
+def _detect_v2(mount: str, mount_root: str, own: str) -> CgroupLayout | None:
+    base = _under(mount, mount_root, own)
+    wanted = {"memory", "pids", "cpu", "cpuset"}
+    available = set(_read(os.path.join(base, "cgroup.controllers")).split())
+    if not {"memory", "pids"} <= available:
+        return None
+    enable = " ".join(f"+{c}" for c in sorted(wanted & available))
+    try:
+        _write(os.path.join(base, "cgroup.subtree_control"), enable)
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            raise
+        # "No internal processes": a group with members cannot pass controllers
+        # down.  Move this group's processes into a leaf beside the task groups.
+        leaf = os.path.join(base, "tasksprint-client")
+        os.makedirs(leaf, exist_ok=True)
+        for pid in _members(os.path.join(base, "cgroup.procs")):
+            try:
+                _write(os.path.join(leaf, "cgroup.procs"), str(pid))
+            except ProcessLookupError:
+                pass
+        _write(os.path.join(base, "cgroup.subtree_control"), enable)
+    parent = _ensure_parent(base)
+    _write(os.path.join(parent, "cgroup.subtree_control"), enable)
+    return CgroupLayout(version=Enforcement.CGROUP_V2, parents={"": parent})
+
+
+def detect_cgroups() -> CgroupLayout | None:
+    """The cgroup layout this process can create task groups in, or None (use rlimits).
+
+    Prefers v2 when the unified hierarchy has the memory and pids
+    controllers, else v1 when the memory and pids hierarchies are mounted;
+    in either case the parent directory must be writable.  Never raises.
+    """
+    try:
+        mounts = _mounts()
+        own = _own_paths()
+        for fstype, point, root, _opts in mounts:
+            if fstype == "cgroup2" and "" in own:
+                try:
+                    layout = _detect_v2(point, root, own[""])
+                except OSError:
+                    layout = None
+                if layout is not None:
+                    return layout
+        parents: dict[str, str] = {}
+        for fstype, point, root, opts in mounts:
+            if fstype != "cgroup":
+                continue
+            for name in V1_CONTROLLERS:
+                if name in opts and name in own:
+                    parents[name] = _ensure_parent(_under(point, root, own[name]), copy_cpuset=name == "cpuset")
+        if "memory" in parents and "pids" in parents:
+            return CgroupLayout(version=Enforcement.CGROUP_V1, parents=parents)
+    except OSError:
+        pass
+    return None
+
+
+# --------------------------------------------------------------------------
+# cgroup v2
+
+
+@attrs.define(eq=False)
+class CgroupV2Group:
+    """A task's group in the unified hierarchy."""
+
+    _path: str
+    _limits: Limits
+    enforcement: Enforcement = Enforcement.CGROUP_V2
+    unenforced: tuple[str, ...] = ()
+
+    @classmethod
+    def create(cls, layout: CgroupLayout, name: str, limits: Limits) -> CgroupV2Group:
+        path = os.path.join(layout.parents[""], name)
+        os.mkdir(path)
+        group = cls(path, limits)
+        try:
+            unenforced = []
+            if limits.memory_bytes is not None:
+                _write(os.path.join(path, "memory.max"), str(limits.memory_bytes))
+                try:
+                    _write(os.path.join(path, "memory.swap.max"), "0")
+                except OSError:
+                    pass  # no swap accounting: the limit is on RAM only
+            if limits.pids is not None:
+                _write(os.path.join(path, "pids.max"), str(limits.pids))
+            if limits.cpus is not None:
+                if os.path.exists(os.path.join(path, "cpu.max")):
+                    _write(os.path.join(path, "cpu.max"), f"{max(1000, round(limits.cpus * CPU_PERIOD_US))} {CPU_PERIOD_US}")
+                else:
+                    unenforced.append("cpus")
+            if limits.cpuset is not None:
+                if os.path.exists(os.path.join(path, "cpuset.cpus")):
+                    _write(os.path.join(path, "cpuset.cpus"), _cpu_list(limits.cpuset))
+                else:
+                    unenforced.append("cpuset")
+            group.unenforced = tuple(unenforced)
+        except BaseException:
+            group.remove()
+            raise
+        return group
+
+    def child_setup(self) -> None:
+        _join(os.path.join(self._path, "cgroup.procs"))
+        child_rlimits(self._limits)
+
+    def started(self, pid: int) -> None:
+        pass
+
+    def kill_round(self) -> dict[int, int]:
+        pids = _members(os.path.join(self._path, "cgroup.procs"))
+        if not pids:
+            return {}
+        members = {pid: st[1] for pid in pids if (st := proctree.proc_stat(pid)) is not None}
+        try:
+            _write(os.path.join(self._path, "cgroup.kill"), "1")
+        except OSError:  # kernels before 5.14
+            _kill_all(pids)
+        return members
+
+    def cpu_seconds(self) -> float | None:
+        stat = _flat_keyed(os.path.join(self._path, "cpu.stat"))
+        return stat["usage_usec"] / 1e6 if "usage_usec" in stat else None
+
+    def memory_bytes(self) -> int | None:
+        return _read_int(os.path.join(self._path, "memory.current"))
+
+    def usage(self) -> GroupUsage:
+        stat = _flat_keyed(os.path.join(self._path, "cpu.stat"))
+        events = _flat_keyed(os.path.join(self._path, "memory.events"))
+        pids_events = _flat_keyed(os.path.join(self._path, "pids.events"))
+        return GroupUsage(
+            peak_memory_bytes=_read_int(os.path.join(self._path, "memory.peak")),  # Linux 5.19+
+            user_cpu_s=stat["user_usec"] / 1e6 if "user_usec" in stat else None,
+            system_cpu_s=stat["system_usec"] / 1e6 if "system_usec" in stat else None,
+            oom_killed=events.get("oom_kill", 0) > 0,
+            pids_limit_hit=pids_events.get("max", 0) > 0,
+        )
+
+    def remove(self) -> None:
+        try:
+            os.rmdir(self._path)
+        except FileNotFoundError:
+            pass
+
+
+# --------------------------------------------------------------------------
+# cgroup v1
+
+
+@attrs.define(eq=False)
+class CgroupV1Group:
+    """A task's groups, one per v1 controller hierarchy it needs."""
+
+    _dirs: dict[str, str]  # controller -> this task's directory
+    _limits: Limits
+    enforcement: Enforcement = Enforcement.CGROUP_V1
+    unenforced: tuple[str, ...] = ()
+
+    @classmethod
+    def create(cls, layout: CgroupLayout, name: str, limits: Limits) -> CgroupV1Group:
+        wanted = ["memory", "pids", "cpuacct"]
+        unenforced = []
+        if limits.cpus is not None:
+            wanted.append("cpu")
+        if limits.cpuset is not None:
+            wanted.append("cpuset")
+        for controller in ("cpu", "cpuset"):
+            if controller in wanted and controller not in layout.parents:
+                unenforced.append("cpus" if controller == "cpu" else "cpuset")
+        group = cls({}, limits, unenforced=tuple(unenforced))
+        try:
+            made: dict[str, str] = {}  # co-mounted controllers share one directory
+            for controller in wanted:
+                if controller not in layout.parents:
+                    continue
+                path = os.path.join(layout.parents[controller], name)
+                if path not in made.values():
+                    os.mkdir(path)
+                group._dirs[controller] = path
+                made[controller] = path
+            group._configure()
+        except BaseException:
+            group.remove()
+            raise
+        return group
+
+    def _configure(self) -> None:
+        limits, d = self._limits, self._dirs
+        if limits.memory_bytes is not None:
+            _write(os.path.join(d["memory"], "memory.limit_in_bytes"), str(limits.memory_bytes))
+            try:  # memory + swap, when swap accounting is on: no escape into swap
+                _write(os.path.join(d["memory"], "memory.memsw.limit_in_bytes"), str(limits.memory_bytes))
+            except OSError:
+                pass
+        if limits.pids is not None:
+            _write(os.path.join(d["pids"], "pids.max"), str(limits.pids))
+        if limits.cpus is not None and "cpu" in d:
+            _write(os.path.join(d["cpu"], "cpu.cfs_period_us"), str(CPU_PERIOD_US))
+            _write(os.path.join(d["cpu"], "cpu.cfs_quota_us"), str(max(1000, round(limits.cpus * CPU_PERIOD_US))))
+        if limits.cpuset is not None and "cpuset" in d:
+            parent = os.path.dirname(d["cpuset"])
+            _write(os.path.join(d["cpuset"], "cpuset.mems"), _read(os.path.join(parent, "cpuset.mems")).strip())
+            _write(os.path.join(d["cpuset"], "cpuset.cpus"), _cpu_list(limits.cpuset))
+
+    def child_setup(self) -> None:
+        for path in dict.fromkeys(self._dirs.values()):
+            _join(os.path.join(path, "cgroup.procs"))
+        child_rlimits(self._limits)
+
+    def started(self, pid: int) -> None:
+        pass
+
+    def kill_round(self) -> dict[int, int]:
+        pids = _members(os.path.join(self._dirs["pids"], "cgroup.procs"))
+        return _kill_all(pids)
+
+    def cpu_seconds(self) -> float | None:
+        if "cpuacct" not in self._dirs:
+            return None
+        usage = _read_int(os.path.join(self._dirs["cpuacct"], "cpuacct.usage"))
+        return usage / 1e9 if usage is not None else None
+
+    def memory_bytes(self) -> int | None:
+        return _read_int(os.path.join(self._dirs["memory"], "memory.usage_in_bytes"))
+
+    def usage(self) -> GroupUsage:
+        mem = self._dirs["memory"]
+        user = system = None
+        if "cpuacct" in self._dirs:
+            u = _read_int(os.path.join(self._dirs["cpuacct"], "cpuacct.usage_user"))
+            s = _read_int(os.path.join(self._dirs["cpuacct"], "cpuacct.usage_sys"))
+            user = u / 1e9 if u is not None else None
+            system = s / 1e9 if s is not None else None
+        oom = _flat_keyed(os.path.join(mem, "memory.oom_control")).get("oom_kill", 0) > 0
+        return GroupUsage(
+            peak_memory_bytes=_read_int(os.path.join(mem, "memory.max_usage_in_bytes")),
+            user_cpu_s=user,
+            system_cpu_s=system,
+            oom_killed=oom,
+            pids_limit_hit=_flat_keyed(os.path.join(self._dirs["pids"], "pids.events")).get("max", 0) > 0,
+        )
+
+    def remove(self) -> None:
+        for path in dict.fromkeys(self._dirs.values()):
+            try:
+                os.rmdir(path)
+            except FileNotFoundError:
+                pass
+
+
+
+def sweep_stale_groups(layout: CgroupLayout) -> list[str]:
+    """Kill and remove task groups left by clients that died (their pid is gone).
+
+    Returns the names removed.  A group still busy after killing is left for
+    a later sweep.
+    """
+    removed = []
+    for parent in dict.fromkeys(layout.parents.values()):
+        try:
+            names = os.listdir(parent)
+        except OSError:
+            continue
+        for name in names:
+            owner, sep, _ = name.partition("-")
+            path = os.path.join(parent, name)
+            if not sep or not owner.isdigit() or not os.path.isdir(path) or os.path.exists(f"/proc/{owner}"):
+                continue
+            for _ in range(100):
+                if not _members(os.path.join(path, "cgroup.procs")):
+                    break
+                _kill_all(_members(os.path.join(path, "cgroup.procs")))
+            try:
+                os.rmdir(path)
+                removed.append(name)
+            except OSError:
+                pass
+    return removed

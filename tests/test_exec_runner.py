@@ -1,0 +1,438 @@
+"""The command runner with real processes, under cgroups and under the rlimit fallback.
+
+Every run is tagged with a unique environment variable, and after each test
+no process carrying it may exist, no zombie child may be left, and no task
+cgroup of this process may remain.  Tests parametrized with ``enforce`` run
+once with the cgroups this machine offers (skipped unless root with a
+writable cgroup hierarchy) and once with the fallback forced.  Time limits
+here are the tasks' own limits; no test asserts how long anything took.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from tasksprint.exec import proctree
+from tasksprint.exec.cgroup import CgroupLayout, detect_cgroups, sweep_stale_groups
+from tasksprint.exec.runner import TaskEnv, run_command
+from tasksprint.exec.sandbox import find_bwrap
+from tasksprint.exec.spec import CommandRecord, CommandSpec, Enforcement, Limits, Verdict
+
+MARK = "TS_EXEC_TEST_MARK"
+
+
+def _cgroups_or_skip() -> CgroupLayout:
+    if os.geteuid() != 0:
+        pytest.skip("writing cgroups needs root")
+    layout = detect_cgroups()
+    if layout is None:
+        pytest.skip("no writable cgroup v2 or v1 (memory and pids) hierarchy here")
+    return layout
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_parent_groups_left() -> Iterator[None]:
+    """Remove the (empty) ``tasksprint`` parent groups this module's runs created."""
+    layout = detect_cgroups() if os.geteuid() == 0 else None
+    yield
+    if layout is not None:
+        for parent in set(layout.parents.values()):
+            try:
+                os.rmdir(parent)  # fails, as it should, while another client's group is inside
+            except OSError:
+                pass
+
+
+@pytest.fixture(params=["cgroup", "rlimit"])
+def enforce(request: pytest.FixtureRequest) -> CgroupLayout | None:
+    """Where task groups go: this machine's cgroups, or None to force the rlimit fallback."""
+    return _cgroups_or_skip() if request.param == "cgroup" else None
+
+
+def _marked_processes(mark: str) -> list[int]:
+    needle = f"{MARK}={mark}".encode()
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/environ", "rb") as f:
+                    if needle in f.read().split(b"\0"):
+                        found.append(int(name))
+            except OSError:
+                pass
+    return found
+
+
+def _zombie_children() -> list[int]:
+    me = os.getpid()
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = proctree.proc_stat(int(name))
+            if st is not None and st[0] == me and st[2] == "Z":
+                found.append(int(name))
+    return found
+
+
+def _own_task_groups() -> list[str]:
+    layout = detect_cgroups() if os.geteuid() == 0 else None
+    if layout is None:
+        return []
+    prefix = f"{os.getpid()}-"
+    return [os.path.join(parent, name) for parent in set(layout.parents.values())
+            for name in os.listdir(parent) if name.startswith(prefix)]
+
+
+@pytest.fixture
+def mark() -> Iterator[str]:
+    """A tag for this test's tasks; checks afterwards that nothing of them is left."""
+    value = uuid.uuid4().hex
+    yield value
+    left = _marked_processes(value)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert left == [], "processes of a task outlived its run"
+    assert _zombie_children() == [], "the runner left unreaped children"
+    assert _own_task_groups() == [], "the runner left task cgroups behind"
+
+
+def _env(**kw: object) -> TaskEnv:
+    return TaskEnv(task_id=str(kw.get("task_id", "t1")), attempt=int(kw.get("attempt", 0)),  # type: ignore[call-overload]
+                   client=str(kw.get("client", "client-a")))
+
+
+async def run(spec_kwargs: dict, mark: str, cgroups: CgroupLayout | None, **kw: object) -> CommandRecord:
+    env = dict(spec_kwargs.pop("env", {}))
+    env[MARK] = mark
+    spec = CommandSpec(env=env, **spec_kwargs)
+    return await run_command(spec, task_env=kw.pop("task_env", _env()), cgroups=cgroups, **kw)  # type: ignore[arg-type]
+
+
+PY = sys.executable
+
+
+# --------------------------------------------------------------------------
+# How a run ended
+
+
+async def test_exit_code_signal_and_start_failure_are_distinct(enforce: CgroupLayout | None, mark: str) -> None:
+    ok = await run({"cmd": "true"}, mark, enforce)
+    exit3 = await run({"cmd": "exit 3"}, mark, enforce)
+    killed = await run({"cmd": "kill -TERM $$"}, mark, enforce)
+    missing = await run({"argv": ["tasksprint-no-such-program"]}, mark, enforce)
+    assert (ok.verdict, ok.exit_code, ok.signal) == (Verdict.OK, 0, None)
+    assert (exit3.verdict, exit3.exit_code, exit3.signal) == (Verdict.EXIT, 3, None)
+    assert (killed.verdict, killed.exit_code, killed.signal) == (Verdict.SIGNAL, None, signal.SIGTERM)
+    assert (missing.verdict, missing.exit_code, missing.signal, missing.pid) == (Verdict.START_FAILED, None, None, None)
+    assert "tasksprint-no-such-program" in missing.detail
+    expected = Enforcement.RLIMIT if enforce is None else enforce.version
+    assert {r.enforcement for r in (ok, exit3, killed, missing)} == {expected}
+    assert ok.pid is not None and ok.host and ok.finished >= ok.started
+
+
+async def test_a_missing_working_directory_is_a_start_failure(mark: str, tmp_path: Path) -> None:
+    record = await run({"cmd": "true", "cwd": str(tmp_path / "absent")}, mark, None)
+    assert record.verdict is Verdict.START_FAILED
+
+
+async def test_captured_output_keeps_size_head_and_tail(enforce: CgroupLayout | None, mark: str) -> None:
+    script = "import sys; sys.stdout.write(''.join(chr(65 + i % 26) for i in range(1000))); sys.stderr.write('short')"
+    record = await run({"argv": [PY, "-c", script]}, mark, enforce)
+    text = "".join(chr(65 + i % 26) for i in range(1000)).encode()
+    assert record.verdict is Verdict.OK
+    assert record.stdout is not None and record.stderr is not None
+    assert (record.stdout.size_bytes, record.stdout.head, record.stdout.tail, record.stdout.cut) == (
+        1000, text[:80], text[-80:], False)
+    assert (record.stderr.size_bytes, record.stderr.head, record.stderr.tail) == (5, b"short", b"")
+
+
+async def test_output_to_files_with_stdin_and_cwd(enforce: CgroupLayout | None, mark: str, tmp_path: Path) -> None:
+    (tmp_path / "in.txt").write_text("3\n1\n2\n")
+    record = await run({"cmd": "sort -n; pwd >&2", "cwd": str(tmp_path), "stdin": "in.txt",
+                        "stdout": "out.txt", "stderr": "err.txt"}, mark, enforce)
+    assert record.verdict is Verdict.OK
+    assert (tmp_path / "out.txt").read_text() == "1\n2\n3\n"
+    assert (tmp_path / "err.txt").read_text() == f"{tmp_path}\n"
+    assert record.stdout is not None and record.stdout.size_bytes == 6 and record.stdout.head == b""
+
+
+async def test_the_environment_is_built_explicitly(enforce: CgroupLayout | None, mark: str, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLUSTER_SECRET", "s3cr3t-value")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "another-s3cr3t")
+    record = await run({"argv": ["env"], "cwd": str(tmp_path), "stdout": "env.txt", "env": {"EXTRA": "x y"}},
+                       mark, enforce, task_env=TaskEnv(task_id="42", attempt=3, client="worker-7", cpus=2.0))
+    assert record.verdict is Verdict.OK
+    lines = (tmp_path / "env.txt").read_text().splitlines()
+    env = dict(line.split("=", 1) for line in lines)
+    assert "s3cr3t" not in (tmp_path / "env.txt").read_text()
+    assert env["TASKSPRINT_TASK_ID"] == "42"
+    assert env["TASKSPRINT_ATTEMPT"] == "3"
+    assert env["TASKSPRINT_CLIENT"] == "worker-7"
+    assert env["TASKSPRINT_CPUS"] == "2"
+    assert env["EXTRA"] == "x y"
+    assert set(env) <= {"PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME", "TMPDIR", "EXTRA", MARK,
+                        "TASKSPRINT_TASK_ID", "TASKSPRINT_ATTEMPT", "TASKSPRINT_CLIENT", "TASKSPRINT_CPUS"}
+
+
+# --------------------------------------------------------------------------
+# Limits
+
+
+async def test_a_memory_hog_is_killed_with_the_verdict_memory(mark: str) -> None:
+    layout = _cgroups_or_skip()
+    hog = "x = b' ' * (512 << 20); print(len(x))"
+    record = await run({"argv": [PY, "-c", hog], "limits": Limits(memory_bytes=64 << 20)}, mark, layout)
+    assert record.verdict is Verdict.MEMORY
+    assert record.signal == signal.SIGKILL
+    assert Verdict.MEMORY in record.limits_hit
+    assert record.peak_memory_bytes is not None and record.peak_memory_bytes <= 64 << 20
+
+
+async def test_background_sleeps_are_held_by_pids_and_ended_by_time(enforce: CgroupLayout | None, mark: str) -> None:
+    cmd = "for i in $(seq 200); do sleep 1000 & done; wait"
+    record = await run({"cmd": cmd, "limits": Limits(pids=20, wall_time_s=1.5)}, mark, enforce)
+    assert record.verdict is Verdict.TIME
+    if enforce is not None:
+        assert Verdict.PIDS in record.limits_hit  # bash's fork retries hit the limit
+    elif os.geteuid() == 0:
+        assert record.unenforced == ("pids",)  # RLIMIT_NPROC does not apply to root
+
+
+async def test_time_limit_kills_setsid_and_daemonized_descendants(enforce: CgroupLayout | None, mark: str) -> None:
+    # A setsid grandchild, and a daemon whose parent exited (re-parented away from the task).
+    cmd = "setsid sleep 1000 & (setsid sleep 1001 &) ; sleep 1002"
+    record = await run({"cmd": cmd, "limits": Limits(wall_time_s=0.5)}, mark, enforce)
+    assert record.verdict is Verdict.TIME
+    assert record.limits_hit == (Verdict.TIME,)
+
+
+async def test_background_jobs_die_when_the_main_process_exits(enforce: CgroupLayout | None, mark: str) -> None:
+    record = await run({"cmd": "sleep 1000 & setsid sleep 1001 & echo started"}, mark, enforce)
+    assert record.verdict is Verdict.OK
+    assert record.stdout is not None and record.stdout.head == b"started\n"
+
+
+async def test_an_output_flood_is_cut_at_the_limit(enforce: CgroupLayout | None, mark: str, tmp_path: Path) -> None:
+    captured = await run({"argv": ["yes"], "limits": Limits(output_bytes=10_000)}, mark, enforce)
+    assert captured.verdict is Verdict.OUTPUT
+    assert captured.stdout is not None
+    assert (captured.stdout.size_bytes, captured.stdout.cut) == (10_000, True)
+    to_file = await run({"cmd": "yes >&2", "stderr": "err.txt", "cwd": str(tmp_path),
+                         "limits": Limits(output_bytes=12_345)}, mark, enforce)
+    assert to_file.verdict is Verdict.OUTPUT
+    assert (tmp_path / "err.txt").stat().st_size == 12_345
+
+
+async def test_cpu_time_limit_counts_the_whole_tree(enforce: CgroupLayout | None, mark: str) -> None:
+    spin = "while :; do :; done"
+    record = await run({"cmd": f"bash -c '{spin}' & bash -c '{spin}' & wait",
+                        "limits": Limits(cpu_time_s=1.0, wall_time_s=60)}, mark, enforce)
+    assert record.verdict is Verdict.CPU_TIME
+    # The limit is checked against the total; the user/system split is sampled, so
+    # their sum may fall a hair short of the total that fired.
+    assert record.user_cpu_s + record.system_cpu_s >= 0.95
+
+
+async def test_cpu_time_limit_of_one_process(enforce: CgroupLayout | None, mark: str) -> None:
+    record = await run({"argv": [PY, "-c", "while True: pass"], "limits": Limits(cpu_time_s=1.0, wall_time_s=60)},
+                       mark, enforce)
+    assert record.verdict is Verdict.CPU_TIME
+
+
+async def test_cpuset_pins_the_task(enforce: CgroupLayout | None, mark: str) -> None:
+    core = max(os.sched_getaffinity(0))
+    record = await run({"cmd": "grep Cpus_allowed_list /proc/self/status",
+                        "limits": Limits(cpuset=[core])}, mark, enforce)
+    assert record.verdict is Verdict.OK
+    assert record.stdout is not None and record.stdout.head.split() == [b"Cpus_allowed_list:", str(core).encode()]
+
+
+async def test_a_cpu_quota_is_set_on_the_tasks_cgroup(mark: str) -> None:
+    layout = _cgroups_or_skip()
+    if layout.version is Enforcement.CGROUP_V2:
+        cmd = 'cat "/sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)/cpu.max"'
+        expected = b"50000 100000\n"
+    else:
+        if "cpu" not in layout.parents:
+            pytest.skip("no v1 cpu controller mounted")
+        cmd = f'cat "{os.path.dirname(layout.parents["cpu"])}/tasksprint/$(basename $(grep -E "[:,]cpu[:,]" /proc/self/cgroup | cut -d: -f3))/cpu.cfs_quota_us"'
+        expected = b"50000\n"
+    record = await run({"cmd": cmd, "limits": Limits(cpus=0.5)}, mark, layout)
+    assert record.verdict is Verdict.OK, record
+    assert record.stdout is not None and record.stdout.head == expected
+
+
+async def test_the_fallback_applies_limits_without_cgroups(mark: str) -> None:
+    hog = "x = b' ' * (512 << 20)"
+    memory = await run({"argv": [PY, "-c", hog], "limits": Limits(memory_bytes=128 << 20)}, mark, None)
+    assert memory.enforcement is Enforcement.RLIMIT
+    assert memory.verdict is not Verdict.OK  # RLIMIT_DATA refused the allocation
+    assert memory.stderr is not None and b"MemoryError" in memory.stderr.tail
+    quota = await run({"cmd": "true", "limits": Limits(cpus=0.5)}, mark, None)
+    assert quota.verdict is Verdict.OK and quota.unenforced == ("cpus",)
+
+
+# --------------------------------------------------------------------------
+# Cancellation
+
+
+async def test_a_cancel_event_kills_the_tree_and_says_cancelled(enforce: CgroupLayout | None, mark: str) -> None:
+    cancel = trio.Event()
+    async with trio.open_nursery() as nursery:
+        result: list[CommandRecord] = []
+
+        async def runner() -> None:
+            result.append(await run({"cmd": "setsid sleep 1000 & sleep 1001"}, mark, enforce, cancel=cancel))
+
+        nursery.start_soon(runner)
+        # bash runs its last command in its own process: two processes in all.
+        while len(_marked_processes(mark)) < 2:
+            await trio.sleep(0.01)
+        cancel.set()
+    assert result[0].verdict is Verdict.CANCELLED
+
+
+async def test_trio_cancellation_kills_the_tree(enforce: CgroupLayout | None, mark: str) -> None:
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, {"cmd": "setsid sleep 1000 & (setsid sleep 1001 &); sleep 1002"}, mark, enforce)
+            while len(_marked_processes(mark)) < 3:
+                await trio.sleep(0.01)
+            scope.cancel()
+    assert scope.cancelled_caught
+    assert _marked_processes(mark) == []
+
+
+# --------------------------------------------------------------------------
+# Groups a dead client left
+
+CLIENT_SCRIPT = """
+import functools, sys, trio
+from tasksprint.exec.cgroup import detect_cgroups
+from tasksprint.exec.runner import TaskEnv, run_command
+from tasksprint.exec.spec import CommandSpec
+
+spec = CommandSpec(cmd="setsid sleep 1000 & sleep 1001", env={sys.argv[1]: sys.argv[2]})
+env = TaskEnv(task_id="1", attempt=0, client="doomed")
+trio.run(functools.partial(run_command, spec, task_env=env, cgroups=detect_cgroups()))
+"""
+
+
+def test_a_killed_clients_task_dies_and_its_group_is_swept(mark: str, tmp_path: Path) -> None:
+    layout = _cgroups_or_skip()
+    script = tmp_path / "client.py"
+    script.write_text(CLIENT_SCRIPT)
+    client = subprocess.Popen([PY, str(script), MARK, mark])
+    try:
+        while len(_marked_processes(mark)) < 2:
+            assert client.poll() is None, "the client ended before its task started"
+            time.sleep(0.01)
+        task = {pid: st[1] for pid in _marked_processes(mark) if (st := proctree.proc_stat(pid)) is not None}
+        main = next(pid for pid in task if (st := proctree.proc_stat(pid)) and st[0] == client.pid)
+    finally:
+        client.kill()
+        client.wait()
+    # The kernel kills the main process with its client (PR_SET_PDEATHSIG) ...
+    while main in _marked_processes(mark):
+        time.sleep(0.01)
+    # ... and the next start sweeps what the group still holds.
+    removed: list[str] = []
+    while not any(name.startswith(f"{client.pid}-") for name in removed):
+        removed += sweep_stale_groups(layout)
+    while _marked_processes(mark):
+        time.sleep(0.01)
+    # This process may be a subreaper (after rlimit runs): the orphans then came here.
+    pending = task
+    while pending:
+        for pid, _usage in proctree.reap_adopted(pending):
+            del pending[pid]
+        pending = {pid: start for pid, start in pending.items()
+                   if (st := proctree.proc_stat(pid)) is not None and st[0] == os.getpid() and st[1] == start}
+        time.sleep(0.01)
+
+
+def test_sweep_removes_groups_of_dead_clients() -> None:
+    layout = _cgroups_or_skip()
+    dead = os.fork()
+    if dead == 0:
+        os._exit(0)
+    os.waitpid(dead, 0)
+    parent = layout.parents["pids"]
+    path = os.path.join(parent, f"{dead}-stale")
+    os.mkdir(path)
+    try:
+        assert f"{dead}-stale" in sweep_stale_groups(layout)
+        assert not os.path.exists(path)
+    finally:
+        if os.path.exists(path):
+            os.rmdir(path)
+
+
+# --------------------------------------------------------------------------
+# The bubblewrap sandbox
+
+
+async def _bwrap_or_skip(mark: str, tmp_path: Path) -> None:
+    if find_bwrap(None) is None:
+        pytest.skip("bubblewrap (bwrap) is not installed")
+    # Through the runner, which reaps what bwrap leaves to this process.
+    probe = await run({"cmd": "true", "cwd": str(tmp_path), "sandbox": True}, mark, None)
+    if probe.verdict is not Verdict.OK:
+        pytest.skip(f"bwrap cannot create namespaces here: {probe.stderr}")
+
+
+async def test_a_sandboxed_task_sees_a_read_only_root_and_a_private_tmp(
+        enforce: CgroupLayout | None, mark: str, tmp_path: Path) -> None:
+    await _bwrap_or_skip(mark, tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    probe = f"sandbox-probe-{mark}"
+    cmd = (f"touch /usr/{probe} 2>/dev/null && echo root-writable; "
+           f"echo private > /tmp/{probe}; echo result > out.txt; "
+           "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '; echo pid=$$")
+    record = await run({"cmd": cmd, "cwd": str(work), "sandbox": True}, mark, enforce)
+    assert record.verdict is Verdict.OK, record
+    assert record.stdout is not None
+    lines = record.stdout.head.decode().split()
+    assert "root-writable" not in lines
+    assert (work / "out.txt").read_text() == "result\n"
+    assert not os.path.exists(f"/tmp/{probe}")
+    assert not os.path.exists(f"/usr/{probe}")
+    assert lines[:-1] == ["lo"]  # no network but loopback
+    assert lines[-1] != f"pid={record.pid}"  # its own pid namespace
+
+
+async def test_a_sandboxed_task_may_ask_for_the_network(mark: str, tmp_path: Path) -> None:
+    await _bwrap_or_skip(mark, tmp_path)
+    lines = Path("/proc/net/dev").read_text().splitlines()[2:]
+    host_devices = sorted(line.split(":")[0].strip() for line in lines)
+    record = await run({"cmd": "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | sort", "cwd": str(tmp_path),
+                        "sandbox": True, "network": True}, mark, None)
+    assert record.verdict is Verdict.OK
+    assert record.stdout is not None and record.stdout.head.decode().split() == host_devices
+
+
+async def test_the_sandbox_time_limit_kills_everything_inside(enforce: CgroupLayout | None, mark: str,
+                                                            tmp_path: Path) -> None:
+    await _bwrap_or_skip(mark, tmp_path)
+    record = await run({"cmd": "setsid sleep 1000 & (setsid sleep 1001 &); sleep 1002", "cwd": str(tmp_path),
+                        "sandbox": True, "limits": Limits(wall_time_s=0.5)}, mark, enforce)
+    assert record.verdict is Verdict.TIME
+
+
+async def test_a_sandbox_without_bwrap_is_a_start_failure_naming_the_package(mark: str, tmp_path: Path) -> None:
+    record = await run({"cmd": "true", "cwd": str(tmp_path), "sandbox": True, "env": {"PATH": str(tmp_path)}},
+                       mark, None)
+    assert record.verdict is Verdict.START_FAILED
+    assert "bubblewrap" in record.detail
