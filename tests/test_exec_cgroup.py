@@ -20,8 +20,9 @@ def test_v2_usage_reads_peak_cpu_oom_and_pids_events(tmp_path: Path) -> None:
     (tmp_path / "memory.events").write_text("low 0\nhigh 0\nmax 12\noom 1\noom_kill 1\noom_group_kill 0\n")
     (tmp_path / "pids.events").write_text("max 3\n")
     group = CgroupV2Group(str(tmp_path), Limits())
-    assert group.usage() == GroupUsage(peak_memory_bytes=73400320, user_cpu_s=2.0, system_cpu_s=0.5,
-                                       oom_killed=True, pids_limit_hit=True)
+    assert group.usage() == GroupUsage(
+        peak_memory_bytes=73400320, user_cpu_s=2.0, system_cpu_s=0.5, oom_killed=True, pids_limit_hit=True
+    )
     assert group.cpu_seconds() == 2.5
 
 
@@ -42,8 +43,9 @@ def test_v1_usage_reads_each_controller(tmp_path: Path) -> None:
     (dirs["cpuacct"] / "cpuacct.usage_sys").write_text("250000000\n")
     (dirs["cpuacct"] / "cpuacct.usage").write_text("1750000000\n")
     group = CgroupV1Group({k: str(v) for k, v in dirs.items()}, Limits())
-    assert group.usage() == GroupUsage(peak_memory_bytes=1048576, user_cpu_s=1.5, system_cpu_s=0.25,
-                                       oom_killed=False, pids_limit_hit=False)
+    assert group.usage() == GroupUsage(
+        peak_memory_bytes=1048576, user_cpu_s=1.5, system_cpu_s=0.25, oom_killed=False, pids_limit_hit=False
+    )
     assert group.cpu_seconds() == 1.75
 
 

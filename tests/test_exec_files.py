@@ -11,8 +11,14 @@ from tasksprint.exec.files import BadFileName, check_file_name, check_file_names
 
 @pytest.mark.parametrize(
     ("name", "normal"),
-    [("out.txt", "out.txt"), ("./out//a.txt", "out/a.txt"), ("dir/sub/", "dir/sub"), ("a..b", "a..b"),
-     ("..hidden", "..hidden"), ("sp ace", "sp ace")],
+    [
+        ("out.txt", "out.txt"),
+        ("./out//a.txt", "out/a.txt"),
+        ("dir/sub/", "dir/sub"),
+        ("a..b", "a..b"),
+        ("..hidden", "..hidden"),
+        ("sp ace", "sp ace"),
+    ],
 )
 def test_good_names_are_normalized(name: str, normal: str) -> None:
     assert check_file_name(name) == normal
@@ -20,9 +26,19 @@ def test_good_names_are_normalized(name: str, normal: str) -> None:
 
 @pytest.mark.parametrize(
     ("name", "why"),
-    [("/etc/passwd", "absolute"), ("..", "'..'"), ("a/../../b", "'..'"), ("a/..", "'..'"), ("", "empty"),
-     (".", "working directory itself"), ("./", "working directory itself"), ("a\nb", "control character"),
-     ("x" * 300, "longer than 255"), ("a/" * 3000, "longer than 4096"), (7, "must be a string")],
+    [
+        ("/etc/passwd", "absolute"),
+        ("..", "'..'"),
+        ("a/../../b", "'..'"),
+        ("a/..", "'..'"),
+        ("", "empty"),
+        (".", "working directory itself"),
+        ("./", "working directory itself"),
+        ("a\nb", "control character"),
+        ("x" * 300, "longer than 255"),
+        ("a/" * 3000, "longer than 4096"),
+        (7, "must be a string"),
+    ],
 )
 def test_bad_names_are_refused_saying_why(name: object, why: str) -> None:
     with pytest.raises(BadFileName, match=why):

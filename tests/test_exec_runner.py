@@ -89,8 +89,12 @@ def _own_task_groups() -> list[str]:
     if layout is None:
         return []
     prefix = f"{os.getpid()}-"
-    return [os.path.join(parent, name) for parent in set(layout.parents.values())
-            for name in os.listdir(parent) if name.startswith(prefix)]
+    return [
+        os.path.join(parent, name)
+        for parent in set(layout.parents.values())
+        for name in os.listdir(parent)
+        if name.startswith(prefix)
+    ]
 
 
 @pytest.fixture
@@ -107,8 +111,11 @@ def mark() -> Iterator[str]:
 
 
 def _env(**kw: object) -> TaskEnv:
-    return TaskEnv(task_id=str(kw.get("task_id", "t1")), attempt=int(kw.get("attempt", 0)),  # type: ignore[call-overload]
-                   client=str(kw.get("client", "client-a")))
+    return TaskEnv(
+        task_id=str(kw.get("task_id", "t1")),
+        attempt=int(kw.get("attempt", 0)),  # type: ignore[call-overload]
+        client=str(kw.get("client", "client-a")),
+    )
 
 
 async def run(spec_kwargs: dict, mark: str, cgroups: CgroupLayout | None, **kw: object) -> CommandRecord:
@@ -152,26 +159,38 @@ async def test_captured_output_keeps_size_head_and_tail(enforce: CgroupLayout | 
     assert record.verdict is Verdict.OK
     assert record.stdout is not None and record.stderr is not None
     assert (record.stdout.size_bytes, record.stdout.head, record.stdout.tail, record.stdout.cut) == (
-        1000, text[:80], text[-80:], False)
+        1000,
+        text[:80],
+        text[-80:],
+        False,
+    )
     assert (record.stderr.size_bytes, record.stderr.head, record.stderr.tail) == (5, b"short", b"")
 
 
 async def test_output_to_files_with_stdin_and_cwd(enforce: CgroupLayout | None, mark: str, tmp_path: Path) -> None:
     (tmp_path / "in.txt").write_text("3\n1\n2\n")
-    record = await run({"cmd": "sort -n; pwd >&2", "cwd": str(tmp_path), "stdin": "in.txt",
-                        "stdout": "out.txt", "stderr": "err.txt"}, mark, enforce)
+    record = await run(
+        {"cmd": "sort -n; pwd >&2", "cwd": str(tmp_path), "stdin": "in.txt", "stdout": "out.txt", "stderr": "err.txt"},
+        mark,
+        enforce,
+    )
     assert record.verdict is Verdict.OK
     assert (tmp_path / "out.txt").read_text() == "1\n2\n3\n"
     assert (tmp_path / "err.txt").read_text() == f"{tmp_path}\n"
     assert record.stdout is not None and record.stdout.size_bytes == 6 and record.stdout.head == b""
 
 
-async def test_the_environment_is_built_explicitly(enforce: CgroupLayout | None, mark: str, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_environment_is_built_explicitly(
+    enforce: CgroupLayout | None, mark: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("CLUSTER_SECRET", "s3cr3t-value")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "another-s3cr3t")
-    record = await run({"argv": ["env"], "cwd": str(tmp_path), "stdout": "env.txt", "env": {"EXTRA": "x y"}},
-                       mark, enforce, task_env=TaskEnv(task_id="42", attempt=3, client="worker-7", cpus=2.0))
+    record = await run(
+        {"argv": ["env"], "cwd": str(tmp_path), "stdout": "env.txt", "env": {"EXTRA": "x y"}},
+        mark,
+        enforce,
+        task_env=TaskEnv(task_id="42", attempt=3, client="worker-7", cpus=2.0),
+    )
     assert record.verdict is Verdict.OK
     lines = (tmp_path / "env.txt").read_text().splitlines()
     env = dict(line.split("=", 1) for line in lines)
@@ -181,8 +200,22 @@ async def test_the_environment_is_built_explicitly(enforce: CgroupLayout | None,
     assert env["TASKSPRINT_CLIENT"] == "worker-7"
     assert env["TASKSPRINT_CPUS"] == "2"
     assert env["EXTRA"] == "x y"
-    assert set(env) <= {"PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME", "TMPDIR", "EXTRA", MARK,
-                        "TASKSPRINT_TASK_ID", "TASKSPRINT_ATTEMPT", "TASKSPRINT_CLIENT", "TASKSPRINT_CPUS"}
+    assert set(env) <= {
+        "PATH",
+        "HOME",
+        "LANG",
+        "LC_ALL",
+        "TZ",
+        "USER",
+        "LOGNAME",
+        "TMPDIR",
+        "EXTRA",
+        MARK,
+        "TASKSPRINT_TASK_ID",
+        "TASKSPRINT_ATTEMPT",
+        "TASKSPRINT_CLIENT",
+        "TASKSPRINT_CPUS",
+    }
 
 
 # --------------------------------------------------------------------------
@@ -228,16 +261,22 @@ async def test_an_output_flood_is_cut_at_the_limit(enforce: CgroupLayout | None,
     assert captured.verdict is Verdict.OUTPUT
     assert captured.stdout is not None
     assert (captured.stdout.size_bytes, captured.stdout.cut) == (10_000, True)
-    to_file = await run({"cmd": "yes >&2", "stderr": "err.txt", "cwd": str(tmp_path),
-                         "limits": Limits(output_bytes=12_345)}, mark, enforce)
+    to_file = await run(
+        {"cmd": "yes >&2", "stderr": "err.txt", "cwd": str(tmp_path), "limits": Limits(output_bytes=12_345)},
+        mark,
+        enforce,
+    )
     assert to_file.verdict is Verdict.OUTPUT
     assert (tmp_path / "err.txt").stat().st_size == 12_345
 
 
 async def test_cpu_time_limit_counts_the_whole_tree(enforce: CgroupLayout | None, mark: str) -> None:
     spin = "while :; do :; done"
-    record = await run({"cmd": f"bash -c '{spin}' & bash -c '{spin}' & wait",
-                        "limits": Limits(cpu_time_s=1.0, wall_time_s=60)}, mark, enforce)
+    record = await run(
+        {"cmd": f"bash -c '{spin}' & bash -c '{spin}' & wait", "limits": Limits(cpu_time_s=1.0, wall_time_s=60)},
+        mark,
+        enforce,
+    )
     assert record.verdict is Verdict.CPU_TIME
     # The limit is checked against the total; the user/system split is sampled, so
     # their sum may fall a hair short of the total that fired.
@@ -245,15 +284,17 @@ async def test_cpu_time_limit_counts_the_whole_tree(enforce: CgroupLayout | None
 
 
 async def test_cpu_time_limit_of_one_process(enforce: CgroupLayout | None, mark: str) -> None:
-    record = await run({"argv": [PY, "-c", "while True: pass"], "limits": Limits(cpu_time_s=1.0, wall_time_s=60)},
-                       mark, enforce)
+    record = await run(
+        {"argv": [PY, "-c", "while True: pass"], "limits": Limits(cpu_time_s=1.0, wall_time_s=60)}, mark, enforce
+    )
     assert record.verdict is Verdict.CPU_TIME
 
 
 async def test_cpuset_pins_the_task(enforce: CgroupLayout | None, mark: str) -> None:
     core = max(os.sched_getaffinity(0))
-    record = await run({"cmd": "grep Cpus_allowed_list /proc/self/status",
-                        "limits": Limits(cpuset=[core])}, mark, enforce)
+    record = await run(
+        {"cmd": "grep Cpus_allowed_list /proc/self/status", "limits": Limits(cpuset=[core])}, mark, enforce
+    )
     assert record.verdict is Verdict.OK
     assert record.stdout is not None and record.stdout.head.split() == [b"Cpus_allowed_list:", str(core).encode()]
 
@@ -266,7 +307,8 @@ async def test_a_cpu_quota_is_set_on_the_tasks_cgroup(mark: str) -> None:
     else:
         if "cpu" not in layout.parents:
             pytest.skip("no v1 cpu controller mounted")
-        cmd = f'cat "{os.path.dirname(layout.parents["cpu"])}/tasksprint/$(basename $(grep -E "[:,]cpu[:,]" /proc/self/cgroup | cut -d: -f3))/cpu.cfs_quota_us"'
+        own = '$(basename $(grep -E "[:,]cpu[:,]" /proc/self/cgroup | cut -d: -f3))'
+        cmd = f'cat "{os.path.dirname(layout.parents["cpu"])}/tasksprint/{own}/cpu.cfs_quota_us"'
         expected = b"50000\n"
     record = await run({"cmd": cmd, "limits": Limits(cpus=0.5)}, mark, layout)
     assert record.verdict is Verdict.OK, record
@@ -357,8 +399,11 @@ def test_a_killed_clients_task_dies_and_its_group_is_swept(mark: str, tmp_path: 
     while pending:
         for pid, _usage in proctree.reap_adopted(pending):
             del pending[pid]
-        pending = {pid: start for pid, start in pending.items()
-                   if (st := proctree.proc_stat(pid)) is not None and st[0] == os.getpid() and st[1] == start}
+        pending = {
+            pid: start
+            for pid, start in pending.items()
+            if (st := proctree.proc_stat(pid)) is not None and st[0] == os.getpid() and st[1] == start
+        }
         time.sleep(0.01)
 
 
@@ -393,14 +438,17 @@ async def _bwrap_or_skip(mark: str, tmp_path: Path) -> None:
 
 
 async def test_a_sandboxed_task_sees_a_read_only_root_and_a_private_tmp(
-        enforce: CgroupLayout | None, mark: str, tmp_path: Path) -> None:
+    enforce: CgroupLayout | None, mark: str, tmp_path: Path
+) -> None:
     await _bwrap_or_skip(mark, tmp_path)
     work = tmp_path / "work"
     work.mkdir()
     probe = f"sandbox-probe-{mark}"
-    cmd = (f"touch /usr/{probe} 2>/dev/null && echo root-writable; "
-           f"echo private > /tmp/{probe}; echo result > out.txt; "
-           "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '; echo pid=$$")
+    cmd = (
+        f"touch /usr/{probe} 2>/dev/null && echo root-writable; "
+        f"echo private > /tmp/{probe}; echo result > out.txt; "
+        "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '; echo pid=$$"
+    )
     record = await run({"cmd": cmd, "cwd": str(work), "sandbox": True}, mark, enforce)
     assert record.verdict is Verdict.OK, record
     assert record.stdout is not None
@@ -417,22 +465,40 @@ async def test_a_sandboxed_task_may_ask_for_the_network(mark: str, tmp_path: Pat
     await _bwrap_or_skip(mark, tmp_path)
     lines = Path("/proc/net/dev").read_text().splitlines()[2:]
     host_devices = sorted(line.split(":")[0].strip() for line in lines)
-    record = await run({"cmd": "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | sort", "cwd": str(tmp_path),
-                        "sandbox": True, "network": True}, mark, None)
+    record = await run(
+        {
+            "cmd": "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | sort",
+            "cwd": str(tmp_path),
+            "sandbox": True,
+            "network": True,
+        },
+        mark,
+        None,
+    )
     assert record.verdict is Verdict.OK
     assert record.stdout is not None and record.stdout.head.decode().split() == host_devices
 
 
-async def test_the_sandbox_time_limit_kills_everything_inside(enforce: CgroupLayout | None, mark: str,
-                                                            tmp_path: Path) -> None:
+async def test_the_sandbox_time_limit_kills_everything_inside(
+    enforce: CgroupLayout | None, mark: str, tmp_path: Path
+) -> None:
     await _bwrap_or_skip(mark, tmp_path)
-    record = await run({"cmd": "setsid sleep 1000 & (setsid sleep 1001 &); sleep 1002", "cwd": str(tmp_path),
-                        "sandbox": True, "limits": Limits(wall_time_s=0.5)}, mark, enforce)
+    record = await run(
+        {
+            "cmd": "setsid sleep 1000 & (setsid sleep 1001 &); sleep 1002",
+            "cwd": str(tmp_path),
+            "sandbox": True,
+            "limits": Limits(wall_time_s=0.5),
+        },
+        mark,
+        enforce,
+    )
     assert record.verdict is Verdict.TIME
 
 
 async def test_a_sandbox_without_bwrap_is_a_start_failure_naming_the_package(mark: str, tmp_path: Path) -> None:
-    record = await run({"cmd": "true", "cwd": str(tmp_path), "sandbox": True, "env": {"PATH": str(tmp_path)}},
-                       mark, None)
+    record = await run(
+        {"cmd": "true", "cwd": str(tmp_path), "sandbox": True, "env": {"PATH": str(tmp_path)}}, mark, None
+    )
     assert record.verdict is Verdict.START_FAILED
     assert "bubblewrap" in record.detail

@@ -28,8 +28,17 @@ from tasksprint.exec.spec import (
 
 @pytest.mark.parametrize(
     ("text", "size"),
-    [("64M", 64 << 20), ("1G", 1 << 30), ("512k", 512 << 10), ("100", 100), ("2GiB", 2 << 30),
-     ("1.5M", 3 << 19), ("10b", 10), (" 3 m ", 3 << 20), (7, 7)],
+    [
+        ("64M", 64 << 20),
+        ("1G", 1 << 30),
+        ("512k", 512 << 10),
+        ("100", 100),
+        ("2GiB", 2 << 30),
+        ("1.5M", 3 << 19),
+        ("10b", 10),
+        (" 3 m ", 3 << 20),
+        (7, 7),
+    ],
 )
 def test_parse_size_reads_kolejka_sizes(text: str, size: int) -> None:
     assert parse_size(text) == size
@@ -37,7 +46,16 @@ def test_parse_size_reads_kolejka_sizes(text: str, size: int) -> None:
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("1s", 1.0), ("500ms", 0.5), ("2m", 120.0), ("1h", 3600.0), ("1.5", 1.5), ("10", 10.0), ("250us", 250e-6), (3, 3.0)],
+    [
+        ("1s", 1.0),
+        ("500ms", 0.5),
+        ("2m", 120.0),
+        ("1h", 3600.0),
+        ("1.5", 1.5),
+        ("10", 10.0),
+        ("250us", 250e-6),
+        (3, 3.0),
+    ],
 )
 def test_parse_time_reads_kolejka_durations(text: str, seconds: float) -> None:
     assert parse_time(text) == pytest.approx(seconds)
@@ -90,9 +108,20 @@ def test_limits_from_kolejka_refuses_unknown_keys() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"memory_bytes": 0}, {"memory_bytes": -1}, {"memory_bytes": 1.5}, {"pids": True}, {"cpus": 0},
-     {"cpus": float("nan")}, {"wall_time_s": -1}, {"output_bytes": 0}, {"cpuset": []}, {"cpuset": [0, 0]},
-     {"cpuset": [-1]}, {"cpuset": "0-3"}],
+    [
+        {"memory_bytes": 0},
+        {"memory_bytes": -1},
+        {"memory_bytes": 1.5},
+        {"pids": True},
+        {"cpus": 0},
+        {"cpus": float("nan")},
+        {"wall_time_s": -1},
+        {"output_bytes": 0},
+        {"cpuset": []},
+        {"cpuset": [0, 0]},
+        {"cpuset": [-1]},
+        {"cpuset": "0-3"},
+    ],
 )
 def test_limits_refuse_bad_values(kwargs: dict) -> None:
     with pytest.raises((ValueError, TypeError)):
@@ -137,12 +166,25 @@ def test_spec_env_is_order_independent_and_hashable() -> None:
 
 
 def test_spec_and_record_travel_through_the_codec() -> None:
-    spec = CommandSpec(argv=["sort", "-n"], cwd="/tmp", env={"A": "1"}, stdin="in.txt", stdout="out.txt",
-                       limits=Limits(memory_bytes=1 << 20, cpuset=[0, 1], wall_time_s=2.5))
+    spec = CommandSpec(
+        argv=["sort", "-n"],
+        cwd="/tmp",
+        env={"A": "1"},
+        stdin="in.txt",
+        stdout="out.txt",
+        limits=Limits(memory_bytes=1 << 20, cpuset=[0, 1], wall_time_s=2.5),
+    )
     assert decode_untrusted(encode(spec)) == spec
-    record = CommandRecord(verdict=Verdict.MEMORY, signal=9, enforcement=Enforcement.CGROUP_V1,
-                           limits_hit=(Verdict.MEMORY, Verdict.PIDS), unenforced=("cpus",),
-                           stdout=OutputSummary(size_bytes=3, head=b"abc"), host="h", pid=7)
+    record = CommandRecord(
+        verdict=Verdict.MEMORY,
+        signal=9,
+        enforcement=Enforcement.CGROUP_V1,
+        limits_hit=(Verdict.MEMORY, Verdict.PIDS),
+        unenforced=("cpus",),
+        stdout=OutputSummary(size_bytes=3, head=b"abc"),
+        host="h",
+        pid=7,
+    )
     again = decode_untrusted(encode(record))
     assert again == record
     assert again.verdict is Verdict.MEMORY and again.enforcement is Enforcement.CGROUP_V1
@@ -154,14 +196,32 @@ def test_output_summary_bounds_its_snippets() -> None:
 
 
 def test_environment_passes_only_the_base_and_the_task_variables() -> None:
-    client_env = {"PATH": "/bin", "HOME": "/home/u", "CLUSTER_SECRET": "s3cr3t", "AWS_SECRET_ACCESS_KEY": "k",
-                  "LD_PRELOAD": "/evil.so"}
+    client_env = {
+        "PATH": "/bin",
+        "HOME": "/home/u",
+        "CLUSTER_SECRET": "s3cr3t",
+        "AWS_SECRET_ACCESS_KEY": "k",
+        "LD_PRELOAD": "/evil.so",
+    }
     spec = CommandSpec(cmd="true", env={"EXTRA": "1", "PATH": "/opt/bin"})
     env = build_env(spec, TaskEnv(task_id="7", attempt=2, client="c9", cpus=1.5), client_env)
-    assert env == {"PATH": "/opt/bin", "HOME": "/home/u", "LANG": "C.UTF-8", "TASKSPRINT_TASK_ID": "7",
-                   "TASKSPRINT_ATTEMPT": "2", "TASKSPRINT_CLIENT": "c9", "TASKSPRINT_CPUS": "1.5", "EXTRA": "1"}
-    assert set(env) - {"TASKSPRINT_TASK_ID", "TASKSPRINT_ATTEMPT", "TASKSPRINT_CLIENT", "TASKSPRINT_CPUS", "EXTRA"} \
-        <= set(BASE_ENV_NAMES)
+    assert env == {
+        "PATH": "/opt/bin",
+        "HOME": "/home/u",
+        "LANG": "C.UTF-8",
+        "TASKSPRINT_TASK_ID": "7",
+        "TASKSPRINT_ATTEMPT": "2",
+        "TASKSPRINT_CLIENT": "c9",
+        "TASKSPRINT_CPUS": "1.5",
+        "EXTRA": "1",
+    }
+    assert set(env) - {
+        "TASKSPRINT_TASK_ID",
+        "TASKSPRINT_ATTEMPT",
+        "TASKSPRINT_CLIENT",
+        "TASKSPRINT_CPUS",
+        "EXTRA",
+    } <= set(BASE_ENV_NAMES)
 
 
 def test_task_cpus_is_what_the_task_was_given() -> None:

@@ -257,7 +257,10 @@ class CgroupV2Group:
                 _write(os.path.join(path, "pids.max"), str(limits.pids))
             if limits.cpus is not None:
                 if os.path.exists(os.path.join(path, "cpu.max")):
-                    _write(os.path.join(path, "cpu.max"), f"{max(1000, round(limits.cpus * CPU_PERIOD_US))} {CPU_PERIOD_US}")
+                    _write(
+                        os.path.join(path, "cpu.max"),
+                        f"{max(1000, round(limits.cpus * CPU_PERIOD_US))} {CPU_PERIOD_US}",
+                    )
                 else:
                     unenforced.append("cpus")
             if limits.cpuset is not None:
@@ -418,7 +421,6 @@ class CgroupV1Group:
                 os.rmdir(path)
             except FileNotFoundError:
                 pass
-
 
 
 def sweep_stale_groups(layout: CgroupLayout) -> list[str]:

@@ -73,7 +73,7 @@ def proc_stat(pid: int) -> tuple[int, int, str, int] | None:
     except OSError:
         return None
     # The command name is in parentheses and may itself hold ") ".
-    fields = data[data.rfind(b")") + 2:].split()
+    fields = data[data.rfind(b")") + 2 :].split()
     return int(fields[1]), int(fields[19]), fields[0].decode(), int(fields[3])
 
 
@@ -217,7 +217,7 @@ def tree_cpu_seconds(procs: dict[int, int]) -> float:
                 data = f.read()
         except OSError:
             continue
-        fields = data[data.rfind(b")") + 2:].split()
+        fields = data[data.rfind(b")") + 2 :].split()
         ticks += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
     return ticks / os.sysconf("SC_CLK_TCK")
 

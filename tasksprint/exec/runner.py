@@ -111,7 +111,7 @@ class _Capture:
         if self._fd is not None:
             view = memoryview(data)
             while view:
-                view = view[os.write(self._fd, view):]
+                view = view[os.write(self._fd, view) :]
             return
         if len(self._head) < SNIPPET_BYTES:
             self._head += data[: SNIPPET_BYTES - len(self._head)]
@@ -120,8 +120,12 @@ class _Capture:
     def summary(self) -> OutputSummary:
         captured = self._fd is None
         fits = self.size <= SNIPPET_BYTES  # then the head is the whole output
-        return OutputSummary(size_bytes=self.size, cut=self.cut, head=bytes(self._head) if captured else b"",
-                             tail=bytes(self._tail) if captured and not fits else b"")
+        return OutputSummary(
+            size_bytes=self.size,
+            cut=self.cut,
+            head=bytes(self._head) if captured else b"",
+            tail=bytes(self._tail) if captured and not fits else b"",
+        )
 
 
 @attrs.define(eq=False)
@@ -285,8 +289,16 @@ async def run_command(
 
     def record(verdict: Verdict, **fields: Any) -> CommandRecord:
         finished = time.time()
-        return CommandRecord(verdict=verdict, started=started, finished=finished, elapsed_s=time.monotonic() - t0,
-                             host=host, enforcement=group.enforcement, unenforced=group.unenforced, **fields)
+        return CommandRecord(
+            verdict=verdict,
+            started=started,
+            finished=finished,
+            elapsed_s=time.monotonic() - t0,
+            host=host,
+            enforcement=group.enforcement,
+            unenforced=group.unenforced,
+            **fields,
+        )
 
     fds: list[int] = []
     try:
@@ -313,8 +325,15 @@ async def run_command(
             # fires when the forking *thread* exits, and worker threads come and go.
             # The child setup makes only system calls (libc is loaded already).
             popen = subprocess.Popen(  # noqa: ASYNC220
-                argv, stdin=stdin, stdout=out_w, stderr=err_w, cwd=cwd, env=env,
-                start_new_session=True, preexec_fn=child_setup, close_fds=True,  # noqa: PLW1509
+                argv,
+                stdin=stdin,
+                stdout=out_w,
+                stderr=err_w,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+                preexec_fn=child_setup,
+                close_fds=True,  # noqa: PLW1509
             )
         except (OSError, subprocess.SubprocessError) as exc:
             return record(Verdict.START_FAILED, detail=f"cannot start {spec.program_argv[0]!r}: {exc}")
@@ -326,8 +345,13 @@ async def run_command(
             os.close(fd)
             fds.remove(fd)
         out, err = _Capture(files[0]), _Capture(files[1])
-        run = _Run(spec, group, pid, pidfd,
-                   output_left=spec.limits.output_bytes if spec.limits.output_bytes is not None else math.inf)
+        run = _Run(
+            spec,
+            group,
+            pid,
+            pidfd,
+            output_left=spec.limits.output_bytes if spec.limits.output_bytes is not None else math.inf,
+        )
         streams = [trio.lowlevel.FdStream(out_r), trio.lowlevel.FdStream(err_r)]
         fds.remove(out_r)
         fds.remove(err_r)  # the streams own them now
@@ -351,8 +375,13 @@ async def run_command(
                 popen.returncode = run.status if run.status is not None else -1
                 for stream in streams:
                     await stream.aclose()
-        return record(_verdict(run, group), pid=pid, **_accounting(run, group, adopted),
-                      stdout=out.summary(), stderr=err.summary())
+        return record(
+            _verdict(run, group),
+            pid=pid,
+            **_accounting(run, group, adopted),
+            stdout=out.summary(),
+            stderr=err.summary(),
+        )
     finally:
         with trio.CancelScope(shield=True):
             for fd in fds:

@@ -23,22 +23,34 @@ def find_bwrap(path: str | None) -> str | None:
 
 def missing_message() -> str:
     """What to tell a user whose task asks for a sandbox on a machine without bwrap."""
-    return (f"the task asks for a sandbox but bubblewrap (bwrap) is not installed on this client: "
-            f"install the {PACKAGE!r} package, or run the task without sandbox=True")
+    return (
+        f"the task asks for a sandbox but bubblewrap (bwrap) is not installed on this client: "
+        f"install the {PACKAGE!r} package, or run the task without sandbox=True"
+    )
 
 
 def sandbox_argv(argv: tuple[str, ...], *, bwrap: str, cwd: str, network: bool) -> tuple[str, ...]:
     """``argv`` run inside bubblewrap with ``cwd`` as its writable working directory (pure)."""
     prefix = [
         bwrap,
-        "--ro-bind", "/", "/",
-        "--dev", "/dev",
-        "--proc", "/proc",
-        "--tmpfs", "/tmp",
+        "--ro-bind",
+        "/",
+        "/",
+        "--dev",
+        "/dev",
+        "--proc",
+        "/proc",
+        "--tmpfs",
+        "/tmp",
         # After the private /tmp, so a working directory under /tmp stays visible.
-        "--bind", cwd, cwd,
-        "--chdir", cwd,
-        "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+        "--bind",
+        cwd,
+        cwd,
+        "--chdir",
+        cwd,
+        "--unshare-pid",
+        "--unshare-ipc",
+        "--unshare-uts",
         "--die-with-parent",
     ]
     if not network:

@@ -56,7 +56,9 @@ def parse_size(text: str | int) -> int:
         return text
     match = _SIZE.match(text) if isinstance(text, str) else None
     if match is None:
-        raise ValueError(f"{text!r} is not a size: write a number of bytes with an optional k, M, G or T suffix, like '64M'")
+        raise ValueError(
+            f"{text!r} is not a size: write a number of bytes with an optional k, M, G or T suffix, like '64M'"
+        )
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
 
 
@@ -69,7 +71,9 @@ def parse_time(text: str | float) -> float:
         return float(text)
     match = _TIME.match(text) if isinstance(text, str) else None
     if match is None:
-        raise ValueError(f"{text!r} is not a duration: write a number with an optional unit ms, s, m or h, like '500ms'")
+        raise ValueError(
+            f"{text!r} is not a duration: write a number with an optional unit ms, s, m or h, like '500ms'"
+        )
     return float(match.group(1)) * _TIME_UNITS[(match.group(2) or "").lower()]
 
 
@@ -101,8 +105,9 @@ def _optional_positive_int(_inst: Any, attr: attrs.Attribute, value: Any) -> Non
 
 
 def _optional_positive_float(_inst: Any, attr: attrs.Attribute, value: Any) -> None:
-    if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
-                              or not math.isfinite(value) or value <= 0):
+    if value is not None and (
+        not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0
+    ):
         raise ValueError(f"{attr.name} must be a positive number or None, got {value!r}")
 
 
