@@ -158,7 +158,7 @@ class Endpoint:
 # Connection
 
 
-class _State(enum.Enum):
+class _ConnectionState(enum.Enum):
     OPEN = enum.auto()
     # A send was interrupted part-way, so the peer may hold half a frame and
     # every later frame would be misread: nothing more may be sent.
@@ -184,7 +184,7 @@ class Connection(trio.abc.AsyncResource):
     _received: FrameBuffer = attrs.field(factory=FrameBuffer, init=False)
     _send_lock: trio.Lock = attrs.field(factory=trio.Lock, init=False)
     _receiving: bool = attrs.field(default=False, init=False)
-    _state: _State = attrs.field(default=_State.OPEN, init=False)
+    _state: _ConnectionState = attrs.field(default=_ConnectionState.OPEN, init=False)
     # The rest of a write send_nowait could only hand over in part; the next
     # send writes it before anything else.
     _backlog: bytes = attrs.field(default=b"", init=False)
@@ -237,7 +237,7 @@ class Connection(trio.abc.AsyncResource):
         writes just that).  FrameTooLarge and TypeError as for
         :meth:`send_many`, with nothing sent.
         """
-        if self._backlog or self._state is not _State.OPEN or self._send_lock.locked():
+        if self._backlog or self._state is not _ConnectionState.OPEN or self._send_lock.locked():
             return False
         fd = self._stream.socket.fileno() if isinstance(self._stream, trio.SocketStream) else -1
         if fd < 0:  # not a socket, or closed
@@ -263,9 +263,9 @@ class Connection(trio.abc.AsyncResource):
         else:
             self._send_lock.acquire_nowait()
         try:
-            if self._state is _State.CLOSED:
+            if self._state is _ConnectionState.CLOSED:
                 raise trio.ClosedResourceError("connection was closed")
-            if self._state is _State.BROKEN:
+            if self._state is _ConnectionState.BROKEN:
                 raise trio.BrokenResourceError("an earlier send was interrupted part-way; the connection is unusable")
             if self._backlog:
                 data, self._backlog = self._backlog + data, b""
@@ -274,8 +274,8 @@ class Connection(trio.abc.AsyncResource):
             except BaseException:
                 # Cancelled or failed mid-write: the peer may have half a
                 # frame, so the byte stream is out of step for good.
-                if self._state is _State.OPEN:
-                    self._state = _State.BROKEN
+                if self._state is _ConnectionState.OPEN:
+                    self._state = _ConnectionState.BROKEN
                 await trio.aclose_forcefully(self._stream)
                 raise
         finally:
@@ -297,9 +297,9 @@ class Connection(trio.abc.AsyncResource):
         return await self._receive(self._max_frame)
 
     async def _receive(self, limit: int) -> Any:
-        if self._state is _State.CLOSED:
+        if self._state is _ConnectionState.CLOSED:
             raise trio.ClosedResourceError("connection was closed")
-        if self._state is _State.BROKEN:
+        if self._state is _ConnectionState.BROKEN:
             raise trio.BrokenResourceError("an earlier send was interrupted part-way; the connection is unusable")
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving on this connection")
@@ -331,12 +331,12 @@ class Connection(trio.abc.AsyncResource):
     # -- closing ------------------------------------------------------------
 
     async def _abort(self) -> None:
-        self._state = _State.CLOSED
+        self._state = _ConnectionState.CLOSED
         await trio.aclose_forcefully(self._stream)
 
     async def aclose(self) -> None:
         """Close the connection; safe to call more than once."""
-        self._state = _State.CLOSED
+        self._state = _ConnectionState.CLOSED
         await self._stream.aclose()
 
 

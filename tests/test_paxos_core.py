@@ -1,6 +1,6 @@
 """One test per protocol claim of the Multi-Paxos core, scripted delivery by delivery.
 
-Each test builds a small cluster from ``tests/sim.py`` whose network is a
+Each test builds a small cluster from ``tests/sim/`` whose network is a
 :class:`~sim.ManualNet`: nothing arrives unless the test delivers it,
 time moves only when the test moves it, and the simulator's checker still
 watches agreement, validity and exactly-once on every step.  The tests at the

@@ -3,7 +3,7 @@
 * ``test_seed_3`` / ``test_seed_5``: one seeded scenario per test (faults drawn
   from the seed: drops, duplicates, delays, partitions, crashes, wiped disks,
   clock skew), ``TASKSPRINT_SIM_SEEDS`` seeds per cluster size (default 1000).
-  A failure names its seed; replay it with ``python tests/sim.py SEED N``.
+  A failure names its seed; replay it with ``python -m tests.sim SEED N``.
 * ``test_soak``: ``TASKSPRINT_SIM_SEEDS`` other seeds, spread over all cores
   (``make soak`` runs 100,000).
 * ``TestPaxosMachine``: hypothesis drives a cluster rule by rule (deliver one

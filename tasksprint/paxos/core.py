@@ -26,15 +26,16 @@ advances them in that order: ``advance(ready)`` releases the replies held
 by that Ready and by every earlier one.
 
 Parts, one module each: the acceptor (``acceptor.py``) promises and
-accepts; the leader's phase-1 tally and phase-2 pipeline live in
-``leader.py``; election timers, the highest round seen and the pre-vote
-count in ``election.py`` (a follower that loses its leader asks its peers
-before it campaigns, so a replica that was cut off cannot depose a healthy
-leader); a wiped replica's way back to voting in ``recovery.py``; the
-output buffer that holds replies back until their records are durable in
-``output.py``.  This class routes messages and ticks between them and owns
-the roles.  A leader that has not heard from a majority within the election
-timeout steps down (check-quorum).
+accepts; the leader's side (pre-vote, phase 1, phase 2, heartbeats,
+forwarding of proposals) is ``leader.py``, over its records in
+``leadership.py``; election timers, the highest round seen and the pre-vote
+count are in ``election.py`` (a follower that loses its leader asks its
+peers before it campaigns, so a replica that was cut off cannot depose a
+healthy leader); the chosen log in ``learner.py``; a wiped replica's way back
+to voting in ``recovery.py``; the output buffer that holds replies back until
+their records are durable in ``output.py``.  The state the roles share is
+``base.py``.  This class is the driver's interface, routes messages and ticks
+to the roles, and holds the follower's side and recovery.
 
 Learning: the leader piggybacks its commit index on Accept and Heartbeat.  A
 follower marks a slot chosen when the leader's ballot equals the ballot at
@@ -48,21 +49,15 @@ relies on).
 
 from __future__ import annotations
 
-import enum
 import random
 from typing import Any
 
 import attrs
 
 from tasksprint.paxos.acceptor import Acceptor
-from tasksprint.paxos.durable import (
-    DurableState,
-    MarkInitialized,
-    SaveChosen,
-    SaveSnapshot,
-)
-from tasksprint.paxos.election import Election
-from tasksprint.paxos.leader import Leadership, Phase1
+from tasksprint.paxos.base import PaxosConfig, Role
+from tasksprint.paxos.durable import DurableState, MarkInitialized, SaveSnapshot
+from tasksprint.paxos.leader import LeaderRole
 from tasksprint.paxos.learner import Learner
 from tasksprint.paxos.messages import (
     ZERO_BALLOT,
@@ -82,85 +77,24 @@ from tasksprint.paxos.messages import (
     PreVote,
     PreVoteReply,
     Promise,
-    Proposal,
     RecoverQuery,
     RecoverReply,
     SnapshotInstall,
     Tick,
 )
-from tasksprint.paxos.output import OutputBuffer, Ready
+from tasksprint.paxos.output import Ready
 from tasksprint.paxos.recovery import Recovery, Verdict
 
-__all__ = ["PaxosConfig", "PaxosCore", "Ready", "Role"]  # Ready: see output.py
-
-
-class Role(enum.Enum):
-    FOLLOWER = "follower"
-    CANDIDATE = "candidate"  # running phase 1
-    LEADER = "leader"
-    RECOVERING = "recovering"  # empty data directory: learner only until safe to vote
-
-
-@attrs.frozen(kw_only=True)
-class PaxosConfig:
-    """Protocol parameters; times are seconds of the driver's clock."""
-
-    replicas: int
-    heartbeat_interval: float = 0.05
-    election_timeout: float = 0.3  # minimum; each wait is drawn from [t, 2t)
-    tick_interval: float = 0.1  # leader TICK entries
-    max_inflight: int = 32  # slots in phase 2 at once
-    max_batch: int = 2048  # items (commands, blocks, ticks) per slot
-    max_batch_bytes: int = 4 * 1024 * 1024  # about this many bytes per slot value, so Accepts stay small frames
-    catchup_batch: int = 256  # chosen entries per CatchupReply
-    keep_after_snapshot: int = 512  # log entries kept behind a snapshot for lagging peers
-
-    def __attrs_post_init__(self) -> None:
-        if self.replicas not in (1, 3, 5, 7):
-            raise ValueError(f"replicas must be 1, 3, 5 or 7, got {self.replicas}")
-        if not 0 < self.heartbeat_interval < self.election_timeout:
-            raise ValueError(
-                f"heartbeat_interval ({self.heartbeat_interval}s) must be positive and below "
-                f"election_timeout ({self.election_timeout}s)"
-            )
-        if self.tick_interval <= 0:
-            raise ValueError(f"tick_interval must be positive, got {self.tick_interval}")
-        for name in ("max_inflight", "max_batch", "max_batch_bytes", "catchup_batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-
-    @property
-    def quorum(self) -> int:
-        return self.replicas // 2 + 1
+# PaxosConfig and Role live in base.py, Ready in output.py; the driver takes them from here.
+__all__ = ["PaxosConfig", "PaxosCore", "Ready", "Role"]
 
 
 @attrs.define(eq=False)
-class PaxosCore:
-    """One replica's protocol state. See the module docstring for the contract."""
+class PaxosCore(LeaderRole):
+    """One replica's protocol core: the driver's interface, the follower and recovery.
 
-    _config: PaxosConfig
-    _rid: int
-    _rng: random.Random
-    _now: float = 0.0
-    _role: Role = Role.FOLLOWER
-    _acceptor: Acceptor = attrs.Factory(Acceptor)
-    _learner: Learner = attrs.Factory(Learner)
-    # Election and leadership.
-    _leader_ballot: Ballot | None = None  # the leader we follow, if any
-    _leader_commit: int = 0
-    _election: Election = attrs.Factory(
-        lambda self: Election(self._config.election_timeout, self._config.quorum, self._rng), takes_self=True
-    )
-    _phase1: Phase1 | None = None
-    _lead: Leadership | None = None
-    # Commands a leader had not yet slotted when it re-ran phase 1.
-    _carry: list[Command | CommandBlock | Tick] = attrs.Factory(list)
-    _forward: list[Command | CommandBlock | Tick] = attrs.Factory(list)
-    _catchup_sent: float = -1e9
-    _tick_data: Any = None
-    _wall: float = 0.0
-    _recovery: Recovery | None = None  # set by restore()
-    _output: OutputBuffer = attrs.Factory(OutputBuffer)
+    See the module docstring for the contract; the fields are in :class:`~tasksprint.paxos.base.CoreBase`.
+    """
 
     # ------------------------------------------------------------------
     # Construction
@@ -218,18 +152,6 @@ class PaxosCore:
         if self._lead is not None:
             return self._lead.ballot
         return self._leader_ballot
-
-    @property
-    def leader_hint(self) -> int | None:
-        """Replica id of the leader as far as this replica knows."""
-        if self._role is Role.LEADER:
-            return self._rid
-        if (
-            self._leader_ballot is not None
-            and self._now - self._election.last_contact < 2 * self._config.election_timeout
-        ):
-            return self._leader_ballot.rid
-        return None
 
     def chosen_value(self, slot: int) -> Batch | None:
         return self._learner.value(slot)
@@ -348,56 +270,6 @@ class PaxosCore:
     # ------------------------------------------------------------------
     # Helpers
 
-    def _send(self, dst: int, msg: Any) -> None:
-        self._output.send(dst, msg)
-
-    def _peers(self) -> list[int]:
-        """Every other replica, in id order."""
-        return [r for r in range(self._config.replicas) if r != self._rid]
-
-    def _broadcast(self, msg: Any) -> None:
-        for dst in self._peers():
-            self._output.send(dst, msg)
-
-    def _reply_durable(self, dst: int, msg: Any) -> None:
-        """Queue a reply that must not leave before the records queued so far are durable."""
-        self._output.reply_durable(dst, msg)
-
-    def _reset_election_timer(self) -> None:
-        self._election.reset_timer(self._now)
-
-    def _heard_leader(self, ballot: Ballot) -> None:
-        if self._leader_ballot is None or ballot >= self._leader_ballot:
-            self._leader_ballot = ballot
-        self._election.heard_leader(ballot.round, self._now)
-
-    def _become_follower(self) -> None:
-        if self._role is Role.RECOVERING:
-            return
-        if self._lead is not None:
-            self._carry.extend(self._lead.pending)
-        if self._leader_ballot is not None and self._leader_ballot.rid == self._rid:
-            # We no longer lead with our own ballot: there is no leader we know of
-            # (proposals would otherwise be forwarded to ourselves, and lost).
-            self._leader_ballot = None
-        self._role = Role.FOLLOWER
-        self._phase1 = None
-        self._lead = None
-        self._reset_election_timer()
-
-    def _learn(self, slot: int, value: Batch) -> None:
-        """Record that ``value`` is chosen for ``slot``."""
-        if self._learner.learn(slot, value):
-            self._acceptor.forget(slot)
-            self._output.persist((SaveChosen(slot, value),))
-
-    def _advance_commit(self) -> None:
-        self._learner.advance_commit()
-
-    @property
-    def _commit(self) -> int:
-        return self._learner.commit
-
     def _truncate(self, upto: int) -> None:
         for slot in self._learner.truncate(upto):
             self._acceptor.forget(slot)
@@ -430,57 +302,7 @@ class PaxosCore:
             self._check_recovered()
 
     # ------------------------------------------------------------------
-    # Election
-
-    def _start_prevote(self) -> None:
-        round_ = self._election.start_prevote(self._rid, self._acceptor.promised.round, self._now)
-        if self._config.replicas == 1:
-            self._start_phase1()
-            return
-        self._broadcast(PreVote(round=round_, commit=self._commit))
-
-    def _on_prevote(self, src: int, msg: PreVote) -> None:
-        # Support an election only if we too have lost the leader: a healthy
-        # leader is not deposed by a replica that was merely cut off.
-        lost = self._role is not Role.LEADER and self._election.is_leader_lost(self._now)
-        granted = lost and msg.round > self._acceptor.promised.round
-        self._send(src, PreVoteReply(round=msg.round, granted=granted))
-
-    def _on_prevote_reply(self, src: int, msg: PreVoteReply) -> None:
-        if self._role is Role.FOLLOWER and self._election.count_prevote(src, msg):
-            self._start_phase1()
-
-    def _start_phase1(self) -> None:
-        round_ = self._election.next_round(self._acceptor.promised.round)
-        ballot = Ballot(round_, self._rid)
-        self._election.max_round = round_
-        if self._lead is not None:
-            self._carry.extend(self._lead.pending)
-        self._role = Role.CANDIDATE
-        self._lead = None
-        self._phase1 = Phase1(ballot, self._commit + 1)
-        self._election.retry_at = self._now + self._config.heartbeat_interval
-        self._reset_election_timer()
-        prepare = Prepare(ballot=ballot, from_slot=self._commit + 1)
-        # Our own promise goes through the same durable path as anyone's.
-        granted, records = self._acceptor.on_prepare(prepare)
-        assert granted, "a fresh ballot above everything seen must be grantable"
-        self._output.persist(records)
-        self._reply_durable(self._rid, self._promise_for(prepare))
-        # The Prepare waits for that promise to be durable too.  Otherwise a
-        # crash before the fsync forgets the ballot while others promised it,
-        # and a wiped replica's recovery (which learns the ballots in use from
-        # the others' promises) could miss it: see _on_recover_reply.
-        for dst in self._peers():
-            self._reply_durable(dst, prepare)
-
-    def _promise_for(self, prepare: Prepare) -> Promise:
-        return Promise(
-            ballot=prepare.ballot,
-            log_start=self._learner.log_start,
-            accepted=self._acceptor.accepted_from(prepare.from_slot),
-            chosen=self._learner.chosen_from(prepare.from_slot),
-        )
+    # Follower
 
     def _on_prepare(self, src: int, msg: Prepare) -> None:
         if self._role is Role.RECOVERING:
@@ -501,215 +323,6 @@ class PaxosCore:
         self._reset_election_timer()
         self._output.persist(records)
         self._reply_durable(src, self._promise_for(msg))
-
-    def _candidate_tick(self) -> None:
-        assert self._phase1 is not None
-        if self._election.is_expired(self._now):
-            self._become_follower()  # try again, after a new pre-vote
-            self._start_prevote()
-            return
-        # Prepare or Promise may have been lost: ask again those who have not
-        # answered (once our own promise, and so the first Prepare, is out).
-        if self._now >= self._election.retry_at and self._phase1.has(self._rid):
-            self._election.retry_at = self._now + self._config.heartbeat_interval
-            prepare = Prepare(ballot=self._phase1.ballot, from_slot=self._phase1.from_slot)
-            for dst in range(self._config.replicas):
-                if dst != self._rid and not self._phase1.has(dst):
-                    self._send(dst, prepare)
-
-    def _on_promise(self, src: int, msg: Promise) -> None:
-        self._deliver_promise(src, msg)
-
-    def _deliver_promise(self, src: int, msg: Promise) -> None:
-        p1 = self._phase1
-        if self._role is not Role.CANDIDATE or p1 is None or msg.ballot != p1.ballot:
-            return
-        if msg.log_start > p1.from_slot:
-            # The promiser truncated slots we never learned: we are too far
-            # behind to lead. Catch up from it and let someone else lead.
-            self._become_follower()
-            self._send(src, CatchupRequest(from_slot=self._commit + 1))
-            return
-        p1.add(src, msg)
-        if p1.count >= self._config.quorum:
-            self._become_leader(p1)
-
-    def _become_leader(self, p1: Phase1) -> None:
-        chosen, repropose, top = p1.outcome()
-        for slot, value in sorted(chosen.items()):
-            self._learn(slot, value)
-        self._advance_commit()
-        self._role = Role.LEADER
-        self._phase1 = None
-        self._leader_ballot = p1.ballot
-        self._leader_commit = self._commit
-        lead = Leadership(ballot=p1.ballot, next_slot=max(top, self._commit) + 1, phase1_top=top)
-        lead.heard = {r: self._now for r in self._peers()}
-        lead.next_tick = self._now
-        lead.pending.extend(self._carry)
-        self._carry = []
-        self._lead = lead
-        proposals = []
-        for slot, value in sorted(repropose.items()):
-            if self._learner.value(slot) is not None:
-                continue
-            lead.add_slot(slot, value, self._now)
-            proposals.append(Proposal(slot=slot, value=value))
-        if proposals:
-            self._send_accepts(proposals)
-        self._send_heartbeat()
-
-    # ------------------------------------------------------------------
-    # Leader
-
-    def _leader_tick(self) -> None:
-        lead = self._lead
-        assert lead is not None
-        cfg = self._config
-        # Check-quorum: step down if a majority has gone quiet.
-        if cfg.replicas > 1:
-            recent = sorted((t for t in lead.heard.values()), reverse=True)
-            if recent[cfg.quorum - 2] < self._now - cfg.election_timeout:
-                self._become_follower()
-                self._leader_ballot = None
-                return
-        if self._now >= lead.next_tick:
-            lead.next_tick = self._now + cfg.tick_interval
-            lead.pending.append(Tick(now=self._wall, data=self._tick_data))
-        if self._now >= lead.next_heartbeat or lead.notify:
-            # The regular heartbeat goes to everyone; a commit notice only to
-            # the followers no Accept has told.
-            self._send_heartbeat(None if self._now >= lead.next_heartbeat else sorted(lead.notify))
-            # Accepts or their answers may have been lost: resend to the silent.
-            stale = lead.stale(self._now, cfg.heartbeat_interval)
-            for dst in range(cfg.replicas):
-                need = tuple(p for p in stale if dst not in lead.inflight[p.slot].acks)
-                if dst != self._rid and need:
-                    self._send(dst, Accept(ballot=lead.ballot, proposals=need, commit=self._commit))
-
-    def _send_heartbeat(self, to: list[int] | None = None) -> None:
-        """Heartbeat every peer (the next one is due an interval later), or only those in ``to``."""
-        lead = self._lead
-        assert lead is not None
-        lead.notify.clear()
-        beat = Heartbeat(ballot=lead.ballot, commit=self._commit, phase1_top=lead.phase1_top)
-        if to is None:
-            lead.next_heartbeat = self._now + self._config.heartbeat_interval
-            self._broadcast(beat)
-        else:
-            for dst in to:
-                self._send(dst, beat)
-
-    def _proposals_due(self) -> bool:
-        """Whether :meth:`_flush_proposals` would send anything (a question: it changes nothing)."""
-        if self._role is Role.LEADER:
-            lead = self._lead
-            return lead is not None and bool(lead.pending) and len(lead.inflight) < self._config.max_inflight
-        forwarding = self._forward or (self._carry and self._role is Role.FOLLOWER and self.leader_hint is not None)
-        return bool(forwarding) and self._leader_ballot is not None
-
-    def _flush_proposals(self) -> None:
-        """Turn pending commands into new slots while the pipeline has room."""
-        if self._carry and self._role is Role.FOLLOWER and self.leader_hint is not None:
-            self._forward.extend(self._carry)
-            self._carry = []
-        if self._forward:
-            if self._leader_ballot is not None and self._role is not Role.LEADER:
-                self._send(self._leader_ballot.rid, Forward(items=tuple(self._forward)))
-            self._forward = []
-        lead = self._lead
-        if self._role is not Role.LEADER or lead is None or not lead.pending:
-            return
-        proposals = []
-        while lead.pending and len(lead.inflight) < self._config.max_inflight:
-            batch = lead.take_batch(self._config.max_batch, self._config.max_batch_bytes)
-            assert batch is not None
-            slot = lead.open_slot(batch, self._now)
-            proposals.append(Proposal(slot=slot, value=batch))
-        if proposals:
-            self._send_accepts(proposals, thrifty=True)
-
-    def _send_accepts(self, proposals: list[Proposal], *, thrifty: bool = False) -> None:
-        lead = self._lead
-        assert lead is not None
-        msg = Accept(ballot=lead.ballot, proposals=tuple(proposals), commit=self._commit)
-        if thrifty and len(lead.inflight) == len(proposals):
-            # Light load (nothing else in flight): ask only as many followers
-            # as a majority needs, the lowest-numbered of those heard from
-            # within two heartbeat intervals (the same ones every time, so
-            # the others' logs lag evenly and replica 0, where clients send
-            # their queries first, is current).  The others would compete
-            # for the CPUs and disk of a small deployment without shortening
-            # the commit.  Their commit notice stays pending, so a heartbeat
-            # at the next tick tells them (only them) the commit index and
-            # they catch up (no fsync: a chosen value is durable on a
-            # majority).  Slots the followers asked leave unanswered for a
-            # heartbeat interval go to every peer (see _leader_tick).
-            recent = self._now - 2 * self._config.heartbeat_interval
-            peers = sorted(self._peers(), key=lambda r: (lead.heard.get(r, 0.0) < recent, r))
-            for dst in peers[: self._config.quorum - 1]:
-                self._send(dst, msg)
-                lead.notify.discard(dst)  # the Accept carries the commit index
-        else:
-            lead.notify.clear()  # the Accept carries the commit index to everyone
-            self._broadcast(msg)
-        reply, records = self._acceptor.on_accept(msg, self._learner.slots, self._learner.log_start)
-        self._output.persist(records)
-        self._reply_durable(self._rid, reply)
-
-    def _deliver_local(self, msg: Any) -> None:
-        """A reply from our own acceptor, released after its fsync."""
-        match msg:
-            case Promise():
-                self._deliver_promise(self._rid, msg)
-            case Accepted():
-                self._count_accepted(self._rid, msg)
-            case _:
-                pass
-
-    def _on_accepted(self, src: int, msg: Accepted) -> None:
-        if self._lead is not None and msg.ballot == self._lead.ballot:
-            self._lead.heard[src] = self._now
-        self._count_accepted(src, msg)
-
-    def _count_accepted(self, src: int, msg: Accepted) -> None:
-        lead = self._lead
-        if self._role is not Role.LEADER or lead is None or msg.ballot != lead.ballot:
-            return
-        progressed = False
-        for slot in msg.slots:
-            f = lead.inflight.get(slot)
-            if f is None:
-                continue
-            f.acks.add(src)
-            if len(f.acks) >= self._config.quorum:
-                del lead.inflight[slot]
-                self._learn(slot, f.value)
-                progressed = True
-        if progressed:
-            before = self._commit
-            self._advance_commit()
-            self._leader_commit = self._commit
-            if self._commit > before and not lead.pending:
-                # Tell followers at the next tick so they can apply (and answer
-                # their clients), unless an Accept carries the commit index
-                # first: at one command at a time the client's next command
-                # usually does, and a heartbeat per commit (with its acks and
-                # the followers' writes) would cost every process CPU.
-                lead.notify.update(self._peers())
-
-    def _on_nack(self, src: int, msg: Nack) -> None:
-        self._election.saw_round(msg.promised.round)
-        mine = self._lead.ballot if self._lead else self._phase1.ballot if self._phase1 else None
-        if mine is not None and msg.ballot == mine and msg.promised > mine:
-            self._become_follower()
-
-    def _on_heartbeat_ack(self, src: int, msg: HeartbeatAck) -> None:
-        if self._lead is not None and msg.ballot == self._lead.ballot:
-            self._lead.heard[src] = self._now
-
-    # ------------------------------------------------------------------
-    # Follower
 
     def _accept_leader(self, src: int, ballot: Ballot) -> bool:
         """A message from a would-be leader: follow it if its ballot is current."""

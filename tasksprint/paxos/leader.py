@@ -1,154 +1,313 @@
-"""The leader (proposer) role: phase 1 once for all open slots, then pipelined phase 2.
+"""The leader (proposer) role: pre-vote, phase 1 once for all open slots, then pipelined phase 2.
 
-Theory of operation.  A candidate picks a ballot higher than any it has seen
-and sends one Prepare covering every slot from its first unknown one on.  A
-majority of Promises tells it, for each open slot, the value accepted at the
-highest ballot (which it must re-propose, since it may have been chosen) and
-which slots are already chosen.  Open slots nobody reported below the highest
+Theory of operation.  A follower that lost its leader first asks its peers
+(PreVote, see ``election.py``); with a majority's support it picks a ballot
+higher than any it has seen and sends one Prepare covering every slot from
+its first unknown one on, once its own promise is durable.  A majority of
+Promises tells it, for each open slot, the value accepted at the highest
+ballot (which it must re-propose, since it may have been chosen) and which
+slots are already chosen.  Open slots nobody reported below the highest
 reported one are holes, filled with no-ops so the log can be applied in order.
 After that the leader assigns new slots to batches of client commands and
 keeps up to ``max_inflight`` slots in phase 2 at once; a slot is chosen when a
 majority (the leader's own acceptor included) has accepted it.  A slot that is
 the only one in flight is sent to just enough followers for a majority
-(``PaxosCore._send_accepts``); the others learn it from the commit index.
+(:meth:`LeaderRole._send_accepts`); the others learn it from the commit index,
+which the leader piggybacks on Accept and Heartbeat.  A leader that has not
+heard from a majority within the election timeout steps down (check-quorum).
+Followers forward the commands proposed to them to the leader they know.
+
+The records this role keeps (the phase-1 tally, the phase-2 pipeline) are in
+``leadership.py``; the state it shares with the other roles is in ``base.py``.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from typing import Any
 
 import attrs
 
-from tasksprint.codec import encode
+from tasksprint.paxos.base import CoreBase, Role
+from tasksprint.paxos.leadership import Leadership, Phase1
 from tasksprint.paxos.messages import (
-    NOOP,
-    AcceptedValue,
+    Accept,
+    Accepted,
     Ballot,
-    Batch,
-    Command,
-    CommandBlock,
+    CatchupRequest,
+    Forward,
+    Heartbeat,
+    HeartbeatAck,
+    Nack,
+    Prepare,
+    PreVote,
+    PreVoteReply,
     Promise,
     Proposal,
     Tick,
 )
 
+__all__ = ["LeaderRole"]
+
 
 @attrs.define(eq=False)
-class Phase1:
-    """Promises gathered by a candidate for ``ballot``."""
+class LeaderRole(CoreBase):
+    """A replica's leader side: campaigning, phase 1, phase 2 and heartbeats."""
 
-    ballot: Ballot
-    from_slot: int
-    _promises: dict[int, Promise] = attrs.Factory(dict)
+    # ------------------------------------------------------------------
+    # Campaign
 
-    def add(self, rid: int, promise: Promise) -> None:
-        self._promises[rid] = promise
+    def _start_prevote(self) -> None:
+        round_ = self._election.start_prevote(self._rid, self._acceptor.promised.round, self._now)
+        if self._config.replicas == 1:
+            self._start_phase1()
+            return
+        self._broadcast(PreVote(round=round_, commit=self._commit))
 
-    def has(self, rid: int) -> bool:
-        return rid in self._promises
+    def _on_prevote(self, src: int, msg: PreVote) -> None:
+        # Support an election only if we too have lost the leader: a healthy
+        # leader is not deposed by a replica that was merely cut off.
+        lost = self._role is not Role.LEADER and self._election.is_leader_lost(self._now)
+        granted = lost and msg.round > self._acceptor.promised.round
+        self._send(src, PreVoteReply(round=msg.round, granted=granted))
 
-    @property
-    def count(self) -> int:
-        return len(self._promises)
+    def _on_prevote_reply(self, src: int, msg: PreVoteReply) -> None:
+        if self._role is Role.FOLLOWER and self._election.count_prevote(src, msg):
+            self._start_phase1()
 
-    def outcome(self) -> tuple[dict[int, Batch], dict[int, Batch], int]:
-        """(chosen slots, values to re-propose, top slot in use) from the promises.
+    def _start_phase1(self) -> None:
+        round_ = self._election.next_round(self._acceptor.promised.round)
+        ballot = Ballot(round_, self._rid)
+        self._election.max_round = round_
+        if self._lead is not None:
+            self._carry.extend(self._lead.pending)
+        self._role = Role.CANDIDATE
+        self._lead = None
+        self._phase1 = Phase1(ballot, self._commit + 1)
+        self._election.retry_at = self._now + self._config.heartbeat_interval
+        self._reset_election_timer()
+        prepare = Prepare(ballot=ballot, from_slot=self._commit + 1)
+        # Our own promise goes through the same durable path as anyone's.
+        granted, records = self._acceptor.on_prepare(prepare)
+        assert granted, "a fresh ballot above everything seen must be grantable"
+        self._output.persist(records)
+        self._reply_durable(self._rid, self._promise_for(prepare))
+        # The Prepare waits for that promise to be durable too.  Otherwise a
+        # crash before the fsync forgets the ballot while others promised it,
+        # and a wiped replica's recovery (which learns the ballots in use from
+        # the others' promises) could miss it: see _on_recover_reply.
+        for dst in self._peers():
+            self._reply_durable(dst, prepare)
 
-        For a slot reported accepted by several acceptors the value with the
-        highest ballot wins: that is the rule that makes Paxos safe.
-        """
-        chosen: dict[int, Batch] = {}
-        best: dict[int, AcceptedValue] = {}
-        top = self.from_slot - 1
-        for promise in self._promises.values():
-            for p in promise.chosen:
-                if p.slot >= self.from_slot:
-                    chosen[p.slot] = p.value
-                    top = max(top, p.slot)
-            for a in promise.accepted:
-                if a.slot < self.from_slot:
-                    continue
-                top = max(top, a.slot)
-                cur = best.get(a.slot)
-                if cur is None or a.ballot > cur.ballot:
-                    best[a.slot] = a
-        repropose: dict[int, Batch] = {}
-        for slot in range(self.from_slot, top + 1):
-            if slot in chosen:
+    def _promise_for(self, prepare: Prepare) -> Promise:
+        return Promise(
+            ballot=prepare.ballot,
+            log_start=self._learner.log_start,
+            accepted=self._acceptor.accepted_from(prepare.from_slot),
+            chosen=self._learner.chosen_from(prepare.from_slot),
+        )
+
+    def _candidate_tick(self) -> None:
+        assert self._phase1 is not None
+        if self._election.is_expired(self._now):
+            self._become_follower()  # try again, after a new pre-vote
+            self._start_prevote()
+            return
+        # Prepare or Promise may have been lost: ask again those who have not
+        # answered (once our own promise, and so the first Prepare, is out).
+        if self._now >= self._election.retry_at and self._phase1.has(self._rid):
+            self._election.retry_at = self._now + self._config.heartbeat_interval
+            prepare = Prepare(ballot=self._phase1.ballot, from_slot=self._phase1.from_slot)
+            for dst in range(self._config.replicas):
+                if dst != self._rid and not self._phase1.has(dst):
+                    self._send(dst, prepare)
+
+    def _on_promise(self, src: int, msg: Promise) -> None:
+        self._deliver_promise(src, msg)
+
+    def _deliver_promise(self, src: int, msg: Promise) -> None:
+        p1 = self._phase1
+        if self._role is not Role.CANDIDATE or p1 is None or msg.ballot != p1.ballot:
+            return
+        if msg.log_start > p1.from_slot:
+            # The promiser truncated slots we never learned: we are too far
+            # behind to lead. Catch up from it and let someone else lead.
+            self._become_follower()
+            self._send(src, CatchupRequest(from_slot=self._commit + 1))
+            return
+        p1.add(src, msg)
+        if p1.count >= self._config.quorum:
+            self._become_leader(p1)
+
+    def _become_leader(self, p1: Phase1) -> None:
+        chosen, repropose, top = p1.outcome()
+        for slot, value in sorted(chosen.items()):
+            self._learn(slot, value)
+        self._advance_commit()
+        self._role = Role.LEADER
+        self._phase1 = None
+        self._leader_ballot = p1.ballot
+        self._leader_commit = self._commit
+        lead = Leadership(ballot=p1.ballot, next_slot=max(top, self._commit) + 1, phase1_top=top)
+        lead.heard = {r: self._now for r in self._peers()}
+        lead.next_tick = self._now
+        lead.pending.extend(self._carry)
+        self._carry = []
+        self._lead = lead
+        proposals = []
+        for slot, value in sorted(repropose.items()):
+            if self._learner.value(slot) is not None:
                 continue
-            a = best.get(slot)
-            repropose[slot] = a.value if a is not None else NOOP
-        return chosen, repropose, top
+            lead.add_slot(slot, value, self._now)
+            proposals.append(Proposal(slot=slot, value=value))
+        if proposals:
+            self._send_accepts(proposals)
+        self._send_heartbeat()
 
+    # ------------------------------------------------------------------
+    # Leader
 
-@attrs.define(eq=False)
-class InFlight:
-    """A slot in phase 2: its value, who accepted it, when it was last sent."""
+    def _leader_tick(self) -> None:
+        lead = self._lead
+        assert lead is not None
+        cfg = self._config
+        # Check-quorum: step down if a majority has gone quiet.
+        if cfg.replicas > 1:
+            recent = sorted((t for t in lead.heard.values()), reverse=True)
+            if recent[cfg.quorum - 2] < self._now - cfg.election_timeout:
+                self._become_follower()
+                self._leader_ballot = None
+                return
+        if self._now >= lead.next_tick:
+            lead.next_tick = self._now + cfg.tick_interval
+            lead.pending.append(Tick(now=self._wall, data=self._tick_data))
+        if self._now >= lead.next_heartbeat or lead.notify:
+            # The regular heartbeat goes to everyone; a commit notice only to
+            # the followers no Accept has told.
+            self._send_heartbeat(None if self._now >= lead.next_heartbeat else sorted(lead.notify))
+            # Accepts or their answers may have been lost: resend to the silent.
+            stale = lead.stale(self._now, cfg.heartbeat_interval)
+            for dst in range(cfg.replicas):
+                need = tuple(p for p in stale if dst not in lead.inflight[p.slot].acks)
+                if dst != self._rid and need:
+                    self._send(dst, Accept(ballot=lead.ballot, proposals=need, commit=self._commit))
 
-    value: Batch
-    sent_at: float
-    acks: set[int] = attrs.Factory(set)
+    def _send_heartbeat(self, to: list[int] | None = None) -> None:
+        """Heartbeat every peer (the next one is due an interval later), or only those in ``to``."""
+        lead = self._lead
+        assert lead is not None
+        lead.notify.clear()
+        beat = Heartbeat(ballot=lead.ballot, commit=self._commit, phase1_top=lead.phase1_top)
+        if to is None:
+            lead.next_heartbeat = self._now + self._config.heartbeat_interval
+            self._broadcast(beat)
+        else:
+            for dst in to:
+                self._send(dst, beat)
 
+    def _proposals_due(self) -> bool:
+        """Whether :meth:`_flush_proposals` would send anything (a question: it changes nothing)."""
+        if self._role is Role.LEADER:
+            lead = self._lead
+            return lead is not None and bool(lead.pending) and len(lead.inflight) < self._config.max_inflight
+        forwarding = self._forward or (self._carry and self._role is Role.FOLLOWER and self.leader_hint is not None)
+        return bool(forwarding) and self._leader_ballot is not None
 
-@attrs.define(eq=False)
-class Leadership:
-    """State that exists only while this replica leads with ``ballot``."""
+    def _flush_proposals(self) -> None:
+        """Turn pending commands into new slots while the pipeline has room."""
+        if self._carry and self._role is Role.FOLLOWER and self.leader_hint is not None:
+            self._forward.extend(self._carry)
+            self._carry = []
+        if self._forward:
+            if self._leader_ballot is not None and self._role is not Role.LEADER:
+                self._send(self._leader_ballot.rid, Forward(items=tuple(self._forward)))
+            self._forward = []
+        lead = self._lead
+        if self._role is not Role.LEADER or lead is None or not lead.pending:
+            return
+        proposals = []
+        while lead.pending and len(lead.inflight) < self._config.max_inflight:
+            batch = lead.take_batch(self._config.max_batch, self._config.max_batch_bytes)
+            assert batch is not None
+            slot = lead.open_slot(batch, self._now)
+            proposals.append(Proposal(slot=slot, value=batch))
+        if proposals:
+            self._send_accepts(proposals, thrifty=True)
 
-    ballot: Ballot
-    next_slot: int
-    phase1_top: int
-    inflight: dict[int, InFlight] = attrs.Factory(dict)
-    pending: deque[Command | CommandBlock | Tick] = attrs.Factory(deque)
-    # Last time each peer answered anything at this ballot (check-quorum).
-    heard: dict[int, float] = attrs.Factory(dict)
-    next_heartbeat: float = 0.0
-    next_tick: float = 0.0
-    # Peers the commit index moved for and no Accept has told yet: heartbeat
-    # them at the next tick.
-    notify: set[int] = attrs.Factory(set)
+    def _send_accepts(self, proposals: list[Proposal], *, thrifty: bool = False) -> None:
+        lead = self._lead
+        assert lead is not None
+        msg = Accept(ballot=lead.ballot, proposals=tuple(proposals), commit=self._commit)
+        if thrifty and len(lead.inflight) == len(proposals):
+            # Light load (nothing else in flight): ask only as many followers
+            # as a majority needs, the lowest-numbered of those heard from
+            # within two heartbeat intervals (the same ones every time, so
+            # the others' logs lag evenly and replica 0, where clients send
+            # their queries first, is current).  The others would compete
+            # for the CPUs and disk of a small deployment without shortening
+            # the commit.  Their commit notice stays pending, so a heartbeat
+            # at the next tick tells them (only them) the commit index and
+            # they catch up (no fsync: a chosen value is durable on a
+            # majority).  Slots the followers asked leave unanswered for a
+            # heartbeat interval go to every peer (see _leader_tick).
+            recent = self._now - 2 * self._config.heartbeat_interval
+            peers = sorted(self._peers(), key=lambda r: (lead.heard.get(r, 0.0) < recent, r))
+            for dst in peers[: self._config.quorum - 1]:
+                self._send(dst, msg)
+                lead.notify.discard(dst)  # the Accept carries the commit index
+        else:
+            lead.notify.clear()  # the Accept carries the commit index to everyone
+            self._broadcast(msg)
+        reply, records = self._acceptor.on_accept(msg, self._learner.slots, self._learner.log_start)
+        self._output.persist(records)
+        self._reply_durable(self._rid, reply)
 
-    def open_slot(self, value: Batch, now: float) -> int:
-        slot = self.next_slot
-        self.next_slot += 1
-        self.inflight[slot] = InFlight(value, now)
-        return slot
+    def _deliver_local(self, msg: Any) -> None:
+        """A reply from our own acceptor, released after its fsync."""
+        match msg:
+            case Promise():
+                self._deliver_promise(self._rid, msg)
+            case Accepted():
+                self._count_accepted(self._rid, msg)
+            case _:
+                pass
 
-    def add_slot(self, slot: int, value: Batch, now: float) -> None:
-        """Re-propose ``value`` in an existing slot (after phase 1)."""
-        assert slot < self.next_slot, "re-proposals are for slots phase 1 found in use"
-        self.inflight[slot] = InFlight(value, now)
+    def _on_accepted(self, src: int, msg: Accepted) -> None:
+        if self._lead is not None and msg.ballot == self._lead.ballot:
+            self._lead.heard[src] = self._now
+        self._count_accepted(src, msg)
 
-    def take_batch(self, max_items: int, max_bytes: int) -> Batch | None:
-        """The next slot value: pending items, at most ``max_items`` and about ``max_bytes``.
+    def _count_accepted(self, src: int, msg: Accepted) -> None:
+        lead = self._lead
+        if self._role is not Role.LEADER or lead is None or msg.ballot != lead.ballot:
+            return
+        progressed = False
+        for slot in msg.slots:
+            f = lead.inflight.get(slot)
+            if f is None:
+                continue
+            f.acks.add(src)
+            if len(f.acks) >= self._config.quorum:
+                del lead.inflight[slot]
+                self._learn(slot, f.value)
+                progressed = True
+        if progressed:
+            before = self._commit
+            self._advance_commit()
+            self._leader_commit = self._commit
+            if self._commit > before and not lead.pending:
+                # Tell followers at the next tick so they can apply (and answer
+                # their clients), unless an Accept carries the commit index
+                # first: at one command at a time the client's next command
+                # usually does, and a heartbeat per commit (with its acks and
+                # the followers' writes) would cost every process CPU.
+                lead.notify.update(self._peers())
 
-        The byte bound keeps an Accept far below the frame cap; an item bigger
-        than it goes alone.
-        """
-        if not self.pending:
-            return None
-        items: list[Command | CommandBlock | Tick] = []
-        size = 0
-        while self.pending and len(items) < max_items:
-            size += _size(self.pending[0])
-            if items and size > max_bytes:
-                break
-            items.append(self.pending.popleft())
-        return Batch(items=tuple(items))
+    def _on_nack(self, src: int, msg: Nack) -> None:
+        self._election.saw_round(msg.promised.round)
+        mine = self._lead.ballot if self._lead else self._phase1.ballot if self._phase1 else None
+        if mine is not None and msg.ballot == mine and msg.promised > mine:
+            self._become_follower()
 
-    def stale(self, now: float, age: float) -> list[Proposal]:
-        """Slots in flight for longer than ``age``: to send again (messages may be lost)."""
-        out = []
-        for slot, f in sorted(self.inflight.items()):
-            if now - f.sent_at >= age:
-                f.sent_at = now
-                out.append(Proposal(slot=slot, value=f.value))
-        return out
-
-
-def _size(item: Command | CommandBlock | Tick) -> int:
-    """About how many bytes ``item`` takes in a slot value."""
-    if isinstance(item, CommandBlock):
-        return len(item.ops) + 64
-    if isinstance(item, Tick):
-        return 64 if item.data is None else 64 + len(encode(item.data))
-    return len(encode(item))
+    def _on_heartbeat_ack(self, src: int, msg: HeartbeatAck) -> None:
+        if self._lead is not None and msg.ballot == self._lead.ballot:
+            self._lead.heard[src] = self._now
