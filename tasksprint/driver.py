@@ -18,7 +18,7 @@ etcd's ``RawNode`` it does no I/O itself: it is given
 
 The replica process (:mod:`tasksprint.replica`) gives it sqlite, a disk
 writer thread, trio connections and the system clock; the simulator
-(``tests/sim.py``) gives it in-memory disks, a simulated network and
+(``tests/sim/``) gives it in-memory disks, a simulated network and
 simulated time, so both run this same code.
 
 One pass (:meth:`run`) keeps this order, which matters for latency; safety
