@@ -3,12 +3,15 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test soak jepsen-soak bench clean
+.PHONY: install demo lint test soak jepsen-soak bench clean
 
 $(BIN)/tasksprint: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	@# PYTHONWARNINGS=ignore: setuptools prints a boxed "Editable installation"
+	@# deprecation notice for every -e install; it is about setuptools' own
+	@# future, not this project, and would fill the first screen of `make demo`.
+	PYTHONWARNINGS=ignore $(BIN)/pip install -q -e '.[test]'
 	touch $@
 
 install: $(BIN)/tasksprint
@@ -17,9 +20,17 @@ demo: install
 	$(BIN)/tasksprint run examples/montecarlo/scheduler.py:MonteCarloCoordinator \
 		--node "python examples/montecarlo/node.py" --replicas 3 --clients 2
 
-test: install
-	@# The fault-injection tests need iptables, iproute2 and libfaketime (installed as root).
-	@if [ "$$(id -u)" = 0 ]; then sh jepsen/setup.sh; fi
+# The one lint gate: style, formatting, types (strict where pyproject says)
+# and the import-graph contracts of docs/architecture.md.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports --cache-dir $(VENV)/.import_linter_cache
+
+test: install lint
+	@# System packages for the fault-injection and sandbox tests (installed as root).
+	@if [ "$$(id -u)" = 0 ]; then sh tests/setup-system.sh; fi
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 soak: install

@@ -10,11 +10,13 @@ that: tick data, read-only queries, leader duties.  The coordinator's app is
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import attrs
 
 from tasksprint.machine import KVMachine, StateMachine
+from tasksprint.paxos.messages import Command
 
 
 class NotYet(Exception):
@@ -34,7 +36,7 @@ class App(Protocol):
     def tick_data(self, now: float) -> Any:
         """Data for the next TICK the leader proposes (leader only)."""
 
-    def query(self, name: str, args: dict) -> Any:
+    def query(self, name: str, args: dict[str, Any]) -> Any:
         """Answer a read-only question about the applied state."""
 
     def describe_slot(self, slot: int) -> str:
@@ -47,7 +49,7 @@ class App(Protocol):
         :meth:`query` again after every applied slot (see :class:`NotYet`).
         """
 
-    def leader_duties(self, propose) -> None:
+    def leader_duties(self, propose: Callable[[Command], bool]) -> None:
         """Called while this replica leads; may propose commands with ``propose``."""
 
     def role_changed(self, leader: bool, now: float) -> None:
@@ -69,7 +71,7 @@ class KVApp:
     def tick_data(self, now: float) -> Any:
         return None
 
-    def query(self, name: str, args: dict) -> Any:
+    def query(self, name: str, args: dict[str, Any]) -> Any:
         raise KeyError(f"unknown query {name!r}")
 
     def describe_slot(self, slot: int) -> str:
@@ -78,7 +80,7 @@ class KVApp:
     def on_applied(self, slot: int) -> None:
         pass
 
-    def leader_duties(self, propose) -> None:
+    def leader_duties(self, propose: Callable[[Command], bool]) -> None:
         pass
 
     def role_changed(self, leader: bool, now: float) -> None:

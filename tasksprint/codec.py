@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import operator
 from collections.abc import Callable
-from typing import Any, TypeVar, dataclass_transform
+from typing import Any, TypeVar, cast, dataclass_transform
 
 import attrs
 import cbor2
@@ -31,7 +31,7 @@ T = TypeVar("T", bound=type)
 _by_name: dict[str, type] = {}
 _fields: dict[type, tuple[str, ...]] = {}
 # Per class: (wire name, getter of the field values as a tuple, keeps its encoding).
-_encoders: dict[type, tuple[str, Callable[[Any], tuple], bool]] = {}
+_encoders: dict[type, tuple[str, Callable[[Any], tuple[Any, ...]], bool]] = {}
 
 
 class BadMessage(Exception):
@@ -55,7 +55,8 @@ def register(cls: T) -> T:
     _fields[cls] = names
     getter = operator.attrgetter(*names) if len(names) > 1 else (lambda v, n=names: tuple(getattr(v, x) for x in n))
     _encoders[cls] = (name, getter, "_cbor" in attrs.fields_dict(cls))
-    return cls
+    # attrs.has() narrowed cls to an attrs class; callers get their own class back.
+    return cast(T, cls)
 
 
 @dataclass_transform(frozen_default=True, kw_only_default=True, field_specifiers=(attrs.field,))
@@ -130,7 +131,7 @@ _SEMANTIC: dict[int, Callable[..., Any]] = {tag: _refuse_tag for tag in range(1 
 _SEMANTIC[OBJECT_TAG] = _decode_object
 # Canonical encodings never hold indefinite lengths or a key twice, and a
 # nesting deeper than MAX_DEPTH is no message of ours.
-_STRICT = dict(
+_STRICT: dict[str, Any] = dict(
     tag_hook=_tag_hook,
     semantic_decoders=_SEMANTIC,
     max_depth=MAX_DEPTH,
@@ -173,10 +174,10 @@ def decode_untrusted(data: bytes) -> Any:
         raise BadMessage(f"undecodable CBOR: {exc}") from None
 
 
-def tuple_of(item_check: Callable[[Any], bool] | None = None) -> Callable[[Any], tuple]:
+def tuple_of(item_check: Callable[[Any], bool] | None = None) -> Callable[[Any], tuple[Any, ...]]:
     """attrs converter: accept any list/tuple (CBOR gives lists) and store a tuple."""
 
-    def convert(value: Any) -> tuple:
+    def convert(value: Any) -> tuple[Any, ...]:
         if not isinstance(value, (list, tuple)):
             raise TypeError(f"expected a sequence, got {type(value).__name__}")
         out = tuple(value)

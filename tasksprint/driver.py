@@ -368,7 +368,7 @@ class ReplicaDriver:
                 results=result,
                 slot=slot,
                 leader=leader,
-                forgotten=forgotten,
+                forgotten=tuple(forgotten),
             )
         dup = result is DUPLICATE
         return Result(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -66,7 +67,7 @@ class CoordinatorApp:
         expired = self.machine.expired_clients(seen, now)
         return {"expired": expired} if expired else None
 
-    def leader_duties(self, propose) -> None:
+    def leader_duties(self, propose: Callable[[Command], bool]) -> None:
         if self.machine.run_state is not RunState.WAITING:
             return
         now = time.monotonic()
@@ -109,7 +110,7 @@ class CoordinatorApp:
             where += f" for client {hook['cid']}"
         return f"last scheduler call: {where} in slot {hook['slot']} (compared at slot {slot})"
 
-    def query(self, name: str, args: dict) -> Any:
+    def query(self, name: str, args: dict[str, Any]) -> Any:
         """Answer a :class:`~tasksprint.api.Query`; a malformed one is answered with its ``Refused``."""
         try:
             request = parse_query(name, args)

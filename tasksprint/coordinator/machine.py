@@ -181,6 +181,7 @@ class CoordinatorMachine:
         A refused op changes nothing and gets :class:`Refused` (its code says why).
         """
         self._begin(ctx)
+        result: Answer
         try:
             match parse_op(op):
                 case InitOp() as init:
@@ -196,7 +197,8 @@ class CoordinatorMachine:
         except BadOp as exc:
             result = exc.refused
         self._settle()
-        return attrs.evolve(result, effects=self._effects_digest())
+        # mypy does not know @message classes for attrs classes.
+        return attrs.evolve(result, effects=self._effects_digest())  # type: ignore[misc]
 
     def _op_report(self, op: ReportOp) -> Reported:
         match op:
@@ -221,7 +223,7 @@ class CoordinatorMachine:
                     result = exc.refused
             if result != ACCEPTED:
                 others.append((i, result))
-        return BatchApplied(count=len(ops), others=others)
+        return BatchApplied(count=len(ops), others=tuple(others))
 
     def tick(self, now: float, data: Any, ctx: ApplyContext) -> dict[str, Any]:
         """Apply a TICK: advance time, declare ``data["expired"]`` clients dead, settle.
@@ -241,7 +243,8 @@ class CoordinatorMachine:
                 self._lineage.client_died(client)
                 dead.append(cid)
         for cid in dead:
-            self._call_hook(Hook.CLIENT_DEAD, lambda cid=cid: self._sched().client_dead(cid), cid=cid)
+            # The default binds this cid (the hook runs now); mypy cannot type such a lambda.
+            self._call_hook(Hook.CLIENT_DEAD, lambda cid=cid: self._sched().client_dead(cid), cid=cid)  # type: ignore[misc]
         self._settle()
         return {"now": s.now, "dead": dead, "effects": self._effects_digest()}
 
@@ -386,7 +389,7 @@ class CoordinatorMachine:
             raise BadOp(f"cancel: unknown task {tid}", ErrorCode.UNKNOWN)
         if self._state.run_state is not RunState.RUNNING:
             return Cancelled(killed=(), reason=f"the computation is {self._state.run_state.value}")
-        return Cancelled(killed=self._lineage.kill(tid))
+        return Cancelled(killed=tuple(self._lineage.kill(tid)))
 
     def _op_lost(self, op: LostOp) -> Reported:
         s = self._state

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeGuard
 
 import attrs
 
@@ -107,12 +107,12 @@ class BadOp(Exception):
         self.refused = Refused(code=code.value, error=message)
 
 
-def is_int(v: Any) -> bool:
+def is_int(v: Any) -> TypeGuard[int]:
     """An int that is not a bool (CBOR and Python both let a bool pass for an int)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _int(raw: dict, op: str, key: str, *, minimum: int | None = None, default: int | None = None) -> int:
+def _int(raw: dict[str, Any], op: str, key: str, *, minimum: int | None = None, default: int | None = None) -> int:
     if default is not None and key not in raw:
         return default
     v = raw.get(key)
@@ -122,7 +122,7 @@ def _int(raw: dict, op: str, key: str, *, minimum: int | None = None, default: i
     return v
 
 
-def _str(raw: dict, op: str, key: str) -> str:
+def _str(raw: dict[str, Any], op: str, key: str) -> str:
     v = raw.get(key)
     if not isinstance(v, str):
         raise BadOp(f"{op}: field {key!r} must be a string, got {v!r:.200}")
@@ -354,7 +354,7 @@ def parse_op(raw: Any) -> Op:
             raise BadOp(f"unknown coordinator op {raw!r:.200}")
 
 
-def _parse_join(raw: dict) -> JoinOp:
+def _parse_join(raw: dict[str, Any]) -> JoinOp:
     client = _str(raw, "join", "client")
     addr = _str(raw, "join", "addr")
     slots = _int(raw, "join", "slots", minimum=0)
@@ -365,7 +365,7 @@ def _parse_join(raw: dict) -> JoinOp:
     return JoinOp(client=client, addr=addr, slots=slots, queue=queue, have=tuple(have))
 
 
-def _parse_report(raw: dict) -> ReportOp:
+def _parse_report(raw: dict[str, Any]) -> ReportOp:
     name = raw["op"]
     cid = _int(raw, name, "cid")
     tid = _int(raw, name, "tid")

@@ -41,8 +41,8 @@ def _opt_int(inst: Any, attribute: Any, value: Any) -> None:
         _int(inst, attribute, value)
 
 
-def _tuple_of(check: Callable[[Any], bool], what: str) -> Callable[[Any], tuple]:
-    def convert(value: Any) -> tuple:
+def _tuple_of(check: Callable[[Any], bool], what: str) -> Callable[[Any], tuple[Any, ...]]:
+    def convert(value: Any) -> tuple[Any, ...]:
         if not isinstance(value, (list, tuple)) or not all(check(v) for v in value):
             raise TypeError(f"expected a list of {what}, got {value!r:.100}")
         return tuple(value)
@@ -74,8 +74,8 @@ class Assignment:
     tid: int = attrs.field(validator=_int)
     attempt: int = attrs.field(validator=_int)
     name: str = attrs.field(validator=_str)
-    args: list = attrs.field(validator=attrs.validators.instance_of(list))
-    kwargs: dict = attrs.field(validator=attrs.validators.instance_of(dict))
+    args: list[Any] = attrs.field(validator=attrs.validators.instance_of(list))
+    kwargs: dict[str, Any] = attrs.field(validator=attrs.validators.instance_of(dict))
     seed: int = attrs.field(validator=_int)
     timeout: float | None = attrs.field(validator=attrs.validators.optional(attrs.validators.instance_of((int, float))))
     keys: tuple[str, ...] = attrs.field(converter=_tuple_of(lambda k: isinstance(k, str), "output keys"))

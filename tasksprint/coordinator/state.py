@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import enum
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
+
+if TYPE_CHECKING:
+    from tasksprint_sdk.coordinator import Coordinator
 
 __all__ = [
     "ACTIVE",
@@ -132,7 +135,7 @@ class CoordinatorState:
     seed: int | None = None
     random: random.Random | None = None
     now: float = 0.0
-    scheduler: Any = None  # the user's Coordinator instance, after init
+    scheduler: Coordinator | None = None  # the user's Coordinator instance, after init
     tasks: dict[int, TaskRecord] = attrs.Factory(dict)
     clients: dict[int, ClientRecord] = attrs.Factory(dict)
     names: dict[str, int] = attrs.Factory(dict)  # client name -> its latest cid

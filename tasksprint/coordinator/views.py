@@ -57,9 +57,9 @@ def view(s: CoordinatorState, cid: int, after_version: int, client_timeout: floa
         state=s.run_state.value,
         alive=True,
         client_timeout=client_timeout,
-        tasks=sorted(tasks, key=lambda t: t.tid),
-        kill=sorted(kill),
-        holders=sorted(holders, key=lambda h: h.tid),
+        tasks=tuple(sorted(tasks, key=lambda t: t.tid)),
+        kill=tuple(sorted(kill)),
+        holders=tuple(sorted(holders, key=lambda h: h.tid)),
     )
 
 
@@ -84,7 +84,7 @@ def _assignment(s: CoordinatorState, task: TaskRecord) -> Assignment:
         seed=task.seed,
         timeout=task.timeout,
         keys=task.keys,
-        inputs=inputs,
+        inputs=tuple(inputs),
     )
 
 

@@ -99,12 +99,12 @@ def parse_cpus(text: str | float) -> float:
 # Validators
 
 
-def _optional_positive_int(_inst: Any, attr: attrs.Attribute, value: Any) -> None:
+def _optional_positive_int(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
         raise ValueError(f"{attr.name} must be a positive whole number or None, got {value!r}")
 
 
-def _optional_positive_float(_inst: Any, attr: attrs.Attribute, value: Any) -> None:
+def _optional_positive_float(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
     if value is not None and (
         not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0
     ):
@@ -119,7 +119,7 @@ def _to_cores(value: Any) -> tuple[int, ...] | None:
     return tuple(value)
 
 
-def _cores(_inst: Any, attr: attrs.Attribute, value: tuple[int, ...] | None) -> None:
+def _cores(_inst: Any, attr: attrs.Attribute[Any], value: tuple[int, ...] | None) -> None:
     if value is None:
         return
     if not value or len(value) > 4096:
@@ -141,7 +141,7 @@ def _text(value: Any, what: str, limit: int) -> str:
     return value
 
 
-def _optional_path(_inst: Any, attr: attrs.Attribute, value: Any) -> None:
+def _optional_path(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
     if value is not None:
         _text(value, attr.name, MAX_PATH_CHARS)
         if not value:
@@ -162,7 +162,7 @@ def _to_env(value: Any) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(pairs))
 
 
-def _env(_inst: Any, _attr: attrs.Attribute, value: tuple[tuple[str, str], ...]) -> None:
+def _env(_inst: Any, _attr: attrs.Attribute[Any], value: tuple[tuple[str, str], ...]) -> None:
     if len(value) > MAX_ENV_ITEMS:
         raise ValueError(f"env has {len(value)} entries; at most {MAX_ENV_ITEMS} are allowed")
     names = set()
@@ -306,7 +306,7 @@ class Enforcement(enum.StrEnum):
     RLIMIT = "rlimit"  # setrlimit, wall-clock timers and a /proc scan of the tree
 
 
-def _opt_bytes(_inst: Any, attr: attrs.Attribute, value: Any) -> None:
+def _opt_bytes(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
     if not isinstance(value, bytes) or len(value) > SNIPPET_BYTES:
         raise ValueError(f"{attr.name} must be at most {SNIPPET_BYTES} bytes")
 
@@ -335,7 +335,7 @@ def _to_enum(kind: type[enum.StrEnum]) -> Any:
 
 
 def _to_enums(kind: type[enum.StrEnum]) -> Any:
-    def convert(value: Any) -> tuple:
+    def convert(value: Any) -> tuple[Any, ...]:
         if not isinstance(value, (list, tuple)):
             raise TypeError(f"expected a list of {kind.__name__} names")
         return tuple(kind(v) for v in value)
