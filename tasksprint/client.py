@@ -50,7 +50,6 @@ the view points the runner to the new holder.
 from __future__ import annotations
 
 import collections
-import json
 import os
 import socket
 import tempfile
@@ -62,7 +61,6 @@ import structlog
 import trio
 
 from tasksprint import wire
-from tasksprint.api import Fetch, FetchReply
 from tasksprint.channel import ASK_ERRORS, ReplicaChannel
 from tasksprint.coordinator.ops import (
     BatchApplied,
@@ -81,6 +79,9 @@ from tasksprint.coordinator.replies import Assignment, ClientView
 from tasksprint.log_client import LogClient
 from tasksprint.node_pool import NodePool
 from tasksprint.node_protocol import TaskRequest
+from tasksprint.object_store import InputError, ObjectStore, select
+from tasksprint.observe import NullObserver, Observer
+from tasksprint.peer_data import PeerFetcher, serve_data
 
 log = structlog.get_logger("tasksprint.client")
 
@@ -116,67 +117,6 @@ class ClientConfig:
             raise ValueError(f"--report-batch must be at least 1, got {self.report_batch}")
         if not self.coordinators:
             raise ValueError("no coordinators given")
-
-
-@attrs.define(eq=False)
-class ObjectStore:
-    """Task outputs kept by this client: in memory, spilled to disk above a size."""
-
-    memory_limit: int
-    spill_dir: Path
-    _memory: dict[int, dict[str, Any]] = attrs.Factory(dict)
-    _sizes: dict[int, int] = attrs.Factory(dict)
-    _on_disk: set[int] = attrs.Factory(set)
-    _in_memory_bytes: int = 0
-
-    def put(self, tid: int, outputs: dict[str, Any]) -> dict[str, int]:
-        """Keep ``outputs`` of task ``tid``; returns the size in bytes of each output."""
-        sizes = {k: len(json.dumps(v, separators=(",", ":"))) for k, v in outputs.items()}
-        total = sum(sizes.values())
-        self.drop(tid)
-        if self._in_memory_bytes + total > self.memory_limit:
-            path = self.spill_dir / f"{tid}.json"
-            path.write_text(json.dumps(outputs))
-            self._on_disk.add(tid)
-        else:
-            self._memory[tid] = outputs
-            self._in_memory_bytes += total
-        self._sizes[tid] = total
-        return sizes
-
-    def has(self, tid: int) -> bool:
-        return tid in self._memory or tid in self._on_disk
-
-    def get(self, tid: int) -> dict[str, Any]:
-        """All outputs of ``tid``; KeyError if this client does not hold them."""
-        if tid in self._memory:
-            return self._memory[tid]
-        if tid in self._on_disk:
-            return json.loads((self.spill_dir / f"{tid}.json").read_text())
-        raise KeyError(tid)
-
-    def drop(self, tid: int) -> None:
-        if tid in self._memory:
-            del self._memory[tid]
-            self._in_memory_bytes -= self._sizes.get(tid, 0)
-        if tid in self._on_disk:
-            self._on_disk.discard(tid)
-            (self.spill_dir / f"{tid}.json").unlink(missing_ok=True)
-        self._sizes.pop(tid, None)
-
-
-def select(outputs: dict[str, Any], key: str | None, tid: int) -> Any:
-    """The input a dependent receives: output ``key`` of ``tid``, or all outputs if key is None."""
-    if key is None:
-        return outputs
-    if key not in outputs:
-        raise KeyError(f"task {tid} has no output {key!r} (it returned {sorted(outputs)})")
-    return outputs[key]
-
-
-@attrs.define(eq=False)
-class InputError(Exception):
-    """A pretask finished without the output a dependent asked for (a user bug, not a fault)."""
 
 
 @attrs.define(eq=False)
@@ -239,79 +179,11 @@ class _Attempt:
 
 
 @attrs.define(eq=False)
-class _FetchWaiter:
-    """A Fetch sent on a peer link, waiting for its reply."""
-
-    done: trio.Event = attrs.Factory(trio.Event)
-    reply: Any = None
-    error: BaseException | None = None
-
-
-@attrs.define(eq=False)
-class _PeerLink:
-    """One authenticated data connection to a peer client, with fetches pipelined over it.
-
-    The peer answers the requests of one connection in order, so replies
-    are matched to requests by position: ``waiting`` holds the requests
-    sent and not yet answered, in sending order (appended under the send
-    lock, so the order is the order on the wire).  When the connection
-    fails, every waiting request fails with it and the link is dropped;
-    the next fetch opens a new one.
-    """
-
-    conn: wire.Connection
-    waiting: collections.deque = attrs.Factory(collections.deque)
-    send_lock: trio.Lock = attrs.Factory(trio.Lock)
-    error: BaseException | None = None
-
-    async def fetch(self, msg: Fetch) -> Any:
-        pending = _FetchWaiter()
-        async with self.send_lock:
-            if self.error is not None:
-                raise self.error
-            self.waiting.append(pending)
-            try:
-                await self.conn.send(msg)
-            except BaseException as exc:
-                # Maybe not sent, maybe half sent: requests and replies are out of step for good.
-                self.fail(exc if isinstance(exc, Exception) else trio.ClosedResourceError("send interrupted"))
-                raise
-        # A fetcher cancelled here leaves its entry: the reader drops the reply.
-        await pending.done.wait()
-        if pending.error is not None:
-            raise pending.error
-        return pending.reply
-
-    async def read(self) -> None:
-        """Hand each reply to the request it answers, until the connection fails."""
-        try:
-            while True:
-                reply = await self.conn.receive()
-                if not self.waiting:
-                    raise wire.BadMessage(f"unrequested {type(reply).__name__} on a data connection")
-                pending = self.waiting.popleft()
-                pending.reply = reply
-                pending.done.set()
-        except wire.NETWORK_ERRORS as exc:
-            self.fail(exc)
-        finally:
-            with trio.CancelScope(shield=True):
-                await self.conn.aclose()
-
-    def fail(self, exc: Exception) -> None:
-        if self.error is None:
-            self.error = exc
-        while self.waiting:
-            pending = self.waiting.popleft()
-            pending.error = self.error
-            pending.done.set()
-
-
-@attrs.define(eq=False)
 class Client:
     """A worker client. ``await client.run()`` works until the computation ends."""
 
     config: ClientConfig
+    observer: Observer = attrs.Factory(NullObserver)
     _store: ObjectStore | None = None
     _pool: NodePool | None = None
     _lc: LogClient | None = None
@@ -333,9 +205,9 @@ class Client:
     # (sent before the completion was committed) does not run it twice.
     _finished: collections.OrderedDict = attrs.Factory(collections.OrderedDict)
     _sizer: QueueSizer | None = None
-    # One data connection per peer address, fetches pipelined over it.
-    _links: dict[str, _PeerLink] = attrs.Factory(dict)
-    _link_locks: dict[str, trio.Lock] = attrs.Factory(dict)
+    _peers: PeerFetcher | None = None
+    # When the latest task here completed, while no view has brought tasks since.
+    _idle_since: float | None = None
     _log: Any = None
     data_port: int | None = None
     final_state: str | None = None
@@ -350,6 +222,7 @@ class Client:
             self._store = ObjectStore(cfg.memory_limit, Path(spill))
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                self._peers = PeerFetcher(wire.Endpoint(secret=cfg.secret, role="client", ident=cfg.name), nursery)
                 listeners = await nursery.start(
                     lambda task_status: wire.serve(
                         self._serve_data,
@@ -384,6 +257,10 @@ class Client:
         )
 
     async def _join(self) -> int:
+        with self.observer.span("client.join"):
+            return await self._join_log()
+
+    async def _join_log(self) -> int:
         cfg = self.config
         assert self._lc is not None
         op = self._join_op(self._queue_size()).to_wire()
@@ -438,9 +315,10 @@ class Client:
         wait, margin = cfg.poll_wait, 5.0
         while True:
             try:
-                view = await channel.request(
-                    ViewRequest(cid=self._cid, after=version, wait=wait), timeout=wait + margin
-                )
+                with self.observer.span("client.view_poll"):
+                    view = await channel.request(
+                        ViewRequest(cid=self._cid, after=version, wait=wait), timeout=wait + margin
+                    )
             except ASK_ERRORS as exc:
                 if channel.failures >= len(cfg.coordinators):
                     self._log.warning("coordinators_unreachable", error=str(exc), retry_in=f"{backoff:.2f}s")
@@ -466,6 +344,10 @@ class Client:
                 version = 0
                 continue
             version = view.version
+            self.observer.value("client.tasks_per_view", len(view.tasks))
+            if view.tasks and self._idle_since is not None:
+                self.observer.timing("client.assignment_gap", trio.current_time() - self._idle_since)
+                self._idle_since = None
             for tid in view.kill:
                 self._kill(tid)
             for task in view.tasks:
@@ -511,7 +393,8 @@ class Client:
         assigned_at = trio.current_time()
         with run.scope:
             try:
-                inputs = await self._gather_inputs(run)
+                with self.observer.span("client.gather_inputs"):
+                    inputs = await self._gather_inputs(run)
             except* InputError as group:
                 error = "; ".join(str(e) for e in group.exceptions)
                 op = self._failed_op(tid, attempt, error)
@@ -534,6 +417,7 @@ class Client:
     def _queue_report(self, tid: int, attempt: int, op: DoneOp | FailedOp) -> None:
         """Queue ``op`` (this attempt's completion) for the reporter."""
         self._finished[(tid, attempt)] = None
+        self._idle_since = trio.current_time()
         while len(self._finished) > 100_000:
             self._finished.popitem(last=False)
         self._outbox.append(op)
@@ -598,7 +482,8 @@ class Client:
         assert outcome.outputs is not None
         if self._sizer is not None:
             self._sizer.task_ran(outcome.seconds)
-        sizes = self._store.put(tid, outcome.outputs)
+        with self.observer.span("store.put"):
+            sizes = self._store.put(tid, outcome.outputs)
         values = {k: outcome.outputs[k] for k in task.keys if k in outcome.outputs}
         assert self._cid is not None
         op = DoneOp(cid=self._cid, tid=tid, attempt=attempt, values=values, sizes=sizes, early=tuple(run.early))
@@ -615,12 +500,13 @@ class Client:
         """Apply ``op`` through the log, retrying until it is; returns its result."""
         assert self._lc is not None
         wire_op = op.to_wire()
-        while True:
-            try:
-                return await self._lc.submit(wire_op, deadline=30.0)
-            except Exception as exc:  # Unavailable; keep the result and try again
-                self._log.warning("report_delayed", op=wire_op["op"], tid=wire_op.get("tid"), error=str(exc))
-                await trio.sleep(1.0)
+        with self.observer.span("client.report"):
+            while True:
+                try:
+                    return await self._lc.submit(wire_op, deadline=30.0)
+                except Exception as exc:  # Unavailable; keep the result and try again
+                    self._log.warning("report_delayed", op=wire_op["op"], tid=wire_op.get("tid"), error=str(exc))
+                    await trio.sleep(1.0)
 
     async def _gather_inputs(self, run: _Attempt) -> list[Any]:
         n = len(run.task.inputs)
@@ -692,59 +578,12 @@ class Client:
             if event is not None:
                 event.set()
 
-    async def _link(self, addr: str) -> _PeerLink:
-        """The open data connection to the peer at ``addr`` (opened now if there is none)."""
-        lock = self._link_locks.setdefault(addr, trio.Lock())
-        async with lock:
-            link = self._links.get(addr)
-            if link is not None and link.error is None:
-                return link
-            if link is not None:
-                assert self._nursery is not None
-                self._nursery.start_soon(link.conn.aclose)  # ends its reader
-            host, _, port = addr.rpartition(":")
-            with trio.fail_after(10.0):
-                conn = await wire.connect(
-                    host, int(port), wire.Endpoint(secret=self.config.secret, role="client", ident=self.config.name)
-                )
-            link = self._links[addr] = _PeerLink(conn)
-            assert self._nursery is not None
-            self._nursery.start_soon(self._read_link, addr, link)
-            return link
-
-    async def _read_link(self, addr: str, link: _PeerLink) -> None:
-        await link.read()
-        if self._links.get(addr) is link:
-            del self._links[addr]
-
     async def _fetch_remote(self, addr: str, tid: int, key: str | None) -> Any:
-        with trio.fail_after(60.0):
-            link = await self._link(addr)
-            reply = await link.fetch(Fetch(tid=tid, key=key))
-        if not isinstance(reply, FetchReply) or reply.tid != tid:
-            raise wire.BadMessage(f"expected the FetchReply for task {tid}, got {reply!r:.200}")
-        if not reply.found:
-            raise LookupError(f"{addr} does not hold task {tid}'s outputs: {reply.error}")
-        if reply.error:
-            raise InputError(reply.error)
-        return reply.value
+        assert self._peers is not None
+        with self.observer.span("client.fetch_remote"):
+            return await self._peers.fetch(addr, tid, key)
 
     async def _serve_data(self, conn: wire.Connection) -> None:
         """Answer peers' Fetch requests from the object store."""
         assert self._store is not None
-        while True:
-            try:
-                msg = await conn.receive()
-            except wire.ConnectionClosed:
-                return
-            if not isinstance(msg, Fetch):
-                raise wire.BadMessage(f"unexpected {type(msg).__name__} on the data port")
-            if not self._store.has(msg.tid):
-                await conn.send(FetchReply(tid=msg.tid, found=False, error="not in this client's object store"))
-                continue
-            try:
-                value = select(self._store.get(msg.tid), msg.key, msg.tid)
-            except KeyError as exc:
-                await conn.send(FetchReply(tid=msg.tid, found=True, error=str(exc.args[0])))
-                continue
-            await conn.send(FetchReply(tid=msg.tid, found=True, value=value))
+        await serve_data(self._store, conn)
