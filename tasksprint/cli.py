@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("client", help="run a worker client: node processes, task runner, data server")
     p.add_argument("--coordinators", required=True, help="HOST:PORT of the replicas, comma-separated")
-    p.add_argument("--node", required=True, help='command that starts a node, e.g. "python node.py"')
+    p.add_argument("--node", help='command that starts a node, e.g. "python node.py" (none: command tasks only)')
     p.add_argument(
         "--slots", type=int, default=os.cpu_count() or 1, help="node processes, i.e. tasks at once (default: CPU count)"
     )

@@ -62,6 +62,7 @@ import trio
 
 from tasksprint import wire
 from tasksprint.channel import ASK_ERRORS, ReplicaChannel
+from tasksprint.command_tasks import CommandTasks
 from tasksprint.coordinator.ops import (
     BatchApplied,
     BatchOp,
@@ -76,6 +77,7 @@ from tasksprint.coordinator.ops import (
     ViewRequest,
 )
 from tasksprint.coordinator.replies import Assignment, ClientView
+from tasksprint.coordinator.specs import COMMAND_TASK
 from tasksprint.log_client import LogClient
 from tasksprint.node_pool import NodePool
 from tasksprint.node_protocol import TaskRequest
@@ -91,7 +93,8 @@ class ClientConfig:
     """Settings of one worker client; sizes in bytes, times in seconds."""
 
     coordinators: tuple[tuple[str, int], ...]
-    node_command: str
+    #: How to start a node process; None: this client runs command tasks only.
+    node_command: str | None
     secret: bytes
     slots: int = attrs.Factory(lambda: os.cpu_count() or 1)
     have: tuple[str, ...] = ()
@@ -206,6 +209,9 @@ class Client:
     _finished: collections.OrderedDict = attrs.Factory(collections.OrderedDict)
     _sizer: QueueSizer | None = None
     _peers: PeerFetcher | None = None
+    _commands: CommandTasks | None = None
+    # The slots, shared by node tasks and command tasks.
+    _slots: trio.CapacityLimiter | None = None
     # When the latest task here completed, while no view has brought tasks since.
     _idle_since: float | None = None
     _log: Any = None
@@ -233,8 +239,12 @@ class Client:
                     )
                 )
                 self.data_port = listeners[0].socket.getsockname()[1]
-                self._pool = NodePool(cfg.node_command, cfg.slots, cwd=cfg.node_cwd)
-                await self._pool.start(nursery)
+                self._slots = trio.CapacityLimiter(cfg.slots)
+                self._commands = CommandTasks(cfg.name)
+                self._commands.start()
+                if cfg.node_command is not None:
+                    self._pool = NodePool(cfg.node_command, cfg.slots, cwd=cfg.node_cwd)
+                    await self._pool.start(nursery)
                 # The log session id must be new in every process: a restarted
                 # client that reused one would have its first commands taken
                 # for duplicates of the previous life's.
@@ -361,9 +371,9 @@ class Client:
     def _kill(self, tid: int) -> None:
         run = self._runs.pop(tid, None)
         if run is not None:
-            run.scope.cancel()
-            assert self._pool is not None
-            self._pool.cancel(tid)
+            run.scope.cancel()  # a command task's process tree dies with it
+            if self._pool is not None:
+                self._pool.cancel(tid)
 
     def _assign(self, task: Assignment) -> None:
         if (task.tid, task.attempt) in self._finished:
@@ -460,12 +470,19 @@ class Client:
                     self._log.info("task_rerun", tid=sub.tid, attempt=sub.attempt, reason=answer.reason)
 
     async def _execute(self, run: _Attempt, inputs: list[Any]) -> DoneOp | FailedOp:
-        """Run the task on a node; return the log command reporting how it went."""
+        """Run the task on a node or as a command; return the log command reporting how it went."""
         task = run.task
         tid, attempt = task.tid, task.attempt
-        assert self._pool is not None and self._store is not None
-        outcome = await self._pool.run(
-            TaskRequest(
+        assert self._slots is not None and self._commands is not None and self._store is not None
+        if task.name == COMMAND_TASK:
+            async with self._slots:
+                ran = await self._commands.run(task)
+            ok, outputs, error, seconds = ran.error is None, ran.outputs, ran.error or "", ran.seconds
+        elif self._pool is None:
+            ok, outputs, seconds = False, {}, 0.0
+            error = f"client {self.config.name} runs command tasks only (it was started without a node command)"
+        else:
+            request = TaskRequest(
                 tid=tid,
                 attempt=attempt,
                 name=task.name,
@@ -475,16 +492,19 @@ class Client:
                 seed=task.seed,
                 timeout=task.timeout,
             )
-        )
-        if not outcome.ok:
-            self._log.info("task_failed", tid=tid, attempt=attempt, error=outcome.error)
-            return self._failed_op(tid, attempt, outcome.error)
-        assert outcome.outputs is not None
+            async with self._slots:
+                outcome = await self._pool.run(request)
+            ok, outputs, error, seconds = outcome.ok, outcome.outputs or {}, outcome.error or "", outcome.seconds
+        if not ok:
+            self._log.info("task_failed", tid=tid, attempt=attempt, error=error)
+            assert self._cid is not None
+            record = outputs if task.name == COMMAND_TASK and outputs else None
+            return FailedOp(cid=self._cid, tid=tid, attempt=attempt, error=error, record=record)
         if self._sizer is not None:
-            self._sizer.task_ran(outcome.seconds)
+            self._sizer.task_ran(seconds)
         with self.observer.span("store.put"):
-            sizes = self._store.put(tid, outcome.outputs)
-        values = {k: outcome.outputs[k] for k in task.keys if k in outcome.outputs}
+            sizes = self._store.put(tid, outputs)
+        values = {k: outputs[k] for k in task.keys if k in outputs}
         assert self._cid is not None
         op = DoneOp(cid=self._cid, tid=tid, attempt=attempt, values=values, sizes=sizes, early=tuple(run.early))
         # Queued for the log before any dependent here can use the outputs
