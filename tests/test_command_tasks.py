@@ -138,3 +138,42 @@ async def test_cancel_kills_a_running_command_and_its_setsid_grandchild(computat
         await wait_until(all_dead, "the cancelled command's processes to be killed")
         info = await query(run, "info", {"tid": 1})
         assert info is not None and info["state"] == "killed", info
+
+
+async def test_an_in_process_client_without_a_node_reports_its_spans(tmp_path: Path, marked: str) -> None:  # noqa: F811
+    import time
+
+    from tasksprint.client import Client, ClientConfig
+    from tasksprint.localcluster import LocalCluster
+    from tasksprint.observe import Recorder
+
+    spec = write_scheduler(
+        tmp_path,
+        "Two",
+        """
+        class Two(Coordinator):
+            def init(self, seed):
+                self.first = self.start_task(cmd="true")
+                self.start_task(cmd="true", pretasks=[self.first], prekeys=["verdict"])
+
+            def task_done(self, tid, values):
+                if tid != self.first:
+                    self.finish(values={"verdict": values["verdict"]})
+        """,
+    )
+    cluster = LocalCluster(tmp_path / "cluster", 3, scheduler=spec)
+    cluster.start()
+    try:
+        recorder = Recorder(time.perf_counter)
+        config = ClientConfig(coordinators=tuple(cluster.addrs), node_command=None, secret=cluster.secret, slots=1)
+        client = Client(config, observer=recorder)
+        with trio.fail_after(GUARD_SECONDS):
+            assert await client.run() == "finished"
+    finally:
+        cluster.stop()
+    spans = recorder.read().spans
+    for name in ("client.join", "client.view_poll", "client.gather_inputs", "store.put", "client.report"):
+        assert spans[name].count >= 1, (name, sorted(spans))
+    # The second task came in a view after the first completed.
+    assert spans["client.assignment_gap"].count >= 1, sorted(spans)
+    assert recorder.read().values["client.tasks_per_view"].count >= 1
