@@ -71,7 +71,8 @@ class CommandTasks:
             return CommandOutcome(outputs={}, error=str(exc), seconds=0.0)
         if task.timeout is not None and spec.limits.wall_time_s is None:
             # start_task(timeout=...) bounds each attempt, as for a node task.
-            spec = attrs.evolve(spec, limits=attrs.evolve(spec.limits, wall_time_s=float(task.timeout)))
+            limits = attrs.evolve(spec.limits, wall_time_s=float(task.timeout))  # type: ignore[misc]
+            spec = attrs.evolve(spec, limits=limits)  # type: ignore[misc]
         record = await run_command(
             spec,
             task_env=TaskEnv(task_id=str(task.tid), attempt=task.attempt, client=self.client),

@@ -96,9 +96,9 @@ def read_task(task_dir: Path, work_dir: Path, *, ignore_image: bool) -> CommandS
     try:
         limits = Limits.from_kolejka(task.get("limits") or {})
         return CommandSpec(
-            argv=args,
+            argv=tuple(args),
             cwd=str(work_dir),
-            env={str(k): str(v) for k, v in env.items()},
+            env=tuple(sorted((str(k), str(v)) for k, v in env.items())),
             stdout=task.get("stdout"),
             stderr=task.get("stderr"),
             limits=limits,
