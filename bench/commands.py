@@ -46,7 +46,7 @@ from tasksprint.run import LocalRun
 
 WORKLOADS = {"true": ("true", 2000), "sleep": ("sleep 0.01", 500)}
 
-SCHEDULER = '''
+SCHEDULER = """
 from tasksprint import Coordinator
 
 
@@ -66,7 +66,7 @@ class Commands(Coordinator):
         self.left -= 1
         if self.left == 0:
             self.finish(values={"done": N, "enforcement": self.enforcement})
-'''
+"""
 
 
 class _CommandClients(LocalRun):
