@@ -10,8 +10,8 @@ import trio
 
 from tasksprint import wire
 from tasksprint.api import Fetch, FetchReply
-from tasksprint.client import QueueSizer
 from tasksprint.peer_data import PeerLink
+from tasksprint.queue_sizer import QueueSizer
 
 SECRET = b"test-secret-for-peer-links"
 
