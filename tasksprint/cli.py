@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("client", help="run a worker client: node processes, task runner, data server")
     p.add_argument("--coordinators", required=True, help="HOST:PORT of the replicas, comma-separated")
-    p.add_argument("--node", required=True, help='command that starts a node, e.g. "python node.py"')
+    p.add_argument("--node", help='command that starts a node, e.g. "python node.py" (none: command tasks only)')
     p.add_argument(
         "--slots", type=int, default=os.cpu_count() or 1, help="node processes, i.e. tasks at once (default: CPU count)"
     )
@@ -90,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinators", required=True, help="HOST:PORT of the replicas, comma-separated")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_common_arguments(p)
+
+    p = sub.add_parser("execute", help="run a kolejka task directory on a local cluster, as kolejka-worker does")
+    p.add_argument("task_dir", type=Path, help="directory holding kolejka_task.json")
+    p.add_argument("result_dir", type=Path, help="where kolejka_result.json and the result files go")
+    p.add_argument("--ignore-image", action="store_true", help="run a task that names an image on the host")
+    p.add_argument("--timeout", type=float, help="give up after this many seconds")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="console", choices=["console", "json"])
     return parser
 
 
@@ -111,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
                 return _cmd_info(args)
             case "cancel":
                 return _cmd_cancel(args)
+            case "execute":
+                from tasksprint.execute import execute
+
+                return execute(args.task_dir, args.result_dir, ignore_image=args.ignore_image, timeout=args.timeout)
     except wire.SecretError as exc:
         print(f"tasksprint: {exc}", file=sys.stderr)
         return EXIT_USAGE

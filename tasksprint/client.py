@@ -50,7 +50,6 @@ the view points the runner to the new holder.
 from __future__ import annotations
 
 import collections
-import json
 import os
 import socket
 import tempfile
@@ -62,8 +61,8 @@ import structlog
 import trio
 
 from tasksprint import wire
-from tasksprint.api import Fetch, FetchReply
 from tasksprint.channel import ASK_ERRORS, ReplicaChannel
+from tasksprint.command_tasks import CommandTasks
 from tasksprint.coordinator.ops import (
     BatchApplied,
     BatchOp,
@@ -78,9 +77,14 @@ from tasksprint.coordinator.ops import (
     ViewRequest,
 )
 from tasksprint.coordinator.replies import Assignment, ClientView
+from tasksprint.coordinator.specs import COMMAND_TASK
 from tasksprint.log_client import LogClient
 from tasksprint.node_pool import NodePool
 from tasksprint.node_protocol import TaskRequest
+from tasksprint.object_store import InputError, ObjectStore, select
+from tasksprint.observe import NullObserver, Observer
+from tasksprint.peer_data import PeerFetcher, serve_data
+from tasksprint.queue_sizer import QueueSizer
 
 log = structlog.get_logger("tasksprint.client")
 
@@ -90,7 +94,8 @@ class ClientConfig:
     """Settings of one worker client; sizes in bytes, times in seconds."""
 
     coordinators: tuple[tuple[str, int], ...]
-    node_command: str
+    #: How to start a node process; None: this client runs command tasks only.
+    node_command: str | None
     secret: bytes
     slots: int = attrs.Factory(lambda: os.cpu_count() or 1)
     have: tuple[str, ...] = ()
@@ -119,116 +124,6 @@ class ClientConfig:
 
 
 @attrs.define(eq=False)
-class ObjectStore:
-    """Task outputs kept by this client: in memory, spilled to disk above a size."""
-
-    memory_limit: int
-    spill_dir: Path
-    _memory: dict[int, dict[str, Any]] = attrs.Factory(dict)
-    _sizes: dict[int, int] = attrs.Factory(dict)
-    _on_disk: set[int] = attrs.Factory(set)
-    _in_memory_bytes: int = 0
-
-    def put(self, tid: int, outputs: dict[str, Any]) -> dict[str, int]:
-        """Keep ``outputs`` of task ``tid``; returns the size in bytes of each output."""
-        sizes = {k: len(json.dumps(v, separators=(",", ":"))) for k, v in outputs.items()}
-        total = sum(sizes.values())
-        self.drop(tid)
-        if self._in_memory_bytes + total > self.memory_limit:
-            path = self.spill_dir / f"{tid}.json"
-            path.write_text(json.dumps(outputs))
-            self._on_disk.add(tid)
-        else:
-            self._memory[tid] = outputs
-            self._in_memory_bytes += total
-        self._sizes[tid] = total
-        return sizes
-
-    def has(self, tid: int) -> bool:
-        return tid in self._memory or tid in self._on_disk
-
-    def get(self, tid: int) -> dict[str, Any]:
-        """All outputs of ``tid``; KeyError if this client does not hold them."""
-        if tid in self._memory:
-            return self._memory[tid]
-        if tid in self._on_disk:
-            return json.loads((self.spill_dir / f"{tid}.json").read_text())
-        raise KeyError(tid)
-
-    def drop(self, tid: int) -> None:
-        if tid in self._memory:
-            del self._memory[tid]
-            self._in_memory_bytes -= self._sizes.get(tid, 0)
-        if tid in self._on_disk:
-            self._on_disk.discard(tid)
-            (self.spill_dir / f"{tid}.json").unlink(missing_ok=True)
-        self._sizes.pop(tid, None)
-
-
-def select(outputs: dict[str, Any], key: str | None, tid: int) -> Any:
-    """The input a dependent receives: output ``key`` of ``tid``, or all outputs if key is None."""
-    if key is None:
-        return outputs
-    if key not in outputs:
-        raise KeyError(f"task {tid} has no output {key!r} (it returned {sorted(outputs)})")
-    return outputs[key]
-
-
-@attrs.define(eq=False)
-class InputError(Exception):
-    """A pretask finished without the output a dependent asked for (a user bug, not a fault)."""
-
-
-@attrs.define(eq=False)
-class QueueSizer:
-    """How many tasks beyond its slots a client asks for: enough to cover one round trip.
-
-    A node that finishes a task waits, if nothing else is queued for it,
-    for its completion to be committed and for the view that brings the
-    next task: a report round trip.  With ``q`` tasks queued per slot, it
-    does not wait while ``q x task time`` covers that.  So the queue is
-    ``slots x 2 x round trip / task time`` (twice, for the view's extra
-    hop and for noise), at most ``max_per_slot x slots``: short tasks get a
-    deep queue, tasks much longer than a round trip get none, and keep
-    work balanced between clients (a queued task cannot move to an idle
-    client).  Averages are exponentially weighted; a change is proposed
-    only when the figure at least doubles or halves.
-    """
-
-    slots: int
-    max_per_slot: int = 64
-    current: int = 0
-    _task_s: float | None = None
-    _report_s: float | None = None
-    _samples: int = 0
-    _reports: int = 0
-
-    def task_ran(self, seconds: float) -> None:
-        # A plain mean at first (a node's first task is slow: imports,
-        # cold caches), an exponentially weighted one from the 20th sample on.
-        self._samples += 1
-        w = max(0.05, 1 / self._samples)
-        self._task_s = seconds if self._task_s is None else (1 - w) * self._task_s + w * seconds
-
-    def reported(self, seconds: float) -> None:
-        self._reports += 1
-        w = max(0.1, 1 / self._reports)
-        self._report_s = seconds if self._report_s is None else (1 - w) * self._report_s + w * seconds
-
-    def proposal(self) -> int | None:
-        """A new queue size worth telling the coordinator about, or None."""
-        if self._task_s is None or self._report_s is None or self._samples < self.slots:
-            return None
-        want = round(self.slots * 2 * self._report_s / max(self._task_s, 1e-4))
-        want = max(0, min(want, self.max_per_slot * self.slots))
-        if want == self.current:
-            return None
-        if self.current and self.current / 2 < want < self.current * 2:
-            return None
-        return want
-
-
-@attrs.define(eq=False)
 class _Attempt:
     """One assigned task attempt, running here."""
 
@@ -239,79 +134,11 @@ class _Attempt:
 
 
 @attrs.define(eq=False)
-class _FetchWaiter:
-    """A Fetch sent on a peer link, waiting for its reply."""
-
-    done: trio.Event = attrs.Factory(trio.Event)
-    reply: Any = None
-    error: BaseException | None = None
-
-
-@attrs.define(eq=False)
-class _PeerLink:
-    """One authenticated data connection to a peer client, with fetches pipelined over it.
-
-    The peer answers the requests of one connection in order, so replies
-    are matched to requests by position: ``waiting`` holds the requests
-    sent and not yet answered, in sending order (appended under the send
-    lock, so the order is the order on the wire).  When the connection
-    fails, every waiting request fails with it and the link is dropped;
-    the next fetch opens a new one.
-    """
-
-    conn: wire.Connection
-    waiting: collections.deque = attrs.Factory(collections.deque)
-    send_lock: trio.Lock = attrs.Factory(trio.Lock)
-    error: BaseException | None = None
-
-    async def fetch(self, msg: Fetch) -> Any:
-        pending = _FetchWaiter()
-        async with self.send_lock:
-            if self.error is not None:
-                raise self.error
-            self.waiting.append(pending)
-            try:
-                await self.conn.send(msg)
-            except BaseException as exc:
-                # Maybe not sent, maybe half sent: requests and replies are out of step for good.
-                self.fail(exc if isinstance(exc, Exception) else trio.ClosedResourceError("send interrupted"))
-                raise
-        # A fetcher cancelled here leaves its entry: the reader drops the reply.
-        await pending.done.wait()
-        if pending.error is not None:
-            raise pending.error
-        return pending.reply
-
-    async def read(self) -> None:
-        """Hand each reply to the request it answers, until the connection fails."""
-        try:
-            while True:
-                reply = await self.conn.receive()
-                if not self.waiting:
-                    raise wire.BadMessage(f"unrequested {type(reply).__name__} on a data connection")
-                pending = self.waiting.popleft()
-                pending.reply = reply
-                pending.done.set()
-        except wire.NETWORK_ERRORS as exc:
-            self.fail(exc)
-        finally:
-            with trio.CancelScope(shield=True):
-                await self.conn.aclose()
-
-    def fail(self, exc: Exception) -> None:
-        if self.error is None:
-            self.error = exc
-        while self.waiting:
-            pending = self.waiting.popleft()
-            pending.error = self.error
-            pending.done.set()
-
-
-@attrs.define(eq=False)
 class Client:
     """A worker client. ``await client.run()`` works until the computation ends."""
 
     config: ClientConfig
+    observer: Observer = attrs.Factory(NullObserver)
     _store: ObjectStore | None = None
     _pool: NodePool | None = None
     _lc: LogClient | None = None
@@ -333,9 +160,12 @@ class Client:
     # (sent before the completion was committed) does not run it twice.
     _finished: collections.OrderedDict = attrs.Factory(collections.OrderedDict)
     _sizer: QueueSizer | None = None
-    # One data connection per peer address, fetches pipelined over it.
-    _links: dict[str, _PeerLink] = attrs.Factory(dict)
-    _link_locks: dict[str, trio.Lock] = attrs.Factory(dict)
+    _peers: PeerFetcher | None = None
+    _commands: CommandTasks | None = None
+    # The slots, shared by node tasks and command tasks.
+    _slots: trio.CapacityLimiter | None = None
+    # When the latest task here completed, while no view has brought tasks since.
+    _idle_since: float | None = None
     _log: Any = None
     data_port: int | None = None
     final_state: str | None = None
@@ -350,6 +180,7 @@ class Client:
             self._store = ObjectStore(cfg.memory_limit, Path(spill))
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                self._peers = PeerFetcher(wire.Endpoint(secret=cfg.secret, role="client", ident=cfg.name), nursery)
                 listeners = await nursery.start(
                     lambda task_status: wire.serve(
                         self._serve_data,
@@ -360,8 +191,12 @@ class Client:
                     )
                 )
                 self.data_port = listeners[0].socket.getsockname()[1]
-                self._pool = NodePool(cfg.node_command, cfg.slots, cwd=cfg.node_cwd)
-                await self._pool.start(nursery)
+                self._slots = trio.CapacityLimiter(cfg.slots)
+                self._commands = CommandTasks(cfg.name)
+                self._commands.start()
+                if cfg.node_command is not None:
+                    self._pool = NodePool(cfg.node_command, cfg.slots, cwd=cfg.node_cwd)
+                    await self._pool.start(nursery)
                 # The log session id must be new in every process: a restarted
                 # client that reused one would have its first commands taken
                 # for duplicates of the previous life's.
@@ -384,6 +219,10 @@ class Client:
         )
 
     async def _join(self) -> int:
+        with self.observer.span("client.join"):
+            return await self._join_log()
+
+    async def _join_log(self) -> int:
         cfg = self.config
         assert self._lc is not None
         op = self._join_op(self._queue_size()).to_wire()
@@ -438,9 +277,10 @@ class Client:
         wait, margin = cfg.poll_wait, 5.0
         while True:
             try:
-                view = await channel.request(
-                    ViewRequest(cid=self._cid, after=version, wait=wait), timeout=wait + margin
-                )
+                with self.observer.span("client.view_poll"):
+                    view = await channel.request(
+                        ViewRequest(cid=self._cid, after=version, wait=wait), timeout=wait + margin
+                    )
             except ASK_ERRORS as exc:
                 if channel.failures >= len(cfg.coordinators):
                     self._log.warning("coordinators_unreachable", error=str(exc), retry_in=f"{backoff:.2f}s")
@@ -466,6 +306,10 @@ class Client:
                 version = 0
                 continue
             version = view.version
+            self.observer.value("client.tasks_per_view", len(view.tasks))
+            if view.tasks and self._idle_since is not None:
+                self.observer.timing("client.assignment_gap", trio.current_time() - self._idle_since)
+                self._idle_since = None
             for tid in view.kill:
                 self._kill(tid)
             for task in view.tasks:
@@ -479,9 +323,9 @@ class Client:
     def _kill(self, tid: int) -> None:
         run = self._runs.pop(tid, None)
         if run is not None:
-            run.scope.cancel()
-            assert self._pool is not None
-            self._pool.cancel(tid)
+            run.scope.cancel()  # a command task's process tree dies with it
+            if self._pool is not None:
+                self._pool.cancel(tid)
 
     def _assign(self, task: Assignment) -> None:
         if (task.tid, task.attempt) in self._finished:
@@ -511,7 +355,8 @@ class Client:
         assigned_at = trio.current_time()
         with run.scope:
             try:
-                inputs = await self._gather_inputs(run)
+                with self.observer.span("client.gather_inputs"):
+                    inputs = await self._gather_inputs(run)
             except* InputError as group:
                 error = "; ".join(str(e) for e in group.exceptions)
                 op = self._failed_op(tid, attempt, error)
@@ -534,6 +379,7 @@ class Client:
     def _queue_report(self, tid: int, attempt: int, op: DoneOp | FailedOp) -> None:
         """Queue ``op`` (this attempt's completion) for the reporter."""
         self._finished[(tid, attempt)] = None
+        self._idle_since = trio.current_time()
         while len(self._finished) > 100_000:
             self._finished.popitem(last=False)
         self._outbox.append(op)
@@ -576,12 +422,19 @@ class Client:
                     self._log.info("task_rerun", tid=sub.tid, attempt=sub.attempt, reason=answer.reason)
 
     async def _execute(self, run: _Attempt, inputs: list[Any]) -> DoneOp | FailedOp:
-        """Run the task on a node; return the log command reporting how it went."""
+        """Run the task on a node or as a command; return the log command reporting how it went."""
         task = run.task
         tid, attempt = task.tid, task.attempt
-        assert self._pool is not None and self._store is not None
-        outcome = await self._pool.run(
-            TaskRequest(
+        assert self._slots is not None and self._commands is not None and self._store is not None
+        if task.name == COMMAND_TASK:
+            async with self._slots:
+                ran = await self._commands.run(task)
+            ok, outputs, error, seconds = ran.error is None, ran.outputs, ran.error or "", ran.seconds
+        elif self._pool is None:
+            ok, outputs, seconds = False, {}, 0.0
+            error = f"client {self.config.name} runs command tasks only (it was started without a node command)"
+        else:
+            request = TaskRequest(
                 tid=tid,
                 attempt=attempt,
                 name=task.name,
@@ -591,15 +444,19 @@ class Client:
                 seed=task.seed,
                 timeout=task.timeout,
             )
-        )
-        if not outcome.ok:
-            self._log.info("task_failed", tid=tid, attempt=attempt, error=outcome.error)
-            return self._failed_op(tid, attempt, outcome.error)
-        assert outcome.outputs is not None
+            async with self._slots:
+                outcome = await self._pool.run(request)
+            ok, outputs, error, seconds = outcome.ok, outcome.outputs or {}, outcome.error or "", outcome.seconds
+        if not ok:
+            self._log.info("task_failed", tid=tid, attempt=attempt, error=error)
+            assert self._cid is not None
+            record = outputs if task.name == COMMAND_TASK and outputs else None
+            return FailedOp(cid=self._cid, tid=tid, attempt=attempt, error=error, record=record)
         if self._sizer is not None:
-            self._sizer.task_ran(outcome.seconds)
-        sizes = self._store.put(tid, outcome.outputs)
-        values = {k: outcome.outputs[k] for k in task.keys if k in outcome.outputs}
+            self._sizer.task_ran(seconds)
+        with self.observer.span("store.put"):
+            sizes = self._store.put(tid, outputs)
+        values = {k: outputs[k] for k in task.keys if k in outputs}
         assert self._cid is not None
         op = DoneOp(cid=self._cid, tid=tid, attempt=attempt, values=values, sizes=sizes, early=tuple(run.early))
         # Queued for the log before any dependent here can use the outputs
@@ -615,12 +472,13 @@ class Client:
         """Apply ``op`` through the log, retrying until it is; returns its result."""
         assert self._lc is not None
         wire_op = op.to_wire()
-        while True:
-            try:
-                return await self._lc.submit(wire_op, deadline=30.0)
-            except Exception as exc:  # Unavailable; keep the result and try again
-                self._log.warning("report_delayed", op=wire_op["op"], tid=wire_op.get("tid"), error=str(exc))
-                await trio.sleep(1.0)
+        with self.observer.span("client.report"):
+            while True:
+                try:
+                    return await self._lc.submit(wire_op, deadline=30.0)
+                except Exception as exc:  # Unavailable; keep the result and try again
+                    self._log.warning("report_delayed", op=wire_op["op"], tid=wire_op.get("tid"), error=str(exc))
+                    await trio.sleep(1.0)
 
     async def _gather_inputs(self, run: _Attempt) -> list[Any]:
         n = len(run.task.inputs)
@@ -692,59 +550,12 @@ class Client:
             if event is not None:
                 event.set()
 
-    async def _link(self, addr: str) -> _PeerLink:
-        """The open data connection to the peer at ``addr`` (opened now if there is none)."""
-        lock = self._link_locks.setdefault(addr, trio.Lock())
-        async with lock:
-            link = self._links.get(addr)
-            if link is not None and link.error is None:
-                return link
-            if link is not None:
-                assert self._nursery is not None
-                self._nursery.start_soon(link.conn.aclose)  # ends its reader
-            host, _, port = addr.rpartition(":")
-            with trio.fail_after(10.0):
-                conn = await wire.connect(
-                    host, int(port), wire.Endpoint(secret=self.config.secret, role="client", ident=self.config.name)
-                )
-            link = self._links[addr] = _PeerLink(conn)
-            assert self._nursery is not None
-            self._nursery.start_soon(self._read_link, addr, link)
-            return link
-
-    async def _read_link(self, addr: str, link: _PeerLink) -> None:
-        await link.read()
-        if self._links.get(addr) is link:
-            del self._links[addr]
-
     async def _fetch_remote(self, addr: str, tid: int, key: str | None) -> Any:
-        with trio.fail_after(60.0):
-            link = await self._link(addr)
-            reply = await link.fetch(Fetch(tid=tid, key=key))
-        if not isinstance(reply, FetchReply) or reply.tid != tid:
-            raise wire.BadMessage(f"expected the FetchReply for task {tid}, got {reply!r:.200}")
-        if not reply.found:
-            raise LookupError(f"{addr} does not hold task {tid}'s outputs: {reply.error}")
-        if reply.error:
-            raise InputError(reply.error)
-        return reply.value
+        assert self._peers is not None
+        with self.observer.span("client.fetch_remote"):
+            return await self._peers.fetch(addr, tid, key)
 
     async def _serve_data(self, conn: wire.Connection) -> None:
         """Answer peers' Fetch requests from the object store."""
         assert self._store is not None
-        while True:
-            try:
-                msg = await conn.receive()
-            except wire.ConnectionClosed:
-                return
-            if not isinstance(msg, Fetch):
-                raise wire.BadMessage(f"unexpected {type(msg).__name__} on the data port")
-            if not self._store.has(msg.tid):
-                await conn.send(FetchReply(tid=msg.tid, found=False, error="not in this client's object store"))
-                continue
-            try:
-                value = select(self._store.get(msg.tid), msg.key, msg.tid)
-            except KeyError as exc:
-                await conn.send(FetchReply(tid=msg.tid, found=True, error=str(exc.args[0])))
-                continue
-            await conn.send(FetchReply(tid=msg.tid, found=True, value=value))
+        await serve_data(self._store, conn)

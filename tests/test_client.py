@@ -10,7 +10,8 @@ import trio
 
 from tasksprint import wire
 from tasksprint.api import Fetch, FetchReply
-from tasksprint.client import QueueSizer, _PeerLink
+from tasksprint.peer_data import PeerLink
+from tasksprint.queue_sizer import QueueSizer
 
 SECRET = b"test-secret-for-peer-links"
 
@@ -92,7 +93,7 @@ async def test_many_fetches_share_one_connection_and_each_gets_its_own_reply() -
             port = await data_server(nursery, answer)
             conn = await wire.connect("127.0.0.1", port, wire.Endpoint(secret=SECRET, role="client", ident="me"))
             connections += 1
-            link = _PeerLink(conn)
+            link = PeerLink(conn)
             nursery.start_soon(link.read)
             got: dict[int, object] = {}
 
@@ -127,7 +128,7 @@ async def test_a_broken_connection_fails_every_waiting_fetch_and_refuses_new_one
         async with trio.open_nursery() as nursery:
             port = await data_server(nursery, answer)
             conn = await wire.connect("127.0.0.1", port, wire.Endpoint(secret=SECRET, role="client", ident="me"))
-            link = _PeerLink(conn)
+            link = PeerLink(conn)
             nursery.start_soon(link.read)
             errors: list[BaseException] = []
             results: list[int] = []

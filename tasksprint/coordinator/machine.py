@@ -39,6 +39,7 @@ names the hook that ran last.  Read models are in
 from __future__ import annotations
 
 import hashlib
+import inspect
 import random
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -381,7 +382,7 @@ class CoordinatorMachine:
             # Other copies of this attempt still run; one of them may succeed.
             self._placement.enqueue(task.tid)
             return ACCEPTED
-        self._attempt_failed(task, op.error)
+        self._attempt_failed(task, op.error, op.record)
         return ACCEPTED
 
     def _op_cancel(self, tid: int) -> Cancelled:
@@ -471,7 +472,7 @@ class CoordinatorMachine:
         assert self._state.scheduler is not None
         return self._state.scheduler
 
-    def _attempt_failed(self, task: TaskRecord, error: str) -> None:
+    def _attempt_failed(self, task: TaskRecord, error: str, record: dict[str, Any] | None = None) -> None:
         s = self._state
         task.failures += 1
         if task.failures <= task.retries:
@@ -488,7 +489,12 @@ class CoordinatorMachine:
         self._lineage.kill(task.tid)
         if type(self._sched()).task_failed is not Coordinator.task_failed:
             tid = task.tid
-            self._call_hook(Hook.TASK_FAILED, lambda: self._sched().task_failed(tid, error), tid=tid)
+            hook = self._sched().task_failed
+            if "record" in inspect.signature(hook).parameters:
+                # A scheduler that asks for it gets a command task's record (None for a node task).
+                self._call_hook(Hook.TASK_FAILED, lambda: hook(tid, error, record=record), tid=tid)  # type: ignore[call-arg]
+            else:
+                self._call_hook(Hook.TASK_FAILED, lambda: hook(tid, error), tid=tid)
             return
         message = (
             f"task {task.tid} ({task.name!r}) failed {task.failures} time(s), exhausting its "

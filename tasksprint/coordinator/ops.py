@@ -193,13 +193,23 @@ class DoneOp:
 
 @message
 class FailedOp:
+    """Attempt ``attempt`` of task ``tid`` failed on client ``cid`` with ``error``.
+
+    ``record`` is a command task's record of the run, as plain data (see
+    :func:`tasksprint.coordinator.specs.record_outputs`); None for a node task.
+    """
+
     cid: int
     tid: int
     attempt: int
     error: str
+    record: dict[str, Any] | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {"op": "failed", "cid": self.cid, "tid": self.tid, "attempt": self.attempt, "error": self.error}
+        out = {"op": "failed", "cid": self.cid, "tid": self.tid, "attempt": self.attempt, "error": self.error}
+        if self.record is not None:
+            out["record"] = dict(self.record)
+        return out
 
 
 @message
@@ -376,7 +386,10 @@ def _parse_report(raw: dict[str, Any]) -> ReportOp:
         return LostOp(cid=cid, tid=tid, key=key)
     attempt = _int(raw, name, "attempt")
     if name == "failed":
-        return FailedOp(cid=cid, tid=tid, attempt=attempt, error=_str(raw, "failed", "error"))
+        record = raw.get("record")
+        if record is not None and (not isinstance(record, dict) or not all(isinstance(k, str) for k in record)):
+            raise BadOp(f"failed: field 'record' must be a map with string keys or absent, got {record!r:.200}")
+        return FailedOp(cid=cid, tid=tid, attempt=attempt, error=_str(raw, "failed", "error"), record=record)
     values = raw.get("values", {})
     sizes = raw.get("sizes", {})
     if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):

@@ -10,6 +10,17 @@ with a message saying how to fix the call (the hook then fails with it).
 Arguments must be plain data (:func:`check_plain`); tag sets are sorted, so
 a set's process-dependent order never reaches the log.  Nothing here
 changes the state.
+
+Command tasks
+~~~~~~~~~~~~~
+A call with ``cmd=`` or ``argv=`` starts a *command task*, run by the
+client's built-in runner (:mod:`tasksprint.exec`) instead of a node: its
+:class:`~tasksprint.exec.spec.CommandSpec` is checked here (a bad one fails
+the hook) and carried as plain data in the task's kwargs under the reserved
+method name :data:`COMMAND_TASK` (:func:`command_kwargs`); the client reads
+it back with :func:`command_from_kwargs`.  A command task's outputs are its
+:class:`~tasksprint.exec.spec.CommandRecord` as plain data
+(:func:`record_outputs`); by default all of them go to ``task_done``.
 """
 
 from __future__ import annotations
@@ -23,8 +34,25 @@ import attrs
 from tasksprint import codec
 from tasksprint.coordinator.ops import is_int
 from tasksprint.coordinator.state import TaskRecord, TaskState
+from tasksprint.exec.spec import CommandRecord, CommandSpec, Limits, OutputSummary
 
-__all__ = ["TaskSpec", "check_plain", "task_seed", "task_spec"]
+__all__ = [
+    "COMMAND_KEYS",
+    "COMMAND_TASK",
+    "TaskSpec",
+    "check_plain",
+    "command_from_kwargs",
+    "command_kwargs",
+    "record_outputs",
+    "task_seed",
+    "task_spec",
+]
+
+#: The method name of a command task: never a node method's (not an identifier).
+COMMAND_TASK = "tasksprint:command"
+#: A command task's outputs: the fields of its record.
+COMMAND_KEYS: tuple[str, ...] = tuple(f.name for f in attrs.fields(CommandRecord))
+_COMMAND_FIELDS = ("cmd", "argv", "cwd", "env", "stdin", "stdout", "stderr", "limits", "sandbox", "network")
 
 
 @attrs.frozen(kw_only=True)
@@ -50,14 +78,22 @@ def task_spec(tasks: Mapping[int, TaskRecord], **call: Any) -> TaskSpec:
     Raises ``TypeError`` or ``ValueError`` saying what to change.
     """
     name, args, kwargs, pretasks = call["name"], call["args"], call["kwargs"], call["pretasks"]
-    prekeys, keys, replicas, retries, timeout = (
+    prekeys, replicas, retries, timeout = (
         call["prekeys"],
-        call["keys"],
         call["replicas"],
         call["retries"],
         call["timeout"],
     )
-    if not isinstance(name, str) or not name:
+    command = _command_call(call)
+    if command is not None:
+        if name is not None:
+            raise TypeError(f"start_task(name={name!r}) names a node method: a command task (cmd= or argv=) has none")
+        if args or kwargs:
+            raise TypeError("start_task(args=..., kwargs=...) are a node method's: a command task takes neither")
+        name, args, kwargs = COMMAND_TASK, [], command_kwargs(command)
+        if call["keys"] is None:
+            call = {**call, "keys": list(COMMAND_KEYS)}
+    elif not isinstance(name, str) or not name or name == COMMAND_TASK:
         raise TypeError(f"start_task(name=...) must be the node method's name, a non-empty string, got {name!r}")
     if not isinstance(args, (list, tuple)):
         raise TypeError(f"start_task(args=...) must be a list or tuple, got {type(args).__name__}")
@@ -87,7 +123,7 @@ def task_spec(tasks: Mapping[int, TaskRecord], **call: Any) -> TaskSpec:
         )
     if not all(k is None or isinstance(k, str) for k in prekeys):
         raise TypeError(f"start_task(prekeys=...) entries must be output key strings or None, got {prekeys!r}")
-    keys = [] if keys is None else keys
+    keys = [] if call["keys"] is None else call["keys"]
     if isinstance(keys, str) or not isinstance(keys, (list, tuple)) or not all(isinstance(k, str) for k in keys):
         raise TypeError(f"start_task(keys=...) must be a list of output key strings, got {keys!r}")
     require_tags = _tags(call["require"], "require")
@@ -169,3 +205,84 @@ def _tags(value: Any, what: str) -> list[str]:
     # Sorted so a set passed by the user (whose order differs between
     # processes) still gives the same task on every replica.
     return sorted(set(tags))
+
+
+def _command_call(call: Mapping[str, Any]) -> CommandSpec | None:
+    """The command of a ``start_task`` call with ``cmd=`` or ``argv=``, or None for a node task."""
+    given = {k: call[k] for k in _COMMAND_FIELDS if call.get(k) not in (None, False)}
+    if "cmd" not in given and "argv" not in given:
+        if given:
+            raise TypeError(f"start_task({', '.join(sorted(given))}=...) belong to a command task: give cmd= or argv=")
+        return None
+    limits = given.get("limits")
+    if isinstance(limits, dict):
+        unknown = sorted(set(limits) - {f.name for f in attrs.fields(Limits)})
+        if unknown:
+            raise ValueError(
+                f"start_task(limits=...) has unknown keys {unknown}; known: {[f.name for f in attrs.fields(Limits)]}"
+            )
+        given["limits"] = Limits(**limits)
+    elif limits is not None and not isinstance(limits, Limits):
+        raise TypeError(f"start_task(limits=...) must be a Limits or a dict of its fields, got {limits!r:.100}")
+    try:
+        return CommandSpec(**given)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"start_task(...) command: {exc}") from None
+
+
+def command_kwargs(spec: CommandSpec) -> dict[str, Any]:
+    """``spec`` as the plain-data kwargs of a command task (what the log and ``info`` carry)."""
+    limits = {f.name: getattr(spec.limits, f.name) for f in attrs.fields(Limits)}
+    if limits["cpuset"] is not None:
+        limits["cpuset"] = list(limits["cpuset"])
+    return {
+        "command": {
+            "cmd": spec.cmd,
+            "argv": None if spec.argv is None else list(spec.argv),
+            "cwd": spec.cwd,
+            "env": dict(spec.env),
+            "stdin": spec.stdin,
+            "stdout": spec.stdout,
+            "stderr": spec.stderr,
+            "limits": {k: v for k, v in limits.items() if v is not None},
+            "sandbox": spec.sandbox,
+            "network": spec.network,
+        }
+    }
+
+
+def command_from_kwargs(kwargs: Mapping[str, Any]) -> CommandSpec:
+    """The :class:`CommandSpec` in a command task's kwargs; ``ValueError`` if it is malformed."""
+    plain = kwargs.get("command")
+    if not isinstance(plain, dict) or not set(plain) <= set(_COMMAND_FIELDS):
+        raise ValueError(f"a command task's kwargs must hold its command, got {plain!r:.200}")
+    limits = plain.get("limits") or {}
+    if not isinstance(limits, dict):
+        raise ValueError(f"a command's limits must be a map, got {limits!r:.200}")
+    try:
+        return CommandSpec(**{**plain, "limits": Limits(**limits)})
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"bad command: {exc}") from None
+
+
+def _summary(out: OutputSummary | None) -> dict[str, Any] | None:
+    if out is None:
+        return None
+    return {
+        "size_bytes": out.size_bytes,
+        "cut": out.cut,
+        "head": out.head.decode("utf-8", "replace"),
+        "tail": out.tail.decode("utf-8", "replace"),
+    }
+
+
+def record_outputs(record: CommandRecord) -> dict[str, Any]:
+    """A command task's outputs: ``record`` as plain data (JSON-ready; output snippets as text)."""
+    out = {f.name: getattr(record, f.name) for f in attrs.fields(CommandRecord)}
+    out["verdict"] = record.verdict.value
+    out["enforcement"] = record.enforcement.value
+    out["limits_hit"] = [v.value for v in record.limits_hit]
+    out["unenforced"] = list(record.unenforced)
+    out["stdout"] = _summary(record.stdout)
+    out["stderr"] = _summary(record.stderr)
+    return out

@@ -8,9 +8,14 @@ finds a task's processes without cgroups; ``sandbox`` wraps a command in
 bubblewrap; ``files`` checks the names of a task's files; ``runner`` runs
 one command with trio and returns its
 :class:`~tasksprint.exec.spec.CommandRecord`.
+
+Importing the package loads only the values: the coordinator's state
+machine checks command specs and must not load trio; ``run_command`` and
+``TaskEnv`` load the runner when first named.
 """
 
-from tasksprint.exec.runner import TaskEnv, run_command
+from typing import Any
+
 from tasksprint.exec.spec import (
     CommandRecord,
     CommandSpec,
@@ -38,3 +43,11 @@ __all__ = [
     "parse_time",
     "run_command",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("TaskEnv", "run_command"):
+        from tasksprint.exec import runner
+
+        return getattr(runner, name)
+    raise AttributeError(f"module 'tasksprint.exec' has no attribute {name!r}")

@@ -89,6 +89,10 @@ class Coordinator:
     def task_failed(self, tid: int, error: str) -> None:
         """Called when task ``tid`` failed on its last allowed attempt.
 
+        An override may declare a third parameter, ``record``: it then gets
+        the record of a failed command task's last run (plain data as in
+        :meth:`task_done`'s values; None for a node task).
+
         If a scheduler does not override this hook, such a failure ends the
         computation with a report naming the task and its error.  Tasks that
         depend on the failed task are killed before this hook runs.
@@ -98,7 +102,7 @@ class Coordinator:
 
     def start_task(
         self,
-        name: str,
+        name: str | None = None,
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
         pretasks: Sequence[int] = (),
@@ -109,6 +113,17 @@ class Coordinator:
         replicas: int = 1,
         retries: int = 2,
         timeout: float | None = None,
+        *,
+        cmd: str | None = None,
+        argv: Sequence[str] | None = None,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        stdin: str | None = None,
+        stdout: str | None = None,
+        stderr: str | None = None,
+        limits: Any = None,
+        sandbox: bool = False,
+        network: bool = False,
     ) -> int:
         """Create a task and return its id (an int).
 
@@ -123,6 +138,24 @@ class Coordinator:
         preferred.  ``replicas`` copies run on distinct clients and the first
         completion wins; a failed task is tried again up to ``retries``
         times; ``timeout`` (seconds) bounds each attempt.
+
+        A *command task* gives ``cmd`` (a bash command line, run as
+        ``bash -c``) or ``argv`` (a program and its arguments, no shell)
+        instead of ``name``, ``args`` and ``kwargs``; the worker client runs it
+        itself, no node needed.  ``cwd`` is its working directory, ``env``
+        variables added to its environment, ``stdin`` a file read as its
+        input, ``stdout`` / ``stderr`` files its output goes to (None: the
+        client captures it and keeps its size, head and tail), ``limits`` a
+        :class:`tasksprint.exec.Limits` or a dict of its fields
+        (``memory_bytes``, ``cpus``, ``cpuset``, ``pids``, ``wall_time_s``,
+        ``cpu_time_s``, ``output_bytes``), ``sandbox`` runs it under
+        bubblewrap (``network`` then allows the network).  Its outputs are the
+        record of its run (``verdict``, ``exit_code``, ``signal``, times,
+        ``peak_memory_bytes``, ...): all of them reach :meth:`task_done`
+        unless ``keys`` names fewer.  A non-zero exit, a signal or a limit is
+        a failure (retried as any task); :meth:`task_failed` gets an error
+        naming the verdict and, if it declares a ``record`` parameter, the
+        record too.
 
         Raises :class:`SchedulerUsageError` outside a hook, ``ValueError`` or
         ``TypeError`` for invalid arguments.
@@ -139,6 +172,16 @@ class Coordinator:
             replicas=replicas,
             retries=retries,
             timeout=timeout,
+            cmd=cmd,
+            argv=argv,
+            cwd=cwd,
+            env=env,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            limits=limits,
+            sandbox=sandbox,
+            network=network,
         )
 
     def kill_task(self, tid: int) -> list[int]:

@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""Command tasks: TaskSprint's throughput against ``xargs -P`` running the same commands.
+
+Two workloads, each as command tasks on a local cluster -- 3 replica
+processes (fsync on) and one worker client with ``--slots`` slots (default
+2) that runs command tasks only -- and, side by side in the same run, as
+``xargs -P SLOTS`` running the same command lines (the floor: no
+scheduling, no log, no accounting):
+
+``true``
+    2,000 tasks ``true``.
+``sleep``
+    500 tasks ``sleep 0.01``.
+
+Every task is ``bash -c COMMAND`` in both systems.  TaskSprint's tasks run
+with a limit (``pids``), so each gets a task group: a cgroup where the client
+can make one (as root), else rlimits; the record says which.
+
+What is timed: for TaskSprint, from the replica's ``client_joined`` entry
+(the scheduler starts all tasks when the client joins) to its
+``computation_finished`` entry, as stamped by the replica that applied the
+finish first; for xargs, its whole run.
+
+Usage::
+
+    python bench/commands.py                # both workloads
+    python bench/commands.py --scale 0.1    # a tenth of the tasks
+    python bench/commands.py --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from tasksprint.run import LocalRun
+
+WORKLOADS = {"true": ("true", 2000), "sleep": ("sleep 0.01", 500)}
+
+SCHEDULER = """
+from tasksprint import Coordinator
+
+
+class Commands(Coordinator):
+    def init(self, seed):
+        self.left = None
+        self.enforcement = None
+
+    def client_joined(self, cid):
+        if self.left is None:
+            self.left = N
+            for _ in range(N):
+                self.start_task(cmd=COMMAND, limits={"pids": 64}, keys=["enforcement"])
+
+    def task_done(self, tid, values):
+        self.enforcement = values["enforcement"]
+        self.left -= 1
+        if self.left == 0:
+            self.finish(values={"done": N, "enforcement": self.enforcement})
+"""
+
+
+class _CommandClients(LocalRun):
+    """A local run whose client starts without a node: it runs command tasks only."""
+
+    def client_command(self, i: int) -> list[str]:
+        cmd = super().client_command(i)
+        at = cmd.index("--node")
+        return cmd[:at] + cmd[at + 2 :]
+
+
+def _events(path: Path, name: str) -> list[float]:
+    stamps = []
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+        if line.startswith("{") and f'"{name}"' in line:
+            event = json.loads(line)
+            if event.get("event") == name:
+                stamps.append(datetime.datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp())
+    return stamps
+
+
+def run_tasksprint(command: str, n: int, slots: int, tmp: Path) -> dict[str, Any]:
+    base = tmp / f"tasksprint-{n}"
+    base.mkdir()
+    scheduler = base / "scheduler.py"
+    scheduler.write_text(f"N = {n}\nCOMMAND = {command!r}\n{SCHEDULER}")
+    run = _CommandClients(f"{scheduler}:Commands", "", 3, 1, slots, base / "run", None, 600)
+    t0 = time.time()
+    try:
+        run.start()
+        status = trio.run(run.wait_status)
+    finally:
+        run.stop()
+    if status["state"] != "finished" or status["result"]["values"]["done"] != n:
+        raise RuntimeError(f"the computation ended {status['state']}: {status.get('failure')}")
+    spans = []
+    for i in range(3):
+        log = base / "run" / f"replica{i}.log"
+        joins, ends = _events(log, "client_joined"), _events(log, "computation_finished")
+        if joins and ends:
+            spans.append((ends[0], ends[0] - joins[0]))
+    seconds = min(spans)[1]
+    return {
+        "seconds": seconds,
+        "tasks_per_s": n / seconds,
+        "startup_included_s": time.time() - t0,
+        "enforcement": status["result"]["values"]["enforcement"],
+    }
+
+
+def run_xargs(command: str, n: int, slots: int) -> dict[str, Any]:
+    lines = "".join(f"{command}\n" for _ in range(n))
+    t0 = time.perf_counter()
+    xargs = ["xargs", "-P", str(slots), "-d", "\\n", "-n", "1", "bash", "-c"]
+    subprocess.run(xargs, input=lines, text=True, check=True)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "tasks_per_s": n / seconds}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--slots", type=int, default=2)
+    p.add_argument("--scale", type=float, default=1.0, help="fraction of the tasks to run")
+    p.add_argument("--only", choices=sorted(WORKLOADS))
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = p.parse_args(argv)
+    report: dict[str, Any] = {"slots": args.slots, "workloads": {}}
+    with tempfile.TemporaryDirectory(prefix="tasksprint-bench-commands-") as tmp:
+        for name, (command, count) in WORKLOADS.items():
+            if args.only and name != args.only:
+                continue
+            n = max(1, int(count * args.scale))
+            xargs = run_xargs(command, n, args.slots)
+            ours = run_tasksprint(command, n, args.slots, Path(tmp))
+            report["workloads"][name] = {
+                "command": command,
+                "tasks": n,
+                "tasksprint": ours,
+                "xargs": xargs,
+                "slowdown": ours["seconds"] / xargs["seconds"],
+            }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{'workload':10} {'tasks':>6} {'tasksprint/s':>13} {'xargs/s':>9} {'slowdown':>9}  enforcement")
+    for name, w in report["workloads"].items():
+        print(
+            f"{name:10} {w['tasks']:6d} {w['tasksprint']['tasks_per_s']:13.1f} {w['xargs']['tasks_per_s']:9.1f} "
+            f"{w['slowdown']:8.2f}x  {w['tasksprint']['enforcement']}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Running command tasks in a worker client: an assignment in, a log command out.
+
+A command task is an :class:`~tasksprint.coordinator.replies.Assignment`
+of the reserved method :data:`~tasksprint.coordinator.specs.COMMAND_TASK`
+whose kwargs carry its command.  :class:`CommandTasks` parses the command
+(a malformed one fails the task), runs it with
+:func:`tasksprint.exec.runner.run_command` under the limits it asks for
+(in a cgroup where this client can make one, else with rlimits) and turns
+the record into the task's outputs or its failure.  Cancelling the caller
+kills the command's whole process tree.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import attrs
+
+from tasksprint.coordinator.replies import Assignment
+from tasksprint.coordinator.specs import command_from_kwargs, record_outputs
+from tasksprint.exec.cgroup import CgroupLayout, detect_cgroups, sweep_stale_groups
+from tasksprint.exec.runner import TaskEnv, run_command
+from tasksprint.exec.spec import CommandRecord, Verdict
+
+__all__ = ["CommandOutcome", "CommandTasks", "failure_text"]
+
+
+@attrs.frozen(kw_only=True)
+class CommandOutcome:
+    """How a command task went: ``outputs`` (its record as plain data) and ``error`` (None: it succeeded)."""
+
+    outputs: dict
+    error: str | None
+    seconds: float
+
+
+def failure_text(record: CommandRecord) -> str:
+    """One line saying why a run failed, naming its verdict."""
+    parts = [f"command failed: verdict {record.verdict.value}"]
+    if record.exit_code is not None:
+        parts.append(f"exit code {record.exit_code}")
+    if record.signal is not None:
+        parts.append(f"signal {record.signal}")
+    if record.limits_hit:
+        parts.append("limits hit " + ", ".join(v.value for v in record.limits_hit))
+    parts.append(f"after {record.elapsed_s:.3f}s on {record.host}")
+    if record.detail:
+        parts.append(record.detail)
+    return "; ".join(parts)
+
+
+@attrs.define(eq=False)
+class CommandTasks:
+    """The command runner of one client named ``client``."""
+
+    client: str
+    host: str = attrs.Factory(socket.gethostname)
+    _cgroups: CgroupLayout | None = None
+
+    def start(self) -> None:
+        """Find where task groups go and remove those a dead client left behind."""
+        self._cgroups = detect_cgroups()
+        if self._cgroups is not None:
+            sweep_stale_groups(self._cgroups)
+
+    async def run(self, task: Assignment) -> CommandOutcome:
+        """Run ``task``'s command to its end (cancelling kills its process tree)."""
+        try:
+            spec = command_from_kwargs(task.kwargs)
+        except ValueError as exc:
+            return CommandOutcome(outputs={}, error=str(exc), seconds=0.0)
+        if task.timeout is not None and spec.limits.wall_time_s is None:
+            # start_task(timeout=...) bounds each attempt, as for a node task.
+            limits = attrs.evolve(spec.limits, wall_time_s=float(task.timeout))  # type: ignore[misc]
+            spec = attrs.evolve(spec, limits=limits)  # type: ignore[misc]
+        record = await run_command(
+            spec,
+            task_env=TaskEnv(task_id=str(task.tid), attempt=task.attempt, client=self.client),
+            cgroups=self._cgroups,
+            host=self.host,
+        )
+        outputs = record_outputs(record)
+        error = None if record.verdict is Verdict.OK else failure_text(record)
+        return CommandOutcome(outputs=outputs, error=error, seconds=record.elapsed_s)

@@ -1,0 +1,55 @@
+"""``tasksprint execute``: kolejka's own one-line example runs unchanged on a local cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from test_cluster_e2e import EXIT_GRACE_SECONDS, MARK_ENV, stop_leftovers, tasksprint_command
+
+pytestmark = pytest.mark.slow
+
+# The example of kolejka's README: uname in a container, with limits, stdout collected.
+KOLEJKA_TASK = {
+    "image": "ubuntu:xenial",
+    "args": ["uname"],
+    "limits": {"memory": "64M", "cpus": "1", "pids": "16", "time": "1s"},
+    "stdout": "stdout.txt",
+}
+
+
+def _execute(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, Path]:
+    task, result = tmp_path / "task", tmp_path / "result"
+    task.mkdir()
+    (task / "kolejka_task.json").write_text(json.dumps(KOLEJKA_TASK))
+    env = {**os.environ, MARK_ENV: str(tmp_path)}
+    try:
+        done = subprocess.run(
+            [*tasksprint_command(), "execute", str(task), str(result), "--timeout", "120", *extra],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=240,
+        )
+    finally:
+        killed = stop_leftovers(str(tmp_path), EXIT_GRACE_SECONDS)
+    assert not killed, f"processes left running: {killed}"
+    return done, result
+
+
+def test_the_kolejka_example_gives_its_documented_result(tmp_path: Path) -> None:
+    done, result = _execute(tmp_path, "--ignore-image")
+    assert done.returncode == 0, done.stderr
+    written = json.loads((result / "kolejka_result.json").read_text())
+    assert written["result"] == 0 and written["files"] == ["stdout.txt"], written
+    assert written["verdict"] == "ok" and written["stats"]["elapsed_s"] >= 0, written
+    assert (result / "stdout.txt").read_text() == "Linux\n"
+
+
+def test_a_task_with_an_image_is_refused_without_ignore_image(tmp_path: Path) -> None:
+    done, result = _execute(tmp_path)
+    assert done.returncode == 2 and "--ignore-image" in done.stderr, done.stderr
+    assert not result.exists()
