@@ -21,7 +21,7 @@ from typing import Any, TypeVar, cast, dataclass_transform
 import attrs
 import cbor2
 
-__all__ = ["BadMessage", "message", "register", "encode", "decode", "decode_untrusted", "OBJECT_TAG"]
+__all__ = ["BadMessage", "field_names", "message", "register", "encode", "decode", "decode_untrusted", "OBJECT_TAG"]
 
 #: CBOR tag number for a registered object (in the first-come-first-served range).
 OBJECT_TAG = 55799 + 4242
@@ -71,6 +71,11 @@ def message(cls: T) -> T:
             commit: int = attrs.field(validator=non_negative)
     """
     return register(attrs.frozen(kw_only=True)(cls))
+
+
+def field_names(cls: type) -> tuple[str, ...]:
+    """The fields of a registered message class, in wire order."""
+    return _fields[cls]
 
 
 def _default(encoder: cbor2.CBOREncoder, value: Any) -> None:

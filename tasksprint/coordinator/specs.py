@@ -51,7 +51,7 @@ __all__ = [
 #: The method name of a command task: never a node method's (not an identifier).
 COMMAND_TASK = "tasksprint:command"
 #: A command task's outputs: the fields of its record.
-COMMAND_KEYS: tuple[str, ...] = tuple(f.name for f in attrs.fields(CommandRecord))
+COMMAND_KEYS: tuple[str, ...] = codec.field_names(CommandRecord)
 _COMMAND_FIELDS = ("cmd", "argv", "cwd", "env", "stdin", "stdout", "stderr", "limits", "sandbox", "network")
 
 
@@ -216,10 +216,10 @@ def _command_call(call: Mapping[str, Any]) -> CommandSpec | None:
         return None
     limits = given.get("limits")
     if isinstance(limits, dict):
-        unknown = sorted(set(limits) - {f.name for f in attrs.fields(Limits)})
+        unknown = sorted(set(limits) - set(codec.field_names(Limits)))
         if unknown:
             raise ValueError(
-                f"start_task(limits=...) has unknown keys {unknown}; known: {[f.name for f in attrs.fields(Limits)]}"
+                f"start_task(limits=...) has unknown keys {unknown}; known: {list(codec.field_names(Limits))}"
             )
         given["limits"] = Limits(**limits)
     elif limits is not None and not isinstance(limits, Limits):
@@ -232,7 +232,7 @@ def _command_call(call: Mapping[str, Any]) -> CommandSpec | None:
 
 def command_kwargs(spec: CommandSpec) -> dict[str, Any]:
     """``spec`` as the plain-data kwargs of a command task (what the log and ``info`` carry)."""
-    limits = {f.name: getattr(spec.limits, f.name) for f in attrs.fields(Limits)}
+    limits = {name: getattr(spec.limits, name) for name in codec.field_names(Limits)}
     if limits["cpuset"] is not None:
         limits["cpuset"] = list(limits["cpuset"])
     return {
@@ -278,7 +278,7 @@ def _summary(out: OutputSummary | None) -> dict[str, Any] | None:
 
 def record_outputs(record: CommandRecord) -> dict[str, Any]:
     """A command task's outputs: ``record`` as plain data (JSON-ready; output snippets as text)."""
-    out = {f.name: getattr(record, f.name) for f in attrs.fields(CommandRecord)}
+    out = {name: getattr(record, name) for name in codec.field_names(CommandRecord)}
     out["verdict"] = record.verdict.value
     out["enforcement"] = record.enforcement.value
     out["limits_hit"] = [v.value for v in record.limits_hit]
