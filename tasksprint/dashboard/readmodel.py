@@ -130,13 +130,13 @@ class Snapshot:
 
 def replica_from_reply(address: str, reply: Any) -> ReplicaRow:
     """A :class:`ReplicaRow` from a ``ReplicaStatus`` reply (read field by field)."""
-    leader = field(reply, "leader")
+    leader = _int(field(reply, "leader"), -1)
     return ReplicaRow(
         address=address,
         up=True,
         rid=_int(field(reply, "rid"), -1),
         role=_str(field(reply, "role")),
-        leader=leader if isinstance(leader, int) else None,
+        leader=leader if leader >= 0 else None,
         ballot=_str(field(reply, "ballot")),
         commit=_int(field(reply, "commit")),
         applied=_int(field(reply, "applied")),
