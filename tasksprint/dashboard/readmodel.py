@@ -275,6 +275,8 @@ class Poller:
     timeout: float = 2.0
     clock: Callable[[], float] = time.time
     _channel: ReplicaChannel | None = None
+    # The channel keeps one connection: one question at a time (the poll loop and page requests share it).
+    _asking: trio.Lock = attrs.Factory(trio.Lock)
 
     def _chan(self) -> ReplicaChannel:
         if self._channel is None:
@@ -299,19 +301,22 @@ class Poller:
         top = max((r.applied for r in rows if r.up), default=0)
         rows = [attrs.evolve(r, lag=top - r.applied) if r.up else r for r in rows]
         leader = _leader_of(rows)
-        if leader is not None and 0 <= leader < len(self.addrs):
-            await chan.prefer(leader)  # the leader is the most up to date
         computation: dict[str, Any] = {}
-        try:
-            computation = computation_from_reply(await chan.ask_any(StatusRequest(), timeout=self.timeout))
-        except (Unreachable, trio.TooSlowError):
-            pass  # no replica answered, or no coordinator runs there
+        async with self._asking:
+            if leader is not None and 0 <= leader < len(self.addrs):
+                await chan.prefer(leader)  # the leader is the most up to date
+            try:
+                computation = computation_from_reply(await chan.ask_any(StatusRequest(), timeout=self.timeout))
+            except (Unreachable, trio.TooSlowError):
+                pass  # no replica answered, or no coordinator runs there
         return Snapshot(at=self.clock(), replicas=tuple(rows), leader=leader, **computation)
 
     async def task(self, tid: int) -> dict[str, Any] | None:
         """Task ``tid``'s ``info`` as plain data; None if there is no such task or nobody answered."""
         try:
-            return task_from_reply(await self._chan().ask_any(InfoRequest(tid=tid), timeout=self.timeout))
+            async with self._asking:
+                reply = await self._chan().ask_any(InfoRequest(tid=tid), timeout=self.timeout)
+            return task_from_reply(reply)
         except (Unreachable, trio.TooSlowError):
             return None
 
