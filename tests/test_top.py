@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pty
 import re
@@ -16,6 +17,7 @@ import pytest
 from rich.console import Console
 
 from tasksprint.dashboard.readmodel import History, ReplicaRow, Snapshot
+from tasksprint.run import progress_bar
 from tasksprint.top import render
 from tests.monitor_cluster import WAIT_SECONDS, gated_run, open_gate
 
@@ -95,3 +97,22 @@ def test_top_in_a_terminal_follows_a_computation(tmp_path: Path) -> None:
                 proc.kill()
                 proc.wait()
             os.close(master)
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_run_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere() -> None:
+    assert progress_bar(io.StringIO()) is None
+    assert progress_bar(None) is None
+    out = FakeTerminal()
+    bar = progress_bar(out)
+    assert bar is not None
+    status = {"state": "running", "tasks": {"done": 3, "running": 2, "failed": 0, "total": 8}}
+    bar.update(status, 1)
+    bar.update({**status, "tasks": {**status["tasks"], "done": 5}}, 1)
+    bar.close()
+    screen = ANSI.sub("", out.getvalue())
+    assert "5/8" in screen and "ETA" in screen and "leader: replica 1" in screen
