@@ -279,13 +279,15 @@ async def serve_metrics(
     port: int,
     registry: CollectorRegistry,
     *,
+    credentials: Any = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``registry`` at ``http://host:port/metrics`` until cancelled; reports the bound port.
 
-    Loopback only unless credentials guard it: see
-    :func:`tasksprint.dashboard.server.serve` for a guarded server.
+    Loopback only unless ``credentials`` (a
+    :class:`~tasksprint.dashboard.server.Credentials`) guard it: raises
+    :class:`~tasksprint.dashboard.server.BindRefused` otherwise.
     """
     from tasksprint.dashboard.server import serve_app
 
-    await serve_app(metrics_app(registry), host, port, task_status=task_status)
+    await serve_app(metrics_app(registry), host, port, credentials=credentials, task_status=task_status)
