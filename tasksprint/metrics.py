@@ -43,6 +43,7 @@ __all__ = [
     "VALUES",
     "ClusterCollector",
     "PrometheusObserver",
+    "RegistryCollector",
     "metrics_app",
     "observer",
     "serve_metrics",
@@ -255,6 +256,16 @@ class ClusterCollector(Collector):
             running.add_metric([str(c.cid), c.name], c.running)
         yield slots
         yield running
+
+
+@attrs.define(eq=False)
+class RegistryCollector(Collector):
+    """Every metric of another registry (a process's own, served beside the cluster's)."""
+
+    registry: CollectorRegistry
+
+    def collect(self) -> Iterator[Any]:
+        yield from self.registry.collect()
 
 
 def exposition(registry: CollectorRegistry) -> bytes:

@@ -170,3 +170,26 @@ async def test_credentials_are_required_when_configured() -> None:
         right = base64.b64encode(b"ops:s3cret").decode()
         assert (await get(url + "/api/snapshot", headers={"Authorization": f"Basic {right}"}))[0] == 200
         nursery.cancel_scope.cancel()
+
+
+async def test_a_process_serves_its_own_metrics_with_the_clusters() -> None:
+    from tasksprint.dashboard.server import serve_dashboard
+    from tasksprint.localcluster import free_ports
+    from tasksprint.metrics import observer
+    from tests.test_metrics import key, samples
+
+    own = observer("replica")
+    own.count("node.restart", 3)
+    (nobody,) = free_ports(1)  # no replica listens there: it is reported down
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(
+            lambda task_status: serve_dashboard(
+                [("127.0.0.1", nobody)], b"s" * 32, "127.0.0.1", 0, own_metrics=own.registry, task_status=task_status
+            )
+        )
+        code, body = await get(f"http://127.0.0.1:{port}/metrics")
+        nursery.cancel_scope.cancel()
+    assert code == 200
+    got = samples(body)
+    assert got[key("tasksprint_node_restarts_total", role="replica")] == 3
+    assert got[key("tasksprint_replica_up", replica="0", address=f"127.0.0.1:{nobody}")] == 0

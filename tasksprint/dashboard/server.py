@@ -283,18 +283,28 @@ async def serve_dashboard(
     *,
     interval: float = 1.0,
     credentials: Credentials | None = None,
+    own_metrics: CollectorRegistry | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Poll the replicas at ``addrs`` and serve the dashboard until cancelled; reports the bound port.
 
-    Raises :class:`BindRefused` for a non-loopback ``host`` without ``credentials``.
+    ``own_metrics`` (a replica's or a client's
+    :class:`~tasksprint.metrics.PrometheusObserver` registry) is served at
+    ``/metrics`` with the cluster's.  Raises :class:`BindRefused` for a
+    non-loopback ``host`` without ``credentials``.
+
+    A replica started with ``--http HOST:PORT`` runs this in its nursery::
+
+        await nursery.start(serve_dashboard, peers, secret, host, port, own_metrics=observer.registry)
     """
-    from tasksprint.metrics import ClusterCollector
+    from tasksprint.metrics import ClusterCollector, RegistryCollector
 
     check_bind(host, credentials)
     dashboard = Dashboard(Poller(addrs, secret), interval=interval)
     registry = CollectorRegistry(auto_describe=True)
     registry.register(ClusterCollector(lambda: dashboard.latest, dashboard.history))
+    if own_metrics is not None:
+        registry.register(RegistryCollector(own_metrics))
     app = build_app(dashboard, registry)
     async with trio.open_nursery() as nursery:
         await nursery.start(dashboard.run)
