@@ -26,7 +26,7 @@ from tasksprint.dashboard.server import (
     is_loopback,
     serve_app,
 )
-from tests.monitor_cluster import get
+from tests.monitor_cluster import WAIT_SECONDS, get
 
 STATUS = {
     "state": "running",
@@ -147,11 +147,12 @@ async def test_pages_api_and_events() -> None:
         stream = await trio.open_tcp_stream(host, int(port))
         await stream.send_all(f"GET /events HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n".encode())
         received = b""
-        while received.count(b"event: snapshot") < 1:
-            received += await stream.receive_some()
-        await dashboard.poll_once()
-        while received.count(b"event: snapshot") < 2:
-            received += await stream.receive_some()
+        with trio.fail_after(WAIT_SECONDS):  # only turns a hang into a failure
+            while received.count(b"event: snapshot") < 1:
+                received += await stream.receive_some()
+            await dashboard.poll_once()
+            while received.count(b"event: snapshot") < 2:
+                received += await stream.receive_some()
         last = received.rsplit(b"data: ", 1)[1].split(b"\n\n", 1)[0]
         assert json.loads(last)["polls"] == 4
         await stream.aclose()

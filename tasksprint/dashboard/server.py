@@ -190,9 +190,10 @@ class Dashboard:
             with trio.CancelScope(shield=True):
                 await self.poller.aclose()
 
-    async def next_poll(self) -> None:
-        """Wait until the next poll has been recorded."""
-        await self._polled.wait()
+    async def wait_beyond(self, polls: int) -> None:
+        """Wait until more than ``polls`` polls have been recorded (at once if they have)."""
+        while self._polls <= polls:
+            await self._polled.wait()
 
     def state(self) -> dict[str, Any]:
         """What ``/api/snapshot`` and each event carry."""
@@ -252,8 +253,11 @@ def build_app(dashboard: Dashboard, registry: CollectorRegistry) -> Starlette:
         async def stream() -> Any:
             # The current state at once, then one event after every poll.
             while True:
+                # Counted, not awaited as an event: a poll recorded while this
+                # event was being sent must not be missed.
+                sent = dashboard.polls
                 yield f"event: snapshot\ndata: {_json(dashboard.state())}\n\n"
-                await dashboard.next_poll()
+                await dashboard.wait_beyond(sent)
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
