@@ -98,7 +98,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, help="give up after this many seconds")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="console", choices=["console", "json"])
+    _add_monitor_parsers(sub)
     return parser
+
+
+def _add_monitor_parsers(sub: Any) -> None:
+    """The read-only monitors: ``dashboard`` (web) and ``top`` (terminal)."""
+    p = sub.add_parser("dashboard", help="serve a read-only web dashboard (and /metrics) of a cluster")
+    p.add_argument("--coordinators", required=True, help="HOST:PORT of the replicas, comma-separated")
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:8470",
+        metavar="HOST:PORT",
+        help="where to serve (default %(default)s; a non-loopback address needs --auth-file)",
+    )
+    p.add_argument("--auth-file", type=Path, help="file with one line user:password that every request must carry")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between polls of the replicas")
+    add_common_arguments(p)
+
+    p = sub.add_parser("top", help="a live terminal view of a cluster and its computation")
+    p.add_argument("--coordinators", required=True, help="HOST:PORT of the replicas, comma-separated")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between polls of the replicas")
+    p.add_argument("--once", action="store_true", help="print one view and exit")
+    add_common_arguments(p)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
                 from tasksprint.execute import execute
 
                 return execute(args.task_dir, args.result_dir, ignore_image=args.ignore_image, timeout=args.timeout)
+            case "dashboard":
+                return _cmd_dashboard(args)
+            case "top":
+                return _cmd_top(args)
     except wire.SecretError as exc:
         print(f"tasksprint: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -320,6 +346,57 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
         print(f"tasksprint cancel: {error}", file=sys.stderr)
         return 1
     return 0 if ok else 1
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from tasksprint.config import parse_peers
+    from tasksprint.dashboard.server import BindRefused, Credentials, check_bind, serve_dashboard
+
+    host, _, port = args.listen.rpartition(":")
+    try:
+        credentials = Credentials.from_file(args.auth_file) if args.auth_file else None
+        addrs = list(parse_peers(args.coordinators))
+        listen_port = int(port)
+    except (OSError, ValueError) as exc:
+        print(f"tasksprint dashboard: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        check_bind(host, credentials)
+    except BindRefused as exc:
+        print(f"tasksprint dashboard: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    async def serve() -> None:
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(
+                lambda task_status: serve_dashboard(
+                    addrs,
+                    cluster_secret(args),
+                    host,
+                    listen_port,
+                    interval=args.interval,
+                    credentials=credentials,
+                    task_status=task_status,
+                )
+            )
+            print(f"dashboard at http://{args.listen.rpartition(':')[0] or host}:{bound}/", file=sys.stderr, flush=True)
+
+    try:
+        trio.run(serve)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _cmd_top(args: argparse.Namespace) -> int:
+    from tasksprint.config import parse_peers
+    from tasksprint.top import run_top
+
+    try:
+        return run_top(list(parse_peers(args.coordinators)), cluster_secret(args), args.interval, once=args.once)
+    except KeyboardInterrupt:
+        return 0
 
 
 def _status_dict(st: Any) -> dict:

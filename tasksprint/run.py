@@ -134,6 +134,16 @@ class LocalRun:
     async def _poll_status(self, channel: ReplicaChannel) -> dict[str, Any]:
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         last_line = ""
+        bar = progress_bar(self.progress)  # None unless progress goes to a terminal
+        try:
+            return await self._poll_loop(channel, deadline, last_line, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    async def _poll_loop(
+        self, channel: ReplicaChannel, deadline: float | None, last_line: str, bar: ProgressBar | None
+    ) -> dict[str, Any]:
         while True:
             try:
                 st = await channel.status()
@@ -145,7 +155,9 @@ class LocalRun:
             if st.leader is not None and st.leader != st.rid:
                 await channel.prefer(st.leader)  # read from the leader: it is the most up to date
             line = progress_line(status, st.leader)
-            if self.progress is not None and line != last_line:
+            if bar is not None:
+                bar.update(status, st.leader)
+            elif self.progress is not None and line != last_line:
                 print(line, file=self.progress, flush=True)
                 last_line = line
             if status["state"] in ("finished", "failed"):
@@ -166,6 +178,65 @@ def progress_line(status: dict[str, Any], leader: int | None) -> str:
         f"{t.get('pending', 0)} pending, {t.get('failed', 0)} failed, {t.get('killed', 0)} killed / {t['total']}"
         f" | clients: {status['clients']['live']} live, {status['clients']['dead']} dead | leader: replica {leader}"
     )
+
+
+@attrs.define(eq=False)
+class ProgressBar:
+    """Tasks done of total, rate and ETA, redrawn in place on a terminal (rich)."""
+
+    stream: TextIO
+    _progress: Any = None
+    _task: Any = None
+
+    def __attrs_post_init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("[bold]{task.fields[state]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]} tasks/s"),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[detail]}"),
+            console=Console(file=self.stream),
+            auto_refresh=False,
+        )
+        self._task = self._progress.add_task("tasks", total=None, state="waiting", rate="-", detail="")
+        self._progress.start()
+
+    def update(self, status: dict[str, Any], leader: int | None) -> None:
+        """Redraw for a ``status`` answer."""
+        t = status["tasks"]
+        self._progress.update(
+            self._task,
+            total=t["total"] or None,
+            completed=t.get("done", 0),
+            state=status["state"],
+            detail=f"{t.get('running', 0)} running, {t.get('failed', 0)} failed | leader: replica {leader}",
+        )
+        speed = self._progress.tasks[0].speed
+        self._progress.update(self._task, rate="-" if speed is None else f"{speed:.1f}", refresh=True)
+
+    def close(self) -> None:
+        self._progress.stop()
+
+
+def progress_bar(stream: TextIO | None) -> ProgressBar | None:
+    """A :class:`ProgressBar` on ``stream`` if it is a terminal; None (plain lines) otherwise."""
+    isatty = getattr(stream, "isatty", None)
+    if stream is None or isatty is None or not isatty():
+        return None
+    return ProgressBar(stream)
 
 
 def failure_report(status: dict[str, Any]) -> str:

@@ -1,0 +1,117 @@
+"""``tasksprint top``: a live terminal view of a cluster and its computation, with rich.
+
+It shows what the dashboard shows (the same
+:class:`~tasksprint.dashboard.readmodel.Poller` snapshots): the replicas with
+their role, ballot, commit and applied index, lag and commit latency, up or
+down; the computation's state and tasks by state with a progress bar, the
+throughput over the last polls; the live worker clients.  :func:`render`
+is a pure function of a snapshot and its history; :func:`run_top` polls
+and redraws until interrupted.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import trio
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from tasksprint.dashboard.readmodel import TASK_STATES, History, Poller, Snapshot
+
+__all__ = ["render", "run_top"]
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def render(snap: Snapshot, history: History) -> Group:
+    """The screen for ``snap`` (and the throughput and leader changes of ``history``)."""
+    replicas = Table(title="replicas", title_justify="left", expand=False)
+    for col in ("replica", "address", "status", "role", "ballot", "commit", "applied", "lag", "p50 ms", "p99 ms"):
+        replicas.add_column(col)
+    for i, r in enumerate(snap.replicas):
+        rid = str(r.rid if r.rid is not None else i)
+        if not r.up:
+            replicas.add_row(rid, r.address, Text("down", style="bold red"), *[""] * 7)
+            continue
+        style = "bold" if r.role == "leader" else ""
+        replicas.add_row(
+            rid,
+            r.address,
+            Text("up", style="green"),
+            r.role,
+            r.ballot,
+            str(r.commit),
+            str(r.applied),
+            str(r.lag),
+            _ms(r.commit_p50_ms),
+            _ms(r.commit_p99_ms),
+            style=style,
+        )
+    leader = "none" if snap.leader is None else f"replica {snap.leader}"
+    header = Text.assemble(
+        ("computation: ", "dim"),
+        (snap.state or "no coordinator", "bold"),
+        ("   leader: ", "dim"),
+        (leader, "bold"),
+        ("   leader changes seen: ", "dim"),
+        str(history.leader_change_count),
+    )
+    parts: list[Any] = [header, replicas]
+    if snap.has_computation:
+        total = snap.tasks.get("total", 0)
+        done = snap.tasks.get("done", 0)
+        points = history.points[-10:]
+        rate = sum(p.throughput for p in points) / len(points) if points else 0.0
+        counts = "  ".join(f"{s} {snap.tasks.get(s, 0)}" for s in TASK_STATES)
+        parts.append(Text(f"tasks: {done}/{total} done   {counts}   {rate:.1f} tasks/s"))
+        parts.append(ProgressBar(total=max(total, 1), completed=done, width=60))
+        workers = Table(title="workers", title_justify="left")
+        for col in ("client", "name", "address", "slots", "running", "prefetching"):
+            workers.add_column(col)
+        for c in snap.clients:
+            workers.add_row(str(c.cid), c.name, c.addr, str(c.slots), str(c.running), str(c.prefetching))
+        parts.append(workers)
+        parts.append(Text(f"{len(snap.clients)} live, {snap.dead_clients} dead clients", style="dim"))
+    return Group(*parts)
+
+
+def run_top(
+    addrs: list[tuple[str, int]],
+    secret: bytes,
+    interval: float = 1.0,
+    *,
+    once: bool = False,
+    console: Console | None = None,
+) -> int:
+    """Poll the replicas at ``addrs`` and redraw every ``interval`` seconds until Ctrl-C; returns the exit code.
+
+    ``once`` prints one view and returns 0 if any replica answered, 1 if none did.
+    """
+    console = console or Console(file=sys.stdout)
+
+    async def main() -> int:
+        poller = Poller(addrs, secret)
+        history = History()
+        try:
+            snap = await poller.poll()
+            history.add(snap)
+            if once:
+                console.print(render(snap, history))
+                return 0 if any(r.up for r in snap.replicas) else 1
+            with Live(render(snap, history), console=console, auto_refresh=False, screen=False) as live:
+                while True:
+                    await trio.sleep(interval)
+                    snap = await poller.poll()
+                    history.add(snap)
+                    live.update(render(snap, history), refresh=True)
+        finally:
+            await poller.aclose()
+
+    return trio.run(main)
