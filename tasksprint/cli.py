@@ -21,7 +21,8 @@ import structlog
 import trio
 
 from tasksprint import launch, wire
-from tasksprint.launch import EXIT_USAGE, add_common_arguments, cluster_secret, configure_logging
+from tasksprint.launch import EXIT_USAGE, add_common_arguments, cluster_secret, configure_logging, load_observer
+from tasksprint.observe import ObserverSpecError
 
 __all__ = ["build_parser", "configure_logging", "main"]
 
@@ -208,6 +209,12 @@ def _cmd_client(args: argparse.Namespace) -> int:
             **({"name": args.name} if args.name else {}),
         )
     except ValueError as exc:
+        print(f"tasksprint client: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        # Loaded here so that a bad TASKSPRINT_OBSERVER stops the client before it joins.
+        load_observer("client")
+    except ObserverSpecError as exc:
         print(f"tasksprint client: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.spill_dir is not None:
