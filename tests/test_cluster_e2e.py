@@ -29,10 +29,11 @@ Schedulers are small files written into ``tmp_path``; the nodes are
 Timing: every wait polls until a condition holds and is bounded by a
 generous deadline that only turns a hang into a failure; no test asserts
 how long anything took.  Each test's processes carry a marker in their
-environment, so that whatever a test started -- replicas, clients, nodes,
-a ``tasksprint run`` -- is found when it ends: anything still running a
-few seconds after the test stopped its cluster is killed, and the test
-fails, since the runtime should have stopped it.
+environment (the shared ``no_leaks`` fixture of ``conftest.py``), so that
+whatever a test started -- replicas, clients, nodes, a ``tasksprint run``
+-- is found when it ends: anything still running a few seconds after the
+test stopped its cluster is killed, and the test fails, since the runtime
+should have stopped it.
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -54,8 +54,8 @@ from typing import Any, TypeVar
 import pytest
 import trio
 
-from tasksprint import wire
 from tasksprint.api import ReplicaStatus
+from tasksprint.channel import ASK_ERRORS
 from tasksprint.localcluster import LocalCluster
 from tasksprint.log_client import LogClient
 from tasksprint.run import LocalRun
@@ -80,22 +80,8 @@ CLI_SECONDS = 60
 POLL_SECONDS = 0.05
 # Seconds of silence before a client is declared dead, in the tests about client deaths.
 CLIENT_TIMEOUT = 3.0
-# How long processes a test started get to exit on their own after it stopped them.
-EXIT_GRACE_SECONDS = 10.0
 
-# Every process a test starts inherits MARK_ENV=<its tmp_path>.
-MARK_ENV = "TASKSPRINT_E2E_MARK"
 SCALE_ENV = "TASKSPRINT_TIMEOUT_SCALE"
-
-_QUERY_ERRORS = (
-    OSError,
-    RuntimeError,
-    trio.TooSlowError,
-    trio.BrokenResourceError,
-    trio.ClosedResourceError,
-    wire.BadMessage,
-    wire.ConnectionClosed,
-)
 
 T = TypeVar("T")
 
@@ -115,23 +101,6 @@ def node_command(script: Path, *args: object) -> str:
     return shlex.join([sys.executable, str(script), *map(str, args)])
 
 
-def _marked_pids(mark: str) -> list[int]:
-    """Processes whose environment has MARK_ENV=``mark`` (a zombie's environment reads empty)."""
-    needle = f"{MARK_ENV}={mark}".encode()
-    me = os.getpid()
-    pids = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        try:
-            environ = Path(f"/proc/{entry.name}/environ").read_bytes()
-        except OSError:
-            continue  # gone meanwhile, or not ours
-        if needle in environ.split(b"\0"):
-            pids.append(int(entry.name))
-    return pids
-
-
 def pid_alive(pid: int) -> bool:
     """Whether ``pid`` is a live (not zombie) process."""
     try:
@@ -140,42 +109,6 @@ def pid_alive(pid: int) -> bool:
         return False
     # The state follows the parenthesised command name, which may contain spaces.
     return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
-
-
-def _describe_pid(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return "(gone)"
-
-
-def stop_leftovers(mark: str, grace: float) -> list[str]:
-    """Wait up to ``grace`` s for marked processes to exit; SIGKILL the rest.
-
-    Returns the command lines of the processes that had to be killed.
-    """
-    if not Path("/proc/self/environ").exists():
-        return []
-    deadline = time.monotonic() + grace
-    while True:
-        pids = [p for p in _marked_pids(mark) if pid_alive(p)]
-        if not pids:
-            return []
-        if time.monotonic() > deadline:
-            break
-        time.sleep(POLL_SECONDS)
-    killed = []
-    for pid in pids:
-        killed.append(f"{pid}: {_describe_pid(pid)}")
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    # Orphans are reaped by init; wait until none of them is alive any more.
-    deadline = time.monotonic() + 10
-    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(POLL_SECONDS)
-    return killed
 
 
 def run_cli(cmd: list[str], *, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
@@ -278,7 +211,7 @@ async def query(run: LocalRun, name: str, args: dict | None = None, *, replica: 
     for i in order:
         try:
             return await client.query(name, args or {}, addr=run.cluster.addrs[i], timeout=2.0)
-        except _QUERY_ERRORS:
+        except ASK_ERRORS:
             continue
     return None
 
@@ -287,7 +220,7 @@ async def replica_status(run: LocalRun, i: int) -> ReplicaStatus | None:
     assert run.cluster is not None
     try:
         return await LogClient(run.cluster.addrs, run.cluster.secret).status(run.cluster.addrs[i], timeout=2.0)
-    except _QUERY_ERRORS:
+    except ASK_ERRORS:
         return None
 
 
@@ -388,23 +321,7 @@ async def cli_json(run: LocalRun, *args: str) -> Any:
 
 
 @pytest.fixture
-def marked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """Mark every process this test starts; at the end, none may be left running.
-
-    Processes still alive ``EXIT_GRACE_SECONDS`` after the test stopped its
-    cluster are killed, and the test fails: something did not clean up.
-    """
-    mark = str(tmp_path)
-    monkeypatch.setenv(MARK_ENV, mark)
-    yield mark
-    killed = stop_leftovers(mark, EXIT_GRACE_SECONDS)
-    assert not killed, "processes left running after the cluster was stopped:\n" + "\n".join(killed)
-
-
-@pytest.fixture
-def computation(
-    request: pytest.FixtureRequest, tmp_path: Path, marked: str
-) -> Iterator[Callable[..., Awaitable[LocalRun]]]:
+def computation(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Awaitable[LocalRun]]]:
     """Start computations on local clusters; everything is stopped and reaped at the end.
 
     ``await computation(scheduler_spec, node_command, clients=2, slots=1,
@@ -460,7 +377,7 @@ def computation(
 # 1. The seed's own example, through the command line
 
 
-def test_monte_carlo_through_tasksprint_run_estimates_pi(tmp_path: Path, marked: str) -> None:
+def test_monte_carlo_through_tasksprint_run_estimates_pi(tmp_path: Path) -> None:
     cmd = [
         *tasksprint_command(),
         "run",
@@ -752,9 +669,7 @@ async def test_node_crash_on_first_attempt_is_retried_and_the_computation_finish
             assert "exited with code 3" in task["error"] and f"task {tid} (crash_once)" in task["error"], task
 
 
-def test_node_that_always_crashes_exhausts_its_retries_and_tasksprint_run_reports_it(
-    tmp_path: Path, marked: str
-) -> None:
+def test_node_that_always_crashes_exhausts_its_retries_and_tasksprint_run_reports_it(tmp_path: Path) -> None:
     spec = write_scheduler(
         tmp_path,
         "AlwaysCrash",

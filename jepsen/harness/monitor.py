@@ -15,18 +15,11 @@ from typing import Any
 
 import trio
 
-from tasksprint import wire
+from tasksprint.channel import ASK_ERRORS
 from tasksprint.log_client import LogClient
 
-PROBE_ERRORS = (
-    OSError,
-    RuntimeError,
-    trio.TooSlowError,
-    trio.BrokenResourceError,
-    trio.ClosedResourceError,
-    wire.BadMessage,
-    wire.ConnectionClosed,
-)
+# A replica that cannot be reached, or refuses the question, is left out of a probe.
+PROBE_ERRORS = ASK_ERRORS
 
 
 def probe_replicas(addrs: list[tuple[str, int]], secret: bytes, timeout: float = 1.0) -> list[dict | None]:
