@@ -13,7 +13,8 @@ non-deterministic part:
   leader has heard from nobody yet, so it counts every client as heard at the
   moment it took over: a grace period of one full timeout;
 * read-only queries, parsed by :func:`~tasksprint.coordinator.ops.parse_query`:
-  ``view`` (long-poll for one client's assignments), ``status``, ``info``.
+  ``view`` (long-poll for one client's assignments), ``status``, ``info``,
+  answered with the typed values of :mod:`tasksprint.coordinator.replies`.
   Building a view is reported to the app's observer as span
   ``machine.view``, with the value ``machine.tasks_per_view``.
 """
@@ -30,6 +31,7 @@ from tasksprint_sdk.coordinator import Coordinator, load_scheduler
 from tasksprint.app import NotYet
 from tasksprint.coordinator.machine import CoordinatorMachine, RunState
 from tasksprint.coordinator.ops import BadOp, InfoRequest, InitOp, StatusRequest, ViewRequest, parse_query
+from tasksprint.coordinator.replies import ComputationStatus, TaskInfo
 from tasksprint.observe import NULL, Observer
 from tasksprint.paxos.messages import Command
 
@@ -139,9 +141,9 @@ class CoordinatorApp:
                 self.observer.value("machine.tasks_per_view", len(view.tasks))
                 return view
             case StatusRequest():
-                return self.machine.status()
+                return ComputationStatus.of(self.machine.status())
             case InfoRequest(tid=tid):
-                return self.machine.task_info(tid)
+                return TaskInfo.of(self.machine.task_info(tid))
 
     def _note_contact(self, cid: int) -> None:
         self._contacts.add(cid)
