@@ -223,6 +223,7 @@ def _tasksprint_times(base: Path, replicas: int) -> dict[str, Any]:
 def _tasksprint(
     workload: str, n: int, clients: int, slots: int, tmp: Path, timeout: float, probe: bool, what_if: list[str]
 ) -> dict:
+    import attrs
     import trio
 
     from tasksprint.run import LocalRun
@@ -255,11 +256,11 @@ def _tasksprint(
         seen = time.time()
     finally:
         lr.stop()
-    if status["state"] != "finished":
-        raise RuntimeError(f"the computation ended {status['state']}: {status.get('failure')}")
+    if not status.finished or status.result is None:
+        raise RuntimeError(f"the computation ended {status.state}: {status.failure}")
     out = _tasksprint_times(base, 3)
     out["startup_included_s"] = seen - t0
-    out["check"] = status["result"]
+    out["check"] = attrs.asdict(status.result)
     out.pop("end_wall")
     if probe:
         from probe import summarize  # bench/tasks/probe.py

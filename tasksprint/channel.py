@@ -10,8 +10,12 @@ authenticated connection to the replica it currently asks, and moves to the
 next replica (round robin) when that one fails or stays silent; callers that
 learn who leads can :meth:`ReplicaChannel.prefer` it.  Questions are the
 typed requests of :mod:`tasksprint.coordinator.ops`; every answer is checked
-to be the message expected, and a refusal of the question arrives as
-:class:`QueryRefused` with its error code, never as text to match.
+to be the message expected (a ``view`` a
+:class:`~tasksprint.coordinator.replies.ClientView`, a ``status`` a
+:class:`~tasksprint.coordinator.replies.ComputationStatus`, an ``info`` a
+:class:`~tasksprint.coordinator.replies.TaskInfo` or None; anything else is a
+:class:`~tasksprint.wire.BadMessage`), and a refusal of the question arrives
+as :class:`QueryRefused` with its error code, never as text to match.
 
 Commands that change the state go through the log instead
 (:class:`~tasksprint.log_client.LogClient`).
@@ -28,6 +32,7 @@ import trio
 from tasksprint import wire
 from tasksprint.api import Query, QueryReply, ReplicaStatus, StatusQuery
 from tasksprint.coordinator.ops import Refused, Request
+from tasksprint.coordinator.replies import ClientView, ComputationStatus, TaskInfo
 
 __all__ = ["ASK_ERRORS", "QueryRefused", "ReplicaChannel", "Unreachable"]
 
@@ -50,6 +55,13 @@ class Unreachable(Exception):
 
 #: What a failed :meth:`ReplicaChannel.ask` raises: the caller may try again.
 ASK_ERRORS = (*wire.NETWORK_ERRORS, QueryRefused)
+
+#: The answer each coordinator question must get.
+REPLY_TYPES: dict[str, tuple[type, ...]] = {
+    "view": (ClientView,),
+    "status": (ComputationStatus,),
+    "info": (TaskInfo, type(None)),
+}
 
 
 @attrs.define(eq=False)
@@ -119,6 +131,13 @@ class ReplicaChannel:
             raise QueryRefused(f"query {name} failed on {host}:{port}: {reply.error}")
         if isinstance(reply.result, Refused):
             raise QueryRefused(f"query {name} refused by {host}:{port}: {reply.result.error}", reply.result.code)
+        expected = REPLY_TYPES.get(name)
+        if expected is not None and not isinstance(reply.result, expected):
+            await self._next()
+            raise wire.BadMessage(
+                f"query {name}: {host}:{port} answered a {type(reply.result).__name__}, "
+                f"expected {' or '.join(t.__name__ for t in expected)}"
+            )
         self._failures = 0
         return reply.result
 

@@ -21,7 +21,8 @@ import structlog
 import trio
 
 from tasksprint import launch, wire
-from tasksprint.launch import EXIT_USAGE, add_common_arguments, cluster_secret, configure_logging
+from tasksprint.launch import EXIT_USAGE, add_common_arguments, cluster_secret, configure_logging, load_observer
+from tasksprint.observe import ObserverSpecError
 
 __all__ = ["build_parser", "configure_logging", "main"]
 
@@ -156,55 +157,64 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    from tasksprint.api import ReplicaStatus
     from tasksprint.channel import ASK_ERRORS, ReplicaChannel, Unreachable
     from tasksprint.config import parse_peers
     from tasksprint.coordinator.ops import StatusRequest
+    from tasksprint.coordinator.replies import ComputationStatus
     from tasksprint.run import failure_report, progress_line
 
     channel = ReplicaChannel(parse_peers(args.coordinators), cluster_secret(args))
 
-    async def collect() -> tuple[list[dict], Any]:
-        rows = []
+    async def collect() -> tuple[list[tuple[str, ReplicaStatus | str]], ComputationStatus | None]:
+        replicas: list[tuple[str, ReplicaStatus | str]] = []  # (address, its status or why it did not answer)
         for host, port in channel.addrs:
             try:
-                st = await channel.status((host, port))
-                rows.append({"address": f"{host}:{port}", "reachable": True, **_status_dict(st)})
+                replicas.append((f"{host}:{port}", await channel.status((host, port))))
             except ASK_ERRORS as exc:
-                rows.append({"address": f"{host}:{port}", "reachable": False, "error": str(exc)})
+                replicas.append((f"{host}:{port}", str(exc)))
         try:
             computation = await channel.ask_any(StatusRequest())
         except Unreachable:
             computation = None  # no replica answered, or no coordinator runs
         finally:
             await channel.aclose()
-        return rows, computation
+        return replicas, computation
 
-    rows, computation = trio.run(collect)
+    replicas, computation = trio.run(collect)
+    answered = [st for _, st in replicas if isinstance(st, ReplicaStatus)]
     if args.json:
-        print(json.dumps({"replicas": rows, "computation": computation}, indent=2))
+        rows = [
+            {"address": address, "reachable": True, **_status_dict(st)}
+            if isinstance(st, ReplicaStatus)
+            else {"address": address, "reachable": False, "error": st}
+            for address, st in replicas
+        ]
+        plain = None if computation is None else attrs.asdict(computation)
+        print(json.dumps({"replicas": rows, "computation": plain}, indent=2))
     else:
-        for r in rows:
-            if r["reachable"]:
-                latency = ""
-                if r["commit_samples"]:
-                    latency = (
-                        f" commit latency p50={r['commit_p50_ms']:.2f}ms p99={r['commit_p99_ms']:.2f}ms"
-                        f" (last {r['commit_samples']})"
-                    )
-                print(
-                    f"{r['address']:<22} replica {r['rid']}  {r['role']:<10} leader={r['leader']} "
-                    f"ballot={r['ballot'] or '-'} commit={r['commit']} applied={r['applied']}{latency}"
+        for address, st in replicas:
+            if not isinstance(st, ReplicaStatus):
+                print(f"{address:<22} unreachable: {st}")
+                continue
+            latency = ""
+            if st.commit_samples:
+                latency = (
+                    f" commit latency p50={st.commit_p50_ms:.2f}ms p99={st.commit_p99_ms:.2f}ms"
+                    f" (last {st.commit_samples})"
                 )
-            else:
-                print(f"{r['address']:<22} unreachable: {r['error']}")
+            print(
+                f"{address:<22} replica {st.rid}  {st.role:<10} leader={st.leader} "
+                f"ballot={st.ballot or '-'} commit={st.commit} applied={st.applied}{latency}"
+            )
         if computation is not None:
-            leader = next((r["leader"] for r in rows if r.get("leader") is not None), None)
+            leader = next((st.leader for st in answered if st.leader is not None), None)
             print(progress_line(computation, leader))
-            if computation.get("result") is not None:
-                print("result: " + json.dumps(computation["result"]))
-            if computation.get("failure"):
+            if computation.result is not None:
+                print("result: " + json.dumps(attrs.asdict(computation.result)))
+            if computation.failure is not None:
                 print(failure_report(computation))
-    return 0 if any(r["reachable"] for r in rows) else 1
+    return 0 if answered else 1
 
 
 def _ask_any(args: argparse.Namespace, request: Any) -> Any:
@@ -248,6 +258,12 @@ def _cmd_client(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"tasksprint client: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        # Loaded here so that a bad TASKSPRINT_OBSERVER stops the client before it joins.
+        observer = load_observer("client")
+    except ObserverSpecError as exc:
+        print(f"tasksprint client: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if args.spill_dir is not None:
         try:
             args.spill_dir.mkdir(parents=True, exist_ok=True)
@@ -255,7 +271,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
             print(f"tasksprint client: cannot use --spill-dir {args.spill_dir}: {exc.strerror or exc}", file=sys.stderr)
             return EXIT_USAGE
     try:
-        state = trio.run(_client_until_signalled, Client(config))
+        state = trio.run(_client_until_signalled, Client(config, observer=observer))
     except KeyboardInterrupt:
         return 130
     except BaseExceptionGroup as group:
@@ -311,10 +327,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"tasksprint info: no task {args.task} (or no replica answered)", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps(attrs.asdict(info), indent=2))
     else:
-        for key, value in info.items():
-            print(f"{key:>12}: {value}")
+        for field in attrs.fields(type(info)):
+            value = getattr(info, field.name)
+            print(f"{field.name:>12}: {list(value) if isinstance(value, tuple) else value}")
     return 0
 
 

@@ -195,7 +195,7 @@ class Client:
                 self._commands = CommandTasks(cfg.name)
                 self._commands.start()
                 if cfg.node_command is not None:
-                    self._pool = NodePool(cfg.node_command, cfg.slots, cwd=cfg.node_cwd)
+                    self._pool = NodePool(cfg.node_command, cfg.slots, cwd=cfg.node_cwd, observer=self.observer)
                     await self._pool.start(nursery)
                 # The log session id must be new in every process: a restarted
                 # client that reused one would have its first commands taken

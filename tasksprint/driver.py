@@ -14,7 +14,13 @@ etcd's ``RawNode`` it does no I/O itself: it is given
 * ``peers``, one :class:`Mailbox` per other replica, and for each client
   command the :class:`Mailbox` its answer goes to;
 * ``wake``, which asks the caller for another :meth:`run` soon, and
-  ``clock``, seconds of a monotonic clock.
+  ``clock``, seconds of a monotonic clock;
+* ``observer`` (:mod:`tasksprint.observe`), to which it reports what its
+  steps cost: spans ``storage.write``, ``paxos.step``, ``paxos.ready``,
+  ``paxos.advance``, ``paxos.propose``, ``paxos.tick`` and
+  ``applier.apply_slot`` (the callables are wrapped once, at construction),
+  the value ``applier.items_per_slot``, and ``replica.commit``, the
+  leader-side time from a command's arrival to its answer.
 
 The replica process (:mod:`tasksprint.replica`) gives it sqlite, a disk
 writer thread, trio connections and the system clock; the simulator
@@ -50,6 +56,7 @@ from tasksprint import codec
 from tasksprint.api import BlockResult, PeerDigest, Result
 from tasksprint.app import App
 from tasksprint.machine import DUPLICATE, Applier
+from tasksprint.observe import NULL, Observer
 from tasksprint.paxos.core import PaxosCore, Role
 from tasksprint.paxos.durable import Record
 from tasksprint.paxos.messages import Ballot, Batch, Command, CommandBlock
@@ -137,6 +144,7 @@ class ReplicaDriver:
     clock: Callable[[], float]
     config: DriverConfig = DriverConfig()
     log: Any = None
+    observer: Observer = NULL
     # Readies handed to the background writer and not yet durable, oldest first.
     _unwritten: collections.deque[Ready] = attrs.Factory(collections.deque)
     _write_error: BaseException | None = None
@@ -154,6 +162,25 @@ class ReplicaDriver:
     _peer_digests: collections.OrderedDict[int, tuple[int, bytes]] = attrs.Factory(collections.OrderedDict)
     _since_snapshot: int = 0
     _last_role: tuple[Role, Ballot | None] | None = None
+    # The core's, the applier's and the storage's steps, each wrapped once for
+    # the observer (the callables themselves when unobserved).
+    _step: Any = attrs.field(init=False, default=None)
+    _ready: Any = attrs.field(init=False, default=None)
+    _advance: Any = attrs.field(init=False, default=None)
+    _propose: Any = attrs.field(init=False, default=None)
+    _tick: Any = attrs.field(init=False, default=None)
+    _apply_slot: Any = attrs.field(init=False, default=None)
+    _write: Any = attrs.field(init=False, default=None)
+
+    def __attrs_post_init__(self) -> None:
+        timed, core = self.observer.timed, self.core
+        self._step = timed("paxos.step", core.step)
+        self._ready = timed("paxos.ready", core.ready)
+        self._advance = timed("paxos.advance", core.advance)
+        self._propose = timed("paxos.propose", core.propose)
+        self._tick = timed("paxos.tick", core.tick)
+        self._apply_slot = timed("applier.apply_slot", self.applier.apply_slot)
+        self._write = timed("storage.write", self.storage.write)
 
     # ------------------------------------------------------------------
     # Questions
@@ -178,7 +205,7 @@ class ReplicaDriver:
         client should retry).
         """
         core = self.core
-        if not core.propose(cmd):
+        if not self._propose(cmd):
             return False
         key = cmd.request_key
         if core.role is Role.LEADER:
@@ -201,17 +228,17 @@ class ReplicaDriver:
 
     def step(self, src: int, msg: Any) -> None:
         """A Paxos message from replica ``src`` (see ``PaxosCore.step``); the caller runs a pass after."""
-        self.core.step(src, msg)
+        self._step(src, msg)
 
     def propose(self, cmd: Command) -> bool:
         """Propose a command of this replica's own (nobody waits for its answer)."""
-        ok = self.core.propose(cmd)
+        ok: bool = self._propose(cmd)
         self.wake()
         return ok
 
     def tick(self, now: float, tick_data: Any = None, wall: float | None = None) -> None:
         """Feed the core the clock (see ``PaxosCore.tick``)."""
-        self.core.tick(now, tick_data, wall)
+        self._tick(now, tick_data, wall)
         self.wake()
 
     def digest_from(self, src: int, msg: PeerDigest) -> None:
@@ -226,7 +253,7 @@ class ReplicaDriver:
     def written(self, groups: int) -> None:
         """The background writer made the oldest ``groups`` submitted Readies durable: advance them, in order."""
         for _ in range(groups):
-            self.core.advance(self._unwritten.popleft())
+            self._advance(self._unwritten.popleft())
         self.wake()
 
     def write_failed(self, exc: BaseException) -> None:
@@ -262,7 +289,7 @@ class ReplicaDriver:
         while True:
             inline: Ready | None = None
             while core.has_ready():
-                rd = core.ready()
+                rd = self._ready()
                 for dst, msg in rd.messages:
                     self.peers[dst].push(msg)
                 if rd.snapshot is not None:
@@ -281,8 +308,8 @@ class ReplicaDriver:
                     lazy.append(rd)
                 elif not cfg.fsync:
                     self._write_lazy(lazy)
-                    self.storage.write(rd.persist, sync=False)
-                    core.advance(rd)
+                    self._write(rd.persist, sync=False)
+                    self._advance(rd)
                 elif is_small(rd.persist, cfg.small_write):
                     self._write_lazy(lazy)  # records reach the disk in order
                     inline = rd
@@ -293,8 +320,8 @@ class ReplicaDriver:
             for box in peers:
                 box.flush()
             if inline is not None:
-                self.storage.write(inline.persist, sync=True)
-                core.advance(inline)
+                self._write(inline.persist, sync=True)
+                self._advance(inline)
             for rd in to_disk:
                 self.writer.submit(rd.persist, rd.sync and cfg.fsync)
             to_disk.clear()
@@ -317,8 +344,8 @@ class ReplicaDriver:
     def _write_lazy(self, lazy: list[Ready]) -> None:
         """Write and advance the Readies that hold chosen markers only (no fsync), in order."""
         for rd in lazy:
-            self.storage.write(rd.persist, sync=False)
-            self.core.advance(rd)
+            self._write(rd.persist, sync=False)
+            self._advance(rd)
         lazy.clear()
 
     def _apply_chosen(self, chosen: list[tuple[int, Batch]]) -> None:
@@ -331,12 +358,15 @@ class ReplicaDriver:
         chosen.clear()
 
     def _apply(self, slot: int, batch: Batch) -> None:
-        for cmd, result in self.applier.apply_slot(slot, batch):
+        self.observer.value("applier.items_per_slot", len(batch.items))
+        for cmd, result in self._apply_slot(slot, batch):
             key = cmd.request_key
             self._commands.pop(key, None)
             arrived = self._arrived.pop(key, None)
             if arrived is not None:
-                self._commit_times.append(self.clock() - arrived)
+                took = self.clock() - arrived
+                self._commit_times.append(took)
+                self.observer.timing("replica.commit", took)
             boxes = self._waiting.pop(key, None)
             if boxes:
                 reply = self._reply(cmd, result, slot)
@@ -401,7 +431,7 @@ class ReplicaDriver:
                 # A new leader (or ballot): propose again what our clients still
                 # wait for. The session table applies each command once.
                 for cmd in list(self._commands.values()):
-                    if not core.propose(cmd):
+                    if not self._propose(cmd):
                         break
                 self.wake()
             was_leader = self._last_role is not None and self._last_role[0] is Role.LEADER

@@ -5,20 +5,22 @@ replica's configuration and application (a user's scheduler, or the
 built-in key-value store), runs it until it stops and returns the exit
 code.  The command line (:mod:`tasksprint.cli`) and a scheduler script's
 ``MyCoordinator().start()`` both come here.  Also home of what every
-command shares: logging set-up and the cluster secret.
+command shares: logging set-up, the cluster secret and the observer named
+by ``TASKSPRINT_OBSERVER`` (:func:`load_observer`).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 import structlog
 import trio
 
-from tasksprint import wire
+from tasksprint import observe, wire
 
 __all__ = [
     "EXIT_DIVERGED",
@@ -27,6 +29,7 @@ __all__ = [
     "add_replica_arguments",
     "cluster_secret",
     "configure_logging",
+    "load_observer",
     "main",
     "run_replica",
 ]
@@ -70,6 +73,14 @@ def cluster_secret(args: argparse.Namespace) -> bytes:
         )
         return wire.DEFAULT_SECRET
     return wire.load_secret(args.secret_file)
+
+
+def load_observer(role: str) -> observe.Observer:
+    """The observer ``TASKSPRINT_OBSERVER`` names for a process of ``role`` (the null one without it).
+
+    Raises :class:`tasksprint.observe.ObserverSpecError` if it names no usable factory.
+    """
+    return observe.from_spec(os.environ.get(observe.OBSERVER_ENV), role)
 
 
 def add_replica_arguments(p: argparse.ArgumentParser) -> None:
@@ -137,6 +148,11 @@ def run_replica(args: argparse.Namespace, scheduler: type | None = None) -> int:
     except ValueError as exc:
         print(f"tasksprint replica: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        observer = load_observer("replica")
+    except observe.ObserverSpecError as exc:
+        print(f"tasksprint replica: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     app = KVApp()
     if args.scheduler is not None or scheduler is not None:
         from tasksprint_sdk.coordinator import SchedulerLoadError
@@ -145,12 +161,14 @@ def run_replica(args: argparse.Namespace, scheduler: type | None = None) -> int:
 
         try:
             app = CoordinatorApp.create(
-                args.scheduler if scheduler is None else scheduler, client_timeout=args.client_timeout
+                args.scheduler if scheduler is None else scheduler,
+                client_timeout=args.client_timeout,
+                observer=observer,
             )
         except SchedulerLoadError as exc:
             print(f"tasksprint replica: {exc}", file=sys.stderr)
             return EXIT_USAGE
-    replica = Replica(config, app)
+    replica = Replica(config, app, observer=observer)
     tune_gc()
     try:
         trio.run(replica.run)

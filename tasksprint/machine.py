@@ -4,7 +4,9 @@ A replica applies every chosen log slot, in order, to an :class:`Applier`.
 The applier skips commands it has already applied (same client id and
 sequence number, however often the client retried), passes the rest and
 every TICK to the user-level :class:`StateMachine`, and keeps a running
-digest of what was applied so replicas can compare notes.
+digest of what was applied so replicas can compare notes.  It reports
+the time each applied item takes in the state machine as span
+``machine.apply`` to its :class:`~tasksprint.observe.Observer`.
 
 Everything here is deterministic: no clock, no randomness, no I/O.
 """
@@ -18,6 +20,7 @@ from typing import Any, NamedTuple, Protocol
 import attrs
 
 from tasksprint import codec
+from tasksprint.observe import NULL, Observer
 from tasksprint.paxos.messages import Batch, Command, CommandBlock, Tick
 
 
@@ -84,6 +87,14 @@ class Applier:
     _sessions: dict[str, _Session] = attrs.field(factory=dict)
     _applied: int = 0
     _digest: bytes = b"\0" * 32
+    observer: Observer = attrs.field(default=NULL, kw_only=True)
+    # The machine's apply and tick, wrapped once as span ``machine.apply`` (themselves when unobserved).
+    _machine_apply: Any = attrs.field(init=False, default=None)
+    _machine_tick: Any = attrs.field(init=False, default=None)
+
+    def __attrs_post_init__(self) -> None:
+        self._machine_apply = self.observer.timed("machine.apply", self.machine.apply)
+        self._machine_tick = self.observer.timed("machine.apply", self.machine.tick)
 
     @property
     def applied(self) -> int:
@@ -109,7 +120,7 @@ class Applier:
         h.update(slot.to_bytes(8, "big"))
         for i, item in enumerate(value.items):
             if isinstance(item, Tick):
-                result = self.machine.tick(item.now, item.data, ApplyContext(slot, i))
+                result = self._machine_tick(item.now, item.data, ApplyContext(slot, i))
                 h.update(codec.encode([item, result]))
                 continue
             sess = self._session(item.client_id, item.first_unacked)
@@ -148,7 +159,7 @@ class Applier:
         if seq <= sess.low or seq in sess.results:
             return sess.results.get(seq, DUPLICATE), False
         try:
-            result = self.machine.apply(op, ApplyContext(slot, i, client_id, seq))
+            result = self._machine_apply(op, ApplyContext(slot, i, client_id, seq))
         except StopReplica:
             raise
         except Exception as exc:

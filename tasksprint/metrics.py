@@ -12,14 +12,13 @@ Two sources feed one :class:`prometheus_client.CollectorRegistry`:
   ``tasksprint_events_total{event=...}`` and ``tasksprint_value{value=...}``,
   so a name added to the hook is exported before it gets a metric of its own.
 * :class:`ClusterCollector` exports what the replicas answer about
-  themselves and the computation (a :class:`~tasksprint.dashboard.readmodel.Snapshot`):
+  themselves and the computation (a :class:`~tasksprint.readmodel.Snapshot`):
   commit and applied index, lag, role, commit latency quantiles, tasks by
   state, clients, and the leader changes the poller saw.  It reads the last
   snapshot at scrape time and keeps nothing else.
 
-:func:`serve_metrics` serves a registry at ``/metrics`` with hypercorn's
-trio worker; a replica or a client started with ``--metrics HOST:PORT``
-runs it in its nursery.
+:func:`~tasksprint.dashboard.server.serve_metrics` serves a registry at
+``/metrics`` with hypercorn's trio worker.
 """
 
 from __future__ import annotations
@@ -29,13 +28,12 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import attrs
-import trio
 from prometheus_client import CollectorRegistry, Counter, Histogram, Summary, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from tasksprint.dashboard.readmodel import TASK_STATES, History, Snapshot
+from tasksprint.readmodel import TASK_STATES, History, Snapshot
 
 __all__ = [
     "COUNTS",
@@ -46,7 +44,6 @@ __all__ = [
     "RegistryCollector",
     "metrics_app",
     "observer",
-    "serve_metrics",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -283,22 +280,3 @@ def metrics_app(registry: CollectorRegistry) -> Any:
         return Response(exposition(registry), media_type=CONTENT_TYPE_LATEST)
 
     return Starlette(routes=[Route("/metrics", metrics)])
-
-
-async def serve_metrics(
-    host: str,
-    port: int,
-    registry: CollectorRegistry,
-    *,
-    credentials: Any = None,
-    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve ``registry`` at ``http://host:port/metrics`` until cancelled; reports the bound port.
-
-    Loopback only unless ``credentials`` (a
-    :class:`~tasksprint.dashboard.server.Credentials`) guard it: raises
-    :class:`~tasksprint.dashboard.server.BindRefused` otherwise.
-    """
-    from tasksprint.dashboard.server import serve_app
-
-    await serve_app(metrics_app(registry), host, port, credentials=credentials, task_status=task_status)

@@ -10,6 +10,13 @@ by a running task or by the start of a replacement, so the pool never runs
 more than ``slots`` processes, and closing the pool takes every token back
 before it stops the idle processes -- after :meth:`NodePool.aclose` no
 process is left, not even a zombie.
+
+The pool reports to its :class:`~tasksprint.observe.Observer`: span
+``node.run`` (a task, including the wait for a free node), ``node.exchange``
+(the pipe round trip plus the node's work), ``node.start`` (a process until
+its ready line) and ``node.idle`` (a node's time between the end of its
+previous task and the start of this one).  The callables are wrapped once,
+when the pool is built; unobserved, the pool reads no clock for ``node.idle``.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from tasksprint.node_protocol import (
     check_int,
     check_seconds,
 )
+from tasksprint.observe import NULL, Observer
 
 __all__ = ["NodePool"]
 
@@ -93,6 +101,7 @@ class NodePool:
         exit_grace: seconds a node gets to exit when asked before it is killed.
         max_line: longest line, in bytes, accepted from a node.
         log: a structlog logger; the module's logger when None.
+        observer: where the pool reports what tasks and nodes cost (see the module docstring).
     """
 
     _command: str = attrs.field(validator=attrs.validators.instance_of(str))
@@ -104,6 +113,7 @@ class NodePool:
     _exit_grace: float = attrs.field(default=2.0, validator=check_seconds)
     _max_line: int = attrs.field(default=DEFAULT_MAX_LINE, validator=[check_int, attrs.validators.ge(1)])
     _log: Any = None
+    _observer: Observer = attrs.field(default=NULL, kw_only=True)
 
     _state: _PoolState = attrs.field(init=False, default=_PoolState.NEW)
     _idle: list[NodeProcess] = attrs.field(init=False, factory=list)
@@ -115,9 +125,21 @@ class NodePool:
     # Cancelled by aclose(): ends _serve, the pool's one long-lived task.
     _serve_scope: trio.CancelScope = attrs.field(init=False, factory=trio.CancelScope)
     _closed: trio.Event = attrs.field(init=False, factory=trio.Event)
+    # The steps the observer times, wrapped once (the functions themselves when unobserved).
+    _run_timed: Any = attrs.field(init=False, default=None)
+    _exchange: Any = attrs.field(init=False, default=None)
+    _spawn: Any = attrs.field(init=False, default=None)
+    # When each idle node finished its last task (trio clock), only when observed.
+    _finished_at: dict[NodeProcess, float] | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
         self._tokens = trio.Semaphore(self._slots)
+        observer = self._observer
+        self._run_timed = observer.timed_async("node.run", NodePool._run_on_node)
+        self._exchange = observer.timed_async("node.exchange", NodeProcess.run)
+        self._spawn = observer.timed_async("node.start", NodeProcess.start)
+        if observer is not NULL:
+            self._finished_at = {}
         base = self._log if self._log is not None else structlog.get_logger(__name__)
         self._log = base.bind(node_command=self._command)
 
@@ -187,7 +209,7 @@ class NodePool:
         return started
 
     async def _start_node(self) -> NodeProcess:
-        return await NodeProcess.start(
+        return await self._spawn(
             self._command,
             env=self._env,
             cwd=self._cwd,
@@ -221,7 +243,7 @@ class NodePool:
         self._running.setdefault(task.tid, []).append(entry)
         try:
             with entry.scope:
-                return await self._run_on_node(task)
+                return await self._run_timed(self, task)
             if entry.reason is FailureKind.CLOSED:
                 error = f"{task.describe()} was stopped: the node pool is closing"
             else:
@@ -240,7 +262,17 @@ class NodePool:
         try:
             node = await self._take_node()
             self._busy.add(node)
-            return await node.run(task)
+            finished_at = self._finished_at
+            if finished_at is None:
+                return await self._exchange(node, task)
+            previous = finished_at.pop(node, None)
+            if previous is not None:
+                self._observer.timing("node.idle", max(0.0, trio.current_time() - previous))
+            try:
+                return await self._exchange(node, task)
+            finally:
+                if node.alive:
+                    finished_at[node] = trio.current_time()
         except NodeStartError as exc:
             self._log.error("node_start_failed", tid=task.tid, error=str(exc))
             return TaskOutcome.failed(task, FailureKind.START_FAILED, f"{task.describe()} was not run: {exc}")
@@ -263,6 +295,8 @@ class NodePool:
                 return node
             # Died while idle (killed from outside, out of memory): reap it and move on.
             self._log.warning("idle_node_died", node_pid=node.pid)
+            if self._finished_at is not None:
+                self._finished_at.pop(node, None)
             await node.kill()
         return await self._start_node()
 

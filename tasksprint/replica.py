@@ -31,6 +31,12 @@ Replicas compare a running digest of what they applied every
 ``digest_every`` slots; a mismatch means a nondeterministic state machine (a
 scheduler hook that is not deterministic) and stops the replica with a
 :class:`~tasksprint.driver.DivergenceError` naming the slot.
+
+The replica's :class:`~tasksprint.observe.Observer` (``observer``, default
+:data:`~tasksprint.observe.NULL`) goes to the driver and the applier (see
+their docstrings); the replica itself reports ``query.<name>`` spans (with
+``query.<name>.parked`` counts for long-polls parked) and
+``replica.retry_parked`` (with ``query.parked_answered`` counts).
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ from tasksprint.config import ReplicaConfig
 from tasksprint.disk_writer import DiskWriter
 from tasksprint.driver import DivergenceError, DriverConfig, ReplicaDriver, RequestKey
 from tasksprint.machine import Applier
+from tasksprint.observe import NULL, Observer
 from tasksprint.paxos.core import PaxosCore, Role
 from tasksprint.paxos.messages import PEER_MESSAGES, CommandBlock
 from tasksprint.storage import Storage
@@ -73,6 +80,7 @@ log = structlog.get_logger("tasksprint.replica")
 
 GC_YOUNG_THRESHOLD = 50_000  # allocations between young collections (CPython's default: 700)
 OUTBOX_LIMIT = 20_000  # messages queued for one peer before the oldest are dropped
+QUERY_SPAN_NAMES = 16  # distinct query names given spans of their own; the rest share "query.other"
 
 
 class ListenError(Exception):
@@ -159,6 +167,9 @@ class Replica:
     _log: Any = None
     _parked: list[tuple[Outbox, str, dict, float]] = attrs.Factory(list)
     port: int | None = None
+    observer: Observer = attrs.field(default=NULL, kw_only=True)
+    # Span and counter names per query name (bounded: the names come from clients).
+    _query_names: dict[str, tuple[str, str]] = attrs.Factory(dict)
 
     # ------------------------------------------------------------------
 
@@ -225,7 +236,7 @@ class Replica:
             )
             self._driver = ReplicaDriver(
                 core=core,
-                applier=Applier(self.app.machine),
+                applier=Applier(self.app.machine, observer=self.observer),
                 app=self.app,
                 storage=self._storage,
                 writer=self._disk,
@@ -234,6 +245,7 @@ class Replica:
                 clock=time.monotonic,
                 config=DriverConfig(fsync=cfg.fsync, snapshot_every=cfg.snapshot_every, digest_every=cfg.digest_every),
                 log=self._log,
+                observer=self.observer,
             )
             host, port = cfg.peers[cfg.rid]
             async with trio.open_nursery() as nursery:
@@ -325,10 +337,12 @@ class Replica:
 
     def _retry_parked(self, now: float) -> None:
         parked, self._parked = self._parked, []
-        for box, name, args, deadline in parked:
-            if deadline <= now:
-                args = {**args, "wait": 0}
-            self._answer_query(box, name, args, deadline)
+        with self.observer.span("replica.retry_parked"):
+            for box, name, args, deadline in parked:
+                if deadline <= now:
+                    args = {**args, "wait": 0}
+                self._answer_query(box, name, args, deadline)
+        self.observer.count("query.parked_answered", len(parked) - len(self._parked))
 
     # ------------------------------------------------------------------
     # Network
@@ -439,12 +453,26 @@ class Replica:
         return False
 
     def _answer_query(self, box: Outbox, name: str, args: dict, deadline: float) -> None:
+        span, parked = self._query_span_names(name)
         try:
-            box.push(QueryReply(name=name, result=self.app.query(name, args)))
+            with self.observer.span(span):
+                result = self.app.query(name, args)
+            box.push(QueryReply(name=name, result=result))
         except NotYet:
+            self.observer.count(parked)
             self._parked.append((box, name, args, deadline))
         except Exception as exc:  # a bad query must not take the replica down
             box.push(QueryReply(name=name, error=f"{type(exc).__name__}: {exc}"))
+
+    def _query_span_names(self, name: str) -> tuple[str, str]:
+        """The span and the parked counter of query ``name`` (``query.other`` past the first few names)."""
+        names = self._query_names.get(name)
+        if names is None:
+            base = f"query.{name}" if len(self._query_names) < QUERY_SPAN_NAMES else "query.other"
+            names = (base, f"{base}.parked")
+            if len(self._query_names) < QUERY_SPAN_NAMES:
+                self._query_names[name] = names
+        return names
 
 
 def _port_of(listeners: Any, default: int) -> int:

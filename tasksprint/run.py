@@ -24,6 +24,7 @@ import trio
 
 from tasksprint.channel import ASK_ERRORS, ReplicaChannel
 from tasksprint.coordinator.ops import StatusRequest
+from tasksprint.coordinator.replies import ComputationStatus
 from tasksprint.localcluster import LocalCluster
 
 
@@ -122,7 +123,7 @@ class LocalRun:
         if self._tmp is not None and not self.keep:
             shutil.rmtree(self._tmp, ignore_errors=True)
 
-    async def wait_status(self) -> dict[str, Any]:
+    async def wait_status(self) -> ComputationStatus:
         """Poll the replicas until the computation ends; return its final status."""
         assert self.cluster is not None
         channel = ReplicaChannel(self.cluster.addrs, self.cluster.secret)
@@ -131,7 +132,7 @@ class LocalRun:
         finally:
             await channel.aclose()
 
-    async def _poll_status(self, channel: ReplicaChannel) -> dict[str, Any]:
+    async def _poll_status(self, channel: ReplicaChannel) -> ComputationStatus:
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         last_line = ""
         bar = progress_bar(self.progress)  # None unless progress goes to a terminal
@@ -143,11 +144,11 @@ class LocalRun:
 
     async def _poll_loop(
         self, channel: ReplicaChannel, deadline: float | None, last_line: str, bar: ProgressBar | None
-    ) -> dict[str, Any]:
+    ) -> ComputationStatus:
         while True:
             try:
                 st = await channel.status()
-                status = await channel.request(StatusRequest())
+                status: ComputationStatus = await channel.request(StatusRequest())
             except ASK_ERRORS:
                 await channel.move_on()
                 await trio.sleep(0.2)
@@ -160,7 +161,7 @@ class LocalRun:
             elif self.progress is not None and line != last_line:
                 print(line, file=self.progress, flush=True)
                 last_line = line
-            if status["state"] in ("finished", "failed"):
+            if status.ended:
                 return status
             if self.client_procs and all(p.poll() is not None for p in self.client_procs):
                 codes = ", ".join(str(p.returncode) for p in self.client_procs)
@@ -170,13 +171,13 @@ class LocalRun:
             await trio.sleep(0.2)
 
 
-def progress_line(status: dict[str, Any], leader: int | None) -> str:
+def progress_line(status: ComputationStatus, leader: int | None) -> str:
     """One line saying how far the computation (a ``status`` answer) is."""
-    t = status["tasks"]
+    t, clients = status.tasks, status.clients
     return (
-        f"[{status['state']}] tasks: {t.get('done', 0)} done, {t.get('running', 0)} running, "
+        f"[{status.state}] tasks: {t.get('done', 0)} done, {t.get('running', 0)} running, "
         f"{t.get('pending', 0)} pending, {t.get('failed', 0)} failed, {t.get('killed', 0)} killed / {t['total']}"
-        f" | clients: {status['clients']['live']} live, {status['clients']['dead']} dead | leader: replica {leader}"
+        f" | clients: {clients.live} live, {clients.dead} dead | leader: replica {leader}"
     )
 
 
@@ -214,14 +215,14 @@ class ProgressBar:
         self._task = self._progress.add_task("tasks", total=None, state="waiting", rate="-", detail="")
         self._progress.start()
 
-    def update(self, status: dict[str, Any], leader: int | None) -> None:
+    def update(self, status: ComputationStatus, leader: int | None) -> None:
         """Redraw for a ``status`` answer."""
-        t = status["tasks"]
+        t = status.tasks
         self._progress.update(
             self._task,
             total=t["total"] or None,
             completed=t.get("done", 0),
-            state=status["state"],
+            state=status.state,
             detail=f"{t.get('running', 0)} running, {t.get('failed', 0)} failed | leader: replica {leader}",
         )
         speed = self._progress.tasks[0].speed
@@ -239,15 +240,17 @@ def progress_bar(stream: TextIO | None) -> ProgressBar | None:
     return ProgressBar(stream)
 
 
-def failure_report(status: dict[str, Any]) -> str:
+def failure_report(status: ComputationStatus) -> str:
     """What a failed computation's ``status`` answer says went wrong, for people."""
-    f = status.get("failure") or {}
+    f = status.failure
     lines = ["the computation failed:"]
-    if f.get("message"):
-        lines.append(f"  {f['message']}")
+    if f is None:
+        return lines[0]
+    if f.message:
+        lines.append(f"  {f.message}")
     for key in ("kind", "hook", "tid", "cid", "slot", "error"):
-        if f.get(key) is not None:
-            lines.append(f"  {key}: {f[key]}")
+        if getattr(f, key) is not None:
+            lines.append(f"  {key}: {getattr(f, key)}")
     return "\n".join(lines)
 
 
@@ -268,7 +271,7 @@ def run_local(
     # Ctrl-C must reach us even when started from a shell that ignores SIGINT
     # in background jobs: we are the one who cleans up the processes.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    status: dict[str, Any] | None = None
+    status: ComputationStatus | None = None
     try:
         run.start()
         status = trio.run(run.wait_status)
@@ -280,14 +283,15 @@ def run_local(
         print(f"tasksprint run: {exc}", file=err)
     finally:
         # A failed run keeps its temporary directory: the logs explain it.
-        run.keep = status is None or status["state"] != "finished"
+        run.keep = status is None or not status.finished
         run.stop()
         if run.data is not None or run.keep:
             print(f"logs and data directories: {run.base()}", file=err)
     if status is None:
         return 1
-    if status["state"] == "finished":
-        print(json.dumps(status["result"]), file=out, flush=True)
+    if status.finished:
+        result = None if status.result is None else attrs.asdict(status.result)
+        print(json.dumps(result), file=out, flush=True)
         return 0
     print(failure_report(status), file=err)
     return 1

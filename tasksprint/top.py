@@ -1,7 +1,7 @@
 """``tasksprint top``: a live terminal view of a cluster and its computation, with rich.
 
 It shows what the dashboard shows (the same
-:class:`~tasksprint.dashboard.readmodel.Poller` snapshots): the replicas with
+:class:`~tasksprint.readmodel.Poller` snapshots): the replicas with
 their role, ballot, commit and applied index, lag and commit latency, up or
 down; the computation's state and tasks by state with a progress bar, the
 throughput over the last polls; the live worker clients.  :func:`render`
@@ -21,7 +21,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from tasksprint.dashboard.readmodel import TASK_STATES, History, Poller, Snapshot
+from tasksprint.readmodel import TASK_STATES, History, Poller, Snapshot
 
 __all__ = ["render", "run_top"]
 

@@ -29,10 +29,11 @@ Schedulers are small files written into ``tmp_path``; the nodes are
 Timing: every wait polls until a condition holds and is bounded by a
 generous deadline that only turns a hang into a failure; no test asserts
 how long anything took.  Each test's processes carry a marker in their
-environment, so that whatever a test started -- replicas, clients, nodes,
-a ``tasksprint run`` -- is found when it ends: anything still running a
-few seconds after the test stopped its cluster is killed, and the test
-fails, since the runtime should have stopped it.
+environment (the shared ``no_leaks`` fixture of ``conftest.py``), so that
+whatever a test started -- replicas, clients, nodes, a ``tasksprint run``
+-- is found when it ends: anything still running a few seconds after the
+test stopped its cluster is killed, and the test fails, since the runtime
+should have stopped it.
 """
 
 from __future__ import annotations
@@ -46,16 +47,17 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import attrs
 import pytest
 import trio
 
-from tasksprint import wire
 from tasksprint.api import ReplicaStatus
+from tasksprint.channel import ASK_ERRORS
+from tasksprint.coordinator.replies import ClientLoad, ComputationStatus, TaskInfo
 from tasksprint.localcluster import LocalCluster
 from tasksprint.log_client import LogClient
 from tasksprint.run import LocalRun
@@ -80,22 +82,8 @@ CLI_SECONDS = 60
 POLL_SECONDS = 0.05
 # Seconds of silence before a client is declared dead, in the tests about client deaths.
 CLIENT_TIMEOUT = 3.0
-# How long processes a test started get to exit on their own after it stopped them.
-EXIT_GRACE_SECONDS = 10.0
 
-# Every process a test starts inherits MARK_ENV=<its tmp_path>.
-MARK_ENV = "TASKSPRINT_E2E_MARK"
 SCALE_ENV = "TASKSPRINT_TIMEOUT_SCALE"
-
-_QUERY_ERRORS = (
-    OSError,
-    RuntimeError,
-    trio.TooSlowError,
-    trio.BrokenResourceError,
-    trio.ClosedResourceError,
-    wire.BadMessage,
-    wire.ConnectionClosed,
-)
 
 T = TypeVar("T")
 
@@ -115,23 +103,6 @@ def node_command(script: Path, *args: object) -> str:
     return shlex.join([sys.executable, str(script), *map(str, args)])
 
 
-def _marked_pids(mark: str) -> list[int]:
-    """Processes whose environment has MARK_ENV=``mark`` (a zombie's environment reads empty)."""
-    needle = f"{MARK_ENV}={mark}".encode()
-    me = os.getpid()
-    pids = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        try:
-            environ = Path(f"/proc/{entry.name}/environ").read_bytes()
-        except OSError:
-            continue  # gone meanwhile, or not ours
-        if needle in environ.split(b"\0"):
-            pids.append(int(entry.name))
-    return pids
-
-
 def pid_alive(pid: int) -> bool:
     """Whether ``pid`` is a live (not zombie) process."""
     try:
@@ -140,42 +111,6 @@ def pid_alive(pid: int) -> bool:
         return False
     # The state follows the parenthesised command name, which may contain spaces.
     return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
-
-
-def _describe_pid(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return "(gone)"
-
-
-def stop_leftovers(mark: str, grace: float) -> list[str]:
-    """Wait up to ``grace`` s for marked processes to exit; SIGKILL the rest.
-
-    Returns the command lines of the processes that had to be killed.
-    """
-    if not Path("/proc/self/environ").exists():
-        return []
-    deadline = time.monotonic() + grace
-    while True:
-        pids = [p for p in _marked_pids(mark) if pid_alive(p)]
-        if not pids:
-            return []
-        if time.monotonic() > deadline:
-            break
-        time.sleep(POLL_SECONDS)
-    killed = []
-    for pid in pids:
-        killed.append(f"{pid}: {_describe_pid(pid)}")
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    # Orphans are reaped by init; wait until none of them is alive any more.
-    deadline = time.monotonic() + 10
-    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(POLL_SECONDS)
-    return killed
 
 
 def run_cli(cmd: list[str], *, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
@@ -278,7 +213,7 @@ async def query(run: LocalRun, name: str, args: dict | None = None, *, replica: 
     for i in order:
         try:
             return await client.query(name, args or {}, addr=run.cluster.addrs[i], timeout=2.0)
-        except _QUERY_ERRORS:
+        except ASK_ERRORS:
             continue
     return None
 
@@ -287,29 +222,29 @@ async def replica_status(run: LocalRun, i: int) -> ReplicaStatus | None:
     assert run.cluster is not None
     try:
         return await LogClient(run.cluster.addrs, run.cluster.secret).status(run.cluster.addrs[i], timeout=2.0)
-    except _QUERY_ERRORS:
+    except ASK_ERRORS:
         return None
 
 
-async def status(run: LocalRun) -> dict[str, Any]:
+async def status(run: LocalRun) -> ComputationStatus:
     """The computation's status from some replica (waits until one answers)."""
 
-    async def ask() -> dict | None:
+    async def ask() -> ComputationStatus | None:
         return await query(run, "status")
 
     return await wait_until(ask, "a replica to answer a status query")
 
 
-async def settled_info(run: LocalRun, tid: int) -> dict[str, Any]:
+async def settled_info(run: LocalRun, tid: int) -> TaskInfo:
     """Task ``tid``'s info once the answering replica has it done, failed or killed.
 
     Replicas apply the log independently, so one may not have applied the
     latest entries yet when another already reported the computation's end.
     """
 
-    async def ask() -> dict | None:
+    async def ask() -> TaskInfo | None:
         task = await query(run, "info", {"tid": tid})
-        return task if task is not None and task["state"] not in ("pending", "running") else None
+        return task if task is not None and task.state not in ("pending", "running") else None
 
     return await wait_until(ask, f"task {tid} to be done, failed or killed")
 
@@ -340,7 +275,7 @@ def client_logs(run: LocalRun, lines: int = 40) -> str:
     return "\n".join(parts)
 
 
-async def outcome(run: LocalRun) -> dict[str, Any]:
+async def outcome(run: LocalRun) -> ComputationStatus:
     """Wait for the computation to end; its final status."""
     try:
         return await run.wait_status()
@@ -349,15 +284,16 @@ async def outcome(run: LocalRun) -> dict[str, Any]:
         pytest.fail(f"{exc}; last status: {st}\n{client_logs(run)}")
 
 
-def finished_values(st: dict[str, Any], run: LocalRun) -> Any:
+def finished_values(st: ComputationStatus, run: LocalRun) -> Any:
     """The values given to ``finish``, after checking the computation finished."""
-    assert st["state"] == "finished", f"the computation {st['state']}: {st['failure']}\n{client_logs(run)}"
-    return st["result"]["values"]
+    assert st.state == "finished", f"the computation {st.state}: {st.failure}\n{client_logs(run)}"
+    assert st.result is not None
+    return st.result.values
 
 
-def kill_client(run: LocalRun, client: dict) -> None:
+def kill_client(run: LocalRun, client: ClientLoad) -> None:
     """kill -9 the worker client of ``run`` that ``status`` lists as ``client``, and reap it."""
-    proc = run.client_procs[int(client["name"].removeprefix("client"))]
+    proc = run.client_procs[int(client.name.removeprefix("client"))]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
@@ -388,23 +324,7 @@ async def cli_json(run: LocalRun, *args: str) -> Any:
 
 
 @pytest.fixture
-def marked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """Mark every process this test starts; at the end, none may be left running.
-
-    Processes still alive ``EXIT_GRACE_SECONDS`` after the test stopped its
-    cluster are killed, and the test fails: something did not clean up.
-    """
-    mark = str(tmp_path)
-    monkeypatch.setenv(MARK_ENV, mark)
-    yield mark
-    killed = stop_leftovers(mark, EXIT_GRACE_SECONDS)
-    assert not killed, "processes left running after the cluster was stopped:\n" + "\n".join(killed)
-
-
-@pytest.fixture
-def computation(
-    request: pytest.FixtureRequest, tmp_path: Path, marked: str
-) -> Iterator[Callable[..., Awaitable[LocalRun]]]:
+def computation(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Awaitable[LocalRun]]]:
     """Start computations on local clusters; everything is stopped and reaped at the end.
 
     ``await computation(scheduler_spec, node_command, clients=2, slots=1,
@@ -442,7 +362,7 @@ def computation(
 
             async def initialised() -> bool:
                 st = await query(run, "status")
-                return st is not None and st["state"] != "waiting"
+                return st is not None and st.state != "waiting"
 
             await wait_until(initialised, "the computation to be initialised")
         for i in range(clients):
@@ -460,7 +380,7 @@ def computation(
 # 1. The seed's own example, through the command line
 
 
-def test_monte_carlo_through_tasksprint_run_estimates_pi(tmp_path: Path, marked: str) -> None:
+def test_monte_carlo_through_tasksprint_run_estimates_pi(tmp_path: Path) -> None:
     cmd = [
         *tasksprint_command(),
         "run",
@@ -514,11 +434,11 @@ async def test_clients_started_with_the_replicas_all_join(computation, tmp_path:
     with trio.fail_after(GUARD_SECONDS):
         run = await computation(spec, node_command(PY_NODE), join_early=True)
 
-        async def ended() -> dict | None:
+        async def ended() -> ComputationStatus | None:
             exited = {i: p.poll() for i, p in enumerate(run.client_procs) if p.poll() is not None}
             assert not exited, f"clients exited before the computation ended: {exited}\n{client_logs(run)}"
             st = await query(run, "status")
-            return st if st is not None and st["state"] in ("finished", "failed") else None
+            return st if st is not None and st.ended else None
 
         st = await wait_until(ended, "both clients to join", timeout=RUN_SECONDS)
         values = finished_values(st, run)
@@ -557,12 +477,12 @@ async def test_clients_joining_long_after_the_leader_took_office_are_not_declare
         else:
             pytest.fail("replica 0 won every election")
         leader = await leader_of(run)
-        started_at = (await query(run, "status", replica=leader))["now"]
+        started_at = (await query(run, "status", replica=leader)).now
 
         async def timeout_passed() -> bool:
             # The coordinator's own clock (the leader's, through TICKs), not ours.
             st = await query(run, "status", replica=leader)
-            return st is not None and st["now"] > started_at + CLIENT_TIMEOUT + 1
+            return st is not None and st.now > started_at + CLIENT_TIMEOUT + 1
 
         await wait_until(timeout_passed, "the coordinator's clock to pass the client timeout")
         assert await leader_of(run) == leader, "the leadership moved while the test waited; run it again"
@@ -572,7 +492,7 @@ async def test_clients_joining_long_after_the_leader_took_office_are_not_declare
         values = finished_values(st, run)
         assert values["total"] == SUM_DAG_TOTAL
         assert values["dead"] == [], "client_dead called although no client stopped"
-        assert st["clients"] == {"live": 2, "dead": 0}
+        assert (st.clients.live, st.clients.dead) == (2, 0)
 
 
 # --------------------------------------------------------------------------
@@ -584,13 +504,13 @@ async def test_client_killed_mid_run_its_work_is_redone_and_client_dead_is_calle
     with trio.fail_after(GUARD_SECONDS):
         run = await computation(spec, node_command(PY_NODE), replica_args=("--client-timeout", str(CLIENT_TIMEOUT)))
 
-        async def busy_client() -> dict | None:
+        async def busy_client() -> ClientLoad | None:
             # Once some leaf is done (its outputs live on a client) and a client runs a task;
             # asked of the leader, whose view is the freshest.
             st = await query(run, "status", replica=await leader_of(run))
-            if st is None or st["tasks"]["done"] < 1:
+            if st is None or st.tasks["done"] < 1:
                 return None
-            busy = [c for c in st["live_clients"] if c["running"] > 0]
+            busy = [c for c in st.live_clients if c.running > 0]
             return busy[0] if busy else None
 
         victim = await wait_until(busy_client, "a client running a task after a first completion")
@@ -600,9 +520,9 @@ async def test_client_killed_mid_run_its_work_is_redone_and_client_dead_is_calle
         values = finished_values(st, run)
         assert values["total"] == SUM_DAG_TOTAL
         assert sorted(values["done"]) == sorted(values["tasks"]), "task_done not called once per task"
-        assert victim["cid"] in values["dead"], f"client_dead not called for the killed client {victim}"
-        assert values["dead"] == [victim["cid"]], "client_dead called for clients that were not killed"
-        assert st["clients"] == {"live": 1, "dead": 1}
+        assert victim.cid in values["dead"], f"client_dead not called for the killed client {victim}"
+        assert values["dead"] == [victim.cid], "client_dead called for clients that were not killed"
+        assert (st.clients.live, st.clients.dead) == (1, 1)
 
 
 # Many short tasks, so each client asks for a queue beyond its one slot; a
@@ -643,13 +563,13 @@ async def test_client_killed_with_tasks_queued_beyond_its_slots_they_are_placed_
     with trio.fail_after(GUARD_SECONDS):
         run = await computation(spec, node_command(PY_NODE), replica_args=("--client-timeout", str(CLIENT_TIMEOUT)))
 
-        async def queued_client() -> dict | None:
+        async def queued_client() -> ClientLoad | None:
             # A client holding more tasks than its one slot: the rest wait in its node pool.
             st = await query(run, "status", replica=await leader_of(run))
-            if st is None or st["state"] != "running":
+            if st is None or st.state != "running":
                 return None
-            queued = [c for c in st["live_clients"] if c["running"] > c["slots"] + 1]
-            return queued[0] if queued and st["tasks"]["done"] < leaves // 2 else None
+            queued = [c for c in st.live_clients if c.running > c.slots + 1]
+            return queued[0] if queued and st.tasks["done"] < leaves // 2 else None
 
         victim = await wait_until(queued_client, "a client with tasks queued beyond its slots")
         kill_client(run, victim)
@@ -658,8 +578,8 @@ async def test_client_killed_with_tasks_queued_beyond_its_slots_they_are_placed_
         values = finished_values(st, run)
         assert values["total"] == sum(range(leaves))
         assert sorted(values["done"]) == sorted(values["tasks"]), "task_done not called once per task"
-        assert values["dead"] == [victim["cid"]]
-        assert st["tasks"]["done"] == st["tasks"]["total"] == leaves + 41
+        assert values["dead"] == [victim.cid]
+        assert st.tasks["done"] == st.tasks["total"] == leaves + 41
 
 
 async def test_a_chain_of_short_tasks_runs_ahead_of_the_log_and_every_link_counts_once(
@@ -676,7 +596,7 @@ async def test_a_chain_of_short_tasks_runs_ahead_of_the_log_and_every_link_count
         assert sorted(values["done"]) == sorted(values["tasks"])
         # The links followed each other onto the one client (placed before their input existed).
         info = await settled_info(run, values["tasks"][-1])
-        assert info["holder"] is not None and info["attempt"] == 1
+        assert info.holder is not None and info.attempt == 1
 
 
 # --------------------------------------------------------------------------
@@ -691,7 +611,7 @@ async def test_leader_killed_mid_run_every_completion_counts_once(computation, t
 
         async def mid_run() -> bool:
             st = await query(run, "status")
-            return st is not None and st["tasks"]["done"] >= 2 and st["tasks"]["running"] >= 1
+            return st is not None and st.tasks["done"] >= 2 and st.tasks["running"] >= 1
 
         await wait_until(mid_run, "two completions with tasks still running")
         leader = await leader_of(run)
@@ -703,17 +623,17 @@ async def test_leader_killed_mid_run_every_completion_counts_once(computation, t
         done = values["done"]
         assert len(done) == len(set(done)), f"a completion reached task_done twice: {done}"
         assert sorted(done) == sorted(values["tasks"]), f"completions missing: {done}"
-        assert st["tasks"]["done"] == st["tasks"]["total"] == len(values["tasks"])
+        assert st.tasks["done"] == st.tasks["total"] == len(values["tasks"])
 
         # The killed replica comes back from its data directory and agrees.
         run.cluster.start_replica(leader)
 
-        async def caught_up() -> dict | None:
+        async def caught_up() -> ComputationStatus | None:
             mine = await query(run, "status", replica=leader)
-            return mine if mine is not None and mine["state"] == "finished" else None
+            return mine if mine is not None and mine.state == "finished" else None
 
         restarted = await wait_until(caught_up, f"replica {leader} to come back and catch up")
-        assert restarted["result"] == st["result"]
+        assert restarted.result == st.result
 
 
 # --------------------------------------------------------------------------
@@ -747,14 +667,13 @@ async def test_node_crash_on_first_attempt_is_retried_and_the_computation_finish
         assert values["total"] == 7
         for tid in values["crashers"]:
             task = await settled_info(run, tid)
-            assert task["state"] == "done"
-            assert task["failures"] == 1, task
-            assert "exited with code 3" in task["error"] and f"task {tid} (crash_once)" in task["error"], task
+            assert task.state == "done"
+            assert task.failures == 1, task
+            assert task.error is not None, task
+            assert "exited with code 3" in task.error and f"task {tid} (crash_once)" in task.error, task
 
 
-def test_node_that_always_crashes_exhausts_its_retries_and_tasksprint_run_reports_it(
-    tmp_path: Path, marked: str
-) -> None:
+def test_node_that_always_crashes_exhausts_its_retries_and_tasksprint_run_reports_it(tmp_path: Path) -> None:
     spec = write_scheduler(
         tmp_path,
         "AlwaysCrash",
@@ -819,15 +738,15 @@ async def test_task_past_its_timeout_is_killed_and_retried_and_one_that_always_h
     with trio.fail_after(GUARD_SECONDS):
         run = await computation(spec, node_command(PY_NODE))
         st = await outcome(run)
-        assert st["state"] == "failed", st
-        failure = st["failure"]
-        assert failure["kind"] == "task" and failure["tid"] == 2, failure
-        assert "task 2 (hang) ran longer than its timeout of 1 s" in failure["error"], failure
-        assert "'hang'" in failure["message"] and "failed 2 time(s)" in failure["message"], failure
+        assert st.state == "failed", st
+        failure = st.failure
+        assert failure is not None and failure.kind == "task" and failure.tid == 2, failure
+        assert "task 2 (hang) ran longer than its timeout of 1 s" in failure.error, failure
+        assert "'hang'" in failure.message and "failed 2 time(s)" in failure.message, failure
 
         first = await settled_info(run, 1)
-        assert first["state"] == "done" and first["values"] == {"v": 5}, first
-        assert first["failures"] == 1 and "ran longer than its timeout" in first["error"], first
+        assert first.state == "done" and first.values == {"v": 5}, first
+        assert first.failures == 1 and first.error is not None and "ran longer than its timeout" in first.error, first
 
         # Both attempts of the hanging task ran, each in a node process that is gone now.
         hung = [int(p.name.rpartition("-")[2]) for p in pids.iterdir()]
@@ -867,7 +786,7 @@ async def test_scheduler_hook_that_raises_fails_the_computation_and_the_replicas
     with trio.fail_after(GUARD_SECONDS):
         run = await computation(spec, node_command(PY_NODE))
         st = await outcome(run)
-        assert st["state"] == "failed", st
+        assert st.state == "failed", st
         assert run.cluster is not None
 
         async def shown_failed() -> dict | None:
@@ -896,11 +815,12 @@ async def test_scheduler_hook_that_raises_fails_the_computation_and_the_replicas
         for i in range(3):
             assert run.cluster.alive(i), f"replica {i} exited:\n{run.cluster.logs(i)[-3000:]}"
 
-            async def reports_failure(i: int = i) -> dict | None:
+            async def reports_failure(i: int = i) -> ComputationStatus | None:
                 mine = await query(run, "status", replica=i)
-                return mine if mine is not None and mine["state"] == "failed" else None
+                return mine if mine is not None and mine.state == "failed" else None
 
-            assert (await wait_until(reports_failure, f"replica {i} to report the failure"))["failure"] == failure
+            reported = await wait_until(reports_failure, f"replica {i} to report the failure")
+            assert attrs.asdict(reported.failure) == failure
 
 
 # --------------------------------------------------------------------------
@@ -1021,7 +941,7 @@ async def test_status_info_and_cancel_commands_against_a_running_cluster(computa
 
         async def long_task_running() -> list[int] | None:
             st = await query(run, "status")
-            if st is None or st["tasks"]["done"] < 1 or st["tasks"]["running"] < 1:
+            if st is None or st.tasks["done"] < 1 or st.tasks["running"] < 1:
                 return None
             return [int(p.name.rpartition("-")[2]) for p in pids.iterdir()] or None
 
@@ -1104,7 +1024,7 @@ async def test_replicated_random_task_draws_the_same_number_on_both_copies_and_c
         values = finished_values(st, run)
         labels, drawn = values["labels"], values["drawn"]
         assert sorted(values["done"]) == sorted(labels.values()), f"completions: {values['done']}"
-        assert st["tasks"]["done"] == st["tasks"]["total"] == 2
+        assert st.tasks["done"] == st.tasks["total"] == 2
 
         for label, tid in labels.items():
             copies = [json.loads(p.read_text()) for p in out.glob(f"{label}-*.json")]
@@ -1112,5 +1032,5 @@ async def test_replicated_random_task_draws_the_same_number_on_both_copies_and_c
             assert copies[0]["pid"] != copies[1]["pid"]
             assert copies[0]["value"] == copies[1]["value"] == drawn[label], (copies, drawn)
             task = await settled_info(run, tid)
-            assert task["replicas"] == 2 and task["state"] == "done", task
+            assert task.replicas == 2 and task.state == "done", task
         assert drawn["r0"] != drawn["r1"], "two different tasks drew the same number: their seeds are equal"

@@ -285,7 +285,7 @@ def test_the_app_answers_a_malformed_query_with_its_refusal() -> None:
     answer = app.query("view", {"cid": "me"})
     assert isinstance(answer, Refused) and answer.code == ErrorCode.MALFORMED.value and "'cid'" in answer.error
     assert codec.decode_untrusted(codec.encode(answer)) == answer  # it travels as the reply
-    assert app.query("status", {})["state"] == "waiting"
+    assert app.query("status", {}).state == "waiting"
     assert app.query("info", {"tid": 1}) is None
 
 

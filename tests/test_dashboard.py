@@ -15,7 +15,6 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from tasksprint.api import ReplicaStatus
-from tasksprint.dashboard.readmodel import History, ReplicaRow, Snapshot, computation_from_reply, replica_from_reply
 from tasksprint.dashboard.server import (
     STATIC,
     BindRefused,
@@ -26,6 +25,7 @@ from tasksprint.dashboard.server import (
     is_loopback,
     serve_app,
 )
+from tasksprint.readmodel import History, ReplicaRow, Snapshot, computation_from_reply, replica_from_reply
 from tests.monitor_cluster import WAIT_SECONDS, get
 
 STATUS = {

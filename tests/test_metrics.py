@@ -14,10 +14,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from tasksprint.channel import ReplicaChannel
-from tasksprint.dashboard.readmodel import ClientRow, History, Poller, ReplicaRow, Snapshot
-from tasksprint.dashboard.server import Dashboard, build_app, serve_app
-from tasksprint.metrics import ClusterCollector, PrometheusObserver, exposition, observer, serve_metrics
+from tasksprint.dashboard.server import Dashboard, build_app, serve_app, serve_metrics
+from tasksprint.metrics import ClusterCollector, PrometheusObserver, exposition, observer
 from tasksprint.observe import Observer, from_spec
+from tasksprint.readmodel import ClientRow, History, Poller, ReplicaRow, Snapshot
 from tests.monitor_cluster import gated_run, get, open_gate, wait_status
 
 

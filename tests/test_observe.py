@@ -6,9 +6,12 @@ refused with a reason."""
 from __future__ import annotations
 
 import math
+import os
 import random
+import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -200,3 +203,111 @@ def test_from_spec_calls_the_factory_with_the_role(observer_module: str) -> None
 def test_from_spec_refuses_with_a_reason(observer_module: str, spec: str, reason: str) -> None:
     with pytest.raises(ObserverSpecError, match=reason):
         observe.from_spec(spec.format(m=observer_module), "client")
+
+
+# --- The runtime reports through the hook ---------------------------------------------------
+
+
+async def test_an_observed_replica_reports_its_steps(tmp_path: Path) -> None:
+    from tasksprint.config import ReplicaConfig
+    from tasksprint.log_client import LogClient
+    from tasksprint.replica import Replica
+
+    recorder = Recorder(time.perf_counter)
+    config = ReplicaConfig(rid=0, peers=(("127.0.0.1", 0),), data_dir=tmp_path, secret=b"s" * 24)
+    replica = Replica(config, observer=recorder)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(replica.run)
+            async with LogClient([("127.0.0.1", replica.port)], config.secret) as client:
+                for i in range(5):
+                    await client.submit(["put", f"k{i}", i], deadline=20)
+            nursery.cancel_scope.cancel()
+    got = recorder.read()
+    for name in ("paxos.propose", "paxos.ready", "paxos.advance", "paxos.tick", "storage.write"):
+        assert got.spans[name].count >= 1, name
+    assert got.spans["applier.apply_slot"].count >= 5
+    assert got.spans["machine.apply"].count >= 5
+    assert got.spans["replica.commit"].count == 5  # one per command submitted to the leader
+    assert got.values["applier.items_per_slot"].count == got.spans["applier.apply_slot"].count
+
+
+async def test_an_observed_pair_of_replicas_reports_paxos_steps(tmp_path: Path) -> None:
+    """``paxos.step`` is one message from a peer, so it takes two replicas to see it."""
+    from tasksprint.config import ReplicaConfig
+    from tasksprint.localcluster import free_ports
+    from tasksprint.log_client import LogClient
+    from tasksprint.replica import Replica
+
+    ports = free_ports(3)
+    peers = tuple(("127.0.0.1", p) for p in ports)
+    recorders = [Recorder(time.perf_counter) for _ in peers]
+    replicas = []
+    for rid, recorder in enumerate(recorders):
+        (tmp_path / str(rid)).mkdir()
+        config = ReplicaConfig(rid=rid, peers=peers, data_dir=tmp_path / str(rid), secret=b"s" * 24)
+        replicas.append(Replica(config, observer=recorder))
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for replica in replicas:
+                await nursery.start(replica.run)
+            async with LogClient(list(peers), b"s" * 24) as client:
+                await client.submit(["put", "k", 1], deadline=50)
+            # The followers learn that the slot was chosen a moment after the leader answered.
+            while any(replica.applier.applied < 1 for replica in replicas):
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    for recorder in recorders:
+        got = recorder.read()
+        assert got.spans["paxos.step"].count >= 1
+        assert got.spans["applier.apply_slot"].count >= 1
+
+
+async def test_an_observed_node_pool_reports_exchanges_runs_starts_and_idle_time(tmp_path: Path) -> None:
+    from nodes import SDK_NODE, request, write_node
+
+    from tasksprint.node_pool import NodePool
+
+    recorder = Recorder(time.perf_counter)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            pool = NodePool(write_node(tmp_path, SDK_NODE), 1, observer=recorder)
+            await pool.start(nursery)
+            try:
+                for tid in (1, 2, 3):
+                    outcome = await pool.run(request(tid, "echo", tid))
+                    assert outcome.failure is None, outcome
+            finally:
+                await pool.aclose()
+    got = recorder.read()
+    assert got.spans["node.start"].count == 1
+    assert got.spans["node.run"].count == 3
+    assert got.spans["node.exchange"].count == 3
+    assert got.spans["node.idle"].count == 2  # the one node waited between its three tasks
+
+
+def test_a_coordinator_app_reports_its_views() -> None:
+    from coordinator_harness import MONTECARLO
+
+    from tasksprint.coordinator.app import CoordinatorApp
+
+    recorder = Recorder(time.perf_counter)
+    app = CoordinatorApp.create(MONTECARLO, observer=recorder)
+    app.query("view", {"cid": 1, "after": 0})
+    got = recorder.read()
+    assert got.spans["machine.view"].count == 1
+    assert got.values["machine.tasks_per_view"].count == 1
+
+
+def test_a_replica_with_an_unusable_observer_spec_exits_with_the_reason(tmp_path: Path) -> None:
+    env = {**os.environ, observe.OBSERVER_ENV: "no_such_module_anywhere:observer"}
+    done = subprocess.run(
+        [sys.executable, "-m", "tasksprint.cli", "replica", "--id", "0", "--peers", "127.0.0.1:1"]
+        + ["--data", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done
+    assert "no_such_module_anywhere" in done.stderr and "cannot import" in done.stderr

@@ -47,6 +47,16 @@ class ScriptedCore:
     def advance(self, rd: Ready) -> None:
         self.events.append(("advance", rd.number))
 
+    # Not scripted: these tests feed the driver Readies only.
+    def step(self, src: int, msg: object) -> None:
+        raise AssertionError("ScriptedCore.step is not scripted")
+
+    def propose(self, cmd: object) -> bool:
+        raise AssertionError("ScriptedCore.propose is not scripted")
+
+    def tick(self, now: float, data: object = None, wall: float | None = None) -> None:
+        raise AssertionError("ScriptedCore.tick is not scripted")
+
 
 @attrs.define
 class RecordingStorage:

@@ -62,16 +62,6 @@ SUBMIT_DEADLINE = 30.0
 STARTUP_TIMEOUT = 30
 POLL_SECONDS = 0.05
 
-_STATUS_ERRORS = (
-    OSError,
-    trio.TooSlowError,
-    trio.BrokenResourceError,
-    trio.ClosedResourceError,
-    wire.BadMessage,
-    wire.ConnectionClosed,
-)
-
-
 # --------------------------------------------------------------------------
 # Observing the cluster
 
@@ -80,7 +70,7 @@ async def replica_status(cluster: LocalCluster, i: int) -> ReplicaStatus | None:
     """Replica ``i``'s status, or None if it does not answer."""
     try:
         return await LogClient(cluster.addrs, cluster.secret).status(cluster.addrs[i], timeout=2.0)
-    except _STATUS_ERRORS:
+    except wire.NETWORK_ERRORS:
         return None
 
 

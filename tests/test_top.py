@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from tasksprint.dashboard.readmodel import History, ReplicaRow, Snapshot
+from tasksprint.readmodel import History, ReplicaRow, Snapshot
 from tasksprint.run import progress_bar
 from tasksprint.top import render
 from tests.monitor_cluster import WAIT_SECONDS, gated_run, open_gate

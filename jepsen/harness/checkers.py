@@ -6,13 +6,16 @@ import time
 from collections import Counter
 from typing import Any
 
+import attrs
+
 from jepsen.harness.monitor import probe_replicas
 from jepsen.workload.scheduler import expected_totals
+from tasksprint.coordinator.replies import ComputationStatus
 
 RECOVERY_BOUND = 30.0
 
 
-def exactly_once(comp: dict | None) -> dict[str, Any]:
+def exactly_once(comp: ComputationStatus | None) -> dict[str, Any]:
     """Every started task completed exactly once, except decoys that were killed.
 
     ``task_done`` tids: none twice, none unknown, each completion's ``rec``
@@ -32,7 +35,7 @@ def exactly_once(comp: dict | None) -> dict[str, Any]:
     decoys_done_and_killed = sorted(killed & set(done))
     unknown = sorted(set(done) - set(started))
     bad_records = [r for t, r in zip(done, records) if not (isinstance(r, list) and len(r) == 3 and r[0] == t)]
-    counts = comp.get("tasks", {})
+    counts = comp.tasks if comp is not None else {}
     count_ok = (
         counts.get("done") == len(set(done))
         and counts.get("total") == len(started)
@@ -58,7 +61,7 @@ def exactly_once(comp: dict | None) -> dict[str, Any]:
     }
 
 
-def cancels(comp: dict | None, ops: list[dict], attempted: set[int]) -> dict[str, Any]:
+def cancels(comp: ComputationStatus | None, ops: list[dict], attempted: set[int]) -> dict[str, Any]:
     """Command-line cancels took effect exactly where they said they did.
 
     * an acknowledged cancel that reported killing decoy d: d never completed
@@ -94,12 +97,13 @@ def cancels(comp: dict | None, ops: list[dict], attempted: set[int]) -> dict[str
     }
 
 
-def result_correct(comp: dict | None, seed: int, width: int) -> dict[str, Any]:
+def result_correct(comp: ComputationStatus | None, seed: int, width: int) -> dict[str, Any]:
     """The final totals equal what the seed alone gives."""
     if comp is None:
         return {"ok": False, "error": "no computation status"}
-    if comp.get("state") != "finished":
-        return {"ok": False, "state": comp.get("state"), "failure": comp.get("failure")}
+    if comp.state != "finished":
+        failure = None if comp.failure is None else attrs.asdict(comp.failure)
+        return {"ok": False, "state": comp.state, "failure": failure}
     values = _values(comp)
     waves = values["waves"]
     expected = expected_totals(seed, waves, width)
@@ -181,7 +185,7 @@ def clients_stay_up(exits: list[dict]) -> dict[str, Any]:
     return {"ok": not bad, "unexpected_client_exits": bad}
 
 
-def _values(comp: dict | None) -> dict | None:
-    if not comp or not comp.get("result"):
+def _values(comp: ComputationStatus | None) -> dict | None:
+    if comp is None or comp.result is None:
         return None
-    return comp["result"].get("values")
+    return comp.result.values

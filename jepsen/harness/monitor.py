@@ -15,18 +15,12 @@ from typing import Any
 
 import trio
 
-from tasksprint import wire
+from tasksprint.channel import ASK_ERRORS
+from tasksprint.coordinator.replies import ComputationStatus
 from tasksprint.log_client import LogClient
 
-PROBE_ERRORS = (
-    OSError,
-    RuntimeError,
-    trio.TooSlowError,
-    trio.BrokenResourceError,
-    trio.ClosedResourceError,
-    wire.BadMessage,
-    wire.ConnectionClosed,
-)
+# A replica that cannot be reached, or refuses the question, is left out of a probe.
+PROBE_ERRORS = ASK_ERRORS
 
 
 def probe_replicas(addrs: list[tuple[str, int]], secret: bytes, timeout: float = 1.0) -> list[dict | None]:
@@ -59,8 +53,10 @@ def probe_replicas(addrs: list[tuple[str, int]], secret: bytes, timeout: float =
     return trio.run(main)
 
 
-def query_status(addr: tuple[str, int], secret: bytes, timeout: float = 2.0) -> dict | None:
-    async def main() -> Any:
+def query_status(addr: tuple[str, int], secret: bytes, timeout: float = 2.0) -> ComputationStatus | None:
+    """The computation's status as replica ``addr`` sees it (None if it did not answer in time)."""
+
+    async def main() -> ComputationStatus | None:
         try:
             return await LogClient([addr], secret).query("status", addr=addr, timeout=timeout)
         except PROBE_ERRORS:
@@ -87,7 +83,7 @@ class Monitor(threading.Thread):
         self.lock = threading.Lock()
         self.latest: list[dict | None] = [None] * len(addrs)
         self.progress: list[tuple[float, int, str, int]] = []  # (t, done count, state, replica that answered)
-        self.computation: dict | None = None
+        self.computation: ComputationStatus | None = None
         self.errors = 0
 
     def run(self) -> None:
@@ -110,7 +106,7 @@ class Monitor(threading.Thread):
                     if comp is not None:
                         self.computation = comp
                         self.progress.append(
-                            (time.monotonic() - self.t0, int(comp["tasks"].get("done", 0)), comp["state"], answered)
+                            (time.monotonic() - self.t0, comp.tasks.get("done", 0), comp.state, answered)
                         )
             except Exception:
                 self.errors += 1
@@ -131,7 +127,7 @@ class Monitor(threading.Thread):
 
     def state(self) -> str | None:
         with self.lock:
-            return None if self.computation is None else self.computation["state"]
+            return None if self.computation is None else self.computation.state
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -250,9 +246,9 @@ class CancelOps(threading.Thread):
     def run(self) -> None:
         while not self.stop_event.wait(self.rng.uniform(0.5, 1.5)):
             comp = self.monitor.computation
-            if comp is None or comp.get("state") != "running":
+            if comp is None or comp.state != "running":
                 continue
-            tid = self.newest_decoy(int(comp["tasks"].get("total", 0)))
+            tid = self.newest_decoy(comp.tasks.get("total", 0))
             if tid is None or tid in self.considered:
                 continue
             self.considered.add(tid)

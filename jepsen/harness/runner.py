@@ -18,6 +18,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 from jepsen.harness import checkers
 from jepsen.harness import net as netmod
 from jepsen.harness.cluster import Cluster, leftovers
@@ -225,8 +227,8 @@ class Run:
             "clients": args.clients,
             "ok": all(c["ok"] for c in checks.values()),
             "finished": finished,
-            "state": comp and comp.get("state"),
-            "failure": comp and comp.get("failure"),
+            "state": comp and comp.state,
+            "failure": comp and comp.failure and attrs.asdict(comp.failure),
             "plan": plan,
             "faults": faults,
             "operations": {

@@ -13,7 +13,10 @@ non-deterministic part:
   leader has heard from nobody yet, so it counts every client as heard at the
   moment it took over: a grace period of one full timeout;
 * read-only queries, parsed by :func:`~tasksprint.coordinator.ops.parse_query`:
-  ``view`` (long-poll for one client's assignments), ``status``, ``info``.
+  ``view`` (long-poll for one client's assignments), ``status``, ``info``,
+  answered with the typed values of :mod:`tasksprint.coordinator.replies`.
+  Building a view is reported to the app's observer as span
+  ``machine.view``, with the value ``machine.tasks_per_view``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from tasksprint_sdk.coordinator import Coordinator, load_scheduler
 from tasksprint.app import NotYet
 from tasksprint.coordinator.machine import CoordinatorMachine, RunState
 from tasksprint.coordinator.ops import BadOp, InfoRequest, InitOp, StatusRequest, ViewRequest, parse_query
+from tasksprint.coordinator.replies import ComputationStatus, TaskInfo
+from tasksprint.observe import NULL, Observer
 from tasksprint.paxos.messages import Command
 
 #: Client id under which every leader proposes the init entry; the session
@@ -45,12 +50,19 @@ class CoordinatorApp:
     _seen: dict[int, float] = attrs.Factory(dict)  # cid -> last contact (monotonic), leader's view
     _contacts: set[int] = attrs.Factory(set)  # heard since the last drain (to report to the leader)
     _init_proposed_at: float = -1e9
+    observer: Observer = attrs.field(default=NULL, kw_only=True)
+    _view: Any = attrs.field(init=False, default=None)  # machine.view, wrapped once for the observer
+
+    def __attrs_post_init__(self) -> None:
+        self._view = self.observer.timed("machine.view", self.machine.view)
 
     @classmethod
-    def create(cls, scheduler: str | type[Coordinator], *, client_timeout: float = 10.0) -> CoordinatorApp:
+    def create(
+        cls, scheduler: str | type[Coordinator], *, client_timeout: float = 10.0, observer: Observer = NULL
+    ) -> CoordinatorApp:
         """Load ``scheduler`` (``file.py:Class``, ``module:Class`` or the class itself)."""
         scheduler_cls = load_scheduler(scheduler) if isinstance(scheduler, str) else scheduler
-        return cls(CoordinatorMachine(scheduler_cls, client_timeout=client_timeout))
+        return cls(CoordinatorMachine(scheduler_cls, client_timeout=client_timeout), observer=observer)
 
     # -- App protocol ------------------------------------------------------
 
@@ -126,11 +138,13 @@ class CoordinatorApp:
                     and self.machine.is_live(cid)
                 ):
                     raise NotYet()
-                return self.machine.view(cid, after)
+                view = self._view(cid, after)
+                self.observer.value("machine.tasks_per_view", len(view.tasks))
+                return view
             case StatusRequest():
-                return self.machine.status()
+                return ComputationStatus.of(self.machine.status())
             case InfoRequest(tid=tid):
-                return self.machine.task_info(tid)
+                return TaskInfo.of(self.machine.task_info(tid))
 
     def _note_contact(self, cid: int) -> None:
         self._contacts.add(cid)

@@ -1,4 +1,4 @@
-"""A client's view as typed values: what the coordinator tells a worker client to do.
+"""The coordinator's query answers as typed values: a client's view, the status, one task's info.
 
 Theory of operation
 -------------------
@@ -10,9 +10,17 @@ the tasks assigned to the client since the version it last saw
 the tasks it must kill, and later moves of inputs it needs
 (:class:`HolderChange`).  The client passes ``version`` back next time.
 
-These values cross the network into the client, so each field has a cheap
-validator: a malformed view is a :class:`~tasksprint.codec.BadMessage` in the
-client's decoder, never an exception deeper in.
+The ``status`` query is answered with a :class:`ComputationStatus` (the
+computation at a glance) and ``info`` with a :class:`TaskInfo` (everything
+about one task) or None; the command line, ``tasksprint run``'s progress and
+the fault-injection monitor read their fields.  :meth:`ComputationStatus.of`
+and :meth:`TaskInfo.of` build them from the read models of
+:mod:`tasksprint.coordinator.views`, and ``attrs.asdict`` gives those plain
+shapes back (the ``--json`` output).
+
+These values cross the network, so each field has a cheap validator: a
+malformed answer is a :class:`~tasksprint.codec.BadMessage` in the
+receiver's decoder, never an exception deeper in.
 """
 
 from __future__ import annotations
@@ -25,7 +33,20 @@ import attrs
 from tasksprint.codec import message
 from tasksprint.coordinator.ops import is_int
 
-__all__ = ["Assignment", "ClientView", "HolderChange", "InputLocation"]
+__all__ = [
+    "Assignment",
+    "ClientCounts",
+    "ClientLoad",
+    "ClientView",
+    "ComputationFailure",
+    "ComputationResult",
+    "ComputationStatus",
+    "HolderChange",
+    "HookCall",
+    "InputLocation",
+    "TaskInfo",
+    "TaskValues",
+]
 
 _str = attrs.validators.instance_of(str)
 _opt_str = attrs.validators.optional(_str)
@@ -39,6 +60,21 @@ def _int(_inst: Any, attribute: Any, value: Any) -> None:
 def _opt_int(inst: Any, attribute: Any, value: Any) -> None:
     if value is not None:
         _int(inst, attribute, value)
+
+
+def _number(_inst: Any, attribute: Any, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{attribute.name} must be a number, got {value!r:.100}")
+
+
+def _opt_dict(_inst: Any, attribute: Any, value: Any) -> None:
+    if value is not None and not isinstance(value, dict):
+        raise TypeError(f"{attribute.name} must be a dict or None, got {value!r:.100}")
+
+
+def _counts(_inst: Any, attribute: Any, value: Any) -> None:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and is_int(n) for k, n in value.items()):
+        raise TypeError(f"{attribute.name} must map names to ints, got {value!r:.100}")
 
 
 def _tuple_of(check: Callable[[Any], bool], what: str) -> Callable[[Any], tuple[Any, ...]]:
@@ -117,3 +153,171 @@ class ClientView:
     holders: tuple[HolderChange, ...] = attrs.field(
         default=(), converter=_tuple_of(lambda h: isinstance(h, HolderChange), "holder changes")
     )
+
+
+_ints = _tuple_of(is_int, "ints")
+_strs = _tuple_of(lambda v: isinstance(v, str), "strings")
+_opt_strs = _tuple_of(lambda v: v is None or isinstance(v, str), "strings or None")
+
+
+# -- status -----------------------------------------------------------------------------
+
+
+@message
+class TaskValues:
+    """The values task ``tid`` gave for its ``keys`` (None if it gave none)."""
+
+    tid: int = attrs.field(validator=_int)
+    values: dict[str, Any] | None = attrs.field(validator=_opt_dict)
+
+
+@message
+class ComputationResult:
+    """What ``finish`` was given: ``values``, and the values of the tasks it named."""
+
+    values: Any
+    tasks: tuple[TaskValues, ...] = attrs.field(converter=_tuple_of(lambda t: isinstance(t, TaskValues), "task values"))
+
+
+@message
+class ComputationFailure:
+    """Why the computation failed: a scheduler hook raised (``kind`` hook) or a task failed for good (task).
+
+    ``message`` is the report for people, ``error`` the exception or the task's error.
+    """
+
+    kind: str = attrs.field(validator=attrs.validators.in_(["hook", "task"]))
+    hook: str | None = attrs.field(validator=_opt_str)
+    tid: int | None = attrs.field(validator=_opt_int)
+    cid: int | None = attrs.field(validator=_opt_int)
+    slot: int | None = attrs.field(validator=_opt_int)
+    error: str = attrs.field(validator=_str)
+    message: str = attrs.field(validator=_str)
+
+
+@message
+class HookCall:
+    """The last scheduler hook called: its name, the task or client it was about, the log slot."""
+
+    hook: str = attrs.field(validator=_str)
+    tid: int | None = attrs.field(validator=_opt_int)
+    cid: int | None = attrs.field(validator=_opt_int)
+    slot: int | None = attrs.field(validator=_opt_int)
+
+
+@message
+class ClientCounts:
+    """How many clients are live and how many were declared dead."""
+
+    live: int = attrs.field(validator=_int)
+    dead: int = attrs.field(validator=_int)
+
+
+@message
+class ClientLoad:
+    """One live client: ``running`` tasks take its slots, ``prefetching`` ones still wait for an input."""
+
+    cid: int = attrs.field(validator=_int)
+    name: str = attrs.field(validator=_str)
+    addr: str = attrs.field(validator=_str)
+    slots: int = attrs.field(validator=_int)
+    running: int = attrs.field(validator=_int)
+    prefetching: int = attrs.field(validator=_int)
+
+
+@message
+class ComputationStatus:
+    """The computation at a glance: the answer to the ``status`` query.
+
+    ``tasks`` counts tasks by state (``pending``, ``running``, ``done``, ...)
+    plus ``total``; ``result`` is set once finished, ``failure`` once failed;
+    ``now`` is the last TICK's time, ``version`` the state's change counter.
+    """
+
+    state: str = attrs.field(validator=attrs.validators.in_(["waiting", "running", "finished", "failed"]))
+    finished: bool = attrs.field(validator=attrs.validators.instance_of(bool))
+    result: ComputationResult | None = attrs.field(
+        validator=attrs.validators.optional(attrs.validators.instance_of(ComputationResult))
+    )
+    failure: ComputationFailure | None = attrs.field(
+        validator=attrs.validators.optional(attrs.validators.instance_of(ComputationFailure))
+    )
+    tasks: dict[str, int] = attrs.field(validator=_counts)
+    clients: ClientCounts = attrs.field(validator=attrs.validators.instance_of(ClientCounts))
+    live_clients: tuple[ClientLoad, ...] = attrs.field(
+        converter=_tuple_of(lambda c: isinstance(c, ClientLoad), "client loads")
+    )
+    now: float = attrs.field(validator=_number)
+    seed: int | None = attrs.field(validator=_opt_int)
+    version: int = attrs.field(validator=_int)
+    last_hook: HookCall | None = attrs.field(
+        validator=attrs.validators.optional(attrs.validators.instance_of(HookCall))
+    )
+
+    @property
+    def ended(self) -> bool:
+        """Whether the computation finished or failed."""
+        return self.state in ("finished", "failed")
+
+    @classmethod
+    def of(cls, status: dict[str, Any]) -> ComputationStatus:
+        """The typed form of :func:`tasksprint.coordinator.views.status`'s read model."""
+        result, failure, hook = status["result"], status["failure"], status["last_hook"]
+        return cls(
+            state=status["state"],
+            finished=status["finished"],
+            result=None
+            if result is None
+            else ComputationResult(values=result["values"], tasks=tuple(TaskValues(**t) for t in result["tasks"])),
+            failure=None if failure is None else ComputationFailure(**failure),
+            tasks=status["tasks"],
+            clients=ClientCounts(**status["clients"]),
+            live_clients=tuple(ClientLoad(**c) for c in status["live_clients"]),
+            now=status["now"],
+            seed=status["seed"],
+            version=status["version"],
+            last_hook=None if hook is None else HookCall(**hook),
+        )
+
+
+# -- info -------------------------------------------------------------------------------
+
+
+@message
+class TaskInfo:
+    """Everything known about one task: the answer to the ``info`` query (None: no such task).
+
+    ``clients`` run its current attempt (in placement order), ``prefetching``
+    are those of them where it waits for inputs; ``holder`` holds its
+    outputs; ``values`` are its first completion's values of ``keys`` and
+    ``sizes`` its outputs' sizes in bytes; ``dependents`` are the tasks
+    that read it.
+    """
+
+    tid: int = attrs.field(validator=_int)
+    name: str = attrs.field(validator=_str)
+    state: str = attrs.field(validator=_str)
+    attempt: int = attrs.field(validator=_int)
+    failures: int = attrs.field(validator=_int)
+    args: list[Any] = attrs.field(validator=attrs.validators.instance_of(list))
+    kwargs: dict[str, Any] = attrs.field(validator=attrs.validators.instance_of(dict))
+    pretasks: tuple[int, ...] = attrs.field(converter=_ints)
+    prekeys: tuple[str | None, ...] = attrs.field(converter=_opt_strs)
+    keys: tuple[str, ...] = attrs.field(converter=_strs)
+    require: tuple[str, ...] = attrs.field(converter=_strs)
+    want: tuple[str, ...] = attrs.field(converter=_strs)
+    replicas: int = attrs.field(validator=_int)
+    retries: int = attrs.field(validator=_int)
+    timeout: float | None = attrs.field(validator=attrs.validators.optional(_number))
+    clients: tuple[int, ...] = attrs.field(converter=_ints)
+    prefetching: tuple[int, ...] = attrs.field(converter=_ints)
+    holder: int | None = attrs.field(validator=_opt_int)
+    values: dict[str, Any] | None = attrs.field(validator=_opt_dict)
+    sizes: dict[str, int] = attrs.field(validator=_counts)
+    error: str | None = attrs.field(validator=_opt_str)
+    dependents: tuple[int, ...] = attrs.field(converter=_ints)
+
+    @classmethod
+    def of(cls, info: dict[str, Any] | None) -> TaskInfo | None:
+        """The typed form of :func:`tasksprint.coordinator.views.task_info`'s read model."""
+        return None if info is None else cls(**info)

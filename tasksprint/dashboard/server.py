@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 A :class:`Dashboard` polls the replicas once every ``interval`` seconds with
-a :class:`~tasksprint.dashboard.readmodel.Poller`, keeps the last snapshot and
-a short :class:`~tasksprint.dashboard.readmodel.History`, and wakes every
+a :class:`~tasksprint.readmodel.Poller`, keeps the last snapshot and
+a short :class:`~tasksprint.readmodel.History`, and wakes every
 open event stream after each poll.  The Starlette app (:func:`build_app`)
 is read-only: it serves the page and its assets from the package (nothing
 from a CDN), ``/api/snapshot``, ``/api/task/{tid}`` (asked of the replicas
@@ -40,7 +40,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from tasksprint.dashboard.readmodel import History, Poller, Snapshot
+from tasksprint.readmodel import History, Poller, Snapshot
 
 __all__ = ["BindRefused", "Credentials", "Dashboard", "build_app", "is_loopback", "serve_app", "serve_dashboard"]
 
@@ -324,3 +324,22 @@ async def _serve(
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     await serve_app(app, host, port, credentials=credentials, task_status=task_status)
+
+
+async def serve_metrics(
+    host: str,
+    port: int,
+    registry: Any,
+    *,
+    credentials: Any = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``registry`` at ``http://host:port/metrics`` until cancelled; reports the bound port.
+
+    Loopback only unless ``credentials`` (a
+    :class:`Credentials`) guard it: raises
+    :class:`BindRefused` otherwise.
+    """
+    from tasksprint.metrics import metrics_app
+
+    await serve_app(metrics_app(registry), host, port, credentials=credentials, task_status=task_status)
