@@ -100,8 +100,8 @@ def run_tasksprint(command: str, n: int, slots: int, tmp: Path) -> dict[str, Any
         status = trio.run(run.wait_status)
     finally:
         run.stop()
-    if status["state"] != "finished" or status["result"]["values"]["done"] != n:
-        raise RuntimeError(f"the computation ended {status['state']}: {status.get('failure')}")
+    if status.state != "finished" or status.result is None or status.result.values["done"] != n:
+        raise RuntimeError(f"the computation ended {status.state}: {status.failure}")
     spans = []
     for i in range(3):
         log = base / "run" / f"replica{i}.log"
@@ -113,7 +113,7 @@ def run_tasksprint(command: str, n: int, slots: int, tmp: Path) -> dict[str, Any
         "seconds": seconds,
         "tasks_per_s": n / seconds,
         "startup_included_s": time.time() - t0,
-        "enforcement": status["result"]["values"]["enforcement"],
+        "enforcement": status.result.values["enforcement"],
     }
 
 

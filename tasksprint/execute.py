@@ -172,10 +172,10 @@ def execute(
             print(f"tasksprint execute: {exc}", file=err)
         finally:
             run.stop()
-        if status is None or status["state"] != "finished":
+        if status is None or status.state != "finished" or status.result is None:
             print(f"tasksprint execute: the local cluster did not finish the task: {status}", file=err)
             return 1
-        values = status["result"]["values"]
+        values = status.result.values
         result_dir.mkdir(parents=True, exist_ok=True)
         made = []
         for name in (spec.stdout, spec.stderr):

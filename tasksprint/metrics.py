@@ -33,6 +33,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from tasksprint.observe import TimedByClock
 from tasksprint.readmodel import TASK_STATES, History, Snapshot
 
 __all__ = [
@@ -76,7 +77,7 @@ LIMIT_PREFIX = "limit."
 
 
 @attrs.define(eq=False)
-class PrometheusObserver:
+class PrometheusObserver(TimedByClock):
     """An :class:`~tasksprint.observe.Observer` recording into prometheus-client metrics.
 
     ``registry`` is this observer's own (no process-wide state); ``role``
@@ -127,34 +128,8 @@ class PrometheusObserver:
             h = self._spans[name] = self._generic_span.labels(self.role, name)
         h.observe(seconds)
 
-    def timed(self, name: str, fn: F) -> F:
-        clock, record = self.clock, self.timing
-
-        def timed_call(*args: Any, **kwargs: Any) -> Any:
-            t0 = clock()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                record(name, max(0.0, clock() - t0))
-
-        timed_call.__wrapped__ = fn  # type: ignore[attr-defined]
-        return timed_call  # type: ignore[return-value]
-
-    def timed_async(self, name: str, fn: F) -> F:
-        clock, record = self.clock, self.timing
-
-        async def timed_call(*args: Any, **kwargs: Any) -> Any:
-            t0 = clock()
-            try:
-                return await fn(*args, **kwargs)
-            finally:
-                record(name, max(0.0, clock() - t0))
-
-        timed_call.__wrapped__ = fn  # type: ignore[attr-defined]
-        return timed_call  # type: ignore[return-value]
-
-    def span(self, name: str) -> Any:
-        return _Span(self, name)
+    def now(self) -> float:
+        return self.clock()
 
     def count(self, name: str, n: int = 1) -> None:
         c = self._counts.get(name)
@@ -171,19 +146,6 @@ class PrometheusObserver:
         if s is None:
             s = self._values[name] = self._generic_value.labels(self.role, name)
         s.observe(x)
-
-
-@attrs.define(eq=False)
-class _Span:
-    _observer: PrometheusObserver
-    _name: str
-    _t0: float = 0.0
-
-    def __enter__(self) -> None:
-        self._t0 = self._observer.clock()
-
-    def __exit__(self, *exc: object) -> None:
-        self._observer.timing(self._name, max(0.0, self._observer.clock() - self._t0))
 
 
 def observer(role: str) -> PrometheusObserver:

@@ -221,8 +221,56 @@ class Histogram:
         )
 
 
+class TimedByClock:
+    """``timed``, ``timed_async`` and ``span`` written once, over ``now()`` and ``timing()``.
+
+    An observer that records durations subclasses this and supplies
+    ``now()`` (its clock, in seconds) and ``timing(name, seconds)``.
+    """
+
+    def now(self) -> float:
+        raise NotImplementedError
+
+    def timing(self, name: str, seconds: float) -> None:
+        raise NotImplementedError
+
+    def timed(self, name: str, fn: F) -> F:
+        clock, record = self.now, self.timing
+
+        def timed_call(*args: Any, **kwargs: Any) -> Any:
+            t0 = clock()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                record(name, max(0.0, clock() - t0))
+
+        timed_call.__wrapped__ = fn  # type: ignore[attr-defined]
+        return timed_call  # type: ignore[return-value]
+
+    def timed_async(self, name: str, fn: A) -> A:
+        clock, record = self.now, self.timing
+
+        async def timed_call(*args: Any, **kwargs: Any) -> Any:
+            t0 = clock()
+            try:
+                return await fn(*args, **kwargs)
+            finally:
+                record(name, max(0.0, clock() - t0))
+
+        timed_call.__wrapped__ = fn  # type: ignore[attr-defined]
+        return timed_call  # type: ignore[return-value]
+
+    @contextmanager
+    def span(self, name: str) -> Iterator[None]:
+        t0 = self.now()
+        try:
+            yield
+        finally:
+            self.timing(name, max(0.0, self.now() - t0))
+
+
 @attrs.define(eq=False)
-class Recorder:
+class Recorder(TimedByClock):
     """An :class:`Observer` that keeps figures in memory; read them with :meth:`read`.
 
     ``clock`` returns seconds (for example ``time.perf_counter``); it is the
@@ -242,39 +290,8 @@ class Recorder:
             h = self._spans[name] = Histogram()
         h.add(seconds)
 
-    def timed(self, name: str, fn: F) -> F:
-        clock, record = self._clock, self.timing
-
-        def timed_call(*args: Any, **kwargs: Any) -> Any:
-            t0 = clock()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                record(name, max(0.0, clock() - t0))
-
-        timed_call.__wrapped__ = fn  # type: ignore[attr-defined]
-        return timed_call  # type: ignore[return-value]
-
-    def timed_async(self, name: str, fn: A) -> A:
-        clock, record = self._clock, self.timing
-
-        async def timed_call(*args: Any, **kwargs: Any) -> Any:
-            t0 = clock()
-            try:
-                return await fn(*args, **kwargs)
-            finally:
-                record(name, max(0.0, clock() - t0))
-
-        timed_call.__wrapped__ = fn  # type: ignore[attr-defined]
-        return timed_call  # type: ignore[return-value]
-
-    @contextmanager
-    def span(self, name: str) -> Iterator[None]:
-        t0 = self._clock()
-        try:
-            yield
-        finally:
-            self.timing(name, max(0.0, self._clock() - t0))
+    def now(self) -> float:
+        return self._clock()
 
     def count(self, name: str, n: int = 1) -> None:
         c = self._counts.get(name)

@@ -24,6 +24,7 @@ import trio
 
 from tasksprint.channel import ASK_ERRORS, ReplicaChannel
 from tasksprint.coordinator.ops import StatusRequest
+from tasksprint.coordinator.replies import ComputationStatus
 from tasksprint.localcluster import LocalCluster
 from tasksprint.run import LocalRun
 
@@ -94,11 +95,11 @@ def gated_run(base: Path, tasks: int, *, clients: int = 1, slots: int = 2) -> It
 
 async def wait_initialised(cluster: LocalCluster) -> None:
     """Wait until the computation's init entry is applied (clients may join then)."""
-    status = await wait_status(cluster, lambda st: st["state"] != "waiting")
-    assert status["state"] == "running", status
+    status = await wait_status(cluster, lambda st: st.state != "waiting")
+    assert status.state == "running", status
 
 
-async def wait_status(cluster: LocalCluster, check: Any) -> dict[str, Any]:
+async def wait_status(cluster: LocalCluster, check: Any) -> ComputationStatus:
     """Poll the computation's status until ``check(status)`` holds; return that status."""
     channel = ReplicaChannel(cluster.addrs, cluster.secret)
     try:

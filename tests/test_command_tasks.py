@@ -19,13 +19,12 @@ from pathlib import Path
 
 import pytest
 import trio
-from test_cluster_e2e import (  # noqa: F401 (computation and marked are fixtures)
+from test_cluster_e2e import (  # noqa: F401 (computation is a fixture)
     GUARD_SECONDS,
     PY_NODE,
     cli_json,
     computation,
     finished_values,
-    marked,
     node_command,
     outcome,
     pid_alive,
@@ -137,10 +136,10 @@ async def test_cancel_kills_a_running_command_and_its_setsid_grandchild(computat
 
         await wait_until(all_dead, "the cancelled command's processes to be killed")
         info = await query(run, "info", {"tid": 1})
-        assert info is not None and info["state"] == "killed", info
+        assert info is not None and info.state == "killed", info
 
 
-async def test_an_in_process_client_without_a_node_reports_its_spans(tmp_path: Path, marked: str) -> None:  # noqa: F811
+async def test_an_in_process_client_without_a_node_reports_its_spans(tmp_path: Path) -> None:
     import time
 
     from tasksprint.client import Client, ClientConfig

@@ -151,7 +151,7 @@ def test_metrics_of_a_live_cluster_agree_with_the_replicas(tmp_path: Path) -> No
                 assert got[key("tasksprint_tasks_total_created")] == tasks
 
                 open_gate(run)
-                await wait_status(cluster, lambda st: st["state"] == "finished")
+                await wait_status(cluster, lambda st: st.state == "finished")
                 before = [await channel.status(a) for a in cluster.addrs]
                 await dashboard.poll_once()
                 after = [await channel.status(a) for a in cluster.addrs]

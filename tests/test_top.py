@@ -13,9 +13,11 @@ import sys
 import time
 from pathlib import Path
 
+import attrs
 import pytest
 from rich.console import Console
 
+from tasksprint.coordinator.replies import ClientCounts, ComputationStatus
 from tasksprint.readmodel import History, ReplicaRow, Snapshot
 from tasksprint.run import progress_bar
 from tasksprint.top import render
@@ -110,9 +112,21 @@ def test_run_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere() -> None
     out = FakeTerminal()
     bar = progress_bar(out)
     assert bar is not None
-    status = {"state": "running", "tasks": {"done": 3, "running": 2, "failed": 0, "total": 8}}
+    status = ComputationStatus(
+        state="running",
+        finished=False,
+        result=None,
+        failure=None,
+        tasks={"done": 3, "running": 2, "failed": 0, "total": 8},
+        clients=ClientCounts(live=1, dead=0),
+        live_clients=(),
+        now=1.0,
+        seed=1,
+        version=1,
+        last_hook=None,
+    )
     bar.update(status, 1)
-    bar.update({**status, "tasks": {**status["tasks"], "done": 5}}, 1)
+    bar.update(attrs.evolve(status, tasks={**status.tasks, "done": 5}), 1)
     bar.close()
     screen = ANSI.sub("", out.getvalue())
     assert "5/8" in screen and "ETA" in screen and "leader: replica 1" in screen
