@@ -11,7 +11,7 @@ from pathlib import Path
 
 import attrs
 
-from tasksprint import wire
+from tasksprint import framing
 from tasksprint.paxos.core import PaxosConfig
 
 
@@ -45,7 +45,7 @@ class ReplicaConfig:
     snapshot_every: int = 20_000  # applied slots between snapshots
     digest_every: int = 16  # slots between digest comparisons
     tick_every: float = 0.005  # seconds between clock readings fed to the core
-    max_frame: int = wire.MAX_FRAME_DEFAULT
+    max_frame: int = framing.MAX_FRAME_DEFAULT
 
     def __attrs_post_init__(self) -> None:
         if not 0 <= self.rid < len(self.peers):

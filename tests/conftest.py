@@ -20,7 +20,13 @@ from pathlib import Path
 import pytest
 
 from jepsen.harness import leaks
+from tasksprint import codec
 from tasksprint.localcluster import LocalCluster
+
+# Messages a process builds itself skip their validators (codec.trusted);
+# under test they run them too, here and in every process a test starts.
+os.environ[codec.CHECK_TRUSTED_ENV] = "1"
+codec.check_trusted(True)
 
 # Lines of each replica's log shown in the report of a failed test.
 LOG_TAIL_LINES = 60

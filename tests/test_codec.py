@@ -12,6 +12,7 @@ import pytest
 
 from tasksprint import codec
 from tasksprint.api import Submit
+from tasksprint.coordinator.replies import ClientView, HolderChange, InputLocation
 from tasksprint.paxos.messages import Command
 
 
@@ -125,3 +126,31 @@ def test_message_declares_a_frozen_keyword_only_registered_class():
     with pytest.raises(TypeError):
         ProbeMessage(1)  # type: ignore[misc]
     assert codec.decode_untrusted(codec.encode(v)) == v
+
+
+def test_trusted_builds_the_value_the_checked_constructor_would():
+    loc = codec.trusted(InputLocation, tid=3, key=None, cid=1, addr="127.0.0.1:7000")
+    assert loc == InputLocation(tid=3, key=None, cid=1, addr="127.0.0.1:7000")
+    assert codec.decode_untrusted(codec.encode(loc)) == loc
+    # Under test every trusted build is checked: a wrong type, a missing field
+    # or a value the converter would change (a list for a tuple) is caught.
+    with pytest.raises(TypeError):
+        codec.trusted(HolderChange, tid="3", cid=None, addr=None)
+    with pytest.raises(TypeError, match="needs exactly the fields"):
+        codec.trusted(HolderChange, tid=3, cid=None)
+
+
+def test_trusted_refuses_what_a_converter_would_change():
+    fields = dict(version=1, state="running", alive=True, client_timeout=10.0, kill=(), holders=())
+    assert codec.trusted(ClientView, tasks=(), **fields).tasks == ()
+    with pytest.raises(TypeError, match="would change"):
+        codec.trusted(ClientView, tasks=[], **fields)
+
+
+def test_trusted_unchecked_only_sets_fields():
+    codec.check_trusted(False)
+    try:
+        # Unchecked, nothing is validated: the caller's promise is all there is.
+        assert codec.trusted(HolderChange, tid="x", cid=None, addr=None).tid == "x"
+    finally:
+        codec.check_trusted(True)

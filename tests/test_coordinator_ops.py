@@ -289,6 +289,22 @@ def test_the_app_answers_a_malformed_query_with_its_refusal() -> None:
     assert app.query("info", {"tid": 1}) is None
 
 
+def test_the_app_reads_time_and_randomness_only_through_what_it_was_given() -> None:
+    now = [100.0]
+    app = CoordinatorApp(
+        CoordinatorMachine(ChainScheduler), clock=lambda: now[0], entropy=lambda n: bytes(range(1, n + 1))
+    )
+    app.role_changed(leader=True, now=now[0])
+    proposed: list = []
+    app.leader_duties(lambda command: proposed.append(command) or True)
+    assert [c.op["seed"] for c in proposed] == [int.from_bytes(bytes(range(1, 8)), "big")]
+    app.leader_duties(proposed.append)  # the injected clock has not moved: no second proposal yet
+    assert len(proposed) == 1
+    now[0] += 1.5
+    app.leader_duties(proposed.append)
+    assert len(proposed) == 2
+
+
 @pytest.mark.parametrize(
     "answer",
     [

@@ -51,6 +51,10 @@ class CoordinatorApp:
     _contacts: set[int] = attrs.Factory(set)  # heard since the last drain (to report to the leader)
     _init_proposed_at: float = -1e9
     observer: Observer = attrs.field(default=NULL, kw_only=True)
+    #: The replica-local inputs this class may read, injected so a test or the
+    #: simulator can fix them: a monotonic clock, and random bytes for the seed.
+    clock: Callable[[], float] = attrs.field(default=time.monotonic, kw_only=True)
+    entropy: Callable[[int], bytes] = attrs.field(default=os.urandom, kw_only=True)
     _view: Any = attrs.field(init=False, default=None)  # machine.view, wrapped once for the observer
 
     def __attrs_post_init__(self) -> None:
@@ -58,11 +62,18 @@ class CoordinatorApp:
 
     @classmethod
     def create(
-        cls, scheduler: str | type[Coordinator], *, client_timeout: float = 10.0, observer: Observer = NULL
+        cls,
+        scheduler: str | type[Coordinator],
+        *,
+        client_timeout: float = 10.0,
+        observer: Observer = NULL,
+        clock: Callable[[], float] = time.monotonic,
+        entropy: Callable[[int], bytes] = os.urandom,
     ) -> CoordinatorApp:
         """Load ``scheduler`` (``file.py:Class``, ``module:Class`` or the class itself)."""
         scheduler_cls = load_scheduler(scheduler) if isinstance(scheduler, str) else scheduler
-        return cls(CoordinatorMachine(scheduler_cls, client_timeout=client_timeout), observer=observer)
+        machine = CoordinatorMachine(scheduler_cls, client_timeout=client_timeout)
+        return cls(machine, observer=observer, clock=clock, entropy=entropy)
 
     # -- App protocol ------------------------------------------------------
 
@@ -82,11 +93,11 @@ class CoordinatorApp:
     def leader_duties(self, propose: Callable[[Command], bool]) -> None:
         if self.machine.run_state is not RunState.WAITING:
             return
-        now = time.monotonic()
+        now = self.clock()
         if now - self._init_proposed_at < 1.0:
             return
         self._init_proposed_at = now
-        seed = int.from_bytes(os.urandom(7), "big")
+        seed = int.from_bytes(self.entropy(7), "big")
         propose(
             Command(
                 client_id=INIT_CLIENT,
@@ -148,4 +159,4 @@ class CoordinatorApp:
 
     def _note_contact(self, cid: int) -> None:
         self._contacts.add(cid)
-        self._seen[cid] = time.monotonic()
+        self._seen[cid] = self.clock()

@@ -48,28 +48,44 @@ __all__ = [
     "TaskValues",
 ]
 
-_str = attrs.validators.instance_of(str)
-_opt_str = attrs.validators.optional(_str)
+# The validators run for every value a client decodes (a view per poll), so
+# they are plain functions with exact type tests: CBOR decodes to exact
+# ``int``/``str``/``float``, and ``type(v) is int`` also refuses a bool.
+
+
+def _str(_inst: Any, attribute: Any, value: Any) -> None:
+    if type(value) is not str:
+        raise TypeError(f"{attribute.name} must be a str, got {type(value).__name__}")
+
+
+def _opt_str(_inst: Any, attribute: Any, value: Any) -> None:
+    if value is not None and type(value) is not str:
+        raise TypeError(f"{attribute.name} must be a str or None, got {type(value).__name__}")
 
 
 def _int(_inst: Any, attribute: Any, value: Any) -> None:
-    if not is_int(value):
-        raise TypeError(f"{attribute.name} must be an int, got {value!r:.100}")
+    if type(value) is not int:
+        raise TypeError(f"{attribute.name} must be an int, got {type(value).__name__}")
 
 
-def _opt_int(inst: Any, attribute: Any, value: Any) -> None:
-    if value is not None:
-        _int(inst, attribute, value)
+def _opt_int(_inst: Any, attribute: Any, value: Any) -> None:
+    if value is not None and type(value) is not int:
+        raise TypeError(f"{attribute.name} must be an int or None, got {type(value).__name__}")
 
 
 def _number(_inst: Any, attribute: Any, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{attribute.name} must be a number, got {value!r:.100}")
+    if type(value) is not float and type(value) is not int:
+        raise TypeError(f"{attribute.name} must be a number, got {type(value).__name__}")
+
+
+def _opt_number(inst: Any, attribute: Any, value: Any) -> None:
+    if value is not None:
+        _number(inst, attribute, value)
 
 
 def _opt_dict(_inst: Any, attribute: Any, value: Any) -> None:
     if value is not None and not isinstance(value, dict):
-        raise TypeError(f"{attribute.name} must be a dict or None, got {value!r:.100}")
+        raise TypeError(f"{attribute.name} must be a dict or None, got {type(value).__name__}")
 
 
 def _counts(_inst: Any, attribute: Any, value: Any) -> None:
@@ -81,6 +97,20 @@ def _tuple_of(check: Callable[[Any], bool], what: str) -> Callable[[Any], tuple[
     def convert(value: Any) -> tuple[Any, ...]:
         if not isinstance(value, (list, tuple)) or not all(check(v) for v in value):
             raise TypeError(f"expected a list of {what}, got {value!r:.100}")
+        return tuple(value)
+
+    return convert
+
+
+def _tuple_of_type(cls: type, what: str) -> Callable[[Any], tuple[Any, ...]]:
+    """Converter: a list or tuple whose items are all exactly ``cls``, stored as a tuple."""
+
+    def convert(value: Any) -> tuple[Any, ...]:
+        if type(value) is not tuple and type(value) is not list:
+            raise TypeError(f"expected a list of {what}, got {type(value).__name__}")
+        for v in value:
+            if type(v) is not cls:
+                raise TypeError(f"expected a list of {what}, got an item of type {type(v).__name__}")
         return tuple(value)
 
     return convert
@@ -113,11 +143,9 @@ class Assignment:
     args: list[Any] = attrs.field(validator=attrs.validators.instance_of(list))
     kwargs: dict[str, Any] = attrs.field(validator=attrs.validators.instance_of(dict))
     seed: int = attrs.field(validator=_int)
-    timeout: float | None = attrs.field(validator=attrs.validators.optional(attrs.validators.instance_of((int, float))))
-    keys: tuple[str, ...] = attrs.field(converter=_tuple_of(lambda k: isinstance(k, str), "output keys"))
-    inputs: tuple[InputLocation, ...] = attrs.field(
-        converter=_tuple_of(lambda i: isinstance(i, InputLocation), "input locations")
-    )
+    timeout: float | None = attrs.field(validator=_opt_number)
+    keys: tuple[str, ...] = attrs.field(converter=_tuple_of_type(str, "output keys"))
+    inputs: tuple[InputLocation, ...] = attrs.field(converter=_tuple_of_type(InputLocation, "input locations"))
 
 
 @message
@@ -145,13 +173,11 @@ class ClientView:
     version: int = attrs.field(validator=_int)
     state: str = attrs.field(validator=attrs.validators.in_(["waiting", "running", "finished", "failed"]))
     alive: bool = attrs.field(validator=attrs.validators.instance_of(bool))
-    client_timeout: float = attrs.field(validator=attrs.validators.instance_of((int, float)))
-    tasks: tuple[Assignment, ...] = attrs.field(
-        default=(), converter=_tuple_of(lambda t: isinstance(t, Assignment), "assignments")
-    )
-    kill: tuple[int, ...] = attrs.field(default=(), converter=_tuple_of(is_int, "task ids"))
+    client_timeout: float = attrs.field(validator=_number)
+    tasks: tuple[Assignment, ...] = attrs.field(default=(), converter=_tuple_of_type(Assignment, "assignments"))
+    kill: tuple[int, ...] = attrs.field(default=(), converter=_tuple_of_type(int, "task ids"))
     holders: tuple[HolderChange, ...] = attrs.field(
-        default=(), converter=_tuple_of(lambda h: isinstance(h, HolderChange), "holder changes")
+        default=(), converter=_tuple_of_type(HolderChange, "holder changes")
     )
 
 
@@ -308,7 +334,7 @@ class TaskInfo:
     want: tuple[str, ...] = attrs.field(converter=_strs)
     replicas: int = attrs.field(validator=_int)
     retries: int = attrs.field(validator=_int)
-    timeout: float | None = attrs.field(validator=attrs.validators.optional(_number))
+    timeout: float | None = attrs.field(validator=_opt_number)
     clients: tuple[int, ...] = attrs.field(converter=_ints)
     prefetching: tuple[int, ...] = attrs.field(converter=_ints)
     holder: int | None = attrs.field(validator=_opt_int)
