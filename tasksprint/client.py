@@ -196,7 +196,7 @@ class Client:
                 )
                 self.data_port = listeners[0].socket.getsockname()[1]
                 self._slots = trio.CapacityLimiter(cfg.slots)
-                self._commands = CommandTasks(cfg.name)
+                self._commands = CommandTasks(cfg.name, work_root=Path(spill))
                 self._commands.start()
                 if cfg.node_command is not None:
                     self._pool = NodePool(cfg.node_command, cfg.slots, cwd=cfg.node_cwd, observer=self.observer)
@@ -432,7 +432,7 @@ class Client:
         assert self._slots is not None and self._commands is not None and self._store is not None
         if task.name == COMMAND_TASK:
             async with self._slots:
-                ran = await self._commands.run(task)
+                ran = await self._commands.run(task, inputs)
             ok, outputs, error, seconds = ran.error is None, ran.outputs, ran.error or "", ran.seconds
         elif self._pool is None:
             ok, outputs, seconds = False, {}, 0.0
