@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--memory-limit", type=int, default=512, help="MiB of outputs kept in memory before spilling to disk"
     )
     p.add_argument("--spill-dir", type=Path, help="where spilled outputs go (default: the system temp dir)")
+    p.add_argument("--spill-limit", type=int, default=16384, help="MiB of outputs spilled to disk at most")
     add_common_arguments(p)
 
     p = sub.add_parser("run", help="run a computation on a local cluster started for it")

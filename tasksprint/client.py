@@ -60,7 +60,7 @@ import attrs
 import structlog
 import trio
 
-from tasksprint import wire
+from tasksprint import codec, wire
 from tasksprint.channel import ASK_ERRORS, ReplicaChannel
 from tasksprint.command_tasks import CommandTasks
 from tasksprint.coordinator.ops import (
@@ -81,12 +81,15 @@ from tasksprint.coordinator.specs import COMMAND_TASK
 from tasksprint.log_client import LogClient
 from tasksprint.node_pool import NodePool
 from tasksprint.node_protocol import TaskRequest
-from tasksprint.object_store import InputError, ObjectStore, select
+from tasksprint.object_store import DEFAULT_SPILL_LIMIT, InputError, ObjectStore, StoreFull, select
 from tasksprint.observe import NullObserver, Observer
 from tasksprint.peer_data import PeerFetcher, serve_data
 from tasksprint.queue_sizer import QueueSizer
 
 log = structlog.get_logger("tasksprint.client")
+
+#: Largest outputs of one task, encoded: what fits in one message to a peer, with room for its envelope.
+MAX_OUTPUTS_BYTES = wire.MAX_FRAME_DEFAULT - 1024 * 1024
 
 
 @attrs.frozen(kw_only=True)
@@ -104,6 +107,7 @@ class ClientConfig:
     data_port: int = 0
     memory_limit: int = 512 * 1024 * 1024  # object store bytes in memory before spilling
     spill_dir: Path | None = None
+    spill_limit: int = DEFAULT_SPILL_LIMIT  # object store bytes on disk at most
     poll_wait: float = 2.0
     node_cwd: Path | None = None
     #: Tasks the coordinator may assign beyond ``slots``, waiting here for a
@@ -177,7 +181,7 @@ class Client:
         if cfg.spill_dir is not None:
             Path(cfg.spill_dir).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="tasksprint-store-", dir=cfg.spill_dir) as spill:
-            self._store = ObjectStore(cfg.memory_limit, Path(spill))
+            self._store = ObjectStore(cfg.memory_limit, Path(spill), cfg.spill_limit)
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self._peers = PeerFetcher(wire.Endpoint(secret=cfg.secret, role="client", ident=cfg.name), nursery)
@@ -192,7 +196,7 @@ class Client:
                 )
                 self.data_port = listeners[0].socket.getsockname()[1]
                 self._slots = trio.CapacityLimiter(cfg.slots)
-                self._commands = CommandTasks(cfg.name)
+                self._commands = CommandTasks(cfg.name, work_root=Path(spill))
                 self._commands.start()
                 if cfg.node_command is not None:
                     self._pool = NodePool(cfg.node_command, cfg.slots, cwd=cfg.node_cwd, observer=self.observer)
@@ -428,7 +432,7 @@ class Client:
         assert self._slots is not None and self._commands is not None and self._store is not None
         if task.name == COMMAND_TASK:
             async with self._slots:
-                ran = await self._commands.run(task)
+                ran = await self._commands.run(task, inputs)
             ok, outputs, error, seconds = ran.error is None, ran.outputs, ran.error or "", ran.seconds
         elif self._pool is None:
             ok, outputs, seconds = False, {}, 0.0
@@ -444,9 +448,19 @@ class Client:
                 seed=task.seed,
                 timeout=task.timeout,
             )
-            async with self._slots:
-                outcome = await self._pool.run(request)
-            ok, outputs, error, seconds = outcome.ok, outcome.outputs or {}, outcome.error or "", outcome.seconds
+            try:
+                async with self._slots:
+                    outcome = await self._pool.run(request)
+            except ValueError as exc:  # inputs or arguments a node cannot be given (not JSON)
+                ok, outputs, error, seconds = False, {}, str(exc), 0.0
+            else:
+                ok, outputs, error, seconds = outcome.ok, outcome.outputs or {}, outcome.error or "", outcome.seconds
+            if ok and len(codec.encode(outputs)) > MAX_OUTPUTS_BYTES:
+                ok, outputs = False, {}
+                error = (
+                    f"task {tid} ({task.name}) produced outputs larger than {MAX_OUTPUTS_BYTES} bytes encoded, "
+                    "more than a peer can fetch in one message"
+                )
         if not ok:
             self._log.info("task_failed", tid=tid, attempt=attempt, error=error)
             assert self._cid is not None
@@ -455,7 +469,12 @@ class Client:
         if self._sizer is not None:
             self._sizer.task_ran(seconds)
         with self.observer.span("store.put"):
-            sizes = self._store.put(tid, outputs)
+            try:
+                sizes = self._store.put(tid, outputs)
+            except StoreFull as exc:
+                self._log.warning("store_full", tid=tid, attempt=attempt, error=str(exc))
+                assert self._cid is not None
+                return FailedOp(cid=self._cid, tid=tid, attempt=attempt, error=str(exc))
         values = {k: outputs[k] for k in task.keys if k in outputs}
         assert self._cid is not None
         op = DoneOp(cid=self._cid, tid=tid, attempt=attempt, values=values, sizes=sizes, early=tuple(run.early))

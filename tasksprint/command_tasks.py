@@ -8,11 +8,23 @@ whose kwargs carry its command.  :class:`CommandTasks` parses the command
 (in a cgroup where this client can make one, else with rlimits) and turns
 the record into the task's outputs or its failure.  Cancelling the caller
 kills the command's whole process tree.
+
+A task with input files (its own, or its pretasks' result files among its
+inputs) or result patterns runs in a fresh working directory under
+``work_root`` (:mod:`tasksprint.exec.workdir`): the files are staged before
+the run, the results collected after a successful one into the output
+``files`` (names to base64 text), which dependents on any client fetch like
+any output; the directory is removed afterwards.
 """
 
 from __future__ import annotations
 
+import shutil
 import socket
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -20,7 +32,8 @@ from tasksprint.coordinator.replies import Assignment
 from tasksprint.coordinator.specs import command_from_kwargs, record_outputs
 from tasksprint.exec.cgroup import CgroupLayout, detect_cgroups, sweep_stale_groups
 from tasksprint.exec.runner import TaskEnv, run_command
-from tasksprint.exec.spec import CommandRecord, Verdict
+from tasksprint.exec.spec import CommandRecord, CommandSpec, Verdict
+from tasksprint.exec.workdir import FILES_KEY, FilesError, collect, encode_files, input_files, stage
 
 __all__ = ["CommandOutcome", "CommandTasks", "failure_text"]
 
@@ -55,6 +68,8 @@ class CommandTasks:
 
     client: str
     host: str = attrs.Factory(socket.gethostname)
+    #: Where tasks with files get their working directories (None: the system's temporary directory).
+    work_root: Path | None = None
     _cgroups: CgroupLayout | None = None
 
     def start(self) -> None:
@@ -63,16 +78,45 @@ class CommandTasks:
         if self._cgroups is not None:
             sweep_stale_groups(self._cgroups)
 
-    async def run(self, task: Assignment) -> CommandOutcome:
-        """Run ``task``'s command to its end (cancelling kills its process tree)."""
+    async def run(self, task: Assignment, inputs: Sequence[Any] = ()) -> CommandOutcome:
+        """Run ``task``'s command to its end (cancelling kills its process tree).
+
+        ``inputs`` are the task's inputs (its pretasks' outputs, as its
+        prekeys select them): their result files are staged into the task's
+        working directory.
+        """
         try:
             spec = command_from_kwargs(task.kwargs)
-        except ValueError as exc:
+            staged = [*input_files(inputs, [i.key for i in task.inputs]), *spec.files]
+        except (ValueError, FilesError) as exc:
             return CommandOutcome(outputs={}, error=str(exc), seconds=0.0)
         if task.timeout is not None and spec.limits.wall_time_s is None:
             # start_task(timeout=...) bounds each attempt, as for a node task.
             limits = attrs.evolve(spec.limits, wall_time_s=float(task.timeout))  # type: ignore[misc]
             spec = attrs.evolve(spec, limits=limits)  # type: ignore[misc]
+        if not (staged or spec.results):
+            return await self._run(task, spec, None)
+        if spec.cwd is not None:
+            return CommandOutcome(
+                outputs={},
+                error=f"task {task.tid} receives input files from its pretasks but names a cwd; leave cwd unset",
+                seconds=0.0,
+            )
+        workdir = Path(tempfile.mkdtemp(prefix=f"task-{task.tid}-", dir=self.work_root))
+        try:
+            try:
+                stage(workdir, staged)
+            except FilesError as exc:
+                return CommandOutcome(outputs={}, error=str(exc), seconds=0.0)
+            # Staged: the spec keeps only what to collect.
+            run_spec = attrs.evolve(spec, cwd=str(workdir), files=(), results=())  # type: ignore[misc]
+            return await self._run(task, run_spec, (workdir, spec.results))
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    async def _run(
+        self, task: Assignment, spec: CommandSpec, results: tuple[Path, tuple[str, ...]] | None
+    ) -> CommandOutcome:
         record = await run_command(
             spec,
             task_env=TaskEnv(task_id=str(task.tid), attempt=task.attempt, client=self.client),
@@ -81,4 +125,9 @@ class CommandTasks:
         )
         outputs = record_outputs(record)
         error = None if record.verdict is Verdict.OK else failure_text(record)
+        if error is None and results is not None and results[1]:
+            try:
+                outputs[FILES_KEY] = encode_files(collect(*results))
+            except FilesError as exc:
+                error = f"task {task.tid}: {exc}"
         return CommandOutcome(outputs=outputs, error=error, seconds=record.elapsed_s)

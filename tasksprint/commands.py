@@ -125,6 +125,7 @@ def client(args: argparse.Namespace) -> int:
             data_port=args.data_port,
             memory_limit=args.memory_limit * 1024 * 1024,
             spill_dir=args.spill_dir,
+            spill_limit=args.spill_limit * 1024 * 1024,
             **({"name": args.name} if args.name else {}),
         )
     except ValueError as exc:

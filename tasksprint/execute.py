@@ -15,27 +15,43 @@ task's ``task_done`` or ``task_failed`` values.  Finally ``RESULT_DIR`` gets
 the task's output files and ``kolejka_result.json``: ``result`` (the exit
 code), ``files``, and the verdict and usage figures of the record.
 
-A task with an ``image`` needs a container runtime, which this runner does
-not drive: it is refused, unless ``ignore_image`` runs it on the host.
+A task with an ``image`` runs under docker or podman
+(:mod:`tasksprint.exec.container`): the command task is the runtime's
+``run`` of the image with the working directory mounted, the limits handed
+to the runtime, and the wall-clock limit kept by the runner; the container
+is removed by name afterwards, whatever happened.  When no runtime is
+installed and reachable the task is refused with a message naming what is
+missing, unless ``ignore_image`` runs it on the host.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+import attrs
 import trio
 
 from tasksprint.coordinator.specs import command_kwargs
 from tasksprint.exec import files
+from tasksprint.exec.container import (
+    ContainerRuntime,
+    ContainerUnavailable,
+    container_argv,
+    find_runtime,
+    remove_container,
+)
 from tasksprint.exec.spec import CommandSpec, Limits
 from tasksprint.run import LocalRun
 
-__all__ = ["KolejkaError", "execute", "read_task"]
+__all__ = ["KolejkaError", "KolejkaTask", "execute", "read_task"]
 
 TASK_FILE = "kolejka_task.json"
 RESULT_FILE = "kolejka_result.json"
@@ -61,11 +77,28 @@ class KolejkaError(ValueError):
     """A task directory this runner cannot run; the message says why."""
 
 
-def read_task(task_dir: Path, work_dir: Path, *, ignore_image: bool) -> CommandSpec:
+@attrs.frozen
+class KolejkaTask:
+    """A task directory's command, and the container it runs in (None: on the host)."""
+
+    spec: CommandSpec
+    runtime: ContainerRuntime | None = None
+    container: str | None = None
+
+
+def read_task(
+    task_dir: Path,
+    work_dir: Path,
+    *,
+    ignore_image: bool,
+    find_container_runtime: Callable[[], ContainerRuntime] = find_runtime,
+) -> KolejkaTask:
     """The command of the kolejka task in ``task_dir``, to run in ``work_dir``.
 
+    A task with an ``image`` runs in a container of the runtime
+    ``find_container_runtime`` finds, or on the host with ``ignore_image``.
     Raises :class:`KolejkaError` for a missing or malformed task file, an
-    unknown field, or an ``image`` without ``ignore_image``.
+    unknown field, or an ``image`` no runtime can run (naming what is missing).
     """
     try:
         task = json.loads((task_dir / TASK_FILE).read_text())
@@ -76,11 +109,18 @@ def read_task(task_dir: Path, work_dir: Path, *, ignore_image: bool) -> CommandS
     unknown = sorted(set(task) - _KNOWN)
     if unknown:
         raise KolejkaError(f"{TASK_FILE} has fields this runner does not know: {unknown}")
-    if task.get("image") and not ignore_image:
-        raise KolejkaError(
-            f"the task asks for the image {task['image']!r}, but this runner drives no container runtime "
-            "(docker or podman); run it on the host with --ignore-image"
-        )
+    image = task.get("image")
+    runtime = None
+    if image and not ignore_image:
+        if not isinstance(image, str):
+            raise KolejkaError(f"{TASK_FILE}: 'image' must be a string, got {type(image).__name__}")
+        try:
+            runtime = find_container_runtime()
+        except ContainerUnavailable as exc:
+            raise KolejkaError(
+                f"the task asks for the image {image!r}, but no container runtime can run it: {exc}; "
+                "start one, or run the task on the host with --ignore-image"
+            ) from None
     args = task.get("args")
     if not isinstance(args, list) or not args or not all(isinstance(a, str) for a in args):
         raise KolejkaError(f"{TASK_FILE}: 'args' must be a non-empty list of strings, got {args!r:.100}")
@@ -95,14 +135,27 @@ def read_task(task_dir: Path, work_dir: Path, *, ignore_image: bool) -> CommandS
                 raise KolejkaError(f"{TASK_FILE}: '{key}': {exc}") from None
     try:
         limits = Limits.from_kolejka(task.get("limits") or {})
-        return CommandSpec(
-            argv=tuple(args),
-            cwd=str(work_dir),
-            env=tuple(sorted((str(k), str(v)) for k, v in env.items())),
-            stdout=task.get("stdout"),
-            stderr=task.get("stderr"),
-            limits=limits,
+        pairs = tuple(sorted((str(k), str(v)) for k, v in env.items()))
+        if runtime is None:
+            spec = CommandSpec(
+                argv=tuple(args),
+                cwd=str(work_dir),
+                env=pairs,
+                stdout=task.get("stdout"),
+                stderr=task.get("stderr"),
+                limits=limits,
+            )
+            return KolejkaTask(spec)
+        name = f"tasksprint-{os.getpid()}-{secrets.token_hex(6)}"
+        argv = container_argv(
+            runtime, image=image, args=tuple(args), workdir=str(work_dir), name=name, limits=limits, env=pairs
         )
+        # The runtime limits the container; the runner keeps the wall clock and the output.
+        host_limits = Limits(wall_time_s=limits.wall_time_s, output_bytes=limits.output_bytes)
+        spec = CommandSpec(
+            argv=argv, cwd=str(work_dir), stdout=task.get("stdout"), stderr=task.get("stderr"), limits=host_limits
+        )
+        return KolejkaTask(spec, runtime, name)
     except (TypeError, ValueError) as exc:
         raise KolejkaError(f"{TASK_FILE}: {exc}") from None
 
@@ -157,7 +210,8 @@ def execute(
         work = base / "work"
         try:
             shutil.copytree(task_dir, work, ignore=shutil.ignore_patterns(TASK_FILE))
-            spec = read_task(task_dir, work, ignore_image=ignore_image)
+            task = read_task(task_dir, work, ignore_image=ignore_image)
+            spec = task.spec
         except (KolejkaError, OSError) as exc:
             print(f"tasksprint execute: {exc}", file=err)
             return 2
@@ -172,6 +226,8 @@ def execute(
             print(f"tasksprint execute: {exc}", file=err)
         finally:
             run.stop()
+            if task.runtime is not None and task.container is not None:
+                remove_container(task.runtime, task.container)
         if status is None or status.state != "finished" or status.result is None:
             print(f"tasksprint execute: the local cluster did not finish the task: {status}", file=err)
             return 1

@@ -56,7 +56,9 @@ def configure_logging(level: str = "info", fmt: str = "console") -> None:
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
     """The options every networked command takes: secret file and logging."""
     p.add_argument(
-        "--secret-file", type=Path, help="file holding the cluster secret (default: an insecure development secret)"
+        "--secret-file",
+        type=Path,
+        help="file holding the cluster secret; - reads it from stdin (default: an insecure development secret)",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="console", choices=["console", "json"])

@@ -12,15 +12,26 @@ with the process (and its process group) killed and reaped, and the task's
 :class:`~tasksprint.node_protocol.TaskOutcome` saying why. A node is never
 reused after it misbehaved, so one bad task cannot corrupt the next.
 
-Processes start in a session of their own so that killing a node also kills
-whatever it started.
+Each node runs in a task group of its own (:mod:`tasksprint.exec`): a
+cgroup where this process can make one, else a process tree found through
+``/proc`` with this process as child subreaper.  Killing a node kills the
+whole group, round after round until it is empty, so whatever the node
+started dies with it -- background jobs, ``setsid`` sessions and daemons
+included.
+
+A node sees an explicit environment (:func:`node_environment`): a few
+variables of the client's (:data:`NODE_ENV_NAMES`), ``TASKSPRINT_CLIENT``
+and ``TASKSPRINT_NODE``, and what the caller adds; nothing else of the
+client's environment, which may name its credentials.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import math
 import os
+import secrets
 import shlex
 import signal
 import subprocess
@@ -32,6 +43,10 @@ import attrs
 import structlog
 import trio
 
+from tasksprint.exec.cgroup import CgroupLayout, detect_cgroups
+from tasksprint.exec.group import TaskGroup
+from tasksprint.exec.runner import KILL_ROUND_PAUSE_S, MAX_KILL_ROUNDS, open_task_group
+from tasksprint.exec.spec import Limits
 from tasksprint.node_protocol import (
     DEFAULT_MAX_LINE,
     EXIT_LINE,
@@ -75,24 +90,50 @@ class NodeState(enum.Enum):
     DEAD = "dead"
 
 
-def node_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+#: Variables of the client's own environment a node sees (when set); nothing else passes.
+NODE_ENV_NAMES = (
+    "PATH",
+    "HOME",
+    "LANG",
+    "LC_ALL",
+    "TZ",
+    "USER",
+    "LOGNAME",
+    "TMPDIR",
+    "PYTHONPATH",
+    "VIRTUAL_ENV",
+    "NODE_PATH",
+)
+
+
+def node_environment(
+    extra: Mapping[str, str] | None = None, client_env: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """The environment for node processes.
 
-    It is this process's environment, updated with ``extra``, with the
-    directory of the running Python first on ``PATH``: a node command such
-    as ``python node.py`` then runs the same Python, with the same installed
-    packages, as the client.
+    It holds the variables of :data:`NODE_ENV_NAMES` taken from
+    ``client_env`` (this process's environment when None), updated with
+    ``extra``, with the directory of the running Python first on ``PATH``: a
+    node command such as ``python node.py`` then runs the same Python, with
+    the same installed packages, as the client.  Nothing else of the
+    client's environment passes.
 
     Returns:
         A new dict.
     """
-    env = dict(os.environ)
+    source = os.environ if client_env is None else client_env
+    env = {name: source[name] for name in NODE_ENV_NAMES if name in source}
     env.update(extra or {})
     if sys.executable:
         bindir = os.path.dirname(os.path.abspath(sys.executable))
         path = env.get("PATH", "")
         env["PATH"] = bindir + os.pathsep + path if path else bindir
     return env
+
+
+@functools.cache
+def _cgroups() -> CgroupLayout | None:
+    return detect_cgroups()
 
 
 def _exit_description(code: int) -> str:
@@ -142,6 +183,7 @@ class NodeProcess:
     _reader: _LineReader
     _exit_grace: float
     _log: Any
+    _group: TaskGroup
     _state: NodeState = NodeState.IDLE
     _sdk: str = "unknown"
 
@@ -157,6 +199,7 @@ class NodeProcess:
         exit_grace: float = 2.0,
         max_line: int = DEFAULT_MAX_LINE,
         log: Any = None,
+        use_cgroups: bool = True,
     ) -> NodeProcess:
         """Start ``command`` and wait until the node says it is ready.
 
@@ -173,6 +216,8 @@ class NodeProcess:
                 killed, on :meth:`aclose` and after it closed its stdout.
             max_line: longest line, in bytes, accepted from the node.
             log: a structlog logger; the module's logger when None.
+            use_cgroups: hold the node's processes in a cgroup when this
+                process can make one; False: always find them through /proc.
 
         Returns:
             An idle node process.
@@ -189,20 +234,26 @@ class NodeProcess:
             raise NodeStartError(f"node command {command!r} cannot be parsed: {exc}") from exc
         if not argv:
             raise NodeStartError("the node command is empty; give the command that starts a node")
+        # The marker finds the node's orphans when no cgroup holds them.
+        node_env = node_environment({**(env or {}), "TASKSPRINT_NODE": secrets.token_hex(8)})
+        group = open_task_group(_cgroups() if use_cgroups else None, Limits(), (_marker(node_env),))
         try:
             process = await trio.lowlevel.open_process(
                 argv,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=stderr,
-                env=node_environment(env),
+                env=node_env,
                 cwd=cwd,
-                # Own process group: kill() then reaches whatever the node started.
+                # Own session too: a terminal's signals do not reach the node.
                 start_new_session=True,
+                preexec_fn=group.child_setup,
             )
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
+        except (OSError, subprocess.SubprocessError) as exc:
+            await _end_group(group)
+            reason = getattr(exc, "strerror", None) or str(exc)
             raise NodeStartError(f"cannot start node command {command!r}: {reason}: {argv[0]!r}") from exc
+        group.started(process.pid)
         base_log = log if log is not None else structlog.get_logger(__name__)
         assert process.stdout is not None and process.stdin is not None
         node = cls(
@@ -211,6 +262,7 @@ class NodeProcess:
             _LineReader(process.stdout, LineBuffer(max_line)),
             exit_grace,
             base_log.bind(node_pid=process.pid),
+            group,
         )
         try:
             await node._await_ready(start_timeout)
@@ -362,24 +414,16 @@ class NodeProcess:
         return TaskOutcome.failed(task, failure, error)
 
     async def kill(self) -> None:
-        """Kill the node and everything in its process group, and reap it.
+        """Kill the node and every process of its task group, and reap them.
 
         Idempotent; never raises; not cancellable (it waits only for the
-        kernel to finish a SIGKILL).
+        kernel to finish SIGKILLs).
         """
-        first = self._state is not NodeState.DEAD
         self._state = NodeState.DEAD
         with trio.CancelScope(shield=True):
-            if first:
-                # The node leads its own session, so its process group id is its pid.
-                # The group outlives a node that crashed and leaves children behind,
-                # and the kernel does not reuse a pid while a group still uses it.
-                try:
-                    os.killpg(self._process.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-            # Also the node itself, in case it moved to another group; a no-op once reaped.
-            self._process.kill()
+            if self._process.returncode is None:
+                self._process.kill()
+            await _end_group(self._group)
             await self._process.wait()
             for stream in (self._process.stdin, self._process.stdout):
                 if stream is not None:
@@ -401,3 +445,23 @@ class NodeProcess:
                     pass
                 await self._process.wait()
         await self.kill()
+
+
+def _marker(env: Mapping[str, str]) -> bytes:
+    return f"TASKSPRINT_NODE={env['TASKSPRINT_NODE']}".encode()
+
+
+async def _end_group(group: TaskGroup) -> None:
+    """Kill every process of ``group`` until none is left, then remove it (reaping adopted orphans)."""
+    with trio.CancelScope(shield=True):
+        for _ in range(MAX_KILL_ROUNDS):
+            if not group.kill_round():
+                break
+            await trio.sleep(KILL_ROUND_PAUSE_S)
+        for _ in range(MAX_KILL_ROUNDS):
+            try:
+                group.remove()
+                return
+            except OSError:  # a cgroup whose last process just died may be busy for a moment
+                group.kill_round()
+                await trio.sleep(KILL_ROUND_PAUSE_S)

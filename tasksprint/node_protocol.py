@@ -36,6 +36,7 @@ __all__ = [
     "FailureKind",
     "LineBuffer",
     "LineTooLong",
+    "MAX_OUTPUT_DEPTH",
     "NodeProtocolError",
     "TaskOutcome",
     "TaskRequest",
@@ -43,7 +44,9 @@ __all__ = [
     "check_seconds",
     "is_int",
     "judge_answer",
+    "parse_json",
     "parse_ready",
+    "plain_json_problem",
     "quote",
     "task_line",
 ]
@@ -52,7 +55,17 @@ __all__ = [
 PROTOCOL_VERSION = 1
 
 #: Longest line (bytes) accepted from a node; one task's outputs travel as one line.
-DEFAULT_MAX_LINE = 256 * 1024 * 1024
+#: Well below the frame cap (64 MiB), so outputs a node may write can always
+#: be fetched by a peer (the client also checks their encoded size).
+DEFAULT_MAX_LINE = 32 * 1024 * 1024
+
+#: Deepest nesting of lists and objects in a node's outputs.  Outputs travel
+#: inside messages whose decoder follows 64 levels at most.
+MAX_OUTPUT_DEPTH = 32
+
+#: Integers a node's outputs may hold: what every peer and node decodes as a plain number.
+MIN_OUTPUT_INT = -(2**63)
+MAX_OUTPUT_INT = 2**64 - 1
 
 #: The line that asks an idle node to exit.
 EXIT_LINE = b'{"type":"exit"}\n'
@@ -198,9 +211,61 @@ def task_line(task: TaskRequest) -> bytes:
     return text.encode("utf-8") + b"\n"
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(line: bytes) -> Any:
+    """A line of strict JSON (no NaN or Infinity), however hostile.
+
+    Raises:
+        ValueError: the line is not JSON, holds NaN or Infinity, or nests
+            too deeply for the parser; the message says which.
+    """
+    try:
+        return json.loads(line, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("it is nested too deeply to parse") from None
+
+
+def plain_json_problem(value: Any, what: str = "value", max_depth: int = MAX_OUTPUT_DEPTH) -> str | None:
+    """Why ``value`` is not plain JSON data a task may exchange, or None when it is.
+
+    Plain data is None, bool, str, a finite float, an int in 64 bits, and
+    lists and string-keyed objects of them, nested at most ``max_depth``
+    deep.  Walks the value without recursion, so any input is safe to check.
+    """
+    stack: list[tuple[Any, int, str]] = [(value, 0, what)]
+    while stack:
+        item, depth, where = stack.pop()
+        if item is None or isinstance(item, (bool, str)):
+            continue
+        if isinstance(item, int):
+            if not MIN_OUTPUT_INT <= item <= MAX_OUTPUT_INT:
+                return f"{where} holds an integer outside 64 bits"
+            continue
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return f"{where} holds {item!r}, which JSON cannot carry"
+            continue
+        if isinstance(item, (list, tuple, dict)):
+            if depth >= max_depth:
+                return f"{where} is nested more than {max_depth} levels deep"
+            if isinstance(item, dict):
+                for key, sub in item.items():
+                    if not isinstance(key, str):
+                        return f"{where} has a key that is not a string ({type(key).__name__})"
+                    stack.append((sub, depth + 1, f"{where}[{key[:40]!r}]"))
+            else:
+                stack.extend((sub, depth + 1, f"{where}[{i}]") for i, sub in enumerate(item))
+            continue
+        return f"{where} holds a {type(item).__name__}, which is not JSON"
+    return None
+
+
 def _json_object(line: bytes) -> dict[str, Any] | None:
     try:
-        message = json.loads(line)
+        message = parse_json(line)
     except ValueError:
         return None
     return message if isinstance(message, dict) else None
@@ -234,7 +299,14 @@ def judge_answer(task: TaskRequest, line: bytes) -> TaskOutcome:
         and traceback; or PROTOCOL when the line is not a valid answer to
         this task (the node can no longer be trusted, and its driver kills it).
     """
-    message = _json_object(line)
+    try:
+        parsed = parse_json(line)
+    except ValueError as exc:
+        return _violation(
+            task,
+            f"node wrote invalid output while running {task.describe()}: {quote(line)} (not JSON: {_short(exc)})",
+        )
+    message = parsed if isinstance(parsed, dict) else None
     kind = message.get("type") if message is not None else None
     if message is None or kind not in ("result", "error"):
         return _violation(task, f"node wrote invalid output while running {task.describe()}: {quote(line)}")
@@ -251,6 +323,9 @@ def judge_answer(task: TaskRequest, line: bytes) -> TaskOutcome:
             return _violation(
                 task, f"node answered {task.describe()} with outputs that are not a JSON object: {quote(line)}"
             )
+        problem = plain_json_problem(outputs, "outputs")
+        if problem is not None:
+            return _violation(task, f"node answered {task.describe()} with outputs that are not plain JSON: {problem}")
         return TaskOutcome.success(task, outputs)
     error, trace = message.get("error"), message.get("traceback", "")
     if not isinstance(error, str) or not isinstance(trace, str):
@@ -259,6 +334,11 @@ def judge_answer(task: TaskRequest, line: bytes) -> TaskOutcome:
             f"node answered {task.describe()} with an error whose error or traceback is not a string: {quote(line)}",
         )
     return TaskOutcome.failed(task, FailureKind.TASK_ERROR, error or f"{task.describe()} failed", trace)
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc)
+    return text if len(text) <= _QUOTE_CHARS else text[:_QUOTE_CHARS] + "..."
 
 
 def _violation(task: TaskRequest, error: str) -> TaskOutcome:

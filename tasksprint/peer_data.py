@@ -22,6 +22,7 @@ import trio
 
 from tasksprint import wire
 from tasksprint.api import Fetch, FetchReply
+from tasksprint.node_protocol import plain_json_problem
 from tasksprint.object_store import InputError, ObjectStore, select
 
 __all__ = ["PeerFetcher", "PeerLink", "serve_data"]
@@ -96,6 +97,18 @@ class PeerLink:
             pending.done.set()
 
 
+class BadPeerAddress(LookupError):
+    """A peer's data address is not ``HOST:PORT``: its outputs cannot be fetched (they count as lost)."""
+
+
+def split_addr(addr: str) -> tuple[str, int]:
+    """``(host, port)`` of a data address ``HOST:PORT``; raises :class:`BadPeerAddress` otherwise."""
+    host, _, port = addr.rpartition(":")
+    if not host or not (port.isascii() and port.isdigit() and len(port) <= 5 and 0 < int(port) < 65536):
+        raise BadPeerAddress(f"peer data address {addr[:100]!r} is not HOST:PORT with a port from 1 to 65535")
+    return host, int(port)
+
+
 @attrs.define(eq=False)
 class PeerFetcher:
     """A client's fetches from its peers: one :class:`PeerLink` per peer address.
@@ -124,6 +137,9 @@ class PeerFetcher:
             raise LookupError(f"{addr} does not hold task {tid}'s outputs: {reply.error}")
         if reply.error:
             raise InputError(reply.error)
+        problem = plain_json_problem(reply.value, f"task {tid}'s output" if key is None else f"output {key!r:.60}")
+        if problem is not None:
+            raise InputError(f"the client at {addr} served task {tid}'s outputs that are not plain JSON: {problem}")
         return reply.value
 
     async def _link(self, addr: str) -> PeerLink:
@@ -135,9 +151,9 @@ class PeerFetcher:
                 return link
             if link is not None:
                 self.nursery.start_soon(link.conn.aclose)  # ends its reader
-            host, _, port = addr.rpartition(":")
+            host, port = split_addr(addr)
             with trio.fail_after(10.0):
-                conn = await wire.connect(host, int(port), self.endpoint)
+                conn = await wire.connect(host, port, self.endpoint)
             link = self._links[addr] = PeerLink(conn)
             self.nursery.start_soon(self._read_link, addr, link)
             return link

@@ -25,6 +25,7 @@ import trio
 from tasksprint.channel import ASK_ERRORS, ReplicaChannel
 from tasksprint.coordinator.ops import StatusRequest
 from tasksprint.coordinator.replies import ComputationStatus
+from tasksprint.credentials import STDIN_PATH
 from tasksprint.localcluster import LocalCluster
 
 
@@ -69,8 +70,10 @@ class LocalRun:
             self.cluster.peers_arg,
             "--node",
             self.node,
+            # On standard input (start_client writes it): the nodes a client
+            # starts can read its command line and environment.
             "--secret-file",
-            str(self.cluster.secret_file),
+            STDIN_PATH,
             "--name",
             f"client{i}",
             "--log-format",
@@ -89,11 +92,17 @@ class LocalRun:
         with open(log_path, "ab") as logf:
             proc = subprocess.Popen(
                 self.client_command(i),
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE,
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        assert proc.stdin is not None and self.cluster is not None
+        try:
+            proc.stdin.write(self.cluster.secret + b"\n")
+            proc.stdin.close()
+        except OSError:
+            pass  # the client died at once; its exit is noticed like any other
         if i < len(self.client_procs):
             self.client_procs[i] = proc
         else:

@@ -70,7 +70,13 @@ def drive(seed: int, steps: list[tuple[int, int]], snap_at: int | None = None) -
         item: Command | Tick
         if kind == 0 or not live:
             tags = [t for i, t in enumerate(RandomScheduler.TAGS) if r >> i & 1]
-            join = {"op": "join", "client": f"n{r % 7}", "addr": f"n{r % 7}:{r}", "slots": 1 + r % 3, "have": tags}
+            join = {
+                "op": "join",
+                "client": f"n{r % 7}",
+                "addr": f"n{r % 7}:{1 + r % 65535}",
+                "slots": 1 + r % 3,
+                "have": tags,
+            }
             item = cmd({**join, "queue": r % 4} if r % 5 else join)
         elif kind == 1:
             now += r % 5

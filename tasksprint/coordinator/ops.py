@@ -367,6 +367,9 @@ def parse_op(raw: Any) -> Op:
 def _parse_join(raw: dict[str, Any]) -> JoinOp:
     client = _str(raw, "join", "client")
     addr = _str(raw, "join", "addr")
+    host, _, port = addr.rpartition(":")
+    if not host or len(addr) > 300 or not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise BadOp("join: field 'addr' must be HOST:PORT with a port from 1 to 65535")
     slots = _int(raw, "join", "slots", minimum=0)
     queue = _int(raw, "join", "queue", minimum=0, default=0)
     have = raw.get("have", [])

@@ -25,6 +25,7 @@ it back with :func:`command_from_kwargs`.  A command task's outputs are its
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -52,7 +53,20 @@ __all__ = [
 COMMAND_TASK = "tasksprint:command"
 #: A command task's outputs: the fields of its record.
 COMMAND_KEYS: tuple[str, ...] = codec.field_names(CommandRecord)
-_COMMAND_FIELDS = ("cmd", "argv", "cwd", "env", "stdin", "stdout", "stderr", "limits", "sandbox", "network")
+_COMMAND_FIELDS = (
+    "cmd",
+    "argv",
+    "cwd",
+    "env",
+    "stdin",
+    "stdout",
+    "stderr",
+    "limits",
+    "sandbox",
+    "network",
+    "files",
+    "results",
+)
 
 
 @attrs.frozen(kw_only=True)
@@ -247,6 +261,8 @@ def command_kwargs(spec: CommandSpec) -> dict[str, Any]:
             "limits": {k: v for k, v in limits.items() if v is not None},
             "sandbox": spec.sandbox,
             "network": spec.network,
+            "files": {name: base64.b64encode(content).decode("ascii") for name, content in spec.files},
+            "results": list(spec.results),
         }
     }
 
@@ -259,8 +275,12 @@ def command_from_kwargs(kwargs: Mapping[str, Any]) -> CommandSpec:
     limits = plain.get("limits") or {}
     if not isinstance(limits, dict):
         raise ValueError(f"a command's limits must be a map, got {limits!r:.200}")
+    files = plain.get("files") or {}
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise ValueError("a command's files must map names to base64 text")
     try:
-        return CommandSpec(**{**plain, "limits": Limits(**limits)})
+        decoded = {name: base64.b64decode(text, validate=True) for name, text in files.items()}
+        return CommandSpec(**{**plain, "limits": Limits(**limits), "files": decoded})
     except (TypeError, ValueError) as exc:
         raise ValueError(f"bad command: {exc}") from None
 

@@ -274,6 +274,11 @@ class CgroupV2Group:
             raise
         return group
 
+    @property
+    def procs_files(self) -> tuple[str, ...]:
+        """The ``cgroup.procs`` files a process writes ``0`` to in order to join the group."""
+        return (os.path.join(self._path, "cgroup.procs"),)
+
     def child_setup(self) -> None:
         _join(os.path.join(self._path, "cgroup.procs"))
         child_rlimits(self._limits)
@@ -377,9 +382,14 @@ class CgroupV1Group:
             _write(os.path.join(d["cpuset"], "cpuset.mems"), _read(os.path.join(parent, "cpuset.mems")).strip())
             _write(os.path.join(d["cpuset"], "cpuset.cpus"), _cpu_list(limits.cpuset))
 
+    @property
+    def procs_files(self) -> tuple[str, ...]:
+        """The ``cgroup.procs`` files a process writes ``0`` to in order to join the group."""
+        return tuple(os.path.join(path, "cgroup.procs") for path in dict.fromkeys(self._dirs.values()))
+
     def child_setup(self) -> None:
-        for path in dict.fromkeys(self._dirs.values()):
-            _join(os.path.join(path, "cgroup.procs"))
+        for path in self.procs_files:
+            _join(path)
         child_rlimits(self._limits)
 
     def started(self, pid: int) -> None:

@@ -60,6 +60,11 @@ def become_subreaper() -> None:
         _subreaper_pid = os.getpid()
 
 
+def is_subreaper() -> bool:
+    """Whether this process made itself a child subreaper (orphans of tasks come back to it)."""
+    return _subreaper_pid == os.getpid()
+
+
 def die_with_parent() -> None:
     """In a freshly forked child: be killed (SIGKILL) when the parent thread exits."""
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

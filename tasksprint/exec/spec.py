@@ -22,6 +22,7 @@ from typing import Any
 import attrs
 
 from tasksprint.codec import message
+from tasksprint.exec.files import check_file_name, check_file_names
 
 # Bounds on a spec's size: a spec is data from a user and travels in the log.
 MAX_COMMAND_BYTES = 128 * 1024
@@ -30,6 +31,11 @@ MAX_ENV_ITEMS = 1024
 MAX_PATH_CHARS = 4096
 # Bytes of captured output kept at each end of the stream (disBatch keeps 80).
 SNIPPET_BYTES = 80
+#: Bytes of input files a spec may carry itself (they travel in the log).
+MAX_INLINE_FILES_BYTES = 1024 * 1024
+#: Bytes of result files one run may keep: with their encoding they fit in one
+#: message to a peer (the frame cap is 64 MiB).
+MAX_RESULT_BYTES = 32 * 1024 * 1024
 
 #: Environment variables the runner sets itself; a spec may not override them.
 RESERVED_ENV_PREFIX = "TASKSPRINT_"
@@ -177,6 +183,42 @@ def _env(_inst: Any, _attr: attrs.Attribute[Any], value: tuple[tuple[str, str], 
         _text(val, f"env {name}", MAX_COMMAND_BYTES)
 
 
+def _to_files(value: Any) -> tuple[tuple[str, bytes], ...]:
+    """Input files as sorted (name, content) pairs, from a mapping of names to bytes or text."""
+    if isinstance(value, dict):
+        value = tuple(value.items())
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"files must map file names to their contents, got {type(value).__name__}")
+    pairs = []
+    item: Any
+    for item in value:
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise TypeError(f"files entries are (name, content) pairs, got {type(item).__name__}")
+        name, content = item
+        if isinstance(content, str):
+            content = content.encode("utf-8")
+        if not isinstance(content, bytes):
+            raise TypeError(f"the content of file {name!r:.80} must be bytes or text, got {type(content).__name__}")
+        pairs.append((check_file_name(name), content))
+    return tuple(sorted(pairs))
+
+
+def _files(_inst: Any, _attr: attrs.Attribute[Any], value: tuple[tuple[str, bytes], ...]) -> None:
+    names = [name for name, _ in value]
+    if len(set(names)) != len(names):
+        raise ValueError("files names a file twice")
+    total = sum(len(content) for _, content in value)
+    if total > MAX_INLINE_FILES_BYTES:
+        raise ValueError(
+            f"files hold {total} bytes; at most {MAX_INLINE_FILES_BYTES} travel with a task "
+            "(larger inputs come from a pretask's result files)"
+        )
+
+
+def _to_results(value: Any) -> tuple[str, ...]:
+    return check_file_names(value) if value else ()
+
+
 def _to_argv(value: Any) -> tuple[str, ...] | None:
     if value is None:
         return None
@@ -242,6 +284,13 @@ class CommandSpec:
     ``sandbox`` runs the task under bubblewrap (read-only root, private
     ``/tmp``, writable ``cwd``), without network unless ``network`` is set;
     a task without sandbox always has the client's network.
+
+    ``files`` are input files the spec carries (name -> content, at most
+    :data:`MAX_INLINE_FILES_BYTES` in all); ``results`` are names or globs
+    of files kept after a successful run (at most :data:`MAX_RESULT_BYTES`
+    in all), which dependents receive as input files.  A task with either
+    runs in a fresh working directory of its own, so it takes no ``cwd``.
+    File names are relative, without ``..`` (:mod:`tasksprint.exec.files`).
     """
 
     cmd: str | None = attrs.field(default=None)
@@ -254,8 +303,17 @@ class CommandSpec:
     limits: Limits = attrs.field(factory=Limits, validator=attrs.validators.instance_of(Limits))
     sandbox: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
     network: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    files: tuple[tuple[str, bytes], ...] = attrs.field(default=(), converter=_to_files, validator=_files)
+    results: tuple[str, ...] = attrs.field(default=(), converter=_to_results)
+
+    @property
+    def own_workdir(self) -> bool:
+        """Whether the task runs in a fresh working directory of its own (it has files or results)."""
+        return bool(self.files or self.results)
 
     def __attrs_post_init__(self) -> None:
+        if self.own_workdir and self.cwd is not None:
+            raise ValueError("a task with files or results runs in a working directory of its own: leave cwd unset")
         if (self.cmd is None) == (self.argv is None):
             raise ValueError("a command task takes exactly one of cmd (a bash command line) or argv (a list, no shell)")
         if self.cmd is not None:

@@ -124,6 +124,8 @@ class Coordinator:
         limits: Any = None,
         sandbox: bool = False,
         network: bool = False,
+        files: dict[str, bytes | str] | None = None,
+        results: Sequence[str] | None = None,
     ) -> int:
         """Create a task and return its id (an int).
 
@@ -149,7 +151,14 @@ class Coordinator:
         :class:`tasksprint.exec.Limits` or a dict of its fields
         (``memory_bytes``, ``cpus``, ``cpuset``, ``pids``, ``wall_time_s``,
         ``cpu_time_s``, ``output_bytes``), ``sandbox`` runs it under
-        bubblewrap (``network`` then allows the network).  Its outputs are the
+        bubblewrap (``network`` then allows the network).  ``files`` are
+        input files (name -> bytes or text, at most 1 MiB in all) and
+        ``results`` names or globs (``out/*.txt``) of files kept after a
+        successful run, in the output ``files`` (name -> base64 text, at most
+        32 MiB in all); a dependent command task gets its pretasks' result
+        files staged into its working directory.  A task with files or
+        results runs in a fresh directory of its own (no ``cwd``); names
+        are relative, without ``..``.  Its outputs are the
         record of its run (``verdict``, ``exit_code``, ``signal``, times,
         ``peak_memory_bytes``, ...): all of them reach :meth:`task_done`
         unless ``keys`` names fewer.  A non-zero exit, a signal or a limit is
@@ -182,6 +191,8 @@ class Coordinator:
             limits=limits,
             sandbox=sandbox,
             network=network,
+            files=files,
+            results=results,
         )
 
     def kill_task(self, tid: int) -> list[int]:
