@@ -27,7 +27,8 @@ or :class:`Refused`), which travels back to the submitter as it is.
 match error text.
 
 Read-only questions to a replica (not logged) are typed the same way:
-:class:`ViewRequest`, :class:`StatusRequest`, :class:`InfoRequest`, each
+:class:`ViewRequest`, :class:`StatusRequest`, :class:`InfoRequest`,
+:class:`SchedulerRequest` (answered by the scheduler's ``query`` hook), each
 sent as a :class:`~tasksprint.api.Query` named :attr:`NAME` with
 :meth:`args`, and parsed by :func:`parse_query` on the replica; a question
 that does not parse is answered with its :class:`Refused`.
@@ -65,6 +66,7 @@ __all__ = [
     "ReportOp",
     "InfoRequest",
     "Request",
+    "SchedulerRequest",
     "StatusRequest",
     "ViewRequest",
     "is_int",
@@ -452,7 +454,18 @@ class InfoRequest:
         return {"tid": self.tid}
 
 
-Request = ViewRequest | StatusRequest | InfoRequest
+@message
+class SchedulerRequest:
+    """A read-only question for the scheduler itself, answered by its ``query`` hook (plain data)."""
+
+    NAME: ClassVar[str] = "scheduler"
+    args_: dict[str, Any] = attrs.field(factory=dict)
+
+    def args(self) -> dict[str, Any]:
+        return dict(self.args_)
+
+
+Request = ViewRequest | StatusRequest | InfoRequest | SchedulerRequest
 
 
 def parse_query(name: Any, args: Any) -> Request:
@@ -471,5 +484,7 @@ def parse_query(name: Any, args: Any) -> Request:
             return StatusRequest()
         case "info":
             return InfoRequest(tid=_int(args, "info", "tid"))
+        case "scheduler":
+            return SchedulerRequest(args_=dict(args))
         case _:
-            raise BadOp(f"unknown query {name!r:.100}; known: view, status, info", ErrorCode.UNKNOWN)
+            raise BadOp(f"unknown query {name!r:.100}; known: view, status, info, scheduler", ErrorCode.UNKNOWN)

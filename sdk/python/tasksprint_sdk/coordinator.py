@@ -98,6 +98,17 @@ class Coordinator:
         depend on the failed task are killed before this hook runs.
         """
 
+    def query(self, args: dict[str, Any]) -> Any:
+        """Answer a read-only question (``tasksprint`` asks it with the ``scheduler`` query).
+
+        Called outside the log, on whichever replica is asked, between log
+        entries: it may read the scheduler's state and must change nothing
+        (no actions, no mutation).  Return plain data (CBOR: dicts, lists,
+        strings, bytes, numbers, None).  Raising refuses the question.  The
+        default answers None.
+        """
+        return None
+
     # ---------------------------------------------------------------- actions
 
     def start_task(
