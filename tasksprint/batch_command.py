@@ -1,0 +1,414 @@
+"""``tasksprint batch``: a disBatch task file run on a replicated cluster that outlives its driver.
+
+The command (the *driver*) reads the task file, decides what ``-r`` lets it
+skip, writes the run's directory ``<prefix>_tasksprint/`` (the cluster
+secret, a scheduler file holding the task file and options, the environment
+file every task sources, ``run.json`` with the replicas' addresses and the
+processes' pids), starts three replicas (fsync on) and one worker client per
+engine, each in a session of its own, and then only reads: it asks the
+replicas for the scheduler's status lines and appends them to
+``<prefix>_status.txt``, flushed line by line, until the run ends.  Then it
+stops the replicas and returns the exit code.
+
+The replicas and clients do not need the driver: if it dies, the run goes
+on, and ``tasksprint batch --attach PREFIX`` (or the same command with the
+same ``-p PREFIX``) reattaches, rewrites the status file from the log's
+first line and finishes the driver's work.  Nothing runs twice: what ran is
+decided by the log, not by the driver.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import random
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import attrs
+import trio
+
+from tasksprint.batch.env import cores_per_task, job_id, run_name, slots_per_engine, taskfile_name
+from tasksprint.batch.scheduler import engine_name
+from tasksprint.batch.statusfile import (
+    STATUS_HEADER,
+    ResumeMismatch,
+    Skip,
+    format_status_line,
+    parse_status_file,
+    resume_decision,
+    resume_index,
+)
+from tasksprint.batch.taskfile import Task, TaskFileError, parse_taskfile
+from tasksprint.channel import ASK_ERRORS, ReplicaChannel
+from tasksprint.coordinator.ops import SchedulerRequest
+from tasksprint.localcluster import LocalCluster
+
+__all__ = ["EXIT_FAILED", "EXIT_USAGE", "NOT_APPLICABLE", "BatchRun", "add_arguments", "main", "parse_nodes"]
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+RUN_DIR_SUFFIX = "_tasksprint"
+# Environment variables not passed on to tasks: the shell's own, and ours.
+_ENV_SKIP = frozenset({"PWD", "OLDPWD", "SHLVL", "_", "PS1", "BASH_FUNC"})
+
+NOT_APPLICABLE = """\
+disBatch options that do not apply here:
+  --kvsserver, --taskserver, --taskcommand, --use-address: TaskSprint has no
+      KVS server; tasks reach the replicas through the replicated log;
+  --mailTo, --mailFreq: no mail;
+  -w/--web: use `tasksprint dashboard --coordinators ...` (addresses in
+      <prefix>_tasksprint/run.json);
+  -g/--gpu, --fill: deprecated or Slurm-specific in disBatch; not provided.
+"""
+
+
+def parse_nodes(text: str) -> list[tuple[str, int]]:
+    """``host:N[,host:N...]`` as (host, cores) pairs; raises ValueError naming the bad item."""
+    nodes = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        host, sep, count = item.rpartition(":")
+        if not sep or not host or not count.isdigit() or int(count) <= 0:
+            raise ValueError(f"node {item!r} is not HOST:CORECOUNT (e.g. localhost:4)")
+        nodes.append((host, int(count)))
+    return nodes
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``tasksprint batch``'s options, with disBatch's names."""
+    p.add_argument("taskfile", nargs="?", help='file with tasks, one task per line ("-" for stdin)')
+    p.add_argument("-e", "--exit-code", action="store_true", help="when any task fails, exit with non-zero status")
+    p.add_argument("-f", "--fail-fast", action="store_true", help="stop at the first failure, killing running tasks")
+    p.add_argument("--force-resume", action="store_true", help="with -r, proceed even if task commands differ")
+    p.add_argument("--logfile", help="log file (default: <prefix>_tasksprint/driver.log)")
+    p.add_argument(
+        "--loglevel", default="INFO", choices=["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"], help="logging level"
+    )
+    p.add_argument("-p", "--prefix", default=".", help="path for the status file and run directory (default: .)")
+    p.add_argument(
+        "-r", "--resume-from", action="append", default=[], metavar="STATUSFILE", help="skip tasks it lists as done"
+    )
+    p.add_argument("-R", "--retry", action="store_true", help="with -r, also rerun tasks that failed")
+    p.add_argument("-S", "--startup-only", action="store_true", help="start replicas only; add engines with dbUtil.sh")
+    p.add_argument("--status-header", action="store_true", help="add a header line to the status file")
+    p.add_argument("-C", "--context-task-limit", type=int, default=0, metavar="TASK_LIMIT", help="(accepted, ignored)")
+    p.add_argument(
+        "-c", "--cpusPerTask", type=float, default=1.0, metavar="N", help="cores per task; may be fractional"
+    )
+    p.add_argument("-t", "--tasksPerNode", type=int, metavar="N", help="most tasks at once per node")
+    p.add_argument("-l", "--label", metavar="COMMAND", help="label of this context")
+    p.add_argument("-s", "--ssh-node", action="append", default=[], metavar="HOST:CORECOUNT", help="run on these nodes")
+    p.add_argument("--attach", metavar="PREFIX", help="reattach to the run with this prefix whose driver died")
+    p.add_argument("--replicas", type=int, default=3, choices=[1, 3, 5], help="coordinator replicas (default 3)")
+
+
+def _prefix(args: argparse.Namespace, name: str) -> str:
+    """disBatch's rule: a directory (or '.') gets the default run name in it; anything else is the prefix."""
+    path = args.prefix
+    if path.endswith("/") or os.path.isdir(path):
+        started = datetime.datetime.now()
+        return os.path.join(path, run_name(name, started=started, nonce=random.randrange(1000)))
+    return path
+
+
+@attrs.define(eq=False)
+class BatchRun:
+    """One run's files and processes; ``prefix`` names them all."""
+
+    prefix: str
+    replicas: int = 3
+    cluster: LocalCluster | None = None
+    clients: list[subprocess.Popen[bytes]] = attrs.Factory(list)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.prefix + RUN_DIR_SUFFIX)
+
+    @property
+    def status_path(self) -> Path:
+        return Path(self.prefix + "_status.txt")
+
+    def info(self) -> dict[str, Any]:
+        return json.loads((self.run_dir / "run.json").read_text())
+
+    def start(self, config: dict[str, Any], engines: list[tuple[int, str, int]]) -> None:
+        """Write the scheduler file and start the replicas and the local engines' clients."""
+        d = self.run_dir
+        d.mkdir(parents=True, exist_ok=False)
+        (d / "scheduler.py").write_text(
+            "from tasksprint.batch.scheduler import BatchScheduler\n\n\n"
+            "class Batch(BatchScheduler):\n"
+            f"    CONFIG = {config!r}\n"
+        )
+        self.cluster = LocalCluster(d, self.replicas, scheduler=str(d / "scheduler.py") + ":Batch")
+        self.cluster.start()
+        self._write_info(engines)
+        for rank, host, slots in engines:
+            self.start_engine(rank, host, slots)
+        self._write_info(engines)
+
+    def _write_info(self, engines: list[tuple[int, str, int]]) -> None:
+        assert self.cluster is not None
+        info = {
+            "peers": self.cluster.peers_arg,
+            "replica_pids": [p.pid for p in self.cluster.procs if p is not None],
+            "client_pids": [p.pid for p in self.clients],
+            "engines": [list(e) for e in engines],
+        }
+        tmp = self.run_dir / "run.json.tmp"
+        tmp.write_text(json.dumps(info))
+        tmp.replace(self.run_dir / "run.json")
+
+    def client_command(self, rank: int, slots: int) -> list[str]:
+        assert self.cluster is not None
+        return [
+            sys.executable,
+            "-m",
+            "tasksprint.cli",
+            "client",
+            "--coordinators",
+            self.cluster.peers_arg,
+            "--secret-file",
+            str(self.cluster.secret_file.resolve()),
+            "--name",
+            engine_name(rank),
+            "--have",
+            engine_name(rank),
+            "--slots",
+            str(slots),
+            "--log-format",
+            "json",
+            "--spill-dir",
+            str((self.run_dir / "spill").resolve()),
+        ]
+
+    def start_engine(self, rank: int, host: str, slots: int) -> subprocess.Popen[bytes]:
+        """A worker client for engine ``rank`` on ``host`` (over ssh unless it is this machine)."""
+        command = self.client_command(rank, slots)
+        if host not in ("localhost", "127.0.0.1", socket.gethostname()):
+            # The hosts share the working directory (as disBatch requires).
+            command = ["ssh", "-o", "BatchMode=yes", host, f"cd {shlex.quote(os.getcwd())} && {shlex.join(command)}"]
+        with open(self.run_dir / f"{engine_name(rank)}.log", "ab") as log:
+            proc = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.clients.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        """Stop the replicas (the clients of an ended run exit by themselves) and reap what we started."""
+        pids = self.info().get("replica_pids", []) if (self.run_dir / "run.json").exists() else []
+        if self.cluster is not None:
+            self.cluster.stop()
+        else:
+            _stop_pids(pids, self.run_dir)
+        deadline = time.monotonic() + 5.0
+        for p in self.clients:
+            try:
+                p.wait(max(0.01, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if self.cluster is None:
+            _stop_pids(self.info().get("client_pids", []), self.run_dir)
+
+
+def _ours(pid: int, run_dir: Path) -> bool:
+    """Whether ``pid`` is still a process of this run (its command line names the run directory)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return str(run_dir.resolve()).encode() in cmdline or str(run_dir).encode() in cmdline
+
+
+def _stop_pids(pids: list[int], run_dir: Path) -> None:
+    for pid in pids:
+        if _ours(pid, run_dir):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 5.0
+    for pid in pids:
+        while _ours(pid, run_dir) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if _ours(pid, run_dir):
+            os.kill(pid, signal.SIGKILL)
+
+
+async def follow(run: BatchRun, status: TextIO, *, header: bool, poll: float = 0.01) -> dict[str, Any]:
+    """Append every status line the scheduler has to ``status`` until the run ended; return the last answer."""
+    info = run.info()
+    secret = (run.run_dir / "secret").read_bytes().strip()
+    addrs = [(h, int(p)) for h, _, p in (a.rpartition(":") for a in info["peers"].split(","))]
+    channel = ReplicaChannel(addrs, secret)
+    written = 0
+    if header:
+        status.write(STATUS_HEADER + "\n")
+        status.flush()
+    try:
+        while True:
+            try:
+                st = await channel.status()
+                if st.leader is not None and st.leader != st.rid:
+                    await channel.prefer(st.leader)
+                answer = await channel.request(SchedulerRequest(args_={"after": written}))
+            except ASK_ERRORS:
+                await channel.move_on()
+                await trio.sleep(0.1)
+                continue
+            if not isinstance(answer, dict):
+                await trio.sleep(poll)
+                continue
+            lines = answer["lines"]
+            if lines:
+                status.write("".join(line + "\n" for line in lines))
+                status.flush()
+                written += len(lines)
+            if answer["ended"] and written >= answer["total"]:
+                return answer
+            if not lines:
+                await trio.sleep(poll)
+    finally:
+        await channel.aclose()
+
+
+def _engines(args: argparse.Namespace) -> list[tuple[int, str, int]]:
+    nodes: list[tuple[str, int]] = []
+    for item in args.ssh_node:
+        nodes += parse_nodes(item)
+    if not nodes and os.environ.get("DISBATCH_SSH_NODELIST"):
+        nodes = parse_nodes(os.environ["DISBATCH_SSH_NODELIST"])
+    if not nodes:
+        nodes = [("localhost", os.cpu_count() or 1)]
+    out = []
+    for rank, (host, cores) in enumerate(nodes):
+        slots = slots_per_engine(cores, cpus_per_task=args.cpusPerTask, tasks_per_node=args.tasksPerNode)
+        out.append((rank, host, max(1, slots)))
+    return out
+
+
+def _env_file(path: Path) -> None:
+    lines = [
+        f"export {name}={shlex.quote(value)}"
+        for name, value in sorted(os.environ.items())
+        if name.isidentifier() and name not in _ENV_SKIP and not name.startswith("TASKSPRINT_")
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _skips(args: argparse.Namespace, tasks: list[Task]) -> dict[int, str]:
+    files = [parse_status_file(Path(p).read_bytes()) for p in args.resume_from]
+    earlier = resume_index(files)
+    skip = {}
+    for task in tasks:
+        decision = resume_decision(task, earlier, retry=args.retry, force=args.force_resume)
+        if isinstance(decision, Skip):
+            skip[task.task_id] = format_status_line(decision.record)
+    return skip
+
+
+def main(args: argparse.Namespace, *, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """Run ``tasksprint batch`` with parsed ``args``; returns the exit code."""
+    if args.attach:
+        return attach(args.attach, header=args.status_header, exit_code=args.exit_code, err=err)
+    if args.taskfile is None:
+        print("tasksprint batch: give a task file (or - for stdin), or --attach PREFIX", file=err)
+        return EXIT_USAGE
+    try:
+        data = sys.stdin.buffer.read() if args.taskfile == "-" else Path(args.taskfile).read_bytes()
+    except OSError as exc:
+        print(f"tasksprint batch: cannot read task file {args.taskfile}: {exc.strerror}", file=err)
+        return EXIT_USAGE
+    name = taskfile_name(args.taskfile)
+    try:
+        taskfile = parse_taskfile(data, name=name)
+        engines = _engines(args)
+    except (TaskFileError, ValueError) as exc:
+        print(f"tasksprint batch: {args.taskfile}: {exc}", file=err)
+        return EXIT_USAGE
+    tasks = [r for r in taskfile.records() if isinstance(r, Task)]
+    try:
+        skip = _skips(args, tasks)
+    except OSError as exc:
+        print(f"tasksprint batch: cannot read status file: {exc}", file=err)
+        return EXIT_USAGE
+    except ResumeMismatch as exc:
+        print(f"tasksprint batch: {exc}", file=err)
+        return EXIT_USAGE
+    prefix = _prefix(args, name)
+    run = BatchRun(prefix, args.replicas)
+    if run.run_dir.exists():
+        return attach(prefix, header=args.status_header, exit_code=args.exit_code, err=err)
+    slots = sum(s for _, _, s in engines)
+    config = {
+        "taskfile": data,
+        "name": name,
+        "job_id": job_id(prefix),
+        "cwd": os.getcwd(),
+        "env_file": str((run.run_dir / "env.sh").resolve()),
+        "engines": [rank for rank, _, _ in engines],
+        "window": slots if args.fail_fast else max(slots * 64, 1024),
+        "fail_fast": bool(args.fail_fast),
+        "skip": skip,
+        "driver_node": socket.gethostname(),
+        "driver_pid": os.getpid(),
+        "cores_per_task": cores_per_task(engines[0][2], engines[0][2]) if args.cpusPerTask >= 1 else 1,
+        "exit_code": bool(args.exit_code),
+    }
+    for notice in taskfile.notices:
+        print(f"tasksprint batch: {name} line {notice.line}: {notice.reason}", file=err)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        run.start(config, [] if args.startup_only else engines)
+        _env_file(run.run_dir / "env.sh")
+        _write_db_util(run, args)
+        if args.startup_only:
+            print(f"started; add engines with {prefix}_dbUtil.sh -s HOST:N", file=out)
+            return 0
+        return _finish(run, args.status_header, args.exit_code, err, truncate=True)
+    except KeyboardInterrupt:
+        print("tasksprint batch: interrupted; stopping the run", file=err)
+        run.stop()
+        return 130
+
+
+def _write_db_util(run: BatchRun, args: argparse.Namespace) -> None:
+    path = Path(run.prefix + "_dbUtil.sh")
+    path.write_text(
+        "#!/bin/sh\n# Adds engines to this run: dbUtil.sh -s HOST:N [-s HOST:N ...]\n"
+        f"exec {shlex.quote(sys.executable)} -m tasksprint.cli batch --add-engines "
+        f'{shlex.quote(run.prefix)} "$@"\n'
+    )
+    path.chmod(0o755)
+
+
+def _finish(run: BatchRun, header: bool, exit_code: bool, err: TextIO, *, truncate: bool) -> int:
+    with open(run.status_path, "w" if truncate else "a", encoding="utf-8", errors="surrogateescape") as status:
+        answer = trio.run(lambda: follow(run, status, header=header))
+    run.stop()
+    if answer.get("reason"):
+        print(f"tasksprint batch: run ended early: {answer['reason']}", file=err)
+        return EXIT_FAILED
+    if exit_code and answer.get("failed"):
+        print(f"tasksprint batch: {answer['failed']} task(s) failed", file=err)
+        return EXIT_FAILED
+    return 0
+
+
+def attach(prefix: str, *, header: bool, exit_code: bool, err: TextIO = sys.stderr) -> int:
+    """Reattach to the run ``prefix`` whose driver died: rebuild the status file from the log, follow it to its end."""
+    run = BatchRun(prefix)
+    if not (run.run_dir / "run.json").exists():
+        print(f"tasksprint batch: no run at {run.run_dir} (run.json is missing)", file=err)
+        return EXIT_USAGE
+    return _finish(run, header, exit_code, err, truncate=True)
