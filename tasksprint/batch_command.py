@@ -110,6 +110,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-l", "--label", metavar="COMMAND", help="label of this context")
     p.add_argument("-s", "--ssh-node", action="append", default=[], metavar="HOST:CORECOUNT", help="run on these nodes")
     p.add_argument("--attach", metavar="PREFIX", help="reattach to the run with this prefix whose driver died")
+    p.add_argument("--add-engines", metavar="PREFIX", help="add the -s engines to a running run (dbUtil.sh does this)")
     p.add_argument("--replicas", type=int, default=3, choices=[1, 3, 5], help="coordinator replicas (default 3)")
 
 
@@ -170,17 +171,16 @@ class BatchRun:
         tmp.write_text(json.dumps(info))
         tmp.replace(self.run_dir / "run.json")
 
-    def client_command(self, rank: int, slots: int) -> list[str]:
-        assert self.cluster is not None
+    def client_command(self, rank: int, slots: int, peers: str | None = None) -> list[str]:
         return [
             sys.executable,
             "-m",
             "tasksprint.cli",
             "client",
             "--coordinators",
-            self.cluster.peers_arg,
+            peers if peers is not None else self.info()["peers"],
             "--secret-file",
-            str(self.cluster.secret_file.resolve()),
+            str((self.run_dir / "secret").resolve()),
             "--name",
             engine_name(rank),
             "--have",
@@ -193,9 +193,9 @@ class BatchRun:
             str((self.run_dir / "spill").resolve()),
         ]
 
-    def start_engine(self, rank: int, host: str, slots: int) -> subprocess.Popen[bytes]:
+    def start_engine(self, rank: int, host: str, slots: int, peers: str | None = None) -> subprocess.Popen[bytes]:
         """A worker client for engine ``rank`` on ``host`` (over ssh unless it is this machine)."""
-        command = self.client_command(rank, slots)
+        command = self.client_command(rank, slots, peers)
         if host not in ("localhost", "127.0.0.1", socket.gethostname()):
             # The hosts share the working directory (as disBatch requires).
             command = ["ssh", "-o", "BatchMode=yes", host, f"cd {shlex.quote(os.getcwd())} && {shlex.join(command)}"]
@@ -245,7 +245,7 @@ def _stop_pids(pids: list[int], run_dir: Path) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-async def follow(run: BatchRun, status: TextIO, *, header: bool, poll: float = 0.01) -> dict[str, Any]:
+async def follow(run: BatchRun, status: TextIO, *, header: bool, poll: float = 0.02) -> dict[str, Any]:
     """Append every status line the scheduler has to ``status`` until the run ended; return the last answer."""
     info = run.info()
     secret = (run.run_dir / "secret").read_bytes().strip()
@@ -255,15 +255,21 @@ async def follow(run: BatchRun, status: TextIO, *, header: bool, poll: float = 0
     if header:
         status.write(STATUS_HEADER + "\n")
         status.flush()
+    # Any replica's lines are a prefix of the same list (the log decides their order), so
+    # asking a follower is safe; the leader is only the freshest, found once and after failures.
+    find_leader = True
     try:
         while True:
             try:
-                st = await channel.status()
-                if st.leader is not None and st.leader != st.rid:
-                    await channel.prefer(st.leader)
+                if find_leader:
+                    st = await channel.status()
+                    if st.leader is not None and st.leader != st.rid:
+                        await channel.prefer(st.leader)
+                    find_leader = False
                 answer = await channel.request(SchedulerRequest(args_={"after": written}))
             except ASK_ERRORS:
                 await channel.move_on()
+                find_leader = True
                 await trio.sleep(0.1)
                 continue
             if not isinstance(answer, dict):
@@ -319,6 +325,8 @@ def _skips(args: argparse.Namespace, tasks: list[Task]) -> dict[int, str]:
 
 def main(args: argparse.Namespace, *, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """Run ``tasksprint batch`` with parsed ``args``; returns the exit code."""
+    if args.add_engines:
+        return add_engines(args.add_engines, args, err=err)
     if args.attach:
         return attach(args.attach, header=args.status_header, exit_code=args.exit_code, err=err)
     if args.taskfile is None:
@@ -357,7 +365,8 @@ def main(args: argparse.Namespace, *, out: TextIO = sys.stdout, err: TextIO = sy
         "cwd": os.getcwd(),
         "env_file": str((run.run_dir / "env.sh").resolve()),
         "engines": [rank for rank, _, _ in engines],
-        "window": slots if args.fail_fast else max(slots * 64, 1024),
+        # Under -S the engines come later: size the fail-fast window by this machine.
+        "window": (slots or os.cpu_count() or 1) if args.fail_fast else max(slots * 64, 1024),
         "fail_fast": bool(args.fail_fast),
         "skip": skip,
         "driver_node": socket.gethostname(),
@@ -373,8 +382,7 @@ def main(args: argparse.Namespace, *, out: TextIO = sys.stdout, err: TextIO = sy
         _env_file(run.run_dir / "env.sh")
         _write_db_util(run, args)
         if args.startup_only:
-            print(f"started; add engines with {prefix}_dbUtil.sh -s HOST:N", file=out)
-            return 0
+            print(f"tasksprint batch: started; add engines with {prefix}_dbUtil.sh -s HOST:N", file=err, flush=True)
         return _finish(run, args.status_header, args.exit_code, err, truncate=True)
     except KeyboardInterrupt:
         print("tasksprint batch: interrupted; stopping the run", file=err)
@@ -412,3 +420,34 @@ def attach(prefix: str, *, header: bool, exit_code: bool, err: TextIO = sys.stde
         print(f"tasksprint batch: no run at {run.run_dir} (run.json is missing)", file=err)
         return EXIT_USAGE
     return _finish(run, header, exit_code, err, truncate=True)
+
+
+def add_engines(prefix: str, args: argparse.Namespace, *, err: TextIO = sys.stderr) -> int:
+    """Start clients for the ``-s`` engines of ``args`` in the running run ``prefix`` (``<prefix>_dbUtil.sh``).
+
+    They get the next engine ranks; PERENGINE commands run only on the engines the run started with.
+    """
+    run = BatchRun(prefix)
+    if not (run.run_dir / "run.json").exists():
+        print(f"tasksprint batch: no run at {run.run_dir} (run.json is missing)", file=err)
+        return EXIT_USAGE
+    try:
+        new = _engines(args) if args.ssh_node or os.environ.get("DISBATCH_SSH_NODELIST") else []
+    except ValueError as exc:
+        print(f"tasksprint batch: {exc}", file=err)
+        return EXIT_USAGE
+    if not new:
+        print("tasksprint batch: --add-engines needs -s HOST:N (or DISBATCH_SSH_NODELIST)", file=err)
+        return EXIT_USAGE
+    info = run.info()
+    first = len(info["engines"])
+    engines = [(first + rank, host, slots) for rank, host, slots in new]
+    peers = info["peers"]
+    for rank, host, slots in engines:
+        proc = run.start_engine(rank, host, slots, peers=peers)
+        info["client_pids"].append(proc.pid)
+        info["engines"].append([rank, host, slots])
+    tmp = run.run_dir / "run.json.tmp"
+    tmp.write_text(json.dumps(info))
+    tmp.replace(run.run_dir / "run.json")
+    return 0
