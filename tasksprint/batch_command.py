@@ -57,6 +57,8 @@ __all__ = ["EXIT_FAILED", "EXIT_USAGE", "NOT_APPLICABLE", "BatchRun", "add_argum
 EXIT_USAGE = 2
 EXIT_FAILED = 1
 RUN_DIR_SUFFIX = "_tasksprint"
+#: The ssh command that starts engines on other hosts (default ``ssh -o BatchMode=yes``).
+SSH_COMMAND_ENV = "TASKSPRINT_SSH_COMMAND"
 # Environment variables not passed on to tasks: the shell's own, and ours.
 _ENV_SKIP = frozenset({"PWD", "OLDPWD", "SHLVL", "_", "PS1", "BASH_FUNC"})
 
@@ -198,7 +200,8 @@ class BatchRun:
         command = self.client_command(rank, slots, peers)
         if host not in ("localhost", "127.0.0.1", socket.gethostname()):
             # The hosts share the working directory (as disBatch requires).
-            command = ["ssh", "-o", "BatchMode=yes", host, f"cd {shlex.quote(os.getcwd())} && {shlex.join(command)}"]
+            ssh = shlex.split(os.environ.get(SSH_COMMAND_ENV, "ssh -o BatchMode=yes"))
+            command = [*ssh, host, f"cd {shlex.quote(os.getcwd())} && {shlex.join(command)}"]
         with open(self.run_dir / f"{engine_name(rank)}.log", "ab") as log:
             proc = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
