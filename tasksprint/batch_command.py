@@ -49,7 +49,7 @@ from tasksprint.batch.statusfile import (
 )
 from tasksprint.batch.taskfile import Task, TaskFileError, parse_taskfile
 from tasksprint.channel import ASK_ERRORS, ReplicaChannel
-from tasksprint.coordinator.ops import SchedulerRequest
+from tasksprint.coordinator.ops import SchedulerAnswer, SchedulerRequest
 from tasksprint.localcluster import LocalCluster
 
 __all__ = ["EXIT_FAILED", "EXIT_USAGE", "NOT_APPLICABLE", "BatchRun", "add_arguments", "main", "parse_nodes"]
@@ -269,15 +269,16 @@ async def follow(run: BatchRun, status: TextIO, *, header: bool, poll: float = 0
                     if st.leader is not None and st.leader != st.rid:
                         await channel.prefer(st.leader)
                     find_leader = False
-                answer = await channel.request(SchedulerRequest(args_={"after": written}))
+                reply = await channel.request(SchedulerRequest(body={"after": written}))
             except ASK_ERRORS:
                 await channel.move_on()
                 find_leader = True
                 await trio.sleep(0.1)
                 continue
-            if not isinstance(answer, dict):
+            if not isinstance(reply, SchedulerAnswer) or not isinstance(reply.value, dict):
                 await trio.sleep(poll)
                 continue
+            answer = reply.value
             lines = answer["lines"]
             if lines:
                 status.write("".join(line + "\n" for line in lines))

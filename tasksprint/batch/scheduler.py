@@ -157,9 +157,9 @@ class BatchScheduler(Coordinator):
     def task_failed(self, tid: int, error: str, record: dict[str, Any] | None = None) -> None:
         self._finished(tid, record, error)
 
-    def query(self, args: dict[str, Any]) -> Any:
+    def query(self, args: Any) -> Any:
         """Status lines ``after``.. (at most a few thousand), how many there are, and whether the run ended."""
-        after = args.get("after", 0)
+        after = args.get("after", 0) if isinstance(args, dict) else None
         if not isinstance(after, int) or isinstance(after, bool) or after < 0:
             raise ValueError(f"'after' must be a whole number >= 0, got {after!r:.80}")
         if not hasattr(self, "lines"):

@@ -37,7 +37,7 @@ from tasksprint.coordinator.ops import (
     ErrorCode,
     InfoRequest,
     InitOp,
-    Refused,
+    SchedulerAnswer,
     SchedulerRequest,
     StatusRequest,
     ViewRequest,
@@ -156,18 +156,23 @@ class CoordinatorApp:
                 return ComputationStatus.of(self.machine.status())
             case InfoRequest(tid=tid):
                 return TaskInfo.of(self.machine.task_info(tid))
-            case SchedulerRequest(args_=qargs):
-                return self._scheduler_query(qargs)
+            case SchedulerRequest(body=body):
+                try:
+                    return SchedulerAnswer(value=self._scheduler_query(body))
+                except BadOp as exc:
+                    return exc.refused
 
-    def _scheduler_query(self, args: dict[str, Any]) -> Any:
-        """The scheduler's ``query`` hook's answer; a refusal if there is none yet or it raised."""
+    def _scheduler_query(self, args: Any) -> Any:
+        """The scheduler's ``query`` hook's answer to ``args``; raises :class:`BadOp` if it refuses or fails."""
         scheduler = self.machine.scheduler
-        if scheduler is None:
-            return Refused(code=ErrorCode.NOT_INITIALIZED.value, error="the scheduler is not started yet")
+        if scheduler is None or self.machine.run_state is RunState.WAITING:
+            raise BadOp("scheduler query: the computation is not initialized yet", ErrorCode.NOT_INITIALIZED)
+        if type(scheduler).query is Coordinator.query:
+            raise BadOp(f"scheduler {type(scheduler).__qualname__} answers no queries", ErrorCode.UNKNOWN)
         try:
             return scheduler.query(args)
         except Exception as exc:
-            return Refused(code=ErrorCode.MALFORMED.value, error=f"scheduler query failed: {type(exc).__name__}: {exc}")
+            raise BadOp(f"scheduler query failed: {type(exc).__name__}: {exc}") from None
 
     def _note_contact(self, cid: int) -> None:
         self._contacts.add(cid)

@@ -28,7 +28,7 @@ match error text.
 
 Read-only questions to a replica (not logged) are typed the same way:
 :class:`ViewRequest`, :class:`StatusRequest`, :class:`InfoRequest`,
-:class:`SchedulerRequest` (answered by the scheduler's ``query`` hook), each
+:class:`SchedulerRequest` (the scheduler's read-only ``query`` hook), each
 sent as a :class:`~tasksprint.api.Query` named :attr:`NAME` with
 :meth:`args`, and parsed by :func:`parse_query` on the replica; a question
 that does not parse is answered with its :class:`Refused`.
@@ -66,6 +66,7 @@ __all__ = [
     "ReportOp",
     "InfoRequest",
     "Request",
+    "SchedulerAnswer",
     "SchedulerRequest",
     "StatusRequest",
     "ViewRequest",
@@ -456,13 +457,20 @@ class InfoRequest:
 
 @message
 class SchedulerRequest:
-    """A read-only question for the scheduler itself, answered by its ``query`` hook (plain data)."""
+    """A read-only question for the scheduler's ``query`` hook; ``args`` is plain data."""
 
     NAME: ClassVar[str] = "scheduler"
-    args_: dict[str, Any] = attrs.field(factory=dict)
+    body: Any = None
 
     def args(self) -> dict[str, Any]:
-        return dict(self.args_)
+        return {"args": self.body}
+
+
+@message
+class SchedulerAnswer:
+    """What the scheduler's ``query`` hook returned (plain data)."""
+
+    value: Any = None
 
 
 Request = ViewRequest | StatusRequest | InfoRequest | SchedulerRequest
@@ -485,6 +493,6 @@ def parse_query(name: Any, args: Any) -> Request:
         case "info":
             return InfoRequest(tid=_int(args, "info", "tid"))
         case "scheduler":
-            return SchedulerRequest(args_=dict(args))
+            return SchedulerRequest(body=args.get("args"))
         case _:
             raise BadOp(f"unknown query {name!r:.100}; known: view, status, info, scheduler", ErrorCode.UNKNOWN)

@@ -98,16 +98,15 @@ class Coordinator:
         depend on the failed task are killed before this hook runs.
         """
 
-    def query(self, args: dict[str, Any]) -> Any:
-        """Answer a read-only question (``tasksprint`` asks it with the ``scheduler`` query).
+    def query(self, args: Any) -> Any:
+        """Answer a read-only question (``args``: plain data from outside); returns plain data.
 
-        Called outside the log, on whichever replica is asked, between log
-        entries: it may read the scheduler's state and must change nothing
-        (no actions, no mutation).  Return plain data (CBOR: dicts, lists,
-        strings, bytes, numbers, None).  Raising refuses the question.  The
-        default answers None.
+        Runs on whichever replica is asked, outside the log: read the state,
+        change nothing (no actions, no ``random``).  An exception is answered
+        as a refusal naming it.  A scheduler that does not override this
+        refuses questions.
         """
-        return None
+        raise NotImplementedError
 
     # ---------------------------------------------------------------- actions
 
