@@ -30,6 +30,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -42,8 +43,10 @@ from tasksprint.batch.statusfile import (
     STATUS_HEADER,
     ResumeMismatch,
     Skip,
+    StatusRecord,
     format_status_line,
     parse_status_file,
+    parse_status_line,
     resume_decision,
     resume_index,
 )
@@ -52,7 +55,19 @@ from tasksprint.channel import ASK_ERRORS, ReplicaChannel
 from tasksprint.coordinator.ops import SchedulerAnswer, SchedulerRequest
 from tasksprint.localcluster import LocalCluster
 
-__all__ = ["EXIT_FAILED", "EXIT_USAGE", "NOT_APPLICABLE", "BatchRun", "add_arguments", "main", "parse_nodes"]
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_USAGE",
+    "NOT_APPLICABLE",
+    "Batch",
+    "BatchRun",
+    "Prepared",
+    "UsageError",
+    "add_arguments",
+    "main",
+    "parse_nodes",
+    "prepare",
+]
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -93,7 +108,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-e", "--exit-code", action="store_true", help="when any task fails, exit with non-zero status")
     p.add_argument("-f", "--fail-fast", action="store_true", help="stop at the first failure, killing running tasks")
     p.add_argument("--force-resume", action="store_true", help="with -r, proceed even if task commands differ")
-    p.add_argument("--logfile", help="log file (default: <prefix>_tasksprint/driver.log)")
+    p.add_argument("--logfile", help="the driver's log file (default: none; warnings go to stderr)")
     p.add_argument(
         "--loglevel", default="INFO", choices=["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"], help="logging level"
     )
@@ -149,6 +164,8 @@ class BatchRun:
         """Write the scheduler file and start the replicas and the local engines' clients."""
         d = self.run_dir
         d.mkdir(parents=True, exist_ok=False)
+        # Before any client starts: every task sources it.
+        _env_file(d / "env.sh")
         (d / "scheduler.py").write_text(
             "from tasksprint.batch.scheduler import BatchScheduler\n\n\n"
             "class Batch(BatchScheduler):\n"
@@ -209,8 +226,15 @@ class BatchRun:
         self.clients.append(proc)
         return proc
 
-    def stop(self) -> None:
-        """Stop the replicas (the clients of an ended run exit by themselves) and reap what we started."""
+    def stop(self, *, kill_clients: bool = False) -> None:
+        """Stop the replicas (the clients of an ended run exit by themselves) and reap what we started.
+
+        ``kill_clients`` stops the clients at once too (a run given up before its end).
+        """
+        if kill_clients:
+            for p in self.clients:
+                if p.poll() is None:
+                    p.terminate()
         pids = self.info().get("replica_pids", []) if (self.run_dir / "run.json").exists() else []
         if self.cluster is not None:
             self.cluster.stop()
@@ -327,6 +351,78 @@ def _skips(args: argparse.Namespace, tasks: list[Task]) -> dict[int, str]:
     return skip
 
 
+@attrs.frozen
+class Prepared:
+    """A run ready to start: its files and processes, the scheduler's configuration, the engines."""
+
+    run: BatchRun
+    config: dict[str, Any]
+    engines: list[tuple[int, str, int]]
+
+
+class UsageError(Exception):
+    """Arguments, a task file or a status file that cannot be run; the message says which and why."""
+
+
+def prepare(args: argparse.Namespace, data: bytes | None = None) -> Prepared:
+    """Read the task file (``data``, else the file ``args`` names) and decide what ``-r`` skips.
+
+    Raises :class:`UsageError`; starts nothing.
+    """
+    if data is None:
+        try:
+            data = sys.stdin.buffer.read() if args.taskfile == "-" else Path(args.taskfile).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"cannot read task file {args.taskfile}: {exc.strerror}") from None
+    name = taskfile_name(args.taskfile)
+    try:
+        taskfile = parse_taskfile(data, name=name)
+        engines = _engines(args)
+    except (TaskFileError, ValueError) as exc:
+        raise UsageError(f"{args.taskfile}: {exc}") from None
+    tasks = [r for r in taskfile.records() if isinstance(r, Task)]
+    try:
+        skip = _skips(args, tasks)
+    except OSError as exc:
+        raise UsageError(f"cannot read status file: {exc}") from None
+    except ResumeMismatch as exc:
+        raise UsageError(str(exc)) from None
+    prefix = _prefix(args, name)
+    run = BatchRun(prefix, args.replicas)
+    slots = sum(s for _, _, s in engines)
+    config = {
+        "taskfile": data,
+        "name": name,
+        "job_id": job_id(prefix),
+        "cwd": os.getcwd(),
+        "env_file": str((run.run_dir / "env.sh").resolve()),
+        "engines": [] if args.startup_only else [rank for rank, _, _ in engines],
+        # Under -S the engines come later: size the fail-fast window by this machine.
+        "window": (slots or os.cpu_count() or 1) if args.fail_fast else max(slots * 64, 1024),
+        "fail_fast": bool(args.fail_fast),
+        "skip": skip,
+        "driver_node": socket.gethostname(),
+        "driver_pid": os.getpid(),
+        "cores_per_task": cores_per_task(engines[0][2], engines[0][2]) if args.cpusPerTask >= 1 else 1,
+    }
+    for notice in taskfile.notices:
+        _log(args, "warning", f"{name} line {notice.line}: {notice.reason}")
+    return Prepared(run, config, [] if args.startup_only else engines)
+
+
+def _log(args: argparse.Namespace, level: str, message: str) -> None:
+    """One line of the driver's log (``--logfile``, at ``--loglevel``); warnings and errors go to stderr too."""
+    levels = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+    if levels.index(level.upper()) < levels.index(args.loglevel):
+        return
+    line = f"{datetime.datetime.now().isoformat(timespec='milliseconds')} {level.upper()} {message}"
+    if args.logfile:
+        with open(args.logfile, "a", encoding="utf-8") as log:
+            log.write(line + "\n")
+    if level.upper() in ("WARNING", "ERROR", "CRITICAL"):
+        print(f"tasksprint batch: {message}", file=sys.stderr)
+
+
 def main(args: argparse.Namespace, *, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """Run ``tasksprint batch`` with parsed ``args``; returns the exit code."""
     if args.add_engines:
@@ -337,57 +433,24 @@ def main(args: argparse.Namespace, *, out: TextIO = sys.stdout, err: TextIO = sy
         print("tasksprint batch: give a task file (or - for stdin), or --attach PREFIX", file=err)
         return EXIT_USAGE
     try:
-        data = sys.stdin.buffer.read() if args.taskfile == "-" else Path(args.taskfile).read_bytes()
-    except OSError as exc:
-        print(f"tasksprint batch: cannot read task file {args.taskfile}: {exc.strerror}", file=err)
-        return EXIT_USAGE
-    name = taskfile_name(args.taskfile)
-    try:
-        taskfile = parse_taskfile(data, name=name)
-        engines = _engines(args)
-    except (TaskFileError, ValueError) as exc:
-        print(f"tasksprint batch: {args.taskfile}: {exc}", file=err)
-        return EXIT_USAGE
-    tasks = [r for r in taskfile.records() if isinstance(r, Task)]
-    try:
-        skip = _skips(args, tasks)
-    except OSError as exc:
-        print(f"tasksprint batch: cannot read status file: {exc}", file=err)
-        return EXIT_USAGE
-    except ResumeMismatch as exc:
+        prepared = prepare(args)
+    except UsageError as exc:
         print(f"tasksprint batch: {exc}", file=err)
         return EXIT_USAGE
-    prefix = _prefix(args, name)
-    run = BatchRun(prefix, args.replicas)
+    run = prepared.run
     if run.run_dir.exists():
-        return attach(prefix, header=args.status_header, exit_code=args.exit_code, err=err)
-    slots = sum(s for _, _, s in engines)
-    config = {
-        "taskfile": data,
-        "name": name,
-        "job_id": job_id(prefix),
-        "cwd": os.getcwd(),
-        "env_file": str((run.run_dir / "env.sh").resolve()),
-        "engines": [rank for rank, _, _ in engines],
-        # Under -S the engines come later: size the fail-fast window by this machine.
-        "window": (slots or os.cpu_count() or 1) if args.fail_fast else max(slots * 64, 1024),
-        "fail_fast": bool(args.fail_fast),
-        "skip": skip,
-        "driver_node": socket.gethostname(),
-        "driver_pid": os.getpid(),
-        "cores_per_task": cores_per_task(engines[0][2], engines[0][2]) if args.cpusPerTask >= 1 else 1,
-        "exit_code": bool(args.exit_code),
-    }
-    for notice in taskfile.notices:
-        print(f"tasksprint batch: {name} line {notice.line}: {notice.reason}", file=err)
+        _log(args, "info", f"{run.run_dir} exists: reattaching")
+        return attach(run.prefix, header=args.status_header, exit_code=args.exit_code, err=err)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        run.start(config, [] if args.startup_only else engines)
-        _env_file(run.run_dir / "env.sh")
+        run.start(prepared.config, prepared.engines)
         _write_db_util(run, args)
+        _log(args, "info", f"started {run.prefix}: engines {prepared.engines}, peers {run.info()['peers']}")
         if args.startup_only:
-            print(f"tasksprint batch: started; add engines with {prefix}_dbUtil.sh -s HOST:N", file=err, flush=True)
-        return _finish(run, args.status_header, args.exit_code, err, truncate=True)
+            print(f"tasksprint batch: started; add engines with {run.prefix}_dbUtil.sh -s HOST:N", file=err, flush=True)
+        code = _finish(run, args.status_header, args.exit_code, err, truncate=True)
+        _log(args, "info", f"finished {run.prefix}: exit code {code}")
+        return code
     except KeyboardInterrupt:
         print("tasksprint batch: interrupted; stopping the run", file=err)
         run.stop()
@@ -455,3 +518,133 @@ def add_engines(prefix: str, args: argparse.Namespace, *, err: TextIO = sys.stde
     tmp.write_text(json.dumps(info))
     tmp.replace(run.run_dir / "run.json")
     return 0
+
+
+class Batch:
+    """A batch run from Python, like disBatch's ``DisBatcher``: start it, read each task's status record.
+
+    ``tasks`` is the task file's content (a string, bytes, or an iterable of
+    lines, directives allowed); ``prefix`` names the run's files as ``-p``
+    does; ``options`` are more ``tasksprint batch`` options (``["-s",
+    "localhost:4", "--fail-fast"]``).  Use it as a context manager: leaving
+    the block stops whatever still runs.  The run's replicas and clients do
+    not depend on this object: if the program dies, ``tasksprint batch
+    --attach PREFIX`` finishes the run and writes its status file.
+
+    All tasks are given at the start; submitting lines to a running batch
+    needs a command sent to the scheduler through the log, which this
+    version does not have.
+    """
+
+    def __init__(self, tasks: str | bytes | Iterable[str], *, prefix: str, options: Sequence[str] = ()) -> None:
+        if isinstance(tasks, str):
+            data = tasks.encode("utf-8", "surrogateescape")
+        elif isinstance(tasks, bytes):
+            data = tasks
+        else:
+            data = "".join(line if line.endswith("\n") else line + "\n" for line in tasks).encode()
+        parser = argparse.ArgumentParser(prog="Batch", exit_on_error=False)
+        add_arguments(parser)
+        try:
+            self._args = parser.parse_args([*options, "-p", prefix, "STREAM"])
+        except argparse.ArgumentError as exc:
+            raise UsageError(str(exc)) from None
+        self._args.taskfile = None
+        self._prepared = prepare(self._args, data)
+        self.run = self._prepared.run
+        self.records: dict[int, StatusRecord] = {}  # task id -> its status record, as they finish
+        self._lines: list[str] = []
+        self._answer: dict[str, Any] = {}
+        self._stopped = False
+        self.run.start(self._prepared.config, self._prepared.engines)
+
+    @property
+    def status_path(self) -> Path:
+        """The status file, written by :meth:`wait`."""
+        return self.run.status_path
+
+    def poll(self) -> list[StatusRecord]:
+        """The status records that came in since the last call (asks the replicas once)."""
+        answer = trio.run(self._ask)
+        if answer is None:
+            return []
+        self._answer = answer
+        new = []
+        for line in answer["lines"]:
+            self._lines.append(line)
+            record = parse_status_line(line)
+            if record is not None:
+                self.records[record.task_id] = record
+                new.append(record)
+        return new
+
+    async def _ask(self) -> dict[str, Any] | None:
+        info = self.run.info()
+        secret = (self.run.run_dir / "secret").read_bytes().strip()
+        addrs = [(h, int(p)) for h, _, p in (a.rpartition(":") for a in info["peers"].split(","))]
+        channel = ReplicaChannel(addrs, secret)
+        try:
+            for _ in addrs:
+                try:
+                    reply = await channel.request(SchedulerRequest(body={"after": len(self._lines)}))
+                except ASK_ERRORS:
+                    await channel.move_on()
+                    continue
+                if isinstance(reply, SchedulerAnswer) and isinstance(reply.value, dict):
+                    return reply.value
+            return None
+        finally:
+            await channel.aclose()
+
+    @property
+    def ended(self) -> bool:
+        """Whether the run ended and every status line was read."""
+        return bool(self._answer.get("ended")) and len(self._lines) >= self._answer.get("total", 0)
+
+    def sync_tasks(self, task_ids: Iterable[int], timeout: float | None = None) -> dict[int, StatusRecord]:
+        """Wait until the tasks ``task_ids`` finished (disBatch's ``syncTasks``); their records by id.
+
+        Raises TimeoutError after ``timeout`` seconds, KeyError for a task the ended run never finished.
+        """
+        wanted = list(task_ids)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not all(t in self.records for t in wanted):
+            if self.ended:
+                missing = [t for t in wanted if t not in self.records]
+                raise KeyError(f"the run ended without finishing tasks {missing}")
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"tasks {[t for t in wanted if t not in self.records]} did not finish in time")
+            if not self.poll():
+                time.sleep(0.02)
+        return {t: self.records[t] for t in wanted}
+
+    def wait(self, timeout: float | None = None) -> dict[str, Any]:
+        """Wait for the run to end; write the status file, stop the replicas and return the summary.
+
+        The summary has ``failed`` (tasks with a non-zero exit) and ``reason``
+        (why the run ended early, or None).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.ended:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("the batch did not end in time")
+            if not self.poll():
+                time.sleep(0.02)
+        with open(self.status_path, "w", encoding="utf-8", errors="surrogateescape") as status:
+            if self._args.status_header:
+                status.write(STATUS_HEADER + "\n")
+            status.write("".join(line + "\n" for line in self._lines))
+        self.close()
+        return {"failed": self._answer.get("failed", 0), "reason": self._answer.get("reason")}
+
+    def close(self) -> None:
+        """Stop the run's processes (what still runs is killed with them)."""
+        if not self._stopped:
+            self._stopped = True
+            self.run.stop(kill_clients=True)
+
+    def __enter__(self) -> Batch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tasksprint.batch.statusfile import RecordKind, StatusRecord, parse_status_file
 
 # Bounds every command (the runs themselves take seconds); not a measurement.
@@ -251,3 +253,27 @@ def test_help_names_the_options_that_do_not_apply(tmp_path: Path) -> None:
     for option in ("--fail-fast", "--resume-from", "--force-resume", "--ssh-node", "--cpusPerTask", "--attach"):
         assert option in out
     assert "--kvsserver" in out and "do not apply" in out
+
+
+def test_the_python_api_reads_each_task_record_as_it_finishes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasksprint.batch_command import Batch
+
+    monkeypatch.chdir(tmp_path)
+    lines = ["echo one", "exit 4", "#DISBATCH BARRIER", "echo $DISBATCH_NAMETASKS"]
+    with Batch(lines, prefix="api", options=["-s", "localhost:2"]) as run:
+        first = run.sync_tasks([0, 1], timeout=RUN_TIMEOUT)
+        assert first[0].out_snippet == "one\n" and first[1].exit_code == 4
+        summary = run.wait(timeout=RUN_TIMEOUT)
+    assert summary == {"failed": 1, "reason": None}
+    assert run.records[3].out_snippet == "STREAM\n"
+    assert run.records[2].kind is RecordKind.BARRIER
+    assert sorted(r.task_id for r in status(tmp_path / "api_status.txt")) == [0, 1, 2, 3]
+
+
+def test_logfile_gets_the_driver_lines(tmp_path: Path) -> None:
+    (tmp_path / "Tasks").write_text("true\n#DISBATCH NOSUCH thing\n")
+    r = batch(tmp_path, "-s", "localhost:1", "-p", "lg", "--logfile", "driver.log", "--loglevel", "DEBUG", "Tasks")
+    assert r.returncode == 0, r.stderr.decode()
+    log = (tmp_path / "driver.log").read_text()
+    assert "line 2: unknown #DISBATCH directive" in log and "started lg" in log and "exit code 0" in log
+    assert b"line 2" in r.stderr
