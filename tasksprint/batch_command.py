@@ -128,6 +128,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-s", "--ssh-node", action="append", default=[], metavar="HOST:CORECOUNT", help="run on these nodes")
     p.add_argument("--attach", metavar="PREFIX", help="reattach to the run with this prefix whose driver died")
     p.add_argument("--add-engines", metavar="PREFIX", help="add the -s engines to a running run (dbUtil.sh does this)")
+    p.add_argument(
+        "--replica-host",
+        default="127.0.0.1",
+        help="address the replicas listen on; give this machine's address when -s names other machines",
+    )
     p.add_argument("--replicas", type=int, default=3, choices=[1, 3, 5], help="coordinator replicas (default 3)")
 
 
@@ -141,11 +146,23 @@ def _prefix(args: argparse.Namespace, name: str) -> str:
 
 
 @attrs.define(eq=False)
+class _Cluster(LocalCluster):
+    """The run's replicas, listening on ``host`` (loopback unless engines on other machines must reach them)."""
+
+    host: str = "127.0.0.1"
+
+    @property
+    def addrs(self) -> list[tuple[str, int]]:
+        return [(self.host, p) for p in self.ports]
+
+
+@attrs.define(eq=False)
 class BatchRun:
     """One run's files and processes; ``prefix`` names them all."""
 
     prefix: str
     replicas: int = 3
+    replica_host: str = "127.0.0.1"
     cluster: LocalCluster | None = None
     clients: list[subprocess.Popen[bytes]] = attrs.Factory(list)
 
@@ -171,7 +188,7 @@ class BatchRun:
             "class Batch(BatchScheduler):\n"
             f"    CONFIG = {config!r}\n"
         )
-        self.cluster = LocalCluster(d, self.replicas, scheduler=str(d / "scheduler.py") + ":Batch")
+        self.cluster = _Cluster(d, self.replicas, scheduler=str(d / "scheduler.py") + ":Batch", host=self.replica_host)
         self.cluster.start()
         self._write_info(engines)
         for rank, host, slots in engines:
@@ -388,7 +405,7 @@ def prepare(args: argparse.Namespace, data: bytes | None = None) -> Prepared:
     except ResumeMismatch as exc:
         raise UsageError(str(exc)) from None
     prefix = _prefix(args, name)
-    run = BatchRun(prefix, args.replicas)
+    run = BatchRun(prefix, args.replicas, args.replica_host)
     slots = sum(s for _, _, s in engines)
     config = {
         "taskfile": data,
