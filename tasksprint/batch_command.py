@@ -24,6 +24,7 @@ import datetime
 import json
 import os
 import random
+import re
 import shlex
 import signal
 import socket
@@ -75,6 +76,7 @@ RUN_DIR_SUFFIX = "_tasksprint"
 #: The ssh command that starts engines on other hosts (default ``ssh -o BatchMode=yes``).
 SSH_COMMAND_ENV = "TASKSPRINT_SSH_COMMAND"
 # Environment variables not passed on to tasks: the shell's own, and ours.
+_SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _ENV_SKIP = frozenset({"PWD", "OLDPWD", "SHLVL", "_", "PS1", "BASH_FUNC"})
 
 NOT_APPLICABLE = """\
@@ -163,6 +165,7 @@ class BatchRun:
     prefix: str
     replicas: int = 3
     replica_host: str = "127.0.0.1"
+    _flags: dict[str, bool] = attrs.Factory(dict)
     cluster: LocalCluster | None = None
     clients: list[subprocess.Popen[bytes]] = attrs.Factory(list)
 
@@ -177,7 +180,9 @@ class BatchRun:
     def info(self) -> dict[str, Any]:
         return json.loads((self.run_dir / "run.json").read_text())
 
-    def start(self, config: dict[str, Any], engines: list[tuple[int, str, int]]) -> None:
+    def start(
+        self, config: dict[str, Any], engines: list[tuple[int, str, int]], flags: dict[str, bool] | None = None
+    ) -> None:
         """Write the scheduler file and start the replicas and the local engines' clients."""
         d = self.run_dir
         d.mkdir(parents=True, exist_ok=False)
@@ -189,6 +194,7 @@ class BatchRun:
             f"    CONFIG = {config!r}\n"
         )
         self.cluster = _Cluster(d, self.replicas, scheduler=str(d / "scheduler.py") + ":Batch", host=self.replica_host)
+        self._flags = dict(flags or {})
         self.cluster.start()
         self._write_info(engines)
         for rank, host, slots in engines:
@@ -202,6 +208,8 @@ class BatchRun:
             "replica_pids": [p.pid for p in self.cluster.procs if p is not None],
             "client_pids": [p.pid for p in self.clients],
             "engines": [list(e) for e in engines],
+            # The options a reattaching driver must honour as the first one did.
+            "flags": self._flags,
         }
         tmp = self.run_dir / "run.json.tmp"
         tmp.write_text(json.dumps(info))
@@ -352,7 +360,7 @@ def _env_file(path: Path) -> None:
     lines = [
         f"export {name}={shlex.quote(value)}"
         for name, value in sorted(os.environ.items())
-        if name.isidentifier() and name not in _ENV_SKIP and not name.startswith("TASKSPRINT_")
+        if _SHELL_NAME.fullmatch(name) and name not in _ENV_SKIP and not name.startswith("TASKSPRINT_")
     ]
     path.write_text("\n".join(lines) + "\n")
 
@@ -460,7 +468,7 @@ def main(args: argparse.Namespace, *, out: TextIO = sys.stdout, err: TextIO = sy
         return attach(run.prefix, header=args.status_header, exit_code=args.exit_code, err=err)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        run.start(prepared.config, prepared.engines)
+        run.start(prepared.config, prepared.engines, {"status_header": args.status_header, "exit_code": args.exit_code})
         _write_db_util(run, args)
         _log(args, "info", f"started {run.prefix}: engines {prepared.engines}, peers {run.info()['peers']}")
         if args.startup_only:
@@ -503,6 +511,9 @@ def attach(prefix: str, *, header: bool, exit_code: bool, err: TextIO = sys.stde
     if not (run.run_dir / "run.json").exists():
         print(f"tasksprint batch: no run at {run.run_dir} (run.json is missing)", file=err)
         return EXIT_USAGE
+    flags = run.info().get("flags", {})
+    header = header or bool(flags.get("status_header"))
+    exit_code = exit_code or bool(flags.get("exit_code"))
     return _finish(run, header, exit_code, err, truncate=True)
 
 

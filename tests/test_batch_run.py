@@ -208,7 +208,7 @@ def _run_info(cwd: Path, prefix: str) -> dict:
 def test_a_driver_killed_mid_run_is_replaced_and_every_line_is_there_once(tmp_path: Path) -> None:
     n = 40
     (tmp_path / "Tasks").write_text("".join("sleep 0.05; echo $DISBATCH_TASKID >> ran.log\n" for _ in range(n)))
-    driver = start_batch(tmp_path, "-s", "localhost:2", "-p", "rt", "Tasks")
+    driver = start_batch(tmp_path, "-s", "localhost:2", "-p", "rt", "--status-header", "Tasks")
     try:
         _run_info(tmp_path, "rt")
         status_path = tmp_path / "rt_status.txt"
@@ -219,6 +219,7 @@ def test_a_driver_killed_mid_run_is_replaced_and_every_line_is_there_once(tmp_pa
         driver.wait()
     r = batch(tmp_path, "--attach", "rt")
     assert r.returncode == 0, r.stderr.decode()
+    assert status_path.read_text().startswith("ROE[ PSZ]\t")  # the first driver's --status-header holds
     records = status(status_path)
     assert sorted(rec.task_id for rec in records) == list(range(n))
     ran = (tmp_path / "ran.log").read_text().split()

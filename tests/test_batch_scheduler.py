@@ -172,3 +172,21 @@ def test_the_scheduler_query_through_the_replica_app() -> None:
     assert isinstance(answer, SchedulerAnswer) and answer.value["lines"] == [] and answer.value["tasks"] == 4
     bad = app.query("scheduler", {"args": {"after": -1}})
     assert isinstance(bad, Refused) and "after" in bad.error
+
+
+class Latin1(BatchScheduler):
+    CONFIG = {**BASE, "taskfile": b"printf '%s' caf\xe9\n"}
+
+
+def test_a_command_that_is_not_utf8_reaches_bash_byte_for_byte() -> None:
+    import os
+    import subprocess
+
+    h = Harness(Latin1)
+    h.init()
+    cid = join(h, engine_name(0), slots=1, have=(engine_name(0),))
+    (task,) = h.machine.view(cid, 0).tasks
+    command = task.kwargs["command"]
+    env = {**os.environ, **command["env"], "TASKSPRINT_CLIENT": "engine0"}
+    done = subprocess.run(["bash", "-c", command["cmd"]], env=env, capture_output=True, timeout=30, check=True)
+    assert done.stdout == b"caf\xe9"

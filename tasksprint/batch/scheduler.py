@@ -43,6 +43,7 @@ Non-zero exit codes are results, not errors: a task is never retried for one.
 
 from __future__ import annotations
 
+import base64
 import shlex
 from typing import Any
 
@@ -63,6 +64,9 @@ __all__ = ["ENGINE_TAG_PREFIX", "BatchScheduler", "engine_name", "status_outcome
 
 #: Engines (worker clients) are named, and tagged, ``engine<rank>``.
 ENGINE_TAG_PREFIX = "engine"
+
+# Where a command that is not UTF-8 travels (base64) to the shell that runs it.
+_COMMAND_B64 = "DISBATCH_TASKSPRINT_COMMAND_B64"
 
 # The most status lines one ``scheduler`` query answers.
 _MAX_LINES_PER_ANSWER = 4096
@@ -256,8 +260,14 @@ class BatchScheduler(Coordinator):
             prelude += f'export DISBATCH_ENGINE_RANK="${{TASKSPRINT_CLIENT#{ENGINE_TAG_PREFIX}}}"'
         else:
             prelude += f"export DISBATCH_ENGINE_RANK={rank}"
+        try:
+            text = command.decode("utf-8")
+        except UnicodeDecodeError:
+            # The log carries text: bytes that are not UTF-8 travel base64-encoded and bash runs them as they are.
+            env = {**env, _COMMAND_B64: base64.b64encode(command).decode("ascii")}
+            text = f'eval "$(printf %s "${_COMMAND_B64}" | base64 -d)"'
         return {
-            "cmd": prelude + "\n" + command.decode("utf-8", "replace"),
+            "cmd": prelude + "\n" + text,
             "env": env,
             "cwd": c.get("cwd"),
             "retries": 0,
