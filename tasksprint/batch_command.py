@@ -68,6 +68,8 @@ __all__ = [
     "main",
     "parse_nodes",
     "prepare",
+    "slurm_counts",
+    "slurm_nodes",
 ]
 
 EXIT_USAGE = 2
@@ -240,7 +242,10 @@ class BatchRun:
     def start_engine(self, rank: int, host: str, slots: int, peers: str | None = None) -> subprocess.Popen[bytes]:
         """A worker client for engine ``rank`` on ``host`` (over ssh unless it is this machine)."""
         command = self.client_command(rank, slots, peers)
-        if host not in ("localhost", "127.0.0.1", socket.gethostname()):
+        if _in_slurm() and host != "localhost":
+            # Under Slurm each engine is a job step on its node, in the job's allocation.
+            command = ["srun", "--nodes=1", "--ntasks=1", "--overlap", f"--nodelist={host}", *command]
+        elif host not in ("localhost", "127.0.0.1", socket.gethostname()):
             # The hosts share the working directory (as disBatch requires).
             ssh = shlex.split(os.environ.get(SSH_COMMAND_ENV, "ssh -o BatchMode=yes"))
             command = [*ssh, host, f"cd {shlex.quote(os.getcwd())} && {shlex.join(command)}"]
@@ -341,18 +346,66 @@ async def follow(run: BatchRun, status: TextIO, *, header: bool, poll: float = 0
         await channel.aclose()
 
 
+_SLURM_COUNT = re.compile(r"([0-9]+)(?:\(x([0-9]+)\))?")
+
+
+def slurm_counts(text: str) -> list[int]:
+    """Slurm's compressed per-node counts (``SLURM_JOB_CPUS_PER_NODE``): ``"16(x2),8"`` is [16, 16, 8].
+
+    Raises ValueError naming the item that is not such a count.
+    """
+    out: list[int] = []
+    for item in text.split(","):
+        m = _SLURM_COUNT.fullmatch(item.strip())
+        if m is None or len(item) > 40:
+            raise ValueError(f"{item!r:.60} is not a Slurm count such as 16 or 16(x2)")
+        out += [int(m.group(1))] * int(m.group(2) or 1)
+    return out
+
+
+def slurm_nodes(environ: dict[str, str], hostnames: list[str]) -> list[tuple[str, int]]:
+    """(node, cores) of a Slurm allocation: ``hostnames`` expanded from ``SLURM_JOB_NODELIST``.
+
+    Cores per node come from ``SLURM_JOB_CPUS_PER_NODE``; ValueError if the two disagree.
+    """
+    cores = slurm_counts(environ.get("SLURM_JOB_CPUS_PER_NODE", "1"))
+    if len(cores) == 1:
+        cores *= len(hostnames)
+    if len(cores) != len(hostnames):
+        raise ValueError(f"SLURM_JOB_CPUS_PER_NODE gives {len(cores)} nodes, SLURM_JOB_NODELIST {len(hostnames)}")
+    return list(zip(hostnames, cores, strict=True))
+
+
+def _in_slurm() -> bool:
+    return "SLURM_JOB_ID" in os.environ and "SLURM_JOB_NODELIST" in os.environ
+
+
 def _engines(args: argparse.Namespace) -> list[tuple[int, str, int]]:
+    """(rank, host, slots) of each engine the options (or the environment) name."""
+    return [(rank, host, slots) for rank, host, slots, _ in _engine_cores(args)]
+
+
+def _engine_cores(args: argparse.Namespace) -> list[tuple[int, str, int, int]]:
     nodes: list[tuple[str, int]] = []
     for item in args.ssh_node:
         nodes += parse_nodes(item)
     if not nodes and os.environ.get("DISBATCH_SSH_NODELIST"):
         nodes = parse_nodes(os.environ["DISBATCH_SSH_NODELIST"])
+    if not nodes and _in_slurm():
+        listed = subprocess.run(
+            ["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        nodes = slurm_nodes(dict(os.environ), listed.stdout.split())
     if not nodes:
         nodes = [("localhost", os.cpu_count() or 1)]
-    out = []
+    out: list[tuple[int, str, int, int]] = []
     for rank, (host, cores) in enumerate(nodes):
         slots = slots_per_engine(cores, cpus_per_task=args.cpusPerTask, tasks_per_node=args.tasksPerNode)
-        out.append((rank, host, max(1, slots)))
+        out.append((rank, host, max(1, slots), cores))
     return out
 
 
@@ -402,7 +455,8 @@ def prepare(args: argparse.Namespace, data: bytes | None = None) -> Prepared:
     name = taskfile_name(args.taskfile)
     try:
         taskfile = parse_taskfile(data, name=name)
-        engines = _engines(args)
+        with_cores = _engine_cores(args)
+        engines = [(rank, host, slots) for rank, host, slots, _ in with_cores]
     except (TaskFileError, ValueError) as exc:
         raise UsageError(f"{args.taskfile}: {exc}") from None
     tasks = [r for r in taskfile.records() if isinstance(r, Task)]
@@ -428,7 +482,9 @@ def prepare(args: argparse.Namespace, data: bytes | None = None) -> Prepared:
         "skip": skip,
         "driver_node": socket.gethostname(),
         "driver_pid": os.getpid(),
-        "cores_per_task": cores_per_task(engines[0][2], engines[0][2]) if args.cpusPerTask >= 1 else 1,
+        # Under Slurm, the integer part of -c (as disBatch); else the first engine's cores // its slots.
+        "cores_per_task": int(os.environ.get("SLURM_CPUS_PER_TASK", "0") or 0)
+        or cores_per_task(with_cores[0][3], with_cores[0][2]),
     }
     for notice in taskfile.notices:
         _log(args, "warning", f"{name} line {notice.line}: {notice.reason}")
