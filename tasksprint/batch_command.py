@@ -86,9 +86,15 @@ disBatch options that do not apply here:
   --kvsserver, --taskserver, --taskcommand, --use-address: TaskSprint has no
       KVS server; tasks reach the replicas through the replicated log;
   --mailTo, --mailFreq: no mail;
-  -w/--web: use `tasksprint dashboard --coordinators ...` (addresses in
-      <prefix>_tasksprint/run.json);
-  -g/--gpu, --fill: deprecated or Slurm-specific in disBatch; not provided.
+  -w/--web: use `tasksprint dashboard --coordinators PEERS --secret-file
+      <prefix>_tasksprint/secret` (PEERS from <prefix>_tasksprint/run.json);
+  -g/--gpu, --fill: deprecated or Slurm-specific in disBatch; not provided;
+  --mon (dbUtil.sh --mon): not provided; `tasksprint top` with the same
+      --coordinators and --secret-file shows the run's engines and tasks;
+  --no-retire, --retire-cmd: idle Slurm nodes are not released;
+  -C, -l: accepted for compatibility, no effect.
+An existing run directory for -p PREFIX, or --attach PREFIX, reattaches to a
+run whose driver died: the status file is rewritten from the replicated log.
 """
 
 
@@ -123,7 +129,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-R", "--retry", action="store_true", help="with -r, also rerun tasks that failed")
     p.add_argument("-S", "--startup-only", action="store_true", help="start replicas only; add engines with dbUtil.sh")
     p.add_argument("--status-header", action="store_true", help="add a header line to the status file")
-    p.add_argument("-C", "--context-task-limit", type=int, default=0, metavar="TASK_LIMIT", help="(accepted, ignored)")
+    p.add_argument("-C", "--context-task-limit", type=int, default=0, metavar="TASK_LIMIT", help="accepted, no effect")
     p.add_argument(
         "-c", "--cpusPerTask", type=float, default=1.0, metavar="N", help="cores per task; may be fractional"
     )
