@@ -190,3 +190,17 @@ def test_a_command_that_is_not_utf8_reaches_bash_byte_for_byte() -> None:
     env = {**os.environ, **command["env"], "TASKSPRINT_CLIENT": "engine0"}
     done = subprocess.run(["bash", "-c", command["cmd"]], env=env, capture_output=True, timeout=30, check=True)
     assert done.stdout == b"caf\xe9"
+
+
+def test_the_scheduler_survives_a_snapshot_with_its_status_lines() -> None:
+    from tasksprint.coordinator.machine import CoordinatorMachine
+
+    h = Harness(Plain)
+    h.init()
+    cid = join(h, engine_name(0), slots=2, have=(engine_name(0),))
+    first = next(iter(assigned(h, cid)))
+    report(h, cid, first, 0, b"a\n")
+    restored = CoordinatorMachine(Plain)
+    restored.restore(h.machine.snapshot())
+    assert restored.scheduler.query({"after": 0}) == h.machine.scheduler.query({"after": 0})
+    assert len(lines(h)) == 1
