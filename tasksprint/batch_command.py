@@ -263,28 +263,38 @@ class BatchRun:
         return proc
 
     def stop(self, *, kill_clients: bool = False) -> None:
-        """Stop the replicas (the clients of an ended run exit by themselves) and reap what we started.
+        """Stop the run's processes and reap what we started.
 
-        ``kill_clients`` stops the clients at once too (a run given up before its end).
+        The clients of an ended run exit by themselves once they see it ended,
+        so they get a grace period first, while the replicas still answer;
+        the replicas stop last.  ``kill_clients`` stops the clients at once
+        (a run given up before its end).
         """
+        info = self.info() if (self.run_dir / "run.json").exists() else {}
         if kill_clients:
             for p in self.clients:
                 if p.poll() is None:
                     p.terminate()
-        pids = self.info().get("replica_pids", []) if (self.run_dir / "run.json").exists() else []
-        if self.cluster is not None:
-            self.cluster.stop()
-        else:
-            _stop_pids(pids, self.run_dir)
         deadline = time.monotonic() + 5.0
         for p in self.clients:
             try:
                 p.wait(max(0.01, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+                p.terminate()
+                try:
+                    p.wait(2.0)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
         if self.cluster is None:
-            _stop_pids(self.info().get("client_pids", []), self.run_dir)
+            # Reattached: the clients are not our children; the same grace, then the same end.
+            client_pids = info.get("client_pids", [])
+            while any(_ours(pid, self.run_dir) for pid in client_pids) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            _stop_pids(client_pids, self.run_dir)
+            _stop_pids(info.get("replica_pids", []), self.run_dir)
+        else:
+            self.cluster.stop()
 
 
 def _ours(pid: int, run_dir: Path) -> bool:
