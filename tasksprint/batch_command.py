@@ -75,6 +75,8 @@ __all__ = [
 EXIT_USAGE = 2
 EXIT_FAILED = 1
 RUN_DIR_SUFFIX = "_tasksprint"
+#: Seconds without an answer from any replica before the driver says so.
+SILENCE_WARNING_S = 30.0
 #: The ssh command that starts engines on other hosts (default ``ssh -o BatchMode=yes``).
 SSH_COMMAND_ENV = "TASKSPRINT_SSH_COMMAND"
 # Environment variables not passed on to tasks: the shell's own, and ours.
@@ -331,6 +333,8 @@ async def follow(run: BatchRun, status: TextIO, *, header: bool, poll: float = 0
     # Any replica's lines are a prefix of the same list (the log decides their order), so
     # asking a follower is safe; the leader is only the freshest, found once and after failures.
     find_leader = True
+    silent_since: float | None = None
+    warned = False
     try:
         while True:
             try:
@@ -343,8 +347,16 @@ async def follow(run: BatchRun, status: TextIO, *, header: bool, poll: float = 0
             except ASK_ERRORS:
                 await channel.move_on()
                 find_leader = True
+                silent_since = trio.current_time() if silent_since is None else silent_since
+                if not warned and trio.current_time() - silent_since > SILENCE_WARNING_S:
+                    warned = True
+                    print(
+                        f"tasksprint batch: no replica of {run.prefix} answers; still trying (Ctrl-C stops the run)",
+                        file=sys.stderr,
+                    )
                 await trio.sleep(0.1)
                 continue
+            silent_since = None
             if not isinstance(reply, SchedulerAnswer) or not isinstance(reply.value, dict):
                 await trio.sleep(poll)
                 continue
