@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tasksprint import commands, launch
+from tasksprint import batch_command, commands, launch
 from tasksprint.credentials import SecretError
 from tasksprint.launch import EXIT_USAGE, add_common_arguments, configure_logging
 
@@ -95,6 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="console", choices=["console", "json"])
     _add_monitor_parsers(sub)
+
+    p = sub.add_parser(
+        "batch",
+        help="run a disBatch task file (disBatch's options); survives losing its driver",
+        description="Run a disBatch task file: one bash command per line, N at a time, with a status file.",
+        epilog=batch_command.NOT_APPLICABLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    batch_command.add_arguments(p)
+    p.set_defaults(log_level="warning", log_format="console")
     return parser
 
 
@@ -145,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                 return commands.dashboard(args)
             case "top":
                 return commands.top(args)
+            case "batch":
+                return batch_command.main(args)
     except SecretError as exc:
         print(f"tasksprint: {exc}", file=sys.stderr)
         return EXIT_USAGE

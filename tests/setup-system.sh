@@ -4,6 +4,7 @@
 #   faketime (libfaketime)                 - the clock-skew nemesis
 #   bubblewrap (bwrap)                     - the command runner's sandbox tests
 #   chromium, chromium-driver              - the dashboard's browser test
+#   openssh-server (sshd)                  - tasksprint batch's engines over ssh
 # Safe to run repeatedly; does nothing when all are present.  `make test`
 # runs it when it is root; jepsen/setup.sh runs it for `make jepsen-soak`.
 # Without it the tests that need a package skip, saying which.
@@ -15,6 +16,7 @@ command -v tc >/dev/null 2>&1 || missing="$missing iproute2"
 command -v iptables >/dev/null 2>&1 || missing="$missing iptables"
 command -v bwrap >/dev/null 2>&1 || missing="$missing bubblewrap"
 [ -x /usr/bin/chromium ] || missing="$missing chromium"
+[ -x /usr/sbin/sshd ] || missing="$missing openssh-server"
 [ -x /usr/bin/chromedriver ] || missing="$missing chromium-driver"
 found_faketime=""
 for lib in /usr/lib/*/faketime/libfaketimeMT.so.1 /usr/lib/faketime/libfaketimeMT.so.1 \

@@ -512,3 +512,49 @@ def test_resume_matches_a_real_disbatch_run(real_run: tuple[Path, Path, Path]) -
     # Skipped lines repeat the earlier ones exactly, elapsed recomputed from the rounded times as disBatch does.
     assert decided == skipped
     assert resume_decision(tf.record(tf.id_count - 1), earlier) == Run()  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_tasksprint_batch_writes_the_status_lines_a_real_disbatch_run_wrote(
+    real_run: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    _, first, _ = real_run
+    (tmp_path / "Tasks").write_bytes(TASK_FILE)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tasksprint.cli",
+            "batch",
+            "-s",
+            "localhost:2",
+            "-p",
+            "run1",
+            "--status-header",
+            "Tasks",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 1, done.stderr.decode()  # the CHECK barrier ends both runs
+    ours_lines = (tmp_path / "run1_status.txt").read_text(encoding="utf-8").splitlines()
+    theirs_lines = first.read_text(encoding="utf-8").splitlines()
+    assert ours_lines[0] == theirs_lines[0] == STATUS_HEADER
+
+    def by_id(lines: list[str]) -> dict[tuple[RecordKind, int], list[str]]:
+        out = {}
+        for line in lines[1:]:
+            record = parse_status_line(line)
+            assert record is not None
+            fields = line.split("\t", 14)
+            # Not compared: node, pid, elapsed, start, finish (where and when it ran).
+            out[(record.kind, record.task_id)] = fields[:4] + fields[6:7] + fields[10:]
+        return out
+
+    assert by_id(ours_lines) == by_id(theirs_lines)
+    # The same environment, but the slot (TaskSprint does not number an engine's slots).
+    for env_file in sorted(first.parent.glob("env_*.txt")):
+        theirs = [v for v in env_file.read_text().splitlines() if not v.startswith("DISBATCH_CYLINDER_RANK=")]
+        assert (tmp_path / env_file.name).read_text().splitlines() == theirs

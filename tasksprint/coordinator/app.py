@@ -14,6 +14,7 @@ non-deterministic part:
   moment it took over: a grace period of one full timeout;
 * read-only queries, parsed by :func:`~tasksprint.coordinator.ops.parse_query`:
   ``view`` (long-poll for one client's assignments), ``status``, ``info``,
+  and ``scheduler`` (the scheduler's own ``query`` hook, read-only),
   answered with the typed values of :mod:`tasksprint.coordinator.replies`.
   Building a view is reported to the app's observer as span
   ``machine.view``, with the value ``machine.tasks_per_view``.
@@ -31,7 +32,17 @@ from tasksprint_sdk.coordinator import Coordinator, load_scheduler
 
 from tasksprint.app import NotYet
 from tasksprint.coordinator.machine import CoordinatorMachine, RunState
-from tasksprint.coordinator.ops import BadOp, InfoRequest, InitOp, StatusRequest, ViewRequest, parse_query
+from tasksprint.coordinator.ops import (
+    BadOp,
+    ErrorCode,
+    InfoRequest,
+    InitOp,
+    SchedulerAnswer,
+    SchedulerRequest,
+    StatusRequest,
+    ViewRequest,
+    parse_query,
+)
 from tasksprint.coordinator.replies import ComputationStatus, TaskInfo
 from tasksprint.observe import NULL, Observer
 from tasksprint.paxos.messages import Command
@@ -156,6 +167,23 @@ class CoordinatorApp:
                 return ComputationStatus.of(self.machine.status())
             case InfoRequest(tid=tid):
                 return TaskInfo.of(self.machine.task_info(tid))
+            case SchedulerRequest(body=body):
+                try:
+                    return SchedulerAnswer(value=self._scheduler_query(body))
+                except BadOp as exc:
+                    return exc.refused
+
+    def _scheduler_query(self, args: Any) -> Any:
+        """The scheduler's ``query`` hook's answer to ``args``; raises :class:`BadOp` if it refuses or fails."""
+        scheduler = self.machine.scheduler
+        if scheduler is None or self.machine.run_state is RunState.WAITING:
+            raise BadOp("scheduler query: the computation is not initialized yet", ErrorCode.NOT_INITIALIZED)
+        if type(scheduler).query is Coordinator.query:
+            raise BadOp(f"scheduler {type(scheduler).__qualname__} answers no queries", ErrorCode.UNKNOWN)
+        try:
+            return scheduler.query(args)
+        except Exception as exc:
+            raise BadOp(f"scheduler query failed: {type(exc).__name__}: {exc}") from None
 
     def _note_contact(self, cid: int) -> None:
         self._contacts.add(cid)

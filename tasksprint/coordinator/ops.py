@@ -27,7 +27,8 @@ or :class:`Refused`), which travels back to the submitter as it is.
 match error text.
 
 Read-only questions to a replica (not logged) are typed the same way:
-:class:`ViewRequest`, :class:`StatusRequest`, :class:`InfoRequest`, each
+:class:`ViewRequest`, :class:`StatusRequest`, :class:`InfoRequest`,
+:class:`SchedulerRequest` (the scheduler's read-only ``query`` hook), each
 sent as a :class:`~tasksprint.api.Query` named :attr:`NAME` with
 :meth:`args`, and parsed by :func:`parse_query` on the replica; a question
 that does not parse is answered with its :class:`Refused`.
@@ -65,6 +66,8 @@ __all__ = [
     "ReportOp",
     "InfoRequest",
     "Request",
+    "SchedulerAnswer",
+    "SchedulerRequest",
     "StatusRequest",
     "ViewRequest",
     "is_int",
@@ -455,7 +458,25 @@ class InfoRequest:
         return {"tid": self.tid}
 
 
-Request = ViewRequest | StatusRequest | InfoRequest
+@message
+class SchedulerRequest:
+    """A read-only question for the scheduler's ``query`` hook; ``args`` is plain data."""
+
+    NAME: ClassVar[str] = "scheduler"
+    body: Any = None
+
+    def args(self) -> dict[str, Any]:
+        return {"args": self.body}
+
+
+@message
+class SchedulerAnswer:
+    """What the scheduler's ``query`` hook returned (plain data)."""
+
+    value: Any = None
+
+
+Request = ViewRequest | StatusRequest | InfoRequest | SchedulerRequest
 
 
 def parse_query(name: Any, args: Any) -> Request:
@@ -474,5 +495,7 @@ def parse_query(name: Any, args: Any) -> Request:
             return StatusRequest()
         case "info":
             return InfoRequest(tid=_int(args, "info", "tid"))
+        case "scheduler":
+            return SchedulerRequest(body=args.get("args"))
         case _:
-            raise BadOp(f"unknown query {name!r:.100}; known: view, status, info", ErrorCode.UNKNOWN)
+            raise BadOp(f"unknown query {name!r:.100}; known: view, status, info, scheduler", ErrorCode.UNKNOWN)

@@ -98,6 +98,16 @@ class Coordinator:
         depend on the failed task are killed before this hook runs.
         """
 
+    def query(self, args: Any) -> Any:
+        """Answer a read-only question (``args``: plain data from outside); returns plain data.
+
+        Runs on whichever replica is asked, outside the log: read the state,
+        change nothing (no actions, no ``random``).  An exception is answered
+        as a refusal naming it.  A scheduler that does not override this
+        refuses questions.
+        """
+        raise NotImplementedError
+
     # ---------------------------------------------------------------- actions
 
     def start_task(
