@@ -31,7 +31,16 @@ from tasksprint_sdk.coordinator import Coordinator, load_scheduler
 
 from tasksprint.app import NotYet
 from tasksprint.coordinator.machine import CoordinatorMachine, RunState
-from tasksprint.coordinator.ops import BadOp, InfoRequest, InitOp, StatusRequest, ViewRequest, parse_query
+from tasksprint.coordinator.ops import (
+    BadOp,
+    InfoRequest,
+    InitOp,
+    SchedulerAnswer,
+    SchedulerRequest,
+    StatusRequest,
+    ViewRequest,
+    parse_query,
+)
 from tasksprint.coordinator.replies import ComputationStatus, TaskInfo
 from tasksprint.observe import NULL, Observer
 from tasksprint.paxos.messages import Command
@@ -145,6 +154,11 @@ class CoordinatorApp:
                 return ComputationStatus.of(self.machine.status())
             case InfoRequest(tid=tid):
                 return TaskInfo.of(self.machine.task_info(tid))
+            case SchedulerRequest(body=body):
+                try:
+                    return SchedulerAnswer(value=self.machine.scheduler_query(body))
+                except BadOp as exc:
+                    return exc.refused
 
     def _note_contact(self, cid: int) -> None:
         self._contacts.add(cid)

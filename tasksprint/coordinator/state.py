@@ -161,6 +161,9 @@ class CoordinatorState:
     result: dict[str, Any] | None = None
     failure: dict[str, Any] | None = None
     last_hook: dict[str, Any] | None = None
+    # Worker name -> (tags added, tags removed, drained), from worker ops:
+    # applied over what each later join of that name offers.
+    worker_overrides: dict[str, tuple[frozenset[str], frozenset[str], bool]] = attrs.Factory(dict)
 
     def set_state(self, task: TaskRecord, state: TaskState) -> None:
         """Move ``task`` to ``state``, keeping :attr:`counts` true."""
