@@ -7,7 +7,9 @@ whose kwargs carry its command.  :class:`CommandTasks` parses the command
 :func:`tasksprint.exec.runner.run_command` under the limits it asks for
 (in a cgroup where this client can make one, else with rlimits) and turns
 the record into the task's outputs or its failure.  Cancelling the caller
-kills the command's whole process tree.
+kills the command's whole process tree.  A client with GPUs hands each
+running command a free one of its own (``CUDA_VISIBLE_DEVICES``), while
+one is free; a command started when all are taken sees none.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class CommandTasks:
 
     client: str
     host: str = attrs.Factory(socket.gethostname)
+    gpus: list[str] = attrs.Factory(list)  # free GPUs (CUDA device indices)
     _cgroups: CgroupLayout | None = None
 
     def start(self) -> None:
@@ -73,12 +76,20 @@ class CommandTasks:
             # start_task(timeout=...) bounds each attempt, as for a node task.
             limits = attrs.evolve(spec.limits, wall_time_s=float(task.timeout))  # type: ignore[misc]
             spec = attrs.evolve(spec, limits=limits)  # type: ignore[misc]
-        record = await run_command(
-            spec,
-            task_env=TaskEnv(task_id=str(task.tid), attempt=task.attempt, client=self.client),
-            cgroups=self._cgroups,
-            host=self.host,
-        )
+        gpu = self.gpus.pop(0) if self.gpus else None
+        if gpu is not None:
+            env = tuple(kv for kv in spec.env if kv[0] != "CUDA_VISIBLE_DEVICES") + (("CUDA_VISIBLE_DEVICES", gpu),)
+            spec = attrs.evolve(spec, env=env)  # type: ignore[misc]
+        try:
+            record = await run_command(
+                spec,
+                task_env=TaskEnv(task_id=str(task.tid), attempt=task.attempt, client=self.client),
+                cgroups=self._cgroups,
+                host=self.host,
+            )
+        finally:
+            if gpu is not None:
+                self.gpus.append(gpu)
         outputs = record_outputs(record)
         error = None if record.verdict is Verdict.OK else failure_text(record)
         return CommandOutcome(outputs=outputs, error=error, seconds=record.elapsed_s)

@@ -643,7 +643,10 @@ class CoordinatorMachine:
             return None
         info = views.task_info(self._state, tid)
         if info is not None:
-            info["workers"] = [self._state.clients[cid].name for cid in info["clients"]]
+            clients = self._state.clients
+            info["workers"] = [clients[cid].name for cid in info["clients"]]
+            holder = self._state.tasks[tid].holder
+            info["holder_worker"] = None if holder is None else clients[holder].name
         return info
 
     def scheduler_query(self, args: Any) -> Any:

@@ -153,7 +153,20 @@ def check_spec(spec: Any) -> dict[str, Any]:
 class Rec:
     """One submitted task, as small as it can be: a service keeps millions."""
 
-    __slots__ = ("after", "blocking", "finished", "job", "name", "record", "spec", "state", "submitted", "tid", "why")
+    __slots__ = (
+        "after",
+        "blocking",
+        "finished",
+        "job",
+        "name",
+        "record",
+        "spec",
+        "state",
+        "submitted",
+        "tid",
+        "why",
+        "worker",
+    )
 
     def __init__(self, spec: dict[str, Any], now: float) -> None:
         self.job: str | None = spec.pop("job", None)
@@ -167,6 +180,7 @@ class Rec:
         self.finished: float | None = None
         self.why: str | None = None  # why it failed or was cancelled
         self.record: dict[str, Any] | None = None  # a failed command's record (a done one's is the coordinator's)
+        self.worker: str | None = None  # the worker that ran it to success
 
     def __getstate__(self) -> tuple[Any, ...]:
         return tuple(getattr(self, k) for k in Rec.__slots__)
@@ -327,7 +341,10 @@ class QueueScheduler(Coordinator):
         sid = self.by_tid.get(tid)
         if sid is None or self.recs[sid].state in FINISHED:
             return
+        info = self.task_info(tid)
         self._end(sid, "done", None)
+        if info is not None and info.get("holder_worker") is not None:
+            self.recs[sid].worker = info["holder_worker"]
         for d in self.dependents.pop(sid, ()):
             dep = self.recs[d]
             dep.blocking -= 1
@@ -434,10 +451,10 @@ class QueueScheduler(Coordinator):
         info = self.task_info(rec.tid) if rec.tid is not None else None
         spec = rec.spec or {}
         if info is not None:
-            kwargs = info["kwargs"]
+            command = info["kwargs"].get("command") or {}
             spec = {
-                "cmd": kwargs.get("cmd"),
-                "argv": kwargs.get("argv"),
+                "cmd": command.get("cmd"),
+                "argv": command.get("argv"),
                 "require": info["require"],
                 "want": info["want"],
             }
@@ -466,7 +483,8 @@ class QueueScheduler(Coordinator):
             record = info["values"]
         return {
             **row,
-            "worker": row["workers"][-1] if row["workers"] else record.get("host") or None,
+            "worker": row["workers"][-1] if row["workers"] else rec.worker,
+            "host": record.get("host"),
             "after": list(rec.after),
             "tid": rec.tid,
             "submitted": rec.submitted,
