@@ -150,7 +150,7 @@ def _add_service_parsers(sub: Any) -> None:
 
     p = sub.add_parser("tags", help="change a worker's tags: tasksprint tags WORKER +gpu -cpu")
     p.add_argument("worker", help="worker name")
-    p.add_argument("changes", nargs="+", metavar="+TAG|-TAG", help="tags to add (+) or remove (-)")
+    p.add_argument("changes", nargs="*", metavar="+TAG|-TAG", help="tags to add (+) or remove (-)")
     service.add_service_arguments(p)
     add_common_arguments(p)
 
@@ -183,7 +183,13 @@ def _add_monitor_parsers(sub: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # `tasksprint tags WORKER +gpu -cpu`: a -TAG is a tag to remove, not an option.
+        if args.command != "tags" or not all(e.startswith("-") and not e.startswith("--") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.changes += extra
     configure_logging(args.log_level, args.log_format)
     try:
         match args.command:

@@ -127,7 +127,8 @@ class AsyncService:
         if self._channel is not None:
             await self._channel.aclose()
         if self._log is not None:
-            await self._log.__aexit__(*exc)
+            # Not handed the body's exception: the log client's nursery would wrap it in a group.
+            await self._log.__aexit__(None, None, None)
 
     # ------------------------------------------------------------- submit
 

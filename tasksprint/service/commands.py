@@ -423,7 +423,7 @@ def logs(args: argparse.Namespace) -> int:
 def tags(args: argparse.Namespace) -> int:
     add = [c[1:] for c in args.changes if c.startswith("+")]
     remove = [c[1:] for c in args.changes if c.startswith("-")]
-    bad = [c for c in args.changes if c[:1] not in ("+", "-") or len(c) < 2]
+    bad = [c for c in args.changes if c[:1] not in ("+", "-") or len(c) < 2] or ([] if args.changes else ["(none)"])
     if bad:
         print(f"tasksprint tags: {bad[0]!r}: write +TAG to add a tag, -TAG to remove one", file=sys.stderr)
         return EXIT_USAGE
