@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 import tasksprint
+from tasksprint.channel import ReplicaChannel
 from tasksprint.service.api import Service, TaskFailed
 
 DEADLINE = 60.0
@@ -247,7 +249,6 @@ def test_every_acknowledged_new_runs_once_when_the_leader_dies(site: Site, tmp_p
     site.start_worker("w", slots=4)
     out = tmp_path / "ran.txt"
     svc = tasksprint.connect(state=site.state)
-    addrs = [f"{h}:{p}" for h, p in svc.addrs]
 
     def replica_pid(rid: int) -> int | None:
         for entry in Path("/proc").iterdir():
@@ -262,13 +263,6 @@ def test_every_acknowledged_new_runs_once_when_the_leader_dies(site: Site, tmp_p
         return None
 
     def leader() -> int | None:
-        done = site.run("status", "--coordinators", ",".join(addrs), "--secret-file", str(site.state / "secret"))
-        # The service's status lists tasks; the replicas' roles come from a computation-style status.
-        del done
-        import trio
-
-        from tasksprint.channel import ReplicaChannel
-
         async def ask() -> int | None:
             channel = ReplicaChannel(svc.addrs, svc.secret)
             try:
