@@ -119,6 +119,9 @@ def _add_service_parsers(sub: Any) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address the local replicas listen on (default %(default)s)")
     p.add_argument("--peers", help="HOST:PORT of every replica across machines, comma-separated (with --id)")
     p.add_argument("--id", type=int, help="this machine's index into --peers")
+    p.add_argument(
+        "--retention", type=float, help="seconds finished tasks keep their full record (default 3600; then a summary)"
+    )
     add_common_arguments(p)
 
     p = sub.add_parser("worker", help="run command tasks from the service on this machine")

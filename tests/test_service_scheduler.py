@@ -246,3 +246,53 @@ def test_check_spec_normalizes() -> None:
         "require": ["a"],
         "timeout": 2.0,
     }
+
+
+def test_retention_compacts_finished_tasks_out_of_the_coordinator() -> None:
+    s = sim()
+    answer = s.h.op({"op": "command", "body": {"do": "configure", "retention": 10}})
+    assert answer.value == {"retention": 10.0}
+    assert "error" in s.h.op({"op": "command", "body": {"do": "configure", "retention": -1}}).value
+    cid = s.join("w", slots=4)
+    a, b, c = submit(s, {"cmd": "echo a", "job": "j"}, {"cmd": "b"}, {"cmd": "sleep", "after": [1]})
+    s.poll(cid)
+    s.complete(cid, ask(s, q="info", id=a)["tid"])
+    s.h.tick(5.0)
+    s.poll(cid)
+    s.complete(cid, ask(s, q="info", id=b)["tid"])
+    before = ask(s, q="info", id=a)
+    tid_a = before["tid"]
+    assert s.machine.task_info(tid_a) is not None and len(s.machine.state.tasks) == 3
+    # Time passes; the next hook compacts what ended more than 10 s ago, and only that.
+    s.h.tick(8.0)
+    submit(s, {"cmd": "later"})
+    assert s.machine.task_info(tid_a) is None and s.machine.state.forgotten == 1
+    assert s.machine.task_info(ask(s, q="info", id=b)["tid"]) is not None
+    after = ask(s, q="info", id=a)
+    for key in ("state", "exit_code", "start", "finish", "worker", "command", "job", "after"):
+        assert after[key] == before[key], key
+    assert ask(s, q="status", state="done")["counts"]["compacted"] == 1
+    s.machine.check_invariants()
+    # The compacted state survives a snapshot.
+    copy = CoordinatorMachine(QueueScheduler)
+    copy.restore(s.machine.snapshot())
+    assert copy.scheduler_query({"q": "info", "id": a}) == after
+    s.run()
+    assert state(s, c) == "done"
+
+
+def test_forget_task_refuses_active_and_read_tasks() -> None:
+    class Forgetful(Coordinator):
+        def init(self, seed: int) -> None:
+            self.first = self.start_task(cmd="a")
+            self.second = self.start_task(cmd="b", pretasks=[self.first])
+            for tid in (self.first, 99):
+                try:
+                    self.forget_task(tid)
+                except ValueError as exc:
+                    self.errors = [*getattr(self, "errors", []), str(exc)]
+
+    h = Harness(Forgetful)
+    h.init()
+    errors = h.machine.scheduler.errors  # type: ignore[union-attr]
+    assert "pending" in errors[0] and "no task" in errors[1]

@@ -512,6 +512,12 @@ class CoordinatorMachine:
             raise ValueError(f"kill_task({tid!r}): there is no task with that id")
         return self._lineage.kill(tid)
 
+    def forget_task(self, tid: Any) -> None:
+        """The scheduler's ``forget_task``."""
+        if not is_int(tid) or tid not in self._state.tasks:
+            raise ValueError(f"forget_task({tid!r}): there is no task with that id")
+        self._lineage.forget(tid)
+
     def end_computation(self, taskids: Any, values: Any) -> None:
         """The scheduler's ``finish``: the computation ends with ``values`` and those tasks' values."""
         s = self._state

@@ -93,6 +93,9 @@ class HookRuntime:
     def task_info(self, tid: int) -> dict[str, Any] | None:
         return self._machine.scheduler_task_info(tid)
 
+    def forget_task(self, tid: int) -> None:
+        self._machine.forget_task(tid)
+
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` (one hook) with actions enabled and ``print()`` going to stderr.
 

@@ -190,6 +190,12 @@ class AsyncService:
             raise ServiceError(f"cancel refused: {value['error']}")
         return list(value["cancelled"])
 
+    async def configure(self, *, retention: float) -> None:
+        """Set how many seconds finished tasks keep their full record before they are compacted."""
+        value = await self.command({"do": "configure", "retention": retention})
+        if "error" in value:
+            raise ServiceError(f"configure refused: {value['error']}")
+
     async def tags(self, worker: str, add: Iterable[str] = (), remove: Iterable[str] = ()) -> list[str]:
         """Change a live worker's tags; its tags now."""
         return list((await self._worker(WorkerOp(client=worker, add=tuple(add), remove=tuple(remove)))).tags)
@@ -381,6 +387,10 @@ class Service:
 
     def drain(self, worker: str) -> None:
         self._run(lambda s: s.drain(worker))
+
+    def configure(self, *, retention: float) -> None:
+        """Set the retention of finished tasks' full records, in seconds."""
+        self._run(lambda s: s.configure(retention=retention))
 
 
 @attrs.define(eq=False)

@@ -173,7 +173,7 @@ def server(args: argparse.Namespace) -> int:
             if args.id is None:
                 raise ServiceNotFound("--peers needs --id: this machine's index into the list")
             return serve_one(state, args.peers, args.id)
-        return serve_local(state, args.host)
+        return serve_local(state, args.host, retention=args.retention)
     except (ServiceNotFound, OSError) as exc:
         return _fail("server", exc)
 

@@ -47,6 +47,8 @@ __all__ = ["MAX_BATCH", "QueueScheduler", "SpecError", "check_spec"]
 
 #: Most tasks one submit command may carry (a command is one log entry).
 MAX_BATCH = 20_000
+#: Seconds a finished task's full record stays in the coordinator's state (then only its summary).
+DEFAULT_RETENTION = 3600.0
 #: Most rows a status question returns.
 MAX_PAGE = 1_000
 
@@ -200,6 +202,11 @@ class QueueScheduler(Coordinator):
         self.dependents: dict[int, list[int]] = {}
         self.jobs: dict[str, list[int]] = {}
         self.open: dict[int, None] = {}  # unfinished ids, in submission order
+        self.retention = DEFAULT_RETENTION
+        # Ids that ended with a record in the coordinator, in the order they ended (so by end time).
+        self.ended: collections.deque[int] = collections.deque()
+        self.compacted = 0
+        self.tally = {"waiting": 0, "queued": 0, "done": 0, "failed": 0, "cancelled": 0}
 
     # ----------------------------------------------------------- commands
 
@@ -208,11 +215,47 @@ class QueueScheduler(Coordinator):
             return {"error": f"a command must be a map, got {type(body).__name__}"}
         match body.get("do"):
             case "submit":
-                return self._submit(body.get("tasks"))
+                answer = self._submit(body.get("tasks"))
             case "cancel":
-                return self._cancel_command(body)
+                answer = self._cancel_command(body)
+            case "configure":
+                answer = self._configure(body)
             case other:
-                return {"error": f"unknown command {other!r:.80}; known: submit, cancel"}
+                return {"error": f"unknown command {other!r:.80}; known: submit, cancel, configure"}
+        self._compact()
+        return answer
+
+    def _configure(self, body: dict[str, Any]) -> dict[str, Any]:
+        retention: Any = body.get("retention")
+        if type(retention) not in (int, float) or not (math.isfinite(retention) and retention >= 0):
+            return {"error": f"'retention' must be a number of seconds >= 0, got {retention!r:.80}"}
+        self.retention = float(retention)
+        return {"retention": self.retention}
+
+    def _compact(self) -> None:
+        """Forget the coordinator's records of tasks that ended more than ``retention`` seconds ago.
+
+        What ``info`` shows of such a task stays here, in a few fields.
+        """
+        horizon = self.now - self.retention
+        while self.ended:
+            rec = self.recs[self.ended[0]]
+            if rec.finished is not None and rec.finished > horizon:
+                return
+            self.ended.popleft()
+            tid = rec.tid
+            if tid is None or tid not in self.by_tid:
+                continue
+            info = self.task_info(tid)
+            values = (info or {}).get("values") or rec.record or {}
+            rec.record = {k: values.get(k) for k in ("exit_code", "started", "finished", "verdict", "host")}
+            if info is not None:
+                command = info["kwargs"].get("command") or {}
+                rec.record["command"] = command.get("cmd") or " ".join(command.get("argv") or ())
+            del self.by_tid[tid]
+            if info is not None:
+                self.forget_task(tid)
+            self.compacted += 1
 
     def _submit(self, tasks: Any) -> dict[str, Any]:
         if not isinstance(tasks, list) or not tasks or len(tasks) > MAX_BATCH:
@@ -233,6 +276,7 @@ class QueueScheduler(Coordinator):
             sid = self.next_id
             self.next_id += 1
             rec = Rec(spec, self.now)
+            self.tally["waiting"] += 1
             self.recs[sid] = rec
             self.open[sid] = None
             if rec.job is not None:
@@ -275,7 +319,7 @@ class QueueScheduler(Coordinator):
             return
         rec.spec = None
         rec.tid = tid
-        rec.state = "queued"
+        self._set(rec, "queued")
         self.by_tid[tid] = sid
 
     def _cancel_command(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -329,11 +373,13 @@ class QueueScheduler(Coordinator):
 
     def _end(self, sid: int, state: str, why: str | None) -> None:
         rec = self.recs[sid]
-        rec.state = state
+        self._set(rec, state)
         rec.why = why
         rec.finished = self.now
         rec.spec = None
         self.open.pop(sid, None)
+        if rec.tid is not None:
+            self.ended.append(sid)
 
     # -------------------------------------------------------------- hooks
 
@@ -350,6 +396,7 @@ class QueueScheduler(Coordinator):
             dep.blocking -= 1
             if dep.blocking == 0 and dep.state == "waiting":
                 self._start(d)
+        self._compact()
 
     def task_failed(self, tid: int, error: str, record: dict[str, Any] | None = None) -> None:
         sid = self.by_tid.get(tid)
@@ -359,12 +406,14 @@ class QueueScheduler(Coordinator):
         self.recs[sid].record = record
         self._cancel_dependents(sid, f"task {sid}, which it runs after, failed")
         self.dependents.pop(sid, None)
+        self._compact()
 
     def task_killed(self, tid: int) -> None:
         sid = self.by_tid.get(tid)
         if sid is None or self.recs[sid].state in FINISHED:
             return
         self._cancel_tree(sid, "cancelled", f"task {sid}, which it runs after, was cancelled")
+        self._compact()
 
     # ----------------------------------------------------------- questions
 
@@ -440,11 +489,13 @@ class QueueScheduler(Coordinator):
         return {"total": matched, "offset": offset, "tasks": rows, "counts": self.counts()}
 
     def counts(self) -> dict[str, int]:
-        """Tasks by scheduler state (``queued`` covers pending and running)."""
-        out = {"waiting": 0, "queued": 0, "done": 0, "failed": 0, "cancelled": 0}
-        for rec in self.recs.values():
-            out[rec.state] += 1
-        return out
+        """Tasks by scheduler state (``queued`` covers pending and running), and how many were compacted."""
+        return {**self.tally, "compacted": self.compacted}
+
+    def _set(self, rec: Rec, state: str) -> None:
+        self.tally[rec.state] -= 1
+        self.tally[state] += 1
+        rec.state = state
 
     def _row(self, sid: int) -> dict[str, Any]:
         rec = self.recs[sid]
@@ -462,6 +513,8 @@ class QueueScheduler(Coordinator):
         if state == "queued":
             state = "running" if info is not None and info["state"] == "running" else "pending"
         command = spec.get("cmd") if spec.get("cmd") is not None else " ".join(spec.get("argv") or ())
+        if info is None and rec.record is not None and "command" in rec.record:
+            command = rec.record["command"]  # compacted
         return {
             "id": sid,
             "state": state,

@@ -61,7 +61,14 @@ async def _ready(addrs: list[tuple[str, int]], secret: bytes, timeout: float) ->
         await channel.aclose()
 
 
-def serve_local(state: Path, host: str = "127.0.0.1", out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+def serve_local(
+    state: Path,
+    host: str = "127.0.0.1",
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+    *,
+    retention: float | None = None,
+) -> int:
     """Run the three local replicas until SIGTERM or SIGINT; see the module docstring."""
     stop = {"signal": 0}
 
@@ -77,6 +84,10 @@ def serve_local(state: Path, host: str = "127.0.0.1", out: TextIO = sys.stdout, 
             if not trio.run(_ready, cluster.addrs, cluster.secret, 60.0):
                 print(f"tasksprint server: the replicas did not come up; see {state}/replica*.log", file=err)
                 return 1
+            if retention is not None:
+                from tasksprint.service.api import Service
+
+                Service(cluster.addrs, cluster.secret).configure(retention=retention)
             _write(state, [f"{h}:{p}" for h, p in cluster.addrs], mode="local")
             print(address, file=out, flush=True)
             print(f"tasksprint server: serving at {address} (state {state}); stop with Ctrl-C", file=err, flush=True)

@@ -234,6 +234,15 @@ class Coordinator:
         """
         self._tasksprint_runtime_for("finish").finish(taskids=taskids, values=values)
 
+    def forget_task(self, tid: int) -> None:
+        """Drop finished task ``tid`` from the coordinator's state (a long-running scheduler's compaction).
+
+        Its record, values included, is gone from then on: keep what you need
+        first (``task_info``).  Raises ``ValueError`` for an unknown task, one
+        still pending or running, or one that a task still on record reads.
+        """
+        self._tasksprint_runtime_for("forget_task").forget_task(tid)
+
     def task_info(self, tid: int) -> dict[str, Any] | None:
         """What the coordinator knows of task ``tid`` (plain data), or None if there is no such task.
 

@@ -52,6 +52,9 @@ class SchedulerRuntime(Protocol):
     def task_info(self, tid: int) -> dict[str, Any] | None:
         """What the coordinator knows of task ``tid`` (plain data), or None."""
 
+    def forget_task(self, tid: int) -> None:
+        """Drop finished task ``tid`` from the coordinator's state."""
+
 
 def bind(scheduler: object, runtime: SchedulerRuntime) -> None:
     """Make ``scheduler``'s actions go to ``runtime``."""
