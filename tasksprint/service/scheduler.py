@@ -46,7 +46,7 @@ from tasksprint_sdk.coordinator import Coordinator
 __all__ = ["MAX_BATCH", "QueueScheduler", "SpecError", "check_spec"]
 
 #: Most tasks one submit command may carry (a command is one log entry).
-MAX_BATCH = 20_000
+MAX_BATCH = 2_000
 #: Seconds a finished task's full record stays in the coordinator's state (then only its summary).
 DEFAULT_RETENTION = 3600.0
 #: Most rows a status question returns.
