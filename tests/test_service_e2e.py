@@ -24,7 +24,7 @@ import tasksprint
 from tasksprint.channel import ReplicaChannel
 from tasksprint.service.api import Service, TaskFailed
 
-DEADLINE = 60.0
+DEADLINE = 240.0  # a bound, not a measure: a loaded machine runs a no-op command in seconds
 
 
 def tasksprint_command() -> list[str]:
@@ -233,11 +233,11 @@ def test_python_client_and_bulk_submission(site: Site, tmp_path: Path) -> None:
         failing.result(timeout=DEADLINE)
     assert failed.value.info["exit_code"] == 4
     spec_file = tmp_path / "tasks.txt"
-    spec_file.write_text("# a comment\n" + "".join(f"--job file echo {i}\n" for i in range(300)))
+    spec_file.write_text("# a comment\n" + "".join(f"--job file echo {i}\n" for i in range(100)))
     done = site.run("new", "--from-file", str(spec_file))
     assert done.returncode == 0, done.stderr
     ids = [int(x) for x in done.stdout.split()]
-    assert len(ids) == 300 and site.run("wait", "--job", "file").returncode == 0
+    assert len(ids) == 100 and site.run("wait", "--job", "file").returncode == 0
     bad_file = tmp_path / "bad.txt"
     bad_file.write_text("echo fine\n--retries x echo bad\n")
     bad = site.run("new", "--from-file", str(bad_file))
