@@ -265,12 +265,18 @@ def main() -> int:
             log(f"kept {base}")
         else:
             shutil.rmtree(base, ignore_errors=True)
+    log("TaskSprint: " + json.dumps(ours))
     peers: dict[str, Any] = {}
     if not args.skip_peers:
-        log(f"Ray: {args.tasks} no-op .remote() calls")
-        peers["ray"] = ray_rate(args.tasks)
-        log(f"Dask: client.map of a no-op over {args.tasks} items")
-        peers["dask"] = dask_rate(args.tasks)
+        for name, what, fn in (
+            ("ray", "no-op .remote() calls", ray_rate),
+            ("dask", "items in client.map of a no-op", dask_rate),
+        ):
+            log(f"{name}: {args.tasks} {what}")
+            try:
+                peers[name] = fn(args.tasks)
+            except Exception as exc:  # a peer that cannot start here is reported, not fatal
+                peers[name] = {"skipped": f"failed: {type(exc).__name__}: {exc}"}
     for peer in peers.values():
         if "submit_per_s" in peer:
             peer["tasksprint_submit_ratio"] = ours["submit_per_s"] / peer["submit_per_s"]
