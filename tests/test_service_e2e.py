@@ -282,7 +282,8 @@ def test_every_acknowledged_new_runs_once_when_the_leader_dies(site: Site, tmp_p
     acked: list[tuple[int, str]] = []
     for i in range(30):
         if i == 10:
-            rid = poll(leader, "a leader")
+            # A tuple: replica 0 is a leader too, and poll takes a falsy value for "not yet".
+            (rid,) = poll(lambda: (lambda r: None if r is None else (r,))(leader()), "a leader")
             pid = poll(lambda: replica_pid(rid), "the leader's process")  # noqa: B023
             os.kill(pid, signal.SIGKILL)
         token = f"token-{i}"
