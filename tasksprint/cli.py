@@ -17,6 +17,7 @@ from typing import Any
 from tasksprint import batch_command, commands, launch
 from tasksprint.credentials import SecretError
 from tasksprint.launch import EXIT_USAGE, add_common_arguments, configure_logging
+from tasksprint.service import commands as service
 
 __all__ = ["build_parser", "configure_logging", "main"]
 
@@ -70,22 +71,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="console", choices=["console", "json"])
 
-    p = sub.add_parser("status", help="show the replicas and the computation's progress")
-    p.add_argument("--coordinators", required=True, help="HOST:PORT of the replicas, comma-separated")
+    coordinators = "HOST:PORT of a computation's replicas, comma-separated (default: the service, as --server)"
+    p = sub.add_parser("status", help="list the service's tasks, or show a computation's replicas and progress")
+    p.add_argument("--coordinators", help=coordinators)
     p.add_argument("--json", action="store_true", help="print JSON")
+    service.add_service_arguments(p)
+    p.add_argument("--in-state", dest="state_filter", metavar="STATE", help="only tasks in STATE (or all)")
+    p.add_argument("--tag", help="only tasks that require or want TAG")
+    p.add_argument("--job", help="only the tasks of JOB")
+    p.add_argument("--worker", help="only tasks running on WORKER")
+    p.add_argument("--offset", type=int, default=0, help="skip this many tasks (paging)")
+    p.add_argument("--limit", type=int, default=50, help="list at most this many (default %(default)s)")
+    p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes with --watch")
     add_common_arguments(p)
 
     p = sub.add_parser("info", help="show everything about one task")
     p.add_argument("task", type=int, help="task id")
-    p.add_argument("--coordinators", required=True, help="HOST:PORT of the replicas, comma-separated")
+    p.add_argument("--coordinators", help=coordinators)
     p.add_argument("--json", action="store_true", help="print JSON")
+    service.add_service_arguments(p)
     add_common_arguments(p)
 
-    p = sub.add_parser("cancel", help="kill a task and every task that depends on it")
-    p.add_argument("task", type=int, help="task id")
-    p.add_argument("--coordinators", required=True, help="HOST:PORT of the replicas, comma-separated")
+    p = sub.add_parser("cancel", help="kill tasks and every task that depends on them")
+    p.add_argument("tasks", type=int, nargs="*", help="task ids")
+    p.add_argument("--job", help="cancel every task of this service job")
+    p.add_argument("--coordinators", help=coordinators)
     p.add_argument("--json", action="store_true", help="print JSON")
+    service.add_service_arguments(p)
     add_common_arguments(p)
+    _add_service_parsers(sub)
 
     p = sub.add_parser("execute", help="run a kolejka task directory on a local cluster, as kolejka-worker does")
     p.add_argument("task_dir", type=Path, help="directory holding kolejka_task.json")
@@ -106,6 +121,57 @@ def build_parser() -> argparse.ArgumentParser:
     batch_command.add_arguments(p)
     p.set_defaults(log_level="warning", log_format="console")
     return parser
+
+
+def _add_service_parsers(sub: Any) -> None:
+    """The long-running service: ``server``, ``worker``, ``new``, ``wait``, ``logs``, ``tags``, ``drain``."""
+    p = sub.add_parser("server", help="run the task service (three local replicas, or one of --peers)")
+    p.add_argument("--state", type=Path, help="state directory: secret, data, address (default: ~/.tasksprint)")
+    p.add_argument("--host", default="127.0.0.1", help="address the local replicas listen on (default %(default)s)")
+    p.add_argument("--peers", help="HOST:PORT of every replica across machines, comma-separated (with --id)")
+    p.add_argument("--id", type=int, help="this machine's index into --peers")
+    p.add_argument(
+        "--retention", type=float, help="seconds finished tasks keep their full record (default 3600; then a summary)"
+    )
+    add_common_arguments(p)
+
+    p = sub.add_parser("worker", help="run command tasks from the service on this machine")
+    p.add_argument("--have", nargs="+", default=[], metavar="TAG", help="resource tags this worker offers")
+    p.add_argument("--name", help="unique worker name (default: host-pid-random)")
+    p.add_argument("--slots", type=int, help="tasks at once (default: from cores and memory)")
+    p.add_argument("--gpus", help="GPU indices to hand out, comma-separated (default: detected; '' for none)")
+    p.add_argument("--data-host", default="127.0.0.1", help="address other workers reach this one at")
+    service.add_service_arguments(p)
+    add_common_arguments(p)
+
+    p = sub.add_parser("new", help="submit a command task; prints its id")
+    p.add_argument("--from-file", type=Path, help="submit one task per line ([options] command...), in bulk")
+    service.add_service_arguments(p)
+    add_common_arguments(p)
+    service.add_new_arguments(p)
+
+    p = sub.add_parser("wait", help="wait for tasks to finish; exit code 0 only if all succeeded")
+    p.add_argument("tasks", type=int, nargs="*", help="task ids")
+    p.add_argument("--job", help="every task of this job")
+    p.add_argument("--timeout", type=float, help="give up after this many seconds")
+    service.add_service_arguments(p)
+    add_common_arguments(p)
+
+    p = sub.add_parser("logs", help="a task's output (stdout, then stderr on stderr)")
+    p.add_argument("task", type=int, help="task id")
+    service.add_service_arguments(p)
+    add_common_arguments(p)
+
+    p = sub.add_parser("tags", help="change a worker's tags: tasksprint tags WORKER +gpu -cpu")
+    p.add_argument("worker", help="worker name")
+    p.add_argument("changes", nargs="*", metavar="+TAG|-TAG", help="tags to add (+) or remove (-)")
+    service.add_service_arguments(p)
+    add_common_arguments(p)
+
+    p = sub.add_parser("drain", help="let a worker finish what it runs and give it nothing more")
+    p.add_argument("worker", help="worker name")
+    service.add_service_arguments(p)
+    add_common_arguments(p)
 
 
 def _add_monitor_parsers(sub: Any) -> None:
@@ -131,22 +197,33 @@ def _add_monitor_parsers(sub: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # `tasksprint tags WORKER +gpu -cpu`: a -TAG is a tag to remove, not an option.
+        if args.command != "tags" or not all(e.startswith("-") and not e.startswith("--") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.changes += extra
     configure_logging(args.log_level, args.log_format)
     try:
         match args.command:
             case "replica":
                 return launch.run_replica(args)
             case "status":
-                return commands.status(args)
+                done = service.maybe_status(args)
+                return commands.status(args) if done is None else done
             case "client":
                 return commands.client(args)
             case "run":
                 return commands.run(args)
             case "info":
-                return commands.info(args)
+                done = service.maybe_info(args)
+                return commands.info(args) if done is None else done
             case "cancel":
-                return commands.cancel(args)
+                done = service.maybe_cancel(args)
+                return commands.cancel(args) if done is None else done
+            case "server" | "worker" | "new" | "wait" | "logs" | "tags" | "drain":
+                return int(getattr(service, args.command)(args))
             case "execute":
                 from tasksprint.execute import execute
 

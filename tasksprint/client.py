@@ -115,6 +115,8 @@ class ClientConfig:
     queue: int | None = None
     #: Completions reported in one log command at most.
     report_batch: int = 256
+    #: GPUs (CUDA device indices) handed to command tasks one each while they run.
+    gpus: tuple[str, ...] = ()
 
     def __attrs_post_init__(self) -> None:
         if self.slots < 1:
@@ -196,7 +198,7 @@ class Client:
                 )
                 self.data_port = listeners[0].socket.getsockname()[1]
                 self._slots = trio.CapacityLimiter(cfg.slots)
-                self._commands = CommandTasks(cfg.name, work_root=Path(spill))
+                self._commands = CommandTasks(cfg.name, work_root=Path(spill), gpus=list(cfg.gpus))
                 self._commands.start()
                 if cfg.node_command is not None:
                     self._pool = NodePool(cfg.node_command, cfg.slots, cwd=cfg.node_cwd, observer=self.observer)

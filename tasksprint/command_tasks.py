@@ -15,6 +15,10 @@ inputs) or result patterns runs in a fresh working directory under
 the run, the results collected after a successful one into the output
 ``files`` (names to base64 text), which dependents on any client fetch like
 any output; the directory is removed afterwards.
+
+A client with GPUs hands each running command a free one of its own
+(``CUDA_VISIBLE_DEVICES``), while one is free; a command started when all
+are taken sees none.
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ class CommandTasks:
     host: str = attrs.Factory(socket.gethostname)
     #: Where tasks with files get their working directories (None: the system's temporary directory).
     work_root: Path | None = None
+    gpus: list[str] = attrs.Factory(list)  # free GPUs (CUDA device indices)
     _cgroups: CgroupLayout | None = None
 
     def start(self) -> None:
@@ -117,12 +122,20 @@ class CommandTasks:
     async def _run(
         self, task: Assignment, spec: CommandSpec, results: tuple[Path, tuple[str, ...]] | None
     ) -> CommandOutcome:
-        record = await run_command(
-            spec,
-            task_env=TaskEnv(task_id=str(task.tid), attempt=task.attempt, client=self.client),
-            cgroups=self._cgroups,
-            host=self.host,
-        )
+        gpu = self.gpus.pop(0) if self.gpus else None
+        if gpu is not None:
+            env = tuple(kv for kv in spec.env if kv[0] != "CUDA_VISIBLE_DEVICES") + (("CUDA_VISIBLE_DEVICES", gpu),)
+            spec = attrs.evolve(spec, env=env)  # type: ignore[misc]
+        try:
+            record = await run_command(
+                spec,
+                task_env=TaskEnv(task_id=str(task.tid), attempt=task.attempt, client=self.client),
+                cgroups=self._cgroups,
+                host=self.host,
+            )
+        finally:
+            if gpu is not None:
+                self.gpus.append(gpu)
         outputs = record_outputs(record)
         error = None if record.verdict is Verdict.OK else failure_text(record)
         if error is None and results is not None and results[1]:

@@ -216,9 +216,13 @@ def cancel(args: argparse.Namespace) -> int:
     addrs = list(parse_peers(args.coordinators))
     secret = cluster_secret(args)
 
+    if len(args.tasks) != 1 or args.job is not None:
+        print("tasksprint cancel: a computation's tasks are cancelled one id at a time", file=sys.stderr)
+        return EXIT_USAGE
+
     async def cancel() -> Any:
         async with LogClient(addrs, secret) as client:
-            return await client.submit(CancelOp(tid=args.task).to_wire(), deadline=15.0)
+            return await client.submit(CancelOp(tid=args.tasks[0]).to_wire(), deadline=15.0)
 
     try:
         result = trio.run(cancel)

@@ -47,12 +47,13 @@ class LocalCluster:
     extra_args: Sequence[str] = ()
     secret: bytes = attrs.Factory(lambda: os.urandom(24).hex().encode())
     env: dict | None = None
+    host: str = HOST  # where the replicas listen (and their peers reach them)
     ports: list[int] = attrs.Factory(list)
     procs: list[subprocess.Popen | None] = attrs.Factory(list)
 
     def __attrs_post_init__(self) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
-        self.ports = free_ports(self.replicas)
+        self.ports = free_ports(self.replicas, self.host)
         self.procs = [None] * self.replicas
         self.secret_file.write_bytes(self.secret + b"\n")
         self.secret_file.chmod(0o600)
@@ -65,7 +66,7 @@ class LocalCluster:
 
     @property
     def addrs(self) -> list[tuple[str, int]]:
-        return [(HOST, p) for p in self.ports]
+        return [(self.host, p) for p in self.ports]
 
     @property
     def peers_arg(self) -> str:

@@ -34,7 +34,6 @@ from tasksprint.app import NotYet
 from tasksprint.coordinator.machine import CoordinatorMachine, RunState
 from tasksprint.coordinator.ops import (
     BadOp,
-    ErrorCode,
     InfoRequest,
     InitOp,
     SchedulerAnswer,
@@ -169,21 +168,9 @@ class CoordinatorApp:
                 return TaskInfo.of(self.machine.task_info(tid))
             case SchedulerRequest(body=body):
                 try:
-                    return SchedulerAnswer(value=self._scheduler_query(body))
+                    return SchedulerAnswer(value=self.machine.scheduler_query(body))
                 except BadOp as exc:
                     return exc.refused
-
-    def _scheduler_query(self, args: Any) -> Any:
-        """The scheduler's ``query`` hook's answer to ``args``; raises :class:`BadOp` if it refuses or fails."""
-        scheduler = self.machine.scheduler
-        if scheduler is None or self.machine.run_state is RunState.WAITING:
-            raise BadOp("scheduler query: the computation is not initialized yet", ErrorCode.NOT_INITIALIZED)
-        if type(scheduler).query is Coordinator.query:
-            raise BadOp(f"scheduler {type(scheduler).__qualname__} answers no queries", ErrorCode.UNKNOWN)
-        try:
-            return scheduler.query(args)
-        except Exception as exc:
-            raise BadOp(f"scheduler query failed: {type(exc).__name__}: {exc}") from None
 
     def _note_contact(self, cid: int) -> None:
         self._contacts.add(cid)

@@ -17,6 +17,7 @@ unfinished task needs, and, transitively, the lost inputs of those.
 from __future__ import annotations
 
 import collections
+import heapq
 
 import attrs
 
@@ -169,6 +170,35 @@ class Lineage:
                     seen.add(d)
                     frontier.append(d)
         return killed
+
+    def forget(self, tid: int) -> None:
+        """Drop finished task ``tid`` from the state; raises ``ValueError`` if it is active or read by a task."""
+        s = self.s
+        task = s.tasks[tid]
+        if task.state in ACTIVE:
+            raise ValueError(
+                f"forget_task({tid}): the task is {task.state.value}; only finished tasks can be forgotten"
+            )
+        if any(d in s.tasks for d in task.dependents):
+            raise ValueError(f"forget_task({tid}): tasks that read its outputs are still on record; forget them first")
+        for p in dict.fromkeys(task.pretasks):
+            pre = s.tasks.get(p)
+            if pre is not None:
+                pre.dependents = [d for d in pre.dependents if d != tid]
+        if task.holder is not None:
+            s.clients[task.holder].holds.pop(tid, None)
+        for client in s.clients.values():
+            client.holders.pop(tid, None)
+            if tid in client.in_follow:
+                client.in_follow.discard(tid)
+                client.follow.remove(tid)
+                heapq.heapify(client.follow)
+        s.queue.discard(tid)
+        s.recheck.discard(tid)
+        s.counts[task.state] -= 1
+        s.forgotten += 1
+        del s.tasks[tid]
+        self.fx.effects.append(["forget", tid])
 
     def recompute_lost(self) -> None:
         """Run again every task whose lost outputs an unfinished task needs (lineage)."""

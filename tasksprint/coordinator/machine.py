@@ -60,6 +60,8 @@ from tasksprint.coordinator.ops import (
     BatchOp,
     Cancelled,
     CancelOp,
+    Commanded,
+    CommandOp,
     DoneOp,
     ErrorCode,
     FailedOp,
@@ -71,6 +73,8 @@ from tasksprint.coordinator.ops import (
     Refused,
     Reported,
     ReportOp,
+    WorkerChanged,
+    WorkerOp,
     is_int,
     parse_op,
 )
@@ -195,6 +199,10 @@ class CoordinatorMachine:
                     result = self._op_cancel(tid)
                 case BatchOp(ops=ops):
                     result = self._op_batch(ops)
+                case CommandOp(body=body):
+                    result = self._op_command(body)
+                case WorkerOp() as worker:
+                    result = self._op_worker(worker)
         except BadOp as exc:
             result = exc.refused
         self._settle()
@@ -281,11 +289,17 @@ class CoordinatorMachine:
         if s.run_state is RunState.WAITING:
             raise BadOp("join: the computation is not initialized yet; try again", ErrorCode.NOT_INITIALIZED)
         tags = frozenset(op.have)
+        slots, queue = op.slots, op.queue
+        if op.client in s.worker_overrides:
+            added, removed, drained = s.worker_overrides[op.client]
+            tags = (tags | added) - removed
+            if drained:
+                slots = queue = 0
         cid = s.names.get(op.client)
         if cid is not None and s.clients[cid].alive:
             client = s.clients[cid]
             moved = client.addr != op.addr
-            client.addr, client.slots, client.tags, client.queue = op.addr, op.slots, tags, op.queue
+            client.addr, client.slots, client.tags, client.queue = op.addr, slots, tags, queue
             self._fx.effects.append(["rejoin", cid])
             if moved:
                 # Tasks reading outputs held here must learn the new address.
@@ -294,7 +308,7 @@ class CoordinatorMachine:
             return Joined(cid=cid)
         cid = s.next_cid
         s.next_cid += 1
-        s.clients[cid] = ClientRecord(cid=cid, name=op.client, addr=op.addr, slots=op.slots, tags=tags, queue=op.queue)
+        s.clients[cid] = ClientRecord(cid=cid, name=op.client, addr=op.addr, slots=slots, tags=tags, queue=queue)
         s.names[op.client] = cid
         s.live[cid] = None
         self._fx.effects.append(["join", cid])
@@ -390,7 +404,63 @@ class CoordinatorMachine:
             raise BadOp(f"cancel: unknown task {tid}", ErrorCode.UNKNOWN)
         if self._state.run_state is not RunState.RUNNING:
             return Cancelled(killed=(), reason=f"the computation is {self._state.run_state.value}")
-        return Cancelled(killed=tuple(self._lineage.kill(tid)))
+        killed = self._lineage.kill(tid)
+        if killed:
+            self._tell_killed(killed)
+        return Cancelled(killed=tuple(killed))
+
+    def _tell_killed(self, killed: list[int]) -> None:
+        """The scheduler's ``task_killed`` for each task a cancel killed; without one, the computation ends."""
+        sched = self._sched()
+        if type(sched).task_killed is Coordinator.task_killed:
+            listed = ", ".join(map(str, killed[:20])) + (" ..." if len(killed) > 20 else "")
+            message = (
+                f"task {killed[0]} was cancelled (tasks killed: {listed}), so the computation cannot finish as "
+                f"planned. Override task_killed(tid) in {self._scheduler_cls.__qualname__} to carry on without them."
+            )
+            info = {"kind": "cancel", "hook": None, "tid": killed[0], "cid": None, "slot": self._fx.slot}
+            self._fail_computation({**info, "error": message}, message)
+            return
+        for tid in killed:
+            self._call_hook(Hook.TASK_KILLED, lambda tid=tid: sched.task_killed(tid), tid=tid)  # type: ignore[misc]
+
+    def _op_command(self, body: Any) -> Commanded:
+        s = self._state
+        if s.run_state is RunState.WAITING:
+            raise BadOp("command: the computation is not initialized yet; try again", ErrorCode.NOT_INITIALIZED)
+        if s.run_state is not RunState.RUNNING:
+            raise BadOp(f"command: the computation is {s.run_state.value}", ErrorCode.UNKNOWN)
+        sched = self._sched()
+        if type(sched).command is Coordinator.command:
+            raise BadOp(f"command: scheduler {self._scheduler_cls.__qualname__} takes no commands", ErrorCode.UNKNOWN)
+        ok, value = self._call_hook(Hook.COMMAND, lambda: sched.command(body))
+        if not ok:
+            return Commanded(value=None)
+        try:
+            check_plain(value, "the command hook's answer")
+        except TypeError as exc:
+            message = f"{self._scheduler_cls.__qualname__}.command returned {exc}"
+            info = {"kind": "hook", "hook": Hook.COMMAND.value, "tid": None, "cid": None, "slot": self._fx.slot}
+            self._fail_computation({**info, "error": message}, message)
+            return Commanded(value=None)
+        return Commanded(value=value)
+
+    def _op_worker(self, op: WorkerOp) -> WorkerChanged:
+        s = self._state
+        cid = s.names.get(op.client)
+        if cid is None or not s.clients[cid].alive:
+            raise BadOp(f"worker: no live worker named {op.client!r}", ErrorCode.UNKNOWN)
+        client = s.clients[cid]
+        added, removed, drained = s.worker_overrides.get(op.client, (frozenset(), frozenset(), False))
+        add, remove = frozenset(op.add), frozenset(op.remove)
+        added, removed = (added - remove) | add, (removed - add) | remove
+        drained = drained or op.drain
+        s.worker_overrides[op.client] = (added, removed, drained)
+        client.tags = (client.tags | add) - remove
+        if drained:
+            client.slots = client.queue = 0
+        self._fx.effects.append(["worker", cid, sorted(client.tags), drained])
+        return WorkerChanged(cid=cid, tags=tuple(sorted(client.tags)), drained=drained)
 
     def _op_lost(self, op: LostOp) -> Reported:
         s = self._state
@@ -441,6 +511,12 @@ class CoordinatorMachine:
         if not is_int(tid) or tid not in self._state.tasks:
             raise ValueError(f"kill_task({tid!r}): there is no task with that id")
         return self._lineage.kill(tid)
+
+    def forget_task(self, tid: Any) -> None:
+        """The scheduler's ``forget_task``."""
+        if not is_int(tid) or tid not in self._state.tasks:
+            raise ValueError(f"forget_task({tid!r}): there is no task with that id")
+        self._lineage.forget(tid)
 
     def end_computation(self, taskids: Any, values: Any) -> None:
         """The scheduler's ``finish``: the computation ends with ``values`` and those tasks' values."""
@@ -566,6 +642,35 @@ class CoordinatorMachine:
     def task_info(self, tid: int) -> dict[str, Any] | None:
         """Everything known about task ``tid``, or None if there is no such task."""
         return views.task_info(self._state, tid)
+
+    def scheduler_task_info(self, tid: Any) -> dict[str, Any] | None:
+        """The scheduler's ``task_info``: :meth:`task_info` with the names of the clients running it."""
+        if not is_int(tid):
+            return None
+        info = views.task_info(self._state, tid)
+        if info is not None:
+            clients = self._state.clients
+            info["workers"] = [clients[cid].name for cid in info["clients"]]
+            holder = self._state.tasks[tid].holder
+            info["holder_worker"] = None if holder is None else clients[holder].name
+        return info
+
+    def scheduler_query(self, args: Any) -> Any:
+        """The scheduler's ``query`` hook's answer to ``args``; raises :class:`BadOp` if it refuses or fails.
+
+        Not part of the log: only reads.  The answer must be plain data.
+        """
+        sched = self._state.scheduler
+        if sched is None or self._state.run_state is RunState.WAITING:
+            raise BadOp("scheduler query: the computation is not initialized yet", ErrorCode.NOT_INITIALIZED)
+        if type(sched).query is Coordinator.query:
+            raise BadOp(f"scheduler {self._scheduler_cls.__qualname__} answers no queries", ErrorCode.UNKNOWN)
+        try:
+            value = sched.query(args)
+            check_plain(value, "the query hook's answer")
+        except Exception as exc:
+            raise BadOp(f"scheduler query failed: {type(exc).__name__}: {exc}") from None
+        return value
 
     def live_clients(self) -> list[tuple[int, str, str]]:
         """``(cid, name, addr)`` of every live client, by cid."""

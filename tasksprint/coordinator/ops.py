@@ -19,10 +19,12 @@ Operations (what each does: :class:`~tasksprint.coordinator.machine.CoordinatorM
 - :class:`LostOp` — a client could not fetch a task's outputs from their holder.
 - :class:`CancelOp` — kill a task (and its dependents) from the command line.
 - :class:`BatchOp` — several done/failed/lost reports in one log command.
+- :class:`CommandOp` — a command for the scheduler itself (its ``command`` hook).
+- :class:`WorkerOp` — change a live worker's tags, or drain it, by name.
 
 Each operation is answered with a frozen value too (:class:`Initialized`,
-:class:`Joined`, :class:`Reported`, :class:`Cancelled`, :class:`BatchApplied`
-or :class:`Refused`), which travels back to the submitter as it is.
+:class:`Joined`, :class:`Reported`, :class:`Cancelled`, :class:`BatchApplied`,
+:class:`Commanded`, :class:`WorkerChanged` or :class:`Refused`), which travels back to the submitter as it is.
 :class:`ErrorCode` says why an operation was refused, so no reader has to
 match error text.
 
@@ -55,6 +57,12 @@ __all__ = [
     "Reported",
     "BatchOp",
     "CancelOp",
+    "CommandOp",
+    "Commanded",
+    "SchedulerAnswer",
+    "SchedulerRequest",
+    "WorkerChanged",
+    "WorkerOp",
     "DoneOp",
     "ErrorCode",
     "FailedOp",
@@ -252,7 +260,45 @@ class BatchOp:
         return {"op": "batch", "ops": [op.to_wire() for op in self.ops if not isinstance(op, Refused)]}
 
 
-Op = InitOp | JoinOp | DoneOp | FailedOp | LostOp | CancelOp | BatchOp
+@message
+class CommandOp:
+    """A command for the scheduler: ``body`` (plain data) goes to its ``command`` hook.
+
+    The hook's return value is the answer (:class:`Commanded`); a scheduler
+    without a ``command`` hook refuses it.
+    """
+
+    body: Any
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": "command", "body": self.body}
+
+
+@message
+class WorkerOp:
+    """Change live worker ``client``'s tags (``add``, then ``remove``), or ``drain`` it.
+
+    The change outlives the worker's later joins under the same name: a
+    join announces what the worker offers, this op what the operator wants.
+    A drained worker keeps what it runs and is given nothing more.
+    """
+
+    client: str
+    add: tuple[str, ...] = ()
+    remove: tuple[str, ...] = ()
+    drain: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "op": "worker",
+            "client": self.client,
+            "add": list(self.add),
+            "remove": list(self.remove),
+            "drain": self.drain,
+        }
+
+
+Op = InitOp | JoinOp | DoneOp | FailedOp | LostOp | CancelOp | BatchOp | CommandOp | WorkerOp
 
 
 # ------------------------------------------------------------- answers
@@ -341,12 +387,30 @@ class BatchApplied:
     effects: str = attrs.field(default="", validator=_str_v)
 
 
-Answer = Initialized | Joined | Reported | Cancelled | BatchApplied | Refused
+@message
+class Commanded:
+    """The answer to :class:`CommandOp`: what the scheduler's ``command`` hook returned (plain data)."""
+
+    value: Any = None
+    effects: str = attrs.field(default="", validator=_str_v)
+
+
+@message
+class WorkerChanged:
+    """The answer to :class:`WorkerOp`: the worker's id, its tags now, and whether it is drained."""
+
+    cid: int = attrs.field(validator=_int_v)
+    tags: tuple[str, ...] = attrs.field(converter=tuple)
+    drained: bool = attrs.field(validator=_bool_v)
+    effects: str = attrs.field(default="", validator=_str_v)
+
+
+Answer = Initialized | Joined | Reported | Cancelled | BatchApplied | Commanded | WorkerChanged | Refused
 
 
 def parse_op(raw: Any) -> Op:
     """The typed operation of ``raw`` (a log command's op), or raise :class:`BadOp`."""
-    if isinstance(raw, (InitOp, JoinOp, DoneOp, FailedOp, LostOp, CancelOp, BatchOp)):
+    if isinstance(raw, (InitOp, JoinOp, DoneOp, FailedOp, LostOp, CancelOp, BatchOp, CommandOp, WorkerOp)):
         return raw
     name = raw.get("op") if isinstance(raw, dict) else None
     match name:
@@ -363,6 +427,12 @@ def parse_op(raw: Any) -> Op:
             if not isinstance(ops, list):
                 raise BadOp(f"batch: field 'ops' must be a list of done/failed/lost ops, got {ops!r:.200}")
             return BatchOp(ops=tuple(_parse_batched(sub) for sub in ops))
+        case "command":
+            if "body" not in raw:
+                raise BadOp("command: field 'body' is missing")
+            return CommandOp(body=raw["body"])
+        case "worker":
+            return _parse_worker(raw)
         case _:
             raise BadOp(f"unknown coordinator op {raw!r:.200}")
 
@@ -379,6 +449,25 @@ def _parse_join(raw: dict[str, Any]) -> JoinOp:
     if not isinstance(have, list) or not all(isinstance(t, str) for t in have):
         raise BadOp(f"join: field 'have' must be a list of tag strings, got {have!r:.200}")
     return JoinOp(client=client, addr=addr, slots=slots, queue=queue, have=tuple(have))
+
+
+def _tags(raw: dict[str, Any], op: str, key: str) -> tuple[str, ...]:
+    v = raw.get(key, [])
+    if not isinstance(v, list) or len(v) > 256 or not all(isinstance(t, str) and 0 < len(t) <= 128 for t in v):
+        raise BadOp(f"{op}: field {key!r} must be a list of at most 256 non-empty tag strings, got {v!r:.200}")
+    return tuple(v)
+
+
+def _parse_worker(raw: dict[str, Any]) -> WorkerOp:
+    drain = raw.get("drain", False)
+    if not isinstance(drain, bool):
+        raise BadOp(f"worker: field 'drain' must be a bool, got {drain!r:.200}")
+    return WorkerOp(
+        client=_str(raw, "worker", "client"),
+        add=_tags(raw, "worker", "add"),
+        remove=_tags(raw, "worker", "remove"),
+        drain=drain,
+    )
 
 
 def _parse_report(raw: dict[str, Any]) -> ReportOp:

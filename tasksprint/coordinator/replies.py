@@ -207,12 +207,13 @@ class ComputationResult:
 
 @message
 class ComputationFailure:
-    """Why the computation failed: a scheduler hook raised (``kind`` hook) or a task failed for good (task).
+    """Why the computation failed: a scheduler hook raised (``kind`` hook), a task failed for good (task),
+    or tasks were cancelled from outside and the scheduler has no ``task_killed`` hook (cancel).
 
     ``message`` is the report for people, ``error`` the exception or the task's error.
     """
 
-    kind: str = attrs.field(validator=attrs.validators.in_(["hook", "task"]))
+    kind: str = attrs.field(validator=attrs.validators.in_(["hook", "task", "cancel"]))
     hook: str | None = attrs.field(validator=_opt_str)
     tid: int | None = attrs.field(validator=_opt_int)
     cid: int | None = attrs.field(validator=_opt_int)

@@ -48,6 +48,8 @@ class Hook(enum.Enum):
     CLIENT_DEAD = "client_dead"
     TASK_DONE = "task_done"
     TASK_FAILED = "task_failed"
+    TASK_KILLED = "task_killed"
+    COMMAND = "command"
 
 
 @attrs.define(eq=False)
@@ -59,7 +61,7 @@ class HookRuntime:
 
     def check_usable(self, what: str) -> None:
         """Raise :class:`SchedulerUsageError` if action ``what`` cannot run now."""
-        if what in ("random", "now"):
+        if what in ("random", "now", "task_info"):
             return
         if not self._active:
             raise SchedulerUsageError(
@@ -87,6 +89,12 @@ class HookRuntime:
 
     def finish(self, taskids: Any, values: Any) -> None:
         self._machine.end_computation(taskids, values)
+
+    def task_info(self, tid: int) -> dict[str, Any] | None:
+        return self._machine.scheduler_task_info(tid)
+
+    def forget_task(self, tid: int) -> None:
+        self._machine.forget_task(tid)
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` (one hook) with actions enabled and ``print()`` going to stderr.
@@ -124,8 +132,10 @@ def failure_message(
             call = f"{cls}.init(seed={seed})"
         case Hook.CLIENT_JOINED | Hook.CLIENT_DEAD:
             call = f"{cls}.{hook.value}(cid={cid})"
-        case Hook.TASK_DONE | Hook.TASK_FAILED:
+        case Hook.TASK_DONE | Hook.TASK_FAILED | Hook.TASK_KILLED:
             call = f"{cls}.{hook.value}(tid={tid})"
+        case Hook.COMMAND:
+            call = f"{cls}.command(...)"
     error = f"{type(exc).__name__}: {exc}"
     return f"scheduler hook {call} raised at log slot {slot}: {error}{_user_frame(scheduler_cls, exc)}"
 

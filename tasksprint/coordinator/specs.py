@@ -115,7 +115,9 @@ def task_spec(tasks: Mapping[int, TaskRecord], **call: Any) -> TaskSpec:
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise TypeError(f"start_task(kwargs=...) must be a dict with string keys, got {kwargs!r}")
     check_plain(list(args), "start_task(args=...)")
-    check_plain(kwargs, "start_task(kwargs=...)")
+    if command is None:
+        # A command task's kwargs are built above from a checked CommandSpec: plain by construction.
+        check_plain(kwargs, "start_task(kwargs=...)")
     if not isinstance(pretasks, (list, tuple)):
         raise TypeError(
             f"start_task(pretasks=...) must be a list or tuple of task ids (a set's order differs "

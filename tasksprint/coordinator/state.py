@@ -161,6 +161,10 @@ class CoordinatorState:
     result: dict[str, Any] | None = None
     failure: dict[str, Any] | None = None
     last_hook: dict[str, Any] | None = None
+    # Worker name -> (tags added, tags removed, drained), from worker ops:
+    # applied over what each later join of that name offers.
+    worker_overrides: dict[str, tuple[frozenset[str], frozenset[str], bool]] = attrs.Factory(dict)
+    forgotten: int = 0  # finished tasks the scheduler dropped from the state (forget_task)
 
     def set_state(self, task: TaskRecord, state: TaskState) -> None:
         """Move ``task`` to ``state``, keeping :attr:`counts` true."""
@@ -202,6 +206,8 @@ def check_invariants(s: CoordinatorState) -> None:
         missing = sum(1 for p in task.pretasks if s.tasks[p].holder is None)
         assert task.missing == missing, f"task {tid}: missing {task.missing}, really {missing}"
     assert counts == s.counts, f"state counts {s.counts} != {counts}"
+    for task in s.tasks.values():
+        assert all(p in s.tasks for p in task.pretasks) and all(d in s.tasks for d in task.dependents)
     for cid, client in s.clients.items():
         assert client.alive == (cid in s.live)
         for tid in client.running:

@@ -66,7 +66,8 @@ class SchedulerLoadError(Exception):
 class Coordinator:
     """Base class of a user's scheduler.
 
-    Override the hooks you need; each does nothing by default.  Start the
+    Override the hooks you need; each does nothing by default (``command``
+    and ``query`` are refused unless overridden).  Start the
     computation's tasks in :meth:`init`.  End the script that defines the
     subclass with ``MyCoordinator().start()`` so running the file starts a
     coordinator replica.
@@ -98,13 +99,32 @@ class Coordinator:
         depend on the failed task are killed before this hook runs.
         """
 
+    def task_killed(self, tid: int) -> None:
+        """Called for each task killed from outside (``tasksprint cancel``), dependents included.
+
+        Tasks the scheduler kills itself (``kill_task``) do not come here.
+        If a scheduler does not override this hook, such a cancel ends the
+        computation with a report naming the cancelled tasks, since the
+        scheduler could otherwise wait for them forever.
+        """
+
+    def command(self, body: Any) -> Any:
+        """Called for a command sent to the scheduler through the log; returns the answer (plain data).
+
+        ``body`` is plain data from outside (a shell, a script): treat it as
+        hostile and answer bad input with an error value rather than raising
+        (a raising hook fails the computation, as any hook).  A scheduler
+        that does not override this refuses commands.
+        """
+        raise NotImplementedError
+
     def query(self, args: Any) -> Any:
         """Answer a read-only question (``args``: plain data from outside); returns plain data.
 
         Runs on whichever replica is asked, outside the log: read the state,
-        change nothing (no actions, no ``random``).  An exception is answered
-        as a refusal naming it.  A scheduler that does not override this
-        refuses questions.
+        change nothing (no actions, no ``random``).  ``task_info`` works here.
+        An exception is answered as a refusal naming it.  A scheduler that
+        does not override this refuses questions.
         """
         raise NotImplementedError
 
@@ -224,6 +244,25 @@ class Coordinator:
         when called twice, ``ValueError`` when a task in ``taskids`` is not done.
         """
         self._tasksprint_runtime_for("finish").finish(taskids=taskids, values=values)
+
+    def forget_task(self, tid: int) -> None:
+        """Drop finished task ``tid`` from the coordinator's state (a long-running scheduler's compaction).
+
+        Its record, values included, is gone from then on: keep what you need
+        first (``task_info``).  Raises ``ValueError`` for an unknown task, one
+        still pending or running, or one that a task still on record reads.
+        """
+        self._tasksprint_runtime_for("forget_task").forget_task(tid)
+
+    def task_info(self, tid: int) -> dict[str, Any] | None:
+        """What the coordinator knows of task ``tid`` (plain data), or None if there is no such task.
+
+        Read-only; usable in hooks and in :meth:`query`.  Keys include
+        ``state`` (pending, running, done, failed, killed), ``attempt``,
+        ``require``, ``want``, ``clients`` and ``workers`` (the ids and names
+        of the clients running it), ``values`` and ``error``.
+        """
+        return self._tasksprint_runtime_for("task_info").task_info(tid)
 
     @property
     def random(self) -> random.Random:

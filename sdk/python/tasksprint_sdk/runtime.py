@@ -49,6 +49,12 @@ class SchedulerRuntime(Protocol):
     def finish(self, taskids: Sequence[int] | None, values: Any) -> None:
         """End the computation successfully."""
 
+    def task_info(self, tid: int) -> dict[str, Any] | None:
+        """What the coordinator knows of task ``tid`` (plain data), or None."""
+
+    def forget_task(self, tid: int) -> None:
+        """Drop finished task ``tid`` from the coordinator's state."""
+
 
 def bind(scheduler: object, runtime: SchedulerRuntime) -> None:
     """Make ``scheduler``'s actions go to ``runtime``."""

@@ -1,0 +1,298 @@
+"""The service's queue scheduler on one replica's machine, with simulated workers.
+
+Also the SDK hooks it uses (``command``, ``query``, ``task_killed``) and the
+``worker`` op (tags, drain), which any scheduler gets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from coordinator_harness import Harness, Sim
+from tasksprint_sdk.coordinator import Coordinator
+
+from tasksprint.coordinator.machine import CoordinatorMachine, RunState
+from tasksprint.coordinator.ops import BadOp, Cancelled, Commanded, Refused, WorkerChanged
+from tasksprint.coordinator.specs import COMMAND_TASK
+from tasksprint.service.scheduler import MAX_BATCH, QueueScheduler, check_spec
+
+
+def fake_command(task: dict[str, Any], *inputs: Any, **kwargs: Any) -> dict[str, Any]:
+    """What a worker reports for a command that exited 0 (the record's fields the scheduler reads)."""
+    return {"verdict": "ok", "exit_code": 0, "started": 1.0, "finished": 2.0, "host": "h", "stdout": None}
+
+
+def sim() -> Sim:
+    return Sim(QueueScheduler, {COMMAND_TASK: fake_command})
+
+
+def submit(s: Sim, *specs: dict[str, Any]) -> list[int]:
+    answer = s.h.op({"op": "command", "body": {"do": "submit", "tasks": list(specs)}})
+    assert isinstance(answer, Commanded), answer
+    assert "ids" in answer.value, answer.value
+    return answer.value["ids"]
+
+
+def ask(s: Sim, **args: Any) -> Any:
+    return s.machine.scheduler_query(args)
+
+
+def state(s: Sim, sid: int) -> str:
+    return ask(s, q="info", id=sid)["state"]
+
+
+def test_after_dependencies_hold_a_task_until_they_are_done() -> None:
+    s = sim()
+    a, b = submit(s, {"cmd": "echo a", "job": "j"}, {"argv": ["echo", "b"], "after": [1], "name": "second"})
+    assert (a, b) == (1, 2)
+    assert state(s, a) == "pending" and state(s, b) == "waiting"
+    info = ask(s, q="info", id=b)
+    assert info["after"] == [1] and info["tid"] is None and info["command"] == "echo b" and info["name"] == "second"
+    cid = s.join("w1", slots=2)
+    s.poll(cid)
+    assert state(s, a) == "running" and ask(s, q="info", id=a)["workers"] == ["w1"]
+    s.run()
+    assert state(s, a) == "done" and state(s, b) == "done"
+    info = ask(s, q="info", id=a)
+    assert info["exit_code"] == 0 and info["start"] == 1.0 and info["finish"] == 2.0 and info["job"] == "j"
+    # A task submitted after done tasks starts at once (the worker has room).
+    (c,) = submit(s, {"cmd": "true", "after": [a, b]})
+    assert state(s, c) == "running"
+    s.machine.check_invariants()
+
+
+def test_require_waits_for_a_worker_with_the_tag_and_want_prefers_one() -> None:
+    s = sim()
+    cpu = s.join("cpu-box", have=("cpu",))
+    gpu, pref = submit(s, {"cmd": "train", "require": ["gpu"]}, {"cmd": "x", "want": ["fast"]})
+    s.run()
+    assert state(s, gpu) == "pending" and state(s, pref) == "done"
+    rows = ask(s, q="status", tag="gpu")["tasks"]
+    assert [r["id"] for r in rows] == [gpu] and rows[0]["require"] == ["gpu"]
+    changed = s.h.op({"op": "worker", "client": "cpu-box", "add": ["gpu"], "remove": ["cpu"]})
+    assert changed == WorkerChanged(cid=cpu, tags=("gpu",), drained=False, effects=changed.effects)
+    s.poll(cpu)
+    assert state(s, gpu) == "running"
+    # A later join under the same name keeps the operator's change.
+    s.h.op({"op": "join", "client": "cpu-box", "addr": "cpu-box:7000", "slots": 2, "have": ["cpu"]})
+    assert s.machine.state.clients[cpu].tags == frozenset({"gpu"})
+    s.run()
+    assert state(s, gpu) == "done"
+
+
+def test_drain_lets_running_tasks_finish_and_takes_nothing_more() -> None:
+    s = sim()
+    cid = s.join("w", slots=1)
+    first, second = submit(s, {"cmd": "a"}, {"cmd": "b"})
+    s.poll(cid)
+    assert state(s, first) == "running" and state(s, second) == "pending"
+    assert s.h.op({"op": "worker", "client": "w", "drain": True}).drained
+    s.complete(cid, s.runnable(cid)[0])
+    s.run()
+    assert state(s, first) == "done" and state(s, second) == "pending"
+    other = s.join("v", slots=1)
+    s.poll(other)
+    assert state(s, second) == "running"
+
+
+def test_cancel_cascades_to_dependents_and_kills_the_running_command() -> None:
+    s = sim()
+    cid = s.join("w", slots=2)
+    a, b, c, d = submit(s, {"cmd": "sleep 100"}, {"cmd": "b", "after": [1]}, {"cmd": "c", "after": [2]}, {"cmd": "d"})
+    s.poll(cid)
+    tid_a = ask(s, q="info", id=a)["tid"]
+    answer = s.h.op({"op": "command", "body": {"do": "cancel", "ids": [a]}})
+    assert answer.value == {"cancelled": [a, b, c]}
+    s.poll(cid)
+    assert tid_a in s.killed[cid]
+    assert [state(s, x) for x in (a, b, c)] == ["cancelled"] * 3
+    assert "was cancelled" in ask(s, q="info", id=c)["error"]
+    s.run()
+    assert state(s, d) == "done"
+    # A task submitted after a cancelled one is cancelled with it at once.
+    (e,) = submit(s, {"cmd": "e", "after": [b]})
+    assert state(s, e) == "cancelled"
+    assert s.machine.run_state is RunState.RUNNING
+
+
+def test_cancel_by_job_and_a_failure_cancels_dependents() -> None:
+    s = sim()
+    cid = s.join("w", slots=4)
+    ids = submit(s, {"cmd": "x", "job": "nightly"}, {"cmd": "y", "job": "nightly"}, {"cmd": "z"})
+    assert ask(s, q="job", job="nightly") == ids[:2]
+    answer = s.h.op({"op": "command", "body": {"do": "cancel", "job": "nightly"}})
+    assert answer.value == {"cancelled": ids[:2]}
+    f, g = submit(s, {"cmd": "false"}, {"cmd": "after-false", "after": [ids[-1] + 1]})
+    s.poll(cid)
+    s.fail(cid, ask(s, q="info", id=f)["tid"], "command failed: verdict exit_code; exit code 1")
+    assert state(s, f) == "failed" and state(s, g) == "cancelled"
+    assert "failed" in ask(s, q="info", id=g)["error"]
+
+
+def test_a_cancel_op_from_outside_reaches_task_killed() -> None:
+    s = sim()
+    a, b = submit(s, {"cmd": "a"}, {"cmd": "b", "after": [1]})
+    tid = ask(s, q="info", id=a)["tid"]
+    answer = s.h.op({"op": "cancel", "tid": tid})
+    assert isinstance(answer, Cancelled) and answer.killed == (tid,)
+    assert state(s, a) == "cancelled" and state(s, b) == "cancelled"
+    assert s.machine.run_state is RunState.RUNNING
+
+
+class Planned(Coordinator):
+    """A computation with a final task and no task_killed hook."""
+
+    def init(self, seed: int) -> None:
+        self.last = self.start_task(cmd="sleep 100")
+
+    def task_done(self, tid: int, values: dict[str, Any]) -> None:
+        self.finish([tid])
+
+
+class Forgiving(Planned):
+    def task_killed(self, tid: int) -> None:
+        self.finish(values={"cancelled": tid})
+
+
+def test_cancelling_a_computations_final_task_ends_it() -> None:
+    h = Harness(Planned)
+    h.init()
+    answer = h.op({"op": "cancel", "tid": 1})
+    assert isinstance(answer, Cancelled) and answer.killed == (1,)
+    assert h.machine.run_state is RunState.FAILED
+    failure = h.status["failure"]
+    assert failure["kind"] == "cancel" and failure["tid"] == 1 and "task_killed" in failure["message"]
+
+    h = Harness(Forgiving)
+    h.init()
+    h.op({"op": "cancel", "tid": 1})
+    assert h.machine.run_state is RunState.FINISHED and h.status["result"]["values"] == {"cancelled": 1}
+
+
+def test_hostile_commands_and_questions_are_refused_without_harm() -> None:
+    s = sim()
+    bad = [
+        "not a map",
+        {"do": "explode"},
+        {"do": "submit", "tasks": []},
+        {"do": "submit", "tasks": [{"cmd": "a", "argv": ["b"]}]},
+        {"do": "submit", "tasks": [{"cmd": ""}]},
+        {"do": "submit", "tasks": [{"cmd": "a", "after": [99]}]},
+        {"do": "submit", "tasks": [{"cmd": "a", "retries": -1}]},
+        {"do": "submit", "tasks": [{"cmd": "a", "timeout": float("nan")}]},
+        {"do": "submit", "tasks": [{"cmd": "a", "env": {"A=B": "c"}}]},
+        {"do": "submit", "tasks": [{"cmd": "a", "limits": {"rockets": 1}}]},
+        {"do": "submit", "tasks": [{"cmd": "a", "require": "gpu"}]},
+        {"do": "submit", "tasks": [{"cmd": "a", "colour": "red"}]},
+        {"do": "submit", "tasks": [{"cmd": "ok"}, {"cmd": 3}]},
+        {"do": "submit", "tasks": [{"cmd": "a"}] * (MAX_BATCH + 1)},
+        {"do": "cancel", "ids": [12345]},
+        {"do": "cancel", "job": "nope"},
+    ]
+    for body in bad:
+        answer = s.h.op({"op": "command", "body": body})
+        assert isinstance(answer, Commanded) and "error" in answer.value, (body, answer)
+    assert ask(s, q="status")["total"] == 0 and s.machine.run_state is RunState.RUNNING
+    assert "task 2 of 2" in s.h.op({"op": "command", "body": bad[12]}).value["error"]
+    for args in ({"q": "status", "limit": 10**9}, {"q": "what"}, {"q": "states", "ids": "x"}):
+        with pytest.raises(BadOp):
+            s.machine.scheduler_query(args)
+    assert ask(s, q="info", id=77) is None
+    answer = s.h.op({"op": "worker", "client": "ghost", "add": ["gpu"]})
+    assert isinstance(answer, Refused) and answer.code == "unknown"
+    answer = s.h.op({"op": "worker", "client": "w", "add": "gpu"})
+    assert isinstance(answer, Refused) and answer.code == "malformed"
+
+
+def test_a_scheduler_without_command_or_query_hooks_refuses_them() -> None:
+    h = Harness(Planned)
+    h.init()
+    answer = h.op({"op": "command", "body": {"do": "submit"}})
+    assert isinstance(answer, Refused) and answer.code == "unknown" and "takes no commands" in answer.error
+    with pytest.raises(BadOp, match="answers no queries"):
+        h.machine.scheduler_query({})
+
+
+def test_status_pages_and_filters() -> None:
+    s = sim()
+    submit(s, *({"cmd": f"t{i}", "job": "even" if i % 2 == 0 else "odd"} for i in range(25)))
+    page = ask(s, q="status", offset=10, limit=5)
+    assert page["total"] == 25 and [r["id"] for r in page["tasks"]] == [11, 12, 13, 14, 15]
+    assert ask(s, q="status", job="odd", limit=100)["total"] == 12
+    assert ask(s, q="status", state="running")["total"] == 0
+    cid = s.join("w", slots=3)
+    s.poll(cid)
+    running = ask(s, q="status", state="running")
+    assert running["total"] == 3 and all(r["workers"] == ["w"] for r in running["tasks"])
+    assert ask(s, q="status", worker="w")["total"] == 3
+    assert ask(s, q="states", ids=[1, 4, 999]) == {"1": "running", "4": "pending", "999": None}
+
+
+def test_snapshot_keeps_the_queue() -> None:
+    s = sim()
+    cid = s.join("w", slots=1)
+    submit(s, {"cmd": "a", "job": "j"}, {"cmd": "b", "after": [1]})
+    s.poll(cid)
+    copy = CoordinatorMachine(QueueScheduler)
+    copy.restore(s.machine.snapshot())
+    assert copy.scheduler_query({"q": "info", "id": 2}) == s.machine.scheduler_query({"q": "info", "id": 2})
+    assert copy.scheduler_query({"q": "status"}) == s.machine.scheduler_query({"q": "status"})
+
+
+def test_check_spec_normalizes() -> None:
+    assert check_spec({"cmd": "x", "require": ["a", "a"], "retries": 0, "timeout": 2}) == {
+        "cmd": "x",
+        "require": ["a"],
+        "timeout": 2.0,
+    }
+
+
+def test_retention_compacts_finished_tasks_out_of_the_coordinator() -> None:
+    s = sim()
+    answer = s.h.op({"op": "command", "body": {"do": "configure", "retention": 10}})
+    assert answer.value == {"retention": 10.0}
+    assert "error" in s.h.op({"op": "command", "body": {"do": "configure", "retention": -1}}).value
+    cid = s.join("w", slots=4)
+    a, b, c = submit(s, {"cmd": "echo a", "job": "j"}, {"cmd": "b"}, {"cmd": "sleep", "after": [1]})
+    s.poll(cid)
+    s.complete(cid, ask(s, q="info", id=a)["tid"])
+    s.h.tick(5.0)
+    s.poll(cid)
+    s.complete(cid, ask(s, q="info", id=b)["tid"])
+    before = ask(s, q="info", id=a)
+    tid_a = before["tid"]
+    assert s.machine.task_info(tid_a) is not None and len(s.machine.state.tasks) == 3
+    # Time passes; the next hook compacts what ended more than 10 s ago, and only that.
+    s.h.tick(8.0)
+    submit(s, {"cmd": "later"})
+    assert s.machine.task_info(tid_a) is None and s.machine.state.forgotten == 1
+    assert s.machine.task_info(ask(s, q="info", id=b)["tid"]) is not None
+    after = ask(s, q="info", id=a)
+    for key in ("state", "exit_code", "start", "finish", "worker", "command", "job", "after"):
+        assert after[key] == before[key], key
+    assert ask(s, q="status", state="done")["counts"]["compacted"] == 1
+    s.machine.check_invariants()
+    # The compacted state survives a snapshot.
+    copy = CoordinatorMachine(QueueScheduler)
+    copy.restore(s.machine.snapshot())
+    assert copy.scheduler_query({"q": "info", "id": a}) == after
+    s.run()
+    assert state(s, c) == "done"
+
+
+def test_forget_task_refuses_active_and_read_tasks() -> None:
+    class Forgetful(Coordinator):
+        def init(self, seed: int) -> None:
+            self.first = self.start_task(cmd="a")
+            self.second = self.start_task(cmd="b", pretasks=[self.first])
+            for tid in (self.first, 99):
+                try:
+                    self.forget_task(tid)
+                except ValueError as exc:
+                    self.errors = [*getattr(self, "errors", []), str(exc)]
+
+    h = Harness(Forgetful)
+    h.init()
+    errors = h.machine.scheduler.errors  # type: ignore[union-attr]
+    assert "pending" in errors[0] and "no task" in errors[1]
