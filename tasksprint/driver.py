@@ -55,7 +55,7 @@ import attrs
 from tasksprint import codec
 from tasksprint.api import BlockResult, PeerDigest, Result
 from tasksprint.app import App
-from tasksprint.machine import DUPLICATE, Applier
+from tasksprint.machine import DUPLICATE, Applier, SnapshotUnavailable
 from tasksprint.observe import NULL, Observer
 from tasksprint.paxos.core import PaxosCore, Role
 from tasksprint.paxos.durable import Record
@@ -265,7 +265,15 @@ class ReplicaDriver:
         """Snapshot the applied state and let the core compact its log up to it."""
         self._since_snapshot = 0
         applied = self.applier.applied
-        self.core.compact(applied, self.applier.snapshot())
+        try:
+            data = self.applier.snapshot()
+        except SnapshotUnavailable as exc:
+            # The log keeps growing until a later snapshot succeeds; the
+            # replica itself goes on (the state machine reports the cause).
+            if self.log is not None:
+                self.log.error("snapshot_failed", index=applied, error=str(exc))
+            return
+        self.core.compact(applied, data)
         if self.log is not None:
             self.log.info("snapshot_taken", index=applied)
 

@@ -68,7 +68,7 @@ from tasksprint.app import KVApp, NotYet
 from tasksprint.config import ReplicaConfig
 from tasksprint.disk_writer import DiskWriter
 from tasksprint.driver import DivergenceError, DriverConfig, ReplicaDriver, RequestKey
-from tasksprint.machine import Applier
+from tasksprint.machine import Applier, BadSnapshot
 from tasksprint.observe import NULL, Observer
 from tasksprint.paxos.core import PaxosCore, Role
 from tasksprint.paxos.messages import PEER_MESSAGES, CommandBlock
@@ -213,6 +213,16 @@ class Replica:
         self._storage = Storage.open(cfg.data_dir, replica_id=cfg.rid, cluster=cfg.cluster, fsync=cfg.fsync)
         try:
             state = self._storage.load()
+            applier = Applier(self.app.machine, observer=self.observer)
+            if state.snapshot_data is not None:
+                # Restored here once to name the file if it is damaged; the
+                # driver restores it again as the core's first Ready says.
+                try:
+                    applier.restore(state.snapshot_data)
+                except BadSnapshot as exc:
+                    raise self._storage.corrupt(
+                        f"its snapshot at slot {state.snapshot_index} is damaged: {exc}"
+                    ) from None
             core = PaxosCore.restore(
                 cfg.paxos_config,
                 cfg.rid,
@@ -236,7 +246,7 @@ class Replica:
             )
             self._driver = ReplicaDriver(
                 core=core,
-                applier=Applier(self.app.machine, observer=self.observer),
+                applier=applier,
                 app=self.app,
                 storage=self._storage,
                 writer=self._disk,

@@ -273,6 +273,10 @@ class Storage:
             state.snapshot_index, state.snapshot_data = snap[0], bytes(snap[1])
         return state
 
+    def corrupt(self, why: str) -> StorageError:
+        """The error for stored state found damaged after :meth:`load` (a snapshot that does not restore)."""
+        return _corrupt(self._db_path, why)
+
     def _decode_value(self, slot: int, blob: bytes) -> Batch:
         try:
             value = codec.decode(blob)

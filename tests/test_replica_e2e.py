@@ -30,6 +30,7 @@ import json
 import os
 import random
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -688,6 +689,16 @@ def _case_other_replicas_dir(a: dict) -> str:
     return str(a["data"])
 
 
+def _case_damaged_snapshot(a: dict) -> str:
+    Storage.open(a["data"], replica_id=1, cluster="default").close()
+    db = a["data"] / "replica.db"
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute("INSERT INTO snapshot (id, idx, data) VALUES (1, 7, ?)", (b"\x85damaged",))
+    conn.close()
+    return str(db)
+
+
 def _case_bad_peers_port(a: dict) -> str:
     a["peers"] = f"{HOST}:{a['ports'][0]},{HOST}:99999,{HOST}:{a['ports'][2]}"
     return f"{HOST}:99999"
@@ -729,6 +740,7 @@ def _case_empty_secret(a: dict) -> str:
         _case_missing_data_dir,
         _case_garbage_db,
         _case_other_replicas_dir,
+        _case_damaged_snapshot,
         _case_bad_peers_port,
         _case_bad_peers_no_port,
         _case_two_peers,

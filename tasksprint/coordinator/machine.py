@@ -273,8 +273,28 @@ class CoordinatorMachine:
             return Initialized()
         s.scheduler = sched
         bind(sched, self._runtime)
-        self._call_hook(Hook.INIT, lambda: sched.init(seed))
+        ok, _ = self._call_hook(Hook.INIT, lambda: sched.init(seed))
+        if ok:
+            self._check_snapshottable(sched)
         return Initialized()
+
+    def _check_snapshottable(self, sched: Coordinator) -> None:
+        # Here, at a log slot every replica applies alike, rather than at a
+        # replica's own first snapshot, which would stop every replica.
+        runtime = unbind(sched)
+        try:
+            why = snapshots.check_scheduler(sched, self._scheduler_cls)
+        finally:
+            if runtime is not None:
+                bind(sched, runtime)
+        if why is not None:
+            slot = self._fx.slot
+            self._fail_computation(
+                {"kind": "snapshot", "hook": Hook.INIT.value, "tid": None, "cid": None, "slot": slot, "error": why},
+                why,
+            )
+            # No hook runs again; dropping the object lets this state be saved.
+            self._state.scheduler = None
 
     def _op_join(self, op: JoinOp) -> Joined:
         s = self._state
