@@ -71,6 +71,7 @@ from tasksprint.coordinator.ops import (
     Refused,
     Reported,
     ReportOp,
+    described,
     is_int,
     parse_op,
 )
@@ -348,7 +349,7 @@ class CoordinatorMachine:
         client, task = self._report_target(op)
         if not all(ptid in task.pretasks for ptid, _ in op.early):
             raise BadOp(
-                f"done: field 'early' must list [pretask tid, attempt] pairs of this task, got {op.early!r:.200}"
+                f"done: field 'early' must list [pretask tid, attempt] pairs of this task, got {described(op.early)}"
             )
         reason = self._stale_reason(client, task, op.attempt)
         if reason is not None:
@@ -543,7 +544,12 @@ class CoordinatorMachine:
         self._fx.effects.append(["hook", hook.value, tid, cid])
         try:
             return True, self._runtime.call(fn)
-        except (Exception, SystemExit) as exc:
+        except BaseException as exc:
+            # Anything the user's code raises, SystemExit and GeneratorExit
+            # included, fails the computation; only an interrupt of this
+            # process (Ctrl-C) goes on up.
+            if isinstance(exc, KeyboardInterrupt):
+                raise
             message = failure_message(self._scheduler_cls, hook, exc, seed=s.seed, tid=tid, cid=cid, slot=slot)
             self._log.error("scheduler_hook_failed", hook=hook.value, tid=tid, cid=cid, slot=slot, exc_info=exc)
             error = f"{type(exc).__name__}: {exc}"
