@@ -43,7 +43,7 @@ class ReplicaConfig:
     fsync: bool = True
     paxos: PaxosConfig | None = None
     snapshot_every: int = 20_000  # applied slots between snapshots
-    digest_every: int = 16  # slots between digest comparisons
+    digest_every: int = 1  # slots applied since the last digest report before a driver pass sends one
     tick_every: float = 0.005  # seconds between clock readings fed to the core
     max_frame: int = wire.MAX_FRAME_DEFAULT
 

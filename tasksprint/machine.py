@@ -257,6 +257,11 @@ class KVMachine:
                 return len(lst)
         return {"error": f"unknown kv op (a {type(op).__name__})"}
 
+    @property
+    def size(self) -> int:
+        """How many keys there are."""
+        return len(self._data)
+
     def tick(self, now: float, data: Any, ctx: ApplyContext) -> Any:
         self._now = max(self._now, now)
         return None

@@ -27,10 +27,14 @@ the clock.  Tasks:
   nothing else in flight, which it does itself right after the pass's sends:
   a follower's vote, or a leader's Accept, at light load.
 
-Replicas compare a running digest of what they applied every
-``digest_every`` slots; a mismatch means a nondeterministic state machine (a
-scheduler hook that is not deterministic) and stops the replica with a
-:class:`~tasksprint.driver.DivergenceError` naming the slot.
+After each driver pass that applied slots, a replica sends its peers its
+running digest of what it applied (see :mod:`tasksprint.digests`).  It
+answers questions about its state (views, status, task info) only once a
+majority of the replicas is known to share that state; a mismatch means a
+non-deterministic state machine (a scheduler hook that is not deterministic):
+a replica in the minority stops with a
+:class:`~tasksprint.driver.DivergenceError` naming the slots, the majority
+goes on and reports the divergence in its :class:`~tasksprint.api.ReplicaStatus`.
 
 The replica's :class:`~tasksprint.observe.Observer` (``observer``, default
 :data:`~tasksprint.observe.NULL`) goes to the driver and the applier (see
@@ -165,7 +169,9 @@ class Replica:
     _disk: DiskWriter | None = None
     _peer_out: dict[int, Outbox] = attrs.Factory(dict)
     _log: Any = None
-    _parked: list[tuple[Outbox, str, dict, float]] = attrs.Factory(list)
+    # Long-polls waiting for a change or for their slot to be confirmed:
+    # (mailbox, name, args, deadline, the applied slot the answer must be confirmed up to).
+    _parked: list[tuple[Outbox, str, dict, float, int]] = attrs.Factory(list)
     port: int | None = None
     observer: Observer = attrs.field(default=NULL, kw_only=True)
     # Span and counter names per query name (bounded: the names come from clients).
@@ -204,6 +210,7 @@ class Replica:
             commit_p50_ms=round(times[len(times) // 2] * 1000, 3) if times else None,
             commit_p99_ms=round(times[min(len(times) - 1, len(times) * 99 // 100)] * 1000, 3) if times else None,
             commit_samples=len(times),
+            divergence=self.driver.divergence,
         )
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -348,10 +355,10 @@ class Replica:
     def _retry_parked(self, now: float) -> None:
         parked, self._parked = self._parked, []
         with self.observer.span("replica.retry_parked"):
-            for box, name, args, deadline in parked:
+            for box, name, args, deadline, needed in parked:
                 if deadline <= now:
                     args = {**args, "wait": 0}
-                self._answer_query(box, name, args, deadline)
+                self._answer_query(box, name, args, deadline, needed)
         self.observer.count("query.parked_answered", len(parked) - len(self._parked))
 
     # ------------------------------------------------------------------
@@ -418,6 +425,8 @@ class Replica:
                 self.app.merge_contacts(list(msg.cids), time.monotonic())
             elif isinstance(msg, PeerDigest):
                 driver.digest_from(src, msg)
+                if self._parked:
+                    self._retry_parked(time.monotonic())
             else:
                 raise wire.BadMessage(f"unexpected {type(msg).__name__} from replica {src}")
 
@@ -457,20 +466,30 @@ class Replica:
             case Query(name=name, args=args):
                 wait = args.get("wait", 0)
                 wait = min(float(wait), 60.0) if isinstance(wait, (int, float)) else 0.0
-                self._answer_query(box, name, args, time.monotonic() + wait)
+                self._answer_query(box, name, args, time.monotonic() + wait, self.applier.applied)
             case _:
                 raise wire.BadMessage(f"unexpected {type(msg).__name__} from a client")
         return False
 
-    def _answer_query(self, box: Outbox, name: str, args: dict, deadline: float) -> None:
+    def _answer_query(self, box: Outbox, name: str, args: dict, deadline: float, needed: int) -> None:
+        """Answer a question about the state, once a majority is known to share it up to ``needed``.
+
+        Until then the question waits, whatever its deadline: a state only
+        this replica reached (a scheduler that is not deterministic) must not
+        be acted on.  A replica in the minority stops; its clients move on.
+        """
         span, parked = self._query_span_names(name)
+        if self.driver.confirmed < needed:
+            self.observer.count(parked)
+            self._parked.append((box, name, args, deadline, needed))
+            return
         try:
             with self.observer.span(span):
                 result = self.app.query(name, args)
             box.push(QueryReply(name=name, result=result))
         except NotYet:
             self.observer.count(parked)
-            self._parked.append((box, name, args, deadline))
+            self._parked.append((box, name, args, deadline, self.applier.applied))
         except Exception as exc:  # a bad query must not take the replica down
             box.push(QueryReply(name=name, error=f"{type(exc).__name__}: {exc}"))
 

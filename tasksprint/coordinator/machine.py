@@ -155,6 +155,11 @@ class CoordinatorMachine:
         return self._state.scheduler
 
     @property
+    def tasks_started(self) -> int:
+        """How many tasks the scheduler has started so far."""
+        return self._state.next_tid - 1
+
+    @property
     def last_hook(self) -> dict[str, Any] | None:
         """The last hook called: ``{"hook", "tid", "cid", "slot"}``, or None."""
         return views.last_hook(self._state)
