@@ -217,7 +217,13 @@ class Replica:
         """Open storage, recover, serve. Raises StorageError (bad data dir) before serving."""
         cfg = self.config
         self._log = log.bind(replica=cfg.rid)
-        self._storage = Storage.open(cfg.data_dir, replica_id=cfg.rid, cluster=cfg.cluster, fsync=cfg.fsync)
+        self._storage = Storage.open(
+            cfg.data_dir,
+            replica_id=cfg.rid,
+            cluster=cfg.cluster,
+            fsync=cfg.fsync,
+            peers=",".join(f"{h}:{p}" for h, p in cfg.peers),
+        )
         try:
             state = self._storage.load()
             applier = Applier(self.app.machine, observer=self.observer)
