@@ -49,6 +49,7 @@ import collections
 import gc
 import os
 import random
+import threading
 import time
 from typing import Any
 
@@ -172,6 +173,7 @@ class Replica:
     # Long-polls waiting for a change or for their slot to be confirmed:
     # (mailbox, name, args, deadline, the applied slot the answer must be confirmed up to).
     _parked: list[tuple[Outbox, str, dict, float, int]] = attrs.Factory(list)
+    _watchdog: HookWatchdog | None = None
     port: int | None = None
     observer: Observer = attrs.field(default=NULL, kw_only=True)
     # Span and counter names per query name (bounded: the names come from clients).
@@ -271,6 +273,9 @@ class Replica:
                 observer=self.observer,
             )
             host, port = cfg.peers[cfg.rid]
+            watchdog = HookWatchdog(self.app, cfg.hook_report_after, self._log)
+            watchdog.start()
+            self._watchdog = watchdog
             async with trio.open_nursery() as nursery:
                 listeners = await self._listen(nursery, host, port)
                 self.port = _port_of(listeners, port)
@@ -282,6 +287,8 @@ class Replica:
                 task_status.started(self)
                 await self._drive()
         finally:
+            if self._watchdog is not None:
+                self._watchdog.stop()
             if self._disk is not None:
                 self._disk.stop()  # what was submitted still reaches the disk
             self._storage.close()
@@ -515,3 +522,57 @@ def _port_of(listeners: Any, default: int) -> int:
         return listeners[0].socket.getsockname()[1]
     except (TypeError, IndexError, AttributeError):
         return default
+
+
+class HookWatchdog:
+    """A thread that reports a scheduler hook still running after ``after`` seconds.
+
+    Hooks run inside the driver pass, on the event loop's thread, so while
+    one runs the replica answers nobody: this thread is the one that can
+    still speak.  It logs ``scheduler_hook_slow`` (hook, slot, task, client,
+    seconds) once per call, and ``scheduler_hook_returned`` when a reported
+    call ends.  It only reads the app's :meth:`~tasksprint.app.App.hook_running`.
+    """
+
+    POLL = 0.25  # seconds between looks
+
+    def __init__(self, app: Any, after: float, log_: Any) -> None:
+        self._app, self._after, self._log = app, after, log_
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="hook-watchdog", daemon=True)
+
+    def start(self) -> None:
+        if self._after > 0:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _watch(self) -> None:
+        seen: tuple[int, dict] | None = None
+        since = 0.0
+        reported = False
+        while not self._stop.wait(self.POLL):
+            try:
+                running = self._app.hook_running()
+            except Exception:  # read while the loop thread changes it: look again later
+                continue
+            now = time.monotonic()
+            if running is None or seen is None or running[0] != seen[0]:
+                if reported and seen is not None:
+                    self._log.warning("scheduler_hook_returned", seconds=round(now - since, 1), **seen[1])
+                seen, since, reported = running, now, False
+                continue
+            if not reported and now - since >= self._after:
+                reported = True
+                self._log.error(
+                    "scheduler_hook_slow",
+                    seconds=round(now - since, 1),
+                    message=(
+                        f"scheduler hook {seen[1].get('hook')} (log slot {seen[1].get('slot')}) has not returned "
+                        f"after {now - since:.0f}s; every replica waits for it"
+                    ),
+                    **seen[1],
+                )

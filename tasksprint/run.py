@@ -41,6 +41,26 @@ class RunFailed(Exception):
     """The computation cannot end well; the message says why, for people."""
 
 
+def last_hook_event(log: Path) -> dict[str, Any] | None:
+    """The last ``scheduler_hook_slow`` or ``scheduler_hook_returned`` event in a replica's JSON ``log``."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            tail = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(tail):
+        if '"scheduler_hook_' in line:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict):
+                return event
+    return None
+
+
 def last_words(log: Path, *, lines: int = 200) -> str:
     """The last error a replica or client process wrote to ``log`` (JSON or plain lines), or ""."""
     try:
@@ -86,7 +106,9 @@ class LocalRun:
     data: Path | None = None
     progress: TextIO | None = sys.stderr
     timeout: float | None = None
+    hook_report_after: float = 30.0  # seconds before a replica reports a hook that runs on
     _tmp: str | None = None
+    _reported: set[str] = attrs.Factory(set)  # slow-hook messages already shown
     keep: bool = False  # keep a temporary base directory (its logs explain a failure)
     cluster: LocalCluster | None = None
     client_procs: list[subprocess.Popen] = attrs.Factory(list)
@@ -101,7 +123,12 @@ class LocalRun:
     def start(self) -> None:
         base = self.base()
         base.mkdir(parents=True, exist_ok=True)
-        self.cluster = LocalCluster(base, self.replicas, scheduler=self.scheduler)
+        self.cluster = LocalCluster(
+            base,
+            self.replicas,
+            scheduler=self.scheduler,
+            extra_args=["--hook-report-after", str(self.hook_report_after)],
+        )
         self.cluster.start()
         for i in range(self.clients):
             self.start_client(i)
@@ -198,6 +225,7 @@ class LocalRun:
                 st = await channel.status()
                 status: ComputationStatus = await channel.request(StatusRequest())
             except ASK_ERRORS:
+                self.report_slow_hooks()
                 self.check_processes()
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"the computation did not end within {self.timeout}s") from None
@@ -220,6 +248,19 @@ class LocalRun:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"the computation did not end within {self.timeout}s")
             await trio.sleep(0.2)
+
+    def report_slow_hooks(self) -> None:
+        """Show, once each, the hooks the replicas report as running on (their event loops are blocked)."""
+        cluster = self.cluster
+        if cluster is None or self.progress is None:
+            return
+        for i in range(len(cluster.procs)):
+            event = last_hook_event(cluster.log_file(i))
+            if event is not None and event.get("event") == "scheduler_hook_slow":
+                line = f"replica {i}: {event.get('message', 'a scheduler hook has not returned')}"
+                if line not in self._reported:
+                    self._reported.add(line)
+                    print(line, file=self.progress, flush=True)
 
     def check_processes(self) -> None:
         """Raise :class:`RunFailed` if the processes the computation needs are gone, quoting why they went."""
@@ -336,6 +377,7 @@ def run_local(
     slots: int | None = None,
     data: Path | None = None,
     timeout: float | None = None,
+    hook_report_after: float = 30.0,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
 ) -> int:
@@ -348,7 +390,7 @@ def run_local(
     except SchedulerLoadError as exc:
         print(f"tasksprint run: {exc}", file=err)
         return 2
-    run = LocalRun(scheduler, node, replicas, clients, slots, data, err, timeout)
+    run = LocalRun(scheduler, node, replicas, clients, slots, data, err, timeout, hook_report_after)
     # Ctrl-C must reach us even when started from a shell that ignores SIGINT
     # in background jobs: we are the one who cleans up the processes.
     signal.signal(signal.SIGINT, signal.default_int_handler)

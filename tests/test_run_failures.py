@@ -198,3 +198,67 @@ def _no_strays(tmp_path: Path):  # type: ignore[no-untyped-def]
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+SLOW_INIT_SCHEDULER = textwrap.dedent(
+    """
+    import time
+    from tasksprint import Coordinator
+
+    class SlowInit(Coordinator):
+        def init(self, seed):
+            time.sleep(8)  # stands for a hook that never returns; bounded so the test is
+            self.start_task(name="echo", keys=["out"])
+
+        def task_done(self, tid, values):
+            self.finish(taskids=[tid], values=values)
+
+    SlowInit().start()
+    """
+)
+
+
+def test_a_hook_that_has_not_returned_is_reported_with_its_hook_and_slot(tmp_path: Path, local_cluster) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    (tmp_path / "slow.py").write_text(SLOW_INIT_SCHEDULER)
+    cluster = local_cluster(3, scheduler=f"{tmp_path / 'slow.py'}:SlowInit", extra_args=["--hook-report-after", "0.5"])
+
+    def events(i: int) -> list[dict]:
+        out = []
+        for line in cluster.logs(i).splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict) and str(event.get("event", "")).startswith("scheduler_hook_"):
+                out.append(event)
+        return out
+
+    deadline = time.monotonic() + LIMIT
+    while True:
+        found = {i: events(i) for i in range(3)}
+        if all(any(e["event"] == "scheduler_hook_returned" for e in found[i]) for i in range(3)):
+            break
+        assert time.monotonic() < deadline, found
+        time.sleep(0.2)
+    for i in range(3):
+        slow = [e for e in found[i] if e["event"] == "scheduler_hook_slow"]
+        assert len(slow) == 1, found[i]
+        assert slow[0]["hook"] == "init" and slow[0]["slot"] >= 1, slow[0]
+        assert "has not returned" in slow[0]["message"], slow[0]
+
+
+def test_tasksprint_run_shows_a_hook_that_has_not_returned(tmp_path: Path) -> None:
+    (tmp_path / "slow.py").write_text(SLOW_INIT_SCHEDULER)
+    (tmp_path / "node.py").write_text(ECHO_NODE)
+    run = Run(
+        tmp_path,
+        f"{tmp_path / 'slow.py'}:SlowInit",
+        f"{sys.executable} {tmp_path / 'node.py'}",
+        "--hook-report-after",
+        "0.5",
+    )
+    code, out, err = run.finish()
+    assert code == 0, err
+    assert "scheduler hook init (log slot" in err and "has not returned" in err, err

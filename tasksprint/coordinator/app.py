@@ -122,6 +122,9 @@ class CoordinatorApp:
             where += f" for client {hook['cid']}"
         return f"last scheduler call: {where} in slot {hook['slot']} (compared at slot {slot})"
 
+    def hook_running(self) -> tuple[int, dict[str, Any]] | None:
+        return self.machine.hook_running()
+
     def effects_summary(self) -> tuple[str, int]:
         hook = self.machine.last_hook
         if hook is None:

@@ -154,6 +154,17 @@ class CoordinatorMachine:
         """The user's scheduler object (None before the init entry)."""
         return self._state.scheduler
 
+    def hook_running(self) -> tuple[int, dict[str, Any]] | None:
+        """(call number, the hook as in :attr:`last_hook`) while a scheduler hook runs, else None.
+
+        Read from another thread by a replica's watchdog: it looks, and changes nothing.
+        """
+        runtime = self._runtime
+        hook = self._state.last_hook
+        if not runtime.active or hook is None:
+            return None
+        return runtime.calls, dict(hook)
+
     @property
     def tasks_started(self) -> int:
         """How many tasks the scheduler has started so far."""
