@@ -185,6 +185,11 @@ def test_a_scheduler_that_is_not_deterministic_fails_the_run_saying_so(tmp_path:
     assert "the scheduler is not deterministic" in err, err
     assert "init in slot" in err, err
     assert "9 tasks started on replica 0, 6 on replicas 1 and 2" in err, err
+    # Decided by majority: replica 0 alone stopped itself; 1 and 2 went on until the run stopped them.
+    logs = [(tmp_path / "run" / f"replica{i}.log").read_text(errors="replace") for i in range(3)]
+    assert '"state_divergence"' in logs[0], logs[0][-3000:]
+    for i in (1, 2):
+        assert '"state_divergence"' not in logs[i], logs[i][-3000:]
 
 
 @pytest.fixture(autouse=True)
