@@ -226,6 +226,10 @@ class LocalRun:
                 status: ComputationStatus = await channel.request(StatusRequest())
             except ASK_ERRORS:
                 self.report_slow_hooks()
+                if self.client_procs and all(p.poll() is not None for p in self.client_procs):
+                    final = await self._ended_elsewhere(channel)
+                    if final is not None:
+                        return final
                 self.check_processes()
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"the computation did not end within {self.timeout}s") from None
@@ -244,10 +248,32 @@ class LocalRun:
                 raise RunFailed(st.divergence)
             if status.ended:
                 return status
+            if self.client_procs and all(p.poll() is not None for p in self.client_procs):
+                # Clients leave once the computation ended; the replica asked
+                # may be a little behind the one they heard it from.
+                final = await self._ended_elsewhere(channel)
+                if final is not None:
+                    return final
             self.check_processes()
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"the computation did not end within {self.timeout}s")
             await trio.sleep(0.2)
+
+    async def _ended_elsewhere(self, channel: ReplicaChannel, patience: float = 5.0) -> ComputationStatus | None:
+        """The final status from any replica that has it within ``patience`` seconds, else None."""
+        assert self.cluster is not None
+        deadline = time.monotonic() + patience
+        while time.monotonic() < deadline:
+            for i in range(len(self.cluster.addrs)):
+                try:
+                    await channel.prefer(i)
+                    status: ComputationStatus = await channel.request(StatusRequest(), timeout=1.0)
+                except ASK_ERRORS:
+                    continue
+                if status.ended:
+                    return status
+            await trio.sleep(0.2)
+        return None
 
     def report_slow_hooks(self) -> None:
         """Show, once each, the hooks the replicas report as running on (their event loops are blocked)."""
