@@ -490,4 +490,4 @@ def parse_query(name: Any, args: Any) -> Request:
         case "info":
             return InfoRequest(tid=_int(args, "info", "tid"))
         case _:
-            raise BadOp(f"unknown query {described(name)}; known: view, status, info", ErrorCode.UNKNOWN)
+            raise BadOp(f"unknown query {name!r:.100}; known: view, status, info", ErrorCode.UNKNOWN)
