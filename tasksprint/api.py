@@ -100,6 +100,8 @@ class ReplicaStatus:
     commit_p50_ms: float | None = attrs.field(default=None, validator=_opt_num)
     commit_p99_ms: float | None = attrs.field(default=None, validator=_opt_num)
     commit_samples: int = attrs.field(default=0, validator=_int)
+    #: Non-empty once replicas were found to disagree: what differs, for people.
+    divergence: str = attrs.field(default="", validator=_str)
 
 
 @message
@@ -123,6 +125,9 @@ class PeerDigest:
 
     slot: int = attrs.field(validator=_int)
     digest: bytes = attrs.field(validator=attrs.validators.instance_of(bytes))
+    #: For people, should the digests differ: the last scheduler call and tasks started so far.
+    last_call: str = attrs.field(default="", validator=[_str, attrs.validators.max_len(200)])
+    tasks: int = attrs.field(default=0, validator=_int)
 
 
 @message

@@ -42,6 +42,12 @@ class App(Protocol):
     def describe_slot(self, slot: int) -> str:
         """Say what applying ``slot`` did, for a divergence report."""
 
+    def hook_running(self) -> tuple[int, dict[str, Any]] | None:
+        """(call number, {"hook", "slot", "tid", "cid"}) while user code runs, else None (for a watchdog)."""
+
+    def effects_summary(self) -> tuple[str, int]:
+        """For a divergence report: the last scheduler call (or "") and how many tasks (or items) there are."""
+
     def on_applied(self, slot: int) -> None:
         """Called after each applied slot, for bookkeeping of the application's own.
 
@@ -76,6 +82,12 @@ class KVApp:
 
     def describe_slot(self, slot: int) -> str:
         return f"key-value commands of slot {slot}"
+
+    def effects_summary(self) -> tuple[str, int]:
+        return "", self.machine.size
+
+    def hook_running(self) -> tuple[int, dict[str, Any]] | None:
+        return None
 
     def on_applied(self, slot: int) -> None:
         pass

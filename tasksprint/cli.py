@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slots", type=int, help="node processes per client (default: CPU count)")
     p.add_argument("--data", type=Path, help="keep data directories and logs here (default: a temporary dir)")
     p.add_argument("--timeout", type=float, help="give up after this many seconds")
+    p.add_argument(
+        "--hook-report-after", type=float, default=30.0, help="seconds before a scheduler hook that runs on is reported"
+    )
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="console", choices=["console", "json"])
 

@@ -79,6 +79,8 @@ def status(args: argparse.Namespace) -> int:
                 f"{address:<22} replica {st.rid}  {st.role:<10} leader={st.leader} "
                 f"ballot={st.ballot or '-'} commit={st.commit} applied={st.applied}{latency}"
             )
+        for divergence in sorted({st.divergence for st in answered if st.divergence}):
+            print(f"replicas disagree: {divergence}")
         if computation is not None:
             leader = next((st.leader for st in answered if st.leader is not None), None)
             print(progress_line(computation, leader))
@@ -189,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
         slots=args.slots,
         data=args.data,
         timeout=args.timeout,
+        hook_report_after=args.hook_report_after,
     )
 
 
@@ -305,4 +308,5 @@ def _status_dict(st: Any) -> dict:
         "commit_p50_ms": st.commit_p50_ms,
         "commit_p99_ms": st.commit_p99_ms,
         "commit_samples": st.commit_samples,
+        "divergence": st.divergence,
     }

@@ -41,9 +41,10 @@ class ReplicaConfig:
     secret: bytes
     cluster: str = "default"
     fsync: bool = True
+    hook_report_after: float = 30.0  # seconds a scheduler hook may run before it is reported
     paxos: PaxosConfig | None = None
     snapshot_every: int = 20_000  # applied slots between snapshots
-    digest_every: int = 16  # slots between digest comparisons
+    digest_every: int = 1  # slots applied since the last digest report before a driver pass sends one
     tick_every: float = 0.005  # seconds between clock readings fed to the core
     max_frame: int = framing.MAX_FRAME_DEFAULT
 

@@ -55,7 +55,8 @@ import attrs
 from tasksprint import codec
 from tasksprint.api import BlockResult, PeerDigest, Result
 from tasksprint.app import App
-from tasksprint.machine import DUPLICATE, Applier
+from tasksprint.digests import DigestTally, Disagreement, Minority, Summary, divergence_message
+from tasksprint.machine import DUPLICATE, Applier, SnapshotUnavailable
 from tasksprint.observe import NULL, Observer
 from tasksprint.paxos.core import PaxosCore, Role
 from tasksprint.paxos.durable import Record
@@ -67,7 +68,6 @@ RequestKey = tuple[str, str, int]  # (kind, client id, seq): what a client waits
 SMALL_WRITE = 16 * 1024  # bytes of values up to which a synced write may stay in the calling thread
 COMMIT_SAMPLES = 2000  # latest leader-side commit latencies kept for ReplicaStatus
 ARRIVALS_LIMIT = 80_000  # arrival times kept before the table is cleared (lost with a leader change)
-DIGESTS_KEPT = 1024  # own and peers' digests kept for comparison
 
 
 class DivergenceError(Exception):
@@ -109,7 +109,7 @@ class DriverConfig:
     fsync: bool = True  # False only for tests: nothing is synced
     small_write: int = SMALL_WRITE  # a synced write up to this size may stay inline; -1: never
     snapshot_every: int = 20_000  # applied slots between snapshots; 0: never
-    digest_every: int = 16  # slots between digest comparisons with the peers
+    digest_every: int = 1  # slots applied since the last digest report before a pass sends one
 
 
 def is_small(records: Iterable[Record], limit: int) -> bool:
@@ -158,8 +158,11 @@ class ReplicaDriver:
     # last ones took to be answered (for ReplicaStatus).
     _arrived: dict[RequestKey, float] = attrs.Factory(dict)
     _commit_times: collections.deque[float] = attrs.Factory(lambda: collections.deque(maxlen=COMMIT_SAMPLES))
-    _digests: collections.OrderedDict[int, bytes] = attrs.Factory(collections.OrderedDict)
-    _peer_digests: collections.OrderedDict[int, tuple[int, bytes]] = attrs.Factory(collections.OrderedDict)
+    # Which applied slots a majority shares (see tasksprint.digests); built after init.
+    _tally: DigestTally = attrs.field(init=False, default=None)
+    _reported: int = 0  # the last slot whose digest was sent to the peers
+    #: Set once a peer was found to disagree with the majority: what differs, for people.
+    divergence: str = ""
     _since_snapshot: int = 0
     _last_role: tuple[Role, Ballot | None] | None = None
     # The core's, the applier's and the storage's steps, each wrapped once for
@@ -181,6 +184,7 @@ class ReplicaDriver:
         self._tick = timed("paxos.tick", core.tick)
         self._apply_slot = timed("applier.apply_slot", self.applier.apply_slot)
         self._write = timed("storage.write", self.storage.write)
+        self._tally = DigestTally(self.core.rid, len(self.peers) + 1)
 
     # ------------------------------------------------------------------
     # Questions
@@ -189,6 +193,11 @@ class ReplicaDriver:
     def commit_times(self) -> list[float]:
         """Leader-side seconds from arrival to answer of the latest commands submitted here, sorted."""
         return sorted(self._commit_times)
+
+    @property
+    def confirmed(self) -> int:
+        """The highest applied slot a majority of the replicas (this one included) is known to agree on."""
+        return self._tally.confirmed
 
     @property
     def writes_in_flight(self) -> int:
@@ -242,13 +251,11 @@ class ReplicaDriver:
         self.wake()
 
     def digest_from(self, src: int, msg: PeerDigest) -> None:
-        """Replica ``src``'s digest after a slot: compare it with ours now, or once we applied that slot."""
-        if msg.slot in self._digests:
-            self._compare_digest(src, msg.slot, msg.digest)
-        elif msg.slot > self.applier.applied:
-            self._peer_digests[msg.slot] = (src, msg.digest)
-            while len(self._peer_digests) > DIGESTS_KEPT:
-                self._peer_digests.popitem(last=False)
+        """Replica ``src``'s digest after a slot: compare it with ours now, or once we applied that slot.
+
+        Raises :class:`DivergenceError` if this shows this replica is in the minority.
+        """
+        self._judge(self._tally.heard(src, msg.slot, msg.digest, Summary(msg.last_call, msg.tasks)))
 
     def written(self, groups: int) -> None:
         """The background writer made the oldest ``groups`` submitted Readies durable: advance them, in order."""
@@ -265,7 +272,15 @@ class ReplicaDriver:
         """Snapshot the applied state and let the core compact its log up to it."""
         self._since_snapshot = 0
         applied = self.applier.applied
-        self.core.compact(applied, self.applier.snapshot())
+        try:
+            data = self.applier.snapshot()
+        except SnapshotUnavailable as exc:
+            # The log keeps growing until a later snapshot succeeds; the
+            # replica itself goes on (the state machine reports the cause).
+            if self.log is not None:
+                self.log.error("snapshot_failed", index=applied, error=str(exc))
+            return
+        self.core.compact(applied, data)
         if self.log is not None:
             self.log.info("snapshot_taken", index=applied)
 
@@ -295,6 +310,7 @@ class ReplicaDriver:
                 if rd.snapshot is not None:
                     self._apply_chosen(chosen)
                     self.applier.restore(rd.snapshot[1])
+                    self._tally.restart_at(self.applier.applied, self.applier.digest, self._summary())
                     if self.log is not None:
                         self.log.info("snapshot_installed", index=rd.snapshot[0])
                 chosen.extend(rd.committed)
@@ -356,6 +372,17 @@ class ReplicaDriver:
             if every and self._since_snapshot >= every:
                 self.take_snapshot()
         chosen.clear()
+        applied = self.applier.applied
+        if self.config.digest_every and applied - self._reported >= self.config.digest_every:
+            # One report per pass, for its last slot: it leaves with the
+            # pass's other messages (the digest covers every earlier slot).
+            self._reported = applied
+            summary = self._tally.summary_of(applied)
+            report = PeerDigest(
+                slot=applied, digest=self.applier.digest, last_call=summary.last_call, tasks=summary.tasks
+            )
+            for box in self.peers.values():
+                box.push(report)
 
     def _apply(self, slot: int, batch: Batch) -> None:
         self.observer.value("applier.items_per_slot", len(batch.items))
@@ -375,16 +402,11 @@ class ReplicaDriver:
                     self._answered.append(box)
         self._since_snapshot += 1
         self.app.on_applied(slot)
-        if slot % self.config.digest_every == 0:
-            digest = self.applier.digest
-            self._digests[slot] = digest
-            while len(self._digests) > DIGESTS_KEPT:
-                self._digests.popitem(last=False)
-            for box in self.peers.values():
-                box.push(PeerDigest(slot=slot, digest=digest))
-            theirs = self._peer_digests.pop(slot, None)
-            if theirs is not None:
-                self._compare_digest(theirs[0], slot, theirs[1])
+        self._judge(self._tally.applied(slot, self.applier.digest, self._summary()))
+
+    def _summary(self) -> Summary:
+        last_call, tasks = self.app.effects_summary()
+        return Summary(last_call[:200], tasks)
 
     def _reply(self, cmd: Command | CommandBlock, result: Any, slot: int) -> Result | BlockResult:
         leader = self.core.leader_hint
@@ -410,18 +432,19 @@ class ReplicaDriver:
             duplicate=dup,
         )
 
-    def _compare_digest(self, src: int, slot: int, theirs: bytes) -> None:
-        mine = self._digests.get(slot)
-        if mine is None or mine == theirs:
-            return
-        what = self.app.describe_slot(slot)
-        if self.log is not None:
-            self.log.error("state_divergence", slot=slot, peer=src, detail=what)
-        raise DivergenceError(
-            f"replica {self.core.rid} and replica {src} applied the same log up to slot {slot} "
-            f"but reached different states ({what}). The state machine is not deterministic; "
-            "see docs/tutorial.md for the rules scheduler hooks must follow."
-        )
+    def _judge(self, found: list[Disagreement]) -> None:
+        """Act on what the digests decided: stop if this replica is in the minority, else report the peer."""
+        for d in found:
+            message = divergence_message(self.core.rid, d)
+            if isinstance(d, Minority):
+                if self.log is not None:
+                    self.log.error("state_divergence", slot=d.slot, peers=[p for p, _ in d.others], detail=message)
+                raise DivergenceError(
+                    f"replica {self.core.rid} stops: a majority of the replicas disagrees with its state; {message}"
+                )
+            if self.log is not None:
+                self.log.error("peer_diverged", slot=d.slot, peer=d.peer, detail=message)
+            self.divergence = self.divergence or message
 
     def _note_role(self) -> None:
         core = self.core

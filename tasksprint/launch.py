@@ -96,6 +96,12 @@ def add_replica_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heartbeat", type=float, default=0.05, help="seconds between leader heartbeats")
     p.add_argument("--tick-interval", type=float, default=0.1, help="seconds between TICK log entries")
     p.add_argument("--snapshot-every", type=int, default=20_000, help="applied slots between snapshots")
+    p.add_argument(
+        "--hook-report-after",
+        type=float,
+        default=30.0,
+        help="seconds a scheduler hook may run before the replica logs scheduler_hook_slow (default %(default)s)",
+    )
     add_common_arguments(p)
     p.add_argument(
         "--client-timeout",
@@ -146,6 +152,7 @@ def run_replica(args: argparse.Namespace, scheduler: type | None = None) -> int:
             cluster=args.cluster,
             paxos=paxos,
             snapshot_every=args.snapshot_every,
+            hook_report_after=args.hook_report_after,
         )
     except ValueError as exc:
         print(f"tasksprint replica: {exc}", file=sys.stderr)

@@ -30,6 +30,15 @@ class StopReplica(Exception):
     rather than be answered as an error result."""
 
 
+class SnapshotUnavailable(Exception):
+    """Raised by :meth:`StateMachine.snapshot` when the state cannot be saved now;
+    the message says why.  The replica goes on without compacting its log."""
+
+
+class BadSnapshot(ValueError):
+    """Snapshot bytes that cannot be restored (damaged, or naming something not allowed)."""
+
+
 class ApplyContext(NamedTuple):
     """Where an item sits in the log. ``client_id``/``seq`` are empty/0 for a TICK.
 
@@ -165,8 +174,10 @@ class Applier:
         except Exception as exc:
             # Every replica applies the same command to the same state and
             # fails the same way: answer the error instead of stopping the
-            # whole cluster on one bad command.
-            result = {"error": f"{type(exc).__name__}: {exc}"}
+            # whole cluster on one bad command.  Only the type's name goes into
+            # the answer (and so the digest): an exception's text may hold a
+            # repr of the command (unbounded, hash-seed or address dependent).
+            result = {"error": f"{type(exc).__name__} while applying the command"}
         sess.results[seq] = result
         sess.order.append(seq)
         return result, True
@@ -198,14 +209,21 @@ class Applier:
         return codec.encode([self._applied, self._digest, sessions, self.machine.snapshot()])
 
     def restore(self, data: bytes) -> None:
-        applied, digest, sessions, inner = codec.decode(data)
+        """Replace everything with a :meth:`snapshot`; raises :class:`BadSnapshot` for bytes that are not one."""
+        try:
+            applied, digest, sessions, inner = codec.decode_untrusted(data)
+            parsed = {
+                cid: _Session(low, {seq: res for seq, res in results}, collections.deque(seq for seq, _ in results))
+                for cid, (low, results) in sessions.items()
+            }
+            if not (type(applied) is int and applied >= 0 and type(digest) is bytes and len(digest) == 32):
+                raise TypeError("bad header")
+        except (codec.BadMessage, TypeError, ValueError, AttributeError) as exc:
+            raise BadSnapshot(f"not a replica snapshot ({type(exc).__name__})") from None
         self.machine.restore(inner)
         self._applied = applied
         self._digest = digest
-        self._sessions = {
-            cid: _Session(low, {seq: res for seq, res in results}, collections.deque(seq for seq, _ in results))
-            for cid, (low, results) in sessions.items()
-        }
+        self._sessions = parsed
 
 
 @attrs.define(eq=False)
@@ -237,7 +255,12 @@ class KVMachine:
                 lst = self._data.setdefault(op[1], [])
                 lst.append(op[2])
                 return len(lst)
-        return {"error": f"unknown kv op {op!r}"}
+        return {"error": f"unknown kv op (a {type(op).__name__})"}
+
+    @property
+    def size(self) -> int:
+        """How many keys there are."""
+        return len(self._data)
 
     def tick(self, now: float, data: Any, ctx: ApplyContext) -> Any:
         self._now = max(self._now, now)

@@ -27,10 +27,14 @@ the clock.  Tasks:
   nothing else in flight, which it does itself right after the pass's sends:
   a follower's vote, or a leader's Accept, at light load.
 
-Replicas compare a running digest of what they applied every
-``digest_every`` slots; a mismatch means a nondeterministic state machine (a
-scheduler hook that is not deterministic) and stops the replica with a
-:class:`~tasksprint.driver.DivergenceError` naming the slot.
+After each driver pass that applied slots, a replica sends its peers its
+running digest of what it applied (see :mod:`tasksprint.digests`).  It
+answers questions about its state (views, status, task info) only once a
+majority of the replicas is known to share that state; a mismatch means a
+non-deterministic state machine (a scheduler hook that is not deterministic):
+a replica in the minority stops with a
+:class:`~tasksprint.driver.DivergenceError` naming the slots, the majority
+goes on and reports the divergence in its :class:`~tasksprint.api.ReplicaStatus`.
 
 The replica's :class:`~tasksprint.observe.Observer` (``observer``, default
 :data:`~tasksprint.observe.NULL`) goes to the driver and the applier (see
@@ -45,6 +49,7 @@ import collections
 import gc
 import os
 import random
+import threading
 import time
 from typing import Any
 
@@ -68,7 +73,7 @@ from tasksprint.app import KVApp, NotYet
 from tasksprint.config import ReplicaConfig
 from tasksprint.disk_writer import DiskWriter
 from tasksprint.driver import DivergenceError, DriverConfig, ReplicaDriver, RequestKey
-from tasksprint.machine import Applier
+from tasksprint.machine import Applier, BadSnapshot
 from tasksprint.observe import NULL, Observer
 from tasksprint.paxos.core import PaxosCore, Role
 from tasksprint.paxos.messages import PEER_MESSAGES, CommandBlock
@@ -165,7 +170,10 @@ class Replica:
     _disk: DiskWriter | None = None
     _peer_out: dict[int, Outbox] = attrs.Factory(dict)
     _log: Any = None
-    _parked: list[tuple[Outbox, str, dict, float]] = attrs.Factory(list)
+    # Long-polls waiting for a change or for their slot to be confirmed:
+    # (mailbox, name, args, deadline, the applied slot the answer must be confirmed up to).
+    _parked: list[tuple[Outbox, str, dict, float, int]] = attrs.Factory(list)
+    _watchdog: HookWatchdog | None = None
     port: int | None = None
     observer: Observer = attrs.field(default=NULL, kw_only=True)
     # Span and counter names per query name (bounded: the names come from clients).
@@ -204,15 +212,32 @@ class Replica:
             commit_p50_ms=round(times[len(times) // 2] * 1000, 3) if times else None,
             commit_p99_ms=round(times[min(len(times) - 1, len(times) * 99 // 100)] * 1000, 3) if times else None,
             commit_samples=len(times),
+            divergence=self.driver.divergence,
         )
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Open storage, recover, serve. Raises StorageError (bad data dir) before serving."""
         cfg = self.config
         self._log = log.bind(replica=cfg.rid)
-        self._storage = Storage.open(cfg.data_dir, replica_id=cfg.rid, cluster=cfg.cluster, fsync=cfg.fsync)
+        self._storage = Storage.open(
+            cfg.data_dir,
+            replica_id=cfg.rid,
+            cluster=cfg.cluster,
+            fsync=cfg.fsync,
+            peers=",".join(f"{h}:{p}" for h, p in cfg.peers),
+        )
         try:
             state = self._storage.load()
+            applier = Applier(self.app.machine, observer=self.observer)
+            if state.snapshot_data is not None:
+                # Restored here once to name the file if it is damaged; the
+                # driver restores it again as the core's first Ready says.
+                try:
+                    applier.restore(state.snapshot_data)
+                except BadSnapshot as exc:
+                    raise self._storage.corrupt(
+                        f"its snapshot at slot {state.snapshot_index} is damaged: {exc}"
+                    ) from None
             core = PaxosCore.restore(
                 cfg.paxos_config,
                 cfg.rid,
@@ -236,7 +261,7 @@ class Replica:
             )
             self._driver = ReplicaDriver(
                 core=core,
-                applier=Applier(self.app.machine, observer=self.observer),
+                applier=applier,
                 app=self.app,
                 storage=self._storage,
                 writer=self._disk,
@@ -248,6 +273,9 @@ class Replica:
                 observer=self.observer,
             )
             host, port = cfg.peers[cfg.rid]
+            watchdog = HookWatchdog(self.app, cfg.hook_report_after, self._log)
+            watchdog.start()
+            self._watchdog = watchdog
             async with trio.open_nursery() as nursery:
                 listeners = await self._listen(nursery, host, port)
                 self.port = _port_of(listeners, port)
@@ -259,6 +287,8 @@ class Replica:
                 task_status.started(self)
                 await self._drive()
         finally:
+            if self._watchdog is not None:
+                self._watchdog.stop()
             if self._disk is not None:
                 self._disk.stop()  # what was submitted still reaches the disk
             self._storage.close()
@@ -338,10 +368,10 @@ class Replica:
     def _retry_parked(self, now: float) -> None:
         parked, self._parked = self._parked, []
         with self.observer.span("replica.retry_parked"):
-            for box, name, args, deadline in parked:
+            for box, name, args, deadline, needed in parked:
                 if deadline <= now:
                     args = {**args, "wait": 0}
-                self._answer_query(box, name, args, deadline)
+                self._answer_query(box, name, args, deadline, needed)
         self.observer.count("query.parked_answered", len(parked) - len(self._parked))
 
     # ------------------------------------------------------------------
@@ -408,6 +438,8 @@ class Replica:
                 self.app.merge_contacts(list(msg.cids), time.monotonic())
             elif isinstance(msg, PeerDigest):
                 driver.digest_from(src, msg)
+                if self._parked:
+                    self._retry_parked(time.monotonic())
             else:
                 raise wire.BadMessage(f"unexpected {type(msg).__name__} from replica {src}")
 
@@ -447,20 +479,30 @@ class Replica:
             case Query(name=name, args=args):
                 wait = args.get("wait", 0)
                 wait = min(float(wait), 60.0) if isinstance(wait, (int, float)) else 0.0
-                self._answer_query(box, name, args, time.monotonic() + wait)
+                self._answer_query(box, name, args, time.monotonic() + wait, self.applier.applied)
             case _:
                 raise wire.BadMessage(f"unexpected {type(msg).__name__} from a client")
         return False
 
-    def _answer_query(self, box: Outbox, name: str, args: dict, deadline: float) -> None:
+    def _answer_query(self, box: Outbox, name: str, args: dict, deadline: float, needed: int) -> None:
+        """Answer a question about the state, once a majority is known to share it up to ``needed``.
+
+        Until then the question waits, whatever its deadline: a state only
+        this replica reached (a scheduler that is not deterministic) must not
+        be acted on.  A replica in the minority stops; its clients move on.
+        """
         span, parked = self._query_span_names(name)
+        if self.driver.confirmed < needed:
+            self.observer.count(parked)
+            self._parked.append((box, name, args, deadline, needed))
+            return
         try:
             with self.observer.span(span):
                 result = self.app.query(name, args)
             box.push(QueryReply(name=name, result=result))
         except NotYet:
             self.observer.count(parked)
-            self._parked.append((box, name, args, deadline))
+            self._parked.append((box, name, args, deadline, self.applier.applied))
         except Exception as exc:  # a bad query must not take the replica down
             box.push(QueryReply(name=name, error=f"{type(exc).__name__}: {exc}"))
 
@@ -480,3 +522,57 @@ def _port_of(listeners: Any, default: int) -> int:
         return listeners[0].socket.getsockname()[1]
     except (TypeError, IndexError, AttributeError):
         return default
+
+
+class HookWatchdog:
+    """A thread that reports a scheduler hook still running after ``after`` seconds.
+
+    Hooks run inside the driver pass, on the event loop's thread, so while
+    one runs the replica answers nobody: this thread is the one that can
+    still speak.  It logs ``scheduler_hook_slow`` (hook, slot, task, client,
+    seconds) once per call, and ``scheduler_hook_returned`` when a reported
+    call ends.  It only reads the app's :meth:`~tasksprint.app.App.hook_running`.
+    """
+
+    POLL = 0.25  # seconds between looks
+
+    def __init__(self, app: Any, after: float, log_: Any) -> None:
+        self._app, self._after, self._log = app, after, log_
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="hook-watchdog", daemon=True)
+
+    def start(self) -> None:
+        if self._after > 0:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _watch(self) -> None:
+        seen: tuple[int, dict] | None = None
+        since = 0.0
+        reported = False
+        while not self._stop.wait(self.POLL):
+            try:
+                running = self._app.hook_running()
+            except Exception:  # read while the loop thread changes it: look again later
+                continue
+            now = time.monotonic()
+            if running is None or seen is None or running[0] != seen[0]:
+                if reported and seen is not None:
+                    self._log.warning("scheduler_hook_returned", seconds=round(now - since, 1), **seen[1])
+                seen, since, reported = running, now, False
+                continue
+            if not reported and now - since >= self._after:
+                reported = True
+                self._log.error(
+                    "scheduler_hook_slow",
+                    seconds=round(now - since, 1),
+                    message=(
+                        f"scheduler hook {seen[1].get('hook')} (log slot {seen[1].get('slot')}) has not returned "
+                        f"after {now - since:.0f}s; every replica waits for it"
+                    ),
+                    **seen[1],
+                )

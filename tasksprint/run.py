@@ -4,12 +4,21 @@ Starts ``replicas`` replica processes (fsync on) with the user's scheduler and
 ``clients`` worker client processes running the user's node, shows progress
 on stderr, prints the values given to ``finish`` as JSON on stdout, stops
 everything and returns the exit code: 0 when the computation finished, 1
-when it failed (with the report on stderr), 2 on bad arguments, 130 on Ctrl-C.
+when it failed (with the report on stderr), 2 on bad arguments, 130 on Ctrl-C,
+143 on SIGTERM (as ``timeout``, systemd and ``scancel`` send): either way
+every replica, client and node it started is stopped.
+
+It fails, saying why, as soon as it knows the computation cannot end well:
+the scheduler spec names no loadable class, a majority of the replicas
+exited (their own last words are quoted), the replicas found the scheduler
+not deterministic, or every worker client exited (with the error each one
+logged last, e.g. a node command that could not start).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -29,6 +38,65 @@ from tasksprint.credentials import STDIN_PATH
 from tasksprint.localcluster import LocalCluster
 
 
+class RunFailed(Exception):
+    """The computation cannot end well; the message says why, for people."""
+
+
+def last_hook_event(log: Path) -> dict[str, Any] | None:
+    """The last ``scheduler_hook_slow`` or ``scheduler_hook_returned`` event in a replica's JSON ``log``."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            tail = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(tail):
+        if '"scheduler_hook_' in line:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict):
+                return event
+    return None
+
+
+def last_words(log: Path, *, lines: int = 200) -> str:
+    """The last error a replica or client process wrote to ``log`` (JSON or plain lines), or ""."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            tail = f.read().decode(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return ""
+    # Plain lines are a process's own farewell ("tasksprint replica: stopped:
+    # ...") and what its nodes wrote to stderr ("python3: can't open file
+    # ..."): the last few distinct ones, oldest first.
+    plain: list[str] = []
+    for line in reversed(tail):
+        text = line.strip()
+        if text and not text.startswith("{") and text not in plain:
+            plain.insert(0, text[:500])
+            if len(plain) == 3:
+                break
+    if plain:
+        return "; ".join(plain)
+    for line in reversed(tail):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("level") in ("error", "critical"):
+            detail = [str(event.get("event", ""))]
+            for key in ("error", "detail", "message", "stderr", "reason"):
+                if event.get(key):
+                    detail.append(f"{key}: {event[key]}")
+            return "; ".join(detail)[:2000]
+    return ""
+
+
 @attrs.define(eq=False)
 class LocalRun:
     scheduler: str
@@ -39,7 +107,9 @@ class LocalRun:
     data: Path | None = None
     progress: TextIO | None = sys.stderr
     timeout: float | None = None
+    hook_report_after: float = 30.0  # seconds before a replica reports a hook that runs on
     _tmp: str | None = None
+    _reported: set[str] = attrs.Factory(set)  # slow-hook messages already shown
     keep: bool = False  # keep a temporary base directory (its logs explain a failure)
     cluster: LocalCluster | None = None
     client_procs: list[subprocess.Popen] = attrs.Factory(list)
@@ -54,7 +124,12 @@ class LocalRun:
     def start(self) -> None:
         base = self.base()
         base.mkdir(parents=True, exist_ok=True)
-        self.cluster = LocalCluster(base, self.replicas, scheduler=self.scheduler)
+        self.cluster = LocalCluster(
+            base,
+            self.replicas,
+            scheduler=self.scheduler,
+            extra_args=["--hook-report-after", str(self.hook_report_after)],
+        )
         self.cluster.start()
         for i in range(self.clients):
             self.start_client(i)
@@ -159,6 +234,14 @@ class LocalRun:
                 st = await channel.status()
                 status: ComputationStatus = await channel.request(StatusRequest())
             except ASK_ERRORS:
+                self.report_slow_hooks()
+                if self.client_procs and all(p.poll() is not None for p in self.client_procs):
+                    final = await self._ended_elsewhere(channel)
+                    if final is not None:
+                        return final
+                self.check_processes()
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"the computation did not end within {self.timeout}s") from None
                 await channel.move_on()
                 await trio.sleep(0.2)
                 continue
@@ -170,14 +253,71 @@ class LocalRun:
             elif self.progress is not None and line != last_line:
                 print(line, file=self.progress, flush=True)
                 last_line = line
+            if st.divergence:
+                raise RunFailed(st.divergence)
             if status.ended:
                 return status
             if self.client_procs and all(p.poll() is not None for p in self.client_procs):
-                codes = ", ".join(str(p.returncode) for p in self.client_procs)
-                raise TimeoutError(f"every worker client exited (exit codes {codes}) before the computation ended")
+                # Clients leave once the computation ended; the replica asked
+                # may be a little behind the one they heard it from.
+                final = await self._ended_elsewhere(channel)
+                if final is not None:
+                    return final
+            self.check_processes()
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"the computation did not end within {self.timeout}s")
             await trio.sleep(0.2)
+
+    async def _ended_elsewhere(self, channel: ReplicaChannel, patience: float = 5.0) -> ComputationStatus | None:
+        """The final status from any replica that has it within ``patience`` seconds, else None."""
+        assert self.cluster is not None
+        deadline = time.monotonic() + patience
+        while time.monotonic() < deadline:
+            for i in range(len(self.cluster.addrs)):
+                try:
+                    await channel.prefer(i)
+                    status: ComputationStatus = await channel.request(StatusRequest(), timeout=1.0)
+                except ASK_ERRORS:
+                    continue
+                if status.ended:
+                    return status
+            await trio.sleep(0.2)
+        return None
+
+    def report_slow_hooks(self) -> None:
+        """Show, once each, the hooks the replicas report as running on (their event loops are blocked)."""
+        cluster = self.cluster
+        if cluster is None or self.progress is None:
+            return
+        for i in range(len(cluster.procs)):
+            event = last_hook_event(cluster.log_file(i))
+            if event is not None and event.get("event") == "scheduler_hook_slow":
+                line = f"replica {i}: {event.get('message', 'a scheduler hook has not returned')}"
+                if line not in self._reported:
+                    self._reported.add(line)
+                    print(line, file=self.progress, flush=True)
+
+    def check_processes(self) -> None:
+        """Raise :class:`RunFailed` if the processes the computation needs are gone, quoting why they went."""
+        cluster = self.cluster
+        if cluster is not None:
+            gone = [i for i, p in enumerate(cluster.procs) if p is not None and p.poll() is not None]
+            if len(gone) > len(cluster.procs) // 2 or any(
+                "not deterministic" in last_words(cluster.log_file(i)) for i in gone
+            ):
+                why = "\n".join(
+                    f"  replica {i} (exit code {cluster.procs[i].returncode}): "  # type: ignore[union-attr]
+                    f"{last_words(cluster.log_file(i)) or 'no error logged'}"
+                    for i in gone
+                )
+                raise RunFailed(f"replicas stopped before the computation ended:\n{why}")
+        if self.client_procs and all(p.poll() is not None for p in self.client_procs):
+            why = "\n".join(
+                f"  client{i} (exit code {p.returncode}): "
+                f"{last_words(self.base() / f'client{i}.log') or 'no error logged'}"
+                for i, p in enumerate(self.client_procs)
+            )
+            raise RunFailed(f"every worker client exited before the computation ended:\n{why}")
 
 
 def progress_line(status: ComputationStatus, leader: int | None) -> str:
@@ -272,23 +412,44 @@ def run_local(
     slots: int | None = None,
     data: Path | None = None,
     timeout: float | None = None,
+    hook_report_after: float = 30.0,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
 ) -> int:
     """Run a computation on a local cluster; see the module docstring."""
-    run = LocalRun(scheduler, node, replicas, clients, slots, data, err, timeout)
+    from tasksprint_sdk.coordinator import SchedulerLoadError, load_scheduler
+
+    try:
+        # Here, at once: a replica that cannot load it would only say so in its log.
+        load_scheduler(scheduler)
+    except SchedulerLoadError as exc:
+        print(f"tasksprint run: {exc}", file=err)
+        return 2
+    run = LocalRun(scheduler, node, replicas, clients, slots, data, err, timeout, hook_report_after)
     # Ctrl-C must reach us even when started from a shell that ignores SIGINT
     # in background jobs: we are the one who cleans up the processes.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    # SIGTERM (timeout, systemd, scancel) stops everything as Ctrl-C does:
+    # it is turned into SIGINT, which trio delivers as KeyboardInterrupt.
+    terminated = []
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        terminated.append(signum)
+        signal.raise_signal(signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     status: ComputationStatus | None = None
     try:
         run.start()
         status = trio.run(run.wait_status)
     except KeyboardInterrupt:
-        print("interrupted; stopping the cluster", file=err)
+        # A second signal must not cut the clean-up short and leave processes behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("terminated" if terminated else "interrupted", "; stopping the cluster", sep="", file=err)
         run.stop(grace=0)
-        return 130
-    except TimeoutError as exc:
+        return 143 if terminated else 130
+    except (TimeoutError, RunFailed) as exc:
         print(f"tasksprint run: {exc}", file=err)
     finally:
         # A failed run keeps its temporary directory: the logs explain it.

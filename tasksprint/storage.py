@@ -13,8 +13,11 @@ built in memory from the same records.
 The file ``replica.db`` in the data directory holds three tables:
 
 ``meta``
-    key/value rows: storage format version, the replica id and cluster name the
-    directory belongs to, the promised ballot, and the initialized flag.
+    key/value rows: storage format version, the replica id, cluster name and
+    peer list (hence cluster size) the directory belongs to, the promised
+    ballot, and the initialized flag.  A replica started with another id,
+    cluster or peer list is refused, with a message saying what differs:
+    restarting three replicas as five would silently change the quorums.
 ``log``
     one row per slot: the accepted ballot (NULL when the slot was only learned
     as chosen), the value as canonical CBOR, and whether it is chosen.
@@ -191,11 +194,15 @@ class Storage:
         cluster: str,
         fsync: bool = True,
         log: Any = None,
+        peers: str | None = None,
     ) -> Storage:
         """Open (or create, in an empty directory) the store of one replica.
 
         Takes the data directory, which must exist; the replica id and cluster
         name it belongs to (recorded on creation, checked on every later open);
+        ``peers``, the replicas' addresses in id order as ``host:port,...``
+        (recorded on creation or on the first open that gives it, checked on
+        every later one that gives it);
         ``fsync=False`` turns off syncing and is only for tests; ``log`` is a
         structlog logger (the module's logger if omitted).
 
@@ -219,7 +226,7 @@ class Storage:
         except sqlite3.Error as exc:
             raise _corrupt(db_path, exc) from None
         try:
-            promised = _prepare(conn, db_path, replica_id=replica_id, cluster=cluster, fsync=fsync)
+            promised = _prepare(conn, db_path, replica_id=replica_id, cluster=cluster, fsync=fsync, peers=peers)
         except StorageError:
             conn.close()
             raise
@@ -272,6 +279,10 @@ class Storage:
         if snap is not None:
             state.snapshot_index, state.snapshot_data = snap[0], bytes(snap[1])
         return state
+
+    def corrupt(self, why: str) -> StorageError:
+        """The error for stored state found damaged after :meth:`load` (a snapshot that does not restore)."""
+        return _corrupt(self._db_path, why)
 
     def _decode_value(self, slot: int, blob: bytes) -> Batch:
         try:
@@ -461,6 +472,7 @@ def _prepare(
     replica_id: int,
     cluster: str,
     fsync: bool,
+    peers: str | None = None,
 ) -> Ballot:
     """Set up the connection, create or check the schema; return the stored promise.
 
@@ -503,15 +515,23 @@ def _prepare(
         elif "meta" not in tables:
             raise _corrupt(db_path, "it has no meta table")
         meta = dict(conn.execute("SELECT key, value FROM meta"))
+        if peers is not None and "peers" not in meta:
+            # Recorded on creation, or on the first open that knows them; a
+            # directory that is refused anyway is left as it was.
+            _check_meta(meta, db_path, replica_id=replica_id, cluster=cluster)
+            conn.execute("INSERT INTO meta (key, value) VALUES ('peers', ?)", (peers,))
+            meta["peers"] = peers
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
-    _check_meta(meta, db_path, replica_id=replica_id, cluster=cluster)
+    _check_meta(meta, db_path, replica_id=replica_id, cluster=cluster, peers=peers)
     return _meta_ballot(meta, db_path)
 
 
-def _check_meta(meta: dict[str, Any], db_path: pathlib.Path, *, replica_id: int, cluster: str) -> None:
+def _check_meta(
+    meta: dict[str, Any], db_path: pathlib.Path, *, replica_id: int, cluster: str, peers: str | None = None
+) -> None:
     version = meta.get("format_version")
     if version is None:
         raise _corrupt(db_path, "it has no format version")
@@ -528,6 +548,20 @@ def _check_meta(meta: dict[str, Any], db_path: pathlib.Path, *, replica_id: int,
             f"data directory {db_path.parent} belongs to replica {meta['replica_id']} of "
             f"cluster {meta['cluster']!r}, not replica {replica_id} of cluster {cluster!r}; "
             "point this replica at its own data directory, or at an empty one to start it afresh"
+        )
+    stored = meta.get("peers")
+    if peers is not None and stored != peers:
+        if not isinstance(stored, str):
+            raise _corrupt(db_path, "its peer list is not text")
+        was, now = stored.split(","), peers.split(",")
+        differs = [f"{len(was)} replicas, now {len(now)}"] if len(was) != len(now) else []
+        differs += [f"replica {i} was {a}, now {b}" for i, (a, b) in enumerate(zip(was, now, strict=False)) if a != b][
+            :5
+        ]
+        raise StorageError(
+            f"data directory {db_path.parent} belongs to a cluster of replicas {stored}, not {peers} "
+            f"({'; '.join(differs)}); start every replica with the peer list it was created with, "
+            "or point this replica at an empty data directory to join the new cluster afresh"
         )
 
 

@@ -614,6 +614,19 @@ def test_snapshot_install_is_sent_for_truncated_slots():
     assert snap.index == c.disks[1].snapshot_index
 
 
+def test_a_snapshot_from_a_replica_that_is_not_the_leader_is_ignored():
+    c, net = make(3, keep_after_snapshot=1)
+    elect(c, net, 0)
+    run(c, net, 0.5)
+    before = core(c, 2).commit_index
+    forged = SnapshotInstall(index=before + 50, data=b"anything")
+    c.deliver(1, 2, forged)  # replica 1 follows 0 like replica 2: it is not the leader
+    net.flush()
+    assert core(c, 2).commit_index == before
+    assert c.disks[2].snapshot_index == 0
+    assert node(c, 2).applier.applied == before
+
+
 def test_retried_command_is_applied_once():
     c, net = make(3)
     elect(c, net, 0)

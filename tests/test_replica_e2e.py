@@ -30,6 +30,7 @@ import json
 import os
 import random
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -688,6 +689,29 @@ def _case_other_replicas_dir(a: dict) -> str:
     return str(a["data"])
 
 
+def _case_damaged_snapshot(a: dict) -> str:
+    Storage.open(a["data"], replica_id=1, cluster="default", peers=a["peers"]).close()
+    db = a["data"] / "replica.db"
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute("INSERT INTO snapshot (id, idx, data) VALUES (1, 7, ?)", (b"\x85damaged",))
+    conn.close()
+    return str(db)
+
+
+def _case_other_clusters_peers(a: dict) -> str:
+    # Another cluster's directory, under the same default cluster name.
+    other = ",".join(f"{HOST}:{p}" for p in free_ports(3))
+    Storage.open(a["data"], replica_id=1, cluster="default", peers=other).close()
+    return "replica 0 was"
+
+
+def _case_three_restarted_as_five(a: dict) -> str:
+    Storage.open(a["data"], replica_id=1, cluster="default", peers=a["peers"]).close()
+    a["peers"] += "," + ",".join(f"{HOST}:{p}" for p in free_ports(2))
+    return "3 replicas, now 5"
+
+
 def _case_bad_peers_port(a: dict) -> str:
     a["peers"] = f"{HOST}:{a['ports'][0]},{HOST}:99999,{HOST}:{a['ports'][2]}"
     return f"{HOST}:99999"
@@ -729,6 +753,9 @@ def _case_empty_secret(a: dict) -> str:
         _case_missing_data_dir,
         _case_garbage_db,
         _case_other_replicas_dir,
+        _case_damaged_snapshot,
+        _case_other_clusters_peers,
+        _case_three_restarted_as_five,
         _case_bad_peers_port,
         _case_bad_peers_no_port,
         _case_two_peers,

@@ -600,3 +600,23 @@ def test_sigkill_leaves_an_exact_prefix_of_batches(tmp_path: pathlib.Path, kill_
     done = loaded.promised.round
     assert acked <= done <= len(batches), f"acknowledged {acked} batches, disk holds {done}"
     _assert_same(loaded, _replay(batches[:done]))
+
+
+def test_the_peer_list_is_recorded_and_a_different_one_refused(tmp_path: pathlib.Path) -> None:
+    peers = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003"
+    Storage.open(tmp_path, replica_id=0, cluster="c", fsync=False, peers=peers).close()
+    Storage.open(tmp_path, replica_id=0, cluster="c", fsync=False, peers=peers).close()
+    Storage.open(tmp_path, replica_id=0, cluster="c", fsync=False).close()  # not checked when not given
+    with pytest.raises(StorageError, match=r"replica 2 was 127\.0\.0\.1:7003, now 127\.0\.0\.1:7009") as info:
+        Storage.open(tmp_path, replica_id=0, cluster="c", fsync=False, peers=peers.replace("7003", "7009"))
+    assert str(tmp_path) in str(info.value)
+    with pytest.raises(StorageError, match="3 replicas, now 5"):
+        Storage.open(tmp_path, replica_id=0, cluster="c", fsync=False, peers=peers + ",127.0.0.1:7004,127.0.0.1:7005")
+
+
+def test_a_directory_made_before_peers_were_recorded_records_them_on_its_next_open(tmp_path: pathlib.Path) -> None:
+    peers = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003"
+    Storage.open(tmp_path, replica_id=0, cluster="c", fsync=False).close()
+    Storage.open(tmp_path, replica_id=0, cluster="c", fsync=False, peers=peers).close()
+    with pytest.raises(StorageError, match="1 replicas, now 3|3 replicas, now 1"):
+        Storage.open(tmp_path, replica_id=0, cluster="c", fsync=False, peers="127.0.0.1:7001")

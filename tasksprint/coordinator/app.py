@@ -143,6 +143,20 @@ class CoordinatorApp:
             where += f" for client {hook['cid']}"
         return f"last scheduler call: {where} in slot {hook['slot']} (compared at slot {slot})"
 
+    def hook_running(self) -> tuple[int, dict[str, Any]] | None:
+        return self.machine.hook_running()
+
+    def effects_summary(self) -> tuple[str, int]:
+        hook = self.machine.last_hook
+        if hook is None:
+            return "none yet", self.machine.tasks_started
+        where = f"{hook['hook']} in slot {hook['slot']}"
+        if hook.get("tid") is not None:
+            where = f"{hook['hook']}(tid={hook['tid']}) in slot {hook['slot']}"
+        elif hook.get("cid") is not None:
+            where = f"{hook['hook']}(cid={hook['cid']}) in slot {hook['slot']}"
+        return where, self.machine.tasks_started
+
     def query(self, name: str, args: dict[str, Any]) -> Any:
         """Answer a :class:`~tasksprint.api.Query`; a malformed one is answered with its ``Refused``."""
         try:

@@ -75,6 +75,7 @@ from tasksprint.coordinator.ops import (
     ReportOp,
     WorkerChanged,
     WorkerOp,
+    described,
     is_int,
     parse_op,
 )
@@ -156,6 +157,22 @@ class CoordinatorMachine:
     def scheduler(self) -> Coordinator | None:
         """The user's scheduler object (None before the init entry)."""
         return self._state.scheduler
+
+    def hook_running(self) -> tuple[int, dict[str, Any]] | None:
+        """(call number, the hook as in :attr:`last_hook`) while a scheduler hook runs, else None.
+
+        Read from another thread by a replica's watchdog: it looks, and changes nothing.
+        """
+        runtime = self._runtime
+        hook = self._state.last_hook
+        if not runtime.active or hook is None:
+            return None
+        return runtime.calls, dict(hook)
+
+    @property
+    def tasks_started(self) -> int:
+        """How many tasks the scheduler has started so far."""
+        return self._state.next_tid - 1
 
     @property
     def last_hook(self) -> dict[str, Any] | None:
@@ -281,8 +298,28 @@ class CoordinatorMachine:
             return Initialized()
         s.scheduler = sched
         bind(sched, self._runtime)
-        self._call_hook(Hook.INIT, lambda: sched.init(seed))
+        ok, _ = self._call_hook(Hook.INIT, lambda: sched.init(seed))
+        if ok:
+            self._check_snapshottable(sched)
         return Initialized()
+
+    def _check_snapshottable(self, sched: Coordinator) -> None:
+        # Here, at a log slot every replica applies alike, rather than at a
+        # replica's own first snapshot, which would stop every replica.
+        runtime = unbind(sched)
+        try:
+            why = snapshots.check_scheduler(sched, self._scheduler_cls)
+        finally:
+            if runtime is not None:
+                bind(sched, runtime)
+        if why is not None:
+            slot = self._fx.slot
+            self._fail_computation(
+                {"kind": "snapshot", "hook": Hook.INIT.value, "tid": None, "cid": None, "slot": slot, "error": why},
+                why,
+            )
+            # No hook runs again; dropping the object lets this state be saved.
+            self._state.scheduler = None
 
     def _op_join(self, op: JoinOp) -> Joined:
         s = self._state
@@ -342,7 +379,7 @@ class CoordinatorMachine:
         client, task = self._report_target(op)
         if not all(ptid in task.pretasks for ptid, _ in op.early):
             raise BadOp(
-                f"done: field 'early' must list [pretask tid, attempt] pairs of this task, got {op.early!r:.200}"
+                f"done: field 'early' must list [pretask tid, attempt] pairs of this task, got {described(op.early)}"
             )
         reason = self._stale_reason(client, task, op.attempt)
         if reason is not None:
@@ -599,7 +636,12 @@ class CoordinatorMachine:
         self._fx.effects.append(["hook", hook.value, tid, cid])
         try:
             return True, self._runtime.call(fn)
-        except (Exception, SystemExit) as exc:
+        except BaseException as exc:
+            # Anything the user's code raises, SystemExit and GeneratorExit
+            # included, fails the computation; only an interrupt of this
+            # process (Ctrl-C) goes on up.
+            if isinstance(exc, KeyboardInterrupt):
+                raise
             message = failure_message(self._scheduler_cls, hook, exc, seed=s.seed, tid=tid, cid=cid, slot=slot)
             self._log.error("scheduler_hook_failed", hook=hook.value, tid=tid, cid=cid, slot=slot, exc_info=exc)
             error = f"{type(exc).__name__}: {exc}"

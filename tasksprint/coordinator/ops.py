@@ -47,6 +47,7 @@ import attrs
 from tasksprint.codec import message
 
 __all__ = [
+    "described",
     "ACCEPTED",
     "Answer",
     "BadOp",
@@ -123,20 +124,37 @@ def is_int(v: Any) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def described(v: Any) -> str:
+    """``v`` named by its type and size only, for error text about data from a client.
+
+    Such text is part of an answer every replica hashes into its digest, so
+    it must not depend on a repr: exponential for shared references, hash-seed
+    dependent for sets, holding memory addresses for other objects.
+    """
+    if v is None or isinstance(v, bool):
+        return repr(v)
+    if is_int(v):
+        return repr(v) if -(10**18) < v < 10**18 else f"an int of {v.bit_length()} bits"
+    if isinstance(v, (str, bytes, list, tuple, dict)):
+        unit = "characters" if isinstance(v, str) else "bytes" if isinstance(v, bytes) else "items"
+        return f"a {type(v).__name__} of {len(v)} {unit}"
+    return f"a {type(v).__name__}"
+
+
 def _int(raw: dict[str, Any], op: str, key: str, *, minimum: int | None = None, default: int | None = None) -> int:
     if default is not None and key not in raw:
         return default
     v = raw.get(key)
     if not is_int(v) or (minimum is not None and v < minimum):
         bound = f" >= {minimum}" if minimum is not None else ""
-        raise BadOp(f"{op}: field {key!r} must be an int{bound}, got {v!r:.200}")
+        raise BadOp(f"{op}: field {key!r} must be an int{bound}, got {described(v)}")
     return v
 
 
 def _str(raw: dict[str, Any], op: str, key: str) -> str:
     v = raw.get(key)
     if not isinstance(v, str):
-        raise BadOp(f"{op}: field {key!r} must be a string, got {v!r:.200}")
+        raise BadOp(f"{op}: field {key!r} must be a string, got {described(v)}")
     return v
 
 
@@ -425,7 +443,7 @@ def parse_op(raw: Any) -> Op:
         case "batch":
             ops = raw.get("ops")
             if not isinstance(ops, list):
-                raise BadOp(f"batch: field 'ops' must be a list of done/failed/lost ops, got {ops!r:.200}")
+                raise BadOp(f"batch: field 'ops' must be a list of done/failed/lost ops, got {described(ops)}")
             return BatchOp(ops=tuple(_parse_batched(sub) for sub in ops))
         case "command":
             if "body" not in raw:
@@ -434,7 +452,7 @@ def parse_op(raw: Any) -> Op:
         case "worker":
             return _parse_worker(raw)
         case _:
-            raise BadOp(f"unknown coordinator op {raw!r:.200}")
+            raise BadOp(f"unknown coordinator op {described(raw)}")
 
 
 def _parse_join(raw: dict[str, Any]) -> JoinOp:
@@ -447,7 +465,7 @@ def _parse_join(raw: dict[str, Any]) -> JoinOp:
     queue = _int(raw, "join", "queue", minimum=0, default=0)
     have = raw.get("have", [])
     if not isinstance(have, list) or not all(isinstance(t, str) for t in have):
-        raise BadOp(f"join: field 'have' must be a list of tag strings, got {have!r:.200}")
+        raise BadOp(f"join: field 'have' must be a list of tag strings, got {described(have)}")
     return JoinOp(client=client, addr=addr, slots=slots, queue=queue, have=tuple(have))
 
 
@@ -477,25 +495,25 @@ def _parse_report(raw: dict[str, Any]) -> ReportOp:
     if name == "lost":
         key = raw.get("key")
         if key is not None and not isinstance(key, str):
-            raise BadOp(f"lost: field 'key' must be an output key string or None, got {key!r:.200}")
+            raise BadOp(f"lost: field 'key' must be an output key string or None, got {described(key)}")
         return LostOp(cid=cid, tid=tid, key=key)
     attempt = _int(raw, name, "attempt")
     if name == "failed":
         record = raw.get("record")
         if record is not None and (not isinstance(record, dict) or not all(isinstance(k, str) for k in record)):
-            raise BadOp(f"failed: field 'record' must be a map with string keys or absent, got {record!r:.200}")
+            raise BadOp(f"failed: field 'record' must be a map with string keys or absent, got {described(record)}")
         return FailedOp(cid=cid, tid=tid, attempt=attempt, error=_str(raw, "failed", "error"), record=record)
     values = raw.get("values", {})
     sizes = raw.get("sizes", {})
     if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
-        raise BadOp(f"done: field 'values' must be a dict with string keys, got {values!r:.200}")
+        raise BadOp(f"done: field 'values' must be a dict with string keys, got {described(values)}")
     if not isinstance(sizes, dict) or not all(isinstance(k, str) and is_int(v) and v >= 0 for k, v in sizes.items()):
-        raise BadOp(f"done: field 'sizes' must map output keys to byte counts, got {sizes!r:.200}")
+        raise BadOp(f"done: field 'sizes' must map output keys to byte counts, got {described(sizes)}")
     early = raw.get("early", [])
     if not isinstance(early, list) or not all(
         isinstance(e, list) and len(e) == 2 and is_int(e[0]) and is_int(e[1]) for e in early
     ):
-        raise BadOp(f"done: field 'early' must list [pretask tid, attempt] pairs of this task, got {early!r:.200}")
+        raise BadOp(f"done: field 'early' must list [pretask tid, attempt] pairs of this task, got {described(early)}")
     return DoneOp(
         cid=cid, tid=tid, attempt=attempt, values=values, sizes=sizes, early=tuple((e[0], e[1]) for e in early)
     )
@@ -503,7 +521,7 @@ def _parse_report(raw: dict[str, Any]) -> ReportOp:
 
 def _parse_batched(sub: Any) -> ReportOp | Refused:
     if not isinstance(sub, dict) or sub.get("op") not in ("done", "failed", "lost"):
-        return BadOp(f"batch: only done, failed and lost ops can be batched, got {sub!r:.200}").refused
+        return BadOp(f"batch: only done, failed and lost ops can be batched, got {described(sub)}").refused
     try:
         return _parse_report(sub)
     except BadOp as exc:
@@ -571,12 +589,12 @@ Request = ViewRequest | StatusRequest | InfoRequest | SchedulerRequest
 def parse_query(name: Any, args: Any) -> Request:
     """The typed question of a :class:`~tasksprint.api.Query`, or raise :class:`BadOp`."""
     if not isinstance(args, dict):
-        raise BadOp(f"query {name!r:.100}: arguments must be a map, got {type(args).__name__}")
+        raise BadOp(f"query {described(name)}: arguments must be a map, got {type(args).__name__}")
     match name:
         case "view":
             wait = args.get("wait", 0)
             if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not (wait >= 0 and math.isfinite(wait)):
-                raise BadOp(f"view: field 'wait' must be a number of seconds >= 0, got {wait!r:.200}")
+                raise BadOp(f"view: field 'wait' must be a number of seconds >= 0, got {described(wait)}")
             return ViewRequest(
                 cid=_int(args, "view", "cid"), after=_int(args, "view", "after", minimum=0, default=0), wait=float(wait)
             )

@@ -58,6 +58,13 @@ class HookRuntime:
 
     _machine: CoordinatorMachine
     _active: bool = False
+    #: Hooks called so far through this runtime (tells one long call from two short ones).
+    calls: int = 0
+
+    @property
+    def active(self) -> bool:
+        """Whether a hook is running now."""
+        return self._active
 
     def check_usable(self, what: str) -> None:
         """Raise :class:`SchedulerUsageError` if action ``what`` cannot run now."""
@@ -105,6 +112,7 @@ class HookRuntime:
         # completion on every replica.
         stdout = sys.stdout
         self._active = True
+        self.calls += 1
         sys.stdout = sys.stderr
         try:
             return fn()
