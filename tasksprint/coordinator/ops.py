@@ -472,14 +472,14 @@ def _parse_join(raw: dict[str, Any]) -> JoinOp:
 def _tags(raw: dict[str, Any], op: str, key: str) -> tuple[str, ...]:
     v = raw.get(key, [])
     if not isinstance(v, list) or len(v) > 256 or not all(isinstance(t, str) and 0 < len(t) <= 128 for t in v):
-        raise BadOp(f"{op}: field {key!r} must be a list of at most 256 non-empty tag strings, got {v!r:.200}")
+        raise BadOp(f"{op}: field {key!r} must be a list of at most 256 non-empty tag strings, got {described(v)}")
     return tuple(v)
 
 
 def _parse_worker(raw: dict[str, Any]) -> WorkerOp:
     drain = raw.get("drain", False)
     if not isinstance(drain, bool):
-        raise BadOp(f"worker: field 'drain' must be a bool, got {drain!r:.200}")
+        raise BadOp(f"worker: field 'drain' must be a bool, got {described(drain)}")
     return WorkerOp(
         client=_str(raw, "worker", "client"),
         add=_tags(raw, "worker", "add"),
