@@ -212,11 +212,21 @@ class Client:
 
     # ------------------------------------------------------------------
 
-    def _join_op(self, queue: int) -> JoinOp:
+    def _join_op(self, queue: int, holds: tuple[tuple[int, int], ...] = ()) -> JoinOp:
         cfg = self.config
         return JoinOp(
-            client=cfg.name, addr=f"{cfg.data_host}:{self.data_port}", slots=cfg.slots, queue=queue, have=cfg.have
+            client=cfg.name,
+            addr=f"{cfg.data_host}:{self.data_port}",
+            slots=cfg.slots,
+            queue=queue,
+            have=cfg.have,
+            holds=holds,
         )
+
+    def _offers(self) -> tuple[tuple[int, int], ...]:
+        """The (tid, attempt) outputs this client's nodes made and its store still keeps."""
+        assert self._store is not None
+        return tuple(sorted((tid, a) for tid, a in self._made.items() if self._store.has(tid)))
 
     async def _join(self) -> int:
         with self.observer.span("client.join"):
@@ -224,8 +234,11 @@ class Client:
 
     async def _join_log(self) -> int:
         cfg = self.config
-        assert self._lc is not None
-        op = self._join_op(self._queue_size()).to_wire()
+        assert self._lc is not None and self._store is not None
+        # Outputs kept from a previous incarnation (declared dead, back now)
+        # are offered: the coordinator takes back those it has not recomputed.
+        offers = self._offers()
+        op = self._join_op(self._queue_size(), offers).to_wire()
         while True:
             try:
                 result = await self._lc.submit(op, deadline=10.0)
@@ -240,7 +253,19 @@ class Client:
             if not isinstance(result, Joined):
                 error = result.error if isinstance(result, Refused) else f"unexpected answer {result!r:.200}"
                 raise RuntimeError(f"the coordinator refused to let this client join: {error}")
-            self._log.info("joined", cid=result.cid, slots=cfg.slots, have=list(cfg.have))
+            adopted = set(result.adopted)
+            for tid, _ in offers:
+                if tid not in adopted:
+                    self._made.pop(tid, None)
+                    self._store.drop(tid)
+            self._log.info(
+                "joined",
+                cid=result.cid,
+                slots=cfg.slots,
+                have=list(cfg.have),
+                offered=len(offers),
+                adopted=len(adopted),
+            )
             return result.cid
 
     def _queue_size(self) -> int:
@@ -301,7 +326,6 @@ class Client:
                 for run in self._runs.values():
                     run.scope.cancel()
                 self._runs.clear()
-                self._made.clear()
                 self._cid = await self._join()
                 version = 0
                 continue

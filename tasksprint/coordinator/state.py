@@ -91,6 +91,11 @@ class TaskRecord:
     # placed; the next check starts there (a cache: it changes no decision).
     blocker: int = 0
     reported: bool = False  # task_done was called (a lineage recompute does not call it again)
+    # The committed completion whose outputs a holder keeps (or kept): the
+    # client (incarnation) that made them and the attempt they came from.  A
+    # returning client may offer them again (see Lineage.readopt); two ints a task.
+    made_by: int | None = None
+    made_attempt: int = 0
 
 
 @attrs.define(eq=False)
