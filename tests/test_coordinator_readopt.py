@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from coordinator_harness import ECHO, ChainScheduler, Sim, run_on
+from coordinator_harness import ECHO, ChainScheduler, Harness, RandomScheduler, Sim, run_on
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from tasksprint.coordinator.ops import ErrorCode, Joined, Refused
+from tasksprint.coordinator.ops import ErrorCode, Initialized, Joined, Refused
 
 
 def rejoin(sim: Sim, old: int, name: str, holds: list[list[int]], have: tuple[str, ...] = ("x",)) -> Joined:
@@ -137,3 +139,64 @@ def test_malformed_holds_are_refused_with_the_field_named() -> None:
         assert isinstance(result, Refused) and result.code == ErrorCode.MALFORMED.value
         assert "'holds'" in result.error
     assert sim.h.status["clients"] == {"live": 0, "dead": 0}
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32), steps=st.lists(st.integers(0, 2**16), min_size=40, max_size=150))
+def test_readoption_never_accepts_an_output_of_a_different_attempt(seed: int, steps: list[int]) -> None:
+    """Random completions, deaths and returns offering right and wrong attempts: only committed ones are taken.
+
+    The ground truth is kept outside the machine: every (client name, tid,
+    attempt) whose completion the log accepted.  An adopted offer must be
+    one of those, of the returning client's own name, and task_done runs once per task.
+    """
+    h = Harness(RandomScheduler)
+    assert isinstance(h.init(seed), Initialized)
+    m = h.machine
+    committed: set[tuple[str, int, int]] = set()
+    names = {}
+    adoptions: list[int] = []
+    for r in steps:
+        live = [(cid, name) for cid, name, _ in m.live_clients()]
+        kind = r % 4
+        if kind == 0 or not live:
+            name = f"n{r % 5}"
+            total = m.status()["tasks"]["total"]
+            offer = {1 + (r >> k) % max(total, 1): 1 + (r >> (k + 3)) % 3 for k in range(r % 6)}
+            # Plus the outputs this name really made, some with the attempt shifted (never committed so).
+            for n, tid, a in sorted(committed):
+                if n == name and (r >> 4) % 2:
+                    offer[tid] = a + ((r >> (tid % 8)) % 3 - 1 if (r >> 5) % 2 else 0)
+            holds = [[tid, a] for tid, a in offer.items()]
+            result = h.op({"op": "join", "client": name, "addr": f"{name}:1", "slots": 2, "have": [], "holds": holds})
+            assert isinstance(result, Joined)
+            names[result.cid] = name
+            for tid in result.adopted:
+                assert (name, tid, offer[tid]) in committed, f"adopted {tid} attempt {offer[tid]} from {name}"
+                assert m.task_info(tid)["holder"] == result.cid
+                adoptions.append(tid)
+        elif kind == 1:
+            cid, _ = live[r % len(live)]
+            h.tick(expired=(cid,))
+        else:
+            work = [(cid, t) for cid, _ in live for t in m.view(cid, 0).tasks]
+            if not work:
+                continue
+            cid, t = work[r % len(work)]
+            result = h.op(
+                {
+                    "op": "done",
+                    "cid": cid,
+                    "tid": t.tid,
+                    "attempt": t.attempt,
+                    "values": {"out": r},
+                    "sizes": {"out": 1},
+                }
+            )
+            if result.accepted:
+                committed.add((names[cid], t.tid, t.attempt))
+        m.check_invariants()
+    sched = m.scheduler
+    assert sched is not None
+    reported = [tid for tid, task in m.state.tasks.items() if task.reported]
+    assert len(reported) == len(set(reported)) and sched.done == len(reported)
