@@ -50,6 +50,7 @@ def test_a_returning_client_is_readopted_and_the_recompute_cancelled() -> None:
         info = sim.machine.task_info(tid)
         assert (info["state"], info["holder"], info["clients"]) == ("done", x2, [])
     assert sim.h.status["tasks"]["done"] == done_before + 2
+    assert sim.h.status["tasks"]["readopted"] == 2
     # c, placed on y meanwhile, learns where its input is now and finishes.
     view = sim.poll(y)
     assert {"tid": sched.b, "cid": x2, "addr": "x:7001"} in view["holders"]
@@ -97,6 +98,8 @@ def test_a_returning_client_whose_store_was_wiped_offers_nothing_and_the_recompu
     assert sim.h.status["state"] == "finished"
     assert sim.machine.task_info(sched.b)["holder"] == joined.cid
     assert sim.machine.task_info(sched.b)["attempt"] == 2  # recomputed
+    counts = sim.h.status["tasks"]
+    assert (counts["completed"], counts["recomputed"], counts["readopted"]) == (3, 2, 0)
     assert [tid for tid, _ in sched.done] == [sched.a, sched.b, sched.c]
 
 

@@ -229,6 +229,7 @@ class Lineage:
             task.holder = task.made_by = client.cid
             client.holds[tid] = None
             self.fx.effects.append(["readopt", tid, attempt, client.cid])
+            s.readopted += 1
             self.outputs_changed(task, available=True)
             adopted.append(tid)
         self.drop_unneeded(adopted)

@@ -370,7 +370,10 @@ class CoordinatorMachine:
         s.set_state(task, TaskState.DONE)
         self._fx.effects.append(["done", task.tid, client.cid])
         self._lineage.outputs_changed(task, available=True)
-        if not task.reported:
+        if task.reported:
+            s.recomputed += 1
+        else:
+            s.completed += 1
             task.reported = True
             task.values = {k: op.values[k] for k in task.keys if k in op.values}
             tid, given = task.tid, dict(task.values)

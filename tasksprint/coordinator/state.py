@@ -163,6 +163,12 @@ class CoordinatorState:
     in_early: set[int] = attrs.Factory(set)
     recheck: set[int] = attrs.Factory(set)  # lost outputs to reconsider; empty between entries
     counts: dict[TaskState, int] = attrs.Factory(lambda: {s: 0 for s in TaskState})
+    # Monotone figures for recovery: tasks done at least once, completions of
+    # tasks done before (work redone from lineage), outputs taken back from a
+    # returning client (work not redone).
+    completed: int = 0
+    recomputed: int = 0
+    readopted: int = 0
     result: dict[str, Any] | None = None
     failure: dict[str, Any] | None = None
     last_hook: dict[str, Any] | None = None
