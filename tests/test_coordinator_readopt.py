@@ -7,6 +7,7 @@ from typing import Any
 from coordinator_harness import ECHO, ChainScheduler, Harness, RandomScheduler, Sim, run_on
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tasksprint_sdk.coordinator import Coordinator
 
 from tasksprint.coordinator.ops import ErrorCode, Initialized, Joined, Refused
 
@@ -203,3 +204,51 @@ def test_readoption_never_accepts_an_output_of_a_different_attempt(seed: int, st
     assert sched is not None
     reported = [tid for tid, task in m.state.tasks.items() if task.reported]
     assert len(reported) == len(set(reported)) and sched.done == len(reported)
+
+
+class ConsumedScheduler(Coordinator):
+    """a -> b, both on "x"; c on "y" stays pending (it needs a tag nobody has) so the run goes on.
+
+    When a client dies, a task reading a's output is started (a later need).
+    """
+
+    def init(self, seed: int) -> None:
+        self.a = self.start_task("a", keys=["out"], require=["x"])
+        self.b = self.start_task("b", pretasks=[self.a], prekeys=["out"], keys=["out"], require=["x"])
+        self.c = self.start_task("c", require=["never"])
+        self.late: int | None = None
+        self.start_late = False
+
+    def client_dead(self, cid: int) -> None:
+        if self.start_late:
+            self.late = self.start_task("d", pretasks=[self.a], prekeys=["out"], keys=["out"], require=["x"])
+
+
+def test_outputs_consumed_by_finished_dependents_are_not_recomputed_when_their_holder_dies() -> None:
+    sim = Sim(ConsumedScheduler, ECHO)
+    sched = sim.machine.scheduler
+    x = sim.join("x", slots=2, have=("x",))
+    run_on(sim, x)
+    assert sim.h.status["tasks"]["done"] == 2
+    sim.h.tick(expired=(x,))
+    # a's output was read by b, which is done; b's is read by nobody: neither runs again.
+    for tid in (sched.a, sched.b):
+        info = sim.machine.task_info(tid)
+        assert (info["state"], info["holder"], info["attempt"]) == ("done", None, 1)
+    assert sim.h.status["tasks"]["done"] == 2 and sim.h.status["tasks"]["pending"] == 1
+
+
+def test_a_consumed_output_is_recomputed_when_a_later_task_needs_it() -> None:
+    sim = Sim(ConsumedScheduler, ECHO)
+    sched = sim.machine.scheduler
+    sched.start_late = True
+    x = sim.join("x", slots=2, have=("x",))
+    run_on(sim, x)
+    sim.h.tick(expired=(x,))
+    assert sched.late is not None
+    assert sim.machine.task_info(sched.a)["state"] == "pending"  # recomputed for d
+    assert sim.machine.task_info(sched.b)["state"] == "done"  # nobody needs b again
+    x2 = sim.join("x2", slots=2, have=("x",))
+    run_on(sim, x2)
+    assert sim.machine.task_info(sched.late)["state"] == "done"
+    assert sim.h.status["tasks"]["recomputed"] == 1

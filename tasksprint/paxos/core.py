@@ -49,6 +49,7 @@ relies on).
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
@@ -177,6 +178,8 @@ class PaxosCore(LeaderRole):
             case Role.FOLLOWER:
                 if self._election.is_expired(self._now):
                     self._start_prevote()
+                elif self._now >= self._election.prevote_retry_at and self._election.is_leader_lost(self._now):
+                    self._retry_prevote()
                 self._maybe_catch_up()
             case Role.RECOVERING:
                 if self._rec.query_due(self._now, self._config.heartbeat_interval * 4, self._leader_ballot):
@@ -320,6 +323,7 @@ class PaxosCore(LeaderRole):
             self._become_follower()
         # Give the candidate time to finish before we compete with it.
         self._election.last_contact = self._now
+        self._election.prevote_retry_at = math.inf
         self._reset_election_timer()
         self._output.persist(records)
         self._reply_durable(src, self._promise_for(msg))
