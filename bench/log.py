@@ -398,6 +398,10 @@ def failover_compare(args: argparse.Namespace) -> int:
     with Cleanup() as stack:
         base = stack.enter_context(temp_dir("tasksprint-bench-", args.keep_temp))
         stack.callback(children.stop_all)
+        # Children run ``python -m tasksprint.cli``, which puts the working
+        # directory first on sys.path: inside a checkout it would run that
+        # checkout's code whatever PYTHONPATH says.
+        os.chdir(base)
         before = failover_side(args, base, children, "baseline", args.baseline) if args.baseline else None
         after = failover_side(args, base, children, "this", None)
     res = {"failovers": args.failovers, "baseline_tree": str(args.baseline) if args.baseline else None}
