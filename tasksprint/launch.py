@@ -173,7 +173,7 @@ def run_replica(args: argparse.Namespace, scheduler: type | None = None) -> int:
         except SchedulerLoadError as exc:
             print(f"tasksprint replica: {exc}", file=sys.stderr)
             return EXIT_USAGE
-    replica = Replica(config, app, observer=observer)
+    replica = Replica(config, app, observer=observer, handover_on_sigterm=True)
     tune_gc()
     try:
         trio.run(replica.run)

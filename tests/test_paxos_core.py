@@ -47,6 +47,7 @@ from tasksprint.paxos.messages import (
     RecoverReply,
     SnapshotInstall,
     Tick,
+    TimeoutNow,
 )
 from tasksprint.paxos.output import OutputBuffer, Ready
 from tasksprint.paxos.recovery import Recovery, Verdict
@@ -1013,3 +1014,28 @@ def test_a_refused_prevote_is_asked_again_every_heartbeat_while_the_leader_is_lo
     c.tick(1)
     again = net.peek(PreVote, src=1, dst=2)
     assert again and again[-1].round == first[-1].round  # the same pre-vote, asked again
+
+
+def test_a_leader_going_away_hands_over_without_an_election_timeout():
+    c, net = make(3)
+    elect(c, net, 0)
+    run(c, net, 0.2)
+    target = core(c, 0).hand_over()
+    assert target in (1, 2) and core(c, 0).role is Role.FOLLOWER
+    c.drain(0)
+    [msg] = net.peek(TimeoutNow, src=0, dst=target)
+    assert msg.ballot == core(c, 0).promised
+    # No time passes: the follower takes over on the message alone.
+    net.flush_until(lambda: core(c, target).role is Role.LEADER, among={0, 1, 2})
+    assert core(c, target).ballot > msg.ballot
+    assert core(c, 1).hand_over() is None or target == 1  # a follower has nothing to hand over
+
+
+def test_timeout_now_is_taken_only_from_the_leader_followed_at_its_ballot():
+    c, net = make(3)
+    elect(c, net, 0)
+    run(c, net, 0.2)
+    ballot = core(c, 0).promised
+    c.deliver(2, 1, TimeoutNow(ballot=ballot))  # not from the leader
+    c.deliver(0, 1, TimeoutNow(ballot=Ballot(ballot.round - 1, 0)))  # an older ballot
+    assert core(c, 1).role is Role.FOLLOWER and not net.peek(Prepare, src=1)

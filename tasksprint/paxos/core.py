@@ -82,6 +82,7 @@ from tasksprint.paxos.messages import (
     RecoverReply,
     SnapshotInstall,
     Tick,
+    TimeoutNow,
 )
 from tasksprint.paxos.output import Ready
 from tasksprint.paxos.recovery import Recovery, Verdict
@@ -202,6 +203,24 @@ class PaxosCore(LeaderRole):
             return True
         return False
 
+    def hand_over(self) -> int | None:
+        """This replica is going away: if it leads, ask a follower to take over at once.
+
+        The follower heard from most recently gets ``TimeoutNow`` and runs
+        phase 1 without waiting for an election timeout or a pre-vote; this
+        replica stops leading (its pending commands are forwarded to the new
+        leader once known).  Safety is phase 1's as always: the new leader
+        learns every accepted value from a majority.  Returns the follower
+        asked, or None if this replica does not lead.
+        """
+        if self._role is not Role.LEADER or self._lead is None or self._config.replicas == 1:
+            return None
+        lead = self._lead
+        target = max(self._peers(), key=lambda r: (lead.heard.get(r, -math.inf), -r))
+        self._send(target, TimeoutNow(ballot=lead.ballot))
+        self._become_follower()
+        return target
+
     def compact(self, index: int, data: bytes) -> None:
         """The driver took a snapshot of the state after applying slot ``index``."""
         truncate = self._learner.compact(index, data, self._config.keep_after_snapshot)
@@ -247,6 +266,8 @@ class PaxosCore(LeaderRole):
                 self._on_recover_query(src, msg)
             case RecoverReply():
                 self._on_recover_reply(src, msg)
+            case TimeoutNow():
+                self._on_timeout_now(src, msg)
             case _:
                 pass  # not a peer message; the driver logs such things
 

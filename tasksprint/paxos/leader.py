@@ -45,6 +45,7 @@ from tasksprint.paxos.messages import (
     Promise,
     Proposal,
     Tick,
+    TimeoutNow,
 )
 
 __all__ = ["LeaderRole"]
@@ -64,6 +65,11 @@ class LeaderRole(CoreBase):
             self._start_phase1()
             return
         self._broadcast(PreVote(round=round_, commit=self._commit))
+
+    def _on_timeout_now(self, src: int, msg: TimeoutNow) -> None:
+        # Only the leader we follow, at its ballot, can hand over to us.
+        if self._role is Role.FOLLOWER and self._leader_ballot == msg.ballot and msg.ballot.rid == src:
+            self._start_phase1()
 
     def _retry_prevote(self) -> None:
         """The pre-vote has not won yet and no leader spoke: ask those who refused again."""
