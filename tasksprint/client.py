@@ -310,7 +310,9 @@ class Client:
                 if channel.failures >= len(cfg.coordinators):
                     self._log.warning("coordinators_unreachable", error=str(exc), retry_in=f"{backoff:.2f}s")
                 await trio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                # Capped low: a client cut off by a partition must find out soon after the heal that it was
+                # declared dead, and offer its outputs back before they are recomputed elsewhere.
+                backoff = min(backoff * 2, 0.5)
                 continue
             backoff = 0.05
             if not isinstance(view, ClientView):
