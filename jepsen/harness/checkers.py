@@ -37,10 +37,14 @@ def exactly_once(comp: ComputationStatus | None) -> dict[str, Any]:
     unknown = sorted(set(done) - set(started))
     bad_records = [r for t, r in zip(done, records) if not (isinstance(r, list) and len(r) == 3 and r[0] == t)]
     counts = comp.tasks if comp is not None else {}
+    # Tasks completed at least once: the "done" state count leaves out a task
+    # done before whose lost output was being recomputed when the computation
+    # finished (a recompute nothing needed any more); its completion counted once.
+    completed = counts.get("completed", counts.get("done", 0))
     count_ok = (
-        counts.get("done") == len(set(done))
+        completed == len(set(done))
         and counts.get("total") == len(started)
-        and counts.get("done", 0) + counts.get("killed", 0) == len(started)
+        and completed + counts.get("killed", 0) == len(started)
     )
     attempts = Counter(r[1] for r in records if isinstance(r, list))
     return {
