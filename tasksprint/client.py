@@ -233,6 +233,13 @@ class Client:
             return await self._join_log()
 
     async def _join_log(self) -> int:
+        """Join (again); returns the client id.
+
+        The same id as before means the coordinator still has this client
+        alive (a view from a replica behind the log said otherwise): then
+        the store keeps everything.  A new id is a new incarnation: the
+        offered outputs it did not take back are dropped.
+        """
         cfg = self.config
         assert self._lc is not None and self._store is not None
         # Outputs kept from a previous incarnation (declared dead, back now)
@@ -254,10 +261,11 @@ class Client:
                 error = result.error if isinstance(result, Refused) else f"unexpected answer {result!r:.200}"
                 raise RuntimeError(f"the coordinator refused to let this client join: {error}")
             adopted = set(result.adopted)
-            for tid, _ in offers:
-                if tid not in adopted:
-                    self._made.pop(tid, None)
-                    self._store.drop(tid)
+            if result.cid != self._cid:
+                for tid, _ in offers:
+                    if tid not in adopted:
+                        self._made.pop(tid, None)
+                        self._store.drop(tid)
             self._log.info(
                 "joined",
                 cid=result.cid,
@@ -324,11 +332,18 @@ class Client:
                 return view.state
             if not view.alive:
                 # Declared dead (we were silent too long): our tasks went elsewhere.
-                self._log.warning("declared_dead_rejoining", cid=self._cid)
+                # Or a replica that has not applied our join yet answered: the
+                # join (idempotent for a live name) then gives back the same id.
+                cid = await self._join()
+                if cid == self._cid:
+                    self._log.info("view_from_a_replica_behind", cid=cid)
+                    await trio.sleep(0.1)
+                    continue
+                self._log.warning("declared_dead_rejoined", old_cid=self._cid, cid=cid)
                 for run in self._runs.values():
                     run.scope.cancel()
                 self._runs.clear()
-                self._cid = await self._join()
+                self._cid = cid
                 version = 0
                 continue
             version = view.version
