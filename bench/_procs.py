@@ -144,7 +144,7 @@ class Child:
     the terminal reaches only this script, which then stops them itself.
     """
 
-    def __init__(self, name: str, argv: list[str], stderr_path: Path) -> None:
+    def __init__(self, name: str, argv: list[str], stderr_path: Path, env: dict | None = None) -> None:
         self.name = name
         self.stderr_path = stderr_path
         self._err = open(stderr_path, "ab")
@@ -156,6 +156,7 @@ class Child:
             start_new_session=True,
             text=True,
             bufsize=1,
+            env=env,
         )
         self.lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, name=f"read-{name}", daemon=True).start()
@@ -230,8 +231,8 @@ class Children:
     def __init__(self) -> None:
         self.all: list[Child] = []
 
-    def start(self, name: str, argv: list[str], stderr_path: Path) -> Child:
-        c = Child(name, argv, stderr_path)
+    def start(self, name: str, argv: list[str], stderr_path: Path, env: dict | None = None) -> Child:
+        c = Child(name, argv, stderr_path, env)
         self.all.append(c)
         return c
 

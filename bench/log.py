@@ -356,12 +356,94 @@ def _crash_report(cl: Any, i: int) -> dict:
     return {"replica": i, "exit_code": cl.procs[i].returncode, "error": last_error}
 
 
+def tree_env(tree: Path) -> dict:
+    """The environment that runs ``tree``'s tasksprint (another checkout) instead of this one."""
+    path = os.pathsep.join([str(tree), str(tree / "sdk" / "python"), os.environ.get("PYTHONPATH", "")])
+    return dict(os.environ, PYTHONPATH=path.rstrip(os.pathsep))
+
+
+def failover_side(args: argparse.Namespace, base: Path, children: Children, label: str, tree: Path | None) -> dict:
+    """``args.failovers`` kill -9 rounds on a fresh cluster of this code, or of the checkout ``tree``."""
+    from tasksprint.localcluster import LocalCluster
+
+    env = None if tree is None else tree_env(tree)
+    script = Path(__file__).resolve() if tree is None else tree / "bench" / "log.py"
+    res: dict = {"failover_rounds": [], "replica_crashes": []}
+    with LocalCluster(base / f"failover-{label}", replicas=3, env=env) as cl:
+        cl.start()
+        note(f"failover, {label}: {args.failovers} rounds of kill -9 leader" + (f" ({tree})" if tree else ""))
+        wait_stable(cl, [0, 1, 2])
+        cfg = {"addrs": [list(a) for a in cl.addrs], "secret": cl.secret.hex()}
+        logs = base / f"worker-logs-{label}"
+        logs.mkdir(exist_ok=True)
+        _failover_rounds(args, cl, children, cfg, [sys.executable, str(script), "--worker"], logs, res, env)
+    samples = [r["failover_s"] for r in res["failover_rounds"]]
+    good = sorted(s for s in samples if s is not None)
+    elected = [r.get("new_leader_elected_after_s") for r in res["failover_rounds"]]
+    return {
+        "samples_s": [_r(s) for s in samples],
+        "elected_after_s": [_r(e) for e in elected],
+        "median_s": _r(statistics.median([s if s is not None else math.inf for s in samples])) if samples else None,
+        "p99_s": _r(percentile(good, 99)) if good else None,
+        "max_s": _r(good[-1]) if good else None,
+        "missing": sum(1 for s in samples if s is None),
+        "crashes": res["replica_crashes"],
+        "client_errors": res.get("failover_client_errors"),
+    }
+
+
+def failover_compare(args: argparse.Namespace) -> int:
+    """``--failover-only``: failover of this code, and of ``--baseline`` first if given, side by side."""
+    children = Children()
+    with Cleanup() as stack:
+        base = stack.enter_context(temp_dir("tasksprint-bench-", args.keep_temp))
+        stack.callback(children.stop_all)
+        # Children run ``python -m tasksprint.cli``, which puts the working
+        # directory first on sys.path: inside a checkout it would run that
+        # checkout's code whatever PYTHONPATH says.
+        os.chdir(base)
+        before = failover_side(args, base, children, "baseline", args.baseline) if args.baseline else None
+        after = failover_side(args, base, children, "this", None)
+    res = {"failovers": args.failovers, "baseline_tree": str(args.baseline) if args.baseline else None}
+    res["this"], res["baseline"] = after, before
+    if before and before["median_s"] and after["median_s"] and math.isfinite(before["median_s"]):
+        res["median_ratio"] = _r(after["median_s"] / before["median_s"])
+    if args.json:
+        print(json.dumps(res), flush=True)
+        return 0
+    lines = [
+        f"leader failover, kill -9, {args.failovers} rounds each (seconds from the kill to the first "
+        "commit of a command submitted after it)",
+        f"{'':18}{'median':>10}{'p99':>10}{'max':>10}{'missing':>9}",
+    ]
+    for label, side in (("baseline", before), ("this code", after)):
+        if side is not None:
+            lines.append(
+                f"{label:18}{num(side['median_s'], '.3f'):>10}{num(side['p99_s'], '.3f'):>10}"
+                f"{num(side['max_s'], '.3f'):>10}{side['missing']:>9}"
+            )
+            lines.append(
+                f"  samples: {' '.join(num(s, '.3f') if s is not None else 'none' for s in side['samples_s'])}"
+            )
+    if "median_ratio" in res:
+        lines.append(f"median ratio this/baseline: {res['median_ratio']:.2f}")
+    print("\n".join(lines), flush=True)
+    return 0
+
+
 def _failover_rounds(
-    args: argparse.Namespace, cl: Any, children: Children, base_cfg: dict, worker_argv: list, logs: Path, res: dict
+    args: argparse.Namespace,
+    cl: Any,
+    children: Children,
+    base_cfg: dict,
+    worker_argv: list,
+    logs: Path,
+    res: dict,
+    env: dict | None = None,
 ) -> None:
     rounds: list = res["failover_rounds"]
     cfg = dict(base_cfg, mode="failover", concurrency=1, first=2 * 10**12)
-    fw = children.start("failover client", worker_argv + [json.dumps(cfg)], logs / "failover.err")
+    fw = children.start("failover client", worker_argv + [json.dumps(cfg)], logs / "failover.err", env)
     events: list[dict] = []
 
     def pump(timeout: float) -> None:
@@ -848,6 +930,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="keep the temporary directory (replica logs, data, stderr of every child) and print its path",
     )
+    p.add_argument(
+        "--failover-only",
+        action="store_true",
+        help="measure leader failover only (median, p99, max over --failovers kills), nothing else",
+    )
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="TREE",
+        help="with --failover-only: first the same rounds with another checkout's code (e.g. a worktree of main), "
+        "then this code's, side by side with the ratio",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker is None:
@@ -866,6 +960,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker is not None:
         return worker_main(json.loads(args.worker))
+    if args.failover_only:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        exit_on_signals(signal.SIGTERM, signal.SIGHUP)
+        try:
+            return failover_compare(args)
+        except BenchError as exc:
+            print(f"bench/log.py: {exc}", file=sys.stderr)
+            return 1
     # Ctrl-C must stop the run even if this process was started with SIGINT ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     exit_on_signals(signal.SIGTERM, signal.SIGHUP)

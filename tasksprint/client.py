@@ -218,20 +218,40 @@ class Client:
 
     # ------------------------------------------------------------------
 
-    def _join_op(self, queue: int) -> JoinOp:
+    def _join_op(self, queue: int, holds: tuple[tuple[int, int], ...] = ()) -> JoinOp:
         cfg = self.config
         return JoinOp(
-            client=cfg.name, addr=f"{cfg.data_host}:{self.data_port}", slots=cfg.slots, queue=queue, have=cfg.have
+            client=cfg.name,
+            addr=f"{cfg.data_host}:{self.data_port}",
+            slots=cfg.slots,
+            queue=queue,
+            have=cfg.have,
+            holds=holds,
         )
+
+    def _offers(self) -> tuple[tuple[int, int], ...]:
+        """The (tid, attempt) outputs this client's nodes made and its store still keeps."""
+        assert self._store is not None
+        return tuple(sorted((tid, a) for tid, a in self._made.items() if self._store.has(tid)))
 
     async def _join(self) -> int:
         with self.observer.span("client.join"):
             return await self._join_log()
 
     async def _join_log(self) -> int:
+        """Join (again); returns the client id.
+
+        The same id as before means the coordinator still has this client
+        alive (a view from a replica behind the log said otherwise): then
+        the store keeps everything.  A new id is a new incarnation: the
+        offered outputs it did not take back are dropped.
+        """
         cfg = self.config
-        assert self._lc is not None
-        op = self._join_op(self._queue_size()).to_wire()
+        assert self._lc is not None and self._store is not None
+        # Outputs kept from a previous incarnation (declared dead, back now)
+        # are offered: the coordinator takes back those it has not recomputed.
+        offers = self._offers()
+        op = self._join_op(self._queue_size(), offers).to_wire()
         while True:
             try:
                 result = await self._lc.submit(op, deadline=10.0)
@@ -246,7 +266,20 @@ class Client:
             if not isinstance(result, Joined):
                 error = result.error if isinstance(result, Refused) else f"unexpected answer {result!r:.200}"
                 raise RuntimeError(f"the coordinator refused to let this client join: {error}")
-            self._log.info("joined", cid=result.cid, slots=cfg.slots, have=list(cfg.have))
+            adopted = set(result.adopted)
+            if result.cid != self._cid:
+                for tid, _ in offers:
+                    if tid not in adopted:
+                        self._made.pop(tid, None)
+                        self._store.drop(tid)
+            self._log.info(
+                "joined",
+                cid=result.cid,
+                slots=cfg.slots,
+                have=list(cfg.have),
+                offered=len(offers),
+                adopted=len(adopted),
+            )
             return result.cid
 
     def _queue_size(self) -> int:
@@ -291,7 +324,9 @@ class Client:
                 if channel.failures >= len(cfg.coordinators):
                     self._log.warning("coordinators_unreachable", error=str(exc), retry_in=f"{backoff:.2f}s")
                 await trio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                # Capped low: a client cut off by a partition must find out soon after the heal that it was
+                # declared dead, and offer its outputs back before they are recomputed elsewhere.
+                backoff = min(backoff * 2, 0.5)
                 continue
             backoff = 0.05
             if not isinstance(view, ClientView):
@@ -303,12 +338,18 @@ class Client:
                 return view.state
             if not view.alive:
                 # Declared dead (we were silent too long): our tasks went elsewhere.
-                self._log.warning("declared_dead_rejoining", cid=self._cid)
+                # Or a replica that has not applied our join yet answered: the
+                # join (idempotent for a live name) then gives back the same id.
+                cid = await self._join()
+                if cid == self._cid:
+                    self._log.info("view_from_a_replica_behind", cid=cid)
+                    await trio.sleep(0.1)
+                    continue
+                self._log.warning("declared_dead_rejoined", old_cid=self._cid, cid=cid)
                 for run in self._runs.values():
                     run.scope.cancel()
                 self._runs.clear()
-                self._made.clear()
-                self._cid = await self._join()
+                self._cid = cid
                 version = 0
                 continue
             version = view.version

@@ -92,8 +92,13 @@ def add_replica_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, required=True, help="data directory (must exist; empty for a new replica)")
     p.add_argument("--cluster", default="default", help="cluster name recorded in the data directory")
     p.add_argument("--scheduler", help="path/to/file.py:Class or module:Class (default: a key-value store)")
-    p.add_argument("--election-timeout", type=float, default=0.3, help="seconds (minimum; randomized up to twice)")
-    p.add_argument("--heartbeat", type=float, default=0.05, help="seconds between leader heartbeats")
+    p.add_argument(
+        "--election-timeout",
+        type=float,
+        default=0.15,
+        help="seconds (minimum; randomized up to twice; stretched when heartbeats arrive late)",
+    )
+    p.add_argument("--heartbeat", type=float, default=0.03, help="seconds between leader heartbeats")
     p.add_argument("--tick-interval", type=float, default=0.1, help="seconds between TICK log entries")
     p.add_argument("--snapshot-every", type=int, default=20_000, help="applied slots between snapshots")
     p.add_argument(
@@ -177,7 +182,7 @@ def run_replica(args: argparse.Namespace, scheduler: type | None = None) -> int:
         except SchedulerLoadError as exc:
             print(f"tasksprint replica: {exc}", file=sys.stderr)
             return EXIT_USAGE
-    replica = Replica(config, app, observer=observer)
+    replica = Replica(config, app, observer=observer, handover_on_sigterm=True)
     tune_gc()
     try:
         trio.run(replica.run)

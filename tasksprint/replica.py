@@ -49,6 +49,7 @@ import collections
 import gc
 import os
 import random
+import signal
 import threading
 import time
 from typing import Any
@@ -85,6 +86,7 @@ log = structlog.get_logger("tasksprint.replica")
 
 GC_YOUNG_THRESHOLD = 50_000  # allocations between young collections (CPython's default: 700)
 OUTBOX_LIMIT = 20_000  # messages queued for one peer before the oldest are dropped
+HANDOVER_WAIT = 0.2  # seconds a stopping leader waits for its TimeoutNow to be written
 QUERY_SPAN_NAMES = 16  # distinct query names given spans of their own; the rest share "query.other"
 
 
@@ -128,6 +130,11 @@ class Outbox:
 
     def clear(self) -> None:
         self._queue.clear()
+
+    @property
+    def waiting(self) -> int:
+        """Messages not written yet."""
+        return len(self._queue)
 
     def flush(self) -> None:
         """Write what is queued from the calling task, if the connection is idle; else leave it to the pump."""
@@ -176,6 +183,9 @@ class Replica:
     _watchdog: HookWatchdog | None = None
     port: int | None = None
     observer: Observer = attrs.field(default=NULL, kw_only=True)
+    #: On SIGTERM, a leader hands over to a follower, then the replica stops
+    #: (``tasksprint replica`` sets it; in-process replicas leave signals alone).
+    handover_on_sigterm: bool = attrs.field(default=False, kw_only=True)
     # Span and counter names per query name (bounded: the names come from clients).
     _query_names: dict[str, tuple[str, str]] = attrs.Factory(dict)
 
@@ -283,6 +293,8 @@ class Replica:
                     nursery.start_soon(self._peer_sender, peer)
                 nursery.start_soon(self._ticker)
                 nursery.start_soon(self._contact_reporter)
+                if self.handover_on_sigterm:
+                    nursery.start_soon(self._stop_on_sigterm, nursery.cancel_scope)
                 self._wake.set()
                 task_status.started(self)
                 await self._drive()
@@ -292,6 +304,22 @@ class Replica:
             if self._disk is not None:
                 self._disk.stop()  # what was submitted still reaches the disk
             self._storage.close()
+
+    async def _stop_on_sigterm(self, scope: trio.CancelScope) -> None:
+        """SIGTERM: a leader asks a follower to take over (no election timeout to wait), then stop."""
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            async for _ in signals:
+                target = self.core.hand_over()
+                if target is not None:
+                    self._log.info("leadership_handed_over", to=target)
+                    self._run_pass()
+                    # Bounded: the message is best effort, an election covers its loss.
+                    with trio.move_on_after(HANDOVER_WAIT):
+                        while self._peer_out[target].waiting:
+                            await trio.sleep(0.005)
+                self._log.info("replica_stopping", signal="SIGTERM")
+                scope.cancel()
+                return
 
     async def _listen(self, nursery: trio.Nursery, host: str, port: int) -> Any:
         cfg = self.config

@@ -113,6 +113,10 @@ def drive(seed: int, steps: list[tuple[int, int]], snap_at: int | None = None) -
             if r % 9 == 0:
                 ops.append({"op": "join", "client": "x"})  # not batchable: an error result, the rest applies
             item = cmd({"op": "batch", "ops": ops})
+        elif kind == 7 and r % 2 == 0:
+            # A client (maybe declared dead) joining with outputs it may or may not have made: re-adoption.
+            holds = [[1 + (r >> k) % 9, 1 + (r >> (k + 4)) % 2] for k in range(1 + r % 4)]
+            item = cmd({"op": "join", "client": f"n{r % 7}", "addr": f"n{r % 7}:1", "slots": 1, "holds": holds})
         elif sent:
             item = sent[r % len(sent)]  # a client retrying an old command
         else:

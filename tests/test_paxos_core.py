@@ -47,6 +47,7 @@ from tasksprint.paxos.messages import (
     RecoverReply,
     SnapshotInstall,
     Tick,
+    TimeoutNow,
 )
 from tasksprint.paxos.output import OutputBuffer, Ready
 from tasksprint.paxos.recovery import Recovery, Verdict
@@ -220,8 +221,10 @@ def test_prevote_refused_while_leader_heard():
 def test_leader_without_majority_steps_down():
     c, net = make(3)
     elect(c, net, 0)
-    # The leader keeps ticking but hears nobody.
-    run(c, net, ET * 2, among={0})
+    # The leader keeps ticking but hears nobody: it steps down after twice the election timeout.
+    run(c, net, ET * 1.9, among={0})
+    assert core(c, 0).role is Role.LEADER
+    run(c, net, ET * 0.2, among={0})
     assert core(c, 0).role is Role.FOLLOWER
     assert core(c, 0).propose(Tick(now=1.0)) is False
 
@@ -813,8 +816,9 @@ def test_stale_leader_ignores_catchup_reply():
     net.drop(dst=2)
     net.drop(src=2)
     net.flush()
-    # Leader 1 is cut off and stops ticking; replica 2 wins an election with 0 and 3.
-    c.now += 2 * ET
+    # Leader 1 is cut off and stops ticking; replica 2 wins an election with 0 and 3
+    # (after its own timeout, stretched by the gap it just saw, up to 4 x ET, twice).
+    c.now += 8 * ET
     for r in (0, 3, 4):
         c.tick(r)
         net.drop(PreVote, src=r)
@@ -972,9 +976,79 @@ def test_recovery_counts_only_replies_of_this_life_and_needs_everyone_for_a_new_
 def test_election_counts_a_prevote_only_for_the_current_round_and_only_if_granted():
     el = Election(0.3, 2, random.Random(5))
     el.saw_round(4)
-    round_ = el.start_prevote(0, promised_round=2, now=1.0)
-    assert round_ == 5
+    round_ = el.start_prevote(0, promised_round=2, now=1.0, retry=0.05)
+    assert round_ == 5 and el.prevote_retry_at == 1.05
     assert not el.count_prevote(1, PreVoteReply(round=4, granted=True))  # a stale round
     assert not el.count_prevote(1, PreVoteReply(round=5, granted=False))
     assert el.count_prevote(1, PreVoteReply(round=5, granted=True))
     assert not el.is_expired(1.0 + 0.3 - 1e-9) and el.is_expired(1.0 + 0.6)
+
+
+def test_election_timeout_stretches_with_measured_leader_gaps_and_ignores_outages():
+    el = Election(0.15, 2, random.Random(5))
+    now = 1.0
+    for _ in range(20):  # regular heartbeats every 30 ms: the configured minimum holds
+        now += 0.03
+        el.heard_leader(3, now)
+    assert el.timeout == 0.15
+    now += 0.2  # one heartbeat 200 ms late (a retransmission): twice that, from now on
+    el.heard_leader(3, now)
+    assert el.timeout == pytest.approx(0.4)
+    assert not el.is_leader_lost(now + 0.39) and el.is_leader_lost(now + 0.41)
+    now += 2.0  # a 2 s outage is not jitter: not counted
+    el.heard_leader(3, now)
+    assert el.timeout == pytest.approx(0.4)
+    now += 0.5  # a gap under a new leader's ballot is a leader change, not counted either
+    el.heard_leader(4, now)
+    assert el.timeout == pytest.approx(0.4)
+    for _ in range(200):  # two windows of regular heartbeats: back to the minimum
+        now += 0.03
+        el.heard_leader(4, now)
+    assert el.timeout == 0.15
+    for _ in range(3):  # stretched at most GAP_CAP times
+        now += 0.59
+        el.heard_leader(4, now)
+    assert el.timeout == pytest.approx(0.6)
+
+
+def test_a_refused_prevote_is_asked_again_every_heartbeat_while_the_leader_is_lost():
+    c, net = make(3)
+    elect(c, net, 0)
+    run(c, net, 0.5)
+    # The leader dies; replica 1 campaigns first, but replica 2 refuses it once (it heard the leader later).
+    c.now += 2 * ET + 1e-3
+    c.tick(1)
+    first = net.peek(PreVote, src=1, dst=2)
+    assert first
+    net.drop(PreVote, src=1)
+    c.deliver(1, 2, PreVoteReply(round=first[-1].round, granted=False))
+    assert core(c, 1).role is Role.FOLLOWER
+    c.now += HB
+    c.tick(1)
+    again = net.peek(PreVote, src=1, dst=2)
+    assert again and again[-1].round == first[-1].round  # the same pre-vote, asked again
+
+
+def test_a_leader_going_away_hands_over_without_an_election_timeout():
+    c, net = make(3)
+    elect(c, net, 0)
+    run(c, net, 0.2)
+    target = core(c, 0).hand_over()
+    assert target in (1, 2) and core(c, 0).role is Role.FOLLOWER
+    c.drain(0)
+    [msg] = net.peek(TimeoutNow, src=0, dst=target)
+    assert msg.ballot == core(c, 0).promised
+    # No time passes: the follower takes over on the message alone.
+    net.flush_until(lambda: core(c, target).role is Role.LEADER, among={0, 1, 2})
+    assert core(c, target).ballot > msg.ballot
+    assert core(c, 1).hand_over() is None or target == 1  # a follower has nothing to hand over
+
+
+def test_timeout_now_is_taken_only_from_the_leader_followed_at_its_ballot():
+    c, net = make(3)
+    elect(c, net, 0)
+    run(c, net, 0.2)
+    ballot = core(c, 0).promised
+    c.deliver(2, 1, TimeoutNow(ballot=ballot))  # not from the leader
+    c.deliver(0, 1, TimeoutNow(ballot=Ballot(ballot.round - 1, 0)))  # an older ballot
+    assert core(c, 1).role is Role.FOLLOWER and not net.peek(Prepare, src=1)

@@ -29,6 +29,7 @@ import collections
 import json
 import os
 import random
+import signal
 import socket
 import sqlite3
 import struct
@@ -855,3 +856,24 @@ async def test_replica_far_behind_catches_up_by_snapshot(local_cluster):
         _, slot = await submit(cluster, ["append", "many", "after"])
         await wait_converged(cluster, range(3), at_least=slot)
         assert_all_alive(cluster)
+
+
+async def test_a_leader_stopped_with_sigterm_hands_over_and_exits_cleanly(local_cluster):
+    """SIGTERM to the leader: it asks a follower to take over (no election timeout), then exits 0."""
+    cluster = local_cluster()
+    leader = await wait_leader(cluster, range(3))
+    _, before = await submit(cluster, ["put", "k", 1])
+    cluster.signal(leader, signal.SIGTERM)
+    proc = cluster.procs[leader]
+    assert proc is not None
+    with trio.fail_after(WAIT_SECONDS):
+        while proc.poll() is None:
+            await trio.sleep(POLL_SECONDS)
+    assert proc.returncode == 0, cluster.logs(leader)[-2000:]
+    [handed] = [e for e in events_of_last_run(cluster, leader) if e.get("event") == "leadership_handed_over"]
+    rest = [i for i in range(3) if i != leader]
+    assert handed["to"] in rest
+    # The follower asked is the one that leads now, and the log goes on.
+    assert await wait_leader(cluster, rest) == handed["to"]
+    _, after = await submit(cluster, ["put", "k", 2])
+    assert after > before

@@ -82,7 +82,9 @@ class Monitor(threading.Thread):
         self.stop_event = threading.Event()
         self.lock = threading.Lock()
         self.latest: list[dict | None] = [None] * len(addrs)
-        self.progress: list[tuple[float, int, str, int]] = []  # (t, done count, state, replica that answered)
+        # (t, done count, state, replica that answered, completions, recomputed): the last two only grow
+        # (completions = tasks done once + completions redone from lineage).
+        self.progress: list[tuple[float, int, str, int, int, int]] = []
         self.computation: ComputationStatus | None = None
         self.errors = 0
 
@@ -106,7 +108,14 @@ class Monitor(threading.Thread):
                     if comp is not None:
                         self.computation = comp
                         self.progress.append(
-                            (time.monotonic() - self.t0, comp.tasks.get("done", 0), comp.state, answered)
+                            (
+                                time.monotonic() - self.t0,
+                                comp.tasks.get("done", 0),
+                                comp.state,
+                                answered,
+                                comp.tasks.get("completed", 0) + comp.tasks.get("recomputed", 0),
+                                comp.tasks.get("recomputed", 0),
+                            )
                         )
             except Exception:
                 self.errors += 1

@@ -189,6 +189,7 @@ class Run:
             sup.join(5)
         comp = monitor.computation
         recov = checkers.recovery(monitor.progress, heal_times)
+        bounded = checkers.per_fault_recovery(monitor.progress, faults, args.max_recovery)
         replica_exits = [e for e in exits if e["proc"].startswith("r")]
         checks = {
             "exactly_once": checkers.exactly_once(comp),
@@ -199,6 +200,7 @@ class Run:
             },
             "result_correct": checkers.result_correct(comp, sseed, WIDTH),
             "progress_after_heal": recov,
+            "recovery_bounded": bounded,
             "clients_stay_up": checkers.clients_stay_up(exits),
             "cancels": checkers.cancels(comp, cancel_ops.ops, cancel_ops.attempted),
         }
@@ -246,6 +248,11 @@ class Run:
                 "after_last_heal": recov["after_last_heal"],
                 "max": recov["max"],
                 "per_fault": recov["per_fault"],
+                "max_recovery": args.max_recovery,
+                "max_back_to_prefault": bounded["max_back_to_prefault"],
+                "max_first_completion": bounded["max_first_completion"],
+                "recomputed": bounded["recomputed"],
+                "faults": bounded["per_fault"],
             },
             "process_exits": exits,
             "progress": [list(p) for p in monitor.progress[:: max(1, len(monitor.progress) // 200)]],
@@ -274,6 +281,18 @@ class Run:
             f"{r['checkers']['exactly_once'].get('done', 0)} completions checked, recovery after last heal "
             f"{r['recovery']['after_last_heal']}s (max {r['recovery']['max']}s), state {r['state']}"
         )
+        rec = r["recovery"]
+        say(
+            f"[{r['scenario']}]   per fault, from heal: first completion max {rec['max_first_completion']}s, "
+            f"back to the pre-fault done count max {rec['max_back_to_prefault']}s "
+            f"(bound {rec['max_recovery']}s), {rec['recomputed']} tasks recomputed"
+        )
+        for f in rec["faults"]:
+            say(
+                f"[{r['scenario']}]     fault {f['fault']} {f['start']:.1f}-{f['heal']:.1f}s: first completion "
+                f"{f['first_completion']}s, back to {f['prefault_done']} done {f['back_to_prefault']}s, "
+                f"{f['recomputed']} recomputed{' (' + f['note'] + ')' if f.get('note') else ''}"
+            )
         for cname, c in r["checkers"].items():
             if not c["ok"]:
                 detail = {k: v for k, v in c.items() if k != "ok"}
@@ -289,6 +308,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=3, choices=[2, 3])
     p.add_argument("--report", type=Path, help="directory for the JSON report (default: the run directory)")
     p.add_argument("--keep", action="store_true", help="keep replica data directories after a passing run")
+    p.add_argument(
+        "--max-recovery",
+        type=float,
+        default=checkers.MAX_RECOVERY,
+        metavar="SECONDS",
+        help="fail a scenario if, after any heal, the done count takes longer than this to get back to its "
+        f"pre-fault level (default {checkers.MAX_RECOVERY:g})",
+    )
     args = p.parse_args(argv)
     if args.scenario != "all" and args.scenario not in NEMESES:
         p.error(f"unknown scenario {args.scenario!r}; known: {', '.join(NEMESES)}, all")

@@ -11,7 +11,16 @@ holder-change rows of the clients running them, so their views say where the
 input is now.  Lost outputs go on ``recheck``; after the entry,
 :meth:`Lineage.recompute_lost` runs again every task whose lost outputs an
 unfinished task needs, and, transitively, the lost inputs of those.
-:meth:`Lineage.kill` ends a task and its transitive dependents.  No I/O here.
+:meth:`Lineage.kill` ends a task and its transitive dependents.
+
+A client declared dead keeps its object store; when it joins again under
+the same name it offers the ``(tid, attempt)`` outputs it holds, and
+:meth:`Lineage.readopt` takes back each one that is the committed completion
+(the very client name and attempt in ``made_by`` / ``made_attempt``) and
+whose outputs no live client holds yet: the task is done again, held by the
+new incarnation, a recompute of it in progress is cancelled, and so,
+transitively, is any recompute of its inputs that nothing active needs any
+more (:meth:`Lineage.drop_unneeded`).  No I/O here.
 """
 
 from __future__ import annotations
@@ -222,3 +231,71 @@ class Lineage:
                     pre = s.tasks[p]
                     if pre.state is TaskState.DONE and pre.holder is None:
                         s.recheck.add(p)
+
+    def readopt(self, client: ClientRecord, offers: tuple[tuple[int, int], ...]) -> list[int]:
+        """Take back the outputs a returning client (new incarnation ``client``) still holds.
+
+        An offer ``(tid, attempt)`` counts only if it is the task's committed
+        completion (made by a dead incarnation of this client name, attempt
+        ``attempt``) and no live client holds the task's outputs: a recompute
+        that completed elsewhere wins, and an output of any other attempt is
+        never accepted.  Offers are taken in tid order.  Returns the tids adopted.
+        """
+        s = self.s
+        adopted: list[int] = []
+        for tid, attempt in sorted(set(offers)):
+            task = s.tasks.get(tid)
+            if task is None or task.made_by is None or task.made_attempt != attempt or task.holder is not None:
+                continue
+            old = s.clients[task.made_by]
+            if old.alive or old.name != client.name:
+                continue
+            if task.state is TaskState.DONE:
+                pass
+            elif task.state in ACTIVE and task.reported:
+                self._cancel_recompute(task)
+            else:
+                continue  # failed or killed since: its dependents are gone
+            task.holder = task.made_by = client.cid
+            client.holds[tid] = None
+            self.fx.effects.append(["readopt", tid, attempt, client.cid])
+            s.readopted += 1
+            self.outputs_changed(task, available=True)
+            adopted.append(tid)
+        self.drop_unneeded(adopted)
+        return adopted
+
+    def _cancel_recompute(self, task: TaskRecord) -> None:
+        """Stop the recompute of ``task`` (done once, its outputs back or not needed): done again."""
+        s = self.s
+        for cid in task.copies:
+            self.placement.unassign(s.clients[cid], task.tid, tell=True)
+        task.copies = []
+        s.queue.discard(task.tid)
+        s.set_state(task, TaskState.DONE)
+        self.fx.effects.append(["uncompute", task.tid, task.attempt])
+
+    def drop_unneeded(self, tids: list[int]) -> None:
+        """Cancel recomputes of the inputs of ``tids`` (transitively) that no active task needs any more.
+
+        A recompute (a task done once, active again) whose dependents are all
+        finished goes back to done without outputs, as it was before the
+        recompute started; a later need recomputes it again (:meth:`recompute_lost`).
+        """
+        s = self.s
+        frontier = sorted({p for tid in tids for p in s.tasks[tid].pretasks})
+        seen = set(frontier)
+        while frontier:
+            nxt: list[int] = []
+            for tid in frontier:
+                task = s.tasks[tid]
+                if not (task.state in ACTIVE and task.reported and task.holder is None):
+                    continue
+                if any(s.tasks[d].state in ACTIVE for d in task.dependents):
+                    continue
+                self._cancel_recompute(task)
+                for p in task.pretasks:
+                    if p not in seen:
+                        seen.add(p)
+                        nxt.append(p)
+            frontier = sorted(nxt)

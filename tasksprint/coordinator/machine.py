@@ -349,9 +349,18 @@ class CoordinatorMachine:
         s.names[op.client] = cid
         s.live[cid] = None
         self._fx.effects.append(["join", cid])
-        self._log.info("client_joined", cid=cid, client=op.client, addr=op.addr, slots=op.slots, queue=op.queue)
+        adopted = self._lineage.readopt(s.clients[cid], op.holds) if op.holds else []
+        self._log.info(
+            "client_joined",
+            cid=cid,
+            client=op.client,
+            addr=op.addr,
+            slots=op.slots,
+            queue=op.queue,
+            adopted=len(adopted),
+        )
         self._call_hook(Hook.CLIENT_JOINED, lambda: self._sched().client_joined(cid), cid=cid)
-        return Joined(cid=cid)
+        return Joined(cid=cid, adopted=tuple(adopted))
 
     def _report_target(self, op: DoneOp | FailedOp) -> tuple[ClientRecord, TaskRecord]:
         what = "done" if isinstance(op, DoneOp) else "failed"
@@ -405,13 +414,17 @@ class CoordinatorMachine:
         self._placement.unassign(client, task.tid, tell=False)
         task.copies = []
         s.queue.discard(task.tid)
-        task.holder = client.cid
+        task.holder = task.made_by = client.cid
+        task.made_attempt = task.attempt
         client.holds[task.tid] = None
         task.sizes = dict(op.sizes)
         s.set_state(task, TaskState.DONE)
         self._fx.effects.append(["done", task.tid, client.cid])
         self._lineage.outputs_changed(task, available=True)
-        if not task.reported:
+        if task.reported:
+            s.recomputed += 1
+        else:
+            s.completed += 1
             task.reported = True
             task.values = {k: op.values[k] for k in task.keys if k in op.values}
             tid, given = task.tid, dict(task.values)

@@ -169,13 +169,18 @@ class InitOp:
 
 @message
 class JoinOp:
-    """Join (or, under a name already live, update): ``addr`` is the client's data server."""
+    """Join (or, under a name already live, update): ``addr`` is the client's data server.
+
+    ``holds`` lists the ``(tid, attempt)`` outputs a client declared dead still
+    keeps in its object store: the new incarnation offers them for re-adoption.
+    """
 
     client: str
     addr: str
     slots: int
     queue: int = 0
     have: tuple[str, ...] = ()
+    holds: tuple[tuple[int, int], ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -185,6 +190,7 @@ class JoinOp:
             "slots": self.slots,
             "queue": self.queue,
             "have": list(self.have),
+            **({"holds": [list(h) for h in self.holds]} if self.holds else {}),
         }
 
 
@@ -359,10 +365,14 @@ class Initialized:
 
 @message
 class Joined:
-    """The answer to :class:`JoinOp`: the client's id (the same as before for a live name)."""
+    """The answer to :class:`JoinOp`: the client's id (the same as before for a live name).
+
+    ``adopted``: the offered outputs (tids) the coordinator took back; the client may drop the others.
+    """
 
     cid: int = attrs.field(validator=_int_v)
     effects: str = attrs.field(default="", validator=_str_v)
+    adopted: tuple[int, ...] = attrs.field(default=(), converter=_ints)
 
 
 @message
@@ -455,6 +465,10 @@ def parse_op(raw: Any) -> Op:
             raise BadOp(f"unknown coordinator op {described(raw)}")
 
 
+#: At most this many outputs offered by one join (a bound on the cost of applying it).
+MAX_HOLDS = 1_000_000
+
+
 def _parse_join(raw: dict[str, Any]) -> JoinOp:
     client = _str(raw, "join", "client")
     addr = _str(raw, "join", "addr")
@@ -466,7 +480,14 @@ def _parse_join(raw: dict[str, Any]) -> JoinOp:
     have = raw.get("have", [])
     if not isinstance(have, list) or not all(isinstance(t, str) for t in have):
         raise BadOp(f"join: field 'have' must be a list of tag strings, got {described(have)}")
-    return JoinOp(client=client, addr=addr, slots=slots, queue=queue, have=tuple(have))
+    holds = raw.get("holds", [])
+    if not isinstance(holds, list) or len(holds) > MAX_HOLDS:
+        raise BadOp(f"join: field 'holds' must be a list of at most {MAX_HOLDS} pairs, got {described(holds)}")
+    for h in holds:
+        if not (isinstance(h, list) and len(h) == 2 and is_int(h[0]) and is_int(h[1])):
+            raise BadOp(f"join: field 'holds' must list [tid, attempt] pairs, got {described(h)} in it")
+    pairs = tuple((h[0], h[1]) for h in holds)
+    return JoinOp(client=client, addr=addr, slots=slots, queue=queue, have=tuple(have), holds=pairs)
 
 
 def _tags(raw: dict[str, Any], op: str, key: str) -> tuple[str, ...]:

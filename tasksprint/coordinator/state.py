@@ -91,6 +91,11 @@ class TaskRecord:
     # placed; the next check starts there (a cache: it changes no decision).
     blocker: int = 0
     reported: bool = False  # task_done was called (a lineage recompute does not call it again)
+    # The committed completion whose outputs a holder keeps (or kept): the
+    # client (incarnation) that made them and the attempt they came from.  A
+    # returning client may offer them again (see Lineage.readopt); two ints a task.
+    made_by: int | None = None
+    made_attempt: int = 0
 
 
 @attrs.define(eq=False)
@@ -158,6 +163,12 @@ class CoordinatorState:
     in_early: set[int] = attrs.Factory(set)
     recheck: set[int] = attrs.Factory(set)  # lost outputs to reconsider; empty between entries
     counts: dict[TaskState, int] = attrs.Factory(lambda: {s: 0 for s in TaskState})
+    # Monotone figures for recovery: tasks done at least once, completions of
+    # tasks done before (work redone from lineage), outputs taken back from a
+    # returning client (work not redone).
+    completed: int = 0
+    recomputed: int = 0
+    readopted: int = 0
     result: dict[str, Any] | None = None
     failure: dict[str, Any] | None = None
     last_hook: dict[str, Any] | None = None

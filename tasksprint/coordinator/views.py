@@ -107,15 +107,20 @@ def status(s: CoordinatorState) -> dict[str, Any]:
 
     Returns ``{"state", "finished": bool, "result": {"values", "tasks":
     [{"tid", "values"}]} | None, "failure": {"kind", "hook", "tid", "cid",
-    "slot", "error", "message"} | None, "tasks": {state: count, "total"},
+    "slot", "error", "message"} | None, "tasks": {state: count, "total",
+    "completed", "recomputed", "readopted"},
     "clients": {"live", "dead"}, "live_clients": [{"cid", "name",
     "addr", "slots", "running", "prefetching"}], "now", "seed", "version",
     "last_hook"}``.  A client's ``running`` counts the tasks taking its
     slots (all inputs available), ``prefetching`` those placed there that
     still wait for an input; both are ``running`` in the task counts.
+    ``completed`` (tasks done at least once), ``recomputed`` (completions of
+    tasks done before, redone from lineage) and ``readopted`` (outputs taken
+    back from a returning client) only grow.
     """
     counts = {state.value: n for state, n in s.counts.items()}
     counts["total"] = len(s.tasks)
+    counts["completed"], counts["recomputed"], counts["readopted"] = s.completed, s.recomputed, s.readopted
     return {
         "state": s.run_state.value,
         "finished": s.run_state is RunState.FINISHED,

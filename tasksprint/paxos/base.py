@@ -43,8 +43,10 @@ class PaxosConfig:
     """Protocol parameters; times are seconds of the driver's clock."""
 
     replicas: int
-    heartbeat_interval: float = 0.05
-    election_timeout: float = 0.3  # minimum; each wait is drawn from [t, 2t)
+    heartbeat_interval: float = 0.03
+    # Minimum; each wait is drawn from [t, 2t).  It grows with the measured
+    # gaps between a leader's messages (see election.py), so it can be short.
+    election_timeout: float = 0.15
     tick_interval: float = 0.1  # leader TICK entries
     max_inflight: int = 32  # slots in phase 2 at once
     max_batch: int = 2048  # items (commands, blocks, ticks) per slot
@@ -104,10 +106,7 @@ class CoreBase:
         """Replica id of the leader as far as this replica knows."""
         if self._role is Role.LEADER:
             return self._rid
-        if (
-            self._leader_ballot is not None
-            and self._now - self._election.last_contact < 2 * self._config.election_timeout
-        ):
+        if self._leader_ballot is not None and self._now - self._election.last_contact < 2 * self._election.timeout:
             return self._leader_ballot.rid
         return None
 

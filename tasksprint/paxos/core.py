@@ -49,6 +49,7 @@ relies on).
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
@@ -81,6 +82,7 @@ from tasksprint.paxos.messages import (
     RecoverReply,
     SnapshotInstall,
     Tick,
+    TimeoutNow,
 )
 from tasksprint.paxos.output import Ready
 from tasksprint.paxos.recovery import Recovery, Verdict
@@ -177,6 +179,8 @@ class PaxosCore(LeaderRole):
             case Role.FOLLOWER:
                 if self._election.is_expired(self._now):
                     self._start_prevote()
+                elif self._now >= self._election.prevote_retry_at and self._election.is_leader_lost(self._now):
+                    self._retry_prevote()
                 self._maybe_catch_up()
             case Role.RECOVERING:
                 if self._rec.query_due(self._now, self._config.heartbeat_interval * 4, self._leader_ballot):
@@ -198,6 +202,24 @@ class PaxosCore(LeaderRole):
             self._forward.append(item)
             return True
         return False
+
+    def hand_over(self) -> int | None:
+        """This replica is going away: if it leads, ask a follower to take over at once.
+
+        The follower heard from most recently gets ``TimeoutNow`` and runs
+        phase 1 without waiting for an election timeout or a pre-vote; this
+        replica stops leading (its pending commands are forwarded to the new
+        leader once known).  Safety is phase 1's as always: the new leader
+        learns every accepted value from a majority.  Returns the follower
+        asked, or None if this replica does not lead.
+        """
+        if self._role is not Role.LEADER or self._lead is None or self._config.replicas == 1:
+            return None
+        lead = self._lead
+        target = max(self._peers(), key=lambda r: (lead.heard.get(r, -math.inf), -r))
+        self._send(target, TimeoutNow(ballot=lead.ballot))
+        self._become_follower()
+        return target
 
     def compact(self, index: int, data: bytes) -> None:
         """The driver took a snapshot of the state after applying slot ``index``."""
@@ -244,6 +266,8 @@ class PaxosCore(LeaderRole):
                 self._on_recover_query(src, msg)
             case RecoverReply():
                 self._on_recover_reply(src, msg)
+            case TimeoutNow():
+                self._on_timeout_now(src, msg)
             case _:
                 pass  # not a peer message; the driver logs such things
 
@@ -320,6 +344,7 @@ class PaxosCore(LeaderRole):
             self._become_follower()
         # Give the candidate time to finish before we compete with it.
         self._election.last_contact = self._now
+        self._election.prevote_retry_at = math.inf
         self._reset_election_timer()
         self._output.persist(records)
         self._reply_durable(src, self._promise_for(msg))

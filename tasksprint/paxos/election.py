@@ -8,17 +8,34 @@ comes back is refused by peers that still hear the leader, so it cannot
 depose it.  A new ballot's round is above every round this replica has seen
 (in any message or on its own disk), so it outranks them all.
 
+The minimum ``t`` adapts to the network: it is the configured minimum or
+:data:`GAP_FACTOR` times the longest gap between two messages of the same
+leader seen in the last two windows of :data:`GAP_WINDOW` seconds, whichever
+is larger.  On a quiet loopback the gaps are the heartbeat interval and the
+configured minimum holds (fast failover); when heartbeats arrive late
+(delay, loss and TCP retransmission, a stalled host) the timeout grows with
+the measured gaps (up to :data:`GAP_CAP` times the configured minimum;
+longer gaps are outages and not counted), so slow links do not start elections.  A gap that spans
+a change of leader is not a heartbeat gap and is not counted.  A pre-vote
+that has not won is asked again every ``retry`` seconds while the leader
+stays lost, so one early refusal does not cost a whole new timeout.
+
 :class:`Election` keeps the timer, the highest round seen and the pre-vote
 tally; the core (``PaxosCore``) decides what to send and when roles change.
 """
 
 from __future__ import annotations
 
+import math
 import random
 
 import attrs
 
 from tasksprint.paxos.messages import PreVoteReply
+
+GAP_FACTOR = 2.0  # the timeout is at least this many times the longest recent leader gap
+GAP_WINDOW = 2.0  # seconds per window of gap measurements (the last two windows count)
+GAP_CAP = 4.0  # the timeout stretches to at most this many times the configured one; longer gaps are outages
 
 
 @attrs.define(eq=False)
@@ -34,13 +51,43 @@ class Election:
     last_contact: float = 0.0
     #: Candidate: when to send Prepare again to those who have not answered.
     retry_at: float = 0.0
+    #: Follower with a pre-vote out: when to ask again (inf: none out).
+    prevote_retry_at: float = math.inf
     _deadline: float = 0.0
     _prevote_round: int = 0
     _prevotes: set[int] = attrs.Factory(set)
+    # Longest leader gap in the current and the previous window, the current
+    # window's start, and the round of the leader last heard (gaps across a
+    # change of leader are not counted).
+    _gap_now: float = 0.0
+    _gap_prev: float = 0.0
+    _gap_since: float = 0.0
+    _heard_round: int = 0
+
+    @property
+    def timeout(self) -> float:
+        """The current minimum election timeout: configured, or stretched by the measured gaps."""
+        stretched = min(GAP_FACTOR * max(self._gap_now, self._gap_prev), GAP_CAP * self._timeout)
+        return max(self._timeout, stretched)
+
+    def note_gap(self, gap: float, now: float) -> None:
+        """A gap of ``gap`` seconds between two messages of one leader (or, at a leader, of one follower).
+
+        A gap over ``GAP_CAP`` timeouts is an outage (a partition, a paused
+        process), not the network's jitter: it is not counted.
+        """
+        if gap > GAP_CAP * self._timeout:
+            return
+        if now - self._gap_since >= GAP_WINDOW:
+            # A window with no message at all leaves nothing to remember.
+            self._gap_prev = self._gap_now if now - self._gap_since < 2 * GAP_WINDOW else 0.0
+            self._gap_now = 0.0
+            self._gap_since = now
+        self._gap_now = max(self._gap_now, gap)
 
     def reset_timer(self, now: float) -> None:
         """Wait a new randomized election timeout from ``now``."""
-        t = self._timeout
+        t = self.timeout
         self._deadline = now + t + self._rng.random() * t
 
     def is_expired(self, now: float) -> bool:
@@ -49,7 +96,7 @@ class Election:
 
     def is_leader_lost(self, now: float) -> bool:
         """Whether no leader was heard for a whole (minimum) election timeout."""
-        return now - self.last_contact >= self._timeout
+        return now - self.last_contact >= self.timeout
 
     def saw_round(self, round_: int) -> None:
         self.max_round = max(self.max_round, round_)
@@ -57,18 +104,28 @@ class Election:
     def heard_leader(self, round_: int, now: float) -> None:
         """A message from the leader of a ballot of ``round_``: it is alive, wait again."""
         self.saw_round(round_)
+        if round_ == self._heard_round and self.last_contact > 0:
+            self.note_gap(now - self.last_contact, now)
+        self._heard_round = round_
         self.last_contact = now
+        self.prevote_retry_at = math.inf
         self.reset_timer(now)
 
     def next_round(self, promised_round: int) -> int:
         """The round of this replica's next ballot: above everything seen and promised."""
         return max(self.max_round, promised_round) + 1
 
-    def start_prevote(self, rid: int, promised_round: int, now: float) -> int:
+    def start_prevote(self, rid: int, promised_round: int, now: float, retry: float) -> int:
         """Begin a pre-vote (counting our own support); returns the round to ask about."""
         self.reset_timer(now)
         self._prevote_round = self.next_round(promised_round)
         self._prevotes = {rid}
+        self.prevote_retry_at = now + retry
+        return self._prevote_round
+
+    def retry_prevote(self, now: float, retry: float) -> int:
+        """Ask again for the pre-vote still out; returns its round."""
+        self.prevote_retry_at = now + retry
         return self._prevote_round
 
     def count_prevote(self, src: int, msg: PreVoteReply) -> bool:

@@ -14,7 +14,7 @@ majority (the leader's own acceptor included) has accepted it.  A slot that is
 the only one in flight is sent to just enough followers for a majority
 (:meth:`LeaderRole._send_accepts`); the others learn it from the commit index,
 which the leader piggybacks on Accept and Heartbeat.  A leader that has not
-heard from a majority within the election timeout steps down (check-quorum).
+heard from a majority within twice the election timeout steps down (check-quorum).
 Followers forward the commands proposed to them to the leader they know.
 
 The records this role keeps (the phase-1 tally, the phase-2 pipeline) are in
@@ -23,6 +23,7 @@ The records this role keeps (the phase-1 tally, the phase-2 pipeline) are in
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import attrs
@@ -44,6 +45,7 @@ from tasksprint.paxos.messages import (
     Promise,
     Proposal,
     Tick,
+    TimeoutNow,
 )
 
 __all__ = ["LeaderRole"]
@@ -57,10 +59,21 @@ class LeaderRole(CoreBase):
     # Campaign
 
     def _start_prevote(self) -> None:
-        round_ = self._election.start_prevote(self._rid, self._acceptor.promised.round, self._now)
+        hb = self._config.heartbeat_interval
+        round_ = self._election.start_prevote(self._rid, self._acceptor.promised.round, self._now, hb)
         if self._config.replicas == 1:
             self._start_phase1()
             return
+        self._broadcast(PreVote(round=round_, commit=self._commit))
+
+    def _on_timeout_now(self, src: int, msg: TimeoutNow) -> None:
+        # Only the leader we follow, at its ballot, can hand over to us.
+        if self._role is Role.FOLLOWER and self._leader_ballot == msg.ballot and msg.ballot.rid == src:
+            self._start_phase1()
+
+    def _retry_prevote(self) -> None:
+        """The pre-vote has not won yet and no leader spoke: ask those who refused again."""
+        round_ = self._election.retry_prevote(self._now, self._config.heartbeat_interval)
         self._broadcast(PreVote(round=round_, commit=self._commit))
 
     def _on_prevote(self, src: int, msg: PreVote) -> None:
@@ -82,6 +95,7 @@ class LeaderRole(CoreBase):
             self._carry.extend(self._lead.pending)
         self._role = Role.CANDIDATE
         self._lead = None
+        self._election.prevote_retry_at = math.inf
         self._phase1 = Phase1(ballot, self._commit + 1)
         self._election.retry_at = self._now + self._config.heartbeat_interval
         self._reset_election_timer()
@@ -173,7 +187,9 @@ class LeaderRole(CoreBase):
         # Check-quorum: step down if a majority has gone quiet.
         if cfg.replicas > 1:
             recent = sorted((t for t in lead.heard.values()), reverse=True)
-            if recent[cfg.quorum - 2] < self._now - cfg.election_timeout:
+            # Over twice the (measured) election timeout: followers elect a
+            # new leader within it, so a cut-off leader has stepped down by then.
+            if recent[cfg.quorum - 2] < self._now - 2 * self._election.timeout:
                 self._become_follower()
                 self._leader_ballot = None
                 return
@@ -273,8 +289,17 @@ class LeaderRole(CoreBase):
 
     def _on_accepted(self, src: int, msg: Accepted) -> None:
         if self._lead is not None and msg.ballot == self._lead.ballot:
-            self._lead.heard[src] = self._now
+            self._heard_follower(src)
         self._count_accepted(src, msg)
+
+    def _heard_follower(self, src: int) -> None:
+        """Follower ``src`` answered at our ballot: alive (check-quorum); its gap feeds the timeout."""
+        lead = self._lead
+        assert lead is not None
+        last = lead.heard.get(src)
+        if last is not None:
+            self._election.note_gap(self._now - last, self._now)
+        lead.heard[src] = self._now
 
     def _count_accepted(self, src: int, msg: Accepted) -> None:
         lead = self._lead
@@ -310,4 +335,4 @@ class LeaderRole(CoreBase):
 
     def _on_heartbeat_ack(self, src: int, msg: HeartbeatAck) -> None:
         if self._lead is not None and msg.ballot == self._lead.ballot:
-            self._lead.heard[src] = self._now
+            self._heard_follower(src)

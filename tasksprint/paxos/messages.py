@@ -318,6 +318,13 @@ class RecoverReply:
     empty: bool = attrs.field(validator=_bool)
 
 
+@message
+class TimeoutNow:
+    """From the leader of ``ballot``, which is going away: start phase 1 now, without a pre-vote."""
+
+    ballot: Ballot = attrs.field(validator=_ballot)
+
+
 #: Every message a replica may receive from another replica.
 PEER_MESSAGES = (
     PreVote,
@@ -335,4 +342,5 @@ PEER_MESSAGES = (
     Forward,
     RecoverQuery,
     RecoverReply,
+    TimeoutNow,
 )
