@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--spill-dir", type=Path, help="where spilled outputs go (default: the system temp dir)")
     p.add_argument("--spill-limit", type=int, default=16384, help="MiB of outputs spilled to disk at most")
+    launch.add_http_arguments(p, "--metrics", "serve this client's Prometheus metrics at /metrics here")
     add_common_arguments(p)
 
     p = sub.add_parser("run", help="run a computation on a local cluster started for it")

@@ -22,7 +22,7 @@ import attrs
 import structlog
 import trio
 
-from tasksprint.launch import EXIT_USAGE, cluster_secret, load_observer
+from tasksprint.launch import EXIT_USAGE, cluster_secret, http_endpoint, load_observer
 from tasksprint.observe import ObserverSpecError
 
 __all__ = ["cancel", "client", "dashboard", "info", "run", "status", "top"]
@@ -136,9 +136,12 @@ def client(args: argparse.Namespace) -> int:
     try:
         # Loaded here so that a bad TASKSPRINT_OBSERVER stops the client before it joins.
         observer = load_observer("client")
-    except ObserverSpecError as exc:
+        http = http_endpoint(args, "--metrics", "client", observer)
+    except (ObserverSpecError, ValueError) as exc:
         print(f"tasksprint client: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if http is not None:
+        observer = http[3]
     if args.spill_dir is not None:
         try:
             args.spill_dir.mkdir(parents=True, exist_ok=True)
@@ -146,7 +149,7 @@ def client(args: argparse.Namespace) -> int:
             print(f"tasksprint client: cannot use --spill-dir {args.spill_dir}: {exc.strerror or exc}", file=sys.stderr)
             return EXIT_USAGE
     try:
-        state = trio.run(_client_until_signalled, Client(config, observer=observer))
+        state = trio.run(_client_until_signalled, Client(config, observer=observer), http)
     except KeyboardInterrupt:
         return 130
     except BaseExceptionGroup as group:
@@ -162,10 +165,24 @@ def client(args: argparse.Namespace) -> int:
     return 0 if state == "finished" else 1
 
 
-async def _client_until_signalled(client: Any) -> str:
-    """Run a worker client; SIGTERM stops it cleanly (node processes and spilled outputs go too)."""
+async def _client_until_signalled(client: Any, http: tuple | None = None) -> str:
+    """Run a worker client; SIGTERM stops it cleanly (node processes and spilled outputs go too).
+
+    With ``http`` (from :func:`~tasksprint.launch.http_endpoint`), its
+    metrics are served at ``/metrics`` there while it runs.
+    """
     state = "terminated"
     async with trio.open_nursery() as nursery:
+        if http is not None:
+            from tasksprint.dashboard.server import serve_metrics
+
+            host, port, credentials, observer = http
+            bound = await nursery.start(
+                lambda task_status: serve_metrics(
+                    host, port, observer.registry, credentials=credentials, task_status=task_status
+                )
+            )
+            structlog.get_logger("tasksprint.client").info("metrics_serving", url=f"http://{host}:{bound}/metrics")
 
         async def on_sigterm() -> None:
             with trio.open_signal_receiver(signal.SIGTERM) as signals:

@@ -163,6 +163,9 @@ class ReplicaDriver:
     _reported: int = 0  # the last slot whose digest was sent to the peers
     #: Set once a peer was found to disagree with the majority: what differs, for people.
     divergence: str = ""
+    # How long the last synced writes took, inline or in the background writer (for ReplicaStatus).
+    _fsync_times: collections.deque[float] = attrs.Factory(lambda: collections.deque(maxlen=COMMIT_SAMPLES))
+    _last_leader: int | None = None
     _since_snapshot: int = 0
     _last_role: tuple[Role, Ballot | None] | None = None
     # The core's, the applier's and the storage's steps, each wrapped once for
@@ -200,6 +203,16 @@ class ReplicaDriver:
         return self._tally.confirmed
 
     @property
+    def fsync_times(self) -> list[float]:
+        """Seconds the latest synced writes took (inline or in the background writer), sorted."""
+        return sorted(self._fsync_times)
+
+    def note_fsync(self, seconds: float) -> None:
+        """A synced write took ``seconds`` (the background writer reports its own through this)."""
+        self._fsync_times.append(seconds)
+        self.observer.timing("storage.fsync", seconds)
+
+    @property
     def writes_in_flight(self) -> int:
         """Readies handed to the background writer and not yet reported written."""
         return len(self._unwritten)
@@ -218,6 +231,10 @@ class ReplicaDriver:
             return False
         key = cmd.request_key
         if core.role is Role.LEADER:
+            if self.observer is not NULL:
+                self.observer.count("paxos.proposals")
+                size = len(cmd.ops) if isinstance(cmd, CommandBlock) else len(codec.encode(cmd.op))
+                self.observer.count("paxos.proposal_bytes", size)
             if len(self._arrived) >= ARRIVALS_LIMIT:
                 self._arrived.clear()  # lost with a leader change and never answered
             self._arrived.setdefault(key, self.clock())
@@ -336,7 +353,9 @@ class ReplicaDriver:
             for box in peers:
                 box.flush()
             if inline is not None:
+                t0 = self.clock()
                 self._write(inline.persist, sync=True)
+                self.note_fsync(max(0.0, self.clock() - t0))
                 self._advance(inline)
             for rd in to_disk:
                 self.writer.submit(rd.persist, rd.sync and cfg.fsync)
@@ -461,5 +480,8 @@ class ReplicaDriver:
             if was_leader != (core.role is Role.LEADER):
                 self.app.role_changed(core.role is Role.LEADER, self.clock())
             self._last_role = now
+            if core.leader_hint is not None and core.leader_hint != self._last_leader:
+                self._last_leader = core.leader_hint
+                self.observer.count("paxos.leader_change")
             if self.log is not None:
                 self.log.info("role_changed", role=core.role.value, ballot=str(core.ballot), commit=core.commit_index)

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import attrs
-from prometheus_client import CollectorRegistry, Counter, Histogram, Summary, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, Summary, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -55,7 +55,7 @@ TASK_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
 
 #: Hook span name -> (metric name, help) of a histogram of its own.
 SPANS: dict[str, tuple[str, str]] = {
-    "storage.write": ("tasksprint_fsync_seconds", "Durable writes of promises and accepts (one fsync each)"),
+    "storage.fsync": ("tasksprint_fsync_seconds", "Synced writes of promises and accepts (one fsync each)"),
     "replica.commit": ("tasksprint_commit_seconds", "Commands from arrival at the leader to answer"),
     "task.run": ("tasksprint_task_seconds", "Tasks from start on a node to its answer"),
     "fetch": ("tasksprint_fetch_seconds", "Fetches of a task output from a peer client"),
@@ -98,6 +98,8 @@ class PrometheusObserver(TimedByClock):
 
     def __attrs_post_init__(self) -> None:
         r, role = self.registry, ["role"]
+        # This process's CPU seconds, memory and open files (process_* metrics; Linux only).
+        ProcessCollector(registry=r)
         for hook, (metric, doc) in SPANS.items():
             buckets = TASK_BUCKETS if hook == "task.run" else TIME_BUCKETS
             self._spans[hook] = Histogram(metric, doc, role, registry=r, buckets=buckets).labels(self.role)
@@ -175,6 +177,11 @@ class ClusterCollector(Collector):
             "Leader's recent command latency, arrival to answer",
             labels=[*rl, "quantile"],
         )
+        fsync = GaugeMetricFamily(
+            "tasksprint_replica_fsync_latency_seconds",
+            "The replica's recent synced writes (promises, accepts)",
+            labels=[*rl, "quantile"],
+        )
         for i, r in enumerate(snap.replicas):
             labels = [str(r.rid if r.rid is not None else i), r.address]
             up.add_metric(labels, 1.0 if r.up else 0.0)
@@ -187,7 +194,10 @@ class ClusterCollector(Collector):
             for q, ms in (("0.5", r.commit_p50_ms), ("0.99", r.commit_p99_ms)):
                 if ms is not None:
                     latency.add_metric([*labels, q], ms / 1000.0)
-        yield from (up, leader, commit, applied, lag, latency)
+            for q, ms in (("0.5", r.fsync_p50_ms), ("0.99", r.fsync_p99_ms)):
+                if ms is not None:
+                    fsync.add_metric([*labels, q], ms / 1000.0)
+        yield from (up, leader, commit, applied, lag, latency, fsync)
         if self.history is not None:
             changes = CounterMetricFamily(
                 "tasksprint_cluster_leader_changes", "Changes of the leader seen by this poller"

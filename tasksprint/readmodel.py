@@ -90,6 +90,8 @@ class ReplicaRow:
     lag: int = 0  # slots applied by the most advanced replica and not yet by this one
     commit_p50_ms: float | None = None
     commit_p99_ms: float | None = None
+    fsync_p50_ms: float | None = None
+    fsync_p99_ms: float | None = None
     error: str = ""
 
 
@@ -142,6 +144,8 @@ def replica_from_reply(address: str, reply: Any) -> ReplicaRow:
         applied=_int(field(reply, "applied")),
         commit_p50_ms=_num(field(reply, "commit_p50_ms")),
         commit_p99_ms=_num(field(reply, "commit_p99_ms")),
+        fsync_p50_ms=_num(field(reply, "fsync_p50_ms")),
+        fsync_p99_ms=_num(field(reply, "fsync_p99_ms")),
     )
 
 

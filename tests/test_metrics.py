@@ -51,8 +51,8 @@ def test_the_observer_is_an_observer_and_named_by_the_environment_spec() -> None
 def test_named_hooks_go_to_their_own_metrics_and_others_to_the_generic_families() -> None:
     clock = FakeClock()
     obs = PrometheusObserver("replica", clock=clock)
-    obs.timing("storage.write", 0.002)
-    obs.timing("storage.write", 0.004)
+    obs.timing("storage.fsync", 0.002)
+    obs.timing("storage.fsync", 0.004)
 
     def step(x: int) -> int:
         clock.now += 0.5
