@@ -86,6 +86,7 @@ from tasksprint.object_store import DEFAULT_SPILL_LIMIT, InputError, ObjectStore
 from tasksprint.observe import NullObserver, Observer
 from tasksprint.peer_data import PeerFetcher, serve_data
 from tasksprint.queue_sizer import QueueSizer
+from tasksprint.usage import UsageMeter
 
 log = structlog.get_logger("tasksprint.client")
 
@@ -284,11 +285,14 @@ class Client:
         # another replica) well before the coordinator's client timeout: the
         # contact only counts once a replica that reaches the leader has it.
         wait, margin = cfg.poll_wait, 5.0
+        meter = UsageMeter(trio.current_time)
         while True:
+            # What this client and its nodes use, for the status answer (cheap: a few /proc reads).
+            cpu, rss = meter.read([os.getpid(), *(self._pool.pids if self._pool is not None else ())])
             try:
                 with self.observer.span("client.view_poll"):
                     view = await channel.request(
-                        ViewRequest(cid=self._cid, after=version, wait=wait), timeout=wait + margin
+                        ViewRequest(cid=self._cid, after=version, wait=wait, cpu=cpu, rss=rss), timeout=wait + margin
                     )
             except ASK_ERRORS as exc:
                 if channel.failures >= len(cfg.coordinators):

@@ -75,6 +75,8 @@ def status(args: argparse.Namespace) -> int:
                     f" commit latency p50={st.commit_p50_ms:.2f}ms p99={st.commit_p99_ms:.2f}ms"
                     f" (last {st.commit_samples})"
                 )
+            if st.fsync_samples:
+                latency += f" fsync p50={st.fsync_p50_ms:.2f}ms p99={st.fsync_p99_ms:.2f}ms"
             print(
                 f"{address:<22} replica {st.rid}  {st.role:<10} leader={st.leader} "
                 f"ballot={st.ballot or '-'} commit={st.commit} applied={st.applied}{latency}"
@@ -84,6 +86,8 @@ def status(args: argparse.Namespace) -> int:
         if computation is not None:
             leader = next((st.leader for st in answered if st.leader is not None), None)
             print(progress_line(computation, leader))
+            for c in computation.live_clients:
+                print(_client_line(c))
             if computation.result is not None:
                 print("result: " + json.dumps(attrs.asdict(computation.result)))
             if computation.failure is not None:
@@ -326,4 +330,19 @@ def _status_dict(st: Any) -> dict:
         "commit_p99_ms": st.commit_p99_ms,
         "commit_samples": st.commit_samples,
         "divergence": st.divergence,
+        "fsync_p50_ms": st.fsync_p50_ms,
+        "fsync_p99_ms": st.fsync_p99_ms,
+        "fsync_samples": st.fsync_samples,
     }
+
+
+def _client_line(c: Any) -> str:
+    """One live client of a status answer: load, reported usage, last heard from."""
+    usage = ""
+    if c.cpu_percent is not None:
+        usage += f" cpu={c.cpu_percent:.0f}%"
+    if c.rss_bytes is not None:
+        usage += f" rss={c.rss_bytes / 2**20:.0f}MiB"
+    if c.heard_s is not None:
+        usage += f" heard {c.heard_s:.1f}s ago"
+    return f"  client {c.cid} {c.name} slots={c.slots} running={c.running}{usage}"

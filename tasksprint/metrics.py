@@ -220,11 +220,23 @@ class ClusterCollector(Collector):
         cl = ["client", "name"]
         slots = GaugeMetricFamily("tasksprint_client_slots", "Node processes of a live client", labels=cl)
         running = GaugeMetricFamily("tasksprint_client_running", "Tasks placed on a live client", labels=cl)
+        cpu = GaugeMetricFamily(
+            "tasksprint_client_cpu_percent", "CPU a live client and its nodes use, percent of one CPU", labels=cl
+        )
+        rss = GaugeMetricFamily(
+            "tasksprint_client_resident_bytes", "Memory a live client and its nodes hold", labels=cl
+        )
+        heard = GaugeMetricFamily(
+            "tasksprint_client_last_heard_seconds", "Seconds since the leader last heard from a client", labels=cl
+        )
         for c in snap.clients:
-            slots.add_metric([str(c.cid), c.name], c.slots)
-            running.add_metric([str(c.cid), c.name], c.running)
-        yield slots
-        yield running
+            labels = [str(c.cid), c.name]
+            slots.add_metric(labels, c.slots)
+            running.add_metric(labels, c.running)
+            for family, x in ((cpu, c.cpu_percent), (rss, c.rss_bytes), (heard, c.heard_s)):
+                if x is not None:
+                    family.add_metric(labels, x)
+        yield from (slots, running, cpu, rss, heard)
 
 
 @attrs.define(eq=False)

@@ -71,6 +71,10 @@ def _num(x: Any) -> float | None:
     return float(x) if isinstance(x, int | float) and not isinstance(x, bool) else None
 
 
+def _opt_int(x: Any) -> int | None:
+    return x if isinstance(x, int) and not isinstance(x, bool) else None
+
+
 def _str(x: Any, default: str = "") -> str:
     return x if isinstance(x, str) else default
 
@@ -105,6 +109,9 @@ class ClientRow:
     slots: int
     running: int
     prefetching: int
+    heard_s: float | None = None  # seconds since the leader last heard from it
+    cpu_percent: float | None = None  # of one CPU, the client and its node processes
+    rss_bytes: int | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -162,6 +169,9 @@ def computation_from_reply(reply: Any) -> dict[str, Any]:
             slots=_int(field(c, "slots")),
             running=_int(field(c, "running")),
             prefetching=_int(field(c, "prefetching")),
+            heard_s=_num(field(c, "heard_s")),
+            cpu_percent=_num(field(c, "cpu_percent")),
+            rss_bytes=_opt_int(field(c, "rss_bytes")),
         )
         for c in field(reply, "live_clients", ()) or ()
     )
@@ -279,6 +289,8 @@ class Poller:
     timeout: float = 2.0
     clock: Callable[[], float] = time.time
     _channel: ReplicaChannel | None = None
+    # One channel per replica, to ask each for what only it knows of the clients talking to it.
+    _each: dict[tuple[str, int], ReplicaChannel] = attrs.Factory(dict)
     # The channel keeps one connection: one question at a time (the poll loop and page requests share it).
     _asking: trio.Lock = attrs.Factory(trio.Lock)
 
@@ -313,7 +325,44 @@ class Poller:
                 computation = computation_from_reply(await chan.ask_any(StatusRequest(), timeout=self.timeout))
             except (Unreachable, trio.TooSlowError):
                 pass  # no replica answered, or no coordinator runs there
+        if computation.get("clients"):
+            up = [addr for addr, r in zip(self.addrs, rows, strict=True) if r.up]
+            computation["clients"] = await self._merge_usage(computation["clients"], up)
         return Snapshot(at=self.clock(), replicas=tuple(rows), leader=leader, **computation)
+
+    async def _merge_usage(self, clients: tuple[ClientRow, ...], up: list[tuple[str, int]]) -> tuple[ClientRow, ...]:
+        """``clients`` with the usage and last contact each up replica heard (a client reports to one).
+
+        Last heard from is the most recent any replica saw; the usage is that
+        replica's.  A replica that does not answer adds nothing.
+        """
+        heard: dict[int, list[ClientRow]] = {c.cid: [c] for c in clients}
+
+        async def ask(addr: tuple[str, int]) -> None:
+            chan = self._each.get(addr)
+            if chan is None:
+                chan = self._each[addr] = ReplicaChannel([addr], self.secret, ident="dashboard")
+            try:
+                reply = await chan.request(StatusRequest(), timeout=self.timeout)
+            except (*ASK_ERRORS, trio.TooSlowError):
+                return
+            for c in computation_from_reply(reply)["clients"]:
+                if c.cid in heard:
+                    heard[c.cid].append(c)
+
+        async with trio.open_nursery() as nursery:
+            for addr in up:
+                nursery.start_soon(ask, addr)
+        out = []
+        for c in clients:
+            known = [r for r in heard[c.cid] if r.heard_s is not None]
+            if known:
+                last = min(known, key=lambda r: r.heard_s or 0.0)
+                reported = [r for r in known if r.rss_bytes is not None]
+                usage = min(reported, key=lambda r: r.heard_s or 0.0) if reported else last
+                c = attrs.evolve(c, heard_s=last.heard_s, cpu_percent=usage.cpu_percent, rss_bytes=usage.rss_bytes)
+            out.append(c)
+        return tuple(out)
 
     async def task(self, tid: int) -> dict[str, Any] | None:
         """Task ``tid``'s ``info`` as plain data; None if there is no such task or nobody answered."""
@@ -336,6 +385,8 @@ class Poller:
     async def aclose(self) -> None:
         if self._channel is not None:
             await self._channel.aclose()
+        for chan in self._each.values():
+            await chan.aclose()
 
 
 def _leader_of(rows: list[ReplicaRow]) -> int | None:

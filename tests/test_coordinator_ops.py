@@ -262,6 +262,8 @@ def test_queries_parse_into_requests_or_are_refused_by_code() -> None:
     assert parse_query("view", {"cid": 3}) == ViewRequest(cid=3, after=0, wait=0.0)
     request = ViewRequest(cid=3, after=9, wait=1.5)
     assert parse_query(request.NAME, request.args()) == request
+    request = ViewRequest(cid=3, after=9, wait=1.5, cpu=12.5, rss=4096)
+    assert parse_query(request.NAME, request.args()) == request
     assert parse_query("status", {}) == StatusRequest()
     assert parse_query("info", {"tid": 2}) == InfoRequest(tid=2)
     for name, args in [
@@ -269,6 +271,11 @@ def test_queries_parse_into_requests_or_are_refused_by_code() -> None:
         ("view", {"cid": 1, "after": -1}),
         ("view", {"cid": 1, "wait": True}),
         ("view", {"cid": 1, "wait": float("nan")}),
+        ("view", {"cid": 1, "cpu": -1}),
+        ("view", {"cid": 1, "cpu": float("inf")}),
+        ("view", {"cid": 1, "cpu": "lots"}),
+        ("view", {"cid": 1, "rss": -5}),
+        ("view", {"cid": 1, "rss": 1.5}),
         ("info", {"tid": "2"}),
         ("status", []),
     ]:

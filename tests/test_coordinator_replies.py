@@ -29,7 +29,10 @@ def as_json(value: Any) -> Any:
 def check_typed(machine) -> None:
     plain = machine.status()
     status = ComputationStatus.of(plain)
-    assert as_json(status) == as_json(plain)
+    expected = as_json(plain)
+    for c in expected["live_clients"]:  # filled in by the replica answering, not the machine
+        c.update(heard_s=None, cpu_percent=None, rss_bytes=None)
+    assert as_json(status) == expected
     assert codec.decode_untrusted(codec.encode(status)) == status
     for tid in range(1, plain["tasks"]["total"] + 1):
         info = TaskInfo.of(machine.task_info(tid))

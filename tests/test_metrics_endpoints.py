@@ -91,6 +91,27 @@ def test_replicas_and_clients_serve_their_own_metrics(tmp_path: Path) -> None:
             assert got[key("tasksprint_leader_changes_total", role="replica")] >= 1
             assert got[key("process_resident_memory_bytes")] > 0
 
+        async def own_status() -> list:
+            channel = ReplicaChannel(cluster.addrs, cluster.secret)
+            try:
+                return [await channel.status(a) for a in cluster.addrs]
+            finally:
+                await channel.aclose()
+
+        # The status answer: each replica's fsync latency; each client's memory and last contact.
+        status = trio.run(wait_status, cluster, lambda st: all(c.rss_bytes for c in st.live_clients))
+        assert len(status.live_clients) == 2
+        for c in status.live_clients:
+            assert c.rss_bytes is not None and c.rss_bytes > 0
+            assert c.heard_s is not None and c.heard_s >= 0
+            assert c.cpu_percent is None or c.cpu_percent >= 0
+        assert all(st.fsync_samples >= 1 and st.fsync_p50_ms is not None for st in trio.run(own_status))
+        got = wait_for(
+            lambda: (g := scrape(rurls[0])) and total(g, "tasksprint_client_resident_bytes") > 0 and g,
+            "the clients' memory in replica 0's /metrics",
+        )
+        assert len([k for k in got if k[0] == "tasksprint_client_resident_bytes"]) == 2
+
         open_gate(run)
 
         # Clients, while the reduce waits for its gate (they exit once the computation ends): one
@@ -106,13 +127,6 @@ def test_replicas_and_clients_serve_their_own_metrics(tmp_path: Path) -> None:
         assert all(c[key("process_resident_memory_bytes")] > 0 for c in clients)
         open_reduce_gate(run)
         trio.run(wait_status, cluster, lambda st: st.state == "finished")
-
-        async def own_status() -> list:
-            channel = ReplicaChannel(cluster.addrs, cluster.secret)
-            try:
-                return [await channel.status(a) for a in cluster.addrs]
-            finally:
-                await channel.aclose()
 
         statuses = trio.run(own_status)
         leader = statuses[0].leader

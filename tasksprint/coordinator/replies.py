@@ -242,7 +242,13 @@ class ClientCounts:
 
 @message
 class ClientLoad:
-    """One live client: ``running`` tasks take its slots, ``prefetching`` ones still wait for an input."""
+    """One live client: ``running`` tasks take its slots, ``prefetching`` ones still wait for an input.
+
+    Filled in by the replica answering (not replicated state): ``heard_s``,
+    seconds since the client was last heard from (as the leader knows it),
+    and ``cpu_percent`` and ``rss_bytes``, what the client last reported
+    using with its node processes; None when unknown.
+    """
 
     cid: int = attrs.field(validator=_int)
     name: str = attrs.field(validator=_str)
@@ -250,6 +256,9 @@ class ClientLoad:
     slots: int = attrs.field(validator=_int)
     running: int = attrs.field(validator=_int)
     prefetching: int = attrs.field(validator=_int)
+    heard_s: float | None = attrs.field(default=None, validator=attrs.validators.optional(_number))
+    cpu_percent: float | None = attrs.field(default=None, validator=attrs.validators.optional(_number))
+    rss_bytes: int | None = attrs.field(default=None, validator=_opt_int)
 
 
 @message
