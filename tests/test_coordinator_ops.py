@@ -29,6 +29,7 @@ from tasksprint.coordinator.app import CoordinatorApp
 from tasksprint.coordinator.machine import CoordinatorMachine
 from tasksprint.coordinator.ops import (
     ACCEPTED,
+    GRAPH_MAX,
     BadOp,
     BatchApplied,
     BatchOp,
@@ -37,6 +38,7 @@ from tasksprint.coordinator.ops import (
     DoneOp,
     ErrorCode,
     FailedOp,
+    GraphRequest,
     InfoRequest,
     Initialized,
     InitOp,
@@ -266,7 +268,13 @@ def test_queries_parse_into_requests_or_are_refused_by_code() -> None:
     assert parse_query(request.NAME, request.args()) == request
     assert parse_query("status", {}) == StatusRequest()
     assert parse_query("info", {"tid": 2}) == InfoRequest(tid=2)
+    assert parse_query("graph", {}) == GraphRequest(first=1, count=GRAPH_MAX)
+    assert parse_query("graph", GraphRequest(first=7, count=3).args()) == GraphRequest(first=7, count=3)
     for name, args in [
+        ("graph", {"first": 0}),
+        ("graph", {"count": 0}),
+        ("graph", {"count": GRAPH_MAX + 1}),
+        ("graph", {"first": "1"}),
         ("view", {}),
         ("view", {"cid": 1, "after": -1}),
         ("view", {"cid": 1, "wait": True}),

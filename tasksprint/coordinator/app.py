@@ -34,6 +34,7 @@ from tasksprint.app import NotYet
 from tasksprint.coordinator.machine import CoordinatorMachine, RunState
 from tasksprint.coordinator.ops import (
     BadOp,
+    GraphRequest,
     InfoRequest,
     InitOp,
     SchedulerAnswer,
@@ -42,7 +43,7 @@ from tasksprint.coordinator.ops import (
     ViewRequest,
     parse_query,
 )
-from tasksprint.coordinator.replies import ComputationStatus, TaskInfo
+from tasksprint.coordinator.replies import ComputationStatus, TaskGraph, TaskInfo
 from tasksprint.observe import NULL, Observer
 from tasksprint.paxos.messages import Command
 
@@ -186,6 +187,8 @@ class CoordinatorApp:
                 return self._with_usage(ComputationStatus.of(self.machine.status()))
             case InfoRequest(tid=tid):
                 return TaskInfo.of(self.machine.task_info(tid))
+            case GraphRequest(first=first, count=count):
+                return TaskGraph.of(self.machine.graph(first, count))
             case SchedulerRequest(body=body):
                 try:
                     return SchedulerAnswer(value=self.machine.scheduler_query(body))

@@ -73,6 +73,8 @@ __all__ = [
     "Op",
     "Refused",
     "ReportOp",
+    "GRAPH_MAX",
+    "GraphRequest",
     "InfoRequest",
     "Request",
     "SchedulerAnswer",
@@ -594,7 +596,23 @@ class SchedulerAnswer:
     value: Any = None
 
 
-Request = ViewRequest | StatusRequest | InfoRequest | SchedulerRequest
+#: Most tasks one ``graph`` query answers about.
+GRAPH_MAX = 5000
+
+
+@message
+class GraphRequest:
+    """Tasks ``first`` .. ``first + count - 1``: their states and what each reads (the DAG, a page of it)."""
+
+    NAME: ClassVar[str] = "graph"
+    first: int = 1
+    count: int = GRAPH_MAX
+
+    def args(self) -> dict[str, Any]:
+        return {"first": self.first, "count": self.count}
+
+
+Request = ViewRequest | StatusRequest | InfoRequest | SchedulerRequest | GraphRequest
 
 
 def parse_query(name: Any, args: Any) -> Request:
@@ -622,5 +640,10 @@ def parse_query(name: Any, args: Any) -> Request:
             return InfoRequest(tid=_int(args, "info", "tid"))
         case "scheduler":
             return SchedulerRequest(body=args.get("args"))
+        case "graph":
+            count = _int(args, "graph", "count", minimum=1, default=GRAPH_MAX)
+            if count > GRAPH_MAX:
+                raise BadOp(f"graph: field 'count' must be at most {GRAPH_MAX}, got {count}")
+            return GraphRequest(first=_int(args, "graph", "first", minimum=1, default=1), count=count)
         case _:
-            raise BadOp(f"unknown query {name!r:.100}; known: view, status, info, scheduler", ErrorCode.UNKNOWN)
+            raise BadOp(f"unknown query {name!r:.100}; known: view, status, info, scheduler, graph", ErrorCode.UNKNOWN)

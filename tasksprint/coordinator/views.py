@@ -176,3 +176,22 @@ def task_info(s: CoordinatorState, tid: int) -> dict[str, Any] | None:
 def last_hook(s: CoordinatorState) -> dict[str, Any] | None:
     """The last hook called: ``{"hook", "tid", "cid", "slot"}``, or None."""
     return None if s.last_hook is None else dict(s.last_hook)
+
+
+def graph(s: CoordinatorState, first: int, count: int) -> dict[str, Any]:
+    """Tasks ``first`` .. ``first + count - 1`` that exist, as columns.
+
+    Returns ``{"first", "total", "tids", "names", "states", "pretasks"}``.
+
+    ``pretasks[i]`` are the distinct tasks task ``tids[i]`` reads, in order.
+    """
+    tids, names, states, pretasks = [], [], [], []
+    for tid in range(first, first + count):
+        task = s.tasks.get(tid)
+        if task is None:
+            continue
+        tids.append(tid)
+        names.append(task.name)
+        states.append(task.state.value)
+        pretasks.append(list(dict.fromkeys(task.pretasks)))
+    return {"first": first, "total": len(s.tasks), "tids": tids, "names": names, "states": states, "pretasks": pretasks}
