@@ -295,6 +295,7 @@ def dashboard(args: argparse.Namespace) -> int:
                     listen_port,
                     interval=args.interval,
                     credentials=credentials,
+                    status_file=args.status_file,
                     task_status=task_status,
                 )
             )

@@ -27,9 +27,10 @@ import attrs
 import trio
 
 from tasksprint.channel import ASK_ERRORS, ReplicaChannel, Unreachable
-from tasksprint.coordinator.ops import InfoRequest, StatusRequest
+from tasksprint.coordinator.ops import GRAPH_MAX, GraphRequest, InfoRequest, StatusRequest
 
 __all__ = [
+    "GRAPH_TASKS_MAX",
     "HISTORY_POINTS",
     "PAGE_MAX",
     "TASK_STATES",
@@ -52,6 +53,9 @@ HISTORY_POINTS = 600
 
 #: Most tasks one :meth:`Poller.tasks` asks about.
 PAGE_MAX = 100
+
+#: Most tasks of the graph :meth:`Poller.graph` reads (the dashboard draws them all).
+GRAPH_TASKS_MAX = 5000
 
 
 def field(reply: Any, name: str, default: Any = None) -> Any:
@@ -216,6 +220,8 @@ class Point:
     leader: int | None
     commit: int
     replicas_up: int
+    commit_p50_ms: float | None = None  # the leader's recent command latency
+    fsync_p50_ms: float | None = None  # the leader's recent synced writes
 
 
 @attrs.define(eq=False)
@@ -247,6 +253,7 @@ class History:
     def add(self, snap: Snapshot) -> Point:
         """Record ``snap``; returns its point."""
         prev = self._points[-1] if self._points else None
+        lead = next((r for r in snap.replicas if r.up and r.rid == snap.leader), None)
         done = snap.tasks.get("done", 0)
         throughput = 0.0
         if prev is not None and snap.at > prev.at:
@@ -260,6 +267,8 @@ class History:
             leader=snap.leader,
             commit=max((r.commit for r in snap.replicas if r.up), default=0),
             replicas_up=sum(r.up for r in snap.replicas),
+            commit_p50_ms=lead.commit_p50_ms if lead is not None else None,
+            fsync_p50_ms=lead.fsync_p50_ms if lead is not None else None,
         )
         last_leader = self._leader_changes[-1][1] if self._leader_changes else None
         if snap.leader is not None and snap.leader != last_leader:
@@ -372,6 +381,30 @@ class Poller:
             return task_from_reply(reply)
         except (Unreachable, trio.TooSlowError):
             return None
+
+    async def graph(self) -> dict[str, Any] | None:
+        """The task graph as columns (``tids``, ``names``, ``states``, ``pretasks``) and ``total``.
+
+        At most :data:`GRAPH_TASKS_MAX` tasks (``truncated`` says whether
+        there were more); None if no replica answered.
+        """
+        out: dict[str, Any] = {"tids": [], "names": [], "states": [], "pretasks": [], "total": 0}
+        first = 1
+        try:
+            while first <= GRAPH_TASKS_MAX:
+                count = min(GRAPH_MAX, GRAPH_TASKS_MAX - first + 1)
+                async with self._asking:
+                    page = await self._chan().ask_any(GraphRequest(first=first, count=count), timeout=self.timeout)
+                out["total"] = _int(field(page, "total"))
+                for name in ("tids", "names", "states", "pretasks"):
+                    out[name].extend(list(x) if isinstance(x, tuple) else x for x in field(page, name, ()) or ())
+                first += count
+                if first > out["total"]:
+                    break
+        except (Unreachable, trio.TooSlowError):
+            return None
+        out["truncated"] = out["total"] > len(out["tids"])
+        return out
 
     async def tasks(self, first: int, count: int) -> list[dict[str, Any]]:
         """The ``info`` of tasks ``first`` .. ``first + count - 1`` that exist (at most :data:`PAGE_MAX`)."""
