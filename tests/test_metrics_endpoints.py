@@ -10,6 +10,7 @@ answer, one task-duration sample per task run, fetches for the reduce.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import urllib.error
@@ -111,6 +112,19 @@ def test_replicas_and_clients_serve_their_own_metrics(tmp_path: Path) -> None:
             "the clients' memory in replica 0's /metrics",
         )
         assert len([k for k in got if k[0] == "tasksprint_client_resident_bytes"]) == 2
+        # And tasksprint status prints them.
+        shown = subprocess.run(
+            [sys.executable, "-m", "tasksprint.cli", "status", "--coordinators", cluster.peers_arg]
+            + ["--secret-file", str(cluster.secret_file)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert shown.returncode == 0, shown.stderr
+        assert shown.stdout.count(" fsync p50=") == 3, shown.stdout
+        assert (
+            len(re.findall(r"client \d client\d slots=2 running=\d+ .*rss=\d+MiB heard [\d.]+s ago", shown.stdout)) == 2
+        )
 
         open_gate(run)
 
