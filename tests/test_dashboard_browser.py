@@ -169,23 +169,24 @@ def test_the_dashboard_shows_a_computation_a_failover_and_a_task(tmp_path: Path,
             # The search, by name: only the reduce.
             browser.find_element("css selector", "#task-filter").send_keys("add")
             wait_for(lambda: count(browser, "#tasks tbody tr") == 1, "only the reduce found")
-            assert text(browser, "#tasks tbody tr .state") in waiting
+            wait_for(lambda: text(browser, "#tasks tbody tr .state") in waiting, "the reduce found waiting")
 
             # The workers: memory and last contact as the client reported them.
             browser.get(url + "#workers")
             wait_for(lambda: text(browser, "#workers tbody tr .rss").endswith("MiB"), "a worker's memory")
-            assert text(browser, "#workers tbody tr .heard").endswith("s ago")
+            wait_for(lambda: text(browser, "#workers tbody tr .heard").endswith("s ago"), "a worker's last contact")
 
             # The DAG: every task a node, edges from the gated tasks into the reduce.
             browser.get(url + "#dag")
             wait_for(lambda: count(browser, "#dag-svg circle.node") == total, "the DAG's nodes")
-            assert attr(browser, f"#dag-svg circle[data-tid='{total}']", "data-state") == "pending"
-            assert attr(browser, "#dag-svg path.edges", "d").count("M") == TASKS
+            # (The drawing is redone at every poll: each reading is retried until it catches one.)
+            wait_for(lambda: attr(browser, f"#dag-svg circle[data-tid='{total}']", "data-state") in waiting, "reduce")
+            wait_for(lambda: attr(browser, "#dag-svg path.edges", "d").count("M") == TASKS, "an edge per input")
             # The reduce is drawn in a column of its own, to the right of the tasks it reads.
-            assert float(attr(browser, f"#dag-svg circle[data-tid='{total}']", "cx")) > float(
-                attr(browser, "#dag-svg circle[data-tid='1']", "cx")
-            )
-            assert attr(browser, "#dag-svg circle[data-tid='1']", "data-state") in waiting
+            reduce_x = wait_for(lambda: attr(browser, f"#dag-svg circle[data-tid='{total}']", "cx"), "its place")
+            first_x = wait_for(lambda: attr(browser, "#dag-svg circle[data-tid='1']", "cx"), "task 1's place")
+            assert float(reduce_x) > float(first_x)
+            wait_for(lambda: attr(browser, "#dag-svg circle[data-tid='1']", "data-state") in waiting, "task 1 waiting")
 
             open_gate(run)
             open_reduce_gate(run)
@@ -206,21 +207,20 @@ def test_the_dashboard_shows_a_computation_a_failover_and_a_task(tmp_path: Path,
             wait_for(lambda: text(browser, "#task-detail-fields dd[data-field=state]") == "done", "task 3's detail")
             assert text(browser, "#task-detail-fields dd[data-field=tid]") == "3"  # the detail is not re-rendered
             assert text(browser, "#task-detail-title") == "Task 3"
-            assert text(browser, "#task-detail-run dd[data-field=run-state]") == "done"
+            wait_for(lambda: text(browser, "#task-detail-run dd[data-field=run-state]") == "done", "its run state")
             # The reduce's detail, from the DAG: what it read.
             browser.get(url + "#dag")
             wait_for(lambda: click(browser, f"#dag-svg circle[data-tid='{total}']"), "a click on the reduce")
             wait_for(lambda: text(browser, "#task-detail-title") == f"Task {total}", "the reduce's detail")
             wait_for(lambda: text(browser, "#task-detail-fields dd[data-field=name]") == "add", "its name")
-            assert text(browser, "#task-detail-fields dd[data-field=pretasks]") == str(
-                list(range(1, TASKS + 1))
-            ).replace(" ", "")
+            reads = str(list(range(1, TASKS + 1))).replace(" ", "")
+            wait_for(lambda: text(browser, "#task-detail-fields dd[data-field=pretasks]") == reads, "what it reads")
 
             # The batch status file as a table; the unreadable line is listed, not fatal.
             browser.get(url + "#batch")
             wait_for(lambda: count(browser, "#batch-records tbody tr") == 2, "the status file's two lines")
-            assert text(browser, "#batch-records tr[data-task='1'] .exit") == "3"
-            assert "line 3" in text(browser, "#batch-rejected")
+            wait_for(lambda: text(browser, "#batch-records tr[data-task='1'] .exit") == "3", "the failed line's exit")
+            wait_for(lambda: "line 3" in text(browser, "#batch-rejected"), "the unreadable line listed")
             browser.find_element("css selector", "#batch-filter").send_keys("exit:3")
             wait_for(lambda: count(browser, "#batch-records tbody tr") == 1, "the failed line found")
 
