@@ -65,10 +65,13 @@ class Gated(Coordinator):
             prekeys = ["v"] * len(gated)
             reduce = self.start_task("add", args=[GATE + ".reduce"], pretasks=gated, prekeys=prekeys, keys=["v"])
             self.left.add(reduce)
+        if COMMAND:  # a command task: its run record (times, exit code, limits, output) is its values
+            cmd = f"while [ ! -e {GATE} ]; do sleep 0.05; done; echo tail-marker; echo to-stderr >&2"
+            self.left.add(self.start_task(cmd=cmd, limits={"wall_time_s": 60, "memory_bytes": 1 << 30}))
 
     def task_done(self, tid, values):
         self.left.discard(tid)
-        self.total += values["v"]
+        self.total += values.get("v", 0)
         if not self.left:
             self.finish(values={"total": self.total})
 """
@@ -116,6 +119,7 @@ def gated_run(
     clients: int = 1,
     slots: int = 2,
     reduce: bool = False,
+    command: bool = False,
     replica_args: Callable[[int], list[str]] | None = None,
     client_args: Callable[[int], list[str]] | None = None,
 ) -> Iterator[LocalRun]:
@@ -123,7 +127,8 @@ def gated_run(
 
     ``reduce`` adds one task reading every gated task's output (a DAG, and
     fetches between clients), which waits for its own gate
-    (:func:`open_reduce_gate`); ``replica_args(i)`` and ``client_args(i)`` are
+    (:func:`open_reduce_gate`); ``command`` adds one command task (gated
+    too), whose run record the task's values carry; ``replica_args(i)`` and ``client_args(i)`` are
     extra command-line arguments of replica ``i`` and client ``i``.
     """
     base.mkdir(parents=True, exist_ok=True)
@@ -131,7 +136,8 @@ def gated_run(
     node.write_text(textwrap.dedent(NODE))
     sched = base / "gated_scheduler.py"
     sched.write_text(
-        f"GATE = {str(gate_path(base))!r}\nTASKS = {tasks}\nREDUCE = {reduce}\n" + textwrap.dedent(SCHEDULER)
+        f"GATE = {str(gate_path(base))!r}\nTASKS = {tasks}\nREDUCE = {reduce}\nCOMMAND = {command}\n"
+        + textwrap.dedent(SCHEDULER)
     )
     run = _Run(
         f"{sched}:Gated",

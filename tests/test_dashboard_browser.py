@@ -114,10 +114,11 @@ STATUS_FILE = (
 
 
 def test_the_dashboard_shows_a_computation_a_failover_and_a_task(tmp_path: Path, browser) -> None:
-    total = TASKS + 1  # the gated tasks and the reduce
+    total = TASKS + 2  # the gated tasks, the reduce and a command task
+    reduce, command = TASKS + 1, TASKS + 2
     status_file = tmp_path / "status.txt"
     status_file.write_text(STATUS_FILE)
-    with gated_run(tmp_path / "run", TASKS, reduce=True) as run:
+    with gated_run(tmp_path / "run", TASKS, reduce=True, command=True) as run:
         cluster = run.cluster
         assert cluster is not None
         (port,) = free_ports(1)
@@ -165,7 +166,7 @@ def test_the_dashboard_shows_a_computation_a_failover_and_a_task(tmp_path: Path,
             wait_for(lambda: text(browser, "#done") == "0", "the summary's done count")
             waiting = ("pending", "running")
             wait_for(lambda: text(browser, "#tasks tr[data-tid='3'] .state") in waiting, "task 3 waiting")
-            wait_for(lambda: text(browser, f"#tasks tr[data-tid='{total}'] .state") in waiting, "the reduce waiting")
+            wait_for(lambda: text(browser, f"#tasks tr[data-tid='{reduce}'] .state") in waiting, "the reduce waiting")
             # The search, by name: only the reduce.
             browser.find_element("css selector", "#task-filter").send_keys("add")
             wait_for(lambda: count(browser, "#tasks tbody tr") == 1, "only the reduce found")
@@ -180,10 +181,10 @@ def test_the_dashboard_shows_a_computation_a_failover_and_a_task(tmp_path: Path,
             browser.get(url + "#dag")
             wait_for(lambda: count(browser, "#dag-svg circle.node") == total, "the DAG's nodes")
             # (The drawing is redone at every poll: each reading is retried until it catches one.)
-            wait_for(lambda: attr(browser, f"#dag-svg circle[data-tid='{total}']", "data-state") in waiting, "reduce")
+            wait_for(lambda: attr(browser, f"#dag-svg circle[data-tid='{reduce}']", "data-state") in waiting, "reduce")
             wait_for(lambda: attr(browser, "#dag-svg path.edges", "d").count("M") == TASKS, "an edge per input")
             # The reduce is drawn in a column of its own, to the right of the tasks it reads.
-            reduce_x = wait_for(lambda: attr(browser, f"#dag-svg circle[data-tid='{total}']", "cx"), "its place")
+            reduce_x = wait_for(lambda: attr(browser, f"#dag-svg circle[data-tid='{reduce}']", "cx"), "its place")
             first_x = wait_for(lambda: attr(browser, "#dag-svg circle[data-tid='1']", "cx"), "task 1's place")
             assert float(reduce_x) > float(first_x)
             wait_for(lambda: attr(browser, "#dag-svg circle[data-tid='1']", "data-state") in waiting, "task 1 waiting")
@@ -210,11 +211,21 @@ def test_the_dashboard_shows_a_computation_a_failover_and_a_task(tmp_path: Path,
             wait_for(lambda: text(browser, "#task-detail-run dd[data-field=run-state]") == "done", "its run state")
             # The reduce's detail, from the DAG: what it read.
             browser.get(url + "#dag")
-            wait_for(lambda: click(browser, f"#dag-svg circle[data-tid='{total}']"), "a click on the reduce")
-            wait_for(lambda: text(browser, "#task-detail-title") == f"Task {total}", "the reduce's detail")
+            wait_for(lambda: click(browser, f"#dag-svg circle[data-tid='{reduce}']"), "a click on the reduce")
+            wait_for(lambda: text(browser, "#task-detail-title") == f"Task {reduce}", "the reduce's detail")
             wait_for(lambda: text(browser, "#task-detail-fields dd[data-field=name]") == "add", "its name")
             reads = str(list(range(1, TASKS + 1))).replace(" ", "")
             wait_for(lambda: text(browser, "#task-detail-fields dd[data-field=pretasks]") == reads, "what it reads")
+
+            # A command task's run record: times, exit, limits, usage, output tail.
+            browser.get(url + f"#task/{command}")
+            wait_for(lambda: text(browser, "#task-detail-run dd[data-field=exit_code]") == "0", "its exit code")
+            assert text(browser, "#task-detail-run dd[data-field=verdict]") == "ok"
+            assert "wall_time_s=60" in text(browser, "#task-detail-run dd[data-field=limits]")
+            assert text(browser, "#task-detail-run dd[data-field=started]") != "-"
+            assert text(browser, "#task-detail-run dd[data-field=elapsed]").endswith(" s")
+            assert "tail-marker" in text(browser, "#task-detail-stdout")
+            assert "to-stderr" in text(browser, "#task-detail-stderr")
 
             # The batch status file as a table; the unreadable line is listed, not fatal.
             browser.get(url + "#batch")

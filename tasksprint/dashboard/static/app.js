@@ -269,7 +269,8 @@ async function showTask(tid) {
   if (!resp.ok) { defRow(run, "error", info.error, "error"); return; }
   // A command task's values are its run record: times, exit, usage, output; a node task has its values only.
   const v = info.values || {};
-  const limits = (info.kwargs || {}).limits;
+  const kwargs = info.kwargs || {};
+  const limits = (kwargs.command || kwargs).limits;
   defRow(run, "state", info.state + (info.attempt > 1 ? ` (attempt ${info.attempt})` : ""), "run-state");
   defRow(run, "started", v.started ? when(v.started) : "", "started");
   defRow(run, "finished", v.finished ? when(v.finished) : "", "finished");
@@ -284,7 +285,9 @@ async function showTask(tid) {
     v.user_cpu_s !== undefined ? `${v.user_cpu_s.toFixed(3)} s / ${v.system_cpu_s.toFixed(3)} s` : "", "cpu");
   defRow(run, "host", v.host, "host");
   defRow(run, "error", info.error, "error");
-  const tail = out => (out && typeof out === "object") ? (out.cut ? "…" : "") + (out.tail || out.head || "") : "";
+  // The runner keeps an output's head and, when it was longer, its tail.
+  const tail = out => (out && typeof out === "object") ?
+    (out.cut ? `${out.head || ""}\n… (${out.size_bytes} bytes in all) …\n${out.tail || ""}` : (out.head || "") + (out.tail || "")) : "";
   $("task-detail-stdout").textContent = tail(v.stdout) ? "stdout:\n" + tail(v.stdout) : "(no standard output recorded)";
   $("task-detail-stderr").textContent = tail(v.stderr) ? "stderr:\n" + tail(v.stderr) : "";
   for (const [k, val] of Object.entries(info)) {
