@@ -154,8 +154,9 @@ class ReplicaDriver:
     _waiting: dict[RequestKey, list[Mailbox]] = attrs.Factory(dict)
     _commands: dict[RequestKey, Command | CommandBlock] = attrs.Factory(dict)
     _answered: list[Mailbox] = attrs.Factory(list)  # client mailboxes given answers in this pass
-    # Leader only: when each command submitted here arrived, and how long the
-    # last ones took to be answered (for ReplicaStatus).
+    # When each command submitted here arrived (on the leader; on any replica
+    # when observed), and how long the leader's last ones took to be answered
+    # (for ReplicaStatus).
     _arrived: dict[RequestKey, float] = attrs.Factory(dict)
     _commit_times: collections.deque[float] = attrs.Factory(lambda: collections.deque(maxlen=COMMIT_SAMPLES))
     # Which applied slots a majority shares (see tasksprint.digests); built after init.
@@ -230,11 +231,13 @@ class ReplicaDriver:
         if not self._propose(cmd):
             return False
         key = cmd.request_key
-        if core.role is Role.LEADER:
-            if self.observer is not NULL:
-                self.observer.count("paxos.proposals")
-                size = len(cmd.ops) if isinstance(cmd, CommandBlock) else len(codec.encode(cmd.op))
-                self.observer.count("paxos.proposal_bytes", size)
+        observed = self.observer is not NULL
+        if observed:
+            # Counted where a client submitted it: proposed here, or forwarded to the leader.
+            self.observer.count("paxos.proposals")
+            size = len(cmd.ops) if isinstance(cmd, CommandBlock) else len(codec.encode(cmd.op))
+            self.observer.count("paxos.proposal_bytes", size)
+        if observed or core.role is Role.LEADER:
             if len(self._arrived) >= ARRIVALS_LIMIT:
                 self._arrived.clear()  # lost with a leader change and never answered
             self._arrived.setdefault(key, self.clock())
@@ -411,7 +414,8 @@ class ReplicaDriver:
             arrived = self._arrived.pop(key, None)
             if arrived is not None:
                 took = self.clock() - arrived
-                self._commit_times.append(took)
+                if self.core.role is Role.LEADER:
+                    self._commit_times.append(took)
                 self.observer.timing("replica.commit", took)
             boxes = self._waiting.pop(key, None)
             if boxes:

@@ -56,15 +56,18 @@ TASK_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
 #: Hook span name -> (metric name, help) of a histogram of its own.
 SPANS: dict[str, tuple[str, str]] = {
     "storage.fsync": ("tasksprint_fsync_seconds", "Synced writes of promises and accepts (one fsync each)"),
-    "replica.commit": ("tasksprint_commit_seconds", "Commands from arrival at the leader to answer"),
+    "replica.commit": ("tasksprint_commit_seconds", "Client commands from arrival at this replica to answer"),
     "task.run": ("tasksprint_task_seconds", "Tasks from start on a node to its answer"),
     "fetch": ("tasksprint_fetch_seconds", "Fetches of a task output from a peer client"),
 }
 #: Hook count name -> (metric name, help) of a counter of its own (the counted ``n`` is added).
 COUNTS: dict[str, tuple[str, str]] = {
     "paxos.leader_change": ("tasksprint_leader_changes", "Times this replica saw the leader change"),
-    "paxos.proposals": ("tasksprint_proposals", "Commands proposed by this replica while leading"),
-    "paxos.proposal_bytes": ("tasksprint_proposal_bytes", "Bytes of the commands proposed"),
+    "paxos.proposals": (
+        "tasksprint_proposals",
+        "Client commands submitted here (proposed, or forwarded to the leader)",
+    ),
+    "paxos.proposal_bytes": ("tasksprint_proposal_bytes", "Bytes of the client commands submitted here"),
     "fetch.bytes": ("tasksprint_fetch_bytes", "Bytes of task outputs fetched from peers"),
     "node.restart": ("tasksprint_node_restarts", "Node processes replaced after a crash or a timeout"),
 }

@@ -10,6 +10,8 @@ answer, one task-duration sample per task run, fetches for the reduce.
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 import subprocess
 import sys
@@ -44,16 +46,21 @@ def total(got: dict[tuple[str, frozenset], float], name: str) -> float:
     return sum(v for (n, _), v in got.items() if n == name)
 
 
-def scrape(url: str) -> dict[tuple[str, frozenset], float]:
-    code, body = trio.run(get, url)
+# Client 1 serves its metrics behind HTTP basic authentication (--http-auth-file).
+AUTH = ("prom", "s3cret")
+AUTH_HEADER = {"Authorization": "Basic " + base64.b64encode(":".join(AUTH).encode()).decode()}
+
+
+def scrape(url: str, headers: dict[str, str] | None = None) -> dict[tuple[str, frozenset], float]:
+    code, body = trio.run(lambda: get(url, headers=headers or {}))
     assert code == 200, (url, code, body[:500])
     return samples(body)
 
 
-def try_scrape(url: str) -> dict[tuple[str, frozenset], float] | None:
+def try_scrape(url: str, headers: dict[str, str] | None = None) -> dict[tuple[str, frozenset], float] | None:
     """As :func:`scrape`, None while nothing listens there yet (the server starts after the replica)."""
     try:
-        return scrape(url)
+        return scrape(url, headers)
     except urllib.error.URLError:
         return None
 
@@ -62,6 +69,9 @@ def try_scrape(url: str) -> dict[tuple[str, frozenset], float] | None:
 def test_replicas_and_clients_serve_their_own_metrics(tmp_path: Path) -> None:
     ports = free_ports(5)
     rports, cports = ports[:3], ports[3:]
+    auth_file = tmp_path / "metrics-auth"
+    auth_file.write_text(":".join(AUTH) + "\n")
+    auth = [[], ["--http-auth-file", str(auth_file)]]
     with gated_run(
         tmp_path / "run",
         TASKS,
@@ -70,7 +80,7 @@ def test_replicas_and_clients_serve_their_own_metrics(tmp_path: Path) -> None:
         reduce=True,
         replica_args=lambda i: ["--http", f"127.0.0.1:{rports[i]}"],
         # No queue beyond the slots: the gated tasks spread over both clients, so the reduce fetches.
-        client_args=lambda i: ["--metrics", f"127.0.0.1:{cports[i]}", "--queue", "0"],
+        client_args=lambda i: ["--metrics", f"127.0.0.1:{cports[i]}", "--queue", "0", *auth[i]],
     ) as run:
         cluster = run.cluster
         assert cluster is not None
@@ -131,7 +141,7 @@ def test_replicas_and_clients_serve_their_own_metrics(tmp_path: Path) -> None:
         # Clients, while the reduce waits for its gate (they exit once the computation ends): one
         # task-duration sample per gated task, and the reduce's fetches from the other client.
         def fetched() -> list | None:
-            clients = [try_scrape(url) or {} for url in curls]
+            clients = [try_scrape(curls[0]) or {}, try_scrape(curls[1], AUTH_HEADER) or {}]
             return clients if sum(total(c, "tasksprint_fetch_bytes_total") for c in clients) > 0 else None
 
         clients = wait_for(fetched, "the reduce's inputs fetched, as the clients' /metrics say")
@@ -139,6 +149,14 @@ def test_replicas_and_clients_serve_their_own_metrics(tmp_path: Path) -> None:
         assert sum(c[key("tasksprint_task_seconds_count", role="client")] for c in clients) == TASKS
         assert all(c[key("tasksprint_node_restarts_total", role="client")] == 0 for c in clients)
         assert all(c[key("process_resident_memory_bytes")] > 0 for c in clients)
+        assert trio.run(get, curls[1])[0] == 401  # without the credentials
+        wrong = {"Authorization": "Basic " + base64.b64encode(b"prom:guess").decode()}
+        assert trio.run(lambda: get(curls[1], headers=wrong))[0] == 401
+        # A replica's --http serves the dashboard too: the page and its JSON.
+        code, page = trio.run(get, f"http://127.0.0.1:{rports[0]}/")
+        assert code == 200 and "<title>TaskSprint dashboard</title>" in page
+        code, body = trio.run(get, f"http://127.0.0.1:{rports[0]}/api/graph")
+        assert code == 200 and json.loads(body)["total"] == TASKS + 1
         open_reduce_gate(run)
         trio.run(wait_status, cluster, lambda st: st.state == "finished")
 
@@ -157,10 +175,12 @@ def test_replicas_and_clients_serve_their_own_metrics(tmp_path: Path) -> None:
             # Each replica's own applied index, as its dashboard polled it, is no more than it says now.
             labels = {"replica": str(i), "address": "%s:%d" % cluster.addrs[i]}
             assert 0 < got[key("tasksprint_replica_applied_index", **labels)] <= trio.run(own_status)[i].applied
-        lead = scrape(rurls[leader])
-        assert lead[key("tasksprint_proposals_total", role="replica")] >= 1
-        assert lead[key("tasksprint_proposal_bytes_total", role="replica")] > 0
-        assert lead[key("tasksprint_commit_seconds_count", role="replica")] >= 1
+        # The clients' commands (join, reports) were submitted to some replica: counted and timed there.
+        everyone = [scrape(url) for url in rurls]
+        submitted = sum(g[key("tasksprint_proposals_total", role="replica")] for g in everyone)
+        assert submitted >= 3  # two joins, and at least one report of completed tasks
+        assert sum(g[key("tasksprint_proposal_bytes_total", role="replica")] for g in everyone) > 0
+        assert sum(g[key("tasksprint_commit_seconds_count", role="replica")] for g in everyone) >= 1
 
 
 def test_a_non_loopback_http_address_needs_credentials(tmp_path: Path) -> None:
