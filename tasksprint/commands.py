@@ -346,4 +346,5 @@ def _client_line(c: Any) -> str:
         usage += f" rss={c.rss_bytes / 2**20:.0f}MiB"
     if c.heard_s is not None:
         usage += f" heard {c.heard_s:.1f}s ago"
-    return f"  client {c.cid} {c.name} slots={c.slots} running={c.running}{usage}"
+    tags = f" tags={','.join(c.tags)}" if c.tags else ""
+    return f"  client {c.cid} {c.name} slots={c.slots}{tags} running={c.running}{usage}"

@@ -113,6 +113,7 @@ class ClientRow:
     slots: int
     running: int
     prefetching: int
+    tags: tuple[str, ...] = ()
     heard_s: float | None = None  # seconds since the leader last heard from it
     cpu_percent: float | None = None  # of one CPU, the client and its node processes
     rss_bytes: int | None = None
@@ -173,6 +174,7 @@ def computation_from_reply(reply: Any) -> dict[str, Any]:
             slots=_int(field(c, "slots")),
             running=_int(field(c, "running")),
             prefetching=_int(field(c, "prefetching")),
+            tags=tuple(t for t in field(c, "tags", ()) or () if isinstance(t, str)),
             heard_s=_num(field(c, "heard_s")),
             cpu_percent=_num(field(c, "cpu_percent")),
             rss_bytes=_opt_int(field(c, "rss_bytes")),

@@ -97,7 +97,8 @@ def render(snap: Snapshot, history: History) -> Group:
         parts.append(Text(f"tasks: {done}/{total} done   {counts}   {rate:.1f} tasks/s"))
         parts.append(ProgressBar(total=max(total, 1), completed=done, width=60))
         workers = Table(title="workers", title_justify="left")
-        for col in ("client", "name", "address", "slots", "running", "prefetching", "cpu %", "rss MiB", "heard s ago"):
+        columns = ("client", "name", "address", "slots", "tags", "running", "prefetching")
+        for col in (*columns, "cpu %", "rss MiB", "heard s ago"):
             workers.add_column(col)
         for c in snap.clients:
             workers.add_row(
@@ -105,6 +106,7 @@ def render(snap: Snapshot, history: History) -> Group:
                 c.name,
                 c.addr,
                 str(c.slots),
+                ",".join(c.tags) or "-",
                 str(c.running),
                 str(c.prefetching),
                 _opt(c.cpu_percent, ".0f"),

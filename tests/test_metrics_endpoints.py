@@ -71,7 +71,7 @@ def test_replicas_and_clients_serve_their_own_metrics(tmp_path: Path) -> None:
     rports, cports = ports[:3], ports[3:]
     auth_file = tmp_path / "metrics-auth"
     auth_file.write_text(":".join(AUTH) + "\n")
-    auth = [[], ["--http-auth-file", str(auth_file)]]
+    extra = [["--have", "gpu", "--have", "big-memory"], ["--http-auth-file", str(auth_file)]]
     with gated_run(
         tmp_path / "run",
         TASKS,
@@ -80,7 +80,7 @@ def test_replicas_and_clients_serve_their_own_metrics(tmp_path: Path) -> None:
         reduce=True,
         replica_args=lambda i: ["--http", f"127.0.0.1:{rports[i]}"],
         # No queue beyond the slots: the gated tasks spread over both clients, so the reduce fetches.
-        client_args=lambda i: ["--metrics", f"127.0.0.1:{cports[i]}", "--queue", "0", *auth[i]],
+        client_args=lambda i: ["--metrics", f"127.0.0.1:{cports[i]}", "--queue", "0", *extra[i]],
     ) as run:
         cluster = run.cluster
         assert cluster is not None
@@ -112,6 +112,7 @@ def test_replicas_and_clients_serve_their_own_metrics(tmp_path: Path) -> None:
         # The status answer: each replica's fsync latency; each client's memory and last contact.
         status = trio.run(wait_status, cluster, lambda st: all(c.rss_bytes for c in st.live_clients))
         assert len(status.live_clients) == 2
+        assert sorted(c.tags for c in status.live_clients) == [(), ("big-memory", "gpu")]
         for c in status.live_clients:
             assert c.rss_bytes is not None and c.rss_bytes > 0
             assert c.heard_s is not None and c.heard_s >= 0
@@ -133,7 +134,12 @@ def test_replicas_and_clients_serve_their_own_metrics(tmp_path: Path) -> None:
         assert shown.returncode == 0, shown.stderr
         assert shown.stdout.count(" fsync p50=") == 3, shown.stdout
         assert (
-            len(re.findall(r"client \d client\d slots=2 running=\d+ .*rss=\d+MiB heard [\d.]+s ago", shown.stdout)) == 2
+            len(
+                re.findall(
+                    r"client \d client\d slots=2(?: tags=big-memory,gpu)? running=\d+ .*rss=\d+MiB heard", shown.stdout
+                )
+            )
+            == 2
         )
 
         open_gate(run)

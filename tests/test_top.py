@@ -74,6 +74,7 @@ def test_watch_redraws_any_source_until_told_to_stop() -> None:
         slots=2,
         running=1,
         prefetching=0,
+        tags=("gpu",),
         heard_s=0.4,
         cpu_percent=87.0,
         rss_bytes=3 << 20,
@@ -92,7 +93,7 @@ def test_watch_redraws_any_source_until_told_to_stop() -> None:
     screen = console.export_text()
     assert "tasks: 3/3 done" in screen
     assert "1.25/3.50" in screen  # fsync p50/p99 of the replica
-    assert re.search(r"w1\s+│.*│\s+87\s+│\s+3\s+│\s+0\.4", screen)  # cpu %, rss MiB, heard s ago
+    assert re.search(r"w1\s+│.*│\s+gpu\s+│.*│\s+87\s+│\s+3\s+│\s+0\.4", screen)  # tags, cpu %, rss MiB, heard
 
 
 @pytest.mark.slow

@@ -257,6 +257,7 @@ class ClientLoad:
     slots: int = attrs.field(validator=_int)
     running: int = attrs.field(validator=_int)
     prefetching: int = attrs.field(validator=_int)
+    tags: tuple[str, ...] = attrs.field(default=(), converter=_strs)
     heard_s: float | None = attrs.field(default=None, validator=attrs.validators.optional(_number))
     cpu_percent: float | None = attrs.field(default=None, validator=attrs.validators.optional(_number))
     rss_bytes: int | None = attrs.field(default=None, validator=_opt_int)

@@ -109,7 +109,7 @@ def status(s: CoordinatorState) -> dict[str, Any]:
     [{"tid", "values"}]} | None, "failure": {"kind", "hook", "tid", "cid",
     "slot", "error", "message"} | None, "tasks": {state: count, "total"},
     "clients": {"live", "dead"}, "live_clients": [{"cid", "name",
-    "addr", "slots", "running", "prefetching"}], "now", "seed", "version",
+    "addr", "slots", "tags", "running", "prefetching"}], "now", "seed", "version",
     "last_hook"}``.  A client's ``running`` counts the tasks taking its
     slots (all inputs available), ``prefetching`` those placed there that
     still wait for an input; both are ``running`` in the task counts.
@@ -129,6 +129,7 @@ def status(s: CoordinatorState) -> dict[str, Any]:
                 "name": c.name,
                 "addr": c.addr,
                 "slots": c.slots,
+                "tags": sorted(c.tags),
                 "running": load(c),
                 "prefetching": len(c.prefetch),
             }

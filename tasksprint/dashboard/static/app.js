@@ -79,7 +79,8 @@ function renderWorkers(snap) {
   for (const c of snap.clients || []) {
     const tr = document.createElement("tr");
     tr.dataset.client = c.cid;
-    cell(tr, c.cid); cell(tr, c.name); cell(tr, c.addr); cell(tr, c.slots); cell(tr, c.running); cell(tr, c.prefetching);
+    cell(tr, c.cid); cell(tr, c.name); cell(tr, c.addr); cell(tr, c.slots); cell(tr, (c.tags || []).join(", "), "tags");
+    cell(tr, c.running); cell(tr, c.prefetching);
     cell(tr, pct(c.cpu_percent), "cpu"); cell(tr, mib(c.rss_bytes), "rss"); cell(tr, secs(c.heard_s), "heard");
     body.appendChild(tr);
   }
