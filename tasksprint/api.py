@@ -102,6 +102,10 @@ class ReplicaStatus:
     commit_samples: int = attrs.field(default=0, validator=_int)
     #: Non-empty once replicas were found to disagree: what differs, for people.
     divergence: str = attrs.field(default="", validator=_str)
+    #: How long the last synced writes (promises, accepts) took, in ms.
+    fsync_p50_ms: float | None = attrs.field(default=None, validator=_opt_num)
+    fsync_p99_ms: float | None = attrs.field(default=None, validator=_opt_num)
+    fsync_samples: int = attrs.field(default=0, validator=_int)
 
 
 @message

@@ -32,7 +32,7 @@ import trio
 from tasksprint import wire
 from tasksprint.api import Query, QueryReply, ReplicaStatus, StatusQuery
 from tasksprint.coordinator.ops import Refused, Request
-from tasksprint.coordinator.replies import ClientView, ComputationStatus, TaskInfo
+from tasksprint.coordinator.replies import ClientView, ComputationStatus, TaskGraph, TaskInfo
 
 __all__ = ["ASK_ERRORS", "QueryRefused", "ReplicaChannel", "Unreachable"]
 
@@ -61,6 +61,7 @@ REPLY_TYPES: dict[str, tuple[type, ...]] = {
     "view": (ClientView,),
     "status": (ComputationStatus,),
     "info": (TaskInfo, type(None)),
+    "graph": (TaskGraph,),
 }
 
 

@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--spill-dir", type=Path, help="where spilled outputs go (default: the system temp dir)")
     p.add_argument("--spill-limit", type=int, default=16384, help="MiB of outputs spilled to disk at most")
+    launch.add_http_arguments(p, "--metrics", "serve this client's Prometheus metrics at /metrics here")
     add_common_arguments(p)
 
     p = sub.add_parser("run", help="run a computation on a local cluster started for it")
@@ -189,6 +190,7 @@ def _add_monitor_parsers(sub: Any) -> None:
     )
     p.add_argument("--auth-file", type=Path, help="file with one line user:password that every request must carry")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between polls of the replicas")
+    p.add_argument("--status-file", type=Path, help="a batch run's status file, shown as a table (read at each view)")
     add_common_arguments(p)
 
     p = sub.add_parser("top", help="a live terminal view of a cluster and its computation")

@@ -50,6 +50,7 @@ the view points the runner to the new holder.
 from __future__ import annotations
 
 import collections
+import json
 import os
 import socket
 import tempfile
@@ -85,6 +86,7 @@ from tasksprint.object_store import DEFAULT_SPILL_LIMIT, InputError, ObjectStore
 from tasksprint.observe import NullObserver, Observer
 from tasksprint.peer_data import PeerFetcher, serve_data
 from tasksprint.queue_sizer import QueueSizer
+from tasksprint.usage import UsageMeter
 
 log = structlog.get_logger("tasksprint.client")
 
@@ -198,7 +200,9 @@ class Client:
                 )
                 self.data_port = listeners[0].socket.getsockname()[1]
                 self._slots = trio.CapacityLimiter(cfg.slots)
-                self._commands = CommandTasks(cfg.name, work_root=Path(spill), gpus=list(cfg.gpus))
+                self._commands = CommandTasks(
+                    cfg.name, work_root=Path(spill), gpus=list(cfg.gpus), observer=self.observer
+                )
                 self._commands.start()
                 if cfg.node_command is not None:
                     self._pool = NodePool(cfg.node_command, cfg.slots, cwd=cfg.node_cwd, observer=self.observer)
@@ -314,11 +318,14 @@ class Client:
         # another replica) well before the coordinator's client timeout: the
         # contact only counts once a replica that reaches the leader has it.
         wait, margin = cfg.poll_wait, 5.0
+        meter = UsageMeter(trio.current_time)
         while True:
+            # What this client and its nodes use, for the status answer (cheap: a few /proc reads).
+            cpu, rss = meter.read([os.getpid(), *(self._pool.pids if self._pool is not None else ())])
             try:
                 with self.observer.span("client.view_poll"):
                     view = await channel.request(
-                        ViewRequest(cid=self._cid, after=version, wait=wait), timeout=wait + margin
+                        ViewRequest(cid=self._cid, after=version, wait=wait, cpu=cpu, rss=rss), timeout=wait + margin
                     )
             except ASK_ERRORS as exc:
                 if channel.failures >= len(cfg.coordinators):
@@ -504,6 +511,7 @@ class Client:
                     f"task {tid} ({task.name}) produced outputs larger than {MAX_OUTPUTS_BYTES} bytes encoded, "
                     "more than a peer can fetch in one message"
                 )
+        self.observer.timing("task.run", max(0.0, seconds))
         if not ok:
             self._log.info("task_failed", tid=tid, attempt=attempt, error=error)
             assert self._cid is not None
@@ -614,8 +622,12 @@ class Client:
 
     async def _fetch_remote(self, addr: str, tid: int, key: str | None) -> Any:
         assert self._peers is not None
-        with self.observer.span("client.fetch_remote"):
-            return await self._peers.fetch(addr, tid, key)
+        with self.observer.span("fetch"):
+            value = await self._peers.fetch(addr, tid, key)
+        if not isinstance(self.observer, NullObserver):
+            # Counted as the object store sizes outputs: compact JSON.
+            self.observer.count("fetch.bytes", len(json.dumps(value, separators=(",", ":"), default=repr)))
+        return value
 
     async def _serve_data(self, conn: wire.Connection) -> None:
         """Answer peers' Fetch requests from the object store."""

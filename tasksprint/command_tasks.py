@@ -38,6 +38,7 @@ from tasksprint.exec.cgroup import CgroupLayout, detect_cgroups, sweep_stale_gro
 from tasksprint.exec.runner import TaskEnv, run_command
 from tasksprint.exec.spec import CommandRecord, CommandSpec, Verdict
 from tasksprint.exec.workdir import FILES_KEY, FilesError, collect, encode_files, input_files, stage
+from tasksprint.observe import NULL, Observer
 
 __all__ = ["CommandOutcome", "CommandTasks", "failure_text"]
 
@@ -75,6 +76,7 @@ class CommandTasks:
     #: Where tasks with files get their working directories (None: the system's temporary directory).
     work_root: Path | None = None
     gpus: list[str] = attrs.Factory(list)  # free GPUs (CUDA device indices)
+    observer: Observer = attrs.field(default=NULL, kw_only=True)
     _cgroups: CgroupLayout | None = None
 
     def start(self) -> None:
@@ -136,6 +138,8 @@ class CommandTasks:
         finally:
             if gpu is not None:
                 self.gpus.append(gpu)
+        for verdict in record.limits_hit:
+            self.observer.count(f"limit.{verdict.value}")
         outputs = record_outputs(record)
         error = None if record.verdict is Verdict.OK else failure_text(record)
         if error is None and results is not None and results[1]:

@@ -22,7 +22,7 @@ import attrs
 import structlog
 import trio
 
-from tasksprint.launch import EXIT_USAGE, cluster_secret, load_observer
+from tasksprint.launch import EXIT_USAGE, cluster_secret, http_endpoint, load_observer
 from tasksprint.observe import ObserverSpecError
 
 __all__ = ["cancel", "client", "dashboard", "info", "run", "status", "top"]
@@ -75,6 +75,8 @@ def status(args: argparse.Namespace) -> int:
                     f" commit latency p50={st.commit_p50_ms:.2f}ms p99={st.commit_p99_ms:.2f}ms"
                     f" (last {st.commit_samples})"
                 )
+            if st.fsync_samples:
+                latency += f" fsync p50={st.fsync_p50_ms:.2f}ms p99={st.fsync_p99_ms:.2f}ms"
             print(
                 f"{address:<22} replica {st.rid}  {st.role:<10} leader={st.leader} "
                 f"ballot={st.ballot or '-'} commit={st.commit} applied={st.applied}{latency}"
@@ -84,6 +86,8 @@ def status(args: argparse.Namespace) -> int:
         if computation is not None:
             leader = next((st.leader for st in answered if st.leader is not None), None)
             print(progress_line(computation, leader))
+            for c in computation.live_clients:
+                print(_client_line(c))
             if computation.result is not None:
                 print("result: " + json.dumps(attrs.asdict(computation.result)))
             if computation.failure is not None:
@@ -136,9 +140,12 @@ def client(args: argparse.Namespace) -> int:
     try:
         # Loaded here so that a bad TASKSPRINT_OBSERVER stops the client before it joins.
         observer = load_observer("client")
-    except ObserverSpecError as exc:
+        http = http_endpoint(args, "--metrics", "client", observer)
+    except (ObserverSpecError, ValueError) as exc:
         print(f"tasksprint client: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if http is not None:
+        observer = http[3]
     if args.spill_dir is not None:
         try:
             args.spill_dir.mkdir(parents=True, exist_ok=True)
@@ -146,7 +153,7 @@ def client(args: argparse.Namespace) -> int:
             print(f"tasksprint client: cannot use --spill-dir {args.spill_dir}: {exc.strerror or exc}", file=sys.stderr)
             return EXIT_USAGE
     try:
-        state = trio.run(_client_until_signalled, Client(config, observer=observer))
+        state = trio.run(_client_until_signalled, Client(config, observer=observer), http)
     except KeyboardInterrupt:
         return 130
     except BaseExceptionGroup as group:
@@ -162,10 +169,24 @@ def client(args: argparse.Namespace) -> int:
     return 0 if state == "finished" else 1
 
 
-async def _client_until_signalled(client: Any) -> str:
-    """Run a worker client; SIGTERM stops it cleanly (node processes and spilled outputs go too)."""
+async def _client_until_signalled(client: Any, http: tuple | None = None) -> str:
+    """Run a worker client; SIGTERM stops it cleanly (node processes and spilled outputs go too).
+
+    With ``http`` (from :func:`~tasksprint.launch.http_endpoint`), its
+    metrics are served at ``/metrics`` there while it runs.
+    """
     state = "terminated"
     async with trio.open_nursery() as nursery:
+        if http is not None:
+            from tasksprint.dashboard.server import serve_metrics
+
+            host, port, credentials, observer = http
+            bound = await nursery.start(
+                lambda task_status: serve_metrics(
+                    host, port, observer.registry, credentials=credentials, task_status=task_status
+                )
+            )
+            structlog.get_logger("tasksprint.client").info("metrics_serving", url=f"http://{host}:{bound}/metrics")
 
         async def on_sigterm() -> None:
             with trio.open_signal_receiver(signal.SIGTERM) as signals:
@@ -274,6 +295,7 @@ def dashboard(args: argparse.Namespace) -> int:
                     listen_port,
                     interval=args.interval,
                     credentials=credentials,
+                    status_file=args.status_file,
                     task_status=task_status,
                 )
             )
@@ -309,4 +331,20 @@ def _status_dict(st: Any) -> dict:
         "commit_p99_ms": st.commit_p99_ms,
         "commit_samples": st.commit_samples,
         "divergence": st.divergence,
+        "fsync_p50_ms": st.fsync_p50_ms,
+        "fsync_p99_ms": st.fsync_p99_ms,
+        "fsync_samples": st.fsync_samples,
     }
+
+
+def _client_line(c: Any) -> str:
+    """One live client of a status answer: load, reported usage, last heard from."""
+    usage = ""
+    if c.cpu_percent is not None:
+        usage += f" cpu={c.cpu_percent:.0f}%"
+    if c.rss_bytes is not None:
+        usage += f" rss={c.rss_bytes / 2**20:.0f}MiB"
+    if c.heard_s is not None:
+        usage += f" heard {c.heard_s:.1f}s ago"
+    tags = f" tags={','.join(c.tags)}" if c.tags else ""
+    return f"  client {c.cid} {c.name} slots={c.slots}{tags} running={c.running}{usage}"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,7 +37,11 @@ _STOP = object()
 
 
 class DiskWriter:
-    """``submit`` from the trio thread; ``written``/``failed`` are called back in it."""
+    """``submit`` from the trio thread; ``written``/``failed`` are called back in it.
+
+    ``fsynced``, if given, is called back (in the trio thread too) with the
+    seconds each synced write took, before the ``written`` it belongs to.
+    """
 
     def __init__(
         self,
@@ -45,8 +50,10 @@ class DiskWriter:
         written: Callable[[int], None],
         failed: Callable[[BaseException], None],
         name: str = "disk-writer",
+        fsynced: Callable[[float], None] | None = None,
     ) -> None:
         self._storage = storage
+        self._fsynced = fsynced
         self._written = written
         self._failed = failed
         self._token = trio.lowlevel.current_trio_token()
@@ -80,11 +87,15 @@ class DiskWriter:
                     break
                 group.append(more)
             records = [r for recs, _ in group for r in recs]
+            sync = any(sync for recs, sync in group if recs)
+            t0 = time.perf_counter()
             try:
-                self._storage.write(records, sync=any(sync for recs, sync in group if recs))
+                self._storage.write(records, sync=sync)
             except BaseException as exc:  # reported to the replica, which stops
                 self._call(self._failed, exc)
                 return
+            if sync and self._fsynced is not None:
+                self._call(self._fsynced, time.perf_counter() - t0)
             self._call(self._written, len(group))
             if stop:
                 return

@@ -154,8 +154,9 @@ class ReplicaDriver:
     _waiting: dict[RequestKey, list[Mailbox]] = attrs.Factory(dict)
     _commands: dict[RequestKey, Command | CommandBlock] = attrs.Factory(dict)
     _answered: list[Mailbox] = attrs.Factory(list)  # client mailboxes given answers in this pass
-    # Leader only: when each command submitted here arrived, and how long the
-    # last ones took to be answered (for ReplicaStatus).
+    # When each command submitted here arrived (on the leader; on any replica
+    # when observed), and how long the leader's last ones took to be answered
+    # (for ReplicaStatus).
     _arrived: dict[RequestKey, float] = attrs.Factory(dict)
     _commit_times: collections.deque[float] = attrs.Factory(lambda: collections.deque(maxlen=COMMIT_SAMPLES))
     # Which applied slots a majority shares (see tasksprint.digests); built after init.
@@ -163,6 +164,9 @@ class ReplicaDriver:
     _reported: int = 0  # the last slot whose digest was sent to the peers
     #: Set once a peer was found to disagree with the majority: what differs, for people.
     divergence: str = ""
+    # How long the last synced writes took, inline or in the background writer (for ReplicaStatus).
+    _fsync_times: collections.deque[float] = attrs.Factory(lambda: collections.deque(maxlen=COMMIT_SAMPLES))
+    _last_leader: int | None = None
     _since_snapshot: int = 0
     _last_role: tuple[Role, Ballot | None] | None = None
     # The core's, the applier's and the storage's steps, each wrapped once for
@@ -200,6 +204,16 @@ class ReplicaDriver:
         return self._tally.confirmed
 
     @property
+    def fsync_times(self) -> list[float]:
+        """Seconds the latest synced writes took (inline or in the background writer), sorted."""
+        return sorted(self._fsync_times)
+
+    def note_fsync(self, seconds: float) -> None:
+        """A synced write took ``seconds`` (the background writer reports its own through this)."""
+        self._fsync_times.append(seconds)
+        self.observer.timing("storage.fsync", seconds)
+
+    @property
     def writes_in_flight(self) -> int:
         """Readies handed to the background writer and not yet reported written."""
         return len(self._unwritten)
@@ -217,7 +231,13 @@ class ReplicaDriver:
         if not self._propose(cmd):
             return False
         key = cmd.request_key
-        if core.role is Role.LEADER:
+        observed = self.observer is not NULL
+        if observed:
+            # Counted where a client submitted it: proposed here, or forwarded to the leader.
+            self.observer.count("paxos.proposals")
+            size = len(cmd.ops) if isinstance(cmd, CommandBlock) else len(codec.encode(cmd.op))
+            self.observer.count("paxos.proposal_bytes", size)
+        if observed or core.role is Role.LEADER:
             if len(self._arrived) >= ARRIVALS_LIMIT:
                 self._arrived.clear()  # lost with a leader change and never answered
             self._arrived.setdefault(key, self.clock())
@@ -336,7 +356,9 @@ class ReplicaDriver:
             for box in peers:
                 box.flush()
             if inline is not None:
+                t0 = self.clock()
                 self._write(inline.persist, sync=True)
+                self.note_fsync(max(0.0, self.clock() - t0))
                 self._advance(inline)
             for rd in to_disk:
                 self.writer.submit(rd.persist, rd.sync and cfg.fsync)
@@ -392,7 +414,8 @@ class ReplicaDriver:
             arrived = self._arrived.pop(key, None)
             if arrived is not None:
                 took = self.clock() - arrived
-                self._commit_times.append(took)
+                if self.core.role is Role.LEADER:
+                    self._commit_times.append(took)
                 self.observer.timing("replica.commit", took)
             boxes = self._waiting.pop(key, None)
             if boxes:
@@ -461,5 +484,8 @@ class ReplicaDriver:
             if was_leader != (core.role is Role.LEADER):
                 self.app.role_changed(core.role is Role.LEADER, self.clock())
             self._last_role = now
+            if core.leader_hint is not None and core.leader_hint != self._last_leader:
+                self._last_leader = core.leader_hint
+                self.observer.count("paxos.leader_change")
             if self.log is not None:
                 self.log.info("role_changed", role=core.role.value, ballot=str(core.ballot), commit=core.commit_index)

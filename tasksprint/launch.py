@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import structlog
 import trio
@@ -26,9 +27,11 @@ __all__ = [
     "EXIT_DIVERGED",
     "EXIT_USAGE",
     "add_common_arguments",
+    "add_http_arguments",
     "add_replica_arguments",
     "cluster_secret",
     "configure_logging",
+    "http_endpoint",
     "load_observer",
     "main",
     "run_replica",
@@ -114,6 +117,54 @@ def add_replica_arguments(p: argparse.ArgumentParser) -> None:
         default=10.0,
         help="seconds a worker client may be silent before it is declared dead",
     )
+    add_http_arguments(p, "--http", "serve the dashboard and /metrics (this replica's and the cluster's) here")
+
+
+def add_http_arguments(p: argparse.ArgumentParser, flag: str, what: str) -> None:
+    """``flag HOST:PORT`` (an HTTP endpoint of a replica or a client) and ``--http-auth-file``."""
+    p.add_argument(flag, metavar="HOST:PORT", help=f"{what}; loopback only unless --http-auth-file is given")
+    p.add_argument(
+        "--http-auth-file",
+        type=Path,
+        help=f"file with one line user:password that every request to {flag} must carry (HTTP basic)",
+    )
+
+
+def http_endpoint(args: argparse.Namespace, flag: str, role: str, observer: observe.Observer) -> tuple | None:
+    """``(host, port, credentials, observer)`` for ``flag`` (None when not given).
+
+    The observer is the one to run with: ``observer`` if it already feeds a
+    Prometheus registry, a new :class:`~tasksprint.metrics.PrometheusObserver`
+    if it is the null one.  Raises ValueError (a usage error) for a malformed
+    address, an unreadable credentials file, a non-loopback address without
+    credentials, or another observer named by ``TASKSPRINT_OBSERVER``.
+    """
+    from tasksprint.dashboard.server import BindRefused, Credentials, check_bind
+    from tasksprint.metrics import PrometheusObserver
+    from tasksprint.metrics import observer as prometheus_observer
+
+    where = getattr(args, flag.lstrip("-").replace("-", "_"))
+    if where is None:
+        return None
+    host, sep, port = where.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{flag} {where!r}: expected HOST:PORT, e.g. 127.0.0.1:8471")
+    try:
+        credentials = Credentials.from_file(args.http_auth_file) if args.http_auth_file else None
+        check_bind(host, credentials)
+    except OSError as exc:
+        raise ValueError(f"--http-auth-file: {exc}") from exc
+    except BindRefused as exc:
+        raise ValueError(f"{flag}: {exc}".replace("--auth-file", "--http-auth-file")) from exc
+    if observer is observe.NULL or isinstance(observer, observe.NullObserver):
+        observer = prometheus_observer(role)
+    elif not isinstance(observer, PrometheusObserver):
+        raise ValueError(
+            f"{flag} serves Prometheus metrics, but {observe.OBSERVER_ENV} names another observer "
+            f"({type(observer).__name__}); unset it or name tasksprint.metrics:observer"
+        )
+    return host, int(port), credentials, observer
 
 
 def main(argv: list[str], *, scheduler: type | None = None) -> int:
@@ -164,9 +215,12 @@ def run_replica(args: argparse.Namespace, scheduler: type | None = None) -> int:
         return EXIT_USAGE
     try:
         observer = load_observer("replica")
-    except observe.ObserverSpecError as exc:
+        http = http_endpoint(args, "--http", "replica", observer)
+    except (observe.ObserverSpecError, ValueError) as exc:
         print(f"tasksprint replica: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if http is not None:
+        observer = http[3]
     app = KVApp()
     if args.scheduler is not None or scheduler is not None:
         from tasksprint_sdk.coordinator import SchedulerLoadError
@@ -185,7 +239,7 @@ def run_replica(args: argparse.Namespace, scheduler: type | None = None) -> int:
     replica = Replica(config, app, observer=observer, handover_on_sigterm=True)
     tune_gc()
     try:
-        trio.run(replica.run)
+        trio.run(_serve_replica, replica, http)
     except KeyboardInterrupt:
         return 130
     except BaseException as exc:
@@ -199,6 +253,36 @@ def run_replica(args: argparse.Namespace, scheduler: type | None = None) -> int:
         print(f"tasksprint replica: {known}", file=sys.stderr)
         return EXIT_USAGE
     return 0
+
+
+async def _serve_replica(replica: Any, http: tuple | None) -> None:
+    """Run ``replica``; with ``http``, serve the dashboard and ``/metrics`` beside it once it serves."""
+    if http is None:
+        await replica.run()
+        return
+    from tasksprint.dashboard.server import serve_dashboard
+
+    host, port, credentials, observer = http
+    cfg = replica.config
+    async with trio.open_nursery() as nursery:
+
+        async def replica_then_stop(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+            await replica.run(task_status=task_status)
+            nursery.cancel_scope.cancel()  # the replica stopped: so does its web server
+
+        await nursery.start(replica_then_stop)
+        bound = await nursery.start(
+            lambda task_status: serve_dashboard(
+                list(cfg.peers),
+                cfg.secret,
+                host,
+                port,
+                credentials=credentials,
+                own_metrics=observer.registry,
+                task_status=task_status,
+            )
+        )
+        structlog.get_logger("tasksprint.replica").info("http_serving", url=f"http://{host}:{bound}/")
 
 
 def _first_of(exc: BaseException, types: tuple[type, ...]) -> BaseException | None:

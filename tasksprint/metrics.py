@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import attrs
-from prometheus_client import CollectorRegistry, Counter, Histogram, Summary, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, Summary, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -55,16 +55,19 @@ TASK_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
 
 #: Hook span name -> (metric name, help) of a histogram of its own.
 SPANS: dict[str, tuple[str, str]] = {
-    "storage.write": ("tasksprint_fsync_seconds", "Durable writes of promises and accepts (one fsync each)"),
-    "replica.commit": ("tasksprint_commit_seconds", "Commands from arrival at the leader to answer"),
+    "storage.fsync": ("tasksprint_fsync_seconds", "Synced writes of promises and accepts (one fsync each)"),
+    "replica.commit": ("tasksprint_commit_seconds", "Client commands from arrival at this replica to answer"),
     "task.run": ("tasksprint_task_seconds", "Tasks from start on a node to its answer"),
     "fetch": ("tasksprint_fetch_seconds", "Fetches of a task output from a peer client"),
 }
 #: Hook count name -> (metric name, help) of a counter of its own (the counted ``n`` is added).
 COUNTS: dict[str, tuple[str, str]] = {
     "paxos.leader_change": ("tasksprint_leader_changes", "Times this replica saw the leader change"),
-    "paxos.proposals": ("tasksprint_proposals", "Commands proposed by this replica while leading"),
-    "paxos.proposal_bytes": ("tasksprint_proposal_bytes", "Bytes of the commands proposed"),
+    "paxos.proposals": (
+        "tasksprint_proposals",
+        "Client commands submitted here (proposed, or forwarded to the leader)",
+    ),
+    "paxos.proposal_bytes": ("tasksprint_proposal_bytes", "Bytes of the client commands submitted here"),
     "fetch.bytes": ("tasksprint_fetch_bytes", "Bytes of task outputs fetched from peers"),
     "node.restart": ("tasksprint_node_restarts", "Node processes replaced after a crash or a timeout"),
 }
@@ -98,6 +101,8 @@ class PrometheusObserver(TimedByClock):
 
     def __attrs_post_init__(self) -> None:
         r, role = self.registry, ["role"]
+        # This process's CPU seconds, memory and open files (process_* metrics; Linux only).
+        ProcessCollector(registry=r)
         for hook, (metric, doc) in SPANS.items():
             buckets = TASK_BUCKETS if hook == "task.run" else TIME_BUCKETS
             self._spans[hook] = Histogram(metric, doc, role, registry=r, buckets=buckets).labels(self.role)
@@ -175,6 +180,11 @@ class ClusterCollector(Collector):
             "Leader's recent command latency, arrival to answer",
             labels=[*rl, "quantile"],
         )
+        fsync = GaugeMetricFamily(
+            "tasksprint_replica_fsync_latency_seconds",
+            "The replica's recent synced writes (promises, accepts)",
+            labels=[*rl, "quantile"],
+        )
         for i, r in enumerate(snap.replicas):
             labels = [str(r.rid if r.rid is not None else i), r.address]
             up.add_metric(labels, 1.0 if r.up else 0.0)
@@ -187,7 +197,10 @@ class ClusterCollector(Collector):
             for q, ms in (("0.5", r.commit_p50_ms), ("0.99", r.commit_p99_ms)):
                 if ms is not None:
                     latency.add_metric([*labels, q], ms / 1000.0)
-        yield from (up, leader, commit, applied, lag, latency)
+            for q, ms in (("0.5", r.fsync_p50_ms), ("0.99", r.fsync_p99_ms)):
+                if ms is not None:
+                    fsync.add_metric([*labels, q], ms / 1000.0)
+        yield from (up, leader, commit, applied, lag, latency, fsync)
         if self.history is not None:
             changes = CounterMetricFamily(
                 "tasksprint_cluster_leader_changes", "Changes of the leader seen by this poller"
@@ -210,11 +223,23 @@ class ClusterCollector(Collector):
         cl = ["client", "name"]
         slots = GaugeMetricFamily("tasksprint_client_slots", "Node processes of a live client", labels=cl)
         running = GaugeMetricFamily("tasksprint_client_running", "Tasks placed on a live client", labels=cl)
+        cpu = GaugeMetricFamily(
+            "tasksprint_client_cpu_percent", "CPU a live client and its nodes use, percent of one CPU", labels=cl
+        )
+        rss = GaugeMetricFamily(
+            "tasksprint_client_resident_bytes", "Memory a live client and its nodes hold", labels=cl
+        )
+        heard = GaugeMetricFamily(
+            "tasksprint_client_last_heard_seconds", "Seconds since the leader last heard from a client", labels=cl
+        )
         for c in snap.clients:
-            slots.add_metric([str(c.cid), c.name], c.slots)
-            running.add_metric([str(c.cid), c.name], c.running)
-        yield slots
-        yield running
+            labels = [str(c.cid), c.name]
+            slots.add_metric(labels, c.slots)
+            running.add_metric(labels, c.running)
+            for family, x in ((cpu, c.cpu_percent), (rss, c.rss_bytes), (heard, c.heard_s)):
+                if x is not None:
+                    family.add_metric(labels, x)
+        yield from (slots, running, cpu, rss, heard)
 
 
 @attrs.define(eq=False)

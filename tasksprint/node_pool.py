@@ -295,6 +295,7 @@ class NodePool:
                 return node
             # Died while idle (killed from outside, out of memory): reap it and move on.
             self._log.warning("idle_node_died", node_pid=node.pid)
+            self._observer.count("node.restart")
             if self._finished_at is not None:
                 self._finished_at.pop(node, None)
             await node.kill()
@@ -308,6 +309,7 @@ class NodePool:
                 # The next task starts a node itself and reports the error if it persists.
                 self._log.error("node_restart_failed", error=str(exc))
                 return
+            self._observer.count("node.restart")
             self._idle.append(node)
         finally:
             self._tokens.release()

@@ -27,9 +27,10 @@ import attrs
 import trio
 
 from tasksprint.channel import ASK_ERRORS, ReplicaChannel, Unreachable
-from tasksprint.coordinator.ops import InfoRequest, StatusRequest
+from tasksprint.coordinator.ops import GRAPH_MAX, GraphRequest, InfoRequest, StatusRequest
 
 __all__ = [
+    "GRAPH_TASKS_MAX",
     "HISTORY_POINTS",
     "PAGE_MAX",
     "TASK_STATES",
@@ -53,6 +54,9 @@ HISTORY_POINTS = 600
 #: Most tasks one :meth:`Poller.tasks` asks about.
 PAGE_MAX = 100
 
+#: Most tasks of the graph :meth:`Poller.graph` reads (the dashboard draws them all).
+GRAPH_TASKS_MAX = 5000
+
 
 def field(reply: Any, name: str, default: Any = None) -> Any:
     """Field ``name`` of ``reply``, a mapping or an object with attributes; ``default`` if absent."""
@@ -69,6 +73,10 @@ def _int(x: Any, default: int = 0) -> int:
 
 def _num(x: Any) -> float | None:
     return float(x) if isinstance(x, int | float) and not isinstance(x, bool) else None
+
+
+def _opt_int(x: Any) -> int | None:
+    return x if isinstance(x, int) and not isinstance(x, bool) else None
 
 
 def _str(x: Any, default: str = "") -> str:
@@ -90,6 +98,8 @@ class ReplicaRow:
     lag: int = 0  # slots applied by the most advanced replica and not yet by this one
     commit_p50_ms: float | None = None
     commit_p99_ms: float | None = None
+    fsync_p50_ms: float | None = None
+    fsync_p99_ms: float | None = None
     error: str = ""
 
 
@@ -103,6 +113,10 @@ class ClientRow:
     slots: int
     running: int
     prefetching: int
+    tags: tuple[str, ...] = ()
+    heard_s: float | None = None  # seconds since the leader last heard from it
+    cpu_percent: float | None = None  # of one CPU, the client and its node processes
+    rss_bytes: int | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -142,6 +156,8 @@ def replica_from_reply(address: str, reply: Any) -> ReplicaRow:
         applied=_int(field(reply, "applied")),
         commit_p50_ms=_num(field(reply, "commit_p50_ms")),
         commit_p99_ms=_num(field(reply, "commit_p99_ms")),
+        fsync_p50_ms=_num(field(reply, "fsync_p50_ms")),
+        fsync_p99_ms=_num(field(reply, "fsync_p99_ms")),
     )
 
 
@@ -158,6 +174,10 @@ def computation_from_reply(reply: Any) -> dict[str, Any]:
             slots=_int(field(c, "slots")),
             running=_int(field(c, "running")),
             prefetching=_int(field(c, "prefetching")),
+            tags=tuple(t for t in field(c, "tags", ()) or () if isinstance(t, str)),
+            heard_s=_num(field(c, "heard_s")),
+            cpu_percent=_num(field(c, "cpu_percent")),
+            rss_bytes=_opt_int(field(c, "rss_bytes")),
         )
         for c in field(reply, "live_clients", ()) or ()
     )
@@ -202,6 +222,8 @@ class Point:
     leader: int | None
     commit: int
     replicas_up: int
+    commit_p50_ms: float | None = None  # the leader's recent command latency
+    fsync_p50_ms: float | None = None  # the leader's recent synced writes
 
 
 @attrs.define(eq=False)
@@ -233,6 +255,7 @@ class History:
     def add(self, snap: Snapshot) -> Point:
         """Record ``snap``; returns its point."""
         prev = self._points[-1] if self._points else None
+        lead = next((r for r in snap.replicas if r.up and r.rid == snap.leader), None)
         done = snap.tasks.get("done", 0)
         throughput = 0.0
         if prev is not None and snap.at > prev.at:
@@ -246,6 +269,8 @@ class History:
             leader=snap.leader,
             commit=max((r.commit for r in snap.replicas if r.up), default=0),
             replicas_up=sum(r.up for r in snap.replicas),
+            commit_p50_ms=lead.commit_p50_ms if lead is not None else None,
+            fsync_p50_ms=lead.fsync_p50_ms if lead is not None else None,
         )
         last_leader = self._leader_changes[-1][1] if self._leader_changes else None
         if snap.leader is not None and snap.leader != last_leader:
@@ -275,6 +300,8 @@ class Poller:
     timeout: float = 2.0
     clock: Callable[[], float] = time.time
     _channel: ReplicaChannel | None = None
+    # One channel per replica, to ask each for what only it knows of the clients talking to it.
+    _each: dict[tuple[str, int], ReplicaChannel] = attrs.Factory(dict)
     # The channel keeps one connection: one question at a time (the poll loop and page requests share it).
     _asking: trio.Lock = attrs.Factory(trio.Lock)
 
@@ -309,7 +336,44 @@ class Poller:
                 computation = computation_from_reply(await chan.ask_any(StatusRequest(), timeout=self.timeout))
             except (Unreachable, trio.TooSlowError):
                 pass  # no replica answered, or no coordinator runs there
+        if computation.get("clients"):
+            up = [addr for addr, r in zip(self.addrs, rows, strict=True) if r.up]
+            computation["clients"] = await self._merge_usage(computation["clients"], up)
         return Snapshot(at=self.clock(), replicas=tuple(rows), leader=leader, **computation)
+
+    async def _merge_usage(self, clients: tuple[ClientRow, ...], up: list[tuple[str, int]]) -> tuple[ClientRow, ...]:
+        """``clients`` with the usage and last contact each up replica heard (a client reports to one).
+
+        Last heard from is the most recent any replica saw; the usage is that
+        replica's.  A replica that does not answer adds nothing.
+        """
+        heard: dict[int, list[ClientRow]] = {c.cid: [c] for c in clients}
+
+        async def ask(addr: tuple[str, int]) -> None:
+            chan = self._each.get(addr)
+            if chan is None:
+                chan = self._each[addr] = ReplicaChannel([addr], self.secret, ident="dashboard")
+            try:
+                reply = await chan.request(StatusRequest(), timeout=self.timeout)
+            except (*ASK_ERRORS, trio.TooSlowError):
+                return
+            for c in computation_from_reply(reply)["clients"]:
+                if c.cid in heard:
+                    heard[c.cid].append(c)
+
+        async with trio.open_nursery() as nursery:
+            for addr in up:
+                nursery.start_soon(ask, addr)
+        out = []
+        for c in clients:
+            known = [r for r in heard[c.cid] if r.heard_s is not None]
+            if known:
+                last = min(known, key=lambda r: r.heard_s or 0.0)
+                reported = [r for r in known if r.rss_bytes is not None]
+                usage = min(reported, key=lambda r: r.heard_s or 0.0) if reported else last
+                c = attrs.evolve(c, heard_s=last.heard_s, cpu_percent=usage.cpu_percent, rss_bytes=usage.rss_bytes)
+            out.append(c)
+        return tuple(out)
 
     async def task(self, tid: int) -> dict[str, Any] | None:
         """Task ``tid``'s ``info`` as plain data; None if there is no such task or nobody answered."""
@@ -319,6 +383,30 @@ class Poller:
             return task_from_reply(reply)
         except (Unreachable, trio.TooSlowError):
             return None
+
+    async def graph(self) -> dict[str, Any] | None:
+        """The task graph as columns (``tids``, ``names``, ``states``, ``pretasks``) and ``total``.
+
+        At most :data:`GRAPH_TASKS_MAX` tasks (``truncated`` says whether
+        there were more); None if no replica answered.
+        """
+        out: dict[str, Any] = {"tids": [], "names": [], "states": [], "pretasks": [], "total": 0}
+        first = 1
+        try:
+            while first <= GRAPH_TASKS_MAX:
+                count = min(GRAPH_MAX, GRAPH_TASKS_MAX - first + 1)
+                async with self._asking:
+                    page = await self._chan().ask_any(GraphRequest(first=first, count=count), timeout=self.timeout)
+                out["total"] = _int(field(page, "total"))
+                for name in ("tids", "names", "states", "pretasks"):
+                    out[name].extend(list(x) if isinstance(x, tuple) else x for x in field(page, name, ()) or ())
+                first += count
+                if first > out["total"]:
+                    break
+        except (Unreachable, trio.TooSlowError):
+            return None
+        out["truncated"] = out["total"] > len(out["tids"])
+        return out
 
     async def tasks(self, first: int, count: int) -> list[dict[str, Any]]:
         """The ``info`` of tasks ``first`` .. ``first + count - 1`` that exist (at most :data:`PAGE_MAX`)."""
@@ -332,6 +420,8 @@ class Poller:
     async def aclose(self) -> None:
         if self._channel is not None:
             await self._channel.aclose()
+        for chan in self._each.values():
+            await chan.aclose()
 
 
 def _leader_of(rows: list[ReplicaRow]) -> int | None:

@@ -210,6 +210,7 @@ class Replica:
         core = self.core
         ballot = core.ballot
         times = self.driver.commit_times if core.role is Role.LEADER else []
+        fsyncs = self.driver.fsync_times
         return ReplicaStatus(
             rid=self.config.rid,
             role=core.role.value,
@@ -223,6 +224,9 @@ class Replica:
             commit_p99_ms=round(times[min(len(times) - 1, len(times) * 99 // 100)] * 1000, 3) if times else None,
             commit_samples=len(times),
             divergence=self.driver.divergence,
+            fsync_p50_ms=_ms(fsyncs, 50),
+            fsync_p99_ms=_ms(fsyncs, 99),
+            fsync_samples=len(fsyncs),
         )
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -267,7 +271,11 @@ class Replica:
                 if peer != cfg.rid:
                     self._peer_out[peer] = Outbox()
             self._disk = DiskWriter(
-                self._storage, written=self._written, failed=self._write_failed, name=f"disk-writer-{cfg.rid}"
+                self._storage,
+                written=self._written,
+                failed=self._write_failed,
+                name=f"disk-writer-{cfg.rid}",
+                fsynced=self._fsynced,
             )
             self._driver = ReplicaDriver(
                 core=core,
@@ -372,6 +380,9 @@ class Replica:
 
     def _written(self, groups: int) -> None:
         self.driver.written(groups)
+
+    def _fsynced(self, seconds: float) -> None:
+        self.driver.note_fsync(seconds)
 
     def _write_failed(self, exc: BaseException) -> None:
         self.driver.write_failed(exc)
@@ -604,3 +615,10 @@ class HookWatchdog:
                     ),
                     **seen[1],
                 )
+
+
+def _ms(sorted_seconds: list[float], percent: int) -> float | None:
+    """The ``percent`` percentile of ``sorted_seconds`` in milliseconds (None if empty)."""
+    if not sorted_seconds:
+        return None
+    return round(sorted_seconds[min(len(sorted_seconds) - 1, len(sorted_seconds) * percent // 100)] * 1000, 3)

@@ -16,10 +16,11 @@ import sys
 import textwrap
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 
 from tasksprint.channel import ASK_ERRORS, ReplicaChannel
@@ -42,6 +43,12 @@ class GatedNode(Node):
             time.sleep(0.02)
         return {"v": x}
 
+    def add(self, *xs_and_gate):
+        *xs, gate = xs_and_gate
+        while not os.path.exists(gate):
+            time.sleep(0.02)
+        return {"v": sum(xs)}
+
 
 GatedNode().start()
 """
@@ -51,12 +58,20 @@ from tasksprint import Coordinator
 
 class Gated(Coordinator):
     def init(self, seed):
-        self.left = set(self.start_task("gated", args=[i, GATE], keys=["v"]) for i in range(TASKS))
+        gated = [self.start_task("gated", args=[i, GATE], keys=["v"]) for i in range(TASKS)]
+        self.left = set(gated)
         self.total = 0
+        if REDUCE:  # one more task, reading every gated task's output
+            prekeys = ["v"] * len(gated)
+            reduce = self.start_task("add", args=[GATE + ".reduce"], pretasks=gated, prekeys=prekeys, keys=["v"])
+            self.left.add(reduce)
+        if COMMAND:  # a command task: its run record (times, exit code, limits, output) is its values
+            cmd = f"while [ ! -e {GATE} ]; do sleep 0.05; done; echo tail-marker; echo to-stderr >&2"
+            self.left.add(self.start_task(cmd=cmd, limits={"wall_time_s": 60, "memory_bytes": 1 << 30}))
 
     def task_done(self, tid, values):
         self.left.discard(tid)
-        self.total += values["v"]
+        self.total += values.get("v", 0)
         if not self.left:
             self.finish(values={"total": self.total})
 """
@@ -67,21 +82,74 @@ def gate_path(base: Path) -> Path:
 
 
 def open_gate(run: LocalRun) -> None:
-    """Let every gated task of ``run`` finish."""
+    """Let every gated task of ``run`` finish (not the reduce: :func:`open_reduce_gate`)."""
     gate_path(run.base()).touch()
 
 
+def open_reduce_gate(run: LocalRun) -> None:
+    """Let the reduce task of ``run`` (``gated_run(reduce=True)``) finish."""
+    Path(str(gate_path(run.base())) + ".reduce").touch()
+
+
+@attrs.define(eq=False)
+class _Cluster(LocalCluster):
+    """A local cluster whose replica ``i`` gets the extra arguments ``per_replica(i)``."""
+
+    per_replica: Callable[[int], list[str]] | None = None
+
+    def command(self, i: int) -> list[str]:
+        return super().command(i) + (self.per_replica(i) if self.per_replica else [])
+
+
+@attrs.define(eq=False)
+class _Run(LocalRun):
+    """A local run whose client ``i`` gets the extra arguments ``per_client(i)``."""
+
+    per_client: Callable[[int], list[str]] | None = None
+
+    def client_command(self, i: int) -> list[str]:
+        return super().client_command(i) + (self.per_client(i) if self.per_client else [])
+
+
 @contextlib.contextmanager
-def gated_run(base: Path, tasks: int, *, clients: int = 1, slots: int = 2) -> Iterator[LocalRun]:
-    """A started computation of ``tasks`` gated tasks under ``base``; stopped when the block ends."""
+def gated_run(
+    base: Path,
+    tasks: int,
+    *,
+    clients: int = 1,
+    slots: int = 2,
+    reduce: bool = False,
+    command: bool = False,
+    replica_args: Callable[[int], list[str]] | None = None,
+    client_args: Callable[[int], list[str]] | None = None,
+) -> Iterator[LocalRun]:
+    """A started computation of ``tasks`` gated tasks under ``base``; stopped when the block ends.
+
+    ``reduce`` adds one task reading every gated task's output (a DAG, and
+    fetches between clients), which waits for its own gate
+    (:func:`open_reduce_gate`); ``command`` adds one command task (gated
+    too), whose run record the task's values carry; ``replica_args(i)`` and ``client_args(i)`` are
+    extra command-line arguments of replica ``i`` and client ``i``.
+    """
     base.mkdir(parents=True, exist_ok=True)
     node = base / "gated_node.py"
     node.write_text(textwrap.dedent(NODE))
     sched = base / "gated_scheduler.py"
-    sched.write_text(f"GATE = {str(gate_path(base))!r}\nTASKS = {tasks}\n" + textwrap.dedent(SCHEDULER))
-    run = LocalRun(f"{sched}:Gated", f"{shlex.quote(sys.executable)} {shlex.quote(str(node))}", 3, clients, slots, base)
+    sched.write_text(
+        f"GATE = {str(gate_path(base))!r}\nTASKS = {tasks}\nREDUCE = {reduce}\nCOMMAND = {command}\n"
+        + textwrap.dedent(SCHEDULER)
+    )
+    run = _Run(
+        f"{sched}:Gated",
+        f"{shlex.quote(sys.executable)} {shlex.quote(str(node))}",
+        3,
+        clients,
+        slots,
+        base,
+        per_client=client_args,
+    )
     run.progress = None
-    run.cluster = LocalCluster(base, 3, scheduler=run.scheduler)
+    run.cluster = _Cluster(base, 3, scheduler=run.scheduler, per_replica=replica_args)
     try:
         run.cluster.start()
         trio.run(wait_initialised, run.cluster)
@@ -90,6 +158,7 @@ def gated_run(base: Path, tasks: int, *, clients: int = 1, slots: int = 2) -> It
         yield run
     finally:
         open_gate(run)  # lets clients of a finished computation exit by themselves
+        open_reduce_gate(run)
         run.stop(grace=10.0)
 
 

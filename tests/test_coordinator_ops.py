@@ -29,6 +29,7 @@ from tasksprint.coordinator.app import CoordinatorApp
 from tasksprint.coordinator.machine import CoordinatorMachine
 from tasksprint.coordinator.ops import (
     ACCEPTED,
+    GRAPH_MAX,
     BadOp,
     BatchApplied,
     BatchOp,
@@ -37,6 +38,7 @@ from tasksprint.coordinator.ops import (
     DoneOp,
     ErrorCode,
     FailedOp,
+    GraphRequest,
     InfoRequest,
     Initialized,
     InitOp,
@@ -262,13 +264,26 @@ def test_queries_parse_into_requests_or_are_refused_by_code() -> None:
     assert parse_query("view", {"cid": 3}) == ViewRequest(cid=3, after=0, wait=0.0)
     request = ViewRequest(cid=3, after=9, wait=1.5)
     assert parse_query(request.NAME, request.args()) == request
+    request = ViewRequest(cid=3, after=9, wait=1.5, cpu=12.5, rss=4096)
+    assert parse_query(request.NAME, request.args()) == request
     assert parse_query("status", {}) == StatusRequest()
     assert parse_query("info", {"tid": 2}) == InfoRequest(tid=2)
+    assert parse_query("graph", {}) == GraphRequest(first=1, count=GRAPH_MAX)
+    assert parse_query("graph", GraphRequest(first=7, count=3).args()) == GraphRequest(first=7, count=3)
     for name, args in [
+        ("graph", {"first": 0}),
+        ("graph", {"count": 0}),
+        ("graph", {"count": GRAPH_MAX + 1}),
+        ("graph", {"first": "1"}),
         ("view", {}),
         ("view", {"cid": 1, "after": -1}),
         ("view", {"cid": 1, "wait": True}),
         ("view", {"cid": 1, "wait": float("nan")}),
+        ("view", {"cid": 1, "cpu": -1}),
+        ("view", {"cid": 1, "cpu": float("inf")}),
+        ("view", {"cid": 1, "cpu": "lots"}),
+        ("view", {"cid": 1, "rss": -5}),
+        ("view", {"cid": 1, "rss": 1.5}),
         ("info", {"tid": "2"}),
         ("status", []),
     ]:

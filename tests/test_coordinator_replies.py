@@ -18,7 +18,7 @@ from coordinator_harness import ECHO, MONTECARLO, BuggyScheduler, Sim, merge, mo
 from tasksprint_sdk.coordinator import load_scheduler
 
 from tasksprint import codec
-from tasksprint.coordinator.replies import ComputationStatus, TaskInfo
+from tasksprint.coordinator.replies import ComputationStatus, TaskGraph, TaskInfo
 
 
 def as_json(value: Any) -> Any:
@@ -29,13 +29,30 @@ def as_json(value: Any) -> Any:
 def check_typed(machine) -> None:
     plain = machine.status()
     status = ComputationStatus.of(plain)
-    assert as_json(status) == as_json(plain)
+    expected = as_json(plain)
+    for c in expected["live_clients"]:  # filled in by the replica answering, not the machine
+        c.update(heard_s=None, cpu_percent=None, rss_bytes=None)
+    assert as_json(status) == expected
     assert codec.decode_untrusted(codec.encode(status)) == status
     for tid in range(1, plain["tasks"]["total"] + 1):
         info = TaskInfo.of(machine.task_info(tid))
         assert info is not None and as_json(info) == as_json(machine.task_info(tid))
         assert codec.decode_untrusted(codec.encode(info)) == info
     assert TaskInfo.of(machine.task_info(plain["tasks"]["total"] + 1)) is None
+    graph = TaskGraph.of(machine.graph(1, plain["tasks"]["total"] + 5))
+    assert codec.decode_untrusted(codec.encode(graph)) == graph
+    assert graph.total == plain["tasks"]["total"] and list(graph.tids) == list(range(1, graph.total + 1))
+    for tid, name, state, pre in zip(graph.tids, graph.names, graph.states, graph.pretasks, strict=True):
+        info = machine.task_info(tid)
+        assert name == info["name"] and state == info["state"] and list(pre) == list(dict.fromkeys(info["pretasks"]))
+    assert TaskGraph.of(machine.graph(graph.total + 1, 10)).tids == ()
+
+
+def test_a_task_graph_of_uneven_columns_is_refused() -> None:
+    with pytest.raises(ValueError, match="as long as each other"):
+        TaskGraph(first=1, total=2, tids=[1, 2], names=["a", "b"], states=["done"], pretasks=[[], [1]])
+    with pytest.raises(TypeError):
+        TaskGraph(first=1, total=1, tids=[1], names=["a"], states=["done"], pretasks=[["x"]])
 
 
 def test_status_and_info_of_a_finished_computation_are_typed_and_exact() -> None:

@@ -61,6 +61,16 @@ class ScriptedPoller:
     async def tasks(self, first: int, count: int) -> list[dict[str, Any]]:
         return [t for t in [await self.task(i) for i in range(first, first + count)] if t]
 
+    async def graph(self) -> dict[str, Any] | None:
+        return {
+            "tids": [1, 2, 3, 4],
+            "names": ["value", "value", "value", "sum"],
+            "states": ["done", "done", "running", "pending"],
+            "pretasks": [[], [], [], [1, 2, 3]],
+            "total": 4,
+            "truncated": False,
+        }
+
     async def aclose(self) -> None:
         self.closed = True
 
@@ -194,3 +204,50 @@ async def test_a_process_serves_its_own_metrics_with_the_clusters() -> None:
     got = samples(body)
     assert got[key("tasksprint_node_restarts_total", role="replica")] == 3
     assert got[key("tasksprint_replica_up", replica="0", address=f"127.0.0.1:{nobody}")] == 0
+
+
+STATUS_LINES = (
+    "ROTTEN HEADER LINE\n"
+    "    \t1\t1\t-1\tnode-a\t101\t0\t1.500\t100.000\t101.500\t0\t''\t0\t''\techo one\n"
+    "R   \t2\t2\t-1\tnode-b\t102\t3\t0.250\t100.000\t100.250\t0\t''\t5\t'oops\\n'\texit 3\n"
+)
+
+
+async def test_the_graph_and_a_status_file_are_served(tmp_path) -> None:
+    status = tmp_path / "run_status.txt"
+    status.write_text(STATUS_LINES)
+    dashboard = Dashboard(ScriptedPoller(leaders=[0]), interval=3600, status_file=status)
+    async with trio.open_nursery() as nursery:
+        url = await serving(nursery, dashboard)
+        graph = json.loads((await get(url + "/api/graph"))[1])
+        assert graph["pretasks"][3] == [1, 2, 3] and graph["states"][2] == "running"
+        code, body = await get(url + "/api/status-file")
+        assert code == 200, body
+        answer = json.loads(body)
+        assert [r["task_id"] for r in answer["records"]] == [1, 2]
+        assert answer["records"][1]["exit_code"] == 3 and answer["records"][1]["err_snippet"] == "oops\n"
+        assert answer["records"][1]["flags"].startswith("R")
+        assert answer["counts"] == {"records": 2, "failed": 1, "rejected": 1}
+        assert answer["rejected"][0]["line"] == 1  # the unreadable line is named, not fatal
+        status.unlink()
+        code, body = await get(url + "/api/status-file")
+        assert code == 404 and "run_status.txt" in json.loads(body)["error"]
+        nursery.cancel_scope.cancel()
+    dashboard = Dashboard(ScriptedPoller(leaders=[0]), interval=3600)
+    async with trio.open_nursery() as nursery:
+        url = await serving(nursery, dashboard)
+        code, body = await get(url + "/api/status-file")
+        assert code == 404 and "--status-file" in json.loads(body)["error"]
+        nursery.cancel_scope.cancel()
+
+
+def test_only_the_end_of_a_huge_status_file_is_read(tmp_path, monkeypatch) -> None:
+    from tasksprint.dashboard import server
+
+    line = "    \t{}\t1\t-1\tn\t1\t0\t0.000\t1.000\t1.000\t0\t''\t0\t''\tcmd\n"
+    status = tmp_path / "status"
+    status.write_text("".join(line.format(i) for i in range(1, 101)))
+    monkeypatch.setattr(server, "STATUS_FILE_MAX", len(line.format(100)) * 10 + 5)
+    answer = server.read_status_file(status)
+    assert answer["cut"] and answer["counts"]["rejected"] == 0
+    assert [r["task_id"] for r in answer["records"]] == list(range(91, 101))

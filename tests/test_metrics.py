@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 from prometheus_client import CollectorRegistry
@@ -51,8 +52,8 @@ def test_the_observer_is_an_observer_and_named_by_the_environment_spec() -> None
 def test_named_hooks_go_to_their_own_metrics_and_others_to_the_generic_families() -> None:
     clock = FakeClock()
     obs = PrometheusObserver("replica", clock=clock)
-    obs.timing("storage.write", 0.002)
-    obs.timing("storage.write", 0.004)
+    obs.timing("storage.fsync", 0.002)
+    obs.timing("storage.fsync", 0.004)
 
     def step(x: int) -> int:
         clock.now += 0.5
@@ -95,7 +96,19 @@ def test_the_cluster_collector_exports_the_last_snapshot() -> None:
         leader=0,
         state="running",
         tasks={"pending": 3, "running": 2, "done": 5, "failed": 0, "killed": 0, "total": 10},
-        clients=(ClientRow(cid=1, name="w1", addr="h:9", slots=4, running=2, prefetching=0),),
+        clients=(
+            ClientRow(
+                cid=1,
+                name="w1",
+                addr="h:9",
+                slots=4,
+                running=2,
+                prefetching=0,
+                cpu_percent=150.0,
+                rss_bytes=1 << 20,
+                heard_s=0.5,
+            ),
+        ),
         dead_clients=1,
     )
     history = History()
@@ -114,6 +127,39 @@ def test_the_cluster_collector_exports_the_last_snapshot() -> None:
     assert got[key("tasksprint_tasks", state="pending")] == 3
     assert got[key("tasksprint_clients", alive="false")] == 1
     assert got[key("tasksprint_client_slots", client="1", name="w1")] == 4
+    assert got[key("tasksprint_client_cpu_percent", client="1", name="w1")] == 150.0
+    assert got[key("tasksprint_client_resident_bytes", client="1", name="w1")] == 1 << 20
+    assert got[key("tasksprint_client_last_heard_seconds", client="1", name="w1")] == 0.5
+
+
+def test_every_metric_the_grafana_dashboard_plots_is_exported() -> None:
+    import json
+    import re
+
+    obs = PrometheusObserver("replica")
+    for name in ("storage.fsync", "replica.commit", "task.run", "fetch"):
+        obs.timing(name, 0.01)
+    for name in ("paxos.leader_change", "paxos.proposals", "paxos.proposal_bytes", "fetch.bytes", "node.restart"):
+        obs.count(name)
+    obs.count("limit.memory")
+    row = ReplicaRow(address="h:1", up=True, rid=0, role="leader", commit_p50_ms=1.0, fsync_p50_ms=1.0)
+    worker = ClientRow(cid=1, name="w", addr="h:9", slots=1, running=0, prefetching=0, cpu_percent=1.0)
+    snap = Snapshot(
+        at=1.0,
+        replicas=(row,),
+        leader=0,
+        state="running",
+        tasks={"done": 1, "total": 1},
+        clients=(attrs.evolve(worker, rss_bytes=1, heard_s=0.1),),
+    )
+    registry = CollectorRegistry()
+    registry.register(ClusterCollector(lambda: snap, History()))
+    exported = {name for name, _ in samples(exposition(registry).decode() + exposition(obs.registry).decode())}
+    plotted = set()
+    for panel in json.loads((Path(__file__).parent.parent / "docs" / "grafana-dashboard.json").read_text())["panels"]:
+        for target in panel.get("targets", ()):
+            plotted.update(re.findall(r"\btasksprint_[a-z_]+", target["expr"]))
+    assert plotted and plotted <= exported, plotted - exported
 
 
 async def test_serve_metrics_serves_an_observers_registry_over_http() -> None:

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import attrs
 import pytest
+import trio
 from rich.console import Console
 
 from tasksprint.coordinator.replies import ClientCounts, ComputationStatus
-from tasksprint.readmodel import History, ReplicaRow, Snapshot
+from tasksprint.readmodel import ClientRow, History, ReplicaRow, Snapshot
 from tasksprint.run import progress_bar
-from tasksprint.top import render
+from tasksprint.top import render, watch
 from tests.monitor_cluster import WAIT_SECONDS, gated_run, open_gate
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -45,6 +46,54 @@ def test_render_shows_replicas_tasks_and_workers() -> None:
     assert "leader: replica 0" in screen
     assert re.search(r"h:2\s+│\s+down", screen)
     assert "tasks: 2/4 done" in screen
+
+
+class ScriptedSource:
+    """A :class:`~tasksprint.top.Source` giving prepared snapshots, the last one for ever."""
+
+    def __init__(self, snaps: list[Snapshot]) -> None:
+        self.snaps = snaps
+        self.polls = 0
+        self.closed = False
+
+    async def poll(self) -> Snapshot:
+        snap = self.snaps[min(self.polls, len(self.snaps) - 1)]
+        self.polls += 1
+        return snap
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def test_watch_redraws_any_source_until_told_to_stop() -> None:
+    replica = ReplicaRow(address="h:1", up=True, rid=0, role="leader", leader=0, fsync_p50_ms=1.25, fsync_p99_ms=3.5)
+    worker = ClientRow(
+        cid=1,
+        name="w1",
+        addr="h:9",
+        slots=2,
+        running=1,
+        prefetching=0,
+        tags=("gpu",),
+        heard_s=0.4,
+        cpu_percent=87.0,
+        rss_bytes=3 << 20,
+    )
+
+    def snap(done: int) -> Snapshot:
+        tasks = {"pending": 3 - done, "running": 0, "done": done, "failed": 0, "killed": 0, "total": 3}
+        return Snapshot(at=float(done), replicas=(replica,), leader=0, state="running", tasks=tasks, clients=(worker,))
+
+    source = ScriptedSource([snap(0), snap(1), snap(2), snap(3), snap(3)])
+    out = io.StringIO()
+    console = Console(file=out, width=160, force_terminal=False, record=True)
+    code = trio.run(lambda: watch(source, interval=0, console=console, until=lambda s: s.tasks["done"] == 3))
+    assert code == 0 and source.closed
+    assert source.polls == 4  # stopped at the first snapshot saying done, not before, not after
+    screen = console.export_text()
+    assert "tasks: 3/3 done" in screen
+    assert "1.25/3.50" in screen  # fsync p50/p99 of the replica
+    assert re.search(r"w1\s+│.*│\s+gpu\s+│.*│\s+87\s+│\s+3\s+│\s+0\.4", screen)  # tags, cpu %, rss MiB, heard
 
 
 @pytest.mark.slow

@@ -34,6 +34,7 @@ from tasksprint.app import NotYet
 from tasksprint.coordinator.machine import CoordinatorMachine, RunState
 from tasksprint.coordinator.ops import (
     BadOp,
+    GraphRequest,
     InfoRequest,
     InitOp,
     SchedulerAnswer,
@@ -42,13 +43,16 @@ from tasksprint.coordinator.ops import (
     ViewRequest,
     parse_query,
 )
-from tasksprint.coordinator.replies import ComputationStatus, TaskInfo
+from tasksprint.coordinator.replies import ComputationStatus, TaskGraph, TaskInfo
 from tasksprint.observe import NULL, Observer
 from tasksprint.paxos.messages import Command
 
 #: Client id under which every leader proposes the init entry; the session
 #: table applies (INIT_CLIENT, 1) once, so the first leader's seed wins.
 INIT_CLIENT = "__init__"
+
+#: Clients whose reported usage a replica keeps at most.
+USAGE_KEPT = 100_000
 
 
 @attrs.define(eq=False)
@@ -59,6 +63,7 @@ class CoordinatorApp:
     _leader_since: float | None = None
     _seen: dict[int, float] = attrs.Factory(dict)  # cid -> last contact (monotonic), leader's view
     _contacts: set[int] = attrs.Factory(set)  # heard since the last drain (to report to the leader)
+    _usage: dict[int, tuple[float | None, int | None]] = attrs.Factory(dict)  # cid -> (cpu %, rss) reported
     _init_proposed_at: float = -1e9
     observer: Observer = attrs.field(default=NULL, kw_only=True)
     #: The replica-local inputs this class may read, injected so a test or the
@@ -164,8 +169,10 @@ class CoordinatorApp:
         except BadOp as exc:
             return exc.refused
         match request:
-            case ViewRequest(cid=cid, after=after, wait=wait):
+            case ViewRequest(cid=cid, after=after, wait=wait, cpu=cpu, rss=rss):
                 self._note_contact(cid)
+                if cpu is not None or rss is not None:
+                    self._note_usage(cid, cpu, rss)
                 if (
                     wait
                     and self.machine.client_version(cid) <= after
@@ -177,14 +184,32 @@ class CoordinatorApp:
                 self.observer.value("machine.tasks_per_view", len(view.tasks))
                 return view
             case StatusRequest():
-                return ComputationStatus.of(self.machine.status())
+                return self._with_usage(ComputationStatus.of(self.machine.status()))
             case InfoRequest(tid=tid):
                 return TaskInfo.of(self.machine.task_info(tid))
+            case GraphRequest(first=first, count=count):
+                return TaskGraph.of(self.machine.graph(first, count))
             case SchedulerRequest(body=body):
                 try:
                     return SchedulerAnswer(value=self.machine.scheduler_query(body))
                 except BadOp as exc:
                     return exc.refused
+
+    def _note_usage(self, cid: int, cpu: float | None, rss: int | None) -> None:
+        if cid not in self._usage and len(self._usage) >= USAGE_KEPT:
+            self._usage.pop(next(iter(self._usage)))  # bounded: forget the oldest reporter
+        self._usage[cid] = (cpu, rss)
+
+    def _with_usage(self, status: ComputationStatus) -> ComputationStatus:
+        """``status`` with each live client's last contact and reported usage, as this replica knows them."""
+        now = self.clock()
+        loads = []
+        for c in status.live_clients:
+            seen = self._seen.get(c.cid)
+            cpu, rss = self._usage.get(c.cid, (None, None))
+            heard = None if seen is None else round(max(0.0, now - seen), 3)
+            loads.append(attrs.evolve(c, heard_s=heard, cpu_percent=cpu, rss_bytes=rss))  # type: ignore[misc]
+        return attrs.evolve(status, live_clients=tuple(loads))  # type: ignore[misc]
 
     def _note_contact(self, cid: int) -> None:
         self._contacts.add(cid)

@@ -694,6 +694,10 @@ class CoordinatorMachine:
         """The computation at a glance (see :func:`views.status`)."""
         return views.status(self._state)
 
+    def graph(self, first: int, count: int) -> dict[str, Any]:
+        """A page of the task graph (see :func:`views.graph`)."""
+        return views.graph(self._state, first, count)
+
     def task_info(self, tid: int) -> dict[str, Any] | None:
         """Everything known about task ``tid``, or None if there is no such task."""
         return views.task_info(self._state, tid)

@@ -73,6 +73,8 @@ __all__ = [
     "Op",
     "Refused",
     "ReportOp",
+    "GRAPH_MAX",
+    "GraphRequest",
     "InfoRequest",
     "Request",
     "SchedulerAnswer",
@@ -554,15 +556,26 @@ def _parse_batched(sub: Any) -> ReportOp | Refused:
 
 @message
 class ViewRequest:
-    """Client ``cid``'s view changed since version ``after``; wait up to ``wait`` seconds for a change."""
+    """Client ``cid``'s view changed since version ``after``; wait up to ``wait`` seconds for a change.
+
+    ``cpu`` (percent of one CPU) and ``rss`` (bytes) are what the client and
+    its node processes use, for the status answer; not logged.
+    """
 
     NAME: ClassVar[str] = "view"
     cid: int
     after: int = 0
     wait: float = 0.0
+    cpu: float | None = None
+    rss: int | None = None
 
     def args(self) -> dict[str, Any]:
-        return {"cid": self.cid, "after": self.after, "wait": self.wait}
+        out: dict[str, Any] = {"cid": self.cid, "after": self.after, "wait": self.wait}
+        if self.cpu is not None:
+            out["cpu"] = self.cpu
+        if self.rss is not None:
+            out["rss"] = self.rss
+        return out
 
 
 @message
@@ -604,7 +617,23 @@ class SchedulerAnswer:
     value: Any = None
 
 
-Request = ViewRequest | StatusRequest | InfoRequest | SchedulerRequest
+#: Most tasks one ``graph`` query answers about.
+GRAPH_MAX = 5000
+
+
+@message
+class GraphRequest:
+    """Tasks ``first`` .. ``first + count - 1``: their states and what each reads (the DAG, a page of it)."""
+
+    NAME: ClassVar[str] = "graph"
+    first: int = 1
+    count: int = GRAPH_MAX
+
+    def args(self) -> dict[str, Any]:
+        return {"first": self.first, "count": self.count}
+
+
+Request = ViewRequest | StatusRequest | InfoRequest | SchedulerRequest | GraphRequest
 
 
 def parse_query(name: Any, args: Any) -> Request:
@@ -616,8 +645,15 @@ def parse_query(name: Any, args: Any) -> Request:
             wait = args.get("wait", 0)
             if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not (wait >= 0 and math.isfinite(wait)):
                 raise BadOp(f"view: field 'wait' must be a number of seconds >= 0, got {described(wait)}")
+            cpu = args.get("cpu")
+            if cpu is not None and (isinstance(cpu, bool) or not isinstance(cpu, (int, float)) or not (0 <= cpu < 1e6)):
+                raise BadOp(f"view: field 'cpu' must be a CPU percentage >= 0, got {described(cpu)}")
             return ViewRequest(
-                cid=_int(args, "view", "cid"), after=_int(args, "view", "after", minimum=0, default=0), wait=float(wait)
+                cid=_int(args, "view", "cid"),
+                after=_int(args, "view", "after", minimum=0, default=0),
+                wait=float(wait),
+                cpu=None if cpu is None else float(cpu),
+                rss=_int(args, "view", "rss", minimum=0) if args.get("rss") is not None else None,
             )
         case "status":
             return StatusRequest()
@@ -625,5 +661,10 @@ def parse_query(name: Any, args: Any) -> Request:
             return InfoRequest(tid=_int(args, "info", "tid"))
         case "scheduler":
             return SchedulerRequest(body=args.get("args"))
+        case "graph":
+            count = _int(args, "graph", "count", minimum=1, default=GRAPH_MAX)
+            if count > GRAPH_MAX:
+                raise BadOp(f"graph: field 'count' must be at most {GRAPH_MAX}, got {count}")
+            return GraphRequest(first=_int(args, "graph", "first", minimum=1, default=1), count=count)
         case _:
-            raise BadOp(f"unknown query {name!r:.100}; known: view, status, info, scheduler", ErrorCode.UNKNOWN)
+            raise BadOp(f"unknown query {name!r:.100}; known: view, status, info, scheduler, graph", ErrorCode.UNKNOWN)

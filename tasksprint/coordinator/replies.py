@@ -44,6 +44,7 @@ __all__ = [
     "HolderChange",
     "HookCall",
     "InputLocation",
+    "TaskGraph",
     "TaskInfo",
     "TaskValues",
 ]
@@ -242,7 +243,13 @@ class ClientCounts:
 
 @message
 class ClientLoad:
-    """One live client: ``running`` tasks take its slots, ``prefetching`` ones still wait for an input."""
+    """One live client: ``running`` tasks take its slots, ``prefetching`` ones still wait for an input.
+
+    Filled in by the replica answering (not replicated state): ``heard_s``,
+    seconds since the client was last heard from (as the leader knows it),
+    and ``cpu_percent`` and ``rss_bytes``, what the client last reported
+    using with its node processes; None when unknown.
+    """
 
     cid: int = attrs.field(validator=_int)
     name: str = attrs.field(validator=_str)
@@ -250,6 +257,10 @@ class ClientLoad:
     slots: int = attrs.field(validator=_int)
     running: int = attrs.field(validator=_int)
     prefetching: int = attrs.field(validator=_int)
+    tags: tuple[str, ...] = attrs.field(default=(), converter=_strs)
+    heard_s: float | None = attrs.field(default=None, validator=attrs.validators.optional(_number))
+    cpu_percent: float | None = attrs.field(default=None, validator=attrs.validators.optional(_number))
+    rss_bytes: int | None = attrs.field(default=None, validator=_opt_int)
 
 
 @message
@@ -348,3 +359,34 @@ class TaskInfo:
     def of(cls, info: dict[str, Any] | None) -> TaskInfo | None:
         """The typed form of :func:`tasksprint.coordinator.views.task_info`'s read model."""
         return None if info is None else cls(**info)
+
+
+def _int_lists(value: Any) -> tuple[tuple[int, ...], ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, list | tuple) for v in value):
+        raise TypeError(f"pretasks must be lists of task ids, got {value!r:.100}")
+    return tuple(_ints(v) for v in value)
+
+
+@message
+class TaskGraph:
+    """A page of the task graph: the answer to the ``graph`` query.
+
+    ``tids[i]``, named ``names[i]``, is in state ``states[i]`` and reads the tasks ``pretasks[i]``;
+    ``total`` is how many tasks the computation has created.
+    """
+
+    first: int = attrs.field(validator=_int)
+    total: int = attrs.field(validator=_int)
+    tids: tuple[int, ...] = attrs.field(converter=_ints)
+    names: tuple[str, ...] = attrs.field(converter=_strs)
+    states: tuple[str, ...] = attrs.field(converter=_strs)
+    pretasks: tuple[tuple[int, ...], ...] = attrs.field(converter=_int_lists)
+
+    def __attrs_post_init__(self) -> None:
+        if not len(self.tids) == len(self.names) == len(self.states) == len(self.pretasks):
+            raise ValueError("a task graph's tids, names, states and pretasks must be as long as each other")
+
+    @classmethod
+    def of(cls, graph: dict[str, Any]) -> TaskGraph:
+        """The typed form of :func:`tasksprint.coordinator.views.graph`'s read model."""
+        return cls(**graph)

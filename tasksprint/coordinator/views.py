@@ -110,7 +110,7 @@ def status(s: CoordinatorState) -> dict[str, Any]:
     "slot", "error", "message"} | None, "tasks": {state: count, "total",
     "completed", "recomputed", "readopted"},
     "clients": {"live", "dead"}, "live_clients": [{"cid", "name",
-    "addr", "slots", "running", "prefetching"}], "now", "seed", "version",
+    "addr", "slots", "tags", "running", "prefetching"}], "now", "seed", "version",
     "last_hook"}``.  A client's ``running`` counts the tasks taking its
     slots (all inputs available), ``prefetching`` those placed there that
     still wait for an input; both are ``running`` in the task counts.
@@ -134,6 +134,7 @@ def status(s: CoordinatorState) -> dict[str, Any]:
                 "name": c.name,
                 "addr": c.addr,
                 "slots": c.slots,
+                "tags": sorted(c.tags),
                 "running": load(c),
                 "prefetching": len(c.prefetch),
             }
@@ -181,3 +182,22 @@ def task_info(s: CoordinatorState, tid: int) -> dict[str, Any] | None:
 def last_hook(s: CoordinatorState) -> dict[str, Any] | None:
     """The last hook called: ``{"hook", "tid", "cid", "slot"}``, or None."""
     return None if s.last_hook is None else dict(s.last_hook)
+
+
+def graph(s: CoordinatorState, first: int, count: int) -> dict[str, Any]:
+    """Tasks ``first`` .. ``first + count - 1`` that exist, as columns.
+
+    Returns ``{"first", "total", "tids", "names", "states", "pretasks"}``.
+
+    ``pretasks[i]`` are the distinct tasks task ``tids[i]`` reads, in order.
+    """
+    tids, names, states, pretasks = [], [], [], []
+    for tid in range(first, first + count):
+        task = s.tasks.get(tid)
+        if task is None:
+            continue
+        tids.append(tid)
+        names.append(task.name)
+        states.append(task.state.value)
+        pretasks.append(list(dict.fromkeys(task.pretasks)))
+    return {"first": first, "total": len(s.tasks), "tids": tids, "names": names, "states": states, "pretasks": pretasks}

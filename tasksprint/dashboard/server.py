@@ -9,8 +9,12 @@ open event stream after each poll.  The Starlette app (:func:`build_app`)
 is read-only: it serves the page and its assets from the package (nothing
 from a CDN), ``/api/snapshot``, ``/api/task/{tid}`` (asked of the replicas
 when requested), ``/events`` (one ``snapshot`` event per poll) and
-``/metrics`` (:class:`~tasksprint.metrics.ClusterCollector`).  Hypercorn's
-trio worker serves it (:func:`serve_app`).
+``/metrics`` (:class:`~tasksprint.metrics.ClusterCollector`),
+``/api/graph`` (the task DAG, for computations up to
+:data:`~tasksprint.readmodel.GRAPH_TASKS_MAX` tasks) and, when the dashboard
+was given a batch run's status file, ``/api/status-file`` (the file read
+and parsed at each request, at most :data:`STATUS_FILE_MAX` bytes of its
+end).  Hypercorn's trio worker serves it (:func:`serve_app`).
 
 Binding: loopback by default.  A non-loopback address is refused unless
 :class:`Credentials` are given, and then every request must carry them
@@ -45,6 +49,9 @@ from tasksprint.readmodel import History, Poller, Snapshot
 __all__ = ["BindRefused", "Credentials", "Dashboard", "build_app", "is_loopback", "serve_app", "serve_dashboard"]
 
 STATIC = Path(__file__).resolve().parent / "static"
+
+#: Bytes of a status file the dashboard reads (its end: the latest tasks).
+STATUS_FILE_MAX = 16 * 1024 * 1024
 
 
 class BindRefused(ValueError):
@@ -154,6 +161,7 @@ class Dashboard:
 
     poller: Poller
     interval: float = 1.0
+    status_file: Path | None = None
     history: History = attrs.Factory(History)
     _latest: Snapshot | None = None
     _polled: trio.Event = attrs.Factory(trio.Event)
@@ -261,6 +269,20 @@ def build_app(dashboard: Dashboard, registry: CollectorRegistry) -> Starlette:
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    async def graph(request: Request) -> Response:
+        answer = await dashboard.poller.graph()
+        if answer is None:
+            return JSONResponse({"error": "no replica answered"}, status_code=503)
+        return Response(_json(answer), media_type="application/json")
+
+    async def status_file(request: Request) -> Response:
+        if dashboard.status_file is None:
+            return JSONResponse({"error": "no status file: start the dashboard with --status-file FILE"}, 404)
+        try:
+            return Response(_json(await trio.to_thread.run_sync(read_status_file, dashboard.status_file)))
+        except OSError as exc:
+            return JSONResponse({"error": f"{dashboard.status_file}: {exc.strerror or exc}"}, status_code=404)
+
     async def metrics(request: Request) -> Response:
         from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -272,11 +294,62 @@ def build_app(dashboard: Dashboard, registry: CollectorRegistry) -> Starlette:
             Route("/api/snapshot", snapshot),
             Route("/api/task/{tid}", task),
             Route("/api/tasks", tasks),
+            Route("/api/graph", graph),
+            Route("/api/status-file", status_file),
             Route("/events", events),
             Route("/metrics", metrics),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ]
     )
+
+
+def read_status_file(path: Path) -> dict[str, Any]:
+    """A batch run's status file as plain data: its records, the lines left out and why, counts.
+
+    Reads at most :data:`STATUS_FILE_MAX` bytes, from the end (the first,
+    partial line is then dropped and ``cut`` is true).  Raises OSError if
+    the file cannot be read.
+    """
+    from tasksprint.batch.statusfile import parse_status_file
+
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        cut = size > STATUS_FILE_MAX
+        f.seek(max(0, size - STATUS_FILE_MAX))
+        data = f.read(STATUS_FILE_MAX)
+    if cut:
+        data = data[data.find(b"\n") + 1 :]
+    parsed = parse_status_file(data)
+    records = [
+        {
+            "flags": r.flags,
+            "kind": r.kind.name.lower(),
+            "task_id": r.task_id,
+            "line": r.line,
+            "repeat_index": r.repeat_index,
+            "node": r.node,
+            "pid": r.pid,
+            "exit_code": r.exit_code,
+            "start": r.start,
+            "finish": r.finish,
+            "elapsed": r.elapsed,
+            "out_bytes": r.out_bytes,
+            "out_snippet": r.out_snippet,
+            "err_bytes": r.err_bytes,
+            "err_snippet": r.err_snippet,
+            "command": r.command.decode("utf-8", "replace"),
+        }
+        for r in parsed.records
+    ]
+    failed = sum(1 for r in parsed.records if r.exit_code != 0 and r.kind.name != "BARRIER")
+    return {
+        "path": str(path),
+        "size": size,
+        "cut": cut,
+        "records": records,
+        "rejected": [{"line": n, "why": why} for n, why in parsed.rejected],
+        "counts": {"records": len(records), "failed": failed, "rejected": len(parsed.rejected)},
+    }
 
 
 async def serve_dashboard(
@@ -288,6 +361,7 @@ async def serve_dashboard(
     interval: float = 1.0,
     credentials: Credentials | None = None,
     own_metrics: CollectorRegistry | None = None,
+    status_file: Path | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Poll the replicas at ``addrs`` and serve the dashboard until cancelled; reports the bound port.
@@ -304,7 +378,7 @@ async def serve_dashboard(
     from tasksprint.metrics import ClusterCollector, RegistryCollector
 
     check_bind(host, credentials)
-    dashboard = Dashboard(Poller(addrs, secret), interval=interval)
+    dashboard = Dashboard(Poller(addrs, secret), interval=interval, status_file=status_file)
     registry = CollectorRegistry(auto_describe=True)
     registry.register(ClusterCollector(lambda: dashboard.latest, dashboard.history))
     if own_metrics is not None:
