@@ -345,19 +345,21 @@ class ProgressBar:
             MofNCompleteColumn,
             Progress,
             TextColumn,
-            TimeElapsedColumn,
             TimeRemainingColumn,
         )
+        from rich.table import Column
 
+        # On a narrow terminal only the bar and the detail (cut at its end)
+        # give way: the counts, the rate and the ETA keep their width.
+        fixed = Column(no_wrap=True)
         self._progress = Progress(
-            TextColumn("[bold]{task.fields[state]}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]} tasks/s"),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[detail]}"),
+            TextColumn("[bold]{task.fields[state]}", table_column=fixed),
+            BarColumn(bar_width=20),
+            MofNCompleteColumn(table_column=Column(no_wrap=True)),
+            TextColumn("{task.fields[rate]} tasks/s", table_column=Column(no_wrap=True)),
+            TextColumn("ETA", table_column=Column(no_wrap=True)),
+            TimeRemainingColumn(table_column=Column(no_wrap=True)),
+            TextColumn("{task.fields[detail]}", table_column=Column(no_wrap=True, overflow="ellipsis")),
             console=Console(file=self.stream),
             auto_refresh=False,
         )
@@ -372,7 +374,7 @@ class ProgressBar:
             total=t["total"] or None,
             completed=t.get("done", 0),
             state=status.state,
-            detail=f"{t.get('running', 0)} running, {t.get('failed', 0)} failed | leader: replica {leader}",
+            detail=f"leader: replica {leader} | {t.get('running', 0)} running, {t.get('failed', 0)} failed",
         )
         speed = self._progress.tasks[0].speed
         self._progress.update(self._task, rate="-" if speed is None else f"{speed:.1f}", refresh=True)
