@@ -14,11 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 from test_service_e2e import Site, poll, site  # noqa: F401 (site is a fixture)
 from test_service_scheduler import ask, sim, submit
 
+from tasksprint import wire
 from tasksprint.execute import KolejkaError
-from tasksprint.service.kolejka import task_spec_for
+from tasksprint.object_store import ObjectStore
+from tasksprint.peer_data import serve_data
+from tasksprint.service import kolejka
+from tasksprint.service.kolejka import GetFailed, fetch_result_files, task_spec_for
 from tasksprint.service.scheduler import SpecError, check_spec
 
 # The example of kolejka's README (uname -s in a container, stdout collected).
@@ -127,6 +132,76 @@ def test_task_put_refuses_links_big_files_and_images(tmp_path: Path) -> None:
         task_spec_for(big, ignore_image=True)
     with pytest.raises(KolejkaError, match="--ignore-image"):
         task_spec_for(task_dir(tmp_path / "image", KOLEJKA_TASK), ignore_image=False)
+
+
+# ------------------------------------------------- what a worker sends back
+
+SECRET = b"k" * 32
+
+
+class _OneWorker:
+    """What result get asks the service: the secret, and where worker ``w`` serves its data."""
+
+    def __init__(self, addr: str) -> None:
+        self.secret = SECRET
+        self.addr = addr
+
+    async def worker_addresses(self) -> dict[str, str]:
+        return {"w": self.addr}
+
+
+@pytest.mark.parametrize(
+    ("outputs", "says"),
+    [
+        ({"files": {"../evil.txt": "YQ=="}}, "contains '..'"),
+        ({"files": {"/etc/evil": "YQ=="}}, "is absolute"),
+        ({"files": {"ok.txt": "%%%"}}, "is not base64"),
+        ({"files": ["ok.txt"]}, "must be a map"),
+        (None, "does not hold task 7"),
+    ],
+)
+async def test_result_files_from_a_worker_are_hostile_input(
+    tmp_path: Path, outputs: dict[str, Any] | None, says: str
+) -> None:
+    store = ObjectStore(1 << 20, tmp_path, 1 << 20)
+    if outputs is not None:
+        store.put(7, outputs)
+    endpoint = wire.Endpoint(secret=SECRET, role="data", ident="w")
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            lambda task_status: wire.serve(
+                lambda conn: serve_data(store, conn), "127.0.0.1", 0, endpoint, task_status=task_status
+            )
+        )
+        worker = _OneWorker(f"127.0.0.1:{listeners[0].socket.getsockname()[1]}")
+        with pytest.raises(GetFailed) as caught:
+            await fetch_result_files(worker, {"worker": "w", "tid": 7}, 1)  # type: ignore[arg-type]
+        nursery.cancel_scope.cancel()
+    assert says in str(caught.value) and "worker 'w'" in str(caught.value)
+
+
+async def test_good_result_files_come_back_checked(tmp_path: Path) -> None:
+    store = ObjectStore(1 << 20, tmp_path, 1 << 20)
+    store.put(7, {"files": {"./out//a.txt": "YQ==", "b.txt": ""}, "exit_code": 0})
+    endpoint = wire.Endpoint(secret=SECRET, role="data", ident="w")
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            lambda task_status: wire.serve(
+                lambda conn: serve_data(store, conn), "127.0.0.1", 0, endpoint, task_status=task_status
+            )
+        )
+        worker = _OneWorker(f"127.0.0.1:{listeners[0].socket.getsockname()[1]}")
+        got = await fetch_result_files(worker, {"worker": "w", "tid": 7}, 1)  # type: ignore[arg-type]
+        nursery.cancel_scope.cancel()
+    assert got == [("b.txt", b""), ("out/a.txt", b"a")]
+
+
+async def test_a_holder_that_left_means_lost_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kolejka, "_HOLDER_LOOKUP_S", 0.5)  # how long to look: not what decides
+    with pytest.raises(GetFailed, match="worker 'gone', which held task 3's result files, is gone"):
+        await fetch_result_files(_OneWorker("127.0.0.1:1"), {"worker": "gone", "tid": 9}, 3)  # type: ignore[arg-type]
+    with pytest.raises(GetFailed, match="does not say which worker"):
+        await fetch_result_files(_OneWorker("127.0.0.1:1"), {"worker": None, "tid": 9}, 3)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------- end to end

@@ -48,7 +48,7 @@ from tasksprint.service.api import AsyncService, ServiceError
 from tasksprint.service.home import ServiceNotFound, locate
 from tasksprint.service.scheduler import FINISHED, MAX_FILES
 
-__all__ = ["get", "put", "read_task_files", "task_spec_for"]
+__all__ = ["GetFailed", "fetch_result_files", "get", "put", "read_task_files", "task_spec_for"]
 
 EXIT_USAGE = 2
 #: Seconds ``result get`` looks for the holder among the live workers (a replica may lag behind).
@@ -181,7 +181,7 @@ def put(args: argparse.Namespace) -> int:
     return 0
 
 
-class _GetFailed(Exception):
+class GetFailed(Exception):
     """``result get`` cannot write the result; the message says why."""
 
 
@@ -193,11 +193,11 @@ def _record_of(info: dict[str, Any]) -> dict[str, Any] | None:
     return {"exit_code": info.get("exit_code"), "verdict": info["verdict"], "host": info.get("host"), **usage}
 
 
-async def _fetch_files(svc: AsyncService, info: dict[str, Any], key: int) -> list[tuple[str, bytes]]:
+async def fetch_result_files(svc: AsyncService, info: dict[str, Any], key: int) -> list[tuple[str, bytes]]:
     """The result files of done task ``key`` (``info``), from the worker that holds them."""
     worker, tid = info.get("worker"), info.get("tid")
     if not isinstance(worker, str) or type(tid) is not int:
-        raise _GetFailed(f"the service does not say which worker holds task {key}'s result files")
+        raise GetFailed(f"the service does not say which worker holds task {key}'s result files")
     addr = None
     with trio.move_on_after(_HOLDER_LOOKUP_S):
         while addr is None:
@@ -205,7 +205,7 @@ async def _fetch_files(svc: AsyncService, info: dict[str, Any], key: int) -> lis
             if addr is None:
                 await trio.sleep(0.2)
     if addr is None:
-        raise _GetFailed(f"worker {worker!r}, which held task {key}'s result files, is gone: the files are lost")
+        raise GetFailed(f"worker {worker!r}, which held task {key}'s result files, is gone: the files are lost")
     outputs: Any = None
     problem: BaseException | None = None
     # Errors are kept until the nursery is closed: raised inside it they would come out in a group.
@@ -217,11 +217,11 @@ async def _fetch_files(svc: AsyncService, info: dict[str, Any], key: int) -> lis
             problem = exc
         nursery.cancel_scope.cancel()  # the link's reader
     if problem is not None:
-        raise _GetFailed(f"cannot fetch task {key}'s result files from worker {worker!r} at {addr}: {problem}")
+        raise GetFailed(f"cannot fetch task {key}'s result files from worker {worker!r} at {addr}: {problem}")
     try:
         return input_files([outputs], [None])
     except FilesError as exc:
-        raise _GetFailed(f"worker {worker!r} sent task {key}'s result files malformed: {exc}") from None
+        raise GetFailed(f"worker {worker!r} sent task {key}'s result files malformed: {exc}") from None
 
 
 def get(args: argparse.Namespace) -> int:
@@ -249,11 +249,11 @@ def get(args: argparse.Namespace) -> int:
                 await svc.wait([key], timeout=args.timeout)
                 info = await svc.info(key)
                 assert info is not None
-            files = await _fetch_files(svc, info, key) if info["state"] == "done" else []
+            files = await fetch_result_files(svc, info, key) if info["state"] == "done" else []
         result_dir.mkdir(parents=True, exist_ok=True)
         there = [name for name, _ in files if os.path.lexists(result_dir / name)]
         if there:
-            raise _GetFailed(f"{result_dir} already holds {there[0]!r}: give a new or empty result directory")
+            raise GetFailed(f"{result_dir} already holds {there[0]!r}: give a new or empty result directory")
         stage(result_dir, files)
         error = None if info["state"] == "done" else f"task {key} {info['state']}: {info.get('error')}"
         record = _record_of(info)
@@ -272,6 +272,6 @@ def get(args: argparse.Namespace) -> int:
     except (ServiceNotFound, SecretError) as exc:
         print(f"tasksprint result get: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (ServiceError, _GetFailed, FilesError, OSError) as exc:
+    except (ServiceError, GetFailed, FilesError, OSError) as exc:
         print(f"tasksprint result get: {exc}", file=sys.stderr)
         return 1
