@@ -73,7 +73,8 @@ def test_a_spec_with_files_and_results_reaches_the_coordinator() -> None:
         ({"files": {"a": "not base64!"}}, "not base64"),
         ({"files": {"a": 7}}, "base64 text"),
         ({"files": ["a"]}, "'files' must map"),
-        ({"files": {"a": "A" * (2 * 1024 * 1024)}}, "more than"),
+        ({"files": {"a": "A" * (2 * 1024 * 1024)}}, "more than 1048576 bytes"),
+        ({"files": {"a": "A" * (700 * 1024), "b": "A" * (700 * 1024)}}, "more than 1048576 bytes"),
         ({"results": ["ok", "a/../../b"]}, "contains '..'"),
         ({"results": "out.txt"}, "'results' must be a list"),
         ({"stdout": "../out.txt"}, "contains '..'"),
@@ -262,7 +263,13 @@ def test_put_and_get_against_a_running_service(site: Site, tmp_path: Path) -> No
     early = site.run("result", "get", sleeper_key, str(tmp_path / "early"), "--no-wait")
     assert early.returncode == 1 and "running: not done yet" in early.stderr, early.stderr
     assert not (tmp_path / "early").exists()
+    # A wait bounded by --timeout gives up with a message (the sleeper sleeps for minutes).
+    bounded = site.run("result", "get", sleeper_key, str(tmp_path / "early"), "--timeout", "0.5")
+    assert bounded.returncode == 1 and "not done after 0.5s" in bounded.stderr, bounded.stderr
+    assert not (tmp_path / "early").exists()
     assert site.run("cancel", sleeper_key).returncode == 0
+    cancelled = site.run("result", "get", sleeper_key, str(tmp_path / "cancelled"))
+    assert cancelled.returncode == 1 and "cancelled" in cancelled.stderr, cancelled.stderr
 
     # Bad keys.
     bad = site.run("result", "get", "../1", str(tmp_path / "bad"))

@@ -88,14 +88,18 @@ def read_task_files(task_dir: Path) -> dict[str, bytes]:
                 rel = check_file_name(rel)
             except BadFileName as exc:
                 raise KolejkaError(f"{path}: {exc}") from None
-            total += st.st_size
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError as exc:
+                raise KolejkaError(f"cannot read {path}: {exc.strerror or exc}") from None
+            with os.fdopen(fd, "rb") as f:
+                data = f.read(MAX_INLINE_FILES_BYTES - total + 1)
+            total += len(data)
             if total > MAX_INLINE_FILES_BYTES:
                 raise KolejkaError(
                     f"the files of {task_dir} hold more than {MAX_INLINE_FILES_BYTES} bytes, "
                     "the most a task put sends (they travel through the service's log)"
                 )
-            with open(path, "rb") as f:
-                data = f.read(MAX_INLINE_FILES_BYTES + 1)
             out[rel] = data
     return out
 

@@ -95,8 +95,9 @@ _USAGE = (
 )
 #: Most input files and result patterns one task may name.
 MAX_FILES = 10_000
-#: Most bytes of base64 text a task's input files may take in the log (1 MiB of content, encoded).
-MAX_FILES_TEXT = 4 * ((1024 * 1024 + 2) // 3)
+#: Most bytes of content a task's input files may hold (they travel in the log, as base64 text).
+MAX_FILES_BYTES = 1024 * 1024
+MAX_FILES_TEXT = 4 * ((MAX_FILES_BYTES + 2) // 3)
 
 
 class SpecError(ValueError):
@@ -137,18 +138,21 @@ def _file_name(name: Any, what: str) -> str:
 def _files(files: Any) -> dict[str, str]:
     if not isinstance(files, dict) or len(files) > MAX_FILES:
         raise SpecError(f"'files' must map at most {MAX_FILES} file names to base64 text, got {type(files).__name__}")
-    total = 0
+    text_total = content_total = 0
     for name, text in files.items():
         _file_name(name, "'files' name")
         if not isinstance(text, str):
             raise SpecError(f"'files' {name!r:.120}: the content must be base64 text, got {type(text).__name__}")
-        total += len(text)
-        if total > MAX_FILES_TEXT:
-            raise SpecError(f"'files' hold more than {MAX_FILES_TEXT} characters of base64 (1 MiB of content)")
+        # Each file's padding aside, the text is bounded before any of it is decoded.
+        text_total += len(text)
+        if text_total > MAX_FILES_TEXT + 4 * len(files):
+            raise SpecError(f"'files' hold more than {MAX_FILES_BYTES} bytes of content")
         try:
-            base64.b64decode(text, validate=True)
+            content_total += len(base64.b64decode(text, validate=True))
         except (binascii.Error, ValueError):
             raise SpecError(f"'files' {name!r:.120}: the content is not base64") from None
+        if content_total > MAX_FILES_BYTES:
+            raise SpecError(f"'files' hold more than {MAX_FILES_BYTES} bytes of content")
     return dict(files)
 
 
