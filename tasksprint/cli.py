@@ -18,6 +18,7 @@ from tasksprint import batch_command, commands, launch
 from tasksprint.credentials import SecretError
 from tasksprint.launch import EXIT_USAGE, add_common_arguments, configure_logging
 from tasksprint.service import commands as service
+from tasksprint.service import kolejka
 
 __all__ = ["build_parser", "configure_logging", "main"]
 
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="console", choices=["console", "json"])
     _add_monitor_parsers(sub)
+    _add_kolejka_parsers(sub)
 
     p = sub.add_parser(
         "batch",
@@ -178,6 +180,25 @@ def _add_service_parsers(sub: Any) -> None:
     add_common_arguments(p)
 
 
+def _add_kolejka_parsers(sub: Any) -> None:
+    """kolejka's client commands against the service: ``task put`` and ``result get``."""
+    p = sub.add_parser("task", help="kolejka tasks on the service: task put TASK_DIR")
+    p.add_argument("task_action", choices=["put"], help="put: submit a kolejka task directory; prints its key")
+    p.add_argument("task_dir", type=Path, help="directory holding kolejka_task.json")
+    p.add_argument("--ignore-image", action="store_true", help="run a task that names an image on a worker's host")
+    service.add_service_arguments(p)
+    add_common_arguments(p)
+
+    p = sub.add_parser("result", help="kolejka results from the service: result get KEY RESULT_DIR")
+    p.add_argument("result_action", choices=["get"], help="get: wait for the task, write its result")
+    p.add_argument("key", help="the key task put printed")
+    p.add_argument("result_dir", type=Path, help="where kolejka_result.json and the result files go")
+    p.add_argument("--no-wait", action="store_true", help="do not wait: say so if the task is not done")
+    p.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
+    service.add_service_arguments(p)
+    add_common_arguments(p)
+
+
 def _add_monitor_parsers(sub: Any) -> None:
     """The read-only monitors: ``dashboard`` (web) and ``top`` (terminal)."""
     p = sub.add_parser("dashboard", help="serve a read-only web dashboard (and /metrics) of a cluster")
@@ -233,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
                 from tasksprint.execute import execute
 
                 return execute(args.task_dir, args.result_dir, ignore_image=args.ignore_image, timeout=args.timeout)
+            case "task":
+                return kolejka.put(args)
+            case "result":
+                return kolejka.get(args)
             case "dashboard":
                 return commands.dashboard(args)
             case "top":

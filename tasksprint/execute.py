@@ -51,7 +51,7 @@ from tasksprint.exec.container import (
 from tasksprint.exec.spec import CommandSpec, Limits
 from tasksprint.run import LocalRun
 
-__all__ = ["KolejkaError", "KolejkaTask", "execute", "read_task"]
+__all__ = ["RESULT_FILE", "TASK_FILE", "KolejkaError", "KolejkaTask", "execute", "kolejka_result", "read_task"]
 
 TASK_FILE = "kolejka_task.json"
 RESULT_FILE = "kolejka_result.json"
@@ -169,7 +169,8 @@ class _CommandOnlyRun(LocalRun):
         return cmd[:at] + cmd[at + 2 :]
 
 
-def _result(record: dict[str, Any] | None, error: str | None, result_files: list[str]) -> dict[str, Any]:
+def kolejka_result(record: dict[str, Any] | None, error: str | None, result_files: list[str]) -> dict[str, Any]:
+    """What ``kolejka_result.json`` holds for a run's ``record`` (None: it never ran), as plain data."""
     record = record or {}
     return {
         "result": record.get("exit_code"),
@@ -238,7 +239,7 @@ def execute(
             if name is not None and (work / name).is_file():
                 shutil.copyfile(work / name, result_dir / name)
                 made.append(name)
-        result = _result(values["record"], values["error"], made)
+        result = kolejka_result(values["record"], values["error"], made)
         (result_dir / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 

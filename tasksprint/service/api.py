@@ -29,7 +29,15 @@ import attrs
 import trio
 
 from tasksprint.channel import ASK_ERRORS, ReplicaChannel, Unreachable
-from tasksprint.coordinator.ops import Commanded, CommandOp, Refused, SchedulerRequest, WorkerChanged, WorkerOp
+from tasksprint.coordinator.ops import (
+    Commanded,
+    CommandOp,
+    Refused,
+    SchedulerRequest,
+    StatusRequest,
+    WorkerChanged,
+    WorkerOp,
+)
 from tasksprint.log_client import LogClient, Unavailable
 from tasksprint.service.home import locate
 from tasksprint.service.scheduler import FINISHED, MAX_BATCH
@@ -246,6 +254,16 @@ class AsyncService:
                 await channel.prefer(st.leader)
                 self._leader_known = True
             return
+
+    async def worker_addresses(self) -> dict[str, str]:
+        """The data address (``HOST:PORT``) of each live worker, by name: where its task outputs are fetched."""
+        channel = self._channel
+        assert channel is not None, "use AsyncService as an async context manager"
+        try:
+            status = await channel.ask_any(StatusRequest())
+        except Unreachable as exc:
+            raise ServiceError(str(exc)) from None
+        return {c.name: c.addr for c in status.live_clients}
 
     async def info(self, tid: int) -> dict[str, Any] | None:
         """Everything known about task ``tid`` (None: no such task)."""

@@ -12,8 +12,13 @@ Tasks come in through the log as commands (:meth:`QueueScheduler.command`):
 ``{"do": "submit", "tasks": [spec, ...]}`` and ``{"do": "cancel", "ids":
 [...]}`` / ``{"do": "cancel", "job": name}``.  A spec is a command task:
 ``cmd`` (a bash line) or ``argv``, and ``require``, ``want``, ``after``,
-``name``, ``job``, ``retries``, ``timeout``, ``limits``, ``cwd``, ``env``.
-A whole submission is checked before any task of it is recorded, so it is
+``name``, ``job``, ``retries``, ``timeout``, ``limits``, ``cwd``, ``env``,
+and for a task that brings and keeps files ``files`` (name -> base64 text:
+input files, written into the task's own working directory), ``results``
+(names or globs of files kept after a successful run, fetched from the
+worker that ran it), ``stdout`` and ``stderr`` (files the output goes to).
+File names are checked here as well as where the task starts: relative,
+no ``..``, no control characters, bounded.  A whole submission is checked before any task of it is recorded, so it is
 taken or refused as one.
 
 Ids: the scheduler numbers tasks itself (``id``, from 1), because a task
@@ -36,6 +41,8 @@ Questions (:meth:`QueueScheduler.query`, read-only, any replica):
 
 from __future__ import annotations
 
+import base64
+import binascii
 import collections
 import itertools
 import math
@@ -54,11 +61,43 @@ MAX_PAGE = 1_000
 
 FINISHED = ("done", "failed", "cancelled")
 _SPEC_KEYS = frozenset(
-    ["cmd", "argv", "require", "want", "after", "name", "job", "retries", "timeout", "limits", "cwd", "env"]
+    [
+        "cmd",
+        "argv",
+        "require",
+        "want",
+        "after",
+        "name",
+        "job",
+        "retries",
+        "timeout",
+        "limits",
+        "cwd",
+        "env",
+        "files",
+        "results",
+        "stdout",
+        "stderr",
+    ]
 )
 _LIMIT_KEYS = frozenset(["memory_bytes", "cpus", "cpuset", "pids", "wall_time_s", "cpu_time_s", "output_bytes"])
 _MAX_TAGS = 64
 _MAX_TEXT = 4096
+#: The figures of a command's record that ``info`` shows under ``usage``.
+_USAGE = (
+    "signal",
+    "elapsed_s",
+    "user_cpu_s",
+    "system_cpu_s",
+    "peak_memory_bytes",
+    "limits_hit",
+    "enforcement",
+)
+#: Most input files and result patterns one task may name.
+MAX_FILES = 10_000
+#: Most bytes of content a task's input files may hold (they travel in the log, as base64 text).
+MAX_FILES_BYTES = 1024 * 1024
+MAX_FILES_TEXT = 4 * ((MAX_FILES_BYTES + 2) // 3)
 
 
 class SpecError(ValueError):
@@ -81,6 +120,40 @@ def _opt_text(spec: dict[str, Any], key: str) -> str | None:
     if v is not None and (not isinstance(v, str) or len(v) > _MAX_TEXT):
         raise SpecError(f"{key!r} must be a string of at most {_MAX_TEXT} characters, got {v!r:.120}")
     return v
+
+
+def _file_name(name: Any, what: str) -> str:
+    """``name`` if it is a relative file name without ``..`` (the runner checks it again); else SpecError."""
+    if not isinstance(name, str) or not name or len(name) > _MAX_TEXT:
+        raise SpecError(f"{what} must be a non-empty string of at most {_MAX_TEXT} characters, got {name!r:.120}")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise SpecError(f"{what} {name!r:.120} holds a control character")
+    if name.startswith("/"):
+        raise SpecError(f"{what} {name!r:.120} is absolute: name it relative to the task's working directory")
+    if ".." in name.split("/"):
+        raise SpecError(f"{what} {name!r:.120} contains '..': a task's files stay inside its working directory")
+    return name
+
+
+def _files(files: Any) -> dict[str, str]:
+    if not isinstance(files, dict) or len(files) > MAX_FILES:
+        raise SpecError(f"'files' must map at most {MAX_FILES} file names to base64 text, got {type(files).__name__}")
+    text_total = content_total = 0
+    for name, text in files.items():
+        _file_name(name, "'files' name")
+        if not isinstance(text, str):
+            raise SpecError(f"'files' {name!r:.120}: the content must be base64 text, got {type(text).__name__}")
+        # Each file's padding aside, the text is bounded before any of it is decoded.
+        text_total += len(text)
+        if text_total > MAX_FILES_TEXT + 4 * len(files):
+            raise SpecError(f"'files' hold more than {MAX_FILES_BYTES} bytes of content")
+        try:
+            content_total += len(base64.b64decode(text, validate=True))
+        except (binascii.Error, ValueError):
+            raise SpecError(f"'files' {name!r:.120}: the content is not base64") from None
+        if content_total > MAX_FILES_BYTES:
+            raise SpecError(f"'files' hold more than {MAX_FILES_BYTES} bytes of content")
+    return dict(files)
 
 
 def check_spec(spec: Any) -> dict[str, Any]:
@@ -149,6 +222,18 @@ def check_spec(spec: Any) -> dict[str, Any]:
                 f"'limits' must be a map with keys among {', '.join(sorted(_LIMIT_KEYS))}, got {limits!r:.120}"
             )
         out["limits"] = dict(limits)
+    if spec.get("files") is not None:
+        out["files"] = _files(spec["files"])
+    results = spec.get("results")
+    if results is not None:
+        if not isinstance(results, list) or len(results) > MAX_FILES:
+            raise SpecError(f"'results' must be a list of at most {MAX_FILES} names or globs, got {results!r:.120}")
+        out["results"] = [_file_name(r, "'results' entry") for r in results]
+    for key in ("stdout", "stderr"):
+        if spec.get(key) is not None:
+            out[key] = _file_name(spec[key], repr(key))
+    if ("files" in out or "results" in out) and "cwd" in out:
+        raise SpecError("a task with 'files' or 'results' runs in a working directory of its own: leave 'cwd' unset")
     return out
 
 
@@ -311,6 +396,10 @@ class QueueScheduler(Coordinator):
                 cwd=spec.get("cwd"),
                 env=spec.get("env"),
                 limits=spec.get("limits"),
+                stdout=spec.get("stdout"),
+                stderr=spec.get("stderr"),
+                files={k: base64.b64decode(v) for k, v in spec["files"].items()} if "files" in spec else None,
+                results=spec.get("results"),
             )
         except (TypeError, ValueError) as exc:
             # Checked at submission; the coordinator's own checks (limits) may still refuse it.
@@ -550,4 +639,5 @@ class QueueScheduler(Coordinator):
             "error": rec.why or (info["error"] if info is not None else None),
             "stdout": record.get("stdout"),
             "stderr": record.get("stderr"),
+            "usage": {key: record.get(key) for key in _USAGE},
         }
