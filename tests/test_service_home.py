@@ -90,3 +90,20 @@ def test_task_files(tmp_path: Path) -> None:
         bad.write_text(line + "\n")
         with pytest.raises(ValueError, match=error):
             specs_from_file(bad)
+
+
+def test_wait_past_its_timeout_raises_the_documented_timeout_error() -> None:
+    import trio
+
+    from tasksprint.service.api import AsyncService
+
+    class NeverDone(AsyncService):
+        async def states(self, ids):  # type: ignore[no-untyped-def, override]
+            return {i: "running" for i in ids}
+
+    async def main() -> None:
+        svc = NeverDone(addrs=[], secret=b"x")
+        with pytest.raises(TimeoutError, match=r"not finished after 0.05s"):
+            await svc.wait([1, 2], timeout=0.05, poll=0.01)
+
+    trio.run(main)

@@ -297,15 +297,19 @@ class AsyncService:
         want = [i if isinstance(i, int) else i.id for i in ids]
         left = list(dict.fromkeys(want))
         final: dict[int, str] = {}
-        with trio.fail_after(math.inf if timeout is None else timeout):
-            while left:
-                states = await self.states(left)
-                for tid, st in states.items():
-                    if st in FINISHED:
-                        final[tid] = st
-                left = [i for i in left if i not in final]
-                if left:
-                    await trio.sleep(poll)
+        try:
+            with trio.fail_after(math.inf if timeout is None else timeout):
+                while left:
+                    states = await self.states(left)
+                    for tid, st in states.items():
+                        if st in FINISHED:
+                            final[tid] = st
+                    left = [i for i in left if i not in final]
+                    if left:
+                        await trio.sleep(poll)
+        except trio.TooSlowError:
+            # The documented exception (trio's own is not a TimeoutError).
+            raise TimeoutError(f"tasks {left[:10]} not finished after {timeout}s") from None
         return final
 
 
