@@ -22,18 +22,24 @@ import attrs
 import structlog
 import trio
 
-from tasksprint import wire
-from tasksprint.api import BlockResult, ReplicaStatus, Retry, SubmitBlock
+from tasksprint import codec, wire
+from tasksprint.api import BlockResult, ReplicaStatus, Retry, SubmitBlock, SubmitRefused
 from tasksprint.channel import ReplicaChannel
 from tasksprint.paxos.messages import CommandBlock
 
 log = structlog.get_logger("tasksprint.log_client")
 
 MAX_BLOCK = 1000  # commands per SubmitBlock
+#: Room in a frame for what a block and a log entry wrap around the operations.
+FRAME_MARGIN = 64 * 1024
 
 
 class Unavailable(Exception):
     """No replica answered within the deadline."""
+
+
+class CommandRefused(ValueError):
+    """A command that can never be applied: it does not encode, or it is too large for a log entry."""
 
 
 @attrs.define(eq=False)
@@ -51,7 +57,11 @@ class _Submitted:
     op: Any
     waiter: _Waiter
     sent_at: float
+    #: The op's CBOR encoding (done once, when it was submitted).
+    data: bytes = b""
     result: Any = None
+    #: Why the replicas refused it (SubmitRefused), if they did.
+    refused: str | None = None
     slot: int = 0
     done: bool = False
 
@@ -65,6 +75,9 @@ class LogClient:
     client_id: str = attrs.Factory(lambda: os.urandom(8).hex())
     attempt_timeout: float = 0.5
     connect_timeout: float = 1.0
+    #: The replicas' frame cap: a block is kept below it, and a command
+    #: whose operation alone would not fit is refused at submit.
+    max_frame: int = wire.MAX_FRAME_DEFAULT
     _seq: itertools.count = attrs.Factory(lambda: itertools.count(1))
     # Commands not answered yet, in seq order (seqs are inserted increasing).
     _pending: dict[int, _Submitted] = attrs.Factory(dict)
@@ -119,10 +132,22 @@ class LogClient:
             raise RuntimeError("use LogClient as an async context manager: async with LogClient(...) as c")
         waiter = _Waiter(len(ops))
         now = trio.current_time()
+        limit = self.max_frame - FRAME_MARGIN
+        encoded = []
+        for i, op in enumerate(ops):
+            try:
+                data = codec.encode(op)
+            except Exception as exc:  # cyclic, too deep, an unregistered class...
+                raise CommandRefused(
+                    f"operation {i} cannot be encoded: {codec.bounded(f'{type(exc).__name__}: {exc}')}"
+                ) from None
+            if len(data) > limit:
+                raise CommandRefused(f"operation {i} is {len(data)} bytes encoded, over the {limit}-byte limit")
+            encoded.append(data)
         seqs = []
-        for op in ops:
+        for op, data in zip(ops, encoded):
             seq = next(self._seq)
-            self._pending[seq] = _Submitted(op, waiter, now)
+            self._pending[seq] = _Submitted(op, waiter, now, data)
             self._unsent.add(seq)
             seqs.append(seq)
         alone = len(self._pending) == len(seqs)
@@ -136,6 +161,9 @@ class LogClient:
                 self._kick.set()
             with trio.move_on_after(deadline):
                 await waiter.done.wait()
+            refused = next((self._pending[s].refused for s in seqs if self._pending[s].refused), None)
+            if refused is not None:
+                raise CommandRefused(f"commands {seqs[0]}..{seqs[-1]} of client {self.client_id}: {refused}")
             if waiter.remaining:
                 raise Unavailable(
                     f"commands {seqs[0]}..{seqs[-1]} of client {self.client_id} not applied within {deadline}s; "
@@ -229,16 +257,25 @@ class LogClient:
         first_unacked = next(iter(self._pending))
         now = trio.current_time()
         blocks = []
+        limit = self.max_frame - FRAME_MARGIN
         for run in consecutive_runs(seqs, MAX_BLOCK):
-            ops = []
+            ops: list[Any] = []
+            parts: list[bytes] = []
+            size = 0
             for s in run:
                 p = self._pending[s]
                 p.sent_at = now
+                if parts and size + len(p.data) > limit:
+                    # Blocks stay below the frame cap: each op fits alone (checked at submit).
+                    blocks.append(self._block(s - len(parts), first_unacked, ops, parts))
+                    ops, parts, size = [], [], 0
                 ops.append(p.op)
-            blocks.append(SubmitBlock(block=CommandBlock.of(self.client_id, run[0], first_unacked, ops)))
+                parts.append(p.data)
+                size += len(p.data)
+            blocks.append(self._block(run[-1] - len(parts) + 1, first_unacked, ops, parts))
         try:
             await conn.send_many(blocks)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, wire.FrameTooLarge):
             if self._conn is conn:
                 self._drop_conn()
                 self._rotate()
@@ -282,6 +319,8 @@ class LogClient:
                             self._conn = None
                             self._nursery.start_soon(_close_later, conn)
                         self._deliver(first, msg.results, msg.slot)
+                    case SubmitRefused(seq=seq, reason=reason):
+                        self._refuse(seq, reason)
                     case Retry(leader=leader):
                         # Move towards the leader and send everything again shortly.
                         if self._conn is conn:
@@ -297,6 +336,26 @@ class LogClient:
                 # Resend everything outstanding to the next replica right away.
                 self._rotate()
                 self._resend_all()
+
+    def _block(self, first_seq: int, first_unacked: int, ops: list[Any], parts: list[bytes]) -> SubmitBlock:
+        """A block of the ops encoded at submit: their encodings joined under one CBOR array header."""
+        block = CommandBlock(
+            client_id=self.client_id, first_seq=first_seq, first_unacked=first_unacked, ops=codec.encode_array(parts)
+        )
+        object.__setattr__(block, "_decoded", ops)
+        return SubmitBlock(block=block)
+
+    def _refuse(self, seq: int, reason: str) -> None:
+        """The replicas refused the block starting at ``seq``: fail every command of its submit call."""
+        p = self._pending.get(seq)
+        if p is None or p.done:
+            return
+        w = p.waiter
+        for q in self._pending.values():
+            if q.waiter is w and not q.done:
+                q.refused, q.done = reason, True
+        w.remaining = 0
+        w.done.set()
 
     def _deliver(self, first_seq: int, results: tuple, slot: int) -> None:
         pending = self._pending

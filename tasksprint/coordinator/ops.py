@@ -39,7 +39,6 @@ that does not parse is answered with its :class:`Refused`.
 from __future__ import annotations
 
 import enum
-import math
 from typing import Any, ClassVar, TypeGuard
 
 import attrs
@@ -586,6 +585,10 @@ class SchedulerAnswer:
 Request = ViewRequest | StatusRequest | InfoRequest | SchedulerRequest
 
 
+#: Longest a view query may ask to wait, in seconds (a replica answers sooner anyway).
+MAX_WAIT = 3600
+
+
 def parse_query(name: Any, args: Any) -> Request:
     """The typed question of a :class:`~tasksprint.api.Query`, or raise :class:`BadOp`."""
     if not isinstance(args, dict):
@@ -593,8 +596,9 @@ def parse_query(name: Any, args: Any) -> Request:
     match name:
         case "view":
             wait = args.get("wait", 0)
-            if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not (wait >= 0 and math.isfinite(wait)):
-                raise BadOp(f"view: field 'wait' must be a number of seconds >= 0, got {described(wait)}")
+            # Compared, never converted first: float(2**1100) raises OverflowError.
+            if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= MAX_WAIT:
+                raise BadOp(f"view: field 'wait' must be a number of seconds from 0 to {MAX_WAIT}")
             return ViewRequest(
                 cid=_int(args, "view", "cid"), after=_int(args, "view", "after", minimum=0, default=0), wait=float(wait)
             )
