@@ -12,6 +12,7 @@ by ``TASKSPRINT_OBSERVER`` (:func:`load_observer`).
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import sys
@@ -65,16 +66,62 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cluster_secret(args: argparse.Namespace) -> bytes:
-    """The secret named by ``--secret-file`` (a warning and the development secret without one).
+    """The secret named by ``--secret-file``: a cluster secret or a client credential.
 
-    Raises :class:`tasksprint.wire.SecretError` if the file cannot be used.
+    Without one, the public development secret is used (with a warning)
+    only when every address the command uses (``--peers``,
+    ``--coordinators``, ``--data-host``, ``--listen``) is a loopback
+    address: nobody else can reach such a cluster.  Otherwise, and if the
+    file cannot be used, raises :class:`tasksprint.wire.SecretError`.
     """
     if args.secret_file is None:
+        remote = [h for h in command_hosts(args) if not is_loopback(h)]
+        if remote:
+            raise wire.SecretError(
+                f"--secret-file is required: {remote[0]} is not a loopback address, and without a secret file "
+                "anyone who can reach a port could join the cluster (see docs/security.md)"
+            )
         structlog.get_logger("tasksprint").warning(
-            "insecure_default_secret", hint="pass --secret-file FILE on any machine others can reach"
+            "insecure_default_secret", hint="loopback only; pass --secret-file FILE on any network"
         )
         return wire.DEFAULT_SECRET
     return wire.load_secret(args.secret_file)
+
+
+def command_hosts(args: argparse.Namespace) -> list[str]:
+    """Every host a command's arguments name: its peers or coordinators, and what it listens on."""
+    hosts = []
+    for name in ("peers", "coordinators"):
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            hosts += [part.strip().rpartition(":")[0].strip("[]") for part in value.split(",")]
+    for name in ("data_host", "listen"):
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            hosts.append(value.rpartition(":")[0].strip("[]") if name == "listen" and ":" in value else value)
+    return hosts
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (127.0.0.0/8, ::1) or ``localhost``."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def print_client_credential(args: argparse.Namespace) -> int:
+    """``tasksprint client-credential``: the client credential of the cluster secret, on stdout."""
+    if args.secret_file is None:
+        raise wire.SecretError("--secret-file is required: the cluster secret the credential is derived from")
+    secret = wire.load_secret(args.secret_file)
+    try:
+        sys.stdout.buffer.write(wire.client_credential(secret))
+    except ValueError as exc:
+        raise wire.SecretError(f"{args.secret_file}: {exc}") from None
+    return 0
 
 
 def load_observer(role: str) -> observe.Observer:
@@ -144,11 +191,16 @@ def run_replica(args: argparse.Namespace, scheduler: type | None = None) -> int:
             election_timeout=args.election_timeout,
             tick_interval=args.tick_interval,
         )
+        secret = cluster_secret(args)
+        if wire.role_keys(secret).replica is None:
+            raise ValueError(
+                f"{args.secret_file} is a client credential; a replica needs the cluster secret file it came from"
+            )
         config = ReplicaConfig(
             rid=args.id,
             peers=peers,
             data_dir=args.data,
-            secret=cluster_secret(args),
+            secret=secret,
             cluster=args.cluster,
             paxos=paxos,
             snapshot_every=args.snapshot_every,

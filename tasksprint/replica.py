@@ -103,6 +103,7 @@ MAX_PARKED = 10_000  # long-poll queries parked at once in one replica (more are
 MAX_PARKED_PER_CONNECTION = 16  # long-polls one connection may have parked at once
 MAX_QUERY_WAIT = 3600  # a longer (or NaN) wait is answered at once
 SUBMIT_MARGIN = 64 * 1024  # room in a frame for what a log entry wraps around a command
+RESERVED_CLIENT_PREFIX = "__"  # client ids of the replicas' own commands (the coordinator's init)
 QUERY_SPAN_NAMES = 16  # distinct query names given spans of their own; the rest share "query.other"
 
 
@@ -444,7 +445,7 @@ class Replica:
         """Pass the clients we heard from to the leader, which judges liveness."""
         while True:
             await trio.sleep(0.5)
-            cids = self.app.drain_contacts()
+            cids = [c for c in self.app.drain_contacts() if isinstance(c, int) and 0 <= c < 2**63]
             leader = self.core.leader_hint
             if cids and leader is not None and leader != self.config.rid:
                 self._peer_out[leader].push(ClientsSeen(cids=tuple(cids)))
@@ -582,12 +583,26 @@ class Replica:
         """
         match msg:
             case Submit(command=cmd) | SubmitBlock(block=cmd):
+                if ident is not None and ident.startswith(RESERVED_CLIENT_PREFIX):
+                    raise wire.BadMessage(
+                        f"client ids starting with {RESERVED_CLIENT_PREFIX!r} are the replicas' own; "
+                        f"{ident[:64]!r} may ask questions but not submit commands"
+                    )
                 if ident is not None and cmd.client_id != ident:
                     raise wire.BadMessage(
                         f"command of client {cmd.client_id[:64]!r} sent on the connection of client {ident[:64]!r}"
                     )
                 seq = cmd.first_seq if isinstance(cmd, CommandBlock) else cmd.seq
-                size = len(cmd.ops) if isinstance(cmd, CommandBlock) else len(codec.encode(cmd.op))
+                if isinstance(cmd, CommandBlock):
+                    size = len(cmd.ops)
+                else:
+                    # The op as every follower will decode it from the log:
+                    # canonical CBOR orders map keys, and the client's
+                    # encoding need not have (a leader applying the client's
+                    # key order would word errors differently and diverge).
+                    encoded = codec.encode(cmd.op)
+                    size = len(encoded)
+                    cmd = attrs.evolve(cmd, op=codec.decode(encoded))
                 if size > self.config.max_frame - SUBMIT_MARGIN:
                     log_ = self._log or log
                     log_.warning("submit_refused", client=cmd.client_id[:64], seq=seq, size=size)

@@ -196,7 +196,9 @@ class Endpoint:
     def __attrs_post_init__(self) -> None:
         # Secret, role and identity checked now, by the handshake they will
         # open (a client credential cannot be a replica), not per connection.
-        Handshake.open(secret=self.secret, role=self.role, ident=self.ident, side=Side.INITIATOR, nonce=bytes(NONCE_SIZE))
+        Handshake.open(
+            secret=self.secret, role=self.role, ident=self.ident, side=Side.INITIATOR, nonce=bytes(NONCE_SIZE)
+        )
 
 
 # --------------------------------------------------------------------------

@@ -249,9 +249,7 @@ def test_initiator_refuses_a_proof_made_with_another_secret():
     [
         pytest.param(lambda own_proof, peer_hello: own_proof, id="reflected"),
         pytest.param(
-            lambda own_proof, peer_hello: Proof(
-                mac=proof_mac(KEY, Side.INITIATOR, initiator().hello, peer_hello)
-            ),
+            lambda own_proof, peer_hello: Proof(mac=proof_mac(KEY, Side.INITIATOR, initiator().hello, peer_hello)),
             id="wrong-side",
         ),
         pytest.param(lambda own_proof, peer_hello: Proof(mac=bytes(32)), id="zeros"),

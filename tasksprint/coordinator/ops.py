@@ -90,6 +90,7 @@ class ErrorCode(enum.Enum):
     MALFORMED = "malformed"  # a field is missing or has the wrong type or range
     NOT_INITIALIZED = "not_initialized"  # the computation's first entry is not applied yet: try again
     UNKNOWN = "unknown"  # names a client or task the coordinator does not know
+    FORBIDDEN = "forbidden"  # speaks for a client that another log session joined
 
 
 _str_v = attrs.validators.instance_of(str)

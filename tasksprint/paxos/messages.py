@@ -49,6 +49,11 @@ def _slot(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
         raise ValueError(f"{attr.name} must be a slot number from 1 to 2**63-1, got {_short(value)}")
 
 
+def _nonce(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**64:
+        raise ValueError(f"{attr.name} must be an int from 0 to 2**64-1, got {_short(value)}")
+
+
 def _rid(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
     # -1 is ZERO_BALLOT's replica id.
     if not isinstance(value, int) or isinstance(value, bool) or not -1 <= value <= MAX_RID:
@@ -349,12 +354,12 @@ class Forward:
 class RecoverQuery:
     """From a replica whose data directory is empty: what have you promised?"""
 
-    nonce: int = attrs.field(validator=_nonneg)
+    nonce: int = attrs.field(validator=_nonce)
 
 
 @message
 class RecoverReply:
-    nonce: int = attrs.field(validator=_nonneg)
+    nonce: int = attrs.field(validator=_nonce)
     promised: Ballot = attrs.field(validator=_ballot)
     #: True if the sender has never accepted nor learned anything (promises do not count).
     empty: bool = attrs.field(validator=_bool)
