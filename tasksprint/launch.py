@@ -149,6 +149,13 @@ def add_replica_arguments(p: argparse.ArgumentParser) -> None:
         default=30.0,
         help="seconds a scheduler hook may run before the replica logs scheduler_hook_slow (default %(default)s)",
     )
+    p.add_argument(
+        "--max-frame",
+        type=int,
+        default=wire.MAX_FRAME_DEFAULT,
+        help="largest frame in bytes sent or accepted after the handshake; a command must fit in one "
+        "(default %(default)s; the same on every replica)",
+    )
     add_common_arguments(p)
     p.add_argument(
         "--client-timeout",
@@ -205,6 +212,7 @@ def run_replica(args: argparse.Namespace, scheduler: type | None = None) -> int:
             paxos=paxos,
             snapshot_every=args.snapshot_every,
             hook_report_after=args.hook_report_after,
+            max_frame=args.max_frame,
         )
     except ValueError as exc:
         print(f"tasksprint replica: {exc}", file=sys.stderr)
