@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         args.changes += extra
     configure_logging(args.log_level, args.log_format)
     try:
+        launch.configure_tls(args)
         match args.command:
             case "replica":
                 return launch.run_replica(args)

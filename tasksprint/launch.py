@@ -59,8 +59,12 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--secret-file",
         type=Path,
-        help="file holding the cluster secret; - reads it from stdin (default: an insecure development secret)",
+        help="file holding the cluster secret or a client credential; - reads it from stdin "
+        "(none: a public secret, loopback only)",
     )
+    p.add_argument("--tls-cert", type=Path, help="mutual TLS: this process certificate (PEM), with --tls-key, --tls-ca")
+    p.add_argument("--tls-key", type=Path, help="mutual TLS: the private key of --tls-cert (PEM)")
+    p.add_argument("--tls-ca", type=Path, help="mutual TLS: the CA every peer's certificate must chain to (PEM)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="console", choices=["console", "json"])
 
@@ -86,6 +90,19 @@ def cluster_secret(args: argparse.Namespace) -> bytes:
         )
         return wire.DEFAULT_SECRET
     return wire.load_secret(args.secret_file)
+
+
+def configure_tls(args: argparse.Namespace) -> None:
+    """Turn on mutual TLS for every connection of this process if ``--tls-cert/--tls-key/--tls-ca`` are given.
+
+    Raises :class:`tasksprint.wire.SecretError` if only some are given or a file cannot be used.
+    """
+    given = [getattr(args, name, None) for name in ("tls_cert", "tls_key", "tls_ca")]
+    if not any(given):
+        return
+    if not all(given):
+        raise wire.SecretError("mutual TLS needs all three of --tls-cert, --tls-key and --tls-ca")
+    wire.use_tls(wire.TLS.from_files(*given))
 
 
 def command_hosts(args: argparse.Namespace) -> list[str]:

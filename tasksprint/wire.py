@@ -33,6 +33,7 @@ import collections
 import enum
 import math
 import os
+import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -83,6 +84,7 @@ __all__ = [
     "Hello",
     "IdleTimeout",
     "Limits",
+    "TLS",
     "MAX_FRAME_DEFAULT",
     "NETWORK_ERRORS",
     "NONCE_SIZE",
@@ -96,6 +98,7 @@ __all__ = [
     "proof_mac",
     "role_keys",
     "serve",
+    "use_tls",
 ]
 
 
@@ -150,6 +153,52 @@ NETWORK_ERRORS = (
 
 
 # --------------------------------------------------------------------------
+# TLS
+
+
+@attrs.frozen
+class TLS:
+    """Mutual TLS around every connection: this process's certificate, and the CA its peers' must chain to.
+
+    Build it with :meth:`from_files`; :func:`use_tls` makes it the default of
+    every :class:`Endpoint` made afterwards.  Both ends present a certificate
+    signed by the CA; the initiator also checks that the responder's
+    certificate names the host it dialed (a DNS name or an IP address in its
+    subjectAltName).  The challenge-response runs inside the TLS session, so
+    credentials still decide the role; TLS adds encryption and integrity.
+    """
+
+    server: ssl.SSLContext
+    client: ssl.SSLContext
+
+    @classmethod
+    def from_files(cls, cert: str | os.PathLike[str], key: str | os.PathLike[str], ca: str | os.PathLike[str]) -> TLS:
+        """Contexts from PEM files; raises SecretError naming the file that cannot be used."""
+        try:
+            server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=os.fspath(ca))
+            client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=os.fspath(ca))
+        except (OSError, ssl.SSLError) as exc:
+            raise SecretError(f"cannot use --tls-ca {ca}: {exc}") from None
+        for context in (server, client):
+            try:
+                context.load_cert_chain(os.fspath(cert), os.fspath(key))
+            except (OSError, ssl.SSLError) as exc:
+                raise SecretError(f"cannot use --tls-cert {cert} with --tls-key {key}: {exc}") from None
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+        server.verify_mode = ssl.CERT_REQUIRED  # mutual: a peer without a certificate of the CA is refused
+        return cls(server, client)
+
+
+_default_tls: TLS | None = None
+
+
+def use_tls(tls: TLS | None) -> None:
+    """Make ``tls`` the default of every :class:`Endpoint` created from now on in this process (None: plain TCP)."""
+    global _default_tls
+    _default_tls = tls
+
+
+# --------------------------------------------------------------------------
 # Endpoint
 
 
@@ -192,6 +241,8 @@ class Endpoint:
     timeout: float = attrs.field(default=HANDSHAKE_TIMEOUT_DEFAULT, validator=_valid_seconds)
     #: What :func:`serve` allows at once (connections, handshakes, idle time).
     limits: Limits = attrs.field(factory=Limits, validator=attrs.validators.instance_of(Limits))
+    #: Mutual TLS around every connection, or None (default: what :func:`use_tls` set).
+    tls: TLS | None = attrs.field(factory=lambda: _default_tls)
 
     def __attrs_post_init__(self) -> None:
         # Secret, role and identity checked now, by the handshake they will
@@ -488,7 +539,14 @@ async def connect(
     timeout, BadMessage if the peer does not speak this protocol.
     """
     with trio.fail_after(endpoint.timeout):
-        stream = await trio.open_tcp_stream(host, port)
+        stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+        if endpoint.tls is not None:
+            stream = trio.SSLStream(stream, endpoint.tls.client, server_hostname=host)
+            try:
+                await stream.do_handshake()
+            except BaseException:
+                await trio.aclose_forcefully(stream)
+                raise
         conn = Connection(stream, max_frame=endpoint.max_frame)
         try:
             await handshake(
@@ -644,13 +702,18 @@ async def serve(
             if not open_from[host]:
                 del open_from[host]
 
-    async def serve_admitted(stream: trio.SocketStream, host: str, conn_log: Any) -> None:
+    async def serve_admitted(tcp: trio.SocketStream, host: str, conn_log: Any) -> None:
+        stream: trio.abc.Stream = tcp
+        if endpoint.tls is not None:
+            stream = trio.SSLStream(tcp, endpoint.tls.server, server_side=True)
         conn = Connection(stream, max_frame=endpoint.max_frame, idle_timeout=limits.idle)
         reason = CloseReason.HANDLER_DONE
         error = None
         try:
             try:
                 with trio.move_on_after(endpoint.timeout):
+                    if isinstance(stream, trio.SSLStream):
+                        await stream.do_handshake()
                     await handshake(
                         conn, secret=endpoint.secret, role=endpoint.role, ident=endpoint.ident, side=Side.RESPONDER
                     )
