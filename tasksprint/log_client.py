@@ -57,8 +57,6 @@ class _Submitted:
     op: Any
     waiter: _Waiter
     sent_at: float
-    #: The op's CBOR encoding (done once, when it was submitted).
-    data: bytes = b""
     result: Any = None
     #: Why the replicas refused it (SubmitRefused), if they did.
     refused: str | None = None
@@ -132,22 +130,10 @@ class LogClient:
             raise RuntimeError("use LogClient as an async context manager: async with LogClient(...) as c")
         waiter = _Waiter(len(ops))
         now = trio.current_time()
-        limit = self.max_frame - FRAME_MARGIN
-        encoded = []
-        for i, op in enumerate(ops):
-            try:
-                data = codec.encode(op)
-            except Exception as exc:  # cyclic, too deep, an unregistered class...
-                raise CommandRefused(
-                    f"operation {i} cannot be encoded: {codec.bounded(f'{type(exc).__name__}: {exc}')}"
-                ) from None
-            if len(data) > limit:
-                raise CommandRefused(f"operation {i} is {len(data)} bytes encoded, over the {limit}-byte limit")
-            encoded.append(data)
         seqs = []
-        for op, data in zip(ops, encoded):
+        for op in ops:
             seq = next(self._seq)
-            self._pending[seq] = _Submitted(op, waiter, now, data)
+            self._pending[seq] = _Submitted(op, waiter, now)
             self._unsent.add(seq)
             seqs.append(seq)
         alone = len(self._pending) == len(seqs)
@@ -257,22 +243,10 @@ class LogClient:
         first_unacked = next(iter(self._pending))
         now = trio.current_time()
         blocks = []
-        limit = self.max_frame - FRAME_MARGIN
         for run in consecutive_runs(seqs, MAX_BLOCK):
-            ops: list[Any] = []
-            parts: list[bytes] = []
-            size = 0
             for s in run:
-                p = self._pending[s]
-                p.sent_at = now
-                if parts and size + len(p.data) > limit:
-                    # Blocks stay below the frame cap: each op fits alone (checked at submit).
-                    blocks.append(self._block(s - len(parts), first_unacked, ops, parts))
-                    ops, parts, size = [], [], 0
-                ops.append(p.op)
-                parts.append(p.data)
-                size += len(p.data)
-            blocks.append(self._block(run[-1] - len(parts) + 1, first_unacked, ops, parts))
+                self._pending[s].sent_at = now
+            blocks += self._blocks(run, first_unacked)
         try:
             await conn.send_many(blocks)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, wire.FrameTooLarge):
@@ -337,13 +311,30 @@ class LogClient:
                 self._rotate()
                 self._resend_all()
 
-    def _block(self, first_seq: int, first_unacked: int, ops: list[Any], parts: list[bytes]) -> SubmitBlock:
-        """A block of the ops encoded at submit: their encodings joined under one CBOR array header."""
-        block = CommandBlock(
-            client_id=self.client_id, first_seq=first_seq, first_unacked=first_unacked, ops=codec.encode_array(parts)
-        )
-        object.__setattr__(block, "_decoded", ops)
-        return SubmitBlock(block=block)
+    def _blocks(self, run: list[int], first_unacked: int) -> list[SubmitBlock]:
+        """The commands of ``run`` (consecutive seqs) as blocks under the frame cap.
+
+        One block, encoded once, in the usual case.  A block that does not
+        encode or is too large is split in halves until each part encodes
+        and fits; a single operation that cannot is refused to its
+        submitter (:class:`CommandRefused`) and never sent.
+        """
+        ops = [self._pending[s].op for s in run]
+        limit = self.max_frame - FRAME_MARGIN
+        try:
+            block = CommandBlock.of(self.client_id, run[0], first_unacked, ops)
+            problem = (
+                None if len(block.ops) <= limit else f"is {len(block.ops)} bytes encoded, over the {limit}-byte limit"
+            )
+        except Exception as exc:  # cyclic, too deep, an unregistered class...
+            problem = f"cannot be encoded: {codec.bounded(f'{type(exc).__name__}: {exc}')}"
+        if problem is None:
+            return [SubmitBlock(block=block)]
+        if len(run) == 1:
+            self._refuse(run[0], f"the operation {problem}")
+            return []
+        half = len(run) // 2
+        return self._blocks(run[:half], first_unacked) + self._blocks(run[half:], first_unacked)
 
     def _refuse(self, seq: int, reason: str) -> None:
         """The replicas refused the block starting at ``seq``: fail every command of its submit call."""

@@ -124,9 +124,9 @@ class Limits:
     #: Connections open at once from one remote address.
     per_address: int = 256
     #: Connections in their handshake at once (unauthenticated peers).
-    handshakes: int = 64
+    handshakes: int = 128
     #: Connections in their handshake at once from one remote address.
-    handshakes_per_address: int = 16
+    handshakes_per_address: int = 32
     #: Seconds a served connection may receive nothing before it is closed
     #: (longer than the longest long-poll a client parks, 60 s).
     idle: float = 300.0
