@@ -12,10 +12,11 @@ each example is turned, by a mutator seeded from it, into a batch of frames:
   own client id with hostile operations -- and ``Fetch`` to the worker
   client's data port.  These are answered (or refused with an answer), so
   thousands travel on one connection;
-* **after authentication, one connection each**: every registered message
-  type with hostile field values, as a client and as a replica (whose
-  claims must match its identity), and valid frames with bytes flipped, cut
-  or spliced: each of those must close its connection, and only it;
+* **after authentication, one connection each** (for a sample of the
+  examples): every registered message type with hostile field values, as a
+  client and as a replica (whose claims must match its identity), and valid
+  frames with bytes flipped, cut or spliced; the target closes such a
+  connection (or answers and then sees the end of our stream), never more;
 * **before authentication, one connection each**: mutated Hello and Proof
   frames, other message types, lengths over the cap, garbage.
 
@@ -302,7 +303,7 @@ async def send_bulk(t: Targets, to_replica: list[bytes], to_data: list[bytes]) -
 
 
 async def send_each(t: Targets, frames_: list[bytes], *, role: str, ident: str, authenticate: bool) -> None:
-    """Every frame on a fresh connection to each target; each must end in the target closing it (or our timeout)."""
+    """Every frame on a fresh connection to each target, then the end of our stream; wait for the target to close."""
     endpoint = wire.Endpoint(secret=t.secret, role=role, ident=ident) if authenticate else None
     targets = [*t.replicas, t.data_addr] if role == "client" else t.replicas
     for data in frames_:
