@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo lint test soak jepsen-soak bench clean
+.PHONY: install demo lint test soak fuzz-soak jepsen-soak bench clean
 
 $(BIN)/tasksprint: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ test: install lint
 
 soak: install
 	TASKSPRINT_SIM_SEEDS=100000 $(BIN)/python -m pytest -q -p no:cacheprovider -m soak tests/test_simulation.py
+
+# The wire fuzzer of `make test` (100,000 frames) at twenty times the frames.
+fuzz-soak: install
+	TASKSPRINT_FUZZ_FRAMES=2000000 $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_fuzz_wire.py
 
 jepsen-soak: install
 	sh jepsen/setup.sh

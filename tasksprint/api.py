@@ -19,12 +19,17 @@ from typing import Any
 
 import attrs
 
-from tasksprint.codec import message, tuple_of
-from tasksprint.paxos.messages import Command, CommandBlock
+from tasksprint.codec import int_range, message, text, tuple_of
+from tasksprint.paxos.messages import INT_LIMIT, MAX_CLIENT_ID, MAX_RID, Command, CommandBlock
 
-_int = attrs.validators.instance_of(int)
-_str = attrs.validators.instance_of(str)
-_opt_int = attrs.validators.optional(_int)
+#: Longest query name, error or reason text, and replica status string.
+MAX_NAME = 64
+MAX_TEXT = 4096
+
+_int = int_range(0, INT_LIMIT - 1)
+_str = text(MAX_TEXT)
+_client = text(MAX_CLIENT_ID, min_chars=1)
+_opt_int = attrs.validators.optional(int_range(-1, MAX_RID))
 _opt_num = attrs.validators.optional(attrs.validators.instance_of((int, float)))
 
 
@@ -35,7 +40,7 @@ class Submit:
 
 @message
 class Result:
-    client_id: str = attrs.field(validator=_str)
+    client_id: str = attrs.field(validator=_client)
     seq: int = attrs.field(validator=_int)
     result: Any = None
     slot: int = attrs.field(default=0, validator=_int)
@@ -62,22 +67,34 @@ class BlockResult:
     is None), like :attr:`Result.duplicate`.
     """
 
-    client_id: str = attrs.field(validator=_str)
+    client_id: str = attrs.field(validator=_client)
     first_seq: int = attrs.field(validator=_int)
     results: tuple = attrs.field(converter=tuple_of())
     slot: int = attrs.field(default=0, validator=_int)
     leader: int | None = attrs.field(default=None, validator=_opt_int)
-    forgotten: tuple = attrs.field(default=(), converter=tuple_of(lambda i: isinstance(i, int)))
+    forgotten: tuple = attrs.field(default=(), converter=tuple_of(lambda i: isinstance(i, int) and 0 <= i < INT_LIMIT))
 
 
 @message
 class Retry:
     """Not applied now; try again (at ``leader`` if given)."""
 
-    client_id: str = attrs.field(validator=_str)
+    client_id: str = attrs.field(validator=_client)
     seq: int = attrs.field(validator=_int)
     reason: str = attrs.field(validator=_str)
     leader: int | None = attrs.field(default=None, validator=_opt_int)
+
+
+@message
+class SubmitRefused:
+    """The command (or block) starting at ``seq`` will never be applied: ``reason`` says why.
+
+    Sent for a command too large for a log entry; sending it again does not help.
+    """
+
+    client_id: str = attrs.field(validator=_client)
+    seq: int = attrs.field(validator=_int)
+    reason: str = attrs.field(validator=_str)
 
 
 @message
@@ -87,7 +104,7 @@ class StatusQuery:
 
 @message
 class ReplicaStatus:
-    rid: int = attrs.field(validator=_int)
+    rid: int = attrs.field(validator=int_range(0, MAX_RID))
     role: str = attrs.field(validator=_str)
     leader: int | None = attrs.field(validator=_opt_int)
     ballot: str = attrs.field(validator=_str)
@@ -112,13 +129,13 @@ class ReplicaStatus:
 class Query:
     """A read-only question for the replica's state machine (not logged)."""
 
-    name: str = attrs.field(validator=_str)
+    name: str = attrs.field(validator=text(MAX_NAME, min_chars=1))
     args: dict = attrs.field(factory=dict, validator=attrs.validators.instance_of(dict))
 
 
 @message
 class QueryReply:
-    name: str = attrs.field(validator=_str)
+    name: str = attrs.field(validator=text(MAX_NAME))
     result: Any = None
     error: str = attrs.field(default="", validator=_str)
 
@@ -128,7 +145,7 @@ class PeerDigest:
     """Between replicas: the running digest after applying ``slot``."""
 
     slot: int = attrs.field(validator=_int)
-    digest: bytes = attrs.field(validator=attrs.validators.instance_of(bytes))
+    digest: bytes = attrs.field(validator=[attrs.validators.instance_of(bytes), attrs.validators.max_len(64)])
     #: For people, should the digests differ: the last scheduler call and tasks started so far.
     last_call: str = attrs.field(default="", validator=[_str, attrs.validators.max_len(200)])
     tasks: int = attrs.field(default=0, validator=_int)
@@ -142,7 +159,7 @@ class ClientsSeen:
     which clients have been silent too long.
     """
 
-    cids: tuple = attrs.field(converter=tuple_of(lambda c: isinstance(c, int)))
+    cids: tuple = attrs.field(converter=tuple_of(lambda c: isinstance(c, int) and 0 <= c < INT_LIMIT))
 
 
 @message

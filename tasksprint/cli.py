@@ -30,6 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("replica", help="run one replica of the replicated coordinator")
     launch.add_replica_arguments(p)
 
+    p = sub.add_parser(
+        "client-credential",
+        help="print the client credential of a cluster secret: what worker machines and users hold "
+        "(it cannot act as a replica; see docs/security.md)",
+    )
+    add_common_arguments(p)
+
     p = sub.add_parser("client", help="run a worker client: node processes, task runner, data server")
     p.add_argument("--coordinators", required=True, help="HOST:PORT of the replicas, comma-separated")
     p.add_argument("--node", help='command that starts a node, e.g. "python node.py" (none: command tasks only)')
@@ -232,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         args.changes += extra
     configure_logging(args.log_level, args.log_format)
     try:
+        launch.configure_tls(args)
         match args.command:
             case "replica":
                 return launch.run_replica(args)
@@ -264,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
                 return commands.top(args)
             case "batch":
                 return batch_command.main(args)
+            case "client-credential":
+                return launch.print_client_credential(args)
     except SecretError as exc:
         print(f"tasksprint: {exc}", file=sys.stderr)
         return EXIT_USAGE

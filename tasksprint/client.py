@@ -267,6 +267,12 @@ class Client:
                 # The replicas are still starting the computation: wait for its first entry.
                 await trio.sleep(0.2)
                 continue
+            if isinstance(result, Refused) and result.code == ErrorCode.FORBIDDEN.value:
+                # Our name belongs to a live client of another session (this
+                # client restarted): it is ours once that one is declared dead.
+                self._log.warning("name_in_use", error=result.error, retry_in="1s")
+                await trio.sleep(1.0)
+                continue
             if not isinstance(result, Joined):
                 error = result.error if isinstance(result, Refused) else f"unexpected answer {result!r:.200}"
                 raise RuntimeError(f"the coordinator refused to let this client join: {error}")

@@ -179,7 +179,16 @@ def _decode_object(body: Any, _immutable: bool = False) -> Any:
     try:
         return cls(**dict(zip(names, body[1:])))
     except (TypeError, ValueError) as exc:
-        raise BadMessage(f"invalid {body[0]}: {exc}") from None
+        raise BadMessage(f"invalid {body[0]}: {bounded(str(exc))}") from None
+
+
+#: Longest error text built from a peer's data (validator messages may quote it).
+MAX_ERROR_CHARS = 300
+
+
+def bounded(text: str) -> str:
+    """``text`` cut to :data:`MAX_ERROR_CHARS` characters, so a log line about bad data stays small."""
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + "..."
 
 
 _REFUSED = "CBOR tag not allowed"
@@ -214,6 +223,22 @@ _STRICT: dict[str, Any] = dict(
 def encode(value: Any) -> bytes:
     """Encode plain data and registered objects to canonical CBOR bytes."""
     return cbor2.dumps(value, default=_default, canonical=True)
+
+
+def encode_array(items: list[bytes]) -> bytes:
+    """The canonical CBOR array of values given already encoded: ``encode(list)`` without encoding them again."""
+    n = len(items)
+    if n < 24:
+        head = bytes([0x80 + n])
+    elif n < 1 << 8:
+        head = bytes([0x98, n])
+    elif n < 1 << 16:
+        head = b"\x99" + n.to_bytes(2, "big")
+    elif n < 1 << 32:
+        head = b"\x9a" + n.to_bytes(4, "big")
+    else:
+        head = b"\x9b" + n.to_bytes(8, "big")
+    return head + b"".join(items)
 
 
 def decode(data: bytes) -> Any:
@@ -255,7 +280,36 @@ def tuple_of(item_check: Callable[[Any], bool] | None = None) -> Callable[[Any],
         if item_check is not None:
             for item in out:
                 if not item_check(item):
-                    raise TypeError(f"bad element {item!r}")
+                    raise TypeError(f"bad element: a {type(item).__name__}")
         return out
 
     return convert
+
+
+def int_range(low: int, high: int) -> Callable[[Any, Any, Any], None]:
+    """attrs validator: an int (not a bool) from ``low`` to ``high`` inclusive; the error never quotes a huge value."""
+
+    def check(_inst: Any, attr: Any, value: Any) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            got = (
+                str(value)
+                if isinstance(value, int) and abs(value) < 2**64
+                else f"an int of {value.bit_length()} bits"
+                if isinstance(value, int)
+                else f"a {type(value).__name__}"
+            )
+            raise ValueError(f"{attr.name} must be an int from {low} to {high}, got {got}")
+
+    return check
+
+
+def text(max_chars: int, *, min_chars: int = 0) -> Callable[[Any, Any, Any], None]:
+    """attrs validator: a str of ``min_chars`` to ``max_chars`` characters."""
+
+    def check(_inst: Any, attr: Any, value: Any) -> None:
+        if not isinstance(value, str):
+            raise TypeError(f"{attr.name} must be a str, got a {type(value).__name__}")
+        if not min_chars <= len(value) <= max_chars:
+            raise ValueError(f"{attr.name} must have {min_chars} to {max_chars} characters, got {len(value)}")
+
+    return check

@@ -51,6 +51,8 @@ class ReplicaConfig:
     def __attrs_post_init__(self) -> None:
         if not 0 <= self.rid < len(self.peers):
             raise ValueError(f"--id {self.rid} does not index into the {len(self.peers)} peers given")
+        if not 256 * 1024 <= self.max_frame < 2**32:
+            raise ValueError(f"--max-frame must be from 262144 to 4294967295 bytes, got {self.max_frame}")
         if self.paxos is not None and self.paxos.replicas != len(self.peers):
             raise ValueError("paxos.replicas must equal the number of peers")
 

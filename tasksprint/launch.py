@@ -12,6 +12,7 @@ by ``TASKSPRINT_OBSERVER`` (:func:`load_observer`).
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import sys
@@ -61,23 +62,86 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--secret-file",
         type=Path,
-        help="file holding the cluster secret; - reads it from stdin (default: an insecure development secret)",
+        help="file holding the cluster secret or a client credential; - reads it from stdin "
+        "(none: a public secret, loopback only)",
     )
+    p.add_argument("--tls-cert", type=Path, help="mutual TLS: this process certificate (PEM), with --tls-key, --tls-ca")
+    p.add_argument("--tls-key", type=Path, help="mutual TLS: the private key of --tls-cert (PEM)")
+    p.add_argument("--tls-ca", type=Path, help="mutual TLS: the CA every peer's certificate must chain to (PEM)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="console", choices=["console", "json"])
 
 
 def cluster_secret(args: argparse.Namespace) -> bytes:
-    """The secret named by ``--secret-file`` (a warning and the development secret without one).
+    """The secret named by ``--secret-file``: a cluster secret or a client credential.
 
-    Raises :class:`tasksprint.wire.SecretError` if the file cannot be used.
+    Without one, the public development secret is used (with a warning)
+    only when every address the command uses (``--peers``,
+    ``--coordinators``, ``--data-host``, ``--listen``) is a loopback
+    address: nobody else can reach such a cluster.  Otherwise, and if the
+    file cannot be used, raises :class:`tasksprint.wire.SecretError`.
     """
     if args.secret_file is None:
+        remote = [h for h in command_hosts(args) if not is_loopback(h)]
+        if remote:
+            raise wire.SecretError(
+                f"--secret-file is required: {remote[0]} is not a loopback address, and without a secret file "
+                "anyone who can reach a port could join the cluster (see docs/security.md)"
+            )
         structlog.get_logger("tasksprint").warning(
-            "insecure_default_secret", hint="pass --secret-file FILE on any machine others can reach"
+            "insecure_default_secret", hint="loopback only; pass --secret-file FILE on any network"
         )
         return wire.DEFAULT_SECRET
     return wire.load_secret(args.secret_file)
+
+
+def configure_tls(args: argparse.Namespace) -> None:
+    """Turn on mutual TLS for every connection of this process if ``--tls-cert/--tls-key/--tls-ca`` are given.
+
+    Raises :class:`tasksprint.wire.SecretError` if only some are given or a file cannot be used.
+    """
+    given = [getattr(args, name, None) for name in ("tls_cert", "tls_key", "tls_ca")]
+    if not any(given):
+        return
+    if not all(given):
+        raise wire.SecretError("mutual TLS needs all three of --tls-cert, --tls-key and --tls-ca")
+    wire.use_tls(wire.TLS.from_files(*given))
+
+
+def command_hosts(args: argparse.Namespace) -> list[str]:
+    """Every host a command's arguments name: its peers or coordinators, and what it listens on."""
+    hosts = []
+    for name in ("peers", "coordinators"):
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            hosts += [part.strip().rpartition(":")[0].strip("[]") for part in value.split(",")]
+    for name in ("data_host", "listen"):
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            hosts.append(value.rpartition(":")[0].strip("[]") if name == "listen" and ":" in value else value)
+    return hosts
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (127.0.0.0/8, ::1) or ``localhost``."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def print_client_credential(args: argparse.Namespace) -> int:
+    """``tasksprint client-credential``: the client credential of the cluster secret, on stdout."""
+    if args.secret_file is None:
+        raise wire.SecretError("--secret-file is required: the cluster secret the credential is derived from")
+    secret = wire.load_secret(args.secret_file)
+    try:
+        sys.stdout.buffer.write(wire.client_credential(secret))
+    except ValueError as exc:
+        raise wire.SecretError(f"{args.secret_file}: {exc}") from None
+    return 0
 
 
 def load_observer(role: str) -> observe.Observer:
@@ -109,6 +173,13 @@ def add_replica_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=30.0,
         help="seconds a scheduler hook may run before the replica logs scheduler_hook_slow (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-frame",
+        type=int,
+        default=wire.MAX_FRAME_DEFAULT,
+        help="largest frame in bytes sent or accepted after the handshake; a command must fit in one "
+        "(default %(default)s; the same on every replica)",
     )
     add_common_arguments(p)
     p.add_argument(
@@ -200,15 +271,21 @@ def run_replica(args: argparse.Namespace, scheduler: type | None = None) -> int:
             election_timeout=args.election_timeout,
             tick_interval=args.tick_interval,
         )
+        secret = cluster_secret(args)
+        if wire.role_keys(secret).replica is None:
+            raise ValueError(
+                f"{args.secret_file} is a client credential; a replica needs the cluster secret file it came from"
+            )
         config = ReplicaConfig(
             rid=args.id,
             peers=peers,
             data_dir=args.data,
-            secret=cluster_secret(args),
+            secret=secret,
             cluster=args.cluster,
             paxos=paxos,
             snapshot_every=args.snapshot_every,
             hook_report_after=args.hook_report_after,
+            max_frame=args.max_frame,
         )
     except ValueError as exc:
         print(f"tasksprint replica: {exc}", file=sys.stderr)

@@ -22,18 +22,24 @@ import attrs
 import structlog
 import trio
 
-from tasksprint import wire
-from tasksprint.api import BlockResult, ReplicaStatus, Retry, SubmitBlock
+from tasksprint import codec, wire
+from tasksprint.api import BlockResult, ReplicaStatus, Retry, SubmitBlock, SubmitRefused
 from tasksprint.channel import ReplicaChannel
 from tasksprint.paxos.messages import CommandBlock
 
 log = structlog.get_logger("tasksprint.log_client")
 
 MAX_BLOCK = 1000  # commands per SubmitBlock
+#: Room in a frame for what a block and a log entry wrap around the operations.
+FRAME_MARGIN = 64 * 1024
 
 
 class Unavailable(Exception):
     """No replica answered within the deadline."""
+
+
+class CommandRefused(ValueError):
+    """A command that can never be applied: it does not encode, or it is too large for a log entry."""
 
 
 @attrs.define(eq=False)
@@ -52,6 +58,8 @@ class _Submitted:
     waiter: _Waiter
     sent_at: float
     result: Any = None
+    #: Why the replicas refused it (SubmitRefused), if they did.
+    refused: str | None = None
     slot: int = 0
     done: bool = False
 
@@ -65,6 +73,9 @@ class LogClient:
     client_id: str = attrs.Factory(lambda: os.urandom(8).hex())
     attempt_timeout: float = 0.5
     connect_timeout: float = 1.0
+    #: The replicas' frame cap: a block is kept below it, and a command
+    #: whose operation alone would not fit is refused at submit.
+    max_frame: int = wire.MAX_FRAME_DEFAULT
     _seq: itertools.count = attrs.Factory(lambda: itertools.count(1))
     # Commands not answered yet, in seq order (seqs are inserted increasing).
     _pending: dict[int, _Submitted] = attrs.Factory(dict)
@@ -136,6 +147,9 @@ class LogClient:
                 self._kick.set()
             with trio.move_on_after(deadline):
                 await waiter.done.wait()
+            refused = next((self._pending[s].refused for s in seqs if self._pending[s].refused), None)
+            if refused is not None:
+                raise CommandRefused(f"commands {seqs[0]}..{seqs[-1]} of client {self.client_id}: {refused}")
             if waiter.remaining:
                 raise Unavailable(
                     f"commands {seqs[0]}..{seqs[-1]} of client {self.client_id} not applied within {deadline}s; "
@@ -230,15 +244,12 @@ class LogClient:
         now = trio.current_time()
         blocks = []
         for run in consecutive_runs(seqs, MAX_BLOCK):
-            ops = []
             for s in run:
-                p = self._pending[s]
-                p.sent_at = now
-                ops.append(p.op)
-            blocks.append(SubmitBlock(block=CommandBlock.of(self.client_id, run[0], first_unacked, ops)))
+                self._pending[s].sent_at = now
+            blocks += self._blocks(run, first_unacked)
         try:
             await conn.send_many(blocks)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, wire.FrameTooLarge):
             if self._conn is conn:
                 self._drop_conn()
                 self._rotate()
@@ -282,6 +293,8 @@ class LogClient:
                             self._conn = None
                             self._nursery.start_soon(_close_later, conn)
                         self._deliver(first, msg.results, msg.slot)
+                    case SubmitRefused(seq=seq, reason=reason):
+                        self._refuse(seq, reason)
                     case Retry(leader=leader):
                         # Move towards the leader and send everything again shortly.
                         if self._conn is conn:
@@ -297,6 +310,43 @@ class LogClient:
                 # Resend everything outstanding to the next replica right away.
                 self._rotate()
                 self._resend_all()
+
+    def _blocks(self, run: list[int], first_unacked: int) -> list[SubmitBlock]:
+        """The commands of ``run`` (consecutive seqs) as blocks under the frame cap.
+
+        One block, encoded once, in the usual case.  A block that does not
+        encode or is too large is split in halves until each part encodes
+        and fits; a single operation that cannot is refused to its
+        submitter (:class:`CommandRefused`) and never sent.
+        """
+        ops = [self._pending[s].op for s in run]
+        limit = self.max_frame - FRAME_MARGIN
+        try:
+            block = CommandBlock.of(self.client_id, run[0], first_unacked, ops)
+            problem = (
+                None if len(block.ops) <= limit else f"is {len(block.ops)} bytes encoded, over the {limit}-byte limit"
+            )
+        except Exception as exc:  # cyclic, too deep, an unregistered class...
+            problem = f"cannot be encoded: {codec.bounded(f'{type(exc).__name__}: {exc}')}"
+        if problem is None:
+            return [SubmitBlock(block=block)]
+        if len(run) == 1:
+            self._refuse(run[0], f"the operation {problem}")
+            return []
+        half = len(run) // 2
+        return self._blocks(run[:half], first_unacked) + self._blocks(run[half:], first_unacked)
+
+    def _refuse(self, seq: int, reason: str) -> None:
+        """The replicas refused the block starting at ``seq``: fail every command of its submit call."""
+        p = self._pending.get(seq)
+        if p is None or p.done:
+            return
+        w = p.waiter
+        for q in self._pending.values():
+            if q.waiter is w and not q.done:
+                q.refused, q.done = reason, True
+        w.remaining = 0
+        w.done.set()
 
     def _deliver(self, first_seq: int, results: tuple, slot: int) -> None:
         pending = self._pending

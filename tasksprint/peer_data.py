@@ -153,7 +153,7 @@ class PeerFetcher:
                 self.nursery.start_soon(link.conn.aclose)  # ends its reader
             host, port = split_addr(addr)
             with trio.fail_after(10.0):
-                conn = await wire.connect(host, port, self.endpoint)
+                conn = await wire.connect(host, port, self.endpoint, expect=("data", None))
             link = self._links[addr] = PeerLink(conn)
             self.nursery.start_soon(self._read_link, addr, link)
             return link

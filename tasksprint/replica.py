@@ -58,7 +58,7 @@ import attrs
 import structlog
 import trio
 
-from tasksprint import wire
+from tasksprint import codec, wire
 from tasksprint.api import (
     ClientsSeen,
     PeerDigest,
@@ -69,6 +69,7 @@ from tasksprint.api import (
     StatusQuery,
     Submit,
     SubmitBlock,
+    SubmitRefused,
 )
 from tasksprint.app import KVApp, NotYet
 from tasksprint.config import ReplicaConfig
@@ -77,7 +78,19 @@ from tasksprint.driver import DivergenceError, DriverConfig, ReplicaDriver, Requ
 from tasksprint.machine import Applier, BadSnapshot
 from tasksprint.observe import NULL, Observer
 from tasksprint.paxos.core import PaxosCore, Role
-from tasksprint.paxos.messages import PEER_MESSAGES, CommandBlock
+from tasksprint.paxos.messages import (
+    PEER_MESSAGES,
+    Accept,
+    Accepted,
+    CatchupReply,
+    CommandBlock,
+    Forward,
+    Heartbeat,
+    HeartbeatAck,
+    Nack,
+    Prepare,
+    Promise,
+)
 from tasksprint.storage import Storage
 
 __all__ = ["DivergenceError", "ListenError", "Outbox", "Replica", "tune_gc"]  # DivergenceError: for the CLI
@@ -85,7 +98,13 @@ __all__ = ["DivergenceError", "ListenError", "Outbox", "Replica", "tune_gc"]  # 
 log = structlog.get_logger("tasksprint.replica")
 
 GC_YOUNG_THRESHOLD = 50_000  # allocations between young collections (CPython's default: 700)
-OUTBOX_LIMIT = 20_000  # messages queued for one peer before the oldest are dropped
+OUTBOX_LIMIT = 20_000  # frames queued for one connection before the oldest are dropped
+OUTBOX_BYTES = 256 * 1024 * 1024  # bytes queued for one connection before the oldest frames are dropped
+MAX_PARKED = 10_000  # long-poll queries parked at once in one replica (more are answered at once)
+MAX_PARKED_PER_CONNECTION = 16  # long-polls one connection may have parked at once
+MAX_QUERY_WAIT = 3600  # a longer (or NaN) wait is answered at once
+SUBMIT_MARGIN = 64 * 1024  # room in a frame for what a log entry wraps around a command
+RESERVED_CLIENT_PREFIX = "__"  # client ids of the replicas' own commands (the coordinator's init)
 HANDOVER_WAIT = 0.2  # seconds a stopping leader waits for its TimeoutNow to be written
 QUERY_SPAN_NAMES = 16  # distinct query names given spans of their own; the rest share "query.other"
 
@@ -107,9 +126,43 @@ def tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
 
 
+def split_message(msg: Any) -> list[Any] | None:
+    """``msg`` as two messages of the same meaning, each smaller, or None if it cannot be split.
+
+    Messages carrying several independent values (an Accept's proposals, a
+    CatchupReply's entries, a Forward's commands) are split in halves, so a
+    sender never makes a frame over the cap out of values that each fit.
+    """
+    match msg:
+        case Accept(ballot=ballot, proposals=proposals, commit=commit) if len(proposals) > 1:
+            half = len(proposals) // 2
+            return [
+                Accept(ballot=ballot, proposals=proposals[:half], commit=commit),
+                Accept(ballot=ballot, proposals=proposals[half:], commit=commit),
+            ]
+        case CatchupReply(entries=entries, commit=commit) if len(entries) > 1:
+            half = len(entries) // 2
+            return [
+                CatchupReply(entries=entries[:half], commit=commit),
+                CatchupReply(entries=entries[half:], commit=commit),
+            ]
+        case Forward(items=items) if len(items) > 1:
+            half = len(items) // 2
+            return [Forward(items=items[:half]), Forward(items=items[half:])]
+        case _:
+            return None
+
+
 @attrs.define(eq=False)
 class Outbox:
-    """Messages waiting for one connection.
+    """Frames waiting for one connection, bounded in count and in bytes.
+
+    :meth:`push` encodes a message at once (so its size is known and an
+    unencodable or oversized one is dropped here, logged, instead of failing
+    a send): a message over the frame cap that carries several values is
+    split (:func:`split_message`).  When the queue is over ``limit`` frames
+    or ``limit_bytes`` bytes the oldest frames are dropped: the protocol
+    tolerates loss (peers resend, clients retry), memory must stay bounded.
 
     The driver calls :meth:`flush` once it has queued what a pass over the
     core produced: on an idle connection the bytes leave at once.  Otherwise
@@ -121,15 +174,49 @@ class Outbox:
     _event: trio.Event = attrs.Factory(trio.Event)
     _conn: wire.Connection | None = None  # while a pump runs
     limit: int = OUTBOX_LIMIT
+    max_frame: int = wire.MAX_FRAME_DEFAULT
+    limit_bytes: int = OUTBOX_BYTES
+    #: Who the frames are for, in the log lines of dropped messages.
+    name: str = ""
+    _bytes: int = 0
+    #: Frames dropped so far because the queue was full (for diagnosis and tests).
+    dropped: int = 0
 
     def push(self, msg: Any) -> None:
-        if len(self._queue) >= self.limit:
-            self._queue.popleft()  # the protocol tolerates loss; memory must stay bounded
-        self._queue.append(msg)
+        try:
+            frames = self._frames(msg)
+        except Exception as exc:  # unencodable (a bug, or a hostile value): this message only
+            log.error("message_dropped", to=self.name, type=type(msg).__name__, error=codec.bounded(str(exc)))
+            return
+        queue = self._queue
+        for frame in frames:
+            queue.append(frame)
+            self._bytes += len(frame)
+        while len(queue) > 1 and (len(queue) > self.limit or self._bytes > self.limit_bytes):
+            self._bytes -= len(queue.popleft())
+            self.dropped += 1
+            if self.dropped & (self.dropped - 1) == 0:  # 1, 2, 4, 8...: logged, never flooding
+                log.warning("outbox_full", to=self.name, dropped=self.dropped, limit_bytes=self.limit_bytes)
         self._event.set()
+
+    def _frames(self, msg: Any) -> list[bytes]:
+        try:
+            return [wire.encode_frame(msg, self.max_frame)]
+        except wire.FrameTooLarge:
+            parts = split_message(msg)
+            if parts is None:
+                raise
+            return [frame for part in parts for frame in self._frames(part)]
 
     def clear(self) -> None:
         self._queue.clear()
+        self._bytes = 0
+
+    def _take(self) -> bytes:
+        data = b"".join(self._queue)
+        self._queue.clear()
+        self._bytes = 0
+        return data
 
     @property
     def waiting(self) -> int:
@@ -141,14 +228,11 @@ class Outbox:
         conn = self._conn
         if not self._queue or conn is None:
             return
-        try:
-            sent = conn.send_nowait(self._queue)
-        except (wire.FrameTooLarge, TypeError):
-            return  # the pump meets the same error and reports it where sends fail
-        if sent:
+        if conn.send_frames_nowait(b"".join(self._queue)):
             # What the socket did not take (conn.backlog) goes out with the
             # pump's next send: push has woken it already.
             self._queue.clear()
+            self._bytes = 0
 
     async def pump(self, conn: wire.Connection) -> None:
         """Write queued messages to ``conn`` until it fails or the task is cancelled."""
@@ -158,9 +242,7 @@ class Outbox:
                 if not self._queue and not conn.backlog:
                     self._event = trio.Event()
                     await self._event.wait()
-                batch = list(self._queue)
-                self._queue.clear()
-                await conn.send_many(batch)
+                await conn.send_frames(self._take())
         finally:
             self._conn = None
 
@@ -269,7 +351,7 @@ class Replica:
             )
             for peer in range(len(cfg.peers)):
                 if peer != cfg.rid:
-                    self._peer_out[peer] = Outbox()
+                    self._peer_out[peer] = Outbox(max_frame=cfg.max_frame, name=f"replica {peer}")
             self._disk = DiskWriter(
                 self._storage,
                 written=self._written,
@@ -338,6 +420,9 @@ class Replica:
                     host,
                     port,
                     wire.Endpoint(secret=cfg.secret, role="replica", ident=str(cfg.rid), max_frame=cfg.max_frame),
+                    log=self._log,
+                    # A divergence found while handling a peer's digest stops the replica.
+                    fatal=(DivergenceError,),
                     task_status=task_status,
                 )
             )
@@ -399,7 +484,7 @@ class Replica:
         """Pass the clients we heard from to the leader, which judges liveness."""
         while True:
             await trio.sleep(0.5)
-            cids = self.app.drain_contacts()
+            cids = [c for c in self.app.drain_contacts() if isinstance(c, int) and 0 <= c < 2**63]
             leader = self.core.leader_hint
             if cids and leader is not None and leader != self.config.rid:
                 self._peer_out[leader].push(ClientsSeen(cids=tuple(cids)))
@@ -432,6 +517,7 @@ class Replica:
                         ident=str(self.config.rid),
                         max_frame=self.config.max_frame,
                     ),
+                    expect=("replica", str(peer)),  # the peer must prove it is that replica
                 )
             except wire.NETWORK_ERRORS as exc:
                 box.clear()  # stale protocol messages are worthless once the peer is back
@@ -453,15 +539,40 @@ class Replica:
     async def _handle_connection(self, conn: wire.Connection) -> None:
         hello = conn.peer
         if hello.role == "replica":
-            try:
-                src = int(hello.ident)
-            except ValueError:
-                raise wire.BadMessage(f"replica ident {hello.ident!r} is not a number") from None
+            # The handshake proved the replica key (a client's key cannot
+            # claim this role); the ident names which replica it is.
+            ident = hello.ident
+            if not (ident.isascii() and ident.isdigit() and len(ident) <= 3):
+                raise wire.BadMessage(f"replica ident {ident[:20]!r} is not a replica number")
+            src = int(ident)
             if not 0 <= src < len(self.config.peers) or src == self.config.rid:
                 raise wire.BadMessage(f"replica ident {src} is not a peer of replica {self.config.rid}")
             await self._serve_peer(src, conn)
         else:
             await self._serve_client(conn)
+
+    def _check_sender(self, src: int, msg: Any) -> None:
+        """Raise BadMessage unless every replica id ``msg`` claims is ``src`` (or, for ballots it answers, a peer).
+
+        A Prepare, an Accept or a Heartbeat speaks for the ballot's replica:
+        only that replica may send it.  Any other ballot must name a replica
+        of this cluster (a forged id would reach the core's per-peer tables).
+        """
+        n = len(self.config.peers)
+        match msg:
+            case Prepare(ballot=b) | Accept(ballot=b) | Heartbeat(ballot=b):
+                if b.rid != src:
+                    raise wire.BadMessage(
+                        f"{type(msg).__name__} for ballot {b} of replica {b.rid} sent by replica {src}"
+                    )
+            case Promise(ballot=b) | Accepted(ballot=b) | HeartbeatAck(ballot=b):
+                if not 0 <= b.rid < n:
+                    raise wire.BadMessage(f"{type(msg).__name__} names ballot {b}: no such replica")
+            case Nack(ballot=b, promised=p):
+                if not 0 <= b.rid < n or not -1 <= p.rid < n:
+                    raise wire.BadMessage(f"Nack names ballot {b} or {p}: no such replica")
+            case _:
+                pass
 
     async def _serve_peer(self, src: int, conn: wire.Connection) -> None:
         driver = self.driver
@@ -471,6 +582,7 @@ class Replica:
             except wire.ConnectionClosed:
                 return
             if isinstance(msg, PEER_MESSAGES):
+                self._check_sender(src, msg)
                 driver.step(src, msg)
                 self._react(conn)
             elif isinstance(msg, ClientsSeen):
@@ -483,8 +595,9 @@ class Replica:
                 raise wire.BadMessage(f"unexpected {type(msg).__name__} from replica {src}")
 
     async def _serve_client(self, conn: wire.Connection) -> None:
-        box = Outbox()
+        box = Outbox(max_frame=self.config.max_frame, name=f"client {conn.peer.ident[:64] if conn.peer else ''}")
         mine: list[RequestKey] = []
+        ident = conn.peer.ident if conn.peer is not None else None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(box.pump, conn)
             try:
@@ -493,17 +606,54 @@ class Replica:
                         msg = await conn.receive()
                     except wire.ConnectionClosed:
                         return
-                    if self._handle_client_message(msg, box, mine):
+                    if self._handle_client_message(msg, box, mine, ident):
                         self._react(conn)
             finally:
                 self._parked = [p for p in self._parked if p[0] is not box]
                 self.driver.abandon(mine, box)
                 nursery.cancel_scope.cancel()
 
-    def _handle_client_message(self, msg: Any, box: Outbox, mine: list) -> bool:
-        """Handle one message from a client; True if it gave the core a command."""
+    def _handle_client_message(self, msg: Any, box: Outbox, mine: list, ident: str | None = None) -> bool:
+        """Handle one message from a client; True if it gave the core a command.
+
+        ``ident`` is the identity the client authenticated with: its commands
+        must carry it as their client id (None: not checked, for a trusted
+        in-process stream).
+        """
         match msg:
             case Submit(command=cmd) | SubmitBlock(block=cmd):
+                if ident is not None and ident.startswith(RESERVED_CLIENT_PREFIX):
+                    raise wire.BadMessage(
+                        f"client ids starting with {RESERVED_CLIENT_PREFIX!r} are the replicas' own; "
+                        f"{ident[:64]!r} may ask questions but not submit commands"
+                    )
+                if ident is not None and cmd.client_id != ident:
+                    raise wire.BadMessage(
+                        f"command of client {cmd.client_id[:64]!r} sent on the connection of client {ident[:64]!r}"
+                    )
+                seq = cmd.first_seq if isinstance(cmd, CommandBlock) else cmd.seq
+                if isinstance(cmd, CommandBlock):
+                    size = len(cmd.ops)
+                else:
+                    # The op as every follower will decode it from the log:
+                    # canonical CBOR orders map keys, and the client's
+                    # encoding need not have (a leader applying the client's
+                    # key order would word errors differently and diverge).
+                    encoded = codec.encode(cmd.op)
+                    size = len(encoded)
+                    cmd = attrs.evolve(cmd, op=codec.decode(encoded))
+                if size > self.config.max_frame - SUBMIT_MARGIN:
+                    log_ = self._log or log
+                    log_.warning("submit_refused", client=cmd.client_id[:64], seq=seq, size=size)
+                    box.push(
+                        SubmitRefused(
+                            client_id=cmd.client_id,
+                            seq=seq,
+                            reason=f"the command is {size} bytes encoded, over the "
+                            f"{self.config.max_frame - SUBMIT_MARGIN}-byte limit of a log entry",
+                        )
+                    )
+                    return False
                 if isinstance(cmd, CommandBlock):
                     cmd.op_list()  # a block that does not decode closes the connection (BadMessage)
                 if self.driver.submit(cmd, box):
@@ -511,14 +661,20 @@ class Replica:
                     if len(mine) > 4096:
                         del mine[:2048]  # the oldest are answered or abandoned by now
                     return True
-                seq = cmd.first_seq if isinstance(cmd, CommandBlock) else cmd.seq
                 box.push(Retry(client_id=cmd.client_id, seq=seq, reason="no leader", leader=self.core.leader_hint))
             case StatusQuery():
                 box.push(self.status())
             case Query(name=name, args=args):
                 wait = args.get("wait", 0)
-                wait = min(float(wait), 60.0) if isinstance(wait, (int, float)) else 0.0
-                self._answer_query(box, name, args, time.monotonic() + wait, self.applier.applied)
+                # Compared before any conversion (float(2**1100) raises); a
+                # NaN fails the comparison.  The machine's parser refuses
+                # the same values with a clear answer.
+                if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= MAX_QUERY_WAIT:
+                    wait = 0
+                parked = sum(1 for p in self._parked if p[0] is box)
+                if parked >= MAX_PARKED_PER_CONNECTION or len(self._parked) >= MAX_PARKED:
+                    wait = 0  # answered now: no more long-polls parked for this connection
+                self._answer_query(box, name, args, time.monotonic() + min(float(wait), 60.0), self.applier.applied)
             case _:
                 raise wire.BadMessage(f"unexpected {type(msg).__name__} from a client")
         return False
@@ -543,7 +699,7 @@ class Replica:
             self.observer.count(parked)
             self._parked.append((box, name, args, deadline, self.applier.applied))
         except Exception as exc:  # a bad query must not take the replica down
-            box.push(QueryReply(name=name, error=f"{type(exc).__name__}: {exc}"))
+            box.push(QueryReply(name=name, error=codec.bounded(f"{type(exc).__name__}: {exc}")))
 
     def _query_span_names(self, name: str) -> tuple[str, str]:
         """The span and the parked counter of query ``name`` (``query.other`` past the first few names)."""

@@ -35,6 +35,7 @@ from tasksprint.channel import ASK_ERRORS, ReplicaChannel
 from tasksprint.coordinator.ops import StatusRequest
 from tasksprint.coordinator.replies import ComputationStatus
 from tasksprint.credentials import STDIN_PATH
+from tasksprint.handshake import client_credential
 from tasksprint.localcluster import LocalCluster
 
 
@@ -174,7 +175,9 @@ class LocalRun:
             )
         assert proc.stdin is not None and self.cluster is not None
         try:
-            proc.stdin.write(self.cluster.secret + b"\n")
+            # The client credential, not the cluster secret: as on a real
+            # cluster, workers can talk to the replicas, never act as one.
+            proc.stdin.write(client_credential(self.cluster.secret))
             proc.stdin.close()
         except OSError:
             pass  # the client died at once; its exit is noticed like any other

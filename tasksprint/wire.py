@@ -29,9 +29,11 @@ this module need (errors, caps, :class:`~tasksprint.handshake.Hello`,
 
 from __future__ import annotations
 
+import collections
 import enum
 import math
 import os
+import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -39,7 +41,7 @@ import attrs
 import structlog
 import trio
 
-from tasksprint.codec import BadMessage
+from tasksprint.codec import BadMessage, bounded
 from tasksprint.credentials import DEFAULT_SECRET, SecretError, load_secret
 from tasksprint.framing import (
     MAX_FRAME_DEFAULT,
@@ -61,7 +63,10 @@ from tasksprint.handshake import (
     Proof,
     Side,
     check_secret,
+    client_credential,
+    parse_frame,
     proof_mac,
+    role_keys,
 )
 
 __all__ = [
@@ -77,6 +82,9 @@ __all__ = [
     "HANDSHAKE_MAX_FRAME",
     "HANDSHAKE_TIMEOUT_DEFAULT",
     "Hello",
+    "IdleTimeout",
+    "Limits",
+    "TLS",
     "MAX_FRAME_DEFAULT",
     "NETWORK_ERRORS",
     "NONCE_SIZE",
@@ -86,13 +94,50 @@ __all__ = [
     "connect",
     "handshake",
     "load_secret",
+    "client_credential",
     "proof_mac",
+    "role_keys",
     "serve",
+    "use_tls",
 ]
 
 
 class ConnectionClosed(Exception):
     """The peer closed the connection cleanly, between two frames."""
+
+
+class IdleTimeout(ConnectionClosed):
+    """Nothing arrived on a served connection for its idle timeout: it is closed."""
+
+
+@attrs.frozen(kw_only=True)
+class Limits:
+    """What :func:`serve` allows at once, so no peer can exhaust a process.
+
+    Each refusal closes the new connection at once and is logged
+    (``connection_refused``, with the limit reached).  Defaults suit a
+    replica or a worker client; docs/security.md lists them.
+    """
+
+    #: Connections open at once on one listening port (handshake or not).
+    connections: int = 1024
+    #: Connections open at once from one remote address.
+    per_address: int = 256
+    #: Connections in their handshake at once (unauthenticated peers).
+    handshakes: int = 128
+    #: Connections in their handshake at once from one remote address.
+    handshakes_per_address: int = 32
+    #: Seconds a served connection may receive nothing before it is closed
+    #: (longer than the longest long-poll a client parks, 60 s).
+    idle: float = 300.0
+
+    def __attrs_post_init__(self) -> None:
+        for name in ("connections", "per_address", "handshakes", "handshakes_per_address"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Limits.{name} must be an int >= 1, got {value!r}")
+        if isinstance(self.idle, bool) or not isinstance(self.idle, (int, float)) or not 0 < self.idle < math.inf:
+            raise ValueError(f"Limits.idle must be a positive number of seconds, got {self.idle!r}")
 
 
 #: Everything a failed or refused connection to a peer can raise: callers
@@ -105,6 +150,52 @@ NETWORK_ERRORS = (
     BadMessage,
     ConnectionClosed,
 )
+
+
+# --------------------------------------------------------------------------
+# TLS
+
+
+@attrs.frozen
+class TLS:
+    """Mutual TLS around every connection: this process's certificate, and the CA its peers' must chain to.
+
+    Build it with :meth:`from_files`; :func:`use_tls` makes it the default of
+    every :class:`Endpoint` made afterwards.  Both ends present a certificate
+    signed by the CA; the initiator also checks that the responder's
+    certificate names the host it dialed (a DNS name or an IP address in its
+    subjectAltName).  The challenge-response runs inside the TLS session, so
+    credentials still decide the role; TLS adds encryption and integrity.
+    """
+
+    server: ssl.SSLContext
+    client: ssl.SSLContext
+
+    @classmethod
+    def from_files(cls, cert: str | os.PathLike[str], key: str | os.PathLike[str], ca: str | os.PathLike[str]) -> TLS:
+        """Contexts from PEM files; raises SecretError naming the file that cannot be used."""
+        try:
+            server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=os.fspath(ca))
+            client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=os.fspath(ca))
+        except (OSError, ssl.SSLError) as exc:
+            raise SecretError(f"cannot use --tls-ca {ca}: {exc}") from None
+        for context in (server, client):
+            try:
+                context.load_cert_chain(os.fspath(cert), os.fspath(key))
+            except (OSError, ssl.SSLError) as exc:
+                raise SecretError(f"cannot use --tls-cert {cert} with --tls-key {key}: {exc}") from None
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+        server.verify_mode = ssl.CERT_REQUIRED  # mutual: a peer without a certificate of the CA is refused
+        return cls(server, client)
+
+
+_default_tls: TLS | None = None
+
+
+def use_tls(tls: TLS | None) -> None:
+    """Make ``tls`` the default of every :class:`Endpoint` created from now on in this process (None: plain TCP)."""
+    global _default_tls
+    _default_tls = tls
 
 
 # --------------------------------------------------------------------------
@@ -148,10 +239,17 @@ class Endpoint:
     #: Seconds to open and authenticate a connection: the TCP connect and
     #: the handshake for :func:`connect`, the handshake for :func:`serve`.
     timeout: float = attrs.field(default=HANDSHAKE_TIMEOUT_DEFAULT, validator=_valid_seconds)
+    #: What :func:`serve` allows at once (connections, handshakes, idle time).
+    limits: Limits = attrs.field(factory=Limits, validator=attrs.validators.instance_of(Limits))
+    #: Mutual TLS around every connection, or None (default: what :func:`use_tls` set).
+    tls: TLS | None = attrs.field(factory=lambda: _default_tls)
 
     def __attrs_post_init__(self) -> None:
-        # Role and identity checked now, by the Hello they will be sent in, not per connection.
-        Hello(nonce=bytes(NONCE_SIZE), role=self.role, ident=self.ident)
+        # Secret, role and identity checked now, by the handshake they will
+        # open (a client credential cannot be a replica), not per connection.
+        Handshake.open(
+            secret=self.secret, role=self.role, ident=self.ident, side=Side.INITIATOR, nonce=bytes(NONCE_SIZE)
+        )
 
 
 # --------------------------------------------------------------------------
@@ -179,6 +277,9 @@ class Connection(trio.abc.AsyncResource):
 
     _stream: trio.abc.Stream
     _max_frame: int = attrs.field(default=MAX_FRAME_DEFAULT, kw_only=True)
+    #: Seconds a receive may wait for the peer's next bytes before the
+    #: connection counts as idle (:class:`IdleTimeout`); None: forever.
+    _idle_timeout: float | None = attrs.field(default=None, kw_only=True)
     #: The peer's Hello once the handshake succeeded, else None.
     peer: Hello | None = attrs.field(default=None, init=False)
     _received: FrameBuffer = attrs.field(factory=FrameBuffer, init=False)
@@ -242,7 +343,23 @@ class Connection(trio.abc.AsyncResource):
         fd = self._stream.socket.fileno() if isinstance(self._stream, trio.SocketStream) else -1
         if fd < 0:  # not a socket, or closed
             return False
-        data = encode_frames(msgs, self._max_frame)
+        return self._write_nowait(fd, encode_frames(msgs, self._max_frame))
+
+    def send_frames_nowait(self, data: bytes) -> bool:
+        """:meth:`send_nowait` for frames already encoded (``encode_frame``), back to back."""
+        if self._backlog or self._state is not _ConnectionState.OPEN or self._send_lock.locked():
+            return False
+        fd = self._stream.socket.fileno() if isinstance(self._stream, trio.SocketStream) else -1
+        if fd < 0:
+            return False
+        return self._write_nowait(fd, data)
+
+    async def send_frames(self, data: bytes) -> None:
+        """:meth:`send_many` for frames already encoded (``encode_frame``), back to back."""
+        if data or self._backlog:
+            await self._send_bytes(data)
+
+    def _write_nowait(self, fd: int, data: bytes) -> bool:
         try:
             sent = os.write(fd, data)  # the socket is non-blocking (trio made it so)
         except OSError:
@@ -316,13 +433,33 @@ class Connection(trio.abc.AsyncResource):
         finally:
             self._receiving = False
 
+    async def _receive_handshake(self) -> Hello | Proof:
+        """The next handshake frame, parsed by its fixed-shape parser (never the general decoder)."""
+        if self._state is not _ConnectionState.OPEN:
+            raise trio.ClosedResourceError("connection was closed")
+        try:
+            while True:
+                body = self._received.next_body(HANDSHAKE_MAX_FRAME)
+                if body is not None:
+                    return parse_frame(body)
+                await self._fill()
+        except BadMessage:
+            await self._abort()
+            raise
+
     def frame_ready(self) -> bool:
         """Whether a whole frame is already buffered (the next ``receive`` returns without waiting)."""
         return self._received.frame_ready()
 
     async def _fill(self) -> None:
         """Read one chunk into the buffer; raise ConnectionClosed / BadMessage at EOF."""
-        data = await self._stream.receive_some(self._received.read_size())
+        if self._idle_timeout is None:
+            data = await self._stream.receive_some(self._received.read_size())
+        else:
+            with trio.move_on_after(self._idle_timeout) as scope:
+                data = await self._stream.receive_some(self._received.read_size())
+            if scope.cancelled_caught:
+                raise IdleTimeout(f"nothing received for {self._idle_timeout} s")
         if not data:
             self._received.check_end()
             raise ConnectionClosed("peer closed the connection")
@@ -344,7 +481,15 @@ class Connection(trio.abc.AsyncResource):
 # Handshake
 
 
-async def handshake(conn: Connection, *, secret: bytes, role: str, ident: str, side: Side) -> Hello:
+async def handshake(
+    conn: Connection,
+    *,
+    secret: bytes,
+    role: str,
+    ident: str,
+    side: Side,
+    expect: tuple[str, str | None] | None = None,
+) -> Hello:
     """Run the mutual challenge-response on a fresh connection.
 
     Takes the connection (nothing sent or received on it yet), the cluster
@@ -355,11 +500,13 @@ async def handshake(conn: Connection, *, secret: bytes, role: str, ident: str, s
     handshake frame, trio.BrokenResourceError if the connection broke.  Takes
     as long as the peer lets it: callers bound it with a timeout.
     """
-    state = Handshake.open(secret=secret, role=role, ident=ident, side=side, nonce=os.urandom(NONCE_SIZE))
+    state = Handshake.open(
+        secret=secret, role=role, ident=ident, side=side, nonce=os.urandom(NONCE_SIZE), expect=expect
+    )
     await conn.send(state.hello)
     while not state.done:
         try:
-            msg = await conn._receive(HANDSHAKE_MAX_FRAME)
+            msg = await conn._receive_handshake()
         except ConnectionClosed:
             await conn._abort()
             raise state.closed_error() from None
@@ -379,20 +526,37 @@ async def handshake(conn: Connection, *, secret: bytes, role: str, ident: str, s
 # Client and server
 
 
-async def connect(host: str, port: int, endpoint: Endpoint) -> Connection:
+async def connect(
+    host: str, port: int, endpoint: Endpoint, *, expect: tuple[str, str | None] | None = ("replica", None)
+) -> Connection:
     """Open a TCP connection to ``host:port`` and authenticate both ends.
 
-    Takes the address and this end (its ``timeout`` covers both the TCP
-    connect and the handshake).  Returns the open :class:`Connection`, with
+    Takes the address, this end (its ``timeout`` covers both the TCP
+    connect and the handshake) and the role and identity (None: any) the
+    peer must claim, by default any replica; ``expect=None`` accepts any.  Returns the open :class:`Connection`, with
     ``peer`` set.  Raises OSError if the connection is refused or fails,
     AuthError if the two ends do not share the secret, trio.TooSlowError on
     timeout, BadMessage if the peer does not speak this protocol.
     """
     with trio.fail_after(endpoint.timeout):
-        stream = await trio.open_tcp_stream(host, port)
+        stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+        if endpoint.tls is not None:
+            stream = trio.SSLStream(stream, endpoint.tls.client, server_hostname=host)
+            try:
+                await stream.do_handshake()
+            except BaseException:
+                await trio.aclose_forcefully(stream)
+                raise
         conn = Connection(stream, max_frame=endpoint.max_frame)
         try:
-            await handshake(conn, secret=endpoint.secret, role=endpoint.role, ident=endpoint.ident, side=Side.INITIATOR)
+            await handshake(
+                conn,
+                secret=endpoint.secret,
+                role=endpoint.role,
+                ident=endpoint.ident,
+                side=Side.INITIATOR,
+                expect=expect,
+            )
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
@@ -403,6 +567,9 @@ class CloseReason(enum.Enum):
     """Why :func:`serve` closed a connection (the ``reason`` in its log)."""
 
     HANDLER_DONE = "handler_done"
+    HANDLER_ERROR = "handler_error"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
+    IDLE = "idle"
     PEER_CLOSED = "peer_closed"
     CLOSED_LOCALLY = "closed_locally"
     HANDSHAKE_TIMEOUT = "handshake_timeout"
@@ -429,6 +596,8 @@ def _reason_for(exc: BaseException) -> CloseReason | None:
     """The reason a per-connection exception closes only its connection, or None
     if it is not a connection problem (a bug that must propagate)."""
     match exc:
+        case IdleTimeout():
+            return CloseReason.IDLE
         case ConnectionClosed():
             return CloseReason.PEER_CLOSED
         case FrameTooLarge():
@@ -474,6 +643,7 @@ async def serve(
     endpoint: Endpoint,
     *,
     log: Any = None,
+    fatal: tuple[type[BaseException], ...] = (),
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept authenticated connections on ``host:port`` until cancelled.
@@ -495,16 +665,62 @@ async def serve(
         role=endpoint.role, ident=endpoint.ident
     )
 
+    limits = endpoint.limits
+    open_from: collections.Counter[str] = collections.Counter()
+    shaking_from: collections.Counter[str] = collections.Counter()
+    refused: collections.Counter[str] = collections.Counter()
+
+    def admit(host: str) -> str | None:
+        """Why a new connection from ``host`` is refused, or None (then it is counted)."""
+        if open_from.total() >= limits.connections:
+            return f"{limits.connections} connections open"
+        if open_from[host] >= limits.per_address:
+            return f"{limits.per_address} connections open from {host}"
+        if shaking_from.total() >= limits.handshakes:
+            return f"{limits.handshakes} handshakes in progress"
+        if shaking_from[host] >= limits.handshakes_per_address:
+            return f"{limits.handshakes_per_address} handshakes in progress from {host}"
+        open_from[host] += 1
+        shaking_from[host] += 1
+        return None
+
     async def serve_one(stream: trio.SocketStream) -> None:
-        conn_log = base_log.bind(peer=_address(stream))
-        conn = Connection(stream, max_frame=endpoint.max_frame)
+        address = _address(stream)
+        host = address.rpartition(":")[0] or address
+        conn_log = base_log.bind(peer=address)
+        why = admit(host)
+        if why is not None:
+            await trio.aclose_forcefully(stream)
+            refused[why] += 1
+            if refused[why] & (refused[why] - 1) == 0:  # 1, 2, 4, 8...: every refusal counted, no log flood
+                conn_log.warning("connection_refused", limit=why, refused=refused[why])
+            return
+        try:
+            await serve_admitted(stream, host, conn_log)
+        finally:
+            open_from[host] -= 1
+            if not open_from[host]:
+                del open_from[host]
+
+    async def serve_admitted(tcp: trio.SocketStream, host: str, conn_log: Any) -> None:
+        stream: trio.abc.Stream = tcp
+        if endpoint.tls is not None:
+            stream = trio.SSLStream(tcp, endpoint.tls.server, server_side=True)
+        conn = Connection(stream, max_frame=endpoint.max_frame, idle_timeout=limits.idle)
         reason = CloseReason.HANDLER_DONE
         error = None
         try:
-            with trio.move_on_after(endpoint.timeout):
-                await handshake(
-                    conn, secret=endpoint.secret, role=endpoint.role, ident=endpoint.ident, side=Side.RESPONDER
-                )
+            try:
+                with trio.move_on_after(endpoint.timeout):
+                    if isinstance(stream, trio.SSLStream):
+                        await stream.do_handshake()
+                    await handshake(
+                        conn, secret=endpoint.secret, role=endpoint.role, ident=endpoint.ident, side=Side.RESPONDER
+                    )
+            finally:
+                shaking_from[host] -= 1
+                if not shaking_from[host]:
+                    del shaking_from[host]
             if conn.peer is None:
                 reason = CloseReason.HANDSHAKE_TIMEOUT
                 error = f"no complete handshake within {endpoint.timeout} s"
@@ -515,8 +731,13 @@ async def serve(
         except Exception as exc:
             found = _reason_for(exc)
             if found is None:
-                raise
-            reason, error = found, _describe(exc)
+                if isinstance(exc, fatal):
+                    raise
+                # A bug met while handling one peer's data: that connection
+                # closes, logged with its traceback; the process goes on.
+                conn_log.error("connection_handler_error", exc_info=exc)
+                found = CloseReason.HANDLER_ERROR
+            reason, error = found, bounded(_describe(exc))
         finally:
             await trio.aclose_forcefully(conn)
         # Logged after the finally so that each connection logs exactly once,

@@ -91,7 +91,9 @@ async def test_many_fetches_share_one_connection_and_each_gets_its_own_reply() -
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             port = await data_server(nursery, answer)
-            conn = await wire.connect("127.0.0.1", port, wire.Endpoint(secret=SECRET, role="client", ident="me"))
+            conn = await wire.connect(
+                "127.0.0.1", port, wire.Endpoint(secret=SECRET, role="client", ident="me"), expect=None
+            )
             connections += 1
             link = PeerLink(conn)
             nursery.start_soon(link.read)
@@ -127,7 +129,9 @@ async def test_a_broken_connection_fails_every_waiting_fetch_and_refuses_new_one
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             port = await data_server(nursery, answer)
-            conn = await wire.connect("127.0.0.1", port, wire.Endpoint(secret=SECRET, role="client", ident="me"))
+            conn = await wire.connect(
+                "127.0.0.1", port, wire.Endpoint(secret=SECRET, role="client", ident="me"), expect=None
+            )
             link = PeerLink(conn)
             nursery.start_soon(link.read)
             errors: list[BaseException] = []

@@ -55,3 +55,35 @@ def test_load_secret_without_permission(tmp_path):
 
 def test_default_secret_is_usable():
     assert isinstance(DEFAULT_SECRET, bytes) and len(DEFAULT_SECRET) >= 32
+
+
+def test_no_default_secret_off_loopback():
+    """Finding 6: without --secret-file a command starts only if every address it uses is loopback."""
+    import argparse
+
+    from tasksprint.launch import cluster_secret
+    from tasksprint.wire import DEFAULT_SECRET, SecretError
+
+    loopback = argparse.Namespace(secret_file=None, peers="127.0.0.1:7000,127.0.0.2:7001,[::1]:7002")
+    assert cluster_secret(loopback) == DEFAULT_SECRET
+    local_client = argparse.Namespace(secret_file=None, coordinators="localhost:7000", data_host="127.0.0.1")
+    assert cluster_secret(local_client) == DEFAULT_SECRET
+    for args in (
+        argparse.Namespace(secret_file=None, peers="127.0.0.1:7000,10.0.0.2:7000,127.0.0.1:7002"),
+        argparse.Namespace(secret_file=None, coordinators="127.0.0.1:7000", data_host="0.0.0.0"),
+        argparse.Namespace(secret_file=None, coordinators="127.0.0.1:7000", listen="192.168.1.5:8470"),
+    ):
+        with pytest.raises(SecretError, match="--secret-file is required"):
+            cluster_secret(args)
+
+
+def test_a_replica_refuses_a_client_credential_as_its_secret(tmp_path):
+    from tasksprint.cli import main
+    from tasksprint.wire import client_credential
+
+    credential = tmp_path / "client.credential"
+    credential.write_bytes(client_credential(b"cluster-secret"))
+    data = tmp_path / "data"
+    data.mkdir()
+    argv = ["replica", "--id", "0", "--peers", "127.0.0.1:1", "--data", str(data), "--secret-file", str(credential)]
+    assert main(argv) == 2

@@ -13,6 +13,7 @@ import hmac
 import pytest
 
 from tasksprint import codec
+from tasksprint.codec import BadMessage
 from tasksprint.handshake import (
     NONCE_SIZE,
     AuthError,
@@ -20,10 +21,14 @@ from tasksprint.handshake import (
     Hello,
     Proof,
     Side,
+    client_credential,
+    parse_frame,
     proof_mac,
+    role_keys,
 )
 
 SECRET = b"test-cluster-secret"
+KEY = role_keys(SECRET).client  # the key of every connection but replica-to-replica
 NONCE_I = bytes(range(NONCE_SIZE))
 NONCE_R = bytes(range(NONCE_SIZE, 2 * NONCE_SIZE))
 
@@ -56,33 +61,127 @@ def transcript(a: Handshake, b: Handshake) -> list[tuple[str, object]]:
 # The proof
 
 
-def test_proof_binds_side_role_ident_and_both_nonces():
+def hello(role: str, ident: str, nonce: bytes) -> Hello:
+    return Hello(nonce=nonce, role=role, ident=ident)
+
+
+def test_proof_binds_side_both_roles_both_idents_and_both_nonces():
     n1, n2 = b"\x01" * NONCE_SIZE, b"\x02" * NONCE_SIZE
-    base = proof_mac(SECRET, Side.INITIATOR, "replica", "r1", n1, n2)
+    i, r = hello("client", "c1", n1), hello("replica", "0", n2)
+    base = proof_mac(KEY, Side.INITIATOR, i, r)
     assert len(base) == 32
     variants = [
-        proof_mac(SECRET, Side.RESPONDER, "replica", "r1", n1, n2),
-        proof_mac(SECRET, Side.INITIATOR, "client", "r1", n1, n2),
-        proof_mac(SECRET, Side.INITIATOR, "replica", "r2", n1, n2),
-        proof_mac(SECRET, Side.INITIATOR, "replica", "r1", n2, n1),
-        proof_mac(SECRET, Side.INITIATOR, "replica", "r1", n1, n1),
-        proof_mac(SECRET + b"x", Side.INITIATOR, "replica", "r1", n1, n2),
+        proof_mac(KEY, Side.RESPONDER, i, r),
+        proof_mac(KEY, Side.INITIATOR, hello("data", "c1", n1), r),
+        proof_mac(KEY, Side.INITIATOR, hello("client", "c2", n1), r),
+        proof_mac(KEY, Side.INITIATOR, i, hello("replica", "1", n2)),  # another responder: no relaying
+        proof_mac(KEY, Side.INITIATOR, i, hello("client", "0", n2)),
+        proof_mac(KEY, Side.INITIATOR, hello("client", "c1", n2), hello("replica", "0", n1)),
+        proof_mac(KEY + b"x", Side.INITIATOR, i, r),
         # length prefixes keep the role/ident boundary unambiguous
-        proof_mac(SECRET, Side.INITIATOR, "replicar", "1", n1, n2),
+        proof_mac(KEY, Side.INITIATOR, hello("clientc", "1", n1), r),
     ]
     assert base not in variants
     assert len(set(variants)) == len(variants)
 
 
-def test_proof_mac_matches_the_documented_layout_and_vectors():
-    # Built by hand from docs/wire.md, independently of proof_mac.
+def test_proof_mac_and_role_keys_match_the_documented_layout_and_vectors():
+    # Built by hand from docs/wire.md, independently of proof_mac and role_keys.
     secret, ni, nr = b"example-secret", bytes(range(32)), bytes(range(32, 64))
-    data = b"tasksprint-handshake-v1" + b"\x01" + b"\x00\x06client" + b"\x00\x02c1" + nr + ni
-    mac_i = proof_mac(secret, Side.INITIATOR, "client", "c1", nr, ni)
-    assert mac_i == hmac.new(secret, data, hashlib.sha256).digest()
-    assert mac_i.hex() == "58f1e50738f43d4c96fc7b9e14142e6c9dc35b5cd05b214e67fa29481fd14f4f"
-    mac_r = proof_mac(secret, Side.RESPONDER, "replica", "0", ni, nr)
-    assert mac_r.hex() == "4ce09702d3f2ece4f3ac7045838e865e678ad56b4948393da0d645765e9b2a58"
+    client_key = hmac.new(secret, b"tasksprint-role-key-v1:client", hashlib.sha256).digest()
+    replica_key = hmac.new(secret, b"tasksprint-role-key-v1:replica", hashlib.sha256).digest()
+    keys = role_keys(secret)
+    assert (keys.client, keys.replica) == (client_key, replica_key)
+    data = (
+        b"tasksprint-handshake-v2"
+        + b"\x01"
+        + (b"\x00\x06client" + b"\x00\x02c1" + ni)
+        + (b"\x00\x07replica" + b"\x00\x010" + nr)
+    )
+    mac_i = proof_mac(client_key, Side.INITIATOR, hello("client", "c1", ni), hello("replica", "0", nr))
+    assert mac_i == hmac.new(client_key, data, hashlib.sha256).digest()
+    assert mac_i.hex() == VECTOR_I
+    mac_r = proof_mac(replica_key, Side.RESPONDER, hello("replica", "1", ni), hello("replica", "0", nr))
+    assert mac_r.hex() == VECTOR_R
+
+
+VECTOR_I = "a53a315b1169f403b24c286844c61fa14d12d2f7bfaea614cb4f401aefc0006b"
+VECTOR_R = "2d66e72bac0e9be9ed77e77ed72b35e2e6e025ed832f5f709a2759cbbec4a5b8"
+
+
+def test_a_client_credential_holds_the_client_key_only():
+    credential = client_credential(SECRET)
+    assert credential.startswith(b"tasksprint-client-key-v1:") and credential.endswith(b"\n")
+    keys = role_keys(credential.strip())
+    assert keys.replica is None and keys.client == role_keys(SECRET).client
+    with pytest.raises(ValueError, match="cannot act as a replica"):
+        Handshake.open(secret=credential, role="replica", ident="0", side=Side.INITIATOR, nonce=NONCE_I)
+    with pytest.raises(ValueError, match="64 hex digits"):
+        role_keys(b"tasksprint-client-key-v1:abcd")
+
+
+def test_a_client_credential_talks_to_a_replica_but_cannot_pass_as_one():
+    """Finding 6: a worker machine's credential never authenticates as a replica."""
+    credential = client_credential(SECRET)
+    a = Handshake.open(secret=credential, role="client", ident="w1", side=Side.INITIATOR, nonce=NONCE_I)
+    b = responder()
+    transcript(a, b)
+    assert a.done and b.done
+    # Claiming the replica role with the client key: the proof is made with
+    # the client key (all it has) and the responder wants the replica key.
+    forged = Hello(nonce=NONCE_I, role="replica", ident="2")
+    b = responder()
+    assert b.receive(forged) == []
+    mac = proof_mac(role_keys(credential).client, Side.INITIATOR, forged, b.hello)
+    with pytest.raises(AuthError, match="replica key"):
+        b.receive(Proof(mac=mac))
+
+
+def test_a_proof_relayed_to_another_replica_is_refused():
+    """Finding 6: the proof names the responder, so a man in the middle cannot relay it elsewhere."""
+    a = Handshake.open(secret=SECRET, role="replica", ident="0", side=Side.INITIATOR, nonce=NONCE_I)
+    # The attacker answers replica 0 with replica 2's nonce but says it is replica 1.
+    victim = Handshake.open(secret=SECRET, role="replica", ident="2", side=Side.RESPONDER, nonce=NONCE_R)
+    (proof,) = a.receive(Hello(nonce=NONCE_R, role="replica", ident="1"))
+    assert victim.receive(a.hello) == []
+    with pytest.raises(AuthError, match="wrong proof"):
+        victim.receive(proof)
+
+
+def test_an_initiator_refuses_a_responder_that_is_not_the_one_it_called():
+    a = Handshake.open(
+        secret=SECRET, role="replica", ident="0", side=Side.INITIATOR, nonce=NONCE_I, expect=("replica", "1")
+    )
+    with pytest.raises(AuthError, match="expected replica '1'"):
+        a.receive(Hello(nonce=NONCE_R, role="replica", ident="2"))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"\xd9\xea\x89\x84\x65Hello",
+        codec.encode(Hello(nonce=NONCE_I, role="r", ident="i")) + b"\x00",
+        codec.encode(["Hello", NONCE_I, "r", "i"]),
+        # Shared references (tag 28/29): the general decoder would build a DAG.
+        b"\xd8\x1c" + codec.encode(Hello(nonce=NONCE_I, role="r", ident="i")),
+        codec.encode(Hello(nonce=NONCE_I, role="r", ident="i")).replace(b"\x58\x20", b"\x5a\x00\x00\x00\x20"),
+        b"\xd9\xea\x89\x82\x65Proof\x58\x20" + bytes(31),
+        b"\xd9\xea\x89\x84\x65Hello\x58\x20" + NONCE_I + b"\x61r\x62\xff\xfe",
+    ],
+)
+def test_the_fixed_shape_parser_takes_exactly_the_two_handshake_frames(body):
+    with pytest.raises(BadMessage):
+        parse_frame(body)
+
+
+def test_the_fixed_shape_parser_reads_what_the_encoder_writes():
+    for msg in [
+        Hello(nonce=NONCE_I, role="client", ident=""),
+        Hello(nonce=NONCE_R, role="r" * 64, ident="é" * 256),
+        Proof(mac=bytes(range(32))),
+    ]:
+        assert parse_frame(codec.encode(msg)) == msg
 
 
 def test_hello_and_proof_validate_their_fields():
@@ -113,8 +212,8 @@ def test_transcript_is_hellos_then_the_initiators_proof_then_the_responders():
         ("a", "Proof"),
         ("b", "Proof"),
     ]
-    assert sent[2][1] == Proof(mac=proof_mac(SECRET, Side.INITIATOR, "client", "c1", NONCE_R, NONCE_I))
-    assert sent[3][1] == Proof(mac=proof_mac(SECRET, Side.RESPONDER, "replica", "r1", NONCE_I, NONCE_R))
+    assert sent[2][1] == Proof(mac=proof_mac(KEY, Side.INITIATOR, a.hello, b.hello))
+    assert sent[3][1] == Proof(mac=proof_mac(KEY, Side.RESPONDER, a.hello, b.hello))
     assert a.done and b.done
     assert a.peer == b.hello and b.peer == a.hello
 
@@ -129,7 +228,7 @@ def test_responder_refuses_a_proof_made_with_another_secret():
     a, b = initiator(secret=b"another secret"), responder()
     b.receive(a.hello)
     (proof,) = a.receive(b.hello)
-    with pytest.raises(AuthError, match="do not share the cluster secret"):
+    with pytest.raises(AuthError, match="does not hold the client key"):
         b.receive(proof)
     assert b.peer is None and not b.done
 
@@ -138,7 +237,8 @@ def test_initiator_refuses_a_proof_made_with_another_secret():
     a, b = initiator(), responder(secret=b"another secret")
     b.receive(a.hello)
     (proof,) = a.receive(b.hello)
-    (answer,) = b.receive(Proof(mac=proof_mac(b"another secret", Side.INITIATOR, "client", "c1", NONCE_R, NONCE_I)))
+    other = role_keys(b"another secret").client
+    (answer,) = b.receive(Proof(mac=proof_mac(other, Side.INITIATOR, a.hello, b.hello)))
     with pytest.raises(AuthError, match="wrong proof"):
         a.receive(answer)
     assert a.peer is None
@@ -149,9 +249,7 @@ def test_initiator_refuses_a_proof_made_with_another_secret():
     [
         pytest.param(lambda own_proof, peer_hello: own_proof, id="reflected"),
         pytest.param(
-            lambda own_proof, peer_hello: Proof(
-                mac=proof_mac(SECRET, Side.INITIATOR, peer_hello.role, peer_hello.ident, NONCE_I, peer_hello.nonce)
-            ),
+            lambda own_proof, peer_hello: Proof(mac=proof_mac(KEY, Side.INITIATOR, initiator().hello, peer_hello)),
             id="wrong-side",
         ),
         pytest.param(lambda own_proof, peer_hello: Proof(mac=bytes(32)), id="zeros"),

@@ -9,6 +9,8 @@ import trio
 import trio.testing
 from streams import socket_pair
 
+from tasksprint import codec
+from tasksprint.paxos.messages import Accept, Ballot, Batch, Command, Proposal
 from tasksprint.replica import Outbox
 from tasksprint.wire import Connection
 
@@ -71,3 +73,40 @@ async def test_the_pump_writes_what_flush_could_hand_over_only_in_part():
         box.flush()
         assert left.backlog
         assert await right.receive() == BIG  # nothing else pushed: the pump still finishes it
+
+
+def _accept(n: int, size: int) -> Accept:
+    value = Batch(items=(Command(client_id="c", seq=1, op="v" * size),))
+    return Accept(
+        ballot=Ballot(1, 0), proposals=tuple(Proposal(slot=s, value=value) for s in range(1, n + 1)), commit=0
+    )
+
+
+async def test_a_message_of_several_values_over_the_frame_cap_is_split_not_fatal():
+    """Finding 4: an Accept of 8 proposals of 100 kB, under a 256 kB cap, leaves as several Accepts."""
+    left, right = socket_pair()
+    box = Outbox(max_frame=256 * 1024)
+    with trio.fail_after(GUARD_SECONDS):
+        async with left, right, trio.open_nursery() as nursery:
+            nursery.start_soon(box.pump, left)
+            box.push(_accept(8, 100_000))
+            got: list[Accept] = []
+            while sum(len(a.proposals) for a in got) < 8:
+                got.append(await right.receive())
+            assert len(got) > 1 and all(isinstance(a, Accept) and a.ballot == Ballot(1, 0) for a in got)
+            assert [p.slot for a in got for p in a.proposals] == list(range(1, 9))
+            # One value alone over the cap cannot be split: dropped, logged, and the box goes on.
+            box.push(_accept(1, 300_000))
+            box.push("after")
+            assert await right.receive() == "after"
+            nursery.cancel_scope.cancel()
+
+
+def test_the_queue_is_bounded_in_bytes_dropping_the_oldest():
+    box = Outbox(limit_bytes=10_000)
+    for i in range(50):
+        box.push({"n": i, "pad": "p" * 1000})
+    assert box.dropped > 0 and box._bytes <= 10_000
+    frames = list(box._queue)
+    assert len(frames) == 50 - box.dropped
+    assert codec.decode(frames[-1][4:])["n"] == 49  # the newest are kept

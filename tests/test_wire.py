@@ -23,7 +23,7 @@ import trio.testing
 from streams import socket_pair
 from structlog.testing import LogCapture
 
-from tasksprint import codec
+from tasksprint import codec, wire
 from tasksprint.codec import BadMessage
 from tasksprint.paxos.messages import (
     Accept,
@@ -46,17 +46,20 @@ from tasksprint.wire import (
     Endpoint,
     FrameTooLarge,
     Hello,
+    Limits,
     Proof,
     Side,
     connect,
     handshake,
     proof_mac,
+    role_keys,
     serve,
 )
 
 SECRET = b"test-cluster-secret"
 HOST = "127.0.0.1"
 CLIENT = Endpoint(secret=SECRET, role="client", ident="c1")
+CLIENT_KEY = role_keys(SECRET).client
 # Upper bound on any one test, only so that a hang fails; never a measurement.
 GUARD_SECONDS = 30
 
@@ -657,7 +660,7 @@ async def test_a_recorded_handshake_cannot_be_replayed(nursery):
     async def open_with(proof):
         conn = Connection(await trio.open_tcp_stream(HOST, server.port))
         server_hello = await conn.receive()
-        mac = proof or proof_mac(SECRET, Side.INITIATOR, own.role, own.ident, server_hello.nonce, own.nonce)
+        mac = proof or proof_mac(CLIENT_KEY, Side.INITIATOR, own, server_hello)
         await conn.send_many([own, Proof(mac=mac)])
         return conn, mac
 
@@ -699,9 +702,7 @@ async def fake_responder(nursery, answer):
         pytest.param(lambda hello, proof, own: proof, id="reflected-proof"),
         pytest.param(
             # Right secret and inputs, but computed as if it were the initiator.
-            lambda hello, proof, own: Proof(
-                mac=proof_mac(SECRET, Side.INITIATOR, own.role, own.ident, hello.nonce, own.nonce)
-            ),
+            lambda hello, proof, own: Proof(mac=proof_mac(CLIENT_KEY, Side.INITIATOR, hello, own)),
             id="wrong-side",
         ),
         pytest.param(lambda hello, proof, own: "not a proof", id="not-a-proof"),
@@ -710,7 +711,7 @@ async def fake_responder(nursery, answer):
 @bounded
 async def test_client_rejects_a_bad_proof_from_the_server(nursery, answer):
     port = await fake_responder(nursery, answer)
-    with pytest.raises(AuthError):
+    with pytest.raises(wire.BadMessage):  # AuthError, or not a handshake frame at all
         await connect(HOST, port, CLIENT)
 
 
@@ -720,9 +721,7 @@ async def test_client_accepts_the_right_proof_from_a_separate_implementation(nur
     # specified by the bytes, not by sharing this module's code paths.
     port = await fake_responder(
         nursery,
-        lambda hello, proof, own: Proof(
-            mac=proof_mac(SECRET, Side.RESPONDER, own.role, own.ident, hello.nonce, own.nonce)
-        ),
+        lambda hello, proof, own: Proof(mac=proof_mac(CLIENT_KEY, Side.RESPONDER, hello, own)),
     )
     conn = await connect(HOST, port, CLIENT)
     assert conn.peer.ident == "fake"
@@ -816,20 +815,121 @@ async def test_bad_frame_inside_a_handler_nursery_closes_only_that_connection(nu
 
 
 @bounded
-async def test_a_handler_bug_is_not_swallowed():
+async def test_a_handler_bug_closes_only_its_connection_and_is_logged(nursery):
+    """Finding 3: any exception from handling one peer's data ends that connection, not the server."""
+
     async def buggy(conn):
-        raise KeyError("bug in the handler")
+        msg = await conn.receive()
+        if msg == "crash":
+            raise OverflowError("int too large to convert to SQLite INTEGER")
+        await conn.send(msg)
+
+    server = await start_server(nursery, handler=buggy)
+    conn = await server.connect()
+    await conn.send("crash")
+    with pytest.raises(ConnectionClosed):
+        await conn.receive()
+    await conn.aclose()
+    await trio.testing.wait_all_tasks_blocked()
+    assert server.problems() == ["handler_error"]
+    assert any(e["event"] == "connection_handler_error" for e in server.capture.entries)
+    conn = await server.connect()
+    await conn.send("still there")
+    assert await conn.receive() == "still there"
+    await conn.aclose()
+
+
+class Fatal(Exception):
+    pass
+
+
+@bounded
+async def test_an_error_named_fatal_stops_the_server():
+    async def fatal(conn):
+        raise Fatal("the replica's state diverged")
 
     with pytest.raises(BaseExceptionGroup) as info:
         async with trio.open_nursery() as own:
-            server = await start_server(own, handler=buggy)
-            conn = await server.connect()
+            logger, _capture = capturing_logger()
+            listeners = await own.start(
+                functools.partial(
+                    serve,
+                    fatal,
+                    HOST,
+                    0,
+                    Endpoint(secret=SECRET, role="replica", ident="r1"),
+                    log=logger,
+                    fatal=(Fatal,),
+                )
+            )
+            conn = await connect(HOST, listeners[0].socket.getsockname()[1], CLIENT)
             # Wait here rather than fail here, so that the server's error is
             # the one that ends the nursery.
             with pytest.raises(ConnectionClosed):
                 await conn.receive()
             await trio.sleep_forever()
-    assert info.group_contains(KeyError, depth=None)
+    assert info.group_contains(Fatal, depth=None)
+
+
+@bounded
+async def test_connections_over_the_per_address_limit_are_refused_and_logged(nursery):
+    """Finding 8: an address cannot hold more than its share of connections."""
+    server = await start_server(nursery, limits=Limits(per_address=3, handshakes_per_address=3))
+    held = [await server.connect() for _ in range(3)]
+    with pytest.raises(wire.NETWORK_ERRORS):
+        await server.connect()
+    await trio.testing.wait_all_tasks_blocked()
+    refusals = [e for e in server.capture.entries if e["event"] == "connection_refused"]
+    assert refusals and "3 connections open from 127.0.0.1" in refusals[0]["limit"]
+    await held.pop().aclose()
+    # One slot free again: serving goes on.
+    deadline = trio.current_time() + GUARD_SECONDS / 2
+    while True:
+        try:
+            conn = await server.connect()
+            break
+        except wire.NETWORK_ERRORS:
+            assert trio.current_time() < deadline
+            await trio.sleep(0.01)
+    await conn.send("ok")
+    assert await conn.receive() == "ok"
+    for c in [conn, *held]:
+        await c.aclose()
+
+
+@bounded
+async def test_unauthenticated_connections_cannot_hold_every_handshake_slot(nursery):
+    """Finding 8: silent connections beyond the handshake limit are closed at once."""
+    server = await start_server(nursery, limits=Limits(handshakes=2, handshakes_per_address=2), timeout=20)
+    silent = [await trio.open_tcp_stream(HOST, server.port) for _ in range(2)]
+    await trio.testing.wait_all_tasks_blocked()
+    third = await trio.open_tcp_stream(HOST, server.port)
+    assert await read_until_closed(third) == b""  # closed without even a Hello
+    await third.aclose()
+    refusals = [e["limit"] for e in server.capture.entries if e["event"] == "connection_refused"]
+    assert refusals == ["2 handshakes in progress"]
+    for s in silent:
+        await s.aclose()
+    # Their slots come back once they are gone.
+    deadline = trio.current_time() + GUARD_SECONDS / 2
+    while True:
+        try:
+            await server.check_serving()
+            break
+        except wire.NETWORK_ERRORS:
+            assert trio.current_time() < deadline
+            await trio.sleep(0.01)
+
+
+@bounded
+async def test_an_idle_connection_is_closed_after_the_idle_timeout(nursery):
+    server = await start_server(nursery, limits=Limits(idle=0.2))
+    conn = await server.connect()
+    with pytest.raises(ConnectionClosed):
+        await conn.receive()  # the server sends nothing and closes once idle
+    await conn.aclose()
+    await trio.testing.wait_all_tasks_blocked()
+    assert server.problems() == ["idle"]
 
 
 # --------------------------------------------------------------------------

@@ -212,5 +212,7 @@ class CoordinatorApp:
         return attrs.evolve(status, live_clients=tuple(loads))  # type: ignore[misc]
 
     def _note_contact(self, cid: int) -> None:
+        if not self.machine.is_live(cid):
+            return  # only clients the log knows: a view query naming any number must not grow these tables
         self._contacts.add(cid)
         self._seen[cid] = self.clock()

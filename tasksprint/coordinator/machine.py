@@ -335,6 +335,7 @@ class CoordinatorMachine:
         cid = s.names.get(op.client)
         if cid is not None and s.clients[cid].alive:
             client = s.clients[cid]
+            self._check_session(client, "join")
             moved = client.addr != op.addr
             client.addr, client.slots, client.tags, client.queue = op.addr, slots, tags, queue
             self._fx.effects.append(["rejoin", cid])
@@ -345,7 +346,9 @@ class CoordinatorMachine:
             return Joined(cid=cid)
         cid = s.next_cid
         s.next_cid += 1
-        s.clients[cid] = ClientRecord(cid=cid, name=op.client, addr=op.addr, slots=slots, tags=tags, queue=queue)
+        s.clients[cid] = ClientRecord(
+            cid=cid, name=op.client, addr=op.addr, slots=slots, tags=tags, queue=queue, session=self._fx.session
+        )
         s.names[op.client] = cid
         s.live[cid] = None
         self._fx.effects.append(["join", cid])
@@ -370,7 +373,17 @@ class CoordinatorMachine:
         task = self._state.tasks.get(op.tid)
         if task is None:
             raise BadOp(f"{what}: unknown task {op.tid}", ErrorCode.UNKNOWN)
+        self._check_session(client, what)
         return client, task
+
+    def _check_session(self, client: ClientRecord, what: str) -> None:
+        """Refuse an op that speaks for ``client`` from a log session other than the one that joined it."""
+        if client.session and client.session != self._fx.session:
+            raise BadOp(
+                f"{what}: client {client.cid} ({client.name[:64]!r}) was joined by another log session; "
+                "a client reports only for itself",
+                ErrorCode.FORBIDDEN,
+            )
 
     def _stale_reason(self, client: ClientRecord, task: TaskRecord, attempt: int) -> str | None:
         if self._state.run_state is not RunState.RUNNING:
@@ -518,6 +531,7 @@ class CoordinatorMachine:
         task = s.tasks.get(op.tid)
         if client is None or task is None:
             raise BadOp(f"lost: unknown client {op.cid} or task {op.tid}", ErrorCode.UNKNOWN)
+        self._check_session(client, "lost")
         if s.run_state is not RunState.RUNNING or not client.alive:
             return Reported(accepted=False, reason="reporter is dead or the computation is over")
         if task.state is not TaskState.DONE or task.holder is None:
@@ -590,6 +604,7 @@ class CoordinatorMachine:
     def _begin(self, ctx: ApplyContext) -> None:
         self._fx.effects = []
         self._fx.slot = ctx.slot
+        self._fx.session = ctx.client_id
 
     def _effects_digest(self) -> str:
         return hashlib.sha256(codec.encode(self._fx.effects)).hexdigest()[:32]

@@ -39,7 +39,6 @@ that does not parse is answered with its :class:`Refused`.
 from __future__ import annotations
 
 import enum
-import math
 from typing import Any, ClassVar, TypeGuard
 
 import attrs
@@ -93,6 +92,7 @@ class ErrorCode(enum.Enum):
     MALFORMED = "malformed"  # a field is missing or has the wrong type or range
     NOT_INITIALIZED = "not_initialized"  # the computation's first entry is not applied yet: try again
     UNKNOWN = "unknown"  # names a client or task the coordinator does not know
+    FORBIDDEN = "forbidden"  # speaks for a client that another log session joined
 
 
 _str_v = attrs.validators.instance_of(str)
@@ -636,6 +636,10 @@ class GraphRequest:
 Request = ViewRequest | StatusRequest | InfoRequest | SchedulerRequest | GraphRequest
 
 
+#: Longest a view query may ask to wait, in seconds (a replica answers sooner anyway).
+MAX_WAIT = 3600
+
+
 def parse_query(name: Any, args: Any) -> Request:
     """The typed question of a :class:`~tasksprint.api.Query`, or raise :class:`BadOp`."""
     if not isinstance(args, dict):
@@ -643,8 +647,9 @@ def parse_query(name: Any, args: Any) -> Request:
     match name:
         case "view":
             wait = args.get("wait", 0)
-            if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not (wait >= 0 and math.isfinite(wait)):
-                raise BadOp(f"view: field 'wait' must be a number of seconds >= 0, got {described(wait)}")
+            # Compared, never converted first: float(2**1100) raises OverflowError.
+            if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= MAX_WAIT:
+                raise BadOp(f"view: field 'wait' must be a number of seconds from 0 to {MAX_WAIT}")
             cpu = args.get("cpu")
             if cpu is not None and (isinstance(cpu, bool) or not isinstance(cpu, (int, float)) or not (0 <= cpu < 1e6)):
                 raise BadOp(f"view: field 'cpu' must be a CPU percentage >= 0, got {described(cpu)}")

@@ -106,6 +106,9 @@ class ClientRecord:
     slots: int
     tags: frozenset[str]
     alive: bool = True
+    #: The log session (command client id) that joined it: only that session
+    #: may report for it or join again under its name ("" in older states: any).
+    session: str = ""
     running: dict[int, None] = attrs.Factory(dict)  # tids placed here (ordered set)
     # The tids in ``running`` that are missing an input (placed early, or an
     # input was lost): they do not count against ``slots``.
@@ -197,6 +200,8 @@ class Entry:
     """Scratch of the log entry being applied: its slot and the actions it caused."""
 
     slot: int = 0
+    #: The log session (command client id) that submitted it; "" for a TICK.
+    session: str = ""
     effects: list[list[Any]] = attrs.Factory(list)
     woken: bool = False  # placement queued dependents: place another round
 

@@ -23,19 +23,66 @@ from tasksprint.codec import (
     tuple_of,
 )
 
-_int = attrs.validators.instance_of(int)
 _bool = attrs.validators.instance_of(bool)
-_str = attrs.validators.instance_of(str)
+
+
+#: Every counter on the wire (slot, round, seq, commit index, nonce) is below
+#: this: it fits SQLite's signed 64-bit integers, and a peer cannot make a
+#: replica compute with numbers of unbounded size.
+INT_LIMIT = 2**63
+
+#: Highest replica id a ballot may name (clusters have at most 7 replicas;
+#: the core and the replica check ids against their own peer list too).
+MAX_RID = 255
+
+#: Longest client id (characters) a command may carry.
+MAX_CLIENT_ID = 256
 
 
 def _nonneg(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{attr.name} must be a non-negative int, got {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < INT_LIMIT:
+        raise ValueError(f"{attr.name} must be an int from 0 to 2**63-1, got {_short(value)}")
 
 
 def _slot(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{attr.name} must be a slot number >= 1, got {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value < INT_LIMIT:
+        raise ValueError(f"{attr.name} must be a slot number from 1 to 2**63-1, got {_short(value)}")
+
+
+def _nonce(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**64:
+        raise ValueError(f"{attr.name} must be an int from 0 to 2**64-1, got {_short(value)}")
+
+
+def _rid(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
+    # -1 is ZERO_BALLOT's replica id.
+    if not isinstance(value, int) or isinstance(value, bool) or not -1 <= value <= MAX_RID:
+        raise ValueError(f"{attr.name} must be a replica id from -1 to {MAX_RID}, got {_short(value)}")
+
+
+def _client_id(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_CLIENT_ID:
+        raise ValueError(f"{attr.name} must be a str of 1 to {MAX_CLIENT_ID} characters")
+
+
+def _finite(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not -INT_LIMIT < value < INT_LIMIT:
+        raise ValueError(f"{attr.name} must be a finite number, got {_short(value)}")
+    if value != value:  # NaN
+        raise ValueError(f"{attr.name} must be a finite number, got nan")
+
+
+def _is_slot(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value < INT_LIMIT
+
+
+def _short(value: Any) -> str:
+    """A bounded description of a value that failed a check (never the repr of a huge one)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value) if -INT_LIMIT < value < INT_LIMIT else f"an int of {value.bit_length()} bits"
+    if isinstance(value, (float, bool)) or value is None:
+        return repr(value)
+    return f"a {type(value).__name__}"
 
 
 @register
@@ -44,7 +91,7 @@ class Ballot:
     """A ballot number: (round, replica id), ordered lexicographically."""
 
     round: int = attrs.field(validator=_nonneg)
-    rid: int = attrs.field(validator=_int)
+    rid: int = attrs.field(validator=_rid)
 
     def __str__(self) -> str:
         return f"{self.round}.{self.rid}"
@@ -72,7 +119,7 @@ class Command:
     an answer, so replicas may forget the results of older ones.
     """
 
-    client_id: str = attrs.field(validator=_str)
+    client_id: str = attrs.field(validator=_client_id)
     seq: int = attrs.field(validator=_nonneg)
     first_unacked: int = attrs.field(default=0, validator=_nonneg)
     op: Any = None
@@ -91,7 +138,7 @@ class Tick:
     clients it considers expired there); the core treats it as opaque.
     """
 
-    now: float = attrs.field(validator=attrs.validators.instance_of((int, float)))
+    now: float = attrs.field(validator=_finite)
     data: Any = None
 
 
@@ -107,7 +154,7 @@ class CommandBlock:
     blocks when it resent them.
     """
 
-    client_id: str = attrs.field(validator=_str)
+    client_id: str = attrs.field(validator=_client_id)
     first_seq: int = attrs.field(validator=_slot)
     first_unacked: int = attrs.field(default=0, validator=_nonneg)
     ops: bytes = attrs.field(validator=attrs.validators.instance_of(bytes))
@@ -246,7 +293,7 @@ class Accepted:
     """Phase 2b: the acceptor accepted (and persisted) these slots at ``ballot``."""
 
     ballot: Ballot = attrs.field(validator=_ballot)
-    slots: tuple[Any, ...] = attrs.field(converter=tuple_of(lambda s: isinstance(s, int) and s >= 1))
+    slots: tuple[Any, ...] = attrs.field(converter=tuple_of(_is_slot))
 
 
 @message
@@ -307,12 +354,12 @@ class Forward:
 class RecoverQuery:
     """From a replica whose data directory is empty: what have you promised?"""
 
-    nonce: int = attrs.field(validator=_nonneg)
+    nonce: int = attrs.field(validator=_nonce)
 
 
 @message
 class RecoverReply:
-    nonce: int = attrs.field(validator=_nonneg)
+    nonce: int = attrs.field(validator=_nonce)
     promised: Ballot = attrs.field(validator=_ballot)
     #: True if the sender has never accepted nor learned anything (promises do not count).
     empty: bool = attrs.field(validator=_bool)
