@@ -53,7 +53,8 @@ from tasksprint.batch.statusfile import (
 )
 from tasksprint.batch.taskfile import Task, TaskFileError, parse_taskfile
 from tasksprint.channel import ASK_ERRORS, ReplicaChannel
-from tasksprint.coordinator.ops import SchedulerAnswer, SchedulerRequest
+from tasksprint.coordinator.ops import SchedulerAnswer, SchedulerRequest, StatusRequest
+from tasksprint.coordinator.replies import ComputationStatus
 from tasksprint.localcluster import LocalCluster
 
 __all__ = [
@@ -77,6 +78,7 @@ EXIT_FAILED = 1
 RUN_DIR_SUFFIX = "_tasksprint"
 #: Seconds without an answer from any replica before the driver says so.
 SILENCE_WARNING_S = 30.0
+COMPUTATION_CHECK_S = 1.0  # how often the driver asks whether the computation itself failed
 #: The ssh command that starts engines on other hosts (default ``ssh -o BatchMode=yes``).
 SSH_COMMAND_ENV = "TASKSPRINT_SSH_COMMAND"
 # Environment variables not passed on to tasks: the shell's own, and ours.
@@ -335,6 +337,7 @@ async def follow(run: BatchRun, status: TextIO, *, header: bool, poll: float = 0
     find_leader = True
     silent_since: float | None = None
     warned = False
+    checked_at = trio.current_time()
     try:
         while True:
             try:
@@ -357,6 +360,13 @@ async def follow(run: BatchRun, status: TextIO, *, header: bool, poll: float = 0
                 await trio.sleep(0.1)
                 continue
             silent_since = None
+            if trio.current_time() - checked_at > COMPUTATION_CHECK_S:
+                # A computation that failed (a hook raised, a state that cannot be
+                # saved) ends no batch: the scheduler stopped being called.
+                checked_at = trio.current_time()
+                failed = await _computation_failure(channel)
+                if failed is not None:
+                    return {"lines": [], "ended": True, "total": written, "failed": 0, "reason": failed}
             if not isinstance(reply, SchedulerAnswer) or not isinstance(reply.value, dict):
                 await trio.sleep(poll)
                 continue
@@ -372,6 +382,18 @@ async def follow(run: BatchRun, status: TextIO, *, header: bool, poll: float = 0
                 await trio.sleep(poll)
     finally:
         await channel.aclose()
+
+
+async def _computation_failure(channel: ReplicaChannel) -> str | None:
+    """Why the batch's computation failed, or None while it has not (or no replica answers)."""
+    try:
+        status = await channel.request(StatusRequest())
+    except ASK_ERRORS:
+        return None
+    if isinstance(status, ComputationStatus) and status.state == "failed":
+        message = status.failure.message if status.failure is not None else "no reason recorded"
+        return f"the batch scheduler failed: {message}"
+    return None
 
 
 _SLURM_COUNT = re.compile(r"([0-9]+)(?:\(x([0-9]+)\))?")

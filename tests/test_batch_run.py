@@ -278,3 +278,44 @@ def test_logfile_gets_the_driver_lines(tmp_path: Path) -> None:
     log = (tmp_path / "driver.log").read_text()
     assert "line 2: unknown #DISBATCH directive" in log and "started lg" in log and "exit code 0" in log
     assert b"line 2" in r.stderr
+
+
+def test_a_failed_batch_computation_is_reported_not_waited_for() -> None:
+    import trio
+
+    from tasksprint.batch_command import _computation_failure
+    from tasksprint.coordinator.replies import ClientCounts, ComputationFailure, ComputationStatus
+
+    def status(state: str) -> ComputationStatus:
+        failure = None
+        if state == "failed":
+            failure = ComputationFailure(
+                kind="hook", hook="init", tid=None, cid=None, slot=1, error="E", message="init raised E"
+            )
+        return ComputationStatus(
+            state=state,
+            finished=False,
+            result=None,
+            failure=failure,
+            tasks={"total": 0},
+            clients=ClientCounts(live=1, dead=0),
+            live_clients=(),
+            now=0.0,
+            seed=1,
+            version=1,
+            last_hook=None,
+        )
+
+    class Channel:
+        def __init__(self, state: str) -> None:
+            self.state = state
+
+        async def request(self, request: object) -> ComputationStatus:
+            return status(self.state)
+
+    async def main() -> None:
+        assert await _computation_failure(Channel("running")) is None  # type: ignore[arg-type]
+        why = await _computation_failure(Channel("failed"))  # type: ignore[arg-type]
+        assert why == "the batch scheduler failed: init raised E"
+
+    trio.run(main)

@@ -3,6 +3,7 @@ scheduler whose state cannot be saved fails its computation cleanly instead of s
 
 from __future__ import annotations
 
+import fractions
 import functools
 import pathlib
 import pickle
@@ -13,6 +14,7 @@ from coordinator_harness import ChainScheduler, Harness
 from tasksprint_sdk.coordinator import Coordinator, scheduler_code_digest
 
 from tasksprint import codec
+from tasksprint.batch.taskfile import Notice
 from tasksprint.coordinator.machine import CoordinatorMachine, RunState
 from tasksprint.coordinator.snapshots import BadSnapshot, SnapshotRefused
 from tasksprint.machine import Applier, SnapshotUnavailable
@@ -42,6 +44,22 @@ class KeepsData(Coordinator):
     def init(self, seed: int) -> None:
         self.things = {"a": [1, 2], "b": {3, 4}}
         self.holder = Holder(3)
+        self.start_task("a")
+
+
+class KeepsALibraryValue(Coordinator):
+    """Keeps a value class of another module, which it lists in SNAPSHOT_CLASSES."""
+
+    SNAPSHOT_CLASSES = (fractions.Fraction, Notice)
+
+    def init(self, seed: int) -> None:
+        self.notice = Notice(line=3, text=b"hello", reason="r")
+        self.start_task("a")
+
+
+class KeepsAnUnlistedLibraryValue(Coordinator):
+    def init(self, seed: int) -> None:
+        self.notice = Notice(line=3, text=b"hello", reason="r")
         self.start_task("a")
 
 
@@ -124,6 +142,23 @@ def test_plain_data_and_the_scheduler_modules_classes_round_trip() -> None:
     sched = other.scheduler
     assert sched.things == {"a": [1, 2], "b": {3, 4}}
     assert isinstance(sched.holder, Holder) and sched.holder.n == 3
+
+
+def test_a_listed_library_class_round_trips_and_an_unlisted_one_is_refused() -> None:
+    h = Harness(KeepsALibraryValue)
+    h.init()
+    other = CoordinatorMachine(KeepsALibraryValue)
+    other.restore(h.machine.snapshot())
+    assert other.scheduler.notice == Notice(line=3, text=b"hello", reason="r")
+    # The same value in a scheduler that does not list its class: refused when saved.
+    h = Harness(KeepsAnUnlistedLibraryValue)
+    h.init()
+    assert h.machine.run_state is RunState.FAILED
+    assert "notice" in h.machine.status()["failure"]["message"]
+    # And a snapshot naming it is refused when restored by that scheduler.
+    blob = pickle.dumps(Notice(line=1, text=b"x", reason="r"))
+    with pytest.raises(BadSnapshot, match="Notice"):
+        _restore(KeepsAnUnlistedLibraryValue, blob)
 
 
 @pytest.mark.parametrize(("cls", "attr"), [(KeepsAFile, "log"), (KeepsALambda, "pick")])

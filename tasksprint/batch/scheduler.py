@@ -58,7 +58,16 @@ from tasksprint.batch.statusfile import (
     parse_status_line,
     snippet,
 )
-from tasksprint.batch.taskfile import Barrier, PerEngine, Task, TaskFile, parse_taskfile
+from tasksprint.batch.taskfile import (
+    Barrier,
+    EngineEvent,
+    Notice,
+    PerEngine,
+    Repeat,
+    Task,
+    TaskFile,
+    parse_taskfile,
+)
 
 __all__ = ["ENGINE_TAG_PREFIX", "BatchScheduler", "engine_name", "status_outcome"]
 
@@ -128,6 +137,8 @@ class BatchScheduler(Coordinator):
     """
 
     CONFIG: dict[str, Any] = {}
+    # The parsed task file and the tasks in flight are kept in the state.
+    SNAPSHOT_CLASSES = (TaskFile, Task, Repeat, Barrier, PerEngine, Notice, EngineEvent)
 
     def init(self, seed: int) -> None:
         c = self.CONFIG

@@ -19,9 +19,9 @@ A snapshot taken with different scheduler code is refused with
 A snapshot is data from a peer (or a disk) and restoring it must never run
 code it names: pickle's ``GLOBAL`` opcode can name any callable (``os
 system``) and ``REDUCE`` calls it.  So both ends keep to one allow-list
-(:func:`allowed_class`): the classes of the user's scheduler module, the
-coordinator's own record classes, and a few plain data types of the standard
-library (``set``, ``frozenset``, ``collections.deque``, ``random.Random``...).
+(:func:`allowed_class`): the classes of the user's scheduler module, those
+its ``SNAPSHOT_CLASSES`` lists, the coordinator's own record classes, and a
+few plain data types of the standard library (``set``, ``frozenset``, ``collections.deque``, ``random.Random``...).
 Functions are never allowed, whatever module they come from.  :func:`dump`
 refuses a state that would need anything else, naming the scheduler
 attribute that holds it, so a snapshot that was written can be read.
@@ -95,15 +95,21 @@ _RECORDS_MODULE = CoordinatorState.__module__  # the coordinator's own record cl
 _SCHEDULER_TYPES = (list, dict, tuple, str, bytes, int, float, bool, type(None))
 
 
-def allowed_class(obj: Any, scheduler_module: str) -> bool:
-    """Whether a snapshot may name ``obj``: a class of the scheduler's module, a coordinator record
-    class, or one of the plain data types listed above.  Functions and other callables never are."""
+def allowed_class(obj: Any, scheduler_module: str, listed: tuple[type, ...] = ()) -> bool:
+    """Whether a snapshot may name ``obj``: a class of the scheduler's module, one the scheduler
+    lists in ``SNAPSHOT_CLASSES`` (``listed``), a coordinator record class, or one of the plain data
+    types listed above.  Functions and other callables never are."""
     if not isinstance(obj, type):
         return False
     module = getattr(obj, "__module__", None)
-    if module in (scheduler_module, _RECORDS_MODULE):
+    if module in (scheduler_module, _RECORDS_MODULE) or obj in listed:
         return True
     return _ALLOWED_OBJECTS.get((str(module), obj.__qualname__)) is obj
+
+
+def _listed(scheduler_cls: type) -> tuple[type, ...]:
+    listed = getattr(scheduler_cls, "SNAPSHOT_CLASSES", ())
+    return tuple(c for c in listed if isinstance(c, type)) if isinstance(listed, tuple) else ()
 
 
 def mismatch_message(what: str) -> str:
@@ -201,7 +207,7 @@ class _Pickler(pickle.Pickler):
             return None
         ours = self._scheduler_cls.__module__
         cls = obj if isinstance(obj, type) else type(obj) if callable(obj) else None
-        if cls is not None and not allowed_class(cls, ours):
+        if cls is not None and not allowed_class(cls, ours, _listed(self._scheduler_cls)):
             # Whatever pickle would save by name must be one the loader accepts.
             raise pickle.PicklingError(f"{_name_of(obj)} is not plain data")
         return None
@@ -233,6 +239,9 @@ class _Unpickler(pickle.Unpickler):
         allowed = _ALLOWED_OBJECTS.get((module, name))
         if allowed is not None:
             return allowed
+        for cls in _listed(self._scheduler_cls):
+            if (cls.__module__, cls.__qualname__) == (module, name):
+                return cls
         if module in (ours, _RECORDS_MODULE):
             obj: Any = sys.modules.get(module)
             for part in name.split(".")[:8]:

@@ -73,6 +73,13 @@ class Coordinator:
     coordinator replica.
     """
 
+    #: Classes of other modules the scheduler's state may hold.  A snapshot
+    #: of the state may name the classes of the scheduler's own module and
+    #: plain data types; a scheduler that keeps instances of a library's
+    #: value classes lists those classes here (plain data classes only:
+    #: restoring a snapshot creates their instances).
+    SNAPSHOT_CLASSES: tuple[type, ...] = ()
+
     # ------------------------------------------------------------------ hooks
 
     def init(self, seed: int) -> None:
