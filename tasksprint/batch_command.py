@@ -56,6 +56,8 @@ from tasksprint.channel import ASK_ERRORS, ReplicaChannel
 from tasksprint.coordinator.ops import SchedulerAnswer, SchedulerRequest, StatusRequest
 from tasksprint.coordinator.replies import ComputationStatus
 from tasksprint.localcluster import LocalCluster
+from tasksprint.readmodel import Poller
+from tasksprint.top import watch
 
 __all__ = [
     "EXIT_FAILED",
@@ -78,6 +80,7 @@ EXIT_FAILED = 1
 RUN_DIR_SUFFIX = "_tasksprint"
 #: Seconds without an answer from any replica before the driver says so.
 SILENCE_WARNING_S = 30.0
+MON_INTERVAL_S = 1.0  # how often --mon redraws
 COMPUTATION_CHECK_S = 1.0  # how often the driver asks whether the computation itself failed
 #: The ssh command that starts engines on other hosts (default ``ssh -o BatchMode=yes``).
 SSH_COMMAND_ENV = "TASKSPRINT_SSH_COMMAND"
@@ -93,8 +96,6 @@ disBatch options that do not apply here:
   -w/--web: use `tasksprint dashboard --coordinators PEERS --secret-file
       <prefix>_tasksprint/secret` (PEERS from <prefix>_tasksprint/run.json);
   -g/--gpu, --fill: deprecated or Slurm-specific in disBatch; not provided;
-  --mon (dbUtil.sh --mon): not provided; `tasksprint top` with the same
-      --coordinators and --secret-file shows the run's engines and tasks;
   --no-retire, --retire-cmd: idle Slurm nodes are not released;
   -C, -l: accepted for compatibility, no effect.
 An existing run directory for -p PREFIX, or --attach PREFIX, reattaches to a
@@ -133,6 +134,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-R", "--retry", action="store_true", help="with -r, also rerun tasks that failed")
     p.add_argument("-S", "--startup-only", action="store_true", help="start replicas only; add engines with dbUtil.sh")
     p.add_argument("--status-header", action="store_true", help="add a header line to the status file")
+    p.add_argument(
+        "--mon",
+        action="store_true",
+        help="draw the run live on the terminal (replicas, engines, tasks: tasksprint top's view) while it runs",
+    )
     p.add_argument("-C", "--context-task-limit", type=int, default=0, metavar="TASK_LIMIT", help="accepted, no effect")
     p.add_argument(
         "-c", "--cpusPerTask", type=float, default=1.0, metavar="N", help="cores per task; may be fractional"
@@ -559,7 +565,7 @@ def main(args: argparse.Namespace, *, out: TextIO = sys.stdout, err: TextIO = sy
     if args.add_engines:
         return add_engines(args.add_engines, args, err=err)
     if args.attach:
-        return attach(args.attach, header=args.status_header, exit_code=args.exit_code, err=err)
+        return attach(args.attach, header=args.status_header, exit_code=args.exit_code, err=err, mon=args.mon)
     if args.taskfile is None:
         print("tasksprint batch: give a task file (or - for stdin), or --attach PREFIX", file=err)
         return EXIT_USAGE
@@ -571,7 +577,7 @@ def main(args: argparse.Namespace, *, out: TextIO = sys.stdout, err: TextIO = sy
     run = prepared.run
     if run.run_dir.exists():
         _log(args, "info", f"{run.run_dir} exists: reattaching")
-        return attach(run.prefix, header=args.status_header, exit_code=args.exit_code, err=err)
+        return attach(run.prefix, header=args.status_header, exit_code=args.exit_code, err=err, mon=args.mon)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         run.start(prepared.config, prepared.engines, {"status_header": args.status_header, "exit_code": args.exit_code})
@@ -579,7 +585,7 @@ def main(args: argparse.Namespace, *, out: TextIO = sys.stdout, err: TextIO = sy
         _log(args, "info", f"started {run.prefix}: engines {prepared.engines}, peers {run.info()['peers']}")
         if args.startup_only:
             print(f"tasksprint batch: started; add engines with {run.prefix}_dbUtil.sh -s HOST:N", file=err, flush=True)
-        code = _finish(run, args.status_header, args.exit_code, err, truncate=True)
+        code = _finish(run, args.status_header, args.exit_code, err, truncate=True, mon=args.mon)
         _log(args, "info", f"finished {run.prefix}: exit code {code}")
         return code
     except KeyboardInterrupt:
@@ -598,9 +604,9 @@ def _write_db_util(run: BatchRun, args: argparse.Namespace) -> None:
     path.chmod(0o755)
 
 
-def _finish(run: BatchRun, header: bool, exit_code: bool, err: TextIO, *, truncate: bool) -> int:
+def _finish(run: BatchRun, header: bool, exit_code: bool, err: TextIO, *, truncate: bool, mon: bool = False) -> int:
     with open(run.status_path, "w" if truncate else "a", encoding="utf-8", errors="surrogateescape") as status:
-        answer = trio.run(lambda: follow(run, status, header=header))
+        answer = trio.run(lambda: _follow_and_show(run, status, header=header, mon=mon))
     run.stop()
     if answer.get("reason"):
         print(f"tasksprint batch: run ended early: {answer['reason']}", file=err)
@@ -611,7 +617,21 @@ def _finish(run: BatchRun, header: bool, exit_code: bool, err: TextIO, *, trunca
     return 0
 
 
-def attach(prefix: str, *, header: bool, exit_code: bool, err: TextIO = sys.stderr) -> int:
+async def _follow_and_show(run: BatchRun, status: TextIO, *, header: bool, mon: bool) -> dict[str, Any]:
+    """:func:`follow`; with ``mon``, the run drawn live beside it (``tasksprint top``'s view)."""
+    if not mon:
+        return await follow(run, status, header=header)
+    info = run.info()
+    secret = (run.run_dir / "secret").read_bytes().strip()
+    addrs = [(h, int(p)) for h, _, p in (a.rpartition(":") for a in info["peers"].split(","))]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: watch(Poller(addrs, secret), interval=MON_INTERVAL_S))
+        answer = await follow(run, status, header=header)
+        nursery.cancel_scope.cancel()
+    return answer
+
+
+def attach(prefix: str, *, header: bool, exit_code: bool, err: TextIO = sys.stderr, mon: bool = False) -> int:
     """Reattach to the run ``prefix`` whose driver died: rebuild the status file from the log, follow it to its end."""
     run = BatchRun(prefix)
     if not (run.run_dir / "run.json").exists():
@@ -620,7 +640,7 @@ def attach(prefix: str, *, header: bool, exit_code: bool, err: TextIO = sys.stde
     flags = run.info().get("flags", {})
     header = header or bool(flags.get("status_header"))
     exit_code = exit_code or bool(flags.get("exit_code"))
-    return _finish(run, header, exit_code, err, truncate=True)
+    return _finish(run, header, exit_code, err, truncate=True, mon=mon)
 
 
 def add_engines(prefix: str, args: argparse.Namespace, *, err: TextIO = sys.stderr) -> int:

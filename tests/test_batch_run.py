@@ -107,6 +107,24 @@ def test_fail_fast_stops_without_the_third_task_and_without_waiting_for_the_slee
     assert 2 not in records
 
 
+def test_mon_draws_the_run_while_the_status_file_is_written(tmp_path: Path) -> None:
+    # Long enough for the view to be redrawn after the replicas are up (it is
+    # drawn every second; a terminal-less run prints the last drawing).
+    (tmp_path / "Tasks").write_text("sleep 3\ntouch B.txt\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "tasksprint.cli", "batch", "-s", "localhost:2", "--mon", "-p", "mon", "Tasks"],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=RUN_TIMEOUT,
+        env={**os.environ, "COLUMNS": "200"},  # the view's width when not on a terminal
+    )
+    assert r.returncode == 0, r.stderr.decode()
+    assert sorted(rec.task_id for rec in status(tmp_path / "mon_status.txt")) == [0, 1]
+    screen = r.stdout.decode()
+    # tasksprint top's view: the leader among the replicas, the engine among the workers.
+    assert "leader: replica" in screen and "engine0" in screen, screen[-3000:]
+
+
 def test_stdin_and_the_status_fields_of_a_known_run(tmp_path: Path) -> None:
     text = b"#DISBATCH PREFIX echo \n#DISBATCH REPEAT 2 start 5 step 3 x$DISBATCH_REPEAT_INDEX\nnot-a-command 2>&1\n"
     r = batch(tmp_path, "-s", "localhost:1", "-p", "run", "--status-header", "-", stdin=text)
