@@ -53,6 +53,7 @@ from tasksprint.batch.statusfile import (
 )
 from tasksprint.batch.taskfile import Task, TaskFileError, parse_taskfile
 from tasksprint.channel import ASK_ERRORS, ReplicaChannel
+from tasksprint.config import parse_peers
 from tasksprint.coordinator.ops import SchedulerAnswer, SchedulerRequest, StatusRequest
 from tasksprint.coordinator.replies import ComputationStatus
 from tasksprint.localcluster import LocalCluster
@@ -332,7 +333,7 @@ async def follow(run: BatchRun, status: TextIO, *, header: bool, poll: float = 0
     """Append every status line the scheduler has to ``status`` until the run ended; return the last answer."""
     info = run.info()
     secret = (run.run_dir / "secret").read_bytes().strip()
-    addrs = [(h, int(p)) for h, _, p in (a.rpartition(":") for a in info["peers"].split(","))]
+    addrs = list(parse_peers(info["peers"]))
     channel = ReplicaChannel(addrs, secret)
     written = 0
     if header:
@@ -623,7 +624,7 @@ async def _follow_and_show(run: BatchRun, status: TextIO, *, header: bool, mon: 
         return await follow(run, status, header=header)
     info = run.info()
     secret = (run.run_dir / "secret").read_bytes().strip()
-    addrs = [(h, int(p)) for h, _, p in (a.rpartition(":") for a in info["peers"].split(","))]
+    addrs = list(parse_peers(info["peers"]))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(lambda: watch(Poller(addrs, secret), interval=MON_INTERVAL_S))
         answer = await follow(run, status, header=header)
@@ -735,7 +736,7 @@ class Batch:
     async def _ask(self) -> dict[str, Any] | None:
         info = self.run.info()
         secret = (self.run.run_dir / "secret").read_bytes().strip()
-        addrs = [(h, int(p)) for h, _, p in (a.rpartition(":") for a in info["peers"].split(","))]
+        addrs = list(parse_peers(info["peers"]))
         channel = ReplicaChannel(addrs, secret)
         try:
             for _ in addrs:
