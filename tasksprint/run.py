@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -163,11 +164,12 @@ class LocalRun:
             cmd += ["--slots", str(self.slots)]
         return cmd
 
-    def start_client(self, i: int) -> subprocess.Popen:
+    def start_client(self, i: int, extra_args: Sequence[str] = ()) -> subprocess.Popen:
+        """Start worker client ``client{i}`` (``extra_args`` added to its command line), handing it its credential."""
         log_path = self.base() / f"client{i}.log"
         with open(log_path, "ab") as logf:
             proc = subprocess.Popen(
-                self.client_command(i),
+                [*self.client_command(i), *extra_args],
                 stdin=subprocess.PIPE,
                 stdout=logf,
                 stderr=subprocess.STDOUT,

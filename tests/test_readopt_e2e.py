@@ -63,16 +63,7 @@ class Readopt(Coordinator):
 
 def start_tagged_client(run: LocalRun, i: int, tag: str) -> subprocess.Popen:
     """Worker client ``client{i}`` offering resource tag ``tag``; stopped with the run."""
-    with open(run.base() / f"client{i}.log", "ab") as logf:
-        proc = subprocess.Popen(
-            [*run.client_command(i), "--have", tag],
-            stdin=subprocess.DEVNULL,
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    run.client_procs.append(proc)
-    return proc
+    return run.start_client(i, ("--have", tag))
 
 
 async def test_a_client_partitioned_past_the_timeout_returns_and_its_outputs_are_readopted(

@@ -270,7 +270,7 @@ def get(args: argparse.Namespace) -> int:
 
     try:
         return int(trio.run(go))
-    except trio.TooSlowError:
+    except (trio.TooSlowError, TimeoutError):  # before OSError: TimeoutError is one
         print(f"tasksprint result get: task {key} not done after {args.timeout}s", file=sys.stderr)
         return 1
     except (ServiceNotFound, SecretError) as exc:
