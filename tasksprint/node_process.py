@@ -45,7 +45,7 @@ import trio
 
 from tasksprint.exec.cgroup import CgroupLayout, detect_cgroups
 from tasksprint.exec.group import TaskGroup
-from tasksprint.exec.runner import KILL_ROUND_PAUSE_S, MAX_KILL_ROUNDS, open_task_group
+from tasksprint.exec.runner import BASE_ENV_NAMES, KILL_ROUND_PAUSE_S, MAX_KILL_ROUNDS, open_task_group
 from tasksprint.exec.spec import Limits
 from tasksprint.node_protocol import (
     DEFAULT_MAX_LINE,
@@ -90,20 +90,9 @@ class NodeState(enum.Enum):
     DEAD = "dead"
 
 
-#: Variables of the client's own environment a node sees (when set); nothing else passes.
-NODE_ENV_NAMES = (
-    "PATH",
-    "HOME",
-    "LANG",
-    "LC_ALL",
-    "TZ",
-    "USER",
-    "LOGNAME",
-    "TMPDIR",
-    "PYTHONPATH",
-    "VIRTUAL_ENV",
-    "NODE_PATH",
-)
+#: Variables of the client's own environment a node sees (when set); nothing else passes:
+#: those a command task gets, and what finds a node's interpreter and its libraries.
+NODE_ENV_NAMES = (*BASE_ENV_NAMES, "PYTHONPATH", "VIRTUAL_ENV", "NODE_PATH")
 
 
 def node_environment(

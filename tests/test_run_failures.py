@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_examples import _processes_in
 
 REPO = Path(__file__).resolve().parent.parent
 # Bound on each run; a passing case takes a small fraction of it.
@@ -72,24 +73,6 @@ NONDETERMINISTIC_SCHEDULER = textwrap.dedent(
     Drifting().start()
     """
 )
-
-
-def _processes_in(directory: Path) -> list[tuple[int, str]]:
-    """(pid, command line) of live processes whose working directory is ``directory``."""
-    found = []
-    for proc_dir in Path("/proc").iterdir():
-        if not proc_dir.name.isdigit() or int(proc_dir.name) == os.getpid():
-            continue
-        try:
-            if Path(os.readlink(proc_dir / "cwd")) != directory:
-                continue
-            cmdline = (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            found.append((int(proc_dir.name), cmdline))
-    return found
 
 
 class Run:
