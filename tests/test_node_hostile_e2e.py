@@ -84,7 +84,9 @@ async def test_bad_node_answers_fail_their_tasks_and_the_client_goes_on(computat
         assert secret_path not in Path(f"/proc/{client.pid}/cmdline").read_bytes()
         assert secret_path not in Path(f"/proc/{client.pid}/environ").read_bytes()
         got = finished_values(await outcome(run), run)
-        assert client.poll() is None, "the client must survive its node's bad answers"
+        # A client of an ended computation leaves by itself with exit code 0, so by
+        # now it may be gone: what it must not have done is crash (a non-zero exit).
+        assert client.poll() in (None, 0), f"the client crashed on its node's bad answers: {client.returncode}"
     failed = got["failed"]
     assert "NaN is not JSON" in failed["nan"], failed
     assert "nested too deeply to parse" in failed["deep"], failed
