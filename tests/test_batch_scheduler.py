@@ -297,6 +297,7 @@ def test_an_open_batch_takes_submitted_lines_until_it_is_closed() -> None:
         assert "error" in command(h, bad)
     assert command(h, {"do": "close"}) == {"closed": True, "tasks": 6}
     assert "input was closed" in command(h, {"do": "submit", "lines": ["echo late"]})["error"]
+    assert command(h, {"do": "close"}) == {"closed": True, "tasks": 6}  # closing again is no error
     while h.machine.run_state is not RunState.FINISHED:
         tid = next(iter(assigned(h, cid)))
         report(h, cid, tid, 0)

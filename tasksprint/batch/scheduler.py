@@ -208,6 +208,8 @@ class BatchScheduler(Coordinator):
         do = body.get("do") if isinstance(body, dict) else None
         if do not in ("submit", "close"):
             return {"error": "a batch takes {'do': 'submit', 'lines': [...]} or {'do': 'close'}"}
+        if do == "close" and self.CONFIG.get("open") and not self.open and self.reason is None:
+            return {"closed": True, "tasks": self.taskfile.id_count}  # closed before: closing again is no error
         if not self.open:
             why = "its input was closed, or it ended" if self.CONFIG.get("open") else "this batch was not started open"
             return {"error": f"no more lines can be submitted: {why}"}
