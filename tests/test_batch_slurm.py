@@ -139,3 +139,18 @@ def test_an_idle_engine_is_retired_with_the_retire_command(tmp_path: Path) -> No
     assert (nodes, active, retired, driver_node) == ("localhost", "localhost", "", "") and code.lstrip("-").isdigit()
     status = (tmp_path / "rt_status.txt").read_text().splitlines()
     assert len(status) == 2
+
+
+def test_replicas_on_other_nodes_start_as_job_steps_there(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasksprint.batch_run import _Cluster
+
+    monkeypatch.setattr("socket.gethostname", lambda: "n2.cluster.org")
+    cluster = _Cluster(tmp_path, 3, hosts=["n2", "n1", "n3"])
+    assert [host for host, _ in cluster.addrs] == ["n2", "n1", "n3"]
+    assert cluster.command(0)[:2] == [sys.executable, "-m"]  # the driver's node: started here
+    step = cluster.command(1)
+    assert step[:5] == ["srun", "--nodes=1", "--ntasks=1", "--overlap", "--nodelist=n1"]
+    assert step[step.index("--peers") + 1] == cluster.peers_arg and cluster.peers_arg.startswith("n2:")
+    # Without hosts (not under Slurm), every replica listens on the one address, here.
+    plain = _Cluster(tmp_path / "plain", 3)
+    assert {host for host, _ in plain.addrs} == {"127.0.0.1"} and plain.command(2)[0] == sys.executable

@@ -127,3 +127,33 @@ def test_submitted_lines_go_in_commands_bounded_in_lines_and_bytes(monkeypatch: 
     assert [len(c) for c in sent] == [1, MAX_SUBMIT_LINES, 3]
     assert sent[1][1] == b"caf\xe9"  # str lines travel as the bytes they stand for
     assert ids == [range(i, i + 1) for i in range(MAX_SUBMIT_LINES + 4)]
+
+
+def test_an_open_run_takes_lines_without_its_driver_and_a_new_driver_finishes_it(tmp_path: Path) -> None:
+    (tmp_path / "Tasks").write_text("echo one\n")
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "tasksprint.cli", "batch", "--open", "-s", "localhost:1", "-p", "od", "Tasks"],
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        status = tmp_path / "od_status.txt"
+        for _ in range(int(RUN_TIMEOUT / 0.05)):
+            if status.exists() and status.read_bytes().count(b"\n") == 1:
+                break
+            subprocess.run(["sleep", "0.05"], check=True)
+        driver.kill()  # the run goes on: its replicas and clients do not need the driver
+        driver.wait()
+        r = batch(tmp_path, "--submit", "od", stdin=b"echo two\n#DISBATCH AFTER 2\necho three\n")
+        assert r.returncode == 0 and r.stdout == b"1\n\n2\n", r.stderr.decode()
+        assert batch(tmp_path, "--close", "od").returncode == 0
+        attached = batch(tmp_path, "--attach", "od")
+        assert attached.returncode == 0, attached.stderr.decode()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    records = parse_status_file((tmp_path / "od_status.txt").read_bytes()).records
+    assert sorted((r.task_id, r.out_snippet) for r in records) == [(0, "one\n"), (1, "two\n"), (2, "three\n")]
