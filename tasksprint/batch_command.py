@@ -222,14 +222,11 @@ async def follow(
                 # A computation that failed (a hook raised, a state that cannot be
                 # saved) ends no batch: the scheduler stopped being called.
                 checked_at = trio.current_time()
-                # Asked after the scheduler's answer: what it shows of the engines is no older.
-                computation = await _computation_status(channel)
-                failed = _failure(computation)
+                failed = _failure(await _computation_status(channel))
                 if failed is not None:
                     return {"lines": [], "ended": True, "total": written, "failed": 0, "reason": failed}
-                if retirer is not None and computation is not None and isinstance(reply, SchedulerAnswer):
-                    if isinstance(reply.value, dict):
-                        await retirer.check(reply.value, computation)
+                if retirer is not None and isinstance(reply, SchedulerAnswer) and isinstance(reply.value, dict):
+                    await retirer.check(reply.value)
             if not isinstance(reply, SchedulerAnswer) or not isinstance(reply.value, dict):
                 await trio.sleep(poll)
                 continue

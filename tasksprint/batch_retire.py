@@ -1,7 +1,9 @@
 """Releasing a batch's idle engines (``--retire-cmd``; under Slurm by default), as disBatch does.
 
 Once no batch task will start any more, an engine with nothing running or
-queued can never get work again: :class:`Retirer` stops its client and runs
+placed there can never get work again (the batch scheduler's query answer
+says which engines are busy, read from one state): :class:`Retirer` stops
+its client and runs
 the retire command (a shell command) with disBatch's environment: ``NODES``
 (retired now), ``RETCODES``, ``ACTIVE``, ``RETIRED``, ``DRIVER_NODE``.
 Under Slurm the default command is disBatch's ``scontrol update`` that
@@ -20,7 +22,6 @@ import attrs
 import trio
 
 from tasksprint.batch.slurm import engines_to_retire, retire_environment
-from tasksprint.coordinator.replies import ComputationStatus
 
 __all__ = ["RETIRE_TIMEOUT_S", "Retirer"]
 
@@ -44,14 +45,9 @@ class Retirer:
     log: Callable[[str, str], None]
     retired: list[int] = attrs.Factory(list)
 
-    async def check(self, answer: Mapping[str, Any], status: ComputationStatus) -> list[int]:
-        """Retire the engines idle for good: ``answer`` is the scheduler's, ``status`` asked after it."""
-        loads = [(c.name, c.running, c.prefetching) for c in status.live_clients]
-        ranks = [
-            r
-            for r in engines_to_retire(answer, status.tasks.get("pending", 0), loads, self.retired)
-            if r in self.engine_nodes
-        ]
+    async def check(self, answer: Mapping[str, Any]) -> list[int]:
+        """Retire the engines idle for good, as the batch scheduler's query ``answer`` shows them."""
+        ranks = engines_to_retire(answer.get("retire"), self.engine_nodes, self.retired)
         if not ranks:
             return []
         codes = [await trio.to_thread.run_sync(self.stop_engine, r) for r in ranks]

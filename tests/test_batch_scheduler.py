@@ -311,3 +311,30 @@ def test_a_batch_not_started_open_refuses_lines() -> None:
     h = Harness(Plain)
     h.init()
     assert "not started open" in command(h, {"do": "submit", "lines": ["echo x"]})["error"]
+
+
+class TwoEngines(BatchScheduler):
+    CONFIG = {**BASE, "engines": [0, 1], "taskfile": b"true\nsleep 9\n"}
+
+
+class StopDue(BatchScheduler):
+    CONFIG = {**BASE, "taskfile": b"#DISBATCH PERENGINE STOP echo bye\ntrue\n"}
+
+
+def test_the_answer_names_busy_engines_once_no_task_will_start() -> None:
+    h = Harness(TwoEngines)
+    h.init()
+    # Both tasks started, neither placed: no engine may go, since either may get them.
+    assert h.machine.scheduler.query({})["retire"] == {"busy": [], "unplaced": 2}
+    a = join(h, engine_name(0), slots=1, have=(engine_name(0),))
+    b = join(h, engine_name(1), slots=1, have=(engine_name(1),))
+    placed = {cid: assigned(h, cid) for cid in (a, b)}
+    assert sorted(c for v in placed.values() for c in v.values()) == ["sleep 9", "true"]
+    quick = next(cid for cid, v in placed.items() if "true" in v.values())
+    report(h, quick, next(iter(placed[quick])), 0)
+    slow_name = engine_name(1) if quick == a else engine_name(0)
+    assert h.machine.scheduler.query({})["retire"] == {"busy": [slow_name], "unplaced": 0}
+    # While PERENGINE STOP is due on every engine, none is retired.
+    h = Harness(StopDue)
+    h.init()
+    assert h.machine.scheduler.query({})["retire"] is None

@@ -54,13 +54,13 @@ def test_replicas_spread_over_up_to_three_nodes_the_drivers_first() -> None:
 
 
 def test_only_engines_idle_for_good_retire() -> None:
-    loads = [("engine0", 0, 0), ("engine1", 1, 0), ("engine2", 0, 1), ("engine3", 0, 0), ("other", 0, 0)]
-    drained = {"idle_engines_retire": True}
-    assert engines_to_retire(drained, 0, loads, retired=[3]) == [0]
-    # Tasks may still start, tasks wait to be placed, or PERENGINE STOP is due (the scheduler says False).
-    assert engines_to_retire({"idle_engines_retire": False}, 0, loads, []) == []
-    assert engines_to_retire(drained, 1, loads, []) == []
-    assert engines_to_retire({}, 0, loads, []) == []
+    drained = {"busy": ["engine1", "engine2"], "unplaced": 0}
+    assert engines_to_retire(drained, [0, 1, 2, 3, 4], retired=[3]) == [0, 4]
+    # A task may still start or PERENGINE STOP is due (None), or a task waits to be placed on any engine.
+    assert engines_to_retire(None, [0, 1], []) == []
+    assert engines_to_retire({"busy": [], "unplaced": 1}, [0, 1], []) == []
+    for bad in ({}, {"busy": "engine0", "unplaced": 0}, {"busy": [], "unplaced": "0"}):
+        assert engines_to_retire(bad, [0], []) == []
 
 
 def test_the_retire_environment_is_disbatchs() -> None:

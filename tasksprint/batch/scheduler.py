@@ -257,10 +257,26 @@ class BatchScheduler(Coordinator):
             "tasks": self.taskfile.id_count,
             "open": self.open,
             "waiting": len(self.waiting),
-            # No batch task will start any more: an engine with nothing running can go (Slurm retires it),
-            # unless PERENGINE STOP commands are still to run on every engine.
-            "idle_engines_retire": self._drained() and not self.taskfile.engine_stop,
+            "retire": self._retire(),
         }
+
+    def _retire(self) -> dict[str, Any] | None:
+        """Once no batch task will start any more (and no PERENGINE STOP is due on every engine):
+        the engines still running something, and how many tasks are not placed yet; else None.
+
+        An engine not named can never get work again (Slurm retires it).  Read
+        from one state, so the driver needs no other question to decide.
+        """
+        if not self._drained() or self.taskfile.engine_stop:
+            return None
+        busy: set[str] = set()
+        unplaced = 0
+        for tid in (*self.running, *self.engine_tasks):
+            info = self.task_info(tid)
+            workers = info.get("workers", []) if info is not None else []
+            busy.update(workers)
+            unplaced += not workers
+        return {"busy": sorted(busy), "unplaced": unplaced}
 
     def _drained(self) -> bool:
         return self.stopping or (not self.open and self.next_id >= self.taskfile.id_count and not self.waiting)

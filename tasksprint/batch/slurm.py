@@ -9,9 +9,10 @@ the commands they lead to (``srun``, ``scontrol``).
   the driver's first, so that losing one node loses at most one replica of
   three (with five replicas on three nodes, at most two).
 * Retiring, as disBatch does it: once no batch task will start any more, an
-  engine with nothing running or queued can never get work again
-  (:func:`engines_to_retire`); the driver stops its client and runs the
-  retire command with disBatch's environment (:func:`retire_environment`).
+  engine with nothing running or placed there can never get work again
+  (:func:`engines_to_retire`, from the batch scheduler's answer); the driver
+  stops its client and runs the retire command with disBatch's environment
+  (:func:`retire_environment`).
   The default command is disBatch's (:data:`DEFAULT_RETIRE_COMMAND`), which
   shrinks the job to the nodes still in use; a node that holds a replica or
   the driver stays in use until the run ends.
@@ -21,6 +22,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from tasksprint.batch.scheduler import engine_name
 
 __all__ = [
     "DEFAULT_RETIRE_COMMAND",
@@ -82,33 +86,21 @@ def replica_hosts(nodes: Sequence[str], replicas: int, driver: str) -> list[str]
     return [chosen[i % len(chosen)] for i in range(replicas)]
 
 
-def engines_to_retire(
-    answer: Mapping[str, object], pending: int, loads: Iterable[tuple[str, int, int]], retired: Iterable[int]
-) -> list[int]:
-    """Ranks of the engines to retire now.
+def engines_to_retire(retire: Mapping[str, Any] | None, ranks: Iterable[int], retired: Iterable[int]) -> list[int]:
+    """Ranks of the engines to retire now, of ``ranks`` (the run's engines) less ``retired``.
 
-    ``answer`` is the batch scheduler's query answer (its
-    ``idle_engines_retire``: no batch task will start any more, and no
-    PERENGINE STOP is due), ``pending`` the tasks not yet placed, ``loads``
-    each live client's (name, running, prefetching), from a status no older
-    than ``answer``; ``retired`` the ranks already retired.
+    ``retire`` is the batch scheduler's answer: None while a batch task may
+    still start (or PERENGINE STOP is due), else ``busy`` (the engines
+    running or holding a task) and ``unplaced`` (tasks no engine holds yet:
+    then none retires, since any idle one may get them).
     """
-    if not answer.get("idle_engines_retire") or pending:
+    if not isinstance(retire, Mapping) or retire.get("unplaced") != 0:
+        return []
+    busy = retire.get("busy")
+    if not isinstance(busy, list):
         return []
     gone = set(retired)
-    out = []
-    for name, running, prefetching in loads:
-        rank = _rank(name)
-        if rank is not None and rank not in gone and running == 0 and prefetching == 0:
-            out.append(rank)
-    return sorted(out)
-
-
-def _rank(name: str) -> int | None:
-    digits = name.removeprefix("engine")
-    if digits == name or not digits.isdigit() or len(digits) > 9:
-        return None
-    return int(digits)
+    return sorted(r for r in set(ranks) if r not in gone and engine_name(r) not in busy)
 
 
 def retire_environment(
