@@ -24,14 +24,12 @@ import datetime
 import json
 import os
 import random
-import re
 import shlex
 import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -39,24 +37,23 @@ import attrs
 import trio
 
 from tasksprint.batch.env import cores_per_task, job_id, run_name, slots_per_engine, taskfile_name
-from tasksprint.batch.scheduler import engine_name
+from tasksprint.batch.slurm import DEFAULT_RETIRE_COMMAND, replica_hosts, slurm_counts, slurm_nodes
 from tasksprint.batch.statusfile import (
     STATUS_HEADER,
     ResumeMismatch,
     Skip,
-    StatusRecord,
     format_status_line,
     parse_status_file,
-    parse_status_line,
     resume_decision,
     resume_index,
 )
 from tasksprint.batch.taskfile import Task, TaskFileError, parse_taskfile
+from tasksprint.batch_retire import Retirer
+from tasksprint.batch_run import BatchRun, in_slurm
 from tasksprint.channel import ASK_ERRORS, ReplicaChannel
 from tasksprint.config import parse_peers
 from tasksprint.coordinator.ops import SchedulerAnswer, SchedulerRequest, StatusRequest
 from tasksprint.coordinator.replies import ComputationStatus
-from tasksprint.localcluster import LocalCluster
 from tasksprint.readmodel import Poller
 from tasksprint.top import watch
 
@@ -64,7 +61,6 @@ __all__ = [
     "EXIT_FAILED",
     "EXIT_USAGE",
     "NOT_APPLICABLE",
-    "Batch",
     "BatchRun",
     "Prepared",
     "UsageError",
@@ -78,16 +74,10 @@ __all__ = [
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
-RUN_DIR_SUFFIX = "_tasksprint"
 #: Seconds without an answer from any replica before the driver says so.
 SILENCE_WARNING_S = 30.0
 MON_INTERVAL_S = 1.0  # how often --mon redraws
 COMPUTATION_CHECK_S = 1.0  # how often the driver asks whether the computation itself failed
-#: The ssh command that starts engines on other hosts (default ``ssh -o BatchMode=yes``).
-SSH_COMMAND_ENV = "TASKSPRINT_SSH_COMMAND"
-# Environment variables not passed on to tasks: the shell's own, and ours.
-_SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_ENV_SKIP = frozenset({"PWD", "OLDPWD", "SHLVL", "_", "PS1", "BASH_FUNC"})
 
 NOT_APPLICABLE = """\
 disBatch options that do not apply here:
@@ -97,7 +87,6 @@ disBatch options that do not apply here:
   -w/--web: use `tasksprint dashboard --coordinators PEERS --secret-file
       <prefix>_tasksprint/secret` (PEERS from <prefix>_tasksprint/run.json);
   -g/--gpu, --fill: deprecated or Slurm-specific in disBatch; not provided;
-  --no-retire, --retire-cmd: idle Slurm nodes are not released;
   -C, -l: accepted for compatibility, no effect.
 An existing run directory for -p PREFIX, or --attach PREFIX, reattaches to a
 run whose driver died: the status file is rewritten from the replicated log.
@@ -148,11 +137,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-l", "--label", metavar="COMMAND", help="label of this context")
     p.add_argument("-s", "--ssh-node", action="append", default=[], metavar="HOST:CORECOUNT", help="run on these nodes")
     p.add_argument("--attach", metavar="PREFIX", help="reattach to the run with this prefix whose driver died")
+    p.add_argument(
+        "--open",
+        action="store_true",
+        help="keep taking task lines after the file (--submit PREFIX) until --close PREFIX; then end",
+    )
+    p.add_argument("--submit", metavar="PREFIX", help="submit task lines from stdin to the open run PREFIX")
+    p.add_argument("--close", metavar="PREFIX", help="tell the open run PREFIX that no more lines come")
     p.add_argument("--add-engines", metavar="PREFIX", help="add the -s engines to a running run (dbUtil.sh does this)")
     p.add_argument(
         "--replica-host",
-        default="127.0.0.1",
-        help="address the replicas listen on; give this machine's address when -s names other machines",
+        help="address the replicas listen on (default: loopback; under Slurm, spread over up to three "
+        "allocated nodes); give this machine's address when -s names other machines",
+    )
+    p.add_argument(
+        "--no-retire",
+        dest="retire_cmd",
+        action="store_const",
+        const="",
+        help="do not release idle nodes (e.g. when running as part of a larger Slurm job)",
+    )
+    p.add_argument(
+        "--retire-cmd",
+        metavar="COMMAND",
+        help="shell command run when engines are retired (environment: NODES retired now, RETCODES, ACTIVE, "
+        "RETIRED, DRIVER_NODE); default under Slurm: scontrol update shrinking the job to the nodes in use",
     )
     p.add_argument("--replicas", type=int, default=3, choices=[1, 3, 5], help="coordinator replicas (default 3)")
 
@@ -166,171 +175,13 @@ def _prefix(args: argparse.Namespace, name: str) -> str:
     return path
 
 
-@attrs.define(eq=False)
-class _Cluster(LocalCluster):
-    """The run's replicas, listening on ``host`` (loopback unless engines on other machines must reach them)."""
+async def follow(
+    run: BatchRun, status: TextIO, *, header: bool, poll: float = 0.02, retirer: Retirer | None = None
+) -> dict[str, Any]:
+    """Append every status line the scheduler has to ``status`` until the run ended; return the last answer.
 
-    host: str = "127.0.0.1"
-
-    @property
-    def addrs(self) -> list[tuple[str, int]]:
-        return [(self.host, p) for p in self.ports]
-
-
-@attrs.define(eq=False)
-class BatchRun:
-    """One run's files and processes; ``prefix`` names them all."""
-
-    prefix: str
-    replicas: int = 3
-    replica_host: str = "127.0.0.1"
-    _flags: dict[str, bool] = attrs.Factory(dict)
-    cluster: LocalCluster | None = None
-    clients: list[subprocess.Popen[bytes]] = attrs.Factory(list)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.prefix + RUN_DIR_SUFFIX)
-
-    @property
-    def status_path(self) -> Path:
-        return Path(self.prefix + "_status.txt")
-
-    def info(self) -> dict[str, Any]:
-        return json.loads((self.run_dir / "run.json").read_text())
-
-    def start(
-        self, config: dict[str, Any], engines: list[tuple[int, str, int]], flags: dict[str, bool] | None = None
-    ) -> None:
-        """Write the scheduler file and start the replicas and the local engines' clients."""
-        d = self.run_dir
-        d.mkdir(parents=True, exist_ok=False)
-        # Before any client starts: every task sources it.
-        _env_file(d / "env.sh")
-        (d / "scheduler.py").write_text(
-            "from tasksprint.batch.scheduler import BatchScheduler\n\n\n"
-            "class Batch(BatchScheduler):\n"
-            f"    CONFIG = {config!r}\n"
-        )
-        self.cluster = _Cluster(d, self.replicas, scheduler=str(d / "scheduler.py") + ":Batch", host=self.replica_host)
-        self._flags = dict(flags or {})
-        self.cluster.start()
-        self._write_info(engines)
-        for rank, host, slots in engines:
-            self.start_engine(rank, host, slots)
-        self._write_info(engines)
-
-    def _write_info(self, engines: list[tuple[int, str, int]]) -> None:
-        assert self.cluster is not None
-        info = {
-            "peers": self.cluster.peers_arg,
-            "replica_pids": [p.pid for p in self.cluster.procs if p is not None],
-            "client_pids": [p.pid for p in self.clients],
-            "engines": [list(e) for e in engines],
-            # The options a reattaching driver must honour as the first one did.
-            "flags": self._flags,
-        }
-        tmp = self.run_dir / "run.json.tmp"
-        tmp.write_text(json.dumps(info))
-        tmp.replace(self.run_dir / "run.json")
-
-    def client_command(self, rank: int, slots: int, peers: str | None = None) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "tasksprint.cli",
-            "client",
-            "--coordinators",
-            peers if peers is not None else self.info()["peers"],
-            "--secret-file",
-            str((self.run_dir / "secret").resolve()),
-            "--name",
-            engine_name(rank),
-            "--have",
-            engine_name(rank),
-            "--slots",
-            str(slots),
-            "--log-format",
-            "json",
-            "--spill-dir",
-            str((self.run_dir / "spill").resolve()),
-        ]
-
-    def start_engine(self, rank: int, host: str, slots: int, peers: str | None = None) -> subprocess.Popen[bytes]:
-        """A worker client for engine ``rank`` on ``host`` (over ssh unless it is this machine)."""
-        command = self.client_command(rank, slots, peers)
-        if _in_slurm() and host != "localhost":
-            # Under Slurm each engine is a job step on its node, in the job's allocation.
-            command = ["srun", "--nodes=1", "--ntasks=1", "--overlap", f"--nodelist={host}", *command]
-        elif host not in ("localhost", "127.0.0.1", socket.gethostname()):
-            # The hosts share the working directory (as disBatch requires).
-            ssh = shlex.split(os.environ.get(SSH_COMMAND_ENV, "ssh -o BatchMode=yes"))
-            command = [*ssh, host, f"cd {shlex.quote(os.getcwd())} && {shlex.join(command)}"]
-        with open(self.run_dir / f"{engine_name(rank)}.log", "ab") as log:
-            proc = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        self.clients.append(proc)
-        return proc
-
-    def stop(self, *, kill_clients: bool = False) -> None:
-        """Stop the run's processes and reap what we started.
-
-        The clients of an ended run exit by themselves once they see it ended,
-        so they get a grace period first, while the replicas still answer;
-        the replicas stop last.  ``kill_clients`` stops the clients at once
-        (a run given up before its end).
-        """
-        info = self.info() if (self.run_dir / "run.json").exists() else {}
-        if kill_clients:
-            for p in self.clients:
-                if p.poll() is None:
-                    p.terminate()
-        deadline = time.monotonic() + 5.0
-        for p in self.clients:
-            try:
-                p.wait(max(0.01, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.terminate()
-                try:
-                    p.wait(2.0)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-        if self.cluster is None:
-            # Reattached: the clients are not our children; the same grace, then the same end.
-            client_pids = info.get("client_pids", [])
-            while any(_ours(pid, self.run_dir) for pid in client_pids) and time.monotonic() < deadline:
-                time.sleep(0.02)
-            _stop_pids(client_pids, self.run_dir)
-            _stop_pids(info.get("replica_pids", []), self.run_dir)
-        else:
-            self.cluster.stop()
-
-
-def _ours(pid: int, run_dir: Path) -> bool:
-    """Whether ``pid`` is still a process of this run (its command line names the run directory)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return str(run_dir.resolve()).encode() in cmdline or str(run_dir).encode() in cmdline
-
-
-def _stop_pids(pids: list[int], run_dir: Path) -> None:
-    for pid in pids:
-        if _ours(pid, run_dir):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 5.0
-    for pid in pids:
-        while _ours(pid, run_dir) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if _ours(pid, run_dir):
-            os.kill(pid, signal.SIGKILL)
-
-
-async def follow(run: BatchRun, status: TextIO, *, header: bool, poll: float = 0.02) -> dict[str, Any]:
-    """Append every status line the scheduler has to ``status`` until the run ended; return the last answer."""
+    With ``retirer``, engines idle for good are retired as the run goes.
+    """
     info = run.info()
     secret = (run.run_dir / "secret").read_bytes().strip()
     addrs = list(parse_peers(info["peers"]))
@@ -371,9 +222,11 @@ async def follow(run: BatchRun, status: TextIO, *, header: bool, poll: float = 0
                 # A computation that failed (a hook raised, a state that cannot be
                 # saved) ends no batch: the scheduler stopped being called.
                 checked_at = trio.current_time()
-                failed = await _computation_failure(channel)
+                failed = _failure(await _computation_status(channel))
                 if failed is not None:
                     return {"lines": [], "ended": True, "total": written, "failed": 0, "reason": failed}
+                if retirer is not None and isinstance(reply, SchedulerAnswer) and isinstance(reply.value, dict):
+                    await retirer.check(reply.value)
             if not isinstance(reply, SchedulerAnswer) or not isinstance(reply.value, dict):
                 await trio.sleep(poll)
                 continue
@@ -393,48 +246,22 @@ async def follow(run: BatchRun, status: TextIO, *, header: bool, poll: float = 0
 
 async def _computation_failure(channel: ReplicaChannel) -> str | None:
     """Why the batch's computation failed, or None while it has not (or no replica answers)."""
+    return _failure(await _computation_status(channel))
+
+
+async def _computation_status(channel: ReplicaChannel) -> ComputationStatus | None:
     try:
         status = await channel.request(StatusRequest())
     except ASK_ERRORS:
         return None
-    if isinstance(status, ComputationStatus) and status.state == "failed":
+    return status if isinstance(status, ComputationStatus) else None
+
+
+def _failure(status: ComputationStatus | None) -> str | None:
+    if status is not None and status.state == "failed":
         message = status.failure.message if status.failure is not None else "no reason recorded"
         return f"the batch scheduler failed: {message}"
     return None
-
-
-_SLURM_COUNT = re.compile(r"([0-9]+)(?:\(x([0-9]+)\))?")
-
-
-def slurm_counts(text: str) -> list[int]:
-    """Slurm's compressed per-node counts (``SLURM_JOB_CPUS_PER_NODE``): ``"16(x2),8"`` is [16, 16, 8].
-
-    Raises ValueError naming the item that is not such a count.
-    """
-    out: list[int] = []
-    for item in text.split(","):
-        m = _SLURM_COUNT.fullmatch(item.strip())
-        if m is None or len(item) > 40:
-            raise ValueError(f"{item!r:.60} is not a Slurm count such as 16 or 16(x2)")
-        out += [int(m.group(1))] * int(m.group(2) or 1)
-    return out
-
-
-def slurm_nodes(environ: dict[str, str], hostnames: list[str]) -> list[tuple[str, int]]:
-    """(node, cores) of a Slurm allocation: ``hostnames`` expanded from ``SLURM_JOB_NODELIST``.
-
-    Cores per node come from ``SLURM_JOB_CPUS_PER_NODE``; ValueError if the two disagree.
-    """
-    cores = slurm_counts(environ.get("SLURM_JOB_CPUS_PER_NODE", "1"))
-    if len(cores) == 1:
-        cores *= len(hostnames)
-    if len(cores) != len(hostnames):
-        raise ValueError(f"SLURM_JOB_CPUS_PER_NODE gives {len(cores)} nodes, SLURM_JOB_NODELIST {len(hostnames)}")
-    return list(zip(hostnames, cores, strict=True))
-
-
-def _in_slurm() -> bool:
-    return "SLURM_JOB_ID" in os.environ and "SLURM_JOB_NODELIST" in os.environ
 
 
 def _engines(args: argparse.Namespace) -> list[tuple[int, str, int]]:
@@ -448,7 +275,7 @@ def _engine_cores(args: argparse.Namespace) -> list[tuple[int, str, int, int]]:
         nodes += parse_nodes(item)
     if not nodes and os.environ.get("DISBATCH_SSH_NODELIST"):
         nodes = parse_nodes(os.environ["DISBATCH_SSH_NODELIST"])
-    if not nodes and _in_slurm():
+    if not nodes and in_slurm():
         listed = subprocess.run(
             ["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
             capture_output=True,
@@ -464,15 +291,6 @@ def _engine_cores(args: argparse.Namespace) -> list[tuple[int, str, int, int]]:
         slots = slots_per_engine(cores, cpus_per_task=args.cpusPerTask, tasks_per_node=args.tasksPerNode)
         out.append((rank, host, max(1, slots), cores))
     return out
-
-
-def _env_file(path: Path) -> None:
-    lines = [
-        f"export {name}={shlex.quote(value)}"
-        for name, value in sorted(os.environ.items())
-        if _SHELL_NAME.fullmatch(name) and name not in _ENV_SKIP and not name.startswith("TASKSPRINT_")
-    ]
-    path.write_text("\n".join(lines) + "\n")
 
 
 def _skips(args: argparse.Namespace, tasks: list[Task]) -> dict[int, str]:
@@ -524,7 +342,10 @@ def prepare(args: argparse.Namespace, data: bytes | None = None) -> Prepared:
     except ResumeMismatch as exc:
         raise UsageError(str(exc)) from None
     prefix = _prefix(args, name)
-    run = BatchRun(prefix, args.replicas, args.replica_host)
+    run = BatchRun(prefix, args.replicas, args.replica_host or "127.0.0.1")
+    if in_slurm() and args.replica_host is None and not args.ssh_node and not os.environ.get("DISBATCH_SSH_NODELIST"):
+        # Under Slurm the replicas go on up to three of the allocated nodes (the engines' nodes).
+        run.replica_hosts = replica_hosts([host for _, host, _ in engines], args.replicas, socket.gethostname())
     slots = sum(s for _, _, s in engines)
     config = {
         "taskfile": data,
@@ -536,6 +357,7 @@ def prepare(args: argparse.Namespace, data: bytes | None = None) -> Prepared:
         # Under -S the engines come later: size the fail-fast window by this machine.
         "window": (slots or os.cpu_count() or 1) if args.fail_fast else max(slots * 64, 1024),
         "fail_fast": bool(args.fail_fast),
+        "open": bool(args.open),
         "skip": skip,
         "driver_node": socket.gethostname(),
         "driver_pid": os.getpid(),
@@ -581,18 +403,44 @@ def main(args: argparse.Namespace, *, out: TextIO = sys.stdout, err: TextIO = sy
         return attach(run.prefix, header=args.status_header, exit_code=args.exit_code, err=err, mon=args.mon)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        run.start(prepared.config, prepared.engines, {"status_header": args.status_header, "exit_code": args.exit_code})
+        flags = {"status_header": args.status_header, "exit_code": args.exit_code, "retire_cmd": _retire_command(args)}
+        run.start(prepared.config, prepared.engines, flags)
         _write_db_util(run, args)
         _log(args, "info", f"started {run.prefix}: engines {prepared.engines}, peers {run.info()['peers']}")
         if args.startup_only:
             print(f"tasksprint batch: started; add engines with {run.prefix}_dbUtil.sh -s HOST:N", file=err, flush=True)
-        code = _finish(run, args.status_header, args.exit_code, err, truncate=True, mon=args.mon)
+        retirer = _retirer(run, flags["retire_cmd"], lambda level, message: _log(args, level, message))
+        code = _finish(run, args.status_header, args.exit_code, err, truncate=True, mon=args.mon, retirer=retirer)
         _log(args, "info", f"finished {run.prefix}: exit code {code}")
         return code
     except KeyboardInterrupt:
         print("tasksprint batch: interrupted; stopping the run", file=err)
         run.stop()
         return 130
+
+
+def _retire_command(args: argparse.Namespace) -> str:
+    """The command that releases retired engines' nodes ("" for none): ``--retire-cmd``, else disBatch's under Slurm."""
+    if args.retire_cmd is not None:
+        return str(args.retire_cmd)
+    if in_slurm() and not args.ssh_node and not os.environ.get("DISBATCH_SSH_NODELIST"):
+        return DEFAULT_RETIRE_COMMAND
+    return ""
+
+
+def _retirer(run: BatchRun, command: str, log: Callable[[str, str], None]) -> Retirer | None:
+    """Who retires ``run``'s idle engines with ``command``; None when nothing is retired ("")."""
+    if not command:
+        return None
+    info = run.info()
+    return Retirer(
+        command=command,
+        engine_nodes={int(rank): str(host) for rank, host, _ in info["engines"]},
+        keep=list(info.get("replica_hosts") or []),
+        driver=socket.gethostname(),
+        stop_engine=run.stop_engine,
+        log=log,
+    )
 
 
 def _write_db_util(run: BatchRun, args: argparse.Namespace) -> None:
@@ -605,9 +453,18 @@ def _write_db_util(run: BatchRun, args: argparse.Namespace) -> None:
     path.chmod(0o755)
 
 
-def _finish(run: BatchRun, header: bool, exit_code: bool, err: TextIO, *, truncate: bool, mon: bool = False) -> int:
+def _finish(
+    run: BatchRun,
+    header: bool,
+    exit_code: bool,
+    err: TextIO,
+    *,
+    truncate: bool,
+    mon: bool = False,
+    retirer: Retirer | None = None,
+) -> int:
     with open(run.status_path, "w" if truncate else "a", encoding="utf-8", errors="surrogateescape") as status:
-        answer = trio.run(lambda: _follow_and_show(run, status, header=header, mon=mon))
+        answer = trio.run(lambda: _follow_and_show(run, status, header=header, mon=mon, retirer=retirer))
     run.stop()
     if answer.get("reason"):
         print(f"tasksprint batch: run ended early: {answer['reason']}", file=err)
@@ -618,16 +475,18 @@ def _finish(run: BatchRun, header: bool, exit_code: bool, err: TextIO, *, trunca
     return 0
 
 
-async def _follow_and_show(run: BatchRun, status: TextIO, *, header: bool, mon: bool) -> dict[str, Any]:
+async def _follow_and_show(
+    run: BatchRun, status: TextIO, *, header: bool, mon: bool, retirer: Retirer | None = None
+) -> dict[str, Any]:
     """:func:`follow`; with ``mon``, the run drawn live beside it (``tasksprint top``'s view)."""
     if not mon:
-        return await follow(run, status, header=header)
+        return await follow(run, status, header=header, retirer=retirer)
     info = run.info()
     secret = (run.run_dir / "secret").read_bytes().strip()
     addrs = list(parse_peers(info["peers"]))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(lambda: watch(Poller(addrs, secret), interval=MON_INTERVAL_S))
-        answer = await follow(run, status, header=header)
+        answer = await follow(run, status, header=header, retirer=retirer)
         nursery.cancel_scope.cancel()
     return answer
 
@@ -641,7 +500,13 @@ def attach(prefix: str, *, header: bool, exit_code: bool, err: TextIO = sys.stde
     flags = run.info().get("flags", {})
     header = header or bool(flags.get("status_header"))
     exit_code = exit_code or bool(flags.get("exit_code"))
-    return _finish(run, header, exit_code, err, truncate=True, mon=mon)
+
+    def log(level: str, message: str) -> None:
+        if level != "info":
+            print(f"tasksprint batch: {message}", file=err)
+
+    retirer = _retirer(run, str(flags.get("retire_cmd") or ""), log)
+    return _finish(run, header, exit_code, err, truncate=True, mon=mon, retirer=retirer)
 
 
 def add_engines(prefix: str, args: argparse.Namespace, *, err: TextIO = sys.stderr) -> int:
@@ -673,133 +538,3 @@ def add_engines(prefix: str, args: argparse.Namespace, *, err: TextIO = sys.stde
     tmp.write_text(json.dumps(info))
     tmp.replace(run.run_dir / "run.json")
     return 0
-
-
-class Batch:
-    """A batch run from Python, like disBatch's ``DisBatcher``: start it, read each task's status record.
-
-    ``tasks`` is the task file's content (a string, bytes, or an iterable of
-    lines, directives allowed); ``prefix`` names the run's files as ``-p``
-    does; ``options`` are more ``tasksprint batch`` options (``["-s",
-    "localhost:4", "--fail-fast"]``).  Use it as a context manager: leaving
-    the block stops whatever still runs.  The run's replicas and clients do
-    not depend on this object: if the program dies, ``tasksprint batch
-    --attach PREFIX`` finishes the run and writes its status file.
-
-    All tasks are given at the start; submitting lines to a running batch
-    needs a command sent to the scheduler through the log, which this
-    version does not have.
-    """
-
-    def __init__(self, tasks: str | bytes | Iterable[str], *, prefix: str, options: Sequence[str] = ()) -> None:
-        if isinstance(tasks, str):
-            data = tasks.encode("utf-8", "surrogateescape")
-        elif isinstance(tasks, bytes):
-            data = tasks
-        else:
-            data = "".join(line if line.endswith("\n") else line + "\n" for line in tasks).encode()
-        parser = argparse.ArgumentParser(prog="Batch", exit_on_error=False)
-        add_arguments(parser)
-        try:
-            self._args = parser.parse_args([*options, "-p", prefix, "STREAM"])
-        except argparse.ArgumentError as exc:
-            raise UsageError(str(exc)) from None
-        self._args.taskfile = None
-        self._prepared = prepare(self._args, data)
-        self.run = self._prepared.run
-        self.records: dict[int, StatusRecord] = {}  # task id -> its status record, as they finish
-        self._lines: list[str] = []
-        self._answer: dict[str, Any] = {}
-        self._stopped = False
-        self.run.start(self._prepared.config, self._prepared.engines)
-
-    @property
-    def status_path(self) -> Path:
-        """The status file, written by :meth:`wait`."""
-        return self.run.status_path
-
-    def poll(self) -> list[StatusRecord]:
-        """The status records that came in since the last call (asks the replicas once)."""
-        answer = trio.run(self._ask)
-        if answer is None:
-            return []
-        self._answer = answer
-        new = []
-        for line in answer["lines"]:
-            self._lines.append(line)
-            record = parse_status_line(line)
-            if record is not None:
-                self.records[record.task_id] = record
-                new.append(record)
-        return new
-
-    async def _ask(self) -> dict[str, Any] | None:
-        info = self.run.info()
-        secret = (self.run.run_dir / "secret").read_bytes().strip()
-        addrs = list(parse_peers(info["peers"]))
-        channel = ReplicaChannel(addrs, secret)
-        try:
-            for _ in addrs:
-                try:
-                    reply = await channel.request(SchedulerRequest(body={"after": len(self._lines)}))
-                except ASK_ERRORS:
-                    await channel.move_on()
-                    continue
-                if isinstance(reply, SchedulerAnswer) and isinstance(reply.value, dict):
-                    return reply.value
-            return None
-        finally:
-            await channel.aclose()
-
-    @property
-    def ended(self) -> bool:
-        """Whether the run ended and every status line was read."""
-        return bool(self._answer.get("ended")) and len(self._lines) >= self._answer.get("total", 0)
-
-    def sync_tasks(self, task_ids: Iterable[int], timeout: float | None = None) -> dict[int, StatusRecord]:
-        """Wait until the tasks ``task_ids`` finished (disBatch's ``syncTasks``); their records by id.
-
-        Raises TimeoutError after ``timeout`` seconds, KeyError for a task the ended run never finished.
-        """
-        wanted = list(task_ids)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not all(t in self.records for t in wanted):
-            if self.ended:
-                missing = [t for t in wanted if t not in self.records]
-                raise KeyError(f"the run ended without finishing tasks {missing}")
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"tasks {[t for t in wanted if t not in self.records]} did not finish in time")
-            if not self.poll():
-                time.sleep(0.02)
-        return {t: self.records[t] for t in wanted}
-
-    def wait(self, timeout: float | None = None) -> dict[str, Any]:
-        """Wait for the run to end; write the status file, stop the replicas and return the summary.
-
-        The summary has ``failed`` (tasks with a non-zero exit) and ``reason``
-        (why the run ended early, or None).
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.ended:
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError("the batch did not end in time")
-            if not self.poll():
-                time.sleep(0.02)
-        with open(self.status_path, "w", encoding="utf-8", errors="surrogateescape") as status:
-            if self._args.status_header:
-                status.write(STATUS_HEADER + "\n")
-            status.write("".join(line + "\n" for line in self._lines))
-        self.close()
-        return {"failed": self._answer.get("failed", 0), "reason": self._answer.get("reason")}
-
-    def close(self) -> None:
-        """Stop the run's processes (what still runs is killed with them)."""
-        if not self._stopped:
-            self._stopped = True
-            self.run.stop(kill_clients=True)
-
-    def __enter__(self) -> Batch:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tasksprint import batch_command, commands, launch
+from tasksprint import batch_api, batch_command, commands, launch
 from tasksprint.credentials import SecretError
 from tasksprint.launch import EXIT_USAGE, add_common_arguments, configure_logging
 from tasksprint.service import commands as service
@@ -271,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             case "top":
                 return commands.top(args)
             case "batch":
+                if args.submit or args.close:
+                    return batch_api.submit_command(args)
                 return batch_command.main(args)
             case "client-credential":
                 return launch.print_client_credential(args)

@@ -33,6 +33,7 @@ from tasksprint.batch.statusfile import (
     Skip,
     StatusRecord,
     barrier_record,
+    dependency_failed_record,
     format_status_line,
     parse_status_file,
     parse_status_line,
@@ -192,6 +193,14 @@ def test_readme_example_reads_as_disbatch_reads_it() -> None:
     assert our_read(parse_taskfile(data, name="Tasks")) == disbatch_read(data)
 
 
+def test_after_lines_leave_the_file_as_disbatch_reads_it() -> None:
+    # disBatch logs '#DISBATCH AFTER' as an unknown directive and skips it: the same tasks, without the order.
+    data = b"echo a\n#DISBATCH REPEAT 2 echo r\n#DISBATCH AFTER 1 2\necho b\n#DISBATCH after 4\necho c\n"
+    tf = parse_taskfile(data, name="Tasks")
+    assert our_read(tf) == disbatch_read(data)
+    assert [r.after for r in tf.records() if isinstance(r, Task)] == [(), (), (), ((0, 3),), ((3, 4),)]
+
+
 # Status lines, against disBatch's TaskReport.
 
 
@@ -214,13 +223,13 @@ def disbatch_report(record: StatusRecord) -> object:
 
 
 @settings(max_examples=300)
-@given(records())
+@given(records(tuple(_KIND_LETTER)))
 def test_status_lines_are_written_as_disbatch_writes_them(record: StatusRecord) -> None:
     assert format_status_line(record) == str(disbatch_report(record))
 
 
 @settings(max_examples=300)
-@given(records())
+@given(records(tuple(_KIND_LETTER)))
 def test_status_lines_are_read_as_disbatch_reads_them(record: StatusRecord) -> None:
     # disBatch reads a non-UTF-8 command back only when Python quoted it with '.
     assume(not str(disbatch_report(record)).split("\t", 14)[14].startswith('b"'))
@@ -249,6 +258,19 @@ def test_status_lines_are_read_as_disbatch_reads_them(record: StatusRecord) -> N
         ours.err_bytes,
         ours.err_snippet,
     )
+
+
+def test_a_dependency_failed_line_reads_in_disbatch_as_a_failed_task() -> None:
+    # 'D' (TaskSprint's #DISBATCH AFTER) is not one of disBatch's kinds: it reads the line as a
+    # plain task that failed, so its resume reruns the task with -R; ours reruns it without.
+    task = Task(task_id=3, line=4, repeat_index=-1, command=b"echo c", after=((0, 1),))
+    line = format_status_line(dependency_failed_record(task, node="n", at=5.0))
+    assert line.startswith("R  D\t3\t4\t-1\tn\t0\t-1\t")
+    theirs = disbatch.TaskReport(line)
+    assert (theirs.taskInfo.kind, theirs.returncode, theirs.taskInfo.taskCmd) == ("N", -1, b"echo c")
+    ours = parse_status_line(line)
+    assert ours is not None and ours.kind is RecordKind.DEPENDENCY_FAILED and ours.exit_code == -1
+    assert resume_index([parse_status_file(line.encode() + b"\n")]) == {}
 
 
 def disbatch_snippet(data: bytes) -> str:

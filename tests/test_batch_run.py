@@ -275,7 +275,7 @@ def test_help_names_the_options_that_do_not_apply(tmp_path: Path) -> None:
 
 
 def test_the_python_api_reads_each_task_record_as_it_finishes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasksprint.batch_command import Batch
+    from tasksprint.batch_api import Batch
 
     monkeypatch.chdir(tmp_path)
     lines = ["echo one", "exit 4", "#DISBATCH BARRIER", "echo $DISBATCH_NAMETASKS"]

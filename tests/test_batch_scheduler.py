@@ -204,3 +204,137 @@ def test_the_scheduler_survives_a_snapshot_with_its_status_lines() -> None:
     restored.restore(h.machine.snapshot())
     assert restored.scheduler.query({"after": 0}) == h.machine.scheduler.query({"after": 0})
     assert len(lines(h)) == 1
+
+
+class After(BatchScheduler):
+    CONFIG = {
+        **BASE,
+        "taskfile": b"exit 2\necho a\n#DISBATCH AFTER 1\necho dep\n#DISBATCH AFTER 2\necho ok\n"
+        b"#DISBATCH AFTER 4\necho dep2\necho free\n#DISBATCH BARRIER\necho last\n",
+    }
+
+
+def test_after_waits_without_holding_up_later_tasks_and_a_failed_dependency_skips_the_dependent() -> None:
+    h = Harness(After)
+    h.init()
+    h.tick()
+    cid = join(h, engine_name(0), slots=8, have=(engine_name(0),))
+    tasks = {v: k for k, v in assigned(h, cid).items()}
+    assert sorted(tasks) == ["echo a", "echo free", "exit 2"]  # the dependents wait; 'echo free' does not
+    assert h.machine.scheduler.query({})["waiting"] == 3
+    report(h, cid, tasks["echo a"], 0)
+    assert "echo ok" in assigned(h, cid).values()
+    report(h, cid, tasks["exit 2"], 2)
+    # 'echo dep' waited for the failed line 1, 'echo dep2' for 'echo dep': neither runs.
+    records = [parse_status_line(line) for line in lines(h)]
+    assert [(r.task_id, r.kind, r.exit_code) for r in records] == [
+        (1, RecordKind.TASK, 0),
+        (0, RecordKind.TASK, 2),
+        (2, RecordKind.DEPENDENCY_FAILED, -1),
+        (4, RecordKind.DEPENDENCY_FAILED, -1),
+    ]
+    assert records[2].flags == "R  D" and records[2].command == b"echo dep" and records[2].line == 4
+    now = {v: k for k, v in assigned(h, cid).items()}
+    assert "echo last" not in now  # the barrier waits for 'echo ok' and 'echo free'
+    report(h, cid, now["echo ok"], 0)
+    report(h, cid, now["echo free"], 0)
+    last = {v: k for k, v in assigned(h, cid).items()}["echo last"]
+    report(h, cid, last, 0)
+    assert h.machine.run_state is RunState.FINISHED
+    assert h.machine.scheduler.query({})["failed"] == 3
+    assert replay(After, h.batches).digest == h.applier.digest
+
+
+class Chain(BatchScheduler):
+    # More tasks wait than the window holds: dispatch then waits too, and still ends.
+    CONFIG = {
+        **BASE,
+        "window": 2,
+        "taskfile": b"echo 0\n" + b"".join(b"#DISBATCH AFTER 1\necho %d\n" % i for i in range(1, 6)),
+    }
+
+
+def test_waiting_tasks_are_bounded_by_the_window_and_all_run_in_the_end() -> None:
+    h = Harness(Chain)
+    h.init()
+    cid = join(h, engine_name(0), slots=8, have=(engine_name(0),))
+    assert list(assigned(h, cid).values()) == ["echo 0"]
+    assert h.machine.scheduler.query({})["waiting"] == 2
+    ran = []
+    while h.machine.run_state is not RunState.FINISHED:
+        tid, cmd = next(iter(assigned(h, cid).items()))
+        ran.append(cmd)
+        report(h, cid, tid, 0)
+    assert sorted(ran) == [f"echo {i}" for i in range(6)]
+
+
+class Open(BatchScheduler):
+    CONFIG = {**BASE, "open": True, "taskfile": b"#DISBATCH PERENGINE START echo hi\necho a\n"}
+
+
+def command(h: Harness, body: Any) -> Any:
+    return h.op({"op": "command", "body": body}).value
+
+
+def test_an_open_batch_takes_submitted_lines_until_it_is_closed() -> None:
+    from tasksprint.coordinator.machine import CoordinatorMachine
+
+    h = Harness(Open)
+    h.init()
+    cid = join(h, engine_name(0), slots=4, have=(engine_name(0),))
+    for tid in assigned(h, cid):
+        report(h, cid, tid, 0)
+    assert h.machine.run_state is not RunState.FINISHED  # open: more lines may come
+    answer = command(h, {"do": "submit", "lines": ["echo b", "#DISBATCH AFTER 3", "echo c", "#DISBATCH REPEAT 2 x"]})
+    assert answer == {"ids": [[1, 1], [2, 0], [2, 1], [3, 2]], "line": 6}
+    refused = command(h, {"do": "submit", "lines": ["echo d", "#DISBATCH PERENGINE STOP echo bye", "echo e"]})
+    assert refused["ids"] == [[5, 1]] and refused["refused"] == 1 and "line 8: #DISBATCH PERENGINE" in refused["error"]
+    assert sorted(assigned(h, cid).values()) == ["echo b", "echo d", "x", "x"]  # 'echo c' waits for line 3
+    restored = CoordinatorMachine(Open)
+    restored.restore(h.machine.snapshot())
+    assert restored.scheduler.query({"after": 0}) == h.machine.scheduler.query({"after": 0})
+    for bad in ({"do": "submit", "lines": "echo"}, {"do": "submit", "lines": [7]}, {"do": "x"}, ["close"]):
+        assert "error" in command(h, bad)
+    assert command(h, {"do": "close"}) == {"closed": True, "tasks": 6}
+    assert "input was closed" in command(h, {"do": "submit", "lines": ["echo late"]})["error"]
+    assert command(h, {"do": "close"}) == {"closed": True, "tasks": 6}  # closing again is no error
+    while h.machine.run_state is not RunState.FINISHED:
+        tid = next(iter(assigned(h, cid)))
+        report(h, cid, tid, 0)
+    ids = sorted(parse_status_line(line).task_id for line in lines(h) if line[3] == " ")
+    assert ids == [0, 1, 2, 3, 4, 5]
+    assert isinstance(h.op({"op": "command", "body": {"do": "close"}}), Refused)  # the computation finished
+    assert replay(Open, h.batches).digest == h.applier.digest
+
+
+def test_a_batch_not_started_open_refuses_lines() -> None:
+    h = Harness(Plain)
+    h.init()
+    assert "not started open" in command(h, {"do": "submit", "lines": ["echo x"]})["error"]
+
+
+class TwoEngines(BatchScheduler):
+    CONFIG = {**BASE, "engines": [0, 1], "taskfile": b"true\nsleep 9\n"}
+
+
+class StopDue(BatchScheduler):
+    CONFIG = {**BASE, "taskfile": b"#DISBATCH PERENGINE STOP echo bye\ntrue\n"}
+
+
+def test_the_answer_names_busy_engines_once_no_task_will_start() -> None:
+    h = Harness(TwoEngines)
+    h.init()
+    # Both tasks started, neither placed: no engine may go, since either may get them.
+    assert h.machine.scheduler.query({})["retire"] == {"busy": [], "unplaced": 2}
+    a = join(h, engine_name(0), slots=1, have=(engine_name(0),))
+    b = join(h, engine_name(1), slots=1, have=(engine_name(1),))
+    placed = {cid: assigned(h, cid) for cid in (a, b)}
+    assert sorted(c for v in placed.values() for c in v.values()) == ["sleep 9", "true"]
+    quick = next(cid for cid, v in placed.items() if "true" in v.values())
+    report(h, quick, next(iter(placed[quick])), 0)
+    slow_name = engine_name(1) if quick == a else engine_name(0)
+    assert h.machine.scheduler.query({})["retire"] == {"busy": [slow_name], "unplaced": 0}
+    # While PERENGINE STOP is due on every engine, none is retired.
+    h = Harness(StopDue)
+    h.init()
+    assert h.machine.scheduler.query({})["retire"] is None

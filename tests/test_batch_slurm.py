@@ -1,10 +1,32 @@
-"""Under Slurm: the allocation's nodes and cores read from SLURM_* as engines (no Slurm needed)."""
+"""Under Slurm: the allocation as engines, where the replicas go, which idle engines retire (no Slurm needed).
+
+The decisions are pure (tasksprint.batch.slurm); the retire command itself is
+run end to end with ``--retire-cmd`` on this machine, as Slurm would run
+disBatch's ``scontrol update``.
+"""
 
 from __future__ import annotations
 
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
-from tasksprint.batch_command import slurm_counts, slurm_nodes
+from tasksprint.batch.slurm import (
+    DEFAULT_RETIRE_COMMAND,
+    engines_to_retire,
+    replica_hosts,
+    retire_environment,
+    slurm_counts,
+    slurm_nodes,
+)
+
+# Bounds every wait (the run itself takes seconds); not a measurement.
+RUN_TIMEOUT = 180.0
 
 
 def test_slurm_allocations_become_engines() -> None:
@@ -18,3 +40,117 @@ def test_slurm_allocations_become_engines() -> None:
             slurm_counts(bad)
     with pytest.raises(ValueError, match="disagree|gives 3 nodes"):
         slurm_nodes(env, ["a"])
+
+
+def test_replicas_spread_over_up_to_three_nodes_the_drivers_first() -> None:
+    assert replica_hosts(["n1", "n2", "n3", "n4"], 3, "n2.cluster.org") == ["n2", "n1", "n3"]
+    assert replica_hosts(["n1", "n2"], 3, "n1") == ["n1", "n2", "n1"]
+    assert replica_hosts(["n1"], 3, "n1") == ["n1", "n1", "n1"]
+    # Five replicas on three nodes: no node holds more than two (a majority survives losing any one).
+    five = replica_hosts(["n1", "n2", "n3", "n4"], 5, "elsewhere")
+    assert five == ["n1", "n2", "n3", "n1", "n2"] and max(five.count(n) for n in set(five)) == 2
+    with pytest.raises(ValueError):
+        replica_hosts([], 3, "n1")
+
+
+def test_only_engines_idle_for_good_retire() -> None:
+    drained = {"busy": ["engine1", "engine2"], "unplaced": 0}
+    assert engines_to_retire(drained, [0, 1, 2, 3, 4], retired=[3]) == [0, 4]
+    # A task may still start or PERENGINE STOP is due (None), or a task waits to be placed on any engine.
+    assert engines_to_retire(None, [0, 1], []) == []
+    assert engines_to_retire({"busy": [], "unplaced": 1}, [0, 1], []) == []
+    for bad in ({}, {"busy": "engine0", "unplaced": 0}, {"busy": [], "unplaced": "0"}):
+        assert engines_to_retire(bad, [0], []) == []
+
+
+def test_the_retire_environment_is_disbatchs() -> None:
+    engines = {0: "n1", 1: "n2", 2: "n3", 3: "n4", 4: "n4"}
+    env = retire_environment(["n3"], [0], engines, live_ranks=[0, 1, 4], keep=["n1", "n2"], driver="n1")
+    assert env == {"NODES": "n3", "RETCODES": "0", "ACTIVE": "n2,n4", "RETIRED": "n3", "DRIVER_NODE": "n1"}
+    # A replica's node stays active with no engine left there; the driver off the allocation is not named.
+    env = retire_environment(["n2", "n4"], [0, 143], engines, live_ranks=[], keep=["n2"], driver="login")
+    assert env == {"NODES": "n2,n4", "RETCODES": "0,143", "ACTIVE": "n2", "RETIRED": "n1,n3,n4", "DRIVER_NODE": ""}
+    assert "scontrol update" in DEFAULT_RETIRE_COMMAND and "$ACTIVE" in DEFAULT_RETIRE_COMMAND
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    from tasksprint.batch_command import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return p.parse_args([*argv, "Tasks"])
+
+
+def test_retire_and_replica_options_under_slurm(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from tasksprint.batch_command import _retire_command, prepare
+
+    monkeypatch.chdir(tmp_path)
+    assert _retire_command(_args()) == ""  # not under Slurm: nothing is released
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "n[1-4]")
+    monkeypatch.setenv("SLURM_JOB_CPUS_PER_NODE", "2(x4)")
+    monkeypatch.delenv("DISBATCH_SSH_NODELIST", raising=False)
+    assert _retire_command(_args()) == DEFAULT_RETIRE_COMMAND
+    assert _retire_command(_args("--no-retire")) == ""
+    assert _retire_command(_args("--retire-cmd", "echo $NODES")) == "echo $NODES"
+    # The allocation as scontrol expands it (a stand-in on PATH: there is no Slurm here).
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'n1\\nn2\\nn3\\nn4\\n'\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setattr("socket.gethostname", lambda: "n2")
+    prepared = prepare(_args(), b"true\n")
+    assert [host for _, host, _ in prepared.engines] == ["n1", "n2", "n3", "n4"]
+    assert prepared.run.replica_hosts == ["n2", "n1", "n3"]
+    assert prepare(_args("--replica-host", "10.0.0.2"), b"true\n").run.replica_hosts == []
+
+
+def test_an_idle_engine_is_retired_with_the_retire_command(tmp_path: Path) -> None:
+    # Two engines of one slot; one task waits for a file the test writes once an engine was retired,
+    # so the other engine is idle for good while the run still goes on.
+    (tmp_path / "Tasks").write_text("true\nwhile [ ! -e go ]; do sleep 0.05; done\n")
+    retire = 'echo "$NODES|$RETCODES|$ACTIVE|$RETIRED|$DRIVER_NODE" >> retired.txt'
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "tasksprint.cli", "batch", "-s", "localhost:1,localhost:1", "-p", "rt"]
+        + ["--retire-cmd", retire, "Tasks"],
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not (tmp_path / "retired.txt").exists():
+            assert driver.poll() is None, driver.communicate()
+            assert time.monotonic() < deadline, "no engine was retired"
+            time.sleep(0.05)
+        (tmp_path / "go").touch()
+        _, err = driver.communicate(timeout=RUN_TIMEOUT)
+        assert driver.returncode == 0, err.decode()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    (line,) = (tmp_path / "retired.txt").read_text().splitlines()
+    # NODES|RETCODES|ACTIVE|RETIRED|DRIVER_NODE: the retired engine's client was stopped (its exit code
+    # is reported as disBatch reports an engine's); the other engine's node stays active.
+    nodes, code, active, retired, driver_node = line.split("|")
+    assert (nodes, active, retired, driver_node) == ("localhost", "localhost", "", "") and code.lstrip("-").isdigit()
+    status = (tmp_path / "rt_status.txt").read_text().splitlines()
+    assert len(status) == 2
+
+
+def test_replicas_on_other_nodes_start_as_job_steps_there(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasksprint.batch_run import _Cluster
+
+    monkeypatch.setattr("socket.gethostname", lambda: "n2.cluster.org")
+    cluster = _Cluster(tmp_path, 3, hosts=["n2", "n1", "n3"])
+    assert [host for host, _ in cluster.addrs] == ["n2", "n1", "n3"]
+    assert cluster.command(0)[:2] == [sys.executable, "-m"]  # the driver's node: started here
+    step = cluster.command(1)
+    assert step[:5] == ["srun", "--nodes=1", "--ntasks=1", "--overlap", "--nodelist=n1"]
+    assert step[step.index("--peers") + 1] == cluster.peers_arg and cluster.peers_arg.startswith("n2:")
+    # Without hosts (not under Slurm), every replica listens on the one address, here.
+    plain = _Cluster(tmp_path / "plain", 3)
+    assert {host for host, _ in plain.addrs} == {"127.0.0.1"} and plain.command(2)[0] == sys.executable

@@ -123,8 +123,8 @@ _MILLIS = st.integers(0, 4_000_000_000_000).map(lambda ms: ms / 1000)
 
 
 @st.composite
-def records(draw: st.DrawFn) -> StatusRecord:
-    kind = draw(st.sampled_from(RecordKind))
+def records(draw: st.DrawFn, kinds: tuple[RecordKind, ...] = tuple(RecordKind)) -> StatusRecord:
+    kind = draw(st.sampled_from(kinds))
     command = draw(st.one_of(_TEXT.map(str.encode), st.binary(max_size=40)))
     command = command.replace(b"\n", b" ").replace(b"\r", b" ")
     if command.startswith((b"b'", b'b"')):  # text that reads as a bytes literal is ambiguous, as in disBatch

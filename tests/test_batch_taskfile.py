@@ -16,6 +16,7 @@ from tasksprint.batch.taskfile import (
     TaskFileError,
     TaskFileReader,
     parse_taskfile,
+    read_taskfile,
 )
 
 
@@ -318,3 +319,72 @@ def test_arbitrary_bytes_read_or_fail_with_the_typed_error(data: bytes) -> None:
         assert e.line >= 1
         return
     assert [tf.record(i) for i in range(tf.id_count)] == list(tf.records())
+
+
+# #DISBATCH AFTER (TaskSprint's extension) and lines submitted to a running batch.
+
+
+def afters(tf: TaskFile) -> list[tuple[int, tuple[tuple[int, int], ...]]]:
+    return [(r.task_id, r.after) for r in tf.records() if isinstance(r, Task)]
+
+
+def test_after_names_earlier_lines_and_applies_to_the_next_task_only() -> None:
+    tf = parse("echo a\n# c\necho b\n#DISBATCH AFTER 1\necho c\necho d\n#DISBATCH AFTER 3,5\necho e\n")
+    assert afters(tf) == [(0, ()), (1, ()), (2, ((0, 1),)), (3, ()), (4, ((1, 3),))]
+
+
+def test_after_ranges_cover_repeats_and_barriers_between_and_several_afters_add_up() -> None:
+    text = "echo a\n#DISBATCH REPEAT 3 echo r\n#DISBATCH BARRIER\necho b\n#DISBATCH AFTER 1-2\n#DISBATCH AFTER 4\n"
+    tf = parse(text + "#DISBATCH REPEAT 2 echo s\n")
+    # Line 1 is task 0, line 2 tasks 1-3, the barrier (line 3) 4, line 4 task 5.
+    assert [(r.first_id, r.after) for r in tf.entries if isinstance(r, Repeat)] == [(1, ()), (6, ((0, 4), (5, 6)))]
+    assert tf.record(7) == Task(task_id=7, line=7, repeat_index=1, command=b"echo s", after=((0, 4), (5, 6)))
+    # A range over the barrier takes its id too (it is met before any later task starts): one range.
+    tf = parse(text.replace("AFTER 1-2", "AFTER 2-3") + "echo t\n")
+    assert tf.record(6).after == ((1, 6),)
+
+
+def test_after_waits_for_a_task_line_across_comments_and_a_zero_repeat() -> None:
+    tf = parse("echo a\n#DISBATCH AFTER 1\n# note\n#DISBATCH REPEAT 0 echo none\necho b\n")
+    assert afters(tf) == [(0, ()), (1, ((0, 1),))]
+
+
+@pytest.mark.parametrize(
+    ("after", "reason"),
+    [
+        ("#DISBATCH AFTER 2", "no task was made on that line"),  # a comment
+        ("#DISBATCH AFTER 3", "no task was made on that line"),  # a barrier
+        ("#DISBATCH AFTER 4", "name earlier lines"),  # itself
+        ("#DISBATCH AFTER 9", "name earlier lines"),
+        ("#DISBATCH AFTER 0", "name earlier lines"),
+        ("#DISBATCH AFTER 1-x", "not a line number"),
+        ("#DISBATCH AFTER 3-1", "name earlier lines"),
+        ("#DISBATCH AFTER " + "9" * 40, "not a line number"),
+        ("#DISBATCH AFTER  ", "names no line"),
+    ],
+)
+def test_after_naming_no_earlier_task_is_an_error_naming_its_line(after: str, reason: str) -> None:
+    with pytest.raises(TaskFileError, match=reason) as info:
+        parse(f"echo a\n# c\n#DISBATCH BARRIER\n{after}\necho b\n")
+    assert info.value.line == 4
+
+
+def test_submitted_lines_continue_the_file_and_a_refused_line_changes_nothing() -> None:
+    reader = read_taskfile("#DISBATCH PERENGINE START echo hi\necho a\n", name="Tasks")
+    reader.close_engine_lists()
+    assert reader.submit("#DISBATCH AFTER 2") == []
+    for bad, reason in [
+        ("#DISBATCH PERENGINE STOP echo bye", "PERENGINE"),
+        ("echo \0", "NUL"),
+        ("echo a\necho b", "line end"),
+        ("#DISBATCH AFTER 4", "name earlier lines"),
+    ]:
+        with pytest.raises(TaskFileError, match=reason) as info:
+            reader.submit(bad)
+        assert info.value.line == 4
+    (task,) = reader.submit("echo b")
+    assert task == Task(task_id=1, line=4, repeat_index=-1, command=b"echo b", after=((0, 1),))
+    assert reader.record(1) == task and reader.record(0).command == b"echo a"
+    assert reader.engine_start[0].command == b"echo hi" and reader.engine_stop == ()
+    with pytest.raises(IndexError):
+        reader.record(2)

@@ -32,7 +32,20 @@ Dispatch follows disBatch:
 * ``PERENGINE START`` commands are started once per engine at the start,
   each pinned to its engine by the engine's tag, so each runs when its engine
   joins; ``STOP`` commands once per engine when the task file is done
-  (those of engines declared dead are given up).
+  (those of engines declared dead are given up);
+* a task with ``#DISBATCH AFTER`` lines waits, without holding up later
+  tasks, until every task of those lines finished (at most ``window`` tasks
+  wait at once; past that, dispatch waits too).  If one of them failed
+  (non-zero exit, or itself not run for this reason) it does not run: its
+  status line, flagged ``D``, has exit code -1.  A barrier waits for waiting
+  tasks as for running ones.
+
+A batch started *open* (``CONFIG`` ``open``) takes more task lines while it
+runs: the ``command`` hook's ``{"do": "submit", "lines": [...]}`` reads each
+line as the next line of the task file (PERENGINE refused) and answers the
+task ids each made; ``{"do": "close"}`` says no more lines come, and the run
+ends once the tasks it has are done.  Both go through the log, so every
+replica reads the same lines in the same order, exactly once.
 
 Each task is a command task: ``bash -c`` with a one-line prelude that sources
 the driver's environment file (so tasks see the environment ``tasksprint
@@ -44,6 +57,7 @@ Non-zero exit codes are results, not errors: a task is never retried for one.
 from __future__ import annotations
 
 import base64
+import bisect
 import shlex
 from typing import Any
 
@@ -54,6 +68,7 @@ from tasksprint.batch.statusfile import (
     Outcome,
     StatusRecord,
     barrier_record,
+    dependency_failed_record,
     format_status_line,
     parse_status_line,
     snippet,
@@ -66,7 +81,9 @@ from tasksprint.batch.taskfile import (
     Repeat,
     Task,
     TaskFile,
-    parse_taskfile,
+    TaskFileError,
+    TaskFileReader,
+    read_taskfile,
 )
 
 __all__ = ["ENGINE_TAG_PREFIX", "BatchScheduler", "engine_name", "status_outcome"]
@@ -79,6 +96,13 @@ _COMMAND_B64 = "DISBATCH_TASKSPRINT_COMMAND_B64"
 
 # The most status lines one ``scheduler`` query answers.
 _MAX_LINES_PER_ANSWER = 4096
+# The most task lines one ``submit`` command carries, and the longest line (bytes).
+MAX_SUBMIT_LINES = 4096
+MAX_LINE_BYTES = 1 << 20
+
+
+# What the tasks a task waits for (#DISBATCH AFTER) came to.
+_READY, _WAIT, _FAILED = "ready", "wait", "failed"
 
 
 def engine_name(rank: int) -> str:
@@ -133,16 +157,23 @@ class BatchScheduler(Coordinator):
     ``job_id``, ``cwd``, ``env_file`` (sourced by every task), ``engines``
     (list of ranks), ``window`` (tasks started at once), ``fail_fast``,
     ``skip`` (task id -> earlier status line), ``driver_node``,
-    ``driver_pid``, ``cores_per_task``.
+    ``driver_pid``, ``cores_per_task``, ``open`` (more lines may be submitted).
     """
 
     CONFIG: dict[str, Any] = {}
-    # The parsed task file and the tasks in flight are kept in the state.
-    SNAPSHOT_CLASSES = (TaskFile, Task, Repeat, Barrier, PerEngine, Notice, EngineEvent)
+    # The task file read so far and the tasks in flight are kept in the state.
+    SNAPSHOT_CLASSES = (TaskFileReader, TaskFile, Task, Repeat, Barrier, PerEngine, Notice, EngineEvent)
 
     def init(self, seed: int) -> None:
         c = self.CONFIG
-        self.taskfile: TaskFile = parse_taskfile(c["taskfile"], name=c["name"])
+        self.taskfile: TaskFileReader = read_taskfile(c["taskfile"], name=c["name"])
+        self.open = bool(c.get("open"))
+        if self.open:
+            # PERENGINE commands have been started by then: a submitted one could never run everywhere.
+            self.taskfile.close_engine_lists()
+        self.waiting: list[Task] = []  # tasks whose AFTER lines are not all finished, in task-id order
+        self.unfinished: list[int] = []  # sorted batch task ids running or waiting
+        self.failed_ids: list[int] = []  # sorted batch task ids that failed (for AFTER)
         self.lines: list[str] = []
         self.next_id = 0
         self.running: dict[int, Task] = {}  # TaskSprint task id -> batch task
@@ -172,6 +203,44 @@ class BatchScheduler(Coordinator):
     def task_failed(self, tid: int, error: str, record: dict[str, Any] | None = None) -> None:
         self._finished(tid, record, error)
 
+    def command(self, body: Any) -> Any:
+        """``{"do": "submit", "lines": [...]}`` or ``{"do": "close"}`` (an open batch); an error value otherwise."""
+        do = body.get("do") if isinstance(body, dict) else None
+        if do not in ("submit", "close"):
+            return {"error": "a batch takes {'do': 'submit', 'lines': [...]} or {'do': 'close'}"}
+        if do == "close" and self.CONFIG.get("open") and not self.open and self.reason is None:
+            return {"closed": True, "tasks": self.taskfile.id_count}  # closed before: closing again is no error
+        if not self.open:
+            why = "its input was closed, or it ended" if self.CONFIG.get("open") else "this batch was not started open"
+            return {"error": f"no more lines can be submitted: {why}"}
+        if self.reason is not None:
+            return {"error": f"no more lines can be submitted: the run is ending early ({self.reason})"}
+        if do == "close":
+            self.open = False
+            self._advance()
+            return {"closed": True, "tasks": self.taskfile.id_count}
+        lines = body.get("lines")
+        if not isinstance(lines, list) or len(lines) > MAX_SUBMIT_LINES:
+            return {"error": f"'lines' must be a list of at most {MAX_SUBMIT_LINES} lines"}
+        ids: list[list[int]] = []
+        answer: dict[str, Any] = {}
+        for i, line in enumerate(lines):
+            if not isinstance(line, str | bytes) or len(line) > MAX_LINE_BYTES:
+                answer = {"refused": i, "error": f"line {i} is not a string of at most {MAX_LINE_BYTES} bytes"}
+                break
+            first = self.taskfile.id_count
+            try:
+                self.taskfile.submit(line)
+            except TaskFileError as exc:
+                answer = {"refused": i, "error": str(exc)}
+                break
+            ids.append([first, self.taskfile.id_count - first])
+        # The lines before a refused one stay submitted (the answer says which were).
+        self._advance()
+        if answer:
+            return {"ids": ids, **answer}
+        return {"ids": ids, "line": self.taskfile.lines_read}
+
     def query(self, args: Any) -> Any:
         """Status lines ``after``.. (at most a few thousand), how many there are, and whether the run ended."""
         after = args.get("after", 0) if isinstance(args, dict) else None
@@ -186,7 +255,31 @@ class BatchScheduler(Coordinator):
             "reason": self.reason,
             "failed": self.failed,
             "tasks": self.taskfile.id_count,
+            "open": self.open,
+            "waiting": len(self.waiting),
+            "retire": self._retire(),
         }
+
+    def _retire(self) -> dict[str, Any] | None:
+        """Once no batch task will start any more (and no PERENGINE STOP is due on every engine):
+        the engines still running something, and how many tasks are not placed yet; else None.
+
+        An engine not named can never get work again (Slurm retires it).  Read
+        from one state, so the driver needs no other question to decide.
+        """
+        if not self._drained() or self.taskfile.engine_stop:
+            return None
+        busy: set[str] = set()
+        unplaced = 0
+        for tid in (*self.running, *self.engine_tasks):
+            info = self.task_info(tid)
+            workers = info.get("workers", []) if info is not None else []
+            busy.update(workers)
+            unplaced += not workers
+        return {"busy": sorted(busy), "unplaced": unplaced}
+
+    def _drained(self) -> bool:
+        return self.stopping or (not self.open and self.next_id >= self.taskfile.id_count and not self.waiting)
 
     # ------------------------------------------------------------ dispatch
 
@@ -199,53 +292,111 @@ class BatchScheduler(Coordinator):
         task = self.running.pop(tid, None)
         if task is None:
             return
+        self._settled(task.task_id)
         outcome = status_outcome(record, error)
         self.lines.append(format_status_line(outcome.record(task)))
         if outcome.exit_code != 0:
-            self._note_failure()
+            self._note_failure(task.task_id)
             if self.CONFIG.get("fail_fast") and self.reason is None:
                 self.reason = f"task {task.task_id} (line {task.line}) failed with exit code {outcome.exit_code}"
                 self._stop_early()
         self._advance()
 
-    def _note_failure(self) -> None:
+    def _note_failure(self, task_id: int) -> None:
         self.failed += 1
         self.failed_since_barrier = True
+        bisect.insort(self.failed_ids, task_id)
+
+    def _settled(self, task_id: int) -> None:
+        i = bisect.bisect_left(self.unfinished, task_id)
+        if i < len(self.unfinished) and self.unfinished[i] == task_id:
+            del self.unfinished[i]
 
     def _stop_early(self) -> None:
         for tid in list(self.running):
             self.kill_task(tid)
         self.running.clear()
+        self.waiting.clear()
+        self.unfinished.clear()
         self.next_id = self.taskfile.id_count
+        self.open = False
 
     def _advance(self) -> None:
         window = int(self.CONFIG.get("window", 1))
         tf = self.taskfile
+        if self.waiting:
+            self._release(window)
         while not self.stopping and self.next_id < tf.id_count and len(self.running) < window:
             entry = tf.record(self.next_id)
             if isinstance(entry, Barrier):
                 if not self._barrier(entry):
                     return
                 continue
-            self.next_id += 1
             earlier = self.skip.get(entry.task_id)
+            ready = _READY
+            if earlier is None and entry.after:
+                ready = self._after_state(entry)
+                if ready == _WAIT:
+                    if len(self.waiting) >= window:
+                        break
+                    self.next_id += 1
+                    self.waiting.append(entry)
+                    bisect.insort(self.unfinished, entry.task_id)
+                    continue
+            self.next_id += 1
             if earlier is not None:
                 record = parse_status_line(earlier)
                 assert record is not None
                 self.lines.append(earlier)
                 if record.exit_code != 0:
-                    self._note_failure()
+                    self._note_failure(entry.task_id)
+                continue
+            if ready == _FAILED:
+                self._dependency_failed(entry)
                 continue
             self._start(entry)
-        if self.next_id >= tf.id_count and not self.running and not self.stopping:
+        if self._drained() and not self.running and not self.stopping:
             self._begin_stop()
+
+    def _after_state(self, task: Task) -> str:
+        """Whether the tasks ``task`` waits for all succeeded (_READY), one failed (_FAILED), or some still run."""
+        state = _READY
+        for first, end in task.after:
+            i = bisect.bisect_left(self.unfinished, first)
+            if i < len(self.unfinished) and self.unfinished[i] < end:
+                state = _WAIT
+            i = bisect.bisect_left(self.failed_ids, first)
+            if i < len(self.failed_ids) and self.failed_ids[i] < end:
+                return _FAILED
+        return state
+
+    def _release(self, window: int) -> None:
+        """Start (or give up) the waiting tasks whose AFTER lines are done, in task-id order."""
+        still: list[Task] = []
+        for task in self.waiting:
+            state = self._after_state(task)
+            if state == _WAIT or (state == _READY and len(self.running) >= window):
+                still.append(task)
+                continue
+            self._settled(task.task_id)
+            if state == _FAILED:
+                self._dependency_failed(task)
+            else:
+                self._start(task)
+        self.waiting = still
+
+    def _dependency_failed(self, task: Task) -> None:
+        self.lines.append(
+            format_status_line(dependency_failed_record(task, node=self.CONFIG["driver_node"], at=self.now))
+        )
+        self._note_failure(task.task_id)
 
     def _barrier(self, barrier: Barrier) -> bool:
         """Pass ``barrier`` if every earlier task finished (True), else note when it was reached."""
         if self.barrier_reached is None and self.now > 0:
             # (Before the first TICK the coordinator has no time yet: then the barrier's start is when it is met.)
             self.barrier_reached = self.now
-        if self.running:
+        if self.running or self.waiting:
             return False
         c = self.CONFIG
         record: StatusRecord = barrier_record(
@@ -303,6 +454,7 @@ class BatchScheduler(Coordinator):
     def _start(self, task: Task) -> None:
         tid = self.start_task(**self._command_call(task.command, self._env(task), None))
         self.running[tid] = task
+        bisect.insort(self.unfinished, task.task_id)
 
     def _start_engine_command(self, command: PerEngine, rank: int) -> None:
         call = self._command_call(command.command, self._env(command), rank)

@@ -7,8 +7,10 @@ hold tabs itself, so a reader splits at the first 14 only):
 
 1. flags: for a task, four characters: ``R`` (non-zero exit) or space,
    ``O`` (leaked output) or space, ``E`` (leaked error output) or space,
-   then ``P`` (PERENGINE command), ``S`` (skipped, done in an earlier run)
-   or ``Z`` (finished after it was given up for dead) or space.  For a
+   then ``P`` (PERENGINE command), ``S`` (skipped, done in an earlier run),
+   ``Z`` (finished after it was given up for dead), ``D`` (not run: a task
+   it waits for with ``#DISBATCH AFTER`` failed; TaskSprint's extension) or
+   space.  For a
    barrier, ``B`` or ``C`` (BARRIER CHECK) followed by four spaces;
 2. task id; 3. line (1-based); 4. repeat index (-1 outside a REPEAT);
 5. node; 6. pid of the task's shell; 7. exit code;
@@ -25,7 +27,7 @@ hold tabs itself, so a reader splits at the first 14 only):
 ``--status-header`` puts :data:`STATUS_HEADER` first.
 
 Resume (``-r``) reads earlier status files: of their plain task lines (not
-barriers, PERENGINE, skipped or zombie lines) the one with the lowest exit
+barriers, PERENGINE, skipped, zombie or dependency-failed lines) the one with the lowest exit
 code for each task id is kept, the first on ties.  A task of the new run
 is then skipped when such a line exists, unless ``--retry`` is given and
 the line's exit code is not 0.  A skipped task must match the line on
@@ -56,6 +58,7 @@ __all__ = [
     "StatusLineError",
     "StatusRecord",
     "barrier_record",
+    "dependency_failed_record",
     "format_status_line",
     "parse_status_file",
     "parse_status_line",
@@ -81,11 +84,19 @@ class RecordKind(enum.Enum):
     PER_ENGINE = "P"
     SKIPPED = "S"
     ZOMBIE = "Z"
+    #: Not run, because a task it depends on (``#DISBATCH AFTER``) failed.
+    DEPENDENCY_FAILED = "D"
     BARRIER = "B"
     CHECK_BARRIER = "C"
 
 
-_TASK_LIKE = (RecordKind.TASK, RecordKind.PER_ENGINE, RecordKind.SKIPPED, RecordKind.ZOMBIE)
+_TASK_LIKE = (
+    RecordKind.TASK,
+    RecordKind.PER_ENGINE,
+    RecordKind.SKIPPED,
+    RecordKind.ZOMBIE,
+    RecordKind.DEPENDENCY_FAILED,
+)
 
 
 @attrs.frozen(kw_only=True)
@@ -191,6 +202,26 @@ def barrier_record(barrier: Barrier, *, node: str, pid: int, start: float, finis
     )
 
 
+def dependency_failed_record(task: Task, *, node: str, at: float) -> StatusRecord:
+    """The status record of ``task``, not run because a task it waits for failed (flag ``D``, exit code -1)."""
+    return StatusRecord(
+        kind=RecordKind.DEPENDENCY_FAILED,
+        task_id=task.task_id,
+        line=task.line,
+        repeat_index=task.repeat_index,
+        node=node,
+        pid=0,
+        exit_code=-1,
+        start=at,
+        finish=at,
+        out_bytes=0,
+        out_snippet="",
+        err_bytes=0,
+        err_snippet="",
+        command=task.command,
+    )
+
+
 def snippet(data: bytes) -> str:
     """The snippet of leaked output ``data`` (all of it, not just the ends)."""
     head = data[:SNIPPET_END_BYTES]
@@ -271,7 +302,7 @@ def _kind(flags: str) -> RecordKind:
     # disBatch reads the kind from the fourth flag, else from the first.
     if len(flags) < 4:
         raise StatusLineError(f"flags field {flags!r} is shorter than 4 characters")
-    if flags[3] in "PSZ":
+    if flags[3] in "PSZD":
         return RecordKind(flags[3])
     if flags[0] in " R":
         return RecordKind.TASK

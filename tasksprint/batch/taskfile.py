@@ -25,6 +25,12 @@ A piece is, in this order of precedence:
 * ``#DISBATCH BARRIER [CHECK] [key]``: no later task starts until all
   earlier ones finished; with CHECK the run ends there if a task since the
   previous barrier failed.  A barrier takes a task id of its own;
+* ``#DISBATCH AFTER refs`` (TaskSprint's extension; disBatch logs it as an
+  unknown directive and runs the file without it): the next task line or
+  REPEAT runs only after every task of the earlier lines ``refs`` finished
+  without failing.  ``refs`` are 1-based line numbers and ranges ``a-b``,
+  separated by spaces or commas; each must name earlier lines that made
+  tasks.  Several AFTER lines before one task add up;
 * any other ``#DISBATCH ...`` (after the word, a space): not understood,
   skipped with a :class:`Notice` (disBatch logs it and skips it too);
 * anything else is a task: ``PREFIX + piece + SUFFIX``.
@@ -63,6 +69,7 @@ __all__ = [
     "TaskFileError",
     "TaskFileReader",
     "parse_taskfile",
+    "read_taskfile",
 ]
 
 # The most task ids one file may number.  A REPEAT costs nothing to read
@@ -103,6 +110,8 @@ class Task:
     line: int
     repeat_index: int
     command: bytes
+    #: Task ids it waits for (``#DISBATCH AFTER``): sorted, disjoint ``(first, end)`` ranges, ``end`` excluded.
+    after: tuple[tuple[int, int], ...] = ()
 
 
 @attrs.frozen(kw_only=True)
@@ -115,6 +124,7 @@ class Repeat:
     start: int
     step: int
     command: bytes
+    after: tuple[tuple[int, int], ...] = ()
 
     def task(self, task_id: int) -> Task:
         """The task with ``task_id``, which must be one of this REPEAT's."""
@@ -126,6 +136,7 @@ class Repeat:
             line=self.line,
             repeat_index=self.start + offset * self.step,
             command=self.command,
+            after=self.after,
         )
 
     def tasks(self) -> Iterator[Task]:
@@ -212,6 +223,21 @@ def _first_id(entry: Entry) -> int:
     return entry.first_id if isinstance(entry, Repeat) else entry.task_id
 
 
+def _size(entry: Entry) -> int:
+    return entry.count if isinstance(entry, Repeat) else 1
+
+
+def _merged(ranges: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """``(first, end)`` ranges sorted, overlapping and touching ones merged."""
+    out: list[tuple[int, int]] = []
+    for first, end in sorted(ranges):
+        if out and first <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((first, end))
+    return tuple(out)
+
+
 # A comment: optional whitespace, then '#' or the end.  Lines starting with the
 # upper-case word '#DISBATCH' are never comments; the callers check that first.
 _COMMENT = re.compile(rb"\s*(?:#|\Z)")
@@ -230,6 +256,9 @@ _REPEAT = re.compile(
     re.IGNORECASE | re.VERBOSE | re.DOTALL,
 )
 _BARRIER = b"#DISBATCH BARRIER"
+_AFTER = re.compile(rb"\#DISBATCH[ ]AFTER[ ](.*)", re.IGNORECASE | re.VERBOSE | re.DOTALL)
+_AFTER_REF = re.compile(rb"([0-9]+)(?:-([0-9]+))?")
+_AFTER_SEPARATORS = re.compile(rb"[\s,]+")
 
 
 @attrs.define(eq=False)
@@ -254,6 +283,11 @@ class TaskFileReader:
     _entries: list[Entry] = attrs.field(factory=list, init=False)
     _per_engine: list[PerEngine] = attrs.field(factory=list, init=False)
     _notices: list[Notice] = attrs.field(factory=list, init=False)
+    # Per entry, in order: its first task id, its line, and how many entries up to it make tasks.
+    _first_ids: list[int] = attrs.field(factory=list, init=False)
+    _entry_lines: list[int] = attrs.field(factory=list, init=False)
+    _task_entries: list[int] = attrs.field(factory=list, init=False)
+    _pending_after: list[tuple[int, int]] = attrs.field(factory=list, init=False)
 
     @property
     def engine_lists_closed(self) -> bool:
@@ -264,6 +298,53 @@ class TaskFileReader:
     def id_count(self) -> int:
         """How many task ids the items fed so far use."""
         return self._next_id
+
+    @property
+    def lines_read(self) -> int:
+        """How many stream items were fed (the last one's line number)."""
+        return self._line
+
+    @property
+    def engine_start(self) -> tuple[PerEngine, ...]:
+        return tuple(p for p in self._per_engine if p.event is EngineEvent.START)
+
+    @property
+    def engine_stop(self) -> tuple[PerEngine, ...]:
+        return tuple(p for p in self._per_engine if p.event is EngineEvent.STOP)
+
+    def close_engine_lists(self) -> None:
+        """Refuse PERENGINE commands from now on (lines submitted to a running batch)."""
+        self._engine_lists_closed = True
+
+    def record(self, task_id: int) -> Task | Barrier:
+        """The task or barrier numbered ``task_id``; IndexError if there is none (yet)."""
+        if not 0 <= task_id < self._next_id:
+            raise IndexError(f"no task {task_id}: the lines read number 0 to {self._next_id - 1}")
+        entry = self._entries[bisect.bisect_right(self._first_ids, task_id) - 1]
+        if isinstance(entry, Repeat):
+            return entry.task(task_id)
+        return entry
+
+    def submit(self, item: bytes | str) -> list[Entry | PerEngine]:
+        """One line submitted to a running batch: as :meth:`feed`, but a refused line changes nothing.
+
+        The line must not hold a line end.  Raises :class:`TaskFileError`; the
+        reader stays usable, and the next line gets the refused one's number.
+        """
+        if self._broken is not None:
+            raise self._broken
+        if isinstance(item, str):
+            item = item.encode("utf-8", "surrogateescape")
+        if b"\n" in item or b"\r" in item:
+            raise TaskFileError(self._line + 1, "a submitted line holds a line end; submit one line at a time")
+        saved = (self._line, self._engine_lists_closed)
+        try:
+            return self._feed(item)
+        except TaskFileError:
+            # Every check in _read_piece comes before its change, so the line's number and
+            # the PERENGINE block's state are all a refused single piece can have changed.
+            self._line, self._engine_lists_closed = saved
+            raise
 
     def feed(self, item: bytes | str) -> list[Entry | PerEngine]:
         """Read one stream item; returns what it adds, in order.
@@ -276,14 +357,17 @@ class TaskFileReader:
             raise self._broken
         if isinstance(item, str):
             item = item.encode("utf-8", "surrogateescape")
-        self._line += 1
-        added: list[Entry | PerEngine] = []
         try:
-            for piece in item.splitlines():
-                self._read_piece(piece, added)
+            return self._feed(item)
         except TaskFileError as e:
             self._broken = e
             raise
+
+    def _feed(self, item: bytes) -> list[Entry | PerEngine]:
+        self._line += 1
+        added: list[Entry | PerEngine] = []
+        for piece in item.splitlines():
+            self._read_piece(piece, added)
         return added
 
     def result(self) -> TaskFile:
@@ -324,11 +408,20 @@ class TaskFileReader:
             if piece.startswith(_BARRIER):
                 added.append(self._barrier(piece))
                 return
+            if (m := _AFTER.fullmatch(piece)) is not None:
+                self._pending_after += self._after(m.group(1))
+                return
             if piece.startswith(_DIRECTIVE + b" "):
                 self._notices.append(Notice(line=self._line, text=piece, reason="unknown #DISBATCH directive, skipped"))
                 return
         # A task (a line such as '#DISBATCHX' is one too: bash reads it as a comment).
-        task = Task(task_id=self._next_id, line=self._line, repeat_index=-1, command=self._command(piece))
+        task = Task(
+            task_id=self._next_id,
+            line=self._line,
+            repeat_index=-1,
+            command=self._command(piece),
+            after=_merged(self._pending_after),
+        )
         self._add(task)
         added.append(task)
 
@@ -355,10 +448,44 @@ class TaskFileReader:
         if count == 0:
             return None
         self._reserve(count)
-        repeat = Repeat(first_id=self._next_id, line=self._line, count=count, start=start, step=step, command=command)
-        self._entries.append(repeat)
-        self._next_id += count
+        repeat = Repeat(
+            first_id=self._next_id,
+            line=self._line,
+            count=count,
+            start=start,
+            step=step,
+            command=command,
+            after=_merged(self._pending_after),
+        )
+        self._append(repeat, count)
         return repeat
+
+    def _after(self, text: bytes) -> list[tuple[int, int]]:
+        """The task-id ranges of the lines an AFTER names; TaskFileError for a line that made no task."""
+        refs = [r for r in _AFTER_SEPARATORS.split(text) if r]
+        if not refs:
+            raise TaskFileError(
+                self._line, "#DISBATCH AFTER names no line; give earlier line numbers, e.g. AFTER 3 5-7"
+            )
+        ranges = []
+        for ref in refs:
+            m = _AFTER_REF.fullmatch(ref)
+            if m is None or len(ref) > 2 * _MAX_NUMBER_DIGITS + 1:
+                raise TaskFileError(self._line, f"#DISBATCH AFTER: {ref!r:.60} is not a line number or range a-b")
+            first = int(m.group(1))
+            last = int(m.group(2)) if m.group(2) else first
+            if not 1 <= first <= last < self._line:
+                raise TaskFileError(
+                    self._line, f"#DISBATCH AFTER {ref.decode()}: name earlier lines (1 to {self._line - 1}), low-high"
+                )
+            lo = bisect.bisect_left(self._entry_lines, first)
+            hi = bisect.bisect_right(self._entry_lines, last)
+            before = self._task_entries[lo - 1] if lo > 0 else 0
+            if hi == lo or self._task_entries[hi - 1] == before:
+                raise TaskFileError(self._line, f"#DISBATCH AFTER {ref.decode()}: no task was made on that line")
+            # The ids from the first entry's to the last's: barriers among them are met before the dependent starts.
+            ranges.append((self._first_ids[lo], self._first_ids[hi - 1] + _size(self._entries[hi - 1])))
+        return ranges
 
     def _barrier(self, piece: bytes) -> Barrier:
         # 'BARRIER', then optionally ' CHECK', then optionally ' key'; whatever
@@ -374,8 +501,17 @@ class TaskFileReader:
 
     def _add(self, entry: Task | Barrier) -> None:
         self._reserve(1)
+        self._append(entry, 1)
+
+    def _append(self, entry: Entry, count: int) -> None:
+        makes_tasks = not isinstance(entry, Barrier)
+        self._first_ids.append(self._next_id)
+        self._entry_lines.append(entry.line)
+        self._task_entries.append((self._task_entries[-1] if self._task_entries else 0) + makes_tasks)
         self._entries.append(entry)
-        self._next_id += 1
+        self._next_id += count
+        if makes_tasks:
+            self._pending_after = []
 
     def _reserve(self, count: int) -> None:
         if self._next_id + count > self._max_tasks:
@@ -407,8 +543,13 @@ def parse_taskfile(text: bytes | str, *, name: str, max_tasks: int = DEFAULT_MAX
     (``DISBATCH_NAMETASKS``).  Returns a :class:`TaskFile`; raises
     :class:`TaskFileError` naming the line of the first thing that cannot
     run: a misplaced PERENGINE, a NUL byte in a command, more than
-    ``max_tasks`` task ids.
+    ``max_tasks`` task ids, an AFTER naming no earlier task.
     """
+    return read_taskfile(text, name=name, max_tasks=max_tasks).result()
+
+
+def read_taskfile(text: bytes | str, *, name: str, max_tasks: int = DEFAULT_MAX_TASKS) -> TaskFileReader:
+    """:func:`parse_taskfile`, returning the reader, so that more lines can be submitted to it."""
     if isinstance(text, str):
         text = text.encode("utf-8", "surrogateescape")
     reader = TaskFileReader(name, max_tasks)
@@ -418,4 +559,4 @@ def parse_taskfile(text: bytes | str, *, name: str, max_tasks: int = DEFAULT_MAX
         lines.pop()
     for line in lines:
         reader.feed(line)
-    return reader.result()
+    return reader

@@ -1,0 +1,135 @@
+"""Under Slurm: the allocation as engines, where the replicas go, and which idle nodes to release.
+
+Pure decisions; ``tasksprint batch`` (:mod:`tasksprint.batch_command`) runs
+the commands they lead to (``srun``, ``scontrol``).
+
+* :func:`slurm_nodes` reads the allocation (``SLURM_JOB_NODELIST`` expanded,
+  ``SLURM_JOB_CPUS_PER_NODE``): one engine per node.
+* :func:`replica_hosts` spreads the replicas over up to three of its nodes,
+  the driver's first, so that losing one node loses at most one replica of
+  three (with five replicas on three nodes, at most two).
+* Retiring, as disBatch does it: once no batch task will start any more, an
+  engine with nothing running or placed there can never get work again
+  (:func:`engines_to_retire`, from the batch scheduler's answer); the driver
+  stops its client and runs the retire command with disBatch's environment
+  (:func:`retire_environment`).
+  The default command is disBatch's (:data:`DEFAULT_RETIRE_COMMAND`), which
+  shrinks the job to the nodes still in use; a node that holds a replica or
+  the driver stays in use until the run ends.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from tasksprint.batch.scheduler import engine_name
+
+__all__ = [
+    "DEFAULT_RETIRE_COMMAND",
+    "MAX_REPLICA_NODES",
+    "engines_to_retire",
+    "replica_hosts",
+    "retire_environment",
+    "same_host",
+    "slurm_counts",
+    "slurm_nodes",
+]
+
+#: disBatch's retire command under Slurm: the job keeps the driver's node and the nodes still active.
+DEFAULT_RETIRE_COMMAND = 'scontrol update JobId="$SLURM_JOBID" NodeList="${DRIVER_NODE:+$DRIVER_NODE,}$ACTIVE"'
+#: Replicas are spread over at most this many nodes (three replicas, one each).
+MAX_REPLICA_NODES = 3
+
+_SLURM_COUNT = re.compile(r"([0-9]+)(?:\(x([0-9]+)\))?")
+
+
+def slurm_counts(text: str) -> list[int]:
+    """Slurm's compressed per-node counts (``SLURM_JOB_CPUS_PER_NODE``): ``"16(x2),8"`` is [16, 16, 8].
+
+    Raises ValueError naming the item that is not such a count.
+    """
+    out: list[int] = []
+    for item in text.split(","):
+        m = _SLURM_COUNT.fullmatch(item.strip())
+        if m is None or len(item) > 40:
+            raise ValueError(f"{item!r:.60} is not a Slurm count such as 16 or 16(x2)")
+        out += [int(m.group(1))] * int(m.group(2) or 1)
+    return out
+
+
+def slurm_nodes(environ: Mapping[str, str], hostnames: list[str]) -> list[tuple[str, int]]:
+    """(node, cores) of a Slurm allocation: ``hostnames`` expanded from ``SLURM_JOB_NODELIST``.
+
+    Cores per node come from ``SLURM_JOB_CPUS_PER_NODE``; ValueError if the two disagree.
+    """
+    cores = slurm_counts(environ.get("SLURM_JOB_CPUS_PER_NODE", "1"))
+    if len(cores) == 1:
+        cores *= len(hostnames)
+    if len(cores) != len(hostnames):
+        raise ValueError(f"SLURM_JOB_CPUS_PER_NODE gives {len(cores)} nodes, SLURM_JOB_NODELIST {len(hostnames)}")
+    return list(zip(hostnames, cores, strict=True))
+
+
+def same_host(a: str, b: str) -> bool:
+    """Whether two host names name one machine, as disBatch compares them (the first label)."""
+    return a.split(".", 1)[0] == b.split(".", 1)[0]
+
+
+def replica_hosts(nodes: Sequence[str], replicas: int, driver: str) -> list[str]:
+    """The node of each replica: round robin over up to three nodes, the driver's node first if allocated."""
+    if not nodes:
+        raise ValueError("no nodes to place the replicas on")
+    mine = [n for n in nodes if same_host(n, driver)][:1]
+    chosen = (mine + [n for n in nodes if n not in mine])[:MAX_REPLICA_NODES]
+    return [chosen[i % len(chosen)] for i in range(replicas)]
+
+
+def engines_to_retire(retire: Mapping[str, Any] | None, ranks: Iterable[int], retired: Iterable[int]) -> list[int]:
+    """Ranks of the engines to retire now, of ``ranks`` (the run's engines) less ``retired``.
+
+    ``retire`` is the batch scheduler's answer: None while a batch task may
+    still start (or PERENGINE STOP is due), else ``busy`` (the engines
+    running or holding a task) and ``unplaced`` (tasks no engine holds yet:
+    then none retires, since any idle one may get them).
+    """
+    if not isinstance(retire, Mapping) or retire.get("unplaced") != 0:
+        return []
+    busy = retire.get("busy")
+    if not isinstance(busy, list):
+        return []
+    gone = set(retired)
+    return sorted(r for r in set(ranks) if r not in gone and engine_name(r) not in busy)
+
+
+def retire_environment(
+    retiring: Sequence[str],
+    codes: Sequence[int],
+    engine_nodes: Mapping[int, str],
+    live_ranks: Iterable[int],
+    keep: Iterable[str],
+    driver: str,
+) -> dict[str, str]:
+    """disBatch's variables for the retire command.
+
+    ``NODES`` the nodes retired now (``RETCODES`` their engines' exit
+    codes), ``ACTIVE`` the nodes still in use (an engine still runs there,
+    or ``keep``: the replicas' nodes) but the driver's, ``RETIRED`` every
+    other node of the run's engines, ``DRIVER_NODE`` the driver's node when
+    it is one of the engines' nodes.
+    """
+    live = set(live_ranks)
+    kept = set(keep)
+    all_nodes = list(dict.fromkeys(engine_nodes.values()))
+    driver_node = next((n for n in all_nodes if same_host(n, driver)), "")
+    in_use = {engine_nodes[r] for r in live if r in engine_nodes} | kept
+    active = [n for n in dict.fromkeys([*all_nodes, *kept]) if n in in_use and n != driver_node]
+    retired = [n for n in all_nodes if n not in in_use and n != driver_node]
+    return {
+        "NODES": ",".join(retiring),
+        "RETCODES": ",".join(str(c) for c in codes),
+        "ACTIVE": ",".join(active),
+        "RETIRED": ",".join(retired),
+        "DRIVER_NODE": driver_node,
+    }

@@ -1,0 +1,261 @@
+"""A batch run's files and processes: the run directory, its replicas and its engines' clients.
+
+``<prefix>_tasksprint/`` holds the cluster secret, the scheduler file (the
+task file and options), the environment file every task sources, and
+``run.json`` (the replicas' addresses, the processes' pids, the engines,
+the options a reattaching driver must honour).  Replicas and clients run in
+sessions of their own, so the driver's death does not stop them.  Engines
+on other hosts start over ssh; under Slurm, engines and replicas on other
+nodes start as job steps (srun) of the job's allocation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from tasksprint.batch.scheduler import engine_name
+from tasksprint.batch.slurm import same_host
+from tasksprint.localcluster import LocalCluster
+
+__all__ = ["RUN_DIR_SUFFIX", "SSH_COMMAND_ENV", "BatchRun", "env_file", "in_slurm", "ours", "stop_pids"]
+
+RUN_DIR_SUFFIX = "_tasksprint"
+#: The ssh command that starts engines on other hosts (default ``ssh -o BatchMode=yes``).
+SSH_COMMAND_ENV = "TASKSPRINT_SSH_COMMAND"
+# Environment variables not passed on to tasks: the shell's own, and ours.
+_SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ENV_SKIP = frozenset({"PWD", "OLDPWD", "SHLVL", "_", "PS1", "BASH_FUNC"})
+
+
+@attrs.define(eq=False)
+class _Cluster(LocalCluster):
+    """The run's replicas, listening on ``host`` (loopback unless engines on other machines must reach them).
+
+    With ``hosts`` (under Slurm), replica ``i`` runs on node ``hosts[i]``, started there with srun.
+    """
+
+    host: str = "127.0.0.1"
+    hosts: list[str] = attrs.Factory(list)
+
+    @property
+    def addrs(self) -> list[tuple[str, int]]:
+        return [(self.hosts[i] if self.hosts else self.host, p) for i, p in enumerate(self.ports)]
+
+    def command(self, i: int) -> list[str]:
+        command = super().command(i)
+        if self.hosts and not same_host(self.hosts[i], socket.gethostname()):
+            return [*_srun(self.hosts[i]), *command]
+        return command
+
+
+def _srun(node: str) -> list[str]:
+    """A job step of one task on ``node``, inside the job's allocation, beside the others."""
+    return ["srun", "--nodes=1", "--ntasks=1", "--overlap", f"--nodelist={node}"]
+
+
+@attrs.define(eq=False)
+class BatchRun:
+    """One run's files and processes; ``prefix`` names them all."""
+
+    prefix: str
+    replicas: int = 3
+    replica_host: str = "127.0.0.1"
+    replica_hosts: list[str] = attrs.Factory(list)  # one node per replica (under Slurm), else empty
+    _flags: dict[str, Any] = attrs.Factory(dict)
+    cluster: LocalCluster | None = None
+    clients: list[subprocess.Popen[bytes]] = attrs.Factory(list)
+    engine_procs: dict[int, subprocess.Popen[bytes]] = attrs.Factory(dict)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.prefix + RUN_DIR_SUFFIX)
+
+    @property
+    def status_path(self) -> Path:
+        return Path(self.prefix + "_status.txt")
+
+    def info(self) -> dict[str, Any]:
+        return json.loads((self.run_dir / "run.json").read_text())
+
+    def start(
+        self, config: dict[str, Any], engines: list[tuple[int, str, int]], flags: dict[str, Any] | None = None
+    ) -> None:
+        """Write the scheduler file and start the replicas and the local engines' clients."""
+        d = self.run_dir
+        d.mkdir(parents=True, exist_ok=False)
+        # Before any client starts: every task sources it.
+        env_file(d / "env.sh")
+        (d / "scheduler.py").write_text(
+            "from tasksprint.batch.scheduler import BatchScheduler\n\n\n"
+            "class Batch(BatchScheduler):\n"
+            f"    CONFIG = {config!r}\n"
+        )
+        self.cluster = _Cluster(
+            d,
+            self.replicas,
+            scheduler=str(d / "scheduler.py") + ":Batch",
+            host=self.replica_host,
+            hosts=self.replica_hosts,
+        )
+        self._flags = dict(flags or {})
+        self.cluster.start()
+        self._write_info(engines)
+        for rank, host, slots in engines:
+            self.start_engine(rank, host, slots)
+        self._write_info(engines)
+
+    def _write_info(self, engines: list[tuple[int, str, int]]) -> None:
+        assert self.cluster is not None
+        info = {
+            "peers": self.cluster.peers_arg,
+            "replica_pids": [p.pid for p in self.cluster.procs if p is not None],
+            "client_pids": [p.pid for p in self.clients],
+            "engines": [list(e) for e in engines],
+            "replica_hosts": self.replica_hosts,
+            # The options a reattaching driver must honour as the first one did.
+            "flags": self._flags,
+        }
+        tmp = self.run_dir / "run.json.tmp"
+        tmp.write_text(json.dumps(info))
+        tmp.replace(self.run_dir / "run.json")
+
+    def client_command(self, rank: int, slots: int, peers: str | None = None) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "tasksprint.cli",
+            "client",
+            "--coordinators",
+            peers if peers is not None else self.info()["peers"],
+            "--secret-file",
+            str((self.run_dir / "secret").resolve()),
+            "--name",
+            engine_name(rank),
+            "--have",
+            engine_name(rank),
+            "--slots",
+            str(slots),
+            "--log-format",
+            "json",
+            "--spill-dir",
+            str((self.run_dir / "spill").resolve()),
+        ]
+
+    def start_engine(self, rank: int, host: str, slots: int, peers: str | None = None) -> subprocess.Popen[bytes]:
+        """A worker client for engine ``rank`` on ``host`` (over ssh unless it is this machine)."""
+        command = self.client_command(rank, slots, peers)
+        if in_slurm() and host != "localhost":
+            # Under Slurm each engine is a job step on its node, in the job's allocation.
+            command = [*_srun(host), *command]
+        elif host not in ("localhost", "127.0.0.1", socket.gethostname()):
+            # The hosts share the working directory (as disBatch requires).
+            ssh = shlex.split(os.environ.get(SSH_COMMAND_ENV, "ssh -o BatchMode=yes"))
+            command = [*ssh, host, f"cd {shlex.quote(os.getcwd())} && {shlex.join(command)}"]
+        with open(self.run_dir / f"{engine_name(rank)}.log", "ab") as log:
+            proc = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.clients.append(proc)
+        self.engine_procs[rank] = proc
+        return proc
+
+    def stop_engine(self, rank: int) -> int:
+        """Stop engine ``rank``'s client (retired: it has nothing more to do); its exit code."""
+        proc = self.engine_procs.get(rank)
+        if proc is None:
+            # Reattached: the client is not our child; run.json lists its pid in engine order.
+            info = self.info()
+            ranks = [e[0] for e in info["engines"]]
+            if rank in ranks and ranks.index(rank) < len(info["client_pids"]):
+                stop_pids([info["client_pids"][ranks.index(rank)]], self.run_dir)
+            return 0
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5.0)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return proc.returncode
+
+    def stop(self, *, kill_clients: bool = False) -> None:
+        """Stop the run's processes and reap what we started.
+
+        The clients of an ended run exit by themselves once they see it ended,
+        so they get a grace period first, while the replicas still answer;
+        the replicas stop last.  ``kill_clients`` stops the clients at once
+        (a run given up before its end).
+        """
+        info = self.info() if (self.run_dir / "run.json").exists() else {}
+        if kill_clients:
+            for p in self.clients:
+                if p.poll() is None:
+                    p.terminate()
+        deadline = time.monotonic() + 5.0
+        for p in self.clients:
+            try:
+                p.wait(max(0.01, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.terminate()
+                try:
+                    p.wait(2.0)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        if self.cluster is None:
+            # Reattached: the clients are not our children; the same grace, then the same end.
+            client_pids = info.get("client_pids", [])
+            while any(ours(pid, self.run_dir) for pid in client_pids) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            stop_pids(client_pids, self.run_dir)
+            stop_pids(info.get("replica_pids", []), self.run_dir)
+        else:
+            self.cluster.stop()
+
+
+def ours(pid: int, run_dir: Path) -> bool:
+    """Whether ``pid`` is still a process of this run (its command line names the run directory)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return str(run_dir.resolve()).encode() in cmdline or str(run_dir).encode() in cmdline
+
+
+def stop_pids(pids: list[int], run_dir: Path) -> None:
+    for pid in pids:
+        if ours(pid, run_dir):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 5.0
+    for pid in pids:
+        while ours(pid, run_dir) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if ours(pid, run_dir):
+            os.kill(pid, signal.SIGKILL)
+
+
+def in_slurm() -> bool:
+    """Whether this runs inside a Slurm job (its allocation is where engines go)."""
+    return "SLURM_JOB_ID" in os.environ and "SLURM_JOB_NODELIST" in os.environ
+
+
+def env_file(path: Path) -> None:
+    """The environment this command runs in, as a shell file every task sources (as disBatch passes it on)."""
+    lines = [
+        f"export {name}={shlex.quote(value)}"
+        for name, value in sorted(os.environ.items())
+        if _SHELL_NAME.fullmatch(name) and name not in _ENV_SKIP and not name.startswith("TASKSPRINT_")
+    ]
+    path.write_text("\n".join(lines) + "\n")
