@@ -67,6 +67,7 @@ RequestKey = tuple[str, str, int]  # (kind, client id, seq): what a client waits
 
 SMALL_WRITE = 16 * 1024  # bytes of values up to which a synced write may stay in the calling thread
 COMMIT_SAMPLES = 2000  # latest leader-side commit latencies kept for ReplicaStatus
+MAX_HELD = 100_000  # answers waiting for a majority to confirm their state (the oldest are dropped past it)
 ARRIVALS_LIMIT = 80_000  # arrival times kept before the table is cleared (lost with a leader change)
 
 
@@ -154,6 +155,9 @@ class ReplicaDriver:
     _waiting: dict[RequestKey, list[Mailbox]] = attrs.Factory(dict)
     _commands: dict[RequestKey, Command | CommandBlock] = attrs.Factory(dict)
     _answered: list[Mailbox] = attrs.Factory(list)  # client mailboxes given answers in this pass
+    # Answers about the state after a slot a majority is not yet known to
+    # share: (slot, mailbox, message), in slot order (see :meth:`answer`).
+    _held: collections.deque[tuple[int, Mailbox, Any]] = attrs.Factory(collections.deque)
     # When each command submitted here arrived (on the leader; on any replica
     # when observed), and how long the leader's last ones took to be answered
     # (for ReplicaStatus).
@@ -266,16 +270,69 @@ class ReplicaDriver:
         return ok
 
     def tick(self, now: float, tick_data: Any = None, wall: float | None = None) -> None:
-        """Feed the core the clock (see ``PaxosCore.tick``)."""
+        """Feed the core the clock (see ``PaxosCore.tick``).
+
+        Slots applied since the last digest report are reported now, however
+        few (``digest_every`` spaces the reports of a busy replica; the last
+        slots before a quiet spell must be confirmed too).
+        """
         self._tick(now, tick_data, wall)
+        if self._reported < self.applier.applied and self.config.digest_every:
+            self._report_digest()
         self.wake()
 
     def digest_from(self, src: int, msg: PeerDigest) -> None:
         """Replica ``src``'s digest after a slot: compare it with ours now, or once we applied that slot.
 
-        Raises :class:`DivergenceError` if this shows this replica is in the minority.
+        Sends the answers this confirms.  Raises :class:`DivergenceError` if
+        this shows this replica is in the minority.
         """
         self._judge(self._tally.heard(src, msg.slot, msg.digest, Summary(msg.last_call, msg.tasks)))
+        if self._held and self._held[0][0] <= self._tally.confirmed:
+            self._release_confirmed()
+            self._flush_answered()
+
+    def answer(self, box: Mailbox, msg: Any) -> None:
+        """Send ``msg``, an answer about the state as it is now, once a majority is known to share that state.
+
+        Until then it waits (however long: a state only this replica reached,
+        from a scheduler that is not deterministic, must not be acted on; a
+        replica cut off from every peer answers nothing, and its clients go
+        elsewhere).  Answers leave in the order they were given.  At most
+        :data:`MAX_HELD` wait; past that the oldest are dropped (their
+        askers time out and ask again).
+        """
+        slot = self.applier.applied
+        if not self._held and slot <= self._tally.confirmed:
+            box.push(msg)
+            box.flush()
+            return
+        self._held.append((slot, box, msg))
+        while len(self._held) > MAX_HELD:
+            self._held.popleft()
+
+    def forget(self, box: Mailbox) -> None:
+        """``box``'s connection closed: drop the answers that wait for it."""
+        if self._held:
+            self._held = collections.deque(h for h in self._held if h[1] is not box)
+
+    @property
+    def held(self) -> int:
+        """Answers waiting for their state to be confirmed by a majority."""
+        return len(self._held)
+
+    def _release_confirmed(self) -> None:
+        confirmed = self._tally.confirmed
+        held = self._held
+        while held and held[0][0] <= confirmed:
+            _, box, msg = held.popleft()
+            box.push(msg)
+            self._answered.append(box)
+
+    def _flush_answered(self) -> None:
+        for box in self._answered:
+            box.flush()
+        self._answered.clear()
 
     def written(self, groups: int) -> None:
         """The background writer made the oldest ``groups`` submitted Readies durable: advance them, in order."""
@@ -368,9 +425,9 @@ class ReplicaDriver:
             if not chosen:
                 break
             self._apply_chosen(chosen)  # may take a snapshot: loop for its record
-        for box in self._answered:
-            box.flush()
-        self._answered.clear()
+        if self._held and self._held[0][0] <= self._tally.confirmed:
+            self._release_confirmed()
+        self._flush_answered()
         if lazy:
             self._write_lazy(lazy)
             if core.has_ready():
@@ -394,17 +451,19 @@ class ReplicaDriver:
             if every and self._since_snapshot >= every:
                 self.take_snapshot()
         chosen.clear()
-        applied = self.applier.applied
-        if self.config.digest_every and applied - self._reported >= self.config.digest_every:
+        if self.config.digest_every and self.applier.applied - self._reported >= self.config.digest_every:
             # One report per pass, for its last slot: it leaves with the
             # pass's other messages (the digest covers every earlier slot).
-            self._reported = applied
-            summary = self._tally.summary_of(applied)
-            report = PeerDigest(
-                slot=applied, digest=self.applier.digest, last_call=summary.last_call, tasks=summary.tasks
-            )
-            for box in self.peers.values():
-                box.push(report)
+            self._report_digest()
+
+    def _report_digest(self) -> None:
+        """Tell the peers our digest after the last applied slot (their answers wait for it)."""
+        applied = self._reported = self.applier.applied
+        summary = self._tally.summary_of(applied)
+        report = PeerDigest(slot=applied, digest=self.applier.digest, last_call=summary.last_call, tasks=summary.tasks)
+        for box in self.peers.values():
+            box.push(report)
+            box.flush()  # the peers' answers wait for it: no need to wait for the pump
 
     def _apply(self, slot: int, batch: Batch) -> None:
         self.observer.value("applier.items_per_slot", len(batch.items))
@@ -421,8 +480,7 @@ class ReplicaDriver:
             if boxes:
                 reply = self._reply(cmd, result, slot)
                 for box in boxes:
-                    box.push(reply)
-                    self._answered.append(box)
+                    self._held.append((slot, box, reply))  # sent once the slot is confirmed
         self._since_snapshot += 1
         self.app.on_applied(slot)
         self._judge(self._tally.applied(slot, self.applier.digest, self._summary()))

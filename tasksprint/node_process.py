@@ -43,6 +43,7 @@ import attrs
 import structlog
 import trio
 
+from tasksprint.exec import proctree
 from tasksprint.exec.cgroup import CgroupLayout, detect_cgroups
 from tasksprint.exec.group import TaskGroup
 from tasksprint.exec.runner import BASE_ENV_NAMES, KILL_ROUND_PAUSE_S, MAX_KILL_ROUNDS, open_task_group
@@ -242,6 +243,9 @@ class NodeProcess:
             await _end_group(group)
             reason = getattr(exc, "strerror", None) or str(exc)
             raise NodeStartError(f"cannot start node command {command!r}: {reason}: {argv[0]!r}") from exc
+        except BaseException:  # cancelled (the pool closing) before the process started: no group left behind
+            await _end_group(group)
+            raise
         group.started(process.pid)
         base_log = log if log is not None else structlog.get_logger(__name__)
         assert process.stdout is not None and process.stdin is not None
@@ -412,7 +416,7 @@ class NodeProcess:
         with trio.CancelScope(shield=True):
             if self._process.returncode is None:
                 self._process.kill()
-            await _end_group(self._group)
+            await _end_group(self._group, self._process.pid)
             await self._process.wait()
             for stream in (self._process.stdin, self._process.stdout):
                 if stream is not None:
@@ -440,13 +444,26 @@ def _marker(env: Mapping[str, str]) -> bytes:
     return f"TASKSPRINT_NODE={env['TASKSPRINT_NODE']}".encode()
 
 
-async def _end_group(group: TaskGroup) -> None:
-    """Kill every process of ``group`` until none is left, then remove it (reaping adopted orphans)."""
+async def _end_group(group: TaskGroup, main: int | None = None) -> None:
+    """Kill every process of ``group`` until none is left, then remove it (reaping adopted orphans).
+
+    Orphans come back to this process when it is a child subreaper (it
+    became one for a group without cgroups, here or in the command runner),
+    whatever kind ``group`` is: those killed here are reaped here, all but
+    ``main``, the node process, which its own waiter reaps.
+    """
+    killed: dict[int, int] = {}
     with trio.CancelScope(shield=True):
         for _ in range(MAX_KILL_ROUNDS):
-            if not group.kill_round():
+            members = group.kill_round()
+            if not members:
                 break
+            killed.update(members)
             await trio.sleep(KILL_ROUND_PAUSE_S)
+        if proctree.is_subreaper():
+            if main is not None:
+                killed.pop(main, None)
+            proctree.reap_adopted(killed)
         for _ in range(MAX_KILL_ROUNDS):
             try:
                 group.remove()

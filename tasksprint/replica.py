@@ -261,7 +261,7 @@ class Replica:
     _log: Any = None
     # Long-polls waiting for a change or for their slot to be confirmed:
     # (mailbox, name, args, deadline, the applied slot the answer must be confirmed up to).
-    _parked: list[tuple[Outbox, str, dict, float, int]] = attrs.Factory(list)
+    _parked: list[tuple[Outbox, str, dict, float]] = attrs.Factory(list)
     _watchdog: HookWatchdog | None = None
     port: int | None = None
     observer: Observer = attrs.field(default=NULL, kw_only=True)
@@ -492,10 +492,10 @@ class Replica:
     def _retry_parked(self, now: float) -> None:
         parked, self._parked = self._parked, []
         with self.observer.span("replica.retry_parked"):
-            for box, name, args, deadline, needed in parked:
+            for box, name, args, deadline in parked:
                 if deadline <= now:
                     args = {**args, "wait": 0}
-                self._answer_query(box, name, args, deadline, needed)
+                self._answer_query(box, name, args, deadline)
         self.observer.count("query.parked_answered", len(parked) - len(self._parked))
 
     # ------------------------------------------------------------------
@@ -611,6 +611,7 @@ class Replica:
             finally:
                 self._parked = [p for p in self._parked if p[0] is not box]
                 self.driver.abandon(mine, box)
+                self.driver.forget(box)
                 nursery.cancel_scope.cancel()
 
     def _handle_client_message(self, msg: Any, box: Outbox, mine: list, ident: str | None = None) -> bool:
@@ -674,32 +675,31 @@ class Replica:
                 parked = sum(1 for p in self._parked if p[0] is box)
                 if parked >= MAX_PARKED_PER_CONNECTION or len(self._parked) >= MAX_PARKED:
                     wait = 0  # answered now: no more long-polls parked for this connection
-                self._answer_query(box, name, args, time.monotonic() + min(float(wait), 60.0), self.applier.applied)
+                self._answer_query(box, name, args, time.monotonic() + min(float(wait), 60.0))
             case _:
                 raise wire.BadMessage(f"unexpected {type(msg).__name__} from a client")
         return False
 
-    def _answer_query(self, box: Outbox, name: str, args: dict, deadline: float, needed: int) -> None:
-        """Answer a question about the state, once a majority is known to share it up to ``needed``.
+    def _answer_query(self, box: Outbox, name: str, args: dict, deadline: float) -> None:
+        """Answer a question about the state; the answer leaves once a majority is known to share that state.
 
-        Until then the question waits, whatever its deadline: a state only
-        this replica reached (a scheduler that is not deterministic) must not
-        be acted on.  A replica in the minority stops; its clients move on.
+        Until then it waits in the driver (:meth:`ReplicaDriver.answer
+        <tasksprint.driver.ReplicaDriver.answer>`), whatever its deadline: a
+        state only this replica reached (a scheduler that is not
+        deterministic) must not be acted on.  A replica in the minority
+        stops; its clients move on.  A long-poll with nothing new yet
+        (``NotYet``) is parked and asked again after the next change.
         """
         span, parked = self._query_span_names(name)
-        if self.driver.confirmed < needed:
-            self.observer.count(parked)
-            self._parked.append((box, name, args, deadline, needed))
-            return
         try:
             with self.observer.span(span):
                 result = self.app.query(name, args)
-            box.push(QueryReply(name=name, result=result))
+            self.driver.answer(box, QueryReply(name=name, result=result))
         except NotYet:
             self.observer.count(parked)
-            self._parked.append((box, name, args, deadline, self.applier.applied))
+            self._parked.append((box, name, args, deadline))
         except Exception as exc:  # a bad query must not take the replica down
-            box.push(QueryReply(name=name, error=codec.bounded(f"{type(exc).__name__}: {exc}")))
+            self.driver.answer(box, QueryReply(name=name, error=codec.bounded(f"{type(exc).__name__}: {exc}")))
 
     def _query_span_names(self, name: str) -> tuple[str, str]:
         """The span and the parked counter of query ``name`` (``query.other`` past the first few names)."""

@@ -6,12 +6,14 @@ process is left, zombies included.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import trio
 from nodes import FOREVER, SDK_NODE, TEST_LIMIT, assert_reaped, children, request, write_node
 
+from tasksprint.exec.cgroup import detect_cgroups
 from tasksprint.node_process import NodeProcess, NodeStartError, NodeState
 
 
@@ -71,3 +73,21 @@ async def test_missing_command_is_a_start_error() -> None:
     for bad in ("", "python 'unbalanced"):
         with pytest.raises(NodeStartError):
             await NodeProcess.start(bad)
+
+
+def _own_groups() -> list[str]:
+    layout = detect_cgroups() if os.geteuid() == 0 else None
+    if layout is None:
+        return []
+    prefix = f"{os.getpid()}-"
+    return [name for parent in set(layout.parents.values()) for name in os.listdir(parent) if name.startswith(prefix)]
+
+
+async def test_a_start_cancelled_before_the_process_runs_leaves_no_group(tmp_path: Path) -> None:
+    """Regression: a pool closing while it started a node left that node's (empty) cgroup behind."""
+    before = _own_groups()
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await NodeProcess.start(write_node(tmp_path, SDK_NODE))
+    assert scope.cancelled_caught
+    assert _own_groups() == before

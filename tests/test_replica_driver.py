@@ -9,10 +9,13 @@ writer and what waits for the end of the pass.
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
+from tasksprint.api import PeerDigest, Result
 from tasksprint.app import KVApp
-from tasksprint.driver import ReplicaDriver
+from tasksprint.driver import DriverConfig, ReplicaDriver
 from tasksprint.machine import Applier
 from tasksprint.paxos.core import Role
 from tasksprint.paxos.durable import SaveAccepted, SaveChosen
@@ -86,11 +89,11 @@ class RecordingWriter:
         self.events.append(("submit", tuple(records), sync))
 
 
-def driver(readies: list) -> tuple[ReplicaDriver, list]:
+def driver(readies: list, core: type[ScriptedCore] = ScriptedCore, **config: Any) -> tuple[ReplicaDriver, list]:
     events: list = []
     app = KVApp()
     d = ReplicaDriver(
-        core=ScriptedCore(readies, events),
+        core=core(readies, events),
         applier=Applier(app.machine),
         app=app,
         storage=RecordingStorage(events),
@@ -98,6 +101,7 @@ def driver(readies: list) -> tuple[ReplicaDriver, list]:
         peers={1: RecordingMailbox(events, 1), 2: RecordingMailbox(events, 2)},
         wake=lambda: events.append(("wake",)),
         clock=lambda: 0.0,
+        config=DriverConfig(**config),
     )
     return d, events
 
@@ -183,3 +187,85 @@ def test_a_big_write_goes_to_the_writer_and_everything_after_it_too() -> None:
     r.run()
     check_order(events, readies)
     assert [e[0] for e in disk_events(events)] == ["submit", "submit"]
+
+
+# ----------------------------------------------------------------------
+# Answers leave only once a majority shares the state they describe
+
+
+@attrs.define
+class ProposingCore(ScriptedCore):
+    """A leader that takes every command (the test hands out the Readies that choose them)."""
+
+    role: Role = Role.LEADER
+
+    def propose(self, cmd: object) -> bool:
+        return True
+
+    def tick(self, now: float, data: object = None, wall: float | None = None) -> None:
+        pass
+
+
+def applying(number: int, slot: int, *items: Command) -> Ready:
+    return Ready((), (), None, ((slot, Batch(items=items)),), False, number)
+
+
+def leader_driver(**config: Any) -> tuple[ReplicaDriver, list, RecordingMailbox]:
+    r, events = driver([], ProposingCore, **config)
+    return r, events, RecordingMailbox(events, 99)
+
+
+def pushed_to(events: list, dst: int) -> list:
+    return [e[2] for e in events if e[0] == "push" and e[1] == dst]
+
+
+def test_a_command_result_waits_for_a_peer_to_report_the_same_digest() -> None:
+    r, events, client = leader_driver()
+    cmd = Command(client_id="c", seq=1, op=["put", "k", "v"])
+    assert r.submit(cmd, client)
+    r.core.readies.append(applying(1, 1, cmd))
+    r.run()
+    assert r.applier.applied == 1 and r.confirmed == 0
+    assert pushed_to(events, 99) == [] and r.held == 1, "applied here alone: not answered yet"
+    [mine] = [m for m in pushed_to(events, 1) if isinstance(m, PeerDigest)]
+    r.digest_from(1, attrs.evolve(mine, digest=b"\x00" * len(mine.digest)))  # peer 1 differs
+    assert pushed_to(events, 99) == [] and r.confirmed == 0
+    r.digest_from(2, mine)  # peer 2 agrees: a majority of three
+    [result] = pushed_to(events, 99)
+    assert isinstance(result, Result) and result.seq == 1 and r.held == 0
+
+
+def test_a_query_answered_after_a_new_slot_waits_for_that_slot_to_be_confirmed() -> None:
+    """Regression: a long-poll parked before slot 2 was answered from the state after
+    slot 2 as soon as slot 2 was applied, although only slot 1 was confirmed."""
+    r, events, client = leader_driver()
+    r.core.readies.append(applying(1, 1, Command(client_id="c", seq=1, op=["put", "k", "1"])))
+    r.run()
+    first = [m for m in pushed_to(events, 1) if isinstance(m, PeerDigest)][-1]
+    r.digest_from(1, first)
+    assert r.confirmed == 1
+    r.answer(client, "state after slot 1")
+    assert pushed_to(events, 99) == ["state after slot 1"]
+    r.core.readies.append(applying(2, 2, Command(client_id="c", seq=2, op=["put", "k", "2"])))
+    r.run()
+    r.answer(client, "state after slot 2")
+    assert pushed_to(events, 99) == ["state after slot 1"]
+    r.digest_from(2, [m for m in pushed_to(events, 2) if isinstance(m, PeerDigest)][-1])
+    assert pushed_to(events, 99) == ["state after slot 1", "state after slot 2"]
+
+
+def test_held_answers_of_a_closed_connection_are_dropped_and_a_quiet_replica_reports_at_its_tick() -> None:
+    r, events, client = leader_driver(digest_every=1000)  # a busy replica's spacing: no report in the pass
+    r.core.readies.append(applying(1, 1, Command(client_id="c", seq=1, op=["put", "k", "1"])))
+    r.run()
+    assert not [m for m in pushed_to(events, 1) if isinstance(m, PeerDigest)]
+    r.answer(client, "kept")
+    closing = RecordingMailbox(events, 98)
+    r.answer(closing, "for a connection that closes")
+    r.forget(closing)
+    assert r.held == 1
+    r.tick(1.0)  # the last slot before a quiet spell is reported at the next tick
+    [report] = [m for m in pushed_to(events, 1) if isinstance(m, PeerDigest)]
+    assert report.slot == 1
+    r.digest_from(1, report)
+    assert pushed_to(events, 99) == ["kept"] and pushed_to(events, 98) == []

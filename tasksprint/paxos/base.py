@@ -21,6 +21,7 @@ import attrs
 
 from tasksprint.paxos.acceptor import Acceptor
 from tasksprint.paxos.durable import SaveChosen
+from tasksprint.paxos.early_learning import EarlyLearner
 from tasksprint.paxos.election import Election
 from tasksprint.paxos.leadership import Leadership, Phase1
 from tasksprint.paxos.learner import Learner
@@ -100,6 +101,8 @@ class CoreBase:
     _wall: float = 0.0
     _recovery: Recovery | None = None  # set by restore()
     _output: OutputBuffer = attrs.Factory(OutputBuffer)
+    # A follower's and its leader's durable acceptances, paired (three replicas; see early_learning.py).
+    _early: EarlyLearner = attrs.Factory(EarlyLearner)
 
     @property
     def leader_hint(self) -> int | None:

@@ -41,6 +41,10 @@ Learning: the leader piggybacks its commit index on Accept and Heartbeat.  A
 follower marks a slot chosen when the leader's ballot equals the ballot at
 which it accepted that slot; for anything else it asks for the chosen
 entries (CatchupRequest), or receives a snapshot if those were truncated.
+With three replicas a follower learns sooner, from its own durable
+acceptance and the leader's (``early_learning.py``), so it may know more
+chosen slots than its leader; pre-votes go only to candidates that know at
+least as many (``LeaderRole._on_prevote``).
 
 Candidates send Prepare only once their own promise is durable, so a ballot
 in use is always known to its candidate (which a wiped replica's recovery
@@ -244,6 +248,8 @@ class PaxosCore(LeaderRole):
                 self._on_promise(src, msg)
             case Accept():
                 self._on_accept(src, msg)
+            case Accepted() if self._role is Role.FOLLOWER:
+                self._on_leader_accepted(src, msg)
             case Accepted():
                 self._on_accepted(src, msg)
             case Nack():
@@ -320,6 +326,8 @@ class PaxosCore(LeaderRole):
                 self._learn(slot, acc[1])
             slot += 1
         self._advance_commit()
+        if self._early:
+            self._early.forget_upto(self._commit)
         if self._commit < self._leader_commit:
             self._maybe_catch_up()
         if self._role is Role.RECOVERING:
@@ -372,7 +380,15 @@ class PaxosCore(LeaderRole):
         reply, records = self._acceptor.on_accept(msg, self._learner.slots, self._learner.log_start)
         self._output.persist(records)
         self._reply_durable(src, reply)
+        if self._config.quorum == 2 and isinstance(reply, Accepted):
+            self._reply_durable(self._rid, reply)  # our acceptance, durable: see _learn_paired
         self._learn_commit(msg.ballot, msg.commit)
+
+    def _on_leader_accepted(self, src: int, msg: Accepted) -> None:
+        """The leader we follow durably accepted its own proposals (three replicas, see early_learning.py)."""
+        if self._config.quorum != 2 or msg.ballot != self._leader_ballot or src != msg.ballot.rid:
+            return
+        self._learn_paired(msg.ballot, self._early.leaders(msg.ballot, msg.slots))
 
     def _on_heartbeat(self, src: int, msg: Heartbeat) -> None:
         if self._role is Role.RECOVERING:

@@ -78,9 +78,15 @@ class LeaderRole(CoreBase):
 
     def _on_prevote(self, src: int, msg: PreVote) -> None:
         # Support an election only if we too have lost the leader: a healthy
-        # leader is not deposed by a replica that was merely cut off.
+        # leader is not deposed by a replica that was merely cut off.  And
+        # only a candidate that knows at least as much chosen as we do: one
+        # further behind (a leader whose followers learned slots before it
+        # did, see early_learning.py, then compacted them) could not lead
+        # until it caught up, yet its campaigns would keep resetting our
+        # timers; refused, it lets the replica that knows most campaign, and
+        # every majority holds one that the others support.
         lost = self._role is not Role.LEADER and self._election.is_leader_lost(self._now)
-        granted = lost and msg.round > self._acceptor.promised.round
+        granted = lost and msg.round > self._acceptor.promised.round and msg.commit >= self._commit
         self._send(src, PreVoteReply(round=msg.round, granted=granted))
 
     def _on_prevote_reply(self, src: int, msg: PreVoteReply) -> None:
@@ -267,25 +273,46 @@ class LeaderRole(CoreBase):
             # heartbeat interval go to every peer (see _leader_tick).
             recent = self._now - 2 * self._config.heartbeat_interval
             peers = sorted(self._peers(), key=lambda r: (lead.heard.get(r, 0.0) < recent, r))
-            for dst in peers[: self._config.quorum - 1]:
+            asked = peers[: self._config.quorum - 1]
+            for dst in asked:
                 self._send(dst, msg)
                 lead.notify.discard(dst)  # the Accept carries the commit index
         else:
             lead.notify.clear()  # the Accept carries the commit index to everyone
             self._broadcast(msg)
+            asked = self._peers()
         reply, records = self._acceptor.on_accept(msg, self._learner.slots, self._learner.log_start)
         self._output.persist(records)
         self._reply_durable(self._rid, reply)
+        if self._config.quorum == 2 and isinstance(reply, Accepted):
+            # Released by the same fsync: with their own acceptance, the
+            # followers asked know the slots are chosen (early_learning.py).
+            for dst in asked:
+                self._reply_durable(dst, reply)
 
     def _deliver_local(self, msg: Any) -> None:
         """A reply from our own acceptor, released after its fsync."""
         match msg:
             case Promise():
                 self._deliver_promise(self._rid, msg)
-            case Accepted():
+            case Accepted() if self._role is Role.LEADER:
                 self._count_accepted(self._rid, msg)
+            case Accepted():
+                self._learn_paired(msg.ballot, self._early.mine(msg.ballot, msg.slots))
             case _:
                 pass
+
+    def _learn_paired(self, ballot: Ballot, slots: list[int]) -> None:
+        """Two acceptors (this one and ``ballot``'s leader) durably accepted ``slots`` at ``ballot``: chosen."""
+        learned = False
+        for slot in slots:
+            acc = self._acceptor.accepted_at(slot)
+            if acc is not None and acc[0] == ballot and self._learner.value(slot) is None:
+                self._learn(slot, acc[1])
+                learned = True
+        if learned:
+            self._advance_commit()
+            self._early.forget_upto(self._commit)
 
     def _on_accepted(self, src: int, msg: Accepted) -> None:
         if self._lead is not None and msg.ballot == self._lead.ballot:
@@ -306,6 +333,7 @@ class LeaderRole(CoreBase):
         if self._role is not Role.LEADER or lead is None or msg.ballot != lead.ballot:
             return
         progressed = False
+        accepted: set[int] = set()
         for slot in msg.slots:
             f = lead.inflight.get(slot)
             if f is None:
@@ -314,6 +342,7 @@ class LeaderRole(CoreBase):
             if len(f.acks) >= self._config.quorum:
                 del lead.inflight[slot]
                 self._learn(slot, f.value)
+                accepted |= f.acks
                 progressed = True
         if progressed:
             before = self._commit
@@ -326,6 +355,15 @@ class LeaderRole(CoreBase):
                 # usually does, and a heartbeat per commit (with its acks and
                 # the followers' writes) would cost every process CPU.
                 lead.notify.update(self._peers())
+                if self._config.quorum > 2:
+                    # Except to those that accepted: their digests of the
+                    # state after these slots are what this replica's
+                    # answers wait for (with three replicas the follower
+                    # learned the slots already, see early_learning.py).
+                    beat = Heartbeat(ballot=lead.ballot, commit=self._commit, phase1_top=lead.phase1_top)
+                    for dst in sorted(accepted - {self._rid}):
+                        self._send(dst, beat)
+                        lead.notify.discard(dst)
 
     def _on_nack(self, src: int, msg: Nack) -> None:
         self._election.saw_round(msg.promised.round)

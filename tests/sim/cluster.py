@@ -79,7 +79,7 @@ class Cluster:
         # "persisted" at its next write of records, "applied" after its next applied slot.
         self.crash_in_ready: dict[int, str] = {}
         self.async_fsync = False  # every synced write goes to the background writer
-        self.digest_every = 1 << 30  # replicas exchange digests this often (never, unless a Simulation says)
+        self.digest_every = 1  # slots applied between digest reports (a driver answers nobody before they agree)
         self.on_fsync_started: Callable[[int, int], None] = lambda rid, life: None
         self.clients = [Client(f"c{i}", quota, window) for i in range(clients)]
         self.steps = 0
