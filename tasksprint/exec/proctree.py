@@ -28,7 +28,6 @@ processes other code started.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import resource
 import signal
@@ -40,9 +39,11 @@ PR_SET_PDEATHSIG = 1
 # environment is the task's data.
 MAX_ENVIRON_BYTES = 1 << 20
 
-# Loaded at import: a forked child must not load a library (the loader's
-# locks may have been held by another thread at fork time).
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# Bound at import: a forked child must not load a library (the loader's
+# locks may have been held by another thread at fork time).  The process's
+# own global symbols include the C library's prctl; ctypes.util.find_library
+# would run ldconfig in a subprocess at every start of every process.
+_libc = ctypes.CDLL(None, use_errno=True)
 _subreaper_pid: int | None = None
 
 
