@@ -11,33 +11,74 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tasksprint import batch_api, batch_command, commands, launch
+from tasksprint import commands, launch
 from tasksprint.credentials import SecretError
 from tasksprint.launch import EXIT_USAGE, add_common_arguments, configure_logging
-from tasksprint.service import commands as service
-from tasksprint.service import kolejka
 
 __all__ = ["build_parser", "configure_logging", "main"]
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Subcommands:
+    """Every subcommand is registered (``--help`` lists them all); only the one run gets its arguments.
+
+    Building a command's arguments may import the modules that do its work
+    (the service's, batch mode's): a replica or a worker client, which start
+    by the hundred in a test run, then never load them.
+    """
+
+    def __init__(self, sub: Any, wanted: str | None) -> None:
+        self._sub, self._wanted = sub, wanted
+
+    def add(self, name: str, arguments: Callable[[argparse.ArgumentParser], None], **kwargs: Any) -> None:
+        p = self._sub.add_parser(name, **kwargs)
+        if self._wanted is None or self._wanted == name:
+            arguments(p)
+
+
+def _service() -> Any:
+    """The service's commands (loaded by the commands that use them)."""
+    from tasksprint.service import commands
+
+    return commands
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``command``, only that subcommand's arguments are built."""
     parser = argparse.ArgumentParser(prog="tasksprint", description="Fault-tolerant distributed computation.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("replica", help="run one replica of the replicated coordinator")
-    launch.add_replica_arguments(p)
-
-    p = sub.add_parser(
+    sub = _Subcommands(parser.add_subparsers(dest="command", required=True), command)
+    sub.add("replica", launch.add_replica_arguments, help="run one replica of the replicated coordinator")
+    sub.add(
         "client-credential",
+        add_common_arguments,
         help="print the client credential of a cluster secret: what worker machines and users hold "
         "(it cannot act as a replica; see docs/security.md)",
     )
-    add_common_arguments(p)
+    sub.add("client", _client_arguments, help="run a worker client: node processes, task runner, data server")
+    sub.add("run", _run_arguments, help="run a computation on a local cluster started for it")
+    sub.add("status", _status_arguments, help="list the service's tasks, or show a computation's replicas and progress")
+    sub.add("info", _info_arguments, help="show everything about one task")
+    sub.add("cancel", _cancel_arguments, help="kill tasks and every task that depends on them")
+    _add_service_parsers(sub)
+    sub.add(
+        "execute", _execute_arguments, help="run a kolejka task directory on a local cluster, as kolejka-worker does"
+    )
+    _add_monitor_parsers(sub)
+    _add_kolejka_parsers(sub)
+    sub.add(
+        "batch",
+        _batch_arguments,
+        help="run a disBatch task file (disBatch's options); survives losing its driver",
+        description="Run a disBatch task file: one bash command per line, N at a time, with a status file.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser
 
-    p = sub.add_parser("client", help="run a worker client: node processes, task runner, data server")
+
+def _client_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coordinators", required=True, help="HOST:PORT of the replicas, comma-separated")
     p.add_argument("--node", help='command that starts a node, e.g. "python node.py" (none: command tasks only)')
     p.add_argument(
@@ -69,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_http_arguments(p, "--metrics", "serve this client's Prometheus metrics at /metrics here")
     add_common_arguments(p)
 
-    p = sub.add_parser("run", help="run a computation on a local cluster started for it")
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("scheduler", help="path/to/file.py:Class or module:Class")
     p.add_argument("--node", required=True, help='command that starts a node, e.g. "python node.py"')
     p.add_argument("--replicas", type=int, default=3, choices=[1, 3, 5])
@@ -83,11 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="console", choices=["console", "json"])
 
-    coordinators = "HOST:PORT of a computation's replicas, comma-separated (default: the service, as --server)"
-    p = sub.add_parser("status", help="list the service's tasks, or show a computation's replicas and progress")
-    p.add_argument("--coordinators", help=coordinators)
+
+COORDINATORS = "HOST:PORT of a computation's replicas, comma-separated (default: the service, as --server)"
+
+
+def _status_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coordinators", help=COORDINATORS)
     p.add_argument("--json", action="store_true", help="print JSON")
-    service.add_service_arguments(p)
+    _service().add_service_arguments(p)
     p.add_argument("--in-state", dest="state_filter", metavar="STATE", help="only tasks in STATE (or all)")
     p.add_argument("--tag", help="only tasks that require or want TAG")
     p.add_argument("--job", help="only the tasks of JOB")
@@ -98,139 +143,163 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes with --watch")
     add_common_arguments(p)
 
-    p = sub.add_parser("info", help="show everything about one task")
+
+def _info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("task", type=int, help="task id")
-    p.add_argument("--coordinators", help=coordinators)
+    p.add_argument("--coordinators", help=COORDINATORS)
     p.add_argument("--json", action="store_true", help="print JSON")
-    service.add_service_arguments(p)
+    _service().add_service_arguments(p)
     add_common_arguments(p)
 
-    p = sub.add_parser("cancel", help="kill tasks and every task that depends on them")
+
+def _cancel_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("tasks", type=int, nargs="*", help="task ids")
     p.add_argument("--job", help="cancel every task of this service job")
-    p.add_argument("--coordinators", help=coordinators)
+    p.add_argument("--coordinators", help=COORDINATORS)
     p.add_argument("--json", action="store_true", help="print JSON")
-    service.add_service_arguments(p)
+    _service().add_service_arguments(p)
     add_common_arguments(p)
-    _add_service_parsers(sub)
 
-    p = sub.add_parser("execute", help="run a kolejka task directory on a local cluster, as kolejka-worker does")
+
+def _execute_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("task_dir", type=Path, help="directory holding kolejka_task.json")
     p.add_argument("result_dir", type=Path, help="where kolejka_result.json and the result files go")
     p.add_argument("--ignore-image", action="store_true", help="run a task that names an image on the host")
     p.add_argument("--timeout", type=float, help="give up after this many seconds")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="console", choices=["console", "json"])
-    _add_monitor_parsers(sub)
-    _add_kolejka_parsers(sub)
 
-    p = sub.add_parser(
-        "batch",
-        help="run a disBatch task file (disBatch's options); survives losing its driver",
-        description="Run a disBatch task file: one bash command per line, N at a time, with a status file.",
-        epilog=batch_command.NOT_APPLICABLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+
+def _batch_arguments(p: argparse.ArgumentParser) -> None:
+    from tasksprint import batch_command
+
+    p.epilog = batch_command.NOT_APPLICABLE
     batch_command.add_arguments(p)
     p.set_defaults(log_level="warning", log_format="console")
-    return parser
 
 
-def _add_service_parsers(sub: Any) -> None:
+def _add_service_parsers(sub: _Subcommands) -> None:
     """The long-running service: ``server``, ``worker``, ``new``, ``wait``, ``logs``, ``tags``, ``drain``."""
-    p = sub.add_parser("server", help="run the task service (three local replicas, or one of --peers)")
-    p.add_argument("--state", type=Path, help="state directory: secret, data, address (default: ~/.tasksprint)")
-    p.add_argument("--host", default="127.0.0.1", help="address the local replicas listen on (default %(default)s)")
-    p.add_argument("--peers", help="HOST:PORT of every replica across machines, comma-separated (with --id)")
-    p.add_argument("--id", type=int, help="this machine's index into --peers")
-    p.add_argument(
-        "--retention", type=float, help="seconds finished tasks keep their full record (default 3600; then a summary)"
-    )
-    add_common_arguments(p)
 
-    p = sub.add_parser("worker", help="run command tasks from the service on this machine")
-    p.add_argument("--have", nargs="+", default=[], metavar="TAG", help="resource tags this worker offers")
-    p.add_argument("--name", help="unique worker name (default: host-pid-random)")
-    p.add_argument("--slots", type=int, help="tasks at once (default: from cores and memory)")
-    p.add_argument("--gpus", help="GPU indices to hand out, comma-separated (default: detected; '' for none)")
-    p.add_argument("--data-host", default="127.0.0.1", help="address other workers reach this one at")
-    service.add_service_arguments(p)
-    add_common_arguments(p)
+    def server(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--state", type=Path, help="state directory: secret, data, address (default: ~/.tasksprint)")
+        p.add_argument("--host", default="127.0.0.1", help="address the local replicas listen on (default %(default)s)")
+        p.add_argument("--peers", help="HOST:PORT of every replica across machines, comma-separated (with --id)")
+        p.add_argument("--id", type=int, help="this machine's index into --peers")
+        p.add_argument(
+            "--retention",
+            type=float,
+            help="seconds finished tasks keep their full record (default 3600; then a summary)",
+        )
+        add_common_arguments(p)
 
-    p = sub.add_parser("new", help="submit a command task; prints its id")
-    p.add_argument("--from-file", type=Path, help="submit one task per line ([options] command...), in bulk")
-    service.add_service_arguments(p)
-    add_common_arguments(p)
-    service.add_new_arguments(p)
+    def worker(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--have", nargs="+", default=[], metavar="TAG", help="resource tags this worker offers")
+        p.add_argument("--name", help="unique worker name (default: host-pid-random)")
+        p.add_argument("--slots", type=int, help="tasks at once (default: from cores and memory)")
+        p.add_argument("--gpus", help="GPU indices to hand out, comma-separated (default: detected; '' for none)")
+        p.add_argument("--data-host", default="127.0.0.1", help="address other workers reach this one at")
+        _service().add_service_arguments(p)
+        add_common_arguments(p)
 
-    p = sub.add_parser("wait", help="wait for tasks to finish; exit code 0 only if all succeeded")
-    p.add_argument("tasks", type=int, nargs="*", help="task ids")
-    p.add_argument("--job", help="every task of this job")
-    p.add_argument("--timeout", type=float, help="give up after this many seconds")
-    service.add_service_arguments(p)
-    add_common_arguments(p)
+    def new(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--from-file", type=Path, help="submit one task per line ([options] command...), in bulk")
+        _service().add_service_arguments(p)
+        add_common_arguments(p)
+        _service().add_new_arguments(p)
 
-    p = sub.add_parser("logs", help="a task's output (stdout, then stderr on stderr)")
-    p.add_argument("task", type=int, help="task id")
-    service.add_service_arguments(p)
-    add_common_arguments(p)
+    def wait(p: argparse.ArgumentParser) -> None:
+        p.add_argument("tasks", type=int, nargs="*", help="task ids")
+        p.add_argument("--job", help="every task of this job")
+        p.add_argument("--timeout", type=float, help="give up after this many seconds")
+        _service().add_service_arguments(p)
+        add_common_arguments(p)
 
-    p = sub.add_parser("tags", help="change a worker's tags: tasksprint tags WORKER +gpu -cpu")
-    p.add_argument("worker", help="worker name")
-    p.add_argument("changes", nargs="*", metavar="+TAG|-TAG", help="tags to add (+) or remove (-)")
-    service.add_service_arguments(p)
-    add_common_arguments(p)
+    def one_task(p: argparse.ArgumentParser) -> None:
+        p.add_argument("task", type=int, help="task id")
+        _service().add_service_arguments(p)
+        add_common_arguments(p)
 
-    p = sub.add_parser("drain", help="let a worker finish what it runs and give it nothing more")
-    p.add_argument("worker", help="worker name")
-    service.add_service_arguments(p)
-    add_common_arguments(p)
+    def tags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("worker", help="worker name")
+        p.add_argument("changes", nargs="*", metavar="+TAG|-TAG", help="tags to add (+) or remove (-)")
+        _service().add_service_arguments(p)
+        add_common_arguments(p)
+
+    def one_worker(p: argparse.ArgumentParser) -> None:
+        p.add_argument("worker", help="worker name")
+        _service().add_service_arguments(p)
+        add_common_arguments(p)
+
+    sub.add("server", server, help="run the task service (three local replicas, or one of --peers)")
+    sub.add("worker", worker, help="run command tasks from the service on this machine")
+    sub.add("new", new, help="submit a command task; prints its id")
+    sub.add("wait", wait, help="wait for tasks to finish; exit code 0 only if all succeeded")
+    sub.add("logs", one_task, help="a task's output (stdout, then stderr on stderr)")
+    sub.add("tags", tags, help="change a worker's tags: tasksprint tags WORKER +gpu -cpu")
+    sub.add("drain", one_worker, help="let a worker finish what it runs and give it nothing more")
 
 
-def _add_kolejka_parsers(sub: Any) -> None:
+def _add_kolejka_parsers(sub: _Subcommands) -> None:
     """kolejka's client commands against the service: ``task put`` and ``result get``."""
-    p = sub.add_parser("task", help="kolejka tasks on the service: task put TASK_DIR")
-    p.add_argument("task_action", choices=["put"], help="put: submit a kolejka task directory; prints its key")
-    p.add_argument("task_dir", type=Path, help="directory holding kolejka_task.json")
-    p.add_argument("--ignore-image", action="store_true", help="run a task that names an image on a worker's host")
-    service.add_service_arguments(p)
-    add_common_arguments(p)
 
-    p = sub.add_parser("result", help="kolejka results from the service: result get KEY RESULT_DIR")
-    p.add_argument("result_action", choices=["get"], help="get: wait for the task, write its result")
-    p.add_argument("key", help="the key task put printed")
-    p.add_argument("result_dir", type=Path, help="where kolejka_result.json and the result files go")
-    p.add_argument("--no-wait", action="store_true", help="do not wait: say so if the task is not done")
-    p.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
-    service.add_service_arguments(p)
-    add_common_arguments(p)
+    def task(p: argparse.ArgumentParser) -> None:
+        p.add_argument("task_action", choices=["put"], help="put: submit a kolejka task directory; prints its key")
+        p.add_argument("task_dir", type=Path, help="directory holding kolejka_task.json")
+        p.add_argument("--ignore-image", action="store_true", help="run a task that names an image on a worker's host")
+        _service().add_service_arguments(p)
+        add_common_arguments(p)
+
+    def result(p: argparse.ArgumentParser) -> None:
+        p.add_argument("result_action", choices=["get"], help="get: wait for the task, write its result")
+        p.add_argument("key", help="the key task put printed")
+        p.add_argument("result_dir", type=Path, help="where kolejka_result.json and the result files go")
+        p.add_argument("--no-wait", action="store_true", help="do not wait: say so if the task is not done")
+        p.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
+        _service().add_service_arguments(p)
+        add_common_arguments(p)
+
+    sub.add("task", task, help="kolejka tasks on the service: task put TASK_DIR")
+    sub.add("result", result, help="kolejka results from the service: result get KEY RESULT_DIR")
 
 
-def _add_monitor_parsers(sub: Any) -> None:
+def _add_monitor_parsers(sub: _Subcommands) -> None:
     """The read-only monitors: ``dashboard`` (web) and ``top`` (terminal)."""
-    p = sub.add_parser("dashboard", help="serve a read-only web dashboard (and /metrics) of a cluster")
-    p.add_argument("--coordinators", required=True, help="HOST:PORT of the replicas, comma-separated")
-    p.add_argument(
-        "--listen",
-        default="127.0.0.1:8470",
-        metavar="HOST:PORT",
-        help="where to serve (default %(default)s; a non-loopback address needs --auth-file)",
-    )
-    p.add_argument("--auth-file", type=Path, help="file with one line user:password that every request must carry")
-    p.add_argument("--interval", type=float, default=1.0, help="seconds between polls of the replicas")
-    p.add_argument("--status-file", type=Path, help="a batch run's status file, shown as a table (read at each view)")
-    add_common_arguments(p)
 
-    p = sub.add_parser("top", help="a live terminal view of a cluster and its computation")
-    p.add_argument("--coordinators", required=True, help="HOST:PORT of the replicas, comma-separated")
-    p.add_argument("--interval", type=float, default=1.0, help="seconds between polls of the replicas")
-    p.add_argument("--once", action="store_true", help="print one view and exit")
-    add_common_arguments(p)
+    def dashboard(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--coordinators", required=True, help="HOST:PORT of the replicas, comma-separated")
+        p.add_argument(
+            "--listen",
+            default="127.0.0.1:8470",
+            metavar="HOST:PORT",
+            help="where to serve (default %(default)s; a non-loopback address needs --auth-file)",
+        )
+        p.add_argument("--auth-file", type=Path, help="file with one line user:password that every request must carry")
+        p.add_argument("--interval", type=float, default=1.0, help="seconds between polls of the replicas")
+        p.add_argument(
+            "--status-file", type=Path, help="a batch run's status file, shown as a table (read at each view)"
+        )
+        add_common_arguments(p)
+
+    def top(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--coordinators", required=True, help="HOST:PORT of the replicas, comma-separated")
+        p.add_argument("--interval", type=float, default=1.0, help="seconds between polls of the replicas")
+        p.add_argument("--once", action="store_true", help="print one view and exit")
+        add_common_arguments(p)
+
+    sub.add("dashboard", dashboard, help="serve a read-only web dashboard (and /metrics) of a cluster")
+    sub.add("top", top, help="a live terminal view of a cluster and its computation")
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand named on the command line (None: none, or only options such as --help)."""
+    return argv[0] if argv and not argv[0].startswith("-") else None
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_command_of(argv))
     args, extra = parser.parse_known_args(argv)
     if extra:
         # `tasksprint tags WORKER +gpu -cpu`: a -TAG is a tag to remove, not an option.
@@ -244,33 +313,35 @@ def main(argv: list[str] | None = None) -> int:
             case "replica":
                 return launch.run_replica(args)
             case "status":
-                done = service.maybe_status(args)
+                done = _service().maybe_status(args)
                 return commands.status(args) if done is None else done
             case "client":
                 return commands.client(args)
             case "run":
                 return commands.run(args)
             case "info":
-                done = service.maybe_info(args)
+                done = _service().maybe_info(args)
                 return commands.info(args) if done is None else done
             case "cancel":
-                done = service.maybe_cancel(args)
+                done = _service().maybe_cancel(args)
                 return commands.cancel(args) if done is None else done
             case "server" | "worker" | "new" | "wait" | "logs" | "tags" | "drain":
-                return int(getattr(service, args.command)(args))
+                return int(getattr(_service(), args.command)(args))
             case "execute":
                 from tasksprint.execute import execute
 
                 return execute(args.task_dir, args.result_dir, ignore_image=args.ignore_image, timeout=args.timeout)
-            case "task":
-                return kolejka.put(args)
-            case "result":
-                return kolejka.get(args)
+            case "task" | "result":
+                from tasksprint.service import kolejka
+
+                return kolejka.put(args) if args.command == "task" else kolejka.get(args)
             case "dashboard":
                 return commands.dashboard(args)
             case "top":
                 return commands.top(args)
             case "batch":
+                from tasksprint import batch_api, batch_command
+
                 if args.submit or args.close:
                     return batch_api.submit_command(args)
                 return batch_command.main(args)
