@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import socket
 import tempfile
@@ -92,6 +93,7 @@ log = structlog.get_logger("tasksprint.client")
 
 #: Largest outputs of one task, encoded: what fits in one message to a peer, with room for its envelope.
 MAX_OUTPUTS_BYTES = wire.MAX_FRAME_DEFAULT - 1024 * 1024
+USAGE_EVERY = 1.0  # seconds between readings of this client's and its nodes' CPU and memory
 
 
 @attrs.frozen(kw_only=True)
@@ -325,9 +327,14 @@ class Client:
         # contact only counts once a replica that reaches the leader has it.
         wait, margin = cfg.poll_wait, 5.0
         meter = UsageMeter(trio.current_time)
+        usage_at, cpu, rss = -math.inf, None, None
         while True:
-            # What this client and its nodes use, for the status answer (cheap: a few /proc reads).
-            cpu, rss = meter.read([os.getpid(), *(self._pool.pids if self._pool is not None else ())])
+            # What this client and its nodes use, for the status answer: a few
+            # /proc reads per process, so at most once a second (a poll per
+            # chain step would otherwise pay them every time).
+            if trio.current_time() - usage_at >= USAGE_EVERY:
+                usage_at = trio.current_time()
+                cpu, rss = meter.read([os.getpid(), *(self._pool.pids if self._pool is not None else ())])
             try:
                 with self.observer.span("client.view_poll"):
                     view = await channel.request(
