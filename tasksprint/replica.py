@@ -131,7 +131,9 @@ def split_message(msg: Any) -> list[Any] | None:
 
     Messages carrying several independent values (an Accept's proposals, a
     CatchupReply's entries, a Forward's commands) are split in halves, so a
-    sender never makes a frame over the cap out of values that each fit.
+    sender never makes a frame over the cap out of values that each fit.  A
+    Promise is split by slots into parts whose spans tile its own (see
+    :meth:`Promise.halves`); the candidate waits for all of them.
     """
     match msg:
         case Accept(ballot=ballot, proposals=proposals, commit=commit) if len(proposals) > 1:
@@ -146,6 +148,9 @@ def split_message(msg: Any) -> list[Any] | None:
                 CatchupReply(entries=entries[:half], commit=commit),
                 CatchupReply(entries=entries[half:], commit=commit),
             ]
+        case Promise():
+            halves = msg.halves()
+            return None if halves is None else list(halves)
         case Forward(items=items) if len(items) > 1:
             half = len(items) // 2
             return [Forward(items=items[:half]), Forward(items=items[half:])]
