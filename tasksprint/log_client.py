@@ -25,6 +25,7 @@ import trio
 from tasksprint import codec, wire
 from tasksprint.api import BlockResult, ReplicaStatus, Retry, SubmitBlock, SubmitRefused
 from tasksprint.channel import ReplicaChannel
+from tasksprint.machine import SessionExpired
 from tasksprint.paxos.messages import CommandBlock
 
 log = structlog.get_logger("tasksprint.log_client")
@@ -40,6 +41,14 @@ class Unavailable(Exception):
 
 class CommandRefused(ValueError):
     """A command that can never be applied: it does not encode, or it is too large for a log entry."""
+
+
+class SessionExpiredError(Exception):
+    """The replicas collected this client's session (it was idle while many others were not).
+
+    The commands were not applied by this answer; whether an earlier attempt
+    was is unknown.  Start again with a new :class:`LogClient` (a new client id).
+    """
 
 
 @attrs.define(eq=False)
@@ -150,6 +159,11 @@ class LogClient:
             refused = next((self._pending[s].refused for s in seqs if self._pending[s].refused), None)
             if refused is not None:
                 raise CommandRefused(f"commands {seqs[0]}..{seqs[-1]} of client {self.client_id}: {refused}")
+            if any(isinstance(self._pending[s].result, SessionExpired) for s in seqs):
+                raise SessionExpiredError(
+                    f"commands {seqs[0]}..{seqs[-1]} of client {self.client_id}: the replicas collected this "
+                    "client's session; start again under a new client id"
+                )
             if waiter.remaining:
                 raise Unavailable(
                     f"commands {seqs[0]}..{seqs[-1]} of client {self.client_id} not applied within {deadline}s; "

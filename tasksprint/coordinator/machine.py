@@ -751,6 +751,11 @@ class CoordinatorMachine:
         s = self._state
         return [(cid, s.clients[cid].name, s.clients[cid].addr) for cid in s.live]
 
+    def sessions_in_use(self) -> list[str]:
+        """The log sessions of the live clients: never collected (a worker may be silent for hours)."""
+        s = self._state
+        return [s.clients[cid].session for cid in s.live if s.clients[cid].session]
+
     def is_live(self, cid: int) -> bool:
         """Whether ``cid`` is a live client."""
         return cid in self._state.live
