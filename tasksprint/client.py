@@ -14,7 +14,8 @@ where it is (rolling prefetch: the coordinator assigns a task once some of
 its inputs exist, so inputs move while other pretasks still run), from the
 local object store or from the data server of the peer client that holds
 it, then runs the task on a free node process of the node pool (a task
-waiting for inputs holds no node), keeps all outputs in the object store,
+waiting for inputs holds no node), keeps its outputs in the object store
+(until the view lists them ``released``: every task reading them finished),
 and reports completion (only the outputs named in the task's ``keys``
 travel to the coordinator) through the log.  A view lists a task once per
 assignment; where its inputs are comes after that as holder changes, kept
@@ -372,6 +373,8 @@ class Client:
                 self._idle_since = None
             for tid in view.kill:
                 self._kill(tid)
+            for tid in view.released:
+                self._release(tid)
             for task in view.tasks:
                 for inp in task.inputs:
                     self._note_holder(inp.tid, inp.cid, inp.addr)
@@ -379,6 +382,18 @@ class Client:
                 self._note_holder(moved.tid, moved.cid, moved.addr)
             for task in view.tasks:
                 self._assign(task)
+
+    def _release(self, tid: int) -> None:
+        """Every task reading ``tid``'s outputs has finished: drop them from the store.
+
+        Not while an attempt of ``tid`` runs here: it puts new outputs anyway.
+        """
+        assert self._store is not None
+        if tid in self._runs or tid not in self._made:
+            return
+        del self._made[tid]
+        self._store.drop(tid)
+        self._log.debug("outputs_released", tid=tid)
 
     def _kill(self, tid: int) -> None:
         run = self._runs.pop(tid, None)

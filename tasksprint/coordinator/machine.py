@@ -691,8 +691,10 @@ class CoordinatorMachine:
         s = self._state
         if s.run_state is not RunState.RUNNING:
             s.recheck.clear()
+            s.release_check.clear()
             return
         self._lineage.recompute_lost()
+        self._lineage.release_consumed()
         self._placement.place()
 
     # --------------------------------------------------------------- queries
