@@ -330,7 +330,7 @@ class Replica:
         )
         try:
             state = self._storage.load()
-            applier = Applier(self.app.machine, observer=self.observer)
+            applier = Applier(self.app.machine, observer=self.observer, max_sessions=cfg.max_sessions)
             if state.snapshot_data is not None:
                 # Restored here once to name the file if it is damaged; the
                 # driver restores it again as the core's first Ready says.
