@@ -80,7 +80,7 @@ from tasksprint.coordinator.ops import (
 )
 from tasksprint.coordinator.replies import Assignment, ClientView
 from tasksprint.coordinator.specs import COMMAND_TASK
-from tasksprint.log_client import LogClient
+from tasksprint.log_client import LogClient, SessionExpiredError
 from tasksprint.node_pool import NodePool
 from tasksprint.node_protocol import TaskRequest
 from tasksprint.object_store import DEFAULT_SPILL_LIMIT, InputError, ObjectStore, StoreFull, select
@@ -140,6 +140,11 @@ class _Attempt:
     scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
     # Inputs taken from this client's store before the log said so: (tid, attempt) pairs.
     early: list[tuple[int, int]] = attrs.Factory(list)
+
+
+def _session_lost(exc: SessionExpiredError) -> RuntimeError:
+    """Retrying cannot help: the replicas forgot which of this client's commands they applied."""
+    return RuntimeError(f"the replicas collected this client's log session ({exc}); start the client again")
 
 
 @attrs.define(eq=False)
@@ -260,6 +265,8 @@ class Client:
         while True:
             try:
                 result = await self._lc.submit(op, deadline=10.0)
+            except SessionExpiredError as exc:
+                raise _session_lost(exc) from None
             except Exception as exc:  # Unavailable: no replica answered
                 self._log.warning("coordinators_unreachable", error=str(exc), retry_in="1s")
                 await trio.sleep(1.0)
@@ -567,6 +574,8 @@ class Client:
             while True:
                 try:
                     return await self._lc.submit(wire_op, deadline=30.0)
+                except SessionExpiredError as exc:
+                    raise _session_lost(exc) from None
                 except Exception as exc:  # Unavailable; keep the result and try again
                     self._log.warning("report_delayed", op=wire_op["op"], tid=wire_op.get("tid"), error=str(exc))
                     await trio.sleep(1.0)
