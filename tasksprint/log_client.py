@@ -93,6 +93,11 @@ class LogClient:
     _resend_scheduled: bool = False
     #: Commands sent again so far (timeouts, Retry, broken connections): for diagnosis.
     resent: int = 0
+    # Whether the log applied a command of ours yet (an answer came): until
+    # then first_unacked stays 1, so that refused commands (never applied)
+    # do not make the replicas take us for a client whose session they
+    # collected (see machine.Applier).
+    _applied_any: bool = False
     _target: int = 0
     _conn: wire.Connection | None = None
     _conn_lock: trio.Lock = attrs.Factory(trio.Lock)
@@ -254,7 +259,7 @@ class LogClient:
         self._unsent.clear()
         if not seqs:
             return
-        first_unacked = next(iter(self._pending))
+        first_unacked = next(iter(self._pending)) if self._applied_any else 1
         now = trio.current_time()
         blocks = []
         for run in consecutive_runs(seqs, MAX_BLOCK):
@@ -306,6 +311,7 @@ class LogClient:
                             self._target = leader
                             self._conn = None
                             self._nursery.start_soon(_close_later, conn)
+                        self._applied_any = True
                         self._deliver(first, msg.results, msg.slot)
                     case SubmitRefused(seq=seq, reason=reason):
                         self._refuse(seq, reason)

@@ -89,7 +89,8 @@ class SessionExpired:
     """The answer to a command whose client's session was collected.
 
     The client had answers from that session (its ``first_unacked`` is past
-    1), so the command may have been applied already: it is not applied
+    1, which a client sends only once the log applied one of its commands),
+    so the command may have been applied already: it is not applied
     (again), and the client must start over under a new client id.
     """
 
