@@ -95,7 +95,8 @@ class SessionExpired:
     """
 
     client_id: str = attrs.field(validator=codec.text(MAX_CLIENT_ID, min_chars=1))
-    seq: int = attrs.field(validator=codec.int_range(0, INT_LIMIT - 1))
+    # Up to 2**64: a block's seqs run past its first one's range (2**63 - 1) by its length.
+    seq: int = attrs.field(validator=codec.int_range(0, 2 * INT_LIMIT))
 
 
 @attrs.define(eq=False)

@@ -98,3 +98,12 @@ def test_a_live_workers_session_is_never_collected():
     answer = h.apply(Command(client_id="worker-1", seq=2, first_unacked=2, op=done))[0]
     assert not isinstance(answer, SessionExpired)
     assert h.machine.task_info(tid)["state"] == "done"
+
+
+def test_an_expired_answer_to_a_hostile_block_at_the_top_of_the_seq_range_does_not_raise():
+    a = Applier(KVMachine(), max_sessions=16)
+    top = 2**63 - 1
+    block = CommandBlock.of("gone", top, top, [["append", "log", "x"], ["append", "log", "y"]])
+    (answer,) = _apply(a, block)
+    assert [r.seq for r in answer] == [top, top + 1] and all(isinstance(r, SessionExpired) for r in answer)
+    assert _log(a) == []
