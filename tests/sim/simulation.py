@@ -87,8 +87,9 @@ class Simulation:
         self.rng = random.Random(seed)
         self.knobs = Knobs.draw(self.rng, n, **knobs)
         k = self.knobs
-        if "frame_cap" not in knobs:
-            # From a stream of its own, so every other draw of a seed stays as it was.
+        if "frame_cap" not in knobs and cluster is None:
+            # From a stream of its own, so every other draw of a seed stays as it was.  Only
+            # for the clients this simulation sizes: a value alone over the cap cannot be sent.
             k.frame_cap = random.Random(seed ^ 0xF7A3E).choice((0, 0, 200, 320))
         if cluster is None:
             cluster = Cluster(n, seed=seed, fresh=k.fresh, clients=k.clients, quota=k.quota)
@@ -325,7 +326,8 @@ class Simulation:
                     missing = {cl.cid: sorted(cl.outstanding) for cl in c.clients if not cl.done}
                     raise SimFailure(
                         f"no progress: {bound:.1f}s after the final heal clients still wait for "
-                        f"{missing}; {self.describe()}"
+                        f"{missing}; {self.describe()}; "
+                        f"{c.oversized_dropped} messages of one value over the frame cap dropped"
                     )
             else:
                 live = [n for n in c.nodes if n is not None]
