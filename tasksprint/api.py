@@ -33,6 +33,11 @@ _opt_int = attrs.validators.optional(int_range(-1, MAX_RID))
 _opt_num = attrs.validators.optional(attrs.validators.instance_of((int, float)))
 
 
+def _seconds(_inst: Any, attr: Any, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1e12:
+        raise ValueError(f"{attr.name} must be a number of seconds from 0 to 1e12")
+
+
 @message
 class Submit:
     command: Command = attrs.field(validator=attrs.validators.instance_of(Command))
@@ -103,6 +108,25 @@ class StatusQuery:
 
 
 @message
+class SlowHook:
+    """A scheduler hook call that ran past the replica's ``--hook-report-after``.
+
+    Seen by this replica's watchdog: a fact of this replica, not replicated
+    state (every replica runs the same hook, each times its own call).
+    ``running`` is true while it has not returned (``seconds`` so far); a
+    replica blocked in a hook answers nobody, so a status usually shows the
+    last slow call after it returned.
+    """
+
+    hook: str = attrs.field(validator=text(64))
+    slot: int = attrs.field(validator=_int)
+    tid: int | None = attrs.field(default=None, validator=attrs.validators.optional(_int))
+    cid: int | None = attrs.field(default=None, validator=attrs.validators.optional(_int))
+    seconds: float = attrs.field(default=0.0, validator=_seconds)
+    running: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+
+
+@message
 class ReplicaStatus:
     rid: int = attrs.field(validator=int_range(0, MAX_RID))
     role: str = attrs.field(validator=_str)
@@ -123,6 +147,11 @@ class ReplicaStatus:
     fsync_p50_ms: float | None = attrs.field(default=None, validator=_opt_num)
     fsync_p99_ms: float | None = attrs.field(default=None, validator=_opt_num)
     fsync_samples: int = attrs.field(default=0, validator=_int)
+    #: Replica-local: the last scheduler hook call this replica's watchdog
+    #: reported as slow (see :class:`SlowHook`), or None.
+    slow_hook: SlowHook | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(SlowHook))
+    )
 
 
 @message

@@ -14,7 +14,8 @@ where it is (rolling prefetch: the coordinator assigns a task once some of
 its inputs exist, so inputs move while other pretasks still run), from the
 local object store or from the data server of the peer client that holds
 it, then runs the task on a free node process of the node pool (a task
-waiting for inputs holds no node), keeps all outputs in the object store,
+waiting for inputs holds no node), keeps its outputs in the object store
+(until the view lists them ``released``: every task reading them finished),
 and reports completion (only the outputs named in the task's ``keys``
 travel to the coordinator) through the log.  A view lists a task once per
 assignment; where its inputs are comes after that as holder changes, kept
@@ -80,7 +81,7 @@ from tasksprint.coordinator.ops import (
 )
 from tasksprint.coordinator.replies import Assignment, ClientView
 from tasksprint.coordinator.specs import COMMAND_TASK
-from tasksprint.log_client import LogClient
+from tasksprint.log_client import LogClient, SessionExpiredError
 from tasksprint.node_pool import NodePool
 from tasksprint.node_protocol import TaskRequest
 from tasksprint.object_store import DEFAULT_SPILL_LIMIT, InputError, ObjectStore, StoreFull, select
@@ -141,6 +142,11 @@ class _Attempt:
     scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
     # Inputs taken from this client's store before the log said so: (tid, attempt) pairs.
     early: list[tuple[int, int]] = attrs.Factory(list)
+
+
+def _session_lost(exc: SessionExpiredError) -> RuntimeError:
+    """Retrying cannot help: the replicas forgot which of this client's commands they applied."""
+    return RuntimeError(f"the replicas collected this client's log session ({exc}); start the client again")
 
 
 @attrs.define(eq=False)
@@ -261,6 +267,8 @@ class Client:
         while True:
             try:
                 result = await self._lc.submit(op, deadline=10.0)
+            except SessionExpiredError as exc:
+                raise _session_lost(exc) from None
             except Exception as exc:  # Unavailable: no replica answered
                 self._log.warning("coordinators_unreachable", error=str(exc), retry_in="1s")
                 await trio.sleep(1.0)
@@ -379,6 +387,8 @@ class Client:
                 self._idle_since = None
             for tid in view.kill:
                 self._kill(tid)
+            for tid in view.released:
+                self._release(tid)
             for task in view.tasks:
                 for inp in task.inputs:
                     self._note_holder(inp.tid, inp.cid, inp.addr)
@@ -386,6 +396,18 @@ class Client:
                 self._note_holder(moved.tid, moved.cid, moved.addr)
             for task in view.tasks:
                 self._assign(task)
+
+    def _release(self, tid: int) -> None:
+        """Every task reading ``tid``'s outputs has finished: drop them from the store.
+
+        Not while an attempt of ``tid`` runs here: it puts new outputs anyway.
+        """
+        assert self._store is not None
+        if tid in self._runs or tid not in self._made:
+            return
+        del self._made[tid]
+        self._store.drop(tid)
+        self._log.debug("outputs_released", tid=tid)
 
     def _kill(self, tid: int) -> None:
         run = self._runs.pop(tid, None)
@@ -559,6 +581,8 @@ class Client:
             while True:
                 try:
                     return await self._lc.submit(wire_op, deadline=30.0)
+                except SessionExpiredError as exc:
+                    raise _session_lost(exc) from None
                 except Exception as exc:  # Unavailable; keep the result and try again
                     self._log.warning("report_delayed", op=wire_op["op"], tid=wire_op.get("tid"), error=str(exc))
                     await trio.sleep(1.0)

@@ -81,6 +81,9 @@ def status(args: argparse.Namespace) -> int:
                 f"{address:<22} replica {st.rid}  {st.role:<10} leader={st.leader} "
                 f"ballot={st.ballot or '-'} commit={st.commit} applied={st.applied}{latency}"
             )
+            slow = _slow_hook_line(st)
+            if slow is not None:
+                print(slow)
         for divergence in sorted({st.divergence for st in answered if st.divergence}):
             print(f"replicas disagree: {divergence}")
         if computation is not None:
@@ -334,7 +337,23 @@ def _status_dict(st: Any) -> dict:
         "fsync_p50_ms": st.fsync_p50_ms,
         "fsync_p99_ms": st.fsync_p99_ms,
         "fsync_samples": st.fsync_samples,
+        # Replica-local (this replica's watchdog), not replicated state.
+        "slow_hook": None if st.slow_hook is None else attrs.asdict(st.slow_hook),
     }
+
+
+def _slow_hook_line(st: Any) -> str | None:
+    """The replica's last slow scheduler hook call, for people; None if there was none."""
+    hook = st.slow_hook
+    if hook is None:
+        return None
+    what = hook.hook
+    if hook.tid is not None:
+        what += f"(tid={hook.tid})"
+    elif hook.cid is not None:
+        what += f"(cid={hook.cid})"
+    state = f"still running after {hook.seconds:.1f}s" if hook.running else f"returned after {hook.seconds:.1f}s"
+    return f"  slow scheduler hook (seen by this replica): {what} in log slot {hook.slot}, {state}"
 
 
 def _client_line(c: Any) -> str:

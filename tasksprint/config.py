@@ -12,6 +12,7 @@ from pathlib import Path
 import attrs
 
 from tasksprint import framing
+from tasksprint.machine import MAX_SESSIONS
 from tasksprint.paxos.core import PaxosConfig
 
 
@@ -47,8 +48,13 @@ class ReplicaConfig:
     digest_every: int = 1  # slots applied since the last digest report before a driver pass sends one
     tick_every: float = 0.005  # seconds between clock readings fed to the core
     max_frame: int = framing.MAX_FRAME_DEFAULT
+    #: Exactly-once sessions kept before the least recently used are collected.
+    #: Part of the replicated state's rules: the same on every replica.
+    max_sessions: int = MAX_SESSIONS
 
     def __attrs_post_init__(self) -> None:
+        if not 16 <= self.max_sessions < 2**31:
+            raise ValueError(f"--max-sessions must be from 16 to 2147483647, got {self.max_sessions}")
         if not 0 <= self.rid < len(self.peers):
             raise ValueError(f"--id {self.rid} does not index into the {len(self.peers)} peers given")
         if not 256 * 1024 <= self.max_frame < 2**32:

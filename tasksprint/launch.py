@@ -23,6 +23,7 @@ import structlog
 import trio
 
 from tasksprint import observe, wire
+from tasksprint.machine import MAX_SESSIONS
 
 __all__ = [
     "EXIT_DIVERGED",
@@ -175,6 +176,13 @@ def add_replica_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds a scheduler hook may run before the replica logs scheduler_hook_slow (default %(default)s)",
     )
     p.add_argument(
+        "--max-sessions",
+        type=int,
+        default=MAX_SESSIONS,
+        help="exactly-once client sessions kept before the least recently used are collected; "
+        "give every replica the same value (default %(default)s)",
+    )
+    p.add_argument(
         "--max-frame",
         type=int,
         default=wire.MAX_FRAME_DEFAULT,
@@ -286,6 +294,7 @@ def run_replica(args: argparse.Namespace, scheduler: type | None = None) -> int:
             snapshot_every=args.snapshot_every,
             hook_report_after=args.hook_report_after,
             max_frame=args.max_frame,
+            max_sessions=args.max_sessions,
         )
     except ValueError as exc:
         print(f"tasksprint replica: {exc}", file=sys.stderr)

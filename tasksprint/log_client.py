@@ -25,6 +25,7 @@ import trio
 from tasksprint import codec, wire
 from tasksprint.api import BlockResult, ReplicaStatus, Retry, SubmitBlock, SubmitRefused
 from tasksprint.channel import ReplicaChannel
+from tasksprint.machine import SessionExpired
 from tasksprint.paxos.messages import CommandBlock
 
 log = structlog.get_logger("tasksprint.log_client")
@@ -40,6 +41,14 @@ class Unavailable(Exception):
 
 class CommandRefused(ValueError):
     """A command that can never be applied: it does not encode, or it is too large for a log entry."""
+
+
+class SessionExpiredError(Exception):
+    """The replicas collected this client's session (it was idle while many others were not).
+
+    The commands were not applied by this answer; whether an earlier attempt
+    was is unknown.  Start again with a new :class:`LogClient` (a new client id).
+    """
 
 
 @attrs.define(eq=False)
@@ -84,6 +93,11 @@ class LogClient:
     _resend_scheduled: bool = False
     #: Commands sent again so far (timeouts, Retry, broken connections): for diagnosis.
     resent: int = 0
+    # Whether the log applied a command of ours yet (an answer came): until
+    # then first_unacked stays 1, so that refused commands (never applied)
+    # do not make the replicas take us for a client whose session they
+    # collected (see machine.Applier).
+    _applied_any: bool = False
     _target: int = 0
     _conn: wire.Connection | None = None
     _conn_lock: trio.Lock = attrs.Factory(trio.Lock)
@@ -150,6 +164,11 @@ class LogClient:
             refused = next((self._pending[s].refused for s in seqs if self._pending[s].refused), None)
             if refused is not None:
                 raise CommandRefused(f"commands {seqs[0]}..{seqs[-1]} of client {self.client_id}: {refused}")
+            if any(isinstance(self._pending[s].result, SessionExpired) for s in seqs):
+                raise SessionExpiredError(
+                    f"commands {seqs[0]}..{seqs[-1]} of client {self.client_id}: the replicas collected this "
+                    "client's session; start again under a new client id"
+                )
             if waiter.remaining:
                 raise Unavailable(
                     f"commands {seqs[0]}..{seqs[-1]} of client {self.client_id} not applied within {deadline}s; "
@@ -240,7 +259,7 @@ class LogClient:
         self._unsent.clear()
         if not seqs:
             return
-        first_unacked = next(iter(self._pending))
+        first_unacked = next(iter(self._pending)) if self._applied_any else 1
         now = trio.current_time()
         blocks = []
         for run in consecutive_runs(seqs, MAX_BLOCK):
@@ -292,6 +311,7 @@ class LogClient:
                             self._target = leader
                             self._conn = None
                             self._nursery.start_soon(_close_later, conn)
+                        self._applied_any = True
                         self._deliver(first, msg.results, msg.slot)
                     case SubmitRefused(seq=seq, reason=reason):
                         self._refuse(seq, reason)

@@ -4,7 +4,16 @@ A replica applies every chosen log slot, in order, to an :class:`Applier`.
 The applier skips commands it has already applied (same client id and
 sequence number, however often the client retried), passes the rest and
 every TICK to the user-level :class:`StateMachine`, and keeps a running
-digest of what was applied so replicas can compare notes.  It reports
+digest of what was applied so replicas can compare notes.
+
+Sessions are collected: an applier holds at most ``max_sessions`` of them;
+past that, after a slot, the least recently used ones (by the last command
+applied) go, except those the state machine says are in use
+(:meth:`StateMachine.sessions_in_use`, e.g. the sessions of live workers).
+The choice depends on the log alone, so every replica collects the same
+sessions at the same slot, and the snapshot keeps the order.  A command of
+a collected session is answered :class:`SessionExpired`, never applied
+again; see docs/recovery.md for what a client loses.  It reports
 the time each applied item takes in the state machine as span
 ``machine.apply`` to its :class:`~tasksprint.observe.Observer`.
 
@@ -15,13 +24,14 @@ from __future__ import annotations
 
 import collections
 import hashlib
+from collections.abc import Collection
 from typing import Any, NamedTuple, Protocol
 
 import attrs
 
 from tasksprint import codec
 from tasksprint.observe import NULL, Observer
-from tasksprint.paxos.messages import Batch, Command, CommandBlock, Tick
+from tasksprint.paxos.messages import INT_LIMIT, MAX_CLIENT_ID, Batch, Command, CommandBlock, Tick
 
 
 class StopReplica(Exception):
@@ -66,6 +76,28 @@ class StateMachine(Protocol):
     def restore(self, data: bytes) -> None:
         """Replace the state with a snapshot."""
 
+    def sessions_in_use(self) -> Collection[str]:
+        """Client ids whose sessions must not be collected (a function of the applied state)."""
+
+
+#: Sessions an applier keeps before it collects the least recently used.
+MAX_SESSIONS = 65_536
+
+
+@codec.message
+class SessionExpired:
+    """The answer to a command whose client's session was collected.
+
+    The client had answers from that session (its ``first_unacked`` is past
+    1, which a client sends only once the log applied one of its commands),
+    so the command may have been applied already: it is not applied
+    (again), and the client must start over under a new client id.
+    """
+
+    client_id: str = attrs.field(validator=codec.text(MAX_CLIENT_ID, min_chars=1))
+    # Up to 2**64: a block's seqs run past its first one's range (2**63 - 1) by its length.
+    seq: int = attrs.field(validator=codec.int_range(0, 2 * INT_LIMIT))
+
 
 @attrs.define(eq=False)
 class _Session:
@@ -93,7 +125,9 @@ class Applier:
     """Applies chosen slots to a state machine exactly once per command."""
 
     machine: StateMachine
+    # Ordered from least to most recently used (a command moves its session to the end).
     _sessions: dict[str, _Session] = attrs.field(factory=dict)
+    max_sessions: int = attrs.field(default=MAX_SESSIONS, kw_only=True)
     _applied: int = 0
     _digest: bytes = b"\0" * 32
     observer: Observer = attrs.field(default=NULL, kw_only=True)
@@ -133,6 +167,9 @@ class Applier:
                 h.update(codec.encode([item, result]))
                 continue
             sess = self._session(item.client_id, item.first_unacked)
+            if sess is None:
+                out.append((item, self._expired(item)))
+                continue
             if isinstance(item, CommandBlock):
                 results, fresh = self._apply_block(sess, item, slot, i)
                 if fresh:
@@ -143,14 +180,53 @@ class Applier:
             if new:
                 h.update(codec.encode([item, result]))
             out.append((item, result))
+        if len(self._sessions) > self.max_sessions:
+            self._collect()
         self._applied = slot
         self._digest = h.digest()
         return out
 
-    def _session(self, client_id: str, first_unacked: int) -> _Session:
-        sess = self._sessions.get(client_id)
+    @property
+    def session_count(self) -> int:
+        """Sessions held now."""
+        return len(self._sessions)
+
+    def _collect(self) -> None:
+        """Forget the least recently used sessions not in use, down to 15/16 of ``max_sessions``.
+
+        Deterministic: the order of ``_sessions`` and the machine's sessions
+        in use follow from the log alone.  Collecting a sixteenth at once
+        keeps the cost per new session constant.
+        """
+        keep = set(self.machine.sessions_in_use())
+        target = self.max_sessions - self.max_sessions // 16
+        excess = len(self._sessions) - target
+        for cid in [cid for cid in self._sessions if cid not in keep][:excess]:
+            del self._sessions[cid]
+
+    def _expired(self, item: Command | CommandBlock) -> Any:
+        """The answer to a command of a session that was collected."""
+        if isinstance(item, CommandBlock):
+            try:
+                count = len(item.op_list())
+            except codec.BadMessage:
+                count = 0
+            return [SessionExpired(client_id=item.client_id, seq=item.first_seq + j) for j in range(count)]
+        return SessionExpired(client_id=item.client_id, seq=item.seq)
+
+    def _session(self, client_id: str, first_unacked: int) -> _Session | None:
+        """The client's session, now its most recently used; None if it was collected.
+
+        A client id with no session is a new client, unless its
+        ``first_unacked`` says it already had answers (past 1): then its
+        session was collected, and applying its command could apply it twice.
+        """
+        sess = self._sessions.pop(client_id, None)
         if sess is None:
-            sess = self._sessions[client_id] = _Session()
+            if first_unacked > 1:
+                return None
+            sess = _Session()
+        self._sessions[client_id] = sess
         # The client has its answers for everything below first_unacked,
         # so those were applied and will never be asked about again.
         if first_unacked - 1 > sess.low:
@@ -271,3 +347,6 @@ class KVMachine:
 
     def restore(self, data: bytes) -> None:
         self._now, self._data = codec.decode(data)
+
+    def sessions_in_use(self) -> Collection[str]:
+        return ()

@@ -50,7 +50,6 @@ import gc
 import os
 import random
 import signal
-import threading
 import time
 from typing import Any
 
@@ -75,6 +74,7 @@ from tasksprint.app import KVApp, NotYet
 from tasksprint.config import ReplicaConfig
 from tasksprint.disk_writer import DiskWriter
 from tasksprint.driver import DivergenceError, DriverConfig, ReplicaDriver, RequestKey
+from tasksprint.hook_watchdog import HookWatchdog
 from tasksprint.machine import Applier, BadSnapshot
 from tasksprint.observe import NULL, Observer
 from tasksprint.paxos.core import PaxosCore, Role
@@ -131,7 +131,9 @@ def split_message(msg: Any) -> list[Any] | None:
 
     Messages carrying several independent values (an Accept's proposals, a
     CatchupReply's entries, a Forward's commands) are split in halves, so a
-    sender never makes a frame over the cap out of values that each fit.
+    sender never makes a frame over the cap out of values that each fit.  A
+    Promise is split by slots into parts whose spans tile its own (see
+    :meth:`Promise.halves`); the candidate waits for all of them.
     """
     match msg:
         case Accept(ballot=ballot, proposals=proposals, commit=commit) if len(proposals) > 1:
@@ -146,6 +148,9 @@ def split_message(msg: Any) -> list[Any] | None:
                 CatchupReply(entries=entries[:half], commit=commit),
                 CatchupReply(entries=entries[half:], commit=commit),
             ]
+        case Promise():
+            halves = msg.halves()
+            return None if halves is None else list(halves)
         case Forward(items=items) if len(items) > 1:
             half = len(items) // 2
             return [Forward(items=items[:half]), Forward(items=items[half:])]
@@ -309,6 +314,7 @@ class Replica:
             fsync_p50_ms=_ms(fsyncs, 50),
             fsync_p99_ms=_ms(fsyncs, 99),
             fsync_samples=len(fsyncs),
+            slow_hook=None if self._watchdog is None else self._watchdog.slow,
         )
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -324,7 +330,7 @@ class Replica:
         )
         try:
             state = self._storage.load()
-            applier = Applier(self.app.machine, observer=self.observer)
+            applier = Applier(self.app.machine, observer=self.observer, max_sessions=cfg.max_sessions)
             if state.snapshot_data is not None:
                 # Restored here once to name the file if it is damaged; the
                 # driver restores it again as the core's first Ready says.
@@ -717,60 +723,6 @@ def _port_of(listeners: Any, default: int) -> int:
         return listeners[0].socket.getsockname()[1]
     except (TypeError, IndexError, AttributeError):
         return default
-
-
-class HookWatchdog:
-    """A thread that reports a scheduler hook still running after ``after`` seconds.
-
-    Hooks run inside the driver pass, on the event loop's thread, so while
-    one runs the replica answers nobody: this thread is the one that can
-    still speak.  It logs ``scheduler_hook_slow`` (hook, slot, task, client,
-    seconds) once per call, and ``scheduler_hook_returned`` when a reported
-    call ends.  It only reads the app's :meth:`~tasksprint.app.App.hook_running`.
-    """
-
-    POLL = 0.25  # seconds between looks
-
-    def __init__(self, app: Any, after: float, log_: Any) -> None:
-        self._app, self._after, self._log = app, after, log_
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="hook-watchdog", daemon=True)
-
-    def start(self) -> None:
-        if self._after > 0:
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def _watch(self) -> None:
-        seen: tuple[int, dict] | None = None
-        since = 0.0
-        reported = False
-        while not self._stop.wait(self.POLL):
-            try:
-                running = self._app.hook_running()
-            except Exception:  # read while the loop thread changes it: look again later
-                continue
-            now = time.monotonic()
-            if running is None or seen is None or running[0] != seen[0]:
-                if reported and seen is not None:
-                    self._log.warning("scheduler_hook_returned", seconds=round(now - since, 1), **seen[1])
-                seen, since, reported = running, now, False
-                continue
-            if not reported and now - since >= self._after:
-                reported = True
-                self._log.error(
-                    "scheduler_hook_slow",
-                    seconds=round(now - since, 1),
-                    message=(
-                        f"scheduler hook {seen[1].get('hook')} (log slot {seen[1].get('slot')}) has not returned "
-                        f"after {now - since:.0f}s; every replica waits for it"
-                    ),
-                    **seen[1],
-                )
 
 
 def _ms(sorted_seconds: list[float], percent: int) -> float | None:

@@ -105,6 +105,11 @@ class Sim:
         for tid in view.kill:
             self.assigned[cid].pop(tid, None)
             self.killed[cid].append(tid)
+        # Released outputs leave the store, as the real client drops them: a
+        # task that still needed one could not run, and the run would not settle.
+        for tid in view.released:
+            if tid not in self.assigned[cid]:
+                self.store[cid].pop(tid, None)
         # Later moves of an input come as holder changes, as the real client keeps them.
         moved = {h.tid: _plain(h) for h in view.holders}
         for task in self.assigned[cid].values():

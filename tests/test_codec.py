@@ -141,7 +141,7 @@ def test_trusted_builds_the_value_the_checked_constructor_would():
 
 
 def test_trusted_refuses_what_a_converter_would_change():
-    fields = dict(version=1, state="running", alive=True, client_timeout=10.0, kill=(), holders=())
+    fields = dict(version=1, state="running", alive=True, client_timeout=10.0, kill=(), holders=(), released=())
     assert codec.trusted(ClientView, tasks=(), **fields).tasks == ()
     with pytest.raises(TypeError, match="would change"):
         codec.trusted(ClientView, tasks=[], **fields)

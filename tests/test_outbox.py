@@ -10,7 +10,8 @@ import trio.testing
 from streams import socket_pair
 
 from tasksprint import codec
-from tasksprint.paxos.messages import Accept, Ballot, Batch, Command, Proposal
+from tasksprint.paxos.leadership import Phase1
+from tasksprint.paxos.messages import Accept, AcceptedValue, Ballot, Batch, Command, Promise, Proposal
 from tasksprint.replica import Outbox
 from tasksprint.wire import Connection
 
@@ -100,6 +101,37 @@ async def test_a_message_of_several_values_over_the_frame_cap_is_split_not_fatal
             box.push("after")
             assert await right.receive() == "after"
             nursery.cancel_scope.cancel()
+
+
+async def test_a_promise_over_the_frame_cap_leaves_in_parts_that_add_up_to_it():
+    """Finding 4: a Promise of 8 accepted values of 100 kB under a 256 kB cap was
+    dropped; it now leaves as parts, and a candidate holding them all decides
+    as it would on the whole Promise."""
+    value = Batch(items=(Command(client_id="c", seq=1, op="v" * 100_000),))
+    whole = Promise(
+        ballot=Ballot(2, 1),
+        log_start=1,
+        accepted=tuple(AcceptedValue(slot=s, ballot=Ballot(1, 0), value=value) for s in range(3, 11)),
+    )
+    left, right = socket_pair()
+    box = Outbox(max_frame=256 * 1024)
+    with trio.fail_after(GUARD_SECONDS):
+        async with left, right, trio.open_nursery() as nursery:
+            nursery.start_soon(box.pump, left)
+            box.push(whole)
+            p1 = Phase1(Ballot(2, 1), from_slot=2)
+            parts: list[Promise] = []
+            while not p1.has(0):
+                part = await right.receive()
+                assert isinstance(part, Promise)
+                parts.append(part)
+                p1.add(0, part)
+            nursery.cancel_scope.cancel()
+    assert len(parts) > 1
+    assert sorted(a.slot for p in parts for a in p.accepted) == list(range(3, 11))
+    reference = Phase1(Ballot(2, 1), from_slot=2)
+    reference.add(0, whole)
+    assert p1.outcome() == reference.outcome()
 
 
 def test_the_queue_is_bounded_in_bytes_dropping_the_oldest():

@@ -27,10 +27,13 @@ from tasksprint.paxos.durable import (
     SavePromise,
 )
 from tasksprint.paxos.election import Election
+from tasksprint.paxos.leadership import Phase1
 from tasksprint.paxos.messages import (
+    LAST_SLOT,
     NOOP,
     Accept,
     Accepted,
+    AcceptedValue,
     Ballot,
     Batch,
     CatchupReply,
@@ -1130,3 +1133,120 @@ def test_timeout_now_is_taken_only_from_the_leader_followed_at_its_ballot():
     c.deliver(2, 1, TimeoutNow(ballot=ballot))  # not from the leader
     c.deliver(0, 1, TimeoutNow(ballot=Ballot(ballot.round - 1, 0)))  # an older ballot
     assert core(c, 1).role is Role.FOLLOWER and not net.peek(Prepare, src=1)
+
+
+# ----------------------------------------------------------------------
+# A Promise larger than a frame
+
+
+def _accepted_only(c: Cluster, net: ManualNet, count: int) -> list[Command]:
+    """Replica 0 leads; ``count`` commands are accepted by replicas 1 and 2, never chosen."""
+    elect(c, net, 0)
+    run(c, net, 0.3)
+    cmds = []
+    for _ in range(count):
+        cmds.append(submit(c, 0))
+        net.deliver(dst=0)
+        c.tick(0)
+        while net.find(Accept, src=0):
+            net.deliver(Accept, src=0)
+        net.drop(Accepted)  # the leader never hears: nothing more is chosen
+    return cmds
+
+
+def test_a_promise_over_the_frame_cap_arrives_in_parts_and_the_candidate_still_wins():
+    """Finding 4: a Promise carrying more accepted values than a frame holds
+    used to be dropped at the sender, and no candidate could win a majority."""
+    c, net = make(3, max_inflight=64)
+    c.frame_cap = 600
+    cmds = _accepted_only(c, net, 12)
+    whole = core(c, 2)._promise_for(Prepare(ballot=Ballot(9, 1), from_slot=core(c, 1).commit_index + 1))
+    assert len(whole.accepted) >= 8 and len(codec.encode(whole)) > c.frame_cap
+    net.drop(src=0)
+    c.crash(0)
+    c.now += 2 * ET + 0.01
+    c.tick(2)
+    net.drop(PreVote, src=2)
+    c.tick(1)
+    net.flush_until(lambda: bool(net.find(Promise, src=2, dst=1)), among={1, 2})
+    parts = net.peek(Promise, src=2, dst=1)
+    assert len(parts) > 1 and all(len(codec.encode(p)) <= c.frame_cap for p in parts)
+    # Until the last part is in, replica 1 must not lead: it would miss accepted values.
+    for _ in parts[:-1]:
+        net.deliver(Promise, src=2, dst=1)
+        assert core(c, 1).role is Role.CANDIDATE
+    net.deliver(Promise, src=2, dst=1)
+    assert core(c, 1).role is Role.LEADER
+    run(c, net, 1.0, among={1, 2})
+    assert c.oversized_dropped == 0
+    items = applied_items(c, 1)
+    assert all(cmd in items for cmd in cmds), "every value a majority accepted survives the leader change"
+
+
+def test_a_candidate_missing_one_part_asks_again_and_wins_on_the_resent_parts():
+    c, net = make(3, max_inflight=64)
+    c.frame_cap = 600
+    cmds = _accepted_only(c, net, 12)
+    net.drop(src=0)
+    c.crash(0)
+    c.now += 2 * ET + 0.01
+    c.tick(2)
+    net.drop(PreVote, src=2)
+    c.tick(1)
+    net.flush_until(lambda: bool(net.find(Promise, src=2, dst=1)), among={1, 2})
+    lost = net.find(Promise, src=2, dst=1)[1]
+    net.queue.pop(lost)  # one middle part is lost
+    net.flush(among={1, 2})
+    assert core(c, 1).role is Role.CANDIDATE
+    run(c, net, 1.0, among={1, 2})  # the Prepare goes again; a fresh set of parts comes back
+    assert core(c, 1).role is Role.LEADER or core(c, 2).role is Role.LEADER
+    items = applied_items(c, 1)
+    assert all(cmd in items for cmd in cmds)
+
+
+def test_promise_parts_tile_the_slots_and_give_the_outcome_of_the_whole():
+    values = {s: Batch(items=(Command(client_id="c", seq=s, op=["append", "k", "v" * 50]),)) for s in range(3, 40)}
+    whole = Promise(
+        ballot=Ballot(5, 1),
+        log_start=1,
+        accepted=tuple(AcceptedValue(slot=s, ballot=Ballot(s % 4, 0), value=v) for s, v in values.items() if s % 3),
+        chosen=tuple(Proposal(slot=s, value=v) for s, v in values.items() if not s % 3),
+    )
+    parts = [whole]
+    while any(p.halves() for p in parts) and len(parts) < 64:
+        parts = [h for p in parts for h in (p.halves() or (p,))]
+    assert len(parts) > 8
+    spans = sorted((p.span_from, p.span_to) for p in parts)
+    assert spans[0][0] == 1 and spans[-1][1] == LAST_SLOT
+    assert all(a[1] + 1 == b[0] for a, b in zip(spans, spans[1:])), "the spans tile the slots"
+    for p in parts:
+        assert all(p.span_from <= e.slot <= p.span_to for e in (*p.accepted, *p.chosen))
+    other = Promise(ballot=Ballot(5, 1), log_start=1)
+    reference = Phase1(Ballot(5, 1), from_slot=2)
+    reference.add(1, whole)
+    reference.add(2, other)
+    split = Phase1(Ballot(5, 1), from_slot=2)
+    split.add(2, other)
+    random.Random(3).shuffle(parts)
+    for i, p in enumerate(parts):
+        assert not split.has(1) and split.count == 1, "an acceptor counts only once every part is in"
+        split.add(1, p)
+        assert split.has(1) == (i == len(parts) - 1)
+    assert split.outcome() == reference.outcome()
+
+
+def test_a_promise_part_counts_only_for_the_slots_of_its_span():
+    v = Batch(items=(Command(client_id="c", seq=1, op=["append", "k", "v"]),))
+    p1 = Phase1(Ballot(5, 1), from_slot=1)
+    # A part claiming slots 1-3 that smuggles a value for slot 7: ignored there.
+    p1.add(
+        1,
+        Promise(
+            ballot=Ballot(5, 1), log_start=1, span_to=3, accepted=(AcceptedValue(slot=7, ballot=Ballot(4, 0), value=v),)
+        ),
+    )
+    p1.add(1, Promise(ballot=Ballot(5, 1), log_start=1, span_from=4))
+    assert p1.has(1)
+    assert p1.outcome() == ({}, {}, 0)
+    with pytest.raises(ValueError):
+        Promise(ballot=Ballot(5, 1), log_start=1, span_from=9, span_to=3)

@@ -47,7 +47,7 @@ import trio
 from tasksprint import codec, wire
 from tasksprint.api import ReplicaStatus, Result, Submit, SubmitBlock
 from tasksprint.localcluster import HOST, LocalCluster, free_ports
-from tasksprint.log_client import LogClient
+from tasksprint.log_client import LogClient, SessionExpiredError
 from tasksprint.paxos.core import PaxosConfig
 from tasksprint.paxos.messages import Command, CommandBlock
 from tasksprint.storage import Storage
@@ -877,3 +877,19 @@ async def test_a_leader_stopped_with_sigterm_hands_over_and_exits_cleanly(local_
     assert await wait_leader(cluster, rest) == handed["to"]
     _, after = await submit(cluster, ["put", "k", 2])
     assert after > before
+
+
+async def test_a_client_whose_session_was_collected_is_told_so_and_nothing_is_applied_twice(local_cluster):
+    """Issue 11: sessions are collected (here past 16); a client that had answers gets SessionExpiredError."""
+    cluster = local_cluster(3, extra_args=["--max-sessions", "16"])
+    with trio.fail_after(GUARD_SECONDS):
+        await wait_leader(cluster, range(3))
+        async with LogClient(cluster.addrs, cluster.secret) as old:
+            assert await old.submit(["append", "log", "old-1"]) == 1
+            for i in range(40):  # other clients, one command each, push "old" out
+                async with LogClient(cluster.addrs, cluster.secret) as other:
+                    await other.submit(["append", "others", i])
+            with pytest.raises(SessionExpiredError):
+                await old.submit(["append", "log", "old-2"])
+        async with LogClient(cluster.addrs, cluster.secret) as fresh:
+            assert await fresh.submit(["get", "log"]) == ["old-1"]

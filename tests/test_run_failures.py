@@ -250,3 +250,51 @@ def test_tasksprint_run_shows_a_hook_that_has_not_returned(tmp_path: Path) -> No
     code, out, err = run.finish()
     assert code == 0, err
     assert "scheduler hook init (log slot" in err and "has not returned" in err, err
+
+
+SLOWISH_INIT_SCHEDULER = textwrap.dedent(
+    """
+    import time
+    from tasksprint import Coordinator
+
+    class SlowishInit(Coordinator):
+        def init(self, seed):
+            time.sleep(2)  # past --hook-report-after 0.3, then returns
+            self.start_task(name="echo", keys=["out"])
+
+    SlowishInit().start()
+    """
+)
+
+
+def test_tasksprint_status_shows_the_slow_hook_each_replica_saw(tmp_path: Path, local_cluster) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from test_cluster_e2e import tasksprint_command
+
+    (tmp_path / "slowish.py").write_text(SLOWISH_INIT_SCHEDULER)
+    cluster = local_cluster(
+        3, scheduler=f"{tmp_path / 'slowish.py'}:SlowishInit", extra_args=["--hook-report-after", "0.3"]
+    )
+    base = [
+        *tasksprint_command(),
+        "status",
+        "--coordinators",
+        cluster.peers_arg,
+        "--secret-file",
+        str(cluster.secret_file),
+    ]
+    deadline = time.monotonic() + LIMIT
+    while True:
+        done = subprocess.run([*base, "--json"], capture_output=True, text=True, timeout=LIMIT, check=False)
+        rows = json.loads(done.stdout)["replicas"] if done.stdout.strip() else []
+        hooks = [row.get("slow_hook") for row in rows if row.get("reachable")]
+        if len(hooks) == 3 and all(h is not None and not h["running"] for h in hooks):
+            break
+        assert time.monotonic() < deadline, done.stdout + done.stderr
+        time.sleep(0.2)
+    for hook in hooks:
+        assert hook["hook"] == "init" and hook["slot"] >= 1 and hook["seconds"] > 0, hook
+    plain = subprocess.run(base, capture_output=True, text=True, timeout=LIMIT, check=False)
+    lines = [ln for ln in plain.stdout.splitlines() if "slow scheduler hook" in ln]
+    assert len(lines) == 3 and all("init in log slot" in ln and "returned after" in ln for ln in lines), plain.stdout

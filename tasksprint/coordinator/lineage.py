@@ -158,6 +158,34 @@ class Lineage:
         self.outputs_changed(task, available=False)
         s.recheck.add(task.tid)
 
+    def release_consumed(self) -> None:
+        """Release the held outputs that every task reading them has finished with.
+
+        A done task with readers, none of them pending or running, has had
+        its outputs fetched by all of them: they leave their holder (which
+        is told in its view to drop them) and the task stays done without a
+        holder, like one whose holder died after its readers finished.  A
+        reader started later, or a reader recomputed, recomputes it from
+        lineage.  Tasks no task reads keep their outputs (a final result,
+        or one fetched by people, e.g. ``tasksprint result get``).
+        """
+        s = self.s
+        candidates = sorted(s.release_check)
+        s.release_check.clear()
+        for tid in candidates:
+            task = s.tasks.get(tid)
+            if task is None or task.state is not TaskState.DONE or task.holder is None or not task.dependents:
+                continue
+            if any(s.tasks[d].state in ACTIVE for d in task.dependents):
+                continue
+            client = s.clients[task.holder]
+            client.holds.pop(tid, None)
+            task.holder = None
+            s.bump(client.released, client, tid)
+            s.outputs_released += 1
+            self.fx.effects.append(["release", tid, client.cid])
+            self.outputs_changed(task, available=False)
+
     def kill(self, tid: int) -> list[int]:
         """Kill ``tid`` and its transitive dependents that are still pending or running."""
         s = self.s
@@ -198,6 +226,7 @@ class Lineage:
             s.clients[task.holder].holds.pop(tid, None)
         for client in s.clients.values():
             client.holders.pop(tid, None)
+            client.released.pop(tid, None)
             if tid in client.in_follow:
                 client.in_follow.discard(tid)
                 client.follow.remove(tid)

@@ -691,8 +691,10 @@ class CoordinatorMachine:
         s = self._state
         if s.run_state is not RunState.RUNNING:
             s.recheck.clear()
+            s.release_check.clear()
             return
         self._lineage.recompute_lost()
+        self._lineage.release_consumed()
         self._placement.place()
 
     # --------------------------------------------------------------- queries
@@ -750,6 +752,11 @@ class CoordinatorMachine:
         """``(cid, name, addr)`` of every live client, by cid."""
         s = self._state
         return [(cid, s.clients[cid].name, s.clients[cid].addr) for cid in s.live]
+
+    def sessions_in_use(self) -> list[str]:
+        """The log sessions of the live clients: never collected (a worker may be silent for hours)."""
+        s = self._state
+        return [s.clients[cid].session for cid in s.live if s.clients[cid].session]
 
     def is_live(self, cid: int) -> bool:
         """Whether ``cid`` is a live client."""

@@ -168,7 +168,8 @@ class ClientView:
     and ``kill`` are by tid; ``holders`` says where outputs moved (appeared,
     were lost, or their client moved) that some task placed here reads:
     the inputs of a listed task are as of this view, later changes come
-    only as holder changes.
+    only as holder changes.  ``released`` lists outputs held here that no
+    task needs any more.
     """
 
     version: int = attrs.field(validator=_int)
@@ -180,6 +181,8 @@ class ClientView:
     holders: tuple[HolderChange, ...] = attrs.field(
         default=(), converter=_tuple_of_type(HolderChange, "holder changes")
     )
+    #: Tasks whose outputs this client holds and may drop: every task reading them has finished.
+    released: tuple[int, ...] = attrs.field(default=(), converter=_tuple_of_type(int, "task ids"))
 
 
 _ints = _tuple_of(is_int, "ints")

@@ -133,6 +133,9 @@ class ClientRecord:
     # inputs (only clients with a queue take followers).  Checked when popped.
     follow: list[int] = attrs.Factory(list)
     in_follow: set[int] = attrs.Factory(set)
+    # tid -> version at which outputs held here were released (every task
+    # reading them finished), ordered by version: the client drops them.
+    released: dict[int, int] = attrs.Factory(dict)
 
 
 @attrs.define(eq=False)
@@ -165,6 +168,9 @@ class CoordinatorState:
     in_ready: set[int] = attrs.Factory(set)
     in_early: set[int] = attrs.Factory(set)
     recheck: set[int] = attrs.Factory(set)  # lost outputs to reconsider; empty between entries
+    # Tasks whose held outputs may no longer be needed (a reader finished,
+    # or they were made again); empty between entries.
+    release_check: set[int] = attrs.Factory(set)
     counts: dict[TaskState, int] = attrs.Factory(lambda: {s: 0 for s in TaskState})
     # Monotone figures for recovery: tasks done at least once, completions of
     # tasks done before (work redone from lineage), outputs taken back from a
@@ -179,12 +185,18 @@ class CoordinatorState:
     # applied over what each later join of that name offers.
     worker_overrides: dict[str, tuple[frozenset[str], frozenset[str], bool]] = attrs.Factory(dict)
     forgotten: int = 0  # finished tasks the scheduler dropped from the state (forget_task)
+    outputs_released: int = 0  # tasks whose held outputs were released, every reader having finished
 
     def set_state(self, task: TaskRecord, state: TaskState) -> None:
         """Move ``task`` to ``state``, keeping :attr:`counts` true."""
         self.counts[task.state] -= 1
         self.counts[state] += 1
         task.state = state
+        if state not in ACTIVE:
+            # A reader finished: its inputs may be released at the end of the entry.
+            self.release_check.update(task.pretasks)
+            if state is TaskState.DONE:
+                self.release_check.add(task.tid)
 
     def bump(self, table: dict[int, int], client: ClientRecord, tid: int) -> None:
         """Record a change of row ``tid`` in ``table`` (a client's ``entries`` or ``holders``)."""
@@ -236,9 +248,13 @@ def check_invariants(s: CoordinatorState) -> None:
             assert not client.running and not client.prefetch and not client.entries, f"dead client {cid}"
         for tid in client.holds:
             assert s.tasks[tid].holder == cid
-        for versions in (list(client.entries.values()), list(client.holders.values())):
+        for versions in (
+            list(client.entries.values()),
+            list(client.holders.values()),
+            list(client.released.values()),
+        ):
             assert versions == sorted(versions) and all(v <= s.version for v in versions)
-    assert not s.recheck
+    assert not s.recheck and not s.release_check
     assert s.in_ready == set(s.ready_heap) and len(s.in_ready) == len(s.ready_heap), "ready heap bookkeeping"
     assert s.in_early == set(s.early_heap) and len(s.in_early) == len(s.early_heap), "early heap bookkeeping"
     assert s.queue <= s.in_ready | s.in_early, f"queued tasks on no heap: {sorted(s.queue - s.in_ready - s.in_early)}"

@@ -44,6 +44,7 @@ def view(s: CoordinatorState, cid: int, after_version: int, client_timeout: floa
             tasks=(),
             kill=(),
             holders=(),
+            released=(),
         )
     tasks: list[Assignment] = []
     kill: list[int] = []
@@ -62,6 +63,12 @@ def view(s: CoordinatorState, cid: int, after_version: int, client_timeout: floa
         holder = s.tasks[tid].holder
         addr = s.clients[holder].addr if holder is not None else None
         holders.append(trusted(HolderChange, tid=tid, cid=holder, addr=addr))
+    released: list[int] = []
+    for tid in reversed(client.released):
+        if client.released[tid] <= after_version:
+            break
+        if s.tasks[tid].holder != cid:  # not made here again since
+            released.append(tid)
     # Built with codec.trusted: every value comes from the checked state, so
     # the validators (which guard the client's decoder) need not run here.
     return trusted(
@@ -73,6 +80,7 @@ def view(s: CoordinatorState, cid: int, after_version: int, client_timeout: floa
         tasks=tuple(sorted(tasks, key=lambda t: t.tid)),
         kill=tuple(sorted(kill)),
         holders=tuple(sorted(holders, key=lambda h: h.tid)),
+        released=tuple(sorted(released)),
     )
 
 

@@ -16,6 +16,7 @@ import attrs
 
 from tasksprint.codec import encode
 from tasksprint.paxos.messages import (
+    LAST_SLOT,
     NOOP,
     AcceptedValue,
     Ballot,
@@ -27,41 +28,68 @@ from tasksprint.paxos.messages import (
     Tick,
 )
 
+#: Promise parts a candidate keeps from one acceptor; beyond this it starts
+#: over with that acceptor's newest part (its retried Prepare gets a fresh set).
+MAX_PROMISE_PARTS = 4096
+
 
 @attrs.define(eq=False)
 class Phase1:
-    """Promises gathered by a candidate for ``ballot``."""
+    """Promises gathered by a candidate for ``ballot``.
+
+    A Promise may arrive in parts (see :class:`~tasksprint.paxos.messages.Promise`):
+    an acceptor counts only once the spans of its parts cover every slot from
+    ``from_slot`` on.  Parts of different answers of the same acceptor (a
+    Prepare sent again) may be mixed: each is a true report, made after the
+    promise, for the slots of its span, and the highest-ballot rule below
+    holds per slot.
+    """
 
     ballot: Ballot
     from_slot: int
-    _promises: dict[int, Promise] = attrs.Factory(dict)
+    _parts: dict[int, list[Promise]] = attrs.Factory(dict)
+    _complete: set[int] = attrs.Factory(set)
 
     def add(self, rid: int, promise: Promise) -> None:
-        self._promises[rid] = promise
+        """Record ``promise`` (whole or a part) from acceptor ``rid``."""
+        if rid in self._complete:
+            return
+        parts = self._parts.setdefault(rid, [])
+        if len(parts) >= MAX_PROMISE_PARTS:
+            parts.clear()
+        parts.append(promise)
+        if _covers(parts, self.from_slot):
+            self._complete.add(rid)
 
     def has(self, rid: int) -> bool:
-        return rid in self._promises
+        """Whether acceptor ``rid``'s whole answer is here."""
+        return rid in self._complete
 
     @property
     def count(self) -> int:
-        return len(self._promises)
+        """Acceptors whose whole answer is here."""
+        return len(self._complete)
 
     def outcome(self) -> tuple[dict[int, Batch], dict[int, Batch], int]:
         """(chosen slots, values to re-propose, top slot in use) from the promises.
 
         For a slot reported accepted by several acceptors the value with the
-        highest ballot wins: that is the rule that makes Paxos safe.
+        highest ballot wins: that is the rule that makes Paxos safe.  Only the
+        acceptors whose answer is whole count, and a part counts only for the
+        slots of its span.
         """
         chosen: dict[int, Batch] = {}
         best: dict[int, AcceptedValue] = {}
         top = self.from_slot - 1
-        for promise in self._promises.values():
+        promises = [part for rid in sorted(self._complete) for part in self._parts[rid]]
+        for promise in promises:
+            lo = max(self.from_slot, promise.span_from)
             for p in promise.chosen:
-                if p.slot >= self.from_slot:
+                if lo <= p.slot <= promise.span_to:
                     chosen[p.slot] = p.value
                     top = max(top, p.slot)
             for a in promise.accepted:
-                if a.slot < self.from_slot:
+                if not lo <= a.slot <= promise.span_to:
                     continue
                 top = max(top, a.slot)
                 cur = best.get(a.slot)
@@ -138,6 +166,18 @@ class Leadership:
                 f.sent_at = now
                 out.append(Proposal(slot=slot, value=f.value))
         return out
+
+
+def _covers(parts: list[Promise], from_slot: int) -> bool:
+    """Whether the spans of ``parts`` cover every slot from ``from_slot`` on."""
+    need = from_slot  # the lowest slot not covered yet
+    for part in sorted(parts, key=lambda p: p.span_from):
+        if part.span_from > need:
+            return False
+        need = max(need, part.span_to + 1)
+        if need > LAST_SLOT:
+            return True
+    return False
 
 
 def _size(item: Command | CommandBlock | Tick) -> int:

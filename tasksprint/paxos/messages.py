@@ -263,16 +263,66 @@ class Prepare:
     from_slot: int = attrs.field(validator=_slot)
 
 
+#: Highest slot number; a Promise part whose ``span_to`` is this speaks for every slot from ``span_from`` on.
+LAST_SLOT = INT_LIMIT - 1
+
+
+def _span_to(inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
+    _slot(inst, attr, value)
+    if value < inst.span_from:
+        raise ValueError(f"span_to ({value}) must not be below span_from ({_short(inst.span_from)})")
+
+
 @message
 class Promise:
     """Phase 1b. ``log_start`` is the first slot the acceptor still holds; if it
     is past the candidate's ``from_slot`` the candidate is too far behind to
-    lead and must catch up first."""
+    lead and must catch up first.
+
+    A Promise speaks for the slots ``span_from`` to ``span_to``: for each of
+    them it reports what the acceptor accepted (``accepted``) or knows chosen
+    (``chosen``), and a slot of the span it does not name holds nothing.  A
+    whole Promise spans every slot; one too large for a frame is sent as
+    parts whose spans tile that range (:meth:`halves`), each a true answer
+    for its own slots.  The candidate counts an acceptor towards its majority
+    only once the parts it holds from it cover every slot from its
+    ``from_slot`` on (see ``leadership.Phase1``), so it decides with the same
+    information a whole Promise gives.
+    """
 
     ballot: Ballot = attrs.field(validator=_ballot)
     log_start: int = attrs.field(validator=_slot)
     accepted: tuple[Any, ...] = attrs.field(default=(), converter=tuple_of(_is(AcceptedValue)))
     chosen: tuple[Any, ...] = attrs.field(default=(), converter=tuple_of(_is(Proposal)))
+    span_from: int = attrs.field(default=1, validator=_slot)
+    span_to: int = attrs.field(default=LAST_SLOT, validator=_span_to)
+
+    def halves(self) -> tuple[Promise, Promise] | None:
+        """Two Promises whose spans split this one's, each with the slots of its span, or None.
+
+        None when the Promise names fewer than two slots: it cannot shrink.
+        """
+        slots = sorted({a.slot for a in self.accepted} | {p.slot for p in self.chosen})
+        if len(slots) < 2:
+            return None
+        mid = slots[len(slots) // 2]  # first slot of the upper half; above slots[0] >= 1
+        lower = Promise(
+            ballot=self.ballot,
+            log_start=self.log_start,
+            accepted=tuple(a for a in self.accepted if a.slot < mid),
+            chosen=tuple(p for p in self.chosen if p.slot < mid),
+            span_from=min(self.span_from, mid - 1),
+            span_to=mid - 1,
+        )
+        upper = Promise(
+            ballot=self.ballot,
+            log_start=self.log_start,
+            accepted=tuple(a for a in self.accepted if a.slot >= mid),
+            chosen=tuple(p for p in self.chosen if p.slot >= mid),
+            span_from=mid,
+            span_to=max(self.span_to, mid),
+        )
+        return lower, upper
 
 
 @message

@@ -6,6 +6,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+from tasksprint import codec
 from tasksprint.api import BlockResult, PeerDigest, Result
 from tasksprint.app import KVApp
 from tasksprint.driver import DriverConfig, ReplicaDriver
@@ -21,7 +22,9 @@ from tasksprint.paxos.messages import (
     Command,
     CommandBlock,
     Promise,
+    SnapshotInstall,
 )
+from tasksprint.replica import split_message
 
 from .adapters import CheckedApplier, Link, Node, SimDisk, SimWriter
 from .checker import Checker
@@ -83,6 +86,10 @@ class Cluster:
         self.on_fsync_started: Callable[[int, int], None] = lambda rid, life: None
         self.clients = [Client(f"c{i}", quota, window) for i in range(clients)]
         self.steps = 0
+        # Encoded size above which a peer message is split as a replica's
+        # Outbox splits it (or dropped, if it cannot be); 0: no cap.
+        self.frame_cap = 0
+        self.oversized_dropped = 0
 
     def boot(self) -> None:
         """Start every replica (call after ``net`` is connected)."""
@@ -209,7 +216,22 @@ class Cluster:
             self.checker.fail(f"replica {r} addressed a {type(msg).__name__} to itself")
         if isinstance(msg, (Promise, Accepted)):
             self._check_durable(r, msg)
-        self.net(r, dst, msg)
+        for part in self._fit(msg):
+            self.net(r, dst, part)
+
+    def _fit(self, msg: Any) -> list[Any]:
+        """``msg`` as the frames a replica's Outbox would send under ``frame_cap``.
+
+        A snapshot is exempt: the cap here is small so that multi-value
+        messages split often, and the state a snapshot carries outgrows it.
+        """
+        if not self.frame_cap or isinstance(msg, SnapshotInstall) or len(codec.encode(msg)) <= self.frame_cap:
+            return [msg]
+        parts = split_message(msg)
+        if parts is None:
+            self.oversized_dropped += 1
+            return []
+        return [frame for part in parts for frame in self._fit(part)]
 
     def _check_durable(self, r: int, msg: Promise | Accepted) -> None:
         """An acceptor's answer leaves only once what it vouches for is on its disk."""
@@ -418,6 +440,11 @@ class Cluster:
                 continue
             if node.core.role is Role.RECOVERING:
                 self.checker.fail(f"replica {node.rid} is still recovering at the end")
+        if self.oversized_dropped:
+            self.checker.fail(f"{self.oversized_dropped} messages of one value over the frame cap were dropped")
+        for node in self.nodes:
+            if node is None:
+                continue
             for (cid, seq), result in sorted(self.checker.acked.items()):
                 cmd = self.checker.submitted[(cid, seq)]
                 key, value = cmd.op[1], cmd.op[2]
