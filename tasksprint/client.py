@@ -79,6 +79,7 @@ from tasksprint.coordinator.ops import (
 )
 from tasksprint.coordinator.replies import Assignment, ClientView
 from tasksprint.coordinator.specs import COMMAND_TASK
+from tasksprint.exec.workdir import FILES_KEY
 from tasksprint.log_client import LogClient
 from tasksprint.node_pool import NodePool
 from tasksprint.node_protocol import TaskRequest
@@ -521,7 +522,7 @@ class Client:
         if not ok:
             self._log.info("task_failed", tid=tid, attempt=attempt, error=error)
             assert self._cid is not None
-            record = outputs if task.name == COMMAND_TASK and outputs else None
+            record = self._failed_record(tid, outputs) if task.name == COMMAND_TASK and outputs else None
             return FailedOp(cid=self._cid, tid=tid, attempt=attempt, error=error, record=record)
         if self._sizer is not None:
             self._sizer.task_ran(seconds)
@@ -543,6 +544,26 @@ class Client:
         if event is not None:
             event.set()
         return op
+
+    def _failed_record(self, tid: int, outputs: dict[str, Any]) -> dict[str, Any]:
+        """A failed command's record for the log; its result files stay in the object store.
+
+        The files are served from here like a done task's outputs (``tasksprint
+        result get``); the record names them (``result_files``) and never
+        carries them (they may be megabytes, the log is replicated).
+        """
+        files = outputs.get(FILES_KEY)
+        record = {k: v for k, v in outputs.items() if k != FILES_KEY}
+        if not isinstance(files, dict) or not files:
+            return record
+        assert self._store is not None
+        try:
+            self._store.put(tid, outputs)
+        except StoreFull as exc:
+            self._log.warning("store_full", tid=tid, error=str(exc), kept="no result files of the failed task")
+            return record
+        record["result_files"] = sorted(files)
+        return record
 
     async def _report(self, op: DoneOp | FailedOp | LostOp | BatchOp) -> Any:
         """Apply ``op`` through the log, retrying until it is; returns its result."""

@@ -12,9 +12,12 @@ kills the command's whole process tree.
 A task with input files (its own, or its pretasks' result files among its
 inputs) or result patterns runs in a fresh working directory under
 ``work_root`` (:mod:`tasksprint.exec.workdir`): the files are staged before
-the run, the results collected after a successful one into the output
-``files`` (names to base64 text), which dependents on any client fetch like
-any output; the directory is removed afterwards.
+the run, the results collected after the run into the output ``files`` (names to
+base64 text), which dependents on any client fetch like any output; the
+directory is removed afterwards.  A failed run's result files are collected
+too (a log it wrote tells why it failed): the client keeps them in its
+object store, where ``tasksprint result get`` fetches them, and the failure
+it reports names them (``result_files``) without carrying them.
 
 A client with GPUs hands each running command a free one of its own
 (``CUDA_VISIBLE_DEVICES``), while one is free; a command started when all
@@ -142,9 +145,10 @@ class CommandTasks:
             self.observer.count(f"limit.{verdict.value}")
         outputs = record_outputs(record)
         error = None if record.verdict is Verdict.OK else failure_text(record)
-        if error is None and results is not None and results[1]:
+        if results is not None and results[1]:
+            # Collected whatever the verdict: a failed run's log is often what tells why it failed.
             try:
                 outputs[FILES_KEY] = encode_files(collect(*results))
             except FilesError as exc:
-                error = f"task {task.tid}: {exc}"
+                error = f"task {task.tid}: {exc}" if error is None else f"{error}; result files not kept: {exc}"
         return CommandOutcome(outputs=outputs, error=error, seconds=record.elapsed_s)
