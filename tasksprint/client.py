@@ -33,7 +33,9 @@ Reports
 ~~~~~~~
 Completions go to one reporter, which sends all it has in one ``batch``
 command, waits for that command's result, and sends the next: the log
-commits them in the order they finished here.  That order makes *early
+commits them in the order they finished here.  While tasks queued here wait
+for a slot, a completion waits up to ``report_delay`` for later ones to go in
+the same command (fewer log commands per task; no slot idles for it).  That order makes *early
 inputs* safe: when a dependent placed here needs an output this client's
 own node just made, the runner takes it from the store at once, without
 waiting for the commit, and its completion names it (``early``).  The
@@ -118,6 +120,10 @@ class ClientConfig:
     queue: int | None = None
     #: Completions reported in one log command at most.
     report_batch: int = 256
+    #: Seconds a completion may wait for later ones, to share one log command
+    #: with them, while tasks queued here wait for a slot (none waiting: it
+    #: goes at once).  0: report as soon as the last report is committed.
+    report_delay: float = 0.05
     #: GPUs (CUDA device indices) handed to command tasks one each while they run.
     gpus: tuple[str, ...] = ()
 
@@ -128,6 +134,8 @@ class ClientConfig:
             raise ValueError(f"--queue must be at least 0, got {self.queue}")
         if self.report_batch < 1:
             raise ValueError(f"--report-batch must be at least 1, got {self.report_batch}")
+        if not 0 <= self.report_delay <= 10:
+            raise ValueError(f"--report-delay must be between 0 and 10 seconds, got {self.report_delay}")
         if not self.coordinators:
             raise ValueError("no coordinators given")
 
@@ -298,7 +306,7 @@ class Client:
         if cfg.queue is not None:
             return cfg.queue
         if self._sizer is None:
-            self._sizer = QueueSizer(cfg.slots)
+            self._sizer = QueueSizer(cfg.slots, report_delay=cfg.report_delay)
         return self._sizer.current
 
     async def _resize_queue(self, queue: int) -> None:
@@ -459,6 +467,7 @@ class Client:
             if not self._outbox:
                 self._outbox_ready = trio.Event()
                 await self._outbox_ready.wait()
+            await self._coalesce(trio.current_time() + self.config.report_delay)
             n = self.config.report_batch
             ops, self._outbox = self._outbox[:n], self._outbox[n:]
             started = trio.current_time()
@@ -481,6 +490,25 @@ class Client:
                 if isinstance(answer, Reported) and answer.rerun and 0 <= i < len(ops):
                     sub = ops[i]
                     self._log.info("task_rerun", tid=sub.tid, attempt=sub.attempt, reason=answer.reason)
+
+    async def _coalesce(self, deadline: float) -> None:
+        """Wait until ``deadline`` for more completions to report with those queued, while that idles no slot.
+
+        Every log command costs each replica a round of messages, a synced
+        write and an apply, however many completions it carries: short tasks
+        reported one command each keep the replicas busier than the tasks
+        keep the slots.  A completion waits only while tasks queued here wait
+        for a slot (so no slot here idles for want of work), until the batch
+        is full or ``deadline``.
+        """
+        assert self._slots is not None
+        while len(self._outbox) < self.config.report_batch and self._slots.statistics().tasks_waiting > 0:
+            self._outbox_ready = trio.Event()
+            with trio.move_on_at(deadline) as waited:
+                # Set by the next completion; checked again then.
+                await self._outbox_ready.wait()
+            if waited.cancelled_caught:
+                return
 
     async def _execute(self, run: _Attempt, inputs: list[Any]) -> DoneOp | FailedOp:
         """Run the task on a node or as a command; return the log command reporting how it went."""
