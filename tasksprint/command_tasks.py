@@ -21,7 +21,8 @@ it reports names them (``result_files``) without carrying them.
 
 A client with GPUs hands each running command a free one of its own
 (``CUDA_VISIBLE_DEVICES``), while one is free; a command started when all
-are taken sees none.
+are taken sees none.  (Such a client takes the slot before it runs a
+command: a command spawned ahead would hold a GPU while it waits.)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -88,12 +90,16 @@ class CommandTasks:
         if self._cgroups is not None:
             sweep_stale_groups(self._cgroups)
 
-    async def run(self, task: Assignment, inputs: Sequence[Any] = ()) -> CommandOutcome:
+    async def run(
+        self, task: Assignment, inputs: Sequence[Any] = (), *, slot: AbstractAsyncContextManager[Any] | None = None
+    ) -> CommandOutcome:
         """Run ``task``'s command to its end (cancelling kills its process tree).
 
         ``inputs`` are the task's inputs (its pretasks' outputs, as its
         prekeys select them): their result files are staged into the task's
-        working directory.
+        working directory.  ``slot`` (None: the caller holds one already) is
+        entered just before the command starts: its files are staged and its
+        process spawned ahead (see :func:`~tasksprint.exec.runner.run_command`).
         """
         try:
             spec = command_from_kwargs(task.kwargs)
@@ -105,7 +111,7 @@ class CommandTasks:
             limits = attrs.evolve(spec.limits, wall_time_s=float(task.timeout))  # type: ignore[misc]
             spec = attrs.evolve(spec, limits=limits)  # type: ignore[misc]
         if not (staged or spec.results):
-            return await self._run(task, spec, None)
+            return await self._run(task, spec, None, slot)
         if spec.cwd is not None:
             return CommandOutcome(
                 outputs={},
@@ -120,12 +126,16 @@ class CommandTasks:
                 return CommandOutcome(outputs={}, error=str(exc), seconds=0.0)
             # Staged: the spec keeps only what to collect.
             run_spec = attrs.evolve(spec, cwd=str(workdir), files=(), results=())  # type: ignore[misc]
-            return await self._run(task, run_spec, (workdir, spec.results))
+            return await self._run(task, run_spec, (workdir, spec.results), slot)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
     async def _run(
-        self, task: Assignment, spec: CommandSpec, results: tuple[Path, tuple[str, ...]] | None
+        self,
+        task: Assignment,
+        spec: CommandSpec,
+        results: tuple[Path, tuple[str, ...]] | None,
+        slot: AbstractAsyncContextManager[Any] | None,
     ) -> CommandOutcome:
         gpu = self.gpus.pop(0) if self.gpus else None
         if gpu is not None:
@@ -137,6 +147,7 @@ class CommandTasks:
                 task_env=TaskEnv(task_id=str(task.tid), attempt=task.attempt, client=self.client),
                 cgroups=self._cgroups,
                 host=self.host,
+                slot=slot,
             )
         finally:
             if gpu is not None:

@@ -88,6 +88,7 @@ def client(report_batch: int = 256, report_delay: float = 0.05) -> Client:
     )
     c = Client(config)
     c._slots = trio.CapacityLimiter(1)
+    c._ahead = trio.CapacityLimiter(1)
     return c
 
 
