@@ -52,12 +52,10 @@ the view points the runner to the new holder.
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import os
 import socket
 import tempfile
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +65,7 @@ import trio
 
 from tasksprint import codec, wire
 from tasksprint.channel import ASK_ERRORS, ReplicaChannel
-from tasksprint.command_tasks import CommandOutcome, CommandTasks
+from tasksprint.command_tasks import CommandTasks
 from tasksprint.coordinator.ops import (
     BatchApplied,
     BatchOp,
@@ -183,8 +181,6 @@ class Client:
     _commands: CommandTasks | None = None
     # The slots, shared by node tasks and command tasks.
     _slots: trio.CapacityLimiter | None = None
-    # Command tasks spawned ahead of a slot, waiting for one (see _run_command).
-    _ahead: trio.CapacityLimiter | None = None
     # When the latest task here completed, while no view has brought tasks since.
     _idle_since: float | None = None
     _log: Any = None
@@ -213,7 +209,6 @@ class Client:
                 )
                 self.data_port = listeners[0].socket.getsockname()[1]
                 self._slots = trio.CapacityLimiter(cfg.slots)
-                self._ahead = trio.CapacityLimiter(cfg.slots)
                 self._commands = CommandTasks(
                     cfg.name, work_root=Path(spill), gpus=list(cfg.gpus), observer=self.observer
                 )
@@ -514,46 +509,10 @@ class Client:
             if waited.cancelled_caught:
                 return
 
-    async def _run_command(self, task: Assignment, inputs: list[Any]) -> CommandOutcome:
-        """Run a command task in a slot, spawned ahead of it: at most ``slots`` commands wait so.
-
-        A command that waits for a slot has its files staged and its process
-        started and waiting at a gate, so the slot's next task starts the
-        moment the last one's process tree is dead.  (Not with GPUs: a
-        command takes its GPU when it is spawned.)
-        """
-        assert self._slots is not None and self._ahead is not None and self._commands is not None
-        if self.config.gpus:
-            async with self._slots:
-                return await self._commands.run(task, inputs)
-        token = object()
-        await self._ahead.acquire_on_behalf_of(token)
-        ahead = True
-
-        def done_waiting() -> None:
-            nonlocal ahead
-            if ahead:
-                ahead = False
-                assert self._ahead is not None
-                self._ahead.release_on_behalf_of(token)
-
-        @contextlib.asynccontextmanager
-        async def slot() -> AsyncIterator[None]:
-            assert self._slots is not None
-            async with self._slots:
-                done_waiting()
-                yield
-
-        try:
-            return await self._commands.run(task, inputs, slot=slot())
-        finally:
-            done_waiting()
-
     def _queued(self) -> bool:
         """Whether tasks assigned here wait for a slot (or are being spawned ahead of one)."""
-        assert self._slots is not None and self._ahead is not None
-        ahead = self._ahead.statistics()
-        return self._slots.statistics().tasks_waiting + ahead.borrowed_tokens + ahead.tasks_waiting > 0
+        assert self._slots is not None and self._commands is not None
+        return self._slots.statistics().tasks_waiting + self._commands.ahead() > 0
 
     async def _execute(self, run: _Attempt, inputs: list[Any]) -> DoneOp | FailedOp:
         """Run the task on a node or as a command; return the log command reporting how it went."""
@@ -561,7 +520,7 @@ class Client:
         tid, attempt = task.tid, task.attempt
         assert self._slots is not None and self._commands is not None and self._store is not None
         if task.name == COMMAND_TASK:
-            ran = await self._run_command(task, inputs)
+            ran = await self._commands.run_in_slot(task, inputs, self._slots)
             ok, outputs, error, seconds = ran.error is None, ran.outputs, ran.error or "", ran.seconds
         elif self._pool is None:
             ok, outputs, seconds = False, {}, 0.0

@@ -27,15 +27,17 @@ command: a command spawned ahead would hold a GPU while it waits.)
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import tempfile
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import attrs
+import trio
 
 from tasksprint.coordinator.replies import Assignment
 from tasksprint.coordinator.specs import command_from_kwargs, record_outputs
@@ -83,6 +85,54 @@ class CommandTasks:
     gpus: list[str] = attrs.Factory(list)  # free GPUs (CUDA device indices)
     observer: Observer = attrs.field(default=NULL, kw_only=True)
     _cgroups: CgroupLayout | None = None
+    # Commands spawned ahead of a slot or waiting to be (see run_in_slot); made with the first.
+    _ahead: trio.CapacityLimiter | None = None
+    _has_gpus: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        self._has_gpus = bool(self.gpus)
+
+    def ahead(self) -> int:
+        """How many commands are spawned ahead of a slot, or wait to be."""
+        if self._ahead is None:
+            return 0
+        stats = self._ahead.statistics()
+        return stats.borrowed_tokens + stats.tasks_waiting
+
+    async def run_in_slot(self, task: Assignment, inputs: Sequence[Any], slots: trio.CapacityLimiter) -> CommandOutcome:
+        """Run ``task`` (as :meth:`run`) in one of ``slots``, spawned ahead of it when it must wait.
+
+        At most one command per slot is spawned ahead: it has its files
+        staged and its process started and waiting at a gate, so the slot's
+        next task starts the moment the last one's process tree is dead.
+        A client with GPUs takes the slot first: a command takes its GPU
+        when it is spawned.
+        """
+        if self._has_gpus:
+            async with slots:
+                return await self.run(task, inputs)
+        if self._ahead is None:
+            self._ahead = trio.CapacityLimiter(slots.total_tokens)
+        ahead, token = self._ahead, object()
+        await ahead.acquire_on_behalf_of(token)
+        waiting = True
+
+        def done_waiting() -> None:
+            nonlocal waiting
+            if waiting:
+                waiting = False
+                ahead.release_on_behalf_of(token)
+
+        @contextlib.asynccontextmanager
+        async def slot() -> AsyncIterator[None]:
+            async with slots:
+                done_waiting()
+                yield
+
+        try:
+            return await self.run(task, inputs, slot=slot())
+        finally:
+            done_waiting()
 
     def start(self) -> None:
         """Find where task groups go and remove those a dead client left behind."""

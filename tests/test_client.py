@@ -13,6 +13,7 @@ import trio.testing
 from tasksprint import wire
 from tasksprint.api import Fetch, FetchReply
 from tasksprint.client import Client, ClientConfig
+from tasksprint.command_tasks import CommandTasks
 from tasksprint.coordinator.ops import DoneOp
 from tasksprint.peer_data import PeerLink
 from tasksprint.queue_sizer import QueueSizer
@@ -88,7 +89,7 @@ def client(report_batch: int = 256, report_delay: float = 0.05) -> Client:
     )
     c = Client(config)
     c._slots = trio.CapacityLimiter(1)
-    c._ahead = trio.CapacityLimiter(1)
+    c._commands = CommandTasks("c")
     return c
 
 

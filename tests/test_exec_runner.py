@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from tasksprint.exec import proctree
 from tasksprint.exec.cgroup import CgroupLayout, detect_cgroups, sweep_stale_groups
@@ -586,3 +587,41 @@ async def test_a_sandbox_without_bwrap_is_a_start_failure_naming_the_package(mar
     )
     assert record.verdict is Verdict.START_FAILED
     assert "bubblewrap" in record.detail
+
+
+async def test_one_command_per_slot_is_spawned_ahead_the_rest_wait_unspawned(mark: str) -> None:
+    from tasksprint.command_tasks import CommandTasks
+    from tasksprint.coordinator.replies import Assignment
+    from tasksprint.coordinator.specs import COMMAND_TASK, command_kwargs
+
+    _cgroups_or_skip()
+    commands = CommandTasks("client-a")
+    commands.start()
+    slots = trio.CapacityLimiter(1)
+    spec = CommandSpec(cmd="true", env={MARK: mark})
+
+    def task(tid: int) -> Assignment:
+        return Assignment(
+            tid=tid, attempt=1, name=COMMAND_TASK, args=[], kwargs=command_kwargs(spec), seed=0, timeout=None, keys=(),
+            inputs=(),
+        )  # fmt: skip
+
+    outcomes: list[object] = []
+
+    async def one(tid: int) -> None:
+        outcomes.append(await commands.run_in_slot(task(tid), (), slots))
+
+    async with trio.open_nursery() as nursery:
+        async with slots:  # the one slot is busy
+            for tid in (1, 2, 3):
+                nursery.start_soon(one, tid)
+            while commands.ahead() < 3:
+                await trio.sleep(0)
+            while not _marked_processes(mark):
+                await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()
+            # One waits at its gate; the two others wait for the right to be spawned.
+            assert len(_marked_processes(mark)) == 1
+            assert outcomes == []
+    assert len(outcomes) == 3 and all(o.error is None for o in outcomes)  # type: ignore[attr-defined]
+    assert commands.ahead() == 0
