@@ -48,7 +48,7 @@ from typing import Any
 import attrs
 import trio
 
-from tasksprint.exec import proctree, sandbox
+from tasksprint.exec import proctree, sandbox, spawner
 from tasksprint.exec.cgroup import CgroupLayout, CgroupV1Group, CgroupV2Group
 from tasksprint.exec.group import TaskGroup
 from tasksprint.exec.rlimit import RlimitGroup
@@ -435,10 +435,8 @@ async def run_command(
                 raise FileNotFoundError(errno.ENOENT, "no such executable program", argv[0])
             if slot is not None and not gated:
                 await held.enter_async_context(slot)  # no gate: the slot first, then the spawn
-            # Forked from this thread, not a worker thread: PR_SET_PDEATHSIG
-            # fires when the forking *thread* exits, and worker threads come and go.
-            # The child setup makes only system calls (libc is loaded already).
-            popen = subprocess.Popen(  # noqa: ASYNC220
+            spawn = functools.partial(
+                subprocess.Popen,
                 argv if wrapper is None else (*wrapper, *argv),
                 stdin=gate_r if gated else stdin,
                 stdout=out_w,
@@ -449,6 +447,11 @@ async def run_command(
                 preexec_fn=child_setup if wrapper is None else None,
                 close_fds=True,  # noqa: PLW1509
             )
+            # PR_SET_PDEATHSIG fires when the forking *thread* exits: the
+            # child is forked from this thread or from the spawner thread,
+            # never from a worker thread (they come and go).  The child setup
+            # makes only system calls (libc is loaded already).
+            popen = spawn() if wrapper is None else await spawner.spawn(spawn)
         except (OSError, subprocess.SubprocessError) as exc:
             return record(Verdict.START_FAILED, detail=f"cannot start {spec.program_argv[0]!r}: {exc}")
         pid = popen.pid
