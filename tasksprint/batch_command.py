@@ -329,7 +329,7 @@ def _stop_pids(pids: list[int], run_dir: Path) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-async def follow(run: BatchRun, status: TextIO, *, header: bool, poll: float = 0.02) -> dict[str, Any]:
+async def follow(run: BatchRun, status: TextIO, *, header: bool, poll: float = 0.05) -> dict[str, Any]:
     """Append every status line the scheduler has to ``status`` until the run ended; return the last answer."""
     info = run.info()
     secret = (run.run_dir / "secret").read_bytes().strip()
@@ -385,7 +385,9 @@ async def follow(run: BatchRun, status: TextIO, *, header: bool, poll: float = 0
                 written += len(lines)
             if answer["ended"] and written >= answer["total"]:
                 return answer
-            if not lines:
+            if written >= answer["total"]:
+                # All there is: ask again after ``poll`` (not at once: each question costs a replica an answer
+                # while it is busy applying the completions these lines come from).
                 await trio.sleep(poll)
     finally:
         await channel.aclose()
