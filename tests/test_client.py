@@ -189,6 +189,16 @@ async def test_no_delay_means_no_wait(autojump_clock) -> None:  # noqa: ARG001
         release.set()
 
 
+def test_a_report_delay_out_of_bounds_is_refused() -> None:
+    for bad in (-0.01, 11.0):
+        try:
+            client(report_delay=bad)
+        except ValueError as exc:
+            assert "--report-delay" in str(exc)
+        else:
+            raise AssertionError(f"report_delay={bad} was accepted")
+
+
 # ------------------------------------------------------- pipelined fetches
 
 
