@@ -176,7 +176,7 @@ def _prefix(args: argparse.Namespace, name: str) -> str:
 
 
 async def follow(
-    run: BatchRun, status: TextIO, *, header: bool, poll: float = 0.02, retirer: Retirer | None = None
+    run: BatchRun, status: TextIO, *, header: bool, poll: float = 0.05, retirer: Retirer | None = None
 ) -> dict[str, Any]:
     """Append every status line the scheduler has to ``status`` until the run ended; return the last answer.
 
@@ -238,7 +238,9 @@ async def follow(
                 written += len(lines)
             if answer["ended"] and written >= answer["total"]:
                 return answer
-            if not lines:
+            if written >= answer["total"]:
+                # All there is: ask again after ``poll`` (not at once: each question costs a replica an answer
+                # while it is busy applying the completions these lines come from).
                 await trio.sleep(poll)
     finally:
         await channel.aclose()

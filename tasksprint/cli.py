@@ -99,6 +99,13 @@ def _client_arguments(p: argparse.ArgumentParser) -> None:
         default=256,
         help="most completions reported in one log command (default %(default)s)",
     )
+    p.add_argument(
+        "--report-delay",
+        type=float,
+        default=0.05,
+        help="seconds a completion may wait to share a log command with later ones, "
+        "while tasks queued here wait for a slot (default %(default)s; 0: never)",
+    )
     p.add_argument("--name", help="unique client name (default: host-pid-random)")
     p.add_argument("--data-host", default="127.0.0.1", help="address peers use to fetch outputs from this client")
     p.add_argument("--data-port", type=int, default=0, help="port of the data server (default: any free port)")

@@ -34,7 +34,9 @@ Reports
 ~~~~~~~
 Completions go to one reporter, which sends all it has in one ``batch``
 command, waits for that command's result, and sends the next: the log
-commits them in the order they finished here.  That order makes *early
+commits them in the order they finished here.  While tasks queued here wait
+for a slot, a completion waits up to ``report_delay`` for later ones to go in
+the same command (fewer log commands per task; no slot idles for it).  That order makes *early
 inputs* safe: when a dependent placed here needs an output this client's
 own node just made, the runner takes it from the store at once, without
 waiting for the commit, and its completion names it (``early``).  The
@@ -81,6 +83,7 @@ from tasksprint.coordinator.ops import (
 )
 from tasksprint.coordinator.replies import Assignment, ClientView
 from tasksprint.coordinator.specs import COMMAND_TASK
+from tasksprint.exec.workdir import FILES_KEY
 from tasksprint.log_client import LogClient, SessionExpiredError
 from tasksprint.node_pool import NodePool
 from tasksprint.node_protocol import TaskRequest
@@ -120,6 +123,10 @@ class ClientConfig:
     queue: int | None = None
     #: Completions reported in one log command at most.
     report_batch: int = 256
+    #: Seconds a completion may wait for later ones, to share one log command
+    #: with them, while tasks queued here wait for a slot (none waiting: it
+    #: goes at once).  0: report as soon as the last report is committed.
+    report_delay: float = 0.05
     #: GPUs (CUDA device indices) handed to command tasks one each while they run.
     gpus: tuple[str, ...] = ()
 
@@ -130,6 +137,8 @@ class ClientConfig:
             raise ValueError(f"--queue must be at least 0, got {self.queue}")
         if self.report_batch < 1:
             raise ValueError(f"--report-batch must be at least 1, got {self.report_batch}")
+        if not 0 <= self.report_delay <= 10:
+            raise ValueError(f"--report-delay must be between 0 and 10 seconds, got {self.report_delay}")
         if not self.coordinators:
             raise ValueError("no coordinators given")
 
@@ -307,7 +316,7 @@ class Client:
         if cfg.queue is not None:
             return cfg.queue
         if self._sizer is None:
-            self._sizer = QueueSizer(cfg.slots)
+            self._sizer = QueueSizer(cfg.slots, report_delay=cfg.report_delay)
         return self._sizer.current
 
     async def _resize_queue(self, queue: int) -> None:
@@ -487,6 +496,7 @@ class Client:
             if not self._outbox:
                 self._outbox_ready = trio.Event()
                 await self._outbox_ready.wait()
+            await self._coalesce(trio.current_time() + self.config.report_delay)
             n = self.config.report_batch
             ops, self._outbox = self._outbox[:n], self._outbox[n:]
             started = trio.current_time()
@@ -510,14 +520,36 @@ class Client:
                     sub = ops[i]
                     self._log.info("task_rerun", tid=sub.tid, attempt=sub.attempt, reason=answer.reason)
 
+    async def _coalesce(self, deadline: float) -> None:
+        """Wait until ``deadline`` for more completions to report with those queued, while that idles no slot.
+
+        Every log command costs each replica a round of messages, a synced
+        write and an apply, however many completions it carries: short tasks
+        reported one command each keep the replicas busier than the tasks
+        keep the slots.  A completion waits only while tasks queued here wait
+        for a slot (so no slot here idles for want of work), until the batch
+        is full or ``deadline``.
+        """
+        while len(self._outbox) < self.config.report_batch and self._queued():
+            self._outbox_ready = trio.Event()
+            with trio.move_on_at(deadline) as waited:
+                # Set by the next completion; checked again then.
+                await self._outbox_ready.wait()
+            if waited.cancelled_caught:
+                return
+
+    def _queued(self) -> bool:
+        """Whether tasks assigned here wait for a slot (or are being spawned ahead of one)."""
+        assert self._slots is not None and self._commands is not None
+        return self._slots.statistics().tasks_waiting + self._commands.ahead() > 0
+
     async def _execute(self, run: _Attempt, inputs: list[Any]) -> DoneOp | FailedOp:
         """Run the task on a node or as a command; return the log command reporting how it went."""
         task = run.task
         tid, attempt = task.tid, task.attempt
         assert self._slots is not None and self._commands is not None and self._store is not None
         if task.name == COMMAND_TASK:
-            async with self._slots:
-                ran = await self._commands.run(task, inputs)
+            ran = await self._commands.run_in_slot(task, inputs, self._slots)
             ok, outputs, error, seconds = ran.error is None, ran.outputs, ran.error or "", ran.seconds
         elif self._pool is None:
             ok, outputs, seconds = False, {}, 0.0
@@ -550,7 +582,7 @@ class Client:
         if not ok:
             self._log.info("task_failed", tid=tid, attempt=attempt, error=error)
             assert self._cid is not None
-            record = outputs if task.name == COMMAND_TASK and outputs else None
+            record = self._failed_record(tid, outputs) if task.name == COMMAND_TASK and outputs else None
             return FailedOp(cid=self._cid, tid=tid, attempt=attempt, error=error, record=record)
         if self._sizer is not None:
             self._sizer.task_ran(seconds)
@@ -572,6 +604,26 @@ class Client:
         if event is not None:
             event.set()
         return op
+
+    def _failed_record(self, tid: int, outputs: dict[str, Any]) -> dict[str, Any]:
+        """A failed command's record for the log; its result files stay in the object store.
+
+        The files are served from here like a done task's outputs (``tasksprint
+        result get``); the record names them (``result_files``) and never
+        carries them (they may be megabytes, the log is replicated).
+        """
+        files = outputs.get(FILES_KEY)
+        record = {k: v for k, v in outputs.items() if k != FILES_KEY}
+        if not isinstance(files, dict) or not files:
+            return record
+        assert self._store is not None
+        try:
+            self._store.put(tid, outputs)
+        except StoreFull as exc:
+            self._log.warning("store_full", tid=tid, error=str(exc), kept="no result files of the failed task")
+            return record
+        record["result_files"] = sorted(files)
+        return record
 
     async def _report(self, op: DoneOp | FailedOp | LostOp | BatchOp) -> Any:
         """Apply ``op`` through the log, retrying until it is; returns its result."""

@@ -12,25 +12,32 @@ kills the command's whole process tree.
 A task with input files (its own, or its pretasks' result files among its
 inputs) or result patterns runs in a fresh working directory under
 ``work_root`` (:mod:`tasksprint.exec.workdir`): the files are staged before
-the run, the results collected after a successful one into the output
-``files`` (names to base64 text), which dependents on any client fetch like
-any output; the directory is removed afterwards.
+the run, the results collected after the run into the output ``files`` (names to
+base64 text), which dependents on any client fetch like any output; the
+directory is removed afterwards.  A failed run's result files are collected
+too (a log it wrote tells why it failed): the client keeps them in its
+object store, where ``tasksprint result get`` fetches them, and the failure
+it reports names them (``result_files``) without carrying them.
 
 A client with GPUs hands each running command a free one of its own
 (``CUDA_VISIBLE_DEVICES``), while one is free; a command started when all
-are taken sees none.
+are taken sees none.  (Such a client takes the slot before it runs a
+command: a command spawned ahead would hold a GPU while it waits.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import tempfile
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import attrs
+import trio
 
 from tasksprint.coordinator.replies import Assignment
 from tasksprint.coordinator.specs import command_from_kwargs, record_outputs
@@ -78,6 +85,54 @@ class CommandTasks:
     gpus: list[str] = attrs.Factory(list)  # free GPUs (CUDA device indices)
     observer: Observer = attrs.field(default=NULL, kw_only=True)
     _cgroups: CgroupLayout | None = None
+    # Commands spawned ahead of a slot or waiting to be (see run_in_slot); made with the first.
+    _ahead: trio.CapacityLimiter | None = None
+    _has_gpus: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        self._has_gpus = bool(self.gpus)
+
+    def ahead(self) -> int:
+        """How many commands are spawned ahead of a slot, or wait to be."""
+        if self._ahead is None:
+            return 0
+        stats = self._ahead.statistics()
+        return stats.borrowed_tokens + stats.tasks_waiting
+
+    async def run_in_slot(self, task: Assignment, inputs: Sequence[Any], slots: trio.CapacityLimiter) -> CommandOutcome:
+        """Run ``task`` (as :meth:`run`) in one of ``slots``, spawned ahead of it when it must wait.
+
+        At most one command per slot is spawned ahead: it has its files
+        staged and its process started and waiting at a gate, so the slot's
+        next task starts the moment the last one's process tree is dead.
+        A client with GPUs takes the slot first: a command takes its GPU
+        when it is spawned.
+        """
+        if self._has_gpus:
+            async with slots:
+                return await self.run(task, inputs)
+        if self._ahead is None:
+            self._ahead = trio.CapacityLimiter(slots.total_tokens)
+        ahead, token = self._ahead, object()
+        await ahead.acquire_on_behalf_of(token)
+        waiting = True
+
+        def done_waiting() -> None:
+            nonlocal waiting
+            if waiting:
+                waiting = False
+                ahead.release_on_behalf_of(token)
+
+        @contextlib.asynccontextmanager
+        async def slot() -> AsyncIterator[None]:
+            async with slots:
+                done_waiting()
+                yield
+
+        try:
+            return await self.run(task, inputs, slot=slot())
+        finally:
+            done_waiting()
 
     def start(self) -> None:
         """Find where task groups go and remove those a dead client left behind."""
@@ -85,12 +140,16 @@ class CommandTasks:
         if self._cgroups is not None:
             sweep_stale_groups(self._cgroups)
 
-    async def run(self, task: Assignment, inputs: Sequence[Any] = ()) -> CommandOutcome:
+    async def run(
+        self, task: Assignment, inputs: Sequence[Any] = (), *, slot: AbstractAsyncContextManager[Any] | None = None
+    ) -> CommandOutcome:
         """Run ``task``'s command to its end (cancelling kills its process tree).
 
         ``inputs`` are the task's inputs (its pretasks' outputs, as its
         prekeys select them): their result files are staged into the task's
-        working directory.
+        working directory.  ``slot`` (None: the caller holds one already) is
+        entered just before the command starts: its files are staged and its
+        process spawned ahead (see :func:`~tasksprint.exec.runner.run_command`).
         """
         try:
             spec = command_from_kwargs(task.kwargs)
@@ -102,7 +161,7 @@ class CommandTasks:
             limits = attrs.evolve(spec.limits, wall_time_s=float(task.timeout))  # type: ignore[misc]
             spec = attrs.evolve(spec, limits=limits)  # type: ignore[misc]
         if not (staged or spec.results):
-            return await self._run(task, spec, None)
+            return await self._run(task, spec, None, slot)
         if spec.cwd is not None:
             return CommandOutcome(
                 outputs={},
@@ -117,12 +176,16 @@ class CommandTasks:
                 return CommandOutcome(outputs={}, error=str(exc), seconds=0.0)
             # Staged: the spec keeps only what to collect.
             run_spec = attrs.evolve(spec, cwd=str(workdir), files=(), results=())  # type: ignore[misc]
-            return await self._run(task, run_spec, (workdir, spec.results))
+            return await self._run(task, run_spec, (workdir, spec.results), slot)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
     async def _run(
-        self, task: Assignment, spec: CommandSpec, results: tuple[Path, tuple[str, ...]] | None
+        self,
+        task: Assignment,
+        spec: CommandSpec,
+        results: tuple[Path, tuple[str, ...]] | None,
+        slot: AbstractAsyncContextManager[Any] | None,
     ) -> CommandOutcome:
         gpu = self.gpus.pop(0) if self.gpus else None
         if gpu is not None:
@@ -134,6 +197,7 @@ class CommandTasks:
                 task_env=TaskEnv(task_id=str(task.tid), attempt=task.attempt, client=self.client),
                 cgroups=self._cgroups,
                 host=self.host,
+                slot=slot,
             )
         finally:
             if gpu is not None:
@@ -142,9 +206,10 @@ class CommandTasks:
             self.observer.count(f"limit.{verdict.value}")
         outputs = record_outputs(record)
         error = None if record.verdict is Verdict.OK else failure_text(record)
-        if error is None and results is not None and results[1]:
+        if results is not None and results[1]:
+            # Collected whatever the verdict: a failed run's log is often what tells why it failed.
             try:
                 outputs[FILES_KEY] = encode_files(collect(*results))
             except FilesError as exc:
-                error = f"task {task.tid}: {exc}"
+                error = f"task {task.tid}: {exc}" if error is None else f"{error}; result files not kept: {exc}"
         return CommandOutcome(outputs=outputs, error=error, seconds=record.elapsed_s)

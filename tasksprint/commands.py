@@ -129,6 +129,7 @@ def client(args: argparse.Namespace) -> int:
             slots=args.slots,
             queue=args.queue,
             report_batch=args.report_batch,
+            report_delay=args.report_delay,
             have=tuple(args.have),
             data_host=args.data_host,
             data_port=args.data_port,

@@ -14,17 +14,21 @@ class QueueSizer:
     A node that finishes a task waits, if nothing else is queued for it,
     for its completion to be committed and for the view that brings the
     next task: a report round trip.  With ``q`` tasks queued per slot, it
-    does not wait while ``q x task time`` covers that.  So the queue is
-    ``slots x 2 x round trip / task time`` (twice, for the view's extra
-    hop and for noise), at most ``max_per_slot x slots``: short tasks get a
-    deep queue, tasks much longer than a round trip get none, and keep
-    work balanced between clients (a queued task cannot move to an idle
-    client).  Averages are exponentially weighted; a change is proposed
+    does not wait while ``q x task time`` covers that.  A completion may
+    also wait up to ``report_delay`` to be reported with later ones (while
+    tasks wait here for a slot: see the client's reporter), so the queue is
+    ``slots x 2 x (round trip + report_delay) / task time`` (twice, for the
+    view's extra hop and for noise), at most ``max_per_slot x slots``: short
+    tasks get a deep queue (and with it many completions to a log command,
+    which keeps the replicas' work per task small), tasks much longer than
+    a round trip get none, and keep work balanced between clients (a queued
+    task cannot move to an idle client).  Averages are exponentially weighted; a change is proposed
     only when the figure at least doubles or halves.
     """
 
     slots: int
     max_per_slot: int = 64
+    report_delay: float = 0.0
     current: int = 0
     _task_s: float | None = None
     _report_s: float | None = None
@@ -47,7 +51,7 @@ class QueueSizer:
         """A new queue size worth telling the coordinator about, or None."""
         if self._task_s is None or self._report_s is None or self._samples < self.slots:
             return None
-        want = round(self.slots * 2 * self._report_s / max(self._task_s, 1e-4))
+        want = round(self.slots * 2 * (self._report_s + self.report_delay) / max(self._task_s, 1e-4))
         want = max(0, min(want, self.max_per_slot * self.slots))
         if want == self.current:
             return None

@@ -1,15 +1,20 @@
 """Pieces of the worker client that can be tested without a cluster.
 
 The whole client runs in tests/test_cluster_e2e.py and tests/test_examples.py;
-here: the queue sizing rule and the pipelined data connection to a peer.
+here: the queue sizing rule, how completions wait to share a report, and
+the pipelined data connection to a peer.
 """
 
 from __future__ import annotations
 
 import trio
+import trio.testing
 
 from tasksprint import wire
 from tasksprint.api import Fetch, FetchReply
+from tasksprint.client import Client, ClientConfig
+from tasksprint.command_tasks import CommandTasks
+from tasksprint.coordinator.ops import DoneOp
 from tasksprint.peer_data import PeerLink
 from tasksprint.queue_sizer import QueueSizer
 
@@ -53,6 +58,145 @@ def test_queue_proposals_wait_for_samples_and_ignore_small_changes() -> None:
     for _ in range(40):
         sizer.reported(0.050)
     assert sizer.proposal() == 40  # 2 x 2 x ~50 ms / 5 ms
+
+
+def test_the_queue_also_covers_the_wait_to_share_a_report() -> None:
+    # 5 ms tasks, 20 ms round trip, completions waiting up to 50 ms: 2 x 2 x 70 / 5 = 56.
+    sizer = QueueSizer(2, report_delay=0.050)
+    for _ in range(10):
+        sizer.task_ran(0.005)
+        sizer.reported(0.020)
+    assert sizer.proposal() == 56
+    # Tasks much longer than both still get none.
+    sizer = QueueSizer(2, report_delay=0.050)
+    for _ in range(10):
+        sizer.task_ran(5.0)
+        sizer.reported(0.020)
+    assert sizer.proposal() is None
+
+
+# ------------------------------------------------------- coalesced reports
+
+
+def client(report_batch: int = 256, report_delay: float = 0.05) -> Client:
+    config = ClientConfig(
+        coordinators=(("127.0.0.1", 9),),
+        node_command=None,
+        secret=SECRET,
+        slots=1,
+        report_batch=report_batch,
+        report_delay=report_delay,
+    )
+    c = Client(config)
+    c._slots = trio.CapacityLimiter(1)
+    c._commands = CommandTasks("c")
+    return c
+
+
+def done(tid: int) -> DoneOp:
+    return DoneOp(cid=1, tid=tid, attempt=1)
+
+
+async def hold_slot(c: Client, nursery: trio.Nursery, waiting: int) -> trio.Event:
+    """Take the client's only slot and queue ``waiting`` tasks behind it; set the event to let them all go."""
+    assert c._slots is not None
+    release = trio.Event()
+
+    async def task() -> None:
+        assert c._slots is not None
+        async with c._slots:
+            await release.wait()
+
+    for _ in range(1 + waiting):
+        nursery.start_soon(task)
+    await trio.testing.wait_all_tasks_blocked()
+    return release
+
+
+async def test_a_completion_goes_at_once_when_no_task_waits_for_a_slot(autojump_clock) -> None:  # noqa: ARG001 (pytest-trio's fixture: virtual time)
+    c = client()
+    c._outbox.append(done(1))
+    async with trio.open_nursery() as nursery:
+        release = await hold_slot(c, nursery, waiting=0)
+        start = trio.current_time()
+        await c._coalesce(start + 0.05)
+        assert trio.current_time() == start  # no wait: a slot may soon idle for want of the next task
+        release.set()
+
+
+async def test_completions_wait_for_later_ones_while_tasks_wait_for_a_slot(autojump_clock) -> None:  # noqa: ARG001
+    c = client()
+    c._outbox.append(done(1))
+    async with trio.open_nursery() as nursery:
+        release = await hold_slot(c, nursery, waiting=2)
+        start = trio.current_time()
+
+        async def later() -> None:
+            await trio.sleep(0.01)
+            c._outbox.append(done(2))
+            c._outbox_ready.set()
+
+        nursery.start_soon(later)
+        await c._coalesce(start + 0.05)
+        # Waited to the deadline, collecting the completion that came meanwhile.
+        assert trio.current_time() == start + 0.05
+        assert [op.tid for op in c._outbox] == [1, 2]
+        release.set()
+
+
+async def test_a_full_batch_or_an_emptied_queue_ends_the_wait(autojump_clock) -> None:  # noqa: ARG001
+    c = client(report_batch=2)
+    c._outbox.append(done(1))
+    async with trio.open_nursery() as nursery:
+        release = await hold_slot(c, nursery, waiting=1)
+        start = trio.current_time()
+
+        async def later() -> None:
+            await trio.sleep(0.01)
+            c._outbox.append(done(2))
+            c._outbox_ready.set()
+
+        nursery.start_soon(later)
+        await c._coalesce(start + 0.05)
+        assert trio.current_time() == start + 0.01  # the batch is full: no reason to wait on
+        release.set()
+    c = client()
+    c._outbox.append(done(1))
+    async with trio.open_nursery() as nursery:
+        release = await hold_slot(c, nursery, waiting=1)
+        start = trio.current_time()
+
+        async def slot_taken() -> None:
+            await trio.sleep(0.02)
+            release.set()  # the queued task gets the slot: nothing waits any more
+            await trio.testing.wait_all_tasks_blocked()
+            c._outbox.append(done(2))
+            c._outbox_ready.set()
+
+        nursery.start_soon(slot_taken)
+        await c._coalesce(start + 0.05)
+        assert trio.current_time() == start + 0.02
+
+
+async def test_no_delay_means_no_wait(autojump_clock) -> None:  # noqa: ARG001
+    c = client(report_delay=0.0)
+    c._outbox.append(done(1))
+    async with trio.open_nursery() as nursery:
+        release = await hold_slot(c, nursery, waiting=3)
+        start = trio.current_time()
+        await c._coalesce(start)
+        assert trio.current_time() == start
+        release.set()
+
+
+def test_a_report_delay_out_of_bounds_is_refused() -> None:
+    for bad in (-0.01, 11.0):
+        try:
+            client(report_delay=bad)
+        except ValueError as exc:
+            assert "--report-delay" in str(exc)
+        else:
+            raise AssertionError(f"report_delay={bad} was accepted")
 
 
 # ------------------------------------------------------- pipelined fetches

@@ -66,3 +66,32 @@ async def test_a_file_made_on_one_client_is_consumed_by_a_dependent_on_another(
         files = finished_values(await outcome(run), run)
     assert sorted(files) == ["seen.txt"]
     assert base64.b64decode(files["seen.txt"]) == b"HELLO\nclient0\nclient1\n"
+
+
+async def test_a_failed_task_keeps_its_result_files_on_the_client_that_ran_it(
+    computation,  # noqa: F811 (the fixture)
+    tmp_path: Path,
+) -> None:
+    """The failure names the files (not their bytes: the log is replicated) and the coordinator says where they are."""
+    spec = write_scheduler(
+        tmp_path,
+        "Failing",
+        """
+        class Failing(Coordinator):
+            def init(self, seed):
+                self.start_task(
+                    cmd='echo "it went wrong" > log.txt; echo partial > out.dat; exit 4',
+                    results=["*.txt", "*.dat", "nothing-*"],
+                )
+
+            def task_failed(self, tid, error, record=None):
+                self.finish(values={"error": error, "record": record})
+        """,
+    )
+    with trio.fail_after(GUARD_SECONDS):
+        run = await computation(spec, node_command(PY_NODE), clients=1, slots=1)
+        got = finished_values(await outcome(run), run)
+    record = got["record"]
+    assert "exit code 4" in got["error"], got
+    assert record["result_files"] == ["log.txt", "out.dat"] and record["worker"] == "client0", record
+    assert "files" not in record, record

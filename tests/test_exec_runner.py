@@ -10,6 +10,7 @@ here are the tasks' own limits; no test asserts how long anything took.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from tasksprint.exec import proctree
 from tasksprint.exec.cgroup import CgroupLayout, detect_cgroups, sweep_stale_groups
@@ -357,6 +359,89 @@ async def test_trio_cancellation_kills_the_tree(enforce: CgroupLayout | None, ma
 
 
 # --------------------------------------------------------------------------
+# Spawned ahead of a slot
+
+
+def _children() -> list[int]:
+    """This process's children (any thread's)."""
+    found = []
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/children") as f:
+            found += [int(p) for p in f.read().split()]
+    return found
+
+
+class _Slot:
+    """A slot the test opens: records what was true when the runner got it."""
+
+    def __init__(self) -> None:
+        self.open = trio.Event()
+        self.waiting = trio.Event()
+        self.held = False
+        self.children_before: list[int] = []
+        self.marker_before: bool | None = None
+        self.marker: Path | None = None
+
+    async def __aenter__(self) -> None:
+        self.children_before = _children()
+        self.marker_before = self.marker is not None and self.marker.exists()
+        self.waiting.set()
+        await self.open.wait()
+        self.held = True
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.held = False
+
+
+async def test_a_task_spawned_ahead_waits_at_its_gate_for_the_slot(mark: str, tmp_path: Path) -> None:
+    layout = _cgroups_or_skip()
+    (tmp_path / "in.txt").write_text("from stdin\n")
+    slot = _Slot()
+    slot.marker = tmp_path / "ran"
+    got: list[CommandRecord] = []
+
+    async def go() -> None:
+        got.append(
+            await run({"cmd": "touch ran; cat", "cwd": str(tmp_path), "stdin": "in.txt"}, mark, layout, slot=slot)
+        )
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(go)
+        await slot.waiting.wait()
+        # Spawned (its wrapper is a child already) but not run: the gate holds it.
+        assert slot.children_before != [] and slot.marker_before is False
+        assert not slot.marker.exists()
+        slot.open.set()
+    [record] = got
+    assert record.verdict is Verdict.OK and record.enforcement is not Enforcement.RLIMIT
+    # Through the gate the task still reads its own stdin.
+    assert record.stdout is not None and record.stdout.head == b"from stdin\n"
+    assert slot.marker.exists() and not slot.held
+
+
+async def test_without_a_cgroup_the_slot_comes_before_the_spawn(mark: str, tmp_path: Path) -> None:
+    slot = _Slot()
+    slot.marker = tmp_path / "ran"
+    slot.open.set()
+    record = await run({"cmd": "touch ran", "cwd": str(tmp_path)}, mark, None, slot=slot)
+    assert record.verdict is Verdict.OK and record.enforcement is Enforcement.RLIMIT
+    assert slot.children_before == [] and slot.marker_before is False and slot.marker.exists()
+
+
+async def test_a_task_waiting_at_its_gate_dies_when_its_run_is_cancelled(mark: str) -> None:
+    layout = _cgroups_or_skip()
+    slot = _Slot()  # never opened
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(run, {"cmd": "sleep 1000"}, mark, layout, slot=slot))
+            await slot.waiting.wait()
+            assert _marked_processes(mark) != []  # the wrapper waits at the gate
+            scope.cancel()
+    assert scope.cancelled_caught
+    # The mark fixture checks that no process, zombie or cgroup is left.
+
+
+# --------------------------------------------------------------------------
 # Groups a dead client left
 
 CLIENT_SCRIPT = """
@@ -502,3 +587,41 @@ async def test_a_sandbox_without_bwrap_is_a_start_failure_naming_the_package(mar
     )
     assert record.verdict is Verdict.START_FAILED
     assert "bubblewrap" in record.detail
+
+
+async def test_one_command_per_slot_is_spawned_ahead_the_rest_wait_unspawned(mark: str) -> None:
+    from tasksprint.command_tasks import CommandTasks
+    from tasksprint.coordinator.replies import Assignment
+    from tasksprint.coordinator.specs import COMMAND_TASK, command_kwargs
+
+    _cgroups_or_skip()
+    commands = CommandTasks("client-a")
+    commands.start()
+    slots = trio.CapacityLimiter(1)
+    spec = CommandSpec(cmd="true", env={MARK: mark})
+
+    def task(tid: int) -> Assignment:
+        return Assignment(
+            tid=tid, attempt=1, name=COMMAND_TASK, args=[], kwargs=command_kwargs(spec), seed=0, timeout=None, keys=(),
+            inputs=(),
+        )  # fmt: skip
+
+    outcomes: list[object] = []
+
+    async def one(tid: int) -> None:
+        outcomes.append(await commands.run_in_slot(task(tid), (), slots))
+
+    async with trio.open_nursery() as nursery:
+        async with slots:  # the one slot is busy
+            for tid in (1, 2, 3):
+                nursery.start_soon(one, tid)
+            while commands.ahead() < 3:
+                await trio.sleep(0)
+            while not _marked_processes(mark):
+                await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()
+            # One waits at its gate; the two others wait for the right to be spawned.
+            assert len(_marked_processes(mark)) == 1
+            assert outcomes == []
+    assert len(outcomes) == 3 and all(o.error is None for o in outcomes)  # type: ignore[attr-defined]
+    assert commands.ahead() == 0

@@ -229,7 +229,7 @@ def test_put_and_get_against_a_running_service(site: Site, tmp_path: Path) -> No
         {"data/in.txt": "from the task directory\n"},
     )
     reader_key = site.run("task", "put", str(reader), "--ignore-image").stdout.strip()
-    failing = task_dir(tmp_path / "failing", {"args": ["sh", "-c", "exit 3"], "stdout": "out.txt"})
+    failing = task_dir(tmp_path / "failing", {"args": ["sh", "-c", "echo why; exit 3"], "stdout": "out.txt"})
     failing_key = site.run("task", "put", str(failing), "--ignore-image").stdout.strip()
     sleeper = task_dir(tmp_path / "sleeper", {"args": ["sleep", "300"]})
     sleeper_key = site.run("task", "put", str(sleeper), "--ignore-image").stdout.strip()
@@ -251,12 +251,13 @@ def test_put_and_get_against_a_running_service(site: Site, tmp_path: Path) -> No
     assert json.loads((read / "kolejka_result.json").read_text())["files"] == ["err.txt", "out.txt"]
     assert (read / "out.txt").read_text() == "from the task directory\n" and (read / "err.txt").read_text() == "oops\n"
 
-    # A task that exits non-zero: its exit code is the result; a failed run keeps no files.
+    # A task that exits non-zero: its exit code is the result, and the files it wrote come back too.
     failed = tmp_path / "failed"
     got = site.run("result", "get", failing_key, str(failed))
     assert got.returncode == 0, got.stderr
     written = json.loads((failed / "kolejka_result.json").read_text())
-    assert written["result"] == 3 and written["files"] == [] and "failed" in written["error"], written
+    assert written["result"] == 3 and written["files"] == ["out.txt"] and "failed" in written["error"], written
+    assert (failed / "out.txt").read_text() == "why\n"
 
     # Not done yet: --no-wait says so and writes nothing.
     poll(lambda: site.state_of(int(sleeper_key)) == "running", "the sleeper to run")

@@ -459,7 +459,11 @@ class CoordinatorMachine:
             # Other copies of this attempt still run; one of them may succeed.
             self._placement.enqueue(task.tid)
             return ACCEPTED
-        self._attempt_failed(task, op.error, op.record)
+        record = op.record
+        if record is not None and "result_files" in record:
+            # Where the failed run's result files are kept: said here, not by the client.
+            record = {**record, "worker": client.name}
+        self._attempt_failed(task, op.error, record)
         return ACCEPTED
 
     def _op_cancel(self, tid: int) -> Cancelled:

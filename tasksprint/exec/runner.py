@@ -32,6 +32,7 @@ cgroups it leaves are removed by
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import math
@@ -47,7 +48,7 @@ from typing import Any
 import attrs
 import trio
 
-from tasksprint.exec import proctree, sandbox
+from tasksprint.exec import proctree, sandbox, spawner
 from tasksprint.exec.cgroup import CgroupLayout, CgroupV1Group, CgroupV2Group
 from tasksprint.exec.group import TaskGroup
 from tasksprint.exec.rlimit import RlimitGroup
@@ -251,11 +252,18 @@ def _needs_scans(group: TaskGroup) -> bool:
 # The shell script that joins a cgroup and sets the CPU-time rlimit before
 # it executes the task: "$@" is the cgroup.procs files, "--", the task's argv.
 _JOIN_SCRIPT = (
-    'for f do [ "$f" = -- ] && break; '
+    '{gate_arg}for f do [ "$f" = -- ] && break; '
     'echo 0 > "$f" || { echo "tasksprint: cannot join the task group through $f" >&2; exit 126; }; shift; done; '
     # dash exports PWD; the task's environment is the runner's alone.
-    'shift; unset PWD; {rlimit}exec "$@"'
+    'shift; unset PWD; {rlimit}{gate}exec "$@"{stdin}'
 )
+# A task spawned ahead of its slot: its stdin is the gate, a pipe from the
+# runner, and the wrapper's first argument the task's real stdin.  It waits
+# for the line "go" before it executes the task; end of file (the runner gave
+# up on the task, or died) ends the wrapper instead.
+_GATE_ARG = "stdin_file=$1; shift; "
+_GATE = 'IFS= read -r go && [ "$go" = go ] || exit 125; '
+_GATE_STDIN = ' <"$stdin_file"'
 
 
 @functools.cache
@@ -266,7 +274,7 @@ def _spawn_tools() -> tuple[str, str] | None:
     return (setpriv, sh) if setpriv is not None and sh is not None else None
 
 
-def spawn_wrapper(group: TaskGroup, limits: Limits) -> tuple[str, ...] | None:
+def spawn_wrapper(group: TaskGroup, limits: Limits, gated_stdin: str | None = None) -> tuple[str, ...] | None:
     """The argv prefix that starts a task in a cgroup without running Python in the child, or None.
 
     Forking this (large) process with a ``preexec_fn`` copies its page
@@ -275,7 +283,10 @@ def spawn_wrapper(group: TaskGroup, limits: Limits) -> tuple[str, ...] | None:
     before it executes the task: ``setpriv`` asks for SIGKILL when the
     client dies, ``sh`` writes to the group's ``cgroup.procs`` files (so the
     task and everything it starts are in the cgroup from the task's first
-    instruction) and sets the CPU-time rlimit.  None for a group that is no
+    instruction) and sets the CPU-time rlimit.  With ``gated_stdin`` (the
+    path of the task's stdin) the child's stdin is a gate: the wrapper waits
+    for the line ``go`` on it (and ends at end of file) before it executes
+    the task with that file as stdin.  None for a group that is no
     cgroup, or when ``setpriv`` or ``sh`` is missing: the runner then uses
     the ``preexec_fn``.
     """
@@ -287,9 +298,16 @@ def spawn_wrapper(group: TaskGroup, limits: Limits) -> tuple[str, ...] | None:
     if limits.cpu_time_s is not None:
         soft = max(1, math.ceil(limits.cpu_time_s))  # as child_rlimits does
         rlimit = f"ulimit -S -t {soft} && ulimit -H -t {soft + 1} || exit 126; "
-    script = _JOIN_SCRIPT.replace("{rlimit}", rlimit)
+    gated = gated_stdin is not None
+    script = (
+        _JOIN_SCRIPT.replace("{rlimit}", rlimit)
+        .replace("{gate_arg}", _GATE_ARG if gated else "")
+        .replace("{gate}", _GATE if gated else "")
+        .replace("{stdin}", _GATE_STDIN if gated else "")
+    )
     setpriv, sh = tools
-    return (setpriv, "--pdeathsig", "KILL", "--", sh, "-c", script, "sh", *files, "--")
+    first = (gated_stdin,) if gated_stdin is not None else ()
+    return (setpriv, "--pdeathsig", "KILL", "--", sh, "-c", script, "sh", *first, *files, "--")
 
 
 def _find_program(name: str, cwd: str, path: str) -> bool:
@@ -337,6 +355,7 @@ async def run_command(
     host: str | None = None,
     cancel: trio.Event | None = None,
     client_env: dict[str, str] | None = None,
+    slot: contextlib.AbstractAsyncContextManager[Any] | None = None,
 ) -> CommandRecord:
     """Run ``spec`` to the end and return its :class:`CommandRecord`; never leaves a process behind.
 
@@ -349,6 +368,14 @@ async def run_command(
     (default: this process's environment).  Problems starting the program
     (missing program, bad working directory or stdin) give the verdict
     ``start_failed``; the function raises only for a bug.
+
+    ``slot`` (an async context manager: a free slot of the caller's) is
+    entered before the program starts and left once its process tree is
+    dead.  Where the task gets a cgroup, the task is spawned *ahead* of it:
+    the wrapper process starts, joins the group and waits at a gate until the
+    slot is had, so what a start costs (a few process executions) overlaps
+    the slot's previous task instead of following it.  The record's times
+    count from the gate's opening.
     """
     host = host if host is not None else socket.gethostname()
     cwd = spec.cwd if spec.cwd is not None else os.getcwd()
@@ -372,6 +399,7 @@ async def run_command(
         )
 
     fds: list[int] = []
+    held = contextlib.AsyncExitStack()  # the slot, once entered
     try:
         argv = spec.program_argv
         if spec.sandbox:
@@ -392,17 +420,25 @@ async def run_command(
                 proctree.die_with_parent()
                 group.child_setup()
 
-            wrapper = spawn_wrapper(group, spec.limits)
+            gated = slot is not None and spawn_wrapper(group, spec.limits) is not None
+            gate_r = gate_w = -1
+            if gated:
+                stdin_path = os.devnull if spec.stdin is None else os.path.abspath(os.path.join(cwd, spec.stdin))
+                wrapper = spawn_wrapper(group, spec.limits, gated_stdin=stdin_path)
+                gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
+                fds.extend((gate_r, gate_w))
+            else:
+                wrapper = spawn_wrapper(group, spec.limits)
             if wrapper is not None and not os.path.isdir(cwd):
                 raise FileNotFoundError(errno.ENOENT, "no such working directory", cwd)
             if wrapper is not None and not _find_program(argv[0], cwd, env["PATH"]):
                 raise FileNotFoundError(errno.ENOENT, "no such executable program", argv[0])
-            # Forked from this thread, not a worker thread: PR_SET_PDEATHSIG
-            # fires when the forking *thread* exits, and worker threads come and go.
-            # The child setup makes only system calls (libc is loaded already).
-            popen = subprocess.Popen(  # noqa: ASYNC220
+            if slot is not None and not gated:
+                await held.enter_async_context(slot)  # no gate: the slot first, then the spawn
+            spawn = functools.partial(
+                subprocess.Popen,
                 argv if wrapper is None else (*wrapper, *argv),
-                stdin=stdin,
+                stdin=gate_r if gated else stdin,
                 stdout=out_w,
                 stderr=err_w,
                 cwd=cwd,
@@ -411,13 +447,18 @@ async def run_command(
                 preexec_fn=child_setup if wrapper is None else None,
                 close_fds=True,  # noqa: PLW1509
             )
+            # PR_SET_PDEATHSIG fires when the forking *thread* exits: the
+            # child is forked from this thread or from the spawner thread,
+            # never from a worker thread (they come and go).  The child setup
+            # makes only system calls (libc is loaded already).
+            popen = spawn() if wrapper is None else await spawner.spawn(spawn)
         except (OSError, subprocess.SubprocessError) as exc:
             return record(Verdict.START_FAILED, detail=f"cannot start {spec.program_argv[0]!r}: {exc}")
         pid = popen.pid
         pidfd = os.pidfd_open(pid)
         fds.append(pidfd)
         group.started(pid)
-        for fd in (stdin, out_w, err_w):
+        for fd in (stdin, out_w, err_w, *((gate_r,) if gated else ())):
             os.close(fd)
             fds.remove(fd)
         out, err = _Capture(files[0]), _Capture(files[1])
@@ -436,9 +477,16 @@ async def run_command(
             async with trio.open_nursery() as pumps:
                 pumps.start_soon(run.pump, streams[0], out)
                 pumps.start_soon(run.pump, streams[1], err)
+                if gated:
+                    assert slot is not None
+                    await held.enter_async_context(slot)
+                    started, t0 = time.time(), time.monotonic()
+                    _open_gate(gate_w)
+                    fds.remove(gate_w)
                 await run.supervise(spec.limits.wall_time_s, cancel)
                 await run.kill_tree()
                 await run.wait_main()
+                await held.aclose()  # the tree is dead: the slot's next task may start
                 # Every writer is dead; a stream still open after the grace
                 # belongs to a process no scan could find.
                 pumps.cancel_scope.deadline = trio.current_time() + DRAIN_GRACE_S
@@ -466,8 +514,19 @@ async def run_command(
     finally:
         with trio.CancelScope(shield=True):
             for fd in fds:
-                os.close(fd)
+                os.close(fd)  # a gate never opened: the waiting wrapper (killed already) would read its end
+            await held.aclose()
             await _remove_group(group)
+
+
+def _open_gate(gate_w: int) -> None:
+    """Let a task spawned ahead start, and close the gate (``gate_w``: its write end)."""
+    try:
+        os.write(gate_w, b"go\n")
+    except OSError:
+        pass  # the wrapper is gone already (it could not join its group): its exit status says so
+    finally:
+        os.close(gate_w)
 
 
 def _verdict(run: _Run, group: TaskGroup) -> Verdict:

@@ -2,7 +2,7 @@
 
 A task with input files (its own, or result files of its pretasks) or
 declared results runs in a fresh directory.  :func:`stage` writes the input
-files there before the run; :func:`collect` reads, after a successful run,
+files there before the run; :func:`collect` reads, after the run (a failed one too),
 the regular files the result patterns select.  Names are checked with
 :mod:`tasksprint.exec.files` (relative, no ``..``); symbolic links are never
 followed, neither when staging (a staged file is created, never opened

@@ -198,7 +198,7 @@ def _record_of(info: dict[str, Any]) -> dict[str, Any] | None:
 
 
 async def fetch_result_files(svc: AsyncService, info: dict[str, Any], key: int) -> list[tuple[str, bytes]]:
-    """The result files of done task ``key`` (``info``), from the worker that holds them."""
+    """The result files of task ``key`` (``info``: done, or failed with files kept), from the worker that holds them."""
     worker, tid = info.get("worker"), info.get("tid")
     if not isinstance(worker, str) or type(tid) is not int:
         raise GetFailed(f"the service does not say which worker holds task {key}'s result files")
@@ -253,7 +253,9 @@ def get(args: argparse.Namespace) -> int:
                 await svc.wait([key], timeout=args.timeout)
                 info = await svc.info(key)
                 assert info is not None
-            files = await fetch_result_files(svc, info, key) if info["state"] == "done" else []
+            # A failed command's result files (a log it wrote) are kept and fetched too.
+            kept = info["state"] == "done" or (info["state"] == "failed" and bool(info.get("result_files")))
+            files = await fetch_result_files(svc, info, key) if kept else []
         result_dir.mkdir(parents=True, exist_ok=True)
         there = [name for name, _ in files if os.path.lexists(result_dir / name)]
         if there:

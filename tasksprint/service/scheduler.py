@@ -15,7 +15,7 @@ Tasks come in through the log as commands (:meth:`QueueScheduler.command`):
 ``name``, ``job``, ``retries``, ``timeout``, ``limits``, ``cwd``, ``env``,
 and for a task that brings and keeps files ``files`` (name -> base64 text:
 input files, written into the task's own working directory), ``results``
-(names or globs of files kept after a successful run, fetched from the
+(names or globs of files kept after the run, failed or not, fetched from the
 worker that ran it), ``stdout`` and ``stderr`` (files the output goes to).
 File names are checked here as well as where the task starts: relative,
 no ``..``, no control characters, bounded.  A whole submission is checked before any task of it is recorded, so it is
@@ -334,6 +334,8 @@ class QueueScheduler(Coordinator):
             info = self.task_info(tid)
             values = (info or {}).get("values") or rec.record or {}
             rec.record = {k: values.get(k) for k in ("exit_code", "started", "finished", "verdict", "host")}
+            if values.get("result_files"):
+                rec.record["result_files"] = values["result_files"]
             if info is not None:
                 command = info["kwargs"].get("command") or {}
                 rec.record["command"] = command.get("cmd") or " ".join(command.get("argv") or ())
@@ -493,6 +495,8 @@ class QueueScheduler(Coordinator):
             return
         self._end(sid, "failed", error)
         self.recs[sid].record = record
+        if record is not None and record.get("result_files") and isinstance(record.get("worker"), str):
+            self.recs[sid].worker = record["worker"]  # it keeps the failed run's result files
         self._cancel_dependents(sid, f"task {sid}, which it runs after, failed")
         self.dependents.pop(sid, None)
         self._compact()
@@ -640,4 +644,6 @@ class QueueScheduler(Coordinator):
             "stdout": record.get("stdout"),
             "stderr": record.get("stderr"),
             "usage": {key: record.get(key) for key in _USAGE},
+            # A failed command's result files, kept by ``worker`` (a done task's are in its outputs).
+            "result_files": list(record.get("result_files") or ()) if rec.state == "failed" else None,
         }
