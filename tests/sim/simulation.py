@@ -12,7 +12,7 @@ from tasksprint.driver import DivergenceError
 from tasksprint.paxos.core import Role
 
 from .cluster import Cluster
-from .common import SimFailure
+from .common import SimFailure, sim_config
 
 
 @attrs.define
@@ -92,7 +92,13 @@ class Simulation:
             # for the clients this simulation sizes: a value alone over the cap cannot be sent.
             k.frame_cap = random.Random(seed ^ 0xF7A3E).choice((0, 0, 200, 320))
         if cluster is None:
-            cluster = Cluster(n, seed=seed, fresh=k.fresh, clients=k.clients, quota=k.quota)
+            config = sim_config(n)
+            if k.frame_cap:
+                # As a replica's configuration does: a slot's value (a batch of
+                # commands) stays well under the frame cap, so a message that
+                # carries one value always fits; only multi-value ones split.
+                config = attrs.evolve(config, max_batch_bytes=k.frame_cap // 2)
+            cluster = Cluster(n, seed=seed, fresh=k.fresh, clients=k.clients, quota=k.quota, config=config)
         self.cluster = cluster
         self.n = cluster.n
         self._heap: list[tuple[float, int, tuple]] = []
