@@ -30,8 +30,10 @@ def sim() -> Sim:
 def submit(s: Sim, *specs: dict[str, Any]) -> list[int]:
     answer = s.h.op({"op": "command", "body": {"do": "submit", "tasks": list(specs)}})
     assert isinstance(answer, Commanded), answer
-    assert "ids" in answer.value, answer.value
-    return answer.value["ids"]
+    assert "first" in answer.value, answer.value
+    first, count = answer.value["first"], answer.value["count"]
+    assert count == len(specs)
+    return list(range(first, first + count))
 
 
 def ask(s: Sim, **args: Any) -> Any:
@@ -251,7 +253,7 @@ def test_check_spec_normalizes() -> None:
 def test_retention_compacts_finished_tasks_out_of_the_coordinator() -> None:
     s = sim()
     answer = s.h.op({"op": "command", "body": {"do": "configure", "retention": 10}})
-    assert answer.value == {"retention": 10.0}
+    assert answer.value == {"retention": 10.0, "window": 4096}
     assert "error" in s.h.op({"op": "command", "body": {"do": "configure", "retention": -1}}).value
     cid = s.join("w", slots=4)
     a, b, c = submit(s, {"cmd": "echo a", "job": "j"}, {"cmd": "b"}, {"cmd": "sleep", "after": [1]})
@@ -296,3 +298,110 @@ def test_forget_task_refuses_active_and_read_tasks() -> None:
     h.init()
     errors = h.machine.scheduler.errors  # type: ignore[union-attr]
     assert "pending" in errors[0] and "no task" in errors[1]
+
+
+def submit_compact(s: Sim, specs: list[dict[str, Any]], each: list[int]) -> Any:
+    return s.h.op({"op": "command", "body": {"do": "submit", "specs": specs, "each": each}}).value
+
+
+def test_compact_submission_checks_each_distinct_spec_once_and_shares_it() -> None:
+    s = sim()
+    answer = submit_compact(s, [{"argv": ["true"]}, {"cmd": "echo b", "job": "j"}], [0, 1, 0, 0, 1])
+    assert answer == {"first": 1, "count": 5}
+    recs = s.machine.scheduler.recs  # type: ignore[union-attr]
+    assert recs[1].spec is recs[3].spec is recs[4].spec and recs[2].spec is recs[5].spec
+    assert ask(s, q="job", job="j") == [2, 5]
+    assert ask(s, q="info", id=4)["command"] == "true" and ask(s, q="info", id=5)["command"] == "echo b"
+    s.join("w", slots=8)
+    s.run()
+    assert [state(s, i) for i in range(1, 6)] == ["done"] * 5 and ask(s, q="info", id=5)["worker"] == "w"
+    # 'after' is checked against the first task that uses the spec.
+    later = submit_compact(s, [{"cmd": "x"}, {"cmd": "y", "after": [7]}], [0, 0, 1])
+    assert later == {"first": 6, "count": 3}
+    refused = submit_compact(s, [{"cmd": "y", "after": [10]}, {"cmd": "x"}], [1, 0])
+    assert "task 2 of 2" in refused["error"] and "unknown task id" in refused["error"]
+    bad: list[Any] = [
+        ([{"cmd": "x"}], []),
+        ([{"cmd": "x"}], [1]),
+        ([{"cmd": "x"}], [-1]),
+        ([{"cmd": "x"}], [True]),
+        ([{"cmd": "x"}], "0"),
+        ([{"cmd": "x"}, {"cmd": "y"}], [0]),
+        ([], [0]),
+        ({"cmd": "x"}, [0]),
+        ([{"cmd": "x"}], [0] * (MAX_BATCH + 1)),
+        ([{"cmd": "x"}, {"cmd": ""}], [0, 1]),
+    ]
+    for specs, each in bad:
+        assert "error" in submit_compact(s, specs, each), (specs, each)
+    assert ask(s, q="status", state="all")["total"] == 8
+    s.machine.check_invariants()
+
+
+def test_admission_window_keeps_waiting_tasks_out_of_the_coordinator() -> None:
+    s = sim()
+    assert s.h.op({"op": "command", "body": {"do": "configure", "window": 2}}).value["window"] == 2
+    for bad in (0, -1, 1.5, "2", 10**7):
+        assert "error" in s.h.op({"op": "command", "body": {"do": "configure", "window": bad}}).value
+    ids = submit(s, *({"cmd": f"t{i}"} for i in range(5)))
+    # Two are coordinator tasks; the other three wait here, shown as pending all the same.
+    assert len(s.machine.state.tasks) == 2
+    assert [state(s, i) for i in ids] == ["pending"] * 5
+    assert ask(s, q="status", state="pending")["total"] == 5
+    assert ask(s, q="status")["counts"]["queued"] == 5
+    assert [ask(s, q="info", id=i)["tid"] is None for i in ids] == [False, False, True, True, True]
+    # Cancelling a task that never reached the coordinator leaves the others' order alone.
+    assert s.h.op({"op": "command", "body": {"do": "cancel", "ids": [ids[2]]}}).value == {"cancelled": [ids[2]]}
+    cid = s.join("w", slots=1)
+    s.poll(cid)
+    order = []
+    while s.runnable(cid):
+        tid = s.runnable(cid)[0]
+        order.append(next(i for i in ids if ask(s, q="info", id=i)["tid"] == tid))
+        s.complete(cid, tid)
+        assert len([t for t in s.machine.state.tasks.values() if not t.reported]) <= 2
+        s.poll(cid)
+    assert order == [ids[0], ids[1], ids[3], ids[4]]
+    assert [state(s, i) for i in ids] == ["done", "done", "cancelled", "done", "done"]
+    assert s.h.op({"op": "command", "body": {"do": "cancel", "ids": [ids[2]]}}).value == {"cancelled": []}
+    s.machine.check_invariants()
+
+
+def test_tasks_no_worker_can_take_do_not_hold_up_others() -> None:
+    s = sim()
+    s.h.op({"op": "command", "body": {"do": "configure", "window": 1}})
+    s.join("cpu", have=("cpu",), slots=1)
+    gpu = submit(s, *({"cmd": "train", "require": ["gpu"]} for _ in range(3)))
+    plain = submit(s, {"cmd": "a"}, {"cmd": "b", "require": ["cpu"]}, {"cmd": "c"})
+    s.run()
+    assert [state(s, i) for i in plain] == ["done"] * 3
+    assert [state(s, i) for i in gpu] == ["pending"] * 3
+    # Raising the window admits more of a waiting class at once.
+    s.h.op({"op": "command", "body": {"do": "configure", "window": 3}})
+    assert all(ask(s, q="info", id=i)["tid"] is not None for i in gpu)
+    s.h.op({"op": "worker", "client": "cpu", "add": ["gpu"]})
+    s.run()
+    assert [state(s, i) for i in gpu] == ["done"] * 3 and ask(s, q="info", id=gpu[0])["worker"] == "cpu"
+    # The admission queues survive a snapshot: a copy carries on where the original stands.
+    submit(s, *({"cmd": "again", "require": ["gpu"]} for _ in range(4)))
+    copy = CoordinatorMachine(QueueScheduler)
+    copy.restore(s.machine.snapshot())
+    assert copy.scheduler_query({"q": "status"}) == s.machine.scheduler_query({"q": "status"})
+    assert copy.scheduler.ready == s.machine.scheduler.ready  # type: ignore[union-attr]
+
+
+def test_the_clients_compact_body_lists_each_distinct_spec_once() -> None:
+    from tasksprint.service.api import submit_body
+
+    one = {"argv": ["true"]}
+    body = submit_body([one, {"argv": ["true"]}, {"cmd": "b"}, one, {"cmd": "b", "job": "j"}])
+    assert body == {
+        "do": "submit",
+        "specs": [{"argv": ["true"]}, {"cmd": "b"}, {"cmd": "b", "job": "j"}],
+        "each": [0, 0, 1, 0, 2],
+    }
+    s = sim()
+    answer = s.h.op({"op": "command", "body": body}).value
+    assert answer == {"first": 1, "count": 5}
+    assert [ask(s, q="info", id=i)["command"] for i in range(1, 6)] == ["true", "true", "b", "true", "b"]
+    assert ask(s, q="info", id=5)["job"] == "j"
