@@ -288,8 +288,26 @@ class AsyncService:
         return {c.name: c.addr for c in status.live_clients}
 
     async def info(self, tid: int) -> dict[str, Any] | None:
-        """Everything known about task ``tid`` (None: no such task)."""
+        """Everything known about task ``tid`` (None: no such task).
+
+        A compacted task is read from a replica's history; one that caught
+        up from another's snapshot may lack it (``"history": "missing"``),
+        so the other replicas are asked before that answer is returned.
+        """
         result: dict[str, Any] | None = await self.ask(q="info", id=tid)
+        channel = self._channel
+        assert channel is not None
+        for _ in range(len(self.addrs) - 1):
+            if result is None or result.get("history") != "missing":
+                break
+            await channel.move_on()
+            self._leader_known = False  # the next question finds the leader again
+            try:
+                other = await channel.request(SchedulerRequest(body={"q": "info", "id": tid}))
+            except ASK_ERRORS:
+                continue
+            if isinstance(other.value, dict):
+                result = other.value
         return result
 
     async def status(self, **filters: Any) -> dict[str, Any]:

@@ -50,6 +50,7 @@ from __future__ import annotations
 import base64
 import collections
 import itertools
+import json
 import math
 from typing import Any
 
@@ -64,8 +65,10 @@ MAX_BATCH = 20_000
 #: Default most tasks of one admission class (required tags) held by the coordinator at once.
 DEFAULT_WINDOW = 4_096
 MAX_WINDOW = 1_000_000
-#: Seconds a finished task's full record stays in the coordinator's state (then only its summary).
+#: Seconds a finished task stays in the replicated state (then only in the replicas' history).
 DEFAULT_RETENTION = 3600.0
+#: Most tasks compacted in one event (a command or a hook).
+MAX_COMPACT = 5_000
 #: Most rows a status question returns.
 MAX_PAGE = 1_000
 
@@ -127,6 +130,11 @@ class Rec:
             setattr(self, k, v)
 
 
+_PACKED_FIELDS = ("after", "blocking", "finished", "job", "name", "state", "submitted", "tid", "why", "worker")
+_PACKED = ("sid", "spec", *_PACKED_FIELDS)
+_PACKED_ATTRS = frozenset(["recs", "open", "ready", "jobs", "ended", "by_tid", "dependents", "gone"])
+
+
 class Spec:
     """A checked spec split once per distinct spec of a submission: what runs, and the scheduler's own fields."""
 
@@ -160,11 +168,77 @@ class QueueScheduler(Coordinator):
         # Ids that ended with a record in the coordinator, in the order they ended (so by end time).
         self.ended: collections.deque[int] = collections.deque()
         self.compacted = 0
+        self.gone: dict[int, str] = {}  # compacted tasks that did not succeed: how they ended
         self.tally = {"waiting": 0, "ready": 0, "queued": 0, "done": 0, "failed": 0, "cancelled": 0}
         # Admission: ready ids not yet handed to the coordinator, and how many it holds, by required tags.
         self.ready: dict[tuple[str, ...], collections.deque[int]] = {}
         self.started: dict[tuple[str, ...], int] = {}
         self.short: dict[tuple[str, ...], None] = {}  # classes that may have room and ready ids
+
+    # ---------------------------------------------------------- snapshots
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The state with its per-task containers packed into one JSON text.
+
+        A snapshot's pickler visits every object it saves (to check it may
+        be saved), so a million small records cost seconds; as one string
+        they cost one visit, and ``json`` packs and reads them in C.
+        """
+        specs: dict[int, int] = {}  # id(shared spec) -> index
+        table: list[dict[str, Any] | None] = []
+        columns: dict[str, list[Any]] = {k: [] for k in _PACKED}
+        records: dict[int, Any] = {}
+        for sid, rec in self.recs.items():
+            spec = rec.spec
+            i = specs.get(id(spec))
+            if i is None:
+                i = specs[id(spec)] = len(table)
+                table.append(spec)
+            columns["sid"].append(sid)
+            columns["spec"].append(i)
+            for k in _PACKED_FIELDS:
+                columns[k].append(getattr(rec, k))
+            if rec.record is not None:
+                records[sid] = rec.record
+        packed = {
+            "specs": table,
+            "recs": columns,
+            "open": list(self.open),
+            "ready": [[list(key), list(q)] for key, q in self.ready.items()],
+            "jobs": self.jobs,
+            "ended": list(self.ended),
+            "by_tid": list(self.by_tid.items()),
+            "dependents": list(self.dependents.items()),
+            "gone": list(self.gone.items()),
+        }
+        state = {k: v for k, v in self.__dict__.items() if k not in _PACKED_ATTRS}
+        state["packed"] = json.dumps(packed, separators=(",", ":"))
+        state["records"] = records
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        packed = json.loads(state.pop("packed"))
+        records = state.pop("records")
+        self.__dict__.update(state)
+        table = packed["specs"]
+        columns = packed["recs"]
+        self.recs = {}
+        for row in zip(*(columns[k] for k in _PACKED), strict=True):
+            rec = Rec.__new__(Rec)
+            sid, spec = row[0], row[1]
+            for k, v in zip(_PACKED_FIELDS, row[2:], strict=True):
+                setattr(rec, k, v)
+            rec.after = tuple(rec.after)
+            rec.spec = table[spec]
+            rec.record = records.get(sid)
+            self.recs[sid] = rec
+        self.open = dict.fromkeys(packed["open"])
+        self.ready = {tuple(key): collections.deque(q) for key, q in packed["ready"]}
+        self.jobs = packed["jobs"]
+        self.ended = collections.deque(packed["ended"])
+        self.by_tid = dict(packed["by_tid"])
+        self.dependents = dict(packed["dependents"])
+        self.gone = dict(packed["gone"])
 
     # ----------------------------------------------------------- commands
 
@@ -201,30 +275,41 @@ class QueueScheduler(Coordinator):
         return {"retention": self.retention, "window": self.window}
 
     def _compact(self) -> None:
-        """Forget the coordinator's records of tasks that ended more than ``retention`` seconds ago.
+        """Archive the tasks that ended more than ``retention`` seconds ago and drop them from the state.
 
-        What ``info`` shows of such a task stays here, in a few fields.
+        Each one's ``info`` answer goes to the replicas' durable history
+        (``archive``), where the ``info`` question reads it; the state keeps
+        only how a task that did not succeed ended (``gone``), so ``states``
+        and a later ``--after`` still know.  At most ``MAX_COMPACT`` per
+        event, so one command never pauses the service for long; a backlog
+        goes in the events that follow.
         """
         horizon = self.now - self.retention
-        while self.ended:
-            rec = self.recs[self.ended[0]]
+        for _ in range(MAX_COMPACT):
+            if not self.ended:
+                return
+            sid = self.ended[0]
+            rec = self.recs[sid]
             if rec.finished is not None and rec.finished > horizon:
                 return
             self.ended.popleft()
-            tid = rec.tid
-            if tid is None or tid not in self.by_tid:
-                continue
-            info = self.task_info(tid)
-            values = (info or {}).get("values") or rec.record or {}
-            rec.record = {k: values.get(k) for k in ("exit_code", "started", "finished", "verdict", "host")}
-            if info is not None:
-                command = info["kwargs"].get("command") or {}
-                rec.record["command"] = command.get("cmd") or " ".join(command.get("argv") or ())
-            rec.spec = None
-            del self.by_tid[tid]
-            if info is not None:
-                self.forget_task(tid)
+            self.archive(sid, self.info(sid))
+            if rec.tid is not None:
+                if self.task_info(rec.tid) is not None:
+                    self.forget_task(rec.tid)
+                self.by_tid.pop(rec.tid, None)
+            del self.recs[sid]
+            self.dependents.pop(sid, None)
+            if rec.state != "done":
+                self.gone[sid] = rec.state
             self.compacted += 1
+
+    def _ended_as(self, sid: int) -> str | None:
+        """The state of task ``sid``, compacted or not; None if there is no such task."""
+        rec = self.recs.get(sid)
+        if rec is not None:
+            return self._state(sid)
+        return self.gone.get(sid, "done") if 1 <= sid < self.next_id else None
 
     def _specs(self, body: dict[str, Any]) -> tuple[list[Spec], list[int]] | str:
         """The submission's distinct specs, checked, and which one each task uses; or what is wrong.
@@ -287,10 +372,11 @@ class QueueScheduler(Coordinator):
                 continue
             doomed = None
             for a in rec.after:
-                pre = recs[a]
-                if pre.state in ("failed", "cancelled"):
+                pre = recs.get(a)
+                ended = pre.state if pre is not None else self.gone.get(a, "done")  # compacted: ended
+                if ended in ("failed", "cancelled"):
                     doomed = doomed or a
-                elif pre.state != "done":
+                elif ended != "done":
                     rec.blocking += 1
                     self.dependents.setdefault(a, []).append(sid)
             if doomed is not None:
@@ -378,7 +464,7 @@ class QueueScheduler(Coordinator):
             ):
                 return {"error": "'ids' must be a non-empty list of task ids"}
             ids = list(given)
-            unknown = [i for i in ids if i not in self.recs]
+            unknown = [i for i in ids if not 1 <= i < self.next_id]
             if unknown:
                 return {"error": f"unknown task id(s) {unknown[:10]}"}
         cancelled: list[int] = []
@@ -393,7 +479,9 @@ class QueueScheduler(Coordinator):
         frontier = collections.deque([root])
         while frontier:
             sid = frontier.popleft()
-            rec = self.recs[sid]
+            rec = self.recs.get(sid)
+            if rec is None:  # compacted: it ended long ago
+                continue
             if rec.state not in FINISHED:
                 if rec.tid is not None:
                     self.kill_task(rec.tid)  # kills it on its worker if it runs
@@ -467,19 +555,36 @@ class QueueScheduler(Coordinator):
                 return self._status(args)
             case "info":
                 sid = args.get("id")
-                if type(sid) is not int or sid not in self.recs:
+                if type(sid) is not int:
                     return None
-                return self.info(sid)
+                if sid in self.recs:
+                    return self.info(sid)
+                return self._archived_info(sid)
             case "states":
                 ids = args.get("ids")
                 if not isinstance(ids, list) or len(ids) > MAX_PAGE * 10 or not all(type(i) is int for i in ids):
                     raise ValueError("'ids' must be a list of task ids")
-                return {str(i): (self._state(i) if i in self.recs else None) for i in ids}
+                return {str(i): self._ended_as(i) for i in ids}
             case "job":
                 job = args.get("job")
                 return list(self.jobs.get(job, ())) if isinstance(job, str) else []
             case other:
                 raise ValueError(f"unknown question {other!r:.80}; known: status, info, states, job")
+
+    def _archived_info(self, sid: int) -> dict[str, Any] | None:
+        """``info`` of a compacted task, from this replica's history.
+
+        A replica that caught up from another's snapshot may lack it: then
+        the answer says ``"history": "missing"`` with what the state knows
+        (the id and how it ended), and the client asks another replica.
+        """
+        state = self._ended_as(sid)
+        if state is None:
+            return None
+        record = self.archived(sid)
+        if not isinstance(record, dict) or record.get("id") != sid:
+            return {"id": sid, "state": state, "history": "missing"}
+        return {**record, "history": "archived"}
 
     def _state(self, sid: int) -> str:
         rec = self.recs[sid]
@@ -514,7 +619,9 @@ class QueueScheduler(Coordinator):
             ids = list(itertools.islice(iter(pool), offset, offset + limit))
             return {"total": matched, "offset": offset, "tasks": [self._row(i) for i in ids], "counts": self.counts()}
         for sid in pool:
-            rec = self.recs[sid]
+            rec = self.recs.get(sid)
+            if rec is None:  # compacted: in the history, not listed
+                continue
             if want_state not in (None, "all"):
                 if want_state in FINISHED or want_state == "waiting":
                     if rec.state != want_state:
