@@ -530,3 +530,15 @@ def test_a_snapshot_keeps_every_record_and_shares_specs_as_before() -> None:
     for attr in ("open", "ready", "jobs", "ended", "by_tid", "dependents", "gone", "started", "tally", "next_id"):
         assert getattr(mine, attr) == getattr(theirs, attr), attr
     assert type(theirs.recs[1].after) is tuple and type(theirs.ready[()]) is collections.deque
+
+
+def test_a_task_the_coordinator_refuses_does_not_use_up_its_window() -> None:
+    s = sim()
+    s.h.op({"op": "command", "body": {"do": "configure", "window": 1}})
+    refused, fine = submit(s, {"cmd": "a", "limits": {"cpus": -5}}, {"cmd": "b"})
+    info = ask(s, q="info", id=refused)
+    assert info["state"] == "failed" and "cannot start" in info["error"]
+    assert ask(s, q="info", id=fine)["tid"] is not None
+    # Limit values that are not numbers or strings are refused at submission.
+    answer = s.h.op({"op": "command", "body": {"do": "submit", "tasks": [{"cmd": "c", "limits": {"pids": b"x"}}]}})
+    assert "'limits' 'pids'" in answer.value["error"]

@@ -410,13 +410,13 @@ class QueueScheduler(Coordinator):
             room = self.window - self.started.get(key, 0)
             while queue and room > 0:
                 sid = queue.popleft()
-                if self.recs[sid].state == "ready":  # not cancelled meanwhile
-                    self._start(sid, key)
+                if self.recs[sid].state == "ready" and self._start(sid, key):  # not cancelled meanwhile
                     room -= 1
             if not queue:
                 self.ready.pop(key, None)
 
-    def _start(self, sid: int, key: tuple[str, ...]) -> None:
+    def _start(self, sid: int, key: tuple[str, ...]) -> bool:
+        """Hand ``sid`` to the coordinator; False if the coordinator refused it (then it failed)."""
         rec = self.recs[sid]
         spec = rec.spec
         assert spec is not None
@@ -440,11 +440,12 @@ class QueueScheduler(Coordinator):
             # Checked at submission; the coordinator's own checks (limits) may still refuse it.
             self._end(sid, "failed", f"cannot start: {exc}")
             self._cancel_dependents(sid, f"task {sid}, which it runs after, failed")
-            return
+            return False
         rec.tid = tid
         self._set(rec, "queued")
         self.by_tid[tid] = sid
         self.started[key] = self.started.get(key, 0) + 1
+        return True
 
     def _cancel_command(self, body: dict[str, Any]) -> dict[str, Any]:
         if "job" in body:

@@ -165,6 +165,9 @@ def check_spec(spec: Any) -> dict[str, Any]:
             raise SpecError(
                 f"'limits' must be a map with keys among {', '.join(sorted(_LIMIT_KEYS))}, got {limits!r:.120}"
             )
+        bad = [k for k, v in limits.items() if v is not None and type(v) not in (int, float, str)]
+        if bad:
+            raise SpecError(f"'limits' {bad[0]!r} must be a number or a string, got {limits[bad[0]]!r:.120}")
         out["limits"] = dict(limits)
     if spec.get("files") is not None:
         out["files"] = _files(spec["files"])
