@@ -186,15 +186,22 @@ async def status_ms(svc: AsyncService, **filters: Any) -> float:
 
 
 async def restart_follower(cluster: Any, svc: AsyncService) -> float | None:
-    states = await replica_states(cluster.addrs, cluster.secret)
-    leader = next((st.leader for st in states if st is not None and st.leader is not None), None)
+    leader = None
+    with trio.move_on_after(60):
+        while leader is None:  # replicas busy applying a large submission may not answer at once
+            states = await replica_states(cluster.addrs, cluster.secret)
+            leader = next((st.leader for st in states if st is not None and st.leader is not None), None)
     if leader is None:
+        log("no leader found: the follower restart is not measured")
         return None
     follower = (leader + 1) % cluster.replicas
     log(f"killing follower {follower} mid-run and starting it again")
     cluster.kill(follower)
     await trio.sleep(2.0)  # the others move on meanwhile
-    target = max(st.commit for st in await replica_states(cluster.addrs, cluster.secret) if st is not None)
+    target = 0
+    with trio.move_on_after(60):
+        while not target:
+            target = max((st.commit for st in await replica_states(cluster.addrs, cluster.secret) if st), default=0)
     t0 = time.perf_counter()
     cluster.start_replica(follower)
     while time.perf_counter() - t0 < 120:
@@ -204,6 +211,7 @@ async def restart_follower(cluster: Any, svc: AsyncService) -> float | None:
             log(f"follower caught up in {took:.2f}s (to slot {target})")
             return took
         await trio.sleep(0.05)
+    log("the follower did not catch up within 120 s")
     return None
 
 
