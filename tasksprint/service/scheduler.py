@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import gc
 import itertools
 import json
 import math
@@ -217,6 +218,16 @@ class QueueScheduler(Coordinator):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # Millions of objects, none in a cycle: the collector would scan them again and again.
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self._unpack(state)
+        finally:
+            if enabled:
+                gc.enable()
+
+    def _unpack(self, state: dict[str, Any]) -> None:
         packed = json.loads(state.pop("packed"))
         records = state.pop("records")
         self.__dict__.update(state)
