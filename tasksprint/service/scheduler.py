@@ -49,14 +49,13 @@ from __future__ import annotations
 
 import base64
 import collections
-import gc
 import itertools
-import json
 import math
 from typing import Any
 
 from tasksprint_sdk.coordinator import Coordinator
 
+from tasksprint.service.records import Rec, Spec, admission_key, pack, unpack
 from tasksprint.service.specs import MAX_FILES, SpecError, check_spec
 
 __all__ = ["MAX_BATCH", "MAX_FILES", "QueueScheduler", "SpecError", "check_spec"]
@@ -86,74 +85,6 @@ _USAGE = (
 )
 
 
-class Rec:
-    """One submitted task, as small as it can be: a service keeps millions.
-
-    ``spec`` is shared by every task of a submission that gave the same spec
-    (it is never changed), so a million copies of one command cost a
-    million pointers, not a million dicts.
-    """
-
-    __slots__ = (
-        "after",
-        "blocking",
-        "finished",
-        "job",
-        "name",
-        "record",
-        "spec",
-        "state",
-        "submitted",
-        "tid",
-        "why",
-        "worker",
-    )
-
-    def __init__(self, spec: Spec, now: float) -> None:
-        self.job: str | None = spec.job
-        self.name: str | None = spec.name
-        self.after: tuple[int, ...] = spec.after
-        self.spec: dict[str, Any] | None = spec.run  # what the coordinator gets; None once compacted
-        self.state = "waiting"
-        self.tid: int | None = None
-        self.blocking = 0  # after tasks not done yet
-        self.submitted = now
-        self.finished: float | None = None
-        self.why: str | None = None  # why it failed or was cancelled
-        self.record: dict[str, Any] | None = None  # a failed command's record (a done one's is the coordinator's)
-        self.worker: str | None = None  # the worker that ran it to success
-
-    def __getstate__(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, k) for k in Rec.__slots__)
-
-    def __setstate__(self, state: tuple[Any, ...]) -> None:
-        for k, v in zip(Rec.__slots__, state, strict=True):
-            setattr(self, k, v)
-
-
-_PACKED_FIELDS = ("after", "blocking", "finished", "job", "name", "state", "submitted", "tid", "why", "worker")
-_PACKED = ("sid", "spec", *_PACKED_FIELDS)
-_PACKED_ATTRS = frozenset(["recs", "open", "ready", "jobs", "ended", "by_tid", "dependents", "gone"])
-
-
-class Spec:
-    """A checked spec split once per distinct spec of a submission: what runs, and the scheduler's own fields."""
-
-    __slots__ = ("after", "job", "name", "run")
-
-    def __init__(self, checked: dict[str, Any]) -> None:
-        self.job: str | None = checked.pop("job", None)
-        self.name: str | None = checked.pop("name", None)
-        self.after: tuple[int, ...] = tuple(checked.pop("after", ()))
-        self.run = checked
-
-
-def _key(run: dict[str, Any]) -> tuple[str, ...]:
-    """The admission class of a task: its required tags (tasks no worker can take never hold up others)."""
-    require = run.get("require")
-    return tuple(sorted(require)) if require else ()
-
-
 class QueueScheduler(Coordinator):
     """The service's scheduler: a replicated queue of command tasks (see the module docstring)."""
 
@@ -179,77 +110,11 @@ class QueueScheduler(Coordinator):
     # ---------------------------------------------------------- snapshots
 
     def __getstate__(self) -> dict[str, Any]:
-        """The state with its per-task containers packed into one JSON text.
-
-        A snapshot's pickler visits every object it saves (to check it may
-        be saved), so a million small records cost seconds; as one string
-        they cost one visit, and ``json`` packs and reads them in C.
-        """
-        specs: dict[int, int] = {}  # id(shared spec) -> index
-        table: list[dict[str, Any] | None] = []
-        columns: dict[str, list[Any]] = {k: [] for k in _PACKED}
-        records: dict[int, Any] = {}
-        for sid, rec in self.recs.items():
-            spec = rec.spec
-            i = specs.get(id(spec))
-            if i is None:
-                i = specs[id(spec)] = len(table)
-                table.append(spec)
-            columns["sid"].append(sid)
-            columns["spec"].append(i)
-            for k in _PACKED_FIELDS:
-                columns[k].append(getattr(rec, k))
-            if rec.record is not None:
-                records[sid] = rec.record
-        packed = {
-            "specs": table,
-            "recs": columns,
-            "open": list(self.open),
-            "ready": [[list(key), list(q)] for key, q in self.ready.items()],
-            "jobs": self.jobs,
-            "ended": list(self.ended),
-            "by_tid": list(self.by_tid.items()),
-            "dependents": list(self.dependents.items()),
-            "gone": list(self.gone.items()),
-        }
-        state = {k: v for k, v in self.__dict__.items() if k not in _PACKED_ATTRS}
-        state["packed"] = json.dumps(packed, separators=(",", ":"))
-        state["records"] = records
-        return state
+        """The state with its per-task containers packed into one JSON text (see :func:`records.pack`)."""
+        return pack(self.__dict__)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # Millions of objects, none in a cycle: the collector would scan them again and again.
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
-            self._unpack(state)
-        finally:
-            if enabled:
-                gc.enable()
-
-    def _unpack(self, state: dict[str, Any]) -> None:
-        packed = json.loads(state.pop("packed"))
-        records = state.pop("records")
-        self.__dict__.update(state)
-        table = packed["specs"]
-        columns = packed["recs"]
-        self.recs = {}
-        for row in zip(*(columns[k] for k in _PACKED), strict=True):
-            rec = Rec.__new__(Rec)
-            sid, spec = row[0], row[1]
-            for k, v in zip(_PACKED_FIELDS, row[2:], strict=True):
-                setattr(rec, k, v)
-            rec.after = tuple(rec.after)
-            rec.spec = table[spec]
-            rec.record = records.get(sid)
-            self.recs[sid] = rec
-        self.open = dict.fromkeys(packed["open"])
-        self.ready = {tuple(key): collections.deque(q) for key, q in packed["ready"]}
-        self.jobs = packed["jobs"]
-        self.ended = collections.deque(packed["ended"])
-        self.by_tid = dict(packed["by_tid"])
-        self.dependents = dict(packed["dependents"])
-        self.gone = dict(packed["gone"])
+        self.__dict__.update(unpack(state))
 
     # ----------------------------------------------------------- commands
 
@@ -400,7 +265,7 @@ class QueueScheduler(Coordinator):
         """Queue ``sid`` for admission: it becomes a coordinator task when its class has room."""
         assert rec.spec is not None
         self._set(rec, "ready")
-        key = _key(rec.spec)
+        key = admission_key(rec.spec)
         queue = self.ready.get(key)
         if queue is None:
             queue = self.ready[key] = collections.deque()
@@ -518,7 +383,7 @@ class QueueScheduler(Coordinator):
         if rec.tid is not None:
             self.ended.append(sid)
             assert rec.spec is not None
-            key = _key(rec.spec)
+            key = admission_key(rec.spec)
             self.started[key] -= 1
             if key in self.ready:
                 self.short[key] = None
