@@ -74,6 +74,7 @@ from tasksprint.app import KVApp, NotYet
 from tasksprint.config import ReplicaConfig
 from tasksprint.disk_writer import DiskWriter
 from tasksprint.driver import DivergenceError, DriverConfig, ReplicaDriver, RequestKey
+from tasksprint.history import SqliteHistory
 from tasksprint.hook_watchdog import HookWatchdog
 from tasksprint.machine import Applier, BadSnapshot
 from tasksprint.observe import NULL, Observer
@@ -328,7 +329,12 @@ class Replica:
             fsync=cfg.fsync,
             peers=",".join(f"{h}:{p}" for h, p in cfg.peers),
         )
+        history = None
         try:
+            attach = getattr(self.app, "attach_history", None)
+            if attach is not None:
+                history = SqliteHistory.open(cfg.data_dir, fsync=cfg.fsync)
+                attach(history)
             state = self._storage.load()
             applier = Applier(self.app.machine, observer=self.observer, max_sessions=cfg.max_sessions)
             if state.snapshot_data is not None:
@@ -400,6 +406,8 @@ class Replica:
             if self._disk is not None:
                 self._disk.stop()  # what was submitted still reaches the disk
             self._storage.close()
+            if history is not None:
+                history.close()
 
     async def _stop_on_sigterm(self, scope: trio.CancelScope) -> None:
         """SIGTERM: a leader asks a follower to take over (no election timeout to wait), then stop."""

@@ -6,6 +6,7 @@ Also the SDK hooks it uses (``command``, ``query``, ``task_killed``) and the
 
 from __future__ import annotations
 
+import collections
 from typing import Any
 
 import pytest
@@ -30,8 +31,10 @@ def sim() -> Sim:
 def submit(s: Sim, *specs: dict[str, Any]) -> list[int]:
     answer = s.h.op({"op": "command", "body": {"do": "submit", "tasks": list(specs)}})
     assert isinstance(answer, Commanded), answer
-    assert "ids" in answer.value, answer.value
-    return answer.value["ids"]
+    assert "first" in answer.value, answer.value
+    first, count = answer.value["first"], answer.value["count"]
+    assert count == len(specs)
+    return list(range(first, first + count))
 
 
 def ask(s: Sim, **args: Any) -> Any:
@@ -251,7 +254,7 @@ def test_check_spec_normalizes() -> None:
 def test_retention_compacts_finished_tasks_out_of_the_coordinator() -> None:
     s = sim()
     answer = s.h.op({"op": "command", "body": {"do": "configure", "retention": 10}})
-    assert answer.value == {"retention": 10.0}
+    assert answer.value == {"retention": 10.0, "window": 4096}
     assert "error" in s.h.op({"op": "command", "body": {"do": "configure", "retention": -1}}).value
     cid = s.join("w", slots=4)
     a, b, c = submit(s, {"cmd": "echo a", "job": "j"}, {"cmd": "b"}, {"cmd": "sleep", "after": [1]})
@@ -268,14 +271,19 @@ def test_retention_compacts_finished_tasks_out_of_the_coordinator() -> None:
     submit(s, {"cmd": "later"})
     assert s.machine.task_info(tid_a) is None and s.machine.state.forgotten == 1
     assert s.machine.task_info(ask(s, q="info", id=b)["tid"]) is not None
+    # Its record left the state for the history, where info reads the answer it gave before.
+    assert a not in s.machine.scheduler.recs  # type: ignore[union-attr]
     after = ask(s, q="info", id=a)
-    for key in ("state", "exit_code", "start", "finish", "worker", "command", "job", "after"):
-        assert after[key] == before[key], key
+    assert after == {**before, "history": "archived"}
     assert ask(s, q="status", state="done")["counts"]["compacted"] == 1
+    assert ask(s, q="states", ids=[a, b]) == {str(a): "done", str(b): "done"}
+    assert ask(s, q="job", job="j") == [a] and ask(s, q="status", job="j")["total"] == 0
     s.machine.check_invariants()
-    # The compacted state survives a snapshot.
+    # A replica restored from a snapshot without the history says so; with it, it answers in full.
     copy = CoordinatorMachine(QueueScheduler)
     copy.restore(s.machine.snapshot())
+    assert copy.scheduler_query({"q": "info", "id": a}) == {"id": a, "state": "done", "history": "missing"}
+    copy.attach_history(s.machine._history)
     assert copy.scheduler_query({"q": "info", "id": a}) == after
     s.run()
     assert state(s, c) == "done"
@@ -296,3 +304,241 @@ def test_forget_task_refuses_active_and_read_tasks() -> None:
     h.init()
     errors = h.machine.scheduler.errors  # type: ignore[union-attr]
     assert "pending" in errors[0] and "no task" in errors[1]
+
+
+def submit_compact(s: Sim, specs: list[dict[str, Any]], each: list[int]) -> Any:
+    return s.h.op({"op": "command", "body": {"do": "submit", "specs": specs, "each": each}}).value
+
+
+def test_compact_submission_checks_each_distinct_spec_once_and_shares_it() -> None:
+    s = sim()
+    answer = submit_compact(s, [{"argv": ["true"]}, {"cmd": "echo b", "job": "j"}], [0, 1, 0, 0, 1])
+    assert answer == {"first": 1, "count": 5}
+    recs = s.machine.scheduler.recs  # type: ignore[union-attr]
+    assert recs[1].spec is recs[3].spec is recs[4].spec and recs[2].spec is recs[5].spec
+    assert ask(s, q="job", job="j") == [2, 5]
+    assert ask(s, q="info", id=4)["command"] == "true" and ask(s, q="info", id=5)["command"] == "echo b"
+    s.join("w", slots=8)
+    s.run()
+    assert [state(s, i) for i in range(1, 6)] == ["done"] * 5 and ask(s, q="info", id=5)["worker"] == "w"
+    # 'after' is checked against the first task that uses the spec.
+    later = submit_compact(s, [{"cmd": "x"}, {"cmd": "y", "after": [7]}], [0, 0, 1])
+    assert later == {"first": 6, "count": 3}
+    refused = submit_compact(s, [{"cmd": "y", "after": [10]}, {"cmd": "x"}], [1, 0])
+    assert "task 2 of 2" in refused["error"] and "unknown task id" in refused["error"]
+    bad: list[Any] = [
+        ([{"cmd": "x"}], []),
+        ([{"cmd": "x"}], [1]),
+        ([{"cmd": "x"}], [-1]),
+        ([{"cmd": "x"}], [True]),
+        ([{"cmd": "x"}], "0"),
+        ([{"cmd": "x"}, {"cmd": "y"}], [0]),
+        ([], [0]),
+        ({"cmd": "x"}, [0]),
+        ([{"cmd": "x"}], [0] * (MAX_BATCH + 1)),
+        ([{"cmd": "x"}, {"cmd": ""}], [0, 1]),
+    ]
+    for specs, each in bad:
+        assert "error" in submit_compact(s, specs, each), (specs, each)
+    assert ask(s, q="status", state="all")["total"] == 8
+    s.machine.check_invariants()
+
+
+def test_admission_window_keeps_waiting_tasks_out_of_the_coordinator() -> None:
+    s = sim()
+    assert s.h.op({"op": "command", "body": {"do": "configure", "window": 2}}).value["window"] == 2
+    for bad in (0, -1, 1.5, "2", 10**7):
+        assert "error" in s.h.op({"op": "command", "body": {"do": "configure", "window": bad}}).value
+    ids = submit(s, *({"cmd": f"t{i}"} for i in range(5)))
+    # Two are coordinator tasks; the other three wait here, shown as pending all the same.
+    assert len(s.machine.state.tasks) == 2
+    assert [state(s, i) for i in ids] == ["pending"] * 5
+    assert ask(s, q="status", state="pending")["total"] == 5
+    assert ask(s, q="status")["counts"]["queued"] == 5
+    assert [ask(s, q="info", id=i)["tid"] is None for i in ids] == [False, False, True, True, True]
+    # Cancelling a task that never reached the coordinator leaves the others' order alone.
+    assert s.h.op({"op": "command", "body": {"do": "cancel", "ids": [ids[2]]}}).value == {"cancelled": [ids[2]]}
+    cid = s.join("w", slots=1)
+    s.poll(cid)
+    order = []
+    while s.runnable(cid):
+        tid = s.runnable(cid)[0]
+        order.append(next(i for i in ids if ask(s, q="info", id=i)["tid"] == tid))
+        s.complete(cid, tid)
+        assert len([t for t in s.machine.state.tasks.values() if not t.reported]) <= 2
+        s.poll(cid)
+    assert order == [ids[0], ids[1], ids[3], ids[4]]
+    assert [state(s, i) for i in ids] == ["done", "done", "cancelled", "done", "done"]
+    assert s.h.op({"op": "command", "body": {"do": "cancel", "ids": [ids[2]]}}).value == {"cancelled": []}
+    s.machine.check_invariants()
+
+
+def test_tasks_no_worker_can_take_do_not_hold_up_others() -> None:
+    s = sim()
+    s.h.op({"op": "command", "body": {"do": "configure", "window": 1}})
+    s.join("cpu", have=("cpu",), slots=1)
+    gpu = submit(s, *({"cmd": "train", "require": ["gpu"]} for _ in range(3)))
+    plain = submit(s, {"cmd": "a"}, {"cmd": "b", "require": ["cpu"]}, {"cmd": "c"})
+    s.run()
+    assert [state(s, i) for i in plain] == ["done"] * 3
+    assert [state(s, i) for i in gpu] == ["pending"] * 3
+    # Raising the window admits more of a waiting class at once.
+    s.h.op({"op": "command", "body": {"do": "configure", "window": 3}})
+    assert all(ask(s, q="info", id=i)["tid"] is not None for i in gpu)
+    s.h.op({"op": "worker", "client": "cpu", "add": ["gpu"]})
+    s.run()
+    assert [state(s, i) for i in gpu] == ["done"] * 3 and ask(s, q="info", id=gpu[0])["worker"] == "cpu"
+    # The admission queues survive a snapshot: a copy carries on where the original stands.
+    submit(s, *({"cmd": "again", "require": ["gpu"]} for _ in range(4)))
+    copy = CoordinatorMachine(QueueScheduler)
+    copy.restore(s.machine.snapshot())
+    assert copy.scheduler_query({"q": "status"}) == s.machine.scheduler_query({"q": "status"})
+    assert copy.scheduler.ready == s.machine.scheduler.ready  # type: ignore[union-attr]
+
+
+def test_the_clients_compact_body_lists_each_distinct_spec_once() -> None:
+    from tasksprint.service.api import submit_body
+
+    one = {"argv": ["true"]}
+    body = submit_body([one, {"argv": ["true"]}, {"cmd": "b"}, one, {"cmd": "b", "job": "j"}])
+    assert body == {
+        "do": "submit",
+        "specs": [{"argv": ["true"]}, {"cmd": "b"}, {"cmd": "b", "job": "j"}],
+        "each": [0, 0, 1, 0, 2],
+    }
+    s = sim()
+    answer = s.h.op({"op": "command", "body": body}).value
+    assert answer == {"first": 1, "count": 5}
+    assert [ask(s, q="info", id=i)["command"] for i in range(1, 6)] == ["true", "true", "b", "true", "b"]
+    assert ask(s, q="info", id=5)["job"] == "j"
+
+
+def test_compacted_tasks_that_failed_still_cancel_their_late_dependents() -> None:
+    s = sim()
+    s.h.op({"op": "command", "body": {"do": "configure", "retention": 0}})
+    cid = s.join("w", slots=2)
+    bad, good = submit(s, {"cmd": "false", "job": "j"}, {"cmd": "true", "job": "j"})
+    s.poll(cid)
+    s.fail(cid, ask(s, q="info", id=bad)["tid"], "command failed: verdict exit_code; exit code 1")
+    s.complete(cid, ask(s, q="info", id=good)["tid"])
+    submit(s, {"cmd": "nudge"})  # the next command compacts what ended
+    recs = s.machine.scheduler.recs  # type: ignore[union-attr]
+    assert bad not in recs and good not in recs
+    assert ask(s, q="states", ids=[bad, good, 99]) == {str(bad): "failed", str(good): "done", "99": None}
+    late_bad, late_good = submit(s, {"cmd": "x", "after": [bad]}, {"cmd": "y", "after": [good]})
+    assert state(s, late_bad) == "cancelled" and state(s, late_good) in ("pending", "running")
+    assert s.h.op({"op": "command", "body": {"do": "cancel", "ids": [bad]}}).value == {"cancelled": []}
+    assert s.h.op({"op": "command", "body": {"do": "cancel", "job": "j"}}).value == {"cancelled": []}
+    assert ask(s, q="info", id=bad)["error"].startswith("command failed")
+    assert ask(s, q="info", id=10**6) is None
+    s.machine.check_invariants()
+
+
+def test_archived_is_for_questions_only_and_a_damaged_record_reads_as_missing() -> None:
+    from tasksprint_sdk.coordinator import SchedulerUsageError
+
+    class Archiver(Coordinator):
+        def init(self, seed: int) -> None:
+            self.archive(1, {"a": [1, 2]})
+            for bad in ((-1, {}), (2, {1, 2})):
+                try:
+                    self.archive(*bad)
+                except (TypeError, ValueError) as exc:
+                    self.errors = [*getattr(self, "errors", []), type(exc).__name__]
+            try:
+                self.archived(1)
+            except SchedulerUsageError:
+                self.errors.append("usage")
+
+        def query(self, args: Any) -> Any:
+            return self.archived(args)
+
+    h = Harness(Archiver)
+    h.init()
+    assert h.machine.scheduler.errors == ["ValueError", "TypeError", "usage"]  # type: ignore[union-attr]
+    assert h.machine.scheduler_query(1) == {"a": [1, 2]}
+    assert h.machine.scheduler_query(2) is None and h.machine.scheduler_query("x") is None
+    with pytest.raises(SchedulerUsageError):
+        h.machine.scheduler.archive(3, {})  # type: ignore[union-attr]
+    h.machine._history.put(1, b"\xff\x00garbage")
+    assert h.machine.scheduler_query(1) is None
+
+
+def test_sqlite_history_is_durable_at_each_snapshot(tmp_path: Any) -> None:
+    from tasksprint.history import SqliteHistory
+
+    s = sim()
+    store = SqliteHistory.open(tmp_path, fsync=False)
+    s.machine.attach_history(store)
+    s.h.op({"op": "command", "body": {"do": "configure", "retention": 0}})
+    cid = s.join("w", slots=2)
+    (a,) = submit(s, {"cmd": "echo a"})
+    s.run()
+    before = ask(s, q="info", id=a)
+    submit(s, {"cmd": "nudge"})
+    assert ask(s, q="info", id=a) == {**before, "history": "archived"}
+    other = SqliteHistory.open(tmp_path, fsync=False)
+    assert other.get(a) is None  # buffered: the log still holds what archived it
+    snap = s.machine.snapshot()
+    assert other.get(a) is not None  # written before any snapshot that lacks the task
+    copy = CoordinatorMachine(QueueScheduler)
+    copy.restore(snap)
+    copy.attach_history(other)
+    assert copy.scheduler_query({"q": "info", "id": a}) == {**before, "history": "archived"}
+    store.close()
+    other.close()
+    assert cid
+
+
+def test_a_compaction_backlog_goes_a_bounded_number_per_event() -> None:
+    from tasksprint.service import scheduler
+
+    s = sim()
+    cid = s.join("w", slots=4)
+    ids = submit(s, *({"cmd": f"t{i}"} for i in range(7)))
+    s.run()
+    assert [state(s, i) for i in ids] == ["done"] * 7
+    old = scheduler.MAX_COMPACT
+    scheduler.MAX_COMPACT = 3
+    try:
+        s.h.op({"op": "command", "body": {"do": "configure", "retention": 0}})
+        assert ask(s, q="status")["counts"]["compacted"] == 3
+        s.h.op({"op": "command", "body": {"do": "configure", "retention": 0}})
+        s.h.op({"op": "command", "body": {"do": "configure", "retention": 0}})
+    finally:
+        scheduler.MAX_COMPACT = old
+    assert ask(s, q="status")["counts"]["compacted"] == 7 and not s.machine.scheduler.recs  # type: ignore[union-attr]
+    assert all(ask(s, q="info", id=i)["history"] == "archived" for i in ids) and cid
+
+
+def test_a_snapshot_keeps_every_record_and_shares_specs_as_before() -> None:
+    s = sim()
+    s.h.op({"op": "command", "body": {"do": "configure", "window": 2}})
+    cid = s.join("w", slots=1)
+    spec = {"argv": ["true"], "job": "j", "name": "n", "require": [], "limits": {"cpus": 1.5}}
+    submit_compact(s, [spec, {"cmd": "false"}, {"cmd": "x", "after": [2]}], [0, 1, 2, 0, 0])
+    s.poll(cid)
+    s.fail(cid, s.runnable(cid)[0], "boom")
+    s.poll(cid)
+    copy = CoordinatorMachine(QueueScheduler)
+    copy.restore(s.machine.snapshot())
+    mine, theirs = s.machine.scheduler, copy.scheduler
+    assert isinstance(mine, QueueScheduler) and isinstance(theirs, QueueScheduler)
+    for sid, rec in mine.recs.items():
+        assert rec.__getstate__() == theirs.recs[sid].__getstate__(), sid
+    assert theirs.recs[4].spec is theirs.recs[5].spec
+    for attr in ("open", "ready", "jobs", "ended", "by_tid", "dependents", "gone", "started", "tally", "next_id"):
+        assert getattr(mine, attr) == getattr(theirs, attr), attr
+    assert type(theirs.recs[1].after) is tuple and type(theirs.ready[()]) is collections.deque
+
+
+def test_a_task_the_coordinator_refuses_does_not_use_up_its_window() -> None:
+    s = sim()
+    s.h.op({"op": "command", "body": {"do": "configure", "window": 1}})
+    refused, fine = submit(s, {"cmd": "a", "limits": {"cpus": -5}}, {"cmd": "b"})
+    info = ask(s, q="info", id=refused)
+    assert info["state"] == "failed" and "cannot start" in info["error"]
+    assert ask(s, q="info", id=fine)["tid"] is not None
+    # Limit values that are not numbers or strings are refused at submission.
+    answer = s.h.op({"op": "command", "body": {"do": "submit", "tasks": [{"cmd": "c", "limits": {"pids": b"x"}}]}})
+    assert "'limits' 'pids'" in answer.value["error"]

@@ -31,6 +31,7 @@ import attrs
 from tasksprint_sdk.coordinator import Coordinator, load_scheduler
 
 from tasksprint.app import NotYet
+from tasksprint.coordinator.archive import History
 from tasksprint.coordinator.machine import CoordinatorMachine, RunState
 from tasksprint.coordinator.ops import (
     BadOp,
@@ -89,6 +90,10 @@ class CoordinatorApp:
         scheduler_cls = load_scheduler(scheduler) if isinstance(scheduler, str) else scheduler
         machine = CoordinatorMachine(scheduler_cls, client_timeout=client_timeout)
         return cls(machine, observer=observer, clock=clock, entropy=entropy)
+
+    def attach_history(self, history: History) -> None:
+        """Archived records go to ``history`` (the replica's, in its data directory)."""
+        self.machine.attach_history(history)
 
     # -- App protocol ------------------------------------------------------
 

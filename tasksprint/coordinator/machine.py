@@ -51,6 +51,7 @@ from tasksprint_sdk.runtime import bind, unbind
 
 from tasksprint import codec
 from tasksprint.coordinator import snapshots, views
+from tasksprint.coordinator.archive import History, MemoryHistory
 from tasksprint.coordinator.lineage import Lineage
 from tasksprint.coordinator.ops import (
     ACCEPTED,
@@ -116,6 +117,7 @@ class CoordinatorMachine:
     _fx: Entry = attrs.field(init=False, factory=Entry)  # scratch of the entry being applied
     _placement: Placement = attrs.field(init=False)
     _lineage: Lineage = attrs.field(init=False)
+    _history: History = attrs.field(factory=MemoryHistory, kw_only=True)
 
     def __attrs_post_init__(self) -> None:
         if not (isinstance(self._scheduler_cls, type) and issubclass(self._scheduler_cls, Coordinator)):
@@ -586,6 +588,31 @@ class CoordinatorMachine:
             raise ValueError(f"forget_task({tid!r}): there is no task with that id")
         self._lineage.forget(tid)
 
+    def archive(self, key: Any, record: Any) -> None:
+        """The scheduler's ``archive``: ``record`` goes to this replica's history, not the state."""
+        if not is_int(key) or key < 0:
+            raise ValueError(f"archive({key!r}, ...): the key must be an int >= 0")
+        check_plain(record, "archive(record=...)")
+        data = codec.encode(record)
+        self._history.put(key, data)
+        self._fx.effects.append(["archive", key, hashlib.sha256(data).hexdigest()[:16]])
+
+    def archived(self, key: Any) -> Any:
+        """The scheduler's ``archived``: what this replica's history keeps under ``key``, or None."""
+        if not is_int(key) or key < 0:
+            return None
+        data = self._history.get(key)
+        if data is None:
+            return None
+        try:
+            return codec.decode_untrusted(data)
+        except codec.BadMessage:
+            return None  # a damaged record reads as missing: another replica may have it
+
+    def attach_history(self, history: History) -> None:
+        """Keep archived records in ``history`` from now on (a replica's, in its data directory)."""
+        self._history = history
+
     def end_computation(self, taskids: Any, values: Any) -> None:
         """The scheduler's ``finish``: the computation ends with ``values`` and those tasks' values."""
         s = self._state
@@ -783,6 +810,8 @@ class CoordinatorMachine:
 
     def snapshot(self) -> bytes:
         """The whole state, including the user's scheduler object, as bytes."""
+        # What the state no longer holds must be on disk before a snapshot says so.
+        self._history.sync()
         sched = self._state.scheduler
         # The runtime points back at this machine; the restoring machine binds its own.
         runtime = unbind(sched) if sched is not None else None

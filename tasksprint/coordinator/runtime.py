@@ -70,6 +70,13 @@ class HookRuntime:
         """Raise :class:`SchedulerUsageError` if action ``what`` cannot run now."""
         if what in ("random", "now", "task_info"):
             return
+        if what == "archived":
+            if self._active:
+                raise SchedulerUsageError(
+                    "archived() reads this replica's own history, which replicas may hold differently: "
+                    "call it in query() only, never in a hook that changes the state"
+                )
+            return
         if not self._active:
             raise SchedulerUsageError(
                 f"{what}() can only be called while a hook (init, client_joined, client_dead, task_done, "
@@ -102,6 +109,12 @@ class HookRuntime:
 
     def forget_task(self, tid: int) -> None:
         self._machine.forget_task(tid)
+
+    def archive(self, key: int, record: Any) -> None:
+        self._machine.archive(key, record)
+
+    def archived(self, key: int) -> Any:
+        return self._machine.archived(key)
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` (one hook) with actions enabled and ``print()`` going to stderr.

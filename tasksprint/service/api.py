@@ -28,6 +28,7 @@ from typing import Any
 import attrs
 import trio
 
+from tasksprint import codec
 from tasksprint.channel import ASK_ERRORS, ReplicaChannel, Unreachable
 from tasksprint.coordinator.ops import (
     Commanded,
@@ -109,6 +110,25 @@ def task_spec(
     return spec
 
 
+def submit_body(specs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The compact ``submit`` command for ``specs``: each distinct spec once, and per task its index."""
+    index: dict[Any, int] = {}
+    distinct: list[dict[str, Any]] = []
+    by_object: dict[int, int] = {}  # the same object again needs no encoding
+    each = []
+    for spec in specs:
+        i = by_object.get(id(spec))
+        if i is None:
+            key = codec.encode(spec)
+            i = index.get(key)
+            if i is None:
+                i = index[key] = len(distinct)
+                distinct.append(spec)
+            by_object[id(spec)] = i
+        each.append(i)
+    return {"do": "submit", "specs": distinct, "each": each}
+
+
 def _fill(template: str | Callable[[Any], Any], item: Any) -> Any:
     if callable(template):
         return template(item)
@@ -150,24 +170,26 @@ class AsyncService:
         return _value(answer)
 
     async def submit_specs(self, specs: Sequence[dict[str, Any]], *, deadline: float = 60.0) -> list[int]:
-        """Submit task specs (see :func:`task_spec`), up to ``MAX_BATCH`` per log command; their ids."""
-        ids: list[int] = []
-        batches = [list(specs[i : i + MAX_BATCH]) for i in range(0, len(specs), MAX_BATCH)]
+        """Submit task specs (see :func:`task_spec`), up to ``MAX_BATCH`` per log command; their ids.
+
+        Each command takes the compact form (distinct specs once, then an
+        index per task), so submitting one command many times sends it once
+        per batch.
+        """
+        batches = [submit_body(specs[i : i + MAX_BATCH]) for i in range(0, len(specs), MAX_BATCH)]
         assert self._log is not None, "use AsyncService as an async context manager"
         try:
-            answers = await self._log.submit_many(
-                [CommandOp(body={"do": "submit", "tasks": b}).to_wire() for b in batches], deadline=deadline
-            )
+            answers = await self._log.submit_many([CommandOp(body=b).to_wire() for b in batches], deadline=deadline)
         except Unavailable as exc:
             raise ServiceError(f"the service did not answer: {exc}") from None
+        ids: list[int] = []
         for i, answer in enumerate(answers):
             value = _value(answer)
+            count = len(batches[i]["each"])
             if "error" in value:
                 first = i * MAX_BATCH
-                raise ServiceError(
-                    f"submission refused (tasks {first + 1}..{first + len(batches[i])}): {value['error']}"
-                )
-            ids += value["ids"]
+                raise ServiceError(f"submission refused (tasks {first + 1}..{first + count}): {value['error']}")
+            ids += range(value["first"], value["first"] + count)
         return ids
 
     async def submit(self, cmd: str | None = None, **options: Any) -> AsyncTask:
@@ -266,8 +288,26 @@ class AsyncService:
         return {c.name: c.addr for c in status.live_clients}
 
     async def info(self, tid: int) -> dict[str, Any] | None:
-        """Everything known about task ``tid`` (None: no such task)."""
+        """Everything known about task ``tid`` (None: no such task).
+
+        A compacted task is read from a replica's history; one that caught
+        up from another's snapshot may lack it (``"history": "missing"``),
+        so the other replicas are asked before that answer is returned.
+        """
         result: dict[str, Any] | None = await self.ask(q="info", id=tid)
+        channel = self._channel
+        assert channel is not None
+        for _ in range(len(self.addrs) - 1):
+            if result is None or result.get("history") != "missing":
+                break
+            await channel.move_on()
+            self._leader_known = False  # the next question finds the leader again
+            try:
+                other = await channel.request(SchedulerRequest(body={"q": "info", "id": tid}))
+            except ASK_ERRORS:
+                continue
+            if isinstance(other.value, dict):
+                result = other.value
         return result
 
     async def status(self, **filters: Any) -> dict[str, Any]:

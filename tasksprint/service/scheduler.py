@@ -9,17 +9,23 @@ replica runs it in lockstep and it doubles as an example of the SDK's
 ``finish``: the service runs until it is stopped.
 
 Tasks come in through the log as commands (:meth:`QueueScheduler.command`):
-``{"do": "submit", "tasks": [spec, ...]}`` and ``{"do": "cancel", "ids":
-[...]}`` / ``{"do": "cancel", "job": name}``.  A spec is a command task:
-``cmd`` (a bash line) or ``argv``, and ``require``, ``want``, ``after``,
-``name``, ``job``, ``retries``, ``timeout``, ``limits``, ``cwd``, ``env``,
-and for a task that brings and keeps files ``files`` (name -> base64 text:
-input files, written into the task's own working directory), ``results``
-(names or globs of files kept after the run, failed or not, fetched from the
-worker that ran it), ``stdout`` and ``stderr`` (files the output goes to).
-File names are checked here as well as where the task starts: relative,
-no ``..``, no control characters, bounded.  A whole submission is checked before any task of it is recorded, so it is
-taken or refused as one.
+``{"do": "submit", "tasks": [spec, ...]}``, or in the compact form a bulk
+submission takes, ``{"do": "submit", "specs": [spec, ...], "each": [i,
+...]}`` (distinct specs, then per task the index of its spec: each
+distinct spec is checked once and shared by its tasks); ``{"do":
+"cancel", "ids": [...]}`` / ``{"do": "cancel", "job": name}``; and
+``{"do": "configure", "retention": s, "window": n}``.  A submission's
+answer is ``{"first": id, "count": n}``: its tasks got the ids ``first``
+to ``first + n - 1``.  Specs are checked by :mod:`tasksprint.service.specs`
+(what a spec may hold is documented there).  A whole submission is checked
+before any task of it is recorded, so it is taken or refused as one.
+
+Admission: a task whose ``after`` tasks are done is *ready*; it becomes a
+coordinator task (``start_task``) only when fewer than ``window`` tasks
+with the same required tags are in the coordinator (started, not ended).
+The coordinator's per-task record and work are what a million waiting
+tasks cannot afford; here a waiting task is a small :class:`Rec`.  Tasks
+requiring a tag no worker has fill only their own class's window.
 
 Ids: the scheduler numbers tasks itself (``id``, from 1), because a task
 whose ``after`` tasks are not done yet is *held* here and handed to the
@@ -29,8 +35,8 @@ coordinator's pretasks: a done task's record is in the log, so a dependent
 never needs its outputs and a worker leaving never makes a finished task
 run again.
 
-States: ``waiting`` (held for its ``after`` tasks), ``pending`` (started,
-no worker yet), ``running``, ``done``, ``failed``, ``cancelled``.  A task
+States: ``waiting`` (held for its ``after`` tasks), ``pending`` (ready or
+started, no worker yet), ``running``, ``done``, ``failed``, ``cancelled``.  A task
 that fails for good, or is cancelled, cancels every task that depends on
 it, transitively; running ones are killed on their workers.
 
@@ -42,7 +48,6 @@ Questions (:meth:`QueueScheduler.query`, read-only, any replica):
 from __future__ import annotations
 
 import base64
-import binascii
 import collections
 import itertools
 import math
@@ -50,39 +55,24 @@ from typing import Any
 
 from tasksprint_sdk.coordinator import Coordinator
 
-__all__ = ["MAX_BATCH", "QueueScheduler", "SpecError", "check_spec"]
+from tasksprint.service.records import Rec, Spec, admission_key, pack, unpack
+from tasksprint.service.specs import MAX_FILES, SpecError, check_spec
+
+__all__ = ["MAX_BATCH", "MAX_FILES", "QueueScheduler", "SpecError", "check_spec"]
 
 #: Most tasks one submit command may carry (a command is one log entry).
-MAX_BATCH = 2_000
-#: Seconds a finished task's full record stays in the coordinator's state (then only its summary).
+MAX_BATCH = 20_000
+#: Default most tasks of one admission class (required tags) held by the coordinator at once.
+DEFAULT_WINDOW = 4_096
+MAX_WINDOW = 1_000_000
+#: Seconds a finished task stays in the replicated state (then only in the replicas' history).
 DEFAULT_RETENTION = 3600.0
+#: Most tasks compacted in one event (a command or a hook).
+MAX_COMPACT = 5_000
 #: Most rows a status question returns.
 MAX_PAGE = 1_000
 
 FINISHED = ("done", "failed", "cancelled")
-_SPEC_KEYS = frozenset(
-    [
-        "cmd",
-        "argv",
-        "require",
-        "want",
-        "after",
-        "name",
-        "job",
-        "retries",
-        "timeout",
-        "limits",
-        "cwd",
-        "env",
-        "files",
-        "results",
-        "stdout",
-        "stderr",
-    ]
-)
-_LIMIT_KEYS = frozenset(["memory_bytes", "cpus", "cpuset", "pids", "wall_time_s", "cpu_time_s", "output_bytes"])
-_MAX_TAGS = 64
-_MAX_TEXT = 4096
 #: The figures of a command's record that ``info`` shows under ``usage``.
 _USAGE = (
     "signal",
@@ -93,188 +83,6 @@ _USAGE = (
     "limits_hit",
     "enforcement",
 )
-#: Most input files and result patterns one task may name.
-MAX_FILES = 10_000
-#: Most bytes of content a task's input files may hold (they travel in the log, as base64 text).
-MAX_FILES_BYTES = 1024 * 1024
-MAX_FILES_TEXT = 4 * ((MAX_FILES_BYTES + 2) // 3)
-
-
-class SpecError(ValueError):
-    """A submitted task spec that cannot be taken; the message names the field."""
-
-
-def _tags(spec: dict[str, Any], key: str) -> list[str]:
-    v = spec.get(key, [])
-    if (
-        not isinstance(v, list)
-        or len(v) > _MAX_TAGS
-        or not all(isinstance(t, str) and 0 < len(t) <= 128 and t.strip() == t for t in v)
-    ):
-        raise SpecError(f"{key!r} must be a list of at most {_MAX_TAGS} tag strings, got {v!r:.120}")
-    return list(dict.fromkeys(v))
-
-
-def _opt_text(spec: dict[str, Any], key: str) -> str | None:
-    v = spec.get(key)
-    if v is not None and (not isinstance(v, str) or len(v) > _MAX_TEXT):
-        raise SpecError(f"{key!r} must be a string of at most {_MAX_TEXT} characters, got {v!r:.120}")
-    return v
-
-
-def _file_name(name: Any, what: str) -> str:
-    """``name`` if it is a relative file name without ``..`` (the runner checks it again); else SpecError."""
-    if not isinstance(name, str) or not name or len(name) > _MAX_TEXT:
-        raise SpecError(f"{what} must be a non-empty string of at most {_MAX_TEXT} characters, got {name!r:.120}")
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        raise SpecError(f"{what} {name!r:.120} holds a control character")
-    if name.startswith("/"):
-        raise SpecError(f"{what} {name!r:.120} is absolute: name it relative to the task's working directory")
-    if ".." in name.split("/"):
-        raise SpecError(f"{what} {name!r:.120} contains '..': a task's files stay inside its working directory")
-    return name
-
-
-def _files(files: Any) -> dict[str, str]:
-    if not isinstance(files, dict) or len(files) > MAX_FILES:
-        raise SpecError(f"'files' must map at most {MAX_FILES} file names to base64 text, got {type(files).__name__}")
-    text_total = content_total = 0
-    for name, text in files.items():
-        _file_name(name, "'files' name")
-        if not isinstance(text, str):
-            raise SpecError(f"'files' {name!r:.120}: the content must be base64 text, got {type(text).__name__}")
-        # Each file's padding aside, the text is bounded before any of it is decoded.
-        text_total += len(text)
-        if text_total > MAX_FILES_TEXT + 4 * len(files):
-            raise SpecError(f"'files' hold more than {MAX_FILES_BYTES} bytes of content")
-        try:
-            content_total += len(base64.b64decode(text, validate=True))
-        except (binascii.Error, ValueError):
-            raise SpecError(f"'files' {name!r:.120}: the content is not base64") from None
-        if content_total > MAX_FILES_BYTES:
-            raise SpecError(f"'files' hold more than {MAX_FILES_BYTES} bytes of content")
-    return dict(files)
-
-
-def check_spec(spec: Any) -> dict[str, Any]:
-    """A submitted task spec, checked and normalized; raises :class:`SpecError` naming what is wrong.
-
-    The coordinator checks the limits again when the task starts.
-    """
-    if not isinstance(spec, dict) or not all(isinstance(k, str) for k in spec):
-        raise SpecError(f"a task spec must be a map with string keys, got {type(spec).__name__}")
-    unknown = sorted(k for k in spec if k not in _SPEC_KEYS)
-    if unknown:
-        raise SpecError(f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(_SPEC_KEYS))}")
-    out: dict[str, Any] = {}
-    cmd, argv = spec.get("cmd"), spec.get("argv")
-    if (cmd is None) == (argv is None):
-        raise SpecError("give exactly one of 'cmd' (a bash command line) and 'argv' (a program and its arguments)")
-    if cmd is not None:
-        if not isinstance(cmd, str) or not cmd.strip() or len(cmd) > 65536:
-            raise SpecError(f"'cmd' must be a non-empty string of at most 65536 characters, got {cmd!r:.120}")
-        out["cmd"] = cmd
-    else:
-        if (
-            not isinstance(argv, list)
-            or not argv
-            or len(argv) > 4096
-            or not all(isinstance(a, str) and len(a) <= 65536 for a in argv)
-        ):
-            raise SpecError(f"'argv' must be a non-empty list of strings, got {argv!r:.120}")
-        out["argv"] = list(argv)
-    for key in ("require", "want"):
-        tags = _tags(spec, key)
-        if tags:
-            out[key] = tags
-    after = spec.get("after", [])
-    if not isinstance(after, list) or len(after) > 10_000 or not all(type(a) is int and a >= 1 for a in after):
-        raise SpecError(f"'after' must be a list of task ids, got {after!r:.120}")
-    if after:
-        out["after"] = list(dict.fromkeys(after))
-    for key in ("name", "job", "cwd"):
-        v = _opt_text(spec, key)
-        if v is not None:
-            out[key] = v
-    retries = spec.get("retries", 0)
-    if type(retries) is not int or not 0 <= retries <= 100:
-        raise SpecError(f"'retries' must be an int from 0 to 100, got {retries!r:.120}")
-    if retries:
-        out["retries"] = retries
-    timeout = spec.get("timeout")
-    if timeout is not None:
-        if type(timeout) not in (int, float) or not (math.isfinite(timeout) and timeout > 0):
-            raise SpecError(f"'timeout' must be a positive number of seconds, got {timeout!r:.120}")
-        out["timeout"] = float(timeout)
-    env = spec.get("env")
-    if env is not None:
-        if (
-            not isinstance(env, dict)
-            or len(env) > 1024
-            or not all(isinstance(k, str) and k and "=" not in k and isinstance(v, str) for k, v in env.items())
-        ):
-            raise SpecError(f"'env' must map variable names to strings, got {env!r:.120}")
-        out["env"] = dict(env)
-    limits = spec.get("limits")
-    if limits is not None:
-        if not isinstance(limits, dict) or not all(k in _LIMIT_KEYS for k in limits):
-            raise SpecError(
-                f"'limits' must be a map with keys among {', '.join(sorted(_LIMIT_KEYS))}, got {limits!r:.120}"
-            )
-        out["limits"] = dict(limits)
-    if spec.get("files") is not None:
-        out["files"] = _files(spec["files"])
-    results = spec.get("results")
-    if results is not None:
-        if not isinstance(results, list) or len(results) > MAX_FILES:
-            raise SpecError(f"'results' must be a list of at most {MAX_FILES} names or globs, got {results!r:.120}")
-        out["results"] = [_file_name(r, "'results' entry") for r in results]
-    for key in ("stdout", "stderr"):
-        if spec.get(key) is not None:
-            out[key] = _file_name(spec[key], repr(key))
-    if ("files" in out or "results" in out) and "cwd" in out:
-        raise SpecError("a task with 'files' or 'results' runs in a working directory of its own: leave 'cwd' unset")
-    return out
-
-
-class Rec:
-    """One submitted task, as small as it can be: a service keeps millions."""
-
-    __slots__ = (
-        "after",
-        "blocking",
-        "finished",
-        "job",
-        "name",
-        "record",
-        "spec",
-        "state",
-        "submitted",
-        "tid",
-        "why",
-        "worker",
-    )
-
-    def __init__(self, spec: dict[str, Any], now: float) -> None:
-        self.job: str | None = spec.pop("job", None)
-        self.name: str | None = spec.pop("name", None)
-        self.after: tuple[int, ...] = tuple(spec.pop("after", ()))
-        self.spec: dict[str, Any] | None = spec  # until it starts; then the coordinator has it
-        self.state = "waiting"
-        self.tid: int | None = None
-        self.blocking = 0  # after tasks not done yet
-        self.submitted = now
-        self.finished: float | None = None
-        self.why: str | None = None  # why it failed or was cancelled
-        self.record: dict[str, Any] | None = None  # a failed command's record (a done one's is the coordinator's)
-        self.worker: str | None = None  # the worker that ran it to success
-
-    def __getstate__(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, k) for k in Rec.__slots__)
-
-    def __setstate__(self, state: tuple[Any, ...]) -> None:
-        for k, v in zip(Rec.__slots__, state, strict=True):
-            setattr(self, k, v)
 
 
 class QueueScheduler(Coordinator):
@@ -288,10 +96,25 @@ class QueueScheduler(Coordinator):
         self.jobs: dict[str, list[int]] = {}
         self.open: dict[int, None] = {}  # unfinished ids, in submission order
         self.retention = DEFAULT_RETENTION
+        self.window = DEFAULT_WINDOW
         # Ids that ended with a record in the coordinator, in the order they ended (so by end time).
         self.ended: collections.deque[int] = collections.deque()
         self.compacted = 0
-        self.tally = {"waiting": 0, "queued": 0, "done": 0, "failed": 0, "cancelled": 0}
+        self.gone: dict[int, str] = {}  # compacted tasks that did not succeed: how they ended
+        self.tally = {"waiting": 0, "ready": 0, "queued": 0, "done": 0, "failed": 0, "cancelled": 0}
+        # Admission: ready ids not yet handed to the coordinator, and how many it holds, by required tags.
+        self.ready: dict[tuple[str, ...], collections.deque[int]] = {}
+        self.started: dict[tuple[str, ...], int] = {}
+        self.short: dict[tuple[str, ...], None] = {}  # classes that may have room and ready ids
+
+    # ---------------------------------------------------------- snapshots
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The state with its per-task containers packed into one JSON text (see :func:`records.pack`)."""
+        return pack(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(unpack(state))
 
     # ----------------------------------------------------------- commands
 
@@ -300,90 +123,176 @@ class QueueScheduler(Coordinator):
             return {"error": f"a command must be a map, got {type(body).__name__}"}
         match body.get("do"):
             case "submit":
-                answer = self._submit(body.get("tasks"))
+                answer = self._submit(body)
             case "cancel":
                 answer = self._cancel_command(body)
             case "configure":
                 answer = self._configure(body)
             case other:
                 return {"error": f"unknown command {other!r:.80}; known: submit, cancel, configure"}
-        self._compact()
+        self._settle()
         return answer
 
+    def _settle(self) -> None:
+        self._admit()
+        self._compact()
+
     def _configure(self, body: dict[str, Any]) -> dict[str, Any]:
-        retention: Any = body.get("retention")
+        retention: Any = body.get("retention", self.retention)
         if type(retention) not in (int, float) or not (math.isfinite(retention) and retention >= 0):
             return {"error": f"'retention' must be a number of seconds >= 0, got {retention!r:.80}"}
+        window: Any = body.get("window", self.window)
+        if type(window) is not int or not 1 <= window <= MAX_WINDOW:
+            return {"error": f"'window' must be an int from 1 to {MAX_WINDOW}, got {window!r:.80}"}
         self.retention = float(retention)
-        return {"retention": self.retention}
+        if window > self.window:
+            self.short.update(dict.fromkeys(self.ready))
+        self.window = window
+        return {"retention": self.retention, "window": self.window}
 
     def _compact(self) -> None:
-        """Forget the coordinator's records of tasks that ended more than ``retention`` seconds ago.
+        """Archive the tasks that ended more than ``retention`` seconds ago and drop them from the state.
 
-        What ``info`` shows of such a task stays here, in a few fields.
+        Each one's ``info`` answer goes to the replicas' durable history
+        (``archive``), where the ``info`` question reads it; the state keeps
+        only how a task that did not succeed ended (``gone``), so ``states``
+        and a later ``--after`` still know.  At most ``MAX_COMPACT`` per
+        event, so one command never pauses the service for long; a backlog
+        goes in the events that follow.
         """
         horizon = self.now - self.retention
-        while self.ended:
-            rec = self.recs[self.ended[0]]
+        for _ in range(MAX_COMPACT):
+            if not self.ended:
+                return
+            sid = self.ended[0]
+            rec = self.recs[sid]
             if rec.finished is not None and rec.finished > horizon:
                 return
             self.ended.popleft()
-            tid = rec.tid
-            if tid is None or tid not in self.by_tid:
-                continue
-            info = self.task_info(tid)
-            values = (info or {}).get("values") or rec.record or {}
-            rec.record = {k: values.get(k) for k in ("exit_code", "started", "finished", "verdict", "host")}
-            if values.get("result_files"):
-                rec.record["result_files"] = values["result_files"]
-            if info is not None:
-                command = info["kwargs"].get("command") or {}
-                rec.record["command"] = command.get("cmd") or " ".join(command.get("argv") or ())
-            del self.by_tid[tid]
-            if info is not None:
-                self.forget_task(tid)
+            self.archive(sid, self.info(sid))
+            if rec.tid is not None:
+                if self.task_info(rec.tid) is not None:
+                    self.forget_task(rec.tid)
+                self.by_tid.pop(rec.tid, None)
+            del self.recs[sid]
+            self.dependents.pop(sid, None)
+            if rec.state != "done":
+                self.gone[sid] = rec.state
             self.compacted += 1
 
-    def _submit(self, tasks: Any) -> dict[str, Any]:
-        if not isinstance(tasks, list) or not tasks or len(tasks) > MAX_BATCH:
-            return {"error": f"'tasks' must be a list of 1 to {MAX_BATCH} task specs"}
+    def _ended_as(self, sid: int) -> str | None:
+        """The state of task ``sid``, compacted or not; None if there is no such task."""
+        rec = self.recs.get(sid)
+        if rec is not None:
+            return self._state(sid)
+        return self.gone.get(sid, "done") if 1 <= sid < self.next_id else None
+
+    def _specs(self, body: dict[str, Any]) -> tuple[list[Spec], list[int]] | str:
+        """The submission's distinct specs, checked, and which one each task uses; or what is wrong.
+
+        Two forms: ``tasks`` (a spec per task) or ``specs`` (distinct specs)
+        with ``each`` (per task, the index of its spec), the compact form a
+        bulk submission of few distinct commands takes.
+        """
+        if "specs" in body:
+            raw, each = body.get("specs"), body.get("each")
+            if not isinstance(each, list) or not each or len(each) > MAX_BATCH:
+                return f"'each' must be a list of 1 to {MAX_BATCH} spec indexes"
+            if not isinstance(raw, list) or not raw or len(raw) > len(each):
+                return "'specs' must be a list of 1 to len(each) task specs"
+            n = len(raw)
+            if not all(type(i) is int and 0 <= i < n for i in each):
+                return f"'each' must hold indexes into 'specs' (0 to {n - 1})"
+        else:
+            raw = body.get("tasks")
+            if not isinstance(raw, list) or not raw or len(raw) > MAX_BATCH:
+                return f"'tasks' must be a list of 1 to {MAX_BATCH} task specs"
+            each = list(range(len(raw)))
+        first: dict[int, int] = {}  # spec index -> the first task using it
+        for pos, i in enumerate(each):
+            first.setdefault(i, pos)
         specs = []
-        for i, raw in enumerate(tasks):
+        for i, one in enumerate(raw):
+            pos = first.get(i, len(each))
             try:
-                spec = check_spec(raw)
+                spec = Spec(check_spec(one))
             except SpecError as exc:
-                return {"error": f"task {i + 1} of {len(tasks)}: {exc}"}
+                return f"task {pos + 1} of {len(each)}: {exc}"
             # An id not yet handed out would make a task wait forever.
-            bad = [a for a in spec.get("after", ()) if a >= self.next_id + i]
+            bad = [a for a in spec.after if a >= self.next_id + pos]
             if bad:
-                return {"error": f"task {i + 1} of {len(tasks)}: 'after' names unknown task id(s) {bad[:10]}"}
+                return f"task {pos + 1} of {len(each)}: 'after' names unknown task id(s) {bad[:10]}"
             specs.append(spec)
-        ids = []
-        for spec in specs:
+        return specs, each
+
+    def _submit(self, body: dict[str, Any]) -> dict[str, Any]:
+        checked = self._specs(body)
+        if isinstance(checked, str):
+            return {"error": checked}
+        specs, each = checked
+        first = self.next_id
+        now = self.now
+        recs, opened, tally = self.recs, self.open, self.tally
+        for i in each:
+            spec = specs[i]
             sid = self.next_id
             self.next_id += 1
-            rec = Rec(spec, self.now)
-            self.tally["waiting"] += 1
-            self.recs[sid] = rec
-            self.open[sid] = None
+            rec = Rec(spec, now)
+            recs[sid] = rec
+            opened[sid] = None
+            tally["waiting"] += 1
             if rec.job is not None:
                 self.jobs.setdefault(rec.job, []).append(sid)
-            ids.append(sid)
+            if not rec.after:
+                self._make_ready(sid, rec)
+                continue
             doomed = None
             for a in rec.after:
-                pre = self.recs[a]
-                if pre.state in ("failed", "cancelled"):
+                pre = recs.get(a)
+                ended = pre.state if pre is not None else self.gone.get(a, "done")  # compacted: ended
+                if ended in ("failed", "cancelled"):
                     doomed = doomed or a
-                elif pre.state != "done":
+                elif ended != "done":
                     rec.blocking += 1
                     self.dependents.setdefault(a, []).append(sid)
             if doomed is not None:
                 self._end(sid, "cancelled", f"task {doomed}, which it runs after, did not succeed")
             elif rec.blocking == 0:
-                self._start(sid)
-        return {"ids": ids}
+                self._make_ready(sid, rec)
+        return {"first": first, "count": len(each)}
 
-    def _start(self, sid: int) -> None:
+    def _make_ready(self, sid: int, rec: Rec) -> None:
+        """Queue ``sid`` for admission: it becomes a coordinator task when its class has room."""
+        assert rec.spec is not None
+        self._set(rec, "ready")
+        key = admission_key(rec.spec)
+        queue = self.ready.get(key)
+        if queue is None:
+            queue = self.ready[key] = collections.deque()
+        queue.append(sid)
+        self.short[key] = None
+
+    def _admit(self) -> None:
+        """Hand ready tasks to the coordinator while their class holds fewer than ``window`` of them.
+
+        The coordinator's records are large and its per-task work is costly,
+        so it only holds what workers may soon take; the rest waits here,
+        in a few bytes each.
+        """
+        while self.short:
+            key = next(iter(self.short))
+            del self.short[key]
+            queue = self.ready.get(key)
+            room = self.window - self.started.get(key, 0)
+            while queue and room > 0:
+                sid = queue.popleft()
+                if self.recs[sid].state == "ready" and self._start(sid, key):  # not cancelled meanwhile
+                    room -= 1
+            if not queue:
+                self.ready.pop(key, None)
+
+    def _start(self, sid: int, key: tuple[str, ...]) -> bool:
+        """Hand ``sid`` to the coordinator; False if the coordinator refused it (then it failed)."""
         rec = self.recs[sid]
         spec = rec.spec
         assert spec is not None
@@ -407,11 +316,12 @@ class QueueScheduler(Coordinator):
             # Checked at submission; the coordinator's own checks (limits) may still refuse it.
             self._end(sid, "failed", f"cannot start: {exc}")
             self._cancel_dependents(sid, f"task {sid}, which it runs after, failed")
-            return
-        rec.spec = None
+            return False
         rec.tid = tid
         self._set(rec, "queued")
         self.by_tid[tid] = sid
+        self.started[key] = self.started.get(key, 0) + 1
+        return True
 
     def _cancel_command(self, body: dict[str, Any]) -> dict[str, Any]:
         if "job" in body:
@@ -431,7 +341,7 @@ class QueueScheduler(Coordinator):
             ):
                 return {"error": "'ids' must be a non-empty list of task ids"}
             ids = list(given)
-            unknown = [i for i in ids if i not in self.recs]
+            unknown = [i for i in ids if not 1 <= i < self.next_id]
             if unknown:
                 return {"error": f"unknown task id(s) {unknown[:10]}"}
         cancelled: list[int] = []
@@ -446,7 +356,9 @@ class QueueScheduler(Coordinator):
         frontier = collections.deque([root])
         while frontier:
             sid = frontier.popleft()
-            rec = self.recs[sid]
+            rec = self.recs.get(sid)
+            if rec is None:  # compacted: it ended long ago
+                continue
             if rec.state not in FINISHED:
                 if rec.tid is not None:
                     self.kill_task(rec.tid)  # kills it on its worker if it runs
@@ -467,10 +379,14 @@ class QueueScheduler(Coordinator):
         self._set(rec, state)
         rec.why = why
         rec.finished = self.now
-        rec.spec = None
         self.open.pop(sid, None)
         if rec.tid is not None:
             self.ended.append(sid)
+            assert rec.spec is not None
+            key = admission_key(rec.spec)
+            self.started[key] -= 1
+            if key in self.ready:
+                self.short[key] = None
 
     # -------------------------------------------------------------- hooks
 
@@ -486,8 +402,8 @@ class QueueScheduler(Coordinator):
             dep = self.recs[d]
             dep.blocking -= 1
             if dep.blocking == 0 and dep.state == "waiting":
-                self._start(d)
-        self._compact()
+                self._make_ready(d, dep)
+        self._settle()
 
     def task_failed(self, tid: int, error: str, record: dict[str, Any] | None = None) -> None:
         sid = self.by_tid.get(tid)
@@ -499,14 +415,14 @@ class QueueScheduler(Coordinator):
             self.recs[sid].worker = record["worker"]  # it keeps the failed run's result files
         self._cancel_dependents(sid, f"task {sid}, which it runs after, failed")
         self.dependents.pop(sid, None)
-        self._compact()
+        self._settle()
 
     def task_killed(self, tid: int) -> None:
         sid = self.by_tid.get(tid)
         if sid is None or self.recs[sid].state in FINISHED:
             return
         self._cancel_tree(sid, "cancelled", f"task {sid}, which it runs after, was cancelled")
-        self._compact()
+        self._settle()
 
     # ----------------------------------------------------------- questions
 
@@ -518,22 +434,41 @@ class QueueScheduler(Coordinator):
                 return self._status(args)
             case "info":
                 sid = args.get("id")
-                if type(sid) is not int or sid not in self.recs:
+                if type(sid) is not int:
                     return None
-                return self.info(sid)
+                if sid in self.recs:
+                    return self.info(sid)
+                return self._archived_info(sid)
             case "states":
                 ids = args.get("ids")
                 if not isinstance(ids, list) or len(ids) > MAX_PAGE * 10 or not all(type(i) is int for i in ids):
                     raise ValueError("'ids' must be a list of task ids")
-                return {str(i): (self._state(i) if i in self.recs else None) for i in ids}
+                return {str(i): self._ended_as(i) for i in ids}
             case "job":
                 job = args.get("job")
                 return list(self.jobs.get(job, ())) if isinstance(job, str) else []
             case other:
                 raise ValueError(f"unknown question {other!r:.80}; known: status, info, states, job")
 
+    def _archived_info(self, sid: int) -> dict[str, Any] | None:
+        """``info`` of a compacted task, from this replica's history.
+
+        A replica that caught up from another's snapshot may lack it: then
+        the answer says ``"history": "missing"`` with what the state knows
+        (the id and how it ended), and the client asks another replica.
+        """
+        state = self._ended_as(sid)
+        if state is None:
+            return None
+        record = self.archived(sid)
+        if not isinstance(record, dict) or record.get("id") != sid:
+            return {"id": sid, "state": state, "history": "missing"}
+        return {**record, "history": "archived"}
+
     def _state(self, sid: int) -> str:
         rec = self.recs[sid]
+        if rec.state == "ready":
+            return "pending"
         if rec.state != "queued":
             return rec.state
         assert rec.tid is not None
@@ -563,12 +498,14 @@ class QueueScheduler(Coordinator):
             ids = list(itertools.islice(iter(pool), offset, offset + limit))
             return {"total": matched, "offset": offset, "tasks": [self._row(i) for i in ids], "counts": self.counts()}
         for sid in pool:
-            rec = self.recs[sid]
+            rec = self.recs.get(sid)
+            if rec is None:  # compacted: in the history, not listed
+                continue
             if want_state not in (None, "all"):
                 if want_state in FINISHED or want_state == "waiting":
                     if rec.state != want_state:
                         continue
-                elif rec.state != "queued" or self._state(sid) != want_state:
+                elif rec.state not in ("ready", "queued") or self._state(sid) != want_state:
                     continue
             if tag is not None or worker is not None:
                 row = self._row(sid)
@@ -583,7 +520,9 @@ class QueueScheduler(Coordinator):
 
     def counts(self) -> dict[str, int]:
         """Tasks by scheduler state (``queued`` covers pending and running), and how many were compacted."""
-        return {**self.tally, "compacted": self.compacted}
+        counts = dict(self.tally)
+        counts["queued"] += counts.pop("ready")
+        return {**counts, "compacted": self.compacted}
 
     def _set(self, rec: Rec, state: str) -> None:
         self.tally[rec.state] -= 1
@@ -603,7 +542,9 @@ class QueueScheduler(Coordinator):
                 "want": info["want"],
             }
         state = rec.state
-        if state == "queued":
+        if state == "ready":
+            state = "pending"
+        elif state == "queued":
             state = "running" if info is not None and info["state"] == "running" else "pending"
         command = spec.get("cmd") if spec.get("cmd") is not None else " ".join(spec.get("argv") or ())
         if info is None and rec.record is not None and "command" in rec.record:

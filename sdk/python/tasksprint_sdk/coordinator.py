@@ -261,6 +261,30 @@ class Coordinator:
         """
         self._tasksprint_runtime_for("forget_task").forget_task(tid)
 
+    def archive(self, key: int, record: Any) -> None:
+        """Keep ``record`` (plain data) under ``key`` (an int >= 0) in each replica's durable history.
+
+        The history is kept by every replica on its disk, outside the
+        replicated state, so what a long-running scheduler compacts away
+        costs neither memory nor snapshot size; every replica that applies
+        the same hooks archives the same records.  A later record under the
+        same key replaces the earlier one.  Read it back with
+        :meth:`archived`, in :meth:`query` only.  Raises
+        :class:`SchedulerUsageError` outside a hook, ``TypeError`` if
+        ``record`` is not plain data.
+        """
+        self._tasksprint_runtime_for("archive").archive(key, record)
+
+    def archived(self, key: int) -> Any:
+        """The record :meth:`archive` kept under ``key`` in this replica's history, or None.
+
+        Only in :meth:`query`: the answer is this replica's, and a replica
+        that caught up from another's snapshot lacks what was archived
+        while it was away (ask another replica).  Raises
+        :class:`SchedulerUsageError` in any other hook.
+        """
+        return self._tasksprint_runtime_for("archived").archived(key)
+
     def task_info(self, tid: int) -> dict[str, Any] | None:
         """What the coordinator knows of task ``tid`` (plain data), or None if there is no such task.
 

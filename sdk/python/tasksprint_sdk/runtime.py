@@ -55,6 +55,12 @@ class SchedulerRuntime(Protocol):
     def forget_task(self, tid: int) -> None:
         """Drop finished task ``tid`` from the coordinator's state."""
 
+    def archive(self, key: int, record: Any) -> None:
+        """Keep ``record`` (plain data) under ``key`` in the replica's durable history, out of the state."""
+
+    def archived(self, key: int) -> Any:
+        """The record archived under ``key`` in this replica's history, or None."""
+
 
 def bind(scheduler: object, runtime: SchedulerRuntime) -> None:
     """Make ``scheduler``'s actions go to ``runtime``."""
