@@ -259,6 +259,11 @@ class ReplicaDriver:
         """A Paxos message from replica ``src`` (see ``PaxosCore.step``); the caller runs a pass after."""
         self._step(src, msg)
 
+    def peer_closed(self, src: int) -> None:
+        """Replica ``src`` closed its connection to us (see ``PaxosCore.peer_closed``)."""
+        self.core.peer_closed(src)
+        self.wake()
+
     def propose(self, cmd: Command) -> bool:
         """Propose a command of this replica's own (nobody waits for its answer)."""
         ok: bool = self._propose(cmd)
