@@ -554,7 +554,6 @@ def cap_retransmission_timeout(stream: trio.abc.Stream) -> bool:
     return True
 
 
-
 async def connect(
     host: str, port: int, endpoint: Endpoint, *, expect: tuple[str, str | None] | None = ("replica", None)
 ) -> Connection:
