@@ -1123,3 +1123,39 @@ def test_a_late_prevote_grant_does_not_start_a_campaign_against_a_promised_candi
     assert not net.peek(Prepare, src=1) and core(c, 1).promised == promised
     net.flush_until(lambda: core(c, 2).role is Role.LEADER, among={1, 2})
     assert core(c, 2).ballot == promised
+
+
+def test_a_command_submitted_during_a_fresh_election_is_held_and_committed_by_the_new_leader():
+    c, net = make(3)
+    elect(c, net, 0)
+    run(c, net, 0.2)
+    c.crash(0)
+    core(c, 1).peer_closed(0)
+    core(c, 2).peer_closed(0)
+    c.drain(1)
+    c.drain(2)
+    assert core(c, 1).electing and core(c, 1).leader_hint is None
+    client = c.clients[0]
+    cmd = submit(c, 1)
+    net.deliver(src=client.cid, dst=1)
+    # Held, not refused: no answer went back to the client yet.
+    assert cmd.seq in client.outstanding and not net.peek(src=1, dst=client.cid)
+    net.flush_until(lambda: bool(leaders(c)), among={1, 2, client.cid})
+    # No time passes before the leader is known; the commit reaches replica 1 with the next heartbeat.
+    run(c, net, 0.1, among={1, 2}, ticking={1, 2})
+    assert cmd.seq not in client.outstanding and not core(c, 1).electing
+    assert client.results[cmd.seq] is not None
+
+
+def test_a_campaign_is_fresh_for_one_election_timeout_only():
+    c, net = make(3)
+    elect(c, net, 0)
+    run(c, net, 0.2)
+    core(c, 1).peer_closed(0)
+    c.drain(1)
+    net.drop(PreVote, src=1)  # nobody answers: the campaign goes on
+    assert core(c, 1).electing
+    c.now += ET
+    c.tick(1)
+    assert not core(c, 1).electing and core(c, 1).leader_hint is None
+    assert core(c, 0).electing is False  # a leader does not hold commands either

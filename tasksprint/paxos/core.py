@@ -155,6 +155,16 @@ class PaxosCore(LeaderRole):
             return self._lead.ballot
         return self._leader_ballot
 
+    @property
+    def electing(self) -> bool:
+        """Whether this replica, without a leader, began campaigning less than an election timeout ago.
+
+        A new leader is then expected soon: the driver holds the commands
+        its clients submit meanwhile and proposes them once a leader is
+        known, instead of sending the clients elsewhere.
+        """
+        return self._role in (Role.FOLLOWER, Role.CANDIDATE) and self._election.is_fresh_campaign(self._now)
+
     def chosen_value(self, slot: int) -> Batch | None:
         return self._learner.value(slot)
 

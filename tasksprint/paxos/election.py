@@ -58,6 +58,8 @@ class Election:
     max_round: int = 0
     #: When a leader (or a candidate this replica promised) was last heard.
     last_contact: float = 0.0
+    #: When this replica began campaigning since it last heard a leader (inf: it is not campaigning).
+    campaign_since: float = math.inf
     #: Candidate: when to send Prepare again to those who have not answered.
     retry_at: float = 0.0
     #: Follower with a pre-vote out: when to ask again (inf: none out).
@@ -112,6 +114,10 @@ class Election:
         self.last_contact = -math.inf
         self._deadline = now
 
+    def is_fresh_campaign(self, now: float) -> bool:
+        """Whether this replica began campaigning less than a (minimum) election timeout ago."""
+        return math.isfinite(self.campaign_since) and now - self.campaign_since < self.timeout
+
     def saw_round(self, round_: int) -> None:
         self.max_round = max(self.max_round, round_)
 
@@ -122,6 +128,7 @@ class Election:
             self.note_gap(now - self.last_contact, now)
         self._heard_round = round_
         self.last_contact = now
+        self.campaign_since = math.inf
         self.prevote_retry_at = math.inf
         self.reset_timer(now)
 
@@ -132,6 +139,8 @@ class Election:
     def start_prevote(self, rid: int, promised_round: int, now: float, retry: float) -> int:
         """Begin a pre-vote (counting our own support); returns the round to ask about."""
         self.reset_timer(now)
+        if self.campaign_since == math.inf:
+            self.campaign_since = now
         self._prevote_round = self.next_round(promised_round)
         self._prevotes = {rid}
         self.prevote_retry_at = now + retry
