@@ -380,9 +380,24 @@ def failover_side(args: argparse.Namespace, base: Path, children: Children, labe
     samples = [r["failover_s"] for r in res["failover_rounds"]]
     good = sorted(s for s in samples if s is not None)
     elected = [r.get("new_leader_elected_after_s") for r in res["failover_rounds"]]
+    answered = [r.get("first_reply_after_kill_s") for r in res["failover_rounds"]]
+
+    def median_of(xs: list) -> float | None:
+        known = [x for x in xs if x is not None]
+        return _r(statistics.median(known)) if known else None
+
     return {
         "samples_s": [_r(s) for s in samples],
         "elected_after_s": [_r(e) for e in elected],
+        "in_flight_answered_after_s": [_r(a) for a in answered],
+        # Where the time goes: the kill to the new leader's election (its
+        # log), to the answer of the command in flight at the kill, to the
+        # commit of the next command (the sample).
+        "phases_median_s": {
+            "leader_elected": median_of(elected),
+            "in_flight_answered": median_of(answered),
+            "next_committed": median_of(samples),
+        },
         "median_s": _r(statistics.median([s if s is not None else math.inf for s in samples])) if samples else None,
         "p99_s": _r(percentile(good, 99)) if good else None,
         "max_s": _r(good[-1]) if good else None,
@@ -424,6 +439,12 @@ def failover_compare(args: argparse.Namespace) -> int:
             )
             lines.append(
                 f"  samples: {' '.join(num(s, '.3f') if s is not None else 'none' for s in side['samples_s'])}"
+            )
+            ph = side["phases_median_s"]
+            lines.append(
+                f"  medians from the kill: new leader elected {num(ph['leader_elected'], '.3f')}, "
+                f"command in flight answered {num(ph['in_flight_answered'], '.3f')}, "
+                f"next command committed {num(ph['next_committed'], '.3f')}"
             )
     if "median_ratio" in res:
         lines.append(f"median ratio this/baseline: {res['median_ratio']:.2f}")

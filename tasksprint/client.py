@@ -239,7 +239,7 @@ class Client:
 
     # ------------------------------------------------------------------
 
-    def _join_op(self, queue: int, holds: tuple[tuple[int, int], ...] = ()) -> JoinOp:
+    def _join_op(self, queue: int, holds: tuple[tuple[int, int], ...] = (), *, cid: int | None = None) -> JoinOp:
         cfg = self.config
         return JoinOp(
             client=cfg.name,
@@ -248,6 +248,7 @@ class Client:
             queue=queue,
             have=cfg.have,
             holds=holds,
+            cid=cid,
         )
 
     def _offers(self) -> tuple[tuple[int, int], ...]:
@@ -326,7 +327,11 @@ class Client:
         self._log.info("queue_resized", queue=queue)
         assert self._lc is not None
         try:
-            await self._lc.submit(self._join_op(queue).to_wire(), deadline=10.0)
+            # Only for this incarnation: committed after it was declared dead
+            # (a partition delays it), a plain join would start a new
+            # incarnation offering none of the outputs in the store, and the
+            # rejoin that offers them would find that one alive.
+            await self._lc.submit(self._join_op(queue, cid=self._cid).to_wire(), deadline=10.0)
         except Exception as exc:  # Unavailable: the next proposal tries again
             self._log.warning("queue_resize_failed", error=str(exc))
 

@@ -173,6 +173,8 @@ class ReplicaDriver:
     _last_leader: int | None = None
     _since_snapshot: int = 0
     _last_role: tuple[Role, Ballot | None] | None = None
+    # Commands were held while no leader was known (see submit).
+    _holding: bool = False
     # The core's, the applier's and the storage's steps, each wrapped once for
     # the observer (the callables themselves when unobserved).
     _step: Any = attrs.field(init=False, default=None)
@@ -233,7 +235,15 @@ class ReplicaDriver:
         """
         core = self.core
         if not self._propose(cmd):
-            return False
+            if not core.electing:
+                return False
+            # An election began moments ago (the leader's connection closed,
+            # or its timeout passed): hold the command and propose it once a
+            # leader is known (_note_role), rather than send the client
+            # around the replicas, none of which has a leader yet.  If no
+            # leader comes, the client's own timeout sends it elsewhere and
+            # its leaving drops the command (abandon).
+            self._holding = True
         key = cmd.request_key
         observed = self.observer is not NULL
         if observed:
@@ -262,6 +272,11 @@ class ReplicaDriver:
     def step(self, src: int, msg: Any) -> None:
         """A Paxos message from replica ``src`` (see ``PaxosCore.step``); the caller runs a pass after."""
         self._step(src, msg)
+
+    def peer_closed(self, src: int) -> None:
+        """Replica ``src`` closed its connection to us (see ``PaxosCore.peer_closed``)."""
+        self.core.peer_closed(src)
+        self.wake()
 
     def propose(self, cmd: Command) -> bool:
         """Propose a command of this replica's own (nobody waits for its answer)."""
@@ -530,14 +545,20 @@ class ReplicaDriver:
     def _note_role(self) -> None:
         core = self.core
         now = (core.role, core.ballot)
-        if now != self._last_role:
-            if self._last_role is not None and now[1] != self._last_role[1] and self._commands:
-                # A new leader (or ballot): propose again what our clients still
-                # wait for. The session table applies each command once.
+        # A new leader (or ballot), or a leader known again after commands
+        # were held without one (perhaps the same leader: the ballot need not
+        # change): propose again what our clients still wait for.  The
+        # session table applies each command once.
+        new_ballot = self._last_role is not None and now[1] != self._last_role[1]
+        if new_ballot or (self._holding and core.leader_hint is not None):
+            if core.leader_hint is not None:
+                self._holding = False
+            if self._commands:
                 for cmd in list(self._commands.values()):
                     if not self._propose(cmd):
                         break
                 self.wake()
+        if now != self._last_role:
             was_leader = self._last_role is not None and self._last_role[0] is Role.LEADER
             if was_leader != (core.role is Role.LEADER):
                 self.app.role_changed(core.role is Role.LEADER, self.clock())

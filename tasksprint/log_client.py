@@ -101,6 +101,8 @@ class LogClient:
     _target: int = 0
     _conn: wire.Connection | None = None
     _conn_lock: trio.Lock = attrs.Factory(trio.Lock)
+    # The replica a background connection is being opened to (a leader hint), if any.
+    _switching: int | None = None
     _nursery: trio.Nursery | None = None
     _cm: Any = None
 
@@ -290,6 +292,33 @@ class LogClient:
                 self._unsent.update(stale)
                 self._kick.set()
 
+    async def _switch_to(self, leader: int, old: wire.Connection) -> None:
+        """Connect to replica ``leader`` in the background; then send through it instead of ``old``.
+
+        If the connection fails, or the client moved on from ``old``
+        meanwhile (it broke, a timeout rotated), nothing changes.
+        """
+        host, port = self.addrs[leader]
+        try:
+            with trio.fail_after(self.connect_timeout):
+                conn = await wire.connect(
+                    host, port, wire.Endpoint(secret=self.secret, role="client", ident=self.client_id)
+                )
+        except wire.NETWORK_ERRORS as exc:
+            log.debug("leader_unreachable", replica=f"{host}:{port}", error=str(exc))
+            return
+        finally:
+            self._switching = None
+        assert self._nursery is not None
+        if self._conn is not old:
+            self._nursery.start_soon(conn.aclose)
+            return
+        self._target = leader
+        self._conn = conn
+        self._nursery.start_soon(self._reader, conn)
+        # Answers to what was sent on the old connection still come there.
+        self._nursery.start_soon(_close_later, old)
+
     async def _resend_soon(self, delay: float) -> None:
         await trio.sleep(delay)
         self._resend_scheduled = False
@@ -306,11 +335,14 @@ class LogClient:
                             and 0 <= leader < len(self.addrs)
                             and leader != self._target
                             and self._conn is conn
+                            and self._switching is None
                         ):
-                            # Talk to the leader directly from now on: one hop less.
-                            self._target = leader
-                            self._conn = None
-                            self._nursery.start_soon(_close_later, conn)
+                            # Talk to the leader directly from now on (one hop
+                            # less), once connected to it: until then commands
+                            # keep going this way, so a failover's first
+                            # commands do not wait for a connection's setup.
+                            self._switching = leader
+                            self._nursery.start_soon(self._switch_to, leader, conn)
                         self._applied_any = True
                         self._deliver(first, msg.results, msg.slot)
                     case SubmitRefused(seq=seq, reason=reason):

@@ -593,7 +593,13 @@ class Replica:
         while True:
             try:
                 msg = await conn.receive()
-            except wire.ConnectionClosed:
+            except wire.IdleTimeout:
+                return
+            except (wire.ConnectionClosed, trio.BrokenResourceError):
+                # The peer's process closed (or reset) its end: if it was our
+                # leader it has exited, and the election need not wait for a
+                # timeout (a partition or a stall closes nothing).
+                driver.peer_closed(src)
                 return
             if isinstance(msg, PEER_MESSAGES):
                 self._check_sender(src, msg)

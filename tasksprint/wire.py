@@ -33,7 +33,9 @@ import collections
 import enum
 import math
 import os
+import socket
 import ssl
+import sys
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -525,6 +527,32 @@ async def handshake(
 # --------------------------------------------------------------------------
 # Client and server
 
+#: Linux's TCP_RTO_MAX_MS socket option (kernel 6.15 and later; Python has no name for it yet).
+_TCP_RTO_MAX_MS = 44
+#: The cap on a connection's TCP retransmission timeout, in ms: the smallest the kernel allows.
+RTO_MAX_MS = 1000
+
+
+def cap_retransmission_timeout(stream: trio.abc.Stream) -> bool:
+    """Cap the TCP retransmission timeout of ``stream`` at :data:`RTO_MAX_MS`, where the kernel allows it.
+
+    A partition that drops packets leaves an established connection
+    retransmitting with a timeout that doubles each time (0.2 s, 0.4 s, ...
+    up to 120 s): once the partition heals, nothing moves on it until the
+    next retransmission, which after a few seconds of partition is seconds
+    away, and every heartbeat, vote and client answer on it waits.  Capped,
+    a healed connection moves again within a second.  Returns whether the
+    cap is set (False on other systems and older kernels, which keep their
+    default).
+    """
+    if not sys.platform.startswith("linux") or not isinstance(stream, trio.SocketStream):
+        return False
+    try:
+        stream.setsockopt(socket.IPPROTO_TCP, _TCP_RTO_MAX_MS, RTO_MAX_MS)
+    except OSError:
+        return False
+    return True
+
 
 async def connect(
     host: str, port: int, endpoint: Endpoint, *, expect: tuple[str, str | None] | None = ("replica", None)
@@ -540,6 +568,7 @@ async def connect(
     """
     with trio.fail_after(endpoint.timeout):
         stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+        cap_retransmission_timeout(stream)
         if endpoint.tls is not None:
             stream = trio.SSLStream(stream, endpoint.tls.client, server_hostname=host)
             try:
@@ -704,6 +733,7 @@ async def serve(
 
     async def serve_admitted(tcp: trio.SocketStream, host: str, conn_log: Any) -> None:
         stream: trio.abc.Stream = tcp
+        cap_retransmission_timeout(tcp)
         if endpoint.tls is not None:
             stream = trio.SSLStream(tcp, endpoint.tls.server, server_side=True)
         conn = Connection(stream, max_frame=endpoint.max_frame, idle_timeout=limits.idle)

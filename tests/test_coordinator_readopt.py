@@ -148,6 +148,35 @@ def test_a_client_dying_twice_is_readopted_twice() -> None:
     assert sim.h.status["state"] == "finished"
 
 
+def test_a_late_update_of_a_dead_incarnation_starts_no_new_one() -> None:
+    sim, sched, x, y = chain_with_x_dead()
+    # x resized its queue just before a partition; the update commits after x was declared dead.
+    update = {"op": "join", "client": "x", "addr": "x:7001", "slots": 4, "have": ["x"], "queue": 3, "cid": x}
+    result = sim.h.op(update)
+    assert isinstance(result, Refused) and result.code == ErrorCode.UNKNOWN.value, result
+    assert sim.h.status["clients"] == {"live": 1, "dead": 1}
+    # So x's rejoin is a new incarnation and takes its outputs back.
+    joined = rejoin(sim, x, "x", [[sched.a, 1], [sched.b, 1]])
+    assert joined.adopted == (sched.a, sched.b)
+    # An update of the live incarnation applies; one naming the dead one still does not.
+    again = sim.h.op(dict(update, cid=joined.cid))
+    assert isinstance(again, Joined) and (again.cid, again.adopted) == (joined.cid, ())
+    assert isinstance(sim.h.op(update), Refused)
+    assert sim.h.op({"op": "join", "client": "nobody", "addr": "n:1", "slots": 1, "cid": joined.cid}).code == (
+        ErrorCode.UNKNOWN.value
+    )
+    sim.run()
+    assert sim.h.status["state"] == "finished"
+
+
+def test_an_update_offers_no_outputs() -> None:
+    sim = Sim(ChainScheduler, ECHO)
+    for extra in ({"cid": 0, "holds": [[1, 1]]}, {"cid": -1}, {"cid": "0"}, {"cid": True}):
+        result = sim.h.op({"op": "join", "client": "x", "addr": "x:1", "slots": 1, **extra})
+        assert isinstance(result, Refused) and result.code == ErrorCode.MALFORMED.value, (extra, result)
+    assert sim.h.status["clients"] == {"live": 0, "dead": 0}
+
+
 def test_malformed_holds_are_refused_with_the_field_named() -> None:
     sim = Sim(ChainScheduler, ECHO)
     for holds in ("nope", [[1]], [[1, "2"]], [[True, 1]], [1, 2]):

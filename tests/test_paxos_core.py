@@ -1250,3 +1250,110 @@ def test_a_promise_part_counts_only_for_the_slots_of_its_span():
     assert p1.outcome() == ({}, {}, 0)
     with pytest.raises(ValueError):
         Promise(ballot=Ballot(5, 1), log_start=1, span_from=9, span_to=3)
+
+
+def test_a_leader_whose_connection_closed_is_replaced_without_an_election_timeout():
+    c, net = make(3)
+    elect(c, net, 0)
+    run(c, net, 0.2)
+    old = core(c, 0).ballot
+    c.crash(0)
+    # No time passes: the followers see the dead leader's connections close.
+    core(c, 1).peer_closed(0)
+    core(c, 2).peer_closed(0)
+    c.drain(1)
+    c.drain(2)
+    net.flush_until(lambda: bool(leaders(c)), among={1, 2})
+    [new] = leaders(c)
+    assert new in (1, 2) and core(c, new).ballot > old
+    run(c, net, 0.5, among={1, 2}, ticking={1, 2})
+    assert leaders(c) == [new]
+
+
+def test_a_closed_connection_does_not_depose_a_leader_the_others_still_hear():
+    c, net = make(3)
+    elect(c, net, 0)
+    run(c, net, 0.2)
+    ballot = core(c, 0).ballot
+    core(c, 1).peer_closed(0)
+    c.drain(1)
+    assert net.peek(PreVote, src=1)  # it asks at once ...
+    net.flush()
+    # ... and replica 2, which hears the leader, refuses: nothing moves.
+    assert leaders(c) == [0] and core(c, 1).promised == ballot and core(c, 2).promised == ballot
+    run(c, net, 1.0)
+    assert leaders(c) == [0] and core(c, 0).ballot == ballot and core(c, 1).leader_hint == 0
+
+
+def test_a_closed_connection_of_a_peer_that_does_not_lead_changes_nothing():
+    c, net = make(3)
+    elect(c, net, 0)
+    run(c, net, 0.2)
+    for r, other in ((1, 2), (0, 1), (1, 1), (1, 7)):
+        core(c, r).peer_closed(other)
+        c.drain(r)
+    assert not net.peek(PreVote) and leaders(c) == [0]
+
+
+def test_a_late_prevote_grant_does_not_start_a_campaign_against_a_promised_candidate():
+    c, net = make(3)
+    elect(c, net, 0)
+    run(c, net, 0.2)
+    c.crash(0)
+    core(c, 1).peer_closed(0)
+    core(c, 2).peer_closed(0)
+    c.drain(1)
+    c.drain(2)
+    # Replica 2 grants replica 1's pre-vote (the grant is slow to arrive) ...
+    net.deliver(PreVote, src=1, dst=2)
+    assert net.peek(PreVoteReply, src=2, dst=1)[-1].granted
+    # ... but its own pre-vote wins first, and replica 1 promises its ballot.
+    net.deliver(PreVote, src=2, dst=1)
+    net.deliver(PreVoteReply, src=1, dst=2)
+    c.drain(2)
+    net.flush_until(lambda: bool(net.peek(Prepare, src=2, dst=1)))
+    net.deliver(Prepare, src=2, dst=1)
+    promised = core(c, 1).promised
+    assert promised.rid == 2
+    # The grant of replica 1's pre-vote arrives now: 1 does not campaign against the ballot it promised.
+    net.deliver(PreVoteReply, src=2, dst=1)
+    c.drain(1)
+    assert not net.peek(Prepare, src=1) and core(c, 1).promised == promised
+    net.flush_until(lambda: core(c, 2).role is Role.LEADER, among={1, 2})
+    assert core(c, 2).ballot == promised
+
+
+def test_a_command_submitted_during_a_fresh_election_is_held_and_committed_by_the_new_leader():
+    c, net = make(3)
+    elect(c, net, 0)
+    run(c, net, 0.2)
+    c.crash(0)
+    core(c, 1).peer_closed(0)
+    core(c, 2).peer_closed(0)
+    c.drain(1)
+    c.drain(2)
+    assert core(c, 1).electing and core(c, 1).leader_hint is None
+    client = c.clients[0]
+    cmd = submit(c, 1)
+    net.deliver(src=client.cid, dst=1)
+    # Held, not refused: no answer went back to the client yet.
+    assert cmd.seq in client.outstanding and not net.peek(src=1, dst=client.cid)
+    net.flush_until(lambda: bool(leaders(c)), among={1, 2, client.cid})
+    # No time passes before the leader is known; the commit reaches replica 1 with the next heartbeat.
+    run(c, net, 0.1, among={1, 2}, ticking={1, 2})
+    assert cmd.seq not in client.outstanding and not core(c, 1).electing
+    assert client.results[cmd.seq] is not None
+
+
+def test_a_campaign_is_fresh_for_one_election_timeout_only():
+    c, net = make(3)
+    elect(c, net, 0)
+    run(c, net, 0.2)
+    core(c, 1).peer_closed(0)
+    c.drain(1)
+    net.drop(PreVote, src=1)  # nobody answers: the campaign goes on
+    assert core(c, 1).electing
+    c.now += ET
+    c.tick(1)
+    assert not core(c, 1).electing and core(c, 1).leader_hint is None
+    assert core(c, 0).electing is False  # a leader does not hold commands either

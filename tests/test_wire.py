@@ -957,3 +957,41 @@ def test_endpoint_checks_its_fields_at_construction():
 
 def test_endpoint_repr_leaves_out_the_secret():
     assert SECRET.decode() not in repr(Endpoint(secret=SECRET, role="client", ident="c1"))
+
+
+def _kernel_caps_rto() -> bool:
+    import socket
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    with socket.socket() as s:
+        try:
+            s.setsockopt(socket.IPPROTO_TCP, wire._TCP_RTO_MAX_MS, wire.RTO_MAX_MS)
+        except OSError:
+            return False
+    return True
+
+
+@pytest.mark.skipif(not _kernel_caps_rto(), reason="the kernel has no TCP_RTO_MAX_MS (Linux 6.15+)")
+@bounded
+async def test_both_ends_cap_the_tcp_retransmission_timeout():
+    import socket
+
+    seen = []
+
+    async def handler(conn: Connection) -> None:
+        seen.append(conn._stream.getsockopt(socket.IPPROTO_TCP, wire._TCP_RTO_MAX_MS))
+        await conn.send("ok")
+        await conn.receive()
+
+    async with trio.open_nursery() as nursery:
+        server = await start_server(nursery, handler)
+        conn = await server.connect()
+        async with conn:
+            assert await conn.receive() == "ok"
+            mine = conn._stream.getsockopt(socket.IPPROTO_TCP, wire._TCP_RTO_MAX_MS)
+        nursery.cancel_scope.cancel()
+    # The kernel's default is 120 s: both ends were set.
+    assert seen == [wire.RTO_MAX_MS] and mine == wire.RTO_MAX_MS
+    assert not wire.cap_retransmission_timeout(trio.testing.memory_stream_pair()[0])

@@ -335,6 +335,14 @@ class CoordinatorMachine:
             if drained:
                 slots = queue = 0
         cid = s.names.get(op.client)
+        if op.cid is not None and (cid != op.cid or not s.clients[cid].alive):
+            # An update (a new queue size) from an incarnation declared dead
+            # since, applied late: it must not start a new incarnation, which
+            # would offer none of the outputs the client still holds.
+            raise BadOp(
+                f"join: client {op.client!r} incarnation {op.cid} is not live; join again as a new incarnation",
+                ErrorCode.UNKNOWN,
+            )
         if cid is not None and s.clients[cid].alive:
             client = s.clients[cid]
             self._check_session(client, "join")

@@ -175,6 +175,9 @@ class JoinOp:
 
     ``holds`` lists the ``(tid, attempt)`` outputs a client declared dead still
     keeps in its object store: the new incarnation offers them for re-adoption.
+    ``cid`` makes it an update of that live incarnation only (a new queue
+    size): refused if the name's live client is another one or none, so an
+    update that arrives late never starts a new incarnation offering nothing.
     """
 
     client: str
@@ -183,6 +186,7 @@ class JoinOp:
     queue: int = 0
     have: tuple[str, ...] = ()
     holds: tuple[tuple[int, int], ...] = ()
+    cid: int | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -193,6 +197,7 @@ class JoinOp:
             "queue": self.queue,
             "have": list(self.have),
             **({"holds": [list(h) for h in self.holds]} if self.holds else {}),
+            **({"cid": self.cid} if self.cid is not None else {}),
         }
 
 
@@ -489,7 +494,10 @@ def _parse_join(raw: dict[str, Any]) -> JoinOp:
         if not (isinstance(h, list) and len(h) == 2 and is_int(h[0]) and is_int(h[1])):
             raise BadOp(f"join: field 'holds' must list [tid, attempt] pairs, got {described(h)} in it")
     pairs = tuple((h[0], h[1]) for h in holds)
-    return JoinOp(client=client, addr=addr, slots=slots, queue=queue, have=tuple(have), holds=pairs)
+    cid = None if raw.get("cid") is None else _int(raw, "join", "cid", minimum=0)
+    if cid is not None and pairs:
+        raise BadOp("join: an update of incarnation 'cid' offers no 'holds' (only a new incarnation does)")
+    return JoinOp(client=client, addr=addr, slots=slots, queue=queue, have=tuple(have), holds=pairs, cid=cid)
 
 
 def _tags(raw: dict[str, Any], op: str, key: str) -> tuple[str, ...]:

@@ -159,6 +159,16 @@ class PaxosCore(LeaderRole):
             return self._lead.ballot
         return self._leader_ballot
 
+    @property
+    def electing(self) -> bool:
+        """Whether this replica, without a leader, began campaigning less than an election timeout ago.
+
+        A new leader is then expected soon: the driver holds the commands
+        its clients submit meanwhile and proposes them once a leader is
+        known, instead of sending the clients elsewhere.
+        """
+        return self._role in (Role.FOLLOWER, Role.CANDIDATE) and self._election.is_fresh_campaign(self._now)
+
     def chosen_value(self, slot: int) -> Batch | None:
         return self._learner.value(slot)
 
@@ -224,6 +234,25 @@ class PaxosCore(LeaderRole):
         self._send(target, TimeoutNow(ballot=lead.ballot))
         self._become_follower()
         return target
+
+    def peer_closed(self, src: int) -> None:
+        """The driver saw replica ``src`` close its connection to us (its process exited or restarted).
+
+        If ``src`` is the leader this replica follows, the leader is lost
+        now: the pre-vote starts at once instead of after an election
+        timeout.  Nothing else changes: peers grant the pre-vote only if
+        they too lost the leader (a connection that closed while the leader
+        lives does not depose it), and a leader that speaks again is
+        followed again.  A partition or a stalled host closes nothing, so
+        the election timeout still covers those.
+        """
+        if not 0 <= src < self._config.replicas or src == self._rid:
+            return
+        leader = self._leader_ballot
+        if self._role is not Role.FOLLOWER or leader is None or leader.rid != src:
+            return
+        self._election.lose_leader(self._now)
+        self._start_prevote()
 
     def compact(self, index: int, data: bytes) -> None:
         """The driver took a snapshot of the state after applying slot ``index``."""
@@ -352,7 +381,9 @@ class PaxosCore(LeaderRole):
             self._become_follower()
         # Give the candidate time to finish before we compete with it.
         self._election.last_contact = self._now
-        self._election.prevote_retry_at = math.inf
+        # A pre-vote of ours still out is stale now: a late grant must not
+        # start a campaign against the candidate we just promised.
+        self._election.cancel_prevote()
         self._reset_election_timer()
         self._output.persist(records)
         self._reply_durable(src, self._promise_for(msg))

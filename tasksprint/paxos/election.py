@@ -20,6 +20,15 @@ a change of leader is not a heartbeat gap and is not counted.  A pre-vote
 that has not won is asked again every ``retry`` seconds while the leader
 stays lost, so one early refusal does not cost a whole new timeout.
 
+A leader's process that exits closes its connections; a follower that sees
+its leader's connection close counts the leader lost at once
+(:meth:`Election.lose_leader`) and asks for the pre-vote without waiting for
+the timeout.  The pre-vote guard stays: peers grant it only if they too lost
+the leader.  A pre-vote still out when this replica promises another
+candidate's ballot is dropped (:meth:`Election.cancel_prevote`): with every
+follower campaigning at the same moment, a late grant must not start a
+second campaign against the candidate just promised.
+
 :class:`Election` keeps the timer, the highest round seen and the pre-vote
 tally; the core (``PaxosCore``) decides what to send and when roles change.
 """
@@ -49,6 +58,8 @@ class Election:
     max_round: int = 0
     #: When a leader (or a candidate this replica promised) was last heard.
     last_contact: float = 0.0
+    #: When this replica began campaigning since it last heard a leader (inf: it is not campaigning).
+    campaign_since: float = math.inf
     #: Candidate: when to send Prepare again to those who have not answered.
     retry_at: float = 0.0
     #: Follower with a pre-vote out: when to ask again (inf: none out).
@@ -98,6 +109,15 @@ class Election:
         """Whether no leader was heard for a whole (minimum) election timeout."""
         return now - self.last_contact >= self.timeout
 
+    def lose_leader(self, now: float) -> None:
+        """The leader is gone for sure (its process closed its connection): lost from now on, no timeout to wait."""
+        self.last_contact = -math.inf
+        self._deadline = now
+
+    def is_fresh_campaign(self, now: float) -> bool:
+        """Whether this replica began campaigning less than a (minimum) election timeout ago."""
+        return math.isfinite(self.campaign_since) and now - self.campaign_since < self.timeout
+
     def saw_round(self, round_: int) -> None:
         self.max_round = max(self.max_round, round_)
 
@@ -108,6 +128,7 @@ class Election:
             self.note_gap(now - self.last_contact, now)
         self._heard_round = round_
         self.last_contact = now
+        self.campaign_since = math.inf
         self.prevote_retry_at = math.inf
         self.reset_timer(now)
 
@@ -118,6 +139,8 @@ class Election:
     def start_prevote(self, rid: int, promised_round: int, now: float, retry: float) -> int:
         """Begin a pre-vote (counting our own support); returns the round to ask about."""
         self.reset_timer(now)
+        if self.campaign_since == math.inf:
+            self.campaign_since = now
         self._prevote_round = self.next_round(promised_round)
         self._prevotes = {rid}
         self.prevote_retry_at = now + retry
@@ -128,9 +151,15 @@ class Election:
         self.prevote_retry_at = now + retry
         return self._prevote_round
 
+    def cancel_prevote(self) -> None:
+        """Drop the pre-vote out (we promised another candidate): late grants no longer start a campaign."""
+        self._prevote_round = 0
+        self._prevotes = set()
+        self.prevote_retry_at = math.inf
+
     def count_prevote(self, src: int, msg: PreVoteReply) -> bool:
         """Count ``src``'s answer to the current pre-vote; True once a majority supports it."""
-        if msg.round != self._prevote_round or not msg.granted:
+        if msg.round != self._prevote_round or not msg.granted or not self._prevotes:
             return False
         self._prevotes.add(src)
         return len(self._prevotes) >= self._quorum

@@ -164,6 +164,7 @@ class LeaderRole(CoreBase):
             self._learn(slot, value)
         self._advance_commit()
         self._role = Role.LEADER
+        self._election.campaign_since = math.inf
         self._phase1 = None
         self._leader_ballot = p1.ballot
         self._leader_commit = self._commit

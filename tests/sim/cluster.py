@@ -334,6 +334,14 @@ class Cluster:
         node.driver.tick(now, ("td", r, now), wall=now)
         self.drain(r)
 
+    def peer_closed(self, src: int, dst: int) -> None:
+        """Replica ``dst`` sees replica ``src`` close its connection (see ``PaxosCore.peer_closed``)."""
+        node = self.nodes[dst]
+        if node is None:
+            return
+        node.driver.peer_closed(src)
+        self.drain(dst)
+
     def deliver(self, src: Any, dst: Any, payload: Any) -> None:
         """``payload`` arrives at ``dst`` (a replica id or a client id)."""
         self.steps += 1

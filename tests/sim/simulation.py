@@ -40,6 +40,9 @@ class Knobs:
     quota: int = 6
     leave_one_down: bool = False  # n == 5 only: one replica stays down at the end
     frame_cap: int = 0  # bytes: larger peer messages are split (or dropped) as a replica's Outbox does; 0 = none
+    #: A crashed replica's peers see its connections close (PaxosCore.peer_closed),
+    #: and now and then a live replica's connection closes too (a reset).
+    closes: bool = False
 
     @classmethod
     def draw(cls, rng: random.Random, n: int, **given: Any) -> Knobs:
@@ -63,6 +66,7 @@ class Knobs:
         k.clients = rng.randint(1, 3)
         k.quota = rng.randint(2, 6)
         k.leave_one_down = n == 5 and rng.random() < 0.3
+        k.closes = rng.random() < 0.7
         for name, value in given.items():
             setattr(k, name, value)
         return k
@@ -165,6 +169,8 @@ class Simulation:
                 choices.append("crash_in_ready")
             if k.wipes:
                 choices.append("wipe")
+        if k.closes:
+            choices.append("reset")
         if not choices:
             return
         what = self.rng.choice(choices)
@@ -186,13 +192,20 @@ class Simulation:
             did = "heal"
         elif what == "crash" and c.alive(r):
             c.crash(r)
+            self._closed(r)
             did = f"crash r{r}"
         elif what == "crash_in_ready" and c.alive(r):
             c.crash_in_ready[r] = self.rng.choice(("sent_not_persisted", "persisted", "applied"))
             did = f"r{r} will crash inside its next driver pass ({c.crash_in_ready[r]})"
         elif what == "wipe" and c.can_wipe(r):
             c.crash(r, wipe=True)
+            self._closed(r)
             did = f"crash r{r} and wipe its disk"
+        elif what == "reset" and c.alive(r):
+            # A connection of a live replica closes: its peer must not depose it for that alone.
+            o = self.rng.choice([x for x in range(self.n) if x != r])
+            self._at(c.now + self.rng.uniform(k.delay_min, k.delay_max), ("closed", r, o))
+            did = f"connection r{r}->r{o} reset"
         elif what == "restart":
             dead = [x for x in range(self.n) if not c.alive(x)]
             if dead:
@@ -201,6 +214,15 @@ class Simulation:
                 did = f"restart r{x}"
         if did is not None:
             self._log(f"fault: {did}")
+
+    def _closed(self, r: int) -> None:
+        """Replica ``r``'s process died: its peers see its connections close, after a network delay."""
+        k = self.knobs
+        if not k.closes:
+            return
+        for o in range(self.n):
+            if o != r:
+                self._at(self.cluster.now + self.rng.uniform(k.delay_min, k.delay_max), ("closed", r, o))
 
     def _final_heal(self) -> None:
         c = self.cluster
@@ -281,7 +303,7 @@ class Simulation:
         while self._heap:
             t, _, event = heapq.heappop(self._heap)
             c.now = max(c.now, t)
-            r = event[1] if event[0] in ("tick", "fsync") else event[2] if event[0] == "msg" else None
+            r = event[1] if event[0] in ("tick", "fsync") else event[2] if event[0] in ("msg", "closed") else None
             if isinstance(r, int) and self.paused_until[r] > c.now:
                 # Everything for a paused replica waits (in order) until it resumes.
                 self._seq += 1
@@ -296,6 +318,11 @@ class Simulation:
                         if self.trace is not None:
                             self._log(f"{src}->{dst} {payload!r}"[:300])
                         c.deliver(src, dst, payload)
+                case ("closed", src, dst):
+                    # Only a connection that was up can close: not across a partition.
+                    if self._connected(src, dst):
+                        self._log(f"r{dst} sees the connection of r{src} close")
+                        c.peer_closed(src, dst)
                 case ("fsync", r, life):
                     c.fsync_done(r, life)
                 case ("client", i):
