@@ -31,9 +31,11 @@ Every result carries ``effects``: a digest of the actions this entry caused
 (hooks called, tasks started, placed, killed, ...).  The log's applier folds
 results into its running digest, so a scheduler that behaves differently on
 two replicas shows up as a digest mismatch, and :attr:`CoordinatorMachine.last_hook`
-names the hook that ran last.  Read models are in
-:mod:`~tasksprint.coordinator.views`, snapshots in
-:mod:`~tasksprint.coordinator.snapshots`.
+names the hook that ran last.  What the scheduler's hooks may call is in
+:mod:`~tasksprint.coordinator.actions`; questions, liveness and snapshots in
+:mod:`~tasksprint.coordinator.queries` (read models in
+:mod:`~tasksprint.coordinator.views`, the snapshot format in
+:mod:`~tasksprint.coordinator.snapshots`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -51,6 +53,7 @@ from tasksprint_sdk.runtime import bind, unbind
 
 from tasksprint import codec
 from tasksprint.coordinator import snapshots, views
+from tasksprint.coordinator.actions import SchedulerActions
 from tasksprint.coordinator.archive import History, MemoryHistory
 from tasksprint.coordinator.lineage import Lineage
 from tasksprint.coordinator.ops import (
@@ -81,10 +84,10 @@ from tasksprint.coordinator.ops import (
     parse_op,
 )
 from tasksprint.coordinator.placement import Placement
-from tasksprint.coordinator.replies import ClientView
+from tasksprint.coordinator.queries import MachineQueries
 from tasksprint.coordinator.runtime import Hook, HookRuntime, failure_message
 from tasksprint.coordinator.snapshots import SchedulerMismatch
-from tasksprint.coordinator.specs import check_plain, task_spec
+from tasksprint.coordinator.specs import check_plain
 from tasksprint.coordinator.state import (
     ClientRecord,
     CoordinatorState,
@@ -92,7 +95,6 @@ from tasksprint.coordinator.state import (
     RunState,
     TaskRecord,
     TaskState,
-    check_invariants,
 )
 from tasksprint.machine import ApplyContext
 
@@ -100,7 +102,7 @@ __all__ = ["CoordinatorMachine", "RunState", "SchedulerMismatch", "TaskState"]
 
 
 @attrs.define(eq=False)
-class CoordinatorMachine:
+class CoordinatorMachine(SchedulerActions, MachineQueries):
     """The coordinator state machine (implements :class:`tasksprint.machine.StateMachine`).
 
     ``scheduler_cls`` is the user's ``Coordinator`` subclass; ``client_timeout``
@@ -553,90 +555,9 @@ class CoordinatorMachine:
         self._lineage.lose_outputs(task)
         return ACCEPTED
 
-    # ------------------------------------------------- actions (hook runtime)
-
-    def start_task(self, **call: Any) -> int:
-        """The scheduler's ``start_task`` (arguments as there); returns the new task's id."""
-        s = self._state
-        assert s.seed is not None
-        spec = task_spec(s.tasks, **call)
-        task = self._lineage.add(spec)
-        tid = task.tid
-        self._placement.maybe_queue(task)
-        # The whole spec, so replicas whose schedulers started different
-        # tasks (not just a different number of them) disagree on the digest.
-        self._fx.effects.append(
-            [
-                "start",
-                tid,
-                task.name,
-                task.args,
-                task.kwargs,
-                list(task.pretasks),
-                list(task.prekeys),
-                list(task.keys),
-                sorted(task.require),
-                list(task.want),
-                task.replicas,
-                task.retries,
-                task.timeout,
-            ]
-        )
-        return tid
-
-    def kill_task(self, tid: Any) -> list[int]:
-        """The scheduler's ``kill_task``."""
-        if not is_int(tid) or tid not in self._state.tasks:
-            raise ValueError(f"kill_task({tid!r}): there is no task with that id")
-        return self._lineage.kill(tid)
-
-    def forget_task(self, tid: Any) -> None:
-        """The scheduler's ``forget_task``."""
-        if not is_int(tid) or tid not in self._state.tasks:
-            raise ValueError(f"forget_task({tid!r}): there is no task with that id")
-        self._lineage.forget(tid)
-
-    def archive(self, key: Any, record: Any) -> None:
-        """The scheduler's ``archive``: ``record`` goes to this replica's history, not the state."""
-        if not is_int(key) or key < 0:
-            raise ValueError(f"archive({key!r}, ...): the key must be an int >= 0")
-        check_plain(record, "archive(record=...)")
-        data = codec.encode(record)
-        self._history.put(key, data)
-        self._fx.effects.append(["archive", key, hashlib.sha256(data).hexdigest()[:16]])
-
-    def archived(self, key: Any) -> Any:
-        """The scheduler's ``archived``: what this replica's history keeps under ``key``, or None."""
-        if not is_int(key) or key < 0:
-            return None
-        data = self._history.get(key)
-        if data is None:
-            return None
-        try:
-            return codec.decode_untrusted(data)
-        except codec.BadMessage:
-            return None  # a damaged record reads as missing: another replica may have it
-
     def attach_history(self, history: History) -> None:
         """Keep archived records in ``history`` from now on (a replica's, in its data directory)."""
         self._history = history
-
-    def end_computation(self, taskids: Any, values: Any) -> None:
-        """The scheduler's ``finish``: the computation ends with ``values`` and those tasks' values."""
-        s = self._state
-        taskids = [] if taskids is None else taskids
-        if not isinstance(taskids, (list, tuple)):
-            raise TypeError(f"finish(taskids=...) must be a list of task ids, got {taskids!r}")
-        for tid in taskids:
-            if not is_int(tid) or tid not in s.tasks:
-                raise ValueError(f"finish(taskids=...): {tid!r} is not a task id")
-            if not s.tasks[tid].reported:
-                raise ValueError(f"finish(taskids=...): task {tid} is not done, so it has no values yet")
-        check_plain(values, "finish(values=...)")
-        s.result = {"values": values, "tasks": [{"tid": tid, "values": s.tasks[tid].values} for tid in taskids]}
-        s.run_state = RunState.FINISHED
-        self._fx.effects.append(["finish", list(taskids), values])
-        self._log.info("computation_finished", tasks=list(taskids))
 
     # ------------------------------------------------------------ mechanics
 
@@ -735,84 +656,6 @@ class CoordinatorMachine:
         self._lineage.recompute_lost()
         self._lineage.release_consumed()
         self._placement.place()
-
-    # --------------------------------------------------------------- queries
-
-    def view(self, cid: int, after_version: int = 0) -> ClientView:
-        """What client ``cid`` must do, changed since ``after_version`` (see :func:`views.view`)."""
-        return views.view(self._state, cid, after_version, self._client_timeout)
-
-    def client_version(self, cid: int) -> int:
-        """The version of the last change to client ``cid``'s view (0 if none or unknown)."""
-        return views.client_version(self._state, cid)
-
-    def status(self) -> dict[str, Any]:
-        """The computation at a glance (see :func:`views.status`)."""
-        return views.status(self._state)
-
-    def graph(self, first: int, count: int) -> dict[str, Any]:
-        """A page of the task graph (see :func:`views.graph`)."""
-        return views.graph(self._state, first, count)
-
-    def task_info(self, tid: int) -> dict[str, Any] | None:
-        """Everything known about task ``tid``, or None if there is no such task."""
-        return views.task_info(self._state, tid)
-
-    def scheduler_task_info(self, tid: Any) -> dict[str, Any] | None:
-        """The scheduler's ``task_info``: :meth:`task_info` with the names of the clients running it."""
-        if not is_int(tid):
-            return None
-        info = views.task_info(self._state, tid)
-        if info is not None:
-            clients = self._state.clients
-            info["workers"] = [clients[cid].name for cid in info["clients"]]
-            holder = self._state.tasks[tid].holder
-            info["holder_worker"] = None if holder is None else clients[holder].name
-        return info
-
-    def scheduler_query(self, args: Any) -> Any:
-        """The scheduler's ``query`` hook's answer to ``args``; raises :class:`BadOp` if it refuses or fails.
-
-        Not part of the log: only reads.  The answer must be plain data.
-        """
-        sched = self._state.scheduler
-        if sched is None or self._state.run_state is RunState.WAITING:
-            raise BadOp("scheduler query: the computation is not initialized yet", ErrorCode.NOT_INITIALIZED)
-        if type(sched).query is Coordinator.query:
-            raise BadOp(f"scheduler {self._scheduler_cls.__qualname__} answers no queries", ErrorCode.UNKNOWN)
-        try:
-            value = sched.query(args)
-            check_plain(value, "the query hook's answer")
-        except Exception as exc:
-            raise BadOp(f"scheduler query failed: {type(exc).__name__}: {exc}") from None
-        return value
-
-    def live_clients(self) -> list[tuple[int, str, str]]:
-        """``(cid, name, addr)`` of every live client, by cid."""
-        s = self._state
-        return [(cid, s.clients[cid].name, s.clients[cid].addr) for cid in s.live]
-
-    def sessions_in_use(self) -> list[str]:
-        """The log sessions of the live clients: never collected (a worker may be silent for hours)."""
-        s = self._state
-        return [s.clients[cid].session for cid in s.live if s.clients[cid].session]
-
-    def is_live(self, cid: int) -> bool:
-        """Whether ``cid`` is a live client."""
-        return cid in self._state.live
-
-    def expired_clients(self, last_seen: Mapping[int, float], now: float) -> list[int]:
-        """Live clients silent for longer than ``client_timeout``, for the leader's next TICK.
-
-        ``last_seen`` maps cid to when the leader last heard from it (the
-        leader should start every live client at its own start time); cids
-        missing from it are not expired.  Returns cids in ascending order.
-        """
-        return [cid for cid in self._state.live if cid in last_seen and now - last_seen[cid] > self._client_timeout]
-
-    def check_invariants(self) -> None:
-        """Assert the internal bookkeeping is consistent (for tests; O(size of state))."""
-        check_invariants(self._state)
 
     # ------------------------------------------------------------- snapshots
 
