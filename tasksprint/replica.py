@@ -608,9 +608,10 @@ class Replica:
             elif isinstance(msg, ClientsSeen):
                 self.app.merge_contacts(list(msg.cids), time.monotonic())
             elif isinstance(msg, PeerDigest):
+                # Sends the answers this confirms.  Parked long-polls wait for a
+                # change of state, which a digest is not: they are asked again
+                # after the next pass that applies something.
                 driver.digest_from(src, msg)
-                if self._parked:
-                    self._retry_parked(time.monotonic())
             else:
                 raise wire.BadMessage(f"unexpected {type(msg).__name__} from replica {src}")
 
