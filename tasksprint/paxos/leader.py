@@ -218,12 +218,13 @@ class LeaderRole(CoreBase):
         """Heartbeat every peer (the next one is due an interval later), or only those in ``to``."""
         lead = self._lead
         assert lead is not None
-        lead.notify.clear()
         beat = Heartbeat(ballot=lead.ballot, commit=self._commit, phase1_top=lead.phase1_top)
         if to is None:
+            lead.notify.clear()
             lead.next_heartbeat = self._now + self._config.heartbeat_interval
             self._broadcast(beat)
         else:
+            lead.notify.difference_update(to)
             for dst in to:
                 self._send(dst, beat)
 
@@ -361,10 +362,7 @@ class LeaderRole(CoreBase):
                     # state after these slots are what this replica's
                     # answers wait for (with three replicas the follower
                     # learned the slots already, see early_learning.py).
-                    beat = Heartbeat(ballot=lead.ballot, commit=self._commit, phase1_top=lead.phase1_top)
-                    for dst in sorted(accepted - {self._rid}):
-                        self._send(dst, beat)
-                        lead.notify.discard(dst)
+                    self._send_heartbeat(sorted(accepted - {self._rid}))
 
     def _on_nack(self, src: int, msg: Nack) -> None:
         self._election.saw_round(msg.promised.round)
