@@ -227,19 +227,25 @@ class LogClient:
         async with self._conn_lock:
             if self._conn is not None:
                 return self._conn
-            host, port = self.target
-            try:
-                with trio.fail_after(self.connect_timeout):
-                    conn = await wire.connect(
-                        host, port, wire.Endpoint(secret=self.secret, role="client", ident=self.client_id)
-                    )
-            except wire.NETWORK_ERRORS as exc:
-                log.debug("replica_unreachable", replica=f"{host}:{port}", error=str(exc))
+            conn = await self._dial(self.target, "replica_unreachable")
+            if conn is None:
                 return None
             self._conn = conn
             assert self._nursery is not None
             self._nursery.start_soon(self._reader, conn)
             return conn
+
+    async def _dial(self, addr: tuple[str, int], event: str) -> wire.Connection | None:
+        """A connection to replica ``addr``, or None (logged as ``event``) if it cannot be had in time."""
+        host, port = addr
+        try:
+            with trio.fail_after(self.connect_timeout):
+                return await wire.connect(
+                    host, port, wire.Endpoint(secret=self.secret, role="client", ident=self.client_id)
+                )
+        except wire.NETWORK_ERRORS as exc:
+            log.debug(event, replica=f"{host}:{port}", error=str(exc))
+            return None
 
     async def _sender(self) -> None:
         """Write whatever was submitted (or queued again) since the last write, as blocks."""
@@ -298,17 +304,12 @@ class LogClient:
         If the connection fails, or the client moved on from ``old``
         meanwhile (it broke, a timeout rotated), nothing changes.
         """
-        host, port = self.addrs[leader]
         try:
-            with trio.fail_after(self.connect_timeout):
-                conn = await wire.connect(
-                    host, port, wire.Endpoint(secret=self.secret, role="client", ident=self.client_id)
-                )
-        except wire.NETWORK_ERRORS as exc:
-            log.debug("leader_unreachable", replica=f"{host}:{port}", error=str(exc))
-            return
+            conn = await self._dial(self.addrs[leader], "leader_unreachable")
         finally:
             self._switching = None
+        if conn is None:
+            return
         assert self._nursery is not None
         if self._conn is not old:
             self._nursery.start_soon(conn.aclose)
