@@ -288,3 +288,22 @@ TestPaxosMachine.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
+
+
+def test_state_machine_seed_976_a_wiped_replica_and_a_candidate_too_far_behind() -> None:
+    """The run the state machine found: every replica crashed (one wiped, one with
+    a compacted log); after the heal the one that knew nothing kept winning the
+    wiped replica's pre-vote, could not lead, and refused the snapshot it asked for."""
+    m = PaxosMachine()
+    m.setup(n=3, fresh=True, seed=976)
+    m.propose(client=0, r=0)
+    m.crash_inside_next_ready(point="sent_not_persisted", r=0)
+    m.propose(client=0, r=0)
+    m.compact(r=0)
+    m.crash(r=2)
+    m.deliver(i=0)
+    m.wipe(r=1)
+    m.propose(client=0, r=0)
+    m.retry(client=0, r=0)
+    m.cluster.check_step()
+    m.teardown()

@@ -97,6 +97,9 @@ class CoreBase:
     _carry: list[Command | CommandBlock | Tick] = attrs.Factory(list)
     _forward: list[Command | CommandBlock | Tick] = attrs.Factory(list)
     _catchup_sent: float = -1e9
+    # A candidate too far behind to lead asks its promiser for the slots it
+    # truncated (see _deliver_promise): that peer's snapshot is taken too.
+    _snapshot_peer: int | None = None
     _tick_data: Any = None
     _wall: float = 0.0
     _recovery: Recovery | None = None  # set by restore()

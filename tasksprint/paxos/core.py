@@ -465,10 +465,13 @@ class PaxosCore(LeaderRole):
     def _on_snapshot(self, src: int, msg: SnapshotInstall) -> None:
         if msg.index <= self._commit or self._role in (Role.LEADER, Role.CANDIDATE):
             return  # see _on_catchup_reply
-        if self._leader_ballot is None or src != self._leader_ballot.rid:
+        leader = None if self._leader_ballot is None else self._leader_ballot.rid
+        if src != leader and src != self._snapshot_peer:
             # A snapshot replaces the whole state unchecked: take it only from
-            # the leader we follow (the one we ask), not from any peer ahead.
+            # a peer we asked (the leader we follow, or the promiser that
+            # showed our campaign was too far behind), not from any peer ahead.
             return
+        self._snapshot_peer = None
         self._output.snapshot = (msg.index, msg.data)
         self._output.persist((SaveSnapshot(msg.index, msg.data, msg.index),))
         for slot in range(self._learner.log_start, msg.index + 1):

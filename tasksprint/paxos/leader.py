@@ -85,7 +85,10 @@ class LeaderRole(CoreBase):
         # until it caught up, yet its campaigns would keep resetting our
         # timers; refused, it lets the replica that knows most campaign, and
         # every majority holds one that the others support.
-        lost = self._role is not Role.LEADER and self._election.is_leader_lost(self._now)
+        # A recovering replica does not vote at all (see recovery.py): its
+        # empty log would support any candidate, however far behind.
+        voter = self._role in (Role.FOLLOWER, Role.CANDIDATE)
+        lost = voter and self._election.is_leader_lost(self._now)
         granted = lost and msg.round > self._acceptor.promised.round and msg.commit >= self._commit
         self._send(src, PreVoteReply(round=msg.round, granted=granted))
 
@@ -152,6 +155,7 @@ class LeaderRole(CoreBase):
             # The promiser truncated slots we never learned: we are too far
             # behind to lead. Catch up from it and let someone else lead.
             self._become_follower()
+            self._snapshot_peer = src
             self._send(src, CatchupRequest(from_slot=self._commit + 1))
             return
         p1.add(src, msg)
