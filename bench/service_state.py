@@ -17,7 +17,8 @@ it). It prints, per stage:
   process restoring a snapshot of that state (less the snapshot's bytes):
   RSS never shrinks when Python frees objects, so after compaction only the
   second says what the state holds;
-- ``status`` (one page of 50) and ``info`` times at that size;
+- ``status`` (one page of 50, unfiltered and with each filter while two
+  workers run some of the tasks) and ``info`` times at that size;
 - snapshot size and the time to take it and to restore it (what a replica
   that restarts or catches up spends before it replays the log's tail).
 
@@ -81,9 +82,10 @@ class Replica:
         batch = Batch(items=(Command(client_id="bench", seq=self.seq, op=op),))
         return self.applier.apply_slot(self.applier.applied + 1, batch)[0][1]
 
-    def tick(self) -> None:
+    def tick(self, expired: list[int] | None = None) -> None:
         self.now += 1.0
-        self.applier.apply_slot(self.applier.applied + 1, Batch(items=(Tick(now=self.now, data={"expired": []}),)))
+        data = {"expired": expired or []}
+        self.applier.apply_slot(self.applier.applied + 1, Batch(items=(Tick(now=self.now, data=data),)))
 
     def ask(self, **args: Any) -> Any:
         return self.machine.scheduler_query(args)
@@ -157,6 +159,34 @@ def timed_ms(fn: Any, repeat: int = 10) -> float:
     return statistics.median(samples)
 
 
+FILTERS = {
+    "state=pending": {"state": "pending"},
+    "state=running": {"state": "running"},
+    "state=waiting": {"state": "waiting"},
+    "worker": {"worker": "f0"},
+    "tag": {"tag": "gpu"},
+}
+
+
+def filtered_status(r: Replica, n: int) -> dict[str, float]:
+    """``status`` with each filter, one page of 50, while ``n`` tasks wait and two workers run some.
+
+    The workers join and take what their views offer, so the page of running
+    tasks is not empty; they leave again (their tasks go back to pending).
+    """
+    cids = [r.op({"op": "join", "client": f"f{i}", "addr": f"f{i}:1", "slots": 2, "have": []}).cid for i in range(2)]
+    for cid in cids:
+        r.machine.view(cid, 0)
+    out = {}
+    for name, args in FILTERS.items():
+        page = r.ask(q="status", limit=50, **args)
+        if name in ("state=running", "worker"):
+            assert page["tasks"], f"status {name}: no running task listed"
+        out[f"status_ms_{name}"] = timed_ms(lambda args=args: r.ask(q="status", limit=50, **args))
+    r.tick(expired=cids)
+    return out
+
+
 def measure(n: int, base: Path, batch: int, compact_early: bool, skip_run: bool = False) -> dict[str, Any]:
     history = SqliteHistory.open(base, fsync=False)
     r = Replica(history)
@@ -178,6 +208,7 @@ def measure(n: int, base: Path, batch: int, compact_early: bool, skip_run: bool 
     out["submit_apply_us_per_task"] = (time.process_time() - t0) / n * 1e6
     out["pending_bytes_per_task"] = (rss() - base_rss) / n
     out["status_ms_pending"] = timed_ms(lambda: r.ask(q="status", limit=50))
+    out.update(filtered_status(r, n))
     t0 = time.process_time()
     snap = r.applier.snapshot()
     out["snapshot_pending_s"] = time.process_time() - t0
@@ -281,6 +312,7 @@ def main() -> int:
         ("state memory per finished task, compacted", g("finished_state_bytes_per_task"), "bytes", "goal <= 1024"),
         ("compaction into the history, per task", g("compact_us_per_task"), "us", ""),
         ("status, one page, all pending", g("status_ms_pending"), "ms", "goal < 100"),
+        *((f"status, one page, {name}", g(f"status_ms_{name}"), "ms", "goal < 100") for name in FILTERS),
         ("status, one page of done tasks", g("status_ms_finished"), "ms", ""),
         ("status, one page, after compaction", g("status_ms"), "ms", "goal < 100"),
         ("info of a compacted task (history)", g("info_ms_archived"), "ms", ""),

@@ -7,6 +7,7 @@ Also the SDK hooks it uses (``command``, ``query``, ``task_killed``) and the
 from __future__ import annotations
 
 import collections
+import json
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from tasksprint_sdk.coordinator import Coordinator
 from tasksprint.coordinator.machine import CoordinatorMachine, RunState
 from tasksprint.coordinator.ops import BadOp, Cancelled, Commanded, Refused, WorkerChanged
 from tasksprint.coordinator.specs import COMMAND_TASK
+from tasksprint.service.records import pack, unpack
 from tasksprint.service.scheduler import MAX_BATCH, QueueScheduler, check_spec
 
 
@@ -542,3 +544,89 @@ def test_a_task_the_coordinator_refuses_does_not_use_up_its_window() -> None:
     # Limit values that are not numbers or strings are refused at submission.
     answer = s.h.op({"op": "command", "body": {"do": "submit", "tasks": [{"cmd": "c", "limits": {"pids": b"x"}}]}})
     assert "'limits' 'pids'" in answer.value["error"]
+
+
+def _status_by_scan(sched: QueueScheduler, **filters: Any) -> list[int]:
+    """Every unfinished id ``status`` must list for ``filters``, found by looking at each task."""
+    out = []
+    for sid in sched.open:
+        row = sched._row(sid)
+        want = filters.get("state")
+        if want is not None and row["state"] != want:
+            continue
+        if "tag" in filters and filters["tag"] not in row["require"] + row["want"]:
+            continue
+        if "worker" in filters and filters["worker"] not in row["workers"]:
+            continue
+        out.append(sid)
+    return out
+
+
+def test_filtered_status_reads_its_indexes_and_agrees_with_a_scan_of_every_task() -> None:
+    """The indexes ``status`` reads (the coordinator's tasks, the blocked ones, tasks by
+    tag) give what a scan of every task gives, in the same order, as tasks are submitted,
+    admitted, run, fail, cancelled, and after a snapshot rebuilt them."""
+    s = sim()
+    s.h.op({"op": "command", "body": {"do": "configure", "window": 3}})
+    specs: list[dict[str, Any]] = []
+    for i in range(40):
+        spec: dict[str, Any] = {"cmd": f"t{i}"}
+        if i % 3 == 0:
+            spec["want"] = ["fast"]
+        if i % 5 == 0:
+            spec["require"] = ["gpu"]
+        if i % 4 == 1 and i > 4:
+            spec["after"] = [i - 3]
+        specs.append(spec)
+    ids = submit(s, *specs)
+    w1, w2 = s.join("w1", slots=2), s.join("w2", slots=2, have=("gpu",))
+    s.poll(w1)
+    s.poll(w2)
+    filters = [{"state": st} for st in ("pending", "running", "waiting")] + [
+        {"tag": "gpu"},
+        {"tag": "fast"},
+        {"tag": "none"},
+        {"worker": "w1"},
+        {"worker": "w2"},
+    ]
+    filters += [{"state": "pending", "tag": "fast"}, {"state": "running", "worker": "w2"}]
+
+    def check(machine: CoordinatorMachine) -> None:
+        sched = machine.scheduler
+        assert isinstance(sched, QueueScheduler)
+        for f in filters:
+            want = _status_by_scan(sched, **f)
+            for limit in (1, 4, 1000):
+                for offset in (0, 2, len(want)):
+                    page = machine.scheduler_query({"q": "status", "offset": offset, "limit": limit, **f})
+                    assert page["total"] == len(want), (f, offset, limit)
+                    assert [r["id"] for r in page["tasks"]] == want[offset : offset + limit], (f, offset, limit)
+
+    check(s.machine)
+    for step in range(6):
+        for cid in (w1, w2):
+            runnable = s.runnable(cid)
+            if runnable and step % 2 == 0:
+                s.complete(cid, runnable[0])
+            elif runnable:
+                s.fail(cid, runnable[0], "boom")
+            s.poll(cid)
+        s.h.op({"op": "command", "body": {"do": "cancel", "ids": [ids[10 + step]]}})
+        check(s.machine)
+    copy = CoordinatorMachine(QueueScheduler)
+    copy.restore(s.machine.snapshot())
+    check(copy)
+    mine, theirs = s.machine.scheduler, copy.scheduler
+    assert isinstance(mine, QueueScheduler) and isinstance(theirs, QueueScheduler)
+    assert mine.blocked and mine.admitted and mine.tagged  # the run above exercised each index
+    for attr in ("admitted", "blocked", "tagged"):
+        assert getattr(mine, attr) == getattr(theirs, attr), attr
+    # A snapshot taken before the indexes were saved has them rebuilt from the records.
+    state = pack(dict(mine.__dict__))
+    packed = json.loads(state["packed"])
+    for attr in ("admitted", "blocked", "tagged"):
+        del packed[attr]
+    state["packed"] = json.dumps(packed)
+    rebuilt = unpack(state)
+    for attr in ("admitted", "blocked", "tagged"):
+        assert rebuilt[attr] == getattr(mine, attr), attr

@@ -14,7 +14,7 @@ import gc
 import json
 from typing import Any
 
-__all__ = ["Rec", "Spec", "admission_key", "pack", "unpack"]
+__all__ = ["Rec", "Spec", "admission_key", "pack", "status_indexes", "task_tags", "unpack"]
 
 
 class Rec:
@@ -64,7 +64,9 @@ class Rec:
 
 _PACKED_FIELDS = ("after", "blocking", "finished", "job", "name", "state", "submitted", "tid", "why", "worker")
 _PACKED = ("sid", "spec", *_PACKED_FIELDS)
-_PACKED_ATTRS = frozenset(["recs", "open", "ready", "jobs", "ended", "by_tid", "dependents", "gone"])
+_PACKED_ATTRS = frozenset(
+    ["recs", "open", "ready", "jobs", "ended", "by_tid", "dependents", "gone", "admitted", "blocked", "tagged"]
+)
 
 
 class Spec:
@@ -83,6 +85,33 @@ def admission_key(run: dict[str, Any]) -> tuple[str, ...]:
     """The admission class of a task: its required tags (tasks no worker can take never hold up others)."""
     require = run.get("require")
     return tuple(sorted(require)) if require else ()
+
+
+def task_tags(run: dict[str, Any] | None) -> set[str]:
+    """The tags a task names, required or wanted (what ``status --tag`` matches)."""
+    if not run:
+        return set()
+    return {*(run.get("require") or ()), *(run.get("want") or ())}
+
+
+def status_indexes(recs: dict[int, Rec], opened: dict[int, None]) -> dict[str, Any]:
+    """The scheduler's ``status`` indexes, from its records and unfinished ids (in their order)."""
+    admitted: dict[int, None] = {}
+    blocked: dict[int, None] = {}
+    tagged: dict[str, dict[int, None]] = {}
+    tags_of: dict[int, set[str]] = {}  # by id() of a shared spec: most tasks share few
+    for sid in opened:
+        rec = recs[sid]
+        if rec.state == "queued":
+            admitted[sid] = None
+        elif rec.state == "waiting":
+            blocked[sid] = None
+        tags = tags_of.get(id(rec.spec))
+        if tags is None:
+            tags = tags_of[id(rec.spec)] = task_tags(rec.spec)
+        for tag in tags:
+            tagged.setdefault(tag, {})[sid] = None
+    return {"admitted": admitted, "blocked": blocked, "tagged": tagged}
 
 
 def pack(attrs: dict[str, Any]) -> dict[str, Any]:
@@ -114,6 +143,10 @@ def pack(attrs: dict[str, Any]) -> dict[str, Any]:
         "by_tid": list(attrs["by_tid"].items()),
         "dependents": list(attrs["dependents"].items()),
         "gone": list(attrs["gone"].items()),
+        # The status indexes, saved (rebuilding them would visit every task).
+        "admitted": list(attrs["admitted"]),
+        "blocked": list(attrs["blocked"]),
+        "tagged": [[tag, list(ids)] for tag, ids in attrs["tagged"].items()],
     }
     state = {k: v for k, v in attrs.items() if k not in _PACKED_ATTRS}
     state["packed"] = json.dumps(packed, separators=(",", ":"))
@@ -148,10 +181,20 @@ def _unpack(state: dict[str, Any]) -> dict[str, Any]:
         rec.spec = table[spec]
         rec.record = records.get(sid)
         recs[sid] = rec
+    opened = dict.fromkeys(packed["open"])
+    if "tagged" in packed:
+        indexes = {
+            "admitted": dict.fromkeys(packed["admitted"]),
+            "blocked": dict.fromkeys(packed["blocked"]),
+            "tagged": {tag: dict.fromkeys(ids) for tag, ids in packed["tagged"]},
+        }
+    else:  # a snapshot from before the indexes
+        indexes = status_indexes(recs, opened)
     return {
         **state,
         "recs": recs,
-        "open": dict.fromkeys(packed["open"]),
+        "open": opened,
+        **indexes,
         "ready": {tuple(key): collections.deque(q) for key, q in packed["ready"]},
         "jobs": packed["jobs"],
         "ended": collections.deque(packed["ended"]),

@@ -55,7 +55,7 @@ from typing import Any
 
 from tasksprint_sdk.coordinator import Coordinator
 
-from tasksprint.service.records import Rec, Spec, admission_key, pack, unpack
+from tasksprint.service.records import Rec, Spec, admission_key, pack, task_tags, unpack
 from tasksprint.service.specs import MAX_FILES, SpecError, check_spec
 
 __all__ = ["MAX_BATCH", "MAX_FILES", "QueueScheduler", "SpecError", "check_spec"]
@@ -95,6 +95,12 @@ class QueueScheduler(Coordinator):
         self.dependents: dict[int, list[int]] = {}
         self.jobs: dict[str, list[int]] = {}
         self.open: dict[int, None] = {}  # unfinished ids, in submission order
+        # Indexes for status filters (rebuilt on restore, not saved): the ids the
+        # coordinator holds (only those can run), those waiting for the tasks
+        # they run after, and unfinished ids by tag.
+        self.admitted: dict[int, None] = {}
+        self.blocked: dict[int, None] = {}
+        self.tagged: dict[str, dict[int, None]] = {}
         self.retention = DEFAULT_RETENTION
         self.window = DEFAULT_WINDOW
         # Ids that ended with a record in the coordinator, in the order they ended (so by end time).
@@ -240,6 +246,8 @@ class QueueScheduler(Coordinator):
             rec = Rec(spec, now)
             recs[sid] = rec
             opened[sid] = None
+            for tag in task_tags(rec.spec):
+                self.tagged.setdefault(tag, {})[sid] = None
             tally["waiting"] += 1
             if rec.job is not None:
                 self.jobs.setdefault(rec.job, []).append(sid)
@@ -259,12 +267,15 @@ class QueueScheduler(Coordinator):
                 self._end(sid, "cancelled", f"task {doomed}, which it runs after, did not succeed")
             elif rec.blocking == 0:
                 self._make_ready(sid, rec)
+            else:
+                self.blocked[sid] = None
         return {"first": first, "count": len(each)}
 
     def _make_ready(self, sid: int, rec: Rec) -> None:
         """Queue ``sid`` for admission: it becomes a coordinator task when its class has room."""
         assert rec.spec is not None
         self._set(rec, "ready")
+        self.blocked.pop(sid, None)
         key = admission_key(rec.spec)
         queue = self.ready.get(key)
         if queue is None:
@@ -319,6 +330,7 @@ class QueueScheduler(Coordinator):
             return False
         rec.tid = tid
         self._set(rec, "queued")
+        self.admitted[sid] = None
         self.by_tid[tid] = sid
         self.started[key] = self.started.get(key, 0) + 1
         return True
@@ -380,6 +392,14 @@ class QueueScheduler(Coordinator):
         rec.why = why
         rec.finished = self.now
         self.open.pop(sid, None)
+        self.admitted.pop(sid, None)
+        self.blocked.pop(sid, None)
+        for tag in task_tags(rec.spec):
+            tagged = self.tagged.get(tag)
+            if tagged is not None:
+                tagged.pop(sid, None)
+                if not tagged:
+                    del self.tagged[tag]
         if rec.tid is not None:
             self.ended.append(sid)
             assert rec.spec is not None
@@ -483,12 +503,22 @@ class QueueScheduler(Coordinator):
         for key, v in (("state", want_state), ("tag", tag), ("job", job), ("worker", worker)):
             if v is not None and not isinstance(v, str):
                 raise ValueError(f"filter {key!r} must be a string")
+        # The smallest pool that holds every match, in submission order.
+        total: int | None = None  # known without looking at every task of the pool
         if job is not None:
             pool: Any = self.jobs.get(job, ())
         elif want_state in FINISHED or want_state == "all":
             pool = self.recs
+        elif worker is not None or want_state == "running":
+            pool = sorted(self.admitted)  # only a task the coordinator holds runs: a few windows
+        elif tag is not None:
+            pool = self.tagged.get(tag, {})
+        elif want_state == "waiting":
+            pool = self.blocked
         else:
             pool = self.open
+            if want_state == "pending":
+                total = self.tally["ready"] + sum(1 for sid in self.admitted if self._state(sid) == "pending")
         rows: list[dict[str, Any]] = []
         matched = 0
         plain = want_state in (None, "all") and tag is None and worker is None
@@ -498,6 +528,8 @@ class QueueScheduler(Coordinator):
             ids = list(itertools.islice(iter(pool), offset, offset + limit))
             return {"total": matched, "offset": offset, "tasks": [self._row(i) for i in ids], "counts": self.counts()}
         for sid in pool:
+            if total is not None and matched >= min(total, offset + limit):
+                break  # the page is full and the total known: the rest need not be looked at
             rec = self.recs.get(sid)
             if rec is None:  # compacted: in the history, not listed
                 continue
@@ -516,7 +548,7 @@ class QueueScheduler(Coordinator):
             if offset <= matched < offset + limit:
                 rows.append(self._row(sid))
             matched += 1
-        return {"total": matched, "offset": offset, "tasks": rows, "counts": self.counts()}
+        return {"total": matched if total is None else total, "offset": offset, "tasks": rows, "counts": self.counts()}
 
     def counts(self) -> dict[str, int]:
         """Tasks by scheduler state (``queued`` covers pending and running), and how many were compacted."""
