@@ -33,8 +33,11 @@ test: install lint
 	@if [ "$$(id -u)" = 0 ]; then sh tests/setup-system.sh; fi
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
+# 100,000 simulation seeds, and 5,000 new runs of the Paxos state machine (random, not the fixed ones of `make test`).
 soak: install
 	TASKSPRINT_SIM_SEEDS=100000 $(BIN)/python -m pytest -q -p no:cacheprovider -m soak tests/test_simulation.py
+	TASKSPRINT_HYPOTHESIS_EXPLORE=1 TASKSPRINT_HYPOTHESIS_EXAMPLES=5000 \
+		$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_simulation.py::TestPaxosMachine
 
 # The wire fuzzer of `make test` (100,000 frames) at twenty times the frames.
 fuzz-soak: install
