@@ -74,6 +74,7 @@ from tasksprint.app import KVApp, NotYet
 from tasksprint.config import ReplicaConfig
 from tasksprint.disk_writer import DiskWriter
 from tasksprint.driver import DivergenceError, DriverConfig, ReplicaDriver, RequestKey
+from tasksprint.framing import encode_frame
 from tasksprint.history import SqliteHistory
 from tasksprint.hook_watchdog import HookWatchdog
 from tasksprint.machine import Applier, BadSnapshot
@@ -207,7 +208,7 @@ class Outbox:
 
     def _frames(self, msg: Any) -> list[bytes]:
         try:
-            return [wire.encode_frame(msg, self.max_frame)]
+            return [encode_frame(msg, self.max_frame)]
         except wire.FrameTooLarge:
             parts = split_message(msg)
             if parts is None:
