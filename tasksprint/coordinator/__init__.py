@@ -2,7 +2,8 @@
 
 Modules, each with its own theory of operation:
 
-- :mod:`~tasksprint.coordinator.ops` — the log operations, typed, and their strict parser.
+- :mod:`~tasksprint.coordinator.ops` — the log operations, their answers and the questions, typed.
+- :mod:`~tasksprint.coordinator.parsing` — the strict parsers of an operation and of a question.
 - :mod:`~tasksprint.coordinator.state` — task and client records, their invariants.
 - :mod:`~tasksprint.coordinator.specs` — checking ``start_task`` arguments.
 - :mod:`~tasksprint.coordinator.machine` — applying operations, calling hooks, settling.

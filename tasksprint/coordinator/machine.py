@@ -81,8 +81,8 @@ from tasksprint.coordinator.ops import (
     WorkerOp,
     described,
     is_int,
-    parse_op,
 )
+from tasksprint.coordinator.parsing import parse_op
 from tasksprint.coordinator.placement import Placement
 from tasksprint.coordinator.queries import MachineQueries
 from tasksprint.coordinator.runtime import Hook, HookRuntime, failure_message
