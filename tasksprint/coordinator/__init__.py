@@ -8,6 +8,7 @@ Modules, each with its own theory of operation:
 - :mod:`~tasksprint.coordinator.specs` — checking ``start_task`` arguments.
 - :mod:`~tasksprint.coordinator.machine` — applying operations, calling hooks, settling.
 - :mod:`~tasksprint.coordinator.client_ops` — a worker client's join and reports, applied.
+- :mod:`~tasksprint.coordinator.parts` — the machine's fields its parts use, declared once.
 - :mod:`~tasksprint.coordinator.lineage` — task records, outputs appearing and lost, kills, recomputation.
 - :mod:`~tasksprint.coordinator.placement` — which client runs each task.
 - :mod:`~tasksprint.coordinator.runtime` — calling the scheduler's hooks; what its actions reach.

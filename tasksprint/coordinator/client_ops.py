@@ -26,7 +26,6 @@ from typing import Any
 
 from tasksprint_sdk.coordinator import Coordinator
 
-from tasksprint.coordinator.lineage import Lineage
 from tasksprint.coordinator.ops import (
     ACCEPTED,
     BadOp,
@@ -42,25 +41,19 @@ from tasksprint.coordinator.ops import (
     ReportOp,
     described,
 )
-from tasksprint.coordinator.placement import Placement
+from tasksprint.coordinator.parts import MachineParts
 from tasksprint.coordinator.runtime import Hook
-from tasksprint.coordinator.state import ClientRecord, CoordinatorState, Entry, RunState, TaskRecord, TaskState
+from tasksprint.coordinator.state import ClientRecord, RunState, TaskRecord, TaskState
 
 __all__ = ["ClientOps"]
 
 
-class ClientOps:
+class ClientOps(MachineParts):
     """The ops of worker clients, applied (a part of :class:`CoordinatorMachine`)."""
 
     __slots__ = ()
 
-    # The machine's fields and methods these use (see CoordinatorMachine).
-    _scheduler_cls: type[Coordinator]
-    _log: Any
-    _state: CoordinatorState
-    _fx: Entry
-    _placement: Placement
-    _lineage: Lineage
+    # The machine's methods these call (see CoordinatorMachine).
     _sched: Callable[[], Coordinator]
     _call_hook: Callable[..., tuple[bool, Any]]
     _fail_computation: Callable[[dict[str, Any], str], None]
