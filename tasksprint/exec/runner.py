@@ -25,8 +25,9 @@ Theory of operation.  :func:`run_command` takes a validated
 The same cleanup runs when the caller cancels (trio cancellation: the
 cleanup is shielded and ``Cancelled`` propagates) or sets ``cancel`` (the
 run returns a record with the verdict ``cancelled``).  If the client itself
-is killed, each main process gets SIGKILL from ``PR_SET_PDEATHSIG`` and the
-cgroups it leaves are removed by
+is killed, its :class:`~tasksprint.exec.guardian.Guardian` kills and removes
+its task groups; without a guardian each main process gets SIGKILL from
+``PR_SET_PDEATHSIG`` and the cgroups it leaves are removed by
 :func:`~tasksprint.exec.cgroup.sweep_stale_groups` on the next start.
 """
 
@@ -50,7 +51,8 @@ import trio
 
 from tasksprint.exec import proctree, sandbox, spawner
 from tasksprint.exec.cgroup import CgroupLayout, CgroupV1Group, CgroupV2Group
-from tasksprint.exec.group import TaskGroup
+from tasksprint.exec.group import GroupUsage, TaskGroup
+from tasksprint.exec.guardian import Guardian
 from tasksprint.exec.rlimit import RlimitGroup
 from tasksprint.exec.spec import SNIPPET_BYTES, CommandRecord, CommandSpec, Enforcement, Limits, OutputSummary, Verdict
 
@@ -264,50 +266,83 @@ _JOIN_SCRIPT = (
 _GATE_ARG = "stdin_file=$1; shift; "
 _GATE = 'IFS= read -r go && [ "$go" = go ] || exit 125; '
 _GATE_STDIN = ' <"$stdin_file"'
+# The same for a ``cmd`` task, run by the task's own bash: the join, then the
+# command in the same shell, on the same line (so $LINENO counts as in
+# ``bash -c CMD``).  The wrapper's variables are unset, and ``: bash`` leaves
+# $_ and $? as a fresh ``bash -c`` has them.
+_BASH_JOIN_SCRIPT = (
+    '{gate_arg}for f do [ "$f" = -- ] && break; '
+    'echo 0 > "$f" || { echo "tasksprint: cannot join the task group through $f" >&2; exit 126; }; shift; done; '
+    "shift; {rlimit}{gate}{stdin}unset f go stdin_file; : bash; "
+)
+_BASH_GATE_STDIN = 'exec <"$stdin_file" || exit 126; '
 
 
 @functools.cache
-def _spawn_tools() -> tuple[str, str] | None:
-    """Absolute paths of ``setpriv`` (util-linux) and ``sh``, or None when either is missing."""
+def _spawn_tools() -> tuple[str | None, str | None]:
+    """Absolute paths of ``setpriv`` (util-linux) and ``sh``, each None when missing."""
     path = os.environ.get("PATH") or DEFAULT_PATH
-    setpriv, sh = shutil.which("setpriv", path=path), shutil.which("sh", path=path)
-    return (setpriv, sh) if setpriv is not None and sh is not None else None
+    return shutil.which("setpriv", path=path), shutil.which("sh", path=path)
 
 
-def spawn_wrapper(group: TaskGroup, limits: Limits, gated_stdin: str | None = None) -> tuple[str, ...] | None:
-    """The argv prefix that starts a task in a cgroup without running Python in the child, or None.
+def spawn_argv(
+    group: TaskGroup,
+    spec: CommandSpec,
+    argv: tuple[str, ...],
+    *,
+    gated_stdin: str | None = None,
+    guarded: bool = False,
+) -> tuple[str, ...] | None:
+    """The argv that starts ``argv`` in a cgroup without running Python in the child, or None.
 
     Forking this (large) process with a ``preexec_fn`` copies its page
     tables and runs Python in the child: about 20 ms a task.  Without one,
-    the child is spawned with ``vfork`` and a small wrapper does the rest
-    before it executes the task: ``setpriv`` asks for SIGKILL when the
-    client dies, ``sh`` writes to the group's ``cgroup.procs`` files (so the
-    task and everything it starts are in the cgroup from the task's first
-    instruction) and sets the CPU-time rlimit.  With ``gated_stdin`` (the
-    path of the task's stdin) the child's stdin is a gate: the wrapper waits
-    for the line ``go`` on it (and ends at end of file) before it executes
-    the task with that file as stdin.  None for a group that is no
-    cgroup, or when ``setpriv`` or ``sh`` is missing: the runner then uses
-    the ``preexec_fn``.
+    the child is spawned with ``vfork`` and a shell does the rest before the
+    task's first instruction: it writes to the group's ``cgroup.procs`` files
+    (so the task and everything it starts are in the cgroup) and sets the
+    CPU-time rlimit.  For a ``cmd`` task (``argv`` is ``bash -c CMD``) that
+    shell is the task's own bash, which then runs CMD itself: one program
+    execution, as ``bash -c CMD`` alone.  Any other task gets ``sh``, which
+    executes it.
+
+    With ``gated_stdin`` (the path of the task's stdin) the child's stdin is
+    a gate: the shell waits for the line ``go`` on it (and ends at end of
+    file) before it runs the task with that file as stdin.  ``guarded``: a
+    :class:`~tasksprint.exec.guardian.Guardian` kills the group if this
+    process dies; without one ``setpriv --pdeathsig KILL`` starts the chain,
+    so that at least the main process dies with this one.  None for a group
+    that is no cgroup, or when a program needed is missing: the runner then
+    uses the ``preexec_fn``.
     """
     files = getattr(group, "procs_files", None)
-    tools = _spawn_tools()
-    if files is None or tools is None:
+    setpriv, sh = _spawn_tools()
+    if files is None or (not guarded and setpriv is None):
         return None
     rlimit = ""
-    if limits.cpu_time_s is not None:
-        soft = max(1, math.ceil(limits.cpu_time_s))  # as child_rlimits does
+    if spec.limits.cpu_time_s is not None:
+        soft = max(1, math.ceil(spec.limits.cpu_time_s))  # as child_rlimits does
         rlimit = f"ulimit -S -t {soft} && ulimit -H -t {soft + 1} || exit 126; "
     gated = gated_stdin is not None
+    first = (gated_stdin,) if gated_stdin is not None else ()
+    prefix = () if guarded else (setpriv, "--pdeathsig", "KILL", "--")
+    if spec.cmd is not None and argv == spec.program_argv:
+        script = (
+            _BASH_JOIN_SCRIPT.replace("{rlimit}", rlimit)
+            .replace("{gate_arg}", _GATE_ARG if gated else "")
+            .replace("{gate}", _GATE if gated else "")
+            .replace("{stdin}", _BASH_GATE_STDIN if gated else "")
+        )
+        bash, _, cmd = argv
+        return (*prefix, bash, "-c", script + cmd, "bash", *first, *files, "--")
+    if sh is None:
+        return None
     script = (
         _JOIN_SCRIPT.replace("{rlimit}", rlimit)
         .replace("{gate_arg}", _GATE_ARG if gated else "")
         .replace("{gate}", _GATE if gated else "")
         .replace("{stdin}", _GATE_STDIN if gated else "")
     )
-    setpriv, sh = tools
-    first = (gated_stdin,) if gated_stdin is not None else ()
-    return (setpriv, "--pdeathsig", "KILL", "--", sh, "-c", script, "sh", *first, *files, "--")
+    return (*prefix, sh, "-c", script, "sh", *first, *files, "--", *argv)
 
 
 def _find_program(name: str, cwd: str, path: str) -> bool:
@@ -356,6 +391,7 @@ async def run_command(
     cancel: trio.Event | None = None,
     client_env: dict[str, str] | None = None,
     slot: contextlib.AbstractAsyncContextManager[Any] | None = None,
+    guardian: Guardian | None = None,
 ) -> CommandRecord:
     """Run ``spec`` to the end and return its :class:`CommandRecord`; never leaves a process behind.
 
@@ -376,6 +412,10 @@ async def run_command(
     slot is had, so what a start costs (a few process executions) overlaps
     the slot's previous task instead of following it.  The record's times
     count from the gate's opening.
+
+    ``guardian`` (running for ``cgroups``) kills the task's group if this
+    process dies; without one only the task's main process dies with this
+    process (``PR_SET_PDEATHSIG``), and the rest waits for the next sweep.
     """
     host = host if host is not None else socket.gethostname()
     cwd = spec.cwd if spec.cwd is not None else os.getcwd()
@@ -420,15 +460,16 @@ async def run_command(
                 proctree.die_with_parent()
                 group.child_setup()
 
-            gated = slot is not None and spawn_wrapper(group, spec.limits) is not None
+            guarded = guardian is not None and guardian.alive()
+            gated = slot is not None and spawn_argv(group, spec, argv, guarded=guarded) is not None
             gate_r = gate_w = -1
             if gated:
                 stdin_path = os.devnull if spec.stdin is None else os.path.abspath(os.path.join(cwd, spec.stdin))
-                wrapper = spawn_wrapper(group, spec.limits, gated_stdin=stdin_path)
+                wrapper = spawn_argv(group, spec, argv, gated_stdin=stdin_path, guarded=guarded)
                 gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
                 fds.extend((gate_r, gate_w))
             else:
-                wrapper = spawn_wrapper(group, spec.limits)
+                wrapper = spawn_argv(group, spec, argv, guarded=guarded)
             if wrapper is not None and not os.path.isdir(cwd):
                 raise FileNotFoundError(errno.ENOENT, "no such working directory", cwd)
             if wrapper is not None and not _find_program(argv[0], cwd, env["PATH"]):
@@ -437,7 +478,7 @@ async def run_command(
                 await held.enter_async_context(slot)  # no gate: the slot first, then the spawn
             spawn = functools.partial(
                 subprocess.Popen,
-                argv if wrapper is None else (*wrapper, *argv),
+                argv if wrapper is None else wrapper,
                 stdin=gate_r if gated else stdin,
                 stdout=out_w,
                 stderr=err_w,
@@ -504,10 +545,11 @@ async def run_command(
                 popen.returncode = run.status if run.status is not None else -1
                 for stream in streams:
                     await stream.aclose()
+        usage = group.usage()  # read once, the tree being dead
         return record(
-            _verdict(run, group),
+            _verdict(run, usage),
             pid=pid,
-            **_accounting(run, group, adopted),
+            **_accounting(run, group, usage, adopted),
             stdout=out.summary(),
             stderr=err.summary(),
         )
@@ -529,11 +571,10 @@ def _open_gate(gate_w: int) -> None:
         os.close(gate_w)
 
 
-def _verdict(run: _Run, group: TaskGroup) -> Verdict:
+def _verdict(run: _Run, usage: GroupUsage) -> Verdict:
     """Why the run ended; also completes ``run.hits`` with the limits the group saw fire."""
     status = run.status
     assert status is not None
-    usage = group.usage()
     failed = not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0)
     limits = run._spec.limits
     if usage.oom_killed:
@@ -555,10 +596,9 @@ def _verdict(run: _Run, group: TaskGroup) -> Verdict:
     return Verdict.OK if not failed else Verdict.EXIT
 
 
-def _accounting(run: _Run, group: TaskGroup, adopted: list[tuple[int, Any]]) -> dict[str, Any]:
+def _accounting(run: _Run, group: TaskGroup, usage: GroupUsage, adopted: list[tuple[int, Any]]) -> dict[str, Any]:
     status = run.status
     assert status is not None
-    usage = group.usage()
     fields: dict[str, Any] = {"limits_hit": tuple(sorted(run.hits))}
     if os.WIFSIGNALED(status):
         fields["signal"] = os.WTERMSIG(status)
