@@ -189,6 +189,14 @@ async def test_exit_code_signal_and_start_failure_are_distinct(enforce: CgroupLa
     assert ok.pid is not None and ok.host and ok.finished >= ok.started
 
 
+async def test_a_cmd_task_without_bash_on_its_path_is_a_start_failure(
+    enforce: CgroupLayout | None, mark: str, tmp_path: Path
+) -> None:
+    record = await run({"cmd": "true", "env": {"PATH": str(tmp_path)}}, mark, enforce)
+    assert (record.verdict, record.pid) == (Verdict.START_FAILED, None)
+    assert "bash" in record.detail
+
+
 async def test_a_missing_working_directory_is_a_start_failure(mark: str, tmp_path: Path) -> None:
     record = await run({"cmd": "true", "cwd": str(tmp_path / "absent")}, mark, None)
     assert record.verdict is Verdict.START_FAILED

@@ -152,6 +152,7 @@ class _Run:
     # Whether /proc scans must find orphans: not when a cgroup holds the tree
     # and nothing comes back to this process (it is no subreaper).
     scans: bool = True
+    dead: bool = False  # kill_tree found the group empty: nothing of the task is left
 
     def hit(self, verdict: Verdict) -> None:
         """A limit fired (or a cancel came): remember it and stop supervising."""
@@ -218,7 +219,9 @@ class _Run:
         scope.cancel()
 
     async def kill_tree(self) -> None:
-        """Kill every process of the group, round after round, until none is left."""
+        """Kill every process of the group, round after round, until none is left (once is enough)."""
+        if self.dead:
+            return
         for _ in range(MAX_KILL_ROUNDS):
             if self.status is None:
                 try:
@@ -228,12 +231,14 @@ class _Run:
             killed = self._group.kill_round()
             if not killed:
                 if not self.scans:
+                    self.dead = True
                     return
                 # An orphan that already left its group on its way out is
                 # still to be reaped: wait until it is a zombie.
                 killed = proctree.session_orphans(self._pid)
                 killed.update(proctree.still_dying({p: s for p, s in self.killed.items() if p != self._pid}))
                 if not killed:
+                    self.dead = True
                     return
                 proctree.kill_processes(killed)
             self.killed.update(killed)
@@ -472,7 +477,8 @@ async def run_command(
                 wrapper = spawn_argv(group, spec, argv, guarded=guarded)
             if wrapper is not None and not os.path.isdir(cwd):
                 raise FileNotFoundError(errno.ENOENT, "no such working directory", cwd)
-            if wrapper is not None and not _find_program(argv[0], cwd, env["PATH"]):
+            # A wrapper that is the task's own program (a cmd task's bash) fails to start as the task would.
+            if wrapper is not None and wrapper[0] != argv[0] and not _find_program(argv[0], cwd, env["PATH"]):
                 raise FileNotFoundError(errno.ENOENT, "no such executable program", argv[0])
             if slot is not None and not gated:
                 await held.enter_async_context(slot)  # no gate: the slot first, then the spawn
@@ -627,10 +633,10 @@ def _accounting(run: _Run, group: TaskGroup, usage: GroupUsage, adopted: list[tu
 async def _remove_group(group: TaskGroup) -> None:
     # A cgroup whose last process just died may be busy for a moment.
     for _ in range(MAX_KILL_ROUNDS):
-        group.kill_round()
         try:
             group.remove()
             return
         except OSError:
+            group.kill_round()
             await trio.sleep(KILL_ROUND_PAUSE_S)
     group.remove()
