@@ -5,9 +5,10 @@ loaded machine that takes milliseconds, during which a trio event loop that
 called it would stop: no other slot's task would be seen to end or be let
 through its gate.  :func:`spawn` runs the ``Popen`` call on one long-lived
 thread instead and waits for it without blocking the loop.  The thread lives
-as long as the process, which matters: a child's parent-death signal
-(``PR_SET_PDEATHSIG``, asked for by ``setpriv`` in the wrapper) is tied to
-the *thread* that forked it, and worker threads come and go.
+as long as the process, which matters where no guardian runs: a child's
+parent-death signal (``PR_SET_PDEATHSIG``, asked for by ``setpriv`` in the
+wrapper) is tied to the *thread* that forked it, and worker threads come
+and go.
 """
 
 from __future__ import annotations
