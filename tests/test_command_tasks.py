@@ -171,14 +171,18 @@ async def test_a_killed_client_leaves_no_command_running(computation, tmp_path: 
         assert len(guardians) == 1 and len(orphans) == 2
         orphans.update({pid: st[1] for pid in guardians if (st := proctree.proc_stat(pid)) is not None})
         client.kill()
-        client.wait()
 
         async def all_gone() -> bool:
             # This process may be a subreaper (after rlimit runs): then the orphans come here.
             proctree.reap_adopted(orphans)
             return not any(pid_alive(pid) or _child_zombie(pid) for pid in orphans)
 
-        await wait_until(all_gone, "the dead client's command processes and guardian to end")
+        try:
+            # The dead client is reaped only then: while it is a zombie its pid exists,
+            # so no other client's sweep takes its groups for stale ones; the guardian acts alone.
+            await wait_until(all_gone, "the dead client's command processes and guardian to end")
+        finally:
+            client.wait()
 
 
 def _children_of(ppid: int) -> list[int]:

@@ -639,17 +639,20 @@ def test_a_killed_clients_guardian_kills_its_whole_trees_and_removes_their_group
             time.sleep(0.01)
         task = {pid: st[1] for pid in _marked_processes(mark) if (st := proctree.proc_stat(pid)) is not None}
         assert any(proctree.proc_stat(pid)[3] == pid for pid in task)  # type: ignore[index]  # one has its own session
+        client.kill()
+        # Not reaped until the end: while the dead client is a zombie its pid
+        # exists, so no other client's sweep takes its groups for stale ones.
+        # The guardian alone kills the whole tree, the setsid one included,
+        # removes the group and ends.
+        _reap_if_mine({guardian: guardian_stat[1], **task})
+        assert _marked_processes(mark) == []
+        names = [name for parent in layout.parents.values() for name in os.listdir(parent)]
+        assert not [name for name in names if name.startswith(f"{client.pid}-")]
     finally:
         client.kill()
         client.wait()
         if client.stdout is not None:
             client.stdout.close()
-    # No sweep: the guardian kills the whole tree, the setsid one included, removes the group and ends.
-    _reap_if_mine({guardian: guardian_stat[1], **task})
-    assert _marked_processes(mark) == []
-    assert not [
-        name for parent in layout.parents.values() for name in os.listdir(parent) if name.startswith(f"{client.pid}-")
-    ]
 
 
 def test_a_closed_guardian_kills_and_removes_its_owners_groups_only() -> None:
