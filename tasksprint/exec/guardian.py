@@ -51,6 +51,7 @@ class Guardian:
                 args,
                 pass_fds=(read,),
                 stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,  # it says nothing; a pipe the client's reader waits on it must not hold
                 start_new_session=True,
                 close_fds=True,
             )
