@@ -511,6 +511,24 @@ async def test_a_cmd_task_runs_as_in_a_fresh_bash_c(cgroups: CgroupLayout, mark:
         assert record.stdout is not None and record.stdout.head == expected.stdout
 
 
+async def test_a_bash_env_file_is_sourced_inside_the_tasks_cgroup(
+    cgroups: CgroupLayout, mark: str, tmp_path: Path
+) -> None:
+    # bash sources BASH_ENV before its -c string: it must not run before the join (or the gate).
+    (tmp_path / "env.sh").write_text('cat /proc/self/cgroup >> "$PWD/groups"; echo sourced >> "$PWD/groups"\n')
+    slot = _Slot()
+    slot.open.set()
+    spec = {"cmd": "echo $((1 + 1))", "cwd": str(tmp_path), "env": {"BASH_ENV": str(tmp_path / "env.sh")}}
+    direct = await run(dict(spec), mark, cgroups)
+    gated = await run(dict(spec), mark, cgroups, slot=slot)
+    for record in (direct, gated):
+        assert record.verdict is Verdict.OK and record.stdout is not None and record.stdout.head == b"2\n"
+    blocks = (tmp_path / "groups").read_text().split("sourced\n")
+    assert len(blocks) == 3 and blocks[2] == ""
+    for block in blocks[:2]:  # each time, this process's task group is among the file's lines
+        assert f"/tasksprint/{os.getpid()}-" in block, block
+
+
 async def test_a_syntax_error_runs_nothing_and_exits_2(cgroups: CgroupLayout, mark: str, tmp_path: Path) -> None:
     record = await run({"cmd": "touch ran; if", "cwd": str(tmp_path)}, mark, cgroups)
     assert record.verdict is Verdict.EXIT and record.exit_code == 2

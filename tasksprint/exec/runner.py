@@ -281,6 +281,11 @@ _BASH_JOIN_SCRIPT = (
     "shift; {rlimit}{gate}{stdin}unset f go stdin_file; : bash; "
 )
 _BASH_GATE_STDIN = 'exec <"$stdin_file" || exit 126; '
+# Variables bash acts on before it runs its -c string: BASH_ENV names a file
+# it sources first (that would run outside the cgroup and before the gate),
+# SHELLOPTS and BASHOPTS set options the join would run under.  A task that
+# sets one is started by sh, which then executes its bash.
+_BASH_STARTUP_NAMES = ("BASH_ENV", "SHELLOPTS", "BASHOPTS")
 
 
 @functools.cache
@@ -295,6 +300,7 @@ def spawn_argv(
     spec: CommandSpec,
     argv: tuple[str, ...],
     *,
+    env: dict[str, str] | None = None,
     gated_stdin: str | None = None,
     guarded: bool = False,
 ) -> tuple[str, ...] | None:
@@ -307,8 +313,9 @@ def spawn_argv(
     (so the task and everything it starts are in the cgroup) and sets the
     CPU-time rlimit.  For a ``cmd`` task (``argv`` is ``bash -c CMD``) that
     shell is the task's own bash, which then runs CMD itself: one program
-    execution, as ``bash -c CMD`` alone.  Any other task gets ``sh``, which
-    executes it.
+    execution, as ``bash -c CMD`` alone; unless the task's ``env`` sets a
+    variable bash acts on at start-up (:data:`_BASH_STARTUP_NAMES`).  Any
+    other task gets ``sh``, which executes it.
 
     With ``gated_stdin`` (the path of the task's stdin) the child's stdin is
     a gate: the shell waits for the line ``go`` on it (and ends at end of
@@ -330,7 +337,8 @@ def spawn_argv(
     gated = gated_stdin is not None
     first = (gated_stdin,) if gated_stdin is not None else ()
     prefix = () if guarded else (setpriv, "--pdeathsig", "KILL", "--")
-    if spec.cmd is not None and argv == spec.program_argv:
+    bash_startup = env is not None and any(name in env for name in _BASH_STARTUP_NAMES)
+    if spec.cmd is not None and argv == spec.program_argv and not bash_startup:
         script = (
             _BASH_JOIN_SCRIPT.replace("{rlimit}", rlimit)
             .replace("{gate_arg}", _GATE_ARG if gated else "")
@@ -466,15 +474,15 @@ async def run_command(
                 group.child_setup()
 
             guarded = guardian is not None and guardian.alive()
-            gated = slot is not None and spawn_argv(group, spec, argv, guarded=guarded) is not None
+            gated = slot is not None and spawn_argv(group, spec, argv, env=env, guarded=guarded) is not None
             gate_r = gate_w = -1
             if gated:
                 stdin_path = os.devnull if spec.stdin is None else os.path.abspath(os.path.join(cwd, spec.stdin))
-                wrapper = spawn_argv(group, spec, argv, gated_stdin=stdin_path, guarded=guarded)
+                wrapper = spawn_argv(group, spec, argv, env=env, gated_stdin=stdin_path, guarded=guarded)
                 gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
                 fds.extend((gate_r, gate_w))
             else:
-                wrapper = spawn_argv(group, spec, argv, guarded=guarded)
+                wrapper = spawn_argv(group, spec, argv, env=env, guarded=guarded)
             if wrapper is not None and not os.path.isdir(cwd):
                 raise FileNotFoundError(errno.ENOENT, "no such working directory", cwd)
             # A wrapper that is the task's own program (a cmd task's bash) fails to start as the task would.
