@@ -284,7 +284,9 @@ _BASH_GATE_STDIN = 'exec <"$stdin_file" || exit 126; '
 # Variables bash acts on before it runs its -c string: BASH_ENV names a file
 # it sources first (that would run outside the cgroup and before the gate),
 # SHELLOPTS and BASHOPTS set options the join would run under.  A task that
-# sets one is started by sh, which then executes its bash.
+# sets one is started by sh, which then executes its bash.  (Exported
+# functions, BASH_FUNC_<name>%%, which could stand in for the builtins the
+# join calls, cannot be set: a spec's env names are shell variable names.)
 _BASH_STARTUP_NAMES = ("BASH_ENV", "SHELLOPTS", "BASHOPTS")
 
 
