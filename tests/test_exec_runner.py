@@ -28,8 +28,9 @@ import trio.testing
 from tasksprint.exec import proctree
 from tasksprint.exec.cgroup import CgroupLayout, detect_cgroups, sweep_stale_groups
 from tasksprint.exec.guardian import Guardian
-from tasksprint.exec.runner import TaskEnv, open_task_group, run_command, spawn_argv
+from tasksprint.exec.runner import TaskEnv, open_task_group, run_command
 from tasksprint.exec.sandbox import find_bwrap
+from tasksprint.exec.spawner import spawn_argv
 from tasksprint.exec.spec import CommandRecord, CommandSpec, Enforcement, Limits, Verdict
 
 MARK = "TS_EXEC_TEST_MARK"
@@ -559,7 +560,8 @@ def test_a_guarded_cmd_task_is_its_own_bash_only() -> None:
 CLIENT_SCRIPT = """
 import functools, sys, trio
 from tasksprint.exec.cgroup import detect_cgroups
-from tasksprint.exec.runner import TaskEnv, open_task_group, run_command, spawn_argv
+from tasksprint.exec.runner import TaskEnv, open_task_group, run_command
+from tasksprint.exec.spawner import spawn_argv
 from tasksprint.exec.spec import CommandSpec
 
 spec = CommandSpec(cmd="setsid sleep 1000 & sleep 1001", env={sys.argv[1]: sys.argv[2]})
@@ -610,7 +612,8 @@ GUARDED_CLIENT_SCRIPT = """
 import functools, sys, trio
 from tasksprint.exec.cgroup import detect_cgroups
 from tasksprint.exec.guardian import Guardian
-from tasksprint.exec.runner import TaskEnv, open_task_group, run_command, spawn_argv
+from tasksprint.exec.runner import TaskEnv, open_task_group, run_command
+from tasksprint.exec.spawner import spawn_argv
 from tasksprint.exec.spec import CommandSpec
 
 layout = detect_cgroups()
