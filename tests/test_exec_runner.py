@@ -678,12 +678,9 @@ def test_a_killed_clients_guardian_kills_its_whole_trees_and_removes_their_group
 
 def test_a_closed_guardian_kills_and_removes_its_owners_groups_only() -> None:
     layout = _cgroups_or_skip()
-    dead = os.fork()
-    if dead == 0:
-        os._exit(0)
-    os.waitpid(dead, 0)
     parent = layout.parents["pids"]
-    mine, other = os.path.join(parent, f"{os.getpid()}-left"), os.path.join(parent, f"{dead}-other")
+    # The other owner is alive (this process's parent): no client's sweep takes its group for stale.
+    mine, other = os.path.join(parent, f"{os.getpid()}-left"), os.path.join(parent, f"{os.getppid()}-other")
     os.mkdir(mine)
     os.mkdir(other)
     sleeper = subprocess.Popen(["sleep", "1000"])
