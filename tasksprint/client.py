@@ -53,7 +53,6 @@ the view points the runner to the new holder.
 from __future__ import annotations
 
 import collections
-import json
 import math
 import os
 import socket
@@ -67,18 +66,16 @@ import trio
 
 from tasksprint import codec, wire
 from tasksprint.channel import ASK_ERRORS, ReplicaChannel
+from tasksprint.client_inputs import Attempt, ClientInputs
+from tasksprint.client_reports import ClientReports, session_lost
 from tasksprint.command_tasks import CommandTasks
 from tasksprint.coordinator.ops import (
-    BatchApplied,
-    BatchOp,
     DoneOp,
     ErrorCode,
     FailedOp,
     Joined,
     JoinOp,
-    LostOp,
     Refused,
-    Reported,
     ViewRequest,
 )
 from tasksprint.coordinator.replies import Assignment, ClientView
@@ -87,9 +84,9 @@ from tasksprint.exec.workdir import FILES_KEY
 from tasksprint.log_client import LogClient, SessionExpiredError
 from tasksprint.node_pool import NodePool
 from tasksprint.node_protocol import TaskRequest
-from tasksprint.object_store import DEFAULT_SPILL_LIMIT, InputError, ObjectStore, StoreFull, select
+from tasksprint.object_store import DEFAULT_SPILL_LIMIT, InputError, ObjectStore, StoreFull
 from tasksprint.observe import NullObserver, Observer
-from tasksprint.peer_data import PeerFetcher, serve_data
+from tasksprint.peer_data import PeerFetcher
 from tasksprint.queue_sizer import QueueSizer
 from tasksprint.usage import UsageMeter
 
@@ -144,22 +141,7 @@ class ClientConfig:
 
 
 @attrs.define(eq=False)
-class _Attempt:
-    """One assigned task attempt, running here."""
-
-    task: Assignment
-    scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
-    # Inputs taken from this client's store before the log said so: (tid, attempt) pairs.
-    early: list[tuple[int, int]] = attrs.Factory(list)
-
-
-def _session_lost(exc: SessionExpiredError) -> RuntimeError:
-    """Retrying cannot help: the replicas forgot which of this client's commands they applied."""
-    return RuntimeError(f"the replicas collected this client's log session ({exc}); start the client again")
-
-
-@attrs.define(eq=False)
-class Client:
+class Client(ClientInputs, ClientReports):
     """A worker client. ``await client.run()`` works until the computation ends."""
 
     config: ClientConfig
@@ -168,7 +150,7 @@ class Client:
     _pool: NodePool | None = None
     _lc: LogClient | None = None
     _cid: int | None = None
-    _runs: dict[int, _Attempt] = attrs.Factory(dict)
+    _runs: dict[int, Attempt] = attrs.Factory(dict)
     _nursery: trio.Nursery | None = None
     # Completions waiting to be reported; one reporter sends them in order,
     # one log command at a time (see _reporter).
@@ -282,7 +264,7 @@ class Client:
             try:
                 result = await self._lc.submit(op, deadline=10.0)
             except SessionExpiredError as exc:
-                raise _session_lost(exc) from None
+                raise session_lost(exc) from None
             except Exception as exc:  # Unavailable: no replica answered
                 self._log.warning("coordinators_unreachable", error=str(exc), retry_in="1s")
                 await trio.sleep(1.0)
@@ -442,12 +424,12 @@ class Client:
             return  # listed again (inputs move as holder changes)
         if run is not None:
             self._kill(task.tid)
-        run = _Attempt(task)
+        run = Attempt(task)
         self._runs[task.tid] = run
         assert self._nursery is not None
         self._nursery.start_soon(self._run_task, run)
 
-    async def _run_task(self, run: _Attempt) -> None:
+    async def _run_task(self, run: Attempt) -> None:
         tid, attempt = run.task.tid, run.task.attempt
         op: DoneOp | FailedOp | None = None
         known = sum(1 for i in run.task.inputs if i.cid is not None)
@@ -479,80 +461,7 @@ class Client:
         if isinstance(op, FailedOp) and not run.scope.cancelled_caught:
             self._queue_report(tid, attempt, op)
 
-    def _failed_op(self, tid: int, attempt: int, error: str) -> FailedOp:
-        assert self._cid is not None
-        return FailedOp(cid=self._cid, tid=tid, attempt=attempt, error=error)
-
-    def _queue_report(self, tid: int, attempt: int, op: DoneOp | FailedOp) -> None:
-        """Queue ``op`` (this attempt's completion) for the reporter."""
-        self._finished[(tid, attempt)] = None
-        self._idle_since = trio.current_time()
-        while len(self._finished) > 100_000:
-            self._finished.popitem(last=False)
-        self._outbox.append(op)
-        self._outbox_ready.set()
-
-    async def _reporter(self) -> None:
-        """Report completions in order, all those ready in one log command, one command at a time.
-
-        One command in flight keeps them in the order they finished, so a
-        completion that used an output of this client's before the log had
-        it (``early``) always comes after the completion that made it.
-        """
-        assert self._lc is not None
-        resized = -1e9
-        while True:
-            if not self._outbox:
-                self._outbox_ready = trio.Event()
-                await self._outbox_ready.wait()
-            await self._coalesce(trio.current_time() + self.config.report_delay)
-            n = self.config.report_batch
-            ops, self._outbox = self._outbox[:n], self._outbox[n:]
-            started = trio.current_time()
-            result = await self._report(ops[0] if len(ops) == 1 else BatchOp(ops=tuple(ops)))
-            if self._sizer is not None:
-                now = trio.current_time()
-                self._sizer.reported(now - started)
-                # At most four resizes a second: each is a log entry on every replica.
-                proposal = self._sizer.proposal() if now - resized >= 0.25 else None
-                if proposal is not None:
-                    resized = now
-                    self._sizer.current = proposal
-                    assert self._nursery is not None
-                    self._nursery.start_soon(self._resize_queue, proposal)
-            if len(ops) == 1:
-                others: tuple[tuple[int, Any], ...] = ((0, result),)
-            else:
-                others = result.others if isinstance(result, BatchApplied) else ()
-            for i, answer in others:
-                if isinstance(answer, Reported) and answer.rerun and 0 <= i < len(ops):
-                    sub = ops[i]
-                    self._log.info("task_rerun", tid=sub.tid, attempt=sub.attempt, reason=answer.reason)
-
-    async def _coalesce(self, deadline: float) -> None:
-        """Wait until ``deadline`` for more completions to report with those queued, while that idles no slot.
-
-        Every log command costs each replica a round of messages, a synced
-        write and an apply, however many completions it carries: short tasks
-        reported one command each keep the replicas busier than the tasks
-        keep the slots.  A completion waits only while tasks queued here wait
-        for a slot (so no slot here idles for want of work), until the batch
-        is full or ``deadline``.
-        """
-        while len(self._outbox) < self.config.report_batch and self._queued():
-            self._outbox_ready = trio.Event()
-            with trio.move_on_at(deadline) as waited:
-                # Set by the next completion; checked again then.
-                await self._outbox_ready.wait()
-            if waited.cancelled_caught:
-                return
-
-    def _queued(self) -> bool:
-        """Whether tasks assigned here wait for a slot (or are being spawned ahead of one)."""
-        assert self._slots is not None and self._commands is not None
-        return self._slots.statistics().tasks_waiting + self._commands.ahead() > 0
-
-    async def _execute(self, run: _Attempt, inputs: list[Any]) -> DoneOp | FailedOp:
+    async def _execute(self, run: Attempt, inputs: list[Any]) -> DoneOp | FailedOp:
         """Run the task on a node or as a command; return the log command reporting how it went."""
         task = run.task
         tid, attempt = task.tid, task.attempt
@@ -633,101 +542,3 @@ class Client:
             return record
         record["result_files"] = sorted(files)
         return record
-
-    async def _report(self, op: DoneOp | FailedOp | LostOp | BatchOp) -> Any:
-        """Apply ``op`` through the log, retrying until it is; returns its result."""
-        assert self._lc is not None
-        wire_op = op.to_wire()
-        with self.observer.span("client.report"):
-            while True:
-                try:
-                    return await self._lc.submit(wire_op, deadline=30.0)
-                except SessionExpiredError as exc:
-                    raise _session_lost(exc) from None
-                except Exception as exc:  # Unavailable; keep the result and try again
-                    self._log.warning("report_delayed", op=wire_op["op"], tid=wire_op.get("tid"), error=str(exc))
-                    await trio.sleep(1.0)
-
-    async def _gather_inputs(self, run: _Attempt) -> list[Any]:
-        n = len(run.task.inputs)
-        values: list[Any] = [None] * n
-        if n == 0:
-            return values
-
-        async def one(i: int) -> None:
-            values[i] = await self._fetch_input(run, i)
-
-        async with trio.open_nursery() as nursery:
-            for i in range(n):
-                nursery.start_soon(one, i)
-        return values
-
-    async def _fetch_input(self, run: _Attempt, i: int) -> Any:
-        """Input ``i`` of the task, fetched as soon as the view says where it is."""
-        ptid, key = run.task.inputs[i].tid, run.task.inputs[i].key
-        failures = 0
-        assert self._store is not None
-        while True:
-            holder, addr = self._holders.get(ptid, (None, None))
-            if holder is None:
-                made = self._made.get(ptid)
-                if made is not None and self._store.has(ptid):
-                    # Made by our own nodes and queued for the log ahead of
-                    # this task's report: use it now (the coordinator checks
-                    # that this very output is the one committed).
-                    try:
-                        value = select(self._store.get(ptid), key, ptid)
-                    except KeyError as exc:
-                        raise InputError(str(exc.args[0])) from None
-                    run.early.append((ptid, made))
-                    return value
-                await self._input_changed(ptid).wait()
-                continue
-            if holder == self._cid and self._store.has(ptid):
-                try:
-                    return select(self._store.get(ptid), key, ptid)
-                except KeyError as exc:
-                    raise InputError(str(exc.args[0])) from None
-            try:
-                return await self._fetch_remote(addr, ptid, key)
-            except (*wire.NETWORK_ERRORS, LookupError) as exc:
-                failures += 1
-                self._log.info("fetch_failed", tid=ptid, holder=holder, addr=addr, error=str(exc), attempt=failures)
-                if failures >= 3:
-                    # Tell the coordinator; it recomputes the output and the view moves on.
-                    changed = self._input_changed(ptid)
-                    assert self._cid is not None
-                    await self._report(LostOp(cid=self._cid, tid=ptid, key=key))
-                    failures = 0
-                    with trio.move_on_after(5.0):
-                        await changed.wait()
-                else:
-                    await trio.sleep(0.1 * failures)
-
-    def _input_changed(self, tid: int) -> trio.Event:
-        """An event set when task ``tid``'s outputs move (a view) or are made here."""
-        event = self._input_events.get(tid)
-        if event is None:
-            event = self._input_events[tid] = trio.Event()
-        return event
-
-    def _note_holder(self, tid: int, cid: int | None, addr: str | None) -> None:
-        if self._holders.get(tid) != (cid, addr):
-            self._holders[tid] = (cid, addr)
-            event = self._input_events.pop(tid, None)
-            if event is not None:
-                event.set()
-
-    async def _fetch_remote(self, addr: str, tid: int, key: str | None) -> Any:
-        assert self._peers is not None
-        with self.observer.span("fetch"):
-            value = await self._peers.fetch(addr, tid, key)
-        if not isinstance(self.observer, NullObserver):
-            # Counted as the object store sizes outputs: compact JSON.
-            self.observer.count("fetch.bytes", len(json.dumps(value, separators=(",", ":"), default=repr)))
-        return value
-
-    async def _serve_data(self, conn: wire.Connection) -> None:
-        """Answer peers' Fetch requests from the object store."""
-        assert self._store is not None
-        await serve_data(self._store, conn)
