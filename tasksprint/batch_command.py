@@ -27,7 +27,6 @@ import random
 import shlex
 import signal
 import socket
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -49,7 +48,7 @@ from tasksprint.batch.statusfile import (
 )
 from tasksprint.batch.taskfile import Task, TaskFileError, parse_taskfile
 from tasksprint.batch_retire import Retirer
-from tasksprint.batch_run import BatchRun, in_slurm
+from tasksprint.batch_run import BatchRun, in_slurm, slurm_addresses, slurm_hostnames, this_node
 from tasksprint.channel import ASK_ERRORS, ReplicaChannel
 from tasksprint.config import parse_peers
 from tasksprint.coordinator.ops import SchedulerAnswer, SchedulerRequest, StatusRequest
@@ -206,6 +205,9 @@ async def follow(
                     find_leader = False
                 reply = await channel.request(SchedulerRequest(body={"after": written}))
             except ASK_ERRORS:
+                lost = run.replicas_lost()
+                if lost is not None:
+                    return {"lines": [], "ended": True, "total": written, "failed": 0, "reason": lost}
                 await channel.move_on()
                 find_leader = True
                 silent_since = trio.current_time() if silent_since is None else silent_since
@@ -278,14 +280,7 @@ def _engine_cores(args: argparse.Namespace) -> list[tuple[int, str, int, int]]:
     if not nodes and os.environ.get("DISBATCH_SSH_NODELIST"):
         nodes = parse_nodes(os.environ["DISBATCH_SSH_NODELIST"])
     if not nodes and in_slurm():
-        listed = subprocess.run(
-            ["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=60,
-        )
-        nodes = slurm_nodes(dict(os.environ), listed.stdout.split())
+        nodes = slurm_nodes(dict(os.environ), slurm_hostnames(os.environ["SLURM_JOB_NODELIST"]))
     if not nodes:
         nodes = [("localhost", os.cpu_count() or 1)]
     out: list[tuple[int, str, int, int]] = []
@@ -347,7 +342,8 @@ def prepare(args: argparse.Namespace, data: bytes | None = None) -> Prepared:
     run = BatchRun(prefix, args.replicas, args.replica_host or "127.0.0.1")
     if in_slurm() and args.replica_host is None and not args.ssh_node and not os.environ.get("DISBATCH_SSH_NODELIST"):
         # Under Slurm the replicas go on up to three of the allocated nodes (the engines' nodes).
-        run.replica_hosts = replica_hosts([host for _, host, _ in engines], args.replicas, socket.gethostname())
+        run.replica_hosts = replica_hosts([host for _, host, _ in engines], args.replicas, this_node())
+        run.node_addrs = slurm_addresses(run.replica_hosts)
     slots = sum(s for _, _, s in engines)
     config = {
         "taskfile": data,
@@ -439,7 +435,7 @@ def _retirer(run: BatchRun, command: str, log: Callable[[str, str], None]) -> Re
         command=command,
         engine_nodes={int(rank): str(host) for rank, host, _ in info["engines"]},
         keep=list(info.get("replica_hosts") or []),
-        driver=socket.gethostname(),
+        driver=this_node(),
         stop_engine=run.stop_engine,
         log=log,
     )

@@ -19,6 +19,7 @@ import pytest
 from tasksprint.batch.slurm import (
     DEFAULT_RETIRE_COMMAND,
     engines_to_retire,
+    node_addresses,
     replica_hosts,
     retire_environment,
     slurm_counts,
@@ -40,6 +41,44 @@ def test_slurm_allocations_become_engines() -> None:
             slurm_counts(bad)
     with pytest.raises(ValueError, match="disagree|gives 3 nodes"):
         slurm_nodes(env, ["a"])
+
+
+def test_node_addresses_come_from_scontrol_show_node() -> None:
+    shown = (
+        "NodeName=n1 Arch=x86_64 CoresPerSocket=1  NodeAddr=10.1.0.7 NodeHostName=c7 OS=Linux 6.1 #1 SMP  State=IDLE\n"
+        "NodeName=n2 Arch=x86_64 NodeAddr=n2 NodeHostName=n2\n"
+        "NodeName=n3 Arch=x86_64\n"  # no address: left out (the caller uses the name)
+        f"NodeName=n4 NodeAddr=10.1.0.9 {'x' * 20000}\n"  # not scontrol's: left out
+        "garbage\n"
+    )
+    assert node_addresses(shown) == {"n1": "10.1.0.7", "n2": "n2"}
+    assert node_addresses("") == {}
+
+
+def test_under_slurm_a_task_gets_its_engines_node_not_the_drivers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasksprint.batch_run import env_file
+
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURMD_NODENAME", "n1")
+    monkeypatch.setenv("SLURM_NODEID", "0")
+    monkeypatch.setenv("SLURM_STEP_ID", "3")
+    env_file(tmp_path / "env.sh", {0: "n1", 1: "n2"})
+    text = (tmp_path / "env.sh").read_text()
+    assert "SLURM_JOB_ID=7" in text and "SLURM_NODEID" not in text and "SLURM_STEP_ID" not in text
+    for client, node in (("engine1", "n2"), ("engine0", "n1"), ("other", "")):
+        shown = subprocess.run(
+            ["bash", "-c", f'. {tmp_path / "env.sh"}; printf %s "$SLURMD_NODENAME"'],
+            env={"PATH": os.environ["PATH"], "TASKSPRINT_CLIENT": client},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert shown.stdout == node
+    # Not under Slurm: the environment is passed on as it is.
+    env_file(tmp_path / "plain.sh")
+    assert "export SLURMD_NODENAME=n1" in (tmp_path / "plain.sh").read_text()
 
 
 def test_replicas_spread_over_up_to_three_nodes_the_drivers_first() -> None:
@@ -154,3 +193,29 @@ def test_replicas_on_other_nodes_start_as_job_steps_there(tmp_path: Path, monkey
     # Without hosts (not under Slurm), every replica listens on the one address, here.
     plain = _Cluster(tmp_path / "plain", 3)
     assert {host for host, _ in plain.addrs} == {"127.0.0.1"} and plain.command(2)[0] == sys.executable
+
+
+def test_a_driver_whose_replicas_exited_says_why_instead_of_waiting(tmp_path: Path) -> None:
+    # As when the replicas' node names do not resolve: they exit at once, and no replica will ever answer.
+    from tasksprint.batch_run import BatchRun, _Cluster
+
+    run = BatchRun(str(tmp_path / "r"))
+    run.run_dir.mkdir()
+    cluster = _Cluster(run.run_dir, 3)
+    run.cluster = cluster
+    (run.run_dir / "replica1.log").write_text("starting\nreplica 1 cannot listen on n2:5 (its entry in --peers)\n")
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        exited = [subprocess.Popen(["sh", "-c", "exit 2"]) for _ in range(2)]
+        for p in exited:
+            p.wait()
+        cluster.procs = [alive, exited[0], alive]
+        assert run.replicas_lost() is None  # one of three: a majority is still there
+        cluster.procs = [alive, *exited]
+        lost = run.replicas_lost()
+        assert lost is not None and lost.startswith("2 of 3 replicas exited")
+        assert lost.endswith("replica1.log ends: replica 1 cannot listen on n2:5 (its entry in --peers)")
+    finally:
+        alive.kill()
+        alive.wait()
+    assert BatchRun(str(tmp_path / "reattached")).replicas_lost() is None  # started none: cannot tell

@@ -5,6 +5,9 @@ the commands they lead to (``srun``, ``scontrol``).
 
 * :func:`slurm_nodes` reads the allocation (``SLURM_JOB_NODELIST`` expanded,
   ``SLURM_JOB_CPUS_PER_NODE``): one engine per node.
+* :func:`node_addresses` reads where each node listens (``NodeAddr`` of
+  ``scontrol show node -o``): a node's name need not resolve (several
+  slurmd on one machine, or names that are Slurm's only).
 * :func:`replica_hosts` spreads the replicas over up to three of its nodes,
   the driver's first, so that losing one node loses at most one replica of
   three (with five replicas on three nodes, at most two).
@@ -30,6 +33,7 @@ __all__ = [
     "DEFAULT_RETIRE_COMMAND",
     "MAX_REPLICA_NODES",
     "engines_to_retire",
+    "node_addresses",
     "replica_hosts",
     "retire_environment",
     "same_host",
@@ -43,6 +47,9 @@ DEFAULT_RETIRE_COMMAND = 'scontrol update JobId="$SLURM_JOBID" NodeList="${DRIVE
 MAX_REPLICA_NODES = 3
 
 _SLURM_COUNT = re.compile(r"([0-9]+)(?:\(x([0-9]+)\))?")
+_NODE_FIELD = re.compile(r"(?:^|\s)(NodeName|NodeAddr)=(\S{1,255})")
+# ``scontrol show node -o`` prints one line of a few hundred characters per node.
+_MAX_NODE_LINE = 16384
 
 
 def slurm_counts(text: str) -> list[int]:
@@ -70,6 +77,21 @@ def slurm_nodes(environ: Mapping[str, str], hostnames: list[str]) -> list[tuple[
     if len(cores) != len(hostnames):
         raise ValueError(f"SLURM_JOB_CPUS_PER_NODE gives {len(cores)} nodes, SLURM_JOB_NODELIST {len(hostnames)}")
     return list(zip(hostnames, cores, strict=True))
+
+
+def node_addresses(text: str) -> dict[str, str]:
+    """Each node's address (``NodeAddr``) from ``scontrol show node -o`` output: {name: address}.
+
+    Lines without both fields, or too long to be scontrol's, are left out (the caller falls back to the name).
+    """
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        if len(line) > _MAX_NODE_LINE:
+            continue
+        fields = {m.group(1): m.group(2) for m in _NODE_FIELD.finditer(line)}
+        if "NodeName" in fields and "NodeAddr" in fields:
+            out[fields["NodeName"]] = fields["NodeAddr"]
+    return out
 
 
 def same_host(a: str, b: str) -> bool:
