@@ -1,0 +1,247 @@
+"""``tasksprint batch`` submitted with sbatch to a real Slurm that the test starts, on this machine.
+
+The fixture starts munged (its own key and socket), slurmctld and two slurmd
+(nodes ``n1`` and ``n2``, both on 127.0.0.1 with ports of their own) from a
+configuration in a temporary directory; no system Slurm or munge key is
+touched.  The job spans both nodes, so the engine and the replica on ``n2``
+start as job steps there with srun.  Every daemon is stopped and every file
+removed at the end.  Skipped, saying why, without root or without Debian's
+``slurm-wlm`` and ``munge`` (tests/setup-system.sh installs them).
+``make slurm-check`` runs this file alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import pytest
+
+from tasksprint.batch.statusfile import RecordKind, parse_status_file
+from tasksprint.localcluster import free_ports
+
+DAEMONS = ("munged", "slurmctld", "slurmd")
+CLIENTS = ("sbatch", "srun", "scontrol", "sinfo", "scancel")
+NODES = ("n1", "n2")
+# Bounds every wait (a job of these tasks takes seconds); not a measurement.
+START_TIMEOUT = 60.0
+JOB_TIMEOUT = 240.0
+
+
+@attrs.define
+class Slurm:
+    """A running one-machine Slurm: its configuration file and the environment its commands need."""
+
+    base: Path
+    env: dict[str, str]
+
+    def run(self, *argv: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def log(self, name: str) -> str:
+        path = self.base / "log" / name
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+
+def _missing() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (slurmd and munged run as root here)"
+    absent = [name for name in (*DAEMONS, *CLIENTS, "munge") if shutil.which(name) is None]
+    if absent:
+        return f"needs slurm-wlm and munge ({', '.join(absent)} not found; tests/setup-system.sh installs them)"
+    return None
+
+
+def _config(base: Path, ports: list[int]) -> str:
+    host = socket.gethostname()
+    nodes = "".join(
+        f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} CPUs=1 RealMemory=500\n"
+        for name, port in zip(NODES, ports[1:], strict=True)
+    )
+    return (
+        "ClusterName=tscheck\nSlurmctldHost=localhost\n"
+        f"SlurmctldPort={ports[0]}\nSlurmUser=root\nSlurmdUser=root\n"
+        f"AuthType=auth/munge\nCredType=cred/munge\nAuthInfo=socket={base / 'munge' / 'socket'}\n"
+        "ProctrackType=proctrack/linuxproc\nTaskPlugin=task/none\nSelectType=select/cons_tres\n"
+        "JobAcctGatherType=jobacct_gather/none\nAccountingStorageType=accounting_storage/none\n"
+        "MpiDefault=none\nReturnToService=2\nMailProg=/bin/true\n"
+        f"StateSaveLocation={base / 'state'}\nSlurmdSpoolDir={base / 'spool' / '%n'}\n"
+        f"SlurmctldPidFile={base / 'slurmctld.pid'}\nSlurmdPidFile={base / 'slurmd-%n.pid'}\n"
+        f"SlurmctldLogFile={base / 'log' / 'slurmctld.log'}\nSlurmdLogFile={base / 'log' / 'slurmd-%n.log'}\n"
+        f"{nodes}PartitionName=check Nodes=ALL Default=YES MaxTime=INFINITE State=UP\n"
+    )
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every daemon, newest first; SIGKILL what is still there after the grace."""
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _leftovers(conf: Path) -> list[int]:
+    """Processes of this Slurm: every daemon, job step, replica, client and task has its SLURM_CONF."""
+    mark = f"SLURM_CONF={conf}\0".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if mark in entry.joinpath("environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.fixture
+def slurm() -> Iterator[Slurm]:
+    reason = _missing()
+    if reason is not None:
+        pytest.skip(reason)
+    # Short: the munge socket's path must fit a sockaddr_un.
+    base = Path(os.environ.get("TMPDIR", "/tmp")) / f"tsslurm-{os.getpid()}-{os.urandom(3).hex()}"
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for d in ("munge", "state", "log", *(f"spool/{n}" for n in NODES)):
+            (base / d).mkdir(parents=True)
+        (base / "munge").chmod(0o755)  # the socket's directory must be reachable
+        key = base / "munge" / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o600)
+        ports = free_ports(1 + len(NODES), "127.0.0.1")
+        conf = base / "slurm.conf"
+        conf.write_text(_config(base, ports))
+        env = {**os.environ, "SLURM_CONF": str(conf)}
+        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        for var in [v for v in env if v.startswith(("SLURM_", "SLURMD_", "SBATCH_", "SRUN_"))]:
+            if var != "SLURM_CONF":
+                del env[var]
+        munge = base / "munge"
+        daemons = [
+            ["munged", "-F", "-f", f"--socket={munge / 'socket'}", f"--key-file={key}", f"--pid-file={munge / 'pid'}"]
+            + [f"--log-file={base / 'log' / 'munged.log'}", f"--seed-file={munge / 'seed'}"],
+            ["slurmctld", "-D", "-i"],
+            *(["slurmd", "-D", "-N", name] for name in NODES),
+        ]
+        cluster = Slurm(base, env)
+        for argv in daemons:
+            name = argv[0] if argv[0] != "slurmd" else f"slurmd-{argv[-1]}"
+            with open(base / "log" / f"{name}.out", "wb") as out:
+                procs.append(subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=base))
+            if argv[0] == "munged":
+                deadline = time.monotonic() + START_TIMEOUT
+                while not (munge / "socket").exists():
+                    assert procs[-1].poll() is None, cluster.log("munged.out")
+                    assert time.monotonic() < deadline, "munged did not create its socket"
+                    time.sleep(0.05)
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            states = cluster.run("sinfo", "-h", "-N", "-o", "%N %t").stdout.split()
+            if states.count("idle") == len(NODES):
+                break
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                pytest.fail(f"Slurm did not come up: sinfo {states}; {cluster.log('slurmctld.log')}")
+            time.sleep(0.2)
+        yield cluster
+        subprocess.run(["scancel", "--full", "--user=root"], env=env, capture_output=True, timeout=60)
+    finally:
+        _stop(procs)
+        # Job steps end shortly after slurmd; anything still there after the grace is a leak.
+        deadline = time.monotonic() + START_TIMEOUT
+        while (left := _leftovers(base / "slurm.conf")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in left:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(base, ignore_errors=True)
+    assert not left, f"processes left behind: {left}"
+
+
+TASKS = """\
+#DISBATCH PREFIX echo "$DISBATCH_TASKID $DISBATCH_ENGINE_RANK $SLURMD_NODENAME $SLURM_JOB_ID" > out.$DISBATCH_TASKID;
+echo first; hostname
+exit 3
+#DISBATCH REPEAT 6 start 0 sleep 0.2;
+"""
+
+
+def _submit(slurm: Slurm, work: Path, command: str) -> subprocess.CompletedProcess[str]:
+    """``sbatch --wait`` of ``command`` on both nodes, one task each; returns when the job ended."""
+    return subprocess.run(
+        ["sbatch", "--wait", "--parsable", "-N", str(len(NODES)), "-n", str(len(NODES)), "-o", "job.out"]
+        + ["--wrap", command],
+        env=slurm.env,
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=JOB_TIMEOUT,
+    )
+
+
+def _outputs(work: Path) -> dict[int, list[str]]:
+    return {int(p.suffix[1:]): p.read_text().split() for p in work.glob("out.*")}
+
+
+def test_an_sbatch_job_runs_the_task_file_on_both_nodes(slurm: Slurm, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "Tasks").write_text(TASKS)
+    job = _submit(slurm, work, 'tasksprint batch -p run Tasks; echo "batch exit $?"')
+    out = (work / "job.out").read_text() if (work / "job.out").exists() else ""
+    assert job.returncode == 0, f"{job.stderr}\n{out}\n{slurm.log('slurmctld.log')}"
+    job_id = job.stdout.strip().split(";")[0]
+    assert "batch exit 0" in out, out
+    records = parse_status_file((work / "run_status.txt").read_bytes()).records
+    assert all(r.kind is RecordKind.TASK for r in records)
+    by_id = {r.task_id: r for r in records}
+    assert sorted(by_id) == list(range(8)), out
+    assert {i: r.exit_code for i, r in by_id.items()} == {0: 0, 1: 3, **{i: 0 for i in range(2, 8)}}
+    assert "first" in by_id[0].out_snippet
+    # Every task ran on a node of the job, as Slurm names it, and its SLURMD_NODENAME is that node's
+    # (the engine's, not the driver's); the job id is the job's.
+    outputs = _outputs(work)
+    assert sorted(outputs) == list(range(8))
+    for task_id, (tid, rank, node, seen_job) in outputs.items():
+        assert (tid, seen_job) == (str(task_id), job_id)
+        assert node == by_id[task_id].node and node in NODES
+        assert node == NODES[int(rank)]  # engine rank r runs on the job's r-th node
+    # The replicas were spread over both nodes: the one on n2 started there as a job step, listening on
+    # n2's NodeAddr (a name Slurm knows but this machine does not resolve) and took part in the run.
+    run_dir = work / "run_tasksprint"
+    info = (run_dir / "run.json").read_text()
+    assert '"replica_hosts": ["n1", "n2", "n1"]' in info and '"peers": "127.0.0.1:' in info
+    replica_log = (run_dir / "replica1.log").read_text()
+    assert '"event": "computation_finished"' in replica_log, replica_log[-2000:]
+    assert "JobState=COMPLETED" in slurm.run("scontrol", "show", "job", job_id).stdout
+
+
+def test_the_same_task_file_under_disbatch_gives_the_same_tasks(slurm: Slurm, tmp_path: Path) -> None:
+    disbatch = shutil.which("disbatch", path=str(Path(sys.executable).parent)) or shutil.which("disbatch")
+    if disbatch is None:
+        pytest.skip("disbatch is not installed (pip install -e '.[bench]')")
+    results = {}
+    for tool, command in (("tasksprint", "tasksprint batch -p run Tasks"), ("disbatch", f"{disbatch} -p run Tasks")):
+        work = tmp_path / tool
+        work.mkdir()
+        (work / "Tasks").write_text(TASKS)
+        job = _submit(slurm, work, command)
+        assert job.returncode == 0, job.stderr + ((work / "job.out").read_text() if (work / "job.out").exists() else "")
+        records = parse_status_file((work / "run_status.txt").read_bytes()).records
+        results[tool] = sorted((r.task_id, r.line, r.repeat_index, r.exit_code, r.command) for r in records)
+        assert {r.node for r in records} <= set(NODES), tool
+        assert sorted(_outputs(work)) == list(range(8)), tool
+    assert results["tasksprint"] == results["disbatch"]
