@@ -74,4 +74,6 @@ class Retirer:
         if done.returncode != 0:
             detail = done.stderr.decode("utf-8", "replace").strip()[:500]
             self.log("warning", f"the retire command exited with {done.returncode}: {detail}")
+        else:
+            self.log("info", f"retired engines {ranks}")
         return ranks

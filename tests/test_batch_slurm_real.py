@@ -245,3 +245,49 @@ def test_the_same_task_file_under_disbatch_gives_the_same_tasks(slurm: Slurm, tm
         assert {r.node for r in records} <= set(NODES), tool
         assert sorted(_outputs(work)) == list(range(8)), tool
     assert results["tasksprint"] == results["disbatch"]
+
+
+RETIRE_JOB = """\
+#!/bin/sh
+tasksprint batch --replicas 1 --loglevel INFO --logfile batch.log -p run Tasks &
+batch=$!
+# Once an engine is retired (bounded: 1,200 tries), the job as Slurm shows it; then the task may end.
+n=0
+until grep -q "retired engines" batch.log 2>/dev/null || [ $n -ge 1200 ] || ! kill -0 $batch 2>/dev/null; do
+    n=$((n + 1))
+    sleep 0.1
+done
+scontrol show job -o "$SLURM_JOB_ID" > after.txt
+touch go
+wait $batch
+echo "batch exit $?"
+"""
+
+
+def test_the_idle_node_is_released_with_scontrol_update(slurm: Slurm, tmp_path: Path) -> None:
+    # One task, two engines: the other engine is idle for good at once and is retired with disBatch's
+    # default command, which keeps the driver's node and the nodes still in use.
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "Tasks").write_text("while [ ! -e go ]; do sleep 0.05; done\n")
+    (work / "job.sh").write_text(RETIRE_JOB)
+    job = subprocess.run(
+        ["sbatch", "--wait", "--parsable", "-N", "2", "-n", "2", "-o", "job.out", "job.sh"],
+        env=slurm.env,
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=JOB_TIMEOUT,
+    )
+    out = (work / "job.out").read_text() if (work / "job.out").exists() else ""
+    assert job.returncode == 0 and "batch exit 0" in out, job.stderr + out
+    (record,) = parse_status_file((work / "run_status.txt").read_bytes()).records
+    assert record.exit_code == 0 and record.node in NODES
+    log = (work / "batch.log").read_text()
+    idle = 1 - NODES.index(record.node)
+    assert f"retiring engines [{idle}]" in log and f"retired engines [{idle}]" in log, log
+    after = (work / "after.txt").read_text()
+    # The task on the driver's node (n1): n2 is released and the job shrinks to n1. The task on n2:
+    # the retired engine was on the driver's node, which is kept, so the job keeps both.
+    expected = "NodeList=n1 " if record.node == "n1" else "NodeList=n[1-2] "
+    assert expected in after, after
