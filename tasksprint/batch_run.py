@@ -12,6 +12,7 @@ their node's address as Slurm knows it (``NodeAddr``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -89,13 +90,52 @@ class _Cluster(LocalCluster):
     def command(self, i: int) -> list[str]:
         command = super().command(i)
         if self.hosts and not same_host(self.hosts[i], this_node()):
-            return [*_srun(self.hosts[i]), *command]
+            return [*_srun(self.hosts[i], f"{self.base.name}.replica{i}"), *command]
         return command
 
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the replicas; those in job steps of their own are asked with SIGTERM first (see :func:`stop_steps`)."""
+        stepped = {i: p for i, p in enumerate(self.procs) if p is not None and p.poll() is None and _is_step(p)}
+        if stepped:
+            stop_steps([f"{self.base.name}.replica{i}" for i in stepped])
+            deadline = time.monotonic() + timeout
+            for p in stepped.values():
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(max(0.01, deadline - time.monotonic()))
+        super().stop(timeout)
 
-def _srun(node: str) -> list[str]:
-    """A job step of one task on ``node``, inside the job's allocation, beside the others."""
-    return ["srun", "--nodes=1", "--ntasks=1", "--overlap", f"--nodelist={node}"]
+
+def _srun(node: str, name: str) -> list[str]:
+    """A job step named ``name`` of one task on ``node``, inside the job's allocation, beside the others."""
+    return ["srun", "--nodes=1", "--ntasks=1", "--overlap", f"--nodelist={node}", f"--job-name={name}"]
+
+
+def _is_step(proc: subprocess.Popen[bytes]) -> bool:
+    args = proc.args
+    return isinstance(args, list) and bool(args) and args[0] == "srun"
+
+
+def stop_steps(names: list[str]) -> None:
+    """Send SIGTERM to this job's steps named ``names``, so that what runs there ends as it does on a signal.
+
+    (srun, sent SIGTERM itself, has Slurm kill its step instead.)  Best effort:
+    the caller still waits for srun and ends it if it did not end.
+    """
+    if not names or not in_slurm():
+        return
+    try:
+        listed = subprocess.run(
+            ["squeue", "-h", "--steps", "-j", os.environ["SLURM_JOB_ID"], "-o", "%i %j"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        wanted = set(names)
+        steps = [f[0] for f in (line.split() for line in listed.stdout.splitlines()) if len(f) == 2 and f[1] in wanted]
+        if steps:
+            subprocess.run(["scancel", "--signal=TERM", *steps], capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return
 
 
 @attrs.define(eq=False)
@@ -193,7 +233,7 @@ class BatchRun:
         command = self.client_command(rank, slots, peers)
         if in_slurm() and host != "localhost":
             # Under Slurm each engine is a job step on its node, in the job's allocation.
-            command = [*_srun(host), *command]
+            command = [*_srun(host, f"{self.run_dir.name}.{engine_name(rank)}"), *command]
         elif host not in ("localhost", "127.0.0.1", socket.gethostname()):
             # The hosts share the working directory (as disBatch requires).
             ssh = shlex.split(os.environ.get(SSH_COMMAND_ENV, "ssh -o BatchMode=yes"))
@@ -237,6 +277,10 @@ class BatchRun:
             if rank in ranks and ranks.index(rank) < len(info["client_pids"]):
                 stop_pids([info["client_pids"][ranks.index(rank)]], self.run_dir)
             return 0
+        if proc.poll() is None and _is_step(proc):
+            stop_steps([f"{self.run_dir.name}.{engine_name(rank)}"])
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5.0)
         if proc.poll() is None:
             proc.terminate()
             try:

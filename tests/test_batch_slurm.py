@@ -189,6 +189,7 @@ def test_replicas_on_other_nodes_start_as_job_steps_there(tmp_path: Path, monkey
     assert cluster.command(0)[:2] == [sys.executable, "-m"]  # the driver's node: started here
     step = cluster.command(1)
     assert step[:5] == ["srun", "--nodes=1", "--ntasks=1", "--overlap", "--nodelist=n1"]
+    assert step[5] == f"--job-name={tmp_path.name}.replica1"  # the step's name: how it is sent SIGTERM
     assert step[step.index("--peers") + 1] == cluster.peers_arg and cluster.peers_arg.startswith("n2:")
     # Without hosts (not under Slurm), every replica listens on the one address, here.
     plain = _Cluster(tmp_path / "plain", 3)

@@ -226,6 +226,8 @@ def test_an_sbatch_job_runs_the_task_file_on_both_nodes(slurm: Slurm, tmp_path: 
     assert '"replica_hosts": ["n1", "n2", "n1"]' in info and '"peers": "127.0.0.1:' in info
     replica_log = (run_dir / "replica1.log").read_text()
     assert '"event": "computation_finished"' in replica_log, replica_log[-2000:]
+    # At the end it was sent SIGTERM through Slurm (srun would have had it killed) and closed its log.
+    assert '"event": "replica_stopping"' in replica_log and '"event": "storage_closed"' in replica_log
     assert "JobState=COMPLETED" in slurm.run("scontrol", "show", "job", job_id).stdout
 
 
