@@ -36,7 +36,7 @@ import attrs
 import trio
 
 from tasksprint.batch.env import cores_per_task, job_id, run_name, slots_per_engine, taskfile_name
-from tasksprint.batch.slurm import DEFAULT_RETIRE_COMMAND, replica_hosts, slurm_counts, slurm_nodes
+from tasksprint.batch.slurm import DEFAULT_RETIRE_COMMAND, replica_hosts, slurm_counts, slurm_nodes, slurm_slots
 from tasksprint.batch.statusfile import (
     STATUS_HEADER,
     ResumeMismatch,
@@ -130,9 +130,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("-C", "--context-task-limit", type=int, default=0, metavar="TASK_LIMIT", help="accepted, no effect")
     p.add_argument(
-        "-c", "--cpusPerTask", type=float, default=1.0, metavar="N", help="cores per task; may be fractional"
+        "-c",
+        "--cpusPerTask",
+        type=float,
+        metavar="N",
+        help="cores per task; may be fractional (default 1; under Slurm the job's -c)",
     )
-    p.add_argument("-t", "--tasksPerNode", type=int, metavar="N", help="most tasks at once per node")
+    p.add_argument(
+        "-t",
+        "--tasksPerNode",
+        type=int,
+        metavar="N",
+        help="most tasks at once per node (default: cores // -c; under Slurm, the job's tasks on the node)",
+    )
     p.add_argument("-l", "--label", metavar="COMMAND", help="label of this context")
     p.add_argument("-s", "--ssh-node", action="append", default=[], metavar="HOST:CORECOUNT", help="run on these nodes")
     p.add_argument("--attach", metavar="PREFIX", help="reattach to the run with this prefix whose driver died")
@@ -279,15 +289,21 @@ def _engine_cores(args: argparse.Namespace) -> list[tuple[int, str, int, int]]:
         nodes += parse_nodes(item)
     if not nodes and os.environ.get("DISBATCH_SSH_NODELIST"):
         nodes = parse_nodes(os.environ["DISBATCH_SSH_NODELIST"])
+    slots: list[int] = []
     if not nodes and in_slurm():
         nodes = slurm_nodes(dict(os.environ), slurm_hostnames(os.environ["SLURM_JOB_NODELIST"]))
+        slots = slurm_slots(
+            dict(os.environ),
+            [cores for _, cores in nodes],
+            cpus_per_task=args.cpusPerTask,
+            tasks_per_node=args.tasksPerNode,
+        )
     if not nodes:
         nodes = [("localhost", os.cpu_count() or 1)]
-    out: list[tuple[int, str, int, int]] = []
-    for rank, (host, cores) in enumerate(nodes):
-        slots = slots_per_engine(cores, cpus_per_task=args.cpusPerTask, tasks_per_node=args.tasksPerNode)
-        out.append((rank, host, max(1, slots), cores))
-    return out
+    if not slots:
+        cpus = 1.0 if args.cpusPerTask is None else args.cpusPerTask
+        slots = [slots_per_engine(c, cpus_per_task=cpus, tasks_per_node=args.tasksPerNode) for _, c in nodes]
+    return [(rank, host, max(1, n), cores) for rank, ((host, cores), n) in enumerate(zip(nodes, slots, strict=True))]
 
 
 def _skips(args: argparse.Namespace, tasks: list[Task]) -> dict[int, str]:

@@ -24,6 +24,7 @@ from tasksprint.batch.slurm import (
     retire_environment,
     slurm_counts,
     slurm_nodes,
+    slurm_slots,
 )
 
 # Bounds every wait (the run itself takes seconds); not a measurement.
@@ -41,6 +42,28 @@ def test_slurm_allocations_become_engines() -> None:
             slurm_counts(bad)
     with pytest.raises(ValueError, match="disagree|gives 3 nodes"):
         slurm_nodes(env, ["a"])
+
+
+def test_slots_per_node_follow_the_jobs_tasks_as_disbatchs_do() -> None:
+    # sbatch -n 20 -c 4 given two 80-core nodes: 10 tasks at once on each (as the job asked), not 80 // 4.
+    job = {"SLURM_TASKS_PER_NODE": "10(x2)", "SLURM_CPUS_PER_TASK": "4"}
+    assert slurm_slots(job, [80, 80], cpus_per_task=None, tasks_per_node=None) == [10, 10]
+    # At most cores // cores per task: -c (ours) first, else the job's -c, else 1.
+    assert slurm_slots(job, [40, 24], cpus_per_task=None, tasks_per_node=None) == [10, 6]
+    assert slurm_slots(job, [40, 40], cpus_per_task=8, tasks_per_node=None) == [5, 5]
+    assert slurm_slots({"SLURM_TASKS_PER_NODE": "3,1"}, [2, 2], cpus_per_task=None, tasks_per_node=None) == [2, 1]
+    assert slurm_slots({"SLURM_TASKS_PER_NODE": "2"}, [4, 4], cpus_per_task=0.5, tasks_per_node=None) == [2, 2]
+    # -t, else the job's --ntasks-per-node, wins.
+    assert slurm_slots(job, [40, 40], cpus_per_task=None, tasks_per_node=3) == [3, 3]
+    assert slurm_slots({**job, "SLURM_NTASKS_PER_NODE": "7"}, [40, 40], cpus_per_task=None, tasks_per_node=None) == [
+        7,
+        7,
+    ]
+    # Without the job's tasks per node: cores // cores per task.
+    assert slurm_slots({}, [16, 8], cpus_per_task=None, tasks_per_node=None) == [16, 8]
+    for bad in ({"SLURM_TASKS_PER_NODE": "2(x"}, {"SLURM_CPUS_PER_TASK": "four"}, {"SLURM_TASKS_PER_NODE": "1(x3)"}):
+        with pytest.raises(ValueError):
+            slurm_slots(bad, [4, 4], cpus_per_task=None, tasks_per_node=None)
 
 
 def test_node_addresses_come_from_scontrol_show_node() -> None:

@@ -5,6 +5,9 @@ the commands they lead to (``srun``, ``scontrol``).
 
 * :func:`slurm_nodes` reads the allocation (``SLURM_JOB_NODELIST`` expanded,
   ``SLURM_JOB_CPUS_PER_NODE``): one engine per node.
+* :func:`slurm_slots`: how many tasks each node runs at once, as disBatch
+  decides it: the job's tasks there (``SLURM_TASKS_PER_NODE``, so
+  ``sbatch -n 20 -c 4`` runs 20 at once), at most cores // cores per task.
 * :func:`node_addresses` reads where each node listens (``NodeAddr`` of
   ``scontrol show node -o``): a node's name need not resolve (several
   slurmd on one machine, or names that are Slurm's only).
@@ -39,6 +42,7 @@ __all__ = [
     "same_host",
     "slurm_counts",
     "slurm_nodes",
+    "slurm_slots",
 ]
 
 #: disBatch's retire command under Slurm: the job keeps the driver's node and the nodes still active.
@@ -77,6 +81,36 @@ def slurm_nodes(environ: Mapping[str, str], hostnames: list[str]) -> list[tuple[
     if len(cores) != len(hostnames):
         raise ValueError(f"SLURM_JOB_CPUS_PER_NODE gives {len(cores)} nodes, SLURM_JOB_NODELIST {len(hostnames)}")
     return list(zip(hostnames, cores, strict=True))
+
+
+def slurm_slots(
+    environ: Mapping[str, str], cores: Sequence[int], *, cpus_per_task: float | None, tasks_per_node: int | None
+) -> list[int]:
+    """Tasks at once on each node of the allocation (``cores``: each node's), as disBatch decides under Slurm.
+
+    ``tasks_per_node`` (``-t``, else ``SLURM_NTASKS_PER_NODE``) wins; else the
+    job's tasks on the node (``SLURM_TASKS_PER_NODE``; without it, no limit)
+    but at most cores // cores per task (``-c``, else ``SLURM_CPUS_PER_TASK``,
+    else 1).  ValueError naming a variable that is not Slurm's form.
+    """
+    if tasks_per_node is None and environ.get("SLURM_NTASKS_PER_NODE"):
+        (tasks_per_node,) = slurm_counts(environ["SLURM_NTASKS_PER_NODE"])[:1]
+    if tasks_per_node:
+        return [tasks_per_node] * len(cores)
+    if cpus_per_task is None:
+        (cpus,) = slurm_counts(environ.get("SLURM_CPUS_PER_TASK") or "1")[:1]
+        cpus_per_task = float(max(cpus, 1))
+    if cpus_per_task <= 0:
+        raise ValueError(f"cpus per task must be positive, not {cpus_per_task}")
+    by_cores = [int(c // cpus_per_task) for c in cores]
+    if not environ.get("SLURM_TASKS_PER_NODE"):
+        return by_cores
+    tasks = slurm_counts(environ["SLURM_TASKS_PER_NODE"])
+    if len(tasks) == 1:
+        tasks *= len(cores)
+    if len(tasks) != len(cores):
+        raise ValueError(f"SLURM_TASKS_PER_NODE gives {len(tasks)} nodes, SLURM_JOB_NODELIST {len(cores)}")
+    return [min(t, c) for t, c in zip(tasks, by_cores, strict=True)]
 
 
 def node_addresses(text: str) -> dict[str, str]:
