@@ -1,7 +1,7 @@
 """``tasksprint batch`` submitted with sbatch to a real Slurm that the test starts, on this machine.
 
 The fixture starts munged (its own key and socket), slurmctld and two slurmd
-(nodes ``n1`` and ``n2``, both on 127.0.0.1 with ports of their own) from a
+(nodes ``n1`` and ``n2`` of two cores, both on 127.0.0.1 with ports of their own) from a
 configuration in a temporary directory; no system Slurm or munge key is
 touched.  The job spans both nodes, so the engine and the replica on ``n2``
 start as job steps there with srun.  Every daemon is stopped and every file
@@ -64,7 +64,7 @@ def _missing() -> str | None:
 def _config(base: Path, ports: list[int]) -> str:
     host = socket.gethostname()
     nodes = "".join(
-        f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} CPUs=1 RealMemory=500\n"
+        f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} CPUs=2 RealMemory=500\n"
         for name, port in zip(NODES, ports[1:], strict=True)
     )
     return (
@@ -171,8 +171,9 @@ def slurm() -> Iterator[Slurm]:
     assert not left, f"processes left behind: {left}"
 
 
-TASKS = """\
-#DISBATCH PREFIX echo "$DISBATCH_TASKID $DISBATCH_ENGINE_RANK $SLURMD_NODENAME $SLURM_JOB_ID" > out.$DISBATCH_TASKID;
+SEEN = "$DISBATCH_TASKID $DISBATCH_ENGINE_RANK $SLURMD_NODENAME $SLURM_JOB_ID $DISBATCH_CORES_PER_TASK"
+TASKS = f"""\
+#DISBATCH PREFIX echo "{SEEN}" > out.$DISBATCH_TASKID;
 echo first; hostname
 exit 3
 #DISBATCH REPEAT 6 start 0 sleep 0.2;
@@ -180,9 +181,9 @@ exit 3
 
 
 def _submit(slurm: Slurm, work: Path, command: str) -> subprocess.CompletedProcess[str]:
-    """``sbatch --wait`` of ``command`` on both nodes, one task each; returns when the job ended."""
+    """``sbatch --wait`` of ``command`` on both nodes, one task of two cores each; returns when the job ended."""
     return subprocess.run(
-        ["sbatch", "--wait", "--parsable", "-N", str(len(NODES)), "-n", str(len(NODES)), "-o", "job.out"]
+        ["sbatch", "--wait", "--parsable", "-N", str(len(NODES)), "-n", str(len(NODES)), "-c", "2", "-o", "job.out"]
         + ["--wrap", command],
         env=slurm.env,
         cwd=work,
@@ -215,14 +216,16 @@ def test_an_sbatch_job_runs_the_task_file_on_both_nodes(slurm: Slurm, tmp_path: 
     # (the engine's, not the driver's); the job id is the job's.
     outputs = _outputs(work)
     assert sorted(outputs) == list(range(8))
-    for task_id, (tid, rank, node, seen_job) in outputs.items():
-        assert (tid, seen_job) == (str(task_id), job_id)
+    for task_id, (tid, rank, node, seen_job, cores) in outputs.items():
+        assert (tid, seen_job, cores) == (str(task_id), job_id, "2")
         assert node == by_id[task_id].node and node in NODES
         assert node == NODES[int(rank)]  # engine rank r runs on the job's r-th node
     # The replicas were spread over both nodes: the one on n2 started there as a job step, listening on
     # n2's NodeAddr (a name Slurm knows but this machine does not resolve) and took part in the run.
     run_dir = work / "run_tasksprint"
     info = (run_dir / "run.json").read_text()
+    # One task at a time per node, of two cores (sbatch -n 2 -c 2), as disBatch would run them.
+    assert '"engines": [[0, "n1", 1], [1, "n2", 1]]' in info, info
     assert '"replica_hosts": ["n1", "n2", "n1"]' in info and '"peers": "127.0.0.1:' in info
     replica_log = (run_dir / "replica1.log").read_text()
     assert '"event": "computation_finished"' in replica_log, replica_log[-2000:]
