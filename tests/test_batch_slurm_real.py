@@ -201,11 +201,12 @@ def test_an_sbatch_job_runs_the_task_file_on_both_nodes(slurm: Slurm, tmp_path: 
     work = tmp_path / "work"
     work.mkdir()
     (work / "Tasks").write_text(TASKS)
-    job = _submit(slurm, work, 'tasksprint batch -p run Tasks; echo "batch exit $?"')
+    # -e: the failed task (exit 3) makes the batch, so the job, exit with 1; sbatch --wait says so.
+    job = _submit(slurm, work, "tasksprint batch -e -p run Tasks")
     out = (work / "job.out").read_text() if (work / "job.out").exists() else ""
-    assert job.returncode == 0, f"{job.stderr}\n{out}\n{slurm.log('slurmctld.log')}"
+    assert job.returncode == 1, f"{job.stderr}\n{out}\n{slurm.log('slurmctld.log')}"
     job_id = job.stdout.strip().split(";")[0]
-    assert "batch exit 0" in out, out
+    assert "1 task(s) failed" in out, out
     records = parse_status_file((work / "run_status.txt").read_bytes()).records
     assert all(r.kind is RecordKind.TASK for r in records)
     by_id = {r.task_id: r for r in records}
@@ -231,7 +232,8 @@ def test_an_sbatch_job_runs_the_task_file_on_both_nodes(slurm: Slurm, tmp_path: 
     assert '"event": "computation_finished"' in replica_log, replica_log[-2000:]
     # At the end it was sent SIGTERM through Slurm (srun would have had it killed) and closed its log.
     assert '"event": "replica_stopping"' in replica_log and '"event": "storage_closed"' in replica_log
-    assert "JobState=COMPLETED" in slurm.run("scontrol", "show", "job", job_id).stdout
+    shown = slurm.run("scontrol", "show", "job", job_id).stdout
+    assert "JobState=FAILED" in shown and " ExitCode=1:0" in shown, shown
 
 
 def test_the_same_task_file_under_disbatch_gives_the_same_tasks(slurm: Slurm, tmp_path: Path) -> None:
