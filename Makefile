@@ -37,7 +37,7 @@ test: install lint
 # this machine (as root), beside disBatch on the same task file; also part of `make test`.
 slurm-check: install
 	@if [ "$$(id -u)" = 0 ]; then sh tests/setup-system.sh; fi
-	$(BIN)/pip install -q -e '.[test,bench]'
+	PYTHONWARNINGS=ignore $(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/python -m pytest -v -rs -p no:cacheprovider tests/test_batch_slurm_real.py
 
 soak: install

@@ -52,13 +52,24 @@ class Slurm:
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""
 
 
+def _which(name: str) -> str | None:
+    """Where a program is: on PATH, or where Debian puts daemons (which a PATH may leave out)."""
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+
+
 def _missing() -> str | None:
     if os.geteuid() != 0:
         return "needs root (slurmd and munged run as root here)"
-    absent = [name for name in (*DAEMONS, *CLIENTS, "munge") if shutil.which(name) is None]
+    absent = [name for name in (*DAEMONS, *CLIENTS, "munge") if _which(name) is None]
     if absent:
         return f"needs slurm-wlm and munge ({', '.join(absent)} not found; tests/setup-system.sh installs them)"
     return None
+
+
+def _daemon(name: str) -> str:
+    path = _which(name)
+    assert path is not None, name
+    return path
 
 
 def _config(base: Path, ports: list[int]) -> str:
@@ -132,17 +143,19 @@ def slurm() -> Iterator[Slurm]:
                 del env[var]
         munge = base / "munge"
         daemons = [
-            ["munged", "-F", "-f", f"--socket={munge / 'socket'}", f"--key-file={key}", f"--pid-file={munge / 'pid'}"]
-            + [f"--log-file={base / 'log' / 'munged.log'}", f"--seed-file={munge / 'seed'}"],
-            ["slurmctld", "-D", "-i"],
-            *(["slurmd", "-D", "-N", name] for name in NODES),
+            [_daemon("munged"), "-F", "-f", f"--socket={munge / 'socket'}", f"--key-file={key}"]
+            + [f"--pid-file={munge / 'pid'}", f"--seed-file={munge / 'seed'}"]
+            + [f"--log-file={base / 'log' / 'munged.log'}"],
+            [_daemon("slurmctld"), "-D", "-i"],
+            *([_daemon("slurmd"), "-D", "-N", name] for name in NODES),
         ]
         cluster = Slurm(base, env)
         for argv in daemons:
-            name = argv[0] if argv[0] != "slurmd" else f"slurmd-{argv[-1]}"
+            name = Path(argv[0]).name
+            name = name if name != "slurmd" else f"slurmd-{argv[-1]}"
             with open(base / "log" / f"{name}.out", "wb") as out:
                 procs.append(subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=base))
-            if argv[0] == "munged":
+            if name == "munged":
                 deadline = time.monotonic() + START_TIMEOUT
                 while not (munge / "socket").exists():
                     assert procs[-1].poll() is None, cluster.log("munged.out")
