@@ -527,28 +527,37 @@ def add_engines(prefix: str, args: argparse.Namespace, *, err: TextIO = sys.stde
     """Start clients for the ``-s`` engines of ``args`` in the running run ``prefix`` (``<prefix>_dbUtil.sh``).
 
     They get the next engine ranks; PERENGINE commands run only on the engines the run started with.
+    Submitted with sbatch (no ``-s``), the engines are the job's nodes, started there with srun, and
+    this command lasts as long as they do: the job's allocation is theirs until the run ends.
     """
     run = BatchRun(prefix)
     if not (run.run_dir / "run.json").exists():
         print(f"tasksprint batch: no run at {run.run_dir} (run.json is missing)", file=err)
         return EXIT_USAGE
     try:
-        new = _engines(args) if args.ssh_node or os.environ.get("DISBATCH_SSH_NODELIST") else []
+        listed = bool(args.ssh_node or os.environ.get("DISBATCH_SSH_NODELIST"))
+        new = _engines(args) if listed or in_slurm() else []
     except ValueError as exc:
         print(f"tasksprint batch: {exc}", file=err)
         return EXIT_USAGE
     if not new:
-        print("tasksprint batch: --add-engines needs -s HOST:N (or DISBATCH_SSH_NODELIST)", file=err)
+        print("tasksprint batch: --add-engines needs -s HOST:N (or DISBATCH_SSH_NODELIST, or a Slurm job)", file=err)
         return EXIT_USAGE
     info = run.info()
     first = len(info["engines"])
     engines = [(first + rank, host, slots) for rank, host, slots in new]
     peers = info["peers"]
+    procs = []
     for rank, host, slots in engines:
-        proc = run.start_engine(rank, host, slots, peers=peers)
-        info["client_pids"].append(proc.pid)
+        procs.append(run.start_engine(rank, host, slots, peers=peers))
+        info["client_pids"].append(procs[-1].pid)
         info["engines"].append([rank, host, slots])
     tmp = run.run_dir / "run.json.tmp"
     tmp.write_text(json.dumps(info))
     tmp.replace(run.run_dir / "run.json")
+    if in_slurm() and not listed:
+        # The clients exit once the run ended; the job ends with them, not before.
+        print(f"tasksprint batch: engines {[e[:2] for e in engines]} joined {prefix}; until the run ends", file=err)
+        for proc in procs:
+            proc.wait()
     return 0

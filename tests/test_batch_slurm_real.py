@@ -311,3 +311,49 @@ def test_the_idle_node_is_released_with_scontrol_update(slurm: Slurm, tmp_path: 
     # the retired engine was on the driver's node, which is kept, so the job keeps both.
     expected = "NodeList=n1 " if record.node == "n1" else "NodeList=n[1-2] "
     assert expected in after, after
+
+
+def test_engines_join_a_run_when_its_dbutil_is_submitted_with_sbatch(slurm: Slurm, tmp_path: Path) -> None:
+    # disBatch's -S: the run starts with no engines; `sbatch run_dbUtil.sh` gives it the job's nodes,
+    # and that job lasts until the run has ended.
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "Tasks").write_text("#DISBATCH REPEAT 4 start 0 echo $DISBATCH_REPEAT_INDEX\n")
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "tasksprint.cli", "batch", "-S", "-p", "run", "Tasks"],
+        cwd=work,
+        env=slurm.env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + JOB_TIMEOUT
+        while not (work / "run_dbUtil.sh").exists():
+            assert driver.poll() is None, driver.communicate()
+            assert time.monotonic() < deadline, "no run_dbUtil.sh"
+            time.sleep(0.05)
+        job = subprocess.run(
+            ["sbatch", "--wait", "--parsable", "-N", "2", "-n", "2", "-o", "job.out", "run_dbUtil.sh"],
+            env=slurm.env,
+            cwd=work,
+            capture_output=True,
+            text=True,
+            timeout=JOB_TIMEOUT,
+        )
+        _, err = driver.communicate(timeout=JOB_TIMEOUT)
+    finally:
+        if driver.poll() is None:
+            driver.send_signal(signal.SIGINT)  # the driver stops its replicas then
+            try:
+                driver.wait(30)
+            except subprocess.TimeoutExpired:
+                driver.kill()
+                driver.wait()
+    out = (work / "job.out").read_text() if (work / "job.out").exists() else ""
+    assert driver.returncode == 0, err.decode()
+    assert job.returncode == 0 and "joined run" in out, job.stderr + out
+    records = parse_status_file((work / "run_status.txt").read_bytes()).records
+    assert sorted((r.task_id, r.exit_code) for r in records) == [(i, 0) for i in range(4)]
+    assert {r.node for r in records} <= set(NODES)
+    assert '"engines": [[0, "n1", 1], [1, "n2", 1]]' in (work / "run_tasksprint" / "run.json").read_text()
