@@ -243,3 +243,49 @@ def test_a_driver_whose_replicas_exited_says_why_instead_of_waiting(tmp_path: Pa
         alive.kill()
         alive.wait()
     assert BatchRun(str(tmp_path / "reattached")).replicas_lost() is None  # started none: cannot tell
+
+
+async def test_the_default_retire_command_runs_only_when_the_job_would_shrink(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasksprint.batch_retire import Retirer
+
+    # A stand-in scontrol that notes its arguments (there is no Slurm job here).
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "calls"}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOBID", "7")
+    logged: list[str] = []
+    retirer = Retirer(
+        command=DEFAULT_RETIRE_COMMAND,
+        engine_nodes={0: "n1", 1: "n2", 2: "n3"},
+        keep=["n1"],
+        driver="n1",
+        stop_engine=lambda rank: 0,
+        log=lambda level, message: logged.append(message),
+    )
+    # The driver's engine goes idle: its node stays (the driver's), so the job would keep every node.
+    assert await retirer.check({"retire": {"busy": ["engine1", "engine2"], "unplaced": 0}}) == [0]
+    assert not (tmp_path / "calls").exists() and "no scontrol update" in logged[-1]
+    # n3's engine: the job shrinks to n1 and n2.
+    assert await retirer.check({"retire": {"busy": ["engine1"], "unplaced": 0}}) == [2]
+    assert (tmp_path / "calls").read_text() == "update JobId=7 NodeList=n1,n2\n"
+    # n2's: to n1 alone; then nothing is left to retire and nothing runs again.
+    assert await retirer.check({"retire": {"busy": [], "unplaced": 0}}) == [1]
+    assert await retirer.check({"retire": {"busy": [], "unplaced": 0}}) == []
+    # ("n1,": disBatch's command as it is; scontrol takes it, as the real-Slurm test shows.)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls == ["update JobId=7 NodeList=n1,n2", "update JobId=7 NodeList=n1,"]
+    # Any other command runs every time (it may do more than resize the job).
+    other = Retirer(
+        command=f"echo $NODES >> {tmp_path / 'other'}",
+        engine_nodes={0: "n1", 1: "n2"},
+        keep=["n1"],
+        driver="n1",
+        stop_engine=lambda rank: 0,
+        log=lambda level, message: None,
+    )
+    assert await other.check({"retire": {"busy": ["engine1"], "unplaced": 0}}) == [0]
+    assert (tmp_path / "other").read_text() == "n1\n"

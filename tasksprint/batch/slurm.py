@@ -36,6 +36,7 @@ __all__ = [
     "DEFAULT_RETIRE_COMMAND",
     "MAX_REPLICA_NODES",
     "engines_to_retire",
+    "kept_nodes",
     "node_addresses",
     "replica_hosts",
     "retire_environment",
@@ -157,6 +158,11 @@ def engines_to_retire(retire: Mapping[str, Any] | None, ranks: Iterable[int], re
         return []
     gone = set(retired)
     return sorted(r for r in set(ranks) if r not in gone and engine_name(r) not in busy)
+
+
+def kept_nodes(env: Mapping[str, str]) -> set[str]:
+    """The nodes the default retire command keeps in the job: ``DRIVER_NODE`` and ``ACTIVE``."""
+    return {n for n in [env.get("DRIVER_NODE", ""), *env.get("ACTIVE", "").split(",")] if n}
 
 
 def retire_environment(
