@@ -40,8 +40,11 @@ slurm-check: install
 	PYTHONWARNINGS=ignore $(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/python -m pytest -v -rs -p no:cacheprovider tests/test_batch_slurm_real.py
 
+# 100,000 simulation seeds, and 5,000 new runs of the Paxos state machine (random, not the fixed ones of `make test`).
 soak: install
 	TASKSPRINT_SIM_SEEDS=100000 $(BIN)/python -m pytest -q -p no:cacheprovider -m soak tests/test_simulation.py
+	TASKSPRINT_HYPOTHESIS_EXPLORE=1 TASKSPRINT_HYPOTHESIS_EXAMPLES=5000 \
+		$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_simulation.py::TestPaxosMachine
 
 # The wire fuzzer of `make test` (100,000 frames) at twenty times the frames.
 fuzz-soak: install

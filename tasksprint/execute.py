@@ -39,7 +39,7 @@ from typing import Any, TextIO
 import attrs
 import trio
 
-from tasksprint.coordinator.specs import command_kwargs
+from tasksprint.coordinator.specs import USAGE_KEYS, command_kwargs
 from tasksprint.exec import files
 from tasksprint.exec.container import (
     ContainerRuntime,
@@ -177,19 +177,7 @@ def kolejka_result(record: dict[str, Any] | None, error: str | None, result_file
         "files": result_files,
         "verdict": record.get("verdict"),
         "error": error,
-        "stats": {
-            key: record.get(key)
-            for key in (
-                "signal",
-                "elapsed_s",
-                "user_cpu_s",
-                "system_cpu_s",
-                "peak_memory_bytes",
-                "limits_hit",
-                "enforcement",
-                "host",
-            )
-        },
+        "stats": {key: record.get(key) for key in (*USAGE_KEYS, "host")},
     }
 
 

@@ -7,16 +7,18 @@ table and the order of writes, sends and applies; this module gives it a
 the clock.  Tasks:
 
 * a listener accepting authenticated connections from peers (role
-  ``replica``) and from users (role ``client``);
+  ``replica``) and from users (role ``client``; what a replica does with
+  their commands and questions is :mod:`tasksprint.replica_clients`);
 * one sender per peer, keeping an outgoing connection open and writing
-  everything queued for that peer (its :class:`Outbox`) in one batch;
+  everything queued for that peer (its :class:`~tasksprint.outbox.Outbox`)
+  in one batch;
 * a ticker feeding the core the clock;
 * the driver task, which runs a driver pass (:meth:`ReplicaDriver.run
   <tasksprint.driver.ReplicaDriver.run>`) after ticks and completed writes;
   a receiving task runs the pass itself once its connection has no further
   frame buffered.  One pass takes every Ready, sends the peers' messages
-  from the calling task (:meth:`Outbox.flush`), writes the records, applies
-  the committed slots and sends the clients their answers (the driver's
+  from the calling task (:meth:`~tasksprint.outbox.Outbox.flush`), writes
+  the records, applies the committed slots and sends the clients their answers (the driver's
   module docstring and docs/architecture.md give the order and why);
 * the disk writer (:mod:`tasksprint.disk_writer`, a thread), which makes
   the Readies' records durable in the order they were taken (whatever queued
@@ -45,7 +47,6 @@ their docstrings); the replica itself reports ``query.<name>`` spans (with
 
 from __future__ import annotations
 
-import collections
 import gc
 import os
 import random
@@ -57,57 +58,37 @@ import attrs
 import structlog
 import trio
 
-from tasksprint import codec, wire
-from tasksprint.api import (
-    ClientsSeen,
-    PeerDigest,
-    Query,
-    QueryReply,
-    ReplicaStatus,
-    Retry,
-    StatusQuery,
-    Submit,
-    SubmitBlock,
-    SubmitRefused,
-)
-from tasksprint.app import KVApp, NotYet
+from tasksprint import wire
+from tasksprint.api import ClientsSeen, PeerDigest, ReplicaStatus
+from tasksprint.app import KVApp
 from tasksprint.config import ReplicaConfig
 from tasksprint.disk_writer import DiskWriter
-from tasksprint.driver import DivergenceError, DriverConfig, ReplicaDriver, RequestKey
+from tasksprint.driver import DivergenceError, DriverConfig, ReplicaDriver
 from tasksprint.history import SqliteHistory
 from tasksprint.hook_watchdog import HookWatchdog
 from tasksprint.machine import Applier, BadSnapshot
 from tasksprint.observe import NULL, Observer
+from tasksprint.outbox import Outbox
 from tasksprint.paxos.core import PaxosCore, Role
 from tasksprint.paxos.messages import (
     PEER_MESSAGES,
     Accept,
     Accepted,
-    CatchupReply,
-    CommandBlock,
-    Forward,
     Heartbeat,
     HeartbeatAck,
     Nack,
     Prepare,
     Promise,
 )
+from tasksprint.replica_clients import ClientRequests
 from tasksprint.storage import Storage
 
-__all__ = ["DivergenceError", "ListenError", "Outbox", "Replica", "tune_gc"]  # DivergenceError: for the CLI
+__all__ = ["DivergenceError", "ListenError", "Replica", "tune_gc"]  # DivergenceError: for the CLI
 
 log = structlog.get_logger("tasksprint.replica")
 
 GC_YOUNG_THRESHOLD = 50_000  # allocations between young collections (CPython's default: 700)
-OUTBOX_LIMIT = 20_000  # frames queued for one connection before the oldest are dropped
-OUTBOX_BYTES = 256 * 1024 * 1024  # bytes queued for one connection before the oldest frames are dropped
-MAX_PARKED = 10_000  # long-poll queries parked at once in one replica (more are answered at once)
-MAX_PARKED_PER_CONNECTION = 16  # long-polls one connection may have parked at once
-MAX_QUERY_WAIT = 3600  # a longer (or NaN) wait is answered at once
-SUBMIT_MARGIN = 64 * 1024  # room in a frame for what a log entry wraps around a command
-RESERVED_CLIENT_PREFIX = "__"  # client ids of the replicas' own commands (the coordinator's init)
 HANDOVER_WAIT = 0.2  # seconds a stopping leader waits for its TimeoutNow to be written
-QUERY_SPAN_NAMES = 16  # distinct query names given spans of their own; the rest share "query.other"
 
 
 class ListenError(Exception):
@@ -127,134 +108,8 @@ def tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
 
 
-def split_message(msg: Any) -> list[Any] | None:
-    """``msg`` as two messages of the same meaning, each smaller, or None if it cannot be split.
-
-    Messages carrying several independent values (an Accept's proposals, a
-    CatchupReply's entries, a Forward's commands) are split in halves, so a
-    sender never makes a frame over the cap out of values that each fit.  A
-    Promise is split by slots into parts whose spans tile its own (see
-    :meth:`Promise.halves`); the candidate waits for all of them.
-    """
-    match msg:
-        case Accept(ballot=ballot, proposals=proposals, commit=commit) if len(proposals) > 1:
-            half = len(proposals) // 2
-            return [
-                Accept(ballot=ballot, proposals=proposals[:half], commit=commit),
-                Accept(ballot=ballot, proposals=proposals[half:], commit=commit),
-            ]
-        case CatchupReply(entries=entries, commit=commit) if len(entries) > 1:
-            half = len(entries) // 2
-            return [
-                CatchupReply(entries=entries[:half], commit=commit),
-                CatchupReply(entries=entries[half:], commit=commit),
-            ]
-        case Promise():
-            halves = msg.halves()
-            return None if halves is None else list(halves)
-        case Forward(items=items) if len(items) > 1:
-            half = len(items) // 2
-            return [Forward(items=items[:half]), Forward(items=items[half:])]
-        case _:
-            return None
-
-
 @attrs.define(eq=False)
-class Outbox:
-    """Frames waiting for one connection, bounded in count and in bytes.
-
-    :meth:`push` encodes a message at once (so its size is known and an
-    unencodable or oversized one is dropped here, logged, instead of failing
-    a send): a message over the frame cap that carries several values is
-    split (:func:`split_message`).  When the queue is over ``limit`` frames
-    or ``limit_bytes`` bytes the oldest frames are dropped: the protocol
-    tolerates loss (peers resend, clients retry), memory must stay bounded.
-
-    The driver calls :meth:`flush` once it has queued what a pass over the
-    core produced: on an idle connection the bytes leave at once.  Otherwise
-    (a send in progress, a full socket buffer) the pump task writes them, in
-    batches, as soon as it can.
-    """
-
-    _queue: collections.deque = attrs.Factory(collections.deque)
-    _event: trio.Event = attrs.Factory(trio.Event)
-    _conn: wire.Connection | None = None  # while a pump runs
-    limit: int = OUTBOX_LIMIT
-    max_frame: int = wire.MAX_FRAME_DEFAULT
-    limit_bytes: int = OUTBOX_BYTES
-    #: Who the frames are for, in the log lines of dropped messages.
-    name: str = ""
-    _bytes: int = 0
-    #: Frames dropped so far because the queue was full (for diagnosis and tests).
-    dropped: int = 0
-
-    def push(self, msg: Any) -> None:
-        try:
-            frames = self._frames(msg)
-        except Exception as exc:  # unencodable (a bug, or a hostile value): this message only
-            log.error("message_dropped", to=self.name, type=type(msg).__name__, error=codec.bounded(str(exc)))
-            return
-        queue = self._queue
-        for frame in frames:
-            queue.append(frame)
-            self._bytes += len(frame)
-        while len(queue) > 1 and (len(queue) > self.limit or self._bytes > self.limit_bytes):
-            self._bytes -= len(queue.popleft())
-            self.dropped += 1
-            if self.dropped & (self.dropped - 1) == 0:  # 1, 2, 4, 8...: logged, never flooding
-                log.warning("outbox_full", to=self.name, dropped=self.dropped, limit_bytes=self.limit_bytes)
-        self._event.set()
-
-    def _frames(self, msg: Any) -> list[bytes]:
-        try:
-            return [wire.encode_frame(msg, self.max_frame)]
-        except wire.FrameTooLarge:
-            parts = split_message(msg)
-            if parts is None:
-                raise
-            return [frame for part in parts for frame in self._frames(part)]
-
-    def clear(self) -> None:
-        self._queue.clear()
-        self._bytes = 0
-
-    def _take(self) -> bytes:
-        data = b"".join(self._queue)
-        self._queue.clear()
-        self._bytes = 0
-        return data
-
-    @property
-    def waiting(self) -> int:
-        """Messages not written yet."""
-        return len(self._queue)
-
-    def flush(self) -> None:
-        """Write what is queued from the calling task, if the connection is idle; else leave it to the pump."""
-        conn = self._conn
-        if not self._queue or conn is None:
-            return
-        if conn.send_frames_nowait(b"".join(self._queue)):
-            # What the socket did not take (conn.backlog) goes out with the
-            # pump's next send: push has woken it already.
-            self._queue.clear()
-            self._bytes = 0
-
-    async def pump(self, conn: wire.Connection) -> None:
-        """Write queued messages to ``conn`` until it fails or the task is cancelled."""
-        self._conn = conn
-        try:
-            while True:
-                if not self._queue and not conn.backlog:
-                    self._event = trio.Event()
-                    await self._event.wait()
-                await conn.send_frames(self._take())
-        finally:
-            self._conn = None
-
-
-@attrs.define(eq=False)
-class Replica:
+class Replica(ClientRequests):
     """A replica process. ``await replica.run()`` serves until cancelled."""
 
     config: ReplicaConfig
@@ -503,15 +358,6 @@ class Replica:
             if cids and leader is not None and leader != self.config.rid:
                 self._peer_out[leader].push(ClientsSeen(cids=tuple(cids)))
 
-    def _retry_parked(self, now: float) -> None:
-        parked, self._parked = self._parked, []
-        with self.observer.span("replica.retry_parked"):
-            for box, name, args, deadline in parked:
-                if deadline <= now:
-                    args = {**args, "wait": 0}
-                self._answer_query(box, name, args, deadline)
-        self.observer.count("query.parked_answered", len(parked) - len(self._parked))
-
     # ------------------------------------------------------------------
     # Network
 
@@ -614,123 +460,6 @@ class Replica:
                 driver.digest_from(src, msg)
             else:
                 raise wire.BadMessage(f"unexpected {type(msg).__name__} from replica {src}")
-
-    async def _serve_client(self, conn: wire.Connection) -> None:
-        box = Outbox(max_frame=self.config.max_frame, name=f"client {conn.peer.ident[:64] if conn.peer else ''}")
-        mine: list[RequestKey] = []
-        ident = conn.peer.ident if conn.peer is not None else None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(box.pump, conn)
-            try:
-                while True:
-                    try:
-                        msg = await conn.receive()
-                    except wire.ConnectionClosed:
-                        return
-                    if self._handle_client_message(msg, box, mine, ident):
-                        self._react(conn)
-            finally:
-                self._parked = [p for p in self._parked if p[0] is not box]
-                self.driver.abandon(mine, box)
-                self.driver.forget(box)
-                nursery.cancel_scope.cancel()
-
-    def _handle_client_message(self, msg: Any, box: Outbox, mine: list, ident: str | None = None) -> bool:
-        """Handle one message from a client; True if it gave the core a command.
-
-        ``ident`` is the identity the client authenticated with: its commands
-        must carry it as their client id (None: not checked, for a trusted
-        in-process stream).
-        """
-        match msg:
-            case Submit(command=cmd) | SubmitBlock(block=cmd):
-                if ident is not None and ident.startswith(RESERVED_CLIENT_PREFIX):
-                    raise wire.BadMessage(
-                        f"client ids starting with {RESERVED_CLIENT_PREFIX!r} are the replicas' own; "
-                        f"{ident[:64]!r} may ask questions but not submit commands"
-                    )
-                if ident is not None and cmd.client_id != ident:
-                    raise wire.BadMessage(
-                        f"command of client {cmd.client_id[:64]!r} sent on the connection of client {ident[:64]!r}"
-                    )
-                seq = cmd.first_seq if isinstance(cmd, CommandBlock) else cmd.seq
-                if isinstance(cmd, CommandBlock):
-                    size = len(cmd.ops)
-                else:
-                    # The op as every follower will decode it from the log:
-                    # canonical CBOR orders map keys, and the client's
-                    # encoding need not have (a leader applying the client's
-                    # key order would word errors differently and diverge).
-                    encoded = codec.encode(cmd.op)
-                    size = len(encoded)
-                    cmd = attrs.evolve(cmd, op=codec.decode(encoded))
-                if size > self.config.max_frame - SUBMIT_MARGIN:
-                    log_ = self._log or log
-                    log_.warning("submit_refused", client=cmd.client_id[:64], seq=seq, size=size)
-                    box.push(
-                        SubmitRefused(
-                            client_id=cmd.client_id,
-                            seq=seq,
-                            reason=f"the command is {size} bytes encoded, over the "
-                            f"{self.config.max_frame - SUBMIT_MARGIN}-byte limit of a log entry",
-                        )
-                    )
-                    return False
-                if isinstance(cmd, CommandBlock):
-                    cmd.op_list()  # a block that does not decode closes the connection (BadMessage)
-                if self.driver.submit(cmd, box):
-                    mine.append(cmd.request_key)
-                    if len(mine) > 4096:
-                        del mine[:2048]  # the oldest are answered or abandoned by now
-                    return True
-                box.push(Retry(client_id=cmd.client_id, seq=seq, reason="no leader", leader=self.core.leader_hint))
-            case StatusQuery():
-                box.push(self.status())
-            case Query(name=name, args=args):
-                wait = args.get("wait", 0)
-                # Compared before any conversion (float(2**1100) raises); a
-                # NaN fails the comparison.  The machine's parser refuses
-                # the same values with a clear answer.
-                if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= MAX_QUERY_WAIT:
-                    wait = 0
-                parked = sum(1 for p in self._parked if p[0] is box)
-                if parked >= MAX_PARKED_PER_CONNECTION or len(self._parked) >= MAX_PARKED:
-                    wait = 0  # answered now: no more long-polls parked for this connection
-                self._answer_query(box, name, args, time.monotonic() + min(float(wait), 60.0))
-            case _:
-                raise wire.BadMessage(f"unexpected {type(msg).__name__} from a client")
-        return False
-
-    def _answer_query(self, box: Outbox, name: str, args: dict, deadline: float) -> None:
-        """Answer a question about the state; the answer leaves once a majority is known to share that state.
-
-        Until then it waits in the driver (:meth:`ReplicaDriver.answer
-        <tasksprint.driver.ReplicaDriver.answer>`), whatever its deadline: a
-        state only this replica reached (a scheduler that is not
-        deterministic) must not be acted on.  A replica in the minority
-        stops; its clients move on.  A long-poll with nothing new yet
-        (``NotYet``) is parked and asked again after the next change.
-        """
-        span, parked = self._query_span_names(name)
-        try:
-            with self.observer.span(span):
-                result = self.app.query(name, args)
-            self.driver.answer(box, QueryReply(name=name, result=result))
-        except NotYet:
-            self.observer.count(parked)
-            self._parked.append((box, name, args, deadline))
-        except Exception as exc:  # a bad query must not take the replica down
-            self.driver.answer(box, QueryReply(name=name, error=codec.bounded(f"{type(exc).__name__}: {exc}")))
-
-    def _query_span_names(self, name: str) -> tuple[str, str]:
-        """The span and the parked counter of query ``name`` (``query.other`` past the first few names)."""
-        names = self._query_names.get(name)
-        if names is None:
-            base = f"query.{name}" if len(self._query_names) < QUERY_SPAN_NAMES else "query.other"
-            names = (base, f"{base}.parked")
-            if len(self._query_names) < QUERY_SPAN_NAMES:
-                self._query_names[name] = names
-        return names
 
 
 def _port_of(listeners: Any, default: int) -> int:

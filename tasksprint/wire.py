@@ -5,16 +5,21 @@ Theory of operation
 Every connection between replicas, clients and the command line carries
 length-prefixed CBOR frames (:mod:`tasksprint.framing`), and starts with a
 mutual challenge-response on the cluster's shared secret
-(:mod:`tasksprint.handshake`).  Both of those are pure; this module is the
-I/O around them:
+(:mod:`tasksprint.handshake`).  Both of those are pure; the I/O around
+them is in three modules, and this one is the place to start:
 
-- :class:`Connection` sends frames on a trio stream and feeds what it reads
-  into a :class:`~tasksprint.framing.FrameBuffer`;
-- :func:`handshake` runs a :class:`~tasksprint.handshake.Handshake` over a
-  fresh connection with a random nonce;
-- :func:`connect` opens an authenticated connection and :func:`serve` accepts
-  them, both as one :class:`Endpoint` (who this end is, the secret it proves,
-  its frame cap and handshake timeout).
+- :class:`~tasksprint.connection.Connection` (:mod:`tasksprint.connection`)
+  sends frames on a trio stream and feeds what it reads into a
+  :class:`~tasksprint.framing.FrameBuffer`;
+  :func:`~tasksprint.connection.handshake` runs a
+  :class:`~tasksprint.handshake.Handshake` over a fresh connection with a
+  random nonce;
+- :class:`~tasksprint.endpoint.Endpoint` (:mod:`tasksprint.endpoint`) is
+  who this end is, the secret it proves, its frame cap and handshake
+  timeout, its :class:`~tasksprint.endpoint.Limits` and its
+  :class:`~tasksprint.endpoint.TLS`;
+- here, :func:`connect` opens an authenticated connection and :func:`serve`
+  accepts them, both for one endpoint.
 
 Anything wrong in what a peer sends raises :class:`~tasksprint.codec.BadMessage`
 (or a subclass) and closes that connection; :func:`serve` logs the reason
@@ -22,51 +27,40 @@ once and goes on serving everyone else.  Callers that retry elsewhere catch
 :data:`NETWORK_ERRORS`.  ``docs/wire.md`` describes the format for authors
 of compatible peers.
 
-The names of the framing, handshake and secret-file modules that callers of
-this module need (errors, caps, :class:`~tasksprint.handshake.Hello`,
-:func:`~tasksprint.credentials.load_secret`) are importable from here too.
+The names of the connection, endpoint, framing, handshake and secret-file
+modules that callers of this module need (``Connection``, ``Endpoint``,
+errors, caps, :class:`~tasksprint.handshake.Hello`,
+:func:`~tasksprint.credentials.load_secret`) are importable from here too:
+``from tasksprint import wire`` is the documented way in (docs/wire.md).
 """
 
 from __future__ import annotations
 
 import collections
 import enum
-import math
-import os
 import socket
-import ssl
 import sys
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import attrs
 import structlog
 import trio
 
 from tasksprint.codec import BadMessage, bounded
+from tasksprint.connection import Connection, ConnectionClosed, IdleTimeout, handshake
 from tasksprint.credentials import DEFAULT_SECRET, SecretError, load_secret
-from tasksprint.framing import (
-    MAX_FRAME_DEFAULT,
-    NEED_DATA,
-    FrameBuffer,
-    FrameTooLarge,
-    check_max_frame,
-    encode_frame,
-    encode_frames,
-)
+from tasksprint.endpoint import TLS, Endpoint, Limits, use_tls
+from tasksprint.framing import MAX_FRAME_DEFAULT, FrameTooLarge
 from tasksprint.handshake import (
     HANDSHAKE_CONTEXT,
     HANDSHAKE_MAX_FRAME,
     HANDSHAKE_TIMEOUT_DEFAULT,
     NONCE_SIZE,
     AuthError,
-    Handshake,
     Hello,
     Proof,
     Side,
-    check_secret,
     client_credential,
-    parse_frame,
     proof_mac,
     role_keys,
 )
@@ -104,44 +98,6 @@ __all__ = [
 ]
 
 
-class ConnectionClosed(Exception):
-    """The peer closed the connection cleanly, between two frames."""
-
-
-class IdleTimeout(ConnectionClosed):
-    """Nothing arrived on a served connection for its idle timeout: it is closed."""
-
-
-@attrs.frozen(kw_only=True)
-class Limits:
-    """What :func:`serve` allows at once, so no peer can exhaust a process.
-
-    Each refusal closes the new connection at once and is logged
-    (``connection_refused``, with the limit reached).  Defaults suit a
-    replica or a worker client; docs/security.md lists them.
-    """
-
-    #: Connections open at once on one listening port (handshake or not).
-    connections: int = 1024
-    #: Connections open at once from one remote address.
-    per_address: int = 256
-    #: Connections in their handshake at once (unauthenticated peers).
-    handshakes: int = 128
-    #: Connections in their handshake at once from one remote address.
-    handshakes_per_address: int = 32
-    #: Seconds a served connection may receive nothing before it is closed
-    #: (longer than the longest long-poll a client parks, 60 s).
-    idle: float = 300.0
-
-    def __attrs_post_init__(self) -> None:
-        for name in ("connections", "per_address", "handshakes", "handshakes_per_address"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Limits.{name} must be an int >= 1, got {value!r}")
-        if isinstance(self.idle, bool) or not isinstance(self.idle, (int, float)) or not 0 < self.idle < math.inf:
-            raise ValueError(f"Limits.idle must be a positive number of seconds, got {self.idle!r}")
-
-
 #: Everything a failed or refused connection to a peer can raise: callers
 #: that retry elsewhere catch exactly these.
 NETWORK_ERRORS = (
@@ -153,379 +109,6 @@ NETWORK_ERRORS = (
     ConnectionClosed,
 )
 
-
-# --------------------------------------------------------------------------
-# TLS
-
-
-@attrs.frozen
-class TLS:
-    """Mutual TLS around every connection: this process's certificate, and the CA its peers' must chain to.
-
-    Build it with :meth:`from_files`; :func:`use_tls` makes it the default of
-    every :class:`Endpoint` made afterwards.  Both ends present a certificate
-    signed by the CA; the initiator also checks that the responder's
-    certificate names the host it dialed (a DNS name or an IP address in its
-    subjectAltName).  The challenge-response runs inside the TLS session, so
-    credentials still decide the role; TLS adds encryption and integrity.
-    """
-
-    server: ssl.SSLContext
-    client: ssl.SSLContext
-
-    @classmethod
-    def from_files(cls, cert: str | os.PathLike[str], key: str | os.PathLike[str], ca: str | os.PathLike[str]) -> TLS:
-        """Contexts from PEM files; raises SecretError naming the file that cannot be used."""
-        try:
-            server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=os.fspath(ca))
-            client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=os.fspath(ca))
-        except (OSError, ssl.SSLError) as exc:
-            raise SecretError(f"cannot use --tls-ca {ca}: {exc}") from None
-        for context in (server, client):
-            try:
-                context.load_cert_chain(os.fspath(cert), os.fspath(key))
-            except (OSError, ssl.SSLError) as exc:
-                raise SecretError(f"cannot use --tls-cert {cert} with --tls-key {key}: {exc}") from None
-            context.minimum_version = ssl.TLSVersion.TLSv1_2
-        server.verify_mode = ssl.CERT_REQUIRED  # mutual: a peer without a certificate of the CA is refused
-        return cls(server, client)
-
-
-_default_tls: TLS | None = None
-
-
-def use_tls(tls: TLS | None) -> None:
-    """Make ``tls`` the default of every :class:`Endpoint` created from now on in this process (None: plain TCP)."""
-    global _default_tls
-    _default_tls = tls
-
-
-# --------------------------------------------------------------------------
-# Endpoint
-
-
-def _valid_secret(_inst: Any, _attr: attrs.Attribute, value: Any) -> None:
-    check_secret(value)
-
-
-def _valid_max_frame(_inst: Any, _attr: attrs.Attribute, value: Any) -> None:
-    check_max_frame(value)
-
-
-def _valid_seconds(_inst: Any, attr: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise ValueError(f"{attr.name} must be a positive number of seconds, got {value!r}")
-
-
-@attrs.frozen(kw_only=True)
-class Endpoint:
-    """This end of the connections it opens (:func:`connect`) or accepts (:func:`serve`).
-
-    One value for everything both take besides the address, so a process
-    that does both (a replica) describes itself once.
-
-    Raises TypeError or ValueError at construction for a secret that is not
-    non-empty bytes, an invalid role or identity (see
-    :class:`~tasksprint.handshake.Hello`), a frame cap out of range or a
-    timeout that is not a positive number of seconds.
-    """
-
-    #: The cluster secret this end proves it knows (:func:`load_secret`).
-    secret: bytes = attrs.field(validator=_valid_secret, repr=False)
-    #: The kind of process this is (``"replica"``, ``"client"``, ...).
-    role: str
-    #: Which one of them this is.
-    ident: str
-    #: Largest frame body, in bytes, sent or accepted after the handshake.
-    max_frame: int = attrs.field(default=MAX_FRAME_DEFAULT, validator=_valid_max_frame)
-    #: Seconds to open and authenticate a connection: the TCP connect and
-    #: the handshake for :func:`connect`, the handshake for :func:`serve`.
-    timeout: float = attrs.field(default=HANDSHAKE_TIMEOUT_DEFAULT, validator=_valid_seconds)
-    #: What :func:`serve` allows at once (connections, handshakes, idle time).
-    limits: Limits = attrs.field(factory=Limits, validator=attrs.validators.instance_of(Limits))
-    #: Mutual TLS around every connection, or None (default: what :func:`use_tls` set).
-    tls: TLS | None = attrs.field(factory=lambda: _default_tls)
-
-    def __attrs_post_init__(self) -> None:
-        # Secret, role and identity checked now, by the handshake they will
-        # open (a client credential cannot be a replica), not per connection.
-        Handshake.open(
-            secret=self.secret, role=self.role, ident=self.ident, side=Side.INITIATOR, nonce=bytes(NONCE_SIZE)
-        )
-
-
-# --------------------------------------------------------------------------
-# Connection
-
-
-class _ConnectionState(enum.Enum):
-    OPEN = enum.auto()
-    # A send was interrupted part-way, so the peer may hold half a frame and
-    # every later frame would be misread: nothing more may be sent.
-    BROKEN = enum.auto()
-    CLOSED = enum.auto()
-
-
-@attrs.define(eq=False)
-class Connection(trio.abc.AsyncResource):
-    """Frames over one trio stream.
-
-    ``Connection(stream)`` frames an already trusted stream (tests,
-    in-process pipes); :func:`connect` and :func:`serve` return connections
-    whose handshake is done and whose :attr:`peer` is the peer's
-    :class:`Hello`.  Any number of tasks may send at once; one task at a time
-    may receive.  ``async with`` closes the connection on exit.
-    """
-
-    _stream: trio.abc.Stream
-    _max_frame: int = attrs.field(default=MAX_FRAME_DEFAULT, kw_only=True)
-    #: Seconds a receive may wait for the peer's next bytes before the
-    #: connection counts as idle (:class:`IdleTimeout`); None: forever.
-    _idle_timeout: float | None = attrs.field(default=None, kw_only=True)
-    #: The peer's Hello once the handshake succeeded, else None.
-    peer: Hello | None = attrs.field(default=None, init=False)
-    _received: FrameBuffer = attrs.field(factory=FrameBuffer, init=False)
-    _send_lock: trio.Lock = attrs.field(factory=trio.Lock, init=False)
-    _receiving: bool = attrs.field(default=False, init=False)
-    _state: _ConnectionState = attrs.field(default=_ConnectionState.OPEN, init=False)
-    # The rest of a write send_nowait could only hand over in part; the next
-    # send writes it before anything else.
-    _backlog: bytes = attrs.field(default=b"", init=False)
-
-    def __attrs_post_init__(self) -> None:
-        check_max_frame(self._max_frame)
-
-    @property
-    def backlog(self) -> bool:
-        """Whether bytes of an earlier :meth:`send_nowait` wait to be written by the next send."""
-        return bool(self._backlog)
-
-    # -- sending ------------------------------------------------------------
-
-    async def send(self, msg: Any) -> None:
-        """Send one message as one frame.
-
-        Raises FrameTooLarge (nothing is sent) if it encodes to more than the
-        cap, TypeError if it holds an unregistered class,
-        trio.BrokenResourceError if the connection broke, and
-        trio.ClosedResourceError if it was closed here.  A send cancelled
-        after it started writing closes the connection, since part of the
-        frame may have gone out.
-        """
-        await self._send_bytes(encode_frame(msg, self._max_frame))
-
-    async def send_many(self, msgs: Iterable[Any]) -> None:
-        """Send several messages, one frame each, in a single write.
-
-        Either every frame is handed to the stream or, if one is too large
-        (FrameTooLarge) or unencodable (TypeError), none is.  Other errors as
-        for :meth:`send`.
-        """
-        data = encode_frames(msgs, self._max_frame)
-        if data or self._backlog:
-            await self._send_bytes(data)
-
-    def send_nowait(self, msgs: Iterable[Any]) -> bool:
-        """Hand several messages to the kernel now, from this task, without yielding.
-
-        For a driver that has just queued replies: the bytes leave before
-        the scheduler runs the task that would otherwise send them.  Returns
-        False, having sent and kept nothing, when that is not possible at
-        once: another send is in progress or has bytes waiting, the stream
-        is not a socket, the connection is not open, the socket buffer is
-        full, or the write failed (the next :meth:`send_many` reports the
-        failure).  Send them with :meth:`send_many` then.  Returns True when
-        every frame was handed over, or part of them and :attr:`backlog` is
-        set: the rest goes out first with the next send (``send_many([])``
-        writes just that).  FrameTooLarge and TypeError as for
-        :meth:`send_many`, with nothing sent.
-        """
-        if self._backlog or self._state is not _ConnectionState.OPEN or self._send_lock.locked():
-            return False
-        fd = self._stream.socket.fileno() if isinstance(self._stream, trio.SocketStream) else -1
-        if fd < 0:  # not a socket, or closed
-            return False
-        return self._write_nowait(fd, encode_frames(msgs, self._max_frame))
-
-    def send_frames_nowait(self, data: bytes) -> bool:
-        """:meth:`send_nowait` for frames already encoded (``encode_frame``), back to back."""
-        if self._backlog or self._state is not _ConnectionState.OPEN or self._send_lock.locked():
-            return False
-        fd = self._stream.socket.fileno() if isinstance(self._stream, trio.SocketStream) else -1
-        if fd < 0:
-            return False
-        return self._write_nowait(fd, data)
-
-    async def send_frames(self, data: bytes) -> None:
-        """:meth:`send_many` for frames already encoded (``encode_frame``), back to back."""
-        if data or self._backlog:
-            await self._send_bytes(data)
-
-    def _write_nowait(self, fd: int, data: bytes) -> bool:
-        try:
-            sent = os.write(fd, data)  # the socket is non-blocking (trio made it so)
-        except OSError:
-            return False
-        if sent < len(data):
-            self._backlog = data[sent:]
-        return True
-
-    async def _send_bytes(self, data: bytes) -> None:
-        # trio streams refuse concurrent send_all calls; the lock queues the
-        # senders so that frames from several tasks never interleave.  An
-        # uncontended lock is taken without yielding, so the bytes reach the
-        # kernel in this step (send_all still checkpoints once after the
-        # write): a driver that yields once after queueing a message, then
-        # blocks on an fsync, has its message on the wire before the fsync.
-        if self._send_lock.locked():
-            await self._send_lock.acquire()  # cancelled here: nothing held, nothing sent
-        else:
-            self._send_lock.acquire_nowait()
-        try:
-            if self._state is _ConnectionState.CLOSED:
-                raise trio.ClosedResourceError("connection was closed")
-            if self._state is _ConnectionState.BROKEN:
-                raise trio.BrokenResourceError("an earlier send was interrupted part-way; the connection is unusable")
-            if self._backlog:
-                data, self._backlog = self._backlog + data, b""
-            try:
-                await self._stream.send_all(data)
-            except BaseException:
-                # Cancelled or failed mid-write: the peer may have half a
-                # frame, so the byte stream is out of step for good.
-                if self._state is _ConnectionState.OPEN:
-                    self._state = _ConnectionState.BROKEN
-                await trio.aclose_forcefully(self._stream)
-                raise
-        finally:
-            self._send_lock.release()
-
-    # -- receiving ----------------------------------------------------------
-
-    async def receive(self) -> Any:
-        """Wait for the next frame and return the value it holds.
-
-        Raises ConnectionClosed if the peer closed the connection between
-        frames; BadMessage if a frame is undecodable, of an unknown type,
-        invalid, or cut short by the peer closing; FrameTooLarge if its
-        declared length is over the cap (its body is not read).  After a
-        BadMessage the connection is closed.  Also trio.BrokenResourceError
-        if the connection broke, and trio.BusyResourceError if another task
-        is receiving.
-        """
-        return await self._receive(self._max_frame)
-
-    async def _receive(self, limit: int) -> Any:
-        if self._state is _ConnectionState.CLOSED:
-            raise trio.ClosedResourceError("connection was closed")
-        if self._state is _ConnectionState.BROKEN:
-            raise trio.BrokenResourceError("an earlier send was interrupted part-way; the connection is unusable")
-        if self._receiving:
-            raise trio.BusyResourceError("another task is already receiving on this connection")
-        self._receiving = True
-        try:
-            while True:
-                msg = self._received.next_message(limit)
-                if msg is not NEED_DATA:
-                    return msg
-                await self._fill()
-        except BadMessage:
-            await self._abort()
-            raise
-        finally:
-            self._receiving = False
-
-    async def _receive_handshake(self) -> Hello | Proof:
-        """The next handshake frame, parsed by its fixed-shape parser (never the general decoder)."""
-        if self._state is not _ConnectionState.OPEN:
-            raise trio.ClosedResourceError("connection was closed")
-        try:
-            while True:
-                body = self._received.next_body(HANDSHAKE_MAX_FRAME)
-                if body is not None:
-                    return parse_frame(body)
-                await self._fill()
-        except BadMessage:
-            await self._abort()
-            raise
-
-    def frame_ready(self) -> bool:
-        """Whether a whole frame is already buffered (the next ``receive`` returns without waiting)."""
-        return self._received.frame_ready()
-
-    async def _fill(self) -> None:
-        """Read one chunk into the buffer; raise ConnectionClosed / BadMessage at EOF."""
-        if self._idle_timeout is None:
-            data = await self._stream.receive_some(self._received.read_size())
-        else:
-            with trio.move_on_after(self._idle_timeout) as scope:
-                data = await self._stream.receive_some(self._received.read_size())
-            if scope.cancelled_caught:
-                raise IdleTimeout(f"nothing received for {self._idle_timeout} s")
-        if not data:
-            self._received.check_end()
-            raise ConnectionClosed("peer closed the connection")
-        self._received.feed(data)
-
-    # -- closing ------------------------------------------------------------
-
-    async def _abort(self) -> None:
-        self._state = _ConnectionState.CLOSED
-        await trio.aclose_forcefully(self._stream)
-
-    async def aclose(self) -> None:
-        """Close the connection; safe to call more than once."""
-        self._state = _ConnectionState.CLOSED
-        await self._stream.aclose()
-
-
-# --------------------------------------------------------------------------
-# Handshake
-
-
-async def handshake(
-    conn: Connection,
-    *,
-    secret: bytes,
-    role: str,
-    ident: str,
-    side: Side,
-    expect: tuple[str, str | None] | None = None,
-) -> Hello:
-    """Run the mutual challenge-response on a fresh connection.
-
-    Takes the connection (nothing sent or received on it yet), the cluster
-    secret, this end's role and identity, and which side of the connection
-    this end is.  Returns the peer's Hello, also stored as ``conn.peer``.
-    Raises AuthError (and closes the connection) if the peer's proof is wrong
-    or missing, BadMessage or FrameTooLarge if it sent something that is not a
-    handshake frame, trio.BrokenResourceError if the connection broke.  Takes
-    as long as the peer lets it: callers bound it with a timeout.
-    """
-    state = Handshake.open(
-        secret=secret, role=role, ident=ident, side=side, nonce=os.urandom(NONCE_SIZE), expect=expect
-    )
-    await conn.send(state.hello)
-    while not state.done:
-        try:
-            msg = await conn._receive_handshake()
-        except ConnectionClosed:
-            await conn._abort()
-            raise state.closed_error() from None
-        try:
-            replies = state.receive(msg)
-        except AuthError:
-            await conn._abort()
-            raise
-        for reply in replies:
-            await conn.send(reply)
-    conn.peer = state.peer
-    assert conn.peer is not None
-    return conn.peer
-
-
-# --------------------------------------------------------------------------
-# Client and server
 
 #: Linux's TCP_RTO_MAX_MS socket option (kernel 6.15 and later; Python has no name for it yet).
 _TCP_RTO_MAX_MS = 44

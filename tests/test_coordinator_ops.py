@@ -49,9 +49,8 @@ from tasksprint.coordinator.ops import (
     Reported,
     StatusRequest,
     ViewRequest,
-    parse_op,
-    parse_query,
 )
+from tasksprint.coordinator.parsing import parse_op, parse_query
 from tasksprint.coordinator.replies import Assignment, ClientView, HolderChange, InputLocation
 
 

@@ -30,7 +30,7 @@ from tasksprint.coordinator.ops import Joined, JoinOp
 from tasksprint.localcluster import LocalCluster
 from tasksprint.log_client import CommandRefused, LogClient
 from tasksprint.paxos.messages import Ballot, Command, Heartbeat
-from tasksprint.replica import MAX_PARKED_PER_CONNECTION
+from tasksprint.replica_clients import MAX_PARKED_PER_CONNECTION
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,9 @@ from test_service_e2e import Site, poll, site  # noqa: F401 (site is a fixture)
 from test_service_scheduler import ask, sim, submit
 
 from tasksprint import wire
-from tasksprint.execute import KolejkaError
+from tasksprint.coordinator.specs import USAGE_KEYS, record_outputs
+from tasksprint.exec.spec import CommandRecord, Verdict
+from tasksprint.execute import KolejkaError, kolejka_result
 from tasksprint.object_store import ObjectStore
 from tasksprint.peer_data import serve_data
 from tasksprint.service import kolejka
@@ -45,6 +47,18 @@ def task_dir(root: Path, task: dict[str, Any], files: dict[str, str] | None = No
 
 
 # ------------------------------------------------------------ the scheduler
+
+
+def test_a_kolejka_result_states_the_runs_usage_and_host() -> None:
+    record = record_outputs(
+        CommandRecord(verdict=Verdict.TIME, signal=9, elapsed_s=2.0, user_cpu_s=1.0, peak_memory_bytes=8192, host="n1")
+    )
+    result = kolejka_result(record, "killed", ["out.txt"])
+    assert result["stats"] == {key: record[key] for key in (*USAGE_KEYS, "host")}
+    assert result["stats"]["host"] == "n1" and result["stats"]["peak_memory_bytes"] == 8192
+    assert result["files"] == ["out.txt"] and result["error"] == "killed" and result["verdict"] == "time"
+    # A run that never started states nothing it did not measure.
+    assert kolejka_result(None, "no worker", [])["stats"] == dict.fromkeys((*USAGE_KEYS, "host"))
 
 
 def test_a_spec_with_files_and_results_reaches_the_coordinator() -> None:

@@ -23,7 +23,8 @@ import trio
 from nodes import FOREVER, TEST_LIMIT, request, write_node
 
 from tasksprint import framing
-from tasksprint.coordinator.ops import BadOp, parse_op
+from tasksprint.coordinator.ops import BadOp
+from tasksprint.coordinator.parsing import parse_op
 from tasksprint.credentials import SecretError, load_secret
 from tasksprint.node_process import NodeProcess, node_environment
 from tasksprint.node_protocol import (

@@ -10,9 +10,9 @@ import trio.testing
 from streams import socket_pair
 
 from tasksprint import codec
+from tasksprint.outbox import Outbox
 from tasksprint.paxos.leadership import Phase1
 from tasksprint.paxos.messages import Accept, AcceptedValue, Ballot, Batch, Command, Promise, Proposal
-from tasksprint.replica import Outbox
 from tasksprint.wire import Connection
 
 GUARD_SECONDS = 30  # only so that a hang fails; never a measurement

@@ -534,6 +534,24 @@ def test_a_pre_vote_from_a_replica_that_knows_fewer_chosen_slots_is_refused():
     assert [m.granted for m in net.peek(PreVoteReply, src=1, dst=2)] == [False, True]
 
 
+def test_a_pre_vote_shows_the_round_in_use_and_the_next_pre_vote_goes_above_it():
+    """Regression (hypothesis state machine, seed 0): the replica knowing most chosen
+    slots asked for pre-votes at a round the other live replica had already promised,
+    and refused that replica's pre-votes for knowing fewer: nothing told it of the
+    promise, each refused the other for ever, and nobody led."""
+    c, net = make(3)
+    elect(c, net, 0)
+    run(c, net, 0.2)
+    c.crash(0)
+    net.queue.clear()
+    c.now += 8 * ET  # replica 2 has lost its leader
+    c.deliver(1, 2, PreVote(round=7, commit=10_000))  # refused or not, round 6 is in use
+    net.queue.clear()
+    c.tick(2)
+    (prevote, _) = net.peek(PreVote, src=2)
+    assert prevote.round == 7
+
+
 def test_with_five_replicas_the_leader_tells_those_that_accepted_at_once():
     """A quorum of five needs more than the follower and the leader: the followers
     that accepted get the commit index right away (their digests confirm the

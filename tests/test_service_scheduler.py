@@ -16,7 +16,8 @@ from tasksprint_sdk.coordinator import Coordinator
 
 from tasksprint.coordinator.machine import CoordinatorMachine, RunState
 from tasksprint.coordinator.ops import BadOp, Cancelled, Commanded, Refused, WorkerChanged
-from tasksprint.coordinator.specs import COMMAND_TASK
+from tasksprint.coordinator.specs import COMMAND_KEYS, COMMAND_TASK, USAGE_KEYS, record_outputs
+from tasksprint.exec.spec import CommandRecord, Verdict
 from tasksprint.service.records import pack, unpack
 from tasksprint.service.scheduler import MAX_BATCH, QueueScheduler, check_spec
 
@@ -65,6 +66,29 @@ def test_after_dependencies_hold_a_task_until_they_are_done() -> None:
     (c,) = submit(s, {"cmd": "true", "after": [a, b]})
     assert state(s, c) == "running"
     s.machine.check_invariants()
+
+
+def test_info_shows_the_usage_figures_of_the_commands_record() -> None:
+    # The record as a worker reports it: every field of a real run's record, as plain data.
+    run = CommandRecord(
+        verdict=Verdict.MEMORY,
+        signal=9,
+        elapsed_s=1.5,
+        user_cpu_s=0.25,
+        system_cpu_s=0.125,
+        peak_memory_bytes=4096,
+        limits_hit=(Verdict.MEMORY,),
+        host="h",
+    )
+    record = record_outputs(run)
+    assert set(USAGE_KEYS) <= set(COMMAND_KEYS) <= set(record)
+    s = Sim(QueueScheduler, {COMMAND_TASK: lambda task, *inputs, **kwargs: record})
+    (a,) = submit(s, {"cmd": "true"})
+    s.poll(s.join("w1", slots=1))
+    s.run()
+    usage = ask(s, q="info", id=a)["usage"]
+    assert usage == {key: record[key] for key in USAGE_KEYS}
+    assert usage["peak_memory_bytes"] == 4096 and usage["limits_hit"] == ["memory"] and usage["signal"] == 9
 
 
 def test_require_waits_for_a_worker_with_the_tag_and_want_prefers_one() -> None:

@@ -26,27 +26,20 @@ from tasksprint_sdk.coordinator import Coordinator
 from tasksprint import codec
 from tasksprint.coordinator import views
 from tasksprint.coordinator.archive import History
-from tasksprint.coordinator.lineage import Lineage
 from tasksprint.coordinator.ops import BadOp, ErrorCode, is_int
-from tasksprint.coordinator.placement import Placement
+from tasksprint.coordinator.parts import MachineParts
 from tasksprint.coordinator.specs import check_plain, task_spec
-from tasksprint.coordinator.state import CoordinatorState, Entry, RunState
+from tasksprint.coordinator.state import RunState
 
 __all__ = ["SchedulerActions"]
 
 
-class SchedulerActions:
+class SchedulerActions(MachineParts):
     """The hook runtime's calls into the coordinator machine (a part of :class:`CoordinatorMachine`)."""
 
     __slots__ = ()
 
-    # The machine's fields these methods use (see CoordinatorMachine).
-    _scheduler_cls: type[Coordinator]
-    _log: Any
-    _state: CoordinatorState
-    _fx: Entry
-    _placement: Placement
-    _lineage: Lineage
+    # The machine's field these methods use besides MachineParts' (see CoordinatorMachine).
     _history: History
 
     def start_task(self, **call: Any) -> int:

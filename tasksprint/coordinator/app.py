@@ -12,7 +12,7 @@ non-deterministic part:
   than ``client_timeout`` in the ``expired`` list of its next TICK.  A new
   leader has heard from nobody yet, so it counts every client as heard at the
   moment it took over: a grace period of one full timeout;
-* read-only queries, parsed by :func:`~tasksprint.coordinator.ops.parse_query`:
+* read-only queries, parsed by :func:`~tasksprint.coordinator.parsing.parse_query`:
   ``view`` (long-poll for one client's assignments), ``status``, ``info``,
   and ``scheduler`` (the scheduler's own ``query`` hook, read-only),
   answered with the typed values of :mod:`tasksprint.coordinator.replies`.
@@ -42,8 +42,8 @@ from tasksprint.coordinator.ops import (
     SchedulerRequest,
     StatusRequest,
     ViewRequest,
-    parse_query,
 )
+from tasksprint.coordinator.parsing import parse_query
 from tasksprint.coordinator.replies import ComputationStatus, TaskGraph, TaskInfo
 from tasksprint.observe import NULL, Observer
 from tasksprint.paxos.messages import Command

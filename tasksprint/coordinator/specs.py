@@ -40,6 +40,7 @@ from tasksprint.exec.spec import CommandRecord, CommandSpec, Limits, OutputSumma
 __all__ = [
     "COMMAND_KEYS",
     "COMMAND_TASK",
+    "USAGE_KEYS",
     "TaskSpec",
     "check_plain",
     "command_from_kwargs",
@@ -53,6 +54,17 @@ __all__ = [
 COMMAND_TASK = "tasksprint:command"
 #: A command task's outputs: the fields of its record.
 COMMAND_KEYS: tuple[str, ...] = codec.field_names(CommandRecord)
+#: The outputs of a command task that say how its run ended and what it used:
+#: ``tasksprint info``'s ``usage`` (the service) and ``stats`` in a kolejka result.
+USAGE_KEYS = (
+    "signal",
+    "elapsed_s",
+    "user_cpu_s",
+    "system_cpu_s",
+    "peak_memory_bytes",
+    "limits_hit",
+    "enforcement",
+)
 _COMMAND_FIELDS = (
     "cmd",
     "argv",

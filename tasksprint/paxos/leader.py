@@ -87,6 +87,13 @@ class LeaderRole(CoreBase):
         # every majority holds one that the others support.
         # A recovering replica does not vote at all (see recovery.py): its
         # empty log would support any candidate, however far behind.
+        #
+        # The candidate's round shows a round in use below it (the one it
+        # promised, or saw): our next pre-vote goes above that.  Otherwise a
+        # candidate that knows more chosen slots, asking at a round we are
+        # past, and we, refused by it for knowing fewer, would each refuse
+        # the other for ever (nothing else tells it of our promise).
+        self._election.saw_round(msg.round - 1)
         voter = self._role in (Role.FOLLOWER, Role.CANDIDATE)
         lost = voter and self._election.is_leader_lost(self._now)
         granted = lost and msg.round > self._acceptor.promised.round and msg.commit >= self._commit

@@ -55,6 +55,7 @@ from typing import Any
 
 from tasksprint_sdk.coordinator import Coordinator
 
+from tasksprint.coordinator.specs import USAGE_KEYS
 from tasksprint.service.records import Rec, Spec, admission_key, pack, task_tags, unpack
 from tasksprint.service.specs import MAX_FILES, SpecError, check_spec
 
@@ -73,16 +74,6 @@ MAX_COMPACT = 5_000
 MAX_PAGE = 1_000
 
 FINISHED = ("done", "failed", "cancelled")
-#: The figures of a command's record that ``info`` shows under ``usage``.
-_USAGE = (
-    "signal",
-    "elapsed_s",
-    "user_cpu_s",
-    "system_cpu_s",
-    "peak_memory_bytes",
-    "limits_hit",
-    "enforcement",
-)
 
 
 class QueueScheduler(Coordinator):
@@ -616,7 +607,7 @@ class QueueScheduler(Coordinator):
             "error": rec.why or (info["error"] if info is not None else None),
             "stdout": record.get("stdout"),
             "stderr": record.get("stderr"),
-            "usage": {key: record.get(key) for key in _USAGE},
+            "usage": {key: record.get(key) for key in USAGE_KEYS},
             # A failed command's result files, kept by ``worker`` (a done task's are in its outputs).
             "result_files": list(record.get("result_files") or ()) if rec.state == "failed" else None,
         }

@@ -11,6 +11,7 @@ from tasksprint.api import BlockResult, PeerDigest, Result
 from tasksprint.app import KVApp
 from tasksprint.driver import DriverConfig, ReplicaDriver
 from tasksprint.machine import DUPLICATE, Applier, ApplyContext, KVMachine
+from tasksprint.outbox import split_message
 from tasksprint.paxos.core import PaxosConfig, PaxosCore, Role
 from tasksprint.paxos.durable import (
     DurableState,
@@ -24,7 +25,6 @@ from tasksprint.paxos.messages import (
     Promise,
     SnapshotInstall,
 )
-from tasksprint.replica import split_message
 
 from .adapters import CheckedApplier, Link, Node, SimDisk, SimWriter
 from .checker import Checker
