@@ -320,7 +320,16 @@ class BatchRun:
             while any(ours(pid, self.run_dir) for pid in client_pids) and time.monotonic() < deadline:
                 time.sleep(0.02)
             stop_pids(client_pids, self.run_dir)
-            stop_pids(info.get("replica_pids", []), self.run_dir)
+            replica_pids = info.get("replica_pids", [])
+            # Replicas in job steps on other nodes: SIGTERM through Slurm (srun's pid here is only srun's).
+            hosts = info.get("replica_hosts") or []
+            stepped = [f"{self.run_dir.name}.replica{i}" for i, h in enumerate(hosts) if not same_host(h, this_node())]
+            if stepped:
+                stop_steps(stepped)
+                deadline = time.monotonic() + 5.0
+                while any(ours(pid, self.run_dir) for pid in replica_pids) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+            stop_pids(replica_pids, self.run_dir)
         else:
             self.cluster.stop()
 

@@ -361,3 +361,44 @@ def test_engines_join_a_run_when_its_dbutil_is_submitted_with_sbatch(slurm: Slur
     assert sorted((r.task_id, r.exit_code) for r in records) == [(i, 0) for i in range(4)]
     assert {r.node for r in records} <= set(NODES)
     assert '"engines": [[0, "n1", 1], [1, "n2", 1]]' in (work / "run_tasksprint" / "run.json").read_text()
+
+
+ATTACH_JOB = """\
+#!/bin/sh
+tasksprint batch -p run Tasks 2> driver.err &
+driver=$!
+# The driver dies (SIGKILL) once a task finished (bounded: 1,200 tries); its replicas and clients go on.
+n=0
+until [ -s run_status.txt ] || [ $n -ge 1200 ]; do
+    n=$((n + 1))
+    sleep 0.1
+done
+kill -KILL $driver
+wait $driver
+tasksprint batch --attach run
+echo "attach exit $?"
+"""
+
+
+def test_a_driver_killed_in_the_job_is_replaced_by_attach(slurm: Slurm, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "Tasks").write_text("#DISBATCH REPEAT 8 start 0 sleep 0.3; echo $DISBATCH_REPEAT_INDEX\n")
+    (work / "job.sh").write_text(ATTACH_JOB)
+    job = subprocess.run(
+        ["sbatch", "--wait", "--parsable", "-N", "2", "-n", "2", "-o", "job.out", "job.sh"],
+        env=slurm.env,
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=JOB_TIMEOUT,
+    )
+    out = (work / "job.out").read_text() if (work / "job.out").exists() else ""
+    assert job.returncode == 0 and "attach exit 0" in out, job.stderr + out
+    # Rebuilt from the log: every task once, none run twice.
+    records = parse_status_file((work / "run_status.txt").read_bytes()).records
+    assert sorted(r.task_id for r in records) == list(range(8))
+    assert all(r.exit_code == 0 and r.node in NODES for r in records)
+    # The reattached driver stopped the replica on n2 in order too, through Slurm.
+    replica_log = (work / "run_tasksprint" / "replica1.log").read_text()
+    assert '"event": "replica_stopping"' in replica_log, replica_log[-2000:]
