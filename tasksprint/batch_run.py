@@ -323,11 +323,11 @@ class BatchRun:
             replica_pids = info.get("replica_pids", [])
             # Replicas in job steps on other nodes: SIGTERM through Slurm (srun's pid here is only srun's).
             hosts = info.get("replica_hosts") or []
-            stepped = [f"{self.run_dir.name}.replica{i}" for i, h in enumerate(hosts) if not same_host(h, this_node())]
+            stepped = [i for i, h in enumerate(hosts) if not same_host(h, this_node()) and i < len(replica_pids)]
             if stepped:
-                stop_steps(stepped)
+                stop_steps([f"{self.run_dir.name}.replica{i}" for i in stepped])
                 deadline = time.monotonic() + 5.0
-                while any(ours(pid, self.run_dir) for pid in replica_pids) and time.monotonic() < deadline:
+                while any(ours(replica_pids[i], self.run_dir) for i in stepped) and time.monotonic() < deadline:
                     time.sleep(0.02)
             stop_pids(replica_pids, self.run_dir)
         else:

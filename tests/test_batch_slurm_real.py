@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -35,6 +36,8 @@ NODES = ("n1", "n2")
 # Bounds every wait (a job of these tasks takes seconds); not a measurement.
 START_TIMEOUT = 60.0
 JOB_TIMEOUT = 240.0
+# A job's states once it has ended.
+ENDED = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"})
 
 
 @attrs.define
@@ -193,17 +196,38 @@ exit 3
 """
 
 
-def _submit(slurm: Slurm, work: Path, command: str) -> subprocess.CompletedProcess[str]:
-    """``sbatch --wait`` of ``command`` on both nodes, one task of two cores each; returns when the job ended."""
-    return subprocess.run(
-        ["sbatch", "--wait", "--parsable", "-N", str(len(NODES)), "-n", str(len(NODES)), "-c", "2", "-o", "job.out"]
-        + ["--wrap", command],
+def _sbatch(slurm: Slurm, work: Path, *argv: str) -> tuple[str, str]:
+    """Submit a job of two nodes, one task each, and wait for its end; its id and ``scontrol show job`` line.
+
+    (Polled here: ``sbatch --wait`` backs off to half a minute between its looks.)
+    """
+    sub = subprocess.run(
+        ["sbatch", "--parsable", "-N", str(len(NODES)), "-n", str(len(NODES)), "-o", "job.out", *argv],
         env=slurm.env,
         cwd=work,
         capture_output=True,
         text=True,
-        timeout=JOB_TIMEOUT,
+        timeout=60,
     )
+    assert sub.returncode == 0, sub.stderr
+    job_id = sub.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while True:
+        shown = slurm.run("scontrol", "show", "job", "-o", job_id).stdout
+        state = re.search(r"\bJobState=(\S+)", shown)
+        if state is not None and state.group(1) in ENDED:
+            return job_id, shown
+        assert time.monotonic() < deadline, f"job {job_id} did not end: {shown}"
+        time.sleep(0.2)
+
+
+def _submit(slurm: Slurm, work: Path, command: str) -> tuple[str, str]:
+    """:func:`_sbatch` of ``command``, each task with two cores."""
+    return _sbatch(slurm, work, "-c", "2", "--wrap", command)
+
+
+def _job_out(work: Path) -> str:
+    return (work / "job.out").read_text() if (work / "job.out").exists() else ""
 
 
 def _outputs(work: Path) -> dict[int, list[str]]:
@@ -214,11 +238,10 @@ def test_an_sbatch_job_runs_the_task_file_on_both_nodes(slurm: Slurm, tmp_path: 
     work = tmp_path / "work"
     work.mkdir()
     (work / "Tasks").write_text(TASKS)
-    # -e: the failed task (exit 3) makes the batch, so the job, exit with 1; sbatch --wait says so.
-    job = _submit(slurm, work, "tasksprint batch -e -p run Tasks")
-    out = (work / "job.out").read_text() if (work / "job.out").exists() else ""
-    assert job.returncode == 1, f"{job.stderr}\n{out}\n{slurm.log('slurmctld.log')}"
-    job_id = job.stdout.strip().split(";")[0]
+    # -e: the failed task (exit 3) makes the batch, so the job, exit with 1.
+    job_id, shown = _submit(slurm, work, "tasksprint batch -e -p run Tasks")
+    out = _job_out(work)
+    assert "JobState=FAILED" in shown and " ExitCode=1:0" in shown, f"{shown}\n{out}\n{slurm.log('slurmctld.log')}"
     assert "1 task(s) failed" in out, out
     records = parse_status_file((work / "run_status.txt").read_bytes()).records
     assert all(r.kind is RecordKind.TASK for r in records)
@@ -245,8 +268,6 @@ def test_an_sbatch_job_runs_the_task_file_on_both_nodes(slurm: Slurm, tmp_path: 
     assert '"event": "computation_finished"' in replica_log, replica_log[-2000:]
     # At the end it was sent SIGTERM through Slurm (srun would have had it killed) and closed its log.
     assert '"event": "replica_stopping"' in replica_log and '"event": "storage_closed"' in replica_log
-    shown = slurm.run("scontrol", "show", "job", job_id).stdout
-    assert "JobState=FAILED" in shown and " ExitCode=1:0" in shown, shown
 
 
 def test_the_same_task_file_under_disbatch_gives_the_same_tasks(slurm: Slurm, tmp_path: Path) -> None:
@@ -258,8 +279,8 @@ def test_the_same_task_file_under_disbatch_gives_the_same_tasks(slurm: Slurm, tm
         work = tmp_path / tool
         work.mkdir()
         (work / "Tasks").write_text(TASKS)
-        job = _submit(slurm, work, command)
-        assert job.returncode == 0, job.stderr + ((work / "job.out").read_text() if (work / "job.out").exists() else "")
+        _, shown = _submit(slurm, work, command)
+        assert "JobState=COMPLETED" in shown, shown + _job_out(work)
         records = parse_status_file((work / "run_status.txt").read_bytes()).records
         results[tool] = sorted((r.task_id, r.line, r.repeat_index, r.exit_code, r.command) for r in records)
         assert {r.node for r in records} <= set(NODES), tool
@@ -291,16 +312,9 @@ def test_the_idle_node_is_released_with_scontrol_update(slurm: Slurm, tmp_path: 
     work.mkdir()
     (work / "Tasks").write_text("while [ ! -e go ]; do sleep 0.05; done\n")
     (work / "job.sh").write_text(RETIRE_JOB)
-    job = subprocess.run(
-        ["sbatch", "--wait", "--parsable", "-N", "2", "-n", "2", "-o", "job.out", "job.sh"],
-        env=slurm.env,
-        cwd=work,
-        capture_output=True,
-        text=True,
-        timeout=JOB_TIMEOUT,
-    )
-    out = (work / "job.out").read_text() if (work / "job.out").exists() else ""
-    assert job.returncode == 0 and "batch exit 0" in out, job.stderr + out
+    _, shown = _sbatch(slurm, work, "job.sh")
+    out = _job_out(work)
+    assert "JobState=COMPLETED" in shown and "batch exit 0" in out, shown + out
     (record,) = parse_status_file((work / "run_status.txt").read_bytes()).records
     assert record.exit_code == 0 and record.node in NODES
     log = (work / "batch.log").read_text()
@@ -337,14 +351,7 @@ def test_engines_join_a_run_when_its_dbutil_is_submitted_with_sbatch(slurm: Slur
             assert driver.poll() is None, driver.communicate()
             assert time.monotonic() < deadline, "no run_dbUtil.sh"
             time.sleep(0.05)
-        job = subprocess.run(
-            ["sbatch", "--wait", "--parsable", "-N", "2", "-n", "2", "-o", "job.out", "run_dbUtil.sh"],
-            env=slurm.env,
-            cwd=work,
-            capture_output=True,
-            text=True,
-            timeout=JOB_TIMEOUT,
-        )
+        _, shown = _sbatch(slurm, work, "run_dbUtil.sh")
         _, err = driver.communicate(timeout=JOB_TIMEOUT)
     finally:
         if driver.poll() is None:
@@ -354,9 +361,9 @@ def test_engines_join_a_run_when_its_dbutil_is_submitted_with_sbatch(slurm: Slur
             except subprocess.TimeoutExpired:
                 driver.kill()
                 driver.wait()
-    out = (work / "job.out").read_text() if (work / "job.out").exists() else ""
+    out = _job_out(work)
     assert driver.returncode == 0, err.decode()
-    assert job.returncode == 0 and "joined run" in out, job.stderr + out
+    assert "JobState=COMPLETED" in shown and "joined run" in out, shown + out
     records = parse_status_file((work / "run_status.txt").read_bytes()).records
     assert sorted((r.task_id, r.exit_code) for r in records) == [(i, 0) for i in range(4)]
     assert {r.node for r in records} <= set(NODES)
@@ -385,16 +392,9 @@ def test_a_driver_killed_in_the_job_is_replaced_by_attach(slurm: Slurm, tmp_path
     work.mkdir()
     (work / "Tasks").write_text("#DISBATCH REPEAT 8 start 0 sleep 0.3; echo $DISBATCH_REPEAT_INDEX\n")
     (work / "job.sh").write_text(ATTACH_JOB)
-    job = subprocess.run(
-        ["sbatch", "--wait", "--parsable", "-N", "2", "-n", "2", "-o", "job.out", "job.sh"],
-        env=slurm.env,
-        cwd=work,
-        capture_output=True,
-        text=True,
-        timeout=JOB_TIMEOUT,
-    )
-    out = (work / "job.out").read_text() if (work / "job.out").exists() else ""
-    assert job.returncode == 0 and "attach exit 0" in out, job.stderr + out
+    _, shown = _sbatch(slurm, work, "job.sh")
+    out = _job_out(work)
+    assert "JobState=COMPLETED" in shown and "attach exit 0" in out, shown + out
     # Rebuilt from the log: every task once, none run twice.
     records = parse_status_file((work / "run_status.txt").read_bytes()).records
     assert sorted(r.task_id for r in records) == list(range(8))
