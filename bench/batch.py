@@ -12,7 +12,9 @@ Systems: ``disbatch -s localhost:SLOTS`` (the reference), ``xargs -P SLOTS``
 running each line with ``bash -c`` (the floor: no scheduling, no log, no
 status file) and ``tasksprint batch -s localhost:SLOTS`` (3 replicas, fsync
 on, one client).  Each is timed over its whole command, start-up and
-shut-down included, and tasks/s is tasks over that time; for tasksprint
+shut-down included, and tasks/s is tasks over that time; the CPU time each
+system spent per task (all its processes, start-up included) is given too,
+the steadier figure on a shared machine; for tasksprint
 batch the span from the first task's start to the last task's finish (read
 from its status file) is given too.  Ratios: tasksprint's tasks/s over
 disBatch's, and tasksprint's time over xargs'.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import subprocess
 import sys
@@ -41,16 +44,26 @@ from tasksprint.batch.statusfile import parse_status_file
 WORKLOADS = {"true": ("true", 1000, 200), "sleep": ("sleep 0.05", 200, 200)}
 
 
-def _timed(cmd: list[str], cwd: Path, stdin: str | None = None) -> float:
-    t0 = time.perf_counter()
+def _children_cpu() -> float:
+    """CPU seconds of every descendant this process has waited for (they count theirs in)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _timed(cmd: list[str], cwd: Path, stdin: str | None = None) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (all its processes) of running ``cmd``."""
+    t0, cpu0 = time.perf_counter(), _children_cpu()
     subprocess.run(cmd, cwd=cwd, input=stdin, text=True, check=True, capture_output=True)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, _children_cpu() - cpu0
+
+
+def _figures(n: int, seconds: float, cpu: float) -> dict[str, Any]:
+    return {"tasks": n, "seconds": seconds, "tasks_per_s": n / seconds, "cpu_ms_per_task": 1000 * cpu / n}
 
 
 def run_xargs(command: str, n: int, slots: int, tmp: Path) -> dict[str, Any]:
     lines = "".join(f"{command}\n" for _ in range(n))
-    seconds = _timed(["xargs", "-P", str(slots), "-d", "\\n", "-n", "1", "bash", "-c"], tmp, lines)
-    return {"tasks": n, "seconds": seconds, "tasks_per_s": n / seconds}
+    return _figures(n, *_timed(["xargs", "-P", str(slots), "-d", "\\n", "-n", "1", "bash", "-c"], tmp, lines))
 
 
 def run_disbatch(command: str, n: int, slots: int, tmp: Path) -> dict[str, Any] | None:
@@ -60,8 +73,7 @@ def run_disbatch(command: str, n: int, slots: int, tmp: Path) -> dict[str, Any] 
     work = tmp / f"disbatch-{command.split()[0]}"
     work.mkdir()
     (work / "Tasks").write_text("".join(f"{command}\n" for _ in range(n)))
-    seconds = _timed([exe, "-s", f"localhost:{slots}", "Tasks"], work)
-    return {"tasks": n, "seconds": seconds, "tasks_per_s": n / seconds}
+    return _figures(n, *_timed([exe, "-s", f"localhost:{slots}", "Tasks"], work))
 
 
 def run_tasksprint(command: str, n: int, slots: int, tmp: Path) -> dict[str, Any]:
@@ -69,12 +81,12 @@ def run_tasksprint(command: str, n: int, slots: int, tmp: Path) -> dict[str, Any
     work.mkdir()
     (work / "Tasks").write_text("".join(f"{command}\n" for _ in range(n)))
     cmd = [sys.executable, "-m", "tasksprint.cli", "batch", "-s", f"localhost:{slots}", "-p", "run", "Tasks"]
-    seconds = _timed(cmd, work)
+    seconds, cpu = _timed(cmd, work)
     records = parse_status_file((work / "run_status.txt").read_bytes()).records
     if len(records) != n or any(r.exit_code for r in records):
         raise RuntimeError(f"tasksprint batch wrote {len(records)} status lines for {n} tasks, or some failed")
     span = max(r.finish for r in records) - min(r.start for r in records)
-    return {"tasks": n, "seconds": seconds, "tasks_per_s": n / seconds, "task_span_s": span}
+    return {**_figures(n, seconds, cpu), "task_span_s": span}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,14 +118,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"{'workload':9} {'system':11} {'tasks':>6} {'wall s':>8} {'tasks/s':>9}")
+    print(f"{'workload':9} {'system':11} {'tasks':>6} {'wall s':>8} {'tasks/s':>9} {'cpu ms/task':>12}")
     for name, w in report["workloads"].items():
         for system in ("disbatch", "xargs", "tasksprint"):
             r = w[system]
             if r is None:
                 print(f"{name:9} {system:11} {'(not installed)':>25}")
                 continue
-            print(f"{name:9} {system:11} {r['tasks']:6d} {r['seconds']:8.2f} {r['tasks_per_s']:9.1f}")
+            print(
+                f"{name:9} {system:11} {r['tasks']:6d} {r['seconds']:8.2f} {r['tasks_per_s']:9.1f}"
+                f" {r['cpu_ms_per_task']:12.2f}"
+            )
         ours = w["tasksprint"]
         line = f"{name:9} tasksprint: {ours['task_span_s']:.2f} s first start to last finish; "
         line += f"time per task {w['vs_xargs_time']:.2f}x xargs'"

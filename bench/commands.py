@@ -19,7 +19,10 @@ can make one (as root), else rlimits; the record says which.
 What is timed: for TaskSprint, from the replica's ``client_joined`` entry
 (the scheduler starts all tasks when the client joins) to its
 ``computation_finished`` entry, as stamped by the replica that applied the
-finish first; for xargs, its whole run.
+finish first; for xargs, its whole run.  Beside the times, the CPU time each
+system spent per task (user and system, all its processes, the tasks
+included; for TaskSprint start-up and shut-down of its four processes too):
+on a machine shared with other work it is the steadier figure.
 
 Usage::
 
@@ -33,6 +36,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import resource
 import subprocess
 import sys
 import tempfile
@@ -78,6 +82,12 @@ class _CommandClients(LocalRun):
         return cmd[:at] + cmd[at + 2 :]
 
 
+def _children_cpu() -> float:
+    """CPU seconds of every descendant this process has waited for (they count theirs in)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _events(path: Path, name: str) -> list[float]:
     stamps = []
     for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
@@ -94,12 +104,13 @@ def run_tasksprint(command: str, n: int, slots: int, tmp: Path) -> dict[str, Any
     scheduler = base / "scheduler.py"
     scheduler.write_text(f"N = {n}\nCOMMAND = {command!r}\n{SCHEDULER}")
     run = _CommandClients(f"{scheduler}:Commands", "", 3, 1, slots, base / "run", None, 600)
-    t0 = time.time()
+    t0, cpu0 = time.time(), _children_cpu()
     try:
         run.start()
         status = trio.run(run.wait_status)
     finally:
         run.stop()
+    cpu = _children_cpu() - cpu0
     if status.state != "finished" or status.result is None or status.result.values["done"] != n:
         raise RuntimeError(f"the computation ended {status.state}: {status.failure}")
     spans = []
@@ -113,17 +124,18 @@ def run_tasksprint(command: str, n: int, slots: int, tmp: Path) -> dict[str, Any
         "seconds": seconds,
         "tasks_per_s": n / seconds,
         "startup_included_s": time.time() - t0,
+        "cpu_ms_per_task": 1000 * cpu / n,
         "enforcement": status.result.values["enforcement"],
     }
 
 
 def run_xargs(command: str, n: int, slots: int) -> dict[str, Any]:
     lines = "".join(f"{command}\n" for _ in range(n))
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _children_cpu()
     xargs = ["xargs", "-P", str(slots), "-d", "\\n", "-n", "1", "bash", "-c"]
     subprocess.run(xargs, input=lines, text=True, check=True)
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "tasks_per_s": n / seconds}
+    return {"seconds": seconds, "tasks_per_s": n / seconds, "cpu_ms_per_task": 1000 * (_children_cpu() - cpu0) / n}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,15 +159,21 @@ def main(argv: list[str] | None = None) -> int:
                 "tasksprint": ours,
                 "xargs": xargs,
                 "slowdown": ours["seconds"] / xargs["seconds"],
+                "cpu_ratio": ours["cpu_ms_per_task"] / xargs["cpu_ms_per_task"],
             }
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"{'workload':10} {'tasks':>6} {'tasksprint/s':>13} {'xargs/s':>9} {'slowdown':>9}  enforcement")
+    print(
+        f"{'workload':10} {'tasks':>6} {'tasksprint/s':>13} {'xargs/s':>9} {'slowdown':>9}"
+        f" {'cpu ms/task':>12} {'xargs':>6} {'ratio':>6}  enforcement"
+    )
     for name, w in report["workloads"].items():
+        ours, xargs = w["tasksprint"], w["xargs"]
         print(
-            f"{name:10} {w['tasks']:6d} {w['tasksprint']['tasks_per_s']:13.1f} {w['xargs']['tasks_per_s']:9.1f} "
-            f"{w['slowdown']:8.2f}x  {w['tasksprint']['enforcement']}"
+            f"{name:10} {w['tasks']:6d} {ours['tasks_per_s']:13.1f} {xargs['tasks_per_s']:9.1f} "
+            f"{w['slowdown']:8.2f}x {ours['cpu_ms_per_task']:12.2f} {xargs['cpu_ms_per_task']:6.2f} "
+            f"{w['cpu_ratio']:5.2f}x  {ours['enforcement']}"
         )
     return 0
 

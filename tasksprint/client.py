@@ -203,36 +203,40 @@ class Client:
             Path(cfg.spill_dir).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="tasksprint-store-", dir=cfg.spill_dir) as spill:
             self._store = ObjectStore(cfg.memory_limit, Path(spill), cfg.spill_limit)
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                self._peers = PeerFetcher(wire.Endpoint(secret=cfg.secret, role="client", ident=cfg.name), nursery)
-                listeners = await nursery.start(
-                    lambda task_status: wire.serve(
-                        self._serve_data,
-                        cfg.data_host,
-                        cfg.data_port,
-                        wire.Endpoint(secret=cfg.secret, role="data", ident=cfg.name),
-                        task_status=task_status,
+            try:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    self._peers = PeerFetcher(wire.Endpoint(secret=cfg.secret, role="client", ident=cfg.name), nursery)
+                    listeners = await nursery.start(
+                        lambda task_status: wire.serve(
+                            self._serve_data,
+                            cfg.data_host,
+                            cfg.data_port,
+                            wire.Endpoint(secret=cfg.secret, role="data", ident=cfg.name),
+                            task_status=task_status,
+                        )
                     )
-                )
-                self.data_port = listeners[0].socket.getsockname()[1]
-                self._slots = trio.CapacityLimiter(cfg.slots)
-                self._commands = CommandTasks(
-                    cfg.name, work_root=Path(spill), gpus=list(cfg.gpus), observer=self.observer
-                )
-                self._commands.start()
-                if cfg.node_command is not None:
-                    self._pool = NodePool(cfg.node_command, cfg.slots, cwd=cfg.node_cwd, observer=self.observer)
-                    await self._pool.start(nursery)
-                # The log session id must be new in every process: a restarted
-                # client that reused one would have its first commands taken
-                # for duplicates of the previous life's.
-                session = f"{cfg.name}-{os.urandom(4).hex()}"
-                async with LogClient(list(cfg.coordinators), cfg.secret, client_id=session) as lc:
-                    self._lc = lc
-                    task_status.started(self)
-                    state = await self._work()
-                nursery.cancel_scope.cancel()
+                    self.data_port = listeners[0].socket.getsockname()[1]
+                    self._slots = trio.CapacityLimiter(cfg.slots)
+                    self._commands = CommandTasks(
+                        cfg.name, work_root=Path(spill), gpus=list(cfg.gpus), observer=self.observer
+                    )
+                    self._commands.start()
+                    if cfg.node_command is not None:
+                        self._pool = NodePool(cfg.node_command, cfg.slots, cwd=cfg.node_cwd, observer=self.observer)
+                        await self._pool.start(nursery)
+                    # The log session id must be new in every process: a restarted
+                    # client that reused one would have its first commands taken
+                    # for duplicates of the previous life's.
+                    session = f"{cfg.name}-{os.urandom(4).hex()}"
+                    async with LogClient(list(cfg.coordinators), cfg.secret, client_id=session) as lc:
+                        self._lc = lc
+                        task_status.started(self)
+                        state = await self._work()
+                    nursery.cancel_scope.cancel()
+            finally:
+                if self._commands is not None:
+                    self._commands.close()  # no task runs now: the nursery ended
         self.final_state = state
         self._log.info("client_finished", state=state)
         return state

@@ -43,6 +43,7 @@ import trio
 from tasksprint.coordinator.replies import Assignment
 from tasksprint.coordinator.specs import command_from_kwargs, record_outputs
 from tasksprint.exec.cgroup import CgroupLayout, detect_cgroups, sweep_stale_groups
+from tasksprint.exec.guardian import Guardian
 from tasksprint.exec.runner import TaskEnv, run_command
 from tasksprint.exec.spec import CommandRecord, CommandSpec, Verdict
 from tasksprint.exec.workdir import FILES_KEY, FilesError, collect, encode_files, input_files, stage
@@ -91,6 +92,7 @@ class CommandTasks:
     gpus: list[str] = attrs.Factory(list)  # free GPUs (CUDA device indices)
     observer: Observer = attrs.field(default=NULL, kw_only=True)
     _cgroups: CgroupLayout | None = None
+    _guardian: Guardian | None = None  # kills the task groups if this process dies
     # Commands spawned ahead of a slot or waiting to be (see run_in_slot); made with the first.
     _ahead: trio.CapacityLimiter | None = None
     _has_gpus: bool = False
@@ -141,10 +143,26 @@ class CommandTasks:
             done_waiting()
 
     def start(self) -> None:
-        """Find where task groups go and remove those a dead client left behind."""
+        """Find where task groups go, remove those a dead client left behind, start the guardian.
+
+        Call :meth:`close` when done.  Without a guardian (it could not be
+        started) tasks still die with the client, but not their whole trees.
+        """
         self._cgroups = detect_cgroups()
         if self._cgroups is not None:
             sweep_stale_groups(self._cgroups)
+            guardian = Guardian(self._cgroups)
+            try:
+                guardian.start()
+                self._guardian = guardian
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        """Stop the guardian (once no task runs: it then removes what is left of their groups)."""
+        if self._guardian is not None:
+            self._guardian.close()
+            self._guardian = None
 
     async def run(
         self, task: Assignment, inputs: Sequence[Any] = (), *, slot: AbstractAsyncContextManager[Any] | None = None
@@ -202,6 +220,7 @@ class CommandTasks:
                 spec,
                 task_env=TaskEnv(task_id=str(task.tid), attempt=task.attempt, client=self.client),
                 cgroups=self._cgroups,
+                guardian=self._guardian,
                 host=self.host,
                 slot=slot,
             )

@@ -6,7 +6,7 @@
 * a memory hog and a sleep past its time limit fail with the verdicts
   ``memory`` and ``time``, reaching ``task_failed`` with their records;
 * cancelling a running command kills its process tree, a ``setsid``
-  grandchild included.
+  grandchild included, and so does killing its client (its guardian does).
 
 Clusters are started as in ``test_cluster_e2e.py`` (whose helpers and
 fixtures these tests use); waits poll a condition under a generous bound.
@@ -14,6 +14,7 @@ fixtures these tests use); waits poll a condition under a generous bound.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -32,6 +33,9 @@ from test_cluster_e2e import (  # noqa: F401 (computation is a fixture)
     wait_until,
     write_scheduler,
 )
+
+from tasksprint.exec import proctree
+from tasksprint.exec.cgroup import detect_cgroups
 
 pytestmark = pytest.mark.slow
 
@@ -137,6 +141,68 @@ async def test_cancel_kills_a_running_command_and_its_setsid_grandchild(computat
         await wait_until(all_dead, "the cancelled command's processes to be killed")
         info = await query(run, "info", {"tid": 1})
         assert info is not None and info.state == "killed", info
+
+
+async def test_a_killed_client_leaves_no_command_running(computation, tmp_path: Path) -> None:  # noqa: F811 (the fixture)
+    """SIGKILL of a client: its guardian kills the command's whole tree, a ``setsid`` grandchild included."""
+    if os.geteuid() != 0 or detect_cgroups() is None:
+        pytest.skip("a guardian needs cgroups (root with a writable hierarchy)")
+    pids = tmp_path / "pids"
+    spec = write_scheduler(
+        tmp_path,
+        "Doomed",
+        """
+        class Doomed(Coordinator):
+            def init(self, seed):
+                self.start_task(cmd=f"setsid sleep 300 & echo $$ $! > {PIDS}.tmp; mv {PIDS}.tmp {PIDS}; sleep 300")
+        """,
+        PIDS=str(pids),
+    )
+    with trio.fail_after(GUARD_SECONDS):
+        run = await computation(spec, node_command(PY_NODE), clients=1)
+
+        async def started() -> list[int] | None:
+            return [int(p) for p in pids.read_text().split()] if pids.exists() else None
+
+        shell, grandchild = await wait_until(started, "the command to start")
+        client = run.client_procs[0]
+        orphans = {pid: st[1] for pid in (shell, grandchild) if (st := proctree.proc_stat(pid)) is not None}
+        guardians = [pid for pid in _children_of(client.pid) if b"tasksprint.exec.guardian" in _cmdline(pid)]
+        assert len(guardians) == 1 and len(orphans) == 2
+        orphans.update({pid: st[1] for pid in guardians if (st := proctree.proc_stat(pid)) is not None})
+        client.kill()
+
+        async def all_gone() -> bool:
+            # This process may be a subreaper (after rlimit runs): then the orphans come here.
+            proctree.reap_adopted(orphans)
+            return not any(pid_alive(pid) or _child_zombie(pid) for pid in orphans)
+
+        try:
+            # The dead client is reaped only then: while it is a zombie its pid exists,
+            # so no other client's sweep takes its groups for stale ones; the guardian acts alone.
+            await wait_until(all_gone, "the dead client's command processes and guardian to end")
+        finally:
+            client.wait()
+
+
+def _children_of(ppid: int) -> list[int]:
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and (st := proctree.proc_stat(int(name))) is not None and st[0] == ppid:
+            found.append(int(name))
+    return found
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _child_zombie(pid: int) -> bool:
+    st = proctree.proc_stat(pid)
+    return st is not None and st[0] == os.getpid() and st[2] == "Z"
 
 
 async def test_an_in_process_client_without_a_node_reports_its_spans(tmp_path: Path) -> None:

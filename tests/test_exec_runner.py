@@ -10,6 +10,7 @@ here are the tasks' own limits; no test asserts how long anything took.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -26,8 +27,10 @@ import trio.testing
 
 from tasksprint.exec import proctree
 from tasksprint.exec.cgroup import CgroupLayout, detect_cgroups, sweep_stale_groups
-from tasksprint.exec.runner import TaskEnv, run_command
+from tasksprint.exec.guardian import Guardian
+from tasksprint.exec.runner import TaskEnv, open_task_group, run_command
 from tasksprint.exec.sandbox import find_bwrap
+from tasksprint.exec.spawner import spawn_argv
 from tasksprint.exec.spec import CommandRecord, CommandSpec, Enforcement, Limits, Verdict
 
 MARK = "TS_EXEC_TEST_MARK"
@@ -55,10 +58,46 @@ def _no_parent_groups_left() -> Iterator[None]:
                 pass
 
 
-@pytest.fixture(params=["cgroup", "rlimit"])
-def enforce(request: pytest.FixtureRequest) -> CgroupLayout | None:
-    """Where task groups go: this machine's cgroups, or None to force the rlimit fallback."""
-    return _cgroups_or_skip() if request.param == "cgroup" else None
+# The guardian the runs of a "guarded" test pass to the runner (see enforce).
+_guardian: list[Guardian] = []
+
+
+@contextlib.contextmanager
+def _enforcement(kind: str) -> Iterator[CgroupLayout | None]:
+    if kind == "rlimit":
+        yield None
+        return
+    layout = _cgroups_or_skip()
+    if kind == "cgroup":
+        yield layout
+        return
+    guardian = Guardian(layout)
+    guardian.start()
+    _guardian.append(guardian)
+    try:
+        yield layout
+    finally:
+        _guardian.remove(guardian)
+        guardian.close()
+
+
+@pytest.fixture(params=["cgroup", "guarded", "rlimit"])
+def enforce(request: pytest.FixtureRequest) -> Iterator[CgroupLayout | None]:
+    """Where task groups go: this machine's cgroups, or None to force the rlimit fallback.
+
+    "cgroup" starts each task behind ``setpriv --pdeathsig`` (no guardian),
+    "guarded" with a guardian running, as a client does.
+    """
+    with _enforcement(request.param) as layout:
+        yield layout
+
+
+@pytest.fixture(params=["cgroup", "guarded"])
+def cgroups(request: pytest.FixtureRequest) -> Iterator[CgroupLayout]:
+    """This machine's cgroups (skipped without), without and with a guardian."""
+    with _enforcement(request.param) as layout:
+        assert layout is not None
+        yield layout
 
 
 def _marked_processes(mark: str) -> list[int]:
@@ -124,6 +163,8 @@ async def run(spec_kwargs: dict, mark: str, cgroups: CgroupLayout | None, **kw: 
     env = dict(spec_kwargs.pop("env", {}))
     env[MARK] = mark
     spec = CommandSpec(env=env, **spec_kwargs)
+    if _guardian and cgroups is not None:
+        kw.setdefault("guardian", _guardian[0])
     return await run_command(spec, task_env=kw.pop("task_env", _env()), cgroups=cgroups, **kw)  # type: ignore[arg-type]
 
 
@@ -147,6 +188,14 @@ async def test_exit_code_signal_and_start_failure_are_distinct(enforce: CgroupLa
     expected = Enforcement.RLIMIT if enforce is None else enforce.version
     assert {r.enforcement for r in (ok, exit3, killed, missing)} == {expected}
     assert ok.pid is not None and ok.host and ok.finished >= ok.started
+
+
+async def test_a_cmd_task_without_bash_on_its_path_is_a_start_failure(
+    enforce: CgroupLayout | None, mark: str, tmp_path: Path
+) -> None:
+    record = await run({"cmd": "true", "env": {"PATH": str(tmp_path)}}, mark, enforce)
+    assert (record.verdict, record.pid) == (Verdict.START_FAILED, None)
+    assert "bash" in record.detail
 
 
 async def test_a_missing_working_directory_is_a_start_failure(mark: str, tmp_path: Path) -> None:
@@ -393,8 +442,10 @@ class _Slot:
         self.held = False
 
 
-async def test_a_task_spawned_ahead_waits_at_its_gate_for_the_slot(mark: str, tmp_path: Path) -> None:
-    layout = _cgroups_or_skip()
+async def test_a_task_spawned_ahead_waits_at_its_gate_for_the_slot(
+    cgroups: CgroupLayout, mark: str, tmp_path: Path
+) -> None:
+    layout = cgroups
     (tmp_path / "in.txt").write_text("from stdin\n")
     slot = _Slot()
     slot.marker = tmp_path / "ran"
@@ -428,8 +479,8 @@ async def test_without_a_cgroup_the_slot_comes_before_the_spawn(mark: str, tmp_p
     assert slot.children_before == [] and slot.marker_before is False and slot.marker.exists()
 
 
-async def test_a_task_waiting_at_its_gate_dies_when_its_run_is_cancelled(mark: str) -> None:
-    layout = _cgroups_or_skip()
+async def test_a_task_waiting_at_its_gate_dies_when_its_run_is_cancelled(cgroups: CgroupLayout, mark: str) -> None:
+    layout = cgroups
     slot = _Slot()  # never opened
     with trio.CancelScope() as scope:
         async with trio.open_nursery() as nursery:
@@ -442,12 +493,75 @@ async def test_a_task_waiting_at_its_gate_dies_when_its_run_is_cancelled(mark: s
 
 
 # --------------------------------------------------------------------------
+# How a task is started
+
+# What a shell shows of itself: the wrapper's join must leave no trace.
+SHELL_PROBE = 'echo "$0|$#|$LINENO|$_|$?|$-|${f-unset}|${go-unset}|${stdin_file-unset}"\necho "$LINENO"; exit 7'
+
+
+async def test_a_cmd_task_runs_as_in_a_fresh_bash_c(cgroups: CgroupLayout, mark: str, tmp_path: Path) -> None:
+    (tmp_path / "in.txt").write_text("")
+    expected = subprocess.run(["bash", "-c", SHELL_PROBE], capture_output=True, env={"PATH": os.environ["PATH"]})
+    assert expected.returncode == 7 and expected.stdout.startswith(b"bash|0|1|")
+    slot = _Slot()
+    slot.open.set()
+    direct = await run({"cmd": SHELL_PROBE}, mark, cgroups)
+    gated = await run({"cmd": SHELL_PROBE, "cwd": str(tmp_path), "stdin": "in.txt"}, mark, cgroups, slot=slot)
+    for record in (direct, gated):
+        assert record.verdict is Verdict.EXIT and record.exit_code == 7, record
+        assert record.stdout is not None and record.stdout.head == expected.stdout
+
+
+async def test_a_bash_env_file_is_sourced_inside_the_tasks_cgroup(
+    cgroups: CgroupLayout, mark: str, tmp_path: Path
+) -> None:
+    # bash sources BASH_ENV before its -c string: it must not run before the join (or the gate).
+    (tmp_path / "env.sh").write_text('cat /proc/self/cgroup >> "$PWD/groups"; echo sourced >> "$PWD/groups"\n')
+    slot = _Slot()
+    slot.open.set()
+    spec = {"cmd": "echo $((1 + 1))", "cwd": str(tmp_path), "env": {"BASH_ENV": str(tmp_path / "env.sh")}}
+    direct = await run(dict(spec), mark, cgroups)
+    gated = await run(dict(spec), mark, cgroups, slot=slot)
+    for record in (direct, gated):
+        assert record.verdict is Verdict.OK and record.stdout is not None and record.stdout.head == b"2\n"
+    blocks = (tmp_path / "groups").read_text().split("sourced\n")
+    assert len(blocks) == 3 and blocks[2] == ""
+    for block in blocks[:2]:  # each time, this process's task group is among the file's lines
+        assert f"/tasksprint/{os.getpid()}-" in block, block
+
+
+async def test_a_syntax_error_runs_nothing_and_exits_2(cgroups: CgroupLayout, mark: str, tmp_path: Path) -> None:
+    record = await run({"cmd": "touch ran; if", "cwd": str(tmp_path)}, mark, cgroups)
+    assert record.verdict is Verdict.EXIT and record.exit_code == 2
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_guarded_cmd_task_is_its_own_bash_only() -> None:
+    layout = _cgroups_or_skip()
+    group = open_task_group(layout, Limits(), ())
+    try:
+        cmd = CommandSpec(cmd="echo hi", limits=Limits(cpu_time_s=2.5))
+        guarded = spawn_argv(group, cmd, cmd.program_argv, guarded=True)
+        unguarded = spawn_argv(group, cmd, cmd.program_argv)
+        assert guarded is not None and guarded[:2] == ("bash", "-c") and guarded[2].endswith("; echo hi")
+        assert "ulimit -S -t 3" in guarded[2] and guarded[3] == "bash"
+        assert unguarded is not None and unguarded[1:4] == ("--pdeathsig", "KILL", "--") and unguarded[4] == "bash"
+        # Any other program is executed by sh once it joined.
+        argv = CommandSpec(argv=["echo", "hi"])
+        other = spawn_argv(group, argv, argv.program_argv, guarded=True)
+        assert other is not None and other[-3:] == ("--", "echo", "hi") and os.path.basename(other[0]) == "sh"
+    finally:
+        group.remove()
+
+
+# --------------------------------------------------------------------------
 # Groups a dead client left
 
 CLIENT_SCRIPT = """
 import functools, sys, trio
 from tasksprint.exec.cgroup import detect_cgroups
-from tasksprint.exec.runner import TaskEnv, run_command
+from tasksprint.exec.runner import TaskEnv, open_task_group, run_command
+from tasksprint.exec.spawner import spawn_argv
 from tasksprint.exec.spec import CommandSpec
 
 spec = CommandSpec(cmd="setsid sleep 1000 & sleep 1001", env={sys.argv[1]: sys.argv[2]})
@@ -490,6 +604,102 @@ def test_a_killed_clients_task_dies_and_its_group_is_swept(mark: str, tmp_path: 
             if (st := proctree.proc_stat(pid)) is not None and st[0] == os.getpid() and st[1] == start
         }
         time.sleep(0.01)
+
+
+# A bound on how long the processes of a dead client may live (not a speed check).
+GONE_WITHIN_S = 60.0
+GUARDED_CLIENT_SCRIPT = """
+import functools, sys, trio
+from tasksprint.exec.cgroup import detect_cgroups
+from tasksprint.exec.guardian import Guardian
+from tasksprint.exec.runner import TaskEnv, open_task_group, run_command
+from tasksprint.exec.spawner import spawn_argv
+from tasksprint.exec.spec import CommandSpec
+
+layout = detect_cgroups()
+guardian = Guardian(layout)
+guardian.start()
+print(guardian._proc.pid, flush=True)
+spec = CommandSpec(cmd="setsid sleep 1000 & sleep 1001", env={sys.argv[1]: sys.argv[2]})
+env = TaskEnv(task_id="1", attempt=0, client="doomed")
+run = functools.partial(run_command, spec, task_env=env, cgroups=layout, guardian=guardian)
+trio.run(run)
+"""
+
+
+def _reap_if_mine(pids: dict[int, int]) -> None:
+    """Wait until ``pids`` ({pid: start time}) are gone, reaping those re-parented to this process.
+
+    Fails after :data:`GONE_WITHIN_S`: what should die does not outlive the test.
+    """
+    pending = dict(pids)
+    deadline = time.monotonic() + GONE_WITHIN_S
+    while pending:
+        if time.monotonic() > deadline:
+            for pid in pending:
+                os.kill(pid, signal.SIGKILL)
+            pytest.fail(f"still running: {sorted(pending)}")
+        for pid, _usage in proctree.reap_adopted(pending):
+            del pending[pid]
+        pending = {pid: start for pid, start in pending.items() if (st := proctree.proc_stat(pid)) and st[1] == start}
+        time.sleep(0.01)
+
+
+def test_a_killed_clients_guardian_kills_its_whole_trees_and_removes_their_groups(mark: str, tmp_path: Path) -> None:
+    layout = _cgroups_or_skip()
+    script = tmp_path / "client.py"
+    script.write_text(GUARDED_CLIENT_SCRIPT)
+    client = subprocess.Popen([PY, str(script), MARK, mark], stdout=subprocess.PIPE)
+    try:
+        assert client.stdout is not None
+        guardian = int(client.stdout.readline())
+        guardian_stat = proctree.proc_stat(guardian)
+        assert guardian_stat is not None
+        while len(_marked_processes(mark)) < 2:
+            assert client.poll() is None, "the client ended before its task started"
+            time.sleep(0.01)
+        task = {pid: st[1] for pid in _marked_processes(mark) if (st := proctree.proc_stat(pid)) is not None}
+        assert any(proctree.proc_stat(pid)[3] == pid for pid in task)  # type: ignore[index]  # one has its own session
+        client.kill()
+        # Not reaped until the end: while the dead client is a zombie its pid
+        # exists, so no other client's sweep takes its groups for stale ones.
+        # The guardian alone kills the whole tree, the setsid one included,
+        # removes the group and ends.
+        _reap_if_mine({guardian: guardian_stat[1], **task})
+        assert _marked_processes(mark) == []
+        names = [name for parent in layout.parents.values() for name in os.listdir(parent)]
+        assert not [name for name in names if name.startswith(f"{client.pid}-")]
+    finally:
+        client.kill()
+        client.wait()
+        if client.stdout is not None:
+            client.stdout.close()
+
+
+def test_a_closed_guardian_kills_and_removes_its_owners_groups_only() -> None:
+    layout = _cgroups_or_skip()
+    parent = layout.parents["pids"]
+    # The other owner is alive (this process's parent): no client's sweep takes its group for stale.
+    mine, other = os.path.join(parent, f"{os.getpid()}-left"), os.path.join(parent, f"{os.getppid()}-other")
+    os.mkdir(mine)
+    os.mkdir(other)
+    sleeper = subprocess.Popen(["sleep", "1000"])
+    try:
+        with open(os.path.join(mine, "cgroup.procs"), "w") as f:
+            f.write(str(sleeper.pid))
+        guardian = Guardian(layout)
+        guardian.start()
+        assert guardian.alive()
+        guardian.close()
+        assert not guardian.alive()
+        assert sleeper.wait() == -signal.SIGKILL
+        assert not os.path.exists(mine) and os.path.exists(other)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        for path in (mine, other):
+            if os.path.exists(path):
+                os.rmdir(path)
 
 
 def test_sweep_removes_groups_of_dead_clients() -> None:
@@ -597,31 +807,34 @@ async def test_one_command_per_slot_is_spawned_ahead_the_rest_wait_unspawned(mar
     _cgroups_or_skip()
     commands = CommandTasks("client-a")
     commands.start()
-    slots = trio.CapacityLimiter(1)
-    spec = CommandSpec(cmd="true", env={MARK: mark})
+    try:
+        slots = trio.CapacityLimiter(1)
+        spec = CommandSpec(cmd="true", env={MARK: mark})
 
-    def task(tid: int) -> Assignment:
-        return Assignment(
-            tid=tid, attempt=1, name=COMMAND_TASK, args=[], kwargs=command_kwargs(spec), seed=0, timeout=None, keys=(),
-            inputs=(),
-        )  # fmt: skip
+        def task(tid: int) -> Assignment:
+            return Assignment(
+                tid=tid, attempt=1, name=COMMAND_TASK, args=[], kwargs=command_kwargs(spec), seed=0, timeout=None,
+                keys=(), inputs=(),
+            )  # fmt: skip
 
-    outcomes: list[object] = []
+        outcomes: list[object] = []
 
-    async def one(tid: int) -> None:
-        outcomes.append(await commands.run_in_slot(task(tid), (), slots))
+        async def one(tid: int) -> None:
+            outcomes.append(await commands.run_in_slot(task(tid), (), slots))
 
-    async with trio.open_nursery() as nursery:
-        async with slots:  # the one slot is busy
-            for tid in (1, 2, 3):
-                nursery.start_soon(one, tid)
-            while commands.ahead() < 3:
-                await trio.sleep(0)
-            while not _marked_processes(mark):
-                await trio.sleep(0.01)
-            await trio.testing.wait_all_tasks_blocked()
-            # One waits at its gate; the two others wait for the right to be spawned.
-            assert len(_marked_processes(mark)) == 1
-            assert outcomes == []
-    assert len(outcomes) == 3 and all(o.error is None for o in outcomes)  # type: ignore[attr-defined]
-    assert commands.ahead() == 0
+        async with trio.open_nursery() as nursery:
+            async with slots:  # the one slot is busy
+                for tid in (1, 2, 3):
+                    nursery.start_soon(one, tid)
+                while commands.ahead() < 3:
+                    await trio.sleep(0)
+                while not _marked_processes(mark):
+                    await trio.sleep(0.01)
+                await trio.testing.wait_all_tasks_blocked()
+                # One waits at its gate; the two others wait for the right to be spawned.
+                assert len(_marked_processes(mark)) == 1
+                assert outcomes == []
+        assert len(outcomes) == 3 and all(o.error is None for o in outcomes)  # type: ignore[attr-defined]
+        assert commands.ahead() == 0
+    finally:
+        commands.close()  # the guardian ends

@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 
 import attrs
 
@@ -433,6 +434,45 @@ class CgroupV1Group:
                 pass
 
 
+def _empty_and_remove(path: str, rounds: int, pause_s: float = 0.0) -> bool:
+    """Kill what group directory ``path`` holds, round after round, and remove it; whether it is gone."""
+    for _ in range(rounds):
+        members = _members(os.path.join(path, "cgroup.procs"))
+        if members:
+            try:
+                _write(os.path.join(path, "cgroup.kill"), "1")  # v2, Linux 5.14+
+            except OSError:
+                _kill_all(members)
+        try:
+            os.rmdir(path)
+            return True
+        except FileNotFoundError:
+            return True
+        except OSError:
+            if pause_s:
+                time.sleep(pause_s)  # busy a moment after its last process died
+    return False
+
+
+def remove_client_groups(parents: list[str], owner: int) -> list[str]:
+    """Kill and remove every task group client ``owner`` made under ``parents``; the names removed.
+
+    Run by the :mod:`~tasksprint.exec.guardian` of a client that died.  A
+    group that stays busy for seconds is left for :func:`sweep_stale_groups`.
+    """
+    removed = []
+    for parent in parents:
+        try:
+            names = os.listdir(parent)
+        except OSError:
+            continue
+        for name in names:
+            path = os.path.join(parent, name)
+            if name.startswith(f"{owner}-") and os.path.isdir(path) and _empty_and_remove(path, 2000, 0.001):
+                removed.append(name)
+    return removed
+
+
 def sweep_stale_groups(layout: CgroupLayout) -> list[str]:
     """Kill and remove task groups left by clients that died (their pid is gone).
 
@@ -450,13 +490,6 @@ def sweep_stale_groups(layout: CgroupLayout) -> list[str]:
             path = os.path.join(parent, name)
             if not sep or not owner.isdigit() or not os.path.isdir(path) or os.path.exists(f"/proc/{owner}"):
                 continue
-            for _ in range(100):
-                if not _members(os.path.join(path, "cgroup.procs")):
-                    break
-                _kill_all(_members(os.path.join(path, "cgroup.procs")))
-            try:
-                os.rmdir(path)
+            if _empty_and_remove(path, 100):
                 removed.append(name)
-            except OSError:
-                pass
     return removed

@@ -25,8 +25,9 @@ Theory of operation.  :func:`run_command` takes a validated
 The same cleanup runs when the caller cancels (trio cancellation: the
 cleanup is shielded and ``Cancelled`` propagates) or sets ``cancel`` (the
 run returns a record with the verdict ``cancelled``).  If the client itself
-is killed, each main process gets SIGKILL from ``PR_SET_PDEATHSIG`` and the
-cgroups it leaves are removed by
+is killed, its :class:`~tasksprint.exec.guardian.Guardian` kills and removes
+its task groups; without a guardian each main process gets SIGKILL from
+``PR_SET_PDEATHSIG`` and the cgroups it leaves are removed by
 :func:`~tasksprint.exec.cgroup.sweep_stale_groups` on the next start.
 """
 
@@ -50,13 +51,14 @@ import trio
 
 from tasksprint.exec import proctree, sandbox, spawner
 from tasksprint.exec.cgroup import CgroupLayout, CgroupV1Group, CgroupV2Group
-from tasksprint.exec.group import TaskGroup
+from tasksprint.exec.group import GroupUsage, TaskGroup
+from tasksprint.exec.guardian import Guardian
 from tasksprint.exec.rlimit import RlimitGroup
+from tasksprint.exec.spawner import DEFAULT_PATH
 from tasksprint.exec.spec import SNIPPET_BYTES, CommandRecord, CommandSpec, Enforcement, Limits, OutputSummary, Verdict
 
 #: Variables of the client's own environment a task sees (when set); nothing else passes.
 BASE_ENV_NAMES = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME", "TMPDIR")
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 POLL_INTERVAL_S = 0.05
 READ_CHUNK = 64 * 1024
 # How long a stream may stay open after the whole group was killed (a
@@ -150,6 +152,7 @@ class _Run:
     # Whether /proc scans must find orphans: not when a cgroup holds the tree
     # and nothing comes back to this process (it is no subreaper).
     scans: bool = True
+    dead: bool = False  # kill_tree found the group empty: nothing of the task is left
 
     def hit(self, verdict: Verdict) -> None:
         """A limit fired (or a cancel came): remember it and stop supervising."""
@@ -216,7 +219,9 @@ class _Run:
         scope.cancel()
 
     async def kill_tree(self) -> None:
-        """Kill every process of the group, round after round, until none is left."""
+        """Kill every process of the group, round after round, until none is left (once is enough)."""
+        if self.dead:
+            return
         for _ in range(MAX_KILL_ROUNDS):
             if self.status is None:
                 try:
@@ -226,12 +231,14 @@ class _Run:
             killed = self._group.kill_round()
             if not killed:
                 if not self.scans:
+                    self.dead = True
                     return
                 # An orphan that already left its group on its way out is
                 # still to be reaped: wait until it is a zombie.
                 killed = proctree.session_orphans(self._pid)
                 killed.update(proctree.still_dying({p: s for p, s in self.killed.items() if p != self._pid}))
                 if not killed:
+                    self.dead = True
                     return
                 proctree.kill_processes(killed)
             self.killed.update(killed)
@@ -247,67 +254,6 @@ def _needs_scans(group: TaskGroup) -> bool:
     earlier run without cgroups): then they come back here and must be reaped.
     """
     return isinstance(group, RlimitGroup) or proctree.is_subreaper()
-
-
-# The shell script that joins a cgroup and sets the CPU-time rlimit before
-# it executes the task: "$@" is the cgroup.procs files, "--", the task's argv.
-_JOIN_SCRIPT = (
-    '{gate_arg}for f do [ "$f" = -- ] && break; '
-    'echo 0 > "$f" || { echo "tasksprint: cannot join the task group through $f" >&2; exit 126; }; shift; done; '
-    # dash exports PWD; the task's environment is the runner's alone.
-    'shift; unset PWD; {rlimit}{gate}exec "$@"{stdin}'
-)
-# A task spawned ahead of its slot: its stdin is the gate, a pipe from the
-# runner, and the wrapper's first argument the task's real stdin.  It waits
-# for the line "go" before it executes the task; end of file (the runner gave
-# up on the task, or died) ends the wrapper instead.
-_GATE_ARG = "stdin_file=$1; shift; "
-_GATE = 'IFS= read -r go && [ "$go" = go ] || exit 125; '
-_GATE_STDIN = ' <"$stdin_file"'
-
-
-@functools.cache
-def _spawn_tools() -> tuple[str, str] | None:
-    """Absolute paths of ``setpriv`` (util-linux) and ``sh``, or None when either is missing."""
-    path = os.environ.get("PATH") or DEFAULT_PATH
-    setpriv, sh = shutil.which("setpriv", path=path), shutil.which("sh", path=path)
-    return (setpriv, sh) if setpriv is not None and sh is not None else None
-
-
-def spawn_wrapper(group: TaskGroup, limits: Limits, gated_stdin: str | None = None) -> tuple[str, ...] | None:
-    """The argv prefix that starts a task in a cgroup without running Python in the child, or None.
-
-    Forking this (large) process with a ``preexec_fn`` copies its page
-    tables and runs Python in the child: about 20 ms a task.  Without one,
-    the child is spawned with ``vfork`` and a small wrapper does the rest
-    before it executes the task: ``setpriv`` asks for SIGKILL when the
-    client dies, ``sh`` writes to the group's ``cgroup.procs`` files (so the
-    task and everything it starts are in the cgroup from the task's first
-    instruction) and sets the CPU-time rlimit.  With ``gated_stdin`` (the
-    path of the task's stdin) the child's stdin is a gate: the wrapper waits
-    for the line ``go`` on it (and ends at end of file) before it executes
-    the task with that file as stdin.  None for a group that is no
-    cgroup, or when ``setpriv`` or ``sh`` is missing: the runner then uses
-    the ``preexec_fn``.
-    """
-    files = getattr(group, "procs_files", None)
-    tools = _spawn_tools()
-    if files is None or tools is None:
-        return None
-    rlimit = ""
-    if limits.cpu_time_s is not None:
-        soft = max(1, math.ceil(limits.cpu_time_s))  # as child_rlimits does
-        rlimit = f"ulimit -S -t {soft} && ulimit -H -t {soft + 1} || exit 126; "
-    gated = gated_stdin is not None
-    script = (
-        _JOIN_SCRIPT.replace("{rlimit}", rlimit)
-        .replace("{gate_arg}", _GATE_ARG if gated else "")
-        .replace("{gate}", _GATE if gated else "")
-        .replace("{stdin}", _GATE_STDIN if gated else "")
-    )
-    setpriv, sh = tools
-    first = (gated_stdin,) if gated_stdin is not None else ()
-    return (setpriv, "--pdeathsig", "KILL", "--", sh, "-c", script, "sh", *first, *files, "--")
 
 
 def _find_program(name: str, cwd: str, path: str) -> bool:
@@ -356,6 +302,7 @@ async def run_command(
     cancel: trio.Event | None = None,
     client_env: dict[str, str] | None = None,
     slot: contextlib.AbstractAsyncContextManager[Any] | None = None,
+    guardian: Guardian | None = None,
 ) -> CommandRecord:
     """Run ``spec`` to the end and return its :class:`CommandRecord`; never leaves a process behind.
 
@@ -376,6 +323,10 @@ async def run_command(
     slot is had, so what a start costs (a few process executions) overlaps
     the slot's previous task instead of following it.  The record's times
     count from the gate's opening.
+
+    ``guardian`` (running for ``cgroups``) kills the task's group if this
+    process dies; without one only the task's main process dies with this
+    process (``PR_SET_PDEATHSIG``), and the rest waits for the next sweep.
     """
     host = host if host is not None else socket.gethostname()
     cwd = spec.cwd if spec.cwd is not None else os.getcwd()
@@ -420,24 +371,26 @@ async def run_command(
                 proctree.die_with_parent()
                 group.child_setup()
 
-            gated = slot is not None and spawn_wrapper(group, spec.limits) is not None
+            guarded = guardian is not None and guardian.alive()
+            gated = slot is not None and spawner.spawn_argv(group, spec, argv, env=env, guarded=guarded) is not None
             gate_r = gate_w = -1
             if gated:
                 stdin_path = os.devnull if spec.stdin is None else os.path.abspath(os.path.join(cwd, spec.stdin))
-                wrapper = spawn_wrapper(group, spec.limits, gated_stdin=stdin_path)
+                wrapper = spawner.spawn_argv(group, spec, argv, env=env, gated_stdin=stdin_path, guarded=guarded)
                 gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
                 fds.extend((gate_r, gate_w))
             else:
-                wrapper = spawn_wrapper(group, spec.limits)
+                wrapper = spawner.spawn_argv(group, spec, argv, env=env, guarded=guarded)
             if wrapper is not None and not os.path.isdir(cwd):
                 raise FileNotFoundError(errno.ENOENT, "no such working directory", cwd)
-            if wrapper is not None and not _find_program(argv[0], cwd, env["PATH"]):
+            # A wrapper that is the task's own program (a cmd task's bash) fails to start as the task would.
+            if wrapper is not None and wrapper[0] != argv[0] and not _find_program(argv[0], cwd, env["PATH"]):
                 raise FileNotFoundError(errno.ENOENT, "no such executable program", argv[0])
             if slot is not None and not gated:
                 await held.enter_async_context(slot)  # no gate: the slot first, then the spawn
             spawn = functools.partial(
                 subprocess.Popen,
-                argv if wrapper is None else (*wrapper, *argv),
+                argv if wrapper is None else wrapper,
                 stdin=gate_r if gated else stdin,
                 stdout=out_w,
                 stderr=err_w,
@@ -504,10 +457,11 @@ async def run_command(
                 popen.returncode = run.status if run.status is not None else -1
                 for stream in streams:
                     await stream.aclose()
+        usage = group.usage()  # read once, the tree being dead
         return record(
-            _verdict(run, group),
+            _verdict(run, usage),
             pid=pid,
-            **_accounting(run, group, adopted),
+            **_accounting(run, group, usage, adopted),
             stdout=out.summary(),
             stderr=err.summary(),
         )
@@ -529,11 +483,10 @@ def _open_gate(gate_w: int) -> None:
         os.close(gate_w)
 
 
-def _verdict(run: _Run, group: TaskGroup) -> Verdict:
+def _verdict(run: _Run, usage: GroupUsage) -> Verdict:
     """Why the run ended; also completes ``run.hits`` with the limits the group saw fire."""
     status = run.status
     assert status is not None
-    usage = group.usage()
     failed = not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0)
     limits = run._spec.limits
     if usage.oom_killed:
@@ -555,10 +508,9 @@ def _verdict(run: _Run, group: TaskGroup) -> Verdict:
     return Verdict.OK if not failed else Verdict.EXIT
 
 
-def _accounting(run: _Run, group: TaskGroup, adopted: list[tuple[int, Any]]) -> dict[str, Any]:
+def _accounting(run: _Run, group: TaskGroup, usage: GroupUsage, adopted: list[tuple[int, Any]]) -> dict[str, Any]:
     status = run.status
     assert status is not None
-    usage = group.usage()
     fields: dict[str, Any] = {"limits_hit": tuple(sorted(run.hits))}
     if os.WIFSIGNALED(status):
         fields["signal"] = os.WTERMSIG(status)
@@ -587,10 +539,10 @@ def _accounting(run: _Run, group: TaskGroup, adopted: list[tuple[int, Any]]) -> 
 async def _remove_group(group: TaskGroup) -> None:
     # A cgroup whose last process just died may be busy for a moment.
     for _ in range(MAX_KILL_ROUNDS):
-        group.kill_round()
         try:
             group.remove()
             return
         except OSError:
+            group.kill_round()
             await trio.sleep(KILL_ROUND_PAUSE_S)
     group.remove()

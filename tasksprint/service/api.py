@@ -41,7 +41,8 @@ from tasksprint.coordinator.ops import (
 )
 from tasksprint.log_client import LogClient, Unavailable
 from tasksprint.service.home import locate
-from tasksprint.service.scheduler import FINISHED, MAX_BATCH
+from tasksprint.service.records import FINISHED
+from tasksprint.service.scheduler import MAX_BATCH
 
 __all__ = [
     "AsyncService",

@@ -46,7 +46,8 @@ from tasksprint.object_store import InputError
 from tasksprint.peer_data import PeerFetcher
 from tasksprint.service.api import AsyncService, ServiceError
 from tasksprint.service.home import ServiceNotFound, locate
-from tasksprint.service.scheduler import FINISHED, MAX_FILES
+from tasksprint.service.records import FINISHED
+from tasksprint.service.scheduler import MAX_FILES
 
 __all__ = ["GetFailed", "fetch_result_files", "get", "put", "read_task_files", "task_spec_for"]
 

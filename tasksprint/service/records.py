@@ -14,7 +14,11 @@ import gc
 import json
 from typing import Any
 
-__all__ = ["Rec", "Spec", "admission_key", "pack", "status_indexes", "task_tags", "unpack"]
+__all__ = ["FINISHED", "Rec", "Spec", "admission_key", "pack", "status_indexes", "task_tags", "unpack"]
+
+
+#: The states a task ends in.
+FINISHED = ("done", "failed", "cancelled")
 
 
 class Rec:
