@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo lint test soak fuzz-soak jepsen-soak bench clean
+.PHONY: install demo lint test slurm-check soak fuzz-soak jepsen-soak bench clean
 
 $(BIN)/tasksprint: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ test: install lint
 	@# System packages for the fault-injection and sandbox tests (installed as root).
 	@if [ "$$(id -u)" = 0 ]; then sh tests/setup-system.sh; fi
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# tasksprint batch submitted with sbatch to a two-node Slurm the test starts on
+# this machine (as root), beside disBatch on the same task file; also part of `make test`.
+slurm-check: install
+	@if [ "$$(id -u)" = 0 ]; then sh tests/setup-system.sh; fi
+	PYTHONWARNINGS=ignore $(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/python -m pytest -v -rs -p no:cacheprovider tests/test_batch_slurm_real.py
 
 # 100,000 simulation seeds, and 5,000 new runs of the Paxos state machine (random, not the fixed ones of `make test`).
 soak: install

@@ -27,7 +27,6 @@ import random
 import shlex
 import signal
 import socket
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +36,7 @@ import attrs
 import trio
 
 from tasksprint.batch.env import cores_per_task, job_id, run_name, slots_per_engine, taskfile_name
-from tasksprint.batch.slurm import DEFAULT_RETIRE_COMMAND, replica_hosts, slurm_counts, slurm_nodes
+from tasksprint.batch.slurm import DEFAULT_RETIRE_COMMAND, replica_hosts, slurm_counts, slurm_nodes, slurm_slots
 from tasksprint.batch.statusfile import (
     STATUS_HEADER,
     ResumeMismatch,
@@ -49,7 +48,7 @@ from tasksprint.batch.statusfile import (
 )
 from tasksprint.batch.taskfile import Task, TaskFileError, parse_taskfile
 from tasksprint.batch_retire import Retirer
-from tasksprint.batch_run import BatchRun, in_slurm
+from tasksprint.batch_run import BatchRun, in_slurm, slurm_addresses, slurm_hostnames, this_node
 from tasksprint.channel import ASK_ERRORS, ReplicaChannel
 from tasksprint.config import parse_peers
 from tasksprint.coordinator.ops import SchedulerAnswer, SchedulerRequest, StatusRequest
@@ -131,9 +130,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("-C", "--context-task-limit", type=int, default=0, metavar="TASK_LIMIT", help="accepted, no effect")
     p.add_argument(
-        "-c", "--cpusPerTask", type=float, default=1.0, metavar="N", help="cores per task; may be fractional"
+        "-c",
+        "--cpusPerTask",
+        type=float,
+        metavar="N",
+        help="cores per task; may be fractional (default 1; under Slurm the job's -c)",
     )
-    p.add_argument("-t", "--tasksPerNode", type=int, metavar="N", help="most tasks at once per node")
+    p.add_argument(
+        "-t",
+        "--tasksPerNode",
+        type=int,
+        metavar="N",
+        help="most tasks at once per node (default: cores // -c; under Slurm, the job's tasks on the node)",
+    )
     p.add_argument("-l", "--label", metavar="COMMAND", help="label of this context")
     p.add_argument("-s", "--ssh-node", action="append", default=[], metavar="HOST:CORECOUNT", help="run on these nodes")
     p.add_argument("--attach", metavar="PREFIX", help="reattach to the run with this prefix whose driver died")
@@ -206,6 +215,9 @@ async def follow(
                     find_leader = False
                 reply = await channel.request(SchedulerRequest(body={"after": written}))
             except ASK_ERRORS:
+                lost = run.replicas_lost()
+                if lost is not None:
+                    return {"lines": [], "ended": True, "total": written, "failed": 0, "reason": lost}
                 await channel.move_on()
                 find_leader = True
                 silent_since = trio.current_time() if silent_since is None else silent_since
@@ -277,22 +289,21 @@ def _engine_cores(args: argparse.Namespace) -> list[tuple[int, str, int, int]]:
         nodes += parse_nodes(item)
     if not nodes and os.environ.get("DISBATCH_SSH_NODELIST"):
         nodes = parse_nodes(os.environ["DISBATCH_SSH_NODELIST"])
+    slots: list[int] = []
     if not nodes and in_slurm():
-        listed = subprocess.run(
-            ["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=60,
+        nodes = slurm_nodes(dict(os.environ), slurm_hostnames(os.environ["SLURM_JOB_NODELIST"]))
+        slots = slurm_slots(
+            dict(os.environ),
+            [cores for _, cores in nodes],
+            cpus_per_task=args.cpusPerTask,
+            tasks_per_node=args.tasksPerNode,
         )
-        nodes = slurm_nodes(dict(os.environ), listed.stdout.split())
     if not nodes:
         nodes = [("localhost", os.cpu_count() or 1)]
-    out: list[tuple[int, str, int, int]] = []
-    for rank, (host, cores) in enumerate(nodes):
-        slots = slots_per_engine(cores, cpus_per_task=args.cpusPerTask, tasks_per_node=args.tasksPerNode)
-        out.append((rank, host, max(1, slots), cores))
-    return out
+    if not slots:
+        cpus = 1.0 if args.cpusPerTask is None else args.cpusPerTask
+        slots = [slots_per_engine(c, cpus_per_task=cpus, tasks_per_node=args.tasksPerNode) for _, c in nodes]
+    return [(rank, host, max(1, n), cores) for rank, ((host, cores), n) in enumerate(zip(nodes, slots, strict=True))]
 
 
 def _skips(args: argparse.Namespace, tasks: list[Task]) -> dict[int, str]:
@@ -347,7 +358,8 @@ def prepare(args: argparse.Namespace, data: bytes | None = None) -> Prepared:
     run = BatchRun(prefix, args.replicas, args.replica_host or "127.0.0.1")
     if in_slurm() and args.replica_host is None and not args.ssh_node and not os.environ.get("DISBATCH_SSH_NODELIST"):
         # Under Slurm the replicas go on up to three of the allocated nodes (the engines' nodes).
-        run.replica_hosts = replica_hosts([host for _, host, _ in engines], args.replicas, socket.gethostname())
+        run.replica_hosts = replica_hosts([host for _, host, _ in engines], args.replicas, this_node())
+        run.node_addrs = slurm_addresses(run.replica_hosts)
     slots = sum(s for _, _, s in engines)
     config = {
         "taskfile": data,
@@ -439,7 +451,7 @@ def _retirer(run: BatchRun, command: str, log: Callable[[str, str], None]) -> Re
         command=command,
         engine_nodes={int(rank): str(host) for rank, host, _ in info["engines"]},
         keep=list(info.get("replica_hosts") or []),
-        driver=socket.gethostname(),
+        driver=this_node(),
         stop_engine=run.stop_engine,
         log=log,
     )
@@ -515,28 +527,37 @@ def add_engines(prefix: str, args: argparse.Namespace, *, err: TextIO = sys.stde
     """Start clients for the ``-s`` engines of ``args`` in the running run ``prefix`` (``<prefix>_dbUtil.sh``).
 
     They get the next engine ranks; PERENGINE commands run only on the engines the run started with.
+    Submitted with sbatch (no ``-s``), the engines are the job's nodes, started there with srun, and
+    this command lasts as long as they do: the job's allocation is theirs until the run ends.
     """
     run = BatchRun(prefix)
     if not (run.run_dir / "run.json").exists():
         print(f"tasksprint batch: no run at {run.run_dir} (run.json is missing)", file=err)
         return EXIT_USAGE
     try:
-        new = _engines(args) if args.ssh_node or os.environ.get("DISBATCH_SSH_NODELIST") else []
+        listed = bool(args.ssh_node or os.environ.get("DISBATCH_SSH_NODELIST"))
+        new = _engines(args) if listed or in_slurm() else []
     except ValueError as exc:
         print(f"tasksprint batch: {exc}", file=err)
         return EXIT_USAGE
     if not new:
-        print("tasksprint batch: --add-engines needs -s HOST:N (or DISBATCH_SSH_NODELIST)", file=err)
+        print("tasksprint batch: --add-engines needs -s HOST:N (or DISBATCH_SSH_NODELIST, or a Slurm job)", file=err)
         return EXIT_USAGE
     info = run.info()
     first = len(info["engines"])
     engines = [(first + rank, host, slots) for rank, host, slots in new]
     peers = info["peers"]
+    procs = []
     for rank, host, slots in engines:
-        proc = run.start_engine(rank, host, slots, peers=peers)
-        info["client_pids"].append(proc.pid)
+        procs.append(run.start_engine(rank, host, slots, peers=peers))
+        info["client_pids"].append(procs[-1].pid)
         info["engines"].append([rank, host, slots])
     tmp = run.run_dir / "run.json.tmp"
     tmp.write_text(json.dumps(info))
     tmp.replace(run.run_dir / "run.json")
+    if in_slurm() and not listed:
+        # The clients exit once the run ended; the job ends with them, not before.
+        print(f"tasksprint batch: engines {[e[:2] for e in engines]} joined {prefix}; until the run ends", file=err)
+        for proc in procs:
+            proc.wait()
     return 0

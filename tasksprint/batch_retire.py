@@ -8,7 +8,10 @@ the retire command (a shell command) with disBatch's environment: ``NODES``
 (retired now), ``RETCODES``, ``ACTIVE``, ``RETIRED``, ``DRIVER_NODE``.
 Under Slurm the default command is disBatch's ``scontrol update`` that
 shrinks the job to the nodes still in use; a node with a replica or the
-driver stays in use.  The decisions are :mod:`tasksprint.batch.slurm`'s.
+driver stays in use.  The default command is not run when it would keep
+every node the job still has (a resize that changes nothing may still bar
+the next one: a Slurm without an accounting database refuses a job's
+second resize).  The decisions are :mod:`tasksprint.batch.slurm`'s.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 import attrs
 import trio
 
-from tasksprint.batch.slurm import engines_to_retire, retire_environment
+from tasksprint.batch.slurm import DEFAULT_RETIRE_COMMAND, engines_to_retire, kept_nodes, retire_environment
 
 __all__ = ["RETIRE_TIMEOUT_S", "Retirer"]
 
@@ -44,6 +47,8 @@ class Retirer:
     stop_engine: Callable[[int], int]
     log: Callable[[str, str], None]
     retired: list[int] = attrs.Factory(list)
+    # The nodes the job holds, as far as the default command changed them (None: all it started with).
+    held: set[str] | None = None
 
     async def check(self, answer: Mapping[str, Any]) -> list[int]:
         """Retire the engines idle for good, as the batch scheduler's query ``answer`` shows them."""
@@ -56,6 +61,12 @@ class Retirer:
         env = retire_environment(
             [self.engine_nodes[r] for r in ranks], codes, self.engine_nodes, live, self.keep, self.driver
         )
+        if self.command == DEFAULT_RETIRE_COMMAND:
+            keep = kept_nodes(env)
+            held = self.held if self.held is not None else {*self.engine_nodes.values(), *self.keep}
+            if keep >= held:
+                self.log("info", f"retired engines {ranks}: the job keeps all its nodes, no scontrol update")
+                return ranks
         self.log("info", f"retiring engines {ranks}: {self.command!r} with {sorted(env.items())}")
         try:
             done = await trio.to_thread.run_sync(
@@ -74,4 +85,8 @@ class Retirer:
         if done.returncode != 0:
             detail = done.stderr.decode("utf-8", "replace").strip()[:500]
             self.log("warning", f"the retire command exited with {done.returncode}: {detail}")
+        else:
+            self.log("info", f"retired engines {ranks}")
+            if self.command == DEFAULT_RETIRE_COMMAND:
+                self.held = kept_nodes(env)
         return ranks

@@ -28,6 +28,7 @@ command: a command spawned ahead would hold a GPU while it waits.)
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import tempfile
@@ -48,7 +49,7 @@ from tasksprint.exec.spec import CommandRecord, CommandSpec, Verdict
 from tasksprint.exec.workdir import FILES_KEY, FilesError, collect, encode_files, input_files, stage
 from tasksprint.observe import NULL, Observer
 
-__all__ = ["CommandOutcome", "CommandTasks", "failure_text"]
+__all__ = ["CommandOutcome", "CommandTasks", "failure_text", "node_name"]
 
 
 @attrs.frozen(kw_only=True)
@@ -75,12 +76,17 @@ def failure_text(record: CommandRecord) -> str:
     return "; ".join(parts)
 
 
+def node_name() -> str:
+    """The machine a record names: Slurm's name for it in a job step (``SLURMD_NODENAME``), else the host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
 @attrs.define(eq=False)
 class CommandTasks:
     """The command runner of one client named ``client``."""
 
     client: str
-    host: str = attrs.Factory(socket.gethostname)
+    host: str = attrs.Factory(lambda: node_name())
     #: Where tasks with files get their working directories (None: the system's temporary directory).
     work_root: Path | None = None
     gpus: list[str] = attrs.Factory(list)  # free GPUs (CUDA device indices)

@@ -5,6 +5,9 @@
 #   bubblewrap (bwrap)                     - the command runner's sandbox tests
 #   chromium, chromium-driver              - the dashboard's browser test
 #   openssh-server (sshd)                  - tasksprint batch's engines over ssh
+#   slurm-wlm, munge                       - tasksprint batch under Slurm (the test starts
+#                                            its own munged, slurmctld and slurmd; the
+#                                            packages' services are not used)
 # Safe to run repeatedly; does nothing when all are present.  `make test`
 # runs it when it is root; jepsen/setup.sh runs it for `make jepsen-soak`.
 # Without it the tests that need a package skip, saying which.
@@ -18,6 +21,9 @@ command -v bwrap >/dev/null 2>&1 || missing="$missing bubblewrap"
 [ -x /usr/bin/chromium ] || missing="$missing chromium"
 [ -x /usr/sbin/sshd ] || missing="$missing openssh-server"
 [ -x /usr/bin/chromedriver ] || missing="$missing chromium-driver"
+command -v slurmctld >/dev/null 2>&1 || missing="$missing slurm-wlm"
+command -v slurmd >/dev/null 2>&1 || missing="$missing slurm-wlm"
+command -v munged >/dev/null 2>&1 || missing="$missing munge"
 found_faketime=""
 for lib in /usr/lib/*/faketime/libfaketimeMT.so.1 /usr/lib/faketime/libfaketimeMT.so.1 \
            /usr/local/lib/faketime/libfaketimeMT.so.1; do

@@ -19,10 +19,12 @@ import pytest
 from tasksprint.batch.slurm import (
     DEFAULT_RETIRE_COMMAND,
     engines_to_retire,
+    node_addresses,
     replica_hosts,
     retire_environment,
     slurm_counts,
     slurm_nodes,
+    slurm_slots,
 )
 
 # Bounds every wait (the run itself takes seconds); not a measurement.
@@ -40,6 +42,66 @@ def test_slurm_allocations_become_engines() -> None:
             slurm_counts(bad)
     with pytest.raises(ValueError, match="disagree|gives 3 nodes"):
         slurm_nodes(env, ["a"])
+
+
+def test_slots_per_node_follow_the_jobs_tasks_as_disbatchs_do() -> None:
+    # sbatch -n 20 -c 4 given two 80-core nodes: 10 tasks at once on each (as the job asked), not 80 // 4.
+    job = {"SLURM_TASKS_PER_NODE": "10(x2)", "SLURM_CPUS_PER_TASK": "4"}
+    assert slurm_slots(job, [80, 80], cpus_per_task=None, tasks_per_node=None) == [10, 10]
+    # At most cores // cores per task: -c (ours) first, else the job's -c, else 1.
+    assert slurm_slots(job, [40, 24], cpus_per_task=None, tasks_per_node=None) == [10, 6]
+    assert slurm_slots(job, [40, 40], cpus_per_task=8, tasks_per_node=None) == [5, 5]
+    assert slurm_slots({"SLURM_TASKS_PER_NODE": "3,1"}, [2, 2], cpus_per_task=None, tasks_per_node=None) == [2, 1]
+    assert slurm_slots({"SLURM_TASKS_PER_NODE": "2"}, [4, 4], cpus_per_task=0.5, tasks_per_node=None) == [2, 2]
+    # -t, else the job's --ntasks-per-node, wins.
+    assert slurm_slots(job, [40, 40], cpus_per_task=None, tasks_per_node=3) == [3, 3]
+    assert slurm_slots({**job, "SLURM_NTASKS_PER_NODE": "7"}, [40, 40], cpus_per_task=None, tasks_per_node=None) == [
+        7,
+        7,
+    ]
+    # Without the job's tasks per node: cores // cores per task.
+    assert slurm_slots({}, [16, 8], cpus_per_task=None, tasks_per_node=None) == [16, 8]
+    for bad in ({"SLURM_TASKS_PER_NODE": "2(x"}, {"SLURM_CPUS_PER_TASK": "four"}, {"SLURM_TASKS_PER_NODE": "1(x3)"}):
+        with pytest.raises(ValueError):
+            slurm_slots(bad, [4, 4], cpus_per_task=None, tasks_per_node=None)
+
+
+def test_node_addresses_come_from_scontrol_show_node() -> None:
+    shown = (
+        "NodeName=n1 Arch=x86_64 CoresPerSocket=1  NodeAddr=10.1.0.7 NodeHostName=c7 OS=Linux 6.1 #1 SMP  State=IDLE\n"
+        "NodeName=n2 Arch=x86_64 NodeAddr=n2 NodeHostName=n2\n"
+        "NodeName=n3 Arch=x86_64\n"  # no address: left out (the caller uses the name)
+        f"NodeName=n4 NodeAddr=10.1.0.9 {'x' * 20000}\n"  # not scontrol's: left out
+        "garbage\n"
+    )
+    assert node_addresses(shown) == {"n1": "10.1.0.7", "n2": "n2"}
+    assert node_addresses("") == {}
+
+
+def test_under_slurm_a_task_gets_its_engines_node_not_the_drivers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasksprint.batch_run import env_file
+
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURMD_NODENAME", "n1")
+    monkeypatch.setenv("SLURM_NODEID", "0")
+    monkeypatch.setenv("SLURM_STEP_ID", "3")
+    env_file(tmp_path / "env.sh", {0: "n1", 1: "n2"})
+    text = (tmp_path / "env.sh").read_text()
+    assert "SLURM_JOB_ID=7" in text and "SLURM_NODEID" not in text and "SLURM_STEP_ID" not in text
+    for client, node in (("engine1", "n2"), ("engine0", "n1"), ("other", "")):
+        shown = subprocess.run(
+            ["bash", "-c", f'. {tmp_path / "env.sh"}; printf %s "$SLURMD_NODENAME"'],
+            env={"PATH": os.environ["PATH"], "TASKSPRINT_CLIENT": client},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert shown.stdout == node
+    # Not under Slurm: the environment is passed on as it is.
+    env_file(tmp_path / "plain.sh")
+    assert "export SLURMD_NODENAME=n1" in (tmp_path / "plain.sh").read_text()
 
 
 def test_replicas_spread_over_up_to_three_nodes_the_drivers_first() -> None:
@@ -150,7 +212,80 @@ def test_replicas_on_other_nodes_start_as_job_steps_there(tmp_path: Path, monkey
     assert cluster.command(0)[:2] == [sys.executable, "-m"]  # the driver's node: started here
     step = cluster.command(1)
     assert step[:5] == ["srun", "--nodes=1", "--ntasks=1", "--overlap", "--nodelist=n1"]
+    assert step[5] == f"--job-name={tmp_path.name}.replica1"  # the step's name: how it is sent SIGTERM
     assert step[step.index("--peers") + 1] == cluster.peers_arg and cluster.peers_arg.startswith("n2:")
     # Without hosts (not under Slurm), every replica listens on the one address, here.
     plain = _Cluster(tmp_path / "plain", 3)
     assert {host for host, _ in plain.addrs} == {"127.0.0.1"} and plain.command(2)[0] == sys.executable
+
+
+def test_a_driver_whose_replicas_exited_says_why_instead_of_waiting(tmp_path: Path) -> None:
+    # As when the replicas' node names do not resolve: they exit at once, and no replica will ever answer.
+    from tasksprint.batch_run import BatchRun, _Cluster
+
+    run = BatchRun(str(tmp_path / "r"))
+    run.run_dir.mkdir()
+    cluster = _Cluster(run.run_dir, 3)
+    run.cluster = cluster
+    (run.run_dir / "replica1.log").write_text("starting\nreplica 1 cannot listen on n2:5 (its entry in --peers)\n")
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        exited = [subprocess.Popen(["sh", "-c", "exit 2"]) for _ in range(2)]
+        for p in exited:
+            p.wait()
+        cluster.procs = [alive, exited[0], alive]
+        assert run.replicas_lost() is None  # one of three: a majority is still there
+        cluster.procs = [alive, *exited]
+        lost = run.replicas_lost()
+        assert lost is not None and lost.startswith("2 of 3 replicas exited")
+        assert lost.endswith("replica1.log ends: replica 1 cannot listen on n2:5 (its entry in --peers)")
+    finally:
+        alive.kill()
+        alive.wait()
+    assert BatchRun(str(tmp_path / "reattached")).replicas_lost() is None  # started none: cannot tell
+
+
+async def test_the_default_retire_command_runs_only_when_the_job_would_shrink(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasksprint.batch_retire import Retirer
+
+    # A stand-in scontrol that notes its arguments (there is no Slurm job here).
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "calls"}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOBID", "7")
+    logged: list[str] = []
+    retirer = Retirer(
+        command=DEFAULT_RETIRE_COMMAND,
+        engine_nodes={0: "n1", 1: "n2", 2: "n3"},
+        keep=["n1"],
+        driver="n1",
+        stop_engine=lambda rank: 0,
+        log=lambda level, message: logged.append(message),
+    )
+    # The driver's engine goes idle: its node stays (the driver's), so the job would keep every node.
+    assert await retirer.check({"retire": {"busy": ["engine1", "engine2"], "unplaced": 0}}) == [0]
+    assert not (tmp_path / "calls").exists() and "no scontrol update" in logged[-1]
+    # n3's engine: the job shrinks to n1 and n2.
+    assert await retirer.check({"retire": {"busy": ["engine1"], "unplaced": 0}}) == [2]
+    assert (tmp_path / "calls").read_text() == "update JobId=7 NodeList=n1,n2\n"
+    # n2's: to n1 alone; then nothing is left to retire and nothing runs again.
+    assert await retirer.check({"retire": {"busy": [], "unplaced": 0}}) == [1]
+    assert await retirer.check({"retire": {"busy": [], "unplaced": 0}}) == []
+    # ("n1,": disBatch's command as it is; scontrol takes it, as the real-Slurm test shows.)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls == ["update JobId=7 NodeList=n1,n2", "update JobId=7 NodeList=n1,"]
+    # Any other command runs every time (it may do more than resize the job).
+    other = Retirer(
+        command=f"echo $NODES >> {tmp_path / 'other'}",
+        engine_nodes={0: "n1", 1: "n2"},
+        keep=["n1"],
+        driver="n1",
+        stop_engine=lambda rank: 0,
+        log=lambda level, message: None,
+    )
+    assert await other.check({"retire": {"busy": ["engine1"], "unplaced": 0}}) == [0]
+    assert (tmp_path / "other").read_text() == "n1\n"

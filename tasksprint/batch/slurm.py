@@ -5,6 +5,12 @@ the commands they lead to (``srun``, ``scontrol``).
 
 * :func:`slurm_nodes` reads the allocation (``SLURM_JOB_NODELIST`` expanded,
   ``SLURM_JOB_CPUS_PER_NODE``): one engine per node.
+* :func:`slurm_slots`: how many tasks each node runs at once, as disBatch
+  decides it: the job's tasks there (``SLURM_TASKS_PER_NODE``, so
+  ``sbatch -n 20 -c 4`` runs 20 at once), at most cores // cores per task.
+* :func:`node_addresses` reads where each node listens (``NodeAddr`` of
+  ``scontrol show node -o``): a node's name need not resolve (several
+  slurmd on one machine, or names that are Slurm's only).
 * :func:`replica_hosts` spreads the replicas over up to three of its nodes,
   the driver's first, so that losing one node loses at most one replica of
   three (with five replicas on three nodes, at most two).
@@ -30,11 +36,14 @@ __all__ = [
     "DEFAULT_RETIRE_COMMAND",
     "MAX_REPLICA_NODES",
     "engines_to_retire",
+    "kept_nodes",
+    "node_addresses",
     "replica_hosts",
     "retire_environment",
     "same_host",
     "slurm_counts",
     "slurm_nodes",
+    "slurm_slots",
 ]
 
 #: disBatch's retire command under Slurm: the job keeps the driver's node and the nodes still active.
@@ -43,6 +52,9 @@ DEFAULT_RETIRE_COMMAND = 'scontrol update JobId="$SLURM_JOBID" NodeList="${DRIVE
 MAX_REPLICA_NODES = 3
 
 _SLURM_COUNT = re.compile(r"([0-9]+)(?:\(x([0-9]+)\))?")
+_NODE_FIELD = re.compile(r"(?:^|\s)(NodeName|NodeAddr)=(\S{1,255})")
+# ``scontrol show node -o`` prints one line of a few hundred characters per node.
+_MAX_NODE_LINE = 16384
 
 
 def slurm_counts(text: str) -> list[int]:
@@ -70,6 +82,51 @@ def slurm_nodes(environ: Mapping[str, str], hostnames: list[str]) -> list[tuple[
     if len(cores) != len(hostnames):
         raise ValueError(f"SLURM_JOB_CPUS_PER_NODE gives {len(cores)} nodes, SLURM_JOB_NODELIST {len(hostnames)}")
     return list(zip(hostnames, cores, strict=True))
+
+
+def slurm_slots(
+    environ: Mapping[str, str], cores: Sequence[int], *, cpus_per_task: float | None, tasks_per_node: int | None
+) -> list[int]:
+    """Tasks at once on each node of the allocation (``cores``: each node's), as disBatch decides under Slurm.
+
+    ``tasks_per_node`` (``-t``, else ``SLURM_NTASKS_PER_NODE``) wins; else the
+    job's tasks on the node (``SLURM_TASKS_PER_NODE``; without it, no limit)
+    but at most cores // cores per task (``-c``, else ``SLURM_CPUS_PER_TASK``,
+    else 1).  ValueError naming a variable that is not Slurm's form.
+    """
+    if tasks_per_node is None and environ.get("SLURM_NTASKS_PER_NODE"):
+        (tasks_per_node,) = slurm_counts(environ["SLURM_NTASKS_PER_NODE"])[:1]
+    if tasks_per_node:
+        return [tasks_per_node] * len(cores)
+    if cpus_per_task is None:
+        (cpus,) = slurm_counts(environ.get("SLURM_CPUS_PER_TASK") or "1")[:1]
+        cpus_per_task = float(max(cpus, 1))
+    if cpus_per_task <= 0:
+        raise ValueError(f"cpus per task must be positive, not {cpus_per_task}")
+    by_cores = [int(c // cpus_per_task) for c in cores]
+    if not environ.get("SLURM_TASKS_PER_NODE"):
+        return by_cores
+    tasks = slurm_counts(environ["SLURM_TASKS_PER_NODE"])
+    if len(tasks) == 1:
+        tasks *= len(cores)
+    if len(tasks) != len(cores):
+        raise ValueError(f"SLURM_TASKS_PER_NODE gives {len(tasks)} nodes, SLURM_JOB_NODELIST {len(cores)}")
+    return [min(t, c) for t, c in zip(tasks, by_cores, strict=True)]
+
+
+def node_addresses(text: str) -> dict[str, str]:
+    """Each node's address (``NodeAddr``) from ``scontrol show node -o`` output: {name: address}.
+
+    Lines without both fields, or too long to be scontrol's, are left out (the caller falls back to the name).
+    """
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        if len(line) > _MAX_NODE_LINE:
+            continue
+        fields = {m.group(1): m.group(2) for m in _NODE_FIELD.finditer(line)}
+        if "NodeName" in fields and "NodeAddr" in fields:
+            out[fields["NodeName"]] = fields["NodeAddr"]
+    return out
 
 
 def same_host(a: str, b: str) -> bool:
@@ -101,6 +158,11 @@ def engines_to_retire(retire: Mapping[str, Any] | None, ranks: Iterable[int], re
         return []
     gone = set(retired)
     return sorted(r for r in set(ranks) if r not in gone and engine_name(r) not in busy)
+
+
+def kept_nodes(env: Mapping[str, str]) -> set[str]:
+    """The nodes the default retire command keeps in the job: ``DRIVER_NODE`` and ``ACTIVE``."""
+    return {n for n in [env.get("DRIVER_NODE", ""), *env.get("ACTIVE", "").split(",")] if n}
 
 
 def retire_environment(
