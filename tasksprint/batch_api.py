@@ -27,7 +27,7 @@ from tasksprint.batch_command import EXIT_FAILED, EXIT_USAGE, UsageError, add_ar
 from tasksprint.batch_run import BatchRun
 from tasksprint.channel import ASK_ERRORS, ReplicaChannel
 from tasksprint.config import parse_peers
-from tasksprint.coordinator.ops import Commanded, CommandOp, Refused, SchedulerAnswer, SchedulerRequest
+from tasksprint.coordinator.ops import Commanded, CommandOp, ErrorCode, Refused, SchedulerAnswer, SchedulerRequest
 from tasksprint.log_client import CommandRefused, LogClient, Unavailable
 
 __all__ = ["Batch", "BatchCommandError", "close_input", "send_command", "submit_command", "submit_lines"]
@@ -54,9 +54,19 @@ async def send_command(run: BatchRun, body: dict[str, Any], *, deadline: float =
     """
     info = run.info()
     secret = (run.run_dir / "secret").read_bytes().strip()
+    until = trio.current_time() + deadline
     try:
         async with LogClient(list(parse_peers(info["peers"])), secret) as log:
-            answer = await log.submit(CommandOp(body=body).to_wire(), deadline=deadline)
+            while True:
+                left = max(0.1, until - trio.current_time())
+                answer = await log.submit(CommandOp(body=body).to_wire(), deadline=left)
+                # A run just started may not have applied its first entry: the
+                # refusal changed nothing, so the command is sent again.
+                if not (isinstance(answer, Refused) and answer.code == ErrorCode.NOT_INITIALIZED.value):
+                    break
+                if trio.current_time() >= until:
+                    break
+                await trio.sleep(0.05)
     except Unavailable as exc:
         raise BatchCommandError(f"the run's replicas did not answer: {exc}") from None
     except CommandRefused as exc:

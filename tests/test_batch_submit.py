@@ -157,3 +157,52 @@ def test_an_open_run_takes_lines_without_its_driver_and_a_new_driver_finishes_it
             driver.wait()
     records = parse_status_file((tmp_path / "od_status.txt").read_bytes()).records
     assert sorted((r.task_id, r.out_snippet) for r in records) == [(0, "one\n"), (1, "two\n"), (2, "three\n")]
+
+
+def test_a_command_refused_before_the_run_is_initialized_is_sent_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run just started may not have applied its first entry yet: the refusal
+    (NOT_INITIALIZED) changed nothing, and ``send_command`` sends the command again
+    instead of failing (which made submitting to a fresh open run flaky)."""
+    import json
+    from typing import Any
+
+    import trio
+
+    from tasksprint import batch_api
+    from tasksprint.batch_run import BatchRun
+    from tasksprint.coordinator.ops import Commanded, ErrorCode, Refused
+
+    answers: list[Any] = [
+        Refused(code=ErrorCode.NOT_INITIALIZED.value, error="not initialized yet"),
+        Refused(code=ErrorCode.NOT_INITIALIZED.value, error="not initialized yet"),
+        Commanded(value={"first": 0}),
+    ]
+    sent: list[Any] = []
+
+    class FakeLog:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        async def __aenter__(self) -> FakeLog:
+            return self
+
+        async def __aexit__(self, *exc: object) -> None:
+            return None
+
+        async def submit(self, op: Any, deadline: float) -> Any:
+            sent.append(op)
+            return answers.pop(0)
+
+    monkeypatch.setattr(batch_api, "LogClient", FakeLog)
+    run = BatchRun(str(tmp_path / "r"))
+    run.run_dir.mkdir(parents=True)
+    (run.run_dir / "run.json").write_text(json.dumps({"peers": "127.0.0.1:1,127.0.0.1:2,127.0.0.1:3"}))
+    (run.run_dir / "secret").write_bytes(b"s" * 32)
+    value = trio.run(lambda: batch_api.send_command(run, {"do": "x"}, deadline=5.0))
+    assert value == {"first": 0} and len(sent) == 3
+    # Refused for another reason: no retry, a clear error.
+    answers[:] = [Refused(code=ErrorCode.MALFORMED.value, error="bad")]
+    with pytest.raises(batch_api.BatchCommandError, match="refused: bad"):
+        trio.run(lambda: batch_api.send_command(run, {"do": "x"}, deadline=5.0))
