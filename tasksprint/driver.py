@@ -165,7 +165,7 @@ class ReplicaDriver:
     _commit_times: collections.deque[float] = attrs.Factory(lambda: collections.deque(maxlen=COMMIT_SAMPLES))
     # Which applied slots a majority shares (see tasksprint.digests); built after init.
     _tally: DigestTally = attrs.field(init=False, default=None)
-    _reported: int = 0  # the last slot whose digest was sent to the peers
+    _reported: dict[int, int] = attrs.Factory(dict)  # peer -> the last slot whose digest it was sent
     #: Set once a peer was found to disagree with the majority: what differs, for people.
     divergence: str = ""
     # How long the last synced writes took, inline or in the background writer (for ReplicaStatus).
@@ -292,7 +292,7 @@ class ReplicaDriver:
         slots before a quiet spell must be confirmed too).
         """
         self._tick(now, tick_data, wall)
-        if self._reported < self.applier.applied and self.config.digest_every:
+        if self.config.digest_every and self._unreported(self.peers, 1):
             self._report_digest()
         self.wake()
 
@@ -466,19 +466,36 @@ class ReplicaDriver:
             if every and self._since_snapshot >= every:
                 self.take_snapshot()
         chosen.clear()
-        if self.config.digest_every and self.applier.applied - self._reported >= self.config.digest_every:
-            # One report per pass, for its last slot: it leaves with the
-            # pass's other messages (the digest covers every earlier slot).
-            self._report_digest()
+        every = self.config.digest_every
+        if not every:
+            return
+        # One report per pass, for its last slot (the digest covers every
+        # earlier slot).  A follower tells its leader at once: the leader's
+        # answers wait for it.  The other followers hear it at the next tick
+        # (tick_every): while the leader is healthy its digest, sent at once
+        # to every follower, confirms their state; only when the leader is
+        # the one that differs do followers need each other's, and a tick
+        # later is soon enough for that.
+        leader = self.core.leader_hint
+        to = (leader,) if self.core.role is Role.FOLLOWER and leader is not None and leader in self.peers else None
+        if self._unreported(self.peers if to is None else to, every):
+            self._report_digest(to)
 
-    def _report_digest(self) -> None:
-        """Tell the peers our digest after the last applied slot (their answers wait for it)."""
-        applied = self._reported = self.applier.applied
+    def _unreported(self, peers: Iterable[int], every: int) -> bool:
+        """Whether one of ``peers`` was last told our digest ``every`` or more slots ago."""
+        applied = self.applier.applied
+        return any(applied - self._reported.get(rid, 0) >= every for rid in peers)
+
+    def _report_digest(self, to: tuple[int, ...] | None = None) -> None:
+        """Tell the peers (or those in ``to``) our digest after the last applied slot (their answers wait for it)."""
+        applied = self.applier.applied
         summary = self._tally.summary_of(applied)
         report = PeerDigest(slot=applied, digest=self.applier.digest, last_call=summary.last_call, tasks=summary.tasks)
-        for box in self.peers.values():
-            box.push(report)
-            box.flush()  # the peers' answers wait for it: no need to wait for the pump
+        for rid, box in self.peers.items():
+            if (to is None or rid in to) and self._reported.get(rid, 0) < applied:
+                self._reported[rid] = applied
+                box.push(report)
+                box.flush()  # the peers' answers wait for it: no need to wait for the pump
 
     def _apply(self, slot: int, batch: Batch) -> None:
         self.observer.value("applier.items_per_slot", len(batch.items))
