@@ -223,8 +223,9 @@ def test_readoption_never_accepts_an_output_of_a_different_attempt(seed: int, st
                 assert holder == result.cid or holder is None and not _read_by_an_active_task(m, tid)
                 adoptions.append(tid)
         elif kind == 1:
+            # Declared dead, its outputs awaited for 0-2 s of log time; every few steps a second passes.
             cid, _ = live[r % len(live)]
-            h.tick(expired=(cid,))
+            h.tick(advance=float((r >> 6) % 2), expired=(cid,), grace=float((r >> 8) % 3))
         else:
             work = [(cid, t) for cid, _ in live for t in m.view(cid, 0).tasks]
             if not work:

@@ -14,9 +14,11 @@ Operations (:mod:`~tasksprint.coordinator.ops`) are parsed once, as they
 enter :meth:`CoordinatorMachine.apply`: ``init`` (first; seed and scheduler
 code digest), ``join``, ``done`` / ``failed`` (a task attempt's outcome),
 ``cancel`` and ``lost``, or a ``batch`` of reports.  A TICK carries the
-leader's clock and the clients it considers expired; the machine marks them
-dead, places their running tasks again and recomputes, from lineage,
-outputs that lived only on them and are still needed.
+leader's clock, the clients it considers expired and a ``grace`` (the
+leader's client timeout); the machine marks them dead, places their running
+tasks again and recomputes, from lineage, outputs that lived only on them
+and are still needed, once the grace has passed without the client coming
+back to offer them (or at once if it comes back without them).
 
 After each entry the machine *settles*: it recomputes lost outputs that some
 unfinished task needs, then places tasks on live clients
@@ -55,7 +57,7 @@ from tasksprint import codec
 from tasksprint.coordinator import snapshots, views
 from tasksprint.coordinator.actions import SchedulerActions
 from tasksprint.coordinator.archive import History, MemoryHistory
-from tasksprint.coordinator.lineage import Lineage
+from tasksprint.coordinator.lineage import MAX_GRACE, Lineage
 from tasksprint.coordinator.ops import (
     ACCEPTED,
     Answer,
@@ -265,12 +267,16 @@ class CoordinatorMachine(SchedulerActions, MachineQueries):
         s.now = max(s.now, float(now))
         expired = data.get("expired", []) if isinstance(data, dict) else []
         wanted = sorted({cid for cid in expired if is_int(cid)}) if isinstance(expired, list) else []
+        grace = data.get("grace", 0.0) if isinstance(data, dict) else 0.0
+        if not (isinstance(grace, (int, float)) and not isinstance(grace, bool) and 0 <= grace <= MAX_GRACE):
+            grace = 0.0
         dead: list[int] = []
         for cid in wanted:
             client = s.clients.get(cid)
             if client is not None and client.alive:
-                self._log.warning("client_dead", cid=client.cid, client=client.name, running=len(client.running))
-                self._lineage.client_died(client)
+                running, holds = len(client.running), len(client.holds)
+                self._log.warning("client_dead", cid=client.cid, client=client.name, running=running, holds=holds)
+                self._lineage.client_died(client, float(grace))
                 dead.append(cid)
         for cid in dead:
             # The default binds this cid (the hook runs now); mypy cannot type such a lambda.
@@ -364,7 +370,10 @@ class CoordinatorMachine(SchedulerActions, MachineQueries):
         s.names[op.client] = cid
         s.live[cid] = None
         self._fx.effects.append(["join", cid])
-        adopted = self._lineage.readopt(s.clients[cid], op.holds) if op.holds else []
+        refused: dict[str, int] = {}
+        adopted = self._lineage.readopt(s.clients[cid], op.holds, refused) if op.holds else []
+        # What it did not offer back will not come back: recompute it now if needed.
+        self._lineage.end_wait(op.client)
         self._log.info(
             "client_joined",
             cid=cid,
@@ -372,7 +381,9 @@ class CoordinatorMachine(SchedulerActions, MachineQueries):
             addr=op.addr,
             slots=op.slots,
             queue=op.queue,
+            offered=len(op.holds),
             adopted=len(adopted),
+            refused=refused,
         )
         self._call_hook(Hook.CLIENT_JOINED, lambda: self._sched().client_joined(cid), cid=cid)
         return Joined(cid=cid, adopted=tuple(adopted))
@@ -653,7 +664,10 @@ class CoordinatorMachine(SchedulerActions, MachineQueries):
             s.recheck.clear()
             s.release_check.clear()
             return
-        self._lineage.recompute_lost()
+        self._lineage.end_wait()
+        recomputes = self._lineage.recompute_lost()
+        if recomputes:
+            self._log.info("recompute_started", tasks=recomputes)
         self._lineage.release_consumed()
         self._placement.place()
 
