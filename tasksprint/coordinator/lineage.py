@@ -383,10 +383,15 @@ class Lineage:
         recompute started; a later need recomputes it again (:meth:`recompute_lost`).
         """
         s = self.s
+        # An input is looked at again each time one of its readers is
+        # cancelled: it may be read by tasks of several depths (an input of
+        # both a re-adopted task and of a recompute cancelled later), and
+        # is unneeded only once the last of them is.  Each task is
+        # cancelled at most once, so this costs O(pretask entries of the
+        # tasks cancelled).
         frontier = sorted({p for tid in tids for p in s.tasks[tid].pretasks})
-        seen = set(frontier)
         while frontier:
-            nxt: list[int] = []
+            nxt: set[int] = set()
             for tid in frontier:
                 task = s.tasks[tid]
                 if not (task.state in ACTIVE and task.reported and task.holder is None):
@@ -394,8 +399,5 @@ class Lineage:
                 if any(s.tasks[d].state in ACTIVE for d in task.dependents):
                     continue
                 self._cancel_recompute(task)
-                for p in task.pretasks:
-                    if p not in seen:
-                        seen.add(p)
-                        nxt.append(p)
+                nxt.update(task.pretasks)
             frontier = sorted(nxt)
