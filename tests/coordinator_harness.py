@@ -53,9 +53,13 @@ class Harness:
     def op(self, op: dict[str, Any]) -> Any:
         return self.apply(self.cmd(op))[0]
 
-    def tick(self, advance: float = 1.0, expired: tuple[int, ...] = ()) -> None:
+    def tick(self, advance: float = 1.0, expired: tuple[int, ...] = (), grace: Any = None) -> None:
+        """A TICK ``advance`` seconds on; ``grace``: how long to wait for the expired clients' outputs."""
         self.now += advance
-        self.apply(Tick(now=self.now, data={"expired": list(expired)}))
+        data: dict[str, Any] = {"expired": list(expired)}
+        if grace is not None:
+            data["grace"] = grace
+        self.apply(Tick(now=self.now, data=data))
 
     def init(self, seed: int = 11) -> Any:
         return self.op({"op": "init", "seed": seed, "code_digest": self.machine.code_digest})

@@ -81,7 +81,8 @@ def drive(seed: int, steps: list[tuple[int, int]], snap_at: int | None = None) -
         elif kind == 1:
             now += r % 5
             expired = [live[r % len(live)]] if r % 3 == 0 else []
-            item = Tick(now=now, data={"expired": expired})
+            # Some deaths with a grace: their outputs are awaited, and snapshots must keep the wait.
+            item = Tick(now=now, data={"expired": expired, "grace": float(r % 4)} if r % 2 else {"expired": expired})
         elif kind in (2, 3, 4) and work:
             cid, t = work[r % len(work)]
             attempt = t.attempt - (1 if r % 11 == 0 else 0)

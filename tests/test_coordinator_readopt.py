@@ -223,8 +223,9 @@ def test_readoption_never_accepts_an_output_of_a_different_attempt(seed: int, st
                 assert holder == result.cid or holder is None and not _read_by_an_active_task(m, tid)
                 adoptions.append(tid)
         elif kind == 1:
+            # Declared dead, its outputs awaited for 0-2 s of log time; every few steps a second passes.
             cid, _ = live[r % len(live)]
-            h.tick(expired=(cid,))
+            h.tick(advance=float((r >> 6) % 2), expired=(cid,), grace=float((r >> 8) % 3))
         else:
             work = [(cid, t) for cid, _ in live for t in m.view(cid, 0).tasks]
             if not work:
@@ -295,3 +296,45 @@ def test_a_consumed_output_is_recomputed_when_a_later_task_needs_it() -> None:
     run_on(sim, x2)
     assert sim.machine.task_info(sched.late)["state"] == "done"
     assert sim.h.status["tasks"]["recomputed"] == 1
+
+
+class WaveScheduler(Coordinator):
+    """t0 -> (l1, l2) -> total -> m: two waves of a chain; t0..total on "x", m on "y"."""
+
+    def init(self, seed: int) -> None:
+        self.t0 = self.start_task("a", keys=["out"], require=["x"])
+        self.l1 = self.start_task("b", pretasks=[self.t0], prekeys=["out"], keys=["out"], require=["x"])
+        self.l2 = self.start_task("d", pretasks=[self.t0], prekeys=["out"], keys=["out"], require=["x"])
+        pre = [self.l1, self.l2]
+        self.total = self.start_task("e", pretasks=pre, prekeys=["out", "out"], keys=["out"], require=["x"])
+        self.m = self.start_task("f", pretasks=[self.total], prekeys=["out"], keys=["out"], require=["y"])
+
+
+def test_readopting_outputs_of_two_depths_cancels_the_whole_recompute_below_them() -> None:
+    """x comes back with total and l2 (l2's release never reached it): t0's recompute is cancelled too.
+
+    total's recompute needs l1 and l2, released, and so t0, released too.  The
+    re-adoption of l2 and total leaves l1's recompute without a reader, and
+    then t0's: t0 is an input of both l1 and l2, reached before l1 is
+    cancelled, and must be looked at again once it is.
+    """
+    sim = Sim(WaveScheduler, ECHO)
+    sched = sim.machine.scheduler
+    x = sim.join("x", slots=4, have=("x",))
+    run_on(sim, x)
+    assert [sim.machine.task_info(t)["holder"] for t in (sched.t0, sched.l1, sched.l2)] == [None, None, None]
+    sim.h.tick(expired=(x,))  # no grace: the recompute starts at once
+    chain = (sched.t0, sched.l1, sched.l2, sched.total)
+    assert [sim.machine.task_info(t)["state"] for t in chain] == ["pending"] * 4
+    joined = rejoin(sim, x, "x", [[sched.l2, 1], [sched.total, 1]])
+    assert joined.adopted == (sched.l2, sched.total)
+    for tid in chain:
+        info = sim.machine.task_info(tid)
+        assert (info["state"], info["clients"]) == ("done", []), (tid, info)
+    y = sim.join("y", slots=1, have=("y",))
+    sim.run()
+    assert sim.h.status["state"] == "running"  # nothing finishes this computation; m is done
+    assert sim.machine.task_info(sched.m)["state"] == "done"
+    assert sim.machine.task_info(sched.m)["holder"] == y
+    counts = sim.h.status["tasks"]
+    assert (counts["completed"], counts["recomputed"], counts["readopted"]) == (5, 0, 2)

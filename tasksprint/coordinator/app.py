@@ -108,7 +108,9 @@ class CoordinatorApp:
             first = self._seen.setdefault(cid, now)
             seen[cid] = max(first, since)
         expired = self.machine.expired_clients(seen, now)
-        return {"expired": expired} if expired else None
+        # The grace travels in the log, so every replica waits alike for the
+        # outputs of these clients, whatever its own configuration says.
+        return {"expired": expired, "grace": self.machine.client_timeout} if expired else None
 
     def leader_duties(self, propose: Callable[[Command], bool]) -> None:
         if self.machine.run_state is not RunState.WAITING:

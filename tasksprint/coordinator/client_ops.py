@@ -97,7 +97,10 @@ class ClientOps(MachineParts):
         s.names[op.client] = cid
         s.live[cid] = None
         self._fx.effects.append(["join", cid])
-        adopted = self._lineage.readopt(s.clients[cid], op.holds) if op.holds else []
+        refused: dict[str, int] = {}
+        adopted = self._lineage.readopt(s.clients[cid], op.holds, refused) if op.holds else []
+        # What it did not offer back will not come back: recompute it now if needed.
+        self._lineage.end_wait(op.client)
         self._log.info(
             "client_joined",
             cid=cid,
@@ -105,7 +108,9 @@ class ClientOps(MachineParts):
             addr=op.addr,
             slots=op.slots,
             queue=op.queue,
+            offered=len(op.holds),
             adopted=len(adopted),
+            refused=refused,
         )
         self._call_hook(Hook.CLIENT_JOINED, lambda: self._sched().client_joined(cid), cid=cid)
         return Joined(cid=cid, adopted=tuple(adopted))

@@ -34,7 +34,39 @@ from tasksprint.coordinator.placement import Placement
 from tasksprint.coordinator.specs import TaskSpec, task_seed
 from tasksprint.coordinator.state import ACTIVE, ClientRecord, CoordinatorState, Entry, TaskRecord, TaskState
 
-__all__ = ["Lineage"]
+__all__ = ["MAX_GRACE", "Lineage"]
+
+#: The longest wait (seconds of log time) for a dead client's outputs that a TICK may ask for.
+MAX_GRACE = 3600.0
+
+
+#: Why an offered output is not re-adopted (the keys of ``readopt``'s ``refused`` counts).
+REFUSALS = {
+    "unknown": "no such task (forgotten)",
+    "other_attempt": "the committed completion is another attempt (recomputed since, or never committed)",
+    "other_maker": "another client name made the committed completion",
+    "held": "a live client holds the outputs (a recompute finished, or already re-adopted)",
+    "maker_alive": "the incarnation that made it is still live",
+    "finished": "failed or killed since",
+}
+
+
+def _refusal(s: CoordinatorState, client: ClientRecord, task: TaskRecord | None, attempt: int) -> str | None:
+    """Why ``client`` may not re-adopt ``attempt`` of ``task``, or None if it may."""
+    if task is None:
+        return "unknown"
+    if task.made_by is None or task.made_attempt != attempt:
+        return "other_attempt"
+    old = s.clients[task.made_by]
+    if old.name != client.name:
+        return "other_maker"
+    if task.holder is not None:
+        return "held"
+    if old.alive:
+        return "maker_alive"
+    if task.state is TaskState.DONE or (task.state in ACTIVE and task.reported):
+        return None
+    return "finished"  # failed or killed since: its dependents are gone
 
 
 @attrs.define(eq=False)
@@ -77,8 +109,12 @@ class Lineage:
                     s.recheck.add(p)  # a lost output is needed again
         return task
 
-    def client_died(self, client: ClientRecord) -> None:
-        """Mark ``client`` dead: its copies are placed again, its outputs lost."""
+    def client_died(self, client: ClientRecord, grace: float = 0.0) -> None:
+        """Mark ``client`` dead: its copies are placed again, its outputs lost.
+
+        The lost outputs are not recomputed for ``grace`` seconds of log time
+        (see :meth:`end_wait`): the client may come back and offer them.
+        """
         s = self.s
         client.alive = False
         del s.live[client.cid]
@@ -101,6 +137,34 @@ class Lineage:
         client.in_follow.clear()
         for tid in sorted(client.holds):
             self.lose_outputs(s.tasks[tid])
+            if grace > 0:
+                s.awaiting.pop(tid, None)
+                s.awaiting[tid] = s.now + grace
+
+    def end_wait(self, name: str | None = None) -> None:
+        """Stop waiting for outputs whose grace is over, or (``name``) whose maker's name joined again.
+
+        A client that joined again offered what it still had; what it did
+        not offer will not come back.  Either way, those still needed are
+        recomputed after this entry (:meth:`recompute_lost`).
+        """
+        s = self.s
+        if name is None:
+            due = []
+            for tid, deadline in s.awaiting.items():
+                if deadline > s.now:
+                    break
+                due.append(tid)
+        else:
+            due = [tid for tid in s.awaiting if self._maker(tid).name == name]
+        for tid in due:
+            del s.awaiting[tid]
+            s.recheck.add(tid)
+
+    def _maker(self, tid: int) -> ClientRecord:
+        made_by = self.s.tasks[tid].made_by
+        assert made_by is not None
+        return self.s.clients[made_by]
 
     def void_copy(self, client: ClientRecord, task: TaskRecord) -> None:
         """Forget ``client``'s copy of ``task``'s attempt; a new attempt if it was the last copy."""
@@ -233,14 +297,16 @@ class Lineage:
                 heapq.heapify(client.follow)
         s.queue.discard(tid)
         s.recheck.discard(tid)
+        s.awaiting.pop(tid, None)
         s.counts[task.state] -= 1
         s.forgotten += 1
         del s.tasks[tid]
         self.fx.effects.append(["forget", tid])
 
-    def recompute_lost(self) -> None:
-        """Run again every task whose lost outputs an unfinished task needs (lineage)."""
+    def recompute_lost(self) -> int:
+        """Run again every task whose lost outputs an unfinished task needs (lineage); returns how many."""
         s = self.s
+        started = 0
         while s.recheck:
             batch = sorted(s.recheck)
             s.recheck.clear()
@@ -250,8 +316,11 @@ class Lineage:
                     continue
                 if not any(s.tasks[d].state in ACTIVE for d in task.dependents):
                     continue
+                if tid in s.awaiting:
+                    continue  # its maker may bring it back: its readers wait (end_wait)
                 task.attempt += 1
                 task.failures = 0
+                started += 1
                 s.set_state(task, TaskState.PENDING)
                 self.fx.effects.append(["recompute", tid, task.attempt])
                 self.placement.maybe_queue(task)
@@ -260,33 +329,35 @@ class Lineage:
                     pre = s.tasks[p]
                     if pre.state is TaskState.DONE and pre.holder is None:
                         s.recheck.add(p)
+        return started
 
-    def readopt(self, client: ClientRecord, offers: tuple[tuple[int, int], ...]) -> list[int]:
+    def readopt(
+        self, client: ClientRecord, offers: tuple[tuple[int, int], ...], refused: dict[str, int] | None = None
+    ) -> list[int]:
         """Take back the outputs a returning client (new incarnation ``client``) still holds.
 
         An offer ``(tid, attempt)`` counts only if it is the task's committed
         completion (made by a dead incarnation of this client name, attempt
         ``attempt``) and no live client holds the task's outputs: a recompute
         that completed elsewhere wins, and an output of any other attempt is
-        never accepted.  Offers are taken in tid order.  Returns the tids adopted.
+        never accepted.  Offers are taken in tid order.  Returns the tids
+        adopted; counts the others in ``refused`` by reason (see :data:`REFUSALS`).
         """
         s = self.s
         adopted: list[int] = []
+        why = refused if refused is not None else {}
         for tid, attempt in sorted(set(offers)):
             task = s.tasks.get(tid)
-            if task is None or task.made_by is None or task.made_attempt != attempt or task.holder is not None:
+            reason = _refusal(s, client, task, attempt)
+            if reason is not None:
+                why[reason] = why.get(reason, 0) + 1
                 continue
-            old = s.clients[task.made_by]
-            if old.alive or old.name != client.name:
-                continue
-            if task.state is TaskState.DONE:
-                pass
-            elif task.state in ACTIVE and task.reported:
+            assert task is not None
+            if task.state in ACTIVE:
                 self._cancel_recompute(task)
-            else:
-                continue  # failed or killed since: its dependents are gone
             task.holder = task.made_by = client.cid
             client.holds[tid] = None
+            s.awaiting.pop(tid, None)
             self.fx.effects.append(["readopt", tid, attempt, client.cid])
             s.readopted += 1
             self.outputs_changed(task, available=True)
@@ -312,10 +383,15 @@ class Lineage:
         recompute started; a later need recomputes it again (:meth:`recompute_lost`).
         """
         s = self.s
+        # An input is looked at again each time one of its readers is
+        # cancelled: it may be read by tasks of several depths (an input of
+        # both a re-adopted task and of a recompute cancelled later), and
+        # is unneeded only once the last of them is.  Each task is
+        # cancelled at most once, so this costs O(pretask entries of the
+        # tasks cancelled).
         frontier = sorted({p for tid in tids for p in s.tasks[tid].pretasks})
-        seen = set(frontier)
         while frontier:
-            nxt: list[int] = []
+            nxt: set[int] = set()
             for tid in frontier:
                 task = s.tasks[tid]
                 if not (task.state in ACTIVE and task.reported and task.holder is None):
@@ -323,8 +399,5 @@ class Lineage:
                 if any(s.tasks[d].state in ACTIVE for d in task.dependents):
                     continue
                 self._cancel_recompute(task)
-                for p in task.pretasks:
-                    if p not in seen:
-                        seen.add(p)
-                        nxt.append(p)
+                nxt.update(task.pretasks)
             frontier = sorted(nxt)

@@ -14,9 +14,11 @@ Operations (:mod:`~tasksprint.coordinator.ops`) are parsed once, as they
 enter :meth:`CoordinatorMachine.apply`: ``init`` (first; seed and scheduler
 code digest), ``join``, ``done`` / ``failed`` (a task attempt's outcome),
 ``cancel`` and ``lost``, or a ``batch`` of reports.  A TICK carries the
-leader's clock and the clients it considers expired; the machine marks them
-dead, places their running tasks again and recomputes, from lineage,
-outputs that lived only on them and are still needed.
+leader's clock, the clients it considers expired and a ``grace`` (the
+leader's client timeout); the machine marks them dead, places their running
+tasks again and recomputes, from lineage, outputs that lived only on them
+and are still needed, once the grace has passed without the client coming
+back to offer them (or at once if it comes back without them).
 
 After each entry the machine *settles*: it recomputes lost outputs that some
 unfinished task needs, then places tasks on live clients
@@ -57,7 +59,7 @@ from tasksprint.coordinator import snapshots, views
 from tasksprint.coordinator.actions import SchedulerActions
 from tasksprint.coordinator.archive import History, MemoryHistory
 from tasksprint.coordinator.client_ops import ClientOps
-from tasksprint.coordinator.lineage import Lineage
+from tasksprint.coordinator.lineage import MAX_GRACE, Lineage
 from tasksprint.coordinator.ops import (
     Answer,
     BadOp,
@@ -228,12 +230,16 @@ class CoordinatorMachine(ClientOps, SchedulerActions, MachineQueries):
         s.now = max(s.now, float(now))
         expired = data.get("expired", []) if isinstance(data, dict) else []
         wanted = sorted({cid for cid in expired if is_int(cid)}) if isinstance(expired, list) else []
+        grace = data.get("grace", 0.0) if isinstance(data, dict) else 0.0
+        if not (isinstance(grace, (int, float)) and not isinstance(grace, bool) and 0 <= grace <= MAX_GRACE):
+            grace = 0.0
         dead: list[int] = []
         for cid in wanted:
             client = s.clients.get(cid)
             if client is not None and client.alive:
-                self._log.warning("client_dead", cid=client.cid, client=client.name, running=len(client.running))
-                self._lineage.client_died(client)
+                running, holds = len(client.running), len(client.holds)
+                self._log.warning("client_dead", cid=client.cid, client=client.name, running=running, holds=holds)
+                self._lineage.client_died(client, float(grace))
                 dead.append(cid)
         for cid in dead:
             # The default binds this cid (the hook runs now); mypy cannot type such a lambda.
@@ -415,7 +421,10 @@ class CoordinatorMachine(ClientOps, SchedulerActions, MachineQueries):
             s.recheck.clear()
             s.release_check.clear()
             return
-        self._lineage.recompute_lost()
+        self._lineage.end_wait()
+        recomputes = self._lineage.recompute_lost()
+        if recomputes:
+            self._log.info("recompute_started", tasks=recomputes)
         self._lineage.release_consumed()
         self._placement.place()
 

@@ -168,6 +168,11 @@ class CoordinatorState:
     in_ready: set[int] = attrs.Factory(set)
     in_early: set[int] = attrs.Factory(set)
     recheck: set[int] = attrs.Factory(set)  # lost outputs to reconsider; empty between entries
+    # Outputs lost with their holder's death that its client, coming back
+    # under the same name, may offer again: tid -> log time until which they
+    # are not recomputed (ordered by insertion, so by deadline).  An entry
+    # ends at the deadline, when the name joins again, or when re-adopted.
+    awaiting: dict[int, float] = attrs.Factory(dict)
     # Tasks whose held outputs may no longer be needed (a reader finished,
     # or they were made again); empty between entries.
     release_check: set[int] = attrs.Factory(set)
@@ -255,6 +260,10 @@ def check_invariants(s: CoordinatorState) -> None:
         ):
             assert versions == sorted(versions) and all(v <= s.version for v in versions)
     assert not s.recheck and not s.release_check
+    for tid in s.awaiting:
+        task = s.tasks[tid]
+        assert task.state is TaskState.DONE and task.holder is None, f"awaited task {tid}: {task.state}"
+        assert task.made_by is not None and not s.clients[task.made_by].alive, f"awaited task {tid}: maker alive"
     assert s.in_ready == set(s.ready_heap) and len(s.in_ready) == len(s.ready_heap), "ready heap bookkeeping"
     assert s.in_early == set(s.early_heap) and len(s.in_early) == len(s.early_heap), "early heap bookkeeping"
     assert s.queue <= s.in_ready | s.in_early, f"queued tasks on no heap: {sorted(s.queue - s.in_ready - s.in_early)}"
