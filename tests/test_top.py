@@ -142,6 +142,17 @@ def test_top_in_a_terminal_follows_a_computation(tmp_path: Path) -> None:
             text = read_until(r"tasks: 4/4 done")
             assert "computation: finished" in read_until("computation: finished")
             proc.send_signal(signal.SIGINT)
+            # Keep reading, as a terminal does: a pty nobody reads fills up,
+            # and top, redrawing, then blocks in write() and never sees Ctrl-C.
+            deadline = time.monotonic() + WAIT_SECONDS
+            while proc.poll() is None:
+                assert time.monotonic() < deadline, "top did not exit on SIGINT"
+                ready, _, _ = select.select([master], [], [], 0.2)
+                if ready:
+                    try:
+                        os.read(master, 65536)
+                    except OSError:  # the other side closed: top is gone
+                        break
             assert proc.wait(WAIT_SECONDS) == 0
         finally:
             if proc.poll() is None:
