@@ -102,25 +102,32 @@ def test_top_in_a_terminal_follows_a_computation(tmp_path: Path) -> None:
         cluster = run.cluster
         assert cluster is not None
         master, slave = pty.openpty()
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tasksprint.cli",
-                "top",
-                "--coordinators",
-                cluster.peers_arg,
-                "--secret-file",
-                str(cluster.secret_file),
-                "--interval",
-                "0.3",
-            ],
-            stdin=slave,
-            stdout=slave,
-            stderr=slave,
-            env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "140", "LINES": "50"},
-            start_new_session=True,
-        )
+        # Ctrl-C must reach top even if this test runs with SIGINT ignored
+        # (as a shell's background jobs do, and their children inherit):
+        # a process that starts with it ignored keeps ignoring it.
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tasksprint.cli",
+                    "top",
+                    "--coordinators",
+                    cluster.peers_arg,
+                    "--secret-file",
+                    str(cluster.secret_file),
+                    "--interval",
+                    "0.3",
+                ],
+                stdin=slave,
+                stdout=slave,
+                stderr=slave,
+                env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "140", "LINES": "50"},
+                start_new_session=True,
+            )
+        finally:
+            signal.signal(signal.SIGINT, previous)
         os.close(slave)
         screen = ""
 
