@@ -9,6 +9,7 @@ a context manager: leaving the block kills every process it started.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -23,18 +24,47 @@ import attrs
 HOST = "127.0.0.1"
 
 
-def free_ports(n: int, host: str = HOST) -> list[int]:
-    """``n`` distinct TCP ports that were free a moment ago on ``host``."""
-    socks = []
+#: Where the kernel picks the local ports of outgoing connections and of ``bind(0)``.
+_EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def _ephemeral_range() -> tuple[int, int]:
     try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind((host, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+        lo, hi = (int(x) for x in _EPHEMERAL.read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+    return lo, hi
+
+
+def free_ports(n: int, host: str = HOST) -> list[int]:
+    """``n`` distinct TCP ports that were free a moment ago on ``host``.
+
+    They are drawn outside the kernel's ephemeral range: a port taken from
+    it (as ``bind(0)`` would) may be given, between this call and the
+    replica's bind, to an outgoing connection as its local port (clients
+    started beside the replicas connect at once), and the replica could not
+    listen.  Outside the range only an explicit bind can take it.
+    """
+    lo, hi = _ephemeral_range()
+    below = range(max(1024, lo - 10_000), lo)
+    choices = below if len(below) >= 1000 else range(hi + 1, 65536)
+    rng = random.SystemRandom()
+    ports: list[int] = []
+    for _ in range(max(200, 20 * n)):
+        if len(ports) == n:
+            return ports
+        port = rng.choice(choices)
+        if port in ports:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue  # in use (or lingering): another one
+        ports.append(port)
+    if len(ports) == n:
+        return ports
+    raise OSError(f"found only {len(ports)} of {n} free TCP ports on {host} outside the ephemeral range {lo}-{hi}")
 
 
 @attrs.define(eq=False)
