@@ -21,7 +21,7 @@ from tasksprint_sdk.coordinator import (
 
 from tasksprint import codec
 from tasksprint.coordinator.machine import CoordinatorMachine, RunState
-from tasksprint.coordinator.ops import Initialized
+from tasksprint.coordinator.ops import Initialized, Joined
 from tasksprint.machine import Applier
 from tasksprint.paxos.messages import Batch, Command, Tick
 
@@ -98,6 +98,20 @@ class Sim:
         self.seen.setdefault(cid, 0)
         self.killed.setdefault(cid, [])
         return cid
+
+    def rejoin(self, old: int, name: str, holds: list[list[int]], have: tuple[str, ...] = ("x",)) -> Joined:
+        """Client ``name`` (incarnation ``old``, declared dead) joins again, its store as it was, offering ``holds``."""
+        result = self.h.op(
+            {"op": "join", "client": name, "addr": f"{name}:7001", "slots": 4, "have": list(have), "holds": holds}
+        )
+        assert isinstance(result, Joined), result
+        cid = result.cid
+        self.store[cid] = dict(self.store[old])  # the same object store
+        self.assigned[cid] = {}
+        self.seen[cid] = 0
+        self.killed[cid] = []
+        self.machine.check_invariants()
+        return result
 
     def poll(self, cid: int) -> dict[str, Any]:
         """Client ``cid`` reads its view; returns it as the plain data the simulated client keeps."""
@@ -480,6 +494,19 @@ def finish_in_random_order(sim: Sim, rng: random.Random, fail_rate: float = 0.0,
             sim.complete(cid, tid)
         sim.machine.check_invariants()
     raise AssertionError("the computation did not finish")
+
+
+def chain_ran_on_x(sim: Sim) -> tuple[Any, int, int]:
+    """:class:`ChainScheduler`'s a and b run on client x, c is placed on client y (it needs b, held only by x).
+
+    Returns the scheduler, x and y.
+    """
+    sched = sim.machine.scheduler
+    x = sim.join("x", slots=4, have=("x",))
+    y = sim.join("y", slots=4, have=("y",))
+    run_on(sim, x)
+    assert [t["tid"] for t in sim.poll(y)["tasks"]] == [sched.c]
+    return sched, x, y
 
 
 def run_on(sim: Sim, cid: int) -> None:

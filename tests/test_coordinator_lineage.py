@@ -18,6 +18,7 @@ from coordinator_harness import (
     RetryingFanIn,
     Sim,
     TolerantScheduler,
+    chain_ran_on_x,
     merge,
     montecarlo,
     names,
@@ -199,12 +200,8 @@ def test_dead_client_tasks_are_placed_again_and_its_late_report_ignored() -> Non
 
 def test_lost_outputs_are_recomputed_from_lineage() -> None:
     sim = Sim(ChainScheduler, ECHO)
-    sched = sim.machine.scheduler
-    x = sim.join("x", slots=4, have=("x",))
-    y = sim.join("y", slots=4, have=("y",))
-    run_on(sim, x)
     # a and b ran on x; c now runs on y and needs b's output, held only by x.
-    assert [t["tid"] for t in sim.poll(y)["tasks"]] == [sched.c]
+    sched, x, y = chain_ran_on_x(sim)
     before = sim.seen[y]
     sim.h.tick(expired=(x,))
     assert sched.dead == [x]

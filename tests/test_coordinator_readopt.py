@@ -4,28 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from coordinator_harness import ECHO, ChainScheduler, Harness, RandomScheduler, Sim, run_on
+from coordinator_harness import ECHO, ChainScheduler, Harness, RandomScheduler, Sim, chain_ran_on_x, run_on
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tasksprint_sdk.coordinator import Coordinator
 
 from tasksprint.coordinator.ops import ErrorCode, Initialized, Joined, Refused
 from tasksprint.coordinator.state import ACTIVE
-
-
-def rejoin(sim: Sim, old: int, name: str, holds: list[list[int]], have: tuple[str, ...] = ("x",)) -> Joined:
-    """Client ``name`` (incarnation ``old``, declared dead) joins again, its store as it was, offering ``holds``."""
-    result = sim.h.op(
-        {"op": "join", "client": name, "addr": f"{name}:7001", "slots": 4, "have": list(have), "holds": holds}
-    )
-    assert isinstance(result, Joined), result
-    cid = result.cid
-    sim.store[cid] = dict(sim.store[old])  # the same object store
-    sim.assigned[cid] = {}
-    sim.seen[cid] = 0
-    sim.killed[cid] = []
-    sim.machine.check_invariants()
-    return result
 
 
 def _read_by_an_active_task(m: Any, tid: int) -> bool:
@@ -36,11 +21,7 @@ def _read_by_an_active_task(m: Any, tid: int) -> bool:
 def chain_with_x_dead() -> tuple[Sim, Any, int, int]:
     """a and b ran on x, c is placed on y and needs b; then x is declared dead."""
     sim = Sim(ChainScheduler, ECHO)
-    sched = sim.machine.scheduler
-    x = sim.join("x", slots=4, have=("x",))
-    y = sim.join("y", slots=4, have=("y",))
-    run_on(sim, x)
-    assert [t["tid"] for t in sim.poll(y)["tasks"]] == [sched.c]
+    sched, x, y = chain_ran_on_x(sim)
     sim.h.tick(expired=(x,))
     assert sim.machine.task_info(sched.b)["state"] == "pending"  # recompute started
     assert sim.machine.task_info(sched.a)["state"] == "pending"
@@ -50,7 +31,7 @@ def chain_with_x_dead() -> tuple[Sim, Any, int, int]:
 def test_a_returning_client_is_readopted_and_the_recompute_cancelled() -> None:
     sim, sched, x, y = chain_with_x_dead()
     done_before = sim.h.status["tasks"]["done"]
-    joined = rejoin(sim, x, "x", [[sched.a, 1], [sched.b, 1]])
+    joined = sim.rejoin(x, "x", [[sched.a, 1], [sched.b, 1]])
     x2 = joined.cid
     assert x2 != x and joined.adopted == (sched.a, sched.b)
     info = sim.machine.task_info(sched.b)
@@ -83,7 +64,7 @@ def test_readoption_races_a_recomputation_on_another_client() -> None:
     assert [t["tid"] for t in view["tasks"]] == [sched.b]
     b_attempt = view["tasks"][0]["attempt"]
     # x returns with both: a was recomputed elsewhere (z's copy wins), b is taken back.
-    joined = rejoin(sim, x, "x", [[sched.a, 1], [sched.b, 1]])
+    joined = sim.rejoin(x, "x", [[sched.a, 1], [sched.b, 1]])
     assert joined.adopted == (sched.b,)
     # a was recomputed on z for b; b is back, so z may drop a's outputs.
     assert sim.machine.task_info(sched.a)["holder"] is None
@@ -104,7 +85,7 @@ def test_readoption_races_a_recomputation_on_another_client() -> None:
 
 def test_a_returning_client_whose_store_was_wiped_offers_nothing_and_the_recompute_runs() -> None:
     sim, sched, x, y = chain_with_x_dead()
-    joined = rejoin(sim, x, "x", [])
+    joined = sim.rejoin(x, "x", [])
     sim.store[joined.cid] = {}
     assert joined.adopted == ()
     sim.run()
@@ -121,7 +102,7 @@ def test_readoption_refuses_other_attempts_other_names_and_unknown_tasks() -> No
     # Another client offering x's outputs, or x offering an attempt that never committed: not taken.
     other = sim.h.op({"op": "join", "client": "w", "addr": "w:1", "slots": 1, "have": ["x"], "holds": [[sched.b, 1]]})
     assert isinstance(other, Joined) and other.adopted == ()
-    joined = rejoin(sim, x, "x", [[sched.b, 2], [sched.a, 0], [999, 1]])
+    joined = sim.rejoin(x, "x", [[sched.b, 2], [sched.a, 0], [999, 1]])
     assert joined.adopted == ()
     assert sim.machine.task_info(sched.b)["holder"] is None
 
@@ -129,7 +110,7 @@ def test_readoption_refuses_other_attempts_other_names_and_unknown_tasks() -> No
 def test_readopting_a_task_cancels_the_recompute_of_inputs_nothing_needs() -> None:
     sim, sched, x, y = chain_with_x_dead()
     # Only b's output survived on x: a's recompute was for b's recompute, and is no longer needed.
-    joined = rejoin(sim, x, "x", [[sched.b, 1]])
+    joined = sim.rejoin(x, "x", [[sched.b, 1]])
     assert joined.adopted == (sched.b,)
     info = sim.machine.task_info(sched.a)
     assert (info["state"], info["holder"], info["clients"]) == ("done", None, [])
@@ -140,9 +121,9 @@ def test_readopting_a_task_cancels_the_recompute_of_inputs_nothing_needs() -> No
 
 def test_a_client_dying_twice_is_readopted_twice() -> None:
     sim, sched, x, y = chain_with_x_dead()
-    x2 = rejoin(sim, x, "x", [[sched.a, 1], [sched.b, 1]]).cid
+    x2 = sim.rejoin(x, "x", [[sched.a, 1], [sched.b, 1]]).cid
     sim.h.tick(expired=(x2,))
-    x3 = rejoin(sim, x2, "x", [[sched.a, 1], [sched.b, 1]])
+    x3 = sim.rejoin(x2, "x", [[sched.a, 1], [sched.b, 1]])
     assert x3.adopted == (sched.a, sched.b)
     sim.run()
     assert sim.h.status["state"] == "finished"
@@ -156,7 +137,7 @@ def test_a_late_update_of_a_dead_incarnation_starts_no_new_one() -> None:
     assert isinstance(result, Refused) and result.code == ErrorCode.UNKNOWN.value, result
     assert sim.h.status["clients"] == {"live": 1, "dead": 1}
     # So x's rejoin is a new incarnation and takes its outputs back.
-    joined = rejoin(sim, x, "x", [[sched.a, 1], [sched.b, 1]])
+    joined = sim.rejoin(x, "x", [[sched.a, 1], [sched.b, 1]])
     assert joined.adopted == (sched.a, sched.b)
     # An update of the live incarnation applies; one naming the dead one still does not.
     again = sim.h.op(dict(update, cid=joined.cid))
@@ -326,7 +307,7 @@ def test_readopting_outputs_of_two_depths_cancels_the_whole_recompute_below_them
     sim.h.tick(expired=(x,))  # no grace: the recompute starts at once
     chain = (sched.t0, sched.l1, sched.l2, sched.total)
     assert [sim.machine.task_info(t)["state"] for t in chain] == ["pending"] * 4
-    joined = rejoin(sim, x, "x", [[sched.l2, 1], [sched.total, 1]])
+    joined = sim.rejoin(x, "x", [[sched.l2, 1], [sched.total, 1]])
     assert joined.adopted == (sched.l2, sched.total)
     for tid in chain:
         info = sim.machine.task_info(tid)

@@ -13,27 +13,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from coordinator_harness import ECHO, ChainScheduler, Sim, run_on
+from coordinator_harness import ECHO, ChainScheduler, Sim, chain_ran_on_x
 
 from tasksprint.coordinator.machine import CoordinatorMachine
-from tasksprint.coordinator.ops import Joined
 from tasksprint.machine import Applier
 
 GRACE = 3.0
-
-
-def rejoin(sim: Sim, old: int, name: str, holds: list[list[int]], have: tuple[str, ...]) -> Joined:
-    """Client ``name`` (incarnation ``old``, declared dead) joins again with its store, offering ``holds``."""
-    result = sim.h.op(
-        {"op": "join", "client": name, "addr": f"{name}:7001", "slots": 4, "have": list(have), "holds": holds}
-    )
-    assert isinstance(result, Joined), result
-    sim.store[result.cid] = dict(sim.store[old])
-    sim.assigned[result.cid] = {}
-    sim.seen[result.cid] = 0
-    sim.killed[result.cid] = []
-    sim.machine.check_invariants()
-    return result
 
 
 def all_cut_off(grace: Any = GRACE) -> tuple[Sim, Any, int, int, int]:
@@ -42,11 +27,7 @@ def all_cut_off(grace: Any = GRACE) -> tuple[Sim, Any, int, int, int]:
     w, a client that could run a and b, stays alive (the first to come back, say).
     """
     sim = Sim(ChainScheduler, ECHO)
-    sched = sim.machine.scheduler
-    x = sim.join("x", slots=4, have=("x",))
-    y = sim.join("y", slots=4, have=("y",))
-    run_on(sim, x)
-    assert [t["tid"] for t in sim.poll(y)["tasks"]] == [sched.c]
+    sched, x, y = chain_ran_on_x(sim)
     assert sim.machine.task_info(sched.a)["holder"] is None  # released: b, its reader, is done
     w = sim.join("w", slots=4, have=("x",))
     sim.h.tick(expired=(x, y), grace=grace)
@@ -67,13 +48,13 @@ def test_no_recompute_starts_while_the_dead_holder_may_come_back() -> None:
     assert sim.poll(w)["tasks"] == []
     sim.h.tick(advance=1.0)
     # y comes back first (it held nothing): still nothing to recompute.
-    y2 = rejoin(sim, y, "y", [], have=("y",)).cid
+    y2 = sim.rejoin(y, "y", [], have=("y",)).cid
     assert sim.poll(w)["tasks"] == [] and recomputing(sim, sched) == ["done", "done"]
     # c, replaced when y died, waits for its input.
     assert sim.poll(y2)["tasks"] == [] and sim.machine.task_info(sched.c)["state"] == "pending"
     sim.h.tick(advance=1.0)
     # x comes back within the grace and offers b: taken back, c runs, nothing was redone.
-    x2 = rejoin(sim, x, "x", [[sched.b, 1]], have=("x",))
+    x2 = sim.rejoin(x, "x", [[sched.b, 1]], have=("x",))
     assert x2.adopted == (sched.b,)
     sim.run()
     assert sim.h.status["state"] == "finished"
@@ -91,13 +72,13 @@ def test_the_recompute_starts_when_the_grace_has_passed() -> None:
     sim.h.tick(advance=1.0)  # GRACE seconds after the death: x is not waited for any longer
     assert recomputing(sim, sched) == ["running", "pending"]  # a runs on w, b waits for it
     assert [t["tid"] for t in sim.poll(w)["tasks"]] == [sched.a]
-    y2 = rejoin(sim, y, "y", [], have=("y",)).cid
+    y2 = sim.rejoin(y, "y", [], have=("y",)).cid
     sim.run()
     assert sim.h.status["state"] == "finished"
     assert sim.machine.task_info(sched.b)["holder"] == w
     assert sim.machine.task_info(sched.c)["holder"] == y2
     # x, back too late, offers b: the recompute that completed on w wins.
-    late = rejoin(sim, x, "x", [[sched.b, 1]], have=("x",))
+    late = sim.rejoin(x, "x", [[sched.b, 1]], have=("x",))
     assert late.adopted == ()
     counts = sim.h.status["tasks"]
     assert (counts["completed"], counts["recomputed"], counts["readopted"]) == (3, 2, 0)
@@ -107,9 +88,9 @@ def test_a_client_back_without_its_outputs_ends_the_wait_at_once() -> None:
     sim, sched, x, y, w = all_cut_off()
     # x's store was wiped (a restarted process): it offers nothing, and what it
     # held is recomputed now, not after the grace.
-    rejoin(sim, x, "x", [], have=("x",))
+    sim.rejoin(x, "x", [], have=("x",))
     assert recomputing(sim, sched) == ["running", "pending"]
-    rejoin(sim, y, "y", [], have=("y",))
+    sim.rejoin(y, "y", [], have=("y",))
     sim.run()
     assert sim.h.status["state"] == "finished"
     assert sim.h.status["tasks"]["recomputed"] == 2
@@ -119,7 +100,7 @@ def test_the_awaited_outputs_are_kept_until_taken_back() -> None:
     sim, sched, x, y, w = all_cut_off()
     # Only b was held (a was released before): only b is awaited, until GRACE after the death.
     assert sim.machine.state.awaiting == {sched.b: sim.h.now + GRACE}
-    x2 = rejoin(sim, x, "x", [[sched.b, 1]], have=("x",)).cid
+    x2 = sim.rejoin(x, "x", [[sched.b, 1]], have=("x",)).cid
     assert sim.machine.state.awaiting == {}
     assert sim.machine.task_info(sched.b)["holder"] == x2
 
@@ -140,7 +121,7 @@ def test_the_wait_survives_a_snapshot() -> None:
     assert awaiting
     for _ in range(3):
         sim.h.tick(advance=1.0)
-    rejoin(sim, y, "y", [], have=("y",))
+    sim.rejoin(y, "y", [], have=("y",))
     sim.run()
     assert sim.h.status["state"] == "finished"
 
