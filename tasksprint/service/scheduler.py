@@ -216,6 +216,7 @@ class QueueScheduler(QueueQueries):
         first = self.next_id
         now = self.now
         recs, opened, tally = self.recs, self.open, self.tally
+        tags = [task_tags(spec.run) for spec in specs]  # once per distinct spec, not per task
         for i in each:
             spec = specs[i]
             sid = self.next_id
@@ -223,7 +224,7 @@ class QueueScheduler(QueueQueries):
             rec = Rec(spec, now)
             recs[sid] = rec
             opened[sid] = None
-            for tag in task_tags(rec.spec):
+            for tag in tags[i]:
                 self.tagged.setdefault(tag, {})[sid] = None
             tally["waiting"] += 1
             if rec.job is not None:
