@@ -27,7 +27,9 @@ import random
 import shlex
 import signal
 import socket
+import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
@@ -48,7 +50,7 @@ from tasksprint.batch.statusfile import (
 )
 from tasksprint.batch.taskfile import Task, TaskFileError, parse_taskfile
 from tasksprint.batch_retire import Retirer
-from tasksprint.batch_run import BatchRun, in_slurm, slurm_addresses, slurm_hostnames, this_node
+from tasksprint.batch_run import ENDED, BatchRun, in_slurm, slurm_addresses, slurm_hostnames, this_node
 from tasksprint.channel import ASK_ERRORS, ReplicaChannel
 from tasksprint.config import parse_peers
 from tasksprint.coordinator.ops import SchedulerAnswer, SchedulerRequest, StatusRequest
@@ -558,6 +560,30 @@ def add_engines(prefix: str, args: argparse.Namespace, *, err: TextIO = sys.stde
     if in_slurm() and not listed:
         # The clients exit once the run ended; the job ends with them, not before.
         print(f"tasksprint batch: engines {[e[:2] for e in engines]} joined {prefix}; until the run ends", file=err)
-        for proc in procs:
-            proc.wait()
+        _wait_for_end(run, procs)
     return 0
+
+
+#: Seconds the added engines' clients get to exit by themselves once the run ended (as the driver gives its own).
+CLIENT_GRACE_S = 5.0
+
+
+def _wait_for_end(run: BatchRun, procs: list[subprocess.Popen[bytes]]) -> None:
+    """Wait for the added engines' clients; once the driver has ended the run, give them its grace, then stop them.
+
+    A client that joined exits when it sees the run end; one that never reached
+    the replicas (they stopped first) would try them for ever.
+    """
+    ended = run.run_dir / ENDED
+    while any(p.poll() is None for p in procs):
+        if ended.exists():
+            deadline = time.monotonic() + CLIENT_GRACE_S
+            while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+            for p in procs:
+                p.wait()
+            return
+        time.sleep(0.2)

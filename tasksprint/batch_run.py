@@ -138,6 +138,10 @@ def stop_steps(names: list[str]) -> None:
         return
 
 
+#: Written in the run directory when the driver stops the run.
+ENDED = "ended"
+
+
 @attrs.define(eq=False)
 class BatchRun:
     """One run's files and processes; ``prefix`` names them all."""
@@ -299,6 +303,10 @@ class BatchRun:
         (a run given up before its end).
         """
         info = self.info() if (self.run_dir / "run.json").exists() else {}
+        if self.run_dir.is_dir():
+            # Engines added later (``--add-engines``) wait for this: a client that
+            # never reached the replicas would otherwise wait for them for ever.
+            (self.run_dir / ENDED).touch()
         if kill_clients:
             for p in self.clients:
                 if p.poll() is None:

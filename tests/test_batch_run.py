@@ -337,3 +337,29 @@ def test_a_failed_batch_computation_is_reported_not_waited_for() -> None:
         assert why == "the batch scheduler failed: init raised E"
 
     trio.run(main)
+
+
+def test_added_engines_that_never_reached_the_replicas_are_stopped_once_the_run_ended(tmp_path: Path) -> None:
+    """An engine added with --add-engines whose client started after the replicas stopped would try
+    them for ever, and its Slurm job with it: once the driver marks the run ended, the clients get
+    the driver's grace and are then stopped."""
+    import subprocess
+    import threading
+
+    from tasksprint.batch_command import _wait_for_end
+    from tasksprint.batch_run import ENDED, BatchRun
+
+    run = BatchRun(str(tmp_path / "r"))
+    run.run_dir.mkdir(parents=True)
+    stuck = subprocess.Popen(["sleep", "600"])
+    try:
+        done = threading.Event()
+        waiter = threading.Thread(target=lambda: (_wait_for_end(run, [stuck]), done.set()))
+        waiter.start()
+        assert not done.wait(0.5)  # the run goes on: the engines stay
+        (run.run_dir / ENDED).touch()
+        waiter.join(60)
+        assert done.is_set() and stuck.poll() is not None
+    finally:
+        stuck.kill()
+        stuck.wait()
