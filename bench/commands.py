@@ -22,7 +22,10 @@ What is timed: for TaskSprint, from the replica's ``client_joined`` entry
 finish first; for xargs, its whole run.  Beside the times, the CPU time each
 system spent per task (user and system, all its processes, the tasks
 included; for TaskSprint start-up and shut-down of its four processes too):
-on a machine shared with other work it is the steadier figure.
+on a machine shared with other work it is the steadier figure.  It is also
+split by process -- each replica, the client, and the tasks the client
+reaped (read from ``/proc`` when the computation has finished: start-up
+included, shut-down not) -- to show where an improvement must come from.
 
 Usage::
 
@@ -36,6 +39,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -88,6 +92,35 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_cpu(pid: int) -> tuple[float, float]:
+    """(own, reaped children's) CPU seconds of a live process, from ``/proc/PID/stat``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    utime, stime, cutime, cstime = (int(f) for f in fields[11:15])
+    return (utime + stime) / _CLOCK_TICKS, (cutime + cstime) / _CLOCK_TICKS
+
+
+def _cpu_by_role(run: LocalRun) -> dict[str, float]:
+    """CPU seconds so far of each replica, of the client, and of the tasks the client reaped.
+
+    Read while the processes still run (after the computation finished, before
+    they stop): start-up is included, shut-down is not.
+    """
+    roles: dict[str, float] = {}
+    assert run.cluster is not None
+    for i, proc in enumerate(run.cluster.procs):
+        if proc is not None:
+            roles[f"replica{i}"] = _proc_cpu(proc.pid)[0]
+    own = tasks = 0.0
+    for proc in run.client_procs:
+        mine, children = _proc_cpu(proc.pid)
+        own, tasks = own + mine, tasks + children
+    roles["client"], roles["tasks"] = own, tasks
+    return roles
+
+
 def _events(path: Path, name: str) -> list[float]:
     stamps = []
     for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
@@ -108,6 +141,7 @@ def run_tasksprint(command: str, n: int, slots: int, tmp: Path) -> dict[str, Any
     try:
         run.start()
         status = trio.run(run.wait_status)
+        by_role = _cpu_by_role(run)
     finally:
         run.stop()
     cpu = _children_cpu() - cpu0
@@ -125,6 +159,7 @@ def run_tasksprint(command: str, n: int, slots: int, tmp: Path) -> dict[str, Any
         "tasks_per_s": n / seconds,
         "startup_included_s": time.time() - t0,
         "cpu_ms_per_task": 1000 * cpu / n,
+        "cpu_ms_per_task_by_role": {role: 1000 * seconds / n for role, seconds in by_role.items()},
         "enforcement": status.result.values["enforcement"],
     }
 
@@ -175,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{w['slowdown']:8.2f}x {ours['cpu_ms_per_task']:12.2f} {xargs['cpu_ms_per_task']:6.2f} "
             f"{w['cpu_ratio']:5.2f}x  {ours['enforcement']}"
         )
+        roles = ", ".join(f"{role} {ms:.2f}" for role, ms in ours["cpu_ms_per_task_by_role"].items())
+        print(f"{'':10} cpu ms/task by process (start-up included): {roles}")
     return 0
 
 
