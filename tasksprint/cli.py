@@ -9,11 +9,12 @@ contracts keep trio and the network out of it.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from tasksprint import commands, launch
 from tasksprint.credentials import SecretError
@@ -360,5 +361,18 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_USAGE
 
 
+def _exit(code: int) -> NoReturn:
+    """End this process with ``code``, without the interpreter's last full garbage collection.
+
+    Every object still alive is freed by the exit anyway; collecting them
+    first costs each process of a cluster tens of milliseconds at the end of
+    every run, on the path from the last task to the command's return.
+    Files are closed, the replica's storage too, by the commands themselves;
+    exit handlers and the flush of stdout and stderr still run.
+    """
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())
