@@ -204,6 +204,30 @@ def test_a_restarted_cluster_waits_for_an_election_timeout():
     assert leaders(c) == [1]
 
 
+def test_a_recovering_replica_asks_a_peer_again_as_soon_as_its_connection_is_up():
+    c, net = make(3, fresh=True)
+    (query,) = net.peek(RecoverQuery, src=0, dst=1)
+    net.drop(RecoverQuery, src=0, dst=1)  # lost: replica 1 did not listen yet
+    core(c, 0).peer_connected(1)
+    c.drain(0)
+    # The same question, at once and only to that peer (a leader re-runs phase 1 once per question).
+    assert net.peek(RecoverQuery, src=0, dst=1) == [query]
+    assert [d for s, d, m in net.queue if s == 0 and isinstance(m, RecoverQuery)] == [2, 1]
+    net.flush()
+    assert leaders(c) == [0]
+
+
+def test_a_replica_that_votes_sends_nothing_when_a_connection_comes_up():
+    c, net = make(3)
+    elect(c, net, 0)
+    run(c, net, 0.2)
+    net.queue.clear()
+    for r in range(3):
+        core(c, r).peer_connected((r + 1) % 3)
+        c.drain(r)
+    assert net.queue == []
+
+
 def test_fresh_cluster_where_one_replica_campaigned_alone_still_starts():
     """Regression (seed 25): replica 0 found everyone empty and campaigned before
     the others' queries reached it; its promise made them wait for a leader

@@ -257,6 +257,17 @@ class PaxosCore(LeaderRole):
         self._election.lose_leader(self._now)
         self._start_prevote()
 
+    def peer_connected(self, dst: int) -> None:
+        """The driver's connection to replica ``dst`` is up (again).
+
+        A recovering replica sends ``dst`` its current recovery query at once
+        instead of at its next retry: what it sent before the connection was up
+        was lost, and a new cluster starts only once every replica answered.
+        The same query, not a new one: a leader re-runs phase 1 once per query.
+        """
+        if self._role is Role.RECOVERING and 0 <= dst < self._config.replicas and dst != self._rid:
+            self._send(dst, self._rec.current_query(self._now))
+
     def compact(self, index: int, data: bytes) -> None:
         """The driver took a snapshot of the state after applying slot ``index``."""
         truncate = self._learner.compact(index, data, self._config.keep_after_snapshot)
