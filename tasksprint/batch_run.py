@@ -29,7 +29,7 @@ import attrs
 
 from tasksprint.batch.scheduler import engine_name
 from tasksprint.batch.slurm import node_addresses, same_host
-from tasksprint.localcluster import LocalCluster
+from tasksprint.localcluster import LocalCluster, wait_exit
 
 __all__ = [
     "RUN_DIR_SUFFIX",
@@ -101,7 +101,7 @@ class _Cluster(LocalCluster):
             deadline = time.monotonic() + timeout
             for p in stepped.values():
                 with contextlib.suppress(subprocess.TimeoutExpired):
-                    p.wait(max(0.01, deadline - time.monotonic()))
+                    wait_exit(p, max(0.01, deadline - time.monotonic()))
         super().stop(timeout)
 
 
@@ -314,7 +314,7 @@ class BatchRun:
         deadline = time.monotonic() + 5.0
         for p in self.clients:
             try:
-                p.wait(max(0.01, deadline - time.monotonic()))
+                wait_exit(p, max(0.01, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.terminate()
                 try:
