@@ -348,10 +348,12 @@ def main(argv: list[str] | None = None) -> int:
             case "top":
                 return commands.top(args)
             case "batch":
-                from tasksprint import batch_api, batch_command
-
                 if args.submit or args.close:
+                    from tasksprint import batch_api
+
                     return batch_api.submit_command(args)
+                from tasksprint import batch_command
+
                 return batch_command.main(args)
             case "client-credential":
                 return launch.print_client_credential(args)
