@@ -76,6 +76,7 @@ def wait_exit(proc: subprocess.Popen, timeout: float) -> int:
     process did.  On Linux a pidfd of the process becomes readable when it
     exits.  Raises :class:`subprocess.TimeoutExpired` as ``Popen.wait`` does.
     """
+    deadline = time.monotonic() + timeout
     if proc.returncode is None and hasattr(os, "pidfd_open"):
         try:
             fd = os.pidfd_open(proc.pid)
@@ -88,11 +89,12 @@ def wait_exit(proc: subprocess.Popen, timeout: float) -> int:
                 poller.poll(max(0, int(timeout * 1000) + 1))
             finally:
                 os.close(fd)
-            try:
-                return proc.wait(0)
-            except subprocess.TimeoutExpired:
-                raise subprocess.TimeoutExpired(proc.args, timeout) from None
-    return proc.wait(timeout)
+    # Once the pidfd said so, at once; but the exit may reach this parent a little after the
+    # pidfd (a tracer such as strace sees it first): Popen.wait covers the rest of the timeout.
+    try:
+        return proc.wait(max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        raise subprocess.TimeoutExpired(proc.args, timeout) from None
 
 
 @attrs.define(eq=False)
