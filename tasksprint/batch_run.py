@@ -32,6 +32,7 @@ from tasksprint.batch.slurm import node_addresses, same_host
 from tasksprint.localcluster import LocalCluster, wait_exit
 
 __all__ = [
+    "EXIT_FAILED",
     "RUN_DIR_SUFFIX",
     "SSH_COMMAND_ENV",
     "BatchRun",
@@ -137,6 +138,9 @@ def stop_steps(names: list[str]) -> None:
     except (OSError, subprocess.SubprocessError):
         return
 
+
+#: The exit code of a batch that failed (a task failed with -e, or the run ended early).
+EXIT_FAILED = 1
 
 #: Written in the run directory when the driver stops the run.
 ENDED = "ended"

@@ -49,3 +49,22 @@ def test_with_an_http_endpoint_the_web_server_is_loaded(command: str) -> None:
     argv = [*argv, flag, "127.0.0.1:0"]
     code = _ENDPOINT.format(command=command, argv=argv, flag=flag, served="127.0.0.1:0")
     assert _loaded_after(code, WEB) == list(WEB)
+
+
+FOLLOWING = ("trio", "structlog", "tasksprint.channel")
+
+_PREPARED = """
+from tasksprint import batch_command, batch_run, cli
+args = cli.build_parser("batch").parse_args(["batch", "-s", "localhost:2", "Tasks"])
+prepared = batch_command.prepare(args, b"true\\n")
+assert isinstance(prepared.run, batch_run.BatchRun)
+"""
+
+
+def test_a_batch_driver_has_what_starts_its_replicas_without_trio_and_the_channel() -> None:
+    """It loads those while the replicas start (they are for following the run)."""
+    assert _loaded_after(_PREPARED, FOLLOWING) == []
+
+
+def test_following_a_batch_loads_them() -> None:
+    assert _loaded_after(_PREPARED + "from tasksprint import batch_follow\n", FOLLOWING) == list(FOLLOWING)
