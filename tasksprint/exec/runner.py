@@ -142,7 +142,7 @@ class _Run:
     _group: TaskGroup
     _pid: int
     _pidfd: int
-    _stop: trio.Event = attrs.Factory(trio.Event)
+    _watch: trio.CancelScope | None = None  # the supervision's scope, while it runs
     _output_left: float = math.inf
     first_hit: Verdict | None = None
     hits: set[Verdict] = attrs.Factory(set)
@@ -159,7 +159,8 @@ class _Run:
         self.hits.add(verdict)
         if self.first_hit is None:
             self.first_hit = verdict
-        self._stop.set()
+        if self._watch is not None:
+            self._watch.cancel()
 
     async def wait_main(self) -> None:
         if self.status is None:
@@ -198,25 +199,36 @@ class _Run:
             if limits.memory_bytes is not None and used_mem is not None and used_mem > limits.memory_bytes:
                 self.hit(Verdict.MEMORY)
 
+    def _polls(self) -> bool:
+        """Whether the run needs the monitor: a CPU-time limit to poll, or a tree without a cgroup to scan."""
+        return self._spec.limits.cpu_time_s is not None or isinstance(self._group, RlimitGroup)
+
     async def supervise(self, wall_time_s: float | None, cancel: trio.Event | None) -> None:
         with trio.move_on_after(wall_time_s if wall_time_s is not None else math.inf) as wall:
-            async with trio.open_nursery() as watch:
-                watch.start_soon(self.monitor)
-                if cancel is not None:
-                    watch.start_soon(self._watch_cancel, cancel)
-                watch.start_soon(self._cancel_on_stop, watch.cancel_scope)
-                await self.wait_main()
-                watch.cancel_scope.cancel()
+            with trio.CancelScope() as watch:
+                self._watch = watch
+                if self.first_hit is not None:  # the output limit fired before the gate opened
+                    watch.cancel()
+                try:
+                    if self._polls() or cancel is not None:
+                        # Tasks only where something must be polled or awaited beside the main process.
+                        async with trio.open_nursery() as helpers:
+                            if self._polls():
+                                helpers.start_soon(self.monitor)
+                            if cancel is not None:
+                                helpers.start_soon(self._watch_cancel, cancel)
+                            await self.wait_main()
+                            helpers.cancel_scope.cancel()
+                    else:
+                        await self.wait_main()
+                finally:
+                    self._watch = None
         if wall.cancelled_caught and self.status is None:
             self.hit(Verdict.TIME)
 
     async def _watch_cancel(self, cancel: trio.Event) -> None:
         await cancel.wait()
         self.hit(Verdict.CANCELLED)
-
-    async def _cancel_on_stop(self, scope: trio.CancelScope) -> None:
-        await self._stop.wait()
-        scope.cancel()
 
     async def kill_tree(self) -> None:
         """Kill every process of the group, round after round, until none is left (once is enough)."""
