@@ -337,6 +337,20 @@ class CgroupV2Group:
 # --------------------------------------------------------------------------
 # cgroup v1
 
+#: Memory a v1 group may keep charged (kernel objects of earlier runs) and be reused.
+REUSE_RESIDUE = 1024 * 1024
+
+
+@attrs.frozen
+class _V1Counters:
+    """A v1 group's counters: peak memory, CPU nanoseconds, OOM kills and pids-limit hits so far."""
+
+    peak: int | None = 0
+    user_ns: int | None = 0
+    system_ns: int | None = 0
+    oom_kills: int = 0
+    pids_max_hits: int = 0
+
 
 @attrs.define(eq=False)
 class CgroupV1Group:
@@ -346,6 +360,10 @@ class CgroupV1Group:
     _limits: Limits
     enforcement: Enforcement = Enforcement.CGROUP_V1
     unenforced: tuple[str, ...] = ()
+    # What earlier runs in this group left in its counters (see reset): the
+    # next run's usage is read relative to it.
+    _base: _V1Counters = attrs.Factory(lambda: _V1Counters())
+    _last: _V1Counters | None = None  # the counters usage() read last
 
     @classmethod
     def create(cls, layout: CgroupLayout, name: str, limits: Limits) -> CgroupV1Group:
@@ -419,22 +437,66 @@ class CgroupV1Group:
     def memory_bytes(self) -> int | None:
         return _read_int(os.path.join(self._dirs["memory"], "memory.usage_in_bytes"))
 
-    def usage(self) -> GroupUsage:
-        mem = self._dirs["memory"]
-        user = system = None
-        if "cpuacct" in self._dirs:
-            u = _read_int(os.path.join(self._dirs["cpuacct"], "cpuacct.usage_user"))
-            s = _read_int(os.path.join(self._dirs["cpuacct"], "cpuacct.usage_sys"))
-            user = u / 1e9 if u is not None else None
-            system = s / 1e9 if s is not None else None
-        oom = _flat_keyed(os.path.join(mem, "memory.oom_control")).get("oom_kill", 0) > 0
-        return GroupUsage(
-            peak_memory_bytes=_read_int(os.path.join(mem, "memory.max_usage_in_bytes")),
-            user_cpu_s=user,
-            system_cpu_s=system,
-            oom_killed=oom,
-            pids_limit_hit=_flat_keyed(os.path.join(self._dirs["pids"], "pids.events")).get("max", 0) > 0,
+    @property
+    def limits(self) -> Limits:
+        """The limits the group was made for."""
+        return self._limits
+
+    def _counters(self) -> _V1Counters:
+        mem, cpuacct = self._dirs["memory"], self._dirs.get("cpuacct")
+        return _V1Counters(
+            peak=_read_int(os.path.join(mem, "memory.max_usage_in_bytes")),
+            user_ns=_read_int(os.path.join(cpuacct, "cpuacct.usage_user")) if cpuacct else None,
+            system_ns=_read_int(os.path.join(cpuacct, "cpuacct.usage_sys")) if cpuacct else None,
+            oom_kills=_flat_keyed(os.path.join(mem, "memory.oom_control")).get("oom_kill", 0),
+            pids_max_hits=_flat_keyed(os.path.join(self._dirs["pids"], "pids.events")).get("max", 0),
         )
+
+    def usage(self) -> GroupUsage:
+        now, base = self._counters(), self._base
+        self._last = now
+
+        def seconds(ns: int | None, base_ns: int | None) -> float | None:
+            return (ns - (base_ns or 0)) / 1e9 if ns is not None else None
+
+        return GroupUsage(
+            peak_memory_bytes=max(0, now.peak - (base.peak or 0)) if now.peak is not None else None,
+            user_cpu_s=seconds(now.user_ns, base.user_ns),
+            system_cpu_s=seconds(now.system_ns, base.system_ns),
+            oom_killed=now.oom_kills > base.oom_kills,
+            pids_limit_hit=now.pids_max_hits > base.pids_max_hits,
+        )
+
+    def reset(self) -> bool:
+        """Make the group ready for another run; whether it is (else remove it).
+
+        The group must be empty (its tree dead).  Counters that cannot be
+        reset -- CPU time, OOM kills, pids-limit hits -- are kept as the
+        base the next run's usage is read from.  The peak is reset to the
+        memory still charged to the group (kernel objects and page cache of
+        earlier runs), which is the base of the next run's peak.  Above
+        :data:`REUSE_RESIDUE` the group's memory is reclaimed first; a group
+        that keeps more than that is not reused.
+        """
+        mem = self._dirs["memory"]
+        if _members(os.path.join(self._dirs["pids"], "cgroup.procs")) or _members(os.path.join(mem, "cgroup.procs")):
+            return False  # a process the kill missed: the caller kills and removes the group
+        counters = self._last if self._last is not None else self._counters()
+        try:
+            charged = _read_int(os.path.join(mem, "memory.usage_in_bytes"))
+            if charged is None:
+                return False
+            if charged > REUSE_RESIDUE:
+                _write(os.path.join(mem, "memory.force_empty"), "0")
+            _write(os.path.join(mem, "memory.max_usage_in_bytes"), "0")  # the peak restarts at the current usage
+        except OSError:
+            return False
+        residue = _read_int(os.path.join(mem, "memory.max_usage_in_bytes"))
+        if residue is None or residue > REUSE_RESIDUE:
+            return False
+        self._base = attrs.evolve(counters, peak=residue)
+        self._last = None
+        return True
 
     def remove(self) -> None:
         for path in dict.fromkeys(self._dirs.values()):

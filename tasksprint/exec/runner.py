@@ -38,7 +38,6 @@ import errno
 import functools
 import math
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -51,6 +50,7 @@ import trio
 
 from tasksprint.exec import proctree, sandbox, spawner
 from tasksprint.exec.cgroup import CgroupLayout, CgroupV1Group, CgroupV2Group
+from tasksprint.exec.cgroup_pool import CgroupPool, group_name
 from tasksprint.exec.group import GroupUsage, TaskGroup
 from tasksprint.exec.guardian import Guardian
 from tasksprint.exec.rlimit import RlimitGroup
@@ -276,18 +276,22 @@ def _find_program(name: str, cwd: str, path: str) -> bool:
     return shutil.which(name, path=path) is not None
 
 
-def open_task_group(layout: CgroupLayout | None, limits: Limits, markers: tuple[bytes, ...]) -> TaskGroup:
-    """A new task group: in ``layout`` when given and writable, else the rlimit fallback.
+def open_task_group(
+    layout: CgroupLayout | None, limits: Limits, markers: tuple[bytes, ...], pool: CgroupPool | None = None
+) -> TaskGroup:
+    """A task group: in ``layout`` when given and writable, else the rlimit fallback.
 
-    Raises nothing for an unwritable cgroup: the fallback is used and says so
-    in its ``enforcement``.
+    With ``pool`` (for ``layout``) the group is one it kept, when one fits.
+    Raises nothing for an unwritable cgroup: the fallback is used and says
+    so in its ``enforcement``.
     """
     if layout is not None:
-        name = f"{os.getpid()}-{secrets.token_hex(6)}"
         try:
+            if pool is not None and pool.layout == layout:
+                return pool.take(limits)
             if layout.version is Enforcement.CGROUP_V2:
-                return CgroupV2Group.create(layout, name, limits)
-            return CgroupV1Group.create(layout, name, limits)
+                return CgroupV2Group.create(layout, group_name(), limits)
+            return CgroupV1Group.create(layout, group_name(), limits)
         except OSError:
             pass
     return RlimitGroup.create(limits, markers)
@@ -315,6 +319,7 @@ async def run_command(
     client_env: dict[str, str] | None = None,
     slot: contextlib.AbstractAsyncContextManager[Any] | None = None,
     guardian: Guardian | None = None,
+    pool: CgroupPool | None = None,
 ) -> CommandRecord:
     """Run ``spec`` to the end and return its :class:`CommandRecord`; never leaves a process behind.
 
@@ -339,6 +344,10 @@ async def run_command(
     ``guardian`` (running for ``cgroups``) kills the task's group if this
     process dies; without one only the task's main process dies with this
     process (``PR_SET_PDEATHSIG``), and the rest waits for the next sweep.
+
+    ``pool`` (for ``cgroups``) lends the task a group kept from an earlier
+    run with the same limits, and keeps its group afterwards, emptied and
+    reset, instead of removing it (see :mod:`tasksprint.exec.cgroup_pool`).
     """
     host = host if host is not None else socket.gethostname()
     cwd = spec.cwd if spec.cwd is not None else os.getcwd()
@@ -346,7 +355,7 @@ async def run_command(
     markers = tuple(f"{n}={env[n]}".encode() for n in ("TASKSPRINT_TASK_ID", "TASKSPRINT_ATTEMPT", "TASKSPRINT_CLIENT"))
     started = time.time()
     t0 = time.monotonic()
-    group = open_task_group(cgroups, spec.limits, markers)
+    group = open_task_group(cgroups, spec.limits, markers, pool)
 
     def record(verdict: Verdict, **fields: Any) -> CommandRecord:
         finished = time.time()
@@ -482,7 +491,8 @@ async def run_command(
             for fd in fds:
                 os.close(fd)  # a gate never opened: the waiting wrapper (killed already) would read its end
             await held.aclose()
-            await _remove_group(group)
+            if pool is None or not pool.give_back(group):
+                await _remove_group(group)
 
 
 def _open_gate(gate_w: int) -> None:
