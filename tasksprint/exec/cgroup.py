@@ -364,6 +364,7 @@ class CgroupV1Group:
     # next run's usage is read relative to it.
     _base: _V1Counters = attrs.Factory(lambda: _V1Counters())
     _last: _V1Counters | None = None  # the counters usage() read last
+    _procs_files: tuple[str, ...] | None = None
 
     @classmethod
     def create(cls, layout: CgroupLayout, name: str, limits: Limits) -> CgroupV1Group:
@@ -414,7 +415,9 @@ class CgroupV1Group:
     @property
     def procs_files(self) -> tuple[str, ...]:
         """The ``cgroup.procs`` files a process writes ``0`` to in order to join the group."""
-        return tuple(os.path.join(path, "cgroup.procs") for path in dict.fromkeys(self._dirs.values()))
+        if self._procs_files is None:  # the directories are all made by then
+            self._procs_files = tuple(os.path.join(path, "cgroup.procs") for path in dict.fromkeys(self._dirs.values()))
+        return self._procs_files
 
     def child_setup(self) -> None:
         for path in self.procs_files:

@@ -394,15 +394,16 @@ async def run_command(
                 group.child_setup()
 
             guarded = guardian is not None and guardian.alive()
-            gated = slot is not None and spawner.spawn_argv(group, spec, argv, env=env, guarded=guarded) is not None
-            gate_r = gate_w = -1
-            if gated:
+            if slot is not None:  # spawned ahead, at a gate, when a wrapper can start it
                 stdin_path = os.devnull if spec.stdin is None else os.path.abspath(os.path.join(cwd, spec.stdin))
                 wrapper = spawner.spawn_argv(group, spec, argv, env=env, gated_stdin=stdin_path, guarded=guarded)
-                gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
-                fds.extend((gate_r, gate_w))
             else:
                 wrapper = spawner.spawn_argv(group, spec, argv, env=env, guarded=guarded)
+            gated = slot is not None and wrapper is not None
+            gate_r = gate_w = -1
+            if gated:
+                gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
+                fds.extend((gate_r, gate_w))
             if wrapper is not None and not os.path.isdir(cwd):
                 raise FileNotFoundError(errno.ENOENT, "no such working directory", cwd)
             # A wrapper that is the task's own program (a cmd task's bash) fails to start as the task would.
