@@ -58,13 +58,17 @@ class CgroupLayout:
 # Small file helpers: cgroup files are tiny and local.
 
 
+_READ_SIZE = 65536
+
+
 def _read(path: str) -> str:
     # Plain system calls: a file object costs more than the read itself.
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
+        chunks = [os.read(fd, _READ_SIZE)]
+        # A cgroup file gives all it has up to the size asked: a short read was the end.
+        while len(chunks[-1]) == _READ_SIZE:
+            chunks.append(os.read(fd, _READ_SIZE))
         return b"".join(chunks).decode()
     finally:
         os.close(fd)
