@@ -133,6 +133,21 @@ def _join(procs_file: str) -> None:
         os.close(fd)
 
 
+def _cpu_ns(cpuacct: str) -> tuple[int | None, int | None]:
+    """User and system CPU nanoseconds of a v1 cpuacct group: one file read (``usage_all``) where there is one."""
+    try:
+        lines = _read(os.path.join(cpuacct, "cpuacct.usage_all")).split("\n")[1:]  # "cpu user system", then per CPU
+        rows = [[int(field) for field in line.split()] for line in lines if line.strip()]
+        if rows and all(len(row) == 3 for row in rows):
+            return sum(row[1] for row in rows), sum(row[2] for row in rows)
+    except (OSError, ValueError):
+        pass
+    return (
+        _read_int(os.path.join(cpuacct, "cpuacct.usage_user")),
+        _read_int(os.path.join(cpuacct, "cpuacct.usage_sys")),
+    )
+
+
 def _cpu_list(cores: tuple[int, ...]) -> str:
     return ",".join(str(c) for c in sorted(cores))
 
@@ -451,10 +466,11 @@ class CgroupV1Group:
 
     def _counters(self) -> _V1Counters:
         mem, cpuacct = self._dirs["memory"], self._dirs.get("cpuacct")
+        user_ns, system_ns = _cpu_ns(cpuacct) if cpuacct else (None, None)
         return _V1Counters(
             peak=_read_int(os.path.join(mem, "memory.max_usage_in_bytes")),
-            user_ns=_read_int(os.path.join(cpuacct, "cpuacct.usage_user")) if cpuacct else None,
-            system_ns=_read_int(os.path.join(cpuacct, "cpuacct.usage_sys")) if cpuacct else None,
+            user_ns=user_ns,
+            system_ns=system_ns,
             oom_kills=_flat_keyed(os.path.join(mem, "memory.oom_control")).get("oom_kill", 0),
             pids_max_hits=_flat_keyed(os.path.join(self._dirs["pids"], "pids.events")).get("max", 0),
         )
@@ -485,20 +501,21 @@ class CgroupV1Group:
         :data:`REUSE_RESIDUE` the group's memory is reclaimed first; a group
         that keeps more than that is not reused.
         """
-        mem = self._dirs["memory"]
-        if _members(os.path.join(self._dirs["pids"], "cgroup.procs")) or _members(os.path.join(mem, "cgroup.procs")):
+        # The pids group's member list is the one the kill empties; a task's
+        # processes join it (after the memory group, before running anything).
+        if _members(os.path.join(self._dirs["pids"], "cgroup.procs")):
             return False  # a process the kill missed: the caller kills and removes the group
         counters = self._last if self._last is not None else self._counters()
+        peak = os.path.join(self._dirs["memory"], "memory.max_usage_in_bytes")
         try:
-            charged = _read_int(os.path.join(mem, "memory.usage_in_bytes"))
-            if charged is None:
-                return False
-            if charged > REUSE_RESIDUE:
-                _write(os.path.join(mem, "memory.force_empty"), "0")
-            _write(os.path.join(mem, "memory.max_usage_in_bytes"), "0")  # the peak restarts at the current usage
+            _write(peak, "0")  # the peak restarts at what is charged now
+            residue = _read_int(peak)
+            if residue is not None and residue > REUSE_RESIDUE:
+                _write(os.path.join(self._dirs["memory"], "memory.force_empty"), "0")
+                _write(peak, "0")
+                residue = _read_int(peak)
         except OSError:
             return False
-        residue = _read_int(os.path.join(mem, "memory.max_usage_in_bytes"))
         if residue is None or residue > REUSE_RESIDUE:
             return False
         self._base = attrs.evolve(counters, peak=residue)
