@@ -45,7 +45,7 @@ from tasksprint.coordinator.specs import command_from_kwargs, record_outputs
 from tasksprint.exec.cgroup import CgroupLayout, detect_cgroups, sweep_stale_groups
 from tasksprint.exec.cgroup_pool import CgroupPool
 from tasksprint.exec.guardian import Guardian
-from tasksprint.exec.runner import TaskEnv, run_command
+from tasksprint.exec.runner import BASE_ENV_NAMES, TaskEnv, run_command
 from tasksprint.exec.spec import CommandRecord, CommandSpec, Verdict
 from tasksprint.exec.workdir import FILES_KEY, FilesError, collect, encode_files, input_files, stage
 from tasksprint.observe import NULL, Observer
@@ -95,6 +95,8 @@ class CommandTasks:
     _cgroups: CgroupLayout | None = None
     _guardian: Guardian | None = None  # kills the task groups if this process dies
     _pool: CgroupPool | None = None  # task groups kept from run to run
+    # The variables of this process's environment a task may see, read once.
+    _client_env: dict[str, str] = attrs.Factory(lambda: {n: os.environ[n] for n in BASE_ENV_NAMES if n in os.environ})
     # Commands spawned ahead of a slot or waiting to be (see run_in_slot); made with the first.
     _ahead: trio.CapacityLimiter | None = None
     _has_gpus: bool = False
@@ -228,6 +230,7 @@ class CommandTasks:
                 guardian=self._guardian,
                 pool=self._pool,
                 host=self.host,
+                client_env=self._client_env,
                 slot=slot,
             )
         finally:
