@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from tasksprint.exec.cgroup import CgroupLayout, CgroupV1Group, CgroupV2Group, detect_cgroups
 from tasksprint.exec.cgroup_pool import CgroupPool
@@ -200,3 +201,30 @@ def test_a_v2_group_is_never_kept(tmp_path: Path) -> None:
     pool = CgroupPool(layout)
     assert not pool.give_back(CgroupV2Group(str(tmp_path / "g"), Limits()))
     assert pool.idle() == 0
+
+
+async def test_a_clients_command_runner_keeps_one_group_per_slot_and_removes_them_when_closed(
+    layout: CgroupLayout, mark: str
+) -> None:
+    from tasksprint.command_tasks import CommandTasks
+    from tasksprint.coordinator.replies import Assignment
+    from tasksprint.coordinator.specs import COMMAND_TASK, command_kwargs
+
+    commands = CommandTasks("pool-client")
+    commands.start()
+    try:
+        spec = CommandSpec(cmd="true", env={MARK: mark}, limits=Limits(pids=64))
+        slots = trio.CapacityLimiter(1)
+        seen = []
+        for tid in (1, 2, 3):
+            task = Assignment(
+                tid=tid, attempt=1, name=COMMAND_TASK, args=[], kwargs=command_kwargs(spec), seed=0, timeout=None,
+                keys=(), inputs=(),
+            )  # fmt: skip
+            ran = await commands.run_in_slot(task, (), slots)
+            assert ran.error is None, ran
+            seen.append(_own_task_groups(layout))
+        assert seen[0] and seen[0] == seen[1] == seen[2], "one slot, one group, kept from task to task"
+    finally:
+        commands.close()
+    assert _own_task_groups(layout) == []
