@@ -218,13 +218,13 @@ def http_endpoint(args: argparse.Namespace, flag: str, role: str, observer: obse
     address, an unreadable credentials file, a non-loopback address without
     credentials, or another observer named by ``TASKSPRINT_OBSERVER``.
     """
+    where = getattr(args, flag.lstrip("-").replace("-", "_"))
+    if where is None:
+        return None  # before the imports: a process without an endpoint loads no web stack
     from tasksprint.dashboard.server import BindRefused, Credentials, check_bind
     from tasksprint.metrics import PrometheusObserver
     from tasksprint.metrics import observer as prometheus_observer
 
-    where = getattr(args, flag.lstrip("-").replace("-", "_"))
-    if where is None:
-        return None
     host, sep, port = where.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
