@@ -373,7 +373,11 @@ async def serve(
             await trio.sleep(limits.idle / 4)
             now = trio.current_time()
             for conn in [c for c in watched if c.waiting_for(now) >= limits.idle]:
-                await conn.close_idle(limits.idle)
+                try:
+                    await conn.close_idle(limits.idle)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    # Its receive has ended in any case; the server goes on.
+                    base_log.debug("idle_close_failed", error=bounded(str(exc)))
 
     listeners = await trio.open_tcp_listeners(port, host=host)
     async with trio.open_nursery() as nursery:
