@@ -43,8 +43,9 @@ import trio
 from tasksprint.coordinator.replies import Assignment
 from tasksprint.coordinator.specs import command_from_kwargs, record_outputs
 from tasksprint.exec.cgroup import CgroupLayout, detect_cgroups, sweep_stale_groups
+from tasksprint.exec.cgroup_pool import CgroupPool
 from tasksprint.exec.guardian import Guardian
-from tasksprint.exec.runner import TaskEnv, run_command
+from tasksprint.exec.runner import BASE_ENV_NAMES, TaskEnv, run_command
 from tasksprint.exec.spec import CommandRecord, CommandSpec, Verdict
 from tasksprint.exec.workdir import FILES_KEY, FilesError, collect, encode_files, input_files, stage
 from tasksprint.observe import NULL, Observer
@@ -93,6 +94,9 @@ class CommandTasks:
     observer: Observer = attrs.field(default=NULL, kw_only=True)
     _cgroups: CgroupLayout | None = None
     _guardian: Guardian | None = None  # kills the task groups if this process dies
+    _pool: CgroupPool | None = None  # task groups kept from run to run
+    # The variables of this process's environment a task may see, read once.
+    _client_env: dict[str, str] = attrs.Factory(lambda: {n: os.environ[n] for n in BASE_ENV_NAMES if n in os.environ})
     # Commands spawned ahead of a slot or waiting to be (see run_in_slot); made with the first.
     _ahead: trio.CapacityLimiter | None = None
     _has_gpus: bool = False
@@ -151,6 +155,7 @@ class CommandTasks:
         self._cgroups = detect_cgroups()
         if self._cgroups is not None:
             sweep_stale_groups(self._cgroups)
+            self._pool = CgroupPool(self._cgroups)
             guardian = Guardian(self._cgroups)
             try:
                 guardian.start()
@@ -159,7 +164,9 @@ class CommandTasks:
                 pass
 
     def close(self) -> None:
-        """Stop the guardian (once no task runs: it then removes what is left of their groups)."""
+        """Remove the kept task groups and stop the guardian (once no task runs: it removes what is left)."""
+        if self._pool is not None:
+            self._pool.close()
         if self._guardian is not None:
             self._guardian.close()
             self._guardian = None
@@ -221,7 +228,9 @@ class CommandTasks:
                 task_env=TaskEnv(task_id=str(task.tid), attempt=task.attempt, client=self.client),
                 cgroups=self._cgroups,
                 guardian=self._guardian,
+                pool=self._pool,
                 host=self.host,
+                client_env=self._client_env,
                 slot=slot,
             )
         finally:

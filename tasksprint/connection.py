@@ -47,7 +47,7 @@ class ConnectionClosed(Exception):
 
 
 class IdleTimeout(ConnectionClosed):
-    """Nothing arrived on a served connection for its idle timeout: it is closed."""
+    """Nothing arrived on a served connection for its idle timeout: it was closed (:meth:`Connection.close_idle`)."""
 
 
 class _ConnectionState(enum.Enum):
@@ -71,9 +71,6 @@ class Connection(trio.abc.AsyncResource):
 
     _stream: trio.abc.Stream
     _max_frame: int = attrs.field(default=MAX_FRAME_DEFAULT, kw_only=True)
-    #: Seconds a receive may wait for the peer's next bytes before the
-    #: connection counts as idle (:class:`IdleTimeout`); None: forever.
-    _idle_timeout: float | None = attrs.field(default=None, kw_only=True)
     #: The peer's Hello once the handshake succeeded, else None.
     peer: Hello | None = attrs.field(default=None, init=False)
     _received: FrameBuffer = attrs.field(factory=FrameBuffer, init=False)
@@ -83,6 +80,10 @@ class Connection(trio.abc.AsyncResource):
     # The rest of a write send_nowait could only hand over in part; the next
     # send writes it before anything else.
     _backlog: bytes = attrs.field(default=b"", init=False)
+    # Since when a receive waits for the peer's next bytes (None: none
+    # waits), and the idle time after which close_idle closed it.
+    _waiting_since: float | None = attrs.field(default=None, init=False)
+    _idled: float | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         check_max_frame(self._max_frame)
@@ -245,15 +246,34 @@ class Connection(trio.abc.AsyncResource):
         """Whether a whole frame is already buffered (the next ``receive`` returns without waiting)."""
         return self._received.frame_ready()
 
+    def waiting_for(self, now: float) -> float:
+        """Seconds a receive has been waiting for the peer's next bytes at ``now`` (0 if none waits)."""
+        since = self._waiting_since
+        return 0.0 if since is None else now - since
+
+    async def close_idle(self, idle: float) -> None:
+        """Close the connection because nothing arrived for ``idle`` seconds: the waiting receive raises IdleTimeout.
+
+        Whoever serves many connections watches them all with one timer
+        (:func:`tasksprint.wire.serve`), rather than each receive arming one
+        of its own: a cancel scope per frame received costs about as much
+        as reading the frame.
+        """
+        self._idled = idle
+        self._state = _ConnectionState.CLOSED
+        await trio.aclose_forcefully(self._stream)
+
     async def _fill(self) -> None:
-        """Read one chunk into the buffer; raise ConnectionClosed / BadMessage at EOF."""
-        if self._idle_timeout is None:
+        """Read one chunk into the buffer; raise ConnectionClosed / BadMessage at EOF, IdleTimeout once closed idle."""
+        self._waiting_since = trio.current_time()
+        try:
             data = await self._stream.receive_some(self._received.read_size())
-        else:
-            with trio.move_on_after(self._idle_timeout) as scope:
-                data = await self._stream.receive_some(self._received.read_size())
-            if scope.cancelled_caught:
-                raise IdleTimeout(f"nothing received for {self._idle_timeout} s")
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            if self._idled is not None:
+                raise IdleTimeout(f"nothing received for {self._idled} s") from None
+            raise
+        finally:
+            self._waiting_since = None
         if not data:
             self._received.check_end()
             raise ConnectionClosed("peer closed the connection")

@@ -478,11 +478,19 @@ class ReplicaDriver:
         # earlier slot).  A follower tells its leader at once: the leader's
         # answers wait for it.  The other followers hear it at the next tick
         # (tick_every): while the leader is healthy its digest, sent at once
-        # to every follower, confirms their state; only when the leader is
-        # the one that differs do followers need each other's, and a tick
-        # later is soon enough for that.
-        leader = self.core.leader_hint
-        to = (leader,) if self.core.role is Role.FOLLOWER and leader is not None and leader in self.peers else None
+        # to the followers its Accepts go to, confirms their state; only when
+        # the leader is the one that differs do followers need each other's,
+        # and a tick later is soon enough for that.  A follower a thrifty
+        # Accept left out (light load) hears of the slot from the heartbeat
+        # at the next tick and applies it after that: the leader's digest
+        # reaches it with that tick too, one message less per command.
+        core = self.core
+        leader = core.leader_hint
+        to: tuple[int, ...] | None = None
+        if core.role is Role.FOLLOWER and leader is not None and leader in self.peers:
+            to = (leader,)
+        elif core.role is Role.LEADER:
+            to = core.accepting
         if self._unreported(self.peers if to is None else to, every):
             self._report_digest(to)
 

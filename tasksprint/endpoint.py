@@ -42,7 +42,9 @@ class Limits:
     #: Connections in their handshake at once from one remote address.
     handshakes_per_address: int = 32
     #: Seconds a served connection may receive nothing before it is closed
-    #: (longer than the longest long-poll a client parks, 60 s).
+    #: (longer than the longest long-poll a client parks, 60 s).  One timer
+    #: per listening port checks every quarter of it, so a connection closes
+    #: between ``idle`` and 1.25 times ``idle`` after its last bytes.
     idle: float = 300.0
 
     def __attrs_post_init__(self) -> None:

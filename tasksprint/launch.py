@@ -220,8 +220,7 @@ def http_endpoint(args: argparse.Namespace, flag: str, role: str, observer: obse
     """
     where = getattr(args, flag.lstrip("-").replace("-", "_"))
     if where is None:
-        return None
-    # Only now: the web server and Prometheus cost a replica or client without one a third of its start-up.
+        return None  # before the imports: a process without an endpoint loads no web stack
     from tasksprint.dashboard.server import BindRefused, Credentials, check_bind
     from tasksprint.metrics import PrometheusObserver
     from tasksprint.metrics import observer as prometheus_observer

@@ -16,6 +16,9 @@ import attrs
 
 __all__ = ["DEFAULT_SPILL_LIMIT", "InputError", "ObjectStore", "StoreFull", "select"]
 
+# One encoder for every size: json.dumps with options builds a new one per call.
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
 #: Bytes of outputs a client spills to disk at most, by default.
 DEFAULT_SPILL_LIMIT = 16 * 1024**3
 
@@ -44,7 +47,7 @@ class ObjectStore:
         memory nor within the spill limit, or the spill file cannot be
         written (the store is unchanged then, but for ``tid``'s old outputs).
         """
-        sizes = {k: len(json.dumps(v, separators=(",", ":"))) for k, v in outputs.items()}
+        sizes = {k: len(_COMPACT.encode(v)) for k, v in outputs.items()}
         total = sum(sizes.values())
         self.drop(tid)
         if self._in_memory_bytes + total > self.memory_limit:

@@ -7,7 +7,8 @@ the frame cap that carries several values is split
 (:func:`split_message`); past a count or a byte bound the oldest frames are
 dropped, since the protocol tolerates loss (peers resend, clients retry) and
 memory must stay bounded.  :meth:`Outbox.flush` writes from the calling task
-when the connection is idle, :meth:`Outbox.pump` otherwise.
+when the connection is idle, and otherwise wakes :meth:`Outbox.pump`, which
+writes when it can.
 """
 
 from __future__ import annotations
@@ -75,10 +76,12 @@ class Outbox:
     or ``limit_bytes`` bytes the oldest frames are dropped: the protocol
     tolerates loss (peers resend, clients retry), memory must stay bounded.
 
-    The driver calls :meth:`flush` once it has queued what a pass over the
-    core produced: on an idle connection the bytes leave at once.  Otherwise
-    (a send in progress, a full socket buffer) the pump task writes them, in
-    batches, as soon as it can.
+    What is pushed leaves with the next :meth:`flush`: the driver calls it
+    once it has queued what a pass over the core produced.  On an idle
+    connection the bytes leave at once, from the calling task, and the pump
+    task is not woken (at light load that is one task switch less per
+    message).  Otherwise (a send in progress, a full socket buffer, no
+    connection yet) the pump writes them, in batches, as soon as it can.
     """
 
     _queue: collections.deque = attrs.Factory(collections.deque)
@@ -108,7 +111,6 @@ class Outbox:
             self.dropped += 1
             if self.dropped & (self.dropped - 1) == 0:  # 1, 2, 4, 8...: logged, never flooding
                 log.warning("outbox_full", to=self.name, dropped=self.dropped, limit_bytes=self.limit_bytes)
-        self._event.set()
 
     def _frames(self, msg: Any) -> list[bytes]:
         try:
@@ -135,15 +137,17 @@ class Outbox:
         return len(self._queue)
 
     def flush(self) -> None:
-        """Write what is queued from the calling task, if the connection is idle; else leave it to the pump."""
-        conn = self._conn
-        if not self._queue or conn is None:
+        """Write what is queued from the calling task, if the connection is idle; else wake the pump to."""
+        if not self._queue:
             return
-        if conn.send_frames_nowait(b"".join(self._queue)):
-            # What the socket did not take (conn.backlog) goes out with the
-            # pump's next send: push has woken it already.
+        conn = self._conn
+        if conn is not None and conn.send_frames_nowait(b"".join(self._queue)):
             self._queue.clear()
             self._bytes = 0
+            if not conn.backlog:
+                return
+            # What the socket did not take goes out with the pump's next send.
+        self._event.set()
 
     async def pump(self, conn: wire.Connection) -> None:
         """Write queued messages to ``conn`` until it fails or the task is cancelled."""

@@ -358,7 +358,9 @@ class Replica(ClientRequests):
             cids = [c for c in self.app.drain_contacts() if isinstance(c, int) and 0 <= c < 2**63]
             leader = self.core.leader_hint
             if cids and leader is not None and leader != self.config.rid:
-                self._peer_out[leader].push(ClientsSeen(cids=tuple(cids)))
+                box = self._peer_out[leader]
+                box.push(ClientsSeen(cids=tuple(cids)))
+                box.flush()
 
     # ------------------------------------------------------------------
     # Network

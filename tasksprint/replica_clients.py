@@ -88,6 +88,8 @@ class ClientRequests:
                         return
                     if self._handle_client_message(msg, box, mine, ident):
                         self._react(conn)
+                    else:
+                        box.flush()  # a refusal, a Retry or a status answer it queued
             finally:
                 self._parked = [p for p in self._parked if p[0] is not box]
                 self.driver.abandon(mine, box)

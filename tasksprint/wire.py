@@ -267,6 +267,9 @@ async def serve(
     ``task_status.started`` (so ``await nursery.start(serve, ...)`` returns
     it and the caller can read the port).  Each connection gets its own
     task: handshake, then ``await handler(conn)``, then close.  A connection
+    whose receive has waited ``limits.idle`` seconds for bytes is closed
+    (its receive raises IdleTimeout): one timer for the port checks them all,
+    every quarter of that time.  A connection
     that fails the handshake, times out in it, sends a bad frame or breaks is
     logged once as ``connection_closed`` with a ``reason`` and closed; other
     connections are not affected.  Any other exception from a handler is a
@@ -280,6 +283,8 @@ async def serve(
     limits = endpoint.limits
     open_from: collections.Counter[str] = collections.Counter()
     shaking_from: collections.Counter[str] = collections.Counter()
+    # Authenticated connections being served, watched for idleness by one timer.
+    watched: set[Connection] = set()
     refused: collections.Counter[str] = collections.Counter()
 
     def admit(host: str) -> str | None:
@@ -319,7 +324,7 @@ async def serve(
         cap_retransmission_timeout(tcp)
         if endpoint.tls is not None:
             stream = trio.SSLStream(tcp, endpoint.tls.server, server_side=True)
-        conn = Connection(stream, max_frame=endpoint.max_frame, idle_timeout=limits.idle)
+        conn = Connection(stream, max_frame=endpoint.max_frame)
         reason = CloseReason.HANDLER_DONE
         error = None
         try:
@@ -340,6 +345,7 @@ async def serve(
             else:
                 conn_log = conn_log.bind(peer_role=conn.peer.role, peer_ident=conn.peer.ident)
                 conn_log.debug("connection_open")
+                watched.add(conn)
                 await handler(conn)
         except Exception as exc:
             found = _reason_for(exc)
@@ -352,6 +358,7 @@ async def serve(
                 found = CloseReason.HANDLER_ERROR
             reason, error = found, bounded(_describe(exc))
         finally:
+            watched.discard(conn)
             await trio.aclose_forcefully(conn)
         # Logged after the finally so that each connection logs exactly once,
         # and never for a connection whose handler raised a bug.
@@ -360,5 +367,19 @@ async def serve(
         else:
             conn_log.debug("connection_closed", reason=reason.value)
 
+    async def close_idle() -> None:
+        """Close the connections whose receive has waited ``limits.idle`` seconds (checked every quarter of it)."""
+        while True:
+            await trio.sleep(limits.idle / 4)
+            now = trio.current_time()
+            for conn in [c for c in watched if c.waiting_for(now) >= limits.idle]:
+                try:
+                    await conn.close_idle(limits.idle)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    # Its receive has ended in any case; the server goes on.
+                    base_log.debug("idle_close_failed", error=bounded(str(exc)))
+
     listeners = await trio.open_tcp_listeners(port, host=host)
-    await trio.serve_listeners(serve_one, listeners, task_status=task_status)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(close_idle)
+        await trio.serve_listeners(serve_one, listeners, handler_nursery=nursery, task_status=task_status)

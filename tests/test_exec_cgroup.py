@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasksprint.exec.cgroup import CgroupV1Group, CgroupV2Group, _under
+from tasksprint.exec.cgroup import CgroupV1Group, CgroupV2Group, _cpu_ns, _under
 from tasksprint.exec.group import GroupUsage
 from tasksprint.exec.spec import Limits
 
@@ -47,6 +47,20 @@ def test_v1_usage_reads_each_controller(tmp_path: Path) -> None:
         peak_memory_bytes=1048576, user_cpu_s=1.5, system_cpu_s=0.25, oom_killed=False, pids_limit_hit=False
     )
     assert group.cpu_seconds() == 1.75
+
+
+def test_v1_cpu_time_comes_from_usage_all_in_one_read_where_there_is_one(tmp_path: Path) -> None:
+    (tmp_path / "cpuacct.usage_all").write_text("cpu user system\n0 1000000000 200000000\n1 500000000 50000000\n")
+    (tmp_path / "cpuacct.usage_user").write_text("7\n")  # not read: usage_all has both
+    (tmp_path / "cpuacct.usage_sys").write_text("7\n")
+    assert _cpu_ns(str(tmp_path)) == (1_500_000_000, 250_000_000)
+    # A file this code does not understand: the two separate files instead.
+    (tmp_path / "cpuacct.usage_all").write_text("cpu user system\n0 1 2 3\n")
+    assert _cpu_ns(str(tmp_path)) == (7, 7)
+    (tmp_path / "cpuacct.usage_all").unlink()
+    assert _cpu_ns(str(tmp_path)) == (7, 7)
+    (tmp_path / "cpuacct.usage_user").unlink()
+    assert _cpu_ns(str(tmp_path)) == (None, 7)
 
 
 def test_a_group_path_is_placed_under_the_mount_of_its_hierarchy() -> None:

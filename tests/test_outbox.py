@@ -39,8 +39,38 @@ async def test_flush_sends_from_the_calling_task_when_the_connection_is_idle():
             box.push("b")
             box.flush()
         assert [await right.receive(), await right.receive()] == ["a", "b"]
-        box.push("c")  # no flush: the pump sends it
+        box.push("c")
+        await trio.testing.wait_all_tasks_blocked()
+        assert box.waiting == 1  # queued until the next flush
+        box.flush()
         assert await right.receive() == "c"
+
+
+class _StepCounter(trio.abc.Instrument):
+    """Counts the steps of the tasks whose name contains ``part``."""
+
+    def __init__(self, part: str) -> None:
+        self.part = part
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self.part in task.name:
+            self.steps += 1
+
+
+async def test_a_flush_that_hands_everything_over_does_not_wake_the_pump():
+    async with pumping() as (box, left, right):
+        counter = _StepCounter("Outbox.pump")
+        trio.lowlevel.add_instrument(counter)
+        try:
+            for i in range(5):
+                box.push(i)
+                box.flush()
+                assert await right.receive() == i
+            await trio.testing.wait_all_tasks_blocked()
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+        assert counter.steps == 0
 
 
 async def test_flush_before_the_pump_runs_leaves_the_messages_to_it():
@@ -91,6 +121,7 @@ async def test_a_message_of_several_values_over_the_frame_cap_is_split_not_fatal
         async with left, right, trio.open_nursery() as nursery:
             nursery.start_soon(box.pump, left)
             box.push(_accept(8, 100_000))
+            box.flush()
             got: list[Accept] = []
             while sum(len(a.proposals) for a in got) < 8:
                 got.append(await right.receive())
@@ -99,6 +130,7 @@ async def test_a_message_of_several_values_over_the_frame_cap_is_split_not_fatal
             # One value alone over the cap cannot be split: dropped, logged, and the box goes on.
             box.push(_accept(1, 300_000))
             box.push("after")
+            box.flush()
             assert await right.receive() == "after"
             nursery.cancel_scope.cancel()
 
@@ -119,6 +151,7 @@ async def test_a_promise_over_the_frame_cap_leaves_in_parts_that_add_up_to_it():
         async with left, right, trio.open_nursery() as nursery:
             nursery.start_soon(box.pump, left)
             box.push(whole)
+            box.flush()
             p1 = Phase1(Ballot(2, 1), from_slot=2)
             parts: list[Promise] = []
             while not p1.has(0):

@@ -643,6 +643,7 @@ def test_thrifty_asks_the_lowest_numbered_healthy_follower_and_tells_the_other_a
     cmd = submit(c, 2)
     net.deliver(dst=2)
     assert net.peek(Accept, src=2, dst=0) and not net.peek(Accept, src=2, dst=1)
+    assert core(c, 2).accepting == (0,) and core(c, 0).accepting == ()
     net.flush_until(lambda: (cmd.client_id, cmd.seq) in c.checker.acked)
     slot = core(c, 2).commit_index
     submit(c, 2)  # the next command's Accept goes to replica 0 only
@@ -672,6 +673,7 @@ def test_with_slots_in_flight_an_accept_goes_to_every_follower():
     second = core(c, 0).commit_index + 2
     for d in (1, 2):
         assert any(p.slot == second for a in net.peek(Accept, src=0, dst=d) for p in a.proposals)
+    assert sorted(core(c, 0).accepting) == [1, 2]
 
 
 def test_a_slot_its_followers_leave_unanswered_goes_to_every_peer_a_heartbeat_later():

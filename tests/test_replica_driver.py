@@ -198,6 +198,8 @@ class ProposingCore(ScriptedCore):
     """A leader that takes every command (the test hands out the Readies that choose them)."""
 
     role: Role = Role.LEADER
+    #: The peers the latest Accept went to (see PaxosCore.accepting): every one.
+    accepting: tuple[int, ...] = (1, 2)
 
     def propose(self, cmd: object) -> bool:
         return True
@@ -252,6 +254,25 @@ def test_a_query_answered_after_a_new_slot_waits_for_that_slot_to_be_confirmed()
     assert pushed_to(events, 99) == ["state after slot 1"]
     r.digest_from(2, [m for m in pushed_to(events, 2) if isinstance(m, PeerDigest)][-1])
     assert pushed_to(events, 99) == ["state after slot 1", "state after slot 2"]
+
+
+def test_a_leader_reports_at_once_to_the_followers_its_accepts_go_to_and_to_the_others_at_its_tick() -> None:
+    """Light load: a thrifty Accept went to follower 1 only; follower 2 hears of the
+    slot from the heartbeat at the next tick, and of the leader's digest then too."""
+    r, events, client = leader_driver()
+    r.core.accepting = (1,)
+    cmd = Command(client_id="c", seq=1, op=["put", "k", "v"])
+    assert r.submit(cmd, client)
+    r.core.readies.append(applying(1, 1, cmd))
+    r.run()
+    [report] = [m for m in pushed_to(events, 1) if isinstance(m, PeerDigest)]
+    assert report.slot == 1
+    assert not [m for m in pushed_to(events, 2) if isinstance(m, PeerDigest)]
+    r.digest_from(1, report)  # follower 1's own report agrees: the answer leaves
+    assert [m.seq for m in pushed_to(events, 99)] == [1]
+    r.tick(1.0)
+    assert [m.slot for m in pushed_to(events, 2) if isinstance(m, PeerDigest)] == [1]
+    assert len([m for m in pushed_to(events, 1) if isinstance(m, PeerDigest)]) == 1, "told once"
 
 
 def test_held_answers_of_a_closed_connection_are_dropped_and_a_quiet_replica_reports_at_its_tick() -> None:

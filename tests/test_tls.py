@@ -72,6 +72,37 @@ def test_frames_travel_inside_mutual_tls_and_strangers_are_refused(tmp_path):
     trio.run(main)
 
 
+def test_an_idle_tls_connection_is_closed_and_the_server_goes_on(tmp_path):
+    """The idle timer closes a connection whose receive waits inside TLS as it does a plain one."""
+    tls = wire.TLS.from_files(*files(tmp_path, trustme.CA(), "good"))
+    ended: list[BaseException] = []
+
+    async def serve_one(conn: wire.Connection) -> None:
+        try:
+            await echo(conn)
+        except BaseException as exc:
+            ended.append(exc)
+            raise
+
+    async def main() -> None:
+        with trio.fail_after(GUARD_SECONDS):
+            async with trio.open_nursery() as nursery:
+                server = wire.Endpoint(secret=SECRET, role="replica", ident="0", tls=tls, limits=wire.Limits(idle=0.2))
+                listeners = await nursery.start(functools.partial(wire.serve, serve_one, HOST, 0, server))
+                port = listeners[0].socket.getsockname()[1]
+                client = wire.Endpoint(secret=SECRET, role="client", ident="c", tls=tls)
+                async with await wire.connect(HOST, port, client) as conn:
+                    with pytest.raises(wire.NETWORK_ERRORS):
+                        await conn.receive()  # nothing sent: the server closes it once idle
+                assert [type(e) for e in ended] == [wire.IdleTimeout]
+                async with await wire.connect(HOST, port, client) as conn:
+                    await conn.send("still serving")
+                    assert await conn.receive() == "still serving"
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
 def test_tls_flags_must_come_together_and_name_usable_files(tmp_path):
     import argparse
 

@@ -932,6 +932,36 @@ async def test_an_idle_connection_is_closed_after_the_idle_timeout(nursery):
     assert server.problems() == ["idle"]
 
 
+@bounded
+async def test_close_idle_ends_the_waiting_receive_with_idle_timeout(nursery):
+    """One timer watches every served connection: it reads how long a receive has
+    waited for bytes, and closing the connection idle ends that receive."""
+    left, right = socket_pair()
+    assert right.waiting_for(trio.current_time()) == 0.0  # nobody receives
+    await left.send("one")
+    assert await right.receive() == "one"
+    assert right.waiting_for(trio.current_time()) == 0.0  # the frame was there: no wait left over
+    errors: list[BaseException] = []
+
+    async def receive() -> None:
+        try:
+            await right.receive()
+        except BaseException as exc:
+            errors.append(exc)
+
+    nursery.start_soon(receive)
+    await trio.testing.wait_all_tasks_blocked()
+    started = trio.current_time()
+    await trio.sleep(0.01)
+    assert right.waiting_for(trio.current_time()) >= trio.current_time() - started > 0
+    await right.close_idle(5.0)
+    await trio.testing.wait_all_tasks_blocked()
+    assert [type(e) for e in errors] == [wire.IdleTimeout] and "5.0 s" in str(errors[0])
+    with pytest.raises(trio.ClosedResourceError):
+        await right.send("late")
+    await left.aclose()
+
+
 # --------------------------------------------------------------------------
 # Endpoint
 

@@ -78,8 +78,6 @@ __all__ = [
     "GraphRequest",
     "InfoRequest",
     "Request",
-    "SchedulerAnswer",
-    "SchedulerRequest",
     "StatusRequest",
     "ViewRequest",
     "is_int",

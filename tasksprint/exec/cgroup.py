@@ -58,14 +58,28 @@ class CgroupLayout:
 # Small file helpers: cgroup files are tiny and local.
 
 
+_READ_SIZE = 65536
+
+
 def _read(path: str) -> str:
-    with open(path) as f:
-        return f.read()
+    # Plain system calls: a file object costs more than the read itself.
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = [os.read(fd, _READ_SIZE)]
+        # A cgroup file gives all it has up to the size asked: a short read was the end.
+        while len(chunks[-1]) == _READ_SIZE:
+            chunks.append(os.read(fd, _READ_SIZE))
+        return b"".join(chunks).decode()
+    finally:
+        os.close(fd)
 
 
 def _write(path: str, value: str) -> None:
-    with open(path, "w") as f:
-        f.write(value)
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
 
 
 def _flat_keyed(path: str) -> dict[str, int]:
@@ -117,6 +131,21 @@ def _join(procs_file: str) -> None:
         os.write(fd, b"0")
     finally:
         os.close(fd)
+
+
+def _cpu_ns(cpuacct: str) -> tuple[int | None, int | None]:
+    """User and system CPU nanoseconds of a v1 cpuacct group: one file read (``usage_all``) where there is one."""
+    try:
+        lines = _read(os.path.join(cpuacct, "cpuacct.usage_all")).split("\n")[1:]  # "cpu user system", then per CPU
+        rows = [[int(field) for field in line.split()] for line in lines if line.strip()]
+        if rows and all(len(row) == 3 for row in rows):
+            return sum(row[1] for row in rows), sum(row[2] for row in rows)
+    except (OSError, ValueError):
+        pass
+    return (
+        _read_int(os.path.join(cpuacct, "cpuacct.usage_user")),
+        _read_int(os.path.join(cpuacct, "cpuacct.usage_sys")),
+    )
 
 
 def _cpu_list(cores: tuple[int, ...]) -> str:
@@ -327,6 +356,20 @@ class CgroupV2Group:
 # --------------------------------------------------------------------------
 # cgroup v1
 
+#: Memory a v1 group may keep charged (kernel objects of earlier runs) and be reused.
+REUSE_RESIDUE = 1024 * 1024
+
+
+@attrs.frozen
+class _V1Counters:
+    """A v1 group's counters: peak memory, CPU nanoseconds, OOM kills and pids-limit hits so far."""
+
+    peak: int | None = 0
+    user_ns: int | None = 0
+    system_ns: int | None = 0
+    oom_kills: int = 0
+    pids_max_hits: int = 0
+
 
 @attrs.define(eq=False)
 class CgroupV1Group:
@@ -336,6 +379,11 @@ class CgroupV1Group:
     _limits: Limits
     enforcement: Enforcement = Enforcement.CGROUP_V1
     unenforced: tuple[str, ...] = ()
+    # What earlier runs in this group left in its counters (see reset): the
+    # next run's usage is read relative to it.
+    _base: _V1Counters = attrs.Factory(lambda: _V1Counters())
+    _last: _V1Counters | None = None  # the counters usage() read last
+    _procs_files: tuple[str, ...] | None = None
 
     @classmethod
     def create(cls, layout: CgroupLayout, name: str, limits: Limits) -> CgroupV1Group:
@@ -386,7 +434,9 @@ class CgroupV1Group:
     @property
     def procs_files(self) -> tuple[str, ...]:
         """The ``cgroup.procs`` files a process writes ``0`` to in order to join the group."""
-        return tuple(os.path.join(path, "cgroup.procs") for path in dict.fromkeys(self._dirs.values()))
+        if self._procs_files is None:  # the directories are all made by then
+            self._procs_files = tuple(os.path.join(path, "cgroup.procs") for path in dict.fromkeys(self._dirs.values()))
+        return self._procs_files
 
     def child_setup(self) -> None:
         for path in self.procs_files:
@@ -409,22 +459,68 @@ class CgroupV1Group:
     def memory_bytes(self) -> int | None:
         return _read_int(os.path.join(self._dirs["memory"], "memory.usage_in_bytes"))
 
-    def usage(self) -> GroupUsage:
-        mem = self._dirs["memory"]
-        user = system = None
-        if "cpuacct" in self._dirs:
-            u = _read_int(os.path.join(self._dirs["cpuacct"], "cpuacct.usage_user"))
-            s = _read_int(os.path.join(self._dirs["cpuacct"], "cpuacct.usage_sys"))
-            user = u / 1e9 if u is not None else None
-            system = s / 1e9 if s is not None else None
-        oom = _flat_keyed(os.path.join(mem, "memory.oom_control")).get("oom_kill", 0) > 0
-        return GroupUsage(
-            peak_memory_bytes=_read_int(os.path.join(mem, "memory.max_usage_in_bytes")),
-            user_cpu_s=user,
-            system_cpu_s=system,
-            oom_killed=oom,
-            pids_limit_hit=_flat_keyed(os.path.join(self._dirs["pids"], "pids.events")).get("max", 0) > 0,
+    @property
+    def limits(self) -> Limits:
+        """The limits the group was made for."""
+        return self._limits
+
+    def _counters(self) -> _V1Counters:
+        mem, cpuacct = self._dirs["memory"], self._dirs.get("cpuacct")
+        user_ns, system_ns = _cpu_ns(cpuacct) if cpuacct else (None, None)
+        return _V1Counters(
+            peak=_read_int(os.path.join(mem, "memory.max_usage_in_bytes")),
+            user_ns=user_ns,
+            system_ns=system_ns,
+            oom_kills=_flat_keyed(os.path.join(mem, "memory.oom_control")).get("oom_kill", 0),
+            pids_max_hits=_flat_keyed(os.path.join(self._dirs["pids"], "pids.events")).get("max", 0),
         )
+
+    def usage(self) -> GroupUsage:
+        now, base = self._counters(), self._base
+        self._last = now
+
+        def seconds(ns: int | None, base_ns: int | None) -> float | None:
+            return (ns - (base_ns or 0)) / 1e9 if ns is not None else None
+
+        return GroupUsage(
+            peak_memory_bytes=max(0, now.peak - (base.peak or 0)) if now.peak is not None else None,
+            user_cpu_s=seconds(now.user_ns, base.user_ns),
+            system_cpu_s=seconds(now.system_ns, base.system_ns),
+            oom_killed=now.oom_kills > base.oom_kills,
+            pids_limit_hit=now.pids_max_hits > base.pids_max_hits,
+        )
+
+    def reset(self) -> bool:
+        """Make the group ready for another run; whether it is (else remove it).
+
+        The group must be empty (its tree dead).  Counters that cannot be
+        reset -- CPU time, OOM kills, pids-limit hits -- are kept as the
+        base the next run's usage is read from.  The peak is reset to the
+        memory still charged to the group (kernel objects and page cache of
+        earlier runs), which is the base of the next run's peak.  Above
+        :data:`REUSE_RESIDUE` the group's memory is reclaimed first; a group
+        that keeps more than that is not reused.
+        """
+        # The pids group's member list is the one the kill empties; a task's
+        # processes join it (after the memory group, before running anything).
+        if _members(os.path.join(self._dirs["pids"], "cgroup.procs")):
+            return False  # a process the kill missed: the caller kills and removes the group
+        counters = self._last if self._last is not None else self._counters()
+        peak = os.path.join(self._dirs["memory"], "memory.max_usage_in_bytes")
+        try:
+            _write(peak, "0")  # the peak restarts at what is charged now
+            residue = _read_int(peak)
+            if residue is not None and residue > REUSE_RESIDUE:
+                _write(os.path.join(self._dirs["memory"], "memory.force_empty"), "0")
+                _write(peak, "0")
+                residue = _read_int(peak)
+        except OSError:
+            return False
+        if residue is None or residue > REUSE_RESIDUE:
+            return False
+        self._base = attrs.evolve(counters, peak=residue)
+        self._last = None
+        return True
 
     def remove(self) -> None:
         for path in dict.fromkeys(self._dirs.values()):

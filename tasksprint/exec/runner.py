@@ -38,12 +38,12 @@ import errno
 import functools
 import math
 import os
-import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -51,6 +51,7 @@ import trio
 
 from tasksprint.exec import proctree, sandbox, spawner
 from tasksprint.exec.cgroup import CgroupLayout, CgroupV1Group, CgroupV2Group
+from tasksprint.exec.cgroup_pool import CgroupPool, group_name
 from tasksprint.exec.group import GroupUsage, TaskGroup
 from tasksprint.exec.guardian import Guardian
 from tasksprint.exec.rlimit import RlimitGroup
@@ -89,7 +90,7 @@ def task_cpus(spec: CommandSpec, task_env: TaskEnv) -> float:
     return float(len(os.sched_getaffinity(0)))
 
 
-def build_env(spec: CommandSpec, task_env: TaskEnv, client_env: dict[str, str]) -> dict[str, str]:
+def build_env(spec: CommandSpec, task_env: TaskEnv, client_env: Mapping[str, str]) -> dict[str, str]:
     """The whole environment of a task (a pure function of its inputs)."""
     env = {name: client_env[name] for name in BASE_ENV_NAMES if name in client_env}
     env.setdefault("PATH", DEFAULT_PATH)
@@ -142,7 +143,7 @@ class _Run:
     _group: TaskGroup
     _pid: int
     _pidfd: int
-    _stop: trio.Event = attrs.Factory(trio.Event)
+    _watch: trio.CancelScope | None = None  # the supervision's scope, while it runs
     _output_left: float = math.inf
     first_hit: Verdict | None = None
     hits: set[Verdict] = attrs.Factory(set)
@@ -159,7 +160,8 @@ class _Run:
         self.hits.add(verdict)
         if self.first_hit is None:
             self.first_hit = verdict
-        self._stop.set()
+        if self._watch is not None:
+            self._watch.cancel()
 
     async def wait_main(self) -> None:
         if self.status is None:
@@ -171,19 +173,30 @@ class _Run:
                     self.status, self.rusage = status, rusage
                     return
 
-    async def pump(self, stream: trio.lowlevel.FdStream, out: _Capture) -> None:
-        async with stream:
-            while data := await stream.receive_some(READ_CHUNK):
-                if out.cut or self._output_left <= 0:
-                    out.cut = True
-                    continue  # drain, so writers see no error before they are killed
-                if len(data) > self._output_left:
-                    data = data[: int(self._output_left)]
-                    out.cut = True
-                self._output_left -= len(data)
-                out.add(data)
-                if out.cut:
-                    self.hit(Verdict.OUTPUT)
+    async def pump(self, fd: int, out: _Capture) -> None:
+        """Read the non-blocking pipe ``fd`` to its end into ``out``.
+
+        Plain reads after ``wait_readable``: a stream object would add two
+        scheduler round trips per read, and most tasks write nothing.
+        """
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            try:
+                data = os.read(fd, READ_CHUNK)
+            except BlockingIOError:
+                continue
+            if not data:
+                return
+            if out.cut or self._output_left <= 0:
+                out.cut = True
+                continue  # drain, so writers see no error before they are killed
+            if len(data) > self._output_left:
+                data = data[: int(self._output_left)]
+                out.cut = True
+            self._output_left -= len(data)
+            out.add(data)
+            if out.cut:
+                self.hit(Verdict.OUTPUT)
 
     async def monitor(self) -> None:
         limits = self._spec.limits
@@ -198,25 +211,36 @@ class _Run:
             if limits.memory_bytes is not None and used_mem is not None and used_mem > limits.memory_bytes:
                 self.hit(Verdict.MEMORY)
 
+    def _polls(self) -> bool:
+        """Whether the run needs the monitor: a CPU-time limit to poll, or a tree without a cgroup to scan."""
+        return self._spec.limits.cpu_time_s is not None or isinstance(self._group, RlimitGroup)
+
     async def supervise(self, wall_time_s: float | None, cancel: trio.Event | None) -> None:
         with trio.move_on_after(wall_time_s if wall_time_s is not None else math.inf) as wall:
-            async with trio.open_nursery() as watch:
-                watch.start_soon(self.monitor)
-                if cancel is not None:
-                    watch.start_soon(self._watch_cancel, cancel)
-                watch.start_soon(self._cancel_on_stop, watch.cancel_scope)
-                await self.wait_main()
-                watch.cancel_scope.cancel()
+            with trio.CancelScope() as watch:
+                self._watch = watch
+                if self.first_hit is not None:  # the output limit fired before the gate opened
+                    watch.cancel()
+                try:
+                    if self._polls() or cancel is not None:
+                        # Tasks only where something must be polled or awaited beside the main process.
+                        async with trio.open_nursery() as helpers:
+                            if self._polls():
+                                helpers.start_soon(self.monitor)
+                            if cancel is not None:
+                                helpers.start_soon(self._watch_cancel, cancel)
+                            await self.wait_main()
+                            helpers.cancel_scope.cancel()
+                    else:
+                        await self.wait_main()
+                finally:
+                    self._watch = None
         if wall.cancelled_caught and self.status is None:
             self.hit(Verdict.TIME)
 
     async def _watch_cancel(self, cancel: trio.Event) -> None:
         await cancel.wait()
         self.hit(Verdict.CANCELLED)
-
-    async def _cancel_on_stop(self, scope: trio.CancelScope) -> None:
-        await self._stop.wait()
-        scope.cancel()
 
     async def kill_tree(self) -> None:
         """Kill every process of the group, round after round, until none is left (once is enough)."""
@@ -264,18 +288,22 @@ def _find_program(name: str, cwd: str, path: str) -> bool:
     return shutil.which(name, path=path) is not None
 
 
-def open_task_group(layout: CgroupLayout | None, limits: Limits, markers: tuple[bytes, ...]) -> TaskGroup:
-    """A new task group: in ``layout`` when given and writable, else the rlimit fallback.
+def open_task_group(
+    layout: CgroupLayout | None, limits: Limits, markers: tuple[bytes, ...], pool: CgroupPool | None = None
+) -> TaskGroup:
+    """A task group: in ``layout`` when given and writable, else the rlimit fallback.
 
-    Raises nothing for an unwritable cgroup: the fallback is used and says so
-    in its ``enforcement``.
+    With ``pool`` (for ``layout``) the group is one it kept, when one fits.
+    Raises nothing for an unwritable cgroup: the fallback is used and says
+    so in its ``enforcement``.
     """
     if layout is not None:
-        name = f"{os.getpid()}-{secrets.token_hex(6)}"
         try:
+            if pool is not None and pool.layout == layout:
+                return pool.take(limits)
             if layout.version is Enforcement.CGROUP_V2:
-                return CgroupV2Group.create(layout, name, limits)
-            return CgroupV1Group.create(layout, name, limits)
+                return CgroupV2Group.create(layout, group_name(), limits)
+            return CgroupV1Group.create(layout, group_name(), limits)
         except OSError:
             pass
     return RlimitGroup.create(limits, markers)
@@ -303,6 +331,7 @@ async def run_command(
     client_env: dict[str, str] | None = None,
     slot: contextlib.AbstractAsyncContextManager[Any] | None = None,
     guardian: Guardian | None = None,
+    pool: CgroupPool | None = None,
 ) -> CommandRecord:
     """Run ``spec`` to the end and return its :class:`CommandRecord`; never leaves a process behind.
 
@@ -327,14 +356,18 @@ async def run_command(
     ``guardian`` (running for ``cgroups``) kills the task's group if this
     process dies; without one only the task's main process dies with this
     process (``PR_SET_PDEATHSIG``), and the rest waits for the next sweep.
+
+    ``pool`` (for ``cgroups``) lends the task a group kept from an earlier
+    run with the same limits, and keeps its group afterwards, emptied and
+    reset, instead of removing it (see :mod:`tasksprint.exec.cgroup_pool`).
     """
     host = host if host is not None else socket.gethostname()
     cwd = spec.cwd if spec.cwd is not None else os.getcwd()
-    env = build_env(spec, task_env, dict(os.environ) if client_env is None else client_env)
+    env = build_env(spec, task_env, os.environ if client_env is None else client_env)  # no copy: 8 names are read
     markers = tuple(f"{n}={env[n]}".encode() for n in ("TASKSPRINT_TASK_ID", "TASKSPRINT_ATTEMPT", "TASKSPRINT_CLIENT"))
     started = time.time()
     t0 = time.monotonic()
-    group = open_task_group(cgroups, spec.limits, markers)
+    group = open_task_group(cgroups, spec.limits, markers, pool)
 
     def record(verdict: Verdict, **fields: Any) -> CommandRecord:
         finished = time.time()
@@ -372,15 +405,16 @@ async def run_command(
                 group.child_setup()
 
             guarded = guardian is not None and guardian.alive()
-            gated = slot is not None and spawner.spawn_argv(group, spec, argv, env=env, guarded=guarded) is not None
-            gate_r = gate_w = -1
-            if gated:
+            if slot is not None:  # spawned ahead, at a gate, when a wrapper can start it
                 stdin_path = os.devnull if spec.stdin is None else os.path.abspath(os.path.join(cwd, spec.stdin))
                 wrapper = spawner.spawn_argv(group, spec, argv, env=env, gated_stdin=stdin_path, guarded=guarded)
-                gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
-                fds.extend((gate_r, gate_w))
             else:
                 wrapper = spawner.spawn_argv(group, spec, argv, env=env, guarded=guarded)
+            gated = slot is not None and wrapper is not None
+            gate_r = gate_w = -1
+            if gated:
+                gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
+                fds.extend((gate_r, gate_w))
             if wrapper is not None and not os.path.isdir(cwd):
                 raise FileNotFoundError(errno.ENOENT, "no such working directory", cwd)
             # A wrapper that is the task's own program (a cmd task's bash) fails to start as the task would.
@@ -423,13 +457,12 @@ async def run_command(
             output_left=spec.limits.output_bytes if spec.limits.output_bytes is not None else math.inf,
             scans=_needs_scans(group),
         )
-        streams = [trio.lowlevel.FdStream(out_r), trio.lowlevel.FdStream(err_r)]
-        fds.remove(out_r)
-        fds.remove(err_r)  # the streams own them now
+        os.set_blocking(out_r, False)
+        os.set_blocking(err_r, False)
         try:
             async with trio.open_nursery() as pumps:
-                pumps.start_soon(run.pump, streams[0], out)
-                pumps.start_soon(run.pump, streams[1], err)
+                pumps.start_soon(run.pump, out_r, out)
+                pumps.start_soon(run.pump, err_r, err)
                 if gated:
                     assert slot is not None
                     await held.enter_async_context(slot)
@@ -453,10 +486,9 @@ async def run_command(
                     if run.scans
                     else []
                 )
-                trio.lowlevel.notify_closing(pidfd)
                 popen.returncode = run.status if run.status is not None else -1
-                for stream in streams:
-                    await stream.aclose()
+                for fd in (pidfd, out_r, err_r):
+                    trio.lowlevel.notify_closing(fd)  # closed below, with the other descriptors
         usage = group.usage()  # read once, the tree being dead
         return record(
             _verdict(run, usage),
@@ -470,7 +502,8 @@ async def run_command(
             for fd in fds:
                 os.close(fd)  # a gate never opened: the waiting wrapper (killed already) would read its end
             await held.aclose()
-            await _remove_group(group)
+            if pool is None or not pool.give_back(group):
+                await _remove_group(group)
 
 
 def _open_gate(gate_w: int) -> None:

@@ -294,6 +294,7 @@ class LeaderRole(CoreBase):
             lead.notify.clear()  # the Accept carries the commit index to everyone
             self._broadcast(msg)
             asked = self._peers()
+        lead.asked = tuple(asked)
         reply, records = self._acceptor.on_accept(msg, self._learner.slots, self._learner.log_start)
         self._output.persist(records)
         self._reply_durable(self._rid, reply)
@@ -302,6 +303,16 @@ class LeaderRole(CoreBase):
             # followers asked know the slots are chosen (early_learning.py).
             for dst in asked:
                 self._reply_durable(dst, reply)
+
+    @property
+    def accepting(self) -> tuple[int, ...]:
+        """The peers this leader's latest Accept went to (none unless leading).
+
+        At light load that is a majority's worth of followers (a thrifty
+        Accept): the others hear of the new slots only from the heartbeat at
+        the next tick, and catch up after it.
+        """
+        return () if self._lead is None or self._role is not Role.LEADER else self._lead.asked
 
     def _deliver_local(self, msg: Any) -> None:
         """A reply from our own acceptor, released after its fsync."""

@@ -129,6 +129,9 @@ class Leadership:
     # Peers the commit index moved for and no Accept has told yet: heartbeat
     # them at the next tick.
     notify: set[int] = attrs.Factory(set)
+    # The peers the latest Accept went to: a majority's worth at light load
+    # (a thrifty Accept), every peer otherwise.
+    asked: tuple[int, ...] = ()
 
     def open_slot(self, value: Batch, now: float) -> int:
         slot = self.next_slot
