@@ -120,9 +120,10 @@ class Replica(ClientRequests):
     _disk: DiskWriter | None = None
     _peer_out: dict[int, Outbox] = attrs.Factory(dict)
     _log: Any = None
-    # Long-polls waiting for a change or for their slot to be confirmed:
-    # (mailbox, name, args, deadline, the applied slot the answer must be confirmed up to).
+    # Long-polls waiting for a change of state: (mailbox, name, args, deadline).
     _parked: list[tuple[Outbox, str, dict, float]] = attrs.Factory(list)
+    # The applied slot they were last asked at (asked again once it moves).
+    _parked_at: int = -1
     _watchdog: HookWatchdog | None = None
     port: int | None = None
     observer: Observer = attrs.field(default=NULL, kw_only=True)
@@ -327,9 +328,14 @@ class Replica(ClientRequests):
             self._run_pass()
 
     def _run_pass(self) -> None:
-        """One driver pass (see :meth:`ReplicaDriver.run`), then the long-polls it may have answered."""
+        """One driver pass (see :meth:`ReplicaDriver.run`), then the long-polls it may have answered.
+
+        Parked long-polls are asked again only if the pass applied something:
+        their answer is a function of the applied state (most passes, a
+        peer's message or a tick, apply nothing).
+        """
         self.driver.run()
-        if self._parked:
+        if self._parked and self.applier.applied != self._parked_at:
             self._retry_parked(time.monotonic())
 
     def _written(self, groups: int) -> None:
