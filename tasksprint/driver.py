@@ -289,12 +289,18 @@ class ReplicaDriver:
 
         Slots applied since the last digest report are reported now, however
         few (``digest_every`` spaces the reports of a busy replica; the last
-        slots before a quiet spell must be confirmed too).
+        slots before a quiet spell must be confirmed too).  A pass is asked
+        for only if the tick gave the core something to do (a heartbeat, a
+        TICK entry, a timeout's messages) or changed its role: most ticks of
+        a follower change nothing, and a pass per tick would cost the
+        replica more than the messages it handles.
         """
+        core = self.core
         self._tick(now, tick_data, wall)
         if self.config.digest_every and self._unreported(self.peers, 1):
             self._report_digest()
-        self.wake()
+        if core.has_ready() or (core.role, core.ballot) != self._last_role:
+            self.wake()
 
     def digest_from(self, src: int, msg: PeerDigest) -> None:
         """Replica ``src``'s digest after a slot: compare it with ours now, or once we applied that slot.
@@ -472,7 +478,7 @@ class ReplicaDriver:
         # One report per pass, for its last slot (the digest covers every
         # earlier slot).  A follower tells its leader at once: the leader's
         # answers wait for it.  The other followers hear it at the next tick
-        # (tick_every): while the leader is healthy its digest, sent at once
+        # (the replica's follower_tick_every): while the leader is healthy its digest, sent at once
         # to every follower, confirms their state; only when the leader is
         # the one that differs do followers need each other's, and a tick
         # later is soon enough for that.

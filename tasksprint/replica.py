@@ -12,7 +12,8 @@ the clock.  Tasks:
 * one sender per peer, keeping an outgoing connection open and writing
   everything queued for that peer (its :class:`~tasksprint.outbox.Outbox`)
   in one batch;
-* a ticker feeding the core the clock;
+* a ticker feeding the core the clock (every ``tick_every`` on a leader or
+  a candidate, every ``follower_tick_every`` otherwise);
 * the driver task, which runs a driver pass (:meth:`ReplicaDriver.run
   <tasksprint.driver.ReplicaDriver.run>`) after ticks and completed writes;
   a receiving task runs the pass itself once its connection has no further
@@ -353,7 +354,8 @@ class Replica(ClientRequests):
             self.driver.tick(now, self.app.tick_data(now), wall=time.time())
             if self._parked and any(p[3] <= now for p in self._parked):
                 self._retry_parked(now)
-            await trio.sleep(self.config.tick_every)
+            leads = self.core.role in (Role.LEADER, Role.CANDIDATE)
+            await trio.sleep(self.config.tick_every if leads else self.config.follower_tick_every)
 
     async def _contact_reporter(self) -> None:
         """Pass the clients we heard from to the leader, which judges liveness."""

@@ -269,3 +269,22 @@ def test_held_answers_of_a_closed_connection_are_dropped_and_a_quiet_replica_rep
     assert report.slot == 1
     r.digest_from(1, report)
     assert pushed_to(events, 99) == ["kept"] and pushed_to(events, 98) == []
+
+
+def test_a_tick_asks_for_a_pass_only_if_it_gave_the_core_something_to_do() -> None:
+    """Most ticks change nothing (no heartbeat or timeout due): a pass for each would cost
+    the replica more than the messages it handles, so the driver asks for one only when
+    the core has a Ready or its role changed."""
+    r, events, _ = leader_driver()
+    r.run()  # the driver notes the core's role
+    events.clear()
+    r.tick(1.0)
+    assert ("wake",) not in events
+    r.core.readies.append(rd(1, ()))  # as a heartbeat the tick made
+    r.tick(2.0)
+    assert ("wake",) in events
+    r.run()
+    events.clear()
+    r.core.role = Role.FOLLOWER  # as a leader stepping down at its tick (check-quorum)
+    r.tick(3.0)
+    assert ("wake",) in events
