@@ -1426,3 +1426,24 @@ def test_a_campaign_is_fresh_for_one_election_timeout_only():
     c.tick(1)
     assert not core(c, 1).electing and core(c, 1).leader_hint is None
     assert core(c, 0).electing is False  # a leader does not hold commands either
+
+
+def test_a_leader_tick_before_its_tick_due_does_nothing_and_a_commit_makes_it_due_at_once():
+    """``tick_due`` lets a replica sleep between a leader's timers; a commit notice is due at once."""
+    c, net = make(3)
+    elect(c, net, 0)
+    run(c, net, 0.2)
+    cr = core(c, 0)
+    assert not cr.has_ready()
+    now = c.clock(0)
+    due = cr.tick_due()
+    assert now < due <= now + HB, "the next heartbeat at the latest"
+    cr.tick(due - 1e-6, ("td", 0, due - 1e-6), wall=due - 1e-6)  # tick data as the cluster's (validity)
+    assert not cr.has_ready(), "nothing to do before it"
+    cr.tick(due, ("td", 0, due), wall=due)
+    assert cr.has_ready()
+    c.drain(0)
+    run(c, net, 0.05)
+    cmd = submit(c, 0)
+    net.flush_until(lambda: (cmd.client_id, cmd.seq) in c.checker.acked)
+    assert cr.tick_due() <= c.clock(0), "the followers not told of the commit are due a notice"

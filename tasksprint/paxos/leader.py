@@ -225,6 +225,19 @@ class LeaderRole(CoreBase):
                 if dst != self._rid and need:
                     self._send(dst, Accept(ballot=lead.ballot, proposals=need, commit=self._commit))
 
+    def _leader_tick_due(self) -> float:
+        """When a tick of this leader next has something to do (see ``PaxosCore.tick_due``)."""
+        lead = self._lead
+        assert lead is not None
+        cfg = self._config
+        if lead.notify:
+            return self._now
+        due = min(lead.next_heartbeat, lead.next_tick)
+        if cfg.replicas > 1:
+            recent = sorted(lead.heard.values(), reverse=True)
+            due = min(due, recent[cfg.quorum - 2] + 2 * self._election.timeout)  # check-quorum
+        return due
+
     def _send_heartbeat(self, to: list[int] | None = None) -> None:
         """Heartbeat every peer (the next one is due an interval later), or only those in ``to``."""
         lead = self._lead
