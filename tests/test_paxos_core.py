@@ -1447,3 +1447,31 @@ def test_a_leader_tick_before_its_tick_due_does_nothing_and_a_commit_makes_it_du
     cmd = submit(c, 0)
     net.flush_until(lambda: (cmd.client_id, cmd.seq) in c.checker.acked)
     assert cr.tick_due() <= c.clock(0), "the followers not told of the commit are due a notice"
+
+
+def test_with_three_replicas_a_follower_that_accepts_gets_no_heartbeats_while_accepts_flow():
+    """The follower asked learns each slot by itself (early learning) and hears the leader
+    through its Accepts: a heartbeat to it (with its ack) is a wake-up of both processes
+    for nothing.  The other follower still gets a commit notice per commit, and everyone
+    learns everything."""
+    c, net = make(3)
+    elect(c, net, 0)
+    run(c, net, 0.2)
+    net.delivered.clear()
+    for _ in range(50):
+        submit(c, 0)
+        run(c, net, 0.01)
+
+    def sent(kind: type, dst: int) -> int:
+        return sum(1 for s, d, m in net.delivered if isinstance(m, kind) and s == 0 and d == dst)
+
+    asked = max((1, 2), key=lambda d: sent(Accept, d))
+    other = 3 - asked
+    assert sent(Accept, asked) >= 50 and sent(Heartbeat, asked) == 0
+    assert sent(Heartbeat, other) >= 40, "a commit notice at the tick after each commit"
+    run(c, net, 3 * HB)
+    assert core(c, asked).commit_index == core(c, other).commit_index == core(c, 0).commit_index
+    # Quiet again: the regular heartbeat reaches both.
+    net.delivered.clear()
+    run(c, net, 3 * HB)
+    assert sent(Heartbeat, asked) >= 2 and sent(Heartbeat, other) >= 2

@@ -111,6 +111,9 @@ class InFlight:
     value: Batch
     sent_at: float
     acks: set[int] = attrs.Factory(set)
+    # Peers sent the leader's own acceptance of it (three replicas): once they
+    # accept it too they know it is chosen, without a commit notice.
+    paired: frozenset[int] = frozenset()
 
 
 @attrs.define(eq=False)
@@ -124,6 +127,9 @@ class Leadership:
     pending: deque[Command | CommandBlock | Tick] = attrs.Factory(deque)
     # Last time each peer answered anything at this ballot (check-quorum).
     heard: dict[int, float] = attrs.Factory(dict)
+    # When each peer was last sent an Accept or a Heartbeat at this ballot:
+    # the regular heartbeat skips a peer told within its interval.
+    told: dict[int, float] = attrs.Factory(dict)
     next_heartbeat: float = 0.0
     next_tick: float = 0.0
     # Peers the commit index moved for and no Accept has told yet: heartbeat
