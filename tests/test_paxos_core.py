@@ -9,6 +9,7 @@ end replay, by hand, the bugs the randomized simulation found.
 
 from __future__ import annotations
 
+import collections
 import random
 
 import attrs
@@ -1475,3 +1476,31 @@ def test_with_three_replicas_a_follower_that_accepts_gets_no_heartbeats_while_ac
     net.delivered.clear()
     run(c, net, 3 * HB)
     assert sent(Heartbeat, asked) >= 2 and sent(Heartbeat, other) >= 2
+
+
+def _slots_by_kind(c: Cluster, r: int, first: int) -> collections.Counter:
+    cr = core(c, r)
+    kinds: collections.Counter = collections.Counter()
+    for slot in range(max(first, cr.log_start), cr.commit_index + 1):
+        items = cr.chosen_value(slot).items
+        ticks = sum(isinstance(i, Tick) for i in items)
+        kinds["tick alone" if ticks == len(items) else "tick shared" if ticks else "commands"] += 1
+    return kinds
+
+
+def test_under_load_a_tick_waits_for_a_command_to_share_its_slot_and_when_quiet_goes_alone():
+    """A slot costs every replica a round of messages, a write and an apply: under load
+    a TICK rides with the next command (waiting at most half a TICK interval)."""
+    c, net = make(3)
+    elect(c, net, 0)
+    run(c, net, 0.5)
+    first = core(c, 0).commit_index + 1
+    for _ in range(100):  # a command every 20 ms for 2 s
+        submit(c, 0)
+        run(c, net, 0.02)
+    busy = _slots_by_kind(c, 0, first)
+    assert busy["tick shared"] >= 5 and busy["tick alone"] <= 1, busy
+    first = core(c, 0).commit_index + 1
+    run(c, net, 1.0)  # quiet: the TICKs go at once, alone
+    quiet = _slots_by_kind(c, 0, first)
+    assert quiet["tick alone"] >= 3 and quiet["commands"] == 0, quiet

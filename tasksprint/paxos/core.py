@@ -223,6 +223,8 @@ class PaxosCore(LeaderRole):
         if self._role is Role.LEADER:
             assert self._lead is not None
             self._lead.pending.append(item)
+            if not isinstance(item, Tick):
+                self._lead.last_command = self._now
             return True
         if self._role in (Role.FOLLOWER, Role.RECOVERING) and self.leader_hint is not None:
             self._forward.append(item)
@@ -309,6 +311,7 @@ class PaxosCore(LeaderRole):
                 if self._role is Role.LEADER:
                     assert self._lead is not None
                     self._lead.pending.extend(msg.items)
+                    self._lead.last_command = self._now
             case RecoverQuery():
                 self._on_recover_query(src, msg)
             case RecoverReply():

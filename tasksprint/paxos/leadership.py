@@ -10,6 +10,7 @@ role that uses them is ``leader.py``.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import attrs
@@ -132,6 +133,10 @@ class Leadership:
     told: dict[int, float] = attrs.Factory(dict)
     next_heartbeat: float = 0.0
     next_tick: float = 0.0
+    # When a command (not a TICK) last joined ``pending``, and until when a
+    # TICK alone in ``pending`` waits for one to share its slot.
+    last_command: float = -math.inf
+    tick_hold_until: float = -math.inf
     # Peers the commit index moved for and no Accept has told yet: heartbeat
     # them at the next tick.
     notify: set[int] = attrs.Factory(set)
