@@ -111,6 +111,8 @@ class DriverConfig:
     small_write: int = SMALL_WRITE  # a synced write up to this size may stay inline; -1: never
     snapshot_every: int = 20_000  # applied slots between snapshots; 0: never
     digest_every: int = 1  # slots applied since the last digest report before a pass sends one
+    #: Seconds between a follower's reports to the other follower (three replicas; see ReplicaDriver.tick).
+    follower_digest_spacing: float = 0.1
 
 
 def is_small(records: Iterable[Record], limit: int) -> bool:
@@ -166,6 +168,7 @@ class ReplicaDriver:
     # Which applied slots a majority shares (see tasksprint.digests); built after init.
     _tally: DigestTally = attrs.field(init=False, default=None)
     _reported: dict[int, int] = attrs.Factory(dict)  # peer -> the last slot whose digest it was sent
+    _followers_told_at: float = -float("inf")  # when a tick last reported to every peer (see _tick_report_to)
     #: Set once a peer was found to disagree with the majority: what differs, for people.
     divergence: str = ""
     # How long the last synced writes took, inline or in the background writer (for ReplicaStatus).
@@ -294,12 +297,38 @@ class ReplicaDriver:
 
         Slots applied since the last digest report are reported now, however
         few (``digest_every`` spaces the reports of a busy replica; the last
-        slots before a quiet spell must be confirmed too).
+        slots before a quiet spell must be confirmed too).  A pass is asked
+        for only if the tick gave the core something to do (a heartbeat, a
+        TICK entry, a timeout's messages) or changed its role: most ticks of
+        a follower change nothing, and a pass per tick would cost the
+        replica more than the messages it handles.
         """
+        core = self.core
         self._tick(now, tick_data, wall)
         if self.config.digest_every and self._unreported(self.peers, 1):
-            self._report_digest()
-        self.wake()
+            self._report_digest(self._tick_report_to(now))
+        if core.has_ready() or (core.role, core.ballot) != self._last_role:
+            self.wake()
+
+    def _tick_report_to(self, now: float) -> tuple[int, ...] | None:
+        """Whom a tick reports our digest to: every peer (None), but, for a follower of three
+        replicas, the other follower only every ``follower_digest_spacing`` seconds.
+
+        With three replicas the leader's digest and ours are a majority: the
+        other follower's is needed only when the leader is the one that
+        differs (a non-deterministic scheduler), where a tenth of a second
+        later is soon enough; per slot it cost both followers a message and a
+        wake-up.  With five or more a follower's answers wait for another
+        follower's digest, so it goes at every tick.
+        """
+        core = self.core
+        leader = core.leader_hint
+        if core.role is not Role.FOLLOWER or len(self.peers) != 2 or leader is None or leader not in self.peers:
+            return None
+        if now - self._followers_told_at >= self.config.follower_digest_spacing:
+            self._followers_told_at = now
+            return None
+        return (leader,)
 
     def digest_from(self, src: int, msg: PeerDigest) -> None:
         """Replica ``src``'s digest after a slot: compare it with ours now, or once we applied that slot.
@@ -476,8 +505,8 @@ class ReplicaDriver:
             return
         # One report per pass, for its last slot (the digest covers every
         # earlier slot).  A follower tells its leader at once: the leader's
-        # answers wait for it.  The other followers hear it at the next tick
-        # (tick_every): while the leader is healthy its digest, sent at once
+        # answers wait for it.  The other followers hear it at a later tick
+        # (see _tick_report_to): while the leader is healthy its digest, sent at once
         # to the followers its Accepts go to, confirms their state; only when
         # the leader is the one that differs do followers need each other's,
         # and a tick later is soon enough for that.  A follower a thrifty

@@ -71,6 +71,7 @@ class ClientRequests:
     # Long-polls waiting for a change or for their slot to be confirmed:
     # (mailbox, name, args, deadline).
     _parked: list[tuple[Outbox, str, dict, float]]
+    _parked_at: int  # the applied slot the parked long-polls were last asked at
     # Span and counter names per query name (bounded: the names come from clients).
     _query_names: dict[str, tuple[str, str]]
 
@@ -179,6 +180,8 @@ class ClientRequests:
             self.driver.answer(box, QueryReply(name=name, result=result))
         except NotYet:
             self.observer.count(parked)
+            if not self._parked:
+                self._parked_at = self.driver.applier.applied
             self._parked.append((box, name, args, deadline))
         except Exception as exc:  # a bad query must not take the replica down
             self.driver.answer(box, QueryReply(name=name, error=codec.bounded(f"{type(exc).__name__}: {exc}")))
@@ -194,7 +197,9 @@ class ClientRequests:
         return names
 
     def _retry_parked(self, now: float) -> None:
+        """Ask every parked long-poll again (one past its deadline is answered whatever the state)."""
         parked, self._parked = self._parked, []
+        self._parked_at = self.driver.applier.applied
         with self.observer.span("replica.retry_parked"):
             for box, name, args, deadline in parked:
                 if deadline <= now:

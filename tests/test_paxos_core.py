@@ -9,6 +9,7 @@ end replay, by hand, the bugs the randomized simulation found.
 
 from __future__ import annotations
 
+import collections
 import random
 
 import attrs
@@ -1493,3 +1494,80 @@ def test_a_campaign_is_fresh_for_one_election_timeout_only():
     c.tick(1)
     assert not core(c, 1).electing and core(c, 1).leader_hint is None
     assert core(c, 0).electing is False  # a leader does not hold commands either
+
+
+def test_a_leader_tick_before_its_tick_due_does_nothing_and_a_commit_makes_it_due_at_once():
+    """``tick_due`` lets a replica sleep between a leader's timers; a commit notice is due at once."""
+    c, net = make(3)
+    elect(c, net, 0)
+    run(c, net, 0.2)
+    cr = core(c, 0)
+    assert not cr.has_ready()
+    now = c.clock(0)
+    due = cr.tick_due()
+    assert now < due <= now + HB, "the next heartbeat at the latest"
+    cr.tick(due - 1e-6, ("td", 0, due - 1e-6), wall=due - 1e-6)  # tick data as the cluster's (validity)
+    assert not cr.has_ready(), "nothing to do before it"
+    cr.tick(due, ("td", 0, due), wall=due)
+    assert cr.has_ready()
+    c.drain(0)
+    run(c, net, 0.05)
+    cmd = submit(c, 0)
+    net.flush_until(lambda: (cmd.client_id, cmd.seq) in c.checker.acked)
+    assert cr.tick_due() <= c.clock(0), "the followers not told of the commit are due a notice"
+
+
+def test_with_three_replicas_a_follower_that_accepts_gets_no_heartbeats_while_accepts_flow():
+    """The follower asked learns each slot by itself (early learning) and hears the leader
+    through its Accepts: a heartbeat to it (with its ack) is a wake-up of both processes
+    for nothing.  The other follower still gets a commit notice per commit, and everyone
+    learns everything."""
+    c, net = make(3)
+    elect(c, net, 0)
+    run(c, net, 0.2)
+    net.delivered.clear()
+    for _ in range(50):
+        submit(c, 0)
+        run(c, net, 0.01)
+
+    def sent(kind: type, dst: int) -> int:
+        return sum(1 for s, d, m in net.delivered if isinstance(m, kind) and s == 0 and d == dst)
+
+    asked = max((1, 2), key=lambda d: sent(Accept, d))
+    other = 3 - asked
+    assert sent(Accept, asked) >= 50 and sent(Heartbeat, asked) == 0
+    assert sent(Heartbeat, other) >= 40, "a commit notice at the tick after each commit"
+    run(c, net, 3 * HB)
+    assert core(c, asked).commit_index == core(c, other).commit_index == core(c, 0).commit_index
+    # Quiet again: the regular heartbeat reaches both.
+    net.delivered.clear()
+    run(c, net, 3 * HB)
+    assert sent(Heartbeat, asked) >= 2 and sent(Heartbeat, other) >= 2
+
+
+def _slots_by_kind(c: Cluster, r: int, first: int) -> collections.Counter:
+    cr = core(c, r)
+    kinds: collections.Counter = collections.Counter()
+    for slot in range(max(first, cr.log_start), cr.commit_index + 1):
+        items = cr.chosen_value(slot).items
+        ticks = sum(isinstance(i, Tick) for i in items)
+        kinds["tick alone" if ticks == len(items) else "tick shared" if ticks else "commands"] += 1
+    return kinds
+
+
+def test_under_load_a_tick_waits_for_a_command_to_share_its_slot_and_when_quiet_goes_alone():
+    """A slot costs every replica a round of messages, a write and an apply: under load
+    a TICK rides with the next command (waiting at most half a TICK interval)."""
+    c, net = make(3)
+    elect(c, net, 0)
+    run(c, net, 0.5)
+    first = core(c, 0).commit_index + 1
+    for _ in range(100):  # a command every 20 ms for 2 s
+        submit(c, 0)
+        run(c, net, 0.02)
+    busy = _slots_by_kind(c, 0, first)
+    assert busy["tick shared"] >= 5 and busy["tick alone"] <= 1, busy
+    first = core(c, 0).commit_index + 1
+    run(c, net, 1.0)  # quiet: the TICKs go at once, alone
+    quiet = _slots_by_kind(c, 0, first)
+    assert quiet["tick alone"] >= 3 and quiet["commands"] == 0, quiet

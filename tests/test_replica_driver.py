@@ -290,3 +290,53 @@ def test_held_answers_of_a_closed_connection_are_dropped_and_a_quiet_replica_rep
     assert report.slot == 1
     r.digest_from(1, report)
     assert pushed_to(events, 99) == ["kept"] and pushed_to(events, 98) == []
+
+
+def test_a_tick_asks_for_a_pass_only_if_it_gave_the_core_something_to_do() -> None:
+    """Most ticks change nothing (no heartbeat or timeout due): a pass for each would cost
+    the replica more than the messages it handles, so the driver asks for one only when
+    the core has a Ready or its role changed."""
+    r, events, _ = leader_driver()
+    r.run()  # the driver notes the core's role
+    events.clear()
+    r.tick(1.0)
+    assert ("wake",) not in events
+    r.core.readies.append(rd(1, ()))  # as a heartbeat the tick made
+    r.tick(2.0)
+    assert ("wake",) in events
+    r.run()
+    events.clear()
+    r.core.role = Role.FOLLOWER  # as a leader stepping down at its tick (check-quorum)
+    r.tick(3.0)
+    assert ("wake",) in events
+
+
+@attrs.define
+class FollowingCore(ScriptedCore):
+    """A follower of replica 1 whose ticks change nothing."""
+
+    leader_hint: int | None = 1
+
+    def tick(self, now: float, data: object = None, wall: float | None = None) -> None:
+        pass
+
+
+def test_a_follower_of_three_reports_to_the_other_follower_only_every_spacing() -> None:
+    """Its leader hears its digest at once; the other follower needs it only if the leader
+    differs, so it is sent at a tick at most every ``follower_digest_spacing`` seconds."""
+    r, events = driver([], FollowingCore, follower_digest_spacing=0.1)
+
+    def digests(dst: int) -> list[int]:
+        return [m.slot for m in pushed_to(events, dst) if isinstance(m, PeerDigest)]
+
+    r.core.readies.append(applying(1, 1, Command(client_id="c", seq=1, op=["put", "k", "1"])))
+    r.run()
+    assert digests(1) == [1] and digests(2) == []
+    r.tick(1.0)
+    assert digests(2) == [1]
+    r.core.readies.append(applying(2, 2, Command(client_id="c", seq=2, op=["put", "k", "2"])))
+    r.run()
+    r.tick(1.05)
+    assert digests(1) == [1, 2] and digests(2) == [1], "the other follower waits"
+    r.tick(1.1)
+    assert digests(2) == [1, 2]

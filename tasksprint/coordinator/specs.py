@@ -26,8 +26,9 @@ it back with :func:`command_from_kwargs`.  A command task's outputs are its
 from __future__ import annotations
 
 import base64
+import collections
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -235,13 +236,69 @@ def _tags(value: Any, what: str) -> list[str]:
     return sorted(set(tags))
 
 
+#: Checked commands by the content of their ``start_task`` arguments (see _command_call).
+_CHECKED: collections.OrderedDict[Hashable, CommandSpec] = collections.OrderedDict()
+CHECKED_KEPT = 1024  # distinct commands whose check is remembered, least recently used dropped
+
+
+class _NoKey(Exception):
+    """A value :func:`_content_key` does not describe exactly (a class of the caller's, a ``Limits``)."""
+
+
+def _content_key(value: Any) -> Hashable:
+    """A key equal for two values only if checking them must give equal results.
+
+    Types are part of it (``1``, ``1.0`` and ``True`` differ; a list is not a
+    tuple), and so is the order of a dict's entries; a float is keyed by its
+    ``repr`` (``0.0`` and ``-0.0`` are equal numbers but encode differently).
+    Anything but plain data raises :class:`_NoKey`.
+    """
+    t = type(value)
+    if t is float:
+        return (t, repr(value))
+    if t is str or t is int or t is bool or t is bytes or value is None:
+        return (t, value)
+    if t is list or t is tuple:
+        return (t, tuple(_content_key(v) for v in value))
+    if t is dict:
+        return (t, tuple((_content_key(k), _content_key(v)) for k, v in value.items()))
+    raise _NoKey
+
+
 def _command_call(call: Mapping[str, Any]) -> CommandSpec | None:
-    """The command of a ``start_task`` call with ``cmd=`` or ``argv=``, or None for a node task."""
+    """The command of a ``start_task`` call with ``cmd=`` or ``argv=``, or None for a node task.
+
+    A queue scheduler starts many tasks with the same command: a command whose
+    arguments were checked before, with the same content (:func:`_content_key`),
+    gets the same :class:`CommandSpec` (immutable) without the check.  The
+    result is a function of the content alone, so a replica whose memory of
+    checks differs (restarted, or fed another order of calls) starts the same
+    tasks; a check that fails is never remembered.
+    """
     given = {k: call[k] for k in _COMMAND_FIELDS if call.get(k) not in (None, False)}
     if "cmd" not in given and "argv" not in given:
         if given:
             raise TypeError(f"start_task({', '.join(sorted(given))}=...) belong to a command task: give cmd= or argv=")
         return None
+    try:
+        key: Hashable | None = _content_key(given)
+    except _NoKey:
+        key = None
+    if key is not None:
+        spec = _CHECKED.get(key)
+        if spec is not None:
+            _CHECKED.move_to_end(key)
+            return spec
+    spec = _check_command(given)
+    if key is not None:
+        _CHECKED[key] = spec
+        if len(_CHECKED) > CHECKED_KEPT:
+            _CHECKED.popitem(last=False)
+    return spec
+
+
+def _check_command(given: dict[str, Any]) -> CommandSpec:
+    """The checked :class:`CommandSpec` of a command task's arguments (``given``: those set)."""
     limits = given.get("limits")
     if isinstance(limits, dict):
         unknown = sorted(set(limits) - set(codec.field_names(Limits)))

@@ -204,6 +204,18 @@ class PaxosCore(LeaderRole):
                     self._send_recover_query()
                 self._maybe_catch_up()
 
+    def tick_due(self) -> float:
+        """The clock time before which :meth:`tick` has nothing to do, so a driver may sleep until then.
+
+        Known for a leader: its next heartbeat, its next TICK entry, a commit
+        notice waiting (due at once) and check-quorum.  For the other roles
+        it is the time of the last tick (their timers are left to the
+        driver's own pace).  Only a question: ticking earlier is harmless.
+        """
+        if self._role is Role.LEADER and self._lead is not None:
+            return self._leader_tick_due()
+        return self._now
+
     def propose(self, item: Command | CommandBlock | Tick) -> bool:
         """Submit a command. False means no leader is known: the caller should retry later.
 
@@ -214,6 +226,8 @@ class PaxosCore(LeaderRole):
         if self._role is Role.LEADER:
             assert self._lead is not None
             self._lead.pending.append(item)
+            if not isinstance(item, Tick):
+                self._lead.last_command = self._now
             return True
         if self._role in (Role.FOLLOWER, Role.RECOVERING) and self.leader_hint is not None:
             self._forward.append(item)
@@ -311,6 +325,7 @@ class PaxosCore(LeaderRole):
                 if self._role is Role.LEADER:
                     assert self._lead is not None
                     self._lead.pending.extend(msg.items)
+                    self._lead.last_command = self._now
             case RecoverQuery():
                 self._on_recover_query(src, msg)
             case RecoverReply():

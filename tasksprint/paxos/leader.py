@@ -214,6 +214,12 @@ class LeaderRole(CoreBase):
         if self._now >= lead.next_tick:
             lead.next_tick = self._now + cfg.tick_interval
             lead.pending.append(Tick(now=self._wall, data=self._tick_data))
+            # Under load (a command within the last interval) the TICK waits
+            # up to half an interval for the next command and shares its
+            # slot: a slot costs every replica a round of messages, a write
+            # and an apply, and TICKs alone were a third of a busy log's.
+            busy = self._now - lead.last_command < cfg.tick_interval
+            lead.tick_hold_until = self._now + cfg.tick_interval / 2 if busy else self._now
         if self._now >= lead.next_heartbeat or lead.notify:
             # The regular heartbeat goes to everyone; a commit notice only to
             # the followers no Accept has told.
@@ -223,29 +229,84 @@ class LeaderRole(CoreBase):
             for dst in range(cfg.replicas):
                 need = tuple(p for p in stale if dst not in lead.inflight[p.slot].acks)
                 if dst != self._rid and need:
-                    self._send(dst, Accept(ballot=lead.ballot, proposals=need, commit=self._commit))
+                    self._tell(dst, Accept(ballot=lead.ballot, proposals=need, commit=self._commit))
+
+    def _leader_tick_due(self) -> float:
+        """When a tick of this leader next has something to do (see ``PaxosCore.tick_due``)."""
+        lead = self._lead
+        assert lead is not None
+        cfg = self._config
+        if lead.notify:
+            return self._now
+        due = min(lead.next_heartbeat, lead.next_tick)
+        if self._tick_held():
+            due = min(due, lead.tick_hold_until)
+        if cfg.replicas > 1:
+            recent = sorted(lead.heard.values(), reverse=True)
+            due = min(due, recent[cfg.quorum - 2] + 2 * self._election.timeout)  # check-quorum
+        return due
 
     def _send_heartbeat(self, to: list[int] | None = None) -> None:
-        """Heartbeat every peer (the next one is due an interval later), or only those in ``to``."""
+        """The regular heartbeat (the next one is due an interval later), or one to those in ``to``.
+
+        The regular one goes to every peer but those an Accept or a Heartbeat
+        told, and that answered, within the last interval (as Raft's leader
+        sends an empty AppendEntries only to a follower it sent nothing for
+        that long): under load Accepts and commit notices reach the followers
+        many times an interval, and a heartbeat and its ack each cost both
+        processes a wake-up.  A peer still hears from the leader at least
+        every two intervals, well within an election timeout; one that does
+        not answer (a replica recovering, which learns the leader's phase-1
+        top from heartbeats only) gets every heartbeat.
+        """
         lead = self._lead
         assert lead is not None
         beat = Heartbeat(ballot=lead.ballot, commit=self._commit, phase1_top=lead.phase1_top)
         if to is None:
+            interval = self._config.heartbeat_interval
+            since = self._now - interval
+            to = [
+                dst
+                for dst in self._peers()
+                if dst in lead.notify
+                or lead.told.get(dst, -math.inf) <= since
+                or lead.heard.get(dst, -math.inf) <= since
+            ]
             lead.notify.clear()
-            lead.next_heartbeat = self._now + self._config.heartbeat_interval
-            self._broadcast(beat)
+            lead.next_heartbeat = self._now + interval
         else:
             lead.notify.difference_update(to)
-            for dst in to:
-                self._send(dst, beat)
+        for dst in to:
+            self._tell(dst, beat)
+
+    def _tell(self, dst: int, msg: Accept | Heartbeat) -> None:
+        """Send a leader's message carrying the ballot and the commit index; note when ``dst`` was told."""
+        lead = self._lead
+        assert lead is not None
+        lead.told[dst] = self._now
+        self._send(dst, msg)
 
     def _proposals_due(self) -> bool:
         """Whether :meth:`_flush_proposals` would send anything (a question: it changes nothing)."""
         if self._role is Role.LEADER:
             lead = self._lead
-            return lead is not None and bool(lead.pending) and len(lead.inflight) < self._config.max_inflight
+            return (
+                lead is not None
+                and bool(lead.pending)
+                and len(lead.inflight) < self._config.max_inflight
+                and not self._tick_held()
+            )
         forwarding = self._forward or (self._carry and self._role is Role.FOLLOWER and self.leader_hint is not None)
         return bool(forwarding) and self._leader_ballot is not None
+
+    def _tick_held(self) -> bool:
+        """Whether ``pending`` holds only TICKs waiting for a command to share their slot."""
+        lead = self._lead
+        return (
+            lead is not None
+            and self._now < lead.tick_hold_until
+            and all(isinstance(item, Tick) for item in lead.pending)
+        )
 
     def _flush_proposals(self) -> None:
         """Turn pending commands into new slots while the pipeline has room."""
@@ -257,7 +318,7 @@ class LeaderRole(CoreBase):
                 self._send(self._leader_ballot.rid, Forward(items=tuple(self._forward)))
             self._forward = []
         lead = self._lead
-        if self._role is not Role.LEADER or lead is None or not lead.pending:
+        if self._role is not Role.LEADER or lead is None or not lead.pending or self._tick_held():
             return
         proposals = []
         while lead.pending and len(lead.inflight) < self._config.max_inflight:
@@ -288,12 +349,13 @@ class LeaderRole(CoreBase):
             peers = sorted(self._peers(), key=lambda r: (lead.heard.get(r, 0.0) < recent, r))
             asked = peers[: self._config.quorum - 1]
             for dst in asked:
-                self._send(dst, msg)
+                self._tell(dst, msg)
                 lead.notify.discard(dst)  # the Accept carries the commit index
         else:
             lead.notify.clear()  # the Accept carries the commit index to everyone
-            self._broadcast(msg)
             asked = self._peers()
+            for dst in asked:
+                self._tell(dst, msg)
         lead.asked = tuple(asked)
         reply, records = self._acceptor.on_accept(msg, self._learner.slots, self._learner.log_start)
         self._output.persist(records)
@@ -303,6 +365,10 @@ class LeaderRole(CoreBase):
             # followers asked know the slots are chosen (early_learning.py).
             for dst in asked:
                 self._reply_durable(dst, reply)
+            for p in proposals:
+                f = lead.inflight.get(p.slot)
+                if f is not None:
+                    f.paired = frozenset(asked)
 
     @property
     def accepting(self) -> tuple[int, ...]:
@@ -356,8 +422,9 @@ class LeaderRole(CoreBase):
         lead = self._lead
         if self._role is not Role.LEADER or lead is None or msg.ballot != lead.ballot:
             return
-        progressed = False
+        progressed = 0
         accepted: set[int] = set()
+        learners: set[int] | None = None  # peers that learn every slot chosen here by themselves
         for slot in msg.slots:
             f = lead.inflight.get(slot)
             if f is None:
@@ -367,7 +434,8 @@ class LeaderRole(CoreBase):
                 del lead.inflight[slot]
                 self._learn(slot, f.value)
                 accepted |= f.acks
-                progressed = True
+                progressed += 1
+                learners = (f.acks & f.paired) if learners is None else learners & f.acks & f.paired
         if progressed:
             before = self._commit
             self._advance_commit()
@@ -377,8 +445,13 @@ class LeaderRole(CoreBase):
                 # their clients), unless an Accept carries the commit index
                 # first: at one command at a time the client's next command
                 # usually does, and a heartbeat per commit (with its acks and
-                # the followers' writes) would cost every process CPU.
-                lead.notify.update(self._peers())
+                # the followers' writes) would cost every process CPU.  Not
+                # those that hold the leader's acceptance and their own of
+                # every slot committed here: they know (early_learning.py).
+                if learners and self._commit - before == progressed:
+                    lead.notify.update(p for p in self._peers() if p not in learners)
+                else:
+                    lead.notify.update(self._peers())
                 if self._config.quorum > 2:
                     # Except to those that accepted: their digests of the
                     # state after these slots are what this replica's

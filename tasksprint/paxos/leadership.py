@@ -10,6 +10,7 @@ role that uses them is ``leader.py``.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import attrs
@@ -111,6 +112,9 @@ class InFlight:
     value: Batch
     sent_at: float
     acks: set[int] = attrs.Factory(set)
+    # Peers sent the leader's own acceptance of it (three replicas): once they
+    # accept it too they know it is chosen, without a commit notice.
+    paired: frozenset[int] = frozenset()
 
 
 @attrs.define(eq=False)
@@ -124,8 +128,15 @@ class Leadership:
     pending: deque[Command | CommandBlock | Tick] = attrs.Factory(deque)
     # Last time each peer answered anything at this ballot (check-quorum).
     heard: dict[int, float] = attrs.Factory(dict)
+    # When each peer was last sent an Accept or a Heartbeat at this ballot:
+    # the regular heartbeat skips a peer told within its interval.
+    told: dict[int, float] = attrs.Factory(dict)
     next_heartbeat: float = 0.0
     next_tick: float = 0.0
+    # When a command (not a TICK) last joined ``pending``, and until when a
+    # TICK alone in ``pending`` waits for one to share its slot.
+    last_command: float = -math.inf
+    tick_hold_until: float = -math.inf
     # Peers the commit index moved for and no Accept has told yet: heartbeat
     # them at the next tick.
     notify: set[int] = attrs.Factory(set)
