@@ -30,17 +30,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
 import attrs
-import trio
 
 from tasksprint.batch.env import cores_per_task, job_id, run_name, slots_per_engine, taskfile_name
 from tasksprint.batch.slurm import DEFAULT_RETIRE_COMMAND, replica_hosts, slurm_counts, slurm_nodes, slurm_slots
 from tasksprint.batch.statusfile import (
-    STATUS_HEADER,
     ResumeMismatch,
     Skip,
     format_status_line,
@@ -49,14 +46,7 @@ from tasksprint.batch.statusfile import (
     resume_index,
 )
 from tasksprint.batch.taskfile import Task, TaskFileError, parse_taskfile
-from tasksprint.batch_retire import Retirer
-from tasksprint.batch_run import ENDED, BatchRun, in_slurm, slurm_addresses, slurm_hostnames, this_node
-from tasksprint.channel import ASK_ERRORS, ReplicaChannel
-from tasksprint.config import parse_peers
-from tasksprint.coordinator.ops import SchedulerAnswer, SchedulerRequest, StatusRequest
-from tasksprint.coordinator.replies import ComputationStatus
-from tasksprint.readmodel import Poller
-from tasksprint.top import watch
+from tasksprint.batch_run import ENDED, EXIT_FAILED, BatchRun, in_slurm, slurm_addresses, slurm_hostnames, this_node
 
 __all__ = [
     "EXIT_FAILED",
@@ -74,11 +64,6 @@ __all__ = [
 ]
 
 EXIT_USAGE = 2
-EXIT_FAILED = 1
-#: Seconds without an answer from any replica before the driver says so.
-SILENCE_WARNING_S = 30.0
-MON_INTERVAL_S = 1.0  # how often --mon redraws
-COMPUTATION_CHECK_S = 1.0  # how often the driver asks whether the computation itself failed
 
 NOT_APPLICABLE = """\
 disBatch options that do not apply here:
@@ -184,100 +169,6 @@ def _prefix(args: argparse.Namespace, name: str) -> str:
         started = datetime.datetime.now()
         return os.path.join(path, run_name(name, started=started, nonce=random.randrange(1000)))
     return path
-
-
-async def follow(
-    run: BatchRun, status: TextIO, *, header: bool, poll: float = 0.05, retirer: Retirer | None = None
-) -> dict[str, Any]:
-    """Append every status line the scheduler has to ``status`` until the run ended; return the last answer.
-
-    With ``retirer``, engines idle for good are retired as the run goes.
-    """
-    info = run.info()
-    secret = (run.run_dir / "secret").read_bytes().strip()
-    addrs = list(parse_peers(info["peers"]))
-    channel = ReplicaChannel(addrs, secret)
-    written = 0
-    if header:
-        status.write(STATUS_HEADER + "\n")
-        status.flush()
-    # Any replica's lines are a prefix of the same list (the log decides their order), so
-    # asking a follower is safe; the leader is only the freshest, found once and after failures.
-    find_leader = True
-    silent_since: float | None = None
-    warned = False
-    checked_at = trio.current_time()
-    try:
-        while True:
-            try:
-                if find_leader:
-                    st = await channel.status()
-                    if st.leader is not None and st.leader != st.rid:
-                        await channel.prefer(st.leader)
-                    find_leader = False
-                reply = await channel.request(SchedulerRequest(body={"after": written}))
-            except ASK_ERRORS:
-                lost = run.replicas_lost()
-                if lost is not None:
-                    return {"lines": [], "ended": True, "total": written, "failed": 0, "reason": lost}
-                await channel.move_on()
-                find_leader = True
-                silent_since = trio.current_time() if silent_since is None else silent_since
-                if not warned and trio.current_time() - silent_since > SILENCE_WARNING_S:
-                    warned = True
-                    print(
-                        f"tasksprint batch: no replica of {run.prefix} answers; still trying (Ctrl-C stops the run)",
-                        file=sys.stderr,
-                    )
-                await trio.sleep(0.1)
-                continue
-            silent_since = None
-            if trio.current_time() - checked_at > COMPUTATION_CHECK_S:
-                # A computation that failed (a hook raised, a state that cannot be
-                # saved) ends no batch: the scheduler stopped being called.
-                checked_at = trio.current_time()
-                failed = _failure(await _computation_status(channel))
-                if failed is not None:
-                    return {"lines": [], "ended": True, "total": written, "failed": 0, "reason": failed}
-                if retirer is not None and isinstance(reply, SchedulerAnswer) and isinstance(reply.value, dict):
-                    await retirer.check(reply.value)
-            if not isinstance(reply, SchedulerAnswer) or not isinstance(reply.value, dict):
-                await trio.sleep(poll)
-                continue
-            answer = reply.value
-            lines = answer["lines"]
-            if lines:
-                status.write("".join(line + "\n" for line in lines))
-                status.flush()
-                written += len(lines)
-            if answer["ended"] and written >= answer["total"]:
-                return answer
-            if written >= answer["total"]:
-                # All there is: ask again after ``poll`` (not at once: each question costs a replica an answer
-                # while it is busy applying the completions these lines come from).
-                await trio.sleep(poll)
-    finally:
-        await channel.aclose()
-
-
-async def _computation_failure(channel: ReplicaChannel) -> str | None:
-    """Why the batch's computation failed, or None while it has not (or no replica answers)."""
-    return _failure(await _computation_status(channel))
-
-
-async def _computation_status(channel: ReplicaChannel) -> ComputationStatus | None:
-    try:
-        status = await channel.request(StatusRequest())
-    except ASK_ERRORS:
-        return None
-    return status if isinstance(status, ComputationStatus) else None
-
-
-def _failure(status: ComputationStatus | None) -> str | None:
-    if status is not None and status.state == "failed":
-        message = status.failure.message if status.failure is not None else "no reason recorded"
-        return f"the batch scheduler failed: {message}"
-    return None
 
 
 def _engines(args: argparse.Namespace) -> list[tuple[int, str, int]]:
@@ -402,8 +293,10 @@ def _log(args: argparse.Namespace, level: str, message: str) -> None:
 def main(args: argparse.Namespace, *, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """Run ``tasksprint batch`` with parsed ``args``; returns the exit code."""
     if args.add_engines:
+        _configure_logging(args)
         return add_engines(args.add_engines, args, err=err)
     if args.attach:
+        _configure_logging(args)
         return attach(args.attach, header=args.status_header, exit_code=args.exit_code, err=err, mon=args.mon)
     if args.taskfile is None:
         print("tasksprint batch: give a task file (or - for stdin), or --attach PREFIX", file=err)
@@ -416,6 +309,7 @@ def main(args: argparse.Namespace, *, out: TextIO = sys.stdout, err: TextIO = sy
     run = prepared.run
     if run.run_dir.exists():
         _log(args, "info", f"{run.run_dir} exists: reattaching")
+        _configure_logging(args)
         return attach(run.prefix, header=args.status_header, exit_code=args.exit_code, err=err, mon=args.mon)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
@@ -425,14 +319,31 @@ def main(args: argparse.Namespace, *, out: TextIO = sys.stdout, err: TextIO = sy
         _log(args, "info", f"started {run.prefix}: engines {prepared.engines}, peers {run.info()['peers']}")
         if args.startup_only:
             print(f"tasksprint batch: started; add engines with {run.prefix}_dbUtil.sh -s HOST:N", file=err, flush=True)
-        retirer = _retirer(run, flags["retire_cmd"], lambda level, message: _log(args, level, message))
-        code = _finish(run, args.status_header, args.exit_code, err, truncate=True, mon=args.mon, retirer=retirer)
+        # Only now, while the replicas start: trio, the replica channel and the log set-up.
+        _configure_logging(args)
+        from tasksprint import batch_follow
+
+        retirer = batch_follow.retirer(run, flags["retire_cmd"], lambda level, message: _log(args, level, message))
+        code = batch_follow.finish(
+            run, args.status_header, args.exit_code, err, truncate=True, mon=args.mon, retirer=retirer
+        )
         _log(args, "info", f"finished {run.prefix}: exit code {code}")
         return code
     except KeyboardInterrupt:
         print("tasksprint batch: interrupted; stopping the run", file=err)
         run.stop()
         return 130
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    """The structured logs of the modules the driver uses to follow a run (the command line leaves them to us).
+
+    A new run calls it once its replicas are started: the import is not on
+    the way to their start.
+    """
+    from tasksprint import launch
+
+    launch.configure_logging(args.log_level, args.log_format)
 
 
 def _retire_command(args: argparse.Namespace) -> str:
@@ -444,21 +355,6 @@ def _retire_command(args: argparse.Namespace) -> str:
     return ""
 
 
-def _retirer(run: BatchRun, command: str, log: Callable[[str, str], None]) -> Retirer | None:
-    """Who retires ``run``'s idle engines with ``command``; None when nothing is retired ("")."""
-    if not command:
-        return None
-    info = run.info()
-    return Retirer(
-        command=command,
-        engine_nodes={int(rank): str(host) for rank, host, _ in info["engines"]},
-        keep=list(info.get("replica_hosts") or []),
-        driver=this_node(),
-        stop_engine=run.stop_engine,
-        log=log,
-    )
-
-
 def _write_db_util(run: BatchRun, args: argparse.Namespace) -> None:
     path = Path(run.prefix + "_dbUtil.sh")
     path.write_text(
@@ -467,44 +363,6 @@ def _write_db_util(run: BatchRun, args: argparse.Namespace) -> None:
         f'{shlex.quote(run.prefix)} "$@"\n'
     )
     path.chmod(0o755)
-
-
-def _finish(
-    run: BatchRun,
-    header: bool,
-    exit_code: bool,
-    err: TextIO,
-    *,
-    truncate: bool,
-    mon: bool = False,
-    retirer: Retirer | None = None,
-) -> int:
-    with open(run.status_path, "w" if truncate else "a", encoding="utf-8", errors="surrogateescape") as status:
-        answer = trio.run(lambda: _follow_and_show(run, status, header=header, mon=mon, retirer=retirer))
-    run.stop()
-    if answer.get("reason"):
-        print(f"tasksprint batch: run ended early: {answer['reason']}", file=err)
-        return EXIT_FAILED
-    if exit_code and answer.get("failed"):
-        print(f"tasksprint batch: {answer['failed']} task(s) failed", file=err)
-        return EXIT_FAILED
-    return 0
-
-
-async def _follow_and_show(
-    run: BatchRun, status: TextIO, *, header: bool, mon: bool, retirer: Retirer | None = None
-) -> dict[str, Any]:
-    """:func:`follow`; with ``mon``, the run drawn live beside it (``tasksprint top``'s view)."""
-    if not mon:
-        return await follow(run, status, header=header, retirer=retirer)
-    info = run.info()
-    secret = (run.run_dir / "secret").read_bytes().strip()
-    addrs = list(parse_peers(info["peers"]))
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(lambda: watch(Poller(addrs, secret), interval=MON_INTERVAL_S))
-        answer = await follow(run, status, header=header, retirer=retirer)
-        nursery.cancel_scope.cancel()
-    return answer
 
 
 def attach(prefix: str, *, header: bool, exit_code: bool, err: TextIO = sys.stderr, mon: bool = False) -> int:
@@ -521,8 +379,10 @@ def attach(prefix: str, *, header: bool, exit_code: bool, err: TextIO = sys.stde
         if level != "info":
             print(f"tasksprint batch: {message}", file=err)
 
-    retirer = _retirer(run, str(flags.get("retire_cmd") or ""), log)
-    return _finish(run, header, exit_code, err, truncate=True, mon=mon, retirer=retirer)
+    from tasksprint import batch_follow
+
+    retirer = batch_follow.retirer(run, str(flags.get("retire_cmd") or ""), log)
+    return batch_follow.finish(run, header, exit_code, err, truncate=True, mon=mon, retirer=retirer)
 
 
 def add_engines(prefix: str, args: argparse.Namespace, *, err: TextIO = sys.stderr) -> int:

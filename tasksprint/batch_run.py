@@ -29,9 +29,10 @@ import attrs
 
 from tasksprint.batch.scheduler import engine_name
 from tasksprint.batch.slurm import node_addresses, same_host
-from tasksprint.localcluster import LocalCluster
+from tasksprint.localcluster import LocalCluster, wait_exit
 
 __all__ = [
+    "EXIT_FAILED",
     "RUN_DIR_SUFFIX",
     "SSH_COMMAND_ENV",
     "BatchRun",
@@ -101,7 +102,7 @@ class _Cluster(LocalCluster):
             deadline = time.monotonic() + timeout
             for p in stepped.values():
                 with contextlib.suppress(subprocess.TimeoutExpired):
-                    p.wait(max(0.01, deadline - time.monotonic()))
+                    wait_exit(p, max(0.01, deadline - time.monotonic()))
         super().stop(timeout)
 
 
@@ -137,6 +138,9 @@ def stop_steps(names: list[str]) -> None:
     except (OSError, subprocess.SubprocessError):
         return
 
+
+#: The exit code of a batch that failed (a task failed with -e, or the run ended early).
+EXIT_FAILED = 1
 
 #: Written in the run directory when the driver stops the run.
 ENDED = "ended"
@@ -314,7 +318,7 @@ class BatchRun:
         deadline = time.monotonic() + 5.0
         for p in self.clients:
             try:
-                p.wait(max(0.01, deadline - time.monotonic()))
+                wait_exit(p, max(0.01, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.terminate()
                 try:

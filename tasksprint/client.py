@@ -260,6 +260,7 @@ class Client(ClientInputs, ClientReports):
         # are offered: the coordinator takes back those it has not recomputed.
         offers = self._offers()
         op = self._join_op(self._queue_size(), offers).to_wire()
+        not_ready_wait = 0.02
         while True:
             try:
                 result = await self._lc.submit(op, deadline=10.0)
@@ -270,8 +271,11 @@ class Client(ClientInputs, ClientReports):
                 await trio.sleep(1.0)
                 continue
             if isinstance(result, Refused) and result.code == ErrorCode.NOT_INITIALIZED.value:
-                # The replicas are still starting the computation: wait for its first entry.
-                await trio.sleep(0.2)
+                # The replicas are still starting the computation: wait for its first entry.  A new
+                # cluster's leader proposes it right after the joins held during its election, so
+                # it is usually one entry away: ask again soon, then every 0.2 s as before.
+                await trio.sleep(not_ready_wait)
+                not_ready_wait = min(2 * not_ready_wait, 0.2)
                 continue
             if isinstance(result, Refused) and result.code == ErrorCode.FORBIDDEN.value:
                 # Our name belongs to a live client of another session (this

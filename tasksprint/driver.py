@@ -281,6 +281,11 @@ class ReplicaDriver:
         self.core.peer_closed(src)
         self.wake()
 
+    def peer_connected(self, dst: int) -> None:
+        """This replica's connection to replica ``dst`` is up (see ``PaxosCore.peer_connected``)."""
+        self.core.peer_connected(dst)
+        self.wake()
+
     def propose(self, cmd: Command) -> bool:
         """Propose a command of this replica's own (nobody waits for its answer)."""
         ok: bool = self._propose(cmd)

@@ -122,6 +122,8 @@ class Replica(ClientRequests):
     _wake: trio.Event = attrs.Factory(trio.Event)
     _disk: DiskWriter | None = None
     _peer_out: dict[int, Outbox] = attrs.Factory(dict)
+    # Set when replica i connects to us: it listens, so our connection to it need not wait out its backoff.
+    _peer_up: dict[int, trio.Event] = attrs.Factory(dict)
     _log: Any = None
     # Long-polls waiting for a change of state: (mailbox, name, args, deadline).
     _parked: list[tuple[Outbox, str, dict, float]] = attrs.Factory(list)
@@ -417,13 +419,17 @@ class Replica(ClientRequests):
                 )
             except wire.NETWORK_ERRORS as exc:
                 box.clear()  # stale protocol messages are worthless once the peer is back
-                await trio.sleep(delay)
+                up = self._peer_up.setdefault(peer, trio.Event())
+                with trio.move_on_after(delay):
+                    await up.wait()  # the peer connected to us: it listens now (at start-up, at once)
+                self._peer_up[peer] = trio.Event()
                 delay = min(delay * 2, 0.5)
                 if delay >= 0.5:
                     log_.debug("peer_unreachable", error=str(exc))
                 continue
             delay = 0.02
             log_.info("peer_connected")
+            self.driver.peer_connected(peer)
             try:
                 await box.pump(conn)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -443,6 +449,7 @@ class Replica(ClientRequests):
             src = int(ident)
             if not 0 <= src < len(self.config.peers) or src == self.config.rid:
                 raise wire.BadMessage(f"replica ident {src} is not a peer of replica {self.config.rid}")
+            self._peer_up.setdefault(src, trio.Event()).set()
             await self._serve_peer(src, conn)
         else:
             await self._serve_client(conn)

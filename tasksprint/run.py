@@ -37,7 +37,7 @@ from tasksprint.coordinator.ops import StatusRequest
 from tasksprint.coordinator.replies import ComputationStatus
 from tasksprint.credentials import STDIN_PATH
 from tasksprint.handshake import client_credential
-from tasksprint.localcluster import LocalCluster
+from tasksprint.localcluster import LocalCluster, wait_exit
 
 
 class RunFailed(Exception):
@@ -195,7 +195,7 @@ class LocalRun:
         deadline = time.monotonic() + grace
         for p in self.client_procs:
             try:
-                p.wait(max(0.0, deadline - time.monotonic()))
+                wait_exit(p, max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
         for p in self.client_procs:

@@ -301,7 +301,7 @@ def test_logfile_gets_the_driver_lines(tmp_path: Path) -> None:
 def test_a_failed_batch_computation_is_reported_not_waited_for() -> None:
     import trio
 
-    from tasksprint.batch_command import _computation_failure
+    from tasksprint.batch_follow import _computation_failure
     from tasksprint.coordinator.replies import ClientCounts, ComputationFailure, ComputationStatus
 
     def status(state: str) -> ComputationStatus:

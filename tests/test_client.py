@@ -343,3 +343,39 @@ def test_unusable_spill_dir_is_refused_before_starting(tmp_path) -> None:
     )
     assert done.returncode == 2
     assert f"cannot use --spill-dir {blocker / 'spill'}" in done.stderr
+
+
+# ------------------------------------------------------- join before the computation starts
+
+
+class _NotYetThenJoined:
+    """A log client that answers NOT_INITIALIZED ``refusals`` times, then Joined; it notes when each join came."""
+
+    def __init__(self, refusals: int) -> None:
+        self.refusals = refusals
+        self.asked_at: list[float] = []
+
+    async def submit(self, op: object, deadline: float) -> object:
+        from tasksprint.coordinator.ops import ErrorCode, Joined, Refused
+
+        self.asked_at.append(trio.current_time())
+        if len(self.asked_at) <= self.refusals:
+            return Refused(code=ErrorCode.NOT_INITIALIZED.value, error="not initialized yet")
+        return Joined(cid=7)
+
+
+async def test_a_join_before_the_computation_started_is_asked_again_soon_then_every_fifth_of_a_second(
+    autojump_clock: trio.testing.MockClock, tmp_path
+) -> None:
+    import structlog
+
+    from tasksprint.object_store import ObjectStore
+
+    c = client()
+    c._store = ObjectStore(1 << 20, tmp_path)
+    c._log = structlog.get_logger("test")
+    lc = _NotYetThenJoined(refusals=6)
+    c._lc = lc  # type: ignore[assignment]
+    assert await c._join_log() == 7
+    waits = [round(b - a, 6) for a, b in zip(lc.asked_at, lc.asked_at[1:], strict=False)]
+    assert waits == [0.02, 0.04, 0.08, 0.16, 0.2, 0.2]

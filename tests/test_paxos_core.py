@@ -167,6 +167,68 @@ def test_fresh_cluster_bootstraps():
     assert c.checker.acked[(cmd.client_id, cmd.seq)] == 1
 
 
+def test_a_new_cluster_has_its_first_leader_without_waiting_for_an_election_timeout():
+    c, net = make(3, fresh=True)
+    start = c.now
+    # Only messages travel (no tick, the clock stands still): recovery finds
+    # every replica empty, and replica 0 campaigns at once.
+    net.flush()
+    c.check_step()
+    assert c.now == start
+    assert leaders(c) == [0]
+    assert all(core(c, r).leader_hint == 0 for r in range(3))
+
+
+def test_in_a_new_cluster_only_replica_0_campaigns_at_once():
+    c, net = make(3, fresh=True)
+    for src in range(3):
+        for dst in range(3):
+            if src != dst:
+                net.deliver(RecoverQuery, src=src, dst=dst)
+    net.flush_until(lambda: all(core(c, r).role is not Role.RECOVERING for r in range(3)))
+    prevotes = net.peek(PreVote)
+    assert prevotes and all(src == 0 for src, _, m in net.queue if isinstance(m, PreVote))
+
+
+def test_a_restarted_cluster_waits_for_an_election_timeout():
+    """Replicas with data (not a new cluster) campaign only once a timeout passed, replica 0 too."""
+    c, net = make(3)
+    net.flush()
+    assert not net.peek(PreVote) and leaders(c) == []
+    elect(c, net, 1)
+    run(c, net, 0.3)
+    # A wiped replica 0 rejoining a cluster with data does not campaign at once either.
+    c.crash(0, wipe=True)
+    c.start(0)
+    net.flush()
+    assert not net.peek(PreVote, src=0)
+    assert leaders(c) == [1]
+
+
+def test_a_recovering_replica_asks_a_peer_again_as_soon_as_its_connection_is_up():
+    c, net = make(3, fresh=True)
+    (query,) = net.peek(RecoverQuery, src=0, dst=1)
+    net.drop(RecoverQuery, src=0, dst=1)  # lost: replica 1 did not listen yet
+    core(c, 0).peer_connected(1)
+    c.drain(0)
+    # The same question, at once and only to that peer (a leader re-runs phase 1 once per question).
+    assert net.peek(RecoverQuery, src=0, dst=1) == [query]
+    assert [d for s, d, m in net.queue if s == 0 and isinstance(m, RecoverQuery)] == [2, 1]
+    net.flush()
+    assert leaders(c) == [0]
+
+
+def test_a_replica_that_votes_sends_nothing_when_a_connection_comes_up():
+    c, net = make(3)
+    elect(c, net, 0)
+    run(c, net, 0.2)
+    net.queue.clear()
+    for r in range(3):
+        core(c, r).peer_connected((r + 1) % 3)
+        c.drain(r)
+    assert net.queue == []
+
+
 def test_fresh_cluster_where_one_replica_campaigned_alone_still_starts():
     """Regression (seed 25): replica 0 found everyone empty and campaigned before
     the others' queries reached it; its promise made them wait for a leader
@@ -185,7 +247,8 @@ def test_fresh_cluster_where_one_replica_campaigned_alone_still_starts():
     # Recovering replicas grant no pre-vote (they do not vote at all), so
     # replica 0 campaigns only with a grant made by hand, as an older
     # version's recovering replicas made it.
-    (prevote, _) = net.peek(PreVote, src=0)
+    # (Replica 0, first candidate of a new cluster, asked at once and again after the timeout.)
+    prevote = net.peek(PreVote, src=0)[-1]
     net.drop(PreVote)
     c.deliver(1, 0, PreVoteReply(round=prevote.round, granted=True))
     assert core(c, 0).promised == Ballot(1, 0), "replica 0 campaigns alone"
@@ -1028,6 +1091,8 @@ def test_new_cluster_needs_every_replica_to_answer():
     replica 0 promised ballot 1.4, lost its disk, and heard "empty" from 1, 2
     and 3; had it started, 1.3 and 1.4 would both have chosen a value for slot 1."""
     c, net = make(5, fresh=True)
+    net.flush_until(lambda: all(core(c, r).role is Role.FOLLOWER for r in range(5)))
+    net.drop(PreVote)  # replica 0's at-once campaign as a new cluster's first candidate: lost
     net.flush()
     assert all(core(c, r).role is Role.FOLLOWER for r in range(5))
     c.now += 2 * ET

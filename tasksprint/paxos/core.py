@@ -91,6 +91,9 @@ from tasksprint.paxos.messages import (
 from tasksprint.paxos.output import Ready
 from tasksprint.paxos.recovery import Recovery, Verdict
 
+#: The replica of a new cluster (every replica found empty) that campaigns as soon as it knows so.
+FIRST_CANDIDATE = 0
+
 # PaxosConfig and Role live in base.py, Ready in output.py; the driver takes them from here.
 __all__ = ["PaxosConfig", "PaxosCore", "Ready", "Role"]
 
@@ -267,6 +270,17 @@ class PaxosCore(LeaderRole):
             return
         self._election.lose_leader(self._now)
         self._start_prevote()
+
+    def peer_connected(self, dst: int) -> None:
+        """The driver's connection to replica ``dst`` is up (again).
+
+        A recovering replica sends ``dst`` its current recovery query at once
+        instead of at its next retry: what it sent before the connection was up
+        was lost, and a new cluster starts only once every replica answered.
+        The same query, not a new one: a leader re-runs phase 1 once per query.
+        """
+        if self._role is Role.RECOVERING and 0 <= dst < self._config.replicas and dst != self._rid:
+            self._send(dst, self._rec.current_query(self._now))
 
     def compact(self, index: int, data: bytes) -> None:
         """The driver took a snapshot of the state after applying slot ``index``."""
@@ -544,6 +558,12 @@ class PaxosCore(LeaderRole):
         self._output.persist(self._acceptor.raise_floor(floor))
         if verdict is Verdict.NEW_CLUSTER:
             self._finish_recovery()
+            self._election.no_leader_yet()
+            if self._rid == FIRST_CANDIDATE:
+                # A new cluster has no leader to wait for: its first candidate asks at once
+                # instead of after an election timeout (the others keep theirs, so that it
+                # runs alone); pre-vote and phase 1 guard it as any campaign.
+                self._start_prevote()
 
     def _check_recovered(self) -> None:
         if self._rec.is_complete(self._leader_ballot, self._commit):

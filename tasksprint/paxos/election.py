@@ -114,6 +114,13 @@ class Election:
         self.last_contact = -math.inf
         self._deadline = now
 
+    def no_leader_yet(self) -> None:
+        """A new cluster: no leader was ever heard, so the leader counts as lost (pre-votes are granted) at once.
+
+        The timer is left alone: only the first candidate skips it (see ``PaxosCore``).
+        """
+        self.last_contact = -math.inf
+
     def is_fresh_campaign(self, now: float) -> bool:
         """Whether this replica began campaigning less than a (minimum) election timeout ago."""
         return math.isfinite(self.campaign_since) and now - self.campaign_since < self.timeout

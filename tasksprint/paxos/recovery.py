@@ -80,6 +80,12 @@ class Recovery:
         self._nonce += 1
         return RecoverQuery(nonce=self._nonce)
 
+    def current_query(self, now: float) -> RecoverQuery:
+        """The query last broadcast (a new one if none was), to send again to a peer that may have missed it."""
+        if self._nonce == self._nonce_base:
+            return self.next_query(now)
+        return RecoverQuery(nonce=self._nonce)
+
     def query_due(self, now: float, interval: float, leader: Ballot | None) -> bool:
         """Whether to ask again: no leader above the floor is known and ``interval`` has passed."""
         waiting = self._floor is None or leader is None or leader <= self._floor

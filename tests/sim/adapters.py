@@ -10,6 +10,7 @@ import attrs
 from tasksprint.driver import ReplicaDriver
 from tasksprint.machine import Applier
 from tasksprint.paxos.core import PaxosCore
+from tasksprint.paxos.durable import SaveSnapshot
 from tasksprint.paxos.messages import (
     Batch,
 )
@@ -85,7 +86,12 @@ class SimWriter:
 
     def submit(self, records: Any, sync: bool) -> None:
         node = self.cluster.nodes[self.rid]
-        node.pending.append((tuple(records), sync, node.applier.applied))
+        applied = node.applier.applied
+        if node.in_pass and any(isinstance(r, SaveSnapshot) for r in records):
+            # A snapshot received from the leader is installed when the driver takes its Ready,
+            # before this write of it is submitted: what it applied then is not on the disk yet.
+            applied = min(applied, node.pass_start_applied)
+        node.pending.append((tuple(records), sync, applied))
         self.cluster.on_fsync_started(self.rid, self.life)
 
 
