@@ -261,6 +261,7 @@ class LocalRun:
             if st.divergence:
                 raise RunFailed(st.divergence)
             if status.ended:
+                self.check_divergence()
                 return status
             if self.client_procs and all(p.poll() is not None for p in self.client_procs):
                 # Clients leave once the computation ended; the replica asked
@@ -274,20 +275,45 @@ class LocalRun:
             await trio.sleep(0.2)
 
     async def _ended_elsewhere(self, channel: ReplicaChannel, patience: float = 5.0) -> ComputationStatus | None:
-        """The final status from any replica that has it within ``patience`` seconds, else None."""
+        """The final status from any replica that has it within ``patience`` seconds, else None.
+
+        Raises :class:`RunFailed` if a replica asked reports a divergence: a
+        majority may finish the computation without the replica that
+        differed (see :mod:`tasksprint.digests`), and a scheduler that is not
+        deterministic fails the run all the same, saying so.
+        """
         assert self.cluster is not None
         deadline = time.monotonic() + patience
         while time.monotonic() < deadline:
             for i in range(len(self.cluster.addrs)):
                 try:
                     await channel.prefer(i)
+                    st = await channel.status(timeout=1.0)
                     status: ComputationStatus = await channel.request(StatusRequest(), timeout=1.0)
                 except ASK_ERRORS:
                     continue
+                if st.divergence:
+                    raise RunFailed(st.divergence)
                 if status.ended:
+                    self.check_divergence()
                     return status
             await trio.sleep(0.2)
         return None
+
+    def check_divergence(self) -> None:
+        """Raise :class:`RunFailed` if a replica stopped itself because the scheduler is not deterministic.
+
+        The majority may have finished the computation without it; the run
+        fails all the same, quoting the stopped replica's reason.
+        """
+        cluster = self.cluster
+        if cluster is None:
+            return
+        for i, p in enumerate(cluster.procs):
+            if p is not None and p.poll() is not None:
+                words = last_words(cluster.log_file(i))
+                if "not deterministic" in words:
+                    raise RunFailed(f"replica {i} stopped (exit code {p.returncode}): {words}")
 
     def report_slow_hooks(self) -> None:
         """Show, once each, the hooks the replicas report as running on (their event loops are blocked)."""

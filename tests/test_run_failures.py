@@ -298,3 +298,30 @@ def test_tasksprint_status_shows_the_slow_hook_each_replica_saw(tmp_path: Path, 
     plain = subprocess.run(base, capture_output=True, text=True, timeout=LIMIT, check=False)
     lines = [ln for ln in plain.stdout.splitlines() if "slow scheduler hook" in ln]
     assert len(lines) == 3 and all("init in log slot" in ln and "returned after" in ln for ln in lines), plain.stdout
+
+
+class _StoppedCluster:
+    """A cluster whose replica 0 exited with the given last log line, the others still running."""
+
+    def __init__(self, base: Path, last_line: str) -> None:
+        self.base = base
+        (base / "replica0.log").write_text(last_line + "\n")
+        self.procs = [subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"]), None, None]
+        self.procs[0].wait()
+
+    def log_file(self, i: int) -> Path:
+        return self.base / f"replica{i}.log"
+
+
+def test_a_run_the_majority_finished_still_fails_if_a_replica_stopped_for_non_determinism(tmp_path: Path) -> None:
+    # The majority may finish a computation without the replica that
+    # differed; the run must not report that finish as a success.
+    from tasksprint.run import LocalRun, RunFailed
+
+    run = LocalRun("sched.py:S", "node")
+    why = "replica 0 stops: a majority of the replicas disagrees with its state; the scheduler is not deterministic"
+    run.cluster = _StoppedCluster(tmp_path, why)  # type: ignore[assignment]
+    with pytest.raises(RunFailed, match="the scheduler is not deterministic"):
+        run.check_divergence()
+    run.cluster = _StoppedCluster(tmp_path, "replica 0 stops: killed")  # type: ignore[assignment]
+    run.check_divergence()  # another reason to stop is check_processes' business
