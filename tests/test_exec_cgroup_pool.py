@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from task_marks import marked_processes, own_task_groups
 
 from tasksprint.exec.cgroup import CgroupLayout, CgroupV1Group, CgroupV2Group, detect_cgroups
 from tasksprint.exec.cgroup_pool import CgroupPool
@@ -30,28 +31,8 @@ PY = sys.executable
 MIB = 1024 * 1024
 
 
-def _own_task_groups(layout: CgroupLayout) -> list[str]:
-    prefix = f"{os.getpid()}-"
-    return sorted(
-        os.path.join(parent, name)
-        for parent in set(layout.parents.values())
-        for name in os.listdir(parent)
-        if name.startswith(prefix)
-    )
-
-
 def _marked_processes(mark: str) -> list[int]:
-    needle = f"{MARK}={mark}".encode()
-    found = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/environ", "rb") as f:
-                    if needle in f.read().split(b"\0"):
-                        found.append(int(name))
-            except OSError:
-                pass
-    return found
+    return marked_processes(MARK, mark)
 
 
 @pytest.fixture
@@ -63,7 +44,7 @@ def layout() -> Iterator[CgroupLayout]:
     if found is None or found.version is not Enforcement.CGROUP_V1:
         pytest.skip("no writable cgroup v1 hierarchy here (only v1 groups are kept)")
     yield found
-    assert _own_task_groups(found) == [], "task groups were left behind"
+    assert own_task_groups(found) == [], "task groups were left behind"
 
 
 @pytest.fixture
@@ -98,10 +79,10 @@ async def test_a_kept_group_serves_the_next_run_which_measures_only_itself(pool:
     assert hog.verdict is Verdict.OK, hog
     assert hog.enforcement is Enforcement.CGROUP_V1
     assert pool.idle() == 1
-    groups = _own_task_groups(pool.layout)
+    groups = own_task_groups(pool.layout)
     light = await _run(pool, mark, limits, cmd="true")
     assert light.verdict is Verdict.OK, light
-    assert _own_task_groups(pool.layout) == groups, "the second run got a new group"
+    assert own_task_groups(pool.layout) == groups, "the second run got a new group"
     assert pool.idle() == 1
     # The first run's 96 MiB and its CPU time are not the second's.
     assert hog.peak_memory_bytes is not None and hog.peak_memory_bytes > 96 * MIB
@@ -134,22 +115,22 @@ async def test_page_cache_a_run_leaves_is_not_the_next_runs_peak(pool: CgroupPoo
     write = f"head -c {64 * MIB} /dev/zero > {tmp_path / 'big'}"
     wrote = await _run(pool, mark, limits, cmd=write)
     assert wrote.verdict is Verdict.OK, wrote
-    groups = _own_task_groups(pool.layout)
+    groups = own_task_groups(pool.layout)
     light = await _run(pool, mark, limits, cmd="true")
     assert light.verdict is Verdict.OK, light
-    assert _own_task_groups(pool.layout) == groups, "the group was not reclaimed and reused"
+    assert own_task_groups(pool.layout) == groups, "the group was not reclaimed and reused"
     assert light.peak_memory_bytes is not None and light.peak_memory_bytes < 16 * MIB
     assert pool.idle() == 1
 
 
 async def test_groups_are_kept_per_limits(pool: CgroupPool, mark: str) -> None:
     await _run(pool, mark, Limits(pids=64), cmd="true")
-    first = _own_task_groups(pool.layout)
+    first = own_task_groups(pool.layout)
     # Other limits: another group, with its own limit files.
     record = await _run(pool, mark, Limits(pids=2), cmd="sleep 1 & sleep 1 & wait")
     assert Verdict.PIDS in record.limits_hit, record
     assert pool.idle() == 2
-    assert len(_own_task_groups(pool.layout)) == 2 * len(first)
+    assert len(own_task_groups(pool.layout)) == 2 * len(first)
     taken = pool.take(Limits(pids=64))
     try:
         assert isinstance(taken, CgroupV1Group) and taken.limits == Limits(pids=64)
@@ -180,7 +161,7 @@ def test_the_pool_keeps_a_bounded_number_of_groups(layout: CgroupLayout) -> None
         for group in groups:
             assert pool.give_back(group)
         assert pool.idle() == 2
-        assert len({os.path.basename(path) for path in _own_task_groups(layout)}) == 2
+        assert len({os.path.basename(path) for path in own_task_groups(layout)}) == 2
     finally:
         pool.close()
     assert pool.idle() == 0
@@ -189,11 +170,11 @@ def test_the_pool_keeps_a_bounded_number_of_groups(layout: CgroupLayout) -> None
 def test_the_guardian_removes_kept_groups_of_its_client(layout: CgroupLayout) -> None:
     pool = CgroupPool(layout)
     assert pool.give_back(pool.take(Limits(pids=64)))
-    assert _own_task_groups(layout)
+    assert own_task_groups(layout)
     guardian = Guardian(layout)
     guardian.start()
     guardian.close()  # as when this process dies: every group it named is removed
-    assert _own_task_groups(layout) == []
+    assert own_task_groups(layout) == []
 
 
 def test_a_v2_group_is_never_kept(tmp_path: Path) -> None:
@@ -223,8 +204,8 @@ async def test_a_clients_command_runner_keeps_one_group_per_slot_and_removes_the
             )  # fmt: skip
             ran = await commands.run_in_slot(task, (), slots)
             assert ran.error is None, ran
-            seen.append(_own_task_groups(layout))
+            seen.append(own_task_groups(layout))
         assert seen[0] and seen[0] == seen[1] == seen[2], "one slot, one group, kept from task to task"
     finally:
         commands.close()
-    assert _own_task_groups(layout) == []
+    assert own_task_groups(layout) == []

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from task_marks import marked_processes, own_task_groups
 
 from tasksprint.exec import proctree
 from tasksprint.exec.cgroup import CgroupLayout, detect_cgroups, sweep_stale_groups
@@ -101,17 +102,7 @@ def cgroups(request: pytest.FixtureRequest) -> Iterator[CgroupLayout]:
 
 
 def _marked_processes(mark: str) -> list[int]:
-    needle = f"{MARK}={mark}".encode()
-    found = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/environ", "rb") as f:
-                    if needle in f.read().split(b"\0"):
-                        found.append(int(name))
-            except OSError:
-                pass
-    return found
+    return marked_processes(MARK, mark)
 
 
 def _zombie_children() -> list[int]:
@@ -127,15 +118,7 @@ def _zombie_children() -> list[int]:
 
 def _own_task_groups() -> list[str]:
     layout = detect_cgroups() if os.geteuid() == 0 else None
-    if layout is None:
-        return []
-    prefix = f"{os.getpid()}-"
-    return [
-        os.path.join(parent, name)
-        for parent in set(layout.parents.values())
-        for name in os.listdir(parent)
-        if name.startswith(prefix)
-    ]
+    return [] if layout is None else own_task_groups(layout)
 
 
 @pytest.fixture
