@@ -36,7 +36,7 @@ import secrets
 from tasksprint.exec.cgroup import CgroupLayout, CgroupV1Group, CgroupV2Group
 from tasksprint.exec.spec import Enforcement, Limits
 
-__all__ = ["KEEP", "CgroupPool"]
+__all__ = ["KEEP", "CgroupPool", "new_group"]
 
 #: How many idle groups a pool keeps at most (the oldest goes first).
 KEEP = 16
@@ -45,6 +45,13 @@ KEEP = 16
 def group_name() -> str:
     """A new task group's name: this process's pid (for the guardian and the sweep) and a random part."""
     return f"{os.getpid()}-{secrets.token_hex(6)}"
+
+
+def new_group(layout: CgroupLayout, limits: Limits) -> CgroupV1Group | CgroupV2Group:
+    """A new task group in ``layout`` with ``limits``; raises ``OSError`` when it cannot be made."""
+    if layout.version is Enforcement.CGROUP_V2:
+        return CgroupV2Group.create(layout, group_name(), limits)
+    return CgroupV1Group.create(layout, group_name(), limits)
 
 
 class CgroupPool:
@@ -68,9 +75,7 @@ class CgroupPool:
             if made_for == limits:
                 del self._idle[group]
                 return group
-        if self.layout.version is Enforcement.CGROUP_V2:
-            return CgroupV2Group.create(self.layout, group_name(), limits)
-        return CgroupV1Group.create(self.layout, group_name(), limits)
+        return new_group(self.layout, limits)
 
     def give_back(self, group: object) -> bool:
         """Keep ``group`` (its run is over) for a later run; whether it was kept (if not, remove it)."""

@@ -50,8 +50,8 @@ import attrs
 import trio
 
 from tasksprint.exec import proctree, sandbox, spawner
-from tasksprint.exec.cgroup import CgroupLayout, CgroupV1Group, CgroupV2Group
-from tasksprint.exec.cgroup_pool import CgroupPool, group_name
+from tasksprint.exec.cgroup import CgroupLayout
+from tasksprint.exec.cgroup_pool import CgroupPool, new_group
 from tasksprint.exec.group import GroupUsage, TaskGroup
 from tasksprint.exec.guardian import Guardian
 from tasksprint.exec.rlimit import RlimitGroup
@@ -301,9 +301,7 @@ def open_task_group(
         try:
             if pool is not None and pool.layout == layout:
                 return pool.take(limits)
-            if layout.version is Enforcement.CGROUP_V2:
-                return CgroupV2Group.create(layout, group_name(), limits)
-            return CgroupV1Group.create(layout, group_name(), limits)
+            return new_group(layout, limits)
         except OSError:
             pass
     return RlimitGroup.create(limits, markers)
