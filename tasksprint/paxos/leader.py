@@ -204,10 +204,9 @@ class LeaderRole(CoreBase):
         cfg = self._config
         # Check-quorum: step down if a majority has gone quiet.
         if cfg.replicas > 1:
-            recent = sorted((t for t in lead.heard.values()), reverse=True)
             # Over twice the (measured) election timeout: followers elect a
             # new leader within it, so a cut-off leader has stepped down by then.
-            if recent[cfg.quorum - 2] < self._now - 2 * self._election.timeout:
+            if self._quorum_heard_at() < self._now - 2 * self._election.timeout:
                 self._become_follower()
                 self._leader_ballot = None
                 return
@@ -242,9 +241,14 @@ class LeaderRole(CoreBase):
         if self._tick_held():
             due = min(due, lead.tick_hold_until)
         if cfg.replicas > 1:
-            recent = sorted(lead.heard.values(), reverse=True)
-            due = min(due, recent[cfg.quorum - 2] + 2 * self._election.timeout)  # check-quorum
+            due = min(due, self._quorum_heard_at() + 2 * self._election.timeout)  # check-quorum
         return due
+
+    def _quorum_heard_at(self) -> float:
+        """When this leader last heard from enough followers to make a majority with itself."""
+        lead = self._lead
+        assert lead is not None
+        return sorted(lead.heard.values(), reverse=True)[self._config.quorum - 2]
 
     def _send_heartbeat(self, to: list[int] | None = None) -> None:
         """The regular heartbeat (the next one is due an interval later), or one to those in ``to``.
